@@ -1,0 +1,51 @@
+SHELL := /bin/bash
+# The two commands: `make book` and `make test`. Both create .venv when missing (offline except
+# for the package registries) and are idempotent: a second run skips the install in seconds.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.mlic-installed
+PROFILE ?= default
+export MPLBACKEND ?= Agg
+
+.PHONY: help book test lint lab clean distclean env full
+
+help:
+	@echo "make book   - set up .venv, execute every chapter (profile=$(PROFILE)) and build _build/html"
+	@echo "make test   - set up .venv, run the test suite (incl. a smoke run of every notebook)"
+	@echo "make lab    - JupyterLab on the notebooks, with the venv's kernel"
+	@echo "make lint   - ruff"
+	@echo "make clean  - remove _build (executed notebooks, HTML, cached runs)"
+
+env: $(STAMP)
+
+$(STAMP): requirements.txt constraints.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -r requirements.txt -c constraints.txt 2>&1 | grep -v "^WARNING: Location"; \
+	  test $${PIPESTATUS[0]} -eq 0
+	$(PY) -m pip install --quiet --no-deps -e . 2>&1 | grep -v "^WARNING: Location"; \
+	  test $${PIPESTATUS[0]} -eq 0
+	$(PY) -m mlic_lib._torchvision_compat
+	$(PY) -m ipykernel install --user --name mlic --display-name "Python (mlic companion)" >/dev/null
+	@touch $@
+
+book: $(STAMP)
+	$(VENV)/bin/mlic book --profile $(PROFILE)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check mlic_lib tests benchmarks
+
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab notebooks/
+
+full: $(STAMP)
+	$(VENV)/bin/mlic book --profile full
+
+clean:
+	rm -rf _build
+
+distclean: clean
+	rm -rf $(VENV)

@@ -1,0 +1,390 @@
+"""Class-activation maps (CAMs) for multi-label classifiers, one target class at a time.
+
+A multi-label model answers several independent yes/no questions about the same image, so the
+natural question for a saliency map is "where does the model look *for class c*?". The
+function :func:`class_activation_maps` therefore takes **one image and a list of classes** and
+returns one map per class, computed with `pytorch-grad-cam
+<https://github.com/jacobgil/pytorch-grad-cam>`_ and a
+:class:`~pytorch_grad_cam.utils.model_targets.ClassifierOutputTarget` per class (the target is
+the class *logit*, i.e. the sigmoid's input).
+
+:func:`cam_in_box` / :func:`cam_in_boxes` turn a map into a number (how much of the map's mass
+falls inside an object's bounding box) and :func:`overlay` blends a map onto the image for
+display.
+
+Choosing ``target_layer``
+-------------------------
+Use the last layer that still has a spatial grid, typically the last convolutional block:
+
+* torchvision ResNet: ``model.layer4[-1]`` (or ``model.backbone.layer4[-1]`` when wrapped);
+* timm ConvNets / EfficientNet: the last block of ``model.blocks`` or the final ``conv_head``;
+* vision transformers: a late block's norm layer, *plus* a ``reshape_transform`` that turns the
+  ``(B, tokens, C)`` output into ``(B, C, h, w)`` (drop the class token first).
+
+Deeper layers give coarser but more class-specific maps; earlier layers give sharper but less
+semantic ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["CAM_METHODS", "cam_in_box", "cam_in_boxes", "class_activation_maps", "overlay"]
+
+#: Method names accepted by :func:`class_activation_maps` and the pytorch-grad-cam class used.
+CAM_METHODS: dict[str, str] = {
+    "gradcam": "GradCAM",
+    "gradcam++": "GradCAMPlusPlus",
+    "eigencam": "EigenCAM",
+}
+
+
+def _cam_class(method: str) -> type:
+    key = method.lower() if isinstance(method, str) else method
+    if key not in CAM_METHODS:
+        valid = ", ".join(repr(m) for m in CAM_METHODS)
+        raise ValueError(f"unknown CAM method {method!r}; valid methods: {valid}")
+    import pytorch_grad_cam
+
+    return getattr(pytorch_grad_cam, CAM_METHODS[key])
+
+
+_CHECKED_TARGET: type | None = None
+
+
+def _checked_target_class() -> type:
+    """``ClassifierOutputTarget`` that raises ``ValueError`` (not ``IndexError``) on a bad class."""
+    global _CHECKED_TARGET
+    if _CHECKED_TARGET is None:
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+        class _CheckedClassifierOutputTarget(ClassifierOutputTarget):
+            def __call__(self, model_output: torch.Tensor) -> torch.Tensor:
+                n_out = model_output.shape[-1]
+                if self.category >= n_out:
+                    raise ValueError(
+                        f"class index {self.category} out of range for a model with {n_out} outputs"
+                    )
+                return super().__call__(model_output)
+
+        _CHECKED_TARGET = _CheckedClassifierOutputTarget
+    return _CHECKED_TARGET
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    return torch.device("cpu")
+
+
+def class_activation_maps(
+    model: nn.Module,
+    target_layer: nn.Module | Sequence[nn.Module],
+    images: torch.Tensor,
+    class_indices: int | Sequence[int],
+    method: str = "gradcam",
+    device: str | torch.device | None = None,
+    reshape_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    batch_size: int | None = None,
+) -> np.ndarray:
+    """One class-activation map per requested class, for a single image.
+
+    The image is repeated once per class and the batch goes through a single forward/backward
+    pass; copy ``k`` is scored with ``ClassifierOutputTarget(class_indices[k])``. Because the
+    model runs in eval mode, the copies do not interact (no batch statistics), so map ``k`` is
+    exactly the map that a single-image call for class ``class_indices[k]`` would give.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Classifier returning logits of shape ``(B, n_classes)`` (a plain tensor).
+    target_layer : torch.nn.Module or sequence of torch.nn.Module
+        Layer(s) whose activations are explained (see the module docstring for how to pick
+        one). With several layers pytorch-grad-cam averages their normalised maps.
+    images : torch.Tensor
+        **One** image, ``(3, H, W)`` or ``(1, 3, H, W)``, already normalised the way the model
+        expects. (The argument name is plural only because a batch dimension of 1 is accepted.)
+    class_indices : int or sequence of int
+        Classes to explain, in the order of the returned maps. Duplicates are allowed.
+        Negative or out-of-range indices raise ``ValueError``.
+    method : {"gradcam", "gradcam++", "eigencam"}, default "gradcam"
+        CAM algorithm (case-insensitive). ``"eigencam"`` is class-agnostic (first principal
+        component of the activations): it returns the same map for every class and is
+        included as a baseline.
+    device : str or torch.device, optional
+        Where to compute. ``None`` uses the device of the model's parameters. Otherwise the
+        model is moved there for the call and moved back to its original device afterwards.
+    reshape_transform : callable, optional
+        Passed to pytorch-grad-cam; needed for transformer layers whose output is
+        ``(B, tokens, C)``.
+    batch_size : int, optional
+        At most this many copies of the image per forward/backward pass (bounds memory when
+        explaining many classes with a large model). ``None``: all classes in one pass.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``float32`` array of shape ``(len(class_indices), H, W)``, each map min-max normalised to
+        ``[0, 1]`` by pytorch-grad-cam (an all-zero map stays zero: the class gets no positive
+        evidence at that layer).
+
+    Raises
+    ------
+    ValueError
+        Unknown ``method``, wrong image shape, empty or invalid ``class_indices``, or
+        ``batch_size < 1``.
+
+    Notes
+    -----
+    * Gradients are enabled inside the call, so it also works under ``torch.no_grad()``; the
+      input gets ``requires_grad`` so that frozen (``requires_grad=False``) backbones work too.
+    * Side effects are undone: the ``training`` flag of every submodule is restored, the hooks
+      are removed (also when an exception is raised) and the parameters' ``.grad`` are reset to
+      ``None`` (any gradients accumulated before the call are discarded).
+    """
+    cam_cls = _cam_class(method)
+
+    x = images
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"images must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() == 4:
+        if x.shape[0] != 1:
+            raise ValueError(
+                f"class_activation_maps explains one image at a time; got a batch of {x.shape[0]}. "
+                "Loop over the images (each call can explain many classes)."
+            )
+        x = x[0]
+    if x.dim() != 3:
+        raise ValueError(f"images must have shape (C, H, W) or (1, C, H, W), got {tuple(images.shape)}")
+
+    if isinstance(class_indices, (int, np.integer)):
+        classes = [int(class_indices)]
+    else:
+        classes = [int(c) for c in class_indices]
+    if not classes:
+        raise ValueError("class_indices is empty")
+    if min(classes) < 0:
+        raise ValueError(f"class indices must be non-negative, got {classes}")
+
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    step = len(classes) if batch_size is None else int(batch_size)
+
+    layers = [target_layer] if isinstance(target_layer, nn.Module) else list(target_layer)
+    if not layers:
+        raise ValueError("target_layer is empty")
+
+    modes = {m: m.training for m in model.modules()}
+    original_device = _model_device(model)
+    run_device = torch.device(device) if device is not None else original_device
+    moved = run_device != original_device
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    target_cls = _checked_target_class()
+    cam = None
+    maps: list[np.ndarray] = []
+    try:
+        if moved:
+            model.to(run_device)
+        cam = cam_cls(model=model, target_layers=layers, reshape_transform=reshape_transform)
+        image = x.detach().to(run_device, dtype=dtype).unsqueeze(0)
+        for start in range(0, len(classes), step):
+            chunk = classes[start : start + step]
+            batch = image.repeat(len(chunk), 1, 1, 1).requires_grad_(True)
+            with torch.enable_grad():
+                maps.append(cam(input_tensor=batch, targets=[target_cls(c) for c in chunk]))
+            n_out = int(cam.outputs.shape[-1])  # class-agnostic methods never call the targets
+            if max(chunk) >= n_out:
+                raise ValueError(f"class index {max(chunk)} out of range for a model with {n_out} outputs")
+    finally:
+        if cam is not None:
+            cam.activations_and_grads.release()
+        model.zero_grad(set_to_none=True)
+        if moved:
+            model.to(original_device)
+        for m, was_training in modes.items():
+            m.training = was_training
+
+    return np.concatenate(maps, axis=0).astype(np.float32, copy=False)
+
+
+def _as_boxes(boxes: np.ndarray | Sequence[Sequence[float]] | torch.Tensor) -> np.ndarray:
+    if isinstance(boxes, torch.Tensor):
+        boxes = boxes.detach().cpu().numpy()
+    b = np.asarray(boxes, dtype=np.float64)
+    if b.ndim == 1:
+        b = b[None, :]
+    if b.ndim != 2 or b.shape[1] != 4:
+        raise ValueError(f"boxes must have shape (4,) or (K, 4), got {np.shape(boxes)}")
+    if not np.all(np.isfinite(b)):
+        raise ValueError("box coordinates must be finite")
+    bad = (b[:, 2] <= b[:, 0]) | (b[:, 3] <= b[:, 1])
+    if np.any(bad):
+        raise ValueError(f"invalid box(es) with x1 <= x0 or y1 <= y0: {b[bad].tolist()}")
+    return b
+
+
+def _as_map(cam: np.ndarray | torch.Tensor) -> np.ndarray:
+    if isinstance(cam, torch.Tensor):
+        cam = cam.detach().cpu().numpy()
+    c = np.asarray(cam, dtype=np.float64)
+    if c.ndim == 3 and c.shape[0] == 1:
+        c = c[0]
+    if c.ndim != 2:
+        raise ValueError(f"cam must be a 2-D map (H, W), got shape {np.shape(cam)}")
+    if not np.all(np.isfinite(c)):
+        raise ValueError("cam contains NaN or inf")
+    if np.any(c < 0):
+        raise ValueError("cam has negative values; the mass fraction needs a non-negative map")
+    return c
+
+
+def cam_in_boxes(
+    cam: np.ndarray | torch.Tensor, boxes: np.ndarray | Sequence[Sequence[float]] | torch.Tensor
+) -> np.ndarray:
+    """Fraction of a CAM's mass inside each of several boxes (vectorised :func:`cam_in_box`).
+
+    Parameters
+    ----------
+    cam : array-like, shape (H, W)
+        Non-negative activation map (a leading axis of size 1 is squeezed).
+    boxes : array-like, shape (K, 4) or (4,)
+        Boxes ``(x0, y0, x1, y1)`` in pixel coordinates *of the map*; see :func:`cam_in_box`.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``float64`` array of shape ``(K,)`` with values in ``[0, 1]``.
+    """
+    c = _as_map(cam)
+    b = _as_boxes(boxes)
+    h, w = c.shape
+    total = c.sum()
+    if total <= 0.0:
+        return np.zeros(len(b), dtype=np.float64)
+    # summed-area table with a zero row/column in front: S[y, x] = sum(c[:y, :x])
+    sat = np.zeros((h + 1, w + 1), dtype=np.float64)
+    sat[1:, 1:] = c.cumsum(axis=0).cumsum(axis=1)
+    edges = np.rint(b).astype(np.int64)
+    x0 = np.clip(edges[:, 0], 0, w)
+    x1 = np.clip(edges[:, 2], 0, w)
+    y0 = np.clip(edges[:, 1], 0, h)
+    y1 = np.clip(edges[:, 3], 0, h)
+    x1 = np.maximum(x1, x0)
+    y1 = np.maximum(y1, y0)
+    inside = sat[y1, x1] - sat[y0, x1] - sat[y1, x0] + sat[y0, x0]
+    return np.clip(inside / total, 0.0, 1.0)
+
+
+def cam_in_box(cam: np.ndarray | torch.Tensor, box: Sequence[float] | np.ndarray) -> float:
+    """Fraction of a CAM's mass that falls inside a box: ``sum(cam[box]) / sum(cam)``.
+
+    Parameters
+    ----------
+    cam : array-like, shape (H, W)
+        Non-negative activation map, e.g. one slice of :func:`class_activation_maps`.
+    box : sequence of 4 numbers
+        ``(x0, y0, x1, y1)`` in pixel coordinates of the map (x = column, y = row). The box is
+        half-open, covering columns ``x0 .. x1-1`` and rows ``y0 .. y1-1``, and is clipped to the
+        map. Non-integer coordinates are rounded to the nearest pixel edge. Boxes given in the
+        coordinates of an image of another size must be rescaled first.
+
+    Returns
+    -------
+    float
+        In ``[0, 1]``: 1 means all of the map's mass is inside the box. For a uniform map it
+        equals the box's share of the map's area. A box entirely outside the map gives 0.0, and
+        so does an all-zero map (no evidence anywhere, so no evidence inside the box).
+
+    Raises
+    ------
+    ValueError
+        ``x1 <= x0`` or ``y1 <= y0``, a map that is not 2-D, or negative / non-finite values.
+    """
+    return float(cam_in_boxes(cam, np.asarray(box, dtype=np.float64).reshape(1, 4))[0])
+
+
+def _image_to_hwc(image: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Return a float64 ``(H, W, 3)`` array in ``[0, 1]``.
+
+    Tensors are read as ``(C, H, W)`` / ``(1, C, H, W)`` / ``(H, W)`` floats in ``[0, 1]``; arrays as
+    ``(H, W, C)`` / ``(H, W)``, ``uint8`` in ``[0, 255]`` or floats in ``[0, 1]``; ``C`` is 1 or 3.
+    """
+    shape = tuple(image.shape)
+    if isinstance(image, torch.Tensor):
+        img = image.detach().cpu().double().numpy()
+        if img.ndim == 4 and img.shape[0] == 1:
+            img = img[0]
+        if img.ndim == 3:
+            img = np.transpose(img, (1, 2, 0))
+    else:
+        img = np.asarray(image)
+        if np.issubdtype(img.dtype, np.integer):
+            img = img.astype(np.float64) / 255.0
+        img = img.astype(np.float64)
+    if img.ndim == 2:
+        img = img[..., None]
+    if img.ndim != 3 or img.shape[-1] not in (1, 3):
+        raise ValueError(
+            "image must be a (C, H, W) tensor or an (H, W, C) / (H, W) array with C in {1, 3}, "
+            f"got shape {shape}"
+        )
+    if img.shape[-1] == 1:
+        img = np.repeat(img, 3, axis=-1)
+    return np.clip(img, 0.0, 1.0)
+
+
+def overlay(
+    image: np.ndarray | torch.Tensor,
+    cam: np.ndarray | torch.Tensor,
+    alpha: float = 0.5,
+    cmap: str | None = None,
+) -> np.ndarray:
+    """Blend a CAM onto an image for display with ``plt.imshow``.
+
+    Parameters
+    ----------
+    image : torch.Tensor or numpy.ndarray
+        A ``(3, H, W)`` (or ``(1, 3, H, W)``) float tensor in ``[0, 1]``, or an ``(H, W, 3)`` /
+        ``(H, W)`` array: ``uint8`` in ``[0, 255]`` or float in ``[0, 1]``. Un-normalise images
+        that went through mean/std normalisation first; values are clipped to ``[0, 1]``.
+    cam : array-like, shape (H', W')
+        Map in ``[0, 1]`` (values are clipped, not re-normalised). It is resized bilinearly to
+        the image size when the sizes differ.
+    alpha : float, default 0.5
+        Weight of the heat map: ``out = (1 - alpha) * image + alpha * colormap(cam)``.
+    cmap : str, optional
+        Matplotlib colour map name; defaults to :data:`mlic_lib.analysis.style.CMAP_HEAT`.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``float64`` RGB array of shape ``(H, W, 3)`` in ``[0, 1]``.
+    """
+    import matplotlib
+
+    from .style import CMAP_HEAT
+
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    img = _image_to_hwc(image)
+    if isinstance(cam, torch.Tensor):
+        cam = cam.detach().cpu().numpy()
+    c = np.asarray(cam, dtype=np.float64)
+    if c.ndim == 3 and c.shape[0] == 1:
+        c = c[0]
+    if c.ndim != 2:
+        raise ValueError(f"cam must be a 2-D map (H, W), got shape {c.shape}")
+    h, w = img.shape[:2]
+    if c.shape != (h, w):
+        t = torch.from_numpy(c)[None, None]
+        c = torch.nn.functional.interpolate(t, size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+        c = c.numpy()
+    c = np.clip(np.nan_to_num(c, nan=0.0), 0.0, 1.0)
+    heat = matplotlib.colormaps[cmap or CMAP_HEAT](c)[..., :3]
+    return np.clip((1.0 - alpha) * img + alpha * heat, 0.0, 1.0)

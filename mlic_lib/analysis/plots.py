@@ -1,0 +1,72 @@
+"""Reusable figure pieces for the chapters: scenes with boxes, co-occurrence heat maps, class counts."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from mlic_lib.analysis.style import CMAP_SEQ, OKABE_ITO
+
+
+def show_scene(ax, image_u8: np.ndarray, boxes: np.ndarray | None = None,
+               class_names: Sequence[str] | None = None, title: str | None = None) -> None:
+    """Draw a ``uint8 (3, H, W)`` canvas with its object boxes ``(class, x0, y0, x1, y1)`` and labels."""
+    from matplotlib.patches import Rectangle
+
+    ax.imshow(np.transpose(image_u8, (1, 2, 0)) if image_u8.shape[0] in (1, 3) else image_u8,
+              cmap="gray" if image_u8.shape[0] == 1 else None, interpolation="nearest")
+    ax.grid(False)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if boxes is not None:
+        for cls, x0, y0, x1, y1 in boxes:
+            ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, lw=1.0, ec="white"))
+            if class_names is not None:
+                ax.text(x0, y0 - 1, class_names[cls], color="white", fontsize=6, va="bottom",
+                        bbox={"facecolor": "black", "alpha": 0.6, "pad": 0.5, "lw": 0})
+    if title:
+        ax.set_title(title, fontsize=8)
+
+
+def group_order(groups: np.ndarray) -> np.ndarray:
+    """Class indices sorted by super-category (stable within a group)."""
+    return np.argsort(np.asarray(groups), kind="stable")
+
+
+def heatmap(ax, matrix: np.ndarray, labels: Sequence[str], order: np.ndarray | None = None,
+            cbar_label: str = "", vmin: float | None = 0.0, vmax: float | None = None, cmap: str = CMAP_SEQ,
+            groups: np.ndarray | None = None):
+    """A labelled C x C heat map, optionally reordered and with lines between super-categories."""
+    order = np.arange(len(labels)) if order is None else np.asarray(order)
+    m = np.asarray(matrix)[np.ix_(order, order)]
+    im = ax.imshow(m, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+    ax.grid(False)
+    names = [labels[i] for i in order]
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    if groups is not None:
+        g = np.asarray(groups)[order]
+        for edge in np.flatnonzero(np.diff(g)) + 0.5:
+            ax.axhline(edge, color="white", lw=1.0)
+            ax.axvline(edge, color="white", lw=1.0)
+    cb = ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+    cb.set_label(cbar_label)
+    return im
+
+
+def class_bars(ax, values: np.ndarray, labels: Sequence[str], groups: np.ndarray | None = None,
+               ylabel: str = "", sort: bool = True) -> np.ndarray:
+    """Bar chart of one value per class (sorted descending), coloured by super-category.
+
+    Returns the class order used."""
+    values = np.asarray(values, dtype=float)
+    order = np.argsort(-values, kind="stable") if sort else np.arange(len(values))
+    colours = None
+    if groups is not None:
+        colours = [OKABE_ITO[int(groups[i]) % len(OKABE_ITO)] for i in order]
+    ax.bar(range(len(order)), values[order], color=colours)
+    ax.set_xticks(range(len(order)), [labels[i] for i in order], rotation=90, fontsize=7)
+    ax.set_ylabel(ylabel)
+    ax.set_xlim(-0.6, len(order) - 0.4)
+    return order

@@ -1,0 +1,106 @@
+"""Execute the chapters with papermill and build the HTML book from the executed copies.
+
+``make book`` calls :func:`build_book`:
+
+1. every ``notebooks/*.ipynb`` is executed by papermill with ``profile=<profile>`` into
+   ``_build/executed/notebooks/`` (wall-clock time of each goes to ``_build/executed/timings.json``);
+2. a source tree is staged in ``_build/src`` (``_config.yml``, ``_toc.yml``, ``book/``, the executed
+   notebooks), so the committed notebooks stay output-free;
+3. Jupyter Book 1 builds ``_build/html`` from it with ``execute_notebooks: off`` and warnings as errors.
+
+Chapters write their headline numbers to ``$MLIC_RESULTS`` (set here to ``_build/results``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from mlic_lib.utils import atomic_write_json
+
+
+def notebooks(root: Path, only: Sequence[str] | None = None) -> list[Path]:
+    """The chapter notebooks in book order (file-name order); ``only`` filters by substring."""
+    found = sorted((root / "notebooks").glob("*.ipynb"))
+    if only:
+        found = [p for p in found if any(o in p.stem for o in only)]
+        if not found:
+            raise ValueError(f"no notebook matches {list(only)} in {root / 'notebooks'}")
+    return found
+
+
+def execute_notebook(src: Path, dst: Path, profile: str, parameters: dict | None = None,
+                     kernel: str = "python3", timeout: int | None = None) -> float:
+    """Run ``src`` with papermill (``profile`` injected into its ``parameters`` cell) into ``dst``.
+
+    Returns the wall-clock seconds. The working directory is the notebook's folder, as in JupyterLab.
+    A failing cell raises papermill's error; the partially executed notebook is kept in ``dst``.
+    """
+    import papermill as pm
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    pm.execute_notebook(
+        str(src), str(dst), parameters={"profile": profile, **(parameters or {})}, kernel_name=kernel,
+        cwd=str(src.parent), progress_bar=False, execution_timeout=timeout, report_mode=False,
+    )
+    return time.perf_counter() - t0
+
+
+def _env_defaults(build: Path) -> None:
+    os.environ.setdefault("MLIC_RESULTS", str((build / "results").resolve()))
+    os.environ.setdefault("MLIC_CACHE", str((build / "cache").resolve()))
+    os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars help in JupyterLab, not in the HTML book
+
+
+def stage_sources(root: Path, build: Path, executed: Path) -> Path:
+    """Copy the book's sources and the executed notebooks into ``build/src`` and return it."""
+    src = build / "src"
+    if src.exists():
+        shutil.rmtree(src)
+    src.mkdir(parents=True)
+    for name in ("_config.yml", "_toc.yml"):
+        shutil.copy2(root / name, src / name)
+    shutil.copytree(root / "book", src / "book")
+    shutil.copytree(executed / "notebooks", src / "notebooks")
+    return src
+
+
+def build_html(src: Path, out_root: Path, strict: bool = True) -> Path:
+    """``jupyter-book build`` of ``src``; the HTML lands in ``out_root/_build/html``."""
+    cmd = [sys.executable, "-m", "jupyter_book", "build", str(src), "--path-output", str(out_root),
+           "--keep-going"]
+    if strict:
+        cmd += ["-W", "-n"]
+    subprocess.run(cmd, check=True)
+    return out_root / "_build" / "html"
+
+
+def build_book(root: str | Path = ".", profile: str = "default", only: Sequence[str] | None = None,
+               strict: bool = True, skip_execute: bool = False) -> Path:
+    """Execute every chapter with ``profile`` and build the HTML book; returns the ``index.html`` path."""
+    root = Path(root).resolve()
+    build = root / "_build"
+    executed = build / "executed"
+    _env_defaults(build)
+    timings: dict[str, float] = {}
+    if not skip_execute:
+        for nb in notebooks(root, only):
+            print(f"[book] executing {nb.name} (profile={profile}) ...", flush=True)
+            seconds = execute_notebook(nb, executed / "notebooks" / nb.name, profile)
+            timings[nb.stem] = round(seconds, 1)
+            print(f"[book] {nb.name} done in {seconds:.1f} s", flush=True)
+        atomic_write_json({"profile": profile, "seconds": timings, "total_seconds": round(sum(timings.values()), 1)},
+                          executed / "timings.json")
+    src = stage_sources(root, build, executed)
+    html = build_html(src, root, strict=strict)
+    index = html / "index.html"
+    if not index.is_file():
+        raise RuntimeError(f"jupyter-book finished but {index} is missing")
+    print(f"[book] built {index}", flush=True)
+    return index

@@ -1,0 +1,88 @@
+"""Exceptions raised by the real-dataset loaders.
+
+Both exceptions carry messages meant to be read by a person: they name the file or folder at
+fault and the command that fixes it (``mlic data prepare NAME``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["CorruptImageError", "DatasetNotFoundError", "missing_dataset"]
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset folder, label file or image is not where the loader expects it.
+
+    Subclasses :class:`FileNotFoundError`, so ``except FileNotFoundError`` and
+    ``except OSError`` still catch it.
+
+    Parameters
+    ----------
+    message : str
+        The full message; ``str(err)`` returns it unchanged (no ``[Errno ...]`` prefix).
+    path : str or pathlib.Path, optional
+        The missing path, stored as :attr:`path` and as ``filename`` (like other OSErrors).
+    """
+
+    def __init__(self, message: str, path: str | Path | None = None) -> None:
+        super().__init__(message)
+        self.path = Path(path) if path is not None else None
+        if path is not None:
+            self.filename = str(path)
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class CorruptImageError(RuntimeError):
+    """An image file exists but cannot be decoded (truncated download, wrong format, ...).
+
+    Attributes
+    ----------
+    path : pathlib.Path or None
+        The file that failed to decode.
+    """
+
+    def __init__(self, message: str, path: str | Path | None = None) -> None:
+        super().__init__(message)
+        self.path = Path(path) if path is not None else None
+
+
+def missing_dataset(
+    name: str, path: str | Path, what: str = "missing", *, key: str | None = None
+) -> DatasetNotFoundError:
+    """Build (not raise) a :class:`DatasetNotFoundError` with a fix-it message.
+
+    Parameters
+    ----------
+    name : str
+        Human-readable dataset name, e.g. ``"VOC2007"`` or ``"COCO2014"``.
+    path : str or pathlib.Path
+        The path that was expected and is absent.
+    what : str, default "missing"
+        Short description of the problem, shown in parentheses after the path
+        (``"missing"``, ``"not a directory"``, ...).
+    key : str, optional
+        Dataset key for ``mlic data prepare``; defaults to ``name`` lower-cased without spaces
+        (``"VOC2007"`` -> ``"voc2007"``).
+
+    Returns
+    -------
+    DatasetNotFoundError
+        With ``path``/``filename`` set to the expected path. The caller raises it.
+
+    Examples
+    --------
+    >>> err = missing_dataset("VOC2007", "/data/VOCdevkit/VOC2007/Annotations")
+    >>> print(err)  # doctest: +NORMALIZE_WHITESPACE
+    VOC2007 not found: expected /data/VOCdevkit/VOC2007/Annotations (missing). Fetch it with
+    `mlic data prepare voc2007` (or set MLIC_DATA to where it lives).
+    """
+    if key is None:
+        key = "".join(name.lower().split())
+    message = (
+        f"{name} not found: expected {path} ({what}). "
+        f"Fetch it with `mlic data prepare {key}` (or set MLIC_DATA to where it lives)."
+    )
+    return DatasetNotFoundError(message, path=path)

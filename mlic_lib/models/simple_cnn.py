@@ -1,0 +1,42 @@
+"""INDeeD's simple CNN for ML-MNIST (``indeed.txt`` Sec. 4.2): three convolutional layers and two
+fully connected layers.
+
+The paper gives no widths; we use 32/64/64 channels with 3x3 convolutions, ReLU and 2x2 max
+pooling (84 -> 42 -> 21 -> 10), then ``fc1`` (-> 128, ReLU) and ``fc2`` (-> classes).
+``forward_features`` returns the 128-d embedding that INDeeD's identical/disparate blocks act on,
+``classifier`` is the shared classifier (``fc2``), and ``cam_layer`` the last convolution.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class SimpleCNN(nn.Module):
+    def __init__(self, num_classes: int = 10, in_chans: int = 1, input_size: int = 84,
+                 widths: tuple[int, int, int] = (32, 64, 64), hidden: int = 128):
+        super().__init__()
+        c1, c2, c3 = widths
+        self.conv = nn.Sequential(
+            nn.Conv2d(in_chans, c1, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(c2, c3, 3, padding=1), nn.ReLU(inplace=True),
+        )
+        self.downsample = nn.MaxPool2d(2)
+        side = input_size // 8
+        self.fc1 = nn.Sequential(nn.Flatten(), nn.Linear(c3 * side * side, hidden), nn.ReLU(inplace=True))
+        self.classifier = nn.Linear(hidden, num_classes)
+        self.num_features = hidden
+        self.num_classes = num_classes
+
+    @property
+    def cam_layer(self) -> nn.Module:
+        return self.conv[-2]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The ``hidden``-d embedding before the classifier, shape (B, hidden)."""
+        return self.fc1(self.downsample(self.conv(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.forward_features(x))

@@ -1,0 +1,123 @@
+"""Small shared helpers: seeding, atomic writes, config hashing, device choice."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and PyTorch (all devices); return a CPU generator seeded with ``seed``."""
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    """``None``/``"auto"`` gives CUDA when available, else CPU; anything else is passed to torch."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _atomic_target(path: str | os.PathLike) -> tuple[Path, int, str]:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    return path, fd, tmp
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
+
+    A crash mid-write leaves the previous file intact, never a truncated checkpoint.
+    """
+    path, fd, tmp = _atomic_target(path)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
+    """Write text atomically (temporary file + rename)."""
+    path, fd, tmp = _atomic_target(path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def atomic_write_json(obj: Any, path: str | os.PathLike) -> Path:
+    """Write ``obj`` as pretty JSON atomically (NumPy/torch values converted to plain Python)."""
+    return atomic_write_text(json.dumps(_jsonable(obj), indent=2, sort_keys=True, allow_nan=True) + "\n", path)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load`` with ``weights_only=True`` (tensors, plain containers and numbers only)."""
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def library_digest() -> str:
+    """sha256 over the library's own source files (``mlic_lib/**/*.py`` and profile YAML).
+
+    Part of every cache key, so a change to the method code invalidates cached models.
+    """
+    h = hashlib.sha256()
+    for f in sorted(_PACKAGE_DIR.rglob("*")):
+        if f.suffix in {".py", ".yaml"} and "__pycache__" not in f.parts:
+            h.update(str(f.relative_to(_PACKAGE_DIR)).encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def config_hash(config: Mapping[str, Any], length: int = 16) -> str:
+    """Stable hash of a JSON-able config together with the library version and source digest."""
+    from mlic_lib import __version__
+
+    payload = json.dumps(
+        {"config": _jsonable(config), "version": __version__, "source": library_digest()}, sort_keys=True
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:length]

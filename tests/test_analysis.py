@@ -1,0 +1,329 @@
+"""Tests for mlic_lib.analysis: figure style, class-activation maps, t-SNE helpers."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.colors import to_rgba  # noqa: E402
+from torch import nn  # noqa: E402
+
+from mlic_lib.analysis import (  # noqa: E402
+    CAM_METHODS,
+    OKABE_ITO,
+    PROVENANCE_GID,
+    annotate_provenance,
+    cam_in_box,
+    cam_in_boxes,
+    class_activation_maps,
+    cluster_quality,
+    label_axes,
+    overlay,
+    tsne_embed,
+    use_style,
+)
+
+# ----------------------------------------------------------------------------------------- style
+
+
+@pytest.fixture
+def styled():
+    with matplotlib.rc_context():
+        use_style()
+        yield
+    plt.close("all")
+
+
+def test_use_style_light_backgrounds_and_settings(styled):
+    fig, ax = plt.subplots()
+    assert all(c >= 0.95 for c in to_rgba(fig.get_facecolor())[:3])
+    assert to_rgba(ax.get_facecolor()) == to_rgba("white")
+    assert not ax.spines["top"].get_visible() and not ax.spines["right"].get_visible()
+    rc = matplotlib.rcParams
+    assert rc["figure.dpi"] == 110 and rc["savefig.dpi"] == 150
+    assert rc["figure.constrained_layout.use"] is True
+    assert rc["image.cmap"] == "viridis"
+    assert rc["savefig.transparent"] is False
+    assert 10 <= rc["font.size"] <= 11
+    assert to_rgba(rc["axes.prop_cycle"].by_key()["color"][0]) == to_rgba(OKABE_ITO[0])
+    text_rgb = to_rgba(rc["text.color"])[:3]
+    assert max(text_rgb) < 0.3  # dark text
+
+
+def test_use_style_idempotent(styled):
+    first = dict(matplotlib.rcParams)
+    use_style()
+    assert dict(matplotlib.rcParams) == first
+
+
+def test_rendered_figure_is_opaque_white(styled):
+    fig, ax = plt.subplots(figsize=(3, 2))
+    ax.plot([0, 1], [0, 1])
+    fig.canvas.draw()
+    px = np.asarray(fig.canvas.buffer_rgba())
+    assert tuple(px[0, 0]) == (255, 255, 255, 255)
+    assert tuple(px[-1, -1]) == (255, 255, 255, 255)
+
+
+def test_label_axes(styled):
+    fig, ax = plt.subplots()
+    assert label_axes(ax, "recall", "precision", title="PR") is ax
+    assert (ax.get_xlabel(), ax.get_ylabel(), ax.get_title()) == ("recall", "precision", "PR")
+    label_axes(ax, "a", "b")
+    assert ax.get_title() == "PR"
+
+
+def test_annotate_provenance(styled):
+    fig, ax = plt.subplots(figsize=(4, 3))
+    ax.set_xlabel("x")
+    text = "profile=default, seeds=0,1,2, data=embedded scenes"
+    artist = annotate_provenance(fig, text)
+    assert text in [t.get_text() for t in fig.texts]
+    assert artist.get_gid() == PROVENANCE_GID
+    x, y = artist.get_position()
+    assert x < 0.1 and y < 0.1  # bottom-left
+    artist = annotate_provenance(fig, "profile=smoke")  # replaces, does not stack
+    texts = [t.get_text() for t in fig.texts if t.get_gid() == PROVENANCE_GID]
+    assert texts == ["profile=smoke"]
+    fig.canvas.draw()  # layout engine accepts the shrunk rectangle
+    # the x label stays above the footnote
+    renderer = fig.canvas.get_renderer()
+    assert ax.xaxis.label.get_window_extent(renderer).y0 >= artist.get_window_extent(renderer).y1 - 1
+
+
+# ------------------------------------------------------------------------------------------- CAM
+
+
+class TinyCNN(nn.Module):
+    def __init__(self, n_classes: int = 3) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, 8, 3, padding=1),
+            nn.ReLU(),
+        )
+        self.pool = nn.AdaptiveMaxPool2d(1)
+        self.head = nn.Linear(8, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(self.features(x)).flatten(1))
+
+
+class PlantedCNN(nn.Module):
+    """Class 0 = max of a 5x5 brightness filter, class 1 = max of a darkness filter, class 2 = mix."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 5, padding=2)
+        self.act = nn.ReLU()
+        self.pool = nn.AdaptiveMaxPool2d(1)
+        self.head = nn.Linear(2, 3)
+        with torch.no_grad():
+            self.conv.weight[0].fill_(1.0 / 75)
+            self.conv.weight[1].fill_(-1.0 / 75)
+            self.conv.bias.copy_(torch.tensor([0.0, 1.0]))
+            self.head.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]]))
+            self.head.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(self.act(self.conv(x))).flatten(1))
+
+
+BOX = (8, 10, 20, 22)  # x0, y0, x1, y1 of the bright square
+
+
+@pytest.fixture
+def square_image() -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    img = 0.03 * torch.rand(3, 32, 32, generator=g)  # dark, slightly noisy background
+    x0, y0, x1, y1 = BOX
+    img[:, y0:y1, x0:x1] = 1.0
+    return img
+
+
+@pytest.fixture
+def tiny() -> TinyCNN:
+    torch.manual_seed(0)
+    return TinyCNN()
+
+
+@pytest.mark.parametrize("method", sorted(CAM_METHODS))
+def test_cam_shape_range_and_mode_restored(tiny, method):
+    img = torch.rand(3, 20, 24, generator=torch.Generator().manual_seed(1))
+    tiny.train()
+    tiny.features[1].eval()  # mixed modes must come back exactly
+    maps = class_activation_maps(tiny, tiny.features[3], img, [0, 1, 2], method=method)
+    assert maps.shape == (3, 20, 24) and maps.dtype == np.float32
+    assert np.all(np.isfinite(maps)) and maps.min() >= 0.0 and maps.max() <= 1.0 + 1e-6
+    assert tiny.training and not tiny.features[1].training and tiny.features[0].training
+    assert all(len(m._forward_hooks) == 0 for m in tiny.modules())
+    assert all(p.grad is None for p in tiny.parameters())
+
+
+def test_cam_batched_equals_single_and_accepts_4d(tiny):
+    img = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    layer = tiny.features[3]
+    maps = class_activation_maps(tiny, layer, img, [2, 0])
+    single = class_activation_maps(tiny, layer, img[0], 0, device="cpu")
+    assert single.shape == (1, 16, 16)
+    np.testing.assert_allclose(maps[1], single[0], atol=1e-5)
+    chunked = class_activation_maps(tiny, layer, img, [2, 0, 1], batch_size=2)
+    np.testing.assert_allclose(chunked[:2], maps, atol=1e-5)
+    with pytest.raises(ValueError, match="batch_size"):
+        class_activation_maps(tiny, layer, img, [0], batch_size=0)
+
+
+def test_cam_errors_release_hooks(tiny):
+    img = torch.rand(3, 16, 16)
+    layer = tiny.features[3]
+    with pytest.raises(ValueError, match="gradcam"):
+        class_activation_maps(tiny, layer, img, [0], method="scorecam-typo")
+    with pytest.raises(ValueError, match="out of range"):
+        class_activation_maps(tiny, layer, img, [0, 3])
+    with pytest.raises(ValueError, match="out of range"):
+        class_activation_maps(tiny, layer, img, [5], method="eigencam")
+    with pytest.raises(ValueError):
+        class_activation_maps(tiny, layer, img, [])
+    with pytest.raises(ValueError, match="one image"):
+        class_activation_maps(tiny, layer, torch.rand(2, 3, 16, 16), [0])
+    assert all(len(m._forward_hooks) == 0 for m in tiny.modules())
+
+
+def test_cam_under_no_grad_and_frozen_model(square_image):
+    model = PlantedCNN().requires_grad_(False)
+    with torch.no_grad():
+        maps = class_activation_maps(model, model.act, square_image, [0])
+    assert maps.shape == (1, 32, 32) and maps.max() > 0.5
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++"])
+def test_planted_square(square_image, method):
+    model = PlantedCNN()
+    maps = class_activation_maps(model, model.act, square_image, [0, 1], method=method)
+    bright, dark = maps
+    assert cam_in_box(bright, BOX) > 0.5
+    assert cam_in_box(bright, (20, 0, 32, 10)) < 0.1  # a same-size-ish box away from the square
+    assert cam_in_box(dark, BOX) < 0.1  # the "darkness" class looks elsewhere
+    # the peak of the class-0 map lies inside the square
+    y, x = np.unravel_index(np.argmax(bright), bright.shape)
+    assert BOX[0] <= x < BOX[2] and BOX[1] <= y < BOX[3]
+
+
+# ------------------------------------------------------------------------------------ cam_in_box
+
+
+def test_cam_in_box_uniform_map_gives_area_fraction():
+    cam = np.ones((10, 20))
+    assert cam_in_box(cam, (0, 0, 10, 5)) == pytest.approx(50 / 200)
+    assert cam_in_box(cam, (0, 0, 20, 10)) == pytest.approx(1.0)
+    assert cam_in_box(cam, (-5, -5, 5, 5)) == pytest.approx(25 / 200)  # clipped to the map
+    assert cam_in_box(cam, (15, 8, 100, 100)) == pytest.approx(10 / 200)
+
+
+def test_cam_in_box_half_open_point_mass():
+    cam = np.zeros((6, 9))
+    cam[3, 7] = 2.0  # row y=3, column x=7
+    assert cam_in_box(cam, (7, 3, 8, 4)) == pytest.approx(1.0)
+    assert cam_in_box(cam, (0, 0, 7, 3)) == 0.0
+    assert cam_in_box(cam, (0, 0, 8, 3)) == 0.0
+    assert cam_in_box(torch.from_numpy(cam), (6.6, 2.6, 7.9, 3.8)) == pytest.approx(1.0)  # rounded edges
+
+
+def test_cam_in_box_outside_zero_map_and_errors():
+    assert cam_in_box(np.ones((5, 5)), (10, 10, 20, 20)) == 0.0
+    assert cam_in_box(np.ones((5, 5)), (-9, 0, -1, 5)) == 0.0
+    assert cam_in_box(np.zeros((5, 5)), (0, 0, 3, 3)) == 0.0
+    for bad in [(3, 0, 3, 5), (0, 4, 5, 2), (4, 0, 1, 5)]:
+        with pytest.raises(ValueError):
+            cam_in_box(np.ones((5, 5)), bad)
+    with pytest.raises(ValueError):
+        cam_in_box(-np.ones((5, 5)), (0, 0, 2, 2))
+    with pytest.raises(ValueError):
+        cam_in_box(np.ones((2, 5, 5)), (0, 0, 2, 2))
+
+
+def test_cam_in_boxes_matches_loop():
+    rng = np.random.default_rng(0)
+    cam = rng.random((17, 23))
+    x0 = rng.integers(-5, 20, size=50)
+    y0 = rng.integers(-5, 15, size=50)
+    boxes = np.stack([x0, y0, x0 + rng.integers(1, 12, 50), y0 + rng.integers(1, 12, 50)], axis=1)
+    got = cam_in_boxes(cam, boxes)
+    assert got.shape == (50,)
+    for b, v in zip(boxes, got, strict=True):
+        xa, ya, xb, yb = np.clip(b, 0, None)
+        expected = cam[ya:yb, xa:xb].sum() / cam.sum()
+        assert v == pytest.approx(expected)
+    assert cam_in_boxes(cam, boxes[0]).shape == (1,)
+
+
+# --------------------------------------------------------------------------------------- overlay
+
+
+def test_overlay_tensor_and_uint8():
+    img = torch.rand(3, 12, 16)
+    cam = np.zeros((12, 16))
+    cam[2:5, 3:9] = 1.0
+    out = overlay(img, cam, alpha=0.4)
+    assert out.shape == (12, 16, 3) and out.min() >= 0.0 and out.max() <= 1.0
+    np.testing.assert_allclose(overlay(img, cam, alpha=0.0), img.permute(1, 2, 0).numpy(), atol=1e-6)
+    u8 = (np.random.default_rng(0).random((12, 16, 3)) * 255).astype(np.uint8)
+    out_u8 = overlay(u8, cam[::2, ::2])  # smaller map is resized to the image
+    assert out_u8.shape == (12, 16, 3) and out_u8.dtype == np.float64
+    with pytest.raises(ValueError):
+        overlay(img, cam, alpha=1.5)
+
+
+# ------------------------------------------------------------------------------------------ t-SNE
+
+
+def _blobs(n_per: int = 20, dim: int = 10, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = np.concatenate([rng.normal(0.0, 1.0, (n_per, dim)), rng.normal(12.0, 1.0, (n_per, dim))])
+    y = np.repeat([0, 1], n_per)
+    return x, y
+
+
+@pytest.fixture(scope="module")
+def blob_embedding() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    x, y = _blobs()
+    return x, y, tsne_embed(x, seed=0, perplexity=10.0)
+
+
+def test_tsne_shape_and_determinism(blob_embedding):
+    x, _, emb = blob_embedding
+    assert emb.shape == (40, 2) and np.all(np.isfinite(emb))
+    np.testing.assert_allclose(tsne_embed(x, seed=0, perplexity=10.0), emb, rtol=1e-6, atol=1e-6)
+    from_tensor = tsne_embed(torch.from_numpy(x), seed=0, perplexity=10.0)  # float64 tensor: same data
+    np.testing.assert_allclose(from_tensor, emb, rtol=1e-6, atol=1e-6)
+
+
+def test_tsne_perplexity_clamped_and_small_n():
+    x = np.random.default_rng(1).normal(size=(10, 5))
+    with pytest.warns(UserWarning, match="perplexity"):
+        emb = tsne_embed(x, perplexity=30.0)
+    assert emb.shape == (10, 2)
+    with pytest.raises(ValueError):
+        tsne_embed(x[:3])
+    with pytest.raises(ValueError):
+        tsne_embed(x, perplexity=0.0)
+
+
+def test_cluster_quality(blob_embedding):
+    x, y, emb = blob_embedding
+    assert cluster_quality(emb, y) > 0.7
+    assert cluster_quality(x, y) > 0.7  # any dimension works
+    random_labels = np.random.default_rng(3).integers(0, 2, size=len(y))
+    assert abs(cluster_quality(emb, random_labels)) < 0.3
+    assert -1.0 <= cluster_quality(emb, random_labels) <= 1.0
+    with pytest.raises(ValueError):
+        cluster_quality(emb, np.zeros(len(y)))
+    with pytest.raises(ValueError):
+        cluster_quality(emb, y[:-1])

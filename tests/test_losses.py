@@ -1,0 +1,306 @@
+"""Tests for :mod:`mlic_lib.losses` against naive elementwise formulas (float64)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mlic_lib.losses import (
+    AsymmetricLoss,
+    BCEWithLogits,
+    WeightedBCE,
+    asymmetric_loss,
+    bce_with_logits,
+    weighted_bce,
+)
+
+ATOL = 1e-6
+
+
+def _data(seed: int = 0, n: int = 16, c: int = 7, scale: float = 3.0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, c, generator=g, dtype=torch.float64) * scale
+    targets = (torch.rand(n, c, generator=g) < 0.4).to(torch.float64)
+    mask = torch.rand(n, c, generator=g) < 0.75
+    return logits, targets, mask
+
+
+def _sig(z: float) -> float:
+    return 1.0 / (1.0 + math.exp(-z))
+
+
+def _naive_bce(logits, targets):
+    out = torch.empty_like(logits)
+    for idx in range(logits.numel()):
+        z, y = logits.flatten()[idx].item(), targets.flatten()[idx].item()
+        p = _sig(z)
+        out.view(-1)[idx] = -(y * math.log(p) + (1 - y) * math.log(1 - p))
+    return out
+
+
+def _naive_asl(logits, targets, gamma_pos, gamma_neg, clip, eps=1e-8):
+    out = torch.empty_like(logits)
+    for idx in range(logits.numel()):
+        z, y = logits.flatten()[idx].item(), targets.flatten()[idx].item()
+        p = _sig(z)
+        p_m = max(p - (clip or 0.0), 0.0)
+        l_pos = (1 - p) ** gamma_pos * math.log(max(p, eps))
+        l_neg = p_m**gamma_neg * math.log(max(1 - p_m, eps))
+        out.view(-1)[idx] = -(y * l_pos + (1 - y) * l_neg)
+    return out
+
+
+def _naive_wbce(logits, targets, w_pos, w_neg):
+    w_pos = torch.broadcast_to(torch.as_tensor(w_pos, dtype=torch.float64), logits.shape)
+    w_neg = torch.broadcast_to(torch.as_tensor(w_neg, dtype=torch.float64), logits.shape)
+    out = torch.empty_like(logits)
+    for idx in range(logits.numel()):
+        z, y = logits.flatten()[idx].item(), targets.flatten()[idx].item()
+        p = _sig(z)
+        wp, wn = w_pos.flatten()[idx].item(), w_neg.flatten()[idx].item()
+        out.view(-1)[idx] = -(wp * y * math.log(p) + wn * (1 - y) * math.log(1 - p))
+    return out
+
+
+def _reduce(elementwise, mask, reduction):
+    if mask is not None:
+        elementwise = elementwise * mask
+    if reduction == "none":
+        return elementwise
+    if reduction == "sum":
+        return elementwise.sum()
+    return elementwise.sum() / (elementwise.numel() if mask is None else mask.sum())
+
+
+# --------------------------------------------------------------------------------------------
+# BCE
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("use_mask", [False, True])
+def test_bce_matches_naive(reduction, use_mask):
+    logits, targets, mask = _data(1)
+    mask = mask if use_mask else None
+    got = bce_with_logits(logits, targets, mask=mask, reduction=reduction)
+    expected = _reduce(_naive_bce(logits, targets), mask, reduction)
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+    module = BCEWithLogits(reduction=reduction)
+    torch.testing.assert_close(module(logits, targets, mask), got)
+
+
+def test_bce_mask_mean_divides_by_unmasked_count_and_blocks_gradient():
+    logits, targets, mask = _data(2)
+    logits.requires_grad_(True)
+    loss = bce_with_logits(logits, targets, mask=mask)
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(logits[mask], targets[mask])
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert (logits.grad[~mask] == 0).all()
+    assert (logits.grad[mask] != 0).all()
+
+
+def test_bce_accepts_bool_targets():
+    logits, targets, _ = _data(3)
+    torch.testing.assert_close(bce_with_logits(logits, targets.bool()), bce_with_logits(logits, targets))
+
+
+# --------------------------------------------------------------------------------------------
+# Asymmetric loss
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("gamma_pos", "gamma_neg", "clip"),
+    [(0.0, 4.0, 0.05), (1.0, 4.0, 0.05), (0.0, 2.0, 0.0), (2.0, 1.5, 0.2), (0.0, 4.0, None), (0.0, 0.0, 0.1)],
+)
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_asl_matches_naive(gamma_pos, gamma_neg, clip, reduction):
+    logits, targets, _ = _data(4)
+    got = asymmetric_loss(logits, targets, gamma_pos, gamma_neg, clip, reduction=reduction)
+    expected = _reduce(_naive_asl(logits, targets, gamma_pos, gamma_neg, clip), None, reduction)
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+    module = AsymmetricLoss(gamma_pos, gamma_neg, clip, reduction=reduction)
+    torch.testing.assert_close(module(logits, targets), got)
+
+
+def test_asl_eps_clamp_on_extreme_logits():
+    logits = torch.tensor([[-40.0, 40.0, 0.0]], dtype=torch.float64)
+    targets = torch.tensor([[1.0, 0.0, 1.0]], dtype=torch.float64)
+    got = asymmetric_loss(logits, targets, 0.0, 0.0, 0.0, reduction="none")
+    expected = _naive_asl(logits, targets, 0.0, 0.0, 0.0)
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+    assert got[0, 0].item() == pytest.approx(-math.log(1e-8))
+
+
+def test_asl_default_is_sum_reduction():
+    logits, targets, _ = _data(5)
+    loss = AsymmetricLoss()(logits, targets)
+    elementwise = asymmetric_loss(logits, targets, reduction="none")
+    torch.testing.assert_close(loss, elementwise.sum())
+
+
+def test_asl_without_focusing_and_clip_equals_bce_sum():
+    logits, targets, mask = _data(6)
+    asl = AsymmetricLoss(gamma_pos=0, gamma_neg=0, clip=0)
+    torch.testing.assert_close(asl(logits, targets), bce_with_logits(logits, targets, reduction="sum"))
+    torch.testing.assert_close(
+        asl(logits, targets, mask), bce_with_logits(logits, targets, mask=mask, reduction="sum")
+    )
+
+
+def test_asl_mask():
+    logits, targets, mask = _data(7)
+    got = asymmetric_loss(logits, targets, 1.0, 4.0, 0.05, mask=mask, reduction="mean")
+    expected = _reduce(_naive_asl(logits, targets, 1.0, 4.0, 0.05), mask, "mean")
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+
+
+def test_asl_easy_negatives_below_margin_have_no_loss_nor_gradient():
+    logits = torch.tensor([[-5.0, -4.0, 2.0]], dtype=torch.float64, requires_grad=True)  # p < 0.05 twice
+    targets = torch.zeros(1, 3, dtype=torch.float64)
+    loss = asymmetric_loss(logits, targets, clip=0.05, reduction="none")
+    loss.sum().backward()
+    assert loss[0, :2].abs().max().item() == 0.0
+    assert logits.grad[0, :2].abs().max().item() == 0.0
+    assert logits.grad[0, 2].item() > 0
+
+
+def test_asl_gradcheck():
+    logits, targets, mask = _data(8, n=3, c=4, scale=1.5)
+    logits.requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda z: asymmetric_loss(z, targets, 1.0, 4.0, 0.05, mask=mask, reduction="mean"), (logits,)
+    )
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_asl_gradients_finite_and_nonzero(detach):
+    logits, targets, _ = _data(8, scale=4.0)
+    logits.requires_grad_(True)
+    loss = asymmetric_loss(logits, targets, 1.0, 4.0, 0.05, detach_focal_weight=detach)
+    (grad,) = torch.autograd.grad(loss, logits)
+    assert torch.isfinite(grad).all()
+    assert (grad[targets == 1] != 0).all()  # positives always get a gradient (gamma_pos = 1, p < 1)
+
+
+def test_asl_detached_focal_weight_gradient():
+    # With the weight treated as a constant, the gradient of a positive is -(1-p)^γ+ * (1-p).
+    logits = torch.tensor([[0.3, -1.2]], dtype=torch.float64, requires_grad=True)
+    targets = torch.ones(1, 2, dtype=torch.float64)
+    loss = asymmetric_loss(logits, targets, gamma_pos=2.0, detach_focal_weight=True)
+    (grad,) = torch.autograd.grad(loss, logits)
+    p = torch.sigmoid(logits.detach())
+    torch.testing.assert_close(grad, -((1 - p) ** 2) * (1 - p))
+    # Same value as with the weight's gradient kept.
+    loss_full = asymmetric_loss(logits, targets, gamma_pos=2.0)
+    torch.testing.assert_close(loss, loss_full)
+    (grad_full,) = torch.autograd.grad(loss_full, logits)
+    assert not torch.allclose(grad, grad_full)
+
+
+# --------------------------------------------------------------------------------------------
+# Weighted BCE
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("weight_kind", ["scalar", "per_class", "per_entry"])
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("use_mask", [False, True])
+def test_weighted_bce_matches_naive(weight_kind, reduction, use_mask):
+    logits, targets, mask = _data(9)
+    mask = mask if use_mask else None
+    g = torch.Generator().manual_seed(1)
+    shape = {"scalar": (), "per_class": (logits.shape[1],), "per_entry": logits.shape}[weight_kind]
+    w_pos = torch.rand(shape, generator=g, dtype=torch.float64) * 3
+    w_neg = torch.rand(shape, generator=g, dtype=torch.float64) * 3
+    got = weighted_bce(logits, targets, w_pos, w_neg, mask=mask, reduction=reduction)
+    expected = _reduce(_naive_wbce(logits, targets, w_pos, w_neg), mask, reduction)
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+    module = WeightedBCE(w_pos, w_neg, reduction=reduction)
+    torch.testing.assert_close(module(logits, targets, mask), got)
+
+
+def test_weighted_bce_unit_weights_equal_bce():
+    logits, targets, mask = _data(10)
+    c = logits.shape[1]
+    for reduction in ("mean", "sum"):
+        torch.testing.assert_close(
+            weighted_bce(logits, targets, torch.ones(c), torch.ones(c), mask=mask, reduction=reduction),
+            bce_with_logits(logits, targets, mask=mask, reduction=reduction),
+        )
+    torch.testing.assert_close(weighted_bce(logits, targets), bce_with_logits(logits, targets))
+    torch.testing.assert_close(WeightedBCE()(logits, targets), bce_with_logits(logits, targets))
+
+
+def test_weighted_bce_stable_for_large_logits():
+    logits = torch.tensor([[200.0, -200.0]], dtype=torch.float64)
+    targets = torch.tensor([[0.0, 1.0]], dtype=torch.float64)
+    loss = weighted_bce(logits, targets, 2.0, 3.0, reduction="none")
+    torch.testing.assert_close(loss, torch.tensor([[600.0, 400.0]], dtype=torch.float64))
+
+
+def test_weighted_bce_gradcheck():
+    logits, targets, mask = _data(11, n=3, c=4, scale=1.5)
+    logits.requires_grad_(True)
+    w_pos = torch.tensor([1.0, 2.0, 0.5, 3.0], dtype=torch.float64)
+    w_neg = torch.tensor([0.5, 1.0, 2.0, 1.0], dtype=torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda z: weighted_bce(z, targets, w_pos, w_neg, mask=mask, reduction="sum"), (logits,)
+    )
+    (grad,) = torch.autograd.grad(weighted_bce(logits, targets, w_pos, w_neg), logits)
+    assert torch.isfinite(grad).all() and (grad != 0).all()
+
+
+def test_weighted_bce_module_buffers_follow_dtype_and_state_dict():
+    module = WeightedBCE([1.0, 2.0], [0.5, 0.5])
+    assert set(module.state_dict()) == {"pos_weight", "neg_weight"}
+    logits = torch.zeros(3, 2, dtype=torch.float64)
+    assert module(logits, torch.ones(3, 2)).dtype == torch.float64
+
+
+# --------------------------------------------------------------------------------------------
+# Bad inputs
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "loss_fn",
+    [bce_with_logits, asymmetric_loss, weighted_bce, BCEWithLogits(), AsymmetricLoss(), WeightedBCE()],
+)
+def test_shape_mismatch_names_both_shapes(loss_fn):
+    with pytest.raises(ValueError, match=r"same shape.*logits \(4, 3\) and targets \(4, 5\)"):
+        loss_fn(torch.zeros(4, 3), torch.zeros(4, 5))
+
+
+@pytest.mark.parametrize("loss_fn", [bce_with_logits, asymmetric_loss, weighted_bce])
+def test_unknown_reduction_lists_valid_ones(loss_fn):
+    with pytest.raises(ValueError, match="unknown reduction 'avg'; valid values are 'none', 'mean', 'sum'"):
+        loss_fn(torch.zeros(2, 3), torch.zeros(2, 3), reduction="avg")
+
+
+@pytest.mark.parametrize("cls", [BCEWithLogits, AsymmetricLoss, WeightedBCE])
+def test_module_unknown_reduction(cls):
+    with pytest.raises(ValueError, match="unknown reduction"):
+        cls(reduction="batchmean")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"gamma_pos": -1.0}, "gamma_pos must be a finite number >= 0"),
+        ({"gamma_neg": -0.5}, "gamma_neg must be a finite number >= 0"),
+        ({"clip": 1.0}, r"clip .* must be in \[0, 1\)"),
+        ({"clip": -0.1}, r"clip .* must be in \[0, 1\)"),
+        ({"eps": 0.0}, r"eps .* must be in \(0, 1\)"),
+    ],
+)
+def test_asl_bad_hyperparameters(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        AsymmetricLoss(**kwargs)
+    with pytest.raises(ValueError, match=match):
+        asymmetric_loss(torch.zeros(2, 3), torch.zeros(2, 3), **kwargs)
+
+
+def test_bad_mask_and_weight_shapes():
+    logits, targets, _ = _data(12, n=4, c=3)
+    with pytest.raises(ValueError, match=r"mask must have the same shape"):
+        bce_with_logits(logits, targets, mask=torch.ones(4, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"pos_weight must be a scalar, a per-class vector of shape \(3,\)"):
+        weighted_bce(logits, targets, pos_weight=torch.ones(4))
+    with pytest.raises(ValueError, match="non-negative"):
+        WeightedBCE(pos_weight=[1.0, -1.0, 1.0])
