@@ -6,7 +6,6 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.mlic-installed
 PROFILE ?= default
-export MPLBACKEND ?= Agg
 
 .PHONY: help book test lint lab clean distclean env full
 

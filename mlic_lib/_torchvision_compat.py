@@ -93,6 +93,7 @@ def patch_now() -> str:
     global STATE
     if STATE != "not-triggered":
         return STATE
+    uninstall()  # find_spec below must not re-enter the finder
     spec = importlib.util.find_spec("torchvision")
     if spec is None:  # torchvision not installed: nothing to do
         STATE = "real-ops"

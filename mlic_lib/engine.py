@@ -199,7 +199,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_pe
     warm = int(cfg.warmup_epochs * steps_per_epoch)
     if cfg.scheduler == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total, pct_start=0.2)
+            optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total,
+            pct_start=min(0.5, max(0.2, 2.0 / total)))  # >= 2 warm-up steps (a tiny run would divide by 0)
     if cfg.scheduler == "none":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     milestones = [m * steps_per_epoch for m in cfg.milestones]
@@ -356,7 +357,7 @@ class FitResult:
 
 
 def _strip_ddp(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") and isinstance(model, nn.parallel.DistributedDataParallel) else model
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 def fit(model: nn.Module, train_data: Dataset | Iterable, val_data: Dataset | Iterable | None,

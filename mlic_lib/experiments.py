@@ -9,15 +9,20 @@ A chapter's notebook stays narrative + calls::
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from mlic_lib.data.scenes import SceneSet, SceneSpec, make_scenes
+import numpy as np
+
+from mlic_lib.data.scenes import SceneSet, SceneSpec, make_scenes, make_world
 from mlic_lib.data.tensors import TensorImageDataset
-from mlic_lib.engine import FitResult, TrainConfig, fit, run_dir_for
+from mlic_lib.engine import FitResult, TrainConfig, cache_root, fit, run_dir_for
 from mlic_lib.models import build_model
-from mlic_lib.utils import seed_everything
+from mlic_lib.utils import config_hash, seed_everything
 
 
 @dataclass
@@ -34,12 +39,42 @@ class SceneData:
         return self.train.world.num_classes
 
 
-def scene_data(settings: Mapping[str, Any], data_seed: int = 0) -> SceneData:
+def cached_scenes(n_images: int, spec: SceneSpec, seed: int, split: str = "train", mode: str = "natural",
+                  use_cache: bool = True) -> SceneSet:
+    """:func:`make_scenes`, stored once as ``$MLIC_CACHE/data/scenes-<hash>.npz`` and loaded afterwards.
+
+    The hash covers the arguments and the library source, so a change to the generator regenerates.
+    """
+    if not use_cache:
+        return make_scenes(n_images, spec, seed=seed, split=split, mode=mode)
+    key = config_hash({"n": n_images, "spec": spec.to_dict(), "seed": seed, "split": split, "mode": mode})
+    path = cache_root() / "data" / f"scenes-{key}.npz"
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as z:
+            boxes = np.split(z["boxes"], z["box_offsets"][1:-1])
+            return SceneSet(z["images"], z["targets"], boxes, make_world(spec), mode,
+                            {"seed": seed, "split": split, "cache": str(path)})
+    scenes = make_scenes(n_images, spec, seed=seed, split=split, mode=mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    offsets = np.concatenate([[0], np.cumsum([len(b) for b in scenes.boxes])])
+    fd, tmp = tempfile.mkstemp(prefix=".scenes.", suffix=".npz", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, images=scenes.images, targets=scenes.targets, boxes=np.concatenate(scenes.boxes),
+                     box_offsets=offsets)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return scenes
+
+
+def scene_data(settings: Mapping[str, Any], data_seed: int = 0, use_cache: bool = True) -> SceneData:
     """Draw ``data.n_train`` training and ``data.n_test`` test scenes (disjoint digit images)."""
     d = settings["data"]
     spec = SceneSpec.from_dict(d.get("scenes", {}))
-    train = make_scenes(int(d["n_train"]), spec, seed=2 * data_seed + 1, split="train")
-    test = make_scenes(int(d["n_test"]), spec, seed=2 * data_seed + 2, split="test")
+    train = cached_scenes(int(d["n_train"]), spec, 2 * data_seed + 1, "train", use_cache=use_cache)
+    test = cached_scenes(int(d["n_test"]), spec, 2 * data_seed + 2, "test", use_cache=use_cache)
     return SceneData(train, test, TensorImageDataset(train.images, train.targets),
                      TensorImageDataset(test.images, test.targets))
 

@@ -1,0 +1,118 @@
+"""Engine: determinism, interrupted-and-resumed == uninterrupted, cache, atomic files, bad inputs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mlic_lib.data import TensorImageDataset
+from mlic_lib.engine import TrainConfig, evaluate, fit, run_dir_for
+from mlic_lib.models import build_model
+from mlic_lib.utils import seed_everything
+
+CFG = {"epochs": 3, "batch_size": 32, "lr": 3e-3, "optimizer": "adam", "scheduler": "onecycle", "seed": 0}
+
+
+def _data(small_scenes):
+    train, test = small_scenes
+    return TensorImageDataset(train.images, train.targets), TensorImageDataset(test.images, test.targets)
+
+
+def _model(seed=0):
+    seed_everything(seed)
+    return build_model("small_resnet", 20, widths=(8, 16, 16, 32))
+
+
+def _run(small_scenes, run_dir=None, **kw):
+    tr, te = _data(small_scenes)
+    return fit(_model(), tr, te, TrainConfig.from_dict({**CFG, **kw}), run_dir=run_dir, progress=False)
+
+
+def test_fit_is_deterministic(small_scenes):
+    a, b = _run(small_scenes), _run(small_scenes)
+    assert [h["loss"] for h in a.history] == [h["loss"] for h in b.history]
+    assert a.final["mAP"] == b.final["mAP"]
+    for pa, pb in zip(a.model.parameters(), b.model.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+
+
+def test_fit_learns_something(small_scenes):
+    res = _run(small_scenes, epochs=4)
+    assert res.history[-1]["loss"] < res.history[0]["loss"]
+    assert len(res.history) == 4 and {"mAP", "CF1", "OF1", "loss"} <= set(res.history[-1])
+
+
+def test_resume_after_interruption_matches_uninterrupted(small_scenes, tmp_path):
+    full = _run(small_scenes, run_dir=tmp_path / "full")
+
+    def interrupt(epoch, logs):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    tr, te = _data(small_scenes)
+    with pytest.raises(KeyboardInterrupt):
+        fit(_model(), tr, te, TrainConfig.from_dict(CFG), run_dir=tmp_path / "cut", progress=False,
+            on_epoch_end=interrupt)
+    assert (tmp_path / "cut" / "last.pt").is_file() and not (tmp_path / "cut" / "results.json").exists()
+    resumed = fit(_model(seed=123), tr, te, TrainConfig.from_dict(CFG), run_dir=tmp_path / "cut", progress=False)
+    assert not resumed.cached
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
+    assert resumed.final["mAP"] == full.final["mAP"]
+    assert not (tmp_path / "cut" / "last.pt").exists(), "last.pt should be removed once final.pt is written"
+
+
+def test_cache_reuses_finished_run(small_scenes, tmp_path):
+    first = _run(small_scenes, run_dir=tmp_path / "run", epochs=1)
+    again = _run(small_scenes, run_dir=tmp_path / "run", epochs=1)
+    assert again.cached and again.final["mAP"] == first.final["mAP"]
+    x = torch.from_numpy(small_scenes[1].images[:4]).float() / 127.5 - 1
+    torch.testing.assert_close(again.model.eval()(x), first.model.eval()(x))
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["config"]["epochs"] == 1 and len(saved["history"]) == 1
+
+
+def test_checkpoints_load_with_weights_only(small_scenes, tmp_path):
+    _run(small_scenes, run_dir=tmp_path / "r", epochs=1)
+    state = torch.load(tmp_path / "r" / "final.pt", weights_only=True)
+    assert "model" in state
+
+
+def test_run_dir_hash_depends_on_config():
+    a = run_dir_for("x", {"lr": 1e-3})
+    assert a == run_dir_for("x", {"lr": 1e-3})
+    assert a != run_dir_for("x", {"lr": 2e-3})
+
+
+def test_ema_and_other_schedules_run(small_scenes):
+    for kw in ({"ema_decay": 0.9}, {"scheduler": "step", "milestones": [1], "optimizer": "sgd", "lr": 0.01},
+               {"scheduler": "cosine", "warmup_epochs": 1, "optimizer": "adamw"}):
+        res = _run(small_scenes, epochs=2, **kw)
+        assert np.isfinite(res.final["mAP"])
+
+
+def test_backbone_lr_multiplier():
+    from mlic_lib.engine import build_optimizer
+
+    model = _model()
+    opt = build_optimizer(model, TrainConfig(lr=1.0, backbone_lr_mult=0.1))
+    lrs = sorted(g["lr"] for g in opt.param_groups)
+    assert lrs == pytest.approx([0.1, 1.0])
+    n_backbone = sum(p.numel() for p in model.features.parameters())
+    assert sum(p.numel() for p in opt.param_groups[0]["params"]) == n_backbone
+
+
+def test_bad_configs_and_inputs(small_scenes):
+    with pytest.raises(ValueError, match="unknown training option"):
+        TrainConfig.from_dict({"epochz": 3})
+    with pytest.raises(ValueError, match="optimizer"):
+        TrainConfig(optimizer="lbfgs")
+    tr, te = _data(small_scenes)
+    empty = TensorImageDataset(small_scenes[0].images[:0], small_scenes[0].targets[:0])
+    with pytest.raises(ValueError, match="empty"):
+        evaluate(_model(), empty, "cpu")
+    with pytest.raises(FloatingPointError, match="learning rate"):
+        fit(_model(), tr, None, TrainConfig.from_dict({**CFG, "lr": 1e30, "optimizer": "sgd", "epochs": 1,
+                                                         "log_every": 1}), progress=False)

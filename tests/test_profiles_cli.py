@@ -1,0 +1,99 @@
+"""Profiles, the `mlic` CLI, the experiments glue and the small utilities."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from mlic_lib import cli
+from mlic_lib.data import SceneSpec
+from mlic_lib.engine import TrainConfig
+from mlic_lib.profiles import PROFILES, chapters, load_profile
+from mlic_lib.utils import atomic_torch_save, atomic_write_json, config_hash
+
+
+@pytest.mark.parametrize("chapter", chapters())
+@pytest.mark.parametrize("profile", PROFILES)
+def test_every_profile_is_complete_and_valid(chapter, profile):
+    s = load_profile(chapter, profile)
+    assert s["profile"] == profile and s["chapter"] == chapter
+    TrainConfig.from_dict(s["train"])  # raises on unknown or invalid options
+    if "scenes" in s.get("data", {}):
+        SceneSpec.from_dict(s["data"]["scenes"])
+    assert s["seeds"], "a profile must name its seeds"
+
+
+def test_smoke_is_smaller_than_default():
+    smoke, default = load_profile("primer", "smoke"), load_profile("primer", "default")
+    assert smoke["data"]["n_train"] * smoke["train"]["epochs"] < default["data"]["n_train"] * default["train"]["epochs"]
+
+
+def test_overrides_and_errors():
+    s = load_profile("primer", "smoke", {"train.epochs": 5, "data.scenes.n_groups": 4})
+    assert s["train"]["epochs"] == 5 and s["data"]["scenes"]["n_groups"] == 4
+    with pytest.raises(ValueError, match="unknown profile 'fast'"):
+        load_profile("primer", "fast")
+    with pytest.raises(ValueError, match="unknown parameter 'trian.epochs'"):
+        load_profile("primer", "smoke", {"trian.epochs": 1})
+    with pytest.raises(ValueError, match="no profiles for chapter"):
+        load_profile("nochapter")
+
+
+def test_cli_profile_and_errors(capsys):
+    assert cli.main(["profile", "primer", "--profile", "smoke", "-o", "train.epochs=2"]) == 0
+    out = capsys.readouterr().out
+    assert "epochs: 2" in out and "profile: smoke" in out
+    assert cli.main(["profile", "primer", "-o", "nope=1"]) == 2
+    assert "unknown parameter" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["profile", "primer", "--profile", "huge"])
+
+
+def test_cli_data_check(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLIC_DATA", str(tmp_path))
+    (tmp_path / "VOCdevkit" / "VOC2007" / "Annotations").mkdir(parents=True)
+    assert cli.main(["data", "check"]) == 0
+    out = capsys.readouterr().out
+    assert "voc2007   present" in out and "coco2014  missing" in out
+    assert cli.main(["data", "prepare", "voc2007"]) == 2
+    assert "not implemented yet" in capsys.readouterr().err
+
+
+def test_atomic_writes_leave_no_partial_file(tmp_path):
+    target = tmp_path / "r.json"
+    atomic_write_json({"a": np.float32(1.5), "b": np.arange(3)}, target)
+    assert json.loads(target.read_text()) == {"a": 1.5, "b": [0, 1, 2]}
+
+    class Boom:
+        def __reduce__(self):
+            raise RuntimeError("cannot pickle")
+
+    ckpt = tmp_path / "c.pt"
+    atomic_torch_save({"ok": 1}, ckpt)
+    before = ckpt.read_bytes()
+    with pytest.raises(RuntimeError):
+        atomic_torch_save({"bad": Boom()}, ckpt)
+    assert ckpt.read_bytes() == before, "a failed save must leave the previous checkpoint intact"
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_config_hash_stable_and_sensitive():
+    assert config_hash({"a": 1, "b": [1, 2]}) == config_hash({"b": [1, 2], "a": 1})
+    assert config_hash({"a": 1}) != config_hash({"a": 2})
+
+
+def test_scene_cache_roundtrip(tmp_path):
+    from mlic_lib.experiments import cached_scenes
+
+    spec = SceneSpec()
+    a = cached_scenes(12, spec, seed=3)
+    files = list((tmp_path / "cache" / "data").glob("scenes-*.npz"))
+    assert len(files) == 1
+    b = cached_scenes(12, spec, seed=3)
+    assert "cache" in b.meta
+    np.testing.assert_array_equal(a.images, b.images)
+    np.testing.assert_array_equal(a.targets, b.targets)
+    for x, y in zip(a.boxes, b.boxes, strict=True):
+        np.testing.assert_array_equal(x, y)

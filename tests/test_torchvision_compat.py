@@ -1,0 +1,79 @@
+"""The torchvision start-up hook: imports work on CPU torch, and it stays inactive where real ops load."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+from mlic_lib import _torchvision_compat as compat
+
+
+def _run(code: str) -> str:
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.strip()
+
+
+def test_pth_hook_is_installed_in_this_environment():
+    pth = Path(sysconfig.get_paths()["purelib"]) / compat.PTH_NAME
+    if not pth.is_file():
+        pytest.skip("not running inside the project's .venv (make test installs the hook)")
+    assert pth.read_text() == compat.PTH_LINE
+
+
+def test_torchvision_timm_and_gradcam_import():
+    state = _run(
+        "import torchvision, timm, pytorch_grad_cam, torch\n"
+        "import mlic_lib._torchvision_compat as c\n"
+        "assert hasattr(torch.ops.torchvision, 'nms')\n"
+        "timm.create_model('resnet10t', pretrained=False)\n"
+        "print(c.STATE)"
+    )
+    assert state in {"fallback", "real-ops"}
+
+
+def test_hook_stays_inactive_when_real_ops_load():
+    out = _run(
+        "import torch, mlic_lib._torchvision_compat as c\n"
+        "c._real_ops_load = lambda origin: True\n"
+        "print(c.patch_now(), c._LIBRARY is None)"
+    )
+    assert out == "real-ops True"
+
+
+def test_fallback_registers_working_ops_when_real_ops_fail():
+    out = _run(
+        "import torch, mlic_lib._torchvision_compat as c\n"
+        "c._real_ops_load = lambda origin: False\n"
+        "print(c.patch_now())\n"
+        "b = torch.tensor([[0, 0, 10, 10], [1, 1, 11, 11], [20, 20, 30, 30.]])\n"
+        "print(torch.ops.torchvision.nms(b, torch.tensor([.9, .8, .7]), 0.5).tolist())\n"
+        "import torchvision\n"
+    )
+    assert out.splitlines() == ["fallback", "[0, 2]"]
+
+
+def test_nms_reference_matches_brute_force():
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(60, 2, generator=g) * 50
+    boxes = torch.cat([xy, xy + 5 + torch.rand(60, 2, generator=g) * 20], 1)
+    scores = torch.rand(60, generator=g)
+    keep = compat.nms_reference(boxes, scores, 0.4).tolist()
+
+    def iou(a, b):
+        w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+        h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+        inter = w * h
+        return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+    expected = []
+    for i in sorted(range(60), key=lambda i: -scores[i].item()):
+        if all(iou(boxes[i].tolist(), boxes[j].tolist()) <= 0.4 for j in expected):
+            expected.append(i)
+    assert keep == expected
+    assert compat.nms_reference(torch.zeros(0, 4), torch.zeros(0), 0.5).numel() == 0
