@@ -73,8 +73,13 @@ def stage_sources(root: Path, build: Path, executed: Path) -> Path:
 
 def build_html(src: Path, out_root: Path, strict: bool = True) -> Path:
     """``jupyter-book build`` of ``src``; the HTML lands in ``out_root/_build/html``."""
-    cmd = [sys.executable, "-m", "jupyter_book", "build", str(src), "--path-output", str(out_root),
-           "--keep-going"]
+    exe = Path(sys.executable).with_name("jupyter-book")
+    if not exe.is_file():
+        found = shutil.which("jupyter-book")
+        if found is None:
+            raise RuntimeError("jupyter-book is not installed in this environment; run `make book` (it sets up .venv)")
+        exe = Path(found)
+    cmd = [str(exe), "build", str(src), "--path-output", str(out_root), "--keep-going"]
     if strict:
         cmd += ["-W", "-n"]
     subprocess.run(cmd, check=True)

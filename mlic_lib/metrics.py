@@ -238,7 +238,7 @@ def _average_precision(s: np.ndarray, t: np.ndarray, m: np.ndarray | None) -> np
     # Work class-major (C, N) so that every per-class operation runs over contiguous memory.
     s_cm = np.ascontiguousarray(s.T)
     pos = t if m is None else t & m
-    order = np.argsort(-s_cm, axis=1, kind="stable")  # decreasing score per class
+    order = np.argsort(-s_cm, axis=1)  # decreasing score; order inside a tie group does not matter
     s_sorted = np.take_along_axis(s_cm, order, axis=1)
     pos_sorted = np.take_along_axis(np.ascontiguousarray(pos.T), order, axis=1)
     tp = np.cumsum(pos_sorted, axis=1, dtype=np.int64)  # true positives down to each rank
@@ -302,7 +302,7 @@ def average_precision(scores: Any, targets: Any, mask: Any = None) -> np.ndarray
 
     Notes
     -----
-    Implementation: one stable argsort per class (all classes at once), cumulative true and
+    Implementation: one argsort per class (all classes at once), cumulative true and
     false positive counts, tie-group ends by a reverse running minimum, one gather. Cost
     ``O(N log N * C)`` time and a few ``N x C`` temporary arrays.
     """
