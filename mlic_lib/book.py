@@ -68,7 +68,24 @@ def stage_sources(root: Path, build: Path, executed: Path) -> Path:
         shutil.copy2(root / name, src / name)
     shutil.copytree(root / "book", src / "book")
     shutil.copytree(executed / "notebooks", src / "notebooks")
+    for nb in (src / "notebooks").glob("*.ipynb"):
+        _hide_default_parameters(nb)
     return src
+
+
+def _hide_default_parameters(path: Path) -> None:
+    """In the book's copy, hide the notebook's own ``parameters`` cell when papermill injected the
+    values actually used (its ``injected-parameters`` cell stays visible)."""
+    import json
+
+    nb = json.loads(path.read_text())
+    tags = [c.get("metadata", {}).get("tags", []) for c in nb["cells"]]
+    if not any("injected-parameters" in t for t in tags):
+        return
+    for cell, t in zip(nb["cells"], tags, strict=True):
+        if "parameters" in t and "remove-cell" not in t:
+            cell.setdefault("metadata", {})["tags"] = [*t, "remove-cell"]
+    path.write_text(json.dumps(nb, indent=1))
 
 
 def build_html(src: Path, out_root: Path, strict: bool = True) -> Path:
