@@ -9,11 +9,8 @@ A chapter's notebook stays narrative + calls::
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,7 +19,7 @@ from mlic_lib.data.scenes import SceneSet, SceneSpec, make_scenes, make_world
 from mlic_lib.data.tensors import TensorImageDataset
 from mlic_lib.engine import FitResult, TrainConfig, cache_root, fit, run_dir_for
 from mlic_lib.models import build_model
-from mlic_lib.utils import config_hash, seed_everything
+from mlic_lib.utils import atomic_open, config_hash, seed_everything
 
 
 @dataclass
@@ -55,17 +52,10 @@ def cached_scenes(n_images: int, spec: SceneSpec, seed: int, split: str = "train
             return SceneSet(z["images"], z["targets"], boxes, make_world(spec), mode,
                             {"seed": seed, "split": split, "cache": str(path)})
     scenes = make_scenes(n_images, spec, seed=seed, split=split, mode=mode)
-    path.parent.mkdir(parents=True, exist_ok=True)
     offsets = np.concatenate([[0], np.cumsum([len(b) for b in scenes.boxes])])
-    fd, tmp = tempfile.mkstemp(prefix=".scenes.", suffix=".npz", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, images=scenes.images, targets=scenes.targets, boxes=np.concatenate(scenes.boxes),
-                     box_offsets=offsets)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "wb") as fh:
+        np.savez(fh, images=scenes.images, targets=scenes.targets, boxes=np.concatenate(scenes.boxes),
+                 box_offsets=offsets)
     return scenes
 
 

@@ -373,13 +373,7 @@ def overlay(
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     img = _image_to_hwc(image)
-    if isinstance(cam, torch.Tensor):
-        cam = cam.detach().cpu().numpy()
-    c = np.asarray(cam, dtype=np.float64)
-    if c.ndim == 3 and c.shape[0] == 1:
-        c = c[0]
-    if c.ndim != 2:
-        raise ValueError(f"cam must be a 2-D map (H, W), got shape {c.shape}")
+    c = _as_map(cam)
     h, w = img.shape[:2]
     if c.shape != (h, w):
         t = torch.from_numpy(c)[None, None]
