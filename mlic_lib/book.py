@@ -70,6 +70,8 @@ def stage_sources(root: Path, build: Path, executed: Path) -> Path:
     shutil.copytree(executed / "notebooks", src / "notebooks")
     for nb in (src / "notebooks").glob("*.ipynb"):
         _hide_default_parameters(nb)
+    results = Path(os.environ.get("MLIC_RESULTS", build / "results"))
+    (src / "book" / "reproduction.md").write_text(reproduction_page(results, root / "book" / "published.yaml"))
     return src
 
 
@@ -86,6 +88,48 @@ def _hide_default_parameters(path: Path) -> None:
         if "parameters" in t and "remove-cell" not in t:
             cell.setdefault("metadata", {})["tags"] = [*t, "remove-cell"]
     path.write_text(json.dumps(nb, indent=1))
+
+
+def reproduction_page(results: Path, published: Path) -> str:
+    """Markdown of the reproduction matrix: every chapter's headline numbers (from the results JSONs
+    of this build) next to the papers' published numbers (``book/published.yaml``)."""
+    import json
+
+    import yaml
+
+    pub = yaml.safe_load(published.read_text()) if published.is_file() else {}
+    lines = [
+        "# Reproduction matrix",
+        "",
+        "Every value in the *ours* column was computed when this book was built; the profile says at",
+        "what scale. Under the `default` profile the data is the book's embedded data, not the paper's",
+        "dataset, so compare directions (which method wins, by how much relative to the spread), not",
+        "absolute values. Published values are quoted from the papers (source given per chapter); the papers'",
+        "percentages are shown as fractions, on the same scale as ours.",
+        "",
+    ]
+    files = sorted(results.glob("*.json")) if results.is_dir() else []
+    if not files:
+        lines.append("No chapter has written results in this build.")
+    for f in files:
+        res = json.loads(f.read_text())
+        chapter = res.get("chapter", f.stem)
+        info = pub.get(chapter, {})
+        lines += [f"## {info.get('paper', chapter)}", "",
+                  f"Profile `{res.get('profile')}`, written {res.get('written', '?')}, "
+                  f"mlic_lib {res.get('library_version', '?')}.", ""]
+        if info.get("source"):
+            lines += [f"Published: {info['source']}.", ""]
+        lines += ["| quantity | ours | published |", "|---|---|---|"]
+        published_numbers = info.get("numbers", {})
+        for key, value in res.get("numbers", {}).items():
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                continue
+            ours = f"{value:.4g}"
+            paper = published_numbers.get(key)
+            lines.append(f"| `{key}` | {ours} | {'-' if paper is None else f'{paper / 100:.4g}'} |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
 
 
 def build_html(src: Path, out_root: Path, strict: bool = True) -> Path:
