@@ -35,7 +35,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check mlic_lib tests benchmarks
+	$(VENV)/bin/ruff check mlic_lib tests benchmarks data_scripts
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/

@@ -6,6 +6,7 @@
     mlic reproduce CHAPTER [--profile full]            execute one chapter into _build/executed/
     mlic profile CHAPTER [--profile smoke] [-o key=value ...]   show a chapter's resolved settings
     mlic data check                                    report which real datasets are present
+    mlic data prepare NAME [--allow-unverified]        download (resumable), verify sha256, unpack
 """
 
 from __future__ import annotations
@@ -56,29 +57,22 @@ def _cmd_profile(args) -> int:
 
 
 def _cmd_data(args) -> int:
+    from mlic_lib.data import download
     from mlic_lib.data.paths import data_root
 
     root = data_root()
-    expected = {
-        "voc2007": root / "VOCdevkit" / "VOC2007" / "Annotations",
-        "voc2012": root / "VOCdevkit" / "VOC2012" / "Annotations",
-        "coco2014": root / "coco" / "annotations" / "instances_train2014.json",
-        "coco2017": root / "coco" / "annotations" / "instances_train2017.json",
-    }
-    if args.action == "check":
+    if args.action == "check" or args.check:
         print(f"MLIC_DATA = {root}")
-        for name, path in expected.items():
-            print(f"  {name:9s} {'present' if path.exists() else 'missing'}  ({path})")
+        for key, state in download.check(root).items():
+            if args.name in (None, key):
+                print(f"  {key:9s} {state}")
         return 0
-    print(
-        "Automatic, sha256-verified downloads are not implemented yet (tracked in the 'Real data and GPU' "
-        f"issue). Until then, place the datasets under {root} in their standard layouts:\n"
-        "  VOCdevkit/VOC2007/{Annotations,ImageSets/Main,JPEGImages}, VOCdevkit/VOC2012/...\n"
-        "  coco/annotations/instances_{train,val}{2014,2017}.json, coco/{train,val}{2014,2017}/*.jpg\n"
-        "then run `mlic data check`.",
-        file=sys.stderr,
-    )
-    return 2
+    if not args.name:
+        raise ValueError("name the dataset to prepare, e.g. `mlic data prepare voc2007`")
+    marker = download.prepare(args.name, root, allow_unverified=args.allow_unverified,
+                              keep_archives=not args.delete_archives)
+    print(f"{args.name}: ready ({marker})")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,7 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("data", help="real datasets under $MLIC_DATA")
     p.add_argument("action", choices=("check", "prepare"))
-    p.add_argument("name", nargs="?", help="dataset for prepare, e.g. voc2007")
+    p.add_argument("name", nargs="?", help="dataset, e.g. voc2007, coco2014, mnist, cifar10, voc_lt, coco_lt")
+    p.add_argument("--check", action="store_true", help="only report whether the dataset is present")
+    p.add_argument("--allow-unverified", action="store_true",
+                   help="download files whose sha256 is not recorded yet (prints their digest)")
+    p.add_argument("--delete-archives", action="store_true", help="remove tar/zip archives after unpacking")
     p.set_defaults(func=_cmd_data)
     return parser
 
@@ -115,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as err:
+    except (ValueError, RuntimeError, ConnectionError) as err:
         print(f"mlic: error: {err}", file=sys.stderr)
         return 2
 

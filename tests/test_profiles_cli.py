@@ -53,12 +53,13 @@ def test_cli_profile_and_errors(capsys):
 
 def test_cli_data_check(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("MLIC_DATA", str(tmp_path))
-    (tmp_path / "VOCdevkit" / "VOC2007" / "Annotations").mkdir(parents=True)
+    (tmp_path / "VOCdevkit" / "VOC2007" / "ImageSets" / "Main").mkdir(parents=True)
+    (tmp_path / "VOCdevkit" / "VOC2007" / "ImageSets" / "Main" / "test.txt").write_text("000001\n")
     assert cli.main(["data", "check"]) == 0
     out = capsys.readouterr().out
     assert "voc2007   present" in out and "coco2014  missing" in out
-    assert cli.main(["data", "prepare", "voc2007"]) == 2
-    assert "not implemented yet" in capsys.readouterr().err
+    assert cli.main(["data", "prepare"]) == 2
+    assert "name the dataset" in capsys.readouterr().err
 
 
 def test_atomic_writes_leave_no_partial_file(tmp_path):

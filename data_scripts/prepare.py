@@ -1,0 +1,35 @@
+"""Download, sha256-verify and unpack the real datasets into $MLIC_DATA (default ~/.cache/mlic/data).
+
+    python data_scripts/prepare.py voc2007 coco2014        # same as `mlic data prepare NAME`
+    python data_scripts/prepare.py --check                 # what is present
+
+Downloads resume after an interruption; a file whose checksum does not match is moved aside
+(``*.bad``) and never unpacked. The URLs and checksums live in ``mlic_lib/data/registry.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from mlic_lib.data import download
+from mlic_lib.data.registry import DATASETS
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("names", nargs="*", metavar="NAME",
+                        help=f"one or more of: {', '.join(DATASETS)}")
+    parser.add_argument("--check", action="store_true", help="report what is present and exit")
+    parser.add_argument("--allow-unverified", action="store_true")
+    args = parser.parse_args(argv)
+    if args.check or not args.names:
+        for key, state in download.check().items():
+            print(f"{key:9s} {state}")
+        return 0
+    for name in args.names:
+        print(f"{name}: {download.prepare(name, allow_unverified=args.allow_unverified)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,182 @@
+"""Dataset downloads, offline: a loopback HTTP server (with Range support) serves small fixture archives."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import io
+import re
+import tarfile
+import threading
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from mlic_lib import cli
+from mlic_lib.data import download, registry
+from mlic_lib.data.registry import DatasetEntry, RemoteFile
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    files: dict[str, bytes] = {}
+    log: list[tuple[str, str | None]] = []
+
+    def do_GET(self):  # noqa: N802
+        body = self.files.get(self.path)
+        self.log.append((self.path, self.headers.get("Range")))
+        if body is None:
+            self.send_error(404)
+            return
+        rng = self.headers.get("Range")
+        if rng:
+            start = int(re.match(r"bytes=(\d+)-", rng).group(1))
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+            body = body[start:]
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    _Handler.files, _Handler.log = {}, []
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", _Handler
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def _tar(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as t:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _entry(monkeypatch, url, body, name="fake.tar", sha=None, marker="VOCdevkit/VOC2007/ImageSets/Main/test.txt",
+           action="extract", dest="."):
+    sha = hashlib.sha256(body).hexdigest() if sha is None else sha
+    entry = DatasetEntry("fake", "Fake VOC", (RemoteFile(name, (f"{url}/{name}",), len(body), sha or None, dest,
+                                                         action),), marker)
+    monkeypatch.setitem(registry.DATASETS, "fake", entry)
+    return entry
+
+
+VOC_TAR = _tar({"VOCdevkit/VOC2007/ImageSets/Main/test.txt": b"000001\n",
+                "VOCdevkit/VOC2007/Annotations/000001.xml": b"<annotation/>"})
+
+
+def test_prepare_downloads_verifies_unpacks_and_skips_on_rerun(server, tmp_path, monkeypatch):
+    url, handler = server
+    handler.files["/fake.tar"] = VOC_TAR
+    _entry(monkeypatch, url, VOC_TAR)
+    marker = download.prepare("fake", tmp_path, progress=False)
+    assert marker.read_text() == "000001\n"
+    assert (tmp_path / "VOCdevkit/VOC2007/Annotations/000001.xml").is_file()
+    assert download.check(tmp_path)["fake"] == "present"
+    hits = len(handler.log)
+    download.prepare("fake", tmp_path, progress=False)
+    assert len(handler.log) == hits, "a prepared dataset must not be downloaded again"
+    assert not list(tmp_path.glob("VOCdevkit/.extract-*")), "temporary extraction folder left behind"
+
+
+def test_download_resumes_a_partial_file(server, tmp_path, monkeypatch):
+    url, handler = server
+    handler.files["/fake.tar"] = VOC_TAR
+    entry = _entry(monkeypatch, url, VOC_TAR)
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    (downloads / "fake.tar.part").write_bytes(VOC_TAR[:1000])
+    assert download.check(tmp_path)["fake"].startswith("partial download")
+    path = download.download(entry.files[0], downloads, progress=False)
+    assert path.read_bytes() == VOC_TAR
+    assert handler.log[-1] == ("/fake.tar", "bytes=1000-")
+
+
+def test_checksum_mismatch_is_an_error_and_nothing_is_unpacked(server, tmp_path, monkeypatch):
+    url, handler = server
+    handler.files["/fake.tar"] = VOC_TAR
+    _entry(monkeypatch, url, VOC_TAR, sha="0" * 64)
+    with pytest.raises(download.ChecksumError, match="moved to .*bad"):
+        download.prepare("fake", tmp_path, progress=False)
+    assert (tmp_path / "downloads" / "fake.tar.bad").is_file()
+    assert not (tmp_path / "downloads" / "fake.tar").exists()
+    assert not (tmp_path / "VOCdevkit").exists()
+
+
+def test_unverified_files_need_an_explicit_flag(server, tmp_path, monkeypatch, capsys):
+    url, handler = server
+    handler.files["/ids.pkl"] = b"abc"
+    _entry(monkeypatch, url, b"abc", name="ids.pkl", sha="", marker="lt/ids.pkl", action="copy", dest="lt")
+    with pytest.raises(download.ChecksumError, match="--allow-unverified"):
+        download.prepare("fake", tmp_path, progress=False)
+    download.prepare("fake", tmp_path, progress=False, allow_unverified=True)
+    assert (tmp_path / "lt" / "ids.pkl").read_bytes() == b"abc"
+    assert hashlib.sha256(b"abc").hexdigest() in capsys.readouterr().err
+
+
+def test_zip_and_unreachable_url(server, tmp_path, monkeypatch):
+    url, handler = server
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("annotations/instances_val2014.json", "{}")
+    body = buf.getvalue()
+    handler.files["/ann.zip"] = body
+    _entry(monkeypatch, url, body, name="ann.zip", marker="coco/annotations/instances_val2014.json", dest="coco")
+    assert download.prepare("fake", tmp_path, progress=False).read_text() == "{}"
+    _entry(monkeypatch, url, b"x", name="missing.zip", marker="nothing")
+    with pytest.raises(ConnectionError, match="rerun to resume"):
+        download.prepare("fake", tmp_path / "other", progress=False)
+
+
+def test_archives_that_escape_the_target_are_refused(tmp_path):
+    evil = tmp_path / "evil.tar"
+    evil.write_bytes(_tar({"../outside.txt": b"x"}))
+    with pytest.raises(RuntimeError, match="refusing"):
+        download.unpack(evil, tmp_path / "dest")
+    assert not (tmp_path / "outside.txt").exists()
+
+
+def test_registry_is_well_formed():
+    for key, entry in registry.DATASETS.items():
+        assert entry.key == key and not Path(entry.marker).is_absolute()
+        for f in entry.files:
+            assert f.urls and all(u.startswith(("http://", "https://")) for u in f.urls)
+            assert f.sha256 is None or re.fullmatch(r"[0-9a-f]{64}", f.sha256), f.name
+            assert f.action in {"extract", "copy"}
+    assert {"voc2007", "voc2012", "coco2014", "coco2017", "mnist", "cifar10", "voc_lt", "coco_lt"} <= set(
+        registry.DATASETS)
+    with pytest.raises(ValueError, match="known datasets"):
+        registry.get("imagenet")
+
+
+def test_split_file_checksums_match_the_reference_copies():
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data"
+    if not shared.is_dir():
+        pytest.skip("../shared/data is not present")
+    for key in ("voc_lt", "coco_lt"):
+        for f in registry.get(key).files:
+            local = shared / key / f.name
+            if f.sha256 and local.is_file():
+                assert download.sha256_of(local) == f.sha256, f"{key}/{f.name}"
+                assert local.stat().st_size == f.size
+
+
+def test_cli_prepare_errors(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLIC_DATA", str(tmp_path))
+    assert cli.main(["data", "prepare", "imagenet"]) == 2
+    assert "known datasets" in capsys.readouterr().err
+    assert cli.main(["data", "prepare", "nuswide"]) == 2
+    assert "place the 'Flickr' image folder" in capsys.readouterr().err
