@@ -197,6 +197,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_pe
     """Per-step LR schedule (``scheduler.step()`` after every optimiser step)."""
     total = cfg.epochs * steps_per_epoch
     warm = int(cfg.warmup_epochs * steps_per_epoch)
+    if cfg.scheduler == "onecycle" and total < 4:  # too few steps for a warm-up/anneal cycle
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     if cfg.scheduler == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total,

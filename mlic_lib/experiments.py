@@ -81,8 +81,9 @@ def train_scene_model(settings: Mapping[str, Any], data: SceneData, seed: int = 
     m = settings["model"]
     if model is None:
         seed_everything(seed)
+        widths = tuple(m["widths"]) if m.get("widths") else None
         model = build_model(m["backbone"], data.num_classes, pool=m.get("pool", "max"),
-                            weights=m.get("weights"))
+                            weights=m.get("weights"), widths=widths)
     key = {"chapter": settings.get("chapter"), "name": name, "data": settings["data"], "model": m,
            "train": cfg.to_dict(), "extra": dict(extra_key or {})}
     run_dir = run_dir_for(f"{settings.get('chapter')}-{name}-s{seed}", key)

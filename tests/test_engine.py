@@ -116,3 +116,17 @@ def test_bad_configs_and_inputs(small_scenes):
     with pytest.raises(FloatingPointError, match="learning rate"):
         fit(_model(), tr, None, TrainConfig.from_dict({**CFG, "lr": 1e30, "optimizer": "sgd", "epochs": 1,
                                                          "log_every": 1}), progress=False)
+
+
+@pytest.mark.parametrize("total_steps", [1, 2, 3, 4, 7])
+def test_onecycle_survives_tiny_runs(total_steps):
+    from mlic_lib.engine import build_scheduler
+
+    model = _model()
+    cfg = TrainConfig(epochs=1, scheduler="onecycle")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = build_scheduler(opt, cfg, total_steps)
+    for _ in range(total_steps):
+        opt.step()
+        sched.step()
+    assert all(np.isfinite(g["lr"]) for g in opt.param_groups)
