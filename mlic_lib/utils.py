@@ -98,13 +98,21 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
 
 def library_digest() -> str:
-    """sha256 over the library's own source files (``mlic_lib/**/*.py`` and profile YAML).
+    """sha256 over the source of the ``mlic_lib`` modules imported in this process.
 
-    Part of every cache key, so a change to the method code invalidates cached models.
+    Part of every cache key. Training code must be imported to run, so a change to any code a run
+    used invalidates its cached model, while editing an unrelated chapter's module does not.
     """
+    import sys
+
+    files = {
+        Path(mod.__file__).resolve()
+        for name, mod in list(sys.modules.items())
+        if (name == "mlic_lib" or name.startswith("mlic_lib.")) and getattr(mod, "__file__", None)
+    }
     h = hashlib.sha256()
-    for f in sorted(_PACKAGE_DIR.rglob("*")):
-        if f.suffix in {".py", ".yaml"} and "__pycache__" not in f.parts:
+    for f in sorted(files):
+        if f.suffix == ".py" and f.is_file():
             h.update(str(f.relative_to(_PACKAGE_DIR)).encode())
             h.update(f.read_bytes())
     return h.hexdigest()

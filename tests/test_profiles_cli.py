@@ -98,3 +98,13 @@ def test_scene_cache_roundtrip(tmp_path):
     np.testing.assert_array_equal(a.targets, b.targets)
     for x, y in zip(a.boxes, b.boxes, strict=True):
         np.testing.assert_array_equal(x, y)
+
+
+def test_library_digest_follows_imported_modules():
+    import subprocess
+    import sys
+
+    code = ("import mlic_lib.utils as u; a = u.library_digest(); import mlic_lib.metrics; b = u.library_digest(); "
+            "print(a != b, b == u.library_digest())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", "True"]
