@@ -1,0 +1,261 @@
+"""Complementary task decomposition of CPSD (Xu et al., IJCAI 2022, Sec. 3.2): CGP and DGP label partitions.
+
+The label set is split into ``k`` disjoint category subsets by spectral clustering of a category graph:
+
+* the similarity ``S_ij = e_ij / n_i`` (``e_ij`` = images with both ``c_i`` and ``c_j``, ``n_i`` = images
+  with ``c_i``), i.e. the conditional probability ``P(c_j | c_i)``;
+* smoothed by the ``tau``-th root (Eq. 1: ``S^(1/tau)``, the paper's ``\\sqrt[tau]{S}``; the paper sets
+  ``tau = 3``, the authors' code uses the square root, ``tau = 2``) and symmetrised,
+  ``R = (S^(1/tau) + S^(1/tau)^T) / 2``;
+* the **co-occurrence graph** (CGP) has affinity ``P+ = R``; the **dis-occurrence graph** (DGP) has
+  ``P- = I - R`` in the paper's Eq. 1 and ``P- = 1 - R`` (all-ones matrix) in the authors' code
+  (option ``complement``, see :func:`affinity`);
+* Eq. 2: normalised spectral clustering of the affinity (scikit-learn ``SpectralClustering`` with
+  ``affinity='precomputed'``: eigenvectors of the normalised Laplacian ``D^-1/2 (D - P) D^-1/2`` for the
+  ``k`` smallest eigenvalues, then k-means) gives the ``k`` category subsets.
+
+CGP puts co-occurring classes together (teachers learn joint patterns); DGP puts classes that rarely
+co-occur together (teachers learn category-specific patterns). :func:`random_partition` is the paper's
+random baseline of Fig. 3.
+
+Counts can be given as a multi-hot label matrix or in the ML-GCN ``adj``/``nums`` format (off-diagonal
+co-occurrence counts and per-class image counts). Only off-diagonal affinities matter: scikit-learn's
+normalised Laplacian ignores the diagonal, so ``e_ii = n_i`` (label matrix) and ``e_ii = 0`` (ML-GCN
+``adj``) give the same partition.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from mlic_lib.data import stats
+
+__all__ = [
+    "COMPLEMENTS",
+    "STRATEGIES",
+    "affinity",
+    "assignment_from_subsets",
+    "check_partition",
+    "cohesion",
+    "load_authors_partition",
+    "partition_agreement",
+    "partition_labels",
+    "random_partition",
+    "root_similarity",
+    "similarity_matrix",
+    "spectral_partition",
+    "subsets_from_assignment",
+]
+
+STRATEGIES = ("cgp", "dgp", "random")
+COMPLEMENTS = ("identity", "ones")
+
+
+def similarity_matrix(counts=None, nums=None, *, targets=None) -> np.ndarray:
+    """``S_ij = e_ij / n_i`` (CPSD Sec. 3.2), shape ``(C, C)``; rows of classes with no image are 0.
+
+    Parameters
+    ----------
+    counts : ``(C, C)`` co-occurrence counts ``e_ij`` (ML-GCN ``adj``; its diagonal may be 0), or ``None``.
+    nums : ``(C,)`` images per class ``n_i`` (ML-GCN ``nums``); default the diagonal of ``counts``.
+    targets : ``(N, C)`` multi-hot label matrix, instead of ``counts``/``nums``.
+    """
+    if (counts is None) == (targets is None):
+        raise ValueError("give either counts (with nums) or targets=label matrix, not both / neither")
+    if targets is not None:
+        t = np.asarray(targets)
+        return stats.conditional_probability(stats.cooccurrence(t), stats.class_counts(t))
+    counts = np.asarray(counts, dtype=np.float64)
+    if counts.ndim != 2 or counts.shape[0] != counts.shape[1]:
+        raise ValueError(f"counts must be a square (C, C) co-occurrence matrix, got shape {counts.shape}; "
+                         "pass a label matrix as targets=...")
+    if nums is None and not np.any(np.diag(counts)):
+        raise ValueError("counts has a zero diagonal (ML-GCN 'adj' format): pass nums= the per-class image counts")
+    if (counts < 0).any() or (nums is not None and (np.asarray(nums) < 0).any()):
+        raise ValueError("co-occurrence counts must be non-negative")
+    return stats.conditional_probability(counts, nums)
+
+
+def root_similarity(S: np.ndarray, tau: float = 3.0) -> np.ndarray:
+    """The ``tau``-th root ``S^(1/tau)`` of Eq. 1 (elementwise). ``tau = 1`` leaves ``S`` unchanged;
+    larger ``tau`` lifts small (tail) probabilities more than large ones."""
+    if not np.isfinite(tau) or tau <= 0:
+        raise ValueError(f"tau must be a positive number (paper: 3, authors' code: 2), got {tau!r}")
+    S = np.asarray(S, dtype=np.float64)
+    if (S < 0).any() or (S > 1 + 1e-9).any():
+        raise ValueError("S must hold probabilities in [0, 1] (S_ij = e_ij / n_i); see similarity_matrix")
+    return np.clip(S, 0.0, 1.0) ** (1.0 / tau)
+
+
+def affinity(S: np.ndarray, graph: str = "cgp", tau: float = 3.0, complement: str = "ones") -> np.ndarray:
+    """Affinity of the co-occurrence (``'cgp'``, ``P+``) or dis-occurrence (``'dgp'``, ``P-``) graph, Eq. 1.
+
+    ``R = (S^(1/tau) + (S^(1/tau))^T) / 2``; ``P+ = R``; ``P- = I - R`` (``complement='identity'``, Eq. 1 as
+    printed) or ``P- = 1 - R`` (``complement='ones'``, the authors' code). Off the diagonal the printed
+    ``I - R`` is ``-R <= 0``: a graph with negative edge weights has no normalised cut (the degrees in Eq. 2
+    can be negative), so :func:`spectral_partition` rejects it. ``'ones'`` is the evident intent
+    ("dis-occurrence" = one minus co-occurrence) and is the default; the literal form is exposed so the
+    difference can be shown.
+    """
+    if graph not in ("cgp", "dgp"):
+        raise ValueError(f"graph must be 'cgp' (co-occurrence) or 'dgp' (dis-occurrence), got {graph!r}")
+    if complement not in COMPLEMENTS:
+        raise ValueError(f"complement must be one of {COMPLEMENTS} (paper prints I - R, authors use 1 - R), "
+                         f"got {complement!r}")
+    S = np.asarray(S, dtype=np.float64)
+    if S.ndim != 2 or S.shape[0] != S.shape[1]:
+        raise ValueError(f"S must be square (C, C), got shape {S.shape}")
+    R = root_similarity(S, tau)
+    R = 0.5 * (R + R.T)
+    if graph == "cgp":
+        return R
+    base = np.eye(len(R)) if complement == "identity" else np.ones_like(R)
+    return base - R
+
+
+def spectral_partition(P: np.ndarray, k: int, seed: int = 0, n_init: int = 20) -> np.ndarray:
+    """Eq. 2: normalised spectral clustering of a precomputed affinity into ``k`` clusters.
+
+    Returns the cluster of each class, shape ``(C,)``, relabelled so that cluster ids appear in order of
+    their smallest class index (deterministic for a ``seed``). ``k = 1`` returns all zeros.
+    """
+    P = np.asarray(P, dtype=np.float64)
+    C = len(P)
+    if P.ndim != 2 or P.shape != (C, C):
+        raise ValueError(f"affinity must be square (C, C), got shape {P.shape}")
+    if not 1 <= int(k) <= C:
+        raise ValueError(f"k must be between 1 and the number of classes ({C}), got {k}")
+    if not np.isfinite(P).all():
+        raise ValueError("affinity contains NaN or inf")
+    off = P[~np.eye(C, dtype=bool)]
+    if (off < -1e-12).any():
+        raise ValueError("affinity has negative off-diagonal weights (the printed DGP form I - R): a normalised "
+                         "graph cut is undefined; use affinity(..., complement='ones') as the authors' code does")
+    if not np.allclose(P, P.T):
+        raise ValueError("affinity must be symmetric: symmetrise it, (P + P.T) / 2 (Eq. 1)")
+    if k == 1:
+        return np.zeros(C, dtype=np.int64)
+    import warnings
+
+    from sklearn.cluster import SpectralClustering
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Graph is not fully connected")
+        labels = SpectralClustering(n_clusters=int(k), affinity="precomputed", n_init=n_init,
+                                    random_state=seed, assign_labels="kmeans").fit_predict(np.clip(P, 0, None))
+    return _canonical(labels)
+
+
+def _canonical(labels: np.ndarray) -> np.ndarray:
+    """Relabel clusters by first appearance (so equal partitions give equal arrays)."""
+    labels = np.asarray(labels)
+    _, first = np.unique(labels, return_index=True)
+    order = np.asarray(labels)[np.sort(first)]
+    remap = {int(c): i for i, c in enumerate(order)}
+    return np.array([remap[int(c)] for c in labels], dtype=np.int64)
+
+
+def random_partition(num_classes: int, k: int, seed: int = 0) -> np.ndarray:
+    """The random decomposition baseline (Fig. 3): a random permutation cut into ``k`` near-equal subsets."""
+    if not 1 <= int(k) <= num_classes:
+        raise ValueError(f"k must be between 1 and num_classes ({num_classes}), got {k}")
+    perm = np.random.default_rng(seed).permutation(num_classes)
+    labels = np.empty(num_classes, dtype=np.int64)
+    for t, part in enumerate(np.array_split(perm, int(k))):
+        labels[part] = t
+    return _canonical(labels)
+
+
+def subsets_from_assignment(labels: Sequence[int]) -> list[np.ndarray]:
+    """Cluster ids ``(C,)`` -> list of ``k`` sorted index arrays ``C_t`` (ordered by cluster id)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    return [np.flatnonzero(labels == t) for t in np.unique(labels)]
+
+
+def assignment_from_subsets(subsets: Sequence[Sequence[int]], num_classes: int | None = None) -> np.ndarray:
+    """Inverse of :func:`subsets_from_assignment`; checks that the subsets partition the classes."""
+    subsets = [np.asarray(s, dtype=np.int64) for s in subsets]
+    C = num_classes if num_classes is not None else int(sum(len(s) for s in subsets))
+    check_partition(subsets, C)
+    labels = np.empty(C, dtype=np.int64)
+    for t, s in enumerate(subsets):
+        labels[s] = t
+    return labels
+
+
+def check_partition(subsets: Sequence[Sequence[int]], num_classes: int) -> None:
+    """Raise ``ValueError`` unless the subsets are non-empty, disjoint and cover ``0..num_classes-1``
+    (``U C_t = C`` and ``C_t n C_s = {}`` in Sec. 3.2)."""
+    allidx = np.concatenate([np.asarray(s, dtype=np.int64).ravel() for s in subsets]) if len(subsets) else np.array([])
+    if any(len(s) == 0 for s in subsets):
+        raise ValueError("a category subset is empty: every sub-task needs at least one class (lower k)")
+    counts = np.bincount(allidx.astype(np.int64), minlength=num_classes) if allidx.size else np.zeros(num_classes)
+    if allidx.size and (allidx.min() < 0 or allidx.max() >= num_classes):
+        raise ValueError(f"class indices must be in 0..{num_classes - 1}")
+    if (counts != 1).any():
+        missing = np.flatnonzero(counts == 0).tolist()
+        dup = np.flatnonzero(counts > 1).tolist()
+        raise ValueError(f"subsets must cover every class exactly once; missing {missing}, repeated {dup}")
+
+
+def partition_labels(strategy: str, k: int, *, S: np.ndarray | None = None, num_classes: int | None = None,
+                     tau: float = 3.0, complement: str = "ones", seed: int = 0, n_init: int = 20) -> list[np.ndarray]:
+    """The task decomposition ``Psi``: ``k`` disjoint category subsets by ``'cgp'``, ``'dgp'`` or ``'random'``.
+
+    ``S`` (from :func:`similarity_matrix`) is needed for CGP/DGP; ``random`` needs only ``num_classes``.
+    Returns a list of sorted index arrays, ordered by their smallest class.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if strategy == "random":
+        C = num_classes if num_classes is not None else (len(S) if S is not None else None)
+        if C is None:
+            raise ValueError("random partition needs num_classes (or S)")
+        return subsets_from_assignment(random_partition(C, k, seed))
+    if S is None:
+        raise ValueError(f"strategy {strategy!r} needs the similarity matrix S (see similarity_matrix)")
+    P = affinity(S, strategy, tau=tau, complement=complement)
+    return subsets_from_assignment(spectral_partition(P, k, seed=seed, n_init=n_init))
+
+
+def partition_agreement(a, b) -> float:
+    """Adjusted Rand index between two partitions, each given as cluster ids ``(C,)`` or a list of subsets."""
+    from sklearn.metrics import adjusted_rand_score
+
+    def ids(p):
+        if len(p) and not np.isscalar(p[0]) and np.ndim(p[0]) > 0:
+            return assignment_from_subsets(p)
+        return np.asarray(p, dtype=np.int64)
+
+    a, b = ids(a), ids(b)
+    if a.shape != b.shape:
+        raise ValueError(f"partitions cover different numbers of classes: {a.shape[0]} and {b.shape[0]}")
+    return float(adjusted_rand_score(a, b))
+
+
+def load_authors_partition(path: str | Path) -> list[np.ndarray]:
+    """Read a CPSD authors' partition file: a JSON list of ``{global_index: local_index}`` dicts, one per
+    sub-task (``idx_coocurrence{k}_0.json`` = CGP, ``idx_cluster{k}_0.json`` = DGP). Each subset is returned
+    in its local order (``subset[local] = global``), which is exactly the order its teacher's logits use."""
+    data = json.loads(Path(path).read_text())
+    if not isinstance(data, list) or not all(isinstance(d, Mapping) for d in data):
+        raise ValueError(f"{path}: expected a list of {{global_index: local_index}} objects")
+    out = []
+    for d in data:
+        pairs = sorted(((int(v), int(g)) for g, v in d.items()))
+        out.append(np.array([g for _, g in pairs], dtype=np.int64))
+    return out
+
+
+def cohesion(S: np.ndarray, subsets: Sequence[Sequence[int]], tau: float = 1.0) -> float:
+    """Mean symmetrised (rooted) co-occurrence ``R_ij`` over pairs of classes in the same subset: high for
+    CGP (co-occurring classes together), low for DGP. Subsets of one class have no pairs and are skipped."""
+    R = affinity(S, "cgp", tau=tau)
+    vals = [R[np.ix_(s, s)][~np.eye(len(s), dtype=bool)] for s in (np.asarray(x) for x in subsets) if len(s) > 1]
+    if not vals:
+        return float("nan")
+    return float(np.concatenate(vals).mean())

@@ -1,0 +1,539 @@
+"""Parallel Self-Distillation (PSD / CPSD; Xu et al., IJCAI 2022, Sec. 3.3): sub-task teachers, label merging
+and the distilled student.
+
+* **Sub-tasks** ``T_t = (X_{C_t}, Y_{C_t})`` (Sec. 3.1): labels restricted to a category subset ``C_t``
+  (:mod:`mlic_lib.partition` makes the subsets). Which images a teacher sees is an option,
+  ``images='containing'`` (the paper: ``X_{C_t}`` = images that contain a category of ``C_t``) or
+  ``images='all'`` (the authors' code: every training image, labels restricted to ``C_t``).
+* **Teachers** ``F_{C_t}`` (Eq. 3) are trained on their sub-task with the Asymmetric Loss (Eq. 4,
+  :class:`ASLStep`; ASL defaults ``gamma_- = 4, gamma_+ = 0, clip mu = 0.05``). They are independent, so
+  :func:`train_teachers` runs them sequentially, in a spawn-based process pool, or one per rank under
+  ``torchrun``; a finished teacher is cached and reused (e.g. the CGP teachers of a ``k`` serve both the
+  CGPD and the CPSD students).
+* **Label merging** ``rho`` (Eq. 5, :func:`merge_logits`) scatters each teacher's logits back to the global
+  class order; :func:`split_logits` is its inverse; :class:`TeacherEnsemble` is ``rho`` over all teachers
+  of one decomposition.
+* **Student** (Eqs. 6-7, :class:`DistillationStep`): the same architecture on the full label set, trained
+  with ``L_cls^C + L_kd``, ``L_kd = 1/2 sum_i sum_teachers ||y_s - y_teacher||^2`` on logits (MSE), with the
+  CGP and the DGP ensembles as the two teachers (CPSD), one of them (CGPD / DGPD), or a single full-label
+  teacher (self-distillation, SD, = a ``k = 1`` decomposition).
+
+Reading of the paper (stated because the paper leaves it open): ``L_kd`` is summed over images and
+classes like ASL (``reduction='sum'``, as printed); with one teacher the factor 1/2 is kept. Teacher logits
+are computed once for the (un-augmented) training set and fed with the batch, which equals computing them
+on the fly when there is no augmentation; with augmentation, give the teachers to the step instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from mlic_lib.data.tensors import TensorImageDataset
+from mlic_lib.engine import FitResult, TrainConfig, fit, run_dir_for
+from mlic_lib.losses import AsymmetricLoss
+from mlic_lib.models import build_model
+from mlic_lib.utils import pick_device, seed_everything
+
+__all__ = [
+    "IMAGE_SELECTIONS",
+    "ASLStep",
+    "DistillDataset",
+    "DistillationStep",
+    "TeacherEnsemble",
+    "TeacherSpec",
+    "build_psd_model",
+    "kd_loss",
+    "merge_logits",
+    "predict_logits",
+    "split_logits",
+    "subtask_dataset",
+    "subtask_indices",
+    "train_baseline",
+    "train_student",
+    "train_teacher",
+    "train_teachers",
+    "PSDStudy",
+    "run_study",
+    "teacher_key",
+]
+
+IMAGE_SELECTIONS = ("containing", "all")
+PARALLEL_MODES = ("auto", "sequential", "process", "torchrun")
+
+
+# ------------------------------------------------------------------------------------ sub-tasks
+def _subset(subset: Sequence[int], num_classes: int) -> np.ndarray:
+    s = np.asarray(subset, dtype=np.int64).ravel()
+    if s.size == 0:
+        raise ValueError("empty category subset: a sub-task needs at least one class")
+    if s.min() < 0 or s.max() >= num_classes:
+        raise ValueError(f"subset indices must be in 0..{num_classes - 1}, got {s.tolist()}")
+    if len(np.unique(s)) != len(s):
+        raise ValueError(f"subset has repeated classes: {s.tolist()}")
+    return s
+
+
+def subtask_indices(targets, subset: Sequence[int], images: str = "containing") -> np.ndarray:
+    """Indices of the images of sub-task ``T_t``: those with a label in ``subset`` (``'containing'``, the
+    paper's ``X_{C_t}``) or all images (``'all'``, the authors' code)."""
+    if images not in IMAGE_SELECTIONS:
+        raise ValueError(f"images must be one of {IMAGE_SELECTIONS} ('containing' = paper, 'all' = authors' code), "
+                         f"got {images!r}")
+    t = np.asarray(targets)
+    s = _subset(subset, t.shape[1])
+    if images == "all":
+        return np.arange(len(t))
+    return np.flatnonzero(t[:, s].max(1) > 0)
+
+
+def subtask_dataset(images_u8, targets, subset: Sequence[int], images: str = "containing") -> TensorImageDataset:
+    """The sub-task ``T_t = (X_{C_t}, Y_{C_t})``: selected images with labels restricted to ``subset`` (in the
+    subset's order, the order of the teacher's outputs)."""
+    t = np.asarray(targets)
+    s = _subset(subset, t.shape[1])
+    idx = subtask_indices(t, s, images)
+    if idx.size == 0:
+        raise ValueError(f"no training image contains a class of subset {s.tolist()}; use images='all'")
+    return TensorImageDataset(np.asarray(images_u8)[idx], t[idx][:, s])
+
+
+# ------------------------------------------------------------------------------------ rho (Eq. 5)
+def merge_logits(parts: Sequence[Tensor], subsets: Sequence[Sequence[int]], num_classes: int | None = None) -> Tensor:
+    """``rho`` of Eq. 5: place teacher ``t``'s logits ``(B, |C_t|)`` at the global columns ``C_t``.
+
+    The subsets must partition ``0..num_classes-1`` (checked). Differentiable (index_copy)."""
+    from mlic_lib.partition import check_partition
+
+    if len(parts) != len(subsets):
+        raise ValueError(f"got {len(parts)} logit blocks for {len(subsets)} subsets")
+    C = num_classes if num_classes is not None else sum(len(s) for s in subsets)
+    check_partition(subsets, C)
+    B = parts[0].shape[0]
+    for p, s in zip(parts, subsets, strict=True):
+        if p.ndim != 2 or p.shape != (B, len(s)):
+            raise ValueError(f"teacher logits of shape {tuple(p.shape)} do not fit a subset of {len(s)} classes "
+                             f"and batch {B}")
+    cat = torch.cat(list(parts), dim=1)
+    index = torch.as_tensor(np.concatenate([np.asarray(s, dtype=np.int64) for s in subsets]), device=cat.device)
+    out = cat.new_zeros(B, C)
+    return out.index_copy(1, index, cat)
+
+
+def split_logits(logits: Tensor, subsets: Sequence[Sequence[int]]) -> list[Tensor]:
+    """Inverse of :func:`merge_logits`: the columns of each subset, in the subset's order."""
+    return [logits[:, torch.as_tensor(np.asarray(s, dtype=np.int64), device=logits.device)] for s in subsets]
+
+
+class TeacherEnsemble(nn.Module):
+    """The teachers of one decomposition and ``rho``: ``forward(x)`` gives merged logits ``(B, C)``."""
+
+    def __init__(self, teachers: Sequence[nn.Module], subsets: Sequence[Sequence[int]], num_classes: int):
+        super().__init__()
+        from mlic_lib.partition import check_partition
+
+        if len(teachers) != len(subsets):
+            raise ValueError(f"{len(teachers)} teachers for {len(subsets)} subsets")
+        check_partition(subsets, num_classes)
+        self.teachers = nn.ModuleList(teachers)
+        self.subsets = [np.asarray(s, dtype=np.int64) for s in subsets]
+        self.num_classes = num_classes
+
+    def forward(self, x: Tensor) -> Tensor:
+        return merge_logits([t(x) for t in self.teachers], self.subsets, self.num_classes)
+
+    def teacher_for(self, cls: int) -> tuple[nn.Module, int]:
+        """``(teacher, local output index)`` of the teacher whose subset holds global class ``cls``."""
+        for t, s in zip(self.teachers, self.subsets, strict=True):
+            hit = np.flatnonzero(s == int(cls))
+            if hit.size:
+                return t, int(hit[0])
+        raise ValueError(f"class {cls} is in no subset")
+
+
+# ------------------------------------------------------------------------------ losses / steps
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor | Sequence[Tensor], reduction: str = "sum") -> Tensor:
+    """Eq. 6: ``1/2 sum_teachers ||y_s - y_teacher||^2`` on logits.
+
+    ``teacher_logits`` is ``(B, T, C)`` or a list of ``T`` tensors ``(B, C)`` (teachers are not trained:
+    they are detached). ``reduction='sum'`` sums over images and classes (Eq. 6); ``'mean'`` divides by
+    ``B * C``."""
+    if not isinstance(teacher_logits, Tensor):
+        teacher_logits = torch.stack(list(teacher_logits), dim=1)
+    if teacher_logits.ndim == 2:
+        teacher_logits = teacher_logits[:, None]
+    if teacher_logits.ndim != 3 or teacher_logits.shape[0] != student_logits.shape[0] \
+            or teacher_logits.shape[2] != student_logits.shape[1]:
+        raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} must be (B, T, C) for student logits "
+                         f"{tuple(student_logits.shape)}")
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction must be 'sum' (Eq. 6) or 'mean', got {reduction!r}")
+    diff = student_logits.float()[:, None] - teacher_logits.detach().float()
+    loss = 0.5 * diff.pow(2).sum()
+    return loss if reduction == "sum" else loss / student_logits.numel()
+
+
+def _asl(options: Mapping[str, Any] | None) -> AsymmetricLoss:
+    o = {"gamma_pos": 0.0, "gamma_neg": 4.0, "clip": 0.05, **dict(options or {})}
+    return AsymmetricLoss(**o)
+
+
+class ASLStep:
+    """Eqs. 3-4: a (sub-)task model trained with the Asymmetric Loss on its own labels."""
+
+    def __init__(self, asl: Mapping[str, Any] | None = None):
+        self.loss = _asl(asl)
+
+    def __call__(self, model: nn.Module, batch, device):
+        return self.loss(model(batch[0]).float(), batch[1]), {}
+
+
+class DistillationStep:
+    """Eq. 7: ``L_cls^C + kd_weight * L_kd`` for the student.
+
+    The batch is ``(x, y, teacher_logits (B, T, C))`` (see :class:`DistillDataset`), or ``(x, y)`` when
+    ``teachers`` (modules returning global-order logits, e.g. :class:`TeacherEnsemble`) are given: then
+    they run on the batch without gradients."""
+
+    def __init__(self, asl: Mapping[str, Any] | None = None, kd_weight: float = 1.0, reduction: str = "sum",
+                 teachers: Sequence[nn.Module] | None = None):
+        if kd_weight < 0:
+            raise ValueError(f"kd_weight must be >= 0, got {kd_weight}")
+        self.cls = _asl(asl)
+        self.kd_weight = float(kd_weight)
+        self.reduction = reduction
+        self.teachers = list(teachers) if teachers is not None else None
+
+    def __call__(self, model: nn.Module, batch, device):
+        x, y = batch[0], batch[1]
+        if len(batch) > 2:
+            t = batch[2]
+        elif self.teachers:
+            with torch.no_grad():
+                t = torch.stack([teacher.eval()(x).float() for teacher in self.teachers], dim=1)
+        else:
+            raise ValueError("DistillationStep needs teacher logits in the batch (x, y, t) or teachers=...")
+        logits = model(x).float()
+        cls = self.cls(logits, y)
+        kd = kd_loss(logits, t, self.reduction)
+        return cls + self.kd_weight * kd, {"cls": cls.detach(), "kd": kd.detach()}
+
+
+class DistillDataset(Dataset):
+    """``(x, y, teacher_logits (T, C))`` triples: a :class:`TensorImageDataset` plus precomputed logits."""
+
+    def __init__(self, base: TensorImageDataset, teacher_logits: Tensor):
+        teacher_logits = torch.as_tensor(teacher_logits, dtype=torch.float32)
+        if teacher_logits.ndim == 2:
+            teacher_logits = teacher_logits[:, None]
+        if len(teacher_logits) != len(base) or teacher_logits.shape[2] != base.targets.shape[1]:
+            raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} do not match {len(base)} images with "
+                             f"{base.targets.shape[1]} classes")
+        self.base = base
+        self.logits = teacher_logits
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        x, y = self.base[i]
+        return x, y, self.logits[i]
+
+    def __getitems__(self, indices: list[int]):
+        idx = torch.as_tensor(indices)
+        x = self.base.normalise(self.base.images[idx])
+        return list(zip(x, self.base.targets[idx], self.logits[idx], strict=True))
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, dataset: TensorImageDataset, batch_size: int = 256,
+                   device: torch.device | str | None = None) -> Tensor:
+    """Logits ``(N, C)`` of ``model`` (eval mode) over a dataset, on the CPU."""
+    device = pick_device(device) if not isinstance(device, torch.device) else device
+    was = model.training
+    model.eval().to(device)
+    out = []
+    for start in range(0, len(dataset), batch_size):
+        idx = torch.arange(start, min(start + batch_size, len(dataset)))
+        x = dataset.normalise(dataset.images[idx]).to(device)
+        out.append(model(x).float().cpu())
+    model.train(was)
+    return torch.cat(out)
+
+
+# --------------------------------------------------------------------------------- training glue
+def build_psd_model(model_settings: Mapping[str, Any], num_classes: int, seed: int) -> nn.Module:
+    """The common architecture of teachers and student (``model:`` section: backbone, pool, widths, weights)."""
+    seed_everything(seed)
+    m = dict(model_settings)
+    widths = tuple(m["widths"]) if m.get("widths") else None
+    return build_model(m["backbone"], num_classes, pool=m.get("pool", "max"), weights=m.get("weights"),
+                       widths=widths)
+
+
+@dataclass
+class TeacherSpec:
+    """Everything that defines one teacher run (picklable, for the process pool)."""
+
+    model: dict
+    train: dict
+    asl: dict
+    subset: list[int]
+    images: str
+    seed: int
+    data_key: Any
+
+    def key(self) -> dict:
+        return {"role": "asl-model", "model": self.model, "train": self.train, "asl": self.asl,
+                "subset": self.subset, "images": self.images, "seed": self.seed, "data": self.data_key}
+
+    def run_dir(self) -> Path:
+        return run_dir_for(f"psd-asl-{len(self.subset)}c-s{self.seed}", self.key())
+
+
+def _teacher_spec(settings: Mapping[str, Any], subset, *, seed: int, train: Mapping | None = None,
+                  images: str | None = None) -> TeacherSpec:
+    p = settings.get("psd", {})
+    overrides = dict(train if train is not None else settings.get("teacher_train", {}))
+    return TeacherSpec(model=dict(settings["model"]), train={**settings["train"], **overrides, "seed": seed},
+                       asl=dict(p.get("asl", {})), subset=[int(c) for c in subset],
+                       images=images or p.get("image_selection", "containing"), seed=seed,
+                       data_key={"data": settings.get("data"), "chapter": settings.get("chapter")})
+
+
+def _fit_teacher(spec: TeacherSpec, images_u8, targets, device: str | None = None, progress: bool = False,
+                 run_dir: str | Path | None = None) -> FitResult:
+    cfg = TrainConfig.from_dict({**spec.train, **({"device": device} if device else {})})
+    ds = subtask_dataset(images_u8, targets, spec.subset, spec.images)
+    cfg = _enough_steps(cfg, len(ds))
+    model = build_psd_model(spec.model, len(spec.subset), spec.seed)
+    return fit(model, ds, None, cfg, step=ASLStep(spec.asl), run_dir=run_dir or spec.run_dir(), progress=progress)
+
+
+def _enough_steps(cfg: TrainConfig, n: int) -> TrainConfig:
+    """OneCycle in the engine needs >= 3 optimiser steps in all: shrink the batch of a tiny sub-task."""
+    import math
+
+    if cfg.scheduler == "onecycle" and cfg.epochs * math.ceil(n / cfg.batch_size) < 3:
+        batch = max(1, math.ceil(n / math.ceil(3 / cfg.epochs)) - 1)
+        cfg = TrainConfig.from_dict({**cfg.to_dict(), "batch_size": batch})
+    return cfg
+
+
+def train_teacher(settings: Mapping[str, Any], images_u8, targets, subset: Sequence[int], *, seed: int = 0,
+                  train: Mapping | None = None, images: str | None = None, progress: bool = False) -> FitResult:
+    """Train (or load from the cache) the teacher of one sub-task (Eqs. 3-4).
+
+    ``train`` overrides ``settings['train']`` (default ``settings['teacher_train']``); ``images`` overrides
+    ``settings['psd']['image_selection']``."""
+    return _fit_teacher(_teacher_spec(settings, subset, seed=seed, train=train, images=images), images_u8, targets,
+                        progress=progress)
+
+
+def _pool_worker(spec: TeacherSpec, images_u8, targets, threads: int) -> str:
+    torch.set_num_threads(max(1, threads))
+    res = _fit_teacher(spec, images_u8, targets)
+    return str(res.run_dir)
+
+
+@contextlib.contextmanager
+def _single_process_env():
+    """Hide torchrun's WORLD_SIZE/RANK from ``fit`` so that each rank trains its own teachers without DDP."""
+    saved = {k: os.environ.get(k) for k in ("WORLD_SIZE", "RANK")}
+    os.environ["WORLD_SIZE"], os.environ["RANK"] = "1", "0"
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _is_done(spec: TeacherSpec) -> bool:
+    d = spec.run_dir()
+    return (d / "results.json").is_file() and (d / "final.pt").is_file()
+
+
+def train_teachers(settings: Mapping[str, Any], images_u8, targets, subsets: Sequence[Sequence[int]], *,
+                   seed: int = 0, parallel: str | None = None, max_workers: int | None = None,
+                   timeout_s: float = 24 * 3600) -> tuple[TeacherEnsemble, list[FitResult]]:
+    """All teachers of one decomposition, then ``rho`` over them (:class:`TeacherEnsemble`).
+
+    ``parallel`` (default ``settings['psd']['parallel']`` or ``'auto'``):
+
+    * ``'sequential'``: one after the other in this process;
+    * ``'process'``: a spawn-based ``ProcessPoolExecutor`` (``max_workers``, default the CPU count // 2),
+      each worker with ``cpu_count // workers`` threads, training the teachers not yet cached;
+    * ``'torchrun'``: under ``torchrun`` (``WORLD_SIZE > 1``) rank ``r`` trains teachers ``r, r + W, ...``
+      on ``cuda:LOCAL_RANK`` (no DDP), then waits until every teacher is in the cache;
+    * ``'auto'``: ``'torchrun'`` when ``WORLD_SIZE > 1``, else sequential (a process pool on a 2-core CPU
+      only adds start-up cost).
+
+    Every teacher is cached under a hash of its spec, so all modes end by loading the same files, and a
+    teacher shared by two studies (CGPD and CPSD) is trained once.
+    """
+    mode = parallel or settings.get("psd", {}).get("parallel", "auto")
+    if mode not in PARALLEL_MODES:
+        raise ValueError(f"parallel must be one of {PARALLEL_MODES}, got {mode!r}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if mode == "auto":
+        mode = "torchrun" if world > 1 else "sequential"
+    images_u8 = np.asarray(images_u8)
+    targets = np.asarray(targets)
+    C = targets.shape[1]
+    from mlic_lib.partition import check_partition
+
+    check_partition(subsets, C)
+    specs = [_teacher_spec(settings, s, seed=seed) for s in subsets]
+    todo = [i for i, s in enumerate(specs) if not _is_done(s)]
+    dirs: dict[int, str] = {}
+    if mode == "process" and len(todo) > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        cpus = os.cpu_count() or 1
+        workers = max_workers or max(1, min(len(todo), cpus // 2))
+        threads = max(1, cpus // workers)
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+            futures = {i: pool.submit(_pool_worker, specs[i], images_u8, targets, threads) for i in todo}
+            dirs = {i: f.result() for i, f in futures.items()}  # load exactly what the workers wrote
+    elif mode == "torchrun" and world > 1:
+        rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+        with _single_process_env():
+            for i, s in enumerate(specs):
+                if i % world == rank and not _is_done(s):
+                    _fit_teacher(s, images_u8, targets, device=device)
+        deadline = time.monotonic() + timeout_s
+        while not all(_is_done(s) for s in specs):
+            if time.monotonic() > deadline:
+                raise TimeoutError("other ranks did not finish their teachers in time")
+            time.sleep(2.0)
+    # trains what is left, else loads
+    results = [_fit_teacher(s, images_u8, targets, run_dir=dirs.get(i)) for i, s in enumerate(specs)]
+    ensemble = TeacherEnsemble([r.model for r in results], subsets, C).eval()
+    return ensemble, results
+
+
+def train_baseline(settings: Mapping[str, Any], data, *, seed: int = 0) -> FitResult:
+    """The plain model: the full label set, ASL, the student's recipe (``settings['train']``), evaluated
+    on the test set. Its run is the same as a full-label teacher trained with that recipe."""
+    spec = _teacher_spec(settings, range(data.num_classes), seed=seed, train={}, images="all")
+    cfg = _enough_steps(TrainConfig.from_dict(spec.train), len(data.train_ds))
+    model = build_psd_model(spec.model, data.num_classes, seed)
+    key = {**spec.key(), "role": "baseline"}
+    return fit(model, data.train_ds, data.test_ds, cfg, step=ASLStep(spec.asl),
+               run_dir=run_dir_for(f"psd-baseline-s{seed}", key), progress=False)
+
+
+def train_student(settings: Mapping[str, Any], data, teachers: Sequence[nn.Module], *, seed: int = 0,
+                  name: str = "student", teacher_key: Any = None) -> FitResult:
+    """Eq. 7: distil ``teachers`` (global-order logit models, e.g. :class:`TeacherEnsemble`) into a student of
+    the same architecture on the full task. ``teacher_key`` (e.g. the teachers' run dirs) enters the cache
+    key; teacher logits of the training set are computed once."""
+    p = settings.get("psd", {})
+    cfg = _enough_steps(TrainConfig.from_dict({**settings["train"], "seed": seed}), len(data.train_ds))
+    key = {"role": "student", "name": name, "model": dict(settings["model"]), "train": cfg.to_dict(),
+           "asl": dict(p.get("asl", {})), "kd_weight": p.get("kd_weight", 1.0),
+           "kd_reduction": p.get("kd_reduction", "sum"), "teachers": teacher_key, "seed": seed,
+           "data": settings.get("data"), "chapter": settings.get("chapter")}
+    run_dir = run_dir_for(f"psd-{name}-s{seed}", key)
+    model = build_psd_model(settings["model"], data.num_classes, seed)
+    if (run_dir / "results.json").is_file() and (run_dir / "final.pt").is_file():
+        ds: Dataset = data.train_ds  # cached: fit only loads
+    else:
+        logits = torch.stack([predict_logits(t, data.train_ds) for t in teachers], dim=1)
+        ds = DistillDataset(data.train_ds, logits)
+    step = DistillationStep(p.get("asl"), p.get("kd_weight", 1.0), p.get("kd_reduction", "sum"))
+    return fit(model, ds, data.test_ds, cfg, step=step, run_dir=run_dir, progress=False)
+
+
+def teacher_key(results: Sequence[FitResult]) -> list[str]:
+    """A cache-key fragment naming a set of teachers by their run directories."""
+    return [Path(r.run_dir).name if r.run_dir is not None else "uncached" for r in results]
+
+
+
+# ------------------------------------------------------------------------------------ the study
+@dataclass
+class PSDStudy:
+    """Everything the chapter reports: decompositions, teacher ensembles, students and the baseline.
+
+    ``students`` maps ``'sd'``, ``'cgpd-k'``, ``'dgpd-k'``, ``'random-k-s<seed>'`` and ``'cpsd-k'`` to their
+    runs; ``ensemble_map`` holds the test mAP of each merged teacher ensemble (``rho`` of Eq. 5)."""
+
+    subsets: dict[tuple[str, int, int], list[np.ndarray]]
+    ensembles: dict[tuple[str, int, int], TeacherEnsemble]
+    ensemble_map: dict[tuple[str, int, int], float]
+    students: dict[str, FitResult]
+    baseline: FitResult
+    seconds: float
+
+    def student_map(self, name: str) -> float:
+        return float(self.students[name].final["mAP"])
+
+
+def run_study(settings: Mapping[str, Any], data, S: np.ndarray, *, seed: int = 0) -> PSDStudy:
+    """Fig. 3 and Table 3 of the paper on ``data``: baseline, SD, CGPD / DGPD / random students for every
+    ``k`` in ``settings['psd']['ks']`` and the CPSD student at ``settings['psd']['cpsd_k']``.
+
+    Decompositions come from ``S`` (:func:`mlic_lib.partition.similarity_matrix` of the training labels) with
+    the profile's ``tau`` and ``complement``. Teachers are shared: the CGP and DGP teachers of ``cpsd_k`` serve
+    the CGPD, DGPD and CPSD students; the ``k = 1`` teacher (the whole task) is the SD teacher."""
+    from mlic_lib.engine import evaluate
+    from mlic_lib.partition import partition_labels
+
+    t0 = time.perf_counter()
+    p = settings.get("psd", {})
+    ks = [int(k) for k in p.get("ks", [1, 2, 3, 5])]
+    cpsd_k = int(p.get("cpsd_k", 5))
+    random_seeds = [int(s) for s in p.get("random_seeds", [0])]
+    C = data.num_classes
+    images, targets = data.train.images, data.train.targets
+    subsets: dict = {}
+    ensembles: dict = {}
+    emap: dict = {}
+    students: dict[str, FitResult] = {}
+
+    def teachers(strategy: str, k: int, rseed: int = 0):
+        key = (strategy, k, rseed)
+        if key not in ensembles:
+            subsets[key] = partition_labels(strategy, k, S=S, num_classes=C, tau=p.get("tau", 3.0),
+                                            complement=p.get("complement", "ones"), seed=rseed if strategy == "random"
+                                            else p.get("cluster_seed", 0), n_init=p.get("n_init", 20))
+            ens, runs = train_teachers(settings, images, targets, subsets[key], seed=seed)
+            ensembles[key] = ens
+            ensembles[key].run_key = teacher_key(runs)  # type: ignore[attr-defined]
+            emap[key] = float(evaluate(ens, data.test_ds, torch.device("cpu")).metrics["mAP"])
+        return ensembles[key]
+
+    baseline = train_baseline(settings, data, seed=seed)
+    sd = teachers("cgp", 1)
+    students["sd"] = train_student(settings, data, [sd], seed=seed, name="sd", teacher_key=sd.run_key)
+    for k in ks:
+        if k == 1:
+            continue
+        for strategy in ("cgp", "dgp"):
+            ens = teachers(strategy, k)
+            students[f"{strategy}d-{k}"] = train_student(settings, data, [ens], seed=seed, name=f"{strategy}d-{k}",
+                                                         teacher_key=ens.run_key)
+        for rs in random_seeds:
+            ens = teachers("random", k, rs)
+            students[f"random-{k}-s{rs}"] = train_student(settings, data, [ens], seed=seed, name=f"random-{k}",
+                                                          teacher_key=ens.run_key)
+    pos, neg = teachers("cgp", cpsd_k), teachers("dgp", cpsd_k)
+    students[f"cpsd-{cpsd_k}"] = train_student(settings, data, [pos, neg], seed=seed, name=f"cpsd-{cpsd_k}",
+                                               teacher_key=[pos.run_key, neg.run_key])
+    return PSDStudy(subsets, ensembles, emap, students, baseline, time.perf_counter() - t0)
