@@ -1,0 +1,296 @@
+"""AssocFormer (Xing et al., BMVC 2022): a transformer backbone + an association module (AM).
+
+No code is public. The paper's Sec. 3.4 is ambiguous about shapes; the only reading consistent with
+all of Eqs. 4-7 (``L in R^d``, ``{K, M} in R^{C x d}``, ``A in R^{C x C}``, ``N1 in R^C``) is:
+
+* Eq. 4: ``K = Conv1d(1 -> C, kernel 1)(L.unsqueeze(1))`` and likewise ``M`` (separate weights):
+  ``(B, d) -> (B, 1, d) -> (B, C, d)``, i.e. ``K[b, c, j] = w_c * L[b, j] + b_c``;
+* Eq. 5: ``A = sigmoid(K K^T)``: ``(B, C, C)``, one symmetric matrix per image with entries in (0, 1);
+* Eq. 6: ``N1 = Conv1d(d -> 1, kernel 1)(M^T A)``: ``M^T A`` is ``(B, d, C)``, so ``N1`` is ``(B, C)``;
+* Eq. 7: ``O = alpha * N1 + beta * N2`` with ``N2 = fc(L)`` (``nn.Linear(d, C)``) and the paper's three
+  fusion settings: ``'equal'`` (0.5 / 0.5, the paper's default), ``'single'`` (1 / 0, N1 only) and
+  ``'learnable'`` (alpha a learnable scalar, beta = 1). ``'backbone'`` (alpha = 0, beta = 1, no AM
+  at all) is the "backbone without AM" ablation of Tables 1-2.
+
+A consequence of this reading, shown in the chapter: ``K K^T[c, c'] = w_c w_c' |L|^2 + (w_c b_c' + b_c w_c')
+sum(L) + d b_c b_c'``, so the per-image ``A`` has rank <= 3 before the sigmoid and depends on the image
+only through ``|L|^2`` and ``sum(L)``. There is no authors' code, so there is no code variant; the
+optional ``scale`` multiplies ``K K^T`` (e.g. ``1 / d`` against sigmoid saturation) and is off (1.0)
+by default, as in the paper.
+
+The loss (Eqs. 8-9) is in :mod:`mlic_lib.assoc_losses`; :class:`AssocFormerStep` plugs it into
+:func:`mlic_lib.engine.fit`. The backbone is any timm transformer used as a pooled-embedding extractor
+(``timm.create_model(name, num_classes=0)`` -> ``(B, d)``): a small ViT or Swin from scratch on the
+embedded data, ``swin_large_patch4_window12_384`` for the paper's recipe. CvT (the paper's best
+backbone) is not in timm 1.0.31; it is not provided here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from mlic_lib.assoc_losses import REGULARIZERS, AssocFormerLoss
+
+__all__ = [
+    "FUSIONS",
+    "AssocFormer",
+    "AssocFormerStep",
+    "AssociationModule",
+    "association_summary",
+    "build_assocformer",
+    "head_cost",
+    "mean_association",
+    "transformer_backbone",
+    "train_assocformer",
+]
+
+FUSIONS: tuple[str, ...] = ("equal", "single", "learnable", "backbone")
+
+
+class AssociationModule(nn.Module):
+    """Eqs. 4-6: ``L (B, d) -> (N1 (B, C), A (B, C, C))``.
+
+    Parameters
+    ----------
+    embed_dim : d.
+    num_classes : C.
+    scale : multiplies ``K K^T`` before the sigmoid (1.0 = the paper's Eq. 5).
+    """
+
+    def __init__(self, embed_dim: int, num_classes: int, scale: float = 1.0):
+        super().__init__()
+        if embed_dim < 1 or num_classes < 1:
+            raise ValueError(f"embed_dim and num_classes must be positive; got {embed_dim}, {num_classes}")
+        self.key = nn.Conv1d(1, num_classes, kernel_size=1)  # Eq. 4, K
+        self.value = nn.Conv1d(1, num_classes, kernel_size=1)  # Eq. 4, M
+        self.out = nn.Conv1d(embed_dim, 1, kernel_size=1)  # Eq. 6
+        self.embed_dim, self.num_classes, self.scale = embed_dim, num_classes, float(scale)
+
+    def association(self, L: Tensor) -> Tensor:
+        """Eq. 5: ``A = sigmoid(K K^T)``, shape ``(B, C, C)``."""
+        K = self.key(L.unsqueeze(1))  # (B, C, d)
+        return torch.sigmoid(self.scale * (K @ K.transpose(1, 2)))
+
+    def forward(self, L: Tensor) -> tuple[Tensor, Tensor]:
+        if L.ndim != 2 or L.shape[1] != self.embed_dim:
+            raise ValueError(f"AssociationModule expects embeddings (B, {self.embed_dim}); got {tuple(L.shape)}")
+        A = self.association(L)
+        M = self.value(L.unsqueeze(1))  # (B, C, d)
+        N1 = self.out(M.transpose(1, 2) @ A).squeeze(1)  # Eq. 6: (B, d, C) -> (B, C)
+        return N1, A
+
+
+class AssocFormer(nn.Module):
+    """Backbone -> ``L`` -> AM (``N1``) and ``fc`` (``N2``) -> ``O = alpha N1 + beta N2`` (Eq. 7).
+
+    ``forward(x)`` returns the logits ``O`` (B, C); ``forward(x, return_assoc=True)`` returns
+    ``(O, A)`` (``A`` is ``None`` for ``fusion='backbone'``). The backbone is ``self.features`` (so the
+    engine's ``backbone_lr_mult`` applies to it); ``self.last_association`` keeps the last ``A`` (detached).
+    """
+
+    def __init__(self, features: nn.Module, embed_dim: int, num_classes: int, fusion: str = "equal",
+                 alpha_init: float = 0.5, scale: float = 1.0):
+        super().__init__()
+        if fusion not in FUSIONS:
+            raise ValueError(f"unknown fusion {fusion!r}; choose one of {FUSIONS}")
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be positive, got {num_classes}")
+        self.features = features
+        self.fusion = fusion
+        self.am = AssociationModule(embed_dim, num_classes, scale) if fusion != "backbone" else None
+        self.fc = nn.Linear(embed_dim, num_classes) if fusion != "single" else None
+        if fusion == "learnable":
+            self.alpha = nn.Parameter(torch.tensor(float(alpha_init)))
+        else:
+            self.register_buffer("alpha", torch.tensor({"equal": 0.5, "single": 1.0, "backbone": 0.0}[fusion]))
+        self.register_buffer("beta", torch.tensor({"equal": 0.5, "single": 0.0}.get(fusion, 1.0)))
+        self.embed_dim, self.num_classes = embed_dim, num_classes
+        self.last_association: Tensor | None = None
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """The pooled backbone embedding ``L`` (B, d)."""
+        L = self.features(x)
+        if L.ndim != 2:
+            raise ValueError(f"the backbone must return pooled embeddings (B, d); got {tuple(L.shape)} "
+                             "(create the timm model with num_classes=0 and a global pool)")
+        return L
+
+    def forward_head(self, L: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Eq. 7 from the embedding: ``(O, A)``."""
+        A = None
+        out = 0.0
+        if self.am is not None:
+            N1, A = self.am(L)
+            out = self.alpha * N1
+        if self.fc is not None:
+            out = out + self.beta * self.fc(L)
+        return out, A
+
+    def forward(self, x: Tensor, return_assoc: bool = False):
+        O, A = self.forward_head(self.forward_features(x))
+        self.last_association = None if A is None else A.detach()
+        return (O, A) if return_assoc else O
+
+
+def transformer_backbone(name: str = "vit_tiny_patch16_224", pretrained: bool | str = False,
+                         **kwargs: Any) -> tuple[nn.Module, int]:
+    """A timm transformer as a pooled-embedding extractor: ``(module, d)``.
+
+    ``kwargs`` go to ``timm.create_model`` (e.g. ``img_size=48, patch_size=8, embed_dim=64, depth=3,
+    num_heads=2`` for the CPU ViT). ``pretrained`` is ``False``, ``True`` (timm hub weights; needs
+    the network) or a path to a local state dict.
+    """
+    import timm
+
+    if not timm.list_models(name):
+        hint = " (CvT is not in timm; use a Swin or ViT)" if "cvt" in name.lower() else ""
+        raise ValueError(f"timm has no model {name!r}{hint}; see timm.list_models('*swin*') / ('vit_*')")
+    net = timm.create_model(name, pretrained=pretrained is True, num_classes=0, **kwargs)
+    if isinstance(pretrained, str):
+        state = torch.load(pretrained, map_location="cpu", weights_only=True)
+        state = {k: v for k, v in state.items() if not k.startswith("head.fc.") and not k.startswith("head.")}
+        net.load_state_dict(state, strict=False)
+    return net, int(net.num_features)
+
+
+def build_assocformer(num_classes: int, backbone: str = "vit_tiny_patch16_224", fusion: str = "equal",
+                      backbone_kwargs: Mapping[str, Any] | None = None, pretrained: bool | str = False,
+                      alpha_init: float = 0.5, scale: float = 1.0) -> AssocFormer:
+    """:class:`AssocFormer` on the timm transformer ``backbone`` (see :func:`transformer_backbone`)."""
+    features, d = transformer_backbone(backbone, pretrained, **dict(backbone_kwargs or {}))
+    return AssocFormer(features, d, num_classes, fusion=fusion, alpha_init=alpha_init, scale=scale)
+
+
+class AssocFormerStep:
+    """Engine step: ``loss = ASL(O, y) + theta R(A)`` (Eq. 9); logs ``asl``, ``reg`` and ``alpha``."""
+
+    def __init__(self, loss: AssocFormerLoss | None = None):
+        self.loss = loss or AssocFormerLoss()
+
+    def __call__(self, model: nn.Module, batch, device):
+        x, y = batch[0], batch[1]
+        O, A = model(x, return_assoc=True)
+        loss, logs = self.loss(O.float(), y, A, batch[2] if len(batch) > 2 else None)
+        base = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        logs["alpha"] = base.alpha.detach()
+        return loss, logs
+
+
+# ----------------------------------------------------------------------------------- analysis
+@torch.no_grad()
+def mean_association(model: AssocFormer, data, batch_size: int = 256, device: str | torch.device = "cpu") -> np.ndarray:
+    """Mean of ``A`` (Eq. 5) over a dataset (items ``(x, y, ...)``): a (C, C) array (Fig. 4)."""
+    if model.am is None:
+        raise ValueError("this model has no association module (fusion='backbone'): there is no A to average")
+    model.eval().to(device)
+    total, n = None, 0
+    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
+    for batch in loader:
+        A = model.am.association(model.forward_features(batch[0].to(device))).double()
+        total = A.sum(0) if total is None else total + A.sum(0)
+        n += A.shape[0]
+    if n == 0:
+        raise ValueError("the dataset is empty")
+    return (total / n).cpu().numpy()
+
+
+def association_summary(A: np.ndarray, cond: np.ndarray, groups: np.ndarray | None = None) -> dict[str, float]:
+    """Numbers for one Fig. 4 panel: how much a (mean) association matrix looks like the truth.
+
+    * ``pearson``: correlation with ``cond`` (``P(j|i)`` of the training labels) over off-diagonal entries;
+    * ``spearman``: the rank version;
+    * ``mean_offdiag``: mean off-diagonal value (how far the regulariser pushed A down);
+    * ``entropy``: mean over rows of the normalised entropy of the row's off-diagonal entries taken as a
+      distribution (1 = flat, 0 = all mass on one class); ``1 - entropy`` is a sparsity number;
+    * ``within_minus_across`` (with ``groups``): mean A within a super-category minus across.
+    """
+    A = np.asarray(A, dtype=np.float64)
+    cond = np.asarray(cond, dtype=np.float64)
+    if A.shape != cond.shape or A.ndim != 2 or A.shape[0] != A.shape[1]:
+        raise ValueError(f"A and cond must be square and of the same shape; got {A.shape} and {cond.shape}")
+    c = A.shape[0]
+    off = ~np.eye(c, dtype=bool)
+    a, t = A[off], cond[off]
+    pearson = float(np.corrcoef(a, t)[0, 1]) if a.std() > 0 and t.std() > 0 else float("nan")
+    ra, rt = a.argsort().argsort(), t.argsort().argsort()
+    spearman = float(np.corrcoef(ra, rt)[0, 1]) if a.std() > 0 and t.std() > 0 else float("nan")
+    rows = np.where(off, A, 0.0)
+    p = rows / np.maximum(rows.sum(1, keepdims=True), 1e-300)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ent = -np.where(p > 0, p * np.log(p), 0.0).sum(1) / np.log(c - 1)
+    out = {"pearson": pearson, "spearman": spearman, "mean_offdiag": float(a.mean()), "entropy": float(ent.mean())}
+    if groups is not None:
+        g = np.asarray(groups)
+        same = (g[:, None] == g[None, :]) & off
+        out["within_minus_across"] = float(A[same].mean() - A[~same & off].mean())
+    return out
+
+
+def head_cost(head: nn.Module, embed_dim: int, batch_size: int = 16, repeats: int = 20) -> dict[str, float]:
+    """Parameters, FLOPs and measured milliseconds of one forward of a head on ``L`` (batch_size, embed_dim).
+
+    FLOPs come from ``torch.utils.flop_counter`` (matmuls and convolutions, 1 multiply-add = 2 FLOPs;
+    element-wise ops such as the sigmoid are not counted); time is the median of ``repeats`` forwards
+    (NaN when ``repeats`` is 0).
+
+    ``head`` maps ``L`` to logits (a :class:`~mlic_lib.models.gcn_head.GCNHead`, an ``AssocFormer``'s
+    ``forward_head`` wrapped by the caller, or an :class:`AssociationModule`).
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    L = torch.randn(batch_size, embed_dim)
+    head = head.eval()
+    with torch.no_grad():
+        with FlopCounterMode(display=False) as counter:
+            head(L)
+        flops = counter.get_total_flops()
+        for _ in range(3 if repeats else 0):
+            head(L)
+        times = [float("nan")]
+        for _ in range(repeats):
+            t = time.perf_counter()
+            head(L)
+            times.append(time.perf_counter() - t)
+    params = sum(p.numel() for p in head.parameters())
+    ms = 1000 * float(np.median(times[-repeats:] if repeats else times))
+    return {"params": float(params), "flops": float(flops), "ms": ms}
+
+
+# -------------------------------------------------------------------------------- experiments
+def train_assocformer(settings: Mapping[str, Any], data, seed: int = 0, regularizer: str = "l2",
+                      fusion: str = "equal", theta: float | None = None, progress: bool = False):
+    """Train (or load from the cache) one AssocFormer on ``data`` (a :class:`~mlic_lib.experiments.SceneData`
+    or anything with ``train_ds``, ``test_ds``, ``num_classes``) with the profile's settings.
+
+    ``settings['model']``: ``backbone`` (timm name), ``backbone_kwargs``, ``pretrained``, ``scale``,
+    ``alpha_init``; ``settings['loss']``: ``theta``, ``gamma_pos``, ``gamma_neg``, ``clip``, ``reduction``;
+    ``settings['train']``: :class:`~mlic_lib.engine.TrainConfig` fields. Returns the engine's ``FitResult``.
+    """
+    from mlic_lib.engine import TrainConfig, fit, run_dir_for
+    from mlic_lib.utils import seed_everything
+
+    if regularizer not in REGULARIZERS:
+        raise ValueError(f"unknown regularizer {regularizer!r}; choose one of {REGULARIZERS}")
+    if fusion not in FUSIONS:
+        raise ValueError(f"unknown fusion {fusion!r}; choose one of {FUSIONS}")
+    m = dict(settings["model"])
+    lo = dict(settings.get("loss", {}))
+    if theta is not None:
+        lo["theta"] = theta
+    cfg = TrainConfig.from_dict({**settings["train"], "seed": seed})
+    seed_everything(seed)
+    model = build_assocformer(data.num_classes, m.get("backbone", "vit_tiny_patch16_224"), fusion,
+                              m.get("backbone_kwargs"), m.get("pretrained", False),
+                              float(m.get("alpha_init", 0.5)), float(m.get("scale", 1.0)))
+    loss = AssocFormerLoss(norm=regularizer, **lo)
+    key = {"chapter": settings.get("chapter"), "data": settings["data"], "model": m, "loss": lo,
+           "train": cfg.to_dict(), "regularizer": regularizer, "fusion": fusion}
+    name = f"{settings.get('chapter')}-{fusion}-{regularizer.replace('+', 'p')}-s{seed}"
+    return fit(model, data.train_ds, data.test_ds, cfg, step=AssocFormerStep(loss), run_dir=run_dir_for(name, key),
+               progress=progress)

@@ -1,0 +1,225 @@
+"""AssocFormer: association module shapes (Eqs. 4-6), fusion (Eq. 7), regularisers (Eq. 9), GCN head, cost."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from mlic_lib.assoc_losses import REGULARIZERS, AssocFormerLoss, association_regularizer
+from mlic_lib.losses import asymmetric_loss
+from mlic_lib.models.assocformer import (
+    FUSIONS,
+    AssocFormer,
+    AssocFormerStep,
+    AssociationModule,
+    association_summary,
+    build_assocformer,
+    head_cost,
+    mean_association,
+    train_assocformer,
+    transformer_backbone,
+)
+from mlic_lib.models.gcn_head import GCNHead, mlgcn_adjacency
+
+torch.set_num_threads(2)
+
+
+def _head(d: int, c: int, fusion: str = "equal") -> AssocFormer:
+    return AssocFormer(nn.Identity(), d, c, fusion=fusion)
+
+
+@pytest.mark.parametrize("c,d", [(1, 4), (5, 8), (20, 16), (80, 3)])
+def test_association_module_shapes_symmetry_range(c, d):
+    torch.manual_seed(0)
+    am = AssociationModule(d, c, scale=0.05)
+    L = torch.randn(3, d)
+    n1, A = am(L)
+    assert n1.shape == (3, c) and A.shape == (3, c, c)
+    assert torch.allclose(A, A.transpose(1, 2))
+    assert (A > 0).all() and (A < 1).all()
+
+
+def test_association_module_matches_direct_formula():
+    """Eq. 4: K[c, j] = w_c L_j + b_c; Eq. 5: A = sigmoid(K K^T); Eq. 6: N1 = u . (M^T A) + b."""
+    torch.manual_seed(1)
+    c, d = 6, 5
+    am = AssociationModule(d, c)
+    L = torch.randn(2, d)
+    wk, bk = am.key.weight.view(c), am.key.bias
+    wm, bm = am.value.weight.view(c), am.value.bias
+    u, b0 = am.out.weight.view(d), am.out.bias
+    for i in range(2):
+        K = wk[:, None] * L[i][None, :] + bk[:, None]
+        M = wm[:, None] * L[i][None, :] + bm[:, None]
+        A = torch.sigmoid(K @ K.T)
+        n1 = u @ (M.T @ A) + b0
+        got_n1, got_a = am(L[i:i + 1])
+        assert torch.allclose(got_a[0], A, atol=1e-6)
+        assert torch.allclose(got_n1[0], n1, atol=1e-5)
+
+
+def test_association_gradients_reach_every_parameter():
+    torch.manual_seed(0)
+    m = _head(8, 5)
+    L = torch.randn(4, 8, requires_grad=True)
+    O, A = m(L, return_assoc=True)
+    (O.sum() + A.sum()).backward()
+    assert L.grad is not None and torch.isfinite(L.grad).all()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_fusion_modes():
+    torch.manual_seed(0)
+    L = torch.randn(3, 8)
+    m = _head(8, 4, "equal")
+    n1, _ = m.am(L)
+    assert torch.allclose(m(L), 0.5 * n1 + 0.5 * m.fc(L), atol=1e-6)
+    s = _head(8, 4, "single")
+    assert s.fc is None and torch.allclose(s(L), s.am(L)[0])
+    b = _head(8, 4, "backbone")
+    O, A = b(L, return_assoc=True)
+    assert b.am is None and A is None and torch.allclose(O, b.fc(L))
+    lrn = _head(8, 4, "learnable")
+    assert isinstance(lrn.alpha, nn.Parameter) and float(lrn.beta) == 1.0
+    O = lrn(L)
+    assert torch.allclose(O, lrn.alpha * lrn.am(L)[0] + lrn.fc(L), atol=1e-6)
+    O.sum().backward()
+    assert lrn.alpha.grad is not None
+    assert set(FUSIONS) == {"equal", "single", "learnable", "backbone"}
+    with pytest.raises(ValueError, match="fusion"):
+        _head(8, 4, "average")
+
+
+def _direct(A: torch.Tensor, norm: str) -> torch.Tensor:
+    vals = []
+    for a in A:
+        s = torch.linalg.svd(a.double()).S
+        l1, fro = a.abs().sum(), torch.sqrt((a ** 2).sum())
+        vals.append({"none": torch.tensor(0.0), "l1": l1, "l2": fro, "l1+l2": l1 + fro, "nuclear": s.sum(),
+                     "spectral": s.max()}[norm].double())
+    return torch.stack(vals).mean()
+
+
+@pytest.mark.parametrize("norm", REGULARIZERS)
+def test_regularizer_value_and_gradient(norm):
+    torch.manual_seed(0)
+    A = torch.sigmoid(torch.randn(3, 6, 6, dtype=torch.float64))
+    A = (A + A.transpose(1, 2)) / 2
+    A1 = A.clone().float().requires_grad_(True)
+    r = association_regularizer(A1, norm)
+    assert torch.allclose(r.double(), _direct(A, norm), atol=1e-4)
+    r.backward()
+    # analytic gradients of the norms, per image, divided by the batch size
+    g = []
+    for a in A:
+        U, S, Vh = torch.linalg.svd(a)
+        fro = {"none": 0 * a, "l1": torch.sign(a), "l2": a / torch.sqrt((a ** 2).sum()),
+               "nuclear": U @ Vh, "spectral": torch.outer(U[:, 0], Vh[0])}
+        fro["l1+l2"] = fro["l1"] + fro["l2"]
+        g.append(fro[norm] / A.shape[0])
+    assert torch.allclose(A1.grad.double(), torch.stack(g), atol=1e-4)
+
+
+def test_regularizer_bad_inputs():
+    with pytest.raises(ValueError, match="regularizer"):
+        association_regularizer(torch.rand(2, 3, 3), "l3")
+    with pytest.raises(ValueError, match=r"\(B, C, C\)"):
+        association_regularizer(torch.rand(2, 3, 4), "l2")
+    with pytest.raises(ValueError, match="theta"):
+        AssocFormerLoss(theta=-1.0)
+
+
+def test_loss_is_asl_plus_theta_r():
+    torch.manual_seed(0)
+    logits, y = torch.randn(4, 5), (torch.rand(4, 5) > 0.5).float()
+    A = torch.rand(4, 5, 5)
+    loss, logs = AssocFormerLoss("l2", theta=0.1)(logits, y, A)
+    asl = asymmetric_loss(logits, y, gamma_pos=0.0, gamma_neg=2.0, clip=0.0, reduction="mean")
+    # Eq. 8 directly: -(1/C) sum_k y log p + (1-y) p^2 log(1-p), averaged over images
+    p = torch.sigmoid(logits)
+    eq8 = -(y * torch.log(p) + (1 - y) * p ** 2 * torch.log(1 - p)).mean()
+    assert torch.allclose(asl, eq8, atol=1e-6)
+    fro = torch.stack([torch.linalg.norm(a) for a in A]).mean()
+    assert torch.allclose(loss, eq8 + 0.1 * fro, atol=1e-5)
+    assert torch.allclose(logs["reg"], fro)
+    loss0, _ = AssocFormerLoss("l2")(logits, y, None)  # no AM: ASL only
+    assert torch.allclose(loss0, eq8, atol=1e-6)
+
+
+def test_gcn_head_shapes_and_adjacency():
+    cond = np.array([[1.0, 0.6, 0.1], [0.5, 1.0, 0.0], [0.2, 0.0, 1.0]])
+    adj = mlgcn_adjacency(cond, tau=0.4, p=0.2)
+    a = np.array([[0.8, 0.2, 0.0], [0.2, 0.8, 0.0], [0.0, 0.0, 1.0]])
+    d = a.sum(1)
+    assert np.allclose(adj, a / np.sqrt(np.outer(d, d)), atol=1e-6)
+    head = GCNHead(3, 8, adj, in_dim=10)
+    L = torch.randn(5, 8, requires_grad=True)
+    out = head(L)
+    assert out.shape == (5, 3)
+    out.sum().backward()
+    assert head.gc1.weight.grad is not None and L.grad is not None
+    with pytest.raises(ValueError, match="embeddings"):
+        head(torch.randn(5, 7))
+    with pytest.raises(ValueError, match="adjacency"):
+        GCNHead(4, 8, adj)
+
+
+def test_head_cost_counts_flops_and_params():
+    c, d, b = 10, 16, 4
+    cost = head_cost(_head(d, c), d, batch_size=b, repeats=2)
+    # K, M convs (2 x B C d MACs), K K^T (B C C d), M^T A (B d C C), out conv (B d C), fc (B d C)
+    macs = 2 * b * c * d + 2 * b * c * c * d + 2 * b * d * c
+    assert cost["flops"] == 2 * macs
+    assert cost["params"] == 4 * c + d + 1 + d * c + c + 0  # alpha/beta are buffers
+    g = head_cost(GCNHead(c, d, in_dim=12), d, batch_size=b, repeats=0)
+    assert g["params"] == 12 * d + d * d and np.isnan(g["ms"])
+
+
+def test_association_summary():
+    rng = np.random.default_rng(0)
+    cond = rng.random((6, 6))
+    s = association_summary(cond, cond, groups=np.array([0, 0, 1, 1, 2, 2]))
+    assert s["pearson"] == pytest.approx(1.0) and s["spearman"] == pytest.approx(1.0)
+    flat = association_summary(np.full((6, 6), 0.5), cond)
+    assert flat["entropy"] == pytest.approx(1.0) and np.isnan(flat["pearson"])
+    with pytest.raises(ValueError, match="same shape"):
+        association_summary(np.ones((3, 3)), cond)
+
+
+def test_timm_backbone_and_determinism():
+    kw = {"img_size": 16, "patch_size": 8, "embed_dim": 16, "depth": 1, "num_heads": 2}
+    torch.manual_seed(0)
+    m1 = build_assocformer(7, "vit_tiny_patch16_224", "equal", kw)
+    torch.manual_seed(0)
+    m2 = build_assocformer(7, "vit_tiny_patch16_224", "equal", kw)
+    x = torch.randn(2, 3, 16, 16)
+    O, A = m1.eval()(x, return_assoc=True)
+    assert O.shape == (2, 7) and A.shape == (2, 7, 7)
+    assert torch.equal(O, m2.eval()(x))
+    with pytest.raises(ValueError, match="CvT is not in timm"):
+        transformer_backbone("cvt_w24_384")
+
+
+def test_step_and_smoke_training(tmp_path, monkeypatch):
+    """A tiny end-to-end run through the engine (the chapter's train_assocformer) and mean A."""
+    from mlic_lib.experiments import scene_data
+    from mlic_lib.profiles import load_profile
+
+    monkeypatch.setenv("MLIC_CACHE", str(tmp_path))
+    settings = load_profile("assocformer", "smoke", {"data.n_train": 64, "data.n_test": 32,
+                                                     "train.batch_size": 16})
+    data = scene_data(settings)
+    run = train_assocformer(settings, data, seed=0, regularizer="nuclear", fusion="learnable")
+    assert 0.0 <= run.final["mAP"] <= 1.0 and "reg" in run.history[0] and "alpha" in run.history[0]
+    A = mean_association(run.model, data.test_ds)
+    assert A.shape == (data.num_classes,) * 2 and np.allclose(A, A.T)
+    again = train_assocformer(settings, data, seed=0, regularizer="nuclear", fusion="learnable")
+    assert again.cached and again.final["mAP"] == run.final["mAP"]
+    step = AssocFormerStep(AssocFormerLoss("l1"))
+    loss, logs = step(run.model.train(), [data.train_ds[0][0][None], data.train_ds[0][1][None]], "cpu")
+    assert loss.ndim == 0 and {"asl", "reg", "alpha"} <= set(logs)
+    with pytest.raises(ValueError, match="regularizer"):
+        train_assocformer(settings, data, regularizer="frobenius")
