@@ -360,10 +360,12 @@ def load_mnist(split: str = "train", root: str | Path | None = None) -> tuple[np
 
 
 def load_cifar10(split: str = "train", root: str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """CIFAR-10 as ``(images uint8 (n, 3, 32, 32), labels int64 (n,))`` from the python pickles.
+    """CIFAR-10 as ``(images uint8 (n, 3, 32, 32), labels int64 (n,))``.
 
-    Reads ``<root>/cifar-10-batches-py/{data_batch_1..5, test_batch}`` (the official
-    ``cifar-10-python.tar.gz`` unpacked); ``root`` defaults to ``$MLIC_DATA``.
+    Reads the binary version that ``mlic data prepare cifar10`` downloads
+    (``<root>/cifar10/cifar-10-batches-bin/{data_batch_1..5, test_batch}.bin``: records of one label
+    byte and 3,072 pixel bytes), or else the python pickles of ``cifar-10-python.tar.gz``
+    (``<root>/cifar-10-batches-py/``); ``root`` defaults to ``$MLIC_DATA``.
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -371,13 +373,27 @@ def load_cifar10(split: str = "train", root: str | Path | None = None) -> tuple[
     from mlic_lib.data.paths import data_root
 
     root = Path(root).expanduser() if root is not None else data_root()
-    folder = root / "cifar-10-batches-py"
     names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    binary = root / "cifar10" / "cifar-10-batches-bin"
+    if binary.is_dir():
+        xs, ys = [], []
+        for name in names:
+            path = binary / f"{name}.bin"
+            if not path.is_file():
+                raise missing_dataset("CIFAR-10", path, key="cifar10")
+            raw = np.fromfile(path, dtype=np.uint8)
+            if raw.size % 3073:
+                raise ValueError(f"{path} is not a CIFAR-10 binary batch (size {raw.size} is not a multiple of 3073)")
+            rec = raw.reshape(-1, 3073)
+            ys.append(rec[:, 0].astype(np.int64))
+            xs.append(rec[:, 1:].reshape(-1, 3, 32, 32))
+        return np.ascontiguousarray(np.concatenate(xs)), np.concatenate(ys)
+    folder = root / "cifar-10-batches-py"
     xs, ys = [], []
     for name in names:
         path = folder / name
         if not path.is_file():
-            raise missing_dataset("CIFAR-10", path, key="cifar10")
+            raise missing_dataset("CIFAR-10", binary if not folder.is_dir() else path, key="cifar10")
         with open(path, "rb") as fh:
             d = pickle.load(fh, encoding="bytes")  # noqa: S301 - the official CIFAR-10 format
         xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))

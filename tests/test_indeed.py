@@ -317,3 +317,18 @@ def test_confidence_map_and_diagonal_dominance():
     assert indeed.diagonal_dominance(np.eye(4)) == 1.0
     assert indeed.diagonal_dominance(np.full((4, 4), .5)) == pytest.approx(0.25)
     assert indeed.cell_boxes([-1, 3, -1, -1, -1, -1, -1, -1, 7], cell=14) == {3: (14, 0, 28, 14), 7: (28, 28, 42, 42)}
+
+
+def test_load_cifar10_binary_layout(tmp_path):
+    folder = tmp_path / "cifar10" / "cifar-10-batches-bin"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    labels = np.array([3, 7], dtype=np.uint8)
+    pixels = rng.integers(0, 256, size=(2, 3072), dtype=np.uint8)
+    np.concatenate([labels[:, None], pixels], 1).tofile(folder / "test_batch.bin")
+    x, y = indeed.load_cifar10("test", root=tmp_path)
+    assert x.shape == (2, 3, 32, 32) and y.tolist() == [3, 7]
+    np.testing.assert_array_equal(x[1].reshape(-1), pixels[1])
+    (folder / "data_batch_1.bin").write_bytes(b"\x00" * 10)
+    with pytest.raises(ValueError, match="not a CIFAR-10 binary batch"):
+        indeed.load_cifar10("train", root=tmp_path)
