@@ -1,0 +1,292 @@
+"""SpliceMix-CL (Eqs. 5-7) and the training steps of every mix-style method, for :func:`engine.fit`.
+
+SpliceMix-CL (Sec. 3.C): the last feature map ``F`` of a mixed image is split by its grid into the
+cells' maps ``F'`` (the inverse of ``f_mg``), each cell is pooled with the model's global pooling
+``g`` and classified by the *shared* classifier, ``p' = sigmoid(f_cls(g(F')))``, and the cell is
+asked to agree with the prediction ``p`` of its regular image (Eq. 6):
+
+    L_cl = sum_{mixed m} sum_{cells j of m} BCE(p'_j, p̄_j),     L = L_bce + L_cl   (Eqs. 5, 7)
+
+with ``p̄`` a copy of ``p`` *without* back-propagation (the paper; ``detach=True``). The authors' VOC
+code does not detach (``detach=False``), their COCO code does (DESIGN.md). Dropped (blank) cells
+are masked out.
+
+**Cell split on the feature map.** SpliceMix resizes each source to ``(H // r, W // c)`` and the
+feature map is ``h x w`` (8x8 for small_resnet on 64 px, 14x14 for ResNet-101 on 448 px), so a
+cell does not always cover a whole number of map positions. We split the map *proportionally*:
+cell ``(i, j)`` gets rows ``round(i h / r) .. round((i+1) h / r)`` and likewise columns
+(:func:`mlic_lib.mixing.cell_bounds`); for a 2x3 grid on an 8x8 map the columns are 3/2/3 wide.
+
+**Loss scale.** Eqs. 5 and 6 are *sums*. We divide both by the same number, ``|B_hat| * C`` (so
+``L_bce`` is the usual mean BCE of the SpliceMixed batch), which keeps the paper's relative weight
+of the two terms. The BCE of Eq. 6 is not zero when ``p' = p̄`` (it equals the entropy of ``p̄``;
+its gradient w.r.t. the cell logits is zero there); ``form="kl"`` subtracts that entropy, giving
+``KL(p̄ || p')`` which is zero at agreement (same gradient for the cell when the target is detached).
+
+Steps (``step(model, batch, device) -> (loss, logs)``; batches are ``(x, y)`` or ``(x, y, index)``
+from :class:`IndexedDataset`):
+
+* :class:`MixStep` -- baseline (no mixer), Mixup, CutMix, Batch Augmentation: BCE on the transformed
+  batch;
+* :class:`SpliceMixStep` -- SpliceMix (``cl_weight=0``) and SpliceMix-CL (``cl_weight=1``); logs the
+  BCE of the regular and of the mixed part separately (Table X);
+* :class:`MosaicStep` -- looks the boxes of the batch's images up by index (the dataset must be an
+  :class:`IndexedDataset`).
+
+The chapter's evaluation helpers live here too: :func:`lowres_predict` (Fig. 6) and
+:func:`biased_pair_map` (Table VIII, the exclusive / co-occur protocol of Singh et al. 2020).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from mlic_lib.metrics import average_precision
+from mlic_lib.mixing import BatchAugmentation, CutMix, GridLayout, Mixup, Mosaic, SpliceMix, pad_boxes
+
+__all__ = [
+    "CL_FORMS",
+    "METHODS",
+    "make_step",
+    "IndexedDataset",
+    "MixStep",
+    "MosaicStep",
+    "SpliceMixStep",
+    "biased_pair_map",
+    "cell_logits",
+    "consistency_loss",
+    "lowres_predict",
+]
+
+CL_FORMS = ("bce", "kl")
+METHODS = ("baseline", "mixup", "cutmix", "mosaic", "batch_aug", "splicemix", "splicemix_cl")
+
+
+def _check_model(model: nn.Module) -> None:
+    for name in ("forward_features", "forward_head"):
+        if not callable(getattr(model, name, None)):
+            raise ValueError(f"SpliceMix-CL needs a model with {name}() (a mlic_lib MultiLabelNet); "
+                             f"got {type(model).__name__}")
+
+
+# ------------------------------------------------------------------------------ SpliceMix-CL
+def cell_logits(model: nn.Module, fmap_mixed: Tensor, layout: GridLayout) -> Tensor:
+    """Split each mixed image's feature map ``(M, D, h, w)`` by its grid, pool every cell with the model's
+    pooling and apply the shared classifier: logits ``(M, r*c, C)`` (cells row-major, as in ``layout``)."""
+    _check_model(model)
+    if fmap_mixed.ndim != 4 or len(fmap_mixed) != layout.n_mixed:
+        raise ValueError(f"fmap_mixed must be (M={layout.n_mixed}, D, h, w), got {tuple(fmap_mixed.shape)}")
+    h, w = fmap_mixed.shape[2:]
+    cells = [model.forward_head(fmap_mixed[:, :, rs, cs]) for rs, cs in layout.cell_slices(h, w)]
+    return torch.stack(cells, dim=1)
+
+
+def consistency_loss(cells: Tensor, regular_logits: Tensor, layout: GridLayout, detach: bool = True,
+                     form: str = "bce", normaliser: float | None = None) -> Tensor:
+    """Eq. 6: BCE between each kept cell's prediction and its regular image's prediction.
+
+    Parameters
+    ----------
+    cells : ``(M, r*c, C)`` cell logits (:func:`cell_logits`).
+    regular_logits : ``(B, C)`` logits of the regular batch.
+    layout : the :class:`GridLayout` of the SpliceMix call.
+    detach : stop the gradient through the target ``p̄`` (paper: True; authors' VOC code: False).
+    form : ``"bce"`` (Eq. 6) or ``"kl"`` (Eq. 6 minus the target's entropy; zero at agreement).
+    normaliser : divide the sum by this (default: the number of kept cells x C, a mean).
+    """
+    if form not in CL_FORMS:
+        raise ValueError(f"form must be one of {CL_FORMS}, got {form!r}")
+    m, n = layout.n_mixed, layout.n_cells
+    if cells.ndim != 3 or cells.shape[:2] != (m, n):
+        raise ValueError(f"cells must be (M={m}, cells={n}, C), got {tuple(cells.shape)}")
+    if regular_logits.ndim != 2 or len(regular_logits) != layout.n_regular:
+        raise ValueError(f"regular_logits must be (B={layout.n_regular}, C), got {tuple(regular_logits.shape)}")
+    if m == 0:
+        return cells.sum() * 0.0
+    src = layout.sources.to(cells.device)
+    tgt_logits = regular_logits.float()[src]  # (M, n, C)
+    if detach:
+        tgt_logits = tgt_logits.detach()
+    target = torch.sigmoid(tgt_logits)
+    loss = F.binary_cross_entropy_with_logits(cells.float(), target, reduction="none")
+    if form == "kl":
+        loss = loss - F.binary_cross_entropy_with_logits(tgt_logits, target, reduction="none")
+    keep = layout.keep.to(cells.device)[..., None].float()
+    total = (loss * keep).sum()
+    if normaliser is None:
+        normaliser = float(keep.sum()) * cells.shape[2]
+    return total / max(float(normaliser), 1.0)
+
+
+# ------------------------------------------------------------------------------------ datasets
+class IndexedDataset(Dataset):
+    """Wraps a dataset of ``(x, y)`` to yield ``(x, y, index)``, so a step can look per-image data
+    (Mosaic's boxes) up by index. Use it for *training* only: ``engine.evaluate`` reads a third
+    element as a label mask."""
+
+    def __init__(self, base: Dataset):
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int):
+        x, y = self.base[index][:2]
+        return x, y, torch.tensor(index)
+
+    def __getitems__(self, indices: list[int]):
+        getitems = getattr(self.base, "__getitems__", None)
+        items = getitems(indices) if getitems is not None else [self.base[i] for i in indices]
+        return [(it[0], it[1], torch.tensor(i)) for it, i in zip(items, indices, strict=True)]
+
+
+# --------------------------------------------------------------------------------------- steps
+def _bce_parts(logits: Tensor, y: Tensor) -> Tensor:
+    return F.binary_cross_entropy_with_logits(logits.float(), y.float(), reduction="none")
+
+
+class MixStep:
+    """Baseline (``mixer=None``), Mixup, CutMix or Batch Augmentation: mean BCE on ``mixer(x, y)``."""
+
+    def __init__(self, mixer: Callable | None = None):
+        if isinstance(mixer, SpliceMix | Mosaic):
+            raise ValueError(f"use {'SpliceMixStep' if isinstance(mixer, SpliceMix) else 'MosaicStep'} "
+                             f"for {type(mixer).__name__}")
+        self.mixer = mixer
+
+    def __call__(self, model: nn.Module, batch, device: torch.device):
+        x, y = batch[0], batch[1]
+        if self.mixer is not None:
+            res = self.mixer(x, y)
+            x, y = res.x, res.y
+        loss = _bce_parts(model(x), y).mean()
+        return loss, {}
+
+
+class MosaicStep:
+    """Mosaic: the batch must be ``(x, y, index)`` (:class:`IndexedDataset`); boxes are looked up in
+    ``boxes`` (a list of per-image ``(k, 5)`` arrays, e.g. ``SceneSet.boxes``, or a padded tensor)."""
+
+    def __init__(self, boxes: Sequence[np.ndarray] | Tensor, mosaic: Mosaic | None = None):
+        self.boxes = boxes if isinstance(boxes, Tensor) else pad_boxes(boxes)
+        self.mosaic = mosaic or Mosaic()
+
+    def __call__(self, model: nn.Module, batch, device: torch.device):
+        if len(batch) < 3:
+            raise ValueError("MosaicStep needs batches (x, y, index): wrap the training set in IndexedDataset")
+        x, y, idx = batch[0], batch[1], batch[2]
+        res = self.mosaic(x, y, self.boxes[idx.long().cpu()].to(x.device))
+        loss = _bce_parts(model(res.x), res.y).mean()
+        return loss, {}
+
+
+class SpliceMixStep:
+    """SpliceMix (``cl_weight=0``) or SpliceMix-CL (``cl_weight=1``, Eq. 7) training step.
+
+    ``loss = [sum BCE(B_hat) + cl_weight * sum_{kept cells} CE(p', p̄)] / (|B_hat| * C)``;
+    logs ``loss_regular`` / ``loss_mixed`` (mean BCE of each part) and ``loss_cl``.
+    """
+
+    def __init__(self, splicemix: SpliceMix | None = None, cl_weight: float = 0.0, detach: bool = True,
+                 cl_form: str = "bce"):
+        if cl_form not in CL_FORMS:
+            raise ValueError(f"cl_form must be one of {CL_FORMS}, got {cl_form!r}")
+        if cl_weight < 0:
+            raise ValueError(f"cl_weight must be >= 0, got {cl_weight}")
+        self.splicemix = splicemix or SpliceMix()
+        self.cl_weight, self.detach, self.cl_form = float(cl_weight), bool(detach), cl_form
+
+    def __call__(self, model: nn.Module, batch, device: torch.device):
+        _check_model(model)
+        x, y = batch[0], batch[1]
+        B = len(x)
+        res = self.splicemix(x, y)
+        fmap = model.forward_features(res.x)
+        logits = model.forward_head(fmap)
+        parts = _bce_parts(logits, res.y)
+        norm = float(parts.numel())
+        loss = parts.sum() / norm
+        logs = {"loss_regular": parts[:B].mean().detach()}
+        if len(parts) > B:
+            logs["loss_mixed"] = parts[B:].mean().detach()
+        if self.cl_weight > 0:
+            cells = cell_logits(model, fmap[B:], res.layout)
+            cl = consistency_loss(cells, logits[:B], res.layout, self.detach, self.cl_form, normaliser=norm)
+            loss = loss + self.cl_weight * cl
+            logs["loss_cl"] = cl.detach()
+        return loss, logs
+
+
+def make_step(method: str, options: dict | None = None, boxes: Sequence[np.ndarray] | Tensor | None = None):
+    """The training step of ``method`` (one of :data:`METHODS`) from a profile's ``mixing`` options
+    (``grids, p_drop, p_transpose, mixed_size, alpha, cl_weight, cl_detach, cl_form``; missing = paper's
+    defaults). ``mosaic`` needs ``boxes`` (per-image ``(k, 5)`` arrays, e.g. ``SceneSet.boxes``)."""
+    o = dict(options or {})
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+
+    def splicemix() -> SpliceMix:
+        return SpliceMix(o.get("grids"), p_drop=o.get("p_drop", 0.3), p_transpose=o.get("p_transpose", 0.5),
+                         mixed_size=o.get("mixed_size", 0.25))
+
+    if method == "baseline":
+        return MixStep()
+    if method in ("mixup", "cutmix"):
+        return MixStep((Mixup if method == "mixup" else CutMix)(alpha=o.get("alpha", 0.5)))
+    if method == "batch_aug":
+        return MixStep(BatchAugmentation(m=o.get("ba_copies", 2)))
+    if method == "mosaic":
+        if boxes is None:
+            raise ValueError("the mosaic step needs the per-image boxes (e.g. boxes=scenes.boxes)")
+        return MosaicStep(boxes)
+    if method == "splicemix":
+        return SpliceMixStep(splicemix())
+    return SpliceMixStep(splicemix(), cl_weight=o.get("cl_weight", 1.0), detach=o.get("cl_detach", True),
+                         cl_form=o.get("cl_form", "bce"))
+
+
+# ------------------------------------------------------------------------- evaluation helpers
+def lowres_predict(factor: int) -> Callable[[nn.Module, Tensor], Tensor]:
+    """A ``predict_fn`` for Fig. 6: downsample the input by ``factor`` (bilinear, antialiased) first."""
+    if factor < 1:
+        raise ValueError(f"factor must be >= 1, got {factor}")
+
+    def predict(model: nn.Module, x: Tensor) -> Tensor:
+        if factor > 1:
+            x = F.interpolate(x, size=(x.shape[2] // factor, x.shape[3] // factor), mode="bilinear",
+                              align_corners=False, antialias=True)
+        return torch.sigmoid(model(x).float())
+
+    return predict
+
+
+def biased_pair_map(pairs: Sequence[tuple[int, int]], natural: tuple[np.ndarray, np.ndarray],
+                    exclusive: tuple[np.ndarray, np.ndarray], cooccur: tuple[np.ndarray, np.ndarray]) -> dict:
+    """Table VIII (Singh et al. 2020): AP of each biased class ``b`` on two test distributions.
+
+    For a pair ``(b, c)``: *exclusive* = images with ``b`` but not ``c`` (from the exclusive-mode set)
+    + *other* images without ``b`` (from the natural test set); *co-occur* = images with ``b`` and
+    ``c`` (from the co-occur-mode set) + the same other images. Each argument after ``pairs`` is
+    ``(scores (N, C), targets (N, C))``. Returns mean AP over pairs (in [0, 1]) and per pair.
+    """
+    out: dict = {"exclusive": [], "cooccur": []}
+    ns, nt = (np.asarray(a) for a in natural)
+    for b, c in pairs:
+        other = nt[:, b] == 0
+        for name, (s, t) in (("exclusive", exclusive), ("cooccur", cooccur)):
+            s, t = np.asarray(s), np.asarray(t)
+            sel = (t[:, b] == 1) & ((t[:, c] == 0) if name == "exclusive" else (t[:, c] == 1))
+            if sel.sum() == 0 or other.sum() == 0:
+                out[name].append(float("nan"))
+                continue
+            scores = np.concatenate([s[sel, b], ns[other, b]])[:, None]
+            targets = np.concatenate([np.ones(sel.sum()), np.zeros(other.sum())])[:, None]
+            out[name].append(float(average_precision(scores, targets)[0]))
+    return {"exclusive_mAP": float(np.nanmean(out["exclusive"])), "cooccur_mAP": float(np.nanmean(out["cooccur"])),
+            "per_pair": out}

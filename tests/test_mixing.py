@@ -1,0 +1,413 @@
+"""SpliceMix (Eqs. 2-3), SpliceMix-CL (Eqs. 5-7), Mix-style baselines and r_in / r_out (Eqs. 8-10)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mlic_lib.mixing import (
+    BatchAugmentation,
+    CutMix,
+    GridLayout,
+    Mixup,
+    Mosaic,
+    SpliceMix,
+    cell_bounds,
+    cooccurrence_mask,
+    noisy_correlation_indicators,
+    noisy_correlation_ratios,
+    pad_boxes,
+    parse_grid,
+)
+from mlic_lib.models import build_model
+from mlic_lib.splicemix_cl import (
+    IndexedDataset,
+    MixStep,
+    MosaicStep,
+    SpliceMixStep,
+    biased_pair_map,
+    cell_logits,
+    consistency_loss,
+    lowres_predict,
+    make_step,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+VOC_TRAINVAL = REPO.parent / "shared" / "data" / "voc2007" / "classification_trainval.csv"
+
+
+def _batch(b=16, c=20, size=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, 3, size, size, generator=g)
+    y = (torch.rand(b, c, generator=g) < 0.2).float()
+    return x, y
+
+
+# ------------------------------------------------------------------------------- SpliceMix
+@pytest.mark.parametrize("grid", ["1x2", "2x1", "2x2", "2x3", "3x2"])
+def test_splicemix_shapes_per_grid(grid):
+    x, y = _batch(16)
+    sm = SpliceMix({grid: 1.0}, p_drop=0.0, p_transpose=0.0)
+    res = sm(x, y)
+    r, c = parse_grid(grid)
+    assert res.x.shape == (16 + 4, 3, 24, 24) and res.y.shape == (20, 20)
+    assert (res.layout.rows, res.layout.cols) == (r, c) and res.layout.sources.shape == (4, r * c)
+    assert torch.equal(res.x[:16], x) and torch.equal(res.y[:16], y)  # regular batch kept first
+
+
+@pytest.mark.parametrize("size,expected", [(0.25, 4), (0.5, 8), (3, 3), (0, 0)])
+def test_mixed_set_size(size, expected):
+    x, y = _batch(17)
+    res = SpliceMix(mixed_size=size)(x, y)
+    assert res.layout.n_mixed == expected == len(res.x) - 17
+
+
+def test_mixed_label_is_union_of_kept_sources_and_images_match_reference():
+    x, y = _batch(16, size=12)
+    torch.manual_seed(3)
+    for _ in range(20):
+        res = SpliceMix(p_drop=0.5)(x, y)
+        lay = res.layout
+        h, w = 12 // lay.rows, 12 // lay.cols
+        for m in range(lay.n_mixed):
+            kept = [int(s) for s, k in zip(lay.sources[m], lay.keep[m], strict=True) if k]
+            union = torch.zeros(20)
+            for s in kept:
+                union = torch.maximum(union, y[s])
+            assert torch.equal(res.y[16 + m], union)
+            for k, (rs, cs) in enumerate(lay.cell_slices(12, 12)):
+                cell = res.x[16 + m, :, rs, cs]
+                if lay.keep[m, k]:
+                    ref = F.interpolate(x[lay.sources[m, k]][None], size=(h, w), mode="bilinear", align_corners=True)[0]
+                    torch.testing.assert_close(cell, ref)
+                else:  # a dropped cell is blank
+                    assert torch.all(cell == 0.0)
+
+
+def test_dropout_counts_transpose_and_grid_frequencies():
+    g = torch.Generator().manual_seed(0)
+    sm = SpliceMix()
+    counts = {}
+    n_drop = 0
+    for _ in range(3000):
+        lay = sm.sample_layout(32, g)
+        key = tuple(sorted((lay.rows, lay.cols)))
+        counts[key] = counts.get(key, 0) + 1
+        dropped = (~lay.keep).sum(1)
+        assert len(set(dropped.tolist())) == 1  # one dropout count per batch
+        if dropped[0] > 0:
+            n_drop += 1
+            assert 1 <= int(dropped[0]) <= lay.n_cells - 1
+        uses = torch.bincount(lay.sources.flatten(), minlength=32)
+        assert uses.max() <= -(-lay.sources.numel() // 32)  # repeated permutations: as even as possible
+    assert abs(counts[(1, 2)] / 3000 - 0.3) < 0.04 and abs(counts[(2, 2)] / 3000 - 0.4) < 0.04
+    assert abs(n_drop / 3000 - 0.3) < 0.04
+    sm_t = SpliceMix({"2x3": 1.0}, p_transpose=1.0)
+    assert (sm_t.sample_layout(8, g).rows, sm_t.sample_layout(8, g).cols) == (3, 2)
+
+
+def test_sources_repeat_only_when_the_batch_is_too_small():
+    lay = SpliceMix({"2x3": 1.0}, p_transpose=0.0, mixed_size=4).sample_layout(16)  # 24 cells > 16 images
+    counts = torch.bincount(lay.sources.flatten(), minlength=16)
+    assert counts.max() <= 2 and counts.min() >= 1
+
+
+def test_determinism_with_seed_and_generator():
+    x, y = _batch(16)
+    a = SpliceMix()(x, y, torch.Generator().manual_seed(5))
+    b = SpliceMix()(x, y, torch.Generator().manual_seed(5))
+    assert torch.equal(a.x, b.x) and torch.equal(a.layout.sources, b.layout.sources)
+    for mixer in (Mixup(), CutMix(), SpliceMix(), BatchAugmentation()):
+        torch.manual_seed(7)
+        r1 = mixer(x, y)
+        torch.manual_seed(7)
+        r2 = mixer(x, y)
+        assert torch.equal(r1.x, r2.x) and torch.equal(r1.y, r2.y)
+
+
+def test_bad_inputs_raise_clear_errors():
+    with pytest.raises(ValueError, match="RxC"):
+        SpliceMix({"2by3": 1.0})
+    with pytest.raises(ValueError, match="non-negative"):
+        SpliceMix({"2x2": -1.0})
+    with pytest.raises(ValueError, match="p_drop"):
+        SpliceMix(p_drop=1.5)
+    with pytest.raises(ValueError, match="image batch"):
+        SpliceMix()(torch.zeros(3, 8, 8), torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="num_classes"):
+        Mixup()(torch.zeros(3, 3, 8, 8), torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="non-empty"):
+        cell_bounds(2, 3)
+    with pytest.raises(ValueError, match="at least 2x3"):
+        SpliceMix({"2x3": 1.0}, p_transpose=0)(torch.zeros(4, 3, 1, 8), torch.zeros(4, 2))
+    with pytest.raises(ValueError, match="pad_boxes"):
+        Mosaic()(torch.zeros(4, 3, 8, 8), torch.zeros(4, 2), None)
+    with pytest.raises(ValueError, match="alpha"):
+        Mixup(alpha=0)
+
+
+# ----------------------------------------------------------------------------- SpliceMix-CL
+def test_cell_bounds_proportional_on_an_uneven_map():
+    assert cell_bounds(8, 3) == [0, 3, 5, 8]
+    assert cell_bounds(8, 2) == [0, 4, 8]
+    assert cell_bounds(14, 3) == [0, 5, 9, 14]
+
+
+def test_cell_logits_match_manual_pooling():
+    model = build_model("small_resnet", 5, widths=(4, 8, 8, 8)).eval()
+    lay = GridLayout(2, 3, torch.arange(6).view(1, 6), torch.ones(1, 6, dtype=torch.bool), 6)
+    fmap = torch.randn(1, 8, 8, 8)
+    out = cell_logits(model, fmap, lay)
+    assert out.shape == (1, 6, 5)
+    cols = [0, 3, 5, 8]
+    ref = model.classifier(fmap[:, :, 4:8, cols[1]:cols[2]].amax(dim=(2, 3)))
+    torch.testing.assert_close(out[:, 4], ref)
+
+
+def _layout(m=3, n=4, b=12, drop=None):
+    keep = torch.ones(m, n, dtype=torch.bool)
+    if drop is not None:
+        keep[drop] = False
+    return GridLayout(2, 2, torch.randperm(b)[: m * n].view(m, n), keep, b)
+
+
+def test_cl_loss_zero_when_cells_agree_and_reference_formula():
+    torch.manual_seed(0)
+    lay = _layout()
+    reg = torch.randn(12, 7)
+    cells = reg[lay.sources].clone().requires_grad_(True)
+    kl = consistency_loss(cells, reg, lay, form="kl")
+    assert abs(float(kl.detach())) < 1e-6
+    bce = consistency_loss(cells, reg, lay, form="bce")
+    p = torch.sigmoid(reg[lay.sources])
+    entropy = -(p * p.log() + (1 - p) * (1 - p).log()).mean()
+    torch.testing.assert_close(bce, entropy)  # Eq. 6 at agreement = entropy of the target
+    bce.backward()
+    assert cells.grad.abs().max() < 1e-7  # ... and it is its minimum
+
+
+def test_cl_loss_gradients_with_and_without_detach_and_dropped_cells_masked():
+    torch.manual_seed(1)
+    lay = _layout(drop=(0, 1))
+    for detach in (True, False):
+        reg = torch.randn(12, 7, requires_grad=True)
+        cells = torch.randn(3, 4, 7, requires_grad=True)
+        loss = consistency_loss(cells, reg, lay, detach=detach)
+        loss.backward()
+        assert cells.grad.abs().sum() > 0
+        assert cells.grad[0, 1].abs().sum() == 0  # dropped cell: no gradient
+        if detach:
+            assert reg.grad is None or reg.grad.abs().sum() == 0
+        else:
+            assert reg.grad.abs().sum() > 0
+        # value unaffected by what a dropped cell predicts
+        cells2 = cells.detach().clone()
+        cells2[0, 1] += 5.0
+        torch.testing.assert_close(consistency_loss(cells2, reg.detach(), lay), loss.detach())
+    # reference: masked mean of elementwise BCE
+    reg, cells = torch.randn(12, 7), torch.randn(3, 4, 7)
+    ref = F.binary_cross_entropy_with_logits(cells, torch.sigmoid(reg[lay.sources]), reduction="none")
+    ref = ref[lay.keep].mean()
+    torch.testing.assert_close(consistency_loss(cells, reg, lay), ref)
+
+
+@pytest.mark.parametrize("step", [MixStep(), MixStep(Mixup()), MixStep(CutMix()), MixStep(BatchAugmentation()),
+                                  SpliceMixStep(), SpliceMixStep(cl_weight=1.0),
+                                  SpliceMixStep(cl_weight=1.0, detach=False, cl_form="kl")],
+                         ids=["baseline", "mixup", "cutmix", "ba", "splicemix", "cl", "cl-nodetach-kl"])
+def test_steps_train_with_finite_gradients(step, small_scenes):
+    train, _ = small_scenes
+    torch.manual_seed(0)
+    model = build_model("small_resnet", train.world.num_classes, widths=(4, 8, 8, 8))
+    x = torch.as_tensor(train.images[:16]).float() / 127.5 - 1
+    y = torch.as_tensor(train.targets[:16])
+    loss, logs = step(model, [x, y, torch.arange(16)], torch.device("cpu"))
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert torch.isfinite(loss) and grads and all(torch.isfinite(g).all() for g in grads)
+    if isinstance(step, SpliceMixStep):
+        assert {"loss_regular", "loss_mixed"} <= set(logs) and (("loss_cl" in logs) == (step.cl_weight > 0))
+
+
+def test_mosaic_step_needs_indices(small_scenes):
+    train, _ = small_scenes
+    model = build_model("small_resnet", train.world.num_classes, widths=(4, 8, 8, 8))
+    x = torch.as_tensor(train.images[:8]).float() / 127.5 - 1
+    y = torch.as_tensor(train.targets[:8])
+    step = MosaicStep(train.boxes)
+    loss, _ = step(model, [x, y, torch.arange(8)], torch.device("cpu"))
+    loss.backward()
+    with pytest.raises(ValueError, match="IndexedDataset"):
+        step(model, [x, y], torch.device("cpu"))
+    with pytest.raises(ValueError, match="SpliceMixStep"):
+        MixStep(SpliceMix())
+
+
+def test_make_step_from_profile_options():
+    from mlic_lib.profiles import load_profile
+
+    opts = load_profile("splicemix", "default")["mixing"]
+    cl = make_step("splicemix_cl", opts)
+    assert isinstance(cl, SpliceMixStep) and cl.cl_weight == 1.0 and cl.detach is True
+    assert cl.splicemix.p_drop == 0.3 and [tuple(g) for g in cl.splicemix.grids] == [(1, 2), (2, 2), (2, 3)]
+    assert make_step("splicemix_cl", {**opts, "cl_detach": False}).detach is False  # authors' VOC code
+    assert isinstance(make_step("mixup", opts).mixer, Mixup)
+    with pytest.raises(ValueError, match="boxes"):
+        make_step("mosaic", opts)
+    with pytest.raises(ValueError, match="unknown method"):
+        make_step("fmix", opts)
+
+
+def test_indexed_dataset_yields_index(small_scenes):
+    from mlic_lib.data.tensors import TensorImageDataset
+
+    train, _ = small_scenes
+    ds = IndexedDataset(TensorImageDataset(train.images, train.targets))
+    x, y, i = ds[5]
+    assert int(i) == 5 and x.shape == (3, 64, 64)
+    assert [int(t[2]) for t in ds.__getitems__([3, 1])] == [3, 1]
+
+
+# ---------------------------------------------------------------------- Mixup / CutMix / ...
+def test_mixup_label_semantics():
+    x, y = _batch(8)
+    torch.manual_seed(0)
+    res = Mixup(alpha=0.5)(x, y)
+    lam, perm = res.info["lam"], res.info["perm"]
+    assert 0.0 <= lam <= 1.0
+    torch.testing.assert_close(res.x, lam * x + (1 - lam) * x[perm])
+    torch.testing.assert_close(res.y, lam * y + (1 - lam) * y[perm])
+    assert ((res.y > 0) == ((y + y[perm]) > 0) | ((lam in (0.0, 1.0)) & (res.y > 0))).all()
+
+
+def test_cutmix_label_semantics():
+    x, y = _batch(8, size=32)
+    torch.manual_seed(4)
+    for _ in range(10):
+        res = CutMix()(x, y)
+        x0, y0, x1, y1 = res.info["box"]
+        perm, lam = res.info["perm"], res.info["lam"]
+        inside = torch.zeros(32, 32, dtype=torch.bool)
+        inside[y0:y1, x0:x1] = True
+        assert torch.equal(res.x[:, :, inside], x[perm][:, :, inside])
+        assert torch.equal(res.x[:, :, ~inside], x[:, :, ~inside])
+        assert lam == pytest.approx(1 - inside.float().mean().item())
+        torch.testing.assert_close(res.y, lam * y + (1 - lam) * y[perm])
+
+
+def test_mosaic_labels_from_boxes():
+    B, C, H = 6, 12, 8
+    x = torch.arange(B, dtype=torch.float32).view(B, 1, 1, 1).expand(B, 1, H, H).clone()
+    y = torch.zeros(B, C)
+    boxes = []
+    for i in range(B):  # class i in the bottom-right quarter, class 6+i in the top-left quarter
+        boxes.append(np.array([[i, 4, 4, 8, 8], [6 + i, 0, 0, 4, 4]]))
+        y[i, [i, 6 + i]] = 1
+    torch.manual_seed(0)
+    res = Mosaic(center_range=(0.5, 0.5))(x, y, pad_boxes(boxes))
+    srcs = res.info["sources"]
+    for j in range(B):
+        expect = torch.zeros(C)
+        expect[[j, 6 + int(srcs[3, j])]] = 1  # TL shows source j's bottom-right, BR shows srcs[3]'s top-left
+        assert torch.equal(res.y[j], expect)
+        assert res.x[j, 0, 0, 0] == j and res.x[j, 0, 7, 7] == srcs[3, j] and res.x[j, 0, 0, 7] == srcs[1, j]
+
+
+def test_batch_augmentation_shapes():
+    x, y = _batch(5)
+    res = BatchAugmentation(m=2)(x, y)
+    assert res.x.shape == (10, 3, 24, 24) and torch.equal(res.y, y.repeat(2, 1))
+
+
+# ------------------------------------------------------------------------------ r_in / r_out
+def test_noisy_indicators_hand_made():
+    train = torch.tensor([[1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=torch.float32)
+    A = cooccurrence_mask(train)
+    assert A.tolist() == [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]
+    assert cooccurrence_mask(torch.cat([train, train[:1]]), min_count=2).tolist() == [
+        [1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
+    mixed = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 1, 1], [0.3, 0.7, 0, 0]])
+    i_in, i_out = noisy_correlation_indicators(mixed, A)
+    torch.testing.assert_close(i_in, torch.tensor([4 / 9, 0, 0, 0.5, 0]))
+    assert i_out.tolist() == [1, 0, 0, 1, 0]
+
+
+def test_noisy_indicators_match_a_loop_reference():
+    rng = np.random.default_rng(0)
+    train = (rng.random((50, 9)) < 0.2).astype(float)
+    mixed = (rng.random((40, 9)) < 0.3).astype(float)
+    A = cooccurrence_mask(train).numpy()
+    i_in, i_out = noisy_correlation_indicators(mixed, A)
+    for k, yv in enumerate(mixed):
+        pos = np.flatnonzero(yv)
+        bad = sum(1 - A[i, j] for i, j in itertools.product(pos, pos))
+        assert i_in[k] == pytest.approx(bad / len(pos) ** 2 if len(pos) else 0.0)
+        assert i_out[k] == float(bad > 0)
+
+
+def test_noisy_ratios_known_answers():
+    labels = torch.eye(8)  # no two classes ever co-occur
+    assert noisy_correlation_ratios(labels, None, 8) == {"r_in": 0.0, "r_out": 0.0, "n_samples": 8}
+    assert noisy_correlation_ratios(labels, BatchAugmentation(), 8)["r_out"] == 0.0
+    r = noisy_correlation_ratios(labels, SpliceMix({"2x2": 1.0}, p_drop=0.0), batch_size=8, epochs=3)
+    # per batch: 8 regular (0) + 2 mixed with 4 distinct classes (I_in = 12/16, I_out = 1)
+    assert r["n_samples"] == 30 and r["r_in"] == pytest.approx(2 * 0.75 / 10) and r["r_out"] == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="mix_labels"):
+        noisy_correlation_ratios(labels, Mosaic(), 8)
+
+
+@pytest.mark.skipif(not VOC_TRAINVAL.is_file(), reason="VOC2007 trainval labels not present")
+def test_noisy_ratios_on_voc2007_order_like_table_vii():
+    from mlic_lib.data.voc import read_voc_csv
+
+    _, labels = read_voc_csv(VOC_TRAINVAL)
+    y = (labels == 1).astype(np.float32)
+    mix = noisy_correlation_ratios(y, Mixup(), 16)
+    cut = noisy_correlation_ratios(y, CutMix(), 16)
+    spl = noisy_correlation_ratios(y, SpliceMix(), 16)
+    assert spl["r_in"] < mix["r_in"] and spl["r_out"] < mix["r_out"] and spl["r_in"] < cut["r_in"]
+    assert 0.05 < mix["r_in"] < 0.25 and 0.15 < mix["r_out"] < 0.5  # paper: 12.8 % / 31.0 %
+
+
+# ---------------------------------------------------------------------------- evaluation bits
+def test_biased_pair_map_perfect_and_chance():
+    nat_t = np.array([[0, 0, 1], [0, 0, 1], [0, 1, 0]])
+    exc_t = np.array([[1, 0, 0], [1, 0, 1]])
+    co_t = np.array([[1, 1, 0]])
+    perfect = biased_pair_map([(0, 1)], (nat_t.astype(float), nat_t), (exc_t.astype(float), exc_t),
+                              (co_t.astype(float), co_t))
+    assert perfect["exclusive_mAP"] == 1.0 and perfect["cooccur_mAP"] == 1.0
+    worst = biased_pair_map([(0, 1)], (1 - nat_t.astype(float), nat_t), (0 * exc_t.astype(float), exc_t),
+                            (co_t.astype(float), co_t))
+    assert worst["exclusive_mAP"] < 0.5
+
+
+def test_lowres_predict_shapes():
+    model = build_model("small_resnet", 4, widths=(4, 8, 8, 8)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    for f in (1, 2, 4, 8):
+        assert lowres_predict(f)(model, x).shape == (2, 4)
+    with pytest.raises(ValueError):
+        lowres_predict(0)
+
+
+# ----------------------------------------------------------------------------------- chapter
+@pytest.mark.notebook
+def test_chapter_smoke_run(tmp_path):
+    """The chapter end to end with profile=smoke (tests/test_notebooks.py runs it too)."""
+    from mlic_lib.book import execute_notebook
+
+    nb = REPO / "notebooks" / "01_splicemix.ipynb"
+    os.environ.pop("MPLBACKEND", None)
+    out = tmp_path / nb.name
+    execute_notebook(nb, out, "smoke", timeout=600)
+    cells = json.loads(out.read_text())["cells"]
+    assert not [o for c in cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert (tmp_path / "results" / "splicemix.json").is_file()
