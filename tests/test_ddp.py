@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,9 +17,15 @@ def test_fit_under_torchrun_keeps_ranks_in_sync(tmp_path):
     worker = Path(__file__).with_name("ddp_worker.py")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(worker), str(tmp_path / "run")]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
-    assert out.returncode == 0, out.stderr[-3000:]
-    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun's workers too, not only the launcher
+        proc.communicate()
+        pytest.fail("torchrun did not finish within 240 s")
+    assert proc.returncode == 0, stderr[-3000:]
+    rows = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
     assert sorted(r["rank"] for r in rows) == [0, 1]
     assert all(r["same"] and r["epochs"] == 2 and r["world"] == 2 for r in rows), rows
     assert (tmp_path / "run" / "results.json").is_file() and (tmp_path / "run" / "final.pt").is_file()
