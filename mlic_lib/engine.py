@@ -161,8 +161,11 @@ def _to_device(batch, device: torch.device, channels_last: bool):
 def make_loader(data: Dataset | Iterable, batch_size: int, shuffle: bool, seed: int = 0, epoch: int = 0,
                 num_workers: int = 0, drop_last: bool = False, device: torch.device | None = None):
     """A ``DataLoader`` whose order depends only on ``(seed, epoch)`` (so resumed runs see the same
-    batches). Anything that is not a ``Dataset`` (e.g. a chapter's own loader) is returned unchanged."""
+    batches). Anything that is not a ``Dataset`` (e.g. a chapter's own loader) is returned unchanged,
+    after ``data.set_epoch(epoch)`` when it has one (so a resumed run sees the same batches)."""
     if not isinstance(data, Dataset):
+        if hasattr(data, "set_epoch"):
+            data.set_epoch(epoch)
         return data
     sampler = None
     world, rank, _ = _distributed()
