@@ -1,0 +1,276 @@
+"""LTML: collaborative training on uniform and re-balanced samplings (Guo & Wang, CVPR 2021).
+
+The losses, the training step and the inference of the paper; the network is
+:class:`mlic_lib.models.ltml.TwoBranchNet` and the samplers are in :mod:`mlic_lib.data.samplers`.
+
+* Eq. 4, weighted BCE: ``L = -(1/K) sum_k w_k (y log s(u) + (1-y) log(1-s(u)))`` with
+  ``w_k = y e^(1-rho_k) + (1-y) e^(rho_k)``, ``rho_k = N_k / N`` (:func:`ltml_class_weights`,
+  :func:`weighted_bce_eq4`);
+* Eq. 6, logit compensation: positives use ``s(u sigma_p + mu_p)``, negatives ``s(u sigma_n + mu_n)``
+  with learnable per-class ``mu``/``sigma`` (:func:`compensated_bce`);
+* Eq. 7, logit consistency: ``(1/K) sum_k (u_k - u^_k)^2`` (:func:`logit_consistency`); the probability
+  variant of Table 4 / Eq. 8 uses sigmoids (:func:`probability_consistency`);
+* Eq. 3, the total: ``L_cls(u, y^u) + L_cls(r, y^r) + lambda (L_con(u, u^) + L_con(r, r^))``, lambda = 0.1
+  (:class:`LTMLStep`);
+* Sec. 3.5, inference: the average of the two branches' sigmoid outputs, optionally also over the
+  horizontally flipped image (the "aug-test" row of Table 2) (:func:`predict_fn`).
+
+Readings where the paper is vague (stated here and in the chapter):
+
+* ``rho_k`` is the class frequency in the *original* training set for both branches (the
+  DistributionBalancedLoss statistics ``class_freq / N``);
+* each branch has its own compensation parameters (``model.comp_u``, ``model.comp_r``); the paper's Fig. 4
+  shows one set per dataset;
+* the consistency loss back-propagates into both branches (no stop-gradient); ``detach_cross=True``
+  treats the crossed prediction as a fixed target instead;
+* the compensation is a training-time device: inference averages the sigmoids of the raw logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mlic_lib.losses import weighted_bce
+
+__all__ = [
+    "CONSISTENCY",
+    "LTMLStep",
+    "compensated_bce",
+    "compensation_parameters",
+    "logit_consistency",
+    "ltml_class_weights",
+    "predict_fn",
+    "probability_consistency",
+    "weighted_bce_eq4",
+]
+
+CONSISTENCY = ("logit", "probability", "none")
+BRANCHES = ("both", "u", "r")
+
+
+def ltml_class_weights(class_counts, n_images: int) -> tuple[Tensor, Tensor]:
+    """Eq. 4's weights: ``(e^(1 - rho), e^rho)`` for positives and negatives, ``rho_k = N_k / N``."""
+    counts = torch.as_tensor(np.asarray(class_counts), dtype=torch.float32)
+    if counts.ndim != 1:
+        raise ValueError(f"class_counts must be a (K,) vector of positives per class, got shape {tuple(counts.shape)}")
+    if n_images < 1 or (counts < 0).any() or (counts > n_images).any():
+        raise ValueError(f"class counts must lie in [0, n_images={n_images}]; pass the training-set counts and size")
+    rho = counts / n_images
+    return torch.exp(1.0 - rho), torch.exp(rho)
+
+
+def weighted_bce_eq4(logits: Tensor, targets: Tensor, pos_weight: Tensor, neg_weight: Tensor) -> Tensor:
+    """Eq. 4 averaged over the batch: ``mean_i -(1/K) sum_k w_k (y log s(u) + (1-y) log(1-s(u)))``."""
+    return weighted_bce(logits, targets, pos_weight, neg_weight, reduction="mean")
+
+
+def compensated_bce(logits: Tensor, targets: Tensor, pos_weight: Tensor, neg_weight: Tensor,
+                    mu_pos: Tensor, sigma_pos: Tensor, mu_neg: Tensor, sigma_neg: Tensor) -> Tensor:
+    """Eq. 6 averaged over the batch:
+    ``-(1/K) sum_k w_k (y log s(u sigma_p + mu_p) + (1-y) log(1 - s(u sigma_n + mu_n)))``.
+    With ``mu = 0`` and ``sigma = 1`` it equals :func:`weighted_bce_eq4`."""
+    if logits.shape != targets.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} must have the same shape")
+    k = logits.shape[-1]
+    for name, p in (("mu_pos", mu_pos), ("sigma_pos", sigma_pos), ("mu_neg", mu_neg), ("sigma_neg", sigma_neg)):
+        if p.shape != (k,):
+            raise ValueError(f"{name} must have shape ({k},) (one value per class), got {tuple(p.shape)}")
+    y = targets.to(logits.dtype)
+    pos = F.logsigmoid(logits * sigma_pos + mu_pos)
+    neg = F.logsigmoid(-(logits * sigma_neg + mu_neg))
+    return -(pos_weight * y * pos + neg_weight * (1 - y) * neg).mean()
+
+
+def logit_consistency(a: Tensor, b: Tensor) -> Tensor:
+    """Eq. 7 averaged over the batch: ``mean_i (1/K) sum_k (a_ik - b_ik)^2``."""
+    if a.shape != b.shape:
+        raise ValueError(f"the two branches' logits must have the same shape, got {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}")
+    return (a - b).pow(2).mean()
+
+
+def probability_consistency(a: Tensor, b: Tensor) -> Tensor:
+    """The probability variant of Table 4 (gradient of Eq. 8): ``mean (s(a) - s(b))^2``."""
+    if a.shape != b.shape:
+        raise ValueError(f"the two branches' logits must have the same shape, got {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}")
+    return (torch.sigmoid(a) - torch.sigmoid(b)).pow(2).mean()
+
+
+class LTMLStep:
+    """The training step of Eq. 3 for ``engine.fit``; batches are ``(x_u, y_u, x_r, y_r)``.
+
+    Parameters
+    ----------
+    pos_weight, neg_weight : Eq. 4 weights ``(K,)`` (:func:`ltml_class_weights`); ``None`` = unweighted BCE.
+    lam : lambda of Eq. 3 (paper: 0.1).
+    consistency : ``"logit"`` (Eq. 7, the paper), ``"probability"`` (Table 4) or ``"none"``.
+    compensation : use Eq. 6 (learnable ``mu``/``sigma``) instead of Eq. 4.
+    branches : ``"both"`` (the method); ``"u"`` or ``"r"`` trains one branch only (the paper's
+        baseline-uniform / baseline-re-balanced, Table 1).
+    detach_cross : stop the gradient through the crossed prediction (``u^``, ``r^``) of the consistency.
+    """
+
+    def __init__(self, pos_weight: Tensor | None = None, neg_weight: Tensor | None = None, lam: float = 0.1,
+                 consistency: str = "logit", compensation: bool = True, branches: str = "both",
+                 detach_cross: bool = False):
+        if consistency not in CONSISTENCY:
+            raise ValueError(f"consistency must be one of {CONSISTENCY}, got {consistency!r}")
+        if branches not in BRANCHES:
+            raise ValueError(f"branches must be one of {BRANCHES}, got {branches!r}")
+        if lam < 0:
+            raise ValueError(f"lam (lambda of Eq. 3) must be >= 0, got {lam}")
+        self.pos_weight, self.neg_weight = pos_weight, neg_weight
+        self.lam = float(lam)
+        self.consistency = consistency if lam > 0 and branches == "both" else "none"
+        self.compensation = compensation
+        self.branches = branches
+        self.detach_cross = detach_cross
+
+    def classification(self, logits: Tensor, targets: Tensor, comp: nn.Module) -> Tensor:
+        k = logits.shape[-1]
+        pw = self.pos_weight.to(logits.device) if self.pos_weight is not None else logits.new_ones(k)
+        nw = self.neg_weight.to(logits.device) if self.neg_weight is not None else logits.new_ones(k)
+        if self.compensation:
+            return compensated_bce(logits, targets, pw, nw, comp.mu_pos, comp.sigma_pos, comp.mu_neg, comp.sigma_neg)
+        return weighted_bce_eq4(logits, targets, pw, nw)
+
+    def __call__(self, model: nn.Module, batch, device: torch.device) -> tuple[Tensor, dict[str, Tensor]]:
+        if len(batch) != 4:
+            raise ValueError("LTMLStep expects batches (x_u, y_u, x_r, y_r): train with a TwoStreamLoader")
+        x_u, y_u, x_r, y_r = batch
+        net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        if self.branches != "both":
+            x, y, branch, comp = ((x_u, y_u, net.branch_u, net.comp_u) if self.branches == "u"
+                                  else (x_r, y_r, net.branch_r, net.comp_r))
+            loss = self.classification(branch(net.features(x)).float(), y, comp)
+            return loss, {f"cls_{self.branches}": loss.detach()}
+        use_cross = self.consistency != "none"
+        out = model(x_u, x_r, cross=use_cross)  # TwoBranchNet.forward_pair (Eqs. 1-2), through any DDP wrapper
+        out = {k: v.float() for k, v in out.items()}
+        cls_u = self.classification(out["u"], y_u, net.comp_u)
+        cls_r = self.classification(out["r"], y_r, net.comp_r)
+        loss = cls_u + cls_r
+        logs = {"cls_u": cls_u.detach(), "cls_r": cls_r.detach()}
+        if use_cross:
+            con = logit_consistency if self.consistency == "logit" else probability_consistency
+            u_hat, r_hat = out["u_hat"], out["r_hat"]
+            if self.detach_cross:
+                u_hat, r_hat = u_hat.detach(), r_hat.detach()
+            l_con = con(out["u"], u_hat) + con(out["r"], r_hat)
+            loss = loss + self.lam * l_con
+            logs["con"] = l_con.detach()
+        return loss, logs
+
+
+def predict_fn(branch: str = "both", flip: bool = False) -> Callable[[nn.Module, Tensor], Tensor]:
+    """Scores for ``engine.evaluate``: ``"both"`` averages the two branches' sigmoids (Sec. 3.5), ``"u"`` /
+    ``"r"`` use one branch; ``flip`` also averages over the horizontally flipped image (aug-test)."""
+    if branch not in BRANCHES:
+        raise ValueError(f"branch must be one of {BRANCHES}, got {branch!r}")
+
+    def _scores(model: nn.Module, x: Tensor) -> Tensor:
+        u, r = model(x)
+        pu, pr = torch.sigmoid(u.float()), torch.sigmoid(r.float())
+        return {"both": 0.5 * (pu + pr), "u": pu, "r": pr}[branch]
+
+    def fn(model: nn.Module, x: Tensor) -> Tensor:
+        s = _scores(model, x)
+        return 0.5 * (s + _scores(model, torch.flip(x, dims=[-1]))) if flip else s
+
+    return fn
+
+
+def compensation_parameters(model: nn.Module, branch: str = "u") -> dict[str, np.ndarray]:
+    """The learned ``mu_pos, sigma_pos, mu_neg, sigma_neg`` (Fig. 4) of one branch as NumPy arrays."""
+    if branch not in ("u", "r"):
+        raise ValueError(f"branch must be 'u' or 'r', got {branch!r}")
+    comp = model.comp_u if branch == "u" else model.comp_r
+    return {k: np.asarray(v) for k, v in comp.as_dict().items()}
+
+
+# ------------------------------------------------------------------------------ experiment glue
+VARIANTS: dict[str, dict] = {
+    # name: training options (Table 2 rows that need their own training; the others differ at inference)
+    "ensemble": {"lam": 0.0, "consistency": "none", "compensation": False},
+    "consistency": {"lam": 0.1, "consistency": "logit", "compensation": False},
+    "full": {"lam": 0.1, "consistency": "logit", "compensation": True},
+    "prob_consistency": {"lam": 0.1, "consistency": "probability", "compensation": True},
+}
+
+
+def train_ltml(settings, train_ds, train_targets, test_ds, num_classes: int, seed: int = 0, name: str = "full",
+               lam: float | None = None, consistency: str | None = None, compensation: bool | None = None,
+               progress: bool = False):
+    """Train (or load from the cache) the two-branch net with one LTML variant on in-memory data.
+
+    ``name`` picks defaults from :data:`VARIANTS`; ``lam`` / ``consistency`` / ``compensation`` override
+    them. The profile's ``model`` section goes to :func:`~mlic_lib.models.ltml.build_two_branch`,
+    ``train`` to ``TrainConfig`` and ``ltml.samples_per_class`` to the class-aware sampler. No evaluation
+    runs during training (``val_data=None``); evaluate the returned model with :func:`evaluate_rows`.
+    """
+    from mlic_lib.data.samplers import TwoStreamLoader
+    from mlic_lib.data.stats import class_counts
+    from mlic_lib.engine import TrainConfig, fit, run_dir_for
+    from mlic_lib.models.ltml import build_two_branch
+    from mlic_lib.utils import seed_everything
+
+    if name not in VARIANTS and None in (lam, consistency, compensation):
+        raise ValueError(f"unknown variant {name!r}: choose one of {sorted(VARIANTS)} or give lam, "
+                         "consistency and compensation explicitly")
+    opts = dict(VARIANTS.get(name, {}))
+    opts.update({k: v for k, v in (("lam", lam), ("consistency", consistency), ("compensation", compensation))
+                 if v is not None})
+    cfg = TrainConfig.from_dict({**settings["train"], "seed": seed})
+    m = settings["model"]
+    lt = settings.get("ltml", {})
+    targets = np.asarray(train_targets)
+    seed_everything(seed)
+    model = build_two_branch(m["backbone"], num_classes, pool=m.get("pool", "avg"), weights=m.get("weights"),
+                             widths=tuple(m["widths"]) if m.get("widths") else None)
+    pw, nw = ltml_class_weights(class_counts(targets), len(targets))
+    step = LTMLStep(pw, nw, **opts)
+    loader = TwoStreamLoader(train_ds, targets, cfg.batch_size, seed=seed,
+                             samples_per_class=int(lt.get("samples_per_class", 1)), num_workers=cfg.num_workers)
+    key = {"chapter": settings.get("chapter"), "data": settings["data"], "model": m, "train": cfg.to_dict(),
+           "ltml": {**opts, "samples_per_class": lt.get("samples_per_class", 1)}}
+    run_dir = run_dir_for(f"{settings.get('chapter')}-{name}-lam{opts['lam']}-s{seed}", key)
+    return fit(model, loader, None, cfg, step=step, run_dir=run_dir, progress=progress,
+               steps_per_epoch=len(loader))
+
+
+#: Rows of Table 2 obtained from one trained model by changing only the inference.
+INFERENCE_ROWS = {"uniform branch": ("u", False), "re-balanced branch": ("r", False),
+                  "branch ensemble": ("both", False), "aug-test": ("both", True)}
+
+
+def _all_scores(model: nn.Module, x: Tensor) -> Tensor:
+    """``[s(u), s(r), s(u_flip), s(r_flip)]`` concatenated along the class axis (one pass for every row)."""
+    u, r = model(x)
+    uf, rf = model(torch.flip(x, dims=[-1]))
+    return torch.sigmoid(torch.cat([u, r, uf, rf], dim=1).float())
+
+
+def evaluate_rows(model: nn.Module, test_ds, groups, rows=tuple(INFERENCE_ROWS), batch_size: int = 256
+                  ) -> dict[str, dict]:
+    """Metrics (``multilabel_report``) of ``model`` on ``test_ds`` for each inference row of
+    :data:`INFERENCE_ROWS`, from one pass over the test set (original + flipped images).
+
+    Row ``"branch ensemble"`` is Sec. 3.5's average; ``"aug-test"`` also averages the flipped image."""
+    from mlic_lib.engine import make_loader, predict
+    from mlic_lib.metrics import multilabel_report
+
+    bad = [r for r in rows if r not in INFERENCE_ROWS]
+    if bad:
+        raise ValueError(f"unknown inference row(s) {bad}; choose from {list(INFERENCE_ROWS)}")
+    device = next(model.parameters()).device
+    scores, targets, mask = predict(model, make_loader(test_ds, batch_size, shuffle=False), device, _all_scores)
+    pu, pr, puf, prf = np.split(scores, 4, axis=1)
+    table = {("u", False): pu, ("r", False): pr, ("both", False): 0.5 * (pu + pr),
+             ("both", True): 0.25 * (pu + pr + puf + prf)}
+    return {row: multilabel_report(table[INFERENCE_ROWS[row]], targets, mask=mask, groups=groups) for row in rows}

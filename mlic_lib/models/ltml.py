@@ -1,0 +1,123 @@
+"""The two-branch network of LTML (Guo & Wang, CVPR 2021, Sec. 3.1, Fig. 2, Eqs. 1-2).
+
+A shared trunk ``phi`` (a ResNet without its last stage) feeds two branches with the same architecture
+and separate parameters: Subnet-U (``f1`` = a copy of the last stage, global average pooling, ``f2`` = a
+linear classifier) for the uniform sampling and Subnet-R (``g1``, ``g2``) for the re-balanced sampling.
+
+* Eq. 1: ``u_i = f2(f1(phi(x_i^u)))``, ``r_j = g2(g1(phi(x_j^r)))`` (the classification paths);
+* Eq. 2: ``u^_i = g2(g1(phi(x_i^u)))``, ``r^_j = f2(f1(phi(x_j^r)))`` (the crossed paths, used only by
+  the consistency loss).
+
+:meth:`TwoBranchNet.forward_pair` computes all four with one trunk pass over the concatenated batches and
+one pass of each branch; ``forward(x)`` returns both branches' logits for the same input (inference, Sec.
+3.5). The learnable logit compensation of Eq. 6 (``mu``/``sigma`` per class for positive and negative
+logits) lives in the model as ``comp_u`` / ``comp_r`` so that the optimiser sees it; it is used only by
+the loss (:mod:`mlic_lib.ltml`).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+
+from mlic_lib.models.backbones import GlobalPool, build_model
+
+__all__ = ["Branch", "LogitCompensation", "TwoBranchNet", "build_two_branch"]
+
+
+class LogitCompensation(nn.Module):
+    """Per-class learnable ``mu_p, sigma_p, mu_n, sigma_n`` of Eq. 6, initialised to ``mu = 0, sigma = 1``
+    (Sec. 4.1): positives use ``u * sigma_p + mu_p``, negatives ``u * sigma_n + mu_n``."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be positive, got {num_classes}")
+        self.mu_pos = nn.Parameter(torch.zeros(num_classes))
+        self.sigma_pos = nn.Parameter(torch.ones(num_classes))
+        self.mu_neg = nn.Parameter(torch.zeros(num_classes))
+        self.sigma_neg = nn.Parameter(torch.ones(num_classes))
+
+    def forward(self, logits: Tensor) -> tuple[Tensor, Tensor]:
+        """``(positive-compensated, negative-compensated)`` logits, each the shape of ``logits``."""
+        return logits * self.sigma_pos + self.mu_pos, logits * self.sigma_neg + self.mu_neg
+
+    def as_dict(self) -> dict[str, list[float]]:
+        return {k: getattr(self, k).detach().cpu().tolist() for k in ("mu_pos", "sigma_pos", "mu_neg", "sigma_neg")}
+
+
+class Branch(nn.Module):
+    """One subnet: last stage (``f1``/``g1``) -> global pooling -> linear classifier (``f2``/``g2``)."""
+
+    def __init__(self, stage: nn.Module, num_features: int, num_classes: int, pool: str = "avg"):
+        super().__init__()
+        self.stage = stage
+        self.pool = GlobalPool(pool)
+        self.classifier = nn.Linear(num_features, num_classes)
+
+    def forward(self, fmap: Tensor) -> Tensor:
+        return self.classifier(self.pool(self.stage(fmap)))
+
+
+class TwoBranchNet(nn.Module):
+    """Shared trunk (``features``, so ``TrainConfig.backbone_lr_mult`` applies to it) + Subnet-U + Subnet-R.
+
+    ``forward(x)`` returns ``(u, r)``: both branches' logits on the same input ``x``;
+    ``forward(x_u, x_r, cross=...)`` is :meth:`forward_pair` (so a DDP wrapper's forward reaches it).
+    """
+
+    def __init__(self, trunk: nn.Module, branch_u: Branch, branch_r: Branch, num_classes: int):
+        super().__init__()
+        self.features = trunk
+        self.branch_u = branch_u
+        self.branch_r = branch_r
+        self.comp_u = LogitCompensation(num_classes)
+        self.comp_r = LogitCompensation(num_classes)
+        self.num_classes = num_classes
+
+    def forward(self, x: Tensor, x_r: Tensor | None = None, cross: bool = True):
+        if x_r is not None:
+            return self.forward_pair(x, x_r, cross=cross)
+        fmap = self.features(x)
+        return self.branch_u(fmap), self.branch_r(fmap)
+
+    def forward_pair(self, x_u: Tensor, x_r: Tensor, cross: bool = True) -> dict[str, Tensor]:
+        """Eqs. 1-2 for a uniform batch ``x_u`` and a re-balanced batch ``x_r``.
+
+        Returns ``u``, ``r`` and, with ``cross``, ``u_hat`` (``x_u`` through Subnet-R) and ``r_hat``
+        (``x_r`` through Subnet-U). The trunk sees both batches in one pass (its batch-norm statistics
+        pool them); without ``cross`` each branch sees only its own batch.
+        """
+        if x_u.shape[1:] != x_r.shape[1:]:
+            raise ValueError(f"x_u {tuple(x_u.shape)} and x_r {tuple(x_r.shape)} must have the same image shape")
+        b = x_u.shape[0]
+        fmap = self.features(torch.cat([x_u, x_r]))
+        if not cross:
+            return {"u": self.branch_u(fmap[:b]), "r": self.branch_r(fmap[b:])}
+        out_f = self.branch_u(fmap)  # [u ; r_hat]
+        out_g = self.branch_r(fmap)  # [u_hat ; r]
+        return {"u": out_f[:b], "r_hat": out_f[b:], "u_hat": out_g[:b], "r": out_g[b:]}
+
+
+def build_two_branch(backbone: str, num_classes: int, pool: str = "avg", weights=None,
+                     widths: tuple[int, ...] | None = None) -> TwoBranchNet:
+    """Two-branch LTML net on a foundation backbone: trunk = ``features[:-1]``, each branch = an identical
+    deep copy of ``features[-1]`` (ResNet ``layer4``; the last BasicBlock of ``small_resnet``) + pooling
+    + a copy of the classifier. The paper uses ResNet-50 with global average pooling (``pool="avg"``).
+
+    Only backbones whose ``features`` is an ``nn.Sequential`` of stages can be split (``small_resnet``,
+    ``resnet18/34/50/101``); others raise ``ValueError``.
+    """
+    net = build_model(backbone, num_classes, pool=pool, weights=weights, widths=widths)
+    feats = net.features
+    if not isinstance(feats, nn.Sequential) or len(feats) < 2:
+        raise ValueError(f"backbone {backbone!r} has no stage list to split into trunk and last stage; "
+                         "use small_resnet or a torchvision resnet")
+    trunk = feats[:-1]
+    stage = feats[-1]
+    dim = net.num_features
+    branch = Branch(stage, dim, num_classes, pool)
+    branch.classifier = net.classifier
+    return TwoBranchNet(trunk, copy.deepcopy(branch), copy.deepcopy(branch), num_classes)

@@ -1,0 +1,281 @@
+"""LTML chapter: samplers, split files, two-branch net, losses (Eqs. 4, 6, 7), step, inference, profiles."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mlic_lib import ltml
+from mlic_lib.data import longtail, stats
+from mlic_lib.data.samplers import ClassAwareSampler, TwoStreamLoader, UniformSampler, sampling_probabilities
+from mlic_lib.data.tensors import TensorImageDataset
+from mlic_lib.models.ltml import LogitCompensation, TwoBranchNet, build_two_branch
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+WIDTHS = (4, 8, 8, 16)
+
+
+def _longtail_targets(n=600, k=10, seed=0):
+    rng = np.random.default_rng(seed)
+    p = 0.5 * (np.arange(k) + 1.0) ** -1.5
+    t = (rng.random((n, k)) < p).astype(np.float32)
+    t[t.sum(1) == 0, 0] = 1
+    return t
+
+
+# ------------------------------------------------------------------------------------- samplers
+def test_class_aware_sampler_balances_classes_over_an_epoch():
+    t = _longtail_targets()
+    counts = t.sum(0)
+    assert counts.max() / counts.min() > 20
+    s = ClassAwareSampler(t, num_samples=4000, seed=0)
+    idx = s.indices(0)
+    assert len(idx) == 4000 and idx.min() >= 0 and idx.max() < len(t)
+    # each class is visited 1/K of the time, so every class gets >= num_samples / K draws
+    assert (t[idx].sum(0) >= 4000 / t.shape[1] - 1).all()
+    uni = t[UniformSampler(len(t), 4000, seed=0).indices(0)].sum(0)
+    drawn = t[idx].sum(0)
+    assert drawn.max() / drawn.min() < uni.max() / uni.min() / 5  # far flatter than uniform sampling
+
+
+def test_class_aware_matches_paper_probabilities():
+    t = _longtail_targets(n=200, k=5, seed=1)
+    p = sampling_probabilities(t)
+    assert np.isclose(p.sum(), 1.0)
+    idx = ClassAwareSampler(t, num_samples=60000, seed=3).indices(0)
+    freq = np.bincount(idx, minlength=len(t)) / len(idx)
+    assert np.abs(freq - p).max() < 0.004
+    assert np.allclose(sampling_probabilities(t, "uniform"), 1 / len(t))
+
+
+def test_samplers_deterministic_and_errors():
+    t = _longtail_targets()
+    a, b = ClassAwareSampler(t, seed=5), ClassAwareSampler(t, seed=5)
+    assert np.array_equal(a.indices(2), b.indices(2)) and not np.array_equal(a.indices(0), a.indices(1))
+    u = UniformSampler(10, seed=0).indices(0)
+    assert sorted(u.tolist()) == list(range(10))
+    with pytest.raises(ValueError, match="no class has a positive"):
+        ClassAwareSampler(np.zeros((4, 3)))
+    with pytest.raises(ValueError, match="2-D"):
+        ClassAwareSampler(np.zeros(4))
+    with pytest.raises(ValueError, match="samples_per_class"):
+        ClassAwareSampler(t, samples_per_class=0)
+    assert len(ClassAwareSampler(t, num_samples="db")) == int(t.sum(0).max() * t.shape[1] / 4)
+
+
+def test_two_stream_loader_yields_pairs_and_is_deterministic_per_epoch():
+    t = _longtail_targets(n=64, k=4)
+    imgs = np.random.default_rng(0).integers(0, 255, (64, 3, 8, 8), dtype=np.uint8)
+    ds = TensorImageDataset(imgs, t)
+    loader = TwoStreamLoader(ds, t, batch_size=16, seed=1)
+    assert len(loader) == 4
+    e0 = [b[1].clone() for b in loader]
+    e1 = [b[1].clone() for b in loader]
+    batch = next(iter(TwoStreamLoader(ds, t, batch_size=16, seed=1)))
+    assert len(batch) == 4 and batch[0].shape == (16, 3, 8, 8) and batch[3].shape == (16, 4)
+    loader.set_epoch(0)
+    assert all(torch.equal(a, b[1]) for a, b in zip(e0, loader, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(e0, e1, strict=True))
+    with pytest.raises(ValueError, match="rows but the dataset"):
+        TwoStreamLoader(ds, t[:10], batch_size=4)
+
+
+# ------------------------------------------------------------------------------------- losses
+def _reference_eq4(u, y, counts, n):
+    rho = counts / n
+    w = y * np.exp(1 - rho) + (1 - y) * np.exp(rho)
+    s = 1 / (1 + np.exp(-u))
+    return float(np.mean(-np.mean(w * (y * np.log(s) + (1 - y) * np.log(1 - s)), axis=1)))
+
+
+def test_weighted_bce_matches_eq4_reference():
+    rng = np.random.default_rng(0)
+    u = rng.normal(size=(6, 5))
+    y = (rng.random((6, 5)) < 0.4).astype(np.float64)
+    counts, n = np.array([50, 20, 5, 1, 0]), 60
+    pw, nw = ltml.ltml_class_weights(counts, n)
+    got = ltml.weighted_bce_eq4(torch.tensor(u, dtype=torch.float32), torch.tensor(y, dtype=torch.float32), pw, nw)
+    assert got.item() == pytest.approx(_reference_eq4(u, y, counts, n), rel=1e-5)
+    with pytest.raises(ValueError, match="class counts must lie"):
+        ltml.ltml_class_weights([5, 70], 60)
+
+
+def test_compensation_identity_equals_weighted_bce_and_reference_eq6():
+    torch.manual_seed(0)
+    u, y = torch.randn(8, 6), (torch.rand(8, 6) < 0.3).float()
+    pw, nw = ltml.ltml_class_weights(np.array([30, 10, 5, 3, 2, 1]), 40)
+    comp = LogitCompensation(6)
+    a = ltml.compensated_bce(u, y, pw, nw, comp.mu_pos, comp.sigma_pos, comp.mu_neg, comp.sigma_neg)
+    assert a.item() == pytest.approx(ltml.weighted_bce_eq4(u, y, pw, nw).item(), rel=1e-6)
+    mp, sp, mn, sn = torch.randn(6), torch.rand(6) + 0.5, torch.randn(6), torch.rand(6) + 0.5
+    ref = -(pw * y * torch.log(torch.sigmoid(u * sp + mp))
+            + nw * (1 - y) * torch.log(1 - torch.sigmoid(u * sn + mn))).mean()
+    assert ltml.compensated_bce(u, y, pw, nw, mp, sp, mn, sn).item() == pytest.approx(ref.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="one value per class"):
+        ltml.compensated_bce(u, y, pw, nw, torch.zeros(5), sp, mn, sn)
+
+
+def test_gradients_reach_mu_and_sigma():
+    comp = LogitCompensation(4)
+    u, y = torch.randn(5, 4), (torch.rand(5, 4) < 0.5).float()
+    y[0] = 1
+    y[1] = 0
+    loss = ltml.compensated_bce(u, y, torch.ones(4), torch.ones(4), comp.mu_pos, comp.sigma_pos, comp.mu_neg,
+                                comp.sigma_neg)
+    loss.backward()
+    for p in comp.parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def test_consistency_losses():
+    a = torch.randn(4, 3, requires_grad=True)
+    assert ltml.logit_consistency(a, a.detach().clone()).item() == 0.0
+    assert ltml.probability_consistency(a, a.detach().clone()).item() == 0.0
+    b = torch.randn(4, 3)
+    assert ltml.logit_consistency(a, b).item() == pytest.approx(F.mse_loss(a, b).item())
+    ltml.logit_consistency(a, b).backward()
+    assert torch.allclose(a.grad, 2 * (a - b).detach() / a.numel())  # Eq. 9 (per image: 2/K (u - u^))
+    big = torch.full((1, 2), 20.0, requires_grad=True)
+    ltml.probability_consistency(big, torch.zeros(1, 2)).backward()
+    assert big.grad.abs().max() < 1e-6  # Eq. 8: vanishing gradient on confident probabilities
+    with pytest.raises(ValueError, match="same shape"):
+        ltml.logit_consistency(a, torch.zeros(2, 3))
+
+
+# ------------------------------------------------------------------------------------- model
+def test_two_branch_net_shapes_paths_and_copies():
+    torch.manual_seed(0)
+    net = build_two_branch("small_resnet", 5, widths=WIDTHS)
+    assert isinstance(net, TwoBranchNet)
+    assert net.branch_u.stage is not net.branch_r.stage
+    for pu, pr in zip(net.branch_u.parameters(), net.branch_r.parameters(), strict=True):
+        assert torch.equal(pu, pr)  # identical copies at start (Sec. 3.1)
+    net.eval()
+    xu, xr = torch.randn(3, 3, 32, 32), torch.randn(2, 3, 32, 32)
+    out = net.forward_pair(xu, xr)
+    assert out["u"].shape == (3, 5) and out["r"].shape == (2, 5) and out["u_hat"].shape == (3, 5)
+    fmap = net.features(xu)
+    assert torch.allclose(out["u"], net.branch_u(fmap), atol=1e-5)  # Eq. 1
+    assert torch.allclose(out["u_hat"], net.branch_r(fmap), atol=1e-5)  # Eq. 2
+    assert torch.allclose(out["r_hat"], net.branch_u(net.features(xr)), atol=1e-5)
+    u, r = net(xu)
+    assert u.shape == r.shape == (3, 5)
+    with pytest.raises(ValueError, match="no stage list"):
+        build_two_branch("efficientnet_lite0", 5)
+
+
+def test_inference_averages_branches_and_flip():
+    torch.manual_seed(0)
+    net = build_two_branch("small_resnet", 4, widths=WIDTHS).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        u, r = net(x)
+        uf, rf = net(torch.flip(x, dims=[-1]))
+        both = ltml.predict_fn("both")(net, x)
+        assert torch.allclose(both, (torch.sigmoid(u) + torch.sigmoid(r)) / 2)
+        assert torch.allclose(ltml.predict_fn("u")(net, x), torch.sigmoid(u))
+        flip = ltml.predict_fn("both", flip=True)(net, x)
+        ref = (torch.sigmoid(u) + torch.sigmoid(r) + torch.sigmoid(uf) + torch.sigmoid(rf)) / 4
+        assert torch.allclose(flip, ref, atol=1e-6)
+    with pytest.raises(ValueError, match="branch must be"):
+        ltml.predict_fn("x")
+
+
+def test_step_gradients_and_options():
+    torch.manual_seed(0)
+    net = build_two_branch("small_resnet", 4, widths=WIDTHS)
+    batch = [torch.randn(4, 3, 32, 32), (torch.rand(4, 4) < 0.5).float(),
+             torch.randn(4, 3, 32, 32), (torch.rand(4, 4) < 0.5).float()]
+    pw, nw = ltml.ltml_class_weights([10, 5, 2, 1], 20)
+    loss, logs = ltml.LTMLStep(pw, nw, lam=0.1)(net, batch, torch.device("cpu"))
+    loss.backward()
+    assert {"cls_u", "cls_r", "con"} <= set(logs)
+    for name, p in net.named_parameters():
+        assert p.grad is not None, f"no gradient for {name}"
+    _, logs0 = ltml.LTMLStep(pw, nw, lam=0.0, compensation=False)(net, batch, torch.device("cpu"))
+    assert "con" not in logs0
+    loss_u, logs_u = ltml.LTMLStep(pw, nw, branches="u")(net, batch, torch.device("cpu"))
+    assert set(logs_u) == {"cls_u"}
+    for kw, msg in (({"consistency": "kl"}, "consistency must be"), ({"lam": -1}, "lam"),
+                    ({"branches": "x"}, "branches must be")):
+        with pytest.raises(ValueError, match=msg):
+            ltml.LTMLStep(**kw)
+    with pytest.raises(ValueError, match="TwoStreamLoader"):
+        ltml.LTMLStep()(net, batch[:2], torch.device("cpu"))
+
+
+def test_train_and_evaluate_rows_deterministic(tmp_path, monkeypatch):
+    import json
+
+    from mlic_lib import engine
+    from mlic_lib.profiles import load_profile
+
+    # other chapters' sources change while tests run: key the cache on the config alone here
+    monkeypatch.setattr(engine, "config_hash", lambda c: str(abs(hash(json.dumps(c, sort_keys=True, default=str)))))
+
+    settings = load_profile("ltml", "smoke", {"train.epochs": 1, "train.batch_size": 16})
+    settings["model"]["widths"] = list(WIDTHS)
+    t = _longtail_targets(n=64, k=4)
+    imgs = np.random.default_rng(0).integers(0, 255, (64, 3, 16, 16), dtype=np.uint8)
+    ds = TensorImageDataset(imgs, t)
+    groups = {"head": [0], "medium": [1], "tail": [2, 3]}
+    runs = [ltml.train_ltml(settings, ds, t, ds, 4, seed=0, name="full") for _ in range(2)]
+    assert runs[1].cached
+    rows = ltml.evaluate_rows(runs[0].model, ds, groups)
+    assert set(rows) == set(ltml.INFERENCE_ROWS) and "mAP_tail" in rows["aug-test"]
+    settings["train"]["seed"] = 0
+    fresh = ltml.train_ltml({**settings, "chapter": "ltml-fresh"}, ds, t, ds, 4, seed=0, name="full")
+    for a, b in zip(runs[0].model.state_dict().values(), fresh.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)  # same seed, same weights
+    assert ltml.compensation_parameters(runs[0].model)["mu_pos"].shape == (4,)
+    with pytest.raises(ValueError, match="unknown variant"):
+        ltml.train_ltml(settings, ds, t, ds, 4, name="nope")
+    with pytest.raises(ValueError, match="unknown inference row"):
+        ltml.evaluate_rows(runs[0].model, ds, groups, rows=["nope"])
+
+
+# ------------------------------------------------------------------------------------- long-tailed data
+@pytest.mark.parametrize(("name", "sizes", "n_images", "n_classes"),
+                         [("voc_lt", (6, 6, 8), 1142, 20), ("coco_lt", (22, 33, 25), 1909, 80)])
+def test_split_files_parse_into_groups(name, sizes, n_images, n_classes):
+    folder = SHARED / name
+    if not (folder / "class_split.pkl").is_file():
+        pytest.skip(f"{folder} not present")
+    split = longtail.read_lt_split(folder)
+    assert len(split) == n_images and split.num_classes == n_classes
+    assert tuple(len(split.groups[g]) for g in longtail.GROUP_NAMES) == sizes
+    # the split files follow head >= 100, tail < 20 training images (the paper writes "more than 100")
+    ours = stats.head_medium_tail(split.class_freq, 100, 19)
+    assert all(np.array_equal(ours[g], split.groups[g]) for g in longtail.GROUP_NAMES)
+    assert np.array_equal(split.class_freq + split.neg_class_freq, np.full(n_classes, n_images))
+    assert longtail.check_labels(split, split.gt_labels) == 1.0
+
+
+def test_split_file_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="img_id.txt"):
+        longtail.read_lt_split(tmp_path)
+    with pytest.raises(ValueError, match="dataset must be"):
+        longtail.lt_datasets("nus_lt")
+    with pytest.raises(FileNotFoundError, match="VOC-LT"):
+        longtail.lt_datasets("voc_lt", root=tmp_path)
+
+
+def test_longtail_scenes_groups():
+    from mlic_lib.data.scenes import make_scenes
+
+    spec = longtail.longtail_scene_spec(2.0, canvas=40, scale_range=(0.5, 1.0), max_objects=3)
+    scenes = make_scenes(300, spec, seed=1)
+    groups = longtail.scene_groups(scenes.targets)
+    assert all(len(groups[g]) for g in longtail.GROUP_NAMES)
+    assert sorted(np.concatenate(list(groups.values())).tolist()) == list(range(spec.num_classes))
+    assert longtail.scaled_thresholds(1142) == (100, 19)
+    order = longtail.head_to_tail_order([3, 9, 9, 1])
+    assert order.tolist() == [1, 2, 0, 3]
+    with pytest.raises(ValueError, match="exponent must be positive"):
+        longtail.longtail_scene_spec(0.0)
+    with pytest.raises(ValueError, match="empty"):
+        longtail.scene_groups(scenes.targets, head_min=10_000, tail_max=0)
