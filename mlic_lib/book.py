@@ -90,6 +90,18 @@ def _hide_default_parameters(path: Path) -> None:
     path.write_text(json.dumps(nb, indent=1))
 
 
+def _flatten_numbers(obj, prefix: str = ""):
+    """``(dotted key, number)`` pairs of a nested dict/list of results; strings and booleans are skipped."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _flatten_numbers(v, f"{prefix}{k}.")
+    elif isinstance(obj, list | tuple):
+        for i, v in enumerate(obj):
+            yield from _flatten_numbers(v, f"{prefix}{i}.")
+    elif isinstance(obj, int | float) and not isinstance(obj, bool):
+        yield prefix[:-1], obj
+
+
 def reproduction_page(results: Path, published: Path) -> str:
     """Markdown of the reproduction matrix: every chapter's headline numbers (from the results JSONs
     of this build) next to the papers' published numbers (``book/published.yaml``)."""
@@ -104,8 +116,8 @@ def reproduction_page(results: Path, published: Path) -> str:
         "Every value in the *ours* column was computed when this book was built; the profile says at",
         "what scale. Under the `default` profile the data is the book's embedded data, not the paper's",
         "dataset, so compare directions (which method wins, by how much relative to the spread), not",
-        "absolute values. Published values are quoted from the papers (source given per chapter); the papers'",
-        "percentages are shown as fractions, on the same scale as ours.",
+        "absolute values. Published values are quoted from the papers (source given per chapter) in the papers'",
+        "units (mostly %); ours are in the units the chapter's own tables use (see the chapter).",
         "",
     ]
     files = sorted(results.glob("*.json")) if results.is_dir() else []
@@ -122,12 +134,9 @@ def reproduction_page(results: Path, published: Path) -> str:
             lines += [f"Published: {info['source']}.", ""]
         lines += ["| quantity | ours | published |", "|---|---|---|"]
         published_numbers = info.get("numbers", {})
-        for key, value in res.get("numbers", {}).items():
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                continue
-            ours = f"{value:.4g}"
+        for key, value in _flatten_numbers(res.get("numbers", {})):
             paper = published_numbers.get(key)
-            lines.append(f"| `{key}` | {ours} | {'-' if paper is None else f'{paper / 100:.4g}'} |")
+            lines.append(f"| `{key}` | {value:.4g} | {'-' if paper is None else paper} |")
         lines.append("")
     return "\n".join(lines) + "\n"
 

@@ -11,12 +11,14 @@ from mlic_lib.reporting import write_chapter_results
 def test_reproduction_page_puts_ours_next_to_published(tmp_path, monkeypatch):
     monkeypatch.setenv("MLIC_RESULTS", str(tmp_path / "res"))
     write_chapter_results("demo", {"profile": "smoke", "chapter": "demo"},
-                          {"mAP_x": 0.5, "cached": True, "note": "text", "n": 3})
+                          {"mAP_x": 0.5, "cached": True, "note": "text", "n": 3,
+                           "mAP": {"Baseline": 61.5, "pair": [1, 2]}})
     published = tmp_path / "published.yaml"
-    published.write_text("demo:\n  paper: Demo paper\n  source: Table 1\n  numbers:\n    mAP_x: 93.3\n")
+    published.write_text("demo:\n  paper: Demo paper\n  source: Table 1\n  numbers:\n    mAP.Baseline: 93.3\n")
     page = reproduction_page(tmp_path / "res", published)
     assert "## Demo paper" in page and "Profile `smoke`" in page and "Published: Table 1." in page
-    assert "| `mAP_x` | 0.5 | 0.933 |" in page
+    assert "| `mAP_x` | 0.5 | - |" in page
+    assert "| `mAP.Baseline` | 61.5 | 93.3 |" in page and "| `mAP.pair.1` | 2 | - |" in page
     assert "| `n` | 3 | - |" in page
     assert "cached" not in page and "note" not in page  # booleans and strings are not numbers
     assert "No chapter" in reproduction_page(tmp_path / "missing", published)
