@@ -24,7 +24,7 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 	  test $${PIPESTATUS[0]} -eq 0
 	$(PY) -m pip install --quiet --no-deps -e . 2>&1 | grep -v "^WARNING: Location"; \
 	  test $${PIPESTATUS[0]} -eq 0
-	$(PY) -m mlic_lib._torchvision_compat
+	$(PY) -c "import mlic_lib._torchvision_compat as c; print('torchvision hook:', c.write_pth())"
 	$(PY) -m ipykernel install --user --name mlic --display-name "Python (mlic companion)" >/dev/null
 	@touch $@
 
