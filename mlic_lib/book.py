@@ -120,7 +120,9 @@ def reproduction_page(results: Path, published: Path) -> str:
         "units (mostly %); ours are in the units the chapter's own tables use (see the chapter).",
         "",
     ]
-    files = sorted(results.glob("*.json")) if results.is_dir() else []
+    order = {name: i for i, name in enumerate(pub)}  # book order, as listed in published.yaml
+    files = sorted(results.glob("*.json"), key=lambda f: (order.get(f.stem, len(order)), f.stem)) \
+        if results.is_dir() else []
     if not files:
         lines.append("No chapter has written results in this build.")
     for f in files:
