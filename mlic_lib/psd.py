@@ -315,19 +315,8 @@ def _fit_teacher(spec: TeacherSpec, images_u8, targets, device: str | None = Non
                  run_dir: str | Path | None = None) -> FitResult:
     cfg = TrainConfig.from_dict({**spec.train, **({"device": device} if device else {})})
     ds = subtask_dataset(images_u8, targets, spec.subset, spec.images)
-    cfg = _enough_steps(cfg, len(ds))
     model = build_psd_model(spec.model, len(spec.subset), spec.seed)
     return fit(model, ds, None, cfg, step=ASLStep(spec.asl), run_dir=run_dir or spec.run_dir(), progress=progress)
-
-
-def _enough_steps(cfg: TrainConfig, n: int) -> TrainConfig:
-    """OneCycle in the engine needs >= 3 optimiser steps in all: shrink the batch of a tiny sub-task."""
-    import math
-
-    if cfg.scheduler == "onecycle" and cfg.epochs * math.ceil(n / cfg.batch_size) < 3:
-        batch = max(1, math.ceil(n / math.ceil(3 / cfg.epochs)) - 1)
-        cfg = TrainConfig.from_dict({**cfg.to_dict(), "batch_size": batch})
-    return cfg
 
 
 def train_teacher(settings: Mapping[str, Any], images_u8, targets, subset: Sequence[int], *, seed: int = 0,
@@ -431,7 +420,7 @@ def train_baseline(settings: Mapping[str, Any], data, *, seed: int = 0) -> FitRe
     """The plain model: the full label set, ASL, the student's recipe (``settings['train']``), evaluated
     on the test set. Its run is the same as a full-label teacher trained with that recipe."""
     spec = _teacher_spec(settings, range(data.num_classes), seed=seed, train={}, images="all")
-    cfg = _enough_steps(TrainConfig.from_dict(spec.train), len(data.train_ds))
+    cfg = TrainConfig.from_dict(spec.train)
     model = build_psd_model(spec.model, data.num_classes, seed)
     key = {**spec.key(), "role": "baseline"}
     return fit(model, data.train_ds, data.test_ds, cfg, step=ASLStep(spec.asl),
@@ -444,7 +433,7 @@ def train_student(settings: Mapping[str, Any], data, teachers: Sequence[nn.Modul
     the same architecture on the full task. ``teacher_key`` (e.g. the teachers' run dirs) enters the cache
     key; teacher logits of the training set are computed once."""
     p = settings.get("psd", {})
-    cfg = _enough_steps(TrainConfig.from_dict({**settings["train"], "seed": seed}), len(data.train_ds))
+    cfg = TrainConfig.from_dict({**settings["train"], "seed": seed})
     key = {"role": "student", "name": name, "model": dict(settings["model"]), "train": cfg.to_dict(),
            "asl": dict(p.get("asl", {})), "kd_weight": p.get("kd_weight", 1.0),
            "kd_reduction": p.get("kd_reduction", "sum"), "teachers": teacher_key, "seed": seed,
