@@ -36,7 +36,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from mlic_lib import metrics as M
 from mlic_lib.losses import BCEWithLogits
-from mlic_lib.utils import atomic_torch_save, atomic_write_json, config_hash, load_checkpoint, pick_device
+from mlic_lib.utils import (
+    atomic_torch_save,
+    atomic_write_json,
+    config_hash,
+    load_checkpoint,
+    pick_device,
+    seed_everything,
+)
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("none", "onecycle", "step", "cosine")
@@ -405,9 +412,7 @@ def fit(model: nn.Module, train_data: Dataset | Iterable, val_data: Dataset | It
         return FitResult(model, saved["history"], saved["final"], run_dir, True, saved.get("seconds", 0.0),
                          saved.get("extras", {}))
 
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    random.seed(cfg.seed)
+    seed_everything(cfg.seed)
     autocast, scaler = _autocast(device, cfg.amp)
     train_model: nn.Module = model
     if _distributed()[0] > 1:

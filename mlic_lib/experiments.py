@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from torch import nn
 
 from mlic_lib.data.scenes import SceneSet, SceneSpec, make_scenes, make_world
 from mlic_lib.data.tensors import TensorImageDataset
@@ -69,6 +70,14 @@ def scene_data(settings: Mapping[str, Any], data_seed: int = 0, use_cache: bool 
                      TensorImageDataset(test.images, test.targets))
 
 
+def build_scene_model(model_settings: Mapping[str, Any], num_classes: int, seed: int) -> nn.Module:
+    """The profile's ``model:`` section (backbone, pool, weights, widths) as a seeded :func:`build_model`."""
+    seed_everything(seed)
+    m = model_settings
+    widths = tuple(m["widths"]) if m.get("widths") else None
+    return build_model(m["backbone"], num_classes, pool=m.get("pool", "max"), weights=m.get("weights"), widths=widths)
+
+
 def train_scene_model(settings: Mapping[str, Any], data: SceneData, seed: int = 0, name: str = "baseline",
                       step: Callable | None = None, model=None, extra_key: Mapping[str, Any] | None = None,
                       progress: bool = True) -> FitResult:
@@ -80,10 +89,7 @@ def train_scene_model(settings: Mapping[str, Any], data: SceneData, seed: int = 
     cfg = TrainConfig.from_dict({**settings["train"], "seed": seed})
     m = settings["model"]
     if model is None:
-        seed_everything(seed)
-        widths = tuple(m["widths"]) if m.get("widths") else None
-        model = build_model(m["backbone"], data.num_classes, pool=m.get("pool", "max"),
-                            weights=m.get("weights"), widths=widths)
+        model = build_scene_model(m, data.num_classes, seed)
     key = {"chapter": settings.get("chapter"), "name": name, "data": settings["data"], "model": m,
            "train": cfg.to_dict(), "extra": dict(extra_key or {})}
     run_dir = run_dir_for(f"{settings.get('chapter')}-{name}-s{seed}", key)

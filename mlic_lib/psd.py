@@ -41,9 +41,9 @@ from torch.utils.data import Dataset
 
 from mlic_lib.data.tensors import TensorImageDataset
 from mlic_lib.engine import FitResult, TrainConfig, fit, run_dir_for
+from mlic_lib.experiments import build_scene_model
 from mlic_lib.losses import AsymmetricLoss
-from mlic_lib.models import build_model
-from mlic_lib.utils import pick_device, seed_everything
+from mlic_lib.utils import pick_device
 
 __all__ = [
     "IMAGE_SELECTIONS",
@@ -274,11 +274,7 @@ def predict_logits(model: nn.Module, dataset: TensorImageDataset, batch_size: in
 # --------------------------------------------------------------------------------- training glue
 def build_psd_model(model_settings: Mapping[str, Any], num_classes: int, seed: int) -> nn.Module:
     """The common architecture of teachers and student (``model:`` section: backbone, pool, widths, weights)."""
-    seed_everything(seed)
-    m = dict(model_settings)
-    widths = tuple(m["widths"]) if m.get("widths") else None
-    return build_model(m["backbone"], num_classes, pool=m.get("pool", "max"), weights=m.get("weights"),
-                       widths=widths)
+    return build_scene_model(model_settings, num_classes, seed)
 
 
 @dataclass
