@@ -48,6 +48,11 @@ def _voc(name: str, year: str, size: int, sha: str) -> RemoteFile:
     return RemoteFile(name, (f"{_VOC}/voc{year}/{name}", f"{_VOC_MIRROR}/{name}"), size, sha)
 
 
+def _copies(base: str, dest: str, rows) -> tuple[RemoteFile, ...]:
+    """Files copied as they are from ``base/<name>`` to ``dest/<name>``; rows are ``(name, size, sha256)``."""
+    return tuple(RemoteFile(n, (f"{base}/{n}",), size, sha, dest, "copy") for n, size, sha in rows)
+
+
 def _coco(name: str, size: int, sha: str, folder: str = "zips") -> RemoteFile:
     return RemoteFile(name, (f"{_COCO}/{folder}/{name}",), size, sha, dest="coco")
 
@@ -91,9 +96,8 @@ DATASETS: dict[str, DatasetEntry] = {
     ),
     "mnist": DatasetEntry(
         "mnist", "MNIST (IDX files, kept gzipped)",
-        tuple(
-            RemoteFile(n, (f"https://storage.googleapis.com/cvdf-datasets/mnist/{n}",), size, sha, "mnist", "copy")
-            for n, size, sha in (
+        _copies(
+            "https://storage.googleapis.com/cvdf-datasets/mnist", "mnist", (
                 ("train-images-idx3-ubyte.gz", 9912422,
                  "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609"),
                 ("train-labels-idx1-ubyte.gz", 28881,
@@ -114,9 +118,8 @@ DATASETS: dict[str, DatasetEntry] = {
     ),
     "voc_lt": DatasetEntry(
         "voc_lt", "VOC-LT split files (DistributionBalancedLoss) over VOC 2012 images",
-        tuple(
-            RemoteFile(n, (f"{_DBL}/VOCdevkit/longtail2012/{n}",), size, sha, "voc_lt", "copy")
-            for n, size, sha in (
+        _copies(
+            f"{_DBL}/VOCdevkit/longtail2012", "voc_lt", (
                 ("img_id.txt", 13704, "6e49185d5421236718f7393e952f5790e5c0cfeb1694892b1b971f59725d5ebc"),
                 ("class_freq.pkl", 269857, "cc7c8c401a2ffb8b47a5b0c2eca55a3b485cfa6658581c33e27ccbd27b145c5d"),
                 ("class_split.pkl", 918, "4400870c72d66673dd58f46f9102633579c0c70d6c1c33a0496edb4008cb04bc"),
