@@ -3,10 +3,11 @@
 ::
 
     mlic book [--profile default] [--only primer]     execute the chapters and build the HTML book
-    mlic reproduce CHAPTER [--profile full]            execute one chapter into _build/executed/
+    mlic reproduce CHAPTER [--profile full] [-o key=value ...]   execute one chapter into _build/executed/
     mlic profile CHAPTER [--profile smoke] [-o key=value ...]   show a chapter's resolved settings
     mlic data check                                    report which real datasets are present
     mlic data prepare NAME [--allow-unverified]        download (resumable), verify sha256, unpack
+    mlic data fake NAME --root DIR                     write a small synthetic dataset in NAME's real layout
 """
 
 from __future__ import annotations
@@ -43,9 +44,10 @@ def _cmd_reproduce(args) -> int:
     root = Path(args.root).resolve()
     _env_defaults(root / "_build")
     nbs = notebooks(root, [args.chapter])
+    overrides = _parse_overrides(args.override)
     for nb in nbs:
         out = root / "_build" / "executed" / args.profile / nb.name
-        seconds = execute_notebook(nb, out, args.profile)
+        seconds = execute_notebook(nb, out, args.profile, {"overrides": overrides} if overrides else None)
         print(f"{nb.name}: executed with profile={args.profile} in {seconds:.1f} s -> {out}")
     return 0
 
@@ -60,6 +62,14 @@ def _cmd_data(args) -> int:
     from mlic_lib.data import download
     from mlic_lib.data.paths import data_root
 
+    if args.action == "fake":
+        from mlic_lib.data.fake import write_fake
+
+        if not args.name or not args.root_dir:
+            raise ValueError("`mlic data fake` needs a NAME and --root DIR (kept apart from real data)")
+        out = write_fake(args.name, args.root_dir, args.n_train, args.n_test, args.image_size)
+        print(f"{args.name}: synthetic files in the real layout under {out} (use MLIC_DATA={out})")
+        return 0
     root = data_root()
     if args.action == "check" or args.check:
         print(f"MLIC_DATA = {root}")
@@ -90,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reproduce", help="execute one chapter with a profile")
     p.add_argument("chapter", help="chapter name or part of its file name, e.g. primer, splicemix")
     p.add_argument("--profile", default="default", choices=PROFILES)
+    p.add_argument("-o", "--override", action="append", default=[],
+                   help="key=value passed to the chapter's settings, e.g. train.epochs=3 (repeatable)")
     p.set_defaults(func=_cmd_reproduce)
 
     p = sub.add_parser("profile", help="print a chapter's resolved settings")
@@ -99,12 +111,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_profile)
 
     p = sub.add_parser("data", help="real datasets under $MLIC_DATA")
-    p.add_argument("action", choices=("check", "prepare"))
+    p.add_argument("action", choices=("check", "prepare", "fake"))
     p.add_argument("name", nargs="?", help="dataset, e.g. voc2007, coco2014, mnist, cifar10, voc_lt, coco_lt")
     p.add_argument("--check", action="store_true", help="only report whether the dataset is present")
     p.add_argument("--allow-unverified", action="store_true",
                    help="download files whose sha256 is not recorded yet (prints their digest)")
     p.add_argument("--delete-archives", action="store_true", help="remove tar/zip archives after unpacking")
+    p.add_argument("--root", dest="root_dir", help="fake: folder to write into (not your real $MLIC_DATA)")
+    p.add_argument("--n-train", type=int, default=60, help="fake: training images")
+    p.add_argument("--n-test", type=int, default=40, help="fake: test images")
+    p.add_argument("--image-size", type=int, default=64, help="fake: image height in pixels")
     p.set_defaults(func=_cmd_data)
     return parser
 

@@ -36,6 +36,11 @@ class SceneData:
     def num_classes(self) -> int:
         return self.train.world.num_classes
 
+    @property
+    def train_targets(self) -> np.ndarray:
+        """Training labels ``(N, C)`` (the interface shared with :class:`~mlic_lib.data.real.RealData`)."""
+        return self.train.targets
+
 
 def cached_scenes(n_images: int, spec: SceneSpec, seed: int, split: str = "train", mode: str = "natural",
                   use_cache: bool = True) -> SceneSet:

@@ -19,9 +19,13 @@ and the distilled student.
   teacher (self-distillation, SD, = a ``k = 1`` decomposition).
 
 Reading of the paper (stated because the paper leaves it open): ``L_kd`` is summed over images and
-classes like ASL (``reduction='sum'``, as printed); with one teacher the factor 1/2 is kept. Teacher logits
-are computed once for the (un-augmented) training set and fed with the batch, which equals computing them
-on the fly when there is no augmentation; with augmentation, give the teachers to the step instead.
+classes like ASL (``reduction='sum'``, as printed); with one teacher the factor 1/2 is kept. On in-memory
+data without augmentation (the embedded scenes) teacher logits are computed once for the training set and
+fed with the batch, which equals computing them on the fly; on image datasets with augmentation (the
+``full`` profile, :class:`~mlic_lib.data.images.ImageListDataset`) the teachers run on each augmented batch.
+
+Training data: either in-memory ``uint8`` images (``(N, 3, H, W)``, fast path) or any map-style dataset of
+``(x, y[, mask])`` items; sub-tasks then wrap it (:class:`SubtaskDataset`).
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ __all__ = [
     "merge_logits",
     "predict_logits",
     "split_logits",
+    "SubtaskDataset",
     "subtask_dataset",
     "subtask_indices",
     "train_baseline",
@@ -97,15 +102,38 @@ def subtask_indices(targets, subset: Sequence[int], images: str = "containing") 
     return np.flatnonzero(t[:, s].max(1) > 0)
 
 
-def subtask_dataset(images_u8, targets, subset: Sequence[int], images: str = "containing") -> TensorImageDataset:
+class SubtaskDataset(Dataset):
+    """A sub-task view of a map-style dataset: items ``indices`` of ``base`` with targets restricted to
+    ``subset`` (and the mask, if the base yields one, restricted alike)."""
+
+    def __init__(self, base: Dataset, indices: np.ndarray, subset: np.ndarray):
+        self.base, self.indices, self.subset = base, np.asarray(indices), torch.as_tensor(np.asarray(subset))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        item = self.base[int(self.indices[i])]
+        return (item[0], *(t[self.subset] for t in item[1:3]))
+
+
+def subtask_dataset(data, targets, subset: Sequence[int], images: str = "containing") -> Dataset:
     """The sub-task ``T_t = (X_{C_t}, Y_{C_t})``: selected images with labels restricted to ``subset`` (in the
-    subset's order, the order of the teacher's outputs)."""
+    subset's order, the order of the teacher's outputs).
+
+    ``data``: in-memory ``uint8`` images ``(N, 3, H, W)`` (returns a :class:`TensorImageDataset`) or a
+    map-style dataset whose items start with ``(x, y)`` (returns a :class:`SubtaskDataset`); ``targets`` are
+    its labels ``(N, C)``."""
     t = np.asarray(targets)
     s = _subset(subset, t.shape[1])
     idx = subtask_indices(t, s, images)
     if idx.size == 0:
         raise ValueError(f"no training image contains a class of subset {s.tolist()}; use images='all'")
-    return TensorImageDataset(np.asarray(images_u8)[idx], t[idx][:, s])
+    if isinstance(data, Dataset):
+        if len(data) != len(t):
+            raise ValueError(f"{len(data)} images but {len(t)} label rows")
+        return SubtaskDataset(data, idx, s)
+    return TensorImageDataset(np.asarray(data)[idx], t[idx][:, s])
 
 
 # ------------------------------------------------------------------------------------ rho (Eq. 5)
@@ -220,7 +248,7 @@ class DistillationStep:
             t = batch[2]
         elif self.teachers:
             with torch.no_grad():
-                t = torch.stack([teacher.eval()(x).float() for teacher in self.teachers], dim=1)
+                t = torch.stack([teacher.eval().to(x.device)(x).float() for teacher in self.teachers], dim=1)
         else:
             raise ValueError("DistillationStep needs teacher logits in the batch (x, y, t) or teachers=...")
         logits = model(x).float()
@@ -307,27 +335,28 @@ def _teacher_spec(settings: Mapping[str, Any], subset, *, seed: int, train: Mapp
                        data_key={"data": settings.get("data"), "chapter": settings.get("chapter")})
 
 
-def _fit_teacher(spec: TeacherSpec, images_u8, targets, device: str | None = None, progress: bool = False,
+def _fit_teacher(spec: TeacherSpec, train_data, targets, device: str | None = None, progress: bool = False,
                  run_dir: str | Path | None = None) -> FitResult:
     cfg = TrainConfig.from_dict({**spec.train, **({"device": device} if device else {})})
-    ds = subtask_dataset(images_u8, targets, spec.subset, spec.images)
+    ds = subtask_dataset(train_data, targets, spec.subset, spec.images)
     model = build_psd_model(spec.model, len(spec.subset), spec.seed)
     return fit(model, ds, None, cfg, step=ASLStep(spec.asl), run_dir=run_dir or spec.run_dir(), progress=progress)
 
 
-def train_teacher(settings: Mapping[str, Any], images_u8, targets, subset: Sequence[int], *, seed: int = 0,
+def train_teacher(settings: Mapping[str, Any], train_data, targets, subset: Sequence[int], *, seed: int = 0,
                   train: Mapping | None = None, images: str | None = None, progress: bool = False) -> FitResult:
     """Train (or load from the cache) the teacher of one sub-task (Eqs. 3-4).
 
-    ``train`` overrides ``settings['train']`` (default ``settings['teacher_train']``); ``images`` overrides
+    ``train_data``: ``uint8`` images or a dataset (see :func:`subtask_dataset`). ``train`` overrides
+    ``settings['train']`` (default ``settings['teacher_train']``); ``images`` overrides
     ``settings['psd']['image_selection']``."""
-    return _fit_teacher(_teacher_spec(settings, subset, seed=seed, train=train, images=images), images_u8, targets,
+    return _fit_teacher(_teacher_spec(settings, subset, seed=seed, train=train, images=images), train_data, targets,
                         progress=progress)
 
 
-def _pool_worker(spec: TeacherSpec, images_u8, targets, threads: int) -> str:
+def _pool_worker(spec: TeacherSpec, train_data, targets, threads: int) -> str:
     torch.set_num_threads(max(1, threads))
-    res = _fit_teacher(spec, images_u8, targets)
+    res = _fit_teacher(spec, train_data, targets)
     return str(res.run_dir)
 
 
@@ -351,10 +380,12 @@ def _is_done(spec: TeacherSpec) -> bool:
     return (d / "results.json").is_file() and (d / "final.pt").is_file()
 
 
-def train_teachers(settings: Mapping[str, Any], images_u8, targets, subsets: Sequence[Sequence[int]], *,
+def train_teachers(settings: Mapping[str, Any], train_data, targets, subsets: Sequence[Sequence[int]], *,
                    seed: int = 0, parallel: str | None = None, max_workers: int | None = None,
                    timeout_s: float = 24 * 3600) -> tuple[TeacherEnsemble, list[FitResult]]:
     """All teachers of one decomposition, then ``rho`` over them (:class:`TeacherEnsemble`).
+
+    ``train_data``: ``uint8`` images ``(N, 3, H, W)`` or a map-style dataset (see :func:`subtask_dataset`).
 
     ``parallel`` (default ``settings['psd']['parallel']`` or ``'auto'``):
 
@@ -375,7 +406,8 @@ def train_teachers(settings: Mapping[str, Any], images_u8, targets, subsets: Seq
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if mode == "auto":
         mode = "torchrun" if world > 1 else "sequential"
-    images_u8 = np.asarray(images_u8)
+    if not isinstance(train_data, Dataset):
+        train_data = np.asarray(train_data)
     targets = np.asarray(targets)
     C = targets.shape[1]
     from mlic_lib.partition import check_partition
@@ -392,7 +424,7 @@ def train_teachers(settings: Mapping[str, Any], images_u8, targets, subsets: Seq
         workers = max_workers or max(1, min(len(todo), cpus // 2))
         threads = max(1, cpus // workers)
         with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-            futures = {i: pool.submit(_pool_worker, specs[i], images_u8, targets, threads) for i in todo}
+            futures = {i: pool.submit(_pool_worker, specs[i], train_data, targets, threads) for i in todo}
             dirs = {i: f.result() for i, f in futures.items()}  # load exactly what the workers wrote
     elif mode == "torchrun" and world > 1:
         rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
@@ -400,14 +432,14 @@ def train_teachers(settings: Mapping[str, Any], images_u8, targets, subsets: Seq
         with _single_process_env():
             for i, s in enumerate(specs):
                 if i % world == rank and not _is_done(s):
-                    _fit_teacher(s, images_u8, targets, device=device)
+                    _fit_teacher(s, train_data, targets, device=device)
         deadline = time.monotonic() + timeout_s
         while not all(_is_done(s) for s in specs):
             if time.monotonic() > deadline:
                 raise TimeoutError("other ranks did not finish their teachers in time")
             time.sleep(2.0)
     # trains what is left, else loads
-    results = [_fit_teacher(s, images_u8, targets, run_dir=dirs.get(i)) for i, s in enumerate(specs)]
+    results = [_fit_teacher(s, train_data, targets, run_dir=dirs.get(i)) for i, s in enumerate(specs)]
     ensemble = TeacherEnsemble([r.model for r in results], subsets, C).eval()
     return ensemble, results
 
@@ -427,7 +459,8 @@ def train_student(settings: Mapping[str, Any], data, teachers: Sequence[nn.Modul
                   name: str = "student", teacher_key: Any = None) -> FitResult:
     """Eq. 7: distil ``teachers`` (global-order logit models, e.g. :class:`TeacherEnsemble`) into a student of
     the same architecture on the full task. ``teacher_key`` (e.g. the teachers' run dirs) enters the cache
-    key; teacher logits of the training set are computed once."""
+    key. On an in-memory :class:`TensorImageDataset` the teacher logits of the training set are computed once;
+    on any other dataset (real images with augmentation) the teachers run on each training batch."""
     p = settings.get("psd", {})
     cfg = TrainConfig.from_dict({**settings["train"], "seed": seed})
     key = {"role": "student", "name": name, "model": dict(settings["model"]), "train": cfg.to_dict(),
@@ -436,12 +469,14 @@ def train_student(settings: Mapping[str, Any], data, teachers: Sequence[nn.Modul
            "data": settings.get("data"), "chapter": settings.get("chapter")}
     run_dir = run_dir_for(f"psd-{name}-s{seed}", key)
     model = build_psd_model(settings["model"], data.num_classes, seed)
-    if (run_dir / "results.json").is_file() and (run_dir / "final.pt").is_file():
-        ds: Dataset = data.train_ds  # cached: fit only loads
+    on_the_fly = not isinstance(data.train_ds, TensorImageDataset)
+    if on_the_fly or ((run_dir / "results.json").is_file() and (run_dir / "final.pt").is_file()):
+        ds: Dataset = data.train_ds  # real images (teachers run per batch), or cached: fit only loads
     else:
         logits = torch.stack([predict_logits(t, data.train_ds) for t in teachers], dim=1)
         ds = DistillDataset(data.train_ds, logits)
-    step = DistillationStep(p.get("asl"), p.get("kd_weight", 1.0), p.get("kd_reduction", "sum"))
+    step = DistillationStep(p.get("asl"), p.get("kd_weight", 1.0), p.get("kd_reduction", "sum"),
+                            teachers=list(teachers) if on_the_fly else None)
     return fit(model, ds, data.test_ds, cfg, step=step, run_dir=run_dir, progress=False)
 
 
@@ -486,7 +521,9 @@ def run_study(settings: Mapping[str, Any], data, S: np.ndarray, *, seed: int = 0
     cpsd_k = int(p.get("cpsd_k", 5))
     random_seeds = [int(s) for s in p.get("random_seeds", [0])]
     C = data.num_classes
-    images, targets = data.train.images, data.train.targets
+    # in-memory scenes: the uint8 images (fast path); real data: the training dataset itself
+    train_data = data.train.images if isinstance(data.train_ds, TensorImageDataset) else data.train_ds
+    targets = data.train_targets
     subsets: dict = {}
     ensembles: dict = {}
     emap: dict = {}
@@ -498,10 +535,10 @@ def run_study(settings: Mapping[str, Any], data, S: np.ndarray, *, seed: int = 0
             subsets[key] = partition_labels(strategy, k, S=S, num_classes=C, tau=p.get("tau", 3.0),
                                             complement=p.get("complement", "ones"), seed=rseed if strategy == "random"
                                             else p.get("cluster_seed", 0), n_init=p.get("n_init", 20))
-            ens, runs = train_teachers(settings, images, targets, subsets[key], seed=seed)
+            ens, runs = train_teachers(settings, train_data, targets, subsets[key], seed=seed)
             ensembles[key] = ens
             ensembles[key].run_key = teacher_key(runs)  # type: ignore[attr-defined]
-            emap[key] = float(evaluate(ens, data.test_ds, torch.device("cpu")).metrics["mAP"])
+            emap[key] = float(evaluate(ens, data.test_ds, pick_device(None)).metrics["mAP"])
         return ensembles[key]
 
     baseline = train_baseline(settings, data, seed=seed)

@@ -200,13 +200,14 @@ def head_to_tail_order(counts) -> np.ndarray:
 
 # ------------------------------------------------------------------------------ real data (full profile)
 def lt_datasets(dataset: str, split_dir: str | os.PathLike | None = None, root: str | os.PathLike | None = None,
-                image_size: int = 224):
+                image_size: int = 224, *, train_transform=None, test_transform=None):
     """``(train_ds, train_targets, test_ds, split)`` for ``"voc_lt"`` or ``"coco_lt"`` (full profile).
 
     Train: the split's images (VOC2012 ``JPEGImages`` / COCO ``train2017``) with labels from the
     annotations; test: VOC2007 test (difficult ignored) / COCO-2017 val, category-id order. ``split_dir``
-    defaults to ``<data root>/<dataset>``. Missing data raises ``DatasetNotFoundError`` (fetching the
-    images is the job of ``data_scripts``). Not exercised by the CPU tests (no real images here).
+    defaults to ``<data root>/<dataset>``. The transforms default to resize to ``image_size`` (+ random
+    flip for training). Missing data raises ``DatasetNotFoundError`` (fetching the images is the job of
+    ``mlic data prepare``). Tested on files in the real layout (``tests/test_real_pipeline.py``).
     """
     from mlic_lib.data.coco import coco_dataset
     from mlic_lib.data.errors import missing_dataset
@@ -221,7 +222,8 @@ def lt_datasets(dataset: str, split_dir: str | os.PathLike | None = None, root: 
     if not (folder / "img_id.txt").is_file():
         raise missing_dataset(dataset.upper().replace("_", "-"), folder / "img_id.txt", key=dataset)
     split = read_lt_split(folder, dataset)
-    train_tf, test_tf = default_transform(image_size, train=True), default_transform(image_size)
+    train_tf = train_transform or default_transform(image_size, train=True)
+    test_tf = test_transform or default_transform(image_size)
     if dataset == "voc_lt":
         labels = voc_lt_labels(split, base)
         img_dir = voc_dir(base, "2012") / "JPEGImages"
@@ -234,7 +236,8 @@ def lt_datasets(dataset: str, split_dir: str | os.PathLike | None = None, root: 
             raise missing_dataset("COCO2017", ann, key="coco2017")
         labels = coco_lt_labels(split, ann)
         img_dir = base / "coco" / "train2017"
-        train = ImageListDataset([img_dir / f"{int(i):012d}.jpg" for i in split.image_ids], labels,
-                                 transform=train_tf, name="coco_lt", ids=split.image_ids)
         test = coco_dataset(base, "2017", "val", transform=test_tf, class_order="coco")
+        train = ImageListDataset([img_dir / f"{int(i):012d}.jpg" for i in split.image_ids], labels,
+                                 transform=train_tf, name="coco_lt", class_names=test.class_names,
+                                 ids=split.image_ids)
     return train, labels, test, split

@@ -184,17 +184,26 @@ class AssocFormerStep:
 
 # ----------------------------------------------------------------------------------- analysis
 @torch.no_grad()
-def mean_association(model: AssocFormer, data, batch_size: int = 256, device: str | torch.device = "cpu") -> np.ndarray:
-    """Mean of ``A`` (Eq. 5) over a dataset (items ``(x, y, ...)``): a (C, C) array (Fig. 4)."""
+def mean_association(model: AssocFormer, data, batch_size: int = 64, device: str | torch.device | None = None,
+                     num_workers: int = 0) -> np.ndarray:
+    """Mean of ``A`` (Eq. 5) over a dataset (items ``(x, y, ...)``): a (C, C) array (Fig. 4).
+
+    Runs without gradients on ``device`` (default: where the model's parameters are), with bf16 autocast
+    on CUDA; the sum is accumulated in float64.
+    """
     if model.am is None:
         raise ValueError("this model has no association module (fusion='backbone'): there is no A to average")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
     model.eval().to(device)
     total, n = None, 0
-    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
-    for batch in loader:
-        A = model.am.association(model.forward_features(batch[0].to(device))).double()
-        total = A.sum(0) if total is None else total + A.sum(0)
-        n += A.shape[0]
+    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                         pin_memory=device.type == "cuda")
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        for batch in loader:
+            x = batch[0].to(device, non_blocking=True)
+            A = model.am.association(model.forward_features(x).float()).double()
+            total = A.sum(0) if total is None else total + A.sum(0)
+            n += A.shape[0]
     if n == 0:
         raise ValueError("the dataset is empty")
     return (total / n).cpu().numpy()

@@ -1,0 +1,260 @@
+"""The ``full`` (real-data) path, offline: pre-processing presets, the synthetic datasets written in the real
+on-disk layouts (:mod:`mlic_lib.data.fake`), :func:`mlic_lib.data.real.real_data`, PSD on image datasets,
+and every chapter notebook run with ``profile="full"`` on those files with shrunken models."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mlic_lib.data.errors import DatasetNotFoundError
+from mlic_lib.data.fake import FAKE_DATASETS, write_fake
+from mlic_lib.data.presets import Cutout, MultiScaleCrop, eval_preset, train_preset
+from mlic_lib.data.real import REAL_DATASETS, is_real, real_data, subset
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def fake_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("fake_data")
+    for name in ("voc2007", "coco2014", "voc_lt", "coco_lt"):
+        write_fake(name, root, n_train=40, n_test=30, image_size=40)
+    write_fake("mnist", root, n_train=500, n_test=200)
+    write_fake("cifar10", root, n_train=100, n_test=50)
+    return root
+
+
+# ------------------------------------------------------------------------------------------- presets
+def _image(w: int = 60, h: int = 40) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("augment", [None, {"crop": "multiscale"}, {"crop": "random_resized", "hflip": False},
+                                     {"cutout": 0.5, "randaugment": True, "hflip": False}])
+def test_train_preset_shapes(augment):
+    x = train_preset(32, augment)(_image())
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and torch.isfinite(x).all()
+
+
+def test_eval_preset_is_deterministic_and_normalised():
+    img = Image.new("RGB", (50, 30), (124, 116, 104))  # ~ the ImageNet mean
+    a, b = eval_preset(16)(img), eval_preset(16)(img)
+    assert torch.equal(a, b) and a.shape == (3, 16, 16) and a.abs().max() < 0.05
+
+
+def test_multiscale_crop_params_stay_inside_and_respect_scales():
+    crop = MultiScaleCrop(24, scales=(1.0, 0.5))
+    rng = random.Random(0)
+    seen = set()
+    for _ in range(200):
+        left, top, cw, ch = crop.params(80, 60, rng)
+        assert 0 <= left and left + cw <= 80 and 0 <= top and top + ch <= 60
+        seen.add((cw, ch))
+    assert seen <= {(60, 60), (60, 30), (30, 60), (30, 30)} and len(seen) == 4
+    assert crop(_image(80, 60)).size == (24, 24)
+
+
+def test_cutout_fills_one_rectangle_or_nothing():
+    img = Image.new("RGB", (40, 40), (0, 0, 0))
+    assert np.array_equal(np.asarray(Cutout(0.5, p=0.0)(img)), np.asarray(img))
+    random.seed(3)
+    changed = [np.asarray(Cutout(0.5, p=1.0)(img)).any(-1) for _ in range(20)]
+    for m in changed:
+        ys, xs = np.nonzero(m)
+        if len(ys):  # a random colour can be black; otherwise the changed pixels form one box <= half a side
+            assert m[ys.min():ys.max() + 1, xs.min():xs.max() + 1].all()
+            assert ys.max() - ys.min() + 1 <= 20 and xs.max() - xs.min() + 1 <= 20
+    assert sum(m.any() for m in changed) >= 15
+
+
+def test_bad_augment_options():
+    with pytest.raises(ValueError, match="unknown augment option"):
+        train_preset(32, {"mixup": True})
+    with pytest.raises(ValueError, match="augment.crop"):
+        train_preset(32, {"crop": "center"})
+    with pytest.raises(ValueError, match="factor"):
+        Cutout(1.5)
+    with pytest.raises(ValueError, match="scales"):
+        MultiScaleCrop(32, scales=(0.0,))
+
+
+# ------------------------------------------------------------------------------------- real_data
+@pytest.mark.parametrize("name", REAL_DATASETS)
+def test_real_data_on_fake_layouts(fake_root, name):
+    d = real_data({"dataset": name, "image_size": 24, "root": str(fake_root), "augment": {"crop": "multiscale"}})
+    assert d.name == name and len(d.train_ds) == 40 and len(d.test_ds) == 30
+    assert d.num_classes == (20 if name.startswith("voc") else 12) == len(d.class_names)
+    item = d.train_ds[0]
+    assert item[0].shape == (3, 24, 24) and item[1].shape == (d.num_classes,)
+    assert d.train_targets.dtype == np.uint8 and d.train_targets.sum() > 0
+    test_item = d.test_ds[0]
+    assert len(test_item) == (3 if name in ("voc2007", "voc_lt") else 2)  # VOC: difficult mask for the AP
+    assert name in d.describe()
+    if name.endswith("_lt"):
+        assert set(d.extra["split"].groups) == {"head", "medium", "tail"}
+        counts = d.train_targets.sum(0)
+        assert counts[d.extra["split"].groups["head"]].min() >= counts[d.extra["split"].groups["tail"]].max()
+
+
+def test_real_data_subset_is_seeded(fake_root):
+    spec = {"dataset": "voc2007", "image_size": 16, "root": str(fake_root), "n_train": 10, "n_test": 5}
+    a, b = real_data(spec), real_data(spec)
+    assert len(a.train_ds) == 10 and len(a.test_ds) == 5
+    assert a.train_ds.ids == b.train_ds.ids
+    c = real_data({**spec, "subset_seed": 1})
+    assert c.train_ds.ids != a.train_ds.ids
+    assert subset(a.train_ds, None) is a.train_ds
+    with pytest.raises(ValueError, match="at least one"):
+        subset(a.train_ds, 0)
+
+
+def test_real_data_errors(tmp_path):
+    assert is_real({"dataset": "voc2007"}) and not is_real({"dataset": "scenes"}) and not is_real({})
+    with pytest.raises(ValueError, match="unknown real dataset"):
+        real_data({"dataset": "imagenet"})
+    with pytest.raises(ValueError, match="unknown data option"):
+        real_data({"dataset": "voc2007", "batch": 3})
+    with pytest.raises(DatasetNotFoundError, match="mlic data prepare voc2007"):
+        real_data({"dataset": "voc2007", "root": str(tmp_path)})
+    with pytest.raises(DatasetNotFoundError, match="coco2014"):
+        real_data({"dataset": "coco2014", "root": str(tmp_path)})
+
+
+def test_fake_lt_split_agrees_with_annotations(fake_root):
+    from mlic_lib.data.longtail import check_labels, read_lt_split, voc_lt_labels
+
+    split = read_lt_split(fake_root / "voc_lt")
+    assert check_labels(split, voc_lt_labels(split, fake_root)) == 1.0
+
+
+def test_fake_mnist_and_cifar_load(fake_root):
+    from mlic_lib import indeed
+
+    x, y = indeed.load_mnist("train", fake_root)
+    assert x.shape == (500, 28, 28) and set(np.unique(y)) == set(range(10))
+    x, y = indeed.load_cifar10("test", fake_root)
+    assert x.shape == (50, 3, 32, 32) and set(np.unique(y)) == set(range(10))
+
+
+def test_write_fake_rejects_unknown(tmp_path):
+    assert "nuswide" not in FAKE_DATASETS
+    with pytest.raises(ValueError, match="unknown fake dataset"):
+        write_fake("nuswide", tmp_path)
+
+
+def test_cli_data_fake(tmp_path):
+    from mlic_lib.cli import main
+
+    assert main(["data", "fake", "coco2017", "--root", str(tmp_path), "--n-train", "12", "--n-test", "8"]) == 0
+    d = real_data({"dataset": "coco2017", "image_size": 16, "root": str(tmp_path)})
+    assert (len(d.train_ds), len(d.test_ds)) == (12, 8)
+    assert main(["data", "fake", "coco2017"]) == 2  # no --root: a clear error, nothing written
+
+
+# --------------------------------------------------------------------------------- PSD on images
+def test_psd_subtask_view_and_on_the_fly_student(fake_root):
+    from mlic_lib import psd
+
+    d = real_data({"dataset": "coco2014", "image_size": 16, "root": str(fake_root)})
+    view = psd.subtask_dataset(d.train_ds, d.train_targets, [3, 1])
+    idx = psd.subtask_indices(d.train_targets, [3, 1])
+    assert len(view) == len(idx)
+    x, y = view[0]
+    assert x.shape == (3, 16, 16) and torch.equal(y, d.train_ds.targets[idx[0]][[3, 1]])
+    settings = {"chapter": "psd-real-test", "data": {"dataset": "coco2014"},
+                "model": {"backbone": "small_resnet", "pool": "max", "widths": [4, 8, 8, 8]},
+                "train": {"epochs": 1, "batch_size": 8, "lr": 0.01, "optimizer": "adam", "scheduler": "none"},
+                "teacher_train": {"epochs": 1}, "psd": {"image_selection": "all"}}
+    ens, runs = psd.train_teachers(settings, d.train_ds, d.train_targets, [np.arange(6), np.arange(6, 12)])
+    assert len(runs) == 2
+    student = psd.train_student(settings, d, [ens], name="cgpd-2", teacher_key=psd.teacher_key(runs))
+    base = psd.train_baseline(settings, d)
+    assert "kd" in student.history[-1] and student.history[-1]["kd"] > 0
+    moved = [not torch.equal(a, b) for a, b in zip(student.model.state_dict().values(),
+                                                  base.model.state_dict().values(), strict=True)
+             if a.is_floating_point()]
+    assert any(moved)  # the KD term changed the training
+
+
+# --------------------------------------------------------------------- chapters, full profile, offline
+SMALL_CNN = {"model.backbone": "small_resnet", "model.widths": [8, 16, 32, 64], "train.num_workers": 0}
+FULL_RUNS = {
+    "01_splicemix": (["voc2007"], {**SMALL_CNN, "data.n_train": 64, "data.n_test": 32, "data.n_bias_test": 32,
+                                   "data.scenes": {}, "data.real.image_size": 32, "train.epochs": 1,
+                                   "train.batch_size": 16, "seeds": [0], "analysis.cam_images": 2,
+                                   "analysis.ratio_epochs": 1, "methods": ["baseline", "splicemix", "splicemix_cl"]}),
+    "02_psd": (["coco2014"], {**SMALL_CNN, "data.image_size": 32, "train.epochs": 1, "train.batch_size": 16,
+                              "teacher_train.epochs": 1, "psd.ks": [1, 2], "psd.cpsd_k": 2, "psd.random_seeds": [0],
+                              "psd.parallel": "auto", "psd.n_init": 2}),
+    "03_assocformer": (["voc2007"], {"data.image_size": 32, "model.pretrained": False, "train.num_workers": 0,
+                                     "model.backbone_kwargs": {"img_size": 32, "patch_size": 8, "embed_dim": 32,
+                                                               "depth": 1, "num_heads": 2},
+                                     "model.backbone": "vit_tiny_patch16_224", "train.epochs": 1,
+                                     "train.batch_size": 16, "seeds": [0], "analysis.regularizers": ["none", "l2"],
+                                     "analysis.cost_classes": [10, 20], "analysis.cost_dim": 32,
+                                     "analysis.paper_dim": 64, "analysis.cost_repeats": 1}),
+    "04_indeed": (["mnist", "cifar10"], {"data.n_train": 200, "data.n_test": 100, "model.widths": [8, 16, 16],
+                                         "model.hidden": 32, "train.epochs": 2, "train.batch_size": 32,
+                                         "train.num_workers": 0, "train.milestones": [1], "seeds": [0],
+                                         "ablation_seeds": [0], "ablation_n_labels": [7], "analysis.cam_images": 4,
+                                         "cifar.data.n_train": 100, "cifar.data.n_test": 50,
+                                         "cifar.model.width": 0.0625, "cifar.model.hidden": 32,
+                                         "cifar.train.epochs": 1, "cifar.train.num_workers": 0,
+                                         "cifar.train.batch_size": 32}),
+    "05_ltml": (["voc_lt"], {**SMALL_CNN, "data.image_size": 32, "train.epochs": 1, "train.batch_size": 16,
+                             "train.milestones": [1], "train.warmup_epochs": 0, "seeds": [0],
+                             "ltml.samples_per_class": 1, "ltml.lambda_sweep": [0.1], "data.head_min": 20,
+                             "data.tail_max": 5}),
+}
+
+
+def test_full_runs_cover_every_paper_chapter():
+    chapters = {p.stem for p in (REPO / "notebooks").glob("0[1-9]_*.ipynb")}
+    assert chapters == set(FULL_RUNS)
+
+
+@pytest.mark.notebook
+@pytest.mark.parametrize("chapter", sorted(FULL_RUNS))
+def test_chapter_full_profile_on_real_layout(chapter, tmp_path, monkeypatch):
+    """profile="full" end to end on synthetic files in the real layouts (small models and sizes through
+    the notebook's ``overrides`` parameter): the real-data branches of every chapter execute."""
+    from mlic_lib.book import execute_notebook
+    from mlic_lib.profiles import load_profile
+
+    datasets, overrides = FULL_RUNS[chapter]
+    load_profile(chapter.split("_", 1)[1], "full", overrides)  # every override key is valid
+    for name in datasets:
+        big = name in ("mnist", "cifar10")
+        write_fake(name, tmp_path / "data", n_train=500 if big else 48, n_test=200 if big else 32, image_size=40)
+    monkeypatch.setenv("MLIC_DATA", str(tmp_path / "data"))
+    monkeypatch.delenv("MPLBACKEND", raising=False)
+    out = tmp_path / f"{chapter}.ipynb"
+    execute_notebook(REPO / "notebooks" / f"{chapter}.ipynb", out, "full", {"overrides": overrides}, timeout=600)
+    cells = json.loads(out.read_text())["cells"]
+    assert not [o for c in cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    text = "".join("".join(o.get("text", "")) for c in cells for o in c.get("outputs", []))
+    assert "not available" not in text  # the real-data branch ran, it did not skip
+    results = json.loads(next((tmp_path / "results").glob("*.json")).read_text())
+    assert results["profile"] == "full"
+
+
+def test_cli_reproduce_passes_overrides(tmp_path):
+    """`mlic reproduce -o key=value` reaches the notebook (an invalid key fails inside the chapter)."""
+    env = {**os.environ, "MLIC_CACHE": str(tmp_path / "c"), "MLIC_RESULTS": str(tmp_path / "r")}
+    (tmp_path / "notebooks").mkdir()
+    nb = "00_multilabel_primer.ipynb"
+    (tmp_path / "notebooks" / nb).write_text((REPO / "notebooks" / nb).read_text())
+    r = subprocess.run([sys.executable, "-m", "mlic_lib.cli", "--root", str(tmp_path), "reproduce", "primer",
+                        "--profile", "smoke", "-o", "no.such.key=1"], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode != 0 and "no.such.key" in (r.stdout + r.stderr)
