@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def fake_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("fake_data")
-    for name in ("voc2007", "coco2014", "voc_lt", "coco_lt"):
+    for name in ("voc2007", "coco2014", "voc_lt", "coco_lt", "nuswide"):
         write_fake(name, root, n_train=40, n_test=30, image_size=40)
     write_fake("mnist", root, n_train=500, n_test=200)
     write_fake("cifar10", root, n_train=100, n_test=50)
@@ -92,8 +92,12 @@ def test_bad_augment_options():
 @pytest.mark.parametrize("name", REAL_DATASETS)
 def test_real_data_on_fake_layouts(fake_root, name):
     d = real_data({"dataset": name, "image_size": 24, "root": str(fake_root), "augment": {"crop": "multiscale"}})
-    assert d.name == name and len(d.train_ds) == 40 and len(d.test_ds) == 30
-    assert d.num_classes == (20 if name.startswith("voc") else 12) == len(d.class_names)
+    assert d.name == name
+    if name == "nuswide":  # images without labels and the missing file are left out
+        assert 30 <= len(d.train_ds) < 40 and 20 <= len(d.test_ds) <= 30 and d.num_classes == 10
+    else:
+        assert len(d.train_ds) == 40 and len(d.test_ds) == 30
+        assert d.num_classes == (20 if name.startswith("voc") else 12) == len(d.class_names)
     item = d.train_ds[0]
     assert item[0].shape == (3, 24, 24) and item[1].shape == (d.num_classes,)
     assert d.train_targets.dtype == np.uint8 and d.train_targets.sum() > 0
@@ -147,9 +151,10 @@ def test_fake_mnist_and_cifar_load(fake_root):
 
 
 def test_write_fake_rejects_unknown(tmp_path):
-    assert "nuswide" not in FAKE_DATASETS
+    assert set(REAL_DATASETS) <= set(FAKE_DATASETS)
     with pytest.raises(ValueError, match="unknown fake dataset"):
-        write_fake("nuswide", tmp_path)
+        write_fake("imagenet", tmp_path)
+    assert not any(tmp_path.iterdir())  # nothing half-written
 
 
 def test_cli_data_fake(tmp_path):
@@ -258,3 +263,30 @@ def test_cli_reproduce_passes_overrides(tmp_path):
                         "--profile", "smoke", "-o", "no.such.key=1"], capture_output=True, text=True, env=env,
                        timeout=300)
     assert r.returncode != 0 and "no.such.key" in (r.stdout + r.stderr)
+
+
+# ------------------------------------------------------------------------------------------- NUS-WIDE
+def test_nuswide_lists_labels_and_missing_images(tmp_path):
+    from mlic_lib.data.nuswide import nuswide_dataset, read_nuswide_labels
+
+    write_fake("nuswide", tmp_path, n_train=30, n_test=20)
+    paths, labels, concepts = read_nuswide_labels(tmp_path, "train")
+    assert len(paths) == 30 and labels.shape == (30, 10) and concepts[0] == "concept00"
+    assert all("\\" not in p and p.count("/") == 1 for p in paths)  # Windows paths -> folder/file
+    ds = nuswide_dataset(tmp_path, "train")
+    present_and_labelled = labels[:-1].any(1).sum()  # the last listed image is missing on disk
+    assert len(ds) == present_and_labelled and ds.n_missing == int(labels[-1].any())
+    assert ds.targets.sum(1).min() >= 1  # drop_empty
+    assert len(nuswide_dataset(tmp_path, "train", drop_empty=False)) == 29
+    if labels[-1].any():
+        with pytest.raises(DatasetNotFoundError, match="nuswide"):
+            nuswide_dataset(tmp_path, "train", missing="error")
+    lab = tmp_path / "nuswide" / "Groundtruth" / "TrainTestLabels" / "Labels_concept03_Test.txt"
+    lab.write_text("0\n1\n")
+    with pytest.raises(ValueError, match="2 labels for 20 images"):
+        read_nuswide_labels(tmp_path, "test")
+    (tmp_path / "nuswide" / "Concepts81.txt").unlink()
+    with pytest.raises(DatasetNotFoundError, match="Concepts81.txt"):
+        read_nuswide_labels(tmp_path, "train")
+    with pytest.raises(ValueError, match="split"):
+        read_nuswide_labels(tmp_path, "val")

@@ -11,6 +11,8 @@ something, but no number obtained on them says anything about the papers. Layout
   folders, with ``n_classes`` categories of non-contiguous ids;
 * ``voc_lt`` / ``coco_lt``: the base images above plus ``<name>/{img_id.txt,class_freq.pkl,class_split.pkl}``
   in the DistributionBalancedLoss format, drawn with a long tail;
+* ``nuswide``: ``nuswide/{Concepts81.txt,ImageList,Groundtruth/TrainTestLabels,Flickr}`` with ``n_classes``
+  concepts, Windows-style list paths, one listed image missing and some images without labels;
 * ``mnist``: ``mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte`` from the embedded (real) digits;
 * ``cifar10``: ``cifar10/cifar-10-batches-bin/{data_batch_1..5,test_batch}.bin``.
 """
@@ -30,7 +32,7 @@ from .voc import VOC_CLASSES
 
 __all__ = ["FAKE_DATASETS", "write_fake"]
 
-FAKE_DATASETS = ("voc2007", "voc2012", "coco2014", "coco2017", "voc_lt", "coco_lt", "mnist", "cifar10")
+FAKE_DATASETS = ("voc2007", "voc2012", "coco2014", "coco2017", "voc_lt", "coco_lt", "nuswide", "mnist", "cifar10")
 
 
 def _palette(n: int) -> np.ndarray:
@@ -149,6 +151,36 @@ def _write_lt_split(folder: Path, ids: Sequence, labels: np.ndarray) -> None:
     (folder / "class_split.pkl").write_bytes(pickle.dumps(split))
 
 
+def write_nuswide(root: Path, n_train: int, n_test: int, n_classes: int = 10, image_size: int = 64,
+                  seed: int = 0) -> None:
+    """NUS-WIDE's official list/label layout with ``Flickr/`` images (the last training image is listed but
+    absent, and about one image in ten has no label)."""
+    rng = np.random.default_rng(seed + 3)
+    base = root / "nuswide"
+    concepts = [f"concept{i:02d}" for i in range(n_classes)]
+    (base / "ImageList").mkdir(parents=True, exist_ok=True)
+    (base / "Groundtruth" / "TrainTestLabels").mkdir(parents=True, exist_ok=True)
+    (base / "Concepts81.txt").write_text("\n".join(concepts) + "\n")
+    pal = _palette(n_classes)
+    k = 0
+    for split, n in (("Train", n_train), ("Test", n_test)):
+        lines, labels = [], np.zeros((n, n_classes), dtype=np.uint8)
+        for i in range(n):
+            rel = f"folder{k % 4}/{k:04d}_{1000 + k}.jpg"
+            k += 1
+            lines.append("C:\\ImageData\\Flickr\\" + rel.replace("/", "\\"))
+            size = _size(rng, image_size)
+            objs = [] if rng.random() < 0.1 else _objects(rng, n_classes, size, None)
+            for c, _ in objs:
+                labels[i, c] = 1
+            if not (split == "Train" and i == n - 1):  # one listed image is missing, as in real copies
+                _draw(rng, base / "Flickr" / rel, objs, size, pal)
+        (base / "ImageList" / f"{split}Imagelist.txt").write_text("\r\n".join(lines) + "\r\n")
+        for j, c in enumerate(concepts):
+            (base / "Groundtruth" / "TrainTestLabels" / f"Labels_{c}_{split}.txt").write_text(
+                "".join(f"{v} \n" for v in labels[:, j]))
+
+
 def _write_idx(path: Path, arr: np.ndarray) -> None:
     header = struct.pack(">HBB", 0, 0x08, arr.ndim) + struct.pack(">" + "I" * arr.ndim, *arr.shape)
     path.write_bytes(header + np.ascontiguousarray(arr, dtype=np.uint8).tobytes())
@@ -218,6 +250,8 @@ def write_fake(name: str, root: str | Path, n_train: int = 60, n_test: int = 40,
         all_ids, _, labels, _ = read_coco_labels(root / "coco" / "annotations" / "instances_train2017.json")
         row = {i: r for r, i in enumerate(all_ids)}
         _write_lt_split(root / "coco_lt", ids, labels[[row[i] for i in ids]])
+    elif name == "nuswide":
+        write_nuswide(root, n_train, n_test, image_size=image_size, seed=seed)
     elif name == "mnist":
         write_mnist(root, n_train, n_test)
     else:

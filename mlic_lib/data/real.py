@@ -9,6 +9,7 @@ coco2014   COCO train2014 (ML-GCN class order)       COCO val2014
 coco2017   COCO train2017 (ML-GCN class order)       COCO val2017
 voc_lt     VOC-LT split of VOC2012 trainval          VOC2007 test (difficult ignored)
 coco_lt    COCO-LT split of COCO train2017           COCO val2017 (category-id order)
+nuswide    NUS-WIDE official train list (81)         official test list (user-supplied images)
 ========== ========================================= ============================================
 
 ``data:`` keys: ``dataset``, ``image_size``, ``augment`` (see :func:`.presets.train_preset`),
@@ -33,7 +34,7 @@ from .presets import eval_preset, train_preset
 
 __all__ = ["REAL_DATASETS", "RealData", "is_real", "real_data", "subset"]
 
-REAL_DATASETS = ("voc2007", "coco2014", "coco2017", "voc_lt", "coco_lt")
+REAL_DATASETS = ("voc2007", "coco2014", "coco2017", "voc_lt", "coco_lt", "nuswide")
 _KEYS = {"dataset", "image_size", "augment", "difficult_train", "difficult_eval", "n_train", "n_test",
          "subset_seed", "root", "split_dir", "head_min", "tail_max"}
 
@@ -94,6 +95,7 @@ def real_data(data: Mapping[str, Any]) -> RealData:
     """
     from .coco import coco_dataset
     from .longtail import lt_datasets
+    from .nuswide import nuswide_dataset
     from .voc import voc_dataset
 
     unknown = set(data) - _KEYS - {"scenes", "n_bias_test", "real"}
@@ -114,6 +116,9 @@ def real_data(data: Mapping[str, Any]) -> RealData:
         year = name[-4:]
         train = coco_dataset(root, year, "train", train_tf)
         test = coco_dataset(root, year, "val", test_tf)
+    elif name == "nuswide":
+        train, test = nuswide_dataset(root, "train", train_tf), nuswide_dataset(root, "test", test_tf)
+        extra["missing_images"] = {"train": train.n_missing, "test": test.n_missing}
     else:
         train, _, test, split = lt_datasets(name, data.get("split_dir"), root, train_transform=train_tf,
                                             test_transform=test_tf)

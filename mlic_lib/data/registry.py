@@ -145,7 +145,8 @@ DATASETS: dict[str, DatasetEntry] = {
         "nuswide", "NUS-WIDE (user-supplied images)", (),
         marker="nuswide/Flickr",
         notes=("NUS-WIDE images are not redistributed by their authors any more: place the 'Flickr' image "
-               "folder and the official label lists (Groundtruth/, ImageList/) under $MLIC_DATA/nuswide/."),
+               "folder and the official lists (Concepts81.txt, ImageList/, Groundtruth/TrainTestLabels/) under "
+               "$MLIC_DATA/nuswide/; mlic_lib.data.nuswide reads that layout."),
     ),
 }
 

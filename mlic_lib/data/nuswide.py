@@ -1,0 +1,107 @@
+"""NUS-WIDE (81 concepts) from the official label lists and user-supplied images.
+
+The images are no longer distributed by their authors, so ``mlic data prepare nuswide`` cannot fetch
+them; place the official files under the data root::
+
+    <root>/nuswide/Concepts81.txt                                   (ConceptsList: one concept per line)
+    <root>/nuswide/ImageList/{TrainImagelist,TestImagelist}.txt     (one image path per line)
+    <root>/nuswide/Groundtruth/TrainTestLabels/Labels_<concept>_{Train,Test}.txt   (one 0/1 per line)
+    <root>/nuswide/Flickr/<folder>/<file>.jpg                       (the images)
+
+Image-list lines use Windows separators (``actor\\0001_2124494179.jpg``, sometimes with a longer prefix
+such as ``C:\\ImageData\\Flickr\\``); the last two components name the file under ``Flickr/``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import missing_dataset
+from .images import ImageListDataset
+from .paths import data_root
+
+__all__ = ["nuswide_dataset", "read_nuswide_labels"]
+
+_SPLITS = {"train": "Train", "test": "Test"}
+
+
+def _base(root: str | os.PathLike | None) -> Path:
+    return (Path(root).expanduser() if root is not None else data_root()) / "nuswide"
+
+
+def _require_file(path: Path) -> Path:
+    if not path.is_file():
+        raise missing_dataset("NUS-WIDE", path, "missing", key="nuswide")
+    return path
+
+
+def _lines(path: Path) -> list[str]:
+    return [line.strip() for line in _require_file(path).read_text(errors="replace").splitlines() if line.strip()]
+
+
+def read_nuswide_labels(root: str | os.PathLike | None = None, split: str = "train"
+                        ) -> tuple[list[str], np.ndarray, list[str]]:
+    """``(relative image paths under Flickr/, labels uint8 (N, 81), concept names)`` of one official split.
+
+    Raises
+    ------
+    DatasetNotFoundError
+        When a list or label file is missing (the message names the file and ``nuswide``).
+    ValueError
+        For an unknown split, or a label file whose length differs from the image list.
+    """
+    if split not in _SPLITS:
+        raise ValueError(f"split must be one of {sorted(_SPLITS)}, got {split!r}")
+    base = _base(root)
+    concepts = _lines(base / "Concepts81.txt")
+    paths = ["/".join(p.replace("\\", "/").split("/")[-2:]) for p in
+             _lines(base / "ImageList" / f"{_SPLITS[split]}Imagelist.txt")]
+    labels = np.zeros((len(paths), len(concepts)), dtype=np.uint8)
+    for j, concept in enumerate(concepts):
+        f = base / "Groundtruth" / "TrainTestLabels" / f"Labels_{concept}_{_SPLITS[split]}.txt"
+        col = np.array([int(float(v)) for v in _lines(f)], dtype=np.int64)
+        if len(col) != len(paths):
+            raise ValueError(f"{f} has {len(col)} labels for {len(paths)} images in the {split} image list")
+        if not np.isin(col, (0, 1)).all():
+            raise ValueError(f"{f}: labels must be 0 or 1")
+        labels[:, j] = col
+    return paths, labels, concepts
+
+
+def nuswide_dataset(root: str | os.PathLike | None = None, split: str = "train",
+                    transform: Callable[[Any], Any] | None = None, *, drop_empty: bool = True,
+                    missing: str = "skip") -> ImageListDataset:
+    """NUS-WIDE multi-label dataset over the user-supplied ``Flickr/`` images.
+
+    Parameters
+    ----------
+    drop_empty : bool, default True
+        Remove images without any of the 81 labels (the usual protocol of the MLIC papers).
+    missing : {"skip", "error"}, default "skip"
+        Images listed but absent from ``Flickr/`` (common: many of the original Flickr images are gone)
+        are left out (``"skip"``; the count is in the dataset's ``n_missing`` attribute) or raise.
+    """
+    if missing not in ("skip", "error"):
+        raise ValueError(f"missing must be 'skip' or 'error', got {missing!r}")
+    base = _base(root)
+    paths, labels, concepts = read_nuswide_labels(root, split)
+    flickr = base / "Flickr"
+    if not flickr.is_dir():
+        raise missing_dataset("NUS-WIDE", flickr, "missing", key="nuswide")
+    keep = labels.any(1) if drop_empty else np.ones(len(paths), dtype=bool)
+    exists = np.array([(flickr / p).is_file() for p in paths])
+    if missing == "error" and not exists[keep].all():
+        first = paths[int(np.flatnonzero(keep & ~exists)[0])]
+        raise missing_dataset("NUS-WIDE", flickr / first, "missing", key="nuswide")
+    n_missing = int((keep & ~exists).sum())
+    keep &= exists
+    idx = np.flatnonzero(keep)
+    ds = ImageListDataset([flickr / paths[i] for i in idx], labels[idx], transform=transform, name="nuswide",
+                          class_names=concepts, ids=[paths[i] for i in idx])
+    ds.n_missing = n_missing  # type: ignore[attr-defined]
+    return ds
