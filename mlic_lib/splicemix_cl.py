@@ -33,8 +33,8 @@ from :class:`IndexedDataset`):
 * :class:`MosaicStep` -- looks the boxes of the batch's images up by index (the dataset must be an
   :class:`IndexedDataset`).
 
-The chapter's evaluation helpers live here too: :func:`lowres_predict` (Fig. 6) and
-:func:`biased_pair_map` (Table VIII, the exclusive / co-occur protocol of Singh et al. 2020).
+The chapter's evaluation protocols (Fig. 6 low-resolution inference, Table VIII biased pairs) are in
+:mod:`mlic_lib.analysis.robustness`.
 """
 
 from __future__ import annotations
@@ -47,7 +47,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from mlic_lib.metrics import average_precision
 from mlic_lib.mixing import BatchAugmentation, CutMix, GridLayout, Mixup, Mosaic, SpliceMix, pad_boxes
 
 __all__ = [
@@ -58,10 +57,8 @@ __all__ = [
     "MixStep",
     "MosaicStep",
     "SpliceMixStep",
-    "biased_pair_map",
     "cell_logits",
     "consistency_loss",
-    "lowres_predict",
 ]
 
 CL_FORMS = ("bce", "kl")
@@ -249,44 +246,3 @@ def make_step(method: str, options: dict | None = None, boxes: Sequence[np.ndarr
         return SpliceMixStep(splicemix())
     return SpliceMixStep(splicemix(), cl_weight=o.get("cl_weight", 1.0), detach=o.get("cl_detach", True),
                          cl_form=o.get("cl_form", "bce"))
-
-
-# ------------------------------------------------------------------------- evaluation helpers
-def lowres_predict(factor: int) -> Callable[[nn.Module, Tensor], Tensor]:
-    """A ``predict_fn`` for Fig. 6: downsample the input by ``factor`` (bilinear, antialiased) first."""
-    if factor < 1:
-        raise ValueError(f"factor must be >= 1, got {factor}")
-
-    def predict(model: nn.Module, x: Tensor) -> Tensor:
-        if factor > 1:
-            x = F.interpolate(x, size=(x.shape[2] // factor, x.shape[3] // factor), mode="bilinear",
-                              align_corners=False, antialias=True)
-        return torch.sigmoid(model(x).float())
-
-    return predict
-
-
-def biased_pair_map(pairs: Sequence[tuple[int, int]], natural: tuple[np.ndarray, np.ndarray],
-                    exclusive: tuple[np.ndarray, np.ndarray], cooccur: tuple[np.ndarray, np.ndarray]) -> dict:
-    """Table VIII (Singh et al. 2020): AP of each biased class ``b`` on two test distributions.
-
-    For a pair ``(b, c)``: *exclusive* = images with ``b`` but not ``c`` (from the exclusive-mode set)
-    + *other* images without ``b`` (from the natural test set); *co-occur* = images with ``b`` and
-    ``c`` (from the co-occur-mode set) + the same other images. Each argument after ``pairs`` is
-    ``(scores (N, C), targets (N, C))``. Returns mean AP over pairs (in [0, 1]) and per pair.
-    """
-    out: dict = {"exclusive": [], "cooccur": []}
-    ns, nt = (np.asarray(a) for a in natural)
-    for b, c in pairs:
-        other = nt[:, b] == 0
-        for name, (s, t) in (("exclusive", exclusive), ("cooccur", cooccur)):
-            s, t = np.asarray(s), np.asarray(t)
-            sel = (t[:, b] == 1) & ((t[:, c] == 0) if name == "exclusive" else (t[:, c] == 1))
-            if sel.sum() == 0 or other.sum() == 0:
-                out[name].append(float("nan"))
-                continue
-            scores = np.concatenate([s[sel, b], ns[other, b]])[:, None]
-            targets = np.concatenate([np.ones(sel.sum()), np.zeros(other.sum())])[:, None]
-            out[name].append(float(average_precision(scores, targets)[0]))
-    return {"exclusive_mAP": float(np.nanmean(out["exclusive"])), "cooccur_mAP": float(np.nanmean(out["cooccur"])),
-            "per_pair": out}

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mlic_lib.analysis.robustness import biased_pair_map, lowres_predict
 from mlic_lib.mixing import (
     BatchAugmentation,
     CutMix,
@@ -32,10 +33,8 @@ from mlic_lib.splicemix_cl import (
     MixStep,
     MosaicStep,
     SpliceMixStep,
-    biased_pair_map,
     cell_logits,
     consistency_loss,
-    lowres_predict,
     make_step,
 )
 

@@ -7,6 +7,7 @@
   and :func:`overlay`.
 * :mod:`~mlic_lib.analysis.plots` -- scenes with boxes, heat maps, per-class bars.
 * :mod:`~mlic_lib.analysis.tsne` -- :func:`tsne_embed` and :func:`cluster_quality`.
+* :mod:`~mlic_lib.analysis.robustness` -- low-resolution inference and the biased-pair protocol.
 
 pytorch-grad-cam and scikit-learn are imported only when a function that needs them is called.
 """
