@@ -67,7 +67,7 @@ def _cmd_data(args) -> int:
 
         if not args.name or not args.root_dir:
             raise ValueError("`mlic data fake` needs a NAME and --root DIR (kept apart from real data)")
-        out = write_fake(args.name, args.root_dir, args.n_train, args.n_test, args.image_size)
+        out = write_fake(args.name, args.root_dir, args.n_train, args.n_test, args.image_size, force=args.force)
         print(f"{args.name}: synthetic files in the real layout under {out} (use MLIC_DATA={out})")
         return 0
     root = data_root()
@@ -121,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-train", type=int, default=60, help="fake: training images")
     p.add_argument("--n-test", type=int, default=40, help="fake: test images")
     p.add_argument("--image-size", type=int, default=64, help="fake: image height in pixels")
+    p.add_argument("--force", action="store_true", help="fake: allow writing into the real data root")
     p.set_defaults(func=_cmd_data)
     return parser
 

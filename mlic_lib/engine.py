@@ -333,10 +333,13 @@ def predict(model: nn.Module, loader: Iterable, device: torch.device, predict_fn
 
 def evaluate(model: nn.Module, data: Dataset | Iterable, device: torch.device | str | None = None, *,
              batch_size: int = 256, predict_fn: Callable = default_predict, groups: Mapping | None = None,
-             channels_last: bool = False, autocast=None) -> EvalResult:
-    """Scores on ``data`` and the multi-label report (mAP, CP/CR/CF1/OP/OR/OF1, top-3, group mAP)."""
+             channels_last: bool = False, autocast=None, num_workers: int = 0) -> EvalResult:
+    """Scores on ``data`` and the multi-label report (mAP, CP/CR/CF1/OP/OR/OF1, top-3, group mAP).
+
+    ``num_workers`` decode a ``Dataset`` in parallel (image files); in-memory tensors need none."""
     device = pick_device(device) if not isinstance(device, torch.device) else device
-    loader = make_loader(data, batch_size, shuffle=False) if isinstance(data, Dataset) else data
+    loader = (make_loader(data, batch_size, shuffle=False, num_workers=num_workers, device=device)
+              if isinstance(data, Dataset) else data)
     scores, targets, mask = predict(model, loader, device, predict_fn, channels_last, autocast)
     report = M.multilabel_report(scores, targets, mask=mask, groups=groups)
     return EvalResult(scores, targets, mask, report)
@@ -458,7 +461,8 @@ def fit(model: nn.Module, train_data: Dataset | Iterable, val_data: Dataset | It
                                    channels_last=channels_last, progress=bar, log_every=cfg.log_every)
             logs = {"epoch": epoch, "train_seconds": time.perf_counter() - t0, **logs}
             if val_data is not None:
-                res = evaluate(eval_model, make_loader(val_data, cfg.eval_batch_size, False), device,
+                res = evaluate(eval_model, make_loader(val_data, cfg.eval_batch_size, False,
+                                                       num_workers=cfg.num_workers, device=device), device,
                                predict_fn=predict_fn, groups=groups, channels_last=channels_last,
                                autocast=autocast)
                 final = res.metrics

@@ -217,21 +217,24 @@ def _asl(options: Mapping[str, Any] | None) -> AsymmetricLoss:
 
 
 class ASLStep:
-    """Eqs. 3-4: a (sub-)task model trained with the Asymmetric Loss on its own labels."""
+    """Eqs. 3-4: a (sub-)task model trained with the Asymmetric Loss on its own labels (a third batch item is
+    the label mask, e.g. VOC difficult labels with ``difficult_train: ignore``)."""
 
     def __init__(self, asl: Mapping[str, Any] | None = None):
         self.loss = _asl(asl)
 
     def __call__(self, model: nn.Module, batch, device):
-        return self.loss(model(batch[0]).float(), batch[1]), {}
+        mask = batch[2] if len(batch) > 2 else None
+        return self.loss(model(batch[0]).float(), batch[1], mask), {}
 
 
 class DistillationStep:
     """Eq. 7: ``L_cls^C + kd_weight * L_kd`` for the student.
 
-    The batch is ``(x, y, teacher_logits (B, T, C))`` (see :class:`DistillDataset`), or ``(x, y)`` when
-    ``teachers`` (modules returning global-order logits, e.g. :class:`TeacherEnsemble`) are given: then
-    they run on the batch without gradients."""
+    With ``teachers`` (modules returning global-order logits, e.g. :class:`TeacherEnsemble`) the batch is
+    ``(x, y[, mask])`` and the teachers run on it without gradients; without them it is
+    ``(x, y, teacher_logits (B, T, C))`` from a :class:`DistillDataset`. A mask (VOC difficult labels)
+    applies to the classification term only."""
 
     def __init__(self, asl: Mapping[str, Any] | None = None, kd_weight: float = 1.0, reduction: str = "sum",
                  teachers: Sequence[nn.Module] | None = None):
@@ -244,15 +247,17 @@ class DistillationStep:
 
     def __call__(self, model: nn.Module, batch, device):
         x, y = batch[0], batch[1]
-        if len(batch) > 2:
-            t = batch[2]
-        elif self.teachers:
+        mask = None
+        if self.teachers:
+            mask = batch[2] if len(batch) > 2 else None
             with torch.no_grad():
                 t = torch.stack([teacher.eval().to(x.device)(x).float() for teacher in self.teachers], dim=1)
+        elif len(batch) > 2:
+            t = batch[2]
         else:
             raise ValueError("DistillationStep needs teacher logits in the batch (x, y, t) or teachers=...")
         logits = model(x).float()
-        cls = self.cls(logits, y)
+        cls = self.cls(logits, y, mask)
         kd = kd_loss(logits, t, self.reduction)
         return cls + self.kd_weight * kd, {"cls": cls.detach(), "kd": kd.detach()}
 
@@ -538,7 +543,8 @@ def run_study(settings: Mapping[str, Any], data, S: np.ndarray, *, seed: int = 0
             ens, runs = train_teachers(settings, train_data, targets, subsets[key], seed=seed)
             ensembles[key] = ens
             ensembles[key].run_key = teacher_key(runs)  # type: ignore[attr-defined]
-            emap[key] = float(evaluate(ens, data.test_ds, pick_device(None)).metrics["mAP"])
+            workers = int(settings["train"].get("num_workers", 0))
+            emap[key] = float(evaluate(ens, data.test_ds, pick_device(None), num_workers=workers).metrics["mAP"])
         return ensembles[key]
 
     baseline = train_baseline(settings, data, seed=seed)

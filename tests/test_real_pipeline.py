@@ -74,6 +74,8 @@ def test_cutout_fills_one_rectangle_or_nothing():
         if len(ys):  # a random colour can be black; otherwise the changed pixels form one box <= half a side
             assert m[ys.min():ys.max() + 1, xs.min():xs.max() + 1].all()
             assert ys.max() - ys.min() + 1 <= 20 and xs.max() - xs.min() + 1 <= 20
+    inside = [m for m in changed if m[0].sum() == 0 and m[-1].sum() == 0 and m[:, 0].sum() == 0 and m[:, -1].sum() == 0]
+    assert all(m.sum() == 400 for m in inside if m.any())  # a box away from the borders is exactly 20 x 20
     assert sum(m.any() for m in changed) >= 15
 
 
@@ -160,9 +162,9 @@ def test_write_fake_rejects_unknown(tmp_path):
 def test_cli_data_fake(tmp_path):
     from mlic_lib.cli import main
 
-    assert main(["data", "fake", "coco2017", "--root", str(tmp_path), "--n-train", "12", "--n-test", "8"]) == 0
+    assert main(["data", "fake", "coco2017", "--root", str(tmp_path), "--n-train", "12", "--n-test", "10"]) == 0
     d = real_data({"dataset": "coco2017", "image_size": 16, "root": str(tmp_path)})
-    assert (len(d.train_ds), len(d.test_ds)) == (12, 8)
+    assert (len(d.train_ds), len(d.test_ds)) == (12, 10)
     assert main(["data", "fake", "coco2017"]) == 2  # no --root: a clear error, nothing written
 
 
@@ -290,3 +292,46 @@ def test_nuswide_lists_labels_and_missing_images(tmp_path):
         read_nuswide_labels(tmp_path, "train")
     with pytest.raises(ValueError, match="split"):
         read_nuswide_labels(tmp_path, "val")
+
+
+# ------------------------------------------------------------------------------- review follow-ups
+def test_write_fake_refuses_the_real_data_root(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLIC_DATA", str(tmp_path))
+    with pytest.raises(ValueError, match="real data root"):
+        write_fake("voc2007", tmp_path)
+    assert not any(tmp_path.iterdir())
+    write_fake("voc2007", tmp_path, n_train=10, n_test=10, force=True)
+    assert (tmp_path / "VOCdevkit" / "VOC2007" / "JPEGImages").is_dir()
+    with pytest.raises(ValueError, match="n_train >= 10"):
+        write_fake("voc2007", tmp_path / "other", n_train=2)
+
+
+def test_nuswide_concepts_in_conceptslist_folder(tmp_path):
+    from mlic_lib.data.nuswide import read_nuswide_labels
+
+    write_fake("nuswide", tmp_path, n_train=12, n_test=10)
+    base = tmp_path / "nuswide"
+    (base / "ConceptsList").mkdir()
+    (base / "Concepts81.txt").rename(base / "ConceptsList" / "Concepts81.txt")
+    assert len(read_nuswide_labels(tmp_path, "test")[2]) == 10
+
+
+def test_psd_steps_use_the_mask_and_never_mistake_it_for_teacher_logits():
+    from mlic_lib import psd
+    from mlic_lib.losses import AsymmetricLoss
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 4)
+    x, y = torch.randn(5, 6), (torch.rand(5, 4) > 0.5).float()
+    mask = torch.ones(5, 4, dtype=torch.bool)
+    mask[:, 0] = False
+    loss, _ = psd.ASLStep()(model, (x, y, mask), "cpu")
+    ref = AsymmetricLoss(gamma_pos=0.0, gamma_neg=4.0, clip=0.05)(model(x).float(), y, mask)
+    torch.testing.assert_close(loss, ref)
+    teacher = torch.nn.Linear(6, 4)
+    step = psd.DistillationStep(teachers=[teacher])
+    total, logs = step(model, (x, y, mask), "cpu")
+    with torch.no_grad():
+        kd = psd.kd_loss(model(x), teacher(x)[:, None], "sum")
+    torch.testing.assert_close(logs["kd"], kd)  # the teacher ran; the mask was not read as logits
+    torch.testing.assert_close(logs["cls"], ref.detach())

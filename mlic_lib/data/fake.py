@@ -221,14 +221,28 @@ def write_cifar10(root: Path, n_train: int = 500, n_test: int = 200, seed: int =
 
 
 def write_fake(name: str, root: str | Path, n_train: int = 60, n_test: int = 40, image_size: int = 64,
-               seed: int = 0) -> Path:
+               seed: int = 0, force: bool = False) -> Path:
     """Write dataset ``name`` (see :data:`FAKE_DATASETS`) under ``root``; returns ``root``.
 
-    Raises ``ValueError`` for an unknown name. Existing files of the same layout are overwritten.
+    Existing files of the same layout are overwritten, so ``root`` must not be the real data root
+    (``$MLIC_DATA``) unless ``force=True``.
+
+    Raises
+    ------
+    ValueError
+        For an unknown name, sizes below the minimum, or ``root`` equal to the real data root.
     """
+    from .paths import data_root
+
     root = Path(root).expanduser()
     if name not in FAKE_DATASETS:
         raise ValueError(f"unknown fake dataset {name!r}; choose one of {FAKE_DATASETS}")
+    if n_train < 10 or n_test < 10 or image_size < 16:
+        raise ValueError(f"need n_train >= 10, n_test >= 10 and image_size >= 16 (got {n_train}, {n_test}, "
+                         f"{image_size})")
+    if not force and root.resolve() == data_root().resolve():
+        raise ValueError(f"{root} is the real data root ($MLIC_DATA): fake files would overwrite real ones; "
+                         "write them to another folder (or pass force=True / --force)")
     if name == "voc2007":
         write_voc(root, "2007", {"trainval": n_train, "test": n_test}, image_size, seed)
     elif name == "voc2012":

@@ -222,8 +222,8 @@ def lt_datasets(dataset: str, split_dir: str | os.PathLike | None = None, root: 
     if not (folder / "img_id.txt").is_file():
         raise missing_dataset(dataset.upper().replace("_", "-"), folder / "img_id.txt", key=dataset)
     split = read_lt_split(folder, dataset)
-    train_tf = train_transform or default_transform(image_size, train=True)
-    test_tf = test_transform or default_transform(image_size)
+    train_tf = train_transform if train_transform is not None else default_transform(image_size, train=True)
+    test_tf = test_transform if test_transform is not None else default_transform(image_size)
     if dataset == "voc_lt":
         labels = voc_lt_labels(split, base)
         img_dir = voc_dir(base, "2012") / "JPEGImages"

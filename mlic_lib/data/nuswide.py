@@ -3,7 +3,7 @@
 The images are no longer distributed by their authors, so ``mlic data prepare nuswide`` cannot fetch
 them; place the official files under the data root::
 
-    <root>/nuswide/Concepts81.txt                                   (ConceptsList: one concept per line)
+    <root>/nuswide/Concepts81.txt  or  ConceptsList/Concepts81.txt  (one concept per line)
     <root>/nuswide/ImageList/{TrainImagelist,TestImagelist}.txt     (one image path per line)
     <root>/nuswide/Groundtruth/TrainTestLabels/Labels_<concept>_{Train,Test}.txt   (one 0/1 per line)
     <root>/nuswide/Flickr/<folder>/<file>.jpg                       (the images)
@@ -58,7 +58,8 @@ def read_nuswide_labels(root: str | os.PathLike | None = None, split: str = "tra
     if split not in _SPLITS:
         raise ValueError(f"split must be one of {sorted(_SPLITS)}, got {split!r}")
     base = _base(root)
-    concepts = _lines(base / "Concepts81.txt")
+    listed = base / "ConceptsList" / "Concepts81.txt"  # as the official archive unpacks
+    concepts = _lines(listed if listed.is_file() else base / "Concepts81.txt")
     paths = ["/".join(p.replace("\\", "/").split("/")[-2:]) for p in
              _lines(base / "ImageList" / f"{_SPLITS[split]}Imagelist.txt")]
     labels = np.zeros((len(paths), len(concepts)), dtype=np.uint8)

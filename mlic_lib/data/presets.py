@@ -65,18 +65,19 @@ class MultiScaleCrop:
 
 
 class Cutout:
-    """Cutout (DeVries & Taylor 2017) as used by the ASL/AssocFormer recipe: one rectangle of up to
-    ``factor`` times the image height and width, at a random centre, filled with one random colour.
+    """Cutout (DeVries & Taylor 2017) in the form of the ASL training recipe that AssocFormer follows: one
+    rectangle of ``factor`` times the image height and width (clipped at the borders), centred at a random
+    pixel, filled with one random colour, applied to every image before RandAugment.
 
     Parameters
     ----------
     factor : float in (0, 1]
-        Maximal side of the rectangle as a fraction of the image side (the paper's "factor of 0.5").
-    p : float, default 0.5
-        Probability that an image is cut at all.
+        Side of the rectangle as a fraction of the image side (the paper's "factor of 0.5").
+    p : float, default 1.0
+        Probability that an image is cut (ASL: always).
     """
 
-    def __init__(self, factor: float = 0.5, p: float = 0.5):
+    def __init__(self, factor: float = 0.5, p: float = 1.0):
         if not 0 < factor <= 1:
             raise ValueError(f"cutout factor must lie in (0, 1], got {factor}")
         if not 0 <= p <= 1:
@@ -88,9 +89,10 @@ class Cutout:
             return img
         img = img.copy()
         w, h = img.size
-        ch, cw = max(1, int(random.uniform(0, self.factor) * h)), max(1, int(random.uniform(0, self.factor) * w))
+        ch, cw = max(1, round(self.factor * h)), max(1, round(self.factor * w))
         cy, cx = random.randrange(h), random.randrange(w)
-        box = (max(0, cx - cw // 2), max(0, cy - ch // 2), min(w, cx + cw // 2), min(h, cy + ch // 2))
+        x0, y0 = cx - cw // 2, cy - ch // 2  # PIL rectangles include both corners: the last pixel is x0 + cw - 1
+        box = (max(0, x0), max(0, y0), min(w - 1, x0 + cw - 1), min(h - 1, y0 + ch - 1))
         ImageDraw.Draw(img).rectangle(box, fill=tuple(random.randrange(256) for _ in range(3)))
         return img
 
@@ -140,10 +142,10 @@ def train_preset(size: int, augment: Mapping[str, Any] | None = None) -> Callabl
         steps.append(T.Resize((size, size)))
     if a["hflip"]:
         steps.append(T.RandomHorizontalFlip())
+    if a["cutout"]:  # before RandAugment, as in the ASL recipe
+        steps.append(Cutout(float(a["cutout"])))
     if a["randaugment"]:
         steps.append(T.RandAugment())
-    if a["cutout"]:
-        steps.append(Cutout(float(a["cutout"])))
     steps += [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     return T.Compose(steps)
 

@@ -13,9 +13,11 @@ nuswide    NUS-WIDE official train list (81)         official test list (user-su
 ========== ========================================= ============================================
 
 ``data:`` keys: ``dataset``, ``image_size``, ``augment`` (see :func:`.presets.train_preset`),
-``difficult_train`` (VOC: ``negative`` as SpliceMix's code, ``ignore`` or ``positive``),
+``difficult_train`` / ``difficult_eval`` (VOC: ``negative`` (SpliceMix's code) / ``ignore`` (AP) by default;
+``ignore`` in training gives ``(x, y, mask)`` items), ``head_min`` / ``tail_max`` (read by the LTML chapter),
 ``n_train`` / ``n_test`` (``null`` = all; else a seeded random subset, for quick checks), ``subset_seed``,
-``root`` (``null`` = ``$MLIC_DATA``), ``split_dir`` (long-tailed splits; ``null`` = ``<root>/<dataset>``).
+``root`` (``null`` = ``$MLIC_DATA``; relative paths are relative to the working directory, i.e. ``notebooks/``
+when a chapter runs), ``split_dir`` (long-tailed splits; ``null`` = ``<root>/<dataset>``).
 Missing files raise :class:`~mlic_lib.data.errors.DatasetNotFoundError` naming ``mlic data prepare NAME``.
 """
 
@@ -114,8 +116,9 @@ def real_data(data: Mapping[str, Any]) -> RealData:
         test = voc_dataset(root, "2007", "test", test_tf, difficult=data.get("difficult_eval", "ignore"))
     elif name in ("coco2014", "coco2017"):
         year = name[-4:]
-        train = coco_dataset(root, year, "train", train_tf)
-        test = coco_dataset(root, year, "val", test_tf)
+        # images without any annotation are left out, as in ML-GCN's protocol (82,081 / 40,137 for 2014)
+        train = coco_dataset(root, year, "train", train_tf, drop_empty=True)
+        test = coco_dataset(root, year, "val", test_tf, drop_empty=True)
     elif name == "nuswide":
         train, test = nuswide_dataset(root, "train", train_tf), nuswide_dataset(root, "test", test_tf)
         extra["missing_images"] = {"train": train.n_missing, "test": test.n_missing}

@@ -188,8 +188,8 @@ def mean_association(model: AssocFormer, data, batch_size: int = 64, device: str
                      num_workers: int = 0) -> np.ndarray:
     """Mean of ``A`` (Eq. 5) over a dataset (items ``(x, y, ...)``): a (C, C) array (Fig. 4).
 
-    Runs without gradients on ``device`` (default: where the model's parameters are), with bf16 autocast
-    on CUDA; the sum is accumulated in float64.
+    Runs without gradients on ``device`` (default: where the model's parameters are); on CUDA the backbone
+    runs under bf16 autocast, ``A`` itself is computed in float32 and summed in float64.
     """
     if model.am is None:
         raise ValueError("this model has no association module (fusion='backbone'): there is no A to average")
@@ -198,10 +198,12 @@ def mean_association(model: AssocFormer, data, batch_size: int = 64, device: str
     total, n = None, 0
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                                          pin_memory=device.type == "cuda")
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    with torch.no_grad():
         for batch in loader:
             x = batch[0].to(device, non_blocking=True)
-            A = model.am.association(model.forward_features(x).float()).double()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                L = model.forward_features(x)
+            A = model.am.association(L.float()).double()
             total = A.sum(0) if total is None else total + A.sum(0)
             n += A.shape[0]
     if n == 0:
