@@ -1,0 +1,75 @@
+"""Input-pipeline throughput of the ``full`` profiles: JPEG decoding (PIL) + the paper's train preset
+(:mod:`mlic_lib.data.presets`) through a ``DataLoader`` with 0..N workers, in images per second.
+
+A GPU training step is only as fast as the loader that feeds it: compare the numbers printed here with
+the images/s of ``benchmarks/train_throughput.py`` on the same machine to choose ``train.num_workers``.
+The images are synthetic JPEGs of VOC's typical size (500 x 375) in the VOC layout
+(:func:`mlic_lib.data.fake.write_fake`), so the run needs no download.
+
+    python benchmarks/data_throughput.py                                 # 448 px, multi-scale crop
+    python benchmarks/data_throughput.py --preset assocformer --size 384 --workers 0 2 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+import torch
+
+from mlic_lib.data.fake import write_fake
+from mlic_lib.data.real import real_data
+
+PRESETS = {  # the augment section of each chapter's full profile
+    "splicemix": {"crop": "multiscale", "hflip": True},
+    "assocformer": {"crop": "none", "hflip": False, "cutout": 0.5, "randaugment": True},
+    "ltml": {"crop": "none", "hflip": True},
+}
+
+
+def measure(ds, workers: int, batch: int, batches: int) -> float:
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers,
+                                         generator=torch.Generator().manual_seed(0))
+    it = iter(loader)
+    next(it)  # worker start-up and the first batch are not timed
+    t0, n = time.perf_counter(), 0
+    for _ in range(batches):
+        try:
+            x = next(it)[0]
+        except StopIteration:
+            break
+        n += x.shape[0]
+    return n / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", choices=sorted(PRESETS), default="splicemix")
+    p.add_argument("--size", type=int, default=448)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--batches", type=int, default=8)
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    p.add_argument("--images", type=int, default=400, help="synthetic training images to write")
+    p.add_argument("--out", help="write the results as JSON here")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as root:
+        write_fake("voc2007", root, n_train=args.images, n_test=10, image_size=375)  # 375 high, ~470 wide
+        ds = real_data({"dataset": "voc2007", "root": root, "image_size": args.size,
+                        "augment": PRESETS[args.preset]}).train_ds
+        rows = []
+        print(f"{args.preset} train preset, {args.size} px output, batch {args.batch}, {os.cpu_count()} CPUs")
+        print(f"{'workers':>7s} {'img/s':>8s}")
+        for w in args.workers:
+            rate = measure(ds, w, args.batch, args.batches)
+            rows.append({"workers": w, "images_per_second": rate})
+            print(f"{w:7d} {rate:8.1f}")
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump({"args": vars(args), "cpus": os.cpu_count(), "rows": rows}, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()
