@@ -335,3 +335,21 @@ def test_psd_steps_use_the_mask_and_never_mistake_it_for_teacher_logits():
         kd = psd.kd_loss(model(x), teacher(x)[:, None], "sum")
     torch.testing.assert_close(logs["kd"], kd)  # the teacher ran; the mask was not read as logits
     torch.testing.assert_close(logs["cls"], ref.detach())
+
+
+def test_training_on_images_with_workers_is_deterministic(fake_root, tmp_path):
+    """Random crops/flips run in DataLoader workers: two runs with the same seed give the same weights."""
+    from mlic_lib.engine import TrainConfig, fit
+    from mlic_lib.models import build_model
+
+    d = real_data({"dataset": "voc2007", "image_size": 24, "root": str(fake_root),
+                   "augment": {"crop": "multiscale", "hflip": True}})
+    cfg = TrainConfig(epochs=1, batch_size=8, lr=1e-2, num_workers=2, seed=3)
+
+    def weights():
+        torch.manual_seed(0)
+        model = build_model("small_resnet", 20, widths=(4, 8, 8, 8))
+        return fit(model, d.train_ds, None, cfg, progress=False).model.state_dict()
+
+    a, b = weights(), weights()
+    assert all(torch.equal(a[k], b[k]) for k in a)
