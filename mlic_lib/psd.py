@@ -57,6 +57,7 @@ __all__ = [
     "TeacherEnsemble",
     "TeacherSpec",
     "build_psd_model",
+    "decomposition_teachers",
     "kd_loss",
     "merge_logits",
     "predict_logits",
@@ -492,6 +493,31 @@ def teacher_key(results: Sequence[FitResult]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------ the study
+def decomposition_teachers(settings: Mapping[str, Any], data, S: np.ndarray, strategy: str, k: int, *,
+                           seed: int = 0, rseed: int = 0) -> tuple[list[np.ndarray], TeacherEnsemble, float]:
+    """One task decomposition and its teachers: ``(subsets, rho-merged ensemble, ensemble test mAP)``.
+
+    ``strategy`` is ``'cgp'``, ``'dgp'`` or ``'random'`` (seeded by ``rseed``); the partition uses the profile's
+    ``tau``, ``complement``, ``cluster_seed`` and ``n_init``, the teachers ``teacher_train`` and
+    ``image_selection``. ``data`` is a ``SceneData`` (uint8 fast path) or a ``RealData`` (image files). The
+    ensemble carries ``run_key`` (its teachers' run directories) for the student's cache key."""
+    from mlic_lib.engine import evaluate
+    from mlic_lib.partition import partition_labels
+
+    p = settings.get("psd", {})
+    subsets = partition_labels(strategy, k, S=S, num_classes=data.num_classes, tau=p.get("tau", 3.0),
+                               complement=p.get("complement", "ones"),
+                               seed=rseed if strategy == "random" else p.get("cluster_seed", 0),
+                               n_init=p.get("n_init", 20))
+    # in-memory scenes: the uint8 images (fast path); real data: the training dataset itself
+    train_data = data.train.images if isinstance(data.train_ds, TensorImageDataset) else data.train_ds
+    ens, runs = train_teachers(settings, train_data, data.train_targets, subsets, seed=seed)
+    ens.run_key = teacher_key(runs)  # type: ignore[attr-defined]
+    workers = int(settings["train"].get("num_workers", 0))
+    emap = float(evaluate(ens, data.test_ds, pick_device(None), num_workers=workers).metrics["mAP"])
+    return subsets, ens, emap
+
+
 @dataclass
 class PSDStudy:
     """Everything the chapter reports: decompositions, teacher ensembles, students and the baseline.
@@ -517,18 +543,11 @@ def run_study(settings: Mapping[str, Any], data, S: np.ndarray, *, seed: int = 0
     Decompositions come from ``S`` (:func:`mlic_lib.partition.similarity_matrix` of the training labels) with
     the profile's ``tau`` and ``complement``. Teachers are shared: the CGP and DGP teachers of ``cpsd_k`` serve
     the CGPD, DGPD and CPSD students; the ``k = 1`` teacher (the whole task) is the SD teacher."""
-    from mlic_lib.engine import evaluate
-    from mlic_lib.partition import partition_labels
-
     t0 = time.perf_counter()
     p = settings.get("psd", {})
     ks = [int(k) for k in p.get("ks", [1, 2, 3, 5])]
     cpsd_k = int(p.get("cpsd_k", 5))
     random_seeds = [int(s) for s in p.get("random_seeds", [0])]
-    C = data.num_classes
-    # in-memory scenes: the uint8 images (fast path); real data: the training dataset itself
-    train_data = data.train.images if isinstance(data.train_ds, TensorImageDataset) else data.train_ds
-    targets = data.train_targets
     subsets: dict = {}
     ensembles: dict = {}
     emap: dict = {}
@@ -537,14 +556,8 @@ def run_study(settings: Mapping[str, Any], data, S: np.ndarray, *, seed: int = 0
     def teachers(strategy: str, k: int, rseed: int = 0):
         key = (strategy, k, rseed)
         if key not in ensembles:
-            subsets[key] = partition_labels(strategy, k, S=S, num_classes=C, tau=p.get("tau", 3.0),
-                                            complement=p.get("complement", "ones"), seed=rseed if strategy == "random"
-                                            else p.get("cluster_seed", 0), n_init=p.get("n_init", 20))
-            ens, runs = train_teachers(settings, train_data, targets, subsets[key], seed=seed)
-            ensembles[key] = ens
-            ensembles[key].run_key = teacher_key(runs)  # type: ignore[attr-defined]
-            workers = int(settings["train"].get("num_workers", 0))
-            emap[key] = float(evaluate(ens, data.test_ds, pick_device(None), num_workers=workers).metrics["mAP"])
+            subsets[key], ensembles[key], emap[key] = decomposition_teachers(settings, data, S, strategy, k,
+                                                                             seed=seed, rseed=rseed)
         return ensembles[key]
 
     baseline = train_baseline(settings, data, seed=seed)
