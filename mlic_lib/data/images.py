@@ -146,24 +146,15 @@ class ImageListDataset(Dataset):
 
 
 def default_transform(size: int = 448, train: bool = False) -> Callable[[Image.Image], torch.Tensor]:
-    """Standard torchvision (v1) pre-processing for the real datasets.
-
-    Parameters
-    ----------
-    size : int, default 448
-        Output side; images are resized to ``(size, size)`` without keeping the aspect ratio.
-    train : bool, default False
-        Adds a random horizontal flip (no random resized crop).
+    """Resize to ``(size, size)`` (no aspect ratio kept), a random horizontal flip when ``train``, tensor and
+    ImageNet normalisation: :func:`~mlic_lib.data.presets.train_preset` with ``crop="none"`` or
+    :func:`~mlic_lib.data.presets.eval_preset` (the presets give the papers' other augmentations).
 
     Returns
     -------
     torchvision.transforms.Compose
-        PIL image -> normalised ``float32`` tensor of shape ``(3, size, size)`` (ImageNet mean/std).
+        PIL image -> normalised ``float32`` tensor of shape ``(3, size, size)``.
     """
-    from torchvision import transforms as T
+    from .presets import eval_preset, train_preset
 
-    steps: list[Any] = [T.Resize((size, size))]
-    if train:
-        steps.append(T.RandomHorizontalFlip())
-    steps += [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    return T.Compose(steps)
+    return train_preset(size, {"crop": "none", "hflip": True}) if train else eval_preset(size)
