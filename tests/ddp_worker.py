@@ -1,4 +1,4 @@
-"""Worker for tests/test_ddp.py: a tiny fit under torchrun (gloo, CPU). Prints one JSON line per rank."""
+"""Worker for tests/test_ddp.py: a tiny fit under torchrun (gloo, CPU). Writes rank<r>.json into argv[2] per rank."""
 
 import json
 import os
@@ -21,6 +21,9 @@ res = fit(model, TensorImageDataset(train.images, train.targets), TensorImageDat
 flat = torch.cat([p.detach().flatten() for p in res.model.parameters()])
 gathered = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]
 dist.all_gather(gathered, flat)
-print(json.dumps({"rank": dist.get_rank(), "same": all(torch.equal(gathered[0], g) for g in gathered),
-                  "epochs": len(res.history), "world": int(os.environ["WORLD_SIZE"])}), flush=True)
+# one file per rank: the ranks share the launcher's stdout, where their lines can interleave
+report = {"rank": dist.get_rank(), "same": all(torch.equal(gathered[0], g) for g in gathered),
+          "epochs": len(res.history), "world": int(os.environ["WORLD_SIZE"])}
+with open(f"{sys.argv[2]}/rank{dist.get_rank()}.json", "w") as fh:
+    json.dump(report, fh)
 dist.destroy_process_group()

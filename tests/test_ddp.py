@@ -16,7 +16,7 @@ import pytest
 def test_fit_under_torchrun_keeps_ranks_in_sync(tmp_path):
     worker = Path(__file__).with_name("ddp_worker.py")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(worker), str(tmp_path / "run")]
+           str(worker), str(tmp_path / "run"), str(tmp_path)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         stdout, stderr = proc.communicate(timeout=240)
@@ -25,7 +25,7 @@ def test_fit_under_torchrun_keeps_ranks_in_sync(tmp_path):
         proc.communicate()
         pytest.fail("torchrun did not finish within 240 s")
     assert proc.returncode == 0, stderr[-3000:]
-    rows = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    rows = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("rank*.json"))]
     assert sorted(r["rank"] for r in rows) == [0, 1]
     assert all(r["same"] and r["epochs"] == 2 and r["world"] == 2 for r in rows), rows
     assert (tmp_path / "run" / "results.json").is_file() and (tmp_path / "run" / "final.pt").is_file()
