@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -113,11 +115,15 @@ def _settings(**psd_over):
             "teacher_train": {"epochs": 1}, "psd": {"tau": 3.0, **psd_over}}
 
 
-def test_teachers_are_cached_and_deterministic(small_scenes):
+def _teacher_task(small_scenes, n: int):
+    """``n`` half-resolution training scenes, their targets and a 2-way split of the 20 classes."""
     train, _ = small_scenes
-    imgs, tg = train.images[:40, :, ::2, ::2].copy(), train.targets[:40]
-    subsets = [np.arange(0, 10), np.arange(10, 20)]
     torch.set_num_threads(1)
+    return train.images[:n, :, ::2, ::2].copy(), train.targets[:n], [np.arange(0, 10), np.arange(10, 20)]
+
+
+def test_teachers_are_cached_and_deterministic(small_scenes):
+    imgs, tg, subsets = _teacher_task(small_scenes, 40)
     ens_a, runs_a = psd.train_teachers(_settings(), imgs, tg, subsets, parallel="sequential")
     assert not runs_a[0].cached
     ens_b, runs_b = psd.train_teachers(_settings(), imgs, tg, subsets)
@@ -135,10 +141,7 @@ def test_teachers_are_cached_and_deterministic(small_scenes):
 
 @pytest.mark.slow
 def test_process_pool_gives_the_same_teachers_as_sequential(small_scenes):
-    train, _ = small_scenes
-    imgs, tg = train.images[:24, :, ::2, ::2].copy(), train.targets[:24]
-    subsets = [np.arange(0, 10), np.arange(10, 20)]
-    torch.set_num_threads(1)
+    imgs, tg, subsets = _teacher_task(small_scenes, 24)
     seq, _ = psd.train_teachers(_settings(), imgs, tg, subsets, parallel="sequential")
     par, runs = psd.train_teachers({**_settings(), "chapter": "psd-pool"}, imgs, tg, subsets, parallel="process",
                                    max_workers=2)
@@ -159,10 +162,10 @@ def test_smoke_study(small_scenes):
     from mlic_lib.experiments import SceneData
     from mlic_lib.partition import similarity_matrix
 
-    train, test = small_scenes
-    data = SceneData(train, test, TensorImageDataset(train.images[:, :, ::2, ::2].copy(), train.targets),
+    full_train, test = small_scenes
+    train = dataclasses.replace(full_train, images=full_train.images[:, :, ::2, ::2].copy())  # the fixture stays intact
+    data = SceneData(train, test, TensorImageDataset(train.images, train.targets),
                      TensorImageDataset(test.images[:, :, ::2, ::2].copy(), test.targets))
-    train.images = train.images[:, :, ::2, ::2].copy()
     s = _settings(ks=[1, 2], cpsd_k=2, n_init=4)
     study = psd.run_study(s, data, similarity_matrix(targets=train.targets))
     assert set(study.students) == {"sd", "cgpd-2", "dgpd-2", "random-2-s0", "cpsd-2"}
