@@ -83,6 +83,15 @@ def build_scene_model(model_settings: Mapping[str, Any], num_classes: int, seed:
     return build_model(m["backbone"], num_classes, pool=m.get("pool", "max"), weights=m.get("weights"), widths=widths)
 
 
+def pretraining_note(model_settings: Mapping[str, Any]) -> str:
+    """A warning for real-data runs whose torchvision ResNet has no ``weights`` (trained from scratch, unlike the
+    papers, which fine-tune ImageNet weights); an empty string otherwise."""
+    if model_settings.get("weights") is None and str(model_settings.get("backbone", "")).startswith("resnet"):
+        return ("Note: model.weights is null, so the ResNet is trained from scratch; the paper fine-tunes ImageNet "
+                "weights, and its numbers are not comparable to these (set model.weights to a local .pth).")
+    return ""
+
+
 def train_scene_model(settings: Mapping[str, Any], data: SceneData, seed: int = 0, name: str = "baseline",
                       step: Callable | None = None, model=None, extra_key: Mapping[str, Any] | None = None,
                       progress: bool = True) -> FitResult:

@@ -53,6 +53,7 @@ __all__ = [
     "CL_FORMS",
     "METHODS",
     "make_step",
+    "train_method",
     "IndexedDataset",
     "MixStep",
     "MosaicStep",
@@ -246,3 +247,20 @@ def make_step(method: str, options: dict | None = None, boxes: Sequence[np.ndarr
         return SpliceMixStep(splicemix())
     return SpliceMixStep(splicemix(), cl_weight=o.get("cl_weight", 1.0), detach=o.get("cl_detach", True),
                          cl_form=o.get("cl_form", "bce"))
+
+
+def train_method(settings, data, method: str, seed: int = 0, tag: str = "", progress: bool = False):
+    """Train (or load from the cache) one method of the chapter on the scenes: the profile's ``model``,
+    ``train`` and ``mixing`` settings, the step of :func:`make_step` (Mosaic reads ``data.train.boxes``
+    through :class:`IndexedDataset`), no evaluation during training. ``tag`` tells apart runs of the same
+    method on other data (its data settings enter the cache key too). Returns the engine's ``FitResult``."""
+    from mlic_lib.engine import TrainConfig, fit, run_dir_for
+    from mlic_lib.experiments import build_scene_model
+
+    opts, m = settings["mixing"], settings["model"]
+    cfg = TrainConfig.from_dict({**settings["train"], "seed": seed})
+    key = {"chapter": settings.get("chapter"), "name": method, "data": settings["data"], "model": m,
+           "train": cfg.to_dict(), "mixing": opts if method != "baseline" else {}}
+    return fit(build_scene_model(m, data.num_classes, seed), IndexedDataset(data.train_ds), None, cfg,
+               step=make_step(method, opts, boxes=data.train.boxes),
+               run_dir=run_dir_for(f"splicemix-{method}{tag}-s{seed}", key), progress=progress)

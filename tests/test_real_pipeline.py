@@ -353,3 +353,11 @@ def test_training_on_images_with_workers_is_deterministic(fake_root, tmp_path):
 
     a, b = weights(), weights()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pretraining_note():
+    from mlic_lib.experiments import pretraining_note
+
+    assert "from scratch" in pretraining_note({"backbone": "resnet101", "weights": None})
+    assert pretraining_note({"backbone": "resnet101", "weights": "/w/resnet101.pth"}) == ""
+    assert pretraining_note({"backbone": "small_resnet"}) == ""  # the CPU model is meant to train from scratch

@@ -100,7 +100,7 @@ def real_data(data: Mapping[str, Any]) -> RealData:
     from .nuswide import nuswide_dataset
     from .voc import voc_dataset
 
-    unknown = set(data) - _KEYS - {"scenes", "n_bias_test", "real"}
+    unknown = set(data) - _KEYS
     if unknown:
         raise ValueError(f"unknown data option(s) {sorted(unknown)} for a real dataset; valid: {sorted(_KEYS)}")
     name = data.get("dataset")

@@ -57,6 +57,16 @@ def _coco(name: str, size: int, sha: str, folder: str = "zips") -> RemoteFile:
     return RemoteFile(name, (f"{_COCO}/{folder}/{name}",), size, sha, dest="coco")
 
 
+def _coco_entry(year: str, annotations: tuple[int, str], train: tuple[int, str], val: tuple[int, str]) -> DatasetEntry:
+    """COCO ``year``: the instances annotations and the train / val image zips, each given as ``(size, sha256)``."""
+    return DatasetEntry(
+        f"coco{year}", f"MS-COCO {year} (train + val images, instances annotations)",
+        (_coco(f"annotations_trainval{year}.zip", *annotations, "annotations"),
+         _coco(f"train{year}.zip", *train), _coco(f"val{year}.zip", *val)),
+        marker=f"coco/annotations/instances_val{year}.json",
+    )
+
+
 DATASETS: dict[str, DatasetEntry] = {
     "voc2007": DatasetEntry(
         "voc2007", "PASCAL VOC 2007 (trainval + test)",
@@ -74,26 +84,14 @@ DATASETS: dict[str, DatasetEntry] = {
               "e14f763270cf193d0b5f74b169f44157a4b0c6efa708f4dd0ff78ee691763bcb"),),
         marker="VOCdevkit/VOC2012/ImageSets/Main/trainval.txt",
     ),
-    "coco2014": DatasetEntry(
-        "coco2014", "MS-COCO 2014 (train + val images, instances annotations)",
-        (
-            _coco("annotations_trainval2014.zip", 252872794,
-                  "031296bbc80c45a1d1f76bf9a90ead27e94e99ec629208449507a4917a3bf009", "annotations"),
-            _coco("train2014.zip", 13510573713, "ede4087e640bddba550e090eae701092534b554b42b05ac33f0300b984b31775"),
-            _coco("val2014.zip", 6645013297, "fe9be816052049c34717e077d9e34aa60814a55679f804cd043e3cbee3b9fde0"),
-        ),
-        marker="coco/annotations/instances_val2014.json",
-    ),
-    "coco2017": DatasetEntry(
-        "coco2017", "MS-COCO 2017 (train + val images, instances annotations)",
-        (
-            _coco("annotations_trainval2017.zip", 252907541,
-                  "113a836d90195ee1f884e704da6304dfaaecff1f023f49b6ca93c4aaae470268", "annotations"),
-            _coco("train2017.zip", 19336861798, "69a8bb58ea5f8f99d24875f21416de2e9ded3178e903f1f7603e283b9e06d929"),
-            _coco("val2017.zip", 815585330, "4f7e2ccb2866ec5041993c9cf2a952bbed69647b115d0f74da7ce8f4bef82f05"),
-        ),
-        marker="coco/annotations/instances_val2017.json",
-    ),
+    "coco2014": _coco_entry(
+        "2014", (252872794, "031296bbc80c45a1d1f76bf9a90ead27e94e99ec629208449507a4917a3bf009"),
+        (13510573713, "ede4087e640bddba550e090eae701092534b554b42b05ac33f0300b984b31775"),
+        (6645013297, "fe9be816052049c34717e077d9e34aa60814a55679f804cd043e3cbee3b9fde0")),
+    "coco2017": _coco_entry(
+        "2017", (252907541, "113a836d90195ee1f884e704da6304dfaaecff1f023f49b6ca93c4aaae470268"),
+        (19336861798, "69a8bb58ea5f8f99d24875f21416de2e9ded3178e903f1f7603e283b9e06d929"),
+        (815585330, "4f7e2ccb2866ec5041993c9cf2a952bbed69647b115d0f74da7ce8f4bef82f05")),
     "mnist": DatasetEntry(
         "mnist", "MNIST (IDX files, kept gzipped)",
         _copies(
