@@ -40,6 +40,7 @@ from mlic_lib.utils import (
     atomic_torch_save,
     atomic_write_json,
     config_hash,
+    distributed_info,
     load_checkpoint,
     pick_device,
     seed_everything,
@@ -120,13 +121,8 @@ def default_predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------ helpers
-def _distributed() -> tuple[int, int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return world, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-
-
 def _setup_distributed(device: torch.device) -> torch.device:
-    world, _, local = _distributed()
+    world, _, local = distributed_info()
     if world <= 1:
         return device
     import torch.distributed as dist
@@ -140,7 +136,7 @@ def _setup_distributed(device: torch.device) -> torch.device:
 
 
 def _is_main() -> bool:
-    return _distributed()[1] == 0
+    return distributed_info()[1] == 0
 
 
 def _autocast(device: torch.device, amp: str):
@@ -175,7 +171,7 @@ def make_loader(data: Dataset | Iterable, batch_size: int, shuffle: bool, seed: 
             data.set_epoch(epoch)
         return data
     sampler = None
-    world, rank, _ = _distributed()
+    world, rank, _ = distributed_info()
     if world > 1 and shuffle:
         from torch.utils.data.distributed import DistributedSampler
 
@@ -389,7 +385,8 @@ def fit(model: nn.Module, train_data: Dataset | Iterable, val_data: Dataset | It
     val_data : evaluated after every epoch (mAP etc. recorded in the history); ``None`` to skip.
     cfg : :class:`TrainConfig`.
     step : the method, ``step(model, batch, device) -> (loss, logs)``; default :class:`SupervisedStep`.
-        Under DDP the step must call ``model(...)`` (the wrapper's forward) for gradients to sync.
+        Under DDP the step must call ``model(...)`` (the wrapper's forward) for gradients to sync; a step
+        with ``find_unused_parameters = True`` gets a wrapper that tolerates parameters without gradient.
     run_dir : folder for ``last.pt`` / ``final.pt`` / ``results.json``. If ``results.json`` and
         ``final.pt`` exist the run is loaded, not trained; if ``last.pt`` exists (an interrupted run)
         and ``resume`` is true, training continues from it. ``None`` disables both.
@@ -418,9 +415,10 @@ def fit(model: nn.Module, train_data: Dataset | Iterable, val_data: Dataset | It
     seed_everything(cfg.seed)
     autocast, scaler = _autocast(device, cfg.amp)
     train_model: nn.Module = model
-    if _distributed()[0] > 1:
+    if distributed_info()[0] > 1:
         train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=bool(getattr(step, "find_unused_parameters", False)))
     optimizer = build_optimizer(model, cfg)
     first_loader = make_loader(train_data, cfg.batch_size, True, cfg.seed, 0, cfg.num_workers, device=device)
     n_steps = steps_per_epoch or len(first_loader)

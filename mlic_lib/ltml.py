@@ -23,7 +23,10 @@ Readings where the paper is vague (stated here and in the chapter):
   shows one set per dataset;
 * the consistency loss back-propagates into both branches (no stop-gradient); ``detach_cross=True``
   treats the crossed prediction as a fixed target instead;
-* the compensation is a training-time device: inference averages the sigmoids of the raw logits.
+* the compensation is a training-time device: inference averages the sigmoids of the raw logits;
+* both branches always see both streams (Fig. 2's crossed paths, so their batch-norm statistics pool the
+  two samplings) even when ``lambda = 0``: the variants of Table 2 / Fig. 6 then differ only in their
+  loss terms, not in the batch statistics the branches normalise with.
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ __all__ = [
     "ltml_class_weights",
     "predict_fn",
     "probability_consistency",
+    "train_ltml",
+    "variant_options",
     "weighted_bce_eq4",
 ]
 
@@ -114,6 +119,11 @@ class LTMLStep:
     branches : ``"both"`` (the method); ``"u"`` or ``"r"`` trains one branch only (the paper's
         baseline-uniform / baseline-re-balanced, Table 1).
     detach_cross : stop the gradient through the crossed prediction (``u^``, ``r^``) of the consistency.
+
+    The branches always run the crossed forward (Eq. 2), also when the consistency term is off, so that
+    every variant normalises with the same batch statistics. ``find_unused_parameters`` tells the engine's
+    DDP wrapper that some parameters get no gradient (the compensation without Eq. 6, the other branch
+    of a single-branch baseline).
     """
 
     def __init__(self, pos_weight: Tensor | None = None, neg_weight: Tensor | None = None, lam: float = 0.1,
@@ -131,6 +141,7 @@ class LTMLStep:
         self.compensation = compensation
         self.branches = branches
         self.detach_cross = detach_cross
+        self.find_unused_parameters = not compensation or branches != "both"
 
     def classification(self, logits: Tensor, targets: Tensor, comp: nn.Module) -> Tensor:
         k = logits.shape[-1]
@@ -146,12 +157,11 @@ class LTMLStep:
         x_u, y_u, x_r, y_r = batch
         net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         if self.branches != "both":
-            x, y, branch, comp = ((x_u, y_u, net.branch_u, net.comp_u) if self.branches == "u"
-                                  else (x_r, y_r, net.branch_r, net.comp_r))
-            loss = self.classification(branch(net.features(x)).float(), y, comp)
+            x, y, comp = (x_u, y_u, net.comp_u) if self.branches == "u" else (x_r, y_r, net.comp_r)
+            loss = self.classification(model(x, branch=self.branches).float(), y, comp)
             return loss, {f"cls_{self.branches}": loss.detach()}
         use_cross = self.consistency != "none"
-        out = model(x_u, x_r, cross=use_cross)  # TwoBranchNet.forward_pair (Eqs. 1-2), through any DDP wrapper
+        out = model(x_u, x_r, cross=True)  # TwoBranchNet.forward_pair (Eqs. 1-2), through any DDP wrapper
         out = {k: v.float() for k, v in out.items()}
         cls_u = self.classification(out["u"], y_u, net.comp_u)
         cls_r = self.classification(out["r"], y_r, net.comp_r)
@@ -204,15 +214,33 @@ VARIANTS: dict[str, dict] = {
 }
 
 
+def variant_options(settings, name: str = "full", lam: float | None = None, consistency: str | None = None,
+                    compensation: bool | None = None) -> dict:
+    """The :class:`LTMLStep` options ``{lam, consistency, compensation}`` of a variant: :data:`VARIANTS`
+    ``[name]``, with the profile's ``ltml.lam`` as lambda where the variant's is positive (``ensemble``
+    keeps 0), then the explicit arguments that are not ``None``."""
+    if name not in VARIANTS and None in (lam, consistency, compensation):
+        raise ValueError(f"unknown variant {name!r}: choose one of {sorted(VARIANTS)} or give lam, "
+                         "consistency and compensation explicitly")
+    opts = dict(VARIANTS.get(name, {}))
+    profile_lam = settings.get("ltml", {}).get("lam")
+    if opts.get("lam", 0) > 0 and profile_lam is not None:
+        opts["lam"] = float(profile_lam)
+    opts.update({k: v for k, v in (("lam", lam), ("consistency", consistency), ("compensation", compensation))
+                 if v is not None})
+    return opts
+
+
 def train_ltml(settings, train_ds, train_targets, test_ds, num_classes: int, seed: int = 0, name: str = "full",
                lam: float | None = None, consistency: str | None = None, compensation: bool | None = None,
                progress: bool = False):
     """Train (or load from the cache) the two-branch net with one LTML variant on in-memory data.
 
-    ``name`` picks defaults from :data:`VARIANTS`; ``lam`` / ``consistency`` / ``compensation`` override
-    them. The profile's ``model`` section goes to :func:`~mlic_lib.models.ltml.build_two_branch`,
-    ``train`` to ``TrainConfig`` and ``ltml.samples_per_class`` to the class-aware sampler. No evaluation
-    runs during training (``val_data=None``); evaluate the returned model with :func:`evaluate_rows`.
+    The step's options come from :func:`variant_options` (``name`` in :data:`VARIANTS`, the profile's ``ltml.lam``, and
+    ``lam`` / ``consistency`` / ``compensation`` when given). The profile's ``model`` section goes to
+    :func:`~mlic_lib.models.ltml.build_two_branch`, ``train`` to ``TrainConfig`` and ``ltml.samples_per_class`` to
+    the class-aware sampler. No evaluation runs during training (``val_data=None``); evaluate the returned model
+    with :func:`evaluate_rows`.
     """
     from mlic_lib.data.samplers import TwoStreamLoader
     from mlic_lib.data.stats import class_counts
@@ -220,15 +248,10 @@ def train_ltml(settings, train_ds, train_targets, test_ds, num_classes: int, see
     from mlic_lib.models.ltml import build_two_branch
     from mlic_lib.utils import seed_everything
 
-    if name not in VARIANTS and None in (lam, consistency, compensation):
-        raise ValueError(f"unknown variant {name!r}: choose one of {sorted(VARIANTS)} or give lam, "
-                         "consistency and compensation explicitly")
-    opts = dict(VARIANTS.get(name, {}))
-    opts.update({k: v for k, v in (("lam", lam), ("consistency", consistency), ("compensation", compensation))
-                 if v is not None})
+    opts = variant_options(settings, name, lam=lam, consistency=consistency, compensation=compensation)
+    lt = settings.get("ltml", {})
     cfg = TrainConfig.from_dict({**settings["train"], "seed": seed})
     m = settings["model"]
-    lt = settings.get("ltml", {})
     targets = np.asarray(train_targets)
     seed_everything(seed)
     model = build_two_branch(m["backbone"], num_classes, pool=m.get("pool", "avg"), weights=m.get("weights"),

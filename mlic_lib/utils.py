@@ -35,6 +35,12 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
     return torch.device(device)
 
 
+def distributed_info() -> tuple[int, int, int]:
+    """``(world_size, rank, local_rank)`` from the variables ``torchrun`` sets; ``(1, 0, 0)`` otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return world, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str):
     """Open a temporary file next to ``path``; on success fsync and rename it over ``path``.

@@ -1,4 +1,8 @@
-"""Worker for tests/test_ddp.py: a tiny fit under torchrun (gloo, CPU). Writes rank<r>.json into argv[2] per rank."""
+"""Worker for tests/test_ddp.py: a tiny fit under torchrun (gloo, CPU). Writes rank<r>.json into argv[2] per rank.
+
+argv[3] picks the training: ``plain`` (BCE on a Dataset, DistributedSampler) or ``ltml`` (LTML's
+two-stream loader and the branch-ensemble step, whose compensation parameters get no gradient).
+"""
 
 import json
 import os
@@ -13,17 +17,33 @@ from mlic_lib.models import build_model
 from mlic_lib.utils import seed_everything
 
 torch.set_num_threads(1)
+mode = sys.argv[3] if len(sys.argv) > 3 else "plain"
 train, test = make_scenes(64, seed=1), make_scenes(32, seed=2, split="test")
+train_ds = TensorImageDataset(train.images, train.targets)
 seed_everything(0)
-model = build_model("small_resnet", 20, widths=(8, 8, 16, 16))
-res = fit(model, TensorImageDataset(train.images, train.targets), TensorImageDataset(test.images, test.targets),
-          TrainConfig(epochs=2, batch_size=16, seed=0), run_dir=sys.argv[1], progress=False)
+report = {"rank": dist.get_rank() if dist.is_initialized() else int(os.environ["RANK"])}
+if mode == "ltml":
+    from mlic_lib import ltml
+    from mlic_lib.data.samplers import TwoStreamLoader
+    from mlic_lib.models.ltml import build_two_branch
+
+    model = build_two_branch("small_resnet", 20, widths=(8, 8, 16, 16))
+    loader = TwoStreamLoader(train_ds, train.targets, 8, seed=0)
+    report["uniform_epoch0"] = loader.epoch_indices(0)[0].tolist()
+    report["steps"] = len(loader)
+    step = ltml.LTMLStep(**ltml.VARIANTS["ensemble"])
+    res = fit(model, loader, None, TrainConfig(epochs=2, batch_size=8, seed=0), step=step, run_dir=sys.argv[1],
+              progress=False, steps_per_epoch=len(loader))
+else:
+    model = build_model("small_resnet", 20, widths=(8, 8, 16, 16))
+    res = fit(model, train_ds, TensorImageDataset(test.images, test.targets),
+              TrainConfig(epochs=2, batch_size=16, seed=0), run_dir=sys.argv[1], progress=False)
 flat = torch.cat([p.detach().flatten() for p in res.model.parameters()])
 gathered = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]
 dist.all_gather(gathered, flat)
 # one file per rank: the ranks share the launcher's stdout, where their lines can interleave
-report = {"rank": dist.get_rank(), "same": all(torch.equal(gathered[0], g) for g in gathered),
-          "epochs": len(res.history), "world": int(os.environ["WORLD_SIZE"])}
+report.update({"rank": dist.get_rank(), "same": all(torch.equal(gathered[0], g) for g in gathered),
+               "epochs": len(res.history), "world": int(os.environ["WORLD_SIZE"])})
 with open(f"{sys.argv[2]}/rank{dist.get_rank()}.json", "w") as fh:
     json.dump(report, fh)
 dist.destroy_process_group()

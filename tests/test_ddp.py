@@ -12,11 +12,10 @@ from pathlib import Path
 import pytest
 
 
-@pytest.mark.slow
-def test_fit_under_torchrun_keeps_ranks_in_sync(tmp_path):
+def _torchrun(tmp_path: Path, mode: str) -> list[dict]:
     worker = Path(__file__).with_name("ddp_worker.py")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(worker), str(tmp_path / "run"), str(tmp_path)]
+           str(worker), str(tmp_path / "run"), str(tmp_path), mode]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         stdout, stderr = proc.communicate(timeout=240)
@@ -27,5 +26,22 @@ def test_fit_under_torchrun_keeps_ranks_in_sync(tmp_path):
     assert proc.returncode == 0, stderr[-3000:]
     rows = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("rank*.json"))]
     assert sorted(r["rank"] for r in rows) == [0, 1]
+    return rows
+
+
+@pytest.mark.slow
+def test_fit_under_torchrun_keeps_ranks_in_sync(tmp_path):
+    rows = _torchrun(tmp_path, "plain")
     assert all(r["same"] and r["epochs"] == 2 and r["world"] == 2 for r in rows), rows
     assert (tmp_path / "run" / "results.json").is_file() and (tmp_path / "run" / "final.pt").is_file()
+
+
+@pytest.mark.slow
+def test_ltml_under_torchrun_shards_the_two_streams_and_tolerates_unused_parameters(tmp_path):
+    """The branch-ensemble variant leaves the compensation parameters without gradient (DDP must be told),
+    and the two-stream loader must give the ranks different batches."""
+    rows = _torchrun(tmp_path, "ltml")
+    assert all(r["same"] and r["epochs"] == 2 for r in rows), rows
+    assert rows[0]["steps"] == rows[1]["steps"] == 64 // 8 // 2
+    assert not set(rows[0]["uniform_epoch0"]) & set(rows[1]["uniform_epoch0"])
+    assert (tmp_path / "run" / "results.json").is_file()

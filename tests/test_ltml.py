@@ -196,16 +196,34 @@ def test_step_gradients_and_options():
     assert {"cls_u", "cls_r", "con"} <= set(logs)
     for name, p in net.named_parameters():
         assert p.grad is not None, f"no gradient for {name}"
-    _, logs0 = ltml.LTMLStep(pw, nw, lam=0.0, compensation=False)(net, batch, torch.device("cpu"))
-    assert "con" not in logs0
+    step0 = ltml.LTMLStep(pw, nw, lam=0.0, compensation=False)
+    loss0, logs0 = step0(net, batch, torch.device("cpu"))
+    assert "con" not in logs0 and step0.find_unused_parameters
+    # lambda = 0 drops only the loss term: the branches still see both streams (same batch statistics)
+    crossed = net.forward_pair(batch[0], batch[2], cross=True)
+    ref = ltml.weighted_bce_eq4(crossed["u"], batch[1], pw, nw) + ltml.weighted_bce_eq4(crossed["r"], batch[3], pw, nw)
+    assert torch.allclose(loss0, ref, atol=1e-6)
     loss_u, logs_u = ltml.LTMLStep(pw, nw, branches="u")(net, batch, torch.device("cpu"))
     assert set(logs_u) == {"cls_u"}
+    assert torch.allclose(net(batch[0], branch="u"), net(batch[0])[0], atol=1e-5)
+    with pytest.raises(ValueError, match="branch must be"):
+        net(batch[0], branch="x")
     for kw, msg in (({"consistency": "kl"}, "consistency must be"), ({"lam": -1}, "lam"),
                     ({"branches": "x"}, "branches must be")):
         with pytest.raises(ValueError, match=msg):
             ltml.LTMLStep(**kw)
     with pytest.raises(ValueError, match="TwoStreamLoader"):
         ltml.LTMLStep()(net, batch[:2], torch.device("cpu"))
+
+
+def test_variant_options_take_lambda_from_the_profile():
+    settings = {"ltml": {"lam": 0.2}}
+    assert ltml.variant_options(settings, "full")["lam"] == 0.2  # the profile's lambda, not the table's 0.1
+    assert ltml.variant_options(settings, "ensemble")["lam"] == 0.0  # lambda = 0 is what defines this variant
+    assert ltml.variant_options({}, "consistency") == ltml.VARIANTS["consistency"]
+    assert ltml.variant_options(settings, "full", lam=1.0)["lam"] == 1.0
+    with pytest.raises(ValueError, match="unknown variant"):
+        ltml.variant_options(settings, "nope")
 
 
 def test_train_and_evaluate_rows_deterministic(tmp_path):

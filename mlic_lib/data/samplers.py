@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from mlic_lib.utils import distributed_info
+
 __all__ = ["ClassAwareSampler", "TwoStreamLoader", "UniformSampler", "sampling_probabilities"]
 
 
@@ -150,6 +152,9 @@ class TwoStreamLoader:
     num_workers : worker processes of the two underlying ``DataLoader``s (real images).
 
     The epoch counter advances by one at every ``iter()``; :meth:`set_epoch` sets it (e.g. after resuming).
+    Under ``torchrun`` (``WORLD_SIZE > 1``) rank ``r`` takes the epoch's batches ``r, r + world, ...``
+    (``steps // world`` each, as ``DistributedSampler`` shares an epoch out), so the ranks see different
+    images and the global batch is ``batch_size * world``.
     """
 
     def __init__(self, dataset: Dataset, targets, batch_size: int, seed: int = 0, steps: int | None = None,
@@ -170,7 +175,15 @@ class TwoStreamLoader:
         self.epoch = 0
 
     def __len__(self) -> int:
-        return self.steps
+        return self._share()[0]
+
+    def _share(self) -> tuple[int, int, int]:
+        """``(steps of this rank, rank, world)``."""
+        world, rank, _ = distributed_info()
+        if world > self.steps:
+            raise ValueError(f"{world} processes but only {self.steps} steps per epoch: use fewer processes or "
+                             "a smaller batch_size")
+        return self.steps // world, rank, world
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -180,8 +193,15 @@ class TwoStreamLoader:
                           num_workers=self.num_workers, pin_memory=self.pin_memory)
 
     def epoch_indices(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """The (uniform, re-balanced) index sequences of ``epoch``."""
-        return self.uniform.indices(epoch), self.rebalanced.indices(epoch)
+        """The (uniform, re-balanced) index sequences of ``epoch`` for this process (all of them unless
+        under ``torchrun``)."""
+        steps, rank, world = self._share()
+        b = self.batch_size
+
+        def mine(idx: np.ndarray) -> np.ndarray:
+            return idx.reshape(self.steps, b)[rank::world][:steps].reshape(-1)
+
+        return mine(self.uniform.indices(epoch)), mine(self.rebalanced.indices(epoch))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
         iu, ir = self.epoch_indices(self.epoch)

@@ -65,7 +65,9 @@ class TwoBranchNet(nn.Module):
     """Shared trunk (``features``, so ``TrainConfig.backbone_lr_mult`` applies to it) + Subnet-U + Subnet-R.
 
     ``forward(x)`` returns ``(u, r)``: both branches' logits on the same input ``x``;
-    ``forward(x_u, x_r, cross=...)`` is :meth:`forward_pair` (so a DDP wrapper's forward reaches it).
+    ``forward(x, branch="u")`` (or ``"r"``) only that branch's logits (the single-branch baselines);
+    ``forward(x_u, x_r, cross=...)`` is :meth:`forward_pair`. Every training path goes through
+    ``forward`` so that a DDP wrapper syncs the gradients.
     """
 
     def __init__(self, trunk: nn.Module, branch_u: Branch, branch_r: Branch, num_classes: int):
@@ -77,9 +79,13 @@ class TwoBranchNet(nn.Module):
         self.comp_r = LogitCompensation(num_classes)
         self.num_classes = num_classes
 
-    def forward(self, x: Tensor, x_r: Tensor | None = None, cross: bool = True):
+    def forward(self, x: Tensor, x_r: Tensor | None = None, cross: bool = True, branch: str | None = None):
         if x_r is not None:
             return self.forward_pair(x, x_r, cross=cross)
+        if branch is not None:
+            if branch not in ("u", "r"):
+                raise ValueError(f"branch must be 'u' or 'r', got {branch!r}")
+            return (self.branch_u if branch == "u" else self.branch_r)(self.features(x))
         fmap = self.features(x)
         return self.branch_u(fmap), self.branch_r(fmap)
 
@@ -88,7 +94,9 @@ class TwoBranchNet(nn.Module):
 
         Returns ``u``, ``r`` and, with ``cross``, ``u_hat`` (``x_u`` through Subnet-R) and ``r_hat``
         (``x_r`` through Subnet-U). The trunk sees both batches in one pass (its batch-norm statistics
-        pool them); without ``cross`` each branch sees only its own batch.
+        pool them); with ``cross`` each branch also sees both batches (so do its batch-norm statistics),
+        without it each branch sees only its own batch. :class:`~mlic_lib.ltml.LTMLStep` always uses
+        ``cross=True`` so that its variants differ only in their losses.
         """
         if x_u.shape[1:] != x_r.shape[1:]:
             raise ValueError(f"x_u {tuple(x_u.shape)} and x_r {tuple(x_r.shape)} must have the same image shape")
