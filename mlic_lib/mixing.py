@@ -26,13 +26,14 @@ exactly (the engine checkpoints the torch RNG state).
   ``r_out`` ratios of label correlations a mixing method creates that never occur in the training
   set (Table VII), for any transform with a ``mix_labels`` method.
 
-Implementation choices where the paper is silent (from the authors' code, see DESIGN.md):
-downsampling is bilinear with ``align_corners=True`` to ``(H // r, W // c)``; when ``r * (H // r)``
-differs from ``H`` the tiled image is resized back to ``H x W`` (so cells of a 2x3 grid on a 64-px
-canvas are 21/22 px); dropped cells are filled with ``fill`` (0.0, i.e. the *mean* colour of
-normalised data, as the authors zero them); sources are drawn from repeated random permutations of
-the regular batch (an image appears in the mixed set at most once while ``|B'| * r * c <= B``).
-Which cells are dropped is drawn independently per mixed image; the number dropped is one per batch.
+Implementation choices where the paper is silent (from the authors' code, see DESIGN.md): downsampling is bilinear
+with ``align_corners=True`` to ``(H // r, W // c)``; when ``r * (H // r)`` differs from ``H`` the tiled image is
+resized back to ``H x W`` (so cells of a 2x3 grid on a 64-px canvas are 21/22 px); dropped cells are filled with
+``fill`` (default 0.0, as the authors zero them: with ImageNet normalisation 0 is the data's mean colour; for data
+normalised otherwise pass the normalised value of a blank pixel, e.g. -1 for the book's scenes, whose background is
+black); sources are drawn from repeated random permutations of the regular batch (an image appears in the mixed set
+at most once while ``|B'| * r * c <= B``). Which cells are dropped is drawn independently per mixed image; the
+number dropped is one per batch.
 """
 
 from __future__ import annotations
@@ -180,7 +181,7 @@ class SpliceMix:
     p_transpose : probability of using ``c x r`` instead of ``r x c`` for an asymmetric grid (0.5).
     mixed_size : ``|B'|``: a float is a fraction of the batch (``floor(f * B)``, default 0.25 =
         the paper's ``B // 4``), an int a fixed count.
-    fill : value of a dropped cell (0.0 = mean colour of normalised images, as the authors).
+    fill : value of a dropped cell (0.0, as the authors: the mean colour under ImageNet normalisation).
     align_corners : of the bilinear resizes (True, as the authors).
     """
 
@@ -419,8 +420,10 @@ class BatchAugmentation:
     """Batch Augmentation (Hoffer et al.): ``M`` copies of the batch, each with its own random
     augmentation (here a random scale in ``scale`` and shift up to ``max_shift`` of the side, plus a
     horizontal flip with probability 0.5 when ``flip``), concatenated: ``M * B`` images. ``M = 2``
-    is the paper's best value (Sec. 4.C.1). Labels are repeated (the augmentation keeps every object
-    on the canvas up to the border, which is replicated)."""
+    is the paper's best value (Sec. 4.C.1). The sampled window always lies inside the image (the shift
+    is capped at ``1 - scale`` in normalised coordinates), so each copy is a crop of at least ``scale``
+    of the side; labels are repeated, as in Hoffer et al. (an object that lies entirely in the cropped-off
+    margin keeps its label)."""
 
     def __init__(self, m: int = 2, max_shift: float = 0.125, scale: tuple[float, float] = (0.85, 1.0),
                  flip: bool = False):
@@ -442,7 +445,8 @@ class BatchAugmentation:
         xs = x.repeat(self.m, 1, 1, 1)
         lo, hi = self.scale
         s = lo + (hi - lo) * torch.rand(n, generator=generator)
-        t = (torch.rand(n, 2, generator=generator) * 2 - 1) * self.max_shift * 2
+        room = torch.clamp(1.0 - s, max=2 * self.max_shift)[:, None]  # window [t - s, t + s] inside [-1, 1]
+        t = (torch.rand(n, 2, generator=generator) * 2 - 1) * room
         sx = s * (torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0) if self.flip else 1.0)
         theta = torch.zeros(n, 2, 3)
         theta[:, 0, 0], theta[:, 1, 1], theta[:, :, 2] = sx, s, t

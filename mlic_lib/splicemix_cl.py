@@ -223,15 +223,15 @@ class SpliceMixStep:
 
 def make_step(method: str, options: dict | None = None, boxes: Sequence[np.ndarray] | Tensor | None = None):
     """The training step of ``method`` (one of :data:`METHODS`) from a profile's ``mixing`` options
-    (``grids, p_drop, p_transpose, mixed_size, alpha, cl_weight, cl_detach, cl_form``; missing = paper's
-    defaults). ``mosaic`` needs ``boxes`` (per-image ``(k, 5)`` arrays, e.g. ``SceneSet.boxes``)."""
+    (``grids, p_drop, p_transpose, mixed_size, fill, alpha, cl_weight, cl_detach, cl_form``; missing = the
+    paper's / authors' defaults). ``mosaic`` needs ``boxes`` (per-image ``(k, 5)`` arrays, e.g. ``SceneSet.boxes``)."""
     o = dict(options or {})
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
 
     def splicemix() -> SpliceMix:
         return SpliceMix(o.get("grids"), p_drop=o.get("p_drop", 0.3), p_transpose=o.get("p_transpose", 0.5),
-                         mixed_size=o.get("mixed_size", 0.25))
+                         mixed_size=o.get("mixed_size", 0.25), fill=o.get("fill", 0.0))
 
     if method == "baseline":
         return MixStep()

@@ -257,6 +257,8 @@ def test_make_step_from_profile_options():
     assert isinstance(cl, SpliceMixStep) and cl.cl_weight == 1.0 and cl.detach is True
     assert cl.splicemix.p_drop == 0.3 and [tuple(g) for g in cl.splicemix.grids] == [(1, 2), (2, 2), (2, 3)]
     assert make_step("splicemix_cl", {**opts, "cl_detach": False}).detach is False  # authors' VOC code
+    assert cl.splicemix.fill == -1.0  # the scenes' blank (black, normalised to [-1, 1])
+    assert make_step("splicemix", {k: v for k, v in opts.items() if k != "fill"}).splicemix.fill == 0.0  # authors
     assert isinstance(make_step("mixup", opts).mixer, Mixup)
     with pytest.raises(ValueError, match="boxes"):
         make_step("mosaic", opts)
@@ -323,6 +325,15 @@ def test_batch_augmentation_shapes():
     x, y = _batch(5)
     res = BatchAugmentation(m=2)(x, y)
     assert res.x.shape == (10, 3, 24, 24) and torch.equal(res.y, y.repeat(2, 1))
+
+
+def test_batch_augmentation_window_stays_inside_the_image():
+    """Every copy is a crop (no replicated border): on a horizontal ramp the sampled values stay strictly
+    increasing along each row, which a window reaching past the border would break."""
+    ramp = torch.linspace(0, 1, 64).expand(8, 3, 64, 64).contiguous()
+    res = BatchAugmentation(m=4, max_shift=0.25, scale=(0.6, 1.0))(ramp, torch.zeros(8, 2),
+                                                                  generator=torch.Generator().manual_seed(0))
+    assert (res.x[..., 1:] - res.x[..., :-1] > 0).all()
 
 
 # ------------------------------------------------------------------------------ r_in / r_out
