@@ -58,6 +58,10 @@ def test_association_module_matches_direct_formula():
         got_n1, got_a = am(L[i:i + 1])
         assert torch.allclose(got_a[0], A, atol=1e-6)
         assert torch.allclose(got_n1[0], n1, atol=1e-5)
+    # the consequence the chapter states: K = w L^T + b 1^T, so K K^T (A before the sigmoid) has rank <= 2
+    big = AssociationModule(64, 20)
+    K = big.key(torch.randn(8, 64).unsqueeze(1)).double()
+    assert int(torch.linalg.matrix_rank(K @ K.transpose(1, 2), rtol=1e-9).max()) == 2
 
 
 def test_association_gradients_reach_every_parameter():

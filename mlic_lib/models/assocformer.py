@@ -12,11 +12,11 @@ all of Eqs. 4-7 (``L in R^d``, ``{K, M} in R^{C x d}``, ``A in R^{C x C}``, ``N1
   ``'learnable'`` (alpha a learnable scalar, beta = 1). ``'backbone'`` (alpha = 0, beta = 1, no AM
   at all) is the "backbone without AM" ablation of Tables 1-2.
 
-A consequence of this reading, shown in the chapter: ``K K^T[c, c'] = w_c w_c' |L|^2 + (w_c b_c' + b_c w_c')
-sum(L) + d b_c b_c'``, so the per-image ``A`` has rank <= 3 before the sigmoid and depends on the image
-only through ``|L|^2`` and ``sum(L)``. There is no authors' code, so there is no code variant; the
-optional ``scale`` multiplies ``K K^T`` (e.g. ``1 / d`` against sigmoid saturation) and is off (1.0)
-by default, as in the paper.
+A consequence of this reading, shown in the chapter: ``K K^T[c, c'] = w_c w_c' |L|^2 + (w_c b_c' + b_c w_c') sum(L)
++ d b_c b_c'``: ``K = w L^T + b 1^T`` has rank <= 2, so the per-image ``K K^T`` (``A`` before the sigmoid) has rank
+<= 2 and depends on the image only through ``|L|^2`` and ``sum(L)``. There is no authors' code, so there is no code
+variant; the optional ``scale`` multiplies ``K K^T`` (e.g. ``1 / d`` against sigmoid saturation) and is off (1.0) by
+default, as in the paper.
 
 The loss (Eqs. 8-9) is in :mod:`mlic_lib.assoc_losses`; :class:`AssocFormerStep` plugs it into
 :func:`mlic_lib.engine.fit`. The backbone is any timm transformer used as a pooled-embedding extractor
