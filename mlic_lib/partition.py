@@ -11,17 +11,20 @@ The label set is split into ``k`` disjoint category subsets by spectral clusteri
   ``P- = I - R`` in the paper's Eq. 1 and ``P- = 1 - R`` (all-ones matrix) in the authors' code
   (option ``complement``, see :func:`affinity`);
 * Eq. 2: normalised spectral clustering of the affinity (scikit-learn ``SpectralClustering`` with
-  ``affinity='precomputed'``: eigenvectors of the normalised Laplacian ``D^-1/2 (D - P) D^-1/2`` for the
-  ``k`` smallest eigenvalues, then k-means) gives the ``k`` category subsets.
+  ``affinity='precomputed'``, as the authors' code: eigenvectors of the normalised Laplacian
+  ``D^-1/2 (D - P) D^-1/2`` for the ``k`` smallest eigenvalues, then k-means) gives the ``k`` category
+  subsets. scikit-learn drops the diagonal of ``P`` (no self-loops), while the printed Eq. 2's degree
+  ``D_ii = sum_j P_ij`` includes ``P_ii = R_ii``; on COCO the two give different CGP partitions (for
+  ``k = 3, 5``). We follow the code, which reproduces the authors' published CGP partitions.
 
 CGP puts co-occurring classes together (teachers learn joint patterns); DGP puts classes that rarely
 co-occur together (teachers learn category-specific patterns). :func:`random_partition` is the paper's
 random baseline of Fig. 3.
 
 Counts can be given as a multi-hot label matrix or in the ML-GCN ``adj``/``nums`` format (off-diagonal
-co-occurrence counts and per-class image counts). Only off-diagonal affinities matter: scikit-learn's
-normalised Laplacian ignores the diagonal, so ``e_ii = n_i`` (label matrix) and ``e_ii = 0`` (ML-GCN
-``adj``) give the same partition.
+co-occurrence counts and per-class image counts). With scikit-learn's Laplacian only off-diagonal
+affinities matter, so ``e_ii = n_i`` (label matrix) and ``e_ii = 0`` (ML-GCN ``adj``) give the same
+partition.
 """
 
 from __future__ import annotations

@@ -19,7 +19,10 @@ and the distilled student.
   teacher (self-distillation, SD, = a ``k = 1`` decomposition).
 
 Reading of the paper (stated because the paper leaves it open): ``L_kd`` is summed over images and
-classes like ASL (``reduction='sum'``, as printed); with one teacher the factor 1/2 is kept. On in-memory
+classes like ASL (``reduction='sum'``, as printed); with one teacher the factor 1/2 is kept. Eq. 5 writes
+``rho({F_{C_t}(x_i) | x_i in X_{C_t}})``; we apply every teacher to every training image of the student
+(also, under ``images='containing'``, to images without any class of its subset, which that teacher never
+saw in training), so each image gets a complete merged logit vector to distil. On in-memory
 data without augmentation (the embedded scenes) teacher logits are computed once for the training set and
 fed with the batch, which equals computing them on the fly; on image datasets with augmentation (the
 ``full`` profile, :class:`~mlic_lib.data.images.ImageListDataset`) the teachers run on each augmented batch.
