@@ -161,7 +161,7 @@ class LTMLStep:
             loss = self.classification(model(x, branch=self.branches).float(), y, comp)
             return loss, {f"cls_{self.branches}": loss.detach()}
         use_cross = self.consistency != "none"
-        out = model(x_u, x_r, cross=True)  # TwoBranchNet.forward_pair (Eqs. 1-2), through any DDP wrapper
+        out = model(x_u, x_r)  # TwoBranchNet.forward_pair (Eqs. 1-2), through any DDP wrapper
         out = {k: v.float() for k, v in out.items()}
         cls_u = self.classification(out["u"], y_u, net.comp_u)
         cls_r = self.classification(out["r"], y_r, net.comp_r)

@@ -53,6 +53,7 @@ __all__ = [
     "CL_FORMS",
     "METHODS",
     "make_step",
+    "splicemix_from_options",
     "train_method",
     "IndexedDataset",
     "MixStep",
@@ -221,6 +222,14 @@ class SpliceMixStep:
         return loss, logs
 
 
+def splicemix_from_options(options: dict | None = None) -> SpliceMix:
+    """The :class:`~mlic_lib.mixing.SpliceMix` transform of a profile's ``mixing`` options (``grids, p_drop,
+    p_transpose, mixed_size, fill``; missing = the paper's / authors' defaults)."""
+    o = options or {}
+    return SpliceMix(o.get("grids"), p_drop=o.get("p_drop", 0.3), p_transpose=o.get("p_transpose", 0.5),
+                     mixed_size=o.get("mixed_size", 0.25), fill=o.get("fill", 0.0))
+
+
 def make_step(method: str, options: dict | None = None, boxes: Sequence[np.ndarray] | Tensor | None = None):
     """The training step of ``method`` (one of :data:`METHODS`) from a profile's ``mixing`` options
     (``grids, p_drop, p_transpose, mixed_size, fill, alpha, cl_weight, cl_detach, cl_form``; missing = the
@@ -230,8 +239,7 @@ def make_step(method: str, options: dict | None = None, boxes: Sequence[np.ndarr
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
 
     def splicemix() -> SpliceMix:
-        return SpliceMix(o.get("grids"), p_drop=o.get("p_drop", 0.3), p_transpose=o.get("p_transpose", 0.5),
-                         mixed_size=o.get("mixed_size", 0.25), fill=o.get("fill", 0.0))
+        return splicemix_from_options(o)
 
     if method == "baseline":
         return MixStep()

@@ -21,7 +21,7 @@ mode = sys.argv[3] if len(sys.argv) > 3 else "plain"
 train, test = make_scenes(64, seed=1), make_scenes(32, seed=2, split="test")
 train_ds = TensorImageDataset(train.images, train.targets)
 seed_everything(0)
-report = {"rank": dist.get_rank() if dist.is_initialized() else int(os.environ["RANK"])}
+report = {}
 if mode == "ltml":
     from mlic_lib import ltml
     from mlic_lib.data.samplers import TwoStreamLoader

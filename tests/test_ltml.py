@@ -200,7 +200,7 @@ def test_step_gradients_and_options():
     loss0, logs0 = step0(net, batch, torch.device("cpu"))
     assert "con" not in logs0 and step0.find_unused_parameters
     # lambda = 0 drops only the loss term: the branches still see both streams (same batch statistics)
-    crossed = net.forward_pair(batch[0], batch[2], cross=True)
+    crossed = net.forward_pair(batch[0], batch[2])
     ref = ltml.weighted_bce_eq4(crossed["u"], batch[1], pw, nw) + ltml.weighted_bce_eq4(crossed["r"], batch[3], pw, nw)
     assert torch.allclose(loss0, ref, atol=1e-6)
     loss_u, logs_u = ltml.LTMLStep(pw, nw, branches="u")(net, batch, torch.device("cpu"))

@@ -66,7 +66,7 @@ class TwoBranchNet(nn.Module):
 
     ``forward(x)`` returns ``(u, r)``: both branches' logits on the same input ``x``;
     ``forward(x, branch="u")`` (or ``"r"``) only that branch's logits (the single-branch baselines);
-    ``forward(x_u, x_r, cross=...)`` is :meth:`forward_pair`. Every training path goes through
+    ``forward(x_u, x_r)`` is :meth:`forward_pair`. Every training path goes through
     ``forward`` so that a DDP wrapper syncs the gradients.
     """
 
@@ -79,9 +79,9 @@ class TwoBranchNet(nn.Module):
         self.comp_r = LogitCompensation(num_classes)
         self.num_classes = num_classes
 
-    def forward(self, x: Tensor, x_r: Tensor | None = None, cross: bool = True, branch: str | None = None):
+    def forward(self, x: Tensor, x_r: Tensor | None = None, branch: str | None = None):
         if x_r is not None:
-            return self.forward_pair(x, x_r, cross=cross)
+            return self.forward_pair(x, x_r)
         if branch is not None:
             if branch not in ("u", "r"):
                 raise ValueError(f"branch must be 'u' or 'r', got {branch!r}")
@@ -89,21 +89,17 @@ class TwoBranchNet(nn.Module):
         fmap = self.features(x)
         return self.branch_u(fmap), self.branch_r(fmap)
 
-    def forward_pair(self, x_u: Tensor, x_r: Tensor, cross: bool = True) -> dict[str, Tensor]:
+    def forward_pair(self, x_u: Tensor, x_r: Tensor) -> dict[str, Tensor]:
         """Eqs. 1-2 for a uniform batch ``x_u`` and a re-balanced batch ``x_r``.
 
-        Returns ``u``, ``r`` and, with ``cross``, ``u_hat`` (``x_u`` through Subnet-R) and ``r_hat``
-        (``x_r`` through Subnet-U). The trunk sees both batches in one pass (its batch-norm statistics
-        pool them); with ``cross`` each branch also sees both batches (so do its batch-norm statistics),
-        without it each branch sees only its own batch. :class:`~mlic_lib.ltml.LTMLStep` always uses
-        ``cross=True`` so that its variants differ only in their losses.
+        Returns ``u``, ``r``, ``u_hat`` (``x_u`` through Subnet-R) and ``r_hat`` (``x_r`` through
+        Subnet-U). The trunk and each branch see both batches in one pass, so their batch-norm statistics
+        pool the two samplings, whatever loss terms :class:`~mlic_lib.ltml.LTMLStep` uses.
         """
         if x_u.shape[1:] != x_r.shape[1:]:
             raise ValueError(f"x_u {tuple(x_u.shape)} and x_r {tuple(x_r.shape)} must have the same image shape")
         b = x_u.shape[0]
         fmap = self.features(torch.cat([x_u, x_r]))
-        if not cross:
-            return {"u": self.branch_u(fmap[:b]), "r": self.branch_r(fmap[b:])}
         out_f = self.branch_u(fmap)  # [u ; r_hat]
         out_g = self.branch_r(fmap)  # [u_hat ; r]
         return {"u": out_f[:b], "r_hat": out_f[b:], "u_hat": out_g[:b], "r": out_g[b:]}
