@@ -58,6 +58,7 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 64
     eval_batch_size: int = 256
+    eval_every: int = 1  # evaluate ``val_data`` after every k-th epoch and always after the last; 0 = last only
     optimizer: str = "adam"
     lr: float = 1e-3
     momentum: float = 0.9
@@ -85,6 +86,8 @@ class TrainConfig:
             raise ValueError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch_size must be positive")
+        if self.eval_every < 0:
+            raise ValueError(f"eval_every must be >= 0 (0 = evaluate after the last epoch only), got {self.eval_every}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
         self.milestones = tuple(self.milestones)
@@ -376,13 +379,14 @@ def fit(model: nn.Module, train_data: Dataset | Iterable, val_data: Dataset | It
         resume: bool = True, progress: bool = True, predict_fn: Callable = default_predict,
         groups: Mapping | None = None, on_epoch_end: Callable[[int, dict], None] | None = None,
         steps_per_epoch: int | None = None) -> FitResult:
-    """Train ``model`` for ``cfg.epochs`` and evaluate on ``val_data`` after each epoch.
+    """Train ``model`` for ``cfg.epochs`` and evaluate on ``val_data`` (see ``cfg.eval_every``).
 
     Parameters
     ----------
     model : the network; moved to the device.
     train_data : a ``Dataset`` (a seeded loader is built) or any iterable of batches ``(x, y[, mask])``.
-    val_data : evaluated after every epoch (mAP etc. recorded in the history); ``None`` to skip.
+    val_data : evaluated after every ``cfg.eval_every``-th epoch and after the last one (mAP etc. recorded in
+        that epoch's history entry); ``None`` to skip.
     cfg : :class:`TrainConfig`.
     step : the method, ``step(model, batch, device) -> (loss, logs)``; default :class:`SupervisedStep`.
         Under DDP the step must call ``model(...)`` (the wrapper's forward) for gradients to sync; a step
@@ -458,7 +462,8 @@ def fit(model: nn.Module, train_data: Dataset | Iterable, val_data: Dataset | It
                                    scaler=scaler, autocast=autocast, ema=ema, grad_clip=cfg.grad_clip,
                                    channels_last=channels_last, progress=bar, log_every=cfg.log_every)
             logs = {"epoch": epoch, "train_seconds": time.perf_counter() - t0, **logs}
-            if val_data is not None:
+            last = epoch == cfg.epochs - 1
+            if val_data is not None and (last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
                 res = evaluate(eval_model, make_loader(val_data, cfg.eval_batch_size, False,
                                                        num_workers=cfg.num_workers, device=device), device,
                                predict_fn=predict_fn, groups=groups, channels_last=channels_last,

@@ -45,6 +45,20 @@ def test_fit_learns_something(small_scenes):
     assert len(res.history) == 4 and {"mAP", "CF1", "OF1", "loss"} <= set(res.history[-1])
 
 
+def test_eval_every_skips_evaluations_but_not_the_last_and_leaves_training_unchanged(small_scenes):
+    every = _run(small_scenes)
+    sparse = _run(small_scenes, eval_every=2)
+    last_only = _run(small_scenes, eval_every=0)
+    assert ["mAP" in h for h in every.history] == [True, True, True]
+    assert ["mAP" in h for h in sparse.history] == [False, True, True]
+    assert ["mAP" in h for h in last_only.history] == [False, False, True]
+    for res in (sparse, last_only):
+        assert [h["loss"] for h in res.history] == [h["loss"] for h in every.history]
+        assert res.final["mAP"] == every.final["mAP"] == res.history[-1]["mAP"]
+    with pytest.raises(ValueError, match="eval_every"):
+        TrainConfig(eval_every=-1)
+
+
 def test_resume_after_interruption_matches_uninterrupted(small_scenes, tmp_path):
     full = _run(small_scenes, run_dir=tmp_path / "full")
 
