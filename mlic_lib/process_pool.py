@@ -1,0 +1,71 @@
+"""Independent CPU training runs in a spawn-based process pool.
+
+A small network (INDeeD's simple CNN, CPSD's teachers on a many-core machine) keeps only part of a CPU
+busy with intra-op threads: on 2 cores, two one-thread processes train INDeeD's 42x42 CNN about 1.6x
+faster than one two-thread process. :func:`map_in_processes` runs ``fn(*args)`` for each task in
+``workers`` spawned processes with ``cpus // workers`` torch threads each.
+
+The tasks are meant to write their results to the run cache (``engine.fit`` with a ``run_dir``), so a
+pool and a sequential loop end with the same files and the caller loads them the same way. A run's
+numbers depend on the torch thread count (the order of floating-point reductions), as they already do
+between machines; the seeds still make every run repeatable on the same machine and mode.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+
+__all__ = ["available_cpus", "map_in_processes"]
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one, else ``os.cpu_count()``)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+def _call_with_threads(threads: int, fn: Callable, args: Sequence[Any]) -> Any:
+    torch.set_num_threads(max(1, threads))
+    return fn(*args)
+
+
+def map_in_processes(fn: Callable, tasks: Iterable[Sequence[Any]], *, max_workers: int | None = None,
+                     desc: str | None = None) -> list[Any]:
+    """``[fn(*args) for args in tasks]``, computed in a spawn-based ``ProcessPoolExecutor``.
+
+    ``fn`` must be a module-level function (spawned workers import it) and ``args`` picklable.
+    ``max_workers`` (default: one per available CPU) is capped by the number of tasks; each worker
+    uses ``available_cpus() // workers`` torch threads. ``desc`` shows a progress bar over finished
+    tasks. The first exception raised by a task is re-raised here (the other tasks are cancelled).
+    """
+    import multiprocessing as mp
+    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+
+    from tqdm.auto import tqdm
+
+    tasks = [tuple(t) for t in tasks]
+    if not tasks:
+        return []
+    cpus = available_cpus()
+    if max_workers is not None and max_workers < 1:
+        raise ValueError(f"max_workers must be >= 1 (or None for one per CPU), got {max_workers}")
+    workers = max(1, min(len(tasks), max_workers or cpus))
+    threads = max(1, cpus // workers)
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool, \
+            tqdm(total=len(tasks), desc=desc, disable=desc is None, leave=False) as bar:
+        futures = [pool.submit(_call_with_threads, threads, fn, args) for args in tasks]
+        for f in futures:
+            f.add_done_callback(lambda _: bar.update(1))
+        done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+        failed = [f for f in futures if f in done and f.exception() is not None]
+        if failed:
+            for f in pending:
+                f.cancel()
+            raise failed[0].exception()
+        return [f.result() for f in futures]

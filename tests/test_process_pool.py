@@ -1,0 +1,28 @@
+"""The spawn-based process pool used for independent CPU runs (INDeeD, CPSD teachers)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mlic_lib.process_pool import available_cpus, map_in_processes
+
+
+def test_results_come_back_in_task_order():
+    assert map_in_processes(pow, [(2, 10), (3, 2), (5, 1)], max_workers=2) == [1024, 9, 5]
+    assert map_in_processes(pow, []) == []
+
+
+def test_workers_share_the_cpus_between_their_threads():
+    threads = map_in_processes(torch.get_num_threads, [(), ()], max_workers=2)
+    assert threads == [max(1, available_cpus() // 2)] * 2
+
+
+def test_a_failing_task_raises_its_own_error():
+    with pytest.raises(ValueError, match="invalid literal"):
+        map_in_processes(int, [("12",), ("twelve",)], max_workers=2)
+
+
+def test_bad_worker_count():
+    with pytest.raises(ValueError, match="max_workers must be >= 1"):
+        map_in_processes(pow, [(2, 2)], max_workers=0)
