@@ -225,6 +225,55 @@ def test_step_with_simple_cnn_and_engine_is_deterministic(tmp_path):
     assert 0 < a.history[0]["partial_coco_fraction"] <= 1
 
 
+def test_cache_key_tells_data_draws_apart():
+    from mlic_lib.profiles import load_profile
+
+    s = load_profile("indeed", "smoke", {"data.n_train": 32, "data.n_test": 20})
+    d0, d1 = indeed.indeed_data(s["data"], 3), indeed.indeed_data(s["data"], 3, data_seed=1)
+    assert d0.fingerprint() == indeed.indeed_data(s["data"], 3).fingerprint() != d1.fingerprint()
+    spec = indeed.MAIN_METHODS["Baseline"]
+    a = indeed.train_indeed_model(s, d0, spec, seed=0)
+    b = indeed.train_indeed_model(s, d1, spec, seed=0)
+    assert not b.cached and a.run_dir != b.run_dir
+
+
+@pytest.mark.slow
+def test_process_pool_runs_equal_sequential_runs(tmp_path, monkeypatch):
+    from mlic_lib.profiles import load_profile
+
+    s = load_profile("indeed", "smoke", {"data.n_train": 32, "data.n_test": 20})
+    methods = {k: indeed.MAIN_METHODS[k] for k in ("Baseline", "INDeeD-min-max")}
+    seq = indeed.run_methods(s, methods, [2], [0, 1], parallel="sequential", progress=False)
+    monkeypatch.setenv("MLIC_CACHE", str(tmp_path / "pool-cache"))
+    par = indeed.run_methods({**s, "indeed": {**s["indeed"], "parallel": "process"}}, methods, [2], [0, 1],
+                             progress=False)
+    assert all(r["cached"] for r in par)  # trained by the workers, loaded from the folders they wrote
+    assert not any(r["cached"] for r in seq)
+    for a, b in zip(seq, par, strict=True):
+        assert (a["method"], a["N"], a["seed"]) == (b["method"], b["N"], b["seed"])
+        np.testing.assert_allclose(a["scores"], b["scores"], atol=1e-4)  # 1 vs 2 threads: float order only
+
+
+def test_lambda_per_normalisation():
+    lam = {"minmax": 0.1, "l2": 1.0}
+    assert indeed.lambda_for(lam, indeed.MAIN_METHODS["INDeeD-min-max"]) == 0.1
+    assert indeed.lambda_for(lam, indeed.ABLATION_METHODS["Disparate, L2"]) == 1.0
+    assert indeed.lambda_for(0.3, indeed.MAIN_METHODS["INDeeD-L2"]) == 0.3
+    assert indeed.lambda_for({"minmax": 0.1}, indeed.MAIN_METHODS["Baseline"]) == 0.0
+    with pytest.raises(ValueError, match="no value for norm 'l2'"):
+        indeed.lambda_for({"minmax": 0.1}, indeed.MAIN_METHODS["INDeeD-L2"])
+    step = indeed.method_step(indeed.MAIN_METHODS["INDeeD-min-max"], lam=indeed.lambda_for(lam, {"norm": "minmax"}))
+    assert step.lam == 0.1
+
+
+def test_bad_parallel_mode():
+    from mlic_lib.profiles import load_profile
+
+    s = load_profile("indeed", "smoke", {})
+    with pytest.raises(ValueError, match="indeed.parallel must be one of"):
+        indeed.run_methods(s, indeed.MAIN_METHODS, [2], [0], parallel="gpu")
+
+
 # --------------------------------------------------------------------------------------- data
 @pytest.mark.parametrize("n", [2, 3, 5, 7])
 def test_ml_mnist_canvas_has_n_distinct_digits_in_distinct_cells(n):
