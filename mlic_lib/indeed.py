@@ -95,7 +95,6 @@ __all__ = [
     "load_mnist",
     "make_ml_cifar10",
     "method_step",
-    "PARALLEL_MODES",
     "partial_coco_mask",
     "partial_coco_pairs",
     "run_methods",
@@ -675,26 +674,6 @@ def _pool_task(settings: Mapping[str, Any], data: IndeedData, method: Mapping[st
     return str(train_indeed_model(settings, data, method, seed=seed).run_dir)
 
 
-#: ``indeed.parallel``: where :func:`run_methods` trains the runs it does not find in the cache.
-PARALLEL_MODES = ("auto", "sequential", "process")
-
-
-def _resolve_parallel(settings: Mapping[str, Any], parallel: str | None) -> str:
-    import os
-
-    from mlic_lib.process_pool import available_cpus
-    from mlic_lib.utils import pick_device
-
-    mode = parallel or settings.get("indeed", {}).get("parallel", "auto")
-    if mode not in PARALLEL_MODES:
-        raise ValueError(f"indeed.parallel must be one of {PARALLEL_MODES}, got {mode!r}")
-    if mode == "auto":
-        on_cpu = pick_device(settings["train"].get("device", "auto")).type == "cpu"
-        alone = int(os.environ.get("WORLD_SIZE", "1")) == 1
-        mode = "process" if on_cpu and alone and available_cpus() > 1 else "sequential"
-    return mode
-
-
 # ----------------------------------------------------------------------------------- analysis
 def confidence_map(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """Fig. 3's confidence map of single-label test data: row ``i`` = mean predicted probability of every
@@ -770,8 +749,10 @@ def run_methods(settings: Mapping[str, Any], methods: Mapping[str, Mapping[str, 
     from tqdm.auto import tqdm
 
     from mlic_lib.engine import evaluate
+    from mlic_lib.process_pool import resolve_parallel
 
-    mode = _resolve_parallel(settings, parallel)
+    mode = resolve_parallel(parallel or settings.get("indeed", {}).get("parallel"), settings["train"].get("device"),
+                            option="indeed.parallel")
     datasets = datasets if datasets is not None else {}
     for n in n_labels:
         if n not in datasets:

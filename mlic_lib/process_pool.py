@@ -19,7 +19,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["available_cpus", "map_in_processes"]
+__all__ = ["PARALLEL_MODES", "available_cpus", "map_in_processes", "resolve_parallel"]
+
+#: Values of a profile's ``parallel`` option for independent runs (see :func:`resolve_parallel`).
+PARALLEL_MODES = ("auto", "sequential", "process")
 
 
 def available_cpus() -> int:
@@ -28,6 +31,24 @@ def available_cpus() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # macOS, Windows
         return max(1, os.cpu_count() or 1)
+
+
+def resolve_parallel(mode: str | None, device: str | None = "auto", option: str = "parallel") -> str:
+    """``'process'`` or ``'sequential'`` for a profile's ``parallel`` option (``None`` = ``'auto'``).
+
+    ``'auto'`` picks a process pool on a multi-core CPU and runs sequentially on a GPU (one device,
+    one process) or under ``torchrun`` (the ranks already share the work). ``option`` names the
+    profile key in the error message."""
+    from mlic_lib.utils import pick_device
+
+    mode = mode or "auto"
+    if mode not in PARALLEL_MODES:
+        raise ValueError(f"{option} must be one of {PARALLEL_MODES}, got {mode!r}")
+    if mode == "auto":
+        on_cpu = pick_device(device).type == "cpu"
+        alone = int(os.environ.get("WORLD_SIZE", "1")) == 1
+        mode = "process" if on_cpu and alone and available_cpus() > 1 else "sequential"
+    return mode
 
 
 def _call_with_threads(threads: int, fn: Callable, args: Sequence[Any]) -> Any:
