@@ -257,18 +257,57 @@ def make_step(method: str, options: dict | None = None, boxes: Sequence[np.ndarr
                          cl_form=o.get("cl_form", "bce"))
 
 
-def train_method(settings, data, method: str, seed: int = 0, tag: str = "", progress: bool = False):
+def method_run_dir(settings, method: str, seed: int = 0, tag: str = ""):
+    """The cache folder of :func:`train_method`'s run (the key: chapter, method, data/model/train settings,
+    the seed, the mixing options of a mixing method, and the library's version and source)."""
+    from mlic_lib.engine import TrainConfig, run_dir_for
+
+    cfg = TrainConfig.from_dict({**settings["train"], "seed": seed})
+    key = {"chapter": settings.get("chapter"), "name": method, "data": settings["data"], "model": settings["model"],
+           "train": cfg.to_dict(), "mixing": settings["mixing"] if method != "baseline" else {}}
+    return run_dir_for(f"splicemix-{method}{tag}-s{seed}", key)
+
+
+def train_method(settings, data, method: str, seed: int = 0, tag: str = "", progress: bool = False,
+                 run_dir=None):
     """Train (or load from the cache) one method of the chapter on the scenes: the profile's ``model``,
     ``train`` and ``mixing`` settings, the step of :func:`make_step` (Mosaic reads ``data.train.boxes``
     through :class:`IndexedDataset`), no evaluation during training. ``tag`` tells apart runs of the same
-    method on other data (its data settings enter the cache key too). Returns the engine's ``FitResult``."""
-    from mlic_lib.engine import TrainConfig, fit, run_dir_for
+    method on other data (its data settings enter the cache key too); ``run_dir`` overrides the cache
+    folder of :func:`method_run_dir` (e.g. the one a pool worker wrote). Returns the engine's ``FitResult``."""
+    from mlic_lib.engine import TrainConfig, fit
     from mlic_lib.experiments import build_scene_model
 
     opts, m = settings["mixing"], settings["model"]
     cfg = TrainConfig.from_dict({**settings["train"], "seed": seed})
-    key = {"chapter": settings.get("chapter"), "name": method, "data": settings["data"], "model": m,
-           "train": cfg.to_dict(), "mixing": opts if method != "baseline" else {}}
     return fit(build_scene_model(m, data.num_classes, seed), IndexedDataset(data.train_ds), None, cfg,
                step=make_step(method, opts, boxes=data.train.boxes),
-               run_dir=run_dir_for(f"splicemix-{method}{tag}-s{seed}", key), progress=progress)
+               run_dir=run_dir or method_run_dir(settings, method, seed, tag), progress=progress)
+
+
+def _pool_task(settings, data, method: str, seed: int, tag: str) -> str:
+    return str(train_method(settings, data, method, seed, tag).run_dir)
+
+
+def train_methods(settings, data, methods: Sequence[str], seeds: Sequence[int], tag: str = "",
+                  parallel: str | None = None, progress: bool = True) -> dict:
+    """:func:`train_method` for every ``(method, seed)``; returns ``{(method, seed): FitResult}``.
+
+    ``parallel`` (default ``settings['parallel']`` or ``'auto'``, see
+    :func:`mlic_lib.process_pool.resolve_parallel`): ``'process'`` trains the runs missing from the cache
+    in single-thread worker processes, one per CPU (on 2 cores about 1.3x faster than one two-thread
+    process for the chapter's small ResNet), then loads them; ``'sequential'`` trains them here.
+    """
+    from tqdm.auto import tqdm
+
+    from mlic_lib.process_pool import map_in_processes, resolve_parallel
+
+    jobs = [(m, int(s)) for m in methods for s in seeds]
+    dirs: dict = {}
+    if resolve_parallel(parallel or settings.get("parallel"), settings["train"].get("device")) == "process":
+        todo = [j for j in jobs if not (method_run_dir(settings, j[0], j[1], tag) / "results.json").is_file()]
+        done = map_in_processes(_pool_task, [(settings, data, m, s, tag) for m, s in todo],
+                                desc="SpliceMix runs (process pool)" if progress else None)
+        dirs = dict(zip(todo, done, strict=True))  # what the workers wrote (their key covers *their* imports)
+    return {(m, s): train_method(settings, data, m, s, tag, run_dir=dirs.get((m, s)))
+            for m, s in tqdm(jobs, desc="SpliceMix runs", disable=not progress, leave=False)}

@@ -408,6 +408,27 @@ def test_lowres_predict_shapes():
         lowres_predict(0)
 
 
+@pytest.mark.slow
+def test_train_methods_process_pool_equals_sequential(tmp_path, monkeypatch):
+    from mlic_lib.experiments import scene_data
+    from mlic_lib.profiles import load_profile
+    from mlic_lib.splicemix_cl import train_methods
+
+    s = load_profile("splicemix", "smoke", {"data.n_train": 48, "data.n_test": 16})
+    data = scene_data(s, use_cache=False)
+    seq = train_methods(s, data, ["baseline", "splicemix"], [0], parallel="sequential", progress=False)
+    monkeypatch.setenv("MLIC_CACHE", str(tmp_path / "pool-cache"))
+    par = train_methods({**s, "parallel": "process"}, data, ["baseline", "splicemix"], [0], progress=False)
+    assert list(par) == [("baseline", 0), ("splicemix", 0)] == list(seq)
+    assert all(r.cached for r in par.values()) and not any(r.cached for r in seq.values())
+    x = data.test_ds[0][0][None]
+    for k in seq:
+        with torch.no_grad():
+            torch.testing.assert_close(seq[k].model.eval()(x), par[k].model.eval()(x), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="parallel must be one of"):
+        train_methods(s, data, ["baseline"], [0], parallel="threads")
+
+
 # ----------------------------------------------------------------------------------- chapter
 @pytest.mark.notebook
 def test_chapter_smoke_run(tmp_path):
