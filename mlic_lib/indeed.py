@@ -758,16 +758,13 @@ def run_methods(settings: Mapping[str, Any], methods: Mapping[str, Mapping[str, 
         if n not in datasets:
             datasets[n] = indeed_data(settings["data"], int(n))
     jobs = [(int(n), name, spec, int(seed)) for n in n_labels for name, spec in methods.items() for seed in seeds]
+    dirs = {}
     if mode == "process":
-        from mlic_lib.process_pool import map_in_processes
+        from mlic_lib.process_pool import run_missing
 
-        todo = [j for j in jobs if not (_run_setup(settings, datasets[j[0]], j[2], j[3])[2] / "results.json").is_file()]
-        done = map_in_processes(_pool_task, [(settings, datasets[n], spec, seed) for n, _, spec, seed in todo],
-                                desc="INDeeD runs (process pool)" if progress else None)
-        # load exactly what the workers wrote (their cache key covers the library modules *they* imported)
-        dirs = {(n, name, seed): d for (n, name, _, seed), d in zip(todo, done, strict=True)}
-    else:
-        dirs = {}
+        args = {(n, name, seed): (settings, datasets[n], spec, seed) for n, name, spec, seed in jobs}
+        dirs = run_missing(_pool_task, args, lambda k: (_run_setup(*args[k])[2] / "results.json").is_file(),
+                           desc="INDeeD runs (process pool)" if progress else None)
     records = []
     for n, name, spec, seed in tqdm(jobs, desc="INDeeD runs", disable=not progress, leave=False):
         data = datasets[n]

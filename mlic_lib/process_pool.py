@@ -14,12 +14,12 @@ between machines; the seeds still make every run repeatable on the same machine 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 
-__all__ = ["PARALLEL_MODES", "available_cpus", "map_in_processes", "resolve_parallel"]
+__all__ = ["PARALLEL_MODES", "available_cpus", "map_in_processes", "resolve_parallel", "run_missing"]
 
 #: Values of a profile's ``parallel`` option for independent runs (see :func:`resolve_parallel`).
 PARALLEL_MODES = ("auto", "sequential", "process")
@@ -90,3 +90,13 @@ def map_in_processes(fn: Callable, tasks: Iterable[Sequence[Any]], *, max_worker
                 f.cancel()
             raise failed[0].exception()
         return [f.result() for f in futures]
+
+
+def run_missing(fn: Callable, jobs: Mapping[Hashable, Sequence[Any]], done: Callable[[Hashable], bool], *,
+                max_workers: int | None = None, desc: str | None = None) -> dict[Hashable, Any]:
+    """:func:`map_in_processes` over the ``jobs`` (``{key: args}``) for which ``done(key)`` is false;
+    returns ``{key: fn(*args)}`` for those (typically the run folder each worker wrote, which the caller
+    then loads: a worker's cache key covers the library modules *it* imported)."""
+    todo = [k for k in jobs if not done(k)]
+    out = map_in_processes(fn, [jobs[k] for k in todo], max_workers=max_workers, desc=desc)
+    return dict(zip(todo, out, strict=True))

@@ -363,10 +363,8 @@ def train_teacher(settings: Mapping[str, Any], train_data, targets, subset: Sequ
                         progress=progress)
 
 
-def _pool_worker(spec: TeacherSpec, train_data, targets, threads: int) -> str:
-    torch.set_num_threads(max(1, threads))
-    res = _fit_teacher(spec, train_data, targets)
-    return str(res.run_dir)
+def _pool_worker(spec: TeacherSpec, train_data, targets) -> str:
+    return str(_fit_teacher(spec, train_data, targets).run_dir)
 
 
 @contextlib.contextmanager
@@ -399,8 +397,8 @@ def train_teachers(settings: Mapping[str, Any], train_data, targets, subsets: Se
     ``parallel`` (default ``settings['psd']['parallel']`` or ``'auto'``):
 
     * ``'sequential'``: one after the other in this process;
-    * ``'process'``: a spawn-based ``ProcessPoolExecutor`` (``max_workers``, default the CPU count // 2),
-      each worker with ``cpu_count // workers`` threads, training the teachers not yet cached;
+    * ``'process'``: :func:`mlic_lib.process_pool.map_in_processes` (``max_workers``, default half the
+      CPUs), each worker with ``cpus // workers`` threads, training the teachers not yet cached;
     * ``'torchrun'``: under ``torchrun`` (``WORLD_SIZE > 1``) rank ``r`` trains teachers ``r, r + W, ...``
       on ``cuda:LOCAL_RANK`` (no DDP), then waits until every teacher is in the cache;
     * ``'auto'``: ``'torchrun'`` when ``WORLD_SIZE > 1``, else sequential (a process pool on a 2-core CPU
@@ -426,15 +424,11 @@ def train_teachers(settings: Mapping[str, Any], train_data, targets, subsets: Se
     todo = [i for i, s in enumerate(specs) if not _is_done(s)]
     dirs: dict[int, str] = {}
     if mode == "process" and len(todo) > 1:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
+        from mlic_lib.process_pool import available_cpus, run_missing
 
-        cpus = os.cpu_count() or 1
-        workers = max_workers or max(1, min(len(todo), cpus // 2))
-        threads = max(1, cpus // workers)
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-            futures = {i: pool.submit(_pool_worker, specs[i], train_data, targets, threads) for i in todo}
-            dirs = {i: f.result() for i, f in futures.items()}  # load exactly what the workers wrote
+        workers = max_workers or max(1, min(len(todo), available_cpus() // 2))
+        dirs = run_missing(_pool_worker, {i: (s, train_data, targets) for i, s in enumerate(specs)},
+                           lambda i: i not in todo, max_workers=workers)  # loaded below, as the workers wrote them
     elif mode == "torchrun" and world > 1:
         rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
         device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"

@@ -300,14 +300,13 @@ def train_methods(settings, data, methods: Sequence[str], seeds: Sequence[int], 
     """
     from tqdm.auto import tqdm
 
-    from mlic_lib.process_pool import map_in_processes, resolve_parallel
+    from mlic_lib.process_pool import resolve_parallel, run_missing
 
     jobs = [(m, int(s)) for m in methods for s in seeds]
     dirs: dict = {}
     if resolve_parallel(parallel or settings.get("parallel"), settings["train"].get("device")) == "process":
-        todo = [j for j in jobs if not (method_run_dir(settings, j[0], j[1], tag) / "results.json").is_file()]
-        done = map_in_processes(_pool_task, [(settings, data, m, s, tag) for m, s in todo],
-                                desc="SpliceMix runs (process pool)" if progress else None)
-        dirs = dict(zip(todo, done, strict=True))  # what the workers wrote (their key covers *their* imports)
+        dirs = run_missing(_pool_task, {(m, s): (settings, data, m, s, tag) for m, s in jobs},
+                           lambda j: (method_run_dir(settings, j[0], j[1], tag) / "results.json").is_file(),
+                           desc="SpliceMix runs (process pool)" if progress else None)
     return {(m, s): train_method(settings, data, m, s, tag, run_dir=dirs.get((m, s)))
             for m, s in tqdm(jobs, desc="SpliceMix runs", disable=not progress, leave=False)}

@@ -26,3 +26,11 @@ def test_a_failing_task_raises_its_own_error():
 def test_bad_worker_count():
     with pytest.raises(ValueError, match="max_workers must be >= 1"):
         map_in_processes(pow, [(2, 2)], max_workers=0)
+
+
+def test_run_missing_skips_what_is_done():
+    from mlic_lib.process_pool import run_missing
+
+    jobs = {"a": (2, 3), "b": (3, 3), "c": (4, 3)}
+    assert run_missing(pow, jobs, lambda k: k == "b", max_workers=2) == {"a": 8, "c": 64}
+    assert run_missing(pow, jobs, lambda k: True) == {}
