@@ -15,7 +15,8 @@ The label set is split into ``k`` disjoint category subsets by spectral clusteri
   ``D^-1/2 (D - P) D^-1/2`` for the ``k`` smallest eigenvalues, then k-means) gives the ``k`` category
   subsets. scikit-learn drops the diagonal of ``P`` (no self-loops), while the printed Eq. 2's degree
   ``D_ii = sum_j P_ij`` includes ``P_ii = R_ii``; on COCO the two give different CGP partitions (for
-  ``k = 3, 5``). We follow the code, which reproduces the authors' published CGP partitions.
+  ``k = 3, 5``). We follow the code by default, which reproduces the authors' published CGP partitions;
+  ``laplacian='eq2'`` is the printed form (:func:`spectral_partition`).
 
 CGP puts co-occurring classes together (teachers learn joint patterns); DGP puts classes that rarely
 co-occur together (teachers learn category-specific patterns). :func:`random_partition` is the paper's
@@ -39,6 +40,7 @@ from mlic_lib.data import stats
 
 __all__ = [
     "COMPLEMENTS",
+    "LAPLACIANS",
     "STRATEGIES",
     "affinity",
     "assignment_from_subsets",
@@ -56,6 +58,8 @@ __all__ = [
 
 STRATEGIES = ("cgp", "dgp", "random")
 COMPLEMENTS = ("identity", "ones")
+#: Laplacian of Eq. 2: 'code' = scikit-learn's (self-loops dropped, as the authors' code), 'eq2' = as printed.
+LAPLACIANS = ("code", "eq2")
 
 
 def similarity_matrix(counts=None, nums=None, *, targets=None) -> np.ndarray:
@@ -120,12 +124,21 @@ def affinity(S: np.ndarray, graph: str = "cgp", tau: float = 3.0, complement: st
     return base - R
 
 
-def spectral_partition(P: np.ndarray, k: int, seed: int = 0, n_init: int = 20) -> np.ndarray:
+def spectral_partition(P: np.ndarray, k: int, seed: int = 0, n_init: int = 20, laplacian: str = "code") -> np.ndarray:
     """Eq. 2: normalised spectral clustering of a precomputed affinity into ``k`` clusters.
+
+    ``laplacian='code'`` (default): scikit-learn's ``SpectralClustering(affinity='precomputed')``, as the
+    authors' code; it drops the diagonal of ``P`` and runs k-means on the ``k`` eigenvectors scaled by
+    ``D^-1/2``. ``laplacian='eq2'``: Eq. 2 as printed, ``D_ii = sum_j P_ij`` *with* ``P_ii``, ``F`` = the
+    eigenvectors of ``D^-1/2 (D - P) D^-1/2`` for the ``k`` smallest eigenvalues, then k-means on the rows
+    of ``F`` (``n_init`` restarts, ``seed``).
 
     Returns the cluster of each class, shape ``(C,)``, relabelled so that cluster ids appear in order of
     their smallest class index (deterministic for a ``seed``). ``k = 1`` returns all zeros.
     """
+    if laplacian not in LAPLACIANS:
+        raise ValueError(f"laplacian must be one of {LAPLACIANS} ('code' = scikit-learn, no self-loops, as the "
+                         f"authors' code; 'eq2' = Eq. 2 as printed), got {laplacian!r}")
     P = np.asarray(P, dtype=np.float64)
     C = len(P)
     if P.ndim != 2 or P.shape != (C, C):
@@ -142,6 +155,8 @@ def spectral_partition(P: np.ndarray, k: int, seed: int = 0, n_init: int = 20) -
         raise ValueError("affinity must be symmetric: symmetrise it, (P + P.T) / 2 (Eq. 1)")
     if k == 1:
         return np.zeros(C, dtype=np.int64)
+    if laplacian == "eq2":
+        return _canonical(_eq2_partition(P, int(k), seed, n_init))
     import warnings
 
     from sklearn.cluster import SpectralClustering
@@ -151,6 +166,20 @@ def spectral_partition(P: np.ndarray, k: int, seed: int = 0, n_init: int = 20) -
         labels = SpectralClustering(n_clusters=int(k), affinity="precomputed", n_init=n_init,
                                     random_state=seed, assign_labels="kmeans").fit_predict(np.clip(P, 0, None))
     return _canonical(labels)
+
+
+def _eq2_partition(P: np.ndarray, k: int, seed: int, n_init: int) -> np.ndarray:
+    """Eq. 2 as printed: the normalised Laplacian with the degrees of ``P`` including its diagonal."""
+    from sklearn.cluster import KMeans
+
+    d = P.sum(1)
+    if (d <= 1e-12).any():
+        raise ValueError(f"classes {np.flatnonzero(d <= 1e-12).tolist()} have zero degree, so D^-1/2 in Eq. 2 is "
+                         "undefined: drop those classes or use laplacian='code'")
+    r = 1.0 / np.sqrt(d)
+    L = np.eye(len(P)) - r[:, None] * P * r[None, :]
+    _, vecs = np.linalg.eigh(L)  # ascending eigenvalues
+    return KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit_predict(vecs[:, :k])
 
 
 def _canonical(labels: np.ndarray) -> np.ndarray:
@@ -206,10 +235,12 @@ def check_partition(subsets: Sequence[Sequence[int]], num_classes: int) -> None:
 
 
 def partition_labels(strategy: str, k: int, *, S: np.ndarray | None = None, num_classes: int | None = None,
-                     tau: float = 3.0, complement: str = "ones", seed: int = 0, n_init: int = 20) -> list[np.ndarray]:
+                     tau: float = 3.0, complement: str = "ones", seed: int = 0, n_init: int = 20,
+                     laplacian: str = "code") -> list[np.ndarray]:
     """The task decomposition ``Psi``: ``k`` disjoint category subsets by ``'cgp'``, ``'dgp'`` or ``'random'``.
 
     ``S`` (from :func:`similarity_matrix`) is needed for CGP/DGP; ``random`` needs only ``num_classes``.
+    ``laplacian``: see :func:`spectral_partition`.
     Returns a list of sorted index arrays, ordered by their smallest class.
     """
     if strategy not in STRATEGIES:
@@ -222,7 +253,7 @@ def partition_labels(strategy: str, k: int, *, S: np.ndarray | None = None, num_
     if S is None:
         raise ValueError(f"strategy {strategy!r} needs the similarity matrix S (see similarity_matrix)")
     P = affinity(S, strategy, tau=tau, complement=complement)
-    return subsets_from_assignment(spectral_partition(P, k, seed=seed, n_init=n_init))
+    return subsets_from_assignment(spectral_partition(P, k, seed=seed, n_init=n_init, laplacian=laplacian))
 
 
 def partition_agreement(a, b) -> float:

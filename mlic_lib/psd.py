@@ -505,7 +505,7 @@ def decomposition_teachers(settings: Mapping[str, Any], data, S: np.ndarray, str
     subsets = partition_labels(strategy, k, S=S, num_classes=data.num_classes, tau=p.get("tau", 3.0),
                                complement=p.get("complement", "ones"),
                                seed=rseed if strategy == "random" else p.get("cluster_seed", 0),
-                               n_init=p.get("n_init", 20))
+                               n_init=p.get("n_init", 20), laplacian=p.get("laplacian", "code"))
     # in-memory scenes: the uint8 images (fast path); real data: the training dataset itself
     train_data = data.train.images if isinstance(data.train_ds, TensorImageDataset) else data.train_ds
     ens, runs = train_teachers(settings, train_data, data.train_targets, subsets, seed=seed)

@@ -138,3 +138,31 @@ def test_coco_partitions_agree_with_the_authors_published_ones():
         assert P.partition_agreement(theirs, ours) > (0.99 if k != 3 else 0.9)
     theirs = P.load_authors_partition(SHARED / "cpsd_partitions" / "idx_cluster2_0.json")
     assert P.partition_agreement(theirs, P.partition_labels("dgp", 2, S=S, tau=3, seed=0)) > 0.99
+
+
+def test_eq2_laplacian_recovers_blocks_and_differs_from_code_only_through_the_diagonal():
+    from sklearn.cluster import KMeans
+
+    rng = np.random.default_rng(0)
+    blocks = np.array([0] * 4 + [1] * 3 + [2] * 5)
+    A = np.where(np.equal.outer(blocks, blocks), 0.8, 0.05) + 0.02 * rng.random((12, 12))
+    A = 0.5 * (A + A.T)
+    eq2 = P.spectral_partition(A, 3, laplacian="eq2")
+    assert P.partition_agreement(eq2, blocks) == 1.0
+    assert P.partition_agreement(P.spectral_partition(A, 3), blocks) == 1.0
+    # reference: the printed Eq. 2, written out
+    d = A.sum(1)
+    L = np.diag(d) - A
+    M = np.diag(d ** -0.5) @ L @ np.diag(d ** -0.5)
+    F = np.linalg.eigh(M)[1][:, :3]
+    ref = KMeans(3, n_init=20, random_state=0).fit_predict(F)
+    assert P.partition_agreement(eq2, ref) == 1.0
+    with pytest.raises(ValueError, match="laplacian must be one of"):
+        P.spectral_partition(A, 3, laplacian="sklearn")
+    isolated = A.copy()
+    isolated[0, :] = isolated[:, 0] = 0.0
+    with pytest.raises(ValueError, match=r"classes \[0\] have zero degree"):
+        P.spectral_partition(isolated, 3, laplacian="eq2")
+    S = P.similarity_matrix(targets=(rng.random((200, 12)) < 0.3).astype(int))
+    subsets = P.partition_labels("cgp", 3, S=S, laplacian="eq2")
+    P.check_partition(subsets, 12)
