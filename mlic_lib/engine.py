@@ -68,6 +68,8 @@ class TrainConfig:
     milestones: tuple[int, ...] = ()  # epochs at which 'step' multiplies the lr by ``gamma``
     gamma: float = 0.1
     warmup_epochs: float = 0.0  # linear warm-up for 'step' / 'cosine'
+    warmup_steps: int = 0  # the warm-up in optimiser steps instead (wins over warmup_epochs when > 0)
+    warmup_start: float = 0.0  # lr factor the linear warm-up starts from (mmcv / DistributionBalancedLoss: 1/3)
     ema_decay: float | None = None  # evaluate an exponential moving average of the weights
     grad_clip: float | None = None
     amp: str = "auto"  # auto = bf16 autocast on CUDA, off on CPU
@@ -88,6 +90,9 @@ class TrainConfig:
             raise ValueError("epochs and batch_size must be positive")
         if self.eval_every < 0:
             raise ValueError(f"eval_every must be >= 0 (0 = evaluate after the last epoch only), got {self.eval_every}")
+        if self.warmup_steps < 0 or self.warmup_epochs < 0 or not 0.0 <= self.warmup_start < 1.0:
+            raise ValueError("warmup_steps and warmup_epochs must be >= 0 and warmup_start in [0, 1), got "
+                             f"{self.warmup_steps}, {self.warmup_epochs} and {self.warmup_start}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
         self.milestones = tuple(self.milestones)
@@ -205,7 +210,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
     """Per-step LR schedule (``scheduler.step()`` after every optimiser step)."""
     total = cfg.epochs * steps_per_epoch
-    warm = int(cfg.warmup_epochs * steps_per_epoch)
+    warm = cfg.warmup_steps or int(cfg.warmup_epochs * steps_per_epoch)
     if cfg.scheduler == "onecycle" and total < 4:  # too few steps for a warm-up/anneal cycle
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     if cfg.scheduler == "onecycle":
@@ -217,7 +222,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_pe
     milestones = [m * steps_per_epoch for m in cfg.milestones]
 
     def factor(s: int) -> float:
-        w = min(1.0, (s + 1) / warm) if warm > 0 else 1.0
+        w = min(1.0, cfg.warmup_start + (1.0 - cfg.warmup_start) * (s + 1) / warm) if warm > 0 else 1.0
         if cfg.scheduler == "step":
             return w * cfg.gamma ** sum(s >= m for m in milestones)
         return w * 0.5 * (1.0 + math.cos(math.pi * min(1.0, s / max(1, total))))

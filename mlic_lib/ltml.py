@@ -115,7 +115,8 @@ class LTMLStep:
     pos_weight, neg_weight : Eq. 4 weights ``(K,)`` (:func:`ltml_class_weights`); ``None`` = unweighted BCE.
     lam : lambda of Eq. 3 (paper: 0.1).
     consistency : ``"logit"`` (Eq. 7, the paper), ``"probability"`` (Table 4) or ``"none"``.
-    compensation : use Eq. 6 (learnable ``mu``/``sigma``) instead of Eq. 4.
+    compensation : use Eq. 6 (learnable ``mu``/``sigma``) instead of Eq. 4; ``None`` (default) = on for
+        ``branches="both"``, off for one branch (the paper's baselines train with Eq. 4, Sec. 4.2).
     branches : ``"both"`` (the method); ``"u"`` or ``"r"`` trains one branch only (the paper's
         baseline-uniform / baseline-re-balanced, Table 1).
     detach_cross : stop the gradient through the crossed prediction (``u^``, ``r^``) of the consistency.
@@ -123,11 +124,13 @@ class LTMLStep:
     The branches always run the crossed forward (Eq. 2), also when the consistency term is off, so that
     every variant normalises with the same batch statistics. ``find_unused_parameters`` tells the engine's
     DDP wrapper that some parameters get no gradient (the compensation without Eq. 6, the other branch
-    of a single-branch baseline).
+    of a single-branch baseline). One combination cannot run under DDP: a single branch *with* the
+    compensation (its ``mu``/``sigma`` live outside the forward pass, which ``find_unused_parameters`` would
+    mark ready twice); the step refuses it with a clear error.
     """
 
     def __init__(self, pos_weight: Tensor | None = None, neg_weight: Tensor | None = None, lam: float = 0.1,
-                 consistency: str = "logit", compensation: bool = True, branches: str = "both",
+                 consistency: str = "logit", compensation: bool | None = None, branches: str = "both",
                  detach_cross: bool = False):
         if consistency not in CONSISTENCY:
             raise ValueError(f"consistency must be one of {CONSISTENCY}, got {consistency!r}")
@@ -138,10 +141,10 @@ class LTMLStep:
         self.pos_weight, self.neg_weight = pos_weight, neg_weight
         self.lam = float(lam)
         self.consistency = consistency if lam > 0 and branches == "both" else "none"
-        self.compensation = compensation
+        self.compensation = (branches == "both") if compensation is None else bool(compensation)
         self.branches = branches
         self.detach_cross = detach_cross
-        self.find_unused_parameters = not compensation or branches != "both"
+        self.find_unused_parameters = not self.compensation or branches != "both"
 
     def classification(self, logits: Tensor, targets: Tensor, comp: nn.Module) -> Tensor:
         k = logits.shape[-1]
@@ -155,7 +158,12 @@ class LTMLStep:
         if len(batch) != 4:
             raise ValueError("LTMLStep expects batches (x_u, y_u, x_r, y_r): train with a TwoStreamLoader")
         x_u, y_u, x_r, y_r = batch
-        net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+        net = model.module if ddp else model
+        if ddp and self.compensation and self.branches != "both":
+            raise RuntimeError("a single-branch LTMLStep with compensation=True cannot train under DDP (the Eq. 6 "
+                               "parameters are outside the forward pass); use compensation=False (the paper's "
+                               "baselines, Eq. 4) or one process")
         if self.branches != "both":
             x, y, comp = (x_u, y_u, net.comp_u) if self.branches == "u" else (x_r, y_r, net.comp_r)
             loss = self.classification(model(x, branch=self.branches).float(), y, comp)
@@ -211,12 +219,15 @@ VARIANTS: dict[str, dict] = {
     "consistency": {"lam": 0.1, "consistency": "logit", "compensation": False},
     "full": {"lam": 0.1, "consistency": "logit", "compensation": True},
     "prob_consistency": {"lam": 0.1, "consistency": "probability", "compensation": True},
+    # the paper's single-branch baselines (Table 1, Sec. 4.2): one branch, Eq. 4 loss; evaluate the row of its branch
+    "baseline_u": {"lam": 0.0, "consistency": "none", "compensation": False, "branches": "u"},
+    "baseline_r": {"lam": 0.0, "consistency": "none", "compensation": False, "branches": "r"},
 }
 
 
 def variant_options(settings, name: str = "full", lam: float | None = None, consistency: str | None = None,
                     compensation: bool | None = None) -> dict:
-    """The :class:`LTMLStep` options ``{lam, consistency, compensation}`` of a variant: :data:`VARIANTS`
+    """The :class:`LTMLStep` options ``{lam, consistency, compensation[, branches]}`` of a variant: :data:`VARIANTS`
     ``[name]``, with the profile's ``ltml.lam`` as lambda where the variant's is positive (``ensemble``
     keeps 0), then the explicit arguments that are not ``None``."""
     if name not in VARIANTS and None in (lam, consistency, compensation):
@@ -239,8 +250,9 @@ def train_ltml(settings, train_ds, train_targets, test_ds, num_classes: int, see
     The step's options come from :func:`variant_options` (``name`` in :data:`VARIANTS`, the profile's ``ltml.lam``, and
     ``lam`` / ``consistency`` / ``compensation`` when given). The profile's ``model`` section goes to
     :func:`~mlic_lib.models.ltml.build_two_branch`, ``train`` to ``TrainConfig`` and ``ltml.samples_per_class`` to
-    the class-aware sampler. No evaluation runs during training (``val_data=None``); evaluate the returned model
-    with :func:`evaluate_rows`.
+    the class-aware sampler, ``ltml.epoch_length`` (``null`` = ``N // batch`` steps, ``"db"`` =
+    DistributionBalancedLoss's class-aware epoch) to the :class:`~mlic_lib.data.samplers.TwoStreamLoader`. No
+    evaluation runs during training (``val_data=None``); evaluate the returned model with :func:`evaluate_rows`.
     """
     from mlic_lib.data.samplers import TwoStreamLoader
     from mlic_lib.data.stats import class_counts
@@ -259,9 +271,10 @@ def train_ltml(settings, train_ds, train_targets, test_ds, num_classes: int, see
     pw, nw = ltml_class_weights(class_counts(targets), len(targets))
     step = LTMLStep(pw, nw, **opts)
     loader = TwoStreamLoader(train_ds, targets, cfg.batch_size, seed=seed,
-                             samples_per_class=int(lt.get("samples_per_class", 1)), num_workers=cfg.num_workers)
+                             samples_per_class=int(lt.get("samples_per_class", 1)), num_workers=cfg.num_workers,
+                             steps=lt.get("epoch_length"))
     key = {"chapter": settings.get("chapter"), "data": settings["data"], "model": m, "train": cfg.to_dict(),
-           "ltml": {**opts, "samples_per_class": lt.get("samples_per_class", 1)}}
+           "ltml": {**opts, "samples_per_class": lt.get("samples_per_class", 1), "epoch_length": loader.steps}}
     run_dir = run_dir_for(f"{settings.get('chapter')}-{name}-lam{opts['lam']}-s{seed}", key)
     return fit(model, loader, None, cfg, step=step, run_dir=run_dir, progress=progress,
                steps_per_epoch=len(loader))

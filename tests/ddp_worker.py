@@ -34,6 +34,19 @@ if mode == "ltml":
     step = ltml.LTMLStep(**ltml.VARIANTS["ensemble"])
     res = fit(model, loader, None, TrainConfig(epochs=2, batch_size=8, seed=0), step=step, run_dir=sys.argv[1],
               progress=False, steps_per_epoch=len(loader))
+    # the paper's single-branch baseline (Eq. 4): the other branch and both compensations get no gradient
+    cfg1 = TrainConfig(epochs=1, batch_size=8, seed=0)
+    base = fit(build_two_branch("small_resnet", 20, widths=(8, 8, 16, 16)), loader, None, cfg1,
+               step=ltml.LTMLStep(**ltml.VARIANTS["baseline_u"]), run_dir=sys.argv[1] + "-baseline_u", progress=False,
+               steps_per_epoch=len(loader))
+    report["baseline_u_epochs"] = len(base.history)
+    try:  # one branch *with* Eq. 6 cannot run under DDP: a clear error, not DDP's "marked ready twice"
+        fit(build_two_branch("small_resnet", 20, widths=(8, 8, 16, 16)), loader, None, cfg1,
+            step=ltml.LTMLStep(branches="u", compensation=True), run_dir=None, progress=False,
+            steps_per_epoch=len(loader))
+        report["single_branch_compensation_error"] = None
+    except RuntimeError as err:
+        report["single_branch_compensation_error"] = str(err)
 else:
     model = build_model("small_resnet", 20, widths=(8, 8, 16, 16))
     res = fit(model, train_ds, TensorImageDataset(test.images, test.targets),

@@ -151,6 +151,12 @@ def test_loss_is_asl_plus_theta_r():
     assert torch.allclose(logs["reg"], fro)
     loss0, _ = AssocFormerLoss("l2")(logits, y, None)  # no AM: ASL only
     assert torch.allclose(loss0, eq8, atol=1e-6)
+    # reduction='sum' (the ASL code): both terms summed over the batch (ASL also over the classes)
+    loss_s, logs_s = AssocFormerLoss("l2", theta=0.1, reduction="sum")(logits, y, A)
+    eq8_sum = -(y * torch.log(p) + (1 - y) * p ** 2 * torch.log(1 - p)).sum()
+    fro_sum = torch.stack([torch.linalg.norm(a) for a in A]).sum()
+    assert torch.allclose(loss_s, eq8_sum + 0.1 * fro_sum, atol=1e-4)
+    assert torch.allclose(logs_s["reg"], fro_sum, atol=1e-5)
 
 
 def test_gcn_head_shapes_and_adjacency():
@@ -205,6 +211,25 @@ def test_timm_backbone_and_determinism():
     assert torch.equal(O, m2.eval()(x))
     with pytest.raises(ValueError, match="CvT is not in timm"):
         transformer_backbone("cvt_w24_384")
+
+
+def test_backbone_weights_from_a_local_file(tmp_path):
+    """A local state dict loads (also wrapped as a training checkpoint); weights of another net are refused."""
+    kw = {"img_size": 16, "patch_size": 8, "embed_dim": 16, "depth": 1, "num_heads": 2}
+    torch.manual_seed(1)
+    src, _ = transformer_backbone("vit_tiny_patch16_224", False, **kw)
+    for i, payload in enumerate((src.state_dict(), {"model": src.state_dict()}, {"state_dict": src.state_dict()})):
+        path = tmp_path / f"w{i}.pth"
+        torch.save(payload, path)
+        torch.manual_seed(2)
+        net, _ = transformer_backbone("vit_tiny_patch16_224", str(path), **kw)
+        for (k, a), b in zip(src.state_dict().items(), net.state_dict().values(), strict=True):
+            assert torch.equal(a, b), k
+    torch.save({"model": {"conv.weight": torch.zeros(1)}}, tmp_path / "other.pth")
+    with pytest.raises(RuntimeError, match="do not fit"):
+        transformer_backbone("vit_tiny_patch16_224", str(tmp_path / "other.pth"), **kw)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        transformer_backbone("vit_tiny_patch16_224", str(tmp_path / "missing.pth"), **kw)
 
 
 def test_step_and_smoke_training(tmp_path, monkeypatch):

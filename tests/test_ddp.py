@@ -38,10 +38,13 @@ def test_fit_under_torchrun_keeps_ranks_in_sync(tmp_path):
 
 @pytest.mark.slow
 def test_ltml_under_torchrun_shards_the_two_streams_and_tolerates_unused_parameters(tmp_path):
-    """The branch-ensemble variant leaves the compensation parameters without gradient (DDP must be told),
-    and the two-stream loader must give the ranks different batches."""
+    """The branch-ensemble variant and the single-branch baseline leave parameters without gradient (DDP must be
+    told), a single branch with compensation is refused clearly, and the two-stream loader must give the ranks
+    different batches."""
     rows = _torchrun(tmp_path, "ltml")
     assert all(r["same"] and r["epochs"] == 2 for r in rows), rows
     assert rows[0]["steps"] == rows[1]["steps"] == 64 // 8 // 2
     assert not set(rows[0]["uniform_epoch0"]) & set(rows[1]["uniform_epoch0"])
+    assert all(r["baseline_u_epochs"] == 1 for r in rows), rows
+    assert all("cannot train under DDP" in (r["single_branch_compensation_error"] or "") for r in rows), rows
     assert (tmp_path / "run" / "results.json").is_file()

@@ -100,6 +100,28 @@ def test_run_dir_hash_depends_on_config():
     assert a != run_dir_for("x", {"lr": 2e-3})
 
 
+def test_linear_warmup_in_steps_from_a_start_factor():
+    """``warmup_steps`` / ``warmup_start``: mmcv's linear warm-up (DistributionBalancedLoss: 500 steps from lr/3)
+    followed by the step decay at the milestones."""
+    from mlic_lib.engine import build_scheduler
+
+    net = torch.nn.Linear(2, 1)
+    cfg = TrainConfig(epochs=4, lr=0.3, optimizer="sgd", scheduler="step", milestones=(2,), gamma=0.1,
+                      warmup_steps=4, warmup_start=1 / 3, warmup_epochs=3.0)  # steps win over epochs
+    opt = torch.optim.SGD(net.parameters(), lr=cfg.lr)
+    sched = build_scheduler(opt, cfg, steps_per_epoch=5)
+    lrs = []
+    for _ in range(20):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    want = [0.3 * (1 / 3 + (2 / 3) * (s + 1) / 4) for s in range(4)] + [0.3] * 6 + [0.03] * 10
+    assert lrs == pytest.approx(want)
+    for bad in ({"warmup_steps": -1}, {"warmup_start": 1.0}, {"warmup_epochs": -0.5}):
+        with pytest.raises(ValueError, match="warmup"):
+            TrainConfig(**bad)
+
+
 def test_ema_and_other_schedules_run(small_scenes):
     for kw in ({"ema_decay": 0.9}, {"scheduler": "step", "milestones": [1], "optimizer": "sgd", "lr": 0.01},
                {"scheduler": "cosine", "warmup_epochs": 1, "optimizer": "adamw"}):

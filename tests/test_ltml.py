@@ -82,6 +82,12 @@ def test_two_stream_loader_yields_pairs_and_is_deterministic_per_epoch():
     assert not all(torch.equal(a, b) for a, b in zip(e0, e1, strict=True))
     with pytest.raises(ValueError, match="rows but the dataset"):
         TwoStreamLoader(ds, t[:10], batch_size=4)
+    # DistributionBalancedLoss's epoch: max_k N_k * K / 4 class-aware draws per epoch, in whole batches
+    db = TwoStreamLoader(ds, t, batch_size=8, seed=1, steps="db")
+    assert db.steps == int(t.sum(0).max() * t.shape[1] / 4) // 8 and len(list(db)) == db.steps
+    for bad in ("full", 0):
+        with pytest.raises(ValueError, match="steps must be"):
+            TwoStreamLoader(ds, t, batch_size=8, steps=bad)
 
 
 # ------------------------------------------------------------------------------------- losses
@@ -216,6 +222,103 @@ def test_step_gradients_and_options():
         ltml.LTMLStep()(net, batch[:2], torch.device("cpu"))
 
 
+def _eq6_reference(logits, y, w_pos, w_neg, comp):
+    """Eq. 6 written out with explicit logs of sigmoids (no library helper)."""
+    sp = torch.sigmoid(logits * comp.sigma_pos + comp.mu_pos)
+    sn = torch.sigmoid(logits * comp.sigma_neg + comp.mu_neg)
+    per = -(w_pos * y * torch.log(sp) + w_neg * (1 - y) * torch.log(1 - sn))
+    return per.mean()  # (1/K) sum over classes, mean over the batch
+
+
+def _randomise_compensation(net, seed=0):
+    """Random mu/sigma, and branch R moved away from branch U: the branches start as identical copies, which
+    makes u = u^ and the consistency term (and its gradient) exactly 0, so a test at init would check nothing."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for prm in net.branch_r.parameters():
+            prm.add_(0.2 * torch.randn(prm.shape, generator=g))
+        for comp in (net.comp_u, net.comp_r):
+            for name in ("mu_pos", "mu_neg"):
+                getattr(comp, name).copy_(0.5 * torch.randn(getattr(comp, name).shape, generator=g))
+            for name in ("sigma_pos", "sigma_neg"):
+                getattr(comp, name).copy_(0.5 + torch.rand(getattr(comp, name).shape, generator=g))
+
+
+def test_step_value_is_eq3_with_eq6_and_eq7_written_out():
+    """The whole Eq. 3 loss against a direct sum: each branch's Eq. 6 term uses its own compensation, and the
+    consistency pairs u with u^ and r with r^, both weighted by lambda."""
+    torch.manual_seed(0)
+    net = build_two_branch("small_resnet", 4, widths=WIDTHS).eval()  # eval: batch statistics are fixed
+    _randomise_compensation(net)
+    g = torch.Generator().manual_seed(1)
+    # different batch sizes would hide a u/r mix-up in shapes; equal ones must still give the exact value
+    batch = [torch.randn(3, 3, 32, 32, generator=g), (torch.rand(3, 4, generator=g) < 0.5).float(),
+             torch.randn(3, 3, 32, 32, generator=g), (torch.rand(3, 4, generator=g) < 0.5).float()]
+    pw, nw = ltml.ltml_class_weights([10, 5, 2, 1], 20)
+    lam = 0.3
+    loss, _ = ltml.LTMLStep(pw, nw, lam=lam)(net, batch, torch.device("cpu"))
+    o = net.forward_pair(batch[0], batch[2])
+    assert ((o["u"] - o["u_hat"]) ** 2).mean() > 1e-3  # the consistency term is not trivially 0
+    ref = (_eq6_reference(o["u"], batch[1], pw, nw, net.comp_u) + _eq6_reference(o["r"], batch[3], pw, nw, net.comp_r)
+           + lam * (((o["u"] - o["u_hat"]) ** 2).mean() + ((o["r"] - o["r_hat"]) ** 2).mean()))
+    assert torch.allclose(loss, ref, atol=1e-6)
+    prob, _ = ltml.LTMLStep(pw, nw, lam=lam, consistency="probability")(net, batch, torch.device("cpu"))
+    s = torch.sigmoid
+    ref_p = (ref - lam * (((o["u"] - o["u_hat"]) ** 2).mean() + ((o["r"] - o["r_hat"]) ** 2).mean())
+             + lam * (((s(o["u"]) - s(o["u_hat"])) ** 2).mean() + ((s(o["r"]) - s(o["r_hat"])) ** 2).mean()))
+    assert torch.allclose(prob, ref_p, atol=1e-6)
+
+
+def test_detach_cross_stops_the_gradient_through_the_crossed_prediction():
+    """With ``detach_cross`` the consistency term sends no gradient through u^ = g(f1(x_u)) / r^ = f(g1(x_r))."""
+    torch.manual_seed(0)
+    net = build_two_branch("small_resnet", 4, widths=WIDTHS)
+    _randomise_compensation(net)
+    batch = [torch.randn(4, 3, 32, 32), (torch.rand(4, 4) < 0.5).float(),
+             torch.randn(4, 3, 32, 32), (torch.rand(4, 4) < 0.5).float()]
+
+    def consistency_grad(detach):
+        net.zero_grad()
+        step = ltml.LTMLStep(None, None, lam=1.0, compensation=False, detach_cross=detach)
+        o = net.forward_pair(batch[0], batch[2])
+        u_hat, r_hat = (o["u_hat"].detach(), o["r_hat"].detach()) if detach else (o["u_hat"], o["r_hat"])
+        (ltml.logit_consistency(o["u"], u_hat) + ltml.logit_consistency(o["r"], r_hat)).backward()
+        ref = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+        net.zero_grad()
+        loss, _ = step(net, batch, torch.device("cpu"))
+        loss0, _ = ltml.LTMLStep(None, None, lam=0.0, compensation=False)(net, batch, torch.device("cpu"))
+        (loss - loss0).backward()  # the consistency term alone
+        got = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+        return ref, got
+
+    for detach in (False, True):
+        ref, got = consistency_grad(detach)
+        for n, gref in ref.items():
+            assert torch.allclose(got[n], gref, atol=1e-5), n
+    ref_free, _ = consistency_grad(False)
+    ref_det, _ = consistency_grad(True)
+    assert any(not torch.allclose(ref_free[n], ref_det[n]) for n in ref_det)  # the option changes something
+
+
+def test_single_branch_baselines_train_with_eq4():
+    """The paper's baselines (Sec. 4.2) use one branch and Eq. 4: compensation defaults to off for them."""
+    torch.manual_seed(0)
+    net = build_two_branch("small_resnet", 4, widths=WIDTHS).eval()
+    _randomise_compensation(net)
+    x, y = torch.randn(3, 3, 32, 32), (torch.rand(3, 4) < 0.5).float()
+    pw, nw = ltml.ltml_class_weights([10, 5, 2, 1], 20)
+    for branch, comp in (("u", net.comp_u), ("r", net.comp_r)):
+        batch = [x, y, x, y]
+        step = ltml.LTMLStep(pw, nw, branches=branch)
+        assert not step.compensation and step.find_unused_parameters
+        loss, _ = step(net, batch, torch.device("cpu"))
+        assert torch.allclose(loss, ltml.weighted_bce_eq4(net(x, branch=branch), y, pw, nw), atol=1e-6)
+        with_comp, _ = ltml.LTMLStep(pw, nw, branches=branch, compensation=True)(net, batch, torch.device("cpu"))
+        assert torch.allclose(with_comp, _eq6_reference(net(x, branch=branch), y, pw, nw, comp), atol=1e-6)
+    assert ltml.LTMLStep(pw, nw).compensation  # the two-branch method uses Eq. 6
+    assert ltml.variant_options({}, "baseline_r")["branches"] == "r"
+
+
 def test_variant_options_take_lambda_from_the_profile():
     settings = {"ltml": {"lam": 0.2}}
     assert ltml.variant_options(settings, "full")["lam"] == 0.2  # the profile's lambda, not the table's 0.1
@@ -239,6 +342,17 @@ def test_train_and_evaluate_rows_deterministic(tmp_path):
     assert runs[1].cached
     rows = ltml.evaluate_rows(runs[0].model, ds, groups)
     assert set(rows) == set(ltml.INFERENCE_ROWS) and "mAP_tail" in rows["aug-test"]
+    # each row against scores computed by hand from the two branches (and the flipped image)
+    from mlic_lib.metrics import multilabel_report
+    net = runs[0].model.eval()
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    with torch.no_grad():
+        pu, pr = (torch.sigmoid(v).numpy() for v in net(x))
+        puf, prf = (torch.sigmoid(v).numpy() for v in net(torch.flip(x, dims=[-1])))
+    by_hand = {"uniform branch": pu, "re-balanced branch": pr, "branch ensemble": (pu + pr) / 2,
+               "aug-test": (pu + pr + puf + prf) / 4}
+    for row, scores in by_hand.items():
+        assert rows[row]["mAP"] == pytest.approx(multilabel_report(scores, t, groups=groups)["mAP"], abs=1e-6), row
     settings["train"]["seed"] = 0
     fresh = ltml.train_ltml({**settings, "chapter": "ltml-fresh"}, ds, t, ds, 4, seed=0, name="full")
     for a, b in zip(runs[0].model.state_dict().values(), fresh.model.state_dict().values(), strict=True):

@@ -147,7 +147,8 @@ class TwoStreamLoader:
     batch_size : images per stream and step.
     seed : epoch ``e`` draws from ``(seed, e)``.
     steps : steps per epoch; default ``N // batch_size`` (one pass of the uniform stream, last partial batch
-        dropped).
+        dropped); ``"db"``: DistributionBalancedLoss's class-aware epoch, ``ClassAwareSampler(targets, "db")``'s
+        ``max_k N_k * K / 4`` images, ``// batch_size``.
     samples_per_class : see :class:`ClassAwareSampler`.
     num_workers : worker processes of the two underlying ``DataLoader``s (real images).
 
@@ -157,13 +158,17 @@ class TwoStreamLoader:
     images and the global batch is ``batch_size * world``.
     """
 
-    def __init__(self, dataset: Dataset, targets, batch_size: int, seed: int = 0, steps: int | None = None,
+    def __init__(self, dataset: Dataset, targets, batch_size: int, seed: int = 0, steps: int | str | None = None,
                  samples_per_class: int = 1, num_workers: int = 0, pin_memory: bool = False):
         t = _check_targets(targets)
         if len(t) != len(dataset):
             raise ValueError(f"targets has {len(t)} rows but the dataset has {len(dataset)} items")
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if steps == "db":
+            steps = max(1, ClassAwareSampler(t, "db").num_samples // batch_size)
+        elif isinstance(steps, str) or (steps is not None and int(steps) < 1):
+            raise ValueError(f"steps must be a positive int, None (N // batch_size) or 'db', got {steps!r}")
         self.steps = int(steps or max(1, len(t) // batch_size))
         n = self.steps * batch_size
         self.dataset = dataset

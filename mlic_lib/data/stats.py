@@ -73,7 +73,7 @@ def cooccurring_classes(targets) -> np.ndarray:
 def head_medium_tail(counts, head_min: int, tail_max: int) -> dict[str, np.ndarray]:
     """Split classes by training-image count: head ``n >= head_min``, tail ``n <= tail_max``, rest medium.
 
-    DistributionBalancedLoss / LTML use head >= 100 and tail <= 20 images on VOC-LT and COCO-LT.
+    DistributionBalancedLoss / LTML use head >= 100 and tail < 20 (<= 19) images on VOC-LT and COCO-LT.
     """
     counts = np.asarray(counts)
     if head_min <= tail_max:

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from mlic_lib.assoc_losses import REGULARIZERS, AssocFormerLoss
+from mlic_lib.models.backbones import load_weights_file
 
 __all__ = [
     "FUSIONS",
@@ -153,9 +154,12 @@ def transformer_backbone(name: str = "vit_tiny_patch16_224", pretrained: bool | 
         raise ValueError(f"timm has no model {name!r}{hint}; see timm.list_models('*swin*') / ('vit_*')")
     net = timm.create_model(name, pretrained=pretrained is True, num_classes=0, **kwargs)
     if isinstance(pretrained, str):
-        state = torch.load(pretrained, map_location="cpu", weights_only=True)
-        state = {k: v for k, v in state.items() if not k.startswith("head.fc.") and not k.startswith("head.")}
-        net.load_state_dict(state, strict=False)
+        state = {k: v for k, v in load_weights_file(pretrained).items() if not k.startswith("head.")}
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("head.")]
+        if missing or unexpected:
+            raise RuntimeError(f"weights {pretrained} do not fit {name}: missing {missing[:5]}, "
+                               f"unexpected {unexpected[:5]} (pass the backbone's own state dict)")
     return net, int(net.num_features)
 
 

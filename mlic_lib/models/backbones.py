@@ -115,19 +115,24 @@ def _torchvision_resnet(name: str, weights: str | Path | None) -> tuple[nn.Seque
 
     net = getattr(torchvision.models, name)(weights=None)
     if weights is not None:
-        net.load_state_dict(_load_state_dict(weights))
+        net.load_state_dict(load_weights_file(weights))
     features = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3,
                              net.layer4)
     return features, net.fc.in_features
 
 
-def _load_state_dict(path: str | Path) -> dict:
+def load_weights_file(path: str | Path) -> dict:
+    """The state dict in a local ``.pth`` file (``weights_only``), unwrapped from a training checkpoint's
+    ``state_dict`` / ``model`` entry."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist; pass the path of a local .pth state dict")
     state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
+    for wrapper in ("state_dict", "model"):  # training checkpoints wrap the weights
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} does not hold a state dict (got {type(state).__name__})")
     return state
 
 
@@ -155,7 +160,7 @@ def _timm_features(name: str, in_chans: int, weights) -> tuple[nn.Module, int]:
 
     net = timm.create_model(name, pretrained=False, num_classes=0, global_pool="", in_chans=in_chans)
     if weights is not None:
-        state = efficientnet_lite0_weights() if weights == "imagenet" else _load_state_dict(weights)
+        state = efficientnet_lite0_weights() if weights == "imagenet" else load_weights_file(weights)
         missing, unexpected = net.load_state_dict(state, strict=False)
         unexpected = [k for k in unexpected if not k.startswith(("classifier.", "fc.", "head."))]
         if unexpected or missing:
