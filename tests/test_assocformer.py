@@ -127,6 +127,20 @@ def test_regularizer_value_and_gradient(norm):
     assert torch.allclose(A1.grad.double(), torch.stack(g), atol=1e-4)
 
 
+def test_association_module_runs_in_float32_under_autocast():
+    """Under bf16 autocast the AM still gives the float32 A (the one mean_association analyses)."""
+    torch.manual_seed(0)
+    am = AssociationModule(32, 5, scale=0.05)
+    L = torch.randn(3, 32)
+    N1_ref, A_ref = am(L)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        N1, A = am(L.bfloat16())
+        assert am.key(L.unsqueeze(1)).dtype == torch.bfloat16  # autocast is really on around the module
+    assert A.dtype == N1.dtype == torch.float32
+    assert torch.allclose(A, am.association(L.bfloat16().float()), atol=1e-6)
+    assert torch.allclose(A, A_ref, atol=1e-2) and torch.allclose(N1, N1_ref, atol=5e-2)
+
+
 def test_regularizer_bad_inputs():
     with pytest.raises(ValueError, match="regularizer"):
         association_regularizer(torch.rand(2, 3, 3), "l3")
