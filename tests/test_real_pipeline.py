@@ -143,6 +143,27 @@ def test_fake_lt_split_agrees_with_annotations(fake_root):
     assert check_labels(split, voc_lt_labels(split, fake_root)) == 1.0
 
 
+def test_lt_datasets_warns_when_annotation_labels_differ_from_the_split(fake_root, monkeypatch):
+    """LTML's rho comes from the training labels: a disagreement with DBL's gt_labels is reported, not hidden."""
+    import warnings
+
+    from mlic_lib.data import longtail
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fake files agree: no warning
+        longtail.lt_datasets("voc_lt", root=fake_root)
+    real = longtail.voc_lt_labels
+
+    def one_flipped(split, root=None, **kw):
+        labels = real(split, root, **kw).copy()
+        labels[0, 0] = 1 - labels[0, 0]
+        return labels
+
+    monkeypatch.setattr(longtail, "voc_lt_labels", one_flipped)
+    with pytest.warns(UserWarning, match=r"gt_labels on .*\(1 differ\)"):
+        longtail.lt_datasets("voc_lt", root=fake_root)
+
+
 def test_fake_mnist_and_cifar_load(fake_root):
     from mlic_lib import indeed
 

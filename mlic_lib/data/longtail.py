@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -240,4 +241,9 @@ def lt_datasets(dataset: str, split_dir: str | os.PathLike | None = None, root: 
         train = ImageListDataset([img_dir / f"{int(i):012d}.jpg" for i in split.image_ids], labels,
                                  transform=train_tf, name="coco_lt", class_names=test.class_names,
                                  ids=split.image_ids)
+    agree = check_labels(split, labels)
+    if agree < 1.0:  # rho of LTML's weights comes from these labels; say when they are not DBL's gt_labels
+        warnings.warn(f"{dataset}: the labels read from the annotations agree with the split file's gt_labels on "
+                      f"{100 * agree:.3f}% of entries ({int(round((1 - agree) * labels.size))} differ); training "
+                      "uses the annotation labels", stacklevel=2)
     return train, labels, test, split
