@@ -39,6 +39,7 @@ from mlic_lib.losses import BCEWithLogits
 from mlic_lib.utils import (
     atomic_torch_save,
     atomic_write_json,
+    bar_disabled,
     config_hash,
     distributed_info,
     load_checkpoint,
@@ -457,7 +458,7 @@ def fit(model: nn.Module, train_data: Dataset | Iterable, val_data: Dataset | It
     eval_model = ema.module if ema is not None else model
     final: dict[str, Any] = {}
     bar = tqdm(total=cfg.epochs * n_steps, initial=start_epoch * n_steps, desc="train", unit="step",
-               disable=not (progress and main), leave=False, mininterval=1.0)
+               disable=bar_disabled(progress and main), leave=False, mininterval=1.0)
     try:
         for epoch in range(start_epoch, cfg.epochs):
             loader = first_loader if epoch == 0 else make_loader(

@@ -750,6 +750,7 @@ def run_methods(settings: Mapping[str, Any], methods: Mapping[str, Mapping[str, 
 
     from mlic_lib.engine import evaluate
     from mlic_lib.process_pool import resolve_parallel
+    from mlic_lib.utils import bar_disabled
 
     mode = resolve_parallel(parallel or settings.get("indeed", {}).get("parallel"), settings["train"].get("device"),
                             option="indeed.parallel")
@@ -766,7 +767,7 @@ def run_methods(settings: Mapping[str, Any], methods: Mapping[str, Mapping[str, 
         dirs = run_missing(_pool_task, args, lambda k: (_run_setup(*args[k])[2] / "results.json").is_file(),
                            desc="INDeeD runs (process pool)" if progress else None)
     records = []
-    for n, name, spec, seed in tqdm(jobs, desc="INDeeD runs", disable=not progress, leave=False):
+    for n, name, spec, seed in tqdm(jobs, desc="INDeeD runs", disable=bar_disabled(progress), leave=False):
         data = datasets[n]
         run = train_indeed_model(settings, data, spec, seed=seed, run_dir=dirs.get((n, name, seed)))
         res = evaluate(run.model.eval(), data.test_ds, batch_size=256)

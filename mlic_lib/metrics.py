@@ -56,6 +56,7 @@ import numpy as np
 
 __all__ = [
     "average_precision",
+    "chance_map",
     "group_map",
     "mean_average_precision",
     "multilabel_report",
@@ -340,6 +341,15 @@ def mean_average_precision(scores: Any, targets: Any, mask: Any = None) -> float
         On malformed inputs, or if no class has a positive (mAP undefined).
     """
     return _nanmean_or_raise(average_precision(scores, targets, mask))
+
+
+def chance_map(targets: Any, mask: Any = None) -> float:
+    """The mAP of an uninformative scorer: every image gets the same score, so each class's AP is its
+    prevalence among the (unmasked) test images and mAP is their mean over the classes with a positive.
+    A random scorer's expected mAP is close to it. Print it next to a table so that readers can tell a
+    trained model from the floor of the metric."""
+    t = _to_numpy(targets, "targets")
+    return mean_average_precision(np.zeros(t.shape, dtype=np.float32), t, mask)
 
 
 # --------------------------------------------------------------------------------------------

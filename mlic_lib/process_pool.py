@@ -70,6 +70,8 @@ def map_in_processes(fn: Callable, tasks: Iterable[Sequence[Any]], *, max_worker
 
     from tqdm.auto import tqdm
 
+    from mlic_lib.utils import bar_disabled
+
     tasks = [tuple(t) for t in tasks]
     if not tasks:
         return []
@@ -79,7 +81,7 @@ def map_in_processes(fn: Callable, tasks: Iterable[Sequence[Any]], *, max_worker
     workers = max(1, min(len(tasks), max_workers or cpus))
     threads = max(1, cpus // workers)
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool, \
-            tqdm(total=len(tasks), desc=desc, disable=desc is None, leave=False) as bar:
+            tqdm(total=len(tasks), desc=desc, disable=bar_disabled(desc is not None), leave=False) as bar:
         futures = [pool.submit(_call_with_threads, threads, fn, args) for args in tasks]
         for f in futures:
             f.add_done_callback(lambda _: bar.update(1))

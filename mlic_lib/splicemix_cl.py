@@ -301,6 +301,7 @@ def train_methods(settings, data, methods: Sequence[str], seeds: Sequence[int], 
     from tqdm.auto import tqdm
 
     from mlic_lib.process_pool import resolve_parallel, run_missing
+    from mlic_lib.utils import bar_disabled
 
     jobs = [(m, int(s)) for m in methods for s in seeds]
     dirs: dict = {}
@@ -309,4 +310,4 @@ def train_methods(settings, data, methods: Sequence[str], seeds: Sequence[int], 
                            lambda j: (method_run_dir(settings, j[0], j[1], tag) / "results.json").is_file(),
                            desc="SpliceMix runs (process pool)" if progress else None)
     return {(m, s): train_method(settings, data, m, s, tag, run_dir=dirs.get((m, s)))
-            for m, s in tqdm(jobs, desc="SpliceMix runs", disable=not progress, leave=False)}
+            for m, s in tqdm(jobs, desc="SpliceMix runs", disable=bar_disabled(progress), leave=False)}

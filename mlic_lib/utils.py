@@ -18,6 +18,13 @@ import torch
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
 
+def bar_disabled(progress: bool) -> bool:
+    """``disable=`` for a tqdm bar: off when the caller asks for no progress, and whenever the environment
+    sets ``TQDM_DISABLE`` (the book build does: frozen bars are noise in executed notebooks). tqdm itself
+    lets an explicit ``disable=False`` win over that variable."""
+    return not progress or os.environ.get("TQDM_DISABLE", "").strip().lower() in ("1", "true", "yes")
+
+
 def seed_everything(seed: int) -> torch.Generator:
     """Seed Python, NumPy and PyTorch (all devices); return a CPU generator seeded with ``seed``."""
     if not isinstance(seed, int) or seed < 0:

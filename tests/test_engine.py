@@ -166,3 +166,15 @@ def test_onecycle_survives_tiny_runs(total_steps):
         opt.step()
         sched.step()
     assert all(np.isfinite(g["lr"]) for g in opt.param_groups)
+
+
+def test_progress_bars_honour_tqdm_disable(monkeypatch):
+    """The book sets TQDM_DISABLE=1: bars asked for by a chapter stay off there (no frozen bars in the HTML)."""
+    from mlic_lib.utils import bar_disabled
+
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    assert not bar_disabled(True) and bar_disabled(False)
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    assert bar_disabled(True)
+    monkeypatch.setenv("TQDM_DISABLE", "0")
+    assert not bar_disabled(True)

@@ -56,6 +56,20 @@ def test_ap_all_scores_tied_equals_prevalence():
     np.testing.assert_allclose(ap, [0.5, 0.5])
 
 
+def test_chance_map_is_mean_prevalence_and_the_random_scorer_level():
+    from mlic_lib.metrics import chance_map
+
+    _, targets = _data(3, n=400, c=6, rate=0.15)
+    prevalence = targets.mean(0)
+    assert chance_map(targets) == pytest.approx(prevalence[prevalence > 0].mean())
+    rng = np.random.default_rng(0)
+    random_maps = [_sklearn_ap(rng.random(targets.shape), targets).mean() for _ in range(100)]
+    assert chance_map(targets) == pytest.approx(np.mean(random_maps), abs=0.02)
+    mask = np.ones_like(targets)
+    mask[:100] = 0  # masked rows do not count
+    assert chance_map(targets, mask) == pytest.approx(targets[100:].mean(0)[targets[100:].sum(0) > 0].mean())
+
+
 def test_ap_perfect_and_worst_ranking():
     targets = np.array([[1], [1], [0], [0]])
     assert average_precision(np.array([[4.0], [3.0], [2.0], [1.0]]), targets)[0] == pytest.approx(1.0)

@@ -43,6 +43,8 @@ def _fetch(url: str, part: Path, expected_size: int | None, progress: bool) -> N
     """Download ``url`` into ``part``, resuming from its current length when the server allows it."""
     from tqdm.auto import tqdm
 
+    from mlic_lib.utils import bar_disabled
+
     have = part.stat().st_size if part.exists() else 0
     if expected_size is not None and have == expected_size:
         return
@@ -54,7 +56,7 @@ def _fetch(url: str, part: Path, expected_size: int | None, progress: bool) -> N
         total = response.length + have if response.length is not None else expected_size
         with open(part, "ab" if resumed else "wb") as out, tqdm(
             total=total, initial=have, unit="B", unit_scale=True, desc=part.name.removesuffix(".part"),
-            disable=not progress, leave=False,
+            disable=bar_disabled(progress), leave=False,
         ) as bar:
             for block in iter(lambda: response.read(CHUNK), b""):
                 out.write(block)
