@@ -670,8 +670,10 @@ def train_indeed_model(settings: Mapping[str, Any], data: IndeedData, method: Ma
     return fit(model, data.train_ds, data.test_ds, cfg, step=step, run_dir=run_dir, progress=progress)
 
 
-def _pool_task(settings: Mapping[str, Any], data: IndeedData, method: Mapping[str, Any], seed: int) -> str:
-    return str(train_indeed_model(settings, data, method, seed=seed).run_dir)
+def _pool_task(settings: Mapping[str, Any], data: IndeedData, method: Mapping[str, Any], seed: int
+               ) -> tuple[str, bool]:
+    run = train_indeed_model(settings, data, method, seed=seed)
+    return str(run.run_dir), run.cached
 
 
 # ----------------------------------------------------------------------------------- analysis
@@ -759,21 +761,23 @@ def run_methods(settings: Mapping[str, Any], methods: Mapping[str, Mapping[str, 
         if n not in datasets:
             datasets[n] = indeed_data(settings["data"], int(n))
     jobs = [(int(n), name, spec, int(seed)) for n in n_labels for name, spec in methods.items() for seed in seeds]
-    dirs = {}
+    pooled = {}  # {job: (run folder, cached)} of the runs a worker trained or found
     if mode == "process":
         from mlic_lib.process_pool import run_missing
 
         args = {(n, name, seed): (settings, datasets[n], spec, seed) for n, name, spec, seed in jobs}
-        dirs = run_missing(_pool_task, args, lambda k: (_run_setup(*args[k])[2] / "results.json").is_file(),
+        pooled = run_missing(_pool_task, args, lambda k: (_run_setup(*args[k])[2] / "results.json").is_file(),
                            desc="INDeeD runs (process pool)" if progress else None)
     records = []
     for n, name, spec, seed in tqdm(jobs, desc="INDeeD runs", disable=bar_disabled(progress), leave=False):
         data = datasets[n]
-        run = train_indeed_model(settings, data, spec, seed=seed, run_dir=dirs.get((n, name, seed)))
+        worker_dir, worker_cached = pooled.get((n, name, seed), (None, None))
+        run = train_indeed_model(settings, data, spec, seed=seed, run_dir=worker_dir)
         res = evaluate(run.model.eval(), data.test_ds, batch_size=256)
         records.append({"method": name, "N": n, "seed": seed, "mAP": res.metrics["mAP"],
                         "AP": res.metrics["AP"], "scores": res.scores, "targets": res.targets,
-                        "model": run.model, "seconds": run.seconds, "cached": run.cached})
+                        "model": run.model, "seconds": run.seconds,
+                        "cached": run.cached if worker_dir is None else worker_cached})
     return records
 
 

@@ -363,8 +363,9 @@ def train_teacher(settings: Mapping[str, Any], train_data, targets, subset: Sequ
                         progress=progress)
 
 
-def _pool_worker(spec: TeacherSpec, train_data, targets) -> str:
-    return str(_fit_teacher(spec, train_data, targets).run_dir)
+def _pool_worker(spec: TeacherSpec, train_data, targets) -> tuple[str, bool]:
+    run = _fit_teacher(spec, train_data, targets)
+    return str(run.run_dir), run.cached
 
 
 @contextlib.contextmanager
@@ -422,12 +423,12 @@ def train_teachers(settings: Mapping[str, Any], train_data, targets, subsets: Se
     check_partition(subsets, C)
     specs = [_teacher_spec(settings, s, seed=seed) for s in subsets]
     todo = [i for i, s in enumerate(specs) if not _is_done(s)]
-    dirs: dict[int, str] = {}
+    pooled: dict[int, tuple[str, bool]] = {}  # {teacher: (run folder, cached)} from the workers
     if mode == "process" and len(todo) > 1:
         from mlic_lib.process_pool import available_cpus, run_missing
 
         workers = max_workers or max(1, min(len(todo), available_cpus() // 2))
-        dirs = run_missing(_pool_worker, {i: (s, train_data, targets) for i, s in enumerate(specs)},
+        pooled = run_missing(_pool_worker, {i: (s, train_data, targets) for i, s in enumerate(specs)},
                            lambda i: i not in todo, max_workers=workers)  # loaded below, as the workers wrote them
     elif mode == "torchrun" and world > 1:
         rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
@@ -442,7 +443,10 @@ def train_teachers(settings: Mapping[str, Any], train_data, targets, subsets: Se
                 raise TimeoutError("other ranks did not finish their teachers in time")
             time.sleep(2.0)
     # trains what is left, else loads
-    results = [_fit_teacher(s, train_data, targets, run_dir=dirs.get(i)) for i, s in enumerate(specs)]
+    results = [_fit_teacher(s, train_data, targets, run_dir=pooled[i][0] if i in pooled else None)
+               for i, s in enumerate(specs)]
+    for i, (_, cached) in pooled.items():  # loaded here from a worker's folder: a cache hit only if it was one there
+        results[i].cached = cached
     ensemble = TeacherEnsemble([r.model for r in results], subsets, C).eval()
     return ensemble, results
 

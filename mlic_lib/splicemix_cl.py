@@ -285,8 +285,9 @@ def train_method(settings, data, method: str, seed: int = 0, tag: str = "", prog
                run_dir=run_dir or method_run_dir(settings, method, seed, tag), progress=progress)
 
 
-def _pool_task(settings, data, method: str, seed: int, tag: str) -> str:
-    return str(train_method(settings, data, method, seed, tag).run_dir)
+def _pool_task(settings, data, method: str, seed: int, tag: str) -> tuple[str, bool]:
+    run = train_method(settings, data, method, seed, tag)
+    return str(run.run_dir), run.cached
 
 
 def train_methods(settings, data, methods: Sequence[str], seeds: Sequence[int], tag: str = "",
@@ -304,10 +305,13 @@ def train_methods(settings, data, methods: Sequence[str], seeds: Sequence[int], 
     from mlic_lib.utils import bar_disabled
 
     jobs = [(m, int(s)) for m in methods for s in seeds]
-    dirs: dict = {}
+    pooled: dict = {}  # {job: (run folder, cached)} of the runs a worker trained or found
     if resolve_parallel(parallel or settings.get("parallel"), settings["train"].get("device")) == "process":
-        dirs = run_missing(_pool_task, {(m, s): (settings, data, m, s, tag) for m, s in jobs},
+        pooled = run_missing(_pool_task, {(m, s): (settings, data, m, s, tag) for m, s in jobs},
                            lambda j: (method_run_dir(settings, j[0], j[1], tag) / "results.json").is_file(),
                            desc="SpliceMix runs (process pool)" if progress else None)
-    return {(m, s): train_method(settings, data, m, s, tag, run_dir=dirs.get((m, s)))
+    runs = {(m, s): train_method(settings, data, m, s, tag, run_dir=pooled[(m, s)][0] if (m, s) in pooled else None)
             for m, s in tqdm(jobs, desc="SpliceMix runs", disable=bar_disabled(progress), leave=False)}
+    for key, (_, cached) in pooled.items():  # loaded here from a worker's folder: a cache hit only if it was one there
+        runs[key].cached = cached
+    return runs

@@ -247,8 +247,11 @@ def test_process_pool_runs_equal_sequential_runs(tmp_path, monkeypatch):
     monkeypatch.setenv("MLIC_CACHE", str(tmp_path / "pool-cache"))
     par = indeed.run_methods({**s, "indeed": {**s["indeed"], "parallel": "process"}}, methods, [2], [0, 1],
                              progress=False)
-    assert all(r["cached"] for r in par)  # trained by the workers, loaded from the folders they wrote
+    assert not any(r["cached"] for r in par)  # trained by the workers in this call, loaded from their folders
     assert not any(r["cached"] for r in seq)
+    again = indeed.run_methods({**s, "indeed": {**s["indeed"], "parallel": "process"}}, methods, [2], [0, 1],
+                               progress=False)
+    assert all(r["cached"] for r in again)  # the workers found their runs in the cache
     for a, b in zip(seq, par, strict=True):
         assert (a["method"], a["N"], a["seed"]) == (b["method"], b["N"], b["seed"])
         np.testing.assert_allclose(a["scores"], b["scores"], atol=1e-4)  # 1 vs 2 threads: float order only
