@@ -18,8 +18,9 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from mlic_lib.utils import atomic_write_json
 
@@ -102,9 +103,20 @@ def _flatten_numbers(obj, prefix: str = ""):
         yield prefix[:-1], obj
 
 
+def _number_at(numbers: Mapping[str, Any], key: str) -> float | None:
+    flat = dict(_flatten_numbers(numbers))
+    return flat.get(key)
+
+
+def _fmt(x: float, unit: str) -> str:
+    """Two decimals for percentages and points (the papers' precision), four significant digits otherwise."""
+    return f"{x:.2f}" if unit in ("%", "points") else f"{x:.4g}"
+
+
 def reproduction_page(results: Path, published: Path) -> str:
-    """Markdown of the reproduction matrix: every chapter's headline numbers (from the results JSONs
-    of this build) next to the papers' published numbers (``book/published.yaml``)."""
+    """Markdown of the reproduction matrix: the headline rows that ``book/published.yaml`` lists per chapter
+    (``label``, ``key``, ``scale``, ``unit``, ``std``, ``published``), ours from this build's results JSONs
+    (times ``scale``, with the spread over seeds where the chapter wrote one) next to the papers' values."""
     import json
 
     import yaml
@@ -116,8 +128,10 @@ def reproduction_page(results: Path, published: Path) -> str:
         "Every value in the *ours* column was computed when this book was built; the profile says at",
         "what scale. Under the `default` profile the data is the book's embedded data, not the paper's",
         "dataset, so compare directions (which method wins, by how much relative to the spread), not",
-        "absolute values. Published values are quoted from the papers (source given per chapter) in the papers'",
-        "units (mostly %); ours are in the units the chapter's own tables use (see the chapter).",
+        "absolute values. Both columns are in the row's unit; *± x* is the standard deviation over the",
+        "chapter's seeds where it ran more than one. Published values are quoted from the papers (table",
+        "given per chapter). Each chapter writes more numbers than these headline rows to",
+        "`_build/results/<chapter>.json`.",
         "",
     ]
     order = {name: i for i, name in enumerate(pub)}  # book order, as listed in published.yaml
@@ -129,16 +143,29 @@ def reproduction_page(results: Path, published: Path) -> str:
         res = json.loads(f.read_text())
         chapter = res.get("chapter", f.stem)
         info = pub.get(chapter, {})
+        numbers = res.get("numbers", {})
         lines += [f"## {info.get('paper', chapter)}", "",
                   f"Profile `{res.get('profile')}`, written {res.get('written', '?')}, "
                   f"mlic_lib {res.get('library_version', '?')}.", ""]
         if info.get("source"):
             lines += [f"Published: {info['source']}.", ""]
-        lines += ["| quantity | ours | published |", "|---|---|---|"]
-        published_numbers = info.get("numbers", {})
-        for key, value in _flatten_numbers(res.get("numbers", {})):
-            paper = published_numbers.get(key)
-            lines.append(f"| `{key}` | {value:.4g} | {'-' if paper is None else paper} |")
+        rows = info.get("rows", [])
+        if not rows:
+            lines += ["No headline rows are listed for this chapter in `book/published.yaml`.", ""]
+            continue
+        lines += ["| quantity | unit | ours | published |", "|---|---|---|---|"]
+        for row in rows:
+            scale = float(row.get("scale", 1))
+            value = _number_at(numbers, row["key"])
+            if value is None:
+                ours = "not computed in this build"
+            else:
+                ours = _fmt(scale * value, row.get("unit", ""))
+                std = _number_at(numbers, row["std"]) if row.get("std") else None
+                if std is not None and std == std:  # NaN (one seed) shows no spread
+                    ours += f" ± {_fmt(scale * std, row.get('unit', ''))}"
+            paper = row.get("published")
+            lines.append(f"| {row['label']} | {row.get('unit', '')} | {ours} | {'-' if paper is None else paper} |")
         lines.append("")
     return "\n".join(lines) + "\n"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from mlic_lib.book import _hide_default_parameters, reproduction_page
 from mlic_lib.reporting import write_chapter_results
@@ -11,17 +12,41 @@ from mlic_lib.reporting import write_chapter_results
 def test_reproduction_page_puts_ours_next_to_published(tmp_path, monkeypatch):
     monkeypatch.setenv("MLIC_RESULTS", str(tmp_path / "res"))
     write_chapter_results("demo", {"profile": "smoke", "chapter": "demo"},
-                          {"mAP_x": 0.5, "cached": True, "note": "text", "n": 3,
-                           "mAP": {"Baseline": 61.5, "pair": [1, 2]}})
+                          {"mAP_x": 0.5, "cached": True, "note": "text", "n": 3, "std_x": 0.012,
+                           "mAP": {"Baseline": 61.5, "pair": [1, 2]}, "one_seed_std": float("nan")})
     published = tmp_path / "published.yaml"
-    published.write_text("demo:\n  paper: Demo paper\n  source: Table 1\n  numbers:\n    mAP.Baseline: 93.3\n")
+    published.write_text(
+        "demo:\n  paper: Demo paper\n  source: Table 1\n  rows:\n"
+        "    - {label: Baseline mAP, key: mAP.Baseline, unit: '%', published: 93.3}\n"
+        "    - {label: x, key: mAP_x, scale: 100, std: std_x, unit: '%'}\n"
+        "    - {label: second of pair, key: mAP.pair.1, unit: ''}\n"
+        "    - {label: one seed, key: n, std: one_seed_std, unit: runs}\n"
+        "    - {label: absent, key: nope, unit: '%', published: 1.0}\n")
     page = reproduction_page(tmp_path / "res", published)
     assert "## Demo paper" in page and "Profile `smoke`" in page and "Published: Table 1." in page
-    assert "| `mAP_x` | 0.5 | - |" in page
-    assert "| `mAP.Baseline` | 61.5 | 93.3 |" in page and "| `mAP.pair.1` | 2 | - |" in page
-    assert "| `n` | 3 | - |" in page
-    assert "cached" not in page and "note" not in page  # booleans and strings are not numbers
+    assert "| Baseline mAP | % | 61.50 | 93.3 |" in page
+    assert "| x | % | 50.00 ± 1.20 | - |" in page  # a stored fraction shown in %, with its spread on the same scale
+    assert "| second of pair |  | 2 | - |" in page
+    assert "| one seed | runs | 3 | - |" in page  # a NaN spread (one seed) is left out
+    assert "| absent | % | not computed in this build | 1.0 |" in page
+    assert "cached" not in page and "note" not in page  # only the listed rows
+    other = tmp_path / "other.yaml"
+    other.write_text("demo:\n  paper: Demo paper\n")
+    assert "No headline rows" in reproduction_page(tmp_path / "res", other)
     assert "No chapter" in reproduction_page(tmp_path / "missing", published)
+
+
+def test_published_rows_name_keys_the_chapters_write():
+    """Every row of book/published.yaml has a label, a key and a unit; published values are numbers."""
+    import yaml
+
+    pub = yaml.safe_load((Path(__file__).resolve().parents[1] / "book" / "published.yaml").read_text())
+    assert set(pub) == {"primer", "splicemix", "psd", "assocformer", "indeed", "ltml"}
+    for chapter, info in pub.items():
+        assert info.get("rows"), chapter
+        for row in info["rows"]:
+            assert {"label", "key", "unit"} <= set(row), (chapter, row)
+            assert isinstance(row.get("published", 0.0), int | float), (chapter, row)
 
 
 def test_default_parameters_hidden_only_when_injected(tmp_path):
