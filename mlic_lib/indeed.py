@@ -738,7 +738,8 @@ def run_methods(settings: Mapping[str, Any], methods: Mapping[str, Mapping[str, 
                 parallel: str | None = None, progress: bool = True) -> list[dict[str, Any]]:
     """Train (or load) every ``method x N x seed`` and score the single-label test set.
 
-    Returns one record per run: ``method, N, seed, mAP, AP (list), scores, targets, model, seconds, cached``.
+    Returns one record per run: ``method, N, seed, mAP, AP (list), scores, targets, model, history (the
+    engine's per-epoch logs: mean training loss, ...), seconds, cached``.
     ``datasets`` caches :func:`indeed_data` per ``N`` across calls (the data do not depend on the seed).
 
     ``parallel`` (default ``settings['indeed']['parallel']`` or ``'auto'``): ``'process'`` trains the runs
@@ -746,7 +747,7 @@ def run_methods(settings: Mapping[str, Any], methods: Mapping[str, Mapping[str, 
     (:func:`mlic_lib.process_pool.map_in_processes`; about 1.6x faster than one two-thread process for the
     simple CNN on 2 cores); ``'sequential'`` trains them one after the other here; ``'auto'`` is
     ``'process'`` on a multi-core CPU and ``'sequential'`` on a GPU or under ``torchrun``. Every mode ends
-    by loading the same cache folders (``cached`` is then true for runs the pool trained).
+    by loading the same cache folders (``cached`` is true only for runs found in the cache, here or by a worker).
     """
     from tqdm.auto import tqdm
 
@@ -776,7 +777,7 @@ def run_methods(settings: Mapping[str, Any], methods: Mapping[str, Mapping[str, 
         res = evaluate(run.model.eval(), data.test_ds, batch_size=256)
         records.append({"method": name, "N": n, "seed": seed, "mAP": res.metrics["mAP"],
                         "AP": res.metrics["AP"], "scores": res.scores, "targets": res.targets,
-                        "model": run.model, "seconds": run.seconds,
+                        "model": run.model, "history": run.history, "seconds": run.seconds,
                         "cached": run.cached if worker_dir is None else worker_cached})
     return records
 

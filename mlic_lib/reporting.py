@@ -1,4 +1,5 @@
-"""Chapter results: the small JSON of headline numbers each chapter writes, and provenance strings.
+"""Chapter results: the small JSON of headline numbers each chapter writes, provenance strings, and the
+book's one rule for calling a difference measurable (:func:`seed_spread`, :func:`spread_verdict`).
 
 The book's pages read these JSONs, so every number shown comes from the build that made the page.
 """
@@ -12,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from mlic_lib import __version__
@@ -44,3 +46,33 @@ def write_chapter_results(chapter: str, settings: Mapping[str, Any], numbers: Ma
         "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     return atomic_write_json(payload, results_dir() / f"{chapter}.json")
+
+
+def seed_spread(*stds: float, n_seeds: int | None = None) -> float:
+    """The noise scale of a difference of seed means: the root-sum-square ``sqrt(sd_1^2 + sd_2^2 + ...)`` of
+    their standard deviations over the seeds. NaN when a standard deviation is NaN or ``n_seeds < 2``: one
+    seed has no spread (pass ``n_seeds`` where the stds were computed with ``ddof=0``)."""
+    if n_seeds is not None and n_seeds < 2:
+        return float("nan")
+    return float(np.sqrt(np.sum(np.square(np.asarray(stds, dtype=float)))))
+
+
+def spread_verdict(diff: float, spread: float, up: str = "larger than the seed spread", down: str | None = None,
+                   within: str = "within the seed spread", none: str = "one seed: no spread") -> str:
+    """The book's rule: a difference counts only when ``|diff|`` exceeds ``spread`` (:func:`seed_spread`).
+    Returns ``none`` without a spread (NaN), ``within`` when ``|diff| <= spread``, else ``up`` (or ``down`` for a
+    negative difference when given)."""
+    if not np.isfinite(spread):
+        return none
+    if abs(diff) <= spread:
+        return within
+    return down if diff < 0 and down is not None else up
+
+
+def spread_note(diff: float, *stds: float, n_seeds: int | None = None, decimals: int = 1) -> str:
+    """:func:`spread_verdict` as a phrase with the spread's value, for printed sentences, e.g.
+    ``"within the seed spread of 1.4, so not a measurable difference"``."""
+    s = seed_spread(*stds, n_seeds=n_seeds)
+    return spread_verdict(diff, s, up=f"larger than the seed spread of {s:.{decimals}f}",
+                          within=f"within the seed spread of {s:.{decimals}f}, so not a measurable difference",
+                          none="one seed: no spread to compare")

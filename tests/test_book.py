@@ -63,3 +63,19 @@ def test_default_parameters_hidden_only_when_injected(tmp_path):
     path.write_text(json.dumps(nb(["parameters"], [])))
     _hide_default_parameters(path)
     assert json.loads(path.read_text())["cells"][0]["metadata"]["tags"] == ["parameters"]
+
+
+def test_seed_spread_and_verdicts():
+    import math
+
+    from mlic_lib.reporting import seed_spread, spread_note, spread_verdict
+
+    assert seed_spread(3.0, 4.0) == 5.0 and seed_spread(2.0) == 2.0
+    assert math.isnan(seed_spread(1.0, float("nan"))) and math.isnan(seed_spread(1.0, 1.0, n_seeds=1))
+    assert spread_verdict(6.0, 5.0) == "larger than the seed spread"
+    assert spread_verdict(-6.0, 5.0, "gain", "loss") == "loss" and spread_verdict(6.0, 5.0, "gain", "loss") == "gain"
+    assert spread_verdict(5.0, 5.0) == "within the seed spread"  # equal to the spread is not measurable
+    assert spread_verdict(9.0, float("nan")) == "one seed: no spread"
+    assert spread_note(1.0, 3.0, 4.0) == "within the seed spread of 5.0, so not a measurable difference"
+    assert spread_note(-7.0, 3.0, 4.0, decimals=2) == "larger than the seed spread of 5.00"
+    assert spread_note(7.0, 3.0, 4.0, n_seeds=1) == "one seed: no spread to compare"

@@ -255,6 +255,8 @@ def test_process_pool_runs_equal_sequential_runs(tmp_path, monkeypatch):
     for a, b in zip(seq, par, strict=True):
         assert (a["method"], a["N"], a["seed"]) == (b["method"], b["N"], b["seed"])
         np.testing.assert_allclose(a["scores"], b["scores"], atol=1e-4)  # 1 vs 2 threads: float order only
+        assert len(b["history"]) == s["train"]["epochs"]  # the per-epoch logs come back with the pooled runs
+        np.testing.assert_allclose([h["loss"] for h in a["history"]], [h["loss"] for h in b["history"]], atol=1e-4)
 
 
 def test_lambda_per_normalisation():
