@@ -417,3 +417,13 @@ def test_shared_voc2007_person_most_frequent() -> None:
     counts = (labels == 1).sum(axis=0)
     assert VOC_CLASSES[14] == "person"
     assert int(np.argmax(counts)) == 14
+
+
+def test_reference_data_dir_env_and_default(monkeypatch, tmp_path):
+    from mlic_lib.data.paths import reference_data_dir
+
+    monkeypatch.setenv("MLIC_REFERENCE_DATA", str(tmp_path))
+    assert reference_data_dir() == tmp_path
+    monkeypatch.delenv("MLIC_REFERENCE_DATA")
+    monkeypatch.chdir(tmp_path)  # not relative to the working directory
+    assert reference_data_dir() == Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -1,11 +1,11 @@
-"""Where the real datasets live on disk."""
+"""Where the real datasets and the reference label files live on disk."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-__all__ = ["DEFAULT_DATA_ROOT", "data_root"]
+__all__ = ["DEFAULT_DATA_ROOT", "data_root", "reference_data_dir"]
 
 #: Used when the ``MLIC_DATA`` environment variable is not set.
 DEFAULT_DATA_ROOT = "~/.cache/mlic/data"
@@ -22,3 +22,14 @@ def data_root() -> Path:
         ``<root>/coco/annotations``, ... below it.
     """
     return Path(os.environ.get("MLIC_DATA", DEFAULT_DATA_ROOT)).expanduser()
+
+
+def reference_data_dir() -> Path:
+    """The folder of the small reference files some chapters compare with when present (VOC/COCO label
+    files, the LT split files, the CPSD authors' partitions): ``$MLIC_REFERENCE_DATA`` if set, else
+    ``shared/data`` next to the repository (``<repo>/../shared/data``, found from this package's location,
+    not from the working directory). It may not exist; the chapters then skip those comparisons and say so."""
+    env = os.environ.get("MLIC_REFERENCE_DATA")
+    if env:
+        return Path(env).expanduser()
+    return Path(__file__).resolve().parents[3] / "shared" / "data"
