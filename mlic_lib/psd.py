@@ -20,9 +20,11 @@ and the distilled student.
 
 Reading of the paper (stated because the paper leaves it open): ``L_kd`` is summed over images and
 classes like ASL (``reduction='sum'``, as printed); with one teacher the factor 1/2 is kept. Eq. 5 writes
-``rho({F_{C_t}(x_i) | x_i in X_{C_t}})``; we apply every teacher to every training image of the student
-(also, under ``images='containing'``, to images without any class of its subset, which that teacher never
-saw in training), so each image gets a complete merged logit vector to distil. On in-memory
+``rho({F_{C_t}(x_i) | x_i in X_{C_t}})``: teacher ``t`` gives soft targets on the images of its sub-task
+only. ``kd_images='subtask'`` (default) follows it: the KD term of teacher ``t``'s classes is masked on
+images outside ``X_{C_t}`` (:func:`kd_domain_mask`), which matters under ``images='containing'`` (a
+teacher never saw those images, so its logits there are not targets); ``kd_images='all'`` distils every
+teacher on every image (with ``images='all'``, as in the authors' code, the two are the same). On in-memory
 data without augmentation (the embedded scenes) teacher logits are computed once for the training set and
 fed with the batch, which equals computing them on the fly; on image datasets with augmentation (the
 ``full`` profile, :class:`~mlic_lib.data.images.ImageListDataset`) the teachers run on each augmented batch.
@@ -54,6 +56,7 @@ from mlic_lib.utils import pick_device
 
 __all__ = [
     "IMAGE_SELECTIONS",
+    "KD_IMAGES",
     "ASLStep",
     "DistillDataset",
     "DistillationStep",
@@ -61,6 +64,7 @@ __all__ = [
     "TeacherSpec",
     "build_psd_model",
     "decomposition_teachers",
+    "kd_domain_mask",
     "kd_loss",
     "merge_logits",
     "predict_logits",
@@ -78,6 +82,7 @@ __all__ = [
 ]
 
 IMAGE_SELECTIONS = ("containing", "all")
+KD_IMAGES = ("subtask", "all")
 PARALLEL_MODES = ("auto", "sequential", "process", "torchrun")
 
 
@@ -167,6 +172,27 @@ def split_logits(logits: Tensor, subsets: Sequence[Sequence[int]]) -> list[Tenso
     return [logits[:, torch.as_tensor(np.asarray(s, dtype=np.int64), device=logits.device)] for s in subsets]
 
 
+def kd_domain_mask(targets: Tensor, subsets: Sequence[Sequence[int]] | None) -> Tensor:
+    """``(B, C)`` float mask of Eq. 5's domain: entry ``(i, c)`` is 1 when image ``i`` contains a class of the
+    subset that holds ``c`` (``x_i in X_{C_t}``), else 0. ``subsets=None`` (a teacher over the whole label
+    set without a decomposition) gives all ones."""
+    y = torch.as_tensor(targets) > 0.5
+    if y.ndim != 2:
+        raise ValueError(f"targets must be (B, C) multi-hot labels, got shape {tuple(y.shape)}")
+    if subsets is None:
+        return torch.ones(y.shape, dtype=torch.float32, device=y.device)
+    out = torch.zeros(y.shape, dtype=torch.float32, device=y.device)
+    for sub in subsets:
+        idx = torch.as_tensor(np.asarray(sub, dtype=np.int64), device=y.device)
+        out[:, idx] = y[:, idx].any(dim=1, keepdim=True).float()
+    return out
+
+
+def _teacher_masks(teachers: Sequence[nn.Module], targets: Tensor) -> Tensor:
+    """``(B, T, C)``: :func:`kd_domain_mask` of each teacher (its ``subsets`` if it is a decomposition)."""
+    return torch.stack([kd_domain_mask(targets, getattr(t, "subsets", None)) for t in teachers], dim=1)
+
+
 class TeacherEnsemble(nn.Module):
     """The teachers of one decomposition and ``rho``: ``forward(x)`` gives merged logits ``(B, C)``."""
 
@@ -194,12 +220,14 @@ class TeacherEnsemble(nn.Module):
 
 
 # ------------------------------------------------------------------------------ losses / steps
-def kd_loss(student_logits: Tensor, teacher_logits: Tensor | Sequence[Tensor], reduction: str = "sum") -> Tensor:
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor | Sequence[Tensor], reduction: str = "sum",
+            mask: Tensor | None = None) -> Tensor:
     """Eq. 6: ``1/2 sum_teachers ||y_s - y_teacher||^2`` on logits.
 
     ``teacher_logits`` is ``(B, T, C)`` or a list of ``T`` tensors ``(B, C)`` (teachers are not trained:
-    they are detached). ``reduction='sum'`` sums over images and classes (Eq. 6); ``'mean'`` divides by
-    ``B * C``."""
+    they are detached). ``mask`` (``(B, T, C)`` of 0/1, e.g. :func:`kd_domain_mask` per teacher) drops the
+    entries where a teacher gives no target (Eq. 5's ``x_i in X_{C_t}``). ``reduction='sum'`` sums over
+    images and classes (Eq. 6); ``'mean'`` divides by ``B * C``."""
     if not isinstance(teacher_logits, Tensor):
         teacher_logits = torch.stack(list(teacher_logits), dim=1)
     if teacher_logits.ndim == 2:
@@ -211,7 +239,12 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor | Sequence[Tensor], r
     if reduction not in ("sum", "mean"):
         raise ValueError(f"reduction must be 'sum' (Eq. 6) or 'mean', got {reduction!r}")
     diff = student_logits.float()[:, None] - teacher_logits.detach().float()
-    loss = 0.5 * diff.pow(2).sum()
+    sq = diff.pow(2)
+    if mask is not None:
+        if mask.shape != sq.shape:
+            raise ValueError(f"kd mask {tuple(mask.shape)} must match the teacher logits {tuple(sq.shape)}")
+        sq = sq * mask.to(sq.dtype)
+    loss = 0.5 * sq.sum()
     return loss if reduction == "sum" else loss / student_logits.numel()
 
 
@@ -237,59 +270,74 @@ class DistillationStep:
 
     With ``teachers`` (modules returning global-order logits, e.g. :class:`TeacherEnsemble`) the batch is
     ``(x, y[, mask])`` and the teachers run on it without gradients; without them it is
-    ``(x, y, teacher_logits (B, T, C))`` from a :class:`DistillDataset`. A mask (VOC difficult labels)
-    applies to the classification term only."""
+    ``(x, y, teacher_logits (B, T, C)[, kd_mask (B, T, C)])`` from a :class:`DistillDataset`. A label mask
+    (VOC difficult labels) applies to the classification term only. ``kd_subtask_only`` (with ``teachers``)
+    restricts each teacher's KD term to its sub-task's images (Eq. 5, :func:`kd_domain_mask`)."""
 
     def __init__(self, asl: Mapping[str, Any] | None = None, kd_weight: float = 1.0, reduction: str = "sum",
-                 teachers: Sequence[nn.Module] | None = None):
+                 teachers: Sequence[nn.Module] | None = None, kd_subtask_only: bool = False):
         if kd_weight < 0:
             raise ValueError(f"kd_weight must be >= 0, got {kd_weight}")
         self.cls = _asl(asl)
         self.kd_weight = float(kd_weight)
         self.reduction = reduction
         self.teachers = list(teachers) if teachers is not None else None
+        self.kd_subtask_only = bool(kd_subtask_only)
 
     def __call__(self, model: nn.Module, batch, device):
         x, y = batch[0], batch[1]
-        mask = None
+        mask, kd_mask = None, None
         if self.teachers:
             mask = batch[2] if len(batch) > 2 else None
             with torch.no_grad():
                 t = torch.stack([teacher.eval().to(x.device)(x).float() for teacher in self.teachers], dim=1)
+            if self.kd_subtask_only:
+                kd_mask = _teacher_masks(self.teachers, y)
         elif len(batch) > 2:
             t = batch[2]
+            kd_mask = batch[3] if len(batch) > 3 else None
         else:
             raise ValueError("DistillationStep needs teacher logits in the batch (x, y, t) or teachers=...")
         logits = model(x).float()
         cls = self.cls(logits, y, mask)
-        kd = kd_loss(logits, t, self.reduction)
+        kd = kd_loss(logits, t, self.reduction, kd_mask)
         return cls + self.kd_weight * kd, {"cls": cls.detach(), "kd": kd.detach()}
 
 
 class DistillDataset(Dataset):
-    """``(x, y, teacher_logits (T, C))`` triples: a :class:`TensorImageDataset` plus precomputed logits."""
+    """``(x, y, teacher_logits (T, C)[, kd_mask (T, C)])`` items: a :class:`TensorImageDataset` plus
+    precomputed teacher logits (and the Eq. 5 mask of each teacher's targets, when given)."""
 
-    def __init__(self, base: TensorImageDataset, teacher_logits: Tensor):
+    def __init__(self, base: TensorImageDataset, teacher_logits: Tensor, kd_mask: Tensor | None = None):
         teacher_logits = torch.as_tensor(teacher_logits, dtype=torch.float32)
         if teacher_logits.ndim == 2:
             teacher_logits = teacher_logits[:, None]
         if len(teacher_logits) != len(base) or teacher_logits.shape[2] != base.targets.shape[1]:
             raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} do not match {len(base)} images with "
                              f"{base.targets.shape[1]} classes")
+        if kd_mask is not None:
+            kd_mask = torch.as_tensor(kd_mask, dtype=torch.float32)
+            if kd_mask.shape != teacher_logits.shape:
+                raise ValueError(f"kd_mask {tuple(kd_mask.shape)} must match the teacher logits "
+                                 f"{tuple(teacher_logits.shape)}")
         self.base = base
         self.logits = teacher_logits
+        self.kd_mask = kd_mask
 
     def __len__(self) -> int:
         return len(self.base)
 
     def __getitem__(self, i: int):
         x, y = self.base[i]
-        return x, y, self.logits[i]
+        return (x, y, self.logits[i]) if self.kd_mask is None else (x, y, self.logits[i], self.kd_mask[i])
 
     def __getitems__(self, indices: list[int]):
         idx = torch.as_tensor(indices)
         x = self.base.normalise(self.base.images[idx])
-        return list(zip(x, self.base.targets[idx], self.logits[idx], strict=True))
+        parts = [x, self.base.targets[idx], self.logits[idx]]
+        if self.kd_mask is not None:
+            parts.append(self.kd_mask[idx])
+        return list(zip(*parts, strict=True))
 
 
 @torch.no_grad()
@@ -467,13 +515,19 @@ def train_student(settings: Mapping[str, Any], data, teachers: Sequence[nn.Modul
     """Eq. 7: distil ``teachers`` (global-order logit models, e.g. :class:`TeacherEnsemble`) into a student of
     the same architecture on the full task. ``teacher_key`` (e.g. the teachers' run dirs) enters the cache
     key. On an in-memory :class:`TensorImageDataset` the teacher logits of the training set are computed once;
-    on any other dataset (real images with augmentation) the teachers run on each training batch."""
+    on any other dataset (real images with augmentation) the teachers run on each training batch.
+    ``psd.kd_images`` (``'subtask'``, default, Eq. 5; or ``'all'``) says where each teacher's KD term applies;
+    it only matters when the teachers were trained on ``image_selection: containing``."""
     p = settings.get("psd", {})
+    kd_images = p.get("kd_images", "subtask")
+    if kd_images not in KD_IMAGES:
+        raise ValueError(f"psd.kd_images must be one of {KD_IMAGES} ('subtask' = Eq. 5), got {kd_images!r}")
+    subtask_only = kd_images == "subtask" and p.get("image_selection", "containing") == "containing"
     cfg = TrainConfig.from_dict({**settings["train"], "seed": seed})
     key = {"role": "student", "name": name, "model": dict(settings["model"]), "train": cfg.to_dict(),
            "asl": dict(p.get("asl", {})), "kd_weight": p.get("kd_weight", 1.0),
            "kd_reduction": p.get("kd_reduction", "sum"), "teachers": teacher_key, "seed": seed,
-           "data": settings.get("data"), "chapter": settings.get("chapter")}
+           "kd_subtask_only": subtask_only, "data": settings.get("data"), "chapter": settings.get("chapter")}
     run_dir = run_dir_for(f"psd-{name}-s{seed}", key)
     model = build_psd_model(settings["model"], data.num_classes, seed)
     on_the_fly = not isinstance(data.train_ds, TensorImageDataset)
@@ -481,9 +535,10 @@ def train_student(settings: Mapping[str, Any], data, teachers: Sequence[nn.Modul
         ds: Dataset = data.train_ds  # real images (teachers run per batch), or cached: fit only loads
     else:
         logits = torch.stack([predict_logits(t, data.train_ds) for t in teachers], dim=1)
-        ds = DistillDataset(data.train_ds, logits)
+        masks = _teacher_masks(teachers, data.train_ds.targets) if subtask_only else None
+        ds = DistillDataset(data.train_ds, logits, masks)
     step = DistillationStep(p.get("asl"), p.get("kd_weight", 1.0), p.get("kd_reduction", "sum"),
-                            teachers=list(teachers) if on_the_fly else None)
+                            teachers=list(teachers) if on_the_fly else None, kd_subtask_only=subtask_only)
     return fit(model, ds, data.test_ds, cfg, step=step, run_dir=run_dir, progress=False)
 
 

@@ -78,6 +78,47 @@ def test_distillation_step_equals_asl_plus_kd_and_teacher_modes_agree():
         psd.DistillationStep()(model, [x, y], None)
 
 
+def test_kd_domain_mask_is_eq5_membership():
+    """Entry (i, c) is 1 exactly when image i contains a class of the subset holding c (x_i in X_{C_t})."""
+    y = torch.tensor([[1, 0, 0, 0, 0, 0],   # class 0: subset {4, 0}
+                      [0, 0, 0, 1, 0, 0],   # class 3: subset {1, 3, 5}
+                      [0, 0, 0, 0, 0, 0]], dtype=torch.float32)
+    m = psd.kd_domain_mask(y, SUBSETS)
+    ref = torch.zeros(3, 6)
+    for i in range(3):
+        for sub in SUBSETS:
+            if y[i, sub].any():
+                ref[i, sub] = 1
+    assert torch.equal(m, ref) and m[0].tolist() == [1, 0, 0, 0, 1, 0] and m[2].sum() == 0
+    assert torch.equal(psd.kd_domain_mask(y, None), torch.ones(3, 6))
+
+
+def test_masked_kd_and_step_follow_eq5():
+    """With kd_subtask_only, teacher t's KD term counts only on the images of its sub-task; both teacher modes
+    (precomputed logits + mask in the batch, teachers run on the batch) give the same loss."""
+    torch.manual_seed(0)
+    model = _tiny_model(6)
+    teacher = psd.TeacherEnsemble([_tiny_model(len(s), i) for i, s in enumerate(SUBSETS)], SUBSETS, 6).eval()
+    x = torch.randn(5, 3, 16, 16)
+    y = torch.tensor([[1, 0, 0, 0, 0, 0], [0, 1, 1, 0, 0, 0], [0, 0, 0, 0, 0, 1], [0, 0, 1, 0, 0, 0],
+                      [1, 1, 1, 1, 1, 1]], dtype=torch.float32)
+    with torch.no_grad():
+        t = teacher(x)
+    mask = psd.kd_domain_mask(y, SUBSETS)
+    logits = model(x)
+    direct = 0.5 * (((logits - t) ** 2) * mask).sum()
+    assert torch.allclose(psd.kd_loss(logits, t[:, None], mask=mask[:, None]), direct)
+    assert direct < psd.kd_loss(logits, t[:, None])  # the masked entries were not zero
+    step = psd.DistillationStep(kd_weight=0.5)
+    loss, logs = step(model, [x, y, t[:, None], mask[:, None]], None)
+    ref = AsymmetricLoss(gamma_pos=0, gamma_neg=4, clip=0.05)(logits, y) + 0.5 * direct
+    assert torch.allclose(loss, ref, rtol=1e-5)
+    loss2, _ = psd.DistillationStep(kd_weight=0.5, teachers=[teacher], kd_subtask_only=True)(model, [x, y], None)
+    assert torch.allclose(loss, loss2, rtol=1e-5)
+    with pytest.raises(ValueError, match="kd mask"):
+        psd.kd_loss(logits, t[:, None], mask=mask)
+
+
 def test_subtask_datasets_restrict_labels_and_select_images():
     targets = np.array([[1, 0, 0, 0, 0, 0], [0, 1, 0, 1, 0, 0], [0, 0, 1, 0, 0, 0], [0, 0, 0, 0, 1, 1]])
     images = np.arange(4 * 3 * 4 * 4, dtype=np.uint8).reshape(4, 3, 4, 4)
@@ -106,6 +147,10 @@ def test_teacher_ensemble_routes_classes_and_distill_dataset():
     assert len(batch) == 2 and batch[0][2].shape == (2, 6)
     with pytest.raises(ValueError, match="do not match"):
         psd.DistillDataset(base, torch.randn(3, 2, 5))
+    masked = psd.DistillDataset(base, torch.randn(3, 2, 6), torch.ones(3, 2, 6))
+    assert len(masked[1]) == 4 and len(masked.__getitems__([0, 1])[1]) == 4
+    with pytest.raises(ValueError, match="kd_mask"):
+        psd.DistillDataset(base, torch.randn(3, 2, 6), torch.ones(3, 6))
 
 
 def _settings(**psd_over):
@@ -168,6 +213,8 @@ def test_smoke_study(small_scenes):
                      TensorImageDataset(test.images[:, :, ::2, ::2].copy(), test.targets))
     s = _settings(ks=[1, 2], cpsd_k=2, n_init=4)
     study = psd.run_study(s, data, similarity_matrix(targets=train.targets))
+    with pytest.raises(ValueError, match="kd_images"):
+        psd.train_student(_settings(kd_images="some"), data, [study.ensembles[("cgp", 2, 0)]])
     assert set(study.students) == {"sd", "cgpd-2", "dgpd-2", "random-2-s0", "cpsd-2"}
     for run in study.students.values():
         assert 0.0 <= run.final["mAP"] <= 1.0
