@@ -49,9 +49,12 @@ def write_chapter_results(chapter: str, settings: Mapping[str, Any], numbers: Ma
 
 
 def seed_spread(*stds: float, n_seeds: int | None = None) -> float:
-    """The noise scale of a difference of seed means: the root-sum-square ``sqrt(sd_1^2 + sd_2^2 + ...)`` of
-    their standard deviations over the seeds. NaN when a standard deviation is NaN or ``n_seeds < 2``: one
-    seed has no spread (pass ``n_seeds`` where the stds were computed with ``ddof=0``)."""
+    """The book's noise scale for a difference of two methods' results: the root-sum-square
+    ``sqrt(sd_1^2 + sd_2^2 + ...)`` of their standard deviations over the seeds, i.e. the spread of a
+    difference of two *single* runs. Applied to means of ``n`` seeds it is ``sqrt(n)`` times their standard
+    error (and it ignores any pairing by seed): a deliberately conservative convention with few seeds, not a
+    significance test. NaN when a standard deviation is NaN or ``n_seeds < 2``: one seed has no spread (pass
+    ``n_seeds`` where the stds were computed with ``ddof=0``)."""
     if n_seeds is not None and n_seeds < 2:
         return float("nan")
     return float(np.sqrt(np.sum(np.square(np.asarray(stds, dtype=float)))))

@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from mlic_lib.data.paths import reference_data_dir
+
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+SHARED_DATA = reference_data_dir()  # $MLIC_REFERENCE_DATA, else <repo>/../shared/data
 
 
 @pytest.fixture(autouse=True)

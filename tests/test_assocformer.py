@@ -246,6 +246,20 @@ def test_backbone_weights_from_a_local_file(tmp_path):
         transformer_backbone("vit_tiny_patch16_224", str(tmp_path / "missing.pth"), **kw)
 
 
+def test_backbone_weights_in_the_original_swin_layout(tmp_path):
+    """An original Swin checkpoint ({'model': ...} with the relative_position_index buffers timm does not
+    persist) loads through timm's checkpoint filter instead of being refused."""
+    kw = {"img_size": 32, "patch_size": 4, "window_size": 2, "embed_dim": 16, "depths": (1, 1), "num_heads": (1, 1)}
+    torch.manual_seed(3)
+    src, _ = transformer_backbone("swin_tiny_patch4_window7_224", False, **kw)
+    state = dict(src.state_dict())
+    state["layers.0.blocks.0.attn.relative_position_index"] = torch.zeros(4, 4, dtype=torch.long)
+    torch.save({"model": state}, tmp_path / "swin.pth")
+    net, _ = transformer_backbone("swin_tiny_patch4_window7_224", str(tmp_path / "swin.pth"), **kw)
+    for (k, a), b in zip(src.state_dict().items(), net.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+
+
 def test_step_and_smoke_training(tmp_path, monkeypatch):
     """A tiny end-to-end run through the engine (the chapter's train_assocformer) and mean A."""
     from mlic_lib.experiments import scene_data

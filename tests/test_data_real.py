@@ -17,10 +17,10 @@ from PIL import Image
 from mlic_lib.data.coco import coco_dataset, read_coco_labels
 from mlic_lib.data.errors import CorruptImageError, DatasetNotFoundError, missing_dataset
 from mlic_lib.data.images import ImageListDataset, default_transform
-from mlic_lib.data.paths import data_root
+from mlic_lib.data.paths import data_root, reference_data_dir
 from mlic_lib.data.voc import VOC_CLASSES, read_voc_csv, read_voc_labels, voc_dataset, write_voc_csv
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = reference_data_dir()  # $MLIC_REFERENCE_DATA, else <repo>/../shared/data
 
 # ---------------------------------------------------------------------------------------------
 # fixtures

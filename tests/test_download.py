@@ -15,6 +15,7 @@ import pytest
 
 from mlic_lib import cli
 from mlic_lib.data import download, registry
+from mlic_lib.data.paths import reference_data_dir
 from mlic_lib.data.registry import DatasetEntry, RemoteFile
 
 
@@ -163,7 +164,7 @@ def test_registry_is_well_formed():
 
 
 def test_split_file_checksums_match_the_reference_copies():
-    shared = Path(__file__).resolve().parents[2] / "shared" / "data"
+    shared = reference_data_dir()
     if not shared.is_dir():
         pytest.skip("../shared/data is not present")
     for key in ("voc_lt", "coco_lt"):

@@ -251,7 +251,11 @@ def test_process_pool_runs_equal_sequential_runs(tmp_path, monkeypatch):
     assert not any(r["cached"] for r in seq)
     again = indeed.run_methods({**s, "indeed": {**s["indeed"], "parallel": "process"}}, methods, [2], [0, 1],
                                progress=False)
-    assert all(r["cached"] for r in again)  # the workers found their runs in the cache
+    assert all(r["cached"] for r in again)  # the second call finds every run in the cache
+    # a pool task reports what its own fit found: trained the first time, cached the second
+    data2 = indeed.indeed_data(s["data"], 2)
+    first, second = (indeed._pool_task(s, data2, methods["Baseline"], 5) for _ in range(2))
+    assert first[0] == second[0] and (first[1], second[1]) == (False, True)
     for a, b in zip(seq, par, strict=True):
         assert (a["method"], a["N"], a["seed"]) == (b["method"], b["N"], b["seed"])
         np.testing.assert_allclose(a["scores"], b["scores"], atol=1e-4)  # 1 vs 2 threads: float order only

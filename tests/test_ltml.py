@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -11,11 +9,12 @@ import torch.nn.functional as F
 
 from mlic_lib import ltml
 from mlic_lib.data import longtail, stats
+from mlic_lib.data.paths import reference_data_dir
 from mlic_lib.data.samplers import ClassAwareSampler, TwoStreamLoader, UniformSampler, sampling_probabilities
 from mlic_lib.data.tensors import TensorImageDataset
 from mlic_lib.models.ltml import LogitCompensation, TwoBranchNet, build_two_branch
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = reference_data_dir()  # $MLIC_REFERENCE_DATA, else <repo>/../shared/data
 WIDTHS = (4, 8, 8, 16)
 
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from mlic_lib.analysis.robustness import biased_pair_map, lowres_predict
+from mlic_lib.data.paths import reference_data_dir
 from mlic_lib.mixing import (
     BatchAugmentation,
     CutMix,
@@ -39,7 +40,7 @@ from mlic_lib.splicemix_cl import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-VOC_TRAINVAL = REPO.parent / "shared" / "data" / "voc2007" / "classification_trainval.csv"
+VOC_TRAINVAL = reference_data_dir() / "voc2007" / "classification_trainval.csv"
 
 
 def _batch(b=16, c=20, size=24, seed=0):
@@ -422,7 +423,7 @@ def test_train_methods_process_pool_equals_sequential(tmp_path, monkeypatch):
     assert list(par) == [("baseline", 0), ("splicemix", 0)] == list(seq)
     assert not any(r.cached for r in par.values()) and not any(r.cached for r in seq.values())
     again = train_methods({**s, "parallel": "process"}, data, ["baseline", "splicemix"], [0], progress=False)
-    assert all(r.cached for r in again.values())  # the workers found their runs in the cache
+    assert all(r.cached for r in again.values())  # the second call finds every run in the cache
     x = data.test_ds[0][0][None]
     for k in seq:
         with torch.no_grad():

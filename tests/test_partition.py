@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import json
 import pickle
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from mlic_lib import partition as P
+from mlic_lib.data.paths import reference_data_dir
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = reference_data_dir()  # $MLIC_REFERENCE_DATA, else <repo>/../shared/data
 
 
 def _block_labels(n_blocks=4, per_block=5, n_images=600, seed=0):

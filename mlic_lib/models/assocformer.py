@@ -27,6 +27,7 @@ backbone) is not in timm 1.0.31; it is not provided here.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -159,7 +160,13 @@ def transformer_backbone(name: str = "vit_tiny_patch16_224", pretrained: bool | 
         raise ValueError(f"timm has no model {name!r}{hint}; see timm.list_models('*swin*') / ('vit_*')")
     net = timm.create_model(name, pretrained=pretrained is True, num_classes=0, **kwargs)
     if isinstance(pretrained, str):
-        state = {k: v for k, v in load_weights_file(pretrained).items() if not k.startswith("head.")}
+        state = load_weights_file(pretrained)
+        # timm's own conversion of the original checkpoints (e.g. Microsoft's Swin: old key layout, buffers
+        # such as relative_position_index that timm does not persist), as timm applies it to hub weights
+        convert = getattr(sys.modules.get(type(net).__module__), "checkpoint_filter_fn", None)
+        if convert is not None:
+            state = convert(state, net)
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
         missing, unexpected = net.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith("head.")]
         if missing or unexpected:
