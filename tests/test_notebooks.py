@@ -42,3 +42,16 @@ def test_notebook_smoke_run(nb, tmp_path):
     assert images > 0, "the chapter drew no figure"
     results = list((tmp_path / "results").glob("*.json"))
     assert results, "the chapter wrote no results JSON"
+    # every headline row of the reproduction matrix names a key this chapter really writes
+    import yaml
+
+    from mlic_lib.book import _flatten_numbers
+
+    pub = yaml.safe_load((REPO / "book" / "published.yaml").read_text())
+    for f in results:
+        res = json.loads(f.read_text())
+        flat = dict(_flatten_numbers(res["numbers"]))
+        for row in pub.get(res["chapter"], {}).get("rows", []):
+            if not row.get("optional"):
+                assert row["key"] in flat, f"book/published.yaml: {res['chapter']} writes no {row['key']!r}"
+                assert row.get("std") is None or row["std"] in flat, f"{res['chapter']} writes no {row['std']!r}"
