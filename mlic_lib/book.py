@@ -18,9 +18,8 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from mlic_lib.utils import atomic_write_json
 
@@ -103,11 +102,6 @@ def _flatten_numbers(obj, prefix: str = ""):
         yield prefix[:-1], obj
 
 
-def _number_at(numbers: Mapping[str, Any], key: str) -> float | None:
-    flat = dict(_flatten_numbers(numbers))
-    return flat.get(key)
-
-
 def _fmt(x: float, unit: str) -> str:
     """Two decimals for percentages and points (the papers' precision), four significant digits otherwise."""
     return f"{x:.2f}" if unit in ("%", "points") else f"{x:.4g}"
@@ -143,7 +137,7 @@ def reproduction_page(results: Path, published: Path) -> str:
         res = json.loads(f.read_text())
         chapter = res.get("chapter", f.stem)
         info = pub.get(chapter, {})
-        numbers = res.get("numbers", {})
+        flat = dict(_flatten_numbers(res.get("numbers", {})))  # dotted key -> number, once per chapter
         lines += [f"## {info.get('paper', chapter)}", "",
                   f"Profile `{res.get('profile')}`, written {res.get('written', '?')}, "
                   f"mlic_lib {res.get('library_version', '?')}.", ""]
@@ -156,12 +150,12 @@ def reproduction_page(results: Path, published: Path) -> str:
         lines += ["| quantity | unit | ours | published |", "|---|---|---|---|"]
         for row in rows:
             scale = float(row.get("scale", 1))
-            value = _number_at(numbers, row["key"])
+            value = flat.get(row["key"])
             if value is None:
                 ours = "not computed in this build"
             else:
                 ours = _fmt(scale * value, row.get("unit", ""))
-                std = _number_at(numbers, row["std"]) if row.get("std") else None
+                std = flat.get(row["std"]) if row.get("std") else None
                 if std is not None and std == std:  # NaN (one seed) shows no spread
                     ours += f" ± {_fmt(scale * std, row.get('unit', ''))}"
             paper = row.get("published")
