@@ -65,6 +65,8 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     backbone_lr_mult: float = 1.0  # lr factor for parameters under ``model.features`` (SpliceMix: 0.1)
+    decay_norm_and_bias: bool = True  # False: no weight decay on biases, norm weights, other 1-d or scalar
+    #   parameters and the names in ``model.no_weight_decay()`` (timm's convention; ASL's "filter_bias_and_bn")
     scheduler: str = "onecycle"
     milestones: tuple[int, ...] = ()  # epochs at which 'step' multiplies the lr by ``gamma``
     gamma: float = 0.1
@@ -194,14 +196,35 @@ def make_loader(data: Dataset | Iterable, batch_size: int, shuffle: bool, seed: 
     )
 
 
+def no_decay_names(model: nn.Module) -> set[str]:
+    """Names of the parameters that ``decay_norm_and_bias=False`` exempts from weight decay: every 1-d or
+    scalar parameter (biases, batch/layer-norm weights, learned scales) and the names (or name prefixes)
+    returned by any submodule's ``no_weight_decay()`` (timm's convention: position embeddings, Swin's
+    relative-position bias tables)."""
+    listed = set()
+    for prefix, module in model.named_modules():  # a timm backbone may sit inside our wrapper
+        hook = getattr(module, "no_weight_decay", None)
+        if callable(hook):
+            listed |= {f"{prefix}.{k}" if prefix else k for k in hook()}
+    return {n for n, p in model.named_parameters()
+            if p.ndim <= 1 or n in listed or any(n.startswith(f"{k}.") for k in listed)}
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Adam/AdamW/SGD; parameters under ``model.features`` get ``lr * backbone_lr_mult``."""
+    """Adam/AdamW/SGD; parameters under ``model.features`` get ``lr * backbone_lr_mult``.
+
+    With ``cfg.decay_norm_and_bias=False`` the parameters of :func:`no_decay_names` go into groups with
+    ``weight_decay=0`` (each group keeps its own lr)."""
     backbone = getattr(model, "features", None)
     backbone_ids = {id(p) for p in backbone.parameters()} if isinstance(backbone, nn.Module) else set()
-    head = [p for p in model.parameters() if p.requires_grad and id(p) not in backbone_ids]
-    body = [p for p in model.parameters() if p.requires_grad and id(p) in backbone_ids]
-    groups = [g for g in ({"params": body, "lr": cfg.lr * cfg.backbone_lr_mult},
-                          {"params": head, "lr": cfg.lr}) if g["params"]]
+    exempt = set() if cfg.decay_norm_and_bias else no_decay_names(model)
+    groups = []
+    for in_body, lr in ((True, cfg.lr * cfg.backbone_lr_mult), (False, cfg.lr)):
+        for no_decay in (False, True):
+            params = [p for n, p in model.named_parameters()
+                      if p.requires_grad and (id(p) in backbone_ids) == in_body and (n in exempt) == no_decay]
+            if params:
+                groups.append({"params": params, "lr": lr, "weight_decay": 0.0 if no_decay else cfg.weight_decay})
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam

@@ -51,6 +51,14 @@ def resolve_parallel(mode: str | None, device: str | None = "auto", option: str 
     return mode
 
 
+_BROKEN_POOL_HELP = (
+    "a worker process of the training pool died before finishing its task. Run from a script, the usual cause is "
+    "a missing `if __name__ == \"__main__\":` guard around the code that starts the runs (the pool spawns fresh "
+    "interpreters, which re-import the script; see the 'safe importing of main module' note of Python's "
+    "multiprocessing docs); otherwise a worker ran out of memory. Fix the script, or train in this process with the "
+    "profile option parallel: sequential (e.g. -o indeed.parallel=sequential).")
+
+
 def _call_with_threads(threads: int, fn: Callable, args: Sequence[Any]) -> Any:
     torch.set_num_threads(max(1, threads))
     return fn(*args)
@@ -67,6 +75,7 @@ def map_in_processes(fn: Callable, tasks: Iterable[Sequence[Any]], *, max_worker
     """
     import multiprocessing as mp
     from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
 
     from tqdm.auto import tqdm
 
@@ -90,7 +99,10 @@ def map_in_processes(fn: Callable, tasks: Iterable[Sequence[Any]], *, max_worker
         if failed:
             for f in pending:
                 f.cancel()
-            raise failed[0].exception()
+            exc = failed[0].exception()
+            if isinstance(exc, BrokenProcessPool):
+                raise RuntimeError(_BROKEN_POOL_HELP) from exc
+            raise exc
         return [f.result() for f in futures]
 
 

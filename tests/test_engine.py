@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from mlic_lib.data import TensorImageDataset
 from mlic_lib.engine import TrainConfig, evaluate, fit, run_dir_for
@@ -178,3 +180,33 @@ def test_progress_bars_honour_tqdm_disable(monkeypatch):
     assert bar_disabled(True)
     monkeypatch.setenv("TQDM_DISABLE", "0")
     assert not bar_disabled(True)
+
+
+def test_decay_norm_and_bias_false_exempts_1d_params_and_listed_names():
+    """AdamW with zero gradients changes a parameter only by its decoupled decay: ``p *= 1 - lr * wd``
+    (Loshchilov & Hutter). With ``decay_norm_and_bias=False`` biases, norm weights and the names a submodule
+    lists in ``no_weight_decay()`` (timm's convention) stay put; every other weight decays exactly."""
+    from mlic_lib.engine import build_optimizer, no_decay_names
+
+    class Table(nn.Module):  # a 2-d parameter that a timm-style hook exempts (like Swin's bias tables)
+        def __init__(self):
+            super().__init__()
+            self.table = nn.Parameter(torch.ones(3, 4))
+            self.proj = nn.Linear(4, 4)
+
+        def no_weight_decay(self):
+            return {"table"}
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), Table())
+    assert no_decay_names(model) == {"0.bias", "1.weight", "1.bias", "2.table", "2.proj.bias"}
+    lr, wd = 0.5, 0.1
+    for flag, exempt in ((True, set()), (False, no_decay_names(model))):
+        net = copy.deepcopy(model)
+        before = {n: p.detach().clone() for n, p in net.named_parameters()}
+        opt = build_optimizer(net, TrainConfig(optimizer="adamw", lr=lr, weight_decay=wd, decay_norm_and_bias=flag))
+        for p in net.parameters():
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        for n, p in net.named_parameters():
+            factor = 1.0 if n in exempt else 1 - lr * wd
+            torch.testing.assert_close(p.detach(), before[n] * factor, msg=f"{n} (decay_norm_and_bias={flag})")

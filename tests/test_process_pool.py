@@ -34,3 +34,23 @@ def test_run_missing_skips_what_is_done():
     jobs = {"a": (2, 3), "b": (3, 3), "c": (4, 3)}
     assert run_missing(pow, jobs, lambda k: k == "b", max_workers=2) == {"a": 8, "c": 64}
     assert run_missing(pow, jobs, lambda k: True) == {}
+
+
+def test_unguarded_script_gets_a_clear_error(tmp_path):
+    """A script that starts a pool at import time (no ``__main__`` guard) kills its spawned workers; the
+    error names the guard and the sequential fallback instead of a bare BrokenProcessPool."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "unguarded.py"
+    script.write_text("from mlic_lib.process_pool import map_in_processes\n"
+                      "print(map_in_processes(pow, [(2, 3), (3, 2)], max_workers=2))\n")
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert res.returncode != 0
+    assert "__main__" in res.stderr and "parallel: sequential" in res.stderr
+    guarded = tmp_path / "guarded.py"
+    guarded.write_text("from mlic_lib.process_pool import map_in_processes\n"
+                       "if __name__ == '__main__':\n"
+                       "    print(map_in_processes(pow, [(2, 3), (3, 2)], max_workers=2))\n")
+    res = subprocess.run([sys.executable, str(guarded)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert res.returncode == 0 and "[8, 9]" in res.stdout
