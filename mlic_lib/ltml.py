@@ -267,7 +267,8 @@ def train_ltml(settings, train_ds, train_targets, test_ds, num_classes: int, see
     targets = np.asarray(train_targets)
     seed_everything(seed)
     model = build_two_branch(m["backbone"], num_classes, pool=m.get("pool", "avg"), weights=m.get("weights"),
-                             widths=tuple(m["widths"]) if m.get("widths") else None)
+                             widths=tuple(m["widths"]) if m.get("widths") else None,
+                             classifier_init=m.get("classifier_init", "copy"))
     pw, nw = ltml_class_weights(class_counts(targets), len(targets))
     step = LTMLStep(pw, nw, **opts)
     loader = TwoStreamLoader(train_ds, targets, cfg.batch_size, seed=seed,

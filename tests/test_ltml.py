@@ -173,6 +173,23 @@ def test_two_branch_net_shapes_paths_and_copies():
         build_two_branch("efficientnet_lite0", 5)
 
 
+def test_classifier_init_independent_redraws_only_subnet_r_classifier():
+    torch.manual_seed(0)
+    copied = build_two_branch("small_resnet", 5, widths=WIDTHS)
+    torch.manual_seed(0)
+    indep = build_two_branch("small_resnet", 5, widths=WIDTHS, classifier_init="independent")
+    torch.manual_seed(0)
+    again = build_two_branch("small_resnet", 5, widths=WIDTHS, classifier_init="independent")
+    for a, b in zip(indep.parameters(), again.parameters(), strict=True):
+        assert torch.equal(a, b)  # seeded: repeatable
+    for (name, pc), pi in zip(copied.named_parameters(), indep.parameters(), strict=True):
+        same = torch.equal(pc, pi)
+        assert same != name.startswith("branch_r.classifier."), name  # only g2 differs from the copy
+    assert not torch.equal(indep.branch_u.classifier.weight, indep.branch_r.classifier.weight)
+    with pytest.raises(ValueError, match="classifier_init must be one of"):
+        build_two_branch("small_resnet", 5, widths=WIDTHS, classifier_init="random")
+
+
 def test_inference_averages_branches_and_flip():
     torch.manual_seed(0)
     net = build_two_branch("small_resnet", 4, widths=WIDTHS).eval()

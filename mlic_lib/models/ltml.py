@@ -24,7 +24,10 @@ from torch import Tensor, nn
 
 from mlic_lib.models.backbones import GlobalPool, build_model
 
-__all__ = ["Branch", "LogitCompensation", "TwoBranchNet", "build_two_branch"]
+__all__ = ["CLASSIFIER_INIT", "Branch", "LogitCompensation", "TwoBranchNet", "build_two_branch"]
+
+#: How the two branches' linear classifiers start (:func:`build_two_branch`).
+CLASSIFIER_INIT = ("copy", "independent")
 
 
 class LogitCompensation(nn.Module):
@@ -106,14 +109,21 @@ class TwoBranchNet(nn.Module):
 
 
 def build_two_branch(backbone: str, num_classes: int, pool: str = "avg", weights=None,
-                     widths: tuple[int, ...] | None = None) -> TwoBranchNet:
+                     widths: tuple[int, ...] | None = None, classifier_init: str = "copy") -> TwoBranchNet:
     """Two-branch LTML net on a foundation backbone: trunk = ``features[:-1]``, each branch = an identical
     deep copy of ``features[-1]`` (ResNet ``layer4``; the last BasicBlock of ``small_resnet``) + pooling
     + a copy of the classifier. The paper uses ResNet-50 with global average pooling (``pool="avg"``).
 
     Only backbones whose ``features`` is an ``nn.Sequential`` of stages can be split (``small_resnet``,
     ``resnet18/34/50/101``); others raise ``ValueError``.
+
+    ``classifier_init``: ``"copy"`` (default) starts both linear classifiers (``f2``, ``g2``) from the same
+    draw, like the two copies of the last stage, so the branches are identical at the first step;
+    ``"independent"`` re-draws Subnet-R's classifier, one reading of Sec. 3.1's "a linear classifier ...
+    is added to each branch" (the paper does not say whether the two start equal).
     """
+    if classifier_init not in CLASSIFIER_INIT:
+        raise ValueError(f"classifier_init must be one of {CLASSIFIER_INIT}, got {classifier_init!r}")
     net = build_model(backbone, num_classes, pool=pool, weights=weights, widths=widths)
     feats = net.features
     if not isinstance(feats, nn.Sequential) or len(feats) < 2:
@@ -124,4 +134,9 @@ def build_two_branch(backbone: str, num_classes: int, pool: str = "avg", weights
     dim = net.num_features
     branch = Branch(stage, dim, num_classes, pool)
     branch.classifier = net.classifier
-    return TwoBranchNet(trunk, copy.deepcopy(branch), copy.deepcopy(branch), num_classes)
+    branch_u, branch_r = copy.deepcopy(branch), copy.deepcopy(branch)
+    if classifier_init == "independent":
+        for layer in branch_r.classifier.modules():  # a fresh draw from the global RNG (seeded by the caller)
+            if hasattr(layer, "reset_parameters"):
+                layer.reset_parameters()
+    return TwoBranchNet(trunk, branch_u, branch_r, num_classes)
