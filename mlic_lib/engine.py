@@ -66,7 +66,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     backbone_lr_mult: float = 1.0  # lr factor for parameters under ``model.features`` (SpliceMix: 0.1)
     decay_norm_and_bias: bool = True  # False: no weight decay on biases, norm weights, other 1-d or scalar
-    #   parameters and the names in ``model.no_weight_decay()`` (timm's convention; ASL's "filter_bias_and_bn")
+    #   parameters (as ASL's and timm's "filter_bias_and_bn") and the names a submodule's ``no_weight_decay()`` lists
     scheduler: str = "onecycle"
     milestones: tuple[int, ...] = ()  # epochs at which 'step' multiplies the lr by ``gamma``
     gamma: float = 0.1

@@ -210,3 +210,27 @@ def test_decay_norm_and_bias_false_exempts_1d_params_and_listed_names():
         for n, p in net.named_parameters():
             factor = 1.0 if n in exempt else 1 - lr * wd
             torch.testing.assert_close(p.detach(), before[n] * factor, msg=f"{n} (decay_norm_and_bias={flag})")
+
+
+def test_decay_groups_keep_the_backbone_lr_and_onecycle_peaks():
+    """With a ``features`` backbone and ``backbone_lr_mult``, the exempt parameters split each lr group in two:
+    four groups, every parameter in exactly one, each with its lr, and OneCycle peaks at each group's lr."""
+    from mlic_lib.engine import build_optimizer, build_scheduler, no_decay_names
+
+    model = _model()
+    cfg = TrainConfig(optimizer="adamw", lr=1.0, backbone_lr_mult=0.1, weight_decay=0.01, decay_norm_and_bias=False)
+    opt = build_optimizer(model, cfg)
+    exempt = no_decay_names(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    body = {id(p) for p in model.features.parameters()}
+    seen = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert sorted(seen) == sorted(names) and len(opt.param_groups) == 4
+    for g in opt.param_groups:
+        in_body = {id(p) in body for p in g["params"]}
+        no_decay = {names[id(p)] in exempt for p in g["params"]}
+        assert len(in_body) == len(no_decay) == 1  # a group never mixes
+        assert g["lr"] == pytest.approx(0.1 if in_body.pop() else 1.0)
+        assert g["weight_decay"] == (0.0 if no_decay.pop() else 0.01)
+    build_scheduler(opt, cfg, steps_per_epoch=10)  # sets each group's max_lr / initial_lr
+    assert [g["max_lr"] for g in opt.param_groups] == pytest.approx([g["initial_lr"] * 25 for g in opt.param_groups])
+    assert sorted({round(g["max_lr"], 6) for g in opt.param_groups}) == [0.1, 1.0]

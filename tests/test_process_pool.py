@@ -36,21 +36,36 @@ def test_run_missing_skips_what_is_done():
     assert run_missing(pow, jobs, lambda k: True) == {}
 
 
-def test_unguarded_script_gets_a_clear_error(tmp_path):
-    """A script that starts a pool at import time (no ``__main__`` guard) kills its spawned workers; the
-    error names the guard and the sequential fallback instead of a bare BrokenProcessPool."""
+def _run_script(path, cwd):
+    """Run a Python script in its own process group; on a timeout kill the group (spawned workers included)."""
+    import os
+    import signal
     import subprocess
     import sys
 
+    proc = subprocess.Popen([sys.executable, str(path)], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    return proc.returncode, out, err
+
+
+@pytest.mark.slow
+def test_unguarded_script_gets_a_clear_error(tmp_path):
+    """A script that starts a pool at import time (no ``__main__`` guard) kills its spawned workers; the
+    error names the guard and the sequential fallback instead of a bare BrokenProcessPool."""
     script = tmp_path / "unguarded.py"
     script.write_text("from mlic_lib.process_pool import map_in_processes\n"
                       "print(map_in_processes(pow, [(2, 3), (3, 2)], max_workers=2))\n")
-    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert res.returncode != 0
-    assert "__main__" in res.stderr and "parallel: sequential" in res.stderr
+    rc, _, err = _run_script(script, tmp_path)
+    assert rc != 0
+    assert "a worker process of the training pool died" in err and "parallel: sequential" in err
     guarded = tmp_path / "guarded.py"
     guarded.write_text("from mlic_lib.process_pool import map_in_processes\n"
                        "if __name__ == '__main__':\n"
                        "    print(map_in_processes(pow, [(2, 3), (3, 2)], max_workers=2))\n")
-    res = subprocess.run([sys.executable, str(guarded)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert res.returncode == 0 and "[8, 9]" in res.stdout
+    rc, out, _ = _run_script(guarded, tmp_path)
+    assert rc == 0 and "[8, 9]" in out
