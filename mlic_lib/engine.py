@@ -76,7 +76,10 @@ class TrainConfig:
     ema_decay: float | None = None  # evaluate an exponential moving average of the weights
     grad_clip: float | None = None
     amp: str = "auto"  # auto = bf16 autocast on CUDA, off on CPU
-    channels_last: bool | None = None  # None = on for CUDA
+    channels_last: bool | None = None  # None = on for CUDA. On a CPU it speeds up small convnets too (the CPU profiles
+    #   turn it on), but torch 2.13's CPU weight gradient of a *strided 1x1* convolution corrupts memory in it with odd
+    #   batch sizes and >1 thread: small_resnet avoids that op (models.backbones.StridedPointwiseConv), torchvision
+    #   ResNets' shortcuts do not
     seed: int = 0
     num_workers: int = 0
     device: str = "auto"
@@ -159,6 +162,22 @@ def _autocast(device: torch.device, amp: str):
     dtype = torch.bfloat16 if mode == "bf16" else torch.float16
     scaler = torch.amp.GradScaler(device.type) if mode == "fp16" else None
     return torch.autocast(device.type, dtype=dtype), scaler
+
+
+def _warn_strided_pointwise(model: nn.Module) -> None:
+    """Warn about strided 1x1 convolutions in a CPU ``channels_last`` run (see ``TrainConfig.channels_last``)."""
+    from mlic_lib.models.backbones import StridedPointwiseConv
+
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and not isinstance(m, StridedPointwiseConv)
+             and m.kernel_size == (1, 1) and m.stride != (1, 1)]
+    if names and torch.get_num_threads() > 1:
+        import warnings
+
+        warnings.warn(f"channels_last on CPU with strided 1x1 convolutions ({', '.join(names[:3])}"
+                      f"{', ...' if len(names) > 3 else ''}): torch 2.13's CPU kernel for their weight gradient can "
+                      "corrupt memory with odd batch sizes. Set channels_last: false (TrainConfig / the profile's "
+                      "train section), or replace them with mlic_lib.models.backbones.StridedPointwiseConv.",
+                      RuntimeWarning, stacklevel=3)
 
 
 def _to_device(batch, device: torch.device, channels_last: bool):
@@ -436,6 +455,8 @@ def fit(model: nn.Module, train_data: Dataset | Iterable, val_data: Dataset | It
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+        if device.type == "cpu":
+            _warn_strided_pointwise(model)
     if run_dir is not None and (run_dir / "results.json").is_file() and (run_dir / "final.pt").is_file():
         import json
 

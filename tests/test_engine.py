@@ -234,3 +234,20 @@ def test_decay_groups_keep_the_backbone_lr_and_onecycle_peaks():
     build_scheduler(opt, cfg, steps_per_epoch=10)  # sets each group's max_lr / initial_lr
     assert [g["max_lr"] for g in opt.param_groups] == pytest.approx([g["initial_lr"] * 25 for g in opt.param_groups])
     assert sorted({round(g["max_lr"], 6) for g in opt.param_groups}) == [0.1, 1.0]
+
+
+def test_channels_last_on_cpu_warns_only_about_torch_strided_1x1_convolutions(monkeypatch):
+    """A CPU channels_last run warns when the model has nn.Conv2d 1x1 stride-2 layers (torchvision ResNet shortcuts),
+    not for small_resnet, whose shortcut is a StridedPointwiseConv."""
+    import warnings
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    x = torch.randn(4, 3, 32, 32)
+    data = TensorImageDataset((x.clamp(-1, 1) * 127 + 128).to(torch.uint8).numpy(), np.eye(4, 5, dtype=np.float32))
+    cfg = TrainConfig.from_dict({**CFG, "epochs": 1, "batch_size": 4, "channels_last": True, "device": "cpu"})
+    expected = r"strided 1x1 convolutions \(features\.5\.0\.downsample\.0.*Set channels_last: false"
+    with pytest.warns(RuntimeWarning, match=expected):
+        fit(build_model("resnet18", 5), data, None, cfg, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        fit(build_model("small_resnet", 5, widths=(8, 16, 16, 32)), data, None, cfg, progress=False)

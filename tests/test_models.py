@@ -41,6 +41,62 @@ def test_small_resnet_map_size_and_cam_layer():
     assert sum(p.numel() for p in model.parameters()) < 500_000
 
 
+@pytest.mark.parametrize(("cin", "cout", "stride", "size"), [(8, 16, 2, 32), (3, 5, 2, 9), (4, 4, 1, 6), (6, 7, 3, 10)])
+def test_strided_pointwise_conv_equals_a_strided_1x1_convolution(cin, cout, stride, size):
+    """Reference: nn.Conv2d(cin, cout, 1, stride) with the same weight, forward and both gradients."""
+    from mlic_lib.models.backbones import StridedPointwiseConv
+
+    torch.manual_seed(0)
+    ours = StridedPointwiseConv(cin, cout, stride)
+    ref = torch.nn.Conv2d(cin, cout, 1, stride, bias=False)
+    ref.weight.data.copy_(ours.weight.data)
+    x1 = torch.randn(3, cin, size, size, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_()
+    y1, y2 = ours(x1), ref(x2)
+    torch.testing.assert_close(y1, y2)
+    g = torch.randn_like(y1)
+    y1.backward(g)
+    y2.backward(g)
+    torch.testing.assert_close(x1.grad, x2.grad)
+    torch.testing.assert_close(ours.weight.grad, ref.weight.grad)
+    assert list(dict(ours.named_parameters())) == ["weight"]
+
+
+_CHANNELS_LAST_SCRIPT = """
+import torch
+from mlic_lib.models import build_model
+
+torch.set_num_threads(2)
+grads = {}
+for fmt in (torch.contiguous_format, torch.channels_last):
+    torch.manual_seed(0)
+    model = build_model("small_resnet", 20, widths=(8, 16, 32, 64)).to(memory_format=fmt)
+    for bs in (25, 3, 33) * 8:  # odd batch sizes: what crashed torch 2.13's strided 1x1 weight gradient
+        x = torch.randn(bs, 3, 48, 48, generator=torch.Generator().manual_seed(bs)).contiguous(memory_format=fmt)
+        model.zero_grad()
+        model(x).square().mean().backward()
+    grads[fmt] = [p.grad.clone() for p in model.parameters()]
+for a, b in zip(grads[torch.contiguous_format], grads[torch.channels_last], strict=True):
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+print("same gradients")
+"""
+
+
+@pytest.mark.slow
+def test_small_resnet_trains_in_channels_last_with_odd_batches(tmp_path):
+    """small_resnet in channels_last with two threads and odd batch sizes (a SpliceMix batch B + B/4, a last
+    partial batch): no heap corruption, and the same gradients as in the contiguous format. Run in a child
+    process, since a regression kills the interpreter."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "channels_last.py"
+    script.write_text(_CHANNELS_LAST_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"exit code {proc.returncode}: {proc.stderr[-2000:]}"
+    assert "same gradients" in proc.stdout
+
+
 def test_simple_cnn_shapes_and_gradients():
     net = SimpleCNN(num_classes=10)
     x = torch.randn(4, 1, 84, 84)

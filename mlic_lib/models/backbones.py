@@ -74,6 +74,28 @@ class MultiLabelNet(nn.Module):
         return list(self.features.children())[-1]
 
 
+class StridedPointwiseConv(nn.Conv2d):
+    """A 1x1 convolution with stride ``s`` (no padding, no bias), computed as a stride-1 1x1 convolution of
+    ``x[..., ::s, ::s]``: the same output, the same parameter (``weight`` of shape ``(cout, cin, 1, 1)``).
+
+    Why not ``nn.Conv2d(cin, cout, 1, stride=s)``: with torch 2.13 on CPU, the oneDNN kernel for the *weight
+    gradient* of a strided 1x1 convolution on ``channels_last`` inputs corrupts the heap ("double free or
+    corruption") when the batch size is odd and more than one thread runs; stride-1 1x1 and 3x3 convolutions
+    are not affected. Sub-sampling first avoids that kernel, so the residual shortcut of :func:`small_resnet_features`
+    can train in ``channels_last`` (about 1.5x faster per step on a 2-core CPU)."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__(cin, cout, 1, 1, 0, bias=False)
+        self.subsample = int(stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.subsample
+        return super().forward(x[:, :, ::s, ::s] if s > 1 else x)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", subsample={self.subsample}"
+
+
 class _BasicBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int):
         super().__init__()
@@ -84,7 +106,7 @@ class _BasicBlock(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.down = None
         if stride != 1 or cin != cout:
-            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            self.down = nn.Sequential(StridedPointwiseConv(cin, cout, stride), nn.BatchNorm2d(cout))
 
     def forward(self, x):
         identity = x if self.down is None else self.down(x)
