@@ -45,6 +45,7 @@ __all__ = [
     "LTMLStep",
     "compensated_bce",
     "compensation_parameters",
+    "inference_rows",
     "logit_consistency",
     "ltml_class_weights",
     "predict_fn",
@@ -291,6 +292,16 @@ def _all_scores(model: nn.Module, x: Tensor) -> Tensor:
     u, r = model(x)
     uf, rf = model(torch.flip(x, dims=[-1]))
     return torch.sigmoid(torch.cat([u, r, uf, rf], dim=1).float())
+
+
+def inference_rows(variant: str) -> list[str]:
+    """The rows of :data:`INFERENCE_ROWS` a trained :data:`VARIANTS` entry is evaluated on: every row for a
+    two-branch model, only its own branch's row for a single-branch baseline (``baseline_u`` / ``baseline_r``)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose one of {list(VARIANTS)}")
+    branch = VARIANTS[variant].get("branches", "both")
+    return list(INFERENCE_ROWS) if branch == "both" else [r for r, (b, aug) in INFERENCE_ROWS.items()
+                                                           if b == branch and not aug]
 
 
 def evaluate_rows(model: nn.Module, test_ds, groups, rows=tuple(INFERENCE_ROWS), batch_size: int = 256

@@ -421,3 +421,11 @@ def test_longtail_scenes_groups():
         longtail.longtail_scene_spec(0.0)
     with pytest.raises(ValueError, match="empty"):
         longtail.scene_groups(scenes.targets, head_min=10_000, tail_max=0)
+
+
+def test_inference_rows_of_each_variant():
+    assert ltml.inference_rows("full") == list(ltml.INFERENCE_ROWS)
+    assert ltml.inference_rows("baseline_u") == ["uniform branch"]
+    assert ltml.inference_rows("baseline_r") == ["re-balanced branch"]
+    with pytest.raises(ValueError, match="unknown variant 'nope'; choose one of"):
+        ltml.inference_rows("nope")
