@@ -51,6 +51,7 @@ __all__ = [
     "predict_fn",
     "probability_consistency",
     "train_ltml",
+    "two_stream_loader",
     "variant_options",
     "weighted_bce_eq4",
 ]
@@ -243,6 +244,18 @@ def variant_options(settings, name: str = "full", lam: float | None = None, cons
     return opts
 
 
+def two_stream_loader(settings, train_ds, train_targets, seed: int = 0):
+    """The :class:`~mlic_lib.data.samplers.TwoStreamLoader` :func:`train_ltml` trains with: the profile's
+    ``train.batch_size`` / ``num_workers``, ``ltml.samples_per_class`` and ``ltml.epoch_length``; epoch ``e`` of a
+    run with ``seed`` draws the index sequences ``two_stream_loader(...).epoch_indices(e)``."""
+    from mlic_lib.data.samplers import TwoStreamLoader
+
+    lt, tr = settings.get("ltml", {}), settings["train"]
+    return TwoStreamLoader(train_ds, np.asarray(train_targets), int(tr["batch_size"]), seed=seed,
+                           samples_per_class=int(lt.get("samples_per_class", 1)),
+                           num_workers=int(tr.get("num_workers", 0)), steps=lt.get("epoch_length"))
+
+
 def train_ltml(settings, train_ds, train_targets, test_ds, num_classes: int, seed: int = 0, name: str = "full",
                lam: float | None = None, consistency: str | None = None, compensation: bool | None = None,
                progress: bool = False):
@@ -255,7 +268,6 @@ def train_ltml(settings, train_ds, train_targets, test_ds, num_classes: int, see
     DistributionBalancedLoss's class-aware epoch) to the :class:`~mlic_lib.data.samplers.TwoStreamLoader`. No
     evaluation runs during training (``val_data=None``); evaluate the returned model with :func:`evaluate_rows`.
     """
-    from mlic_lib.data.samplers import TwoStreamLoader
     from mlic_lib.data.stats import class_counts
     from mlic_lib.engine import TrainConfig, fit, run_dir_for
     from mlic_lib.models.ltml import build_two_branch
@@ -272,9 +284,7 @@ def train_ltml(settings, train_ds, train_targets, test_ds, num_classes: int, see
                              classifier_init=m.get("classifier_init", "copy"))
     pw, nw = ltml_class_weights(class_counts(targets), len(targets))
     step = LTMLStep(pw, nw, **opts)
-    loader = TwoStreamLoader(train_ds, targets, cfg.batch_size, seed=seed,
-                             samples_per_class=int(lt.get("samples_per_class", 1)), num_workers=cfg.num_workers,
-                             steps=lt.get("epoch_length"))
+    loader = two_stream_loader(settings, train_ds, targets, seed=seed)
     key = {"chapter": settings.get("chapter"), "data": settings["data"], "model": m, "train": cfg.to_dict(),
            "ltml": {**opts, "samples_per_class": lt.get("samples_per_class", 1), "epoch_length": loader.steps}}
     run_dir = run_dir_for(f"{settings.get('chapter')}-{name}-lam{opts['lam']}-s{seed}", key)

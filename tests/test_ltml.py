@@ -429,3 +429,20 @@ def test_inference_rows_of_each_variant():
     assert ltml.inference_rows("baseline_r") == ["re-balanced branch"]
     with pytest.raises(ValueError, match="unknown variant 'nope'; choose one of"):
         ltml.inference_rows("nope")
+
+
+def test_two_stream_loader_follows_the_profile():
+    targets = np.zeros((40, 3), dtype=np.float32)
+    targets[:, 0] = 1
+    targets[:4, 1] = 1
+    targets[:2, 2] = 1
+    ds = TensorImageDataset(np.zeros((40, 3, 8, 8), dtype=np.uint8), targets)
+    settings = {"train": {"batch_size": 8}, "ltml": {"samples_per_class": 2, "epoch_length": 3}}
+    loader = ltml.two_stream_loader(settings, ds, targets, seed=5)
+    assert loader.steps == 3 and loader.batch_size == 8 and loader.rebalanced.samples_per_class == 2
+    iu, ir = loader.epoch_indices(0)
+    assert len(iu) == len(ir) == 24
+    rare = [0, 1, 2, 3]  # the images of classes 1 and 2: 10% of the data, 2 of the 3 classes
+    assert np.isin(ir, rare).mean() > 0.4 > np.isin(iu, rare).mean()  # class-aware vs uniform
+    iu2, ir2 = ltml.two_stream_loader(settings, ds, targets, seed=5).epoch_indices(0)
+    assert np.array_equal(iu, iu2) and np.array_equal(ir, ir2)
