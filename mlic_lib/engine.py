@@ -455,8 +455,6 @@ def fit(model: nn.Module, train_data: Dataset | Iterable, val_data: Dataset | It
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-        if device.type == "cpu":
-            _warn_strided_pointwise(model)
     if run_dir is not None and (run_dir / "results.json").is_file() and (run_dir / "final.pt").is_file():
         import json
 
@@ -466,6 +464,8 @@ def fit(model: nn.Module, train_data: Dataset | Iterable, val_data: Dataset | It
         return FitResult(model, saved["history"], saved["final"], run_dir, True, saved.get("seconds", 0.0),
                          saved.get("extras", {}))
 
+    if channels_last and device.type == "cpu":  # only when it trains (a cached run only loads)
+        _warn_strided_pointwise(model)
     seed_everything(cfg.seed)
     autocast, scaler = _autocast(device, cfg.amp)
     train_model: nn.Module = model

@@ -249,11 +249,12 @@ def two_stream_loader(settings, train_ds, train_targets, seed: int = 0):
     ``train.batch_size`` / ``num_workers``, ``ltml.samples_per_class`` and ``ltml.epoch_length``; epoch ``e`` of a
     run with ``seed`` draws the index sequences ``two_stream_loader(...).epoch_indices(e)``."""
     from mlic_lib.data.samplers import TwoStreamLoader
+    from mlic_lib.engine import TrainConfig
 
-    lt, tr = settings.get("ltml", {}), settings["train"]
-    return TwoStreamLoader(train_ds, np.asarray(train_targets), int(tr["batch_size"]), seed=seed,
-                           samples_per_class=int(lt.get("samples_per_class", 1)),
-                           num_workers=int(tr.get("num_workers", 0)), steps=lt.get("epoch_length"))
+    lt, cfg = settings.get("ltml", {}), TrainConfig.from_dict(settings["train"])
+    return TwoStreamLoader(train_ds, np.asarray(train_targets), cfg.batch_size, seed=seed,
+                           samples_per_class=int(lt.get("samples_per_class", 1)), num_workers=cfg.num_workers,
+                           steps=lt.get("epoch_length"))
 
 
 def train_ltml(settings, train_ds, train_targets, test_ds, num_classes: int, seed: int = 0, name: str = "full",

@@ -39,6 +39,9 @@ def test_overrides_and_errors():
         load_profile("primer", "smoke", {"trian.epochs": 1})
     with pytest.raises(ValueError, match="no profiles for chapter"):
         load_profile("nochapter")
+    # a key under a section that this profile turns off (null) switches the section on with that key
+    s = load_profile("ltml", "full", {"budget_check.epochs": [16]})
+    assert s["budget_check"] == {"epochs": [16]}
 
 
 def test_cli_profile_and_errors(capsys):

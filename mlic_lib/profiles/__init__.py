@@ -66,7 +66,9 @@ def load_profile(chapter: str, profile: str = "default", overrides: Mapping[str,
         node = settings
         *parents, leaf = key.split(".")
         for p in parents:
-            node = node.setdefault(p, {})
+            if not isinstance(node.get(p), dict):  # absent, or null in this profile (a section turned off)
+                node[p] = {}
+            node = node[p]
         node[leaf] = value
     settings["profile"] = profile
     settings["chapter"] = chapter
