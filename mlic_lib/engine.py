@@ -165,11 +165,10 @@ def _autocast(device: torch.device, amp: str):
 
 
 def _warn_strided_pointwise(model: nn.Module) -> None:
-    """Warn about strided 1x1 convolutions in a CPU ``channels_last`` run (see ``TrainConfig.channels_last``)."""
-    from mlic_lib.models.backbones import StridedPointwiseConv
-
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and not isinstance(m, StridedPointwiseConv)
-             and m.kernel_size == (1, 1) and m.stride != (1, 1)]
+    """Warn about strided 1x1 convolutions in a CPU ``channels_last`` run (see ``TrainConfig.channels_last``;
+    ``StridedPointwiseConv`` is a stride-1 convolution of a sub-sampled input, so it is not listed)."""
+    names = [n for n, m in model.named_modules()
+             if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.stride != (1, 1)]
     if names and torch.get_num_threads() > 1:
         import warnings
 
