@@ -352,6 +352,20 @@ class EvalResult:
 
 
 @torch.no_grad()
+def probabilities(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Sigmoid scores of one image ``(C, H, W) -> (K,)`` or a batch ``(B, C, H, W) -> (B, K)``.
+
+    ``x`` goes to the model's device (a model trained on a GPU stays there); the scores come back on the
+    CPU as float32. The caller sets eval/train mode."""
+    if x.dim() not in (3, 4):
+        raise ValueError(f"probabilities expects one image (C, H, W) or a batch (B, C, H, W), got shape "
+                         f"{tuple(x.shape)}; add or remove the batch dimension")
+    device = next(model.parameters()).device
+    scores = torch.sigmoid(model((x[None] if x.dim() == 3 else x).to(device)).float()).cpu()
+    return scores[0] if x.dim() == 3 else scores
+
+
+@torch.no_grad()
 def predict(model: nn.Module, loader: Iterable, device: torch.device, predict_fn: Callable = default_predict,
             channels_last: bool = False, autocast=None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Run ``predict_fn`` over ``loader``; returns ``(scores, targets, mask or None)`` as NumPy arrays.

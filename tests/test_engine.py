@@ -251,3 +251,21 @@ def test_channels_last_on_cpu_warns_only_about_torch_strided_1x1_convolutions(mo
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         fit(build_model("small_resnet", 5, widths=(8, 16, 16, 32)), data, None, cfg, progress=False)
+
+
+def test_probabilities_of_one_image_and_a_batch_match_the_sigmoid_of_the_logits():
+    """``probabilities`` is what the chapters call on single test images: it must equal sigmoid(model(x)),
+    come back on the CPU as float32, and name the shape it wants."""
+    from mlic_lib.engine import probabilities
+
+    model = _model().eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        ref = torch.sigmoid(model(x))
+    batch, one = probabilities(model, x), probabilities(model, x[1])
+    assert batch.shape == (3, 20) and one.shape == (20,)
+    assert batch.device.type == "cpu" and batch.dtype == torch.float32 and not batch.requires_grad
+    torch.testing.assert_close(batch, ref)
+    torch.testing.assert_close(one, ref[1])
+    with pytest.raises(ValueError, match=r"one image \(C, H, W\) or a batch"):
+        probabilities(model, x[0, 0])
