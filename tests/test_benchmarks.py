@@ -1,0 +1,51 @@
+"""The benchmark scripts' own arithmetic: the roofline's per-operator FLOPs and bytes against direct counts."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_roofline_counts_bytes_of_reads_and_writes_and_nothing_for_views():
+    roofline = _script("roofline")
+    x = torch.randn(4, 8, 16, 16, device="meta", dtype=torch.bfloat16)
+    w = torch.randn(6, 8, 3, 3, device="meta", dtype=torch.bfloat16)
+    costs = roofline.OpCosts()
+    with costs:
+        y = torch.relu(x)  # reads x, writes y: 2 x 2048 bf16 values
+        y.view(4, -1)  # a view moves nothing
+        z = torch.nn.functional.conv2d(x, w, padding=1)
+    (name_r, f_r, b_r), (name_v, _, b_v), (name_c, f_c, b_c) = costs.rows
+    assert (name_r, f_r, b_r) == ("relu", 0, 2 * x.numel() * 2)
+    assert (name_v, b_v) == ("view", 0)
+    assert name_c == "convolution" and f_c == 2 * z.numel() * 8 * 3 * 3  # 2 FLOPs per multiply-add
+    assert b_c == 2 * (x.numel() + w.numel() + z.numel())
+
+
+def test_roofline_of_a_step_agrees_with_the_flop_counter_and_orders_its_floors():
+    roofline = _script("roofline")
+    costs, n_params = roofline.step_costs("small_resnet", 32, 4, 20, "baseline")
+    from mlic_lib.models import build_model
+
+    model = build_model("small_resnet", 20, pool="max")
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(torch.randn(4, 3, 32, 32)).sum().backward()
+    r = roofline.floors(costs, n_params, tflops=100.0, tbps=1.0)
+    assert r["flops"] == counter.get_total_flops()
+    assert n_params == sum(p.numel() for p in model.parameters())
+    assert 0 < r["fused_floor_s"] < r["eager_floor_s"]
+    total_bytes = sum(b for _, _, b in costs.rows) + n_params * 26
+    assert r["eager_floor_s"] >= total_bytes / 1e12 - 1e-12  # at 1 TB/s no op beats its bytes
