@@ -1,7 +1,8 @@
 """A short ``full``-recipe smoke on a GPU: every chapter's ``full`` profile with the paper's models and input
 sizes (ResNet-101 at 448 px, Swin-L at 384 px, ResNet-50 at 224 px, VGG-16 on CIFAR canvases, ...) on
 synthetic files in the real datasets' layouts (:func:`mlic_lib.data.fake.write_fake`), cut to one or two
-epochs, one seed and a few dozen images.
+epochs, one seed and small sets (96 training images, 48 for VOC-LT, 3,000 MNIST and 600 CIFAR-10 images). The
+fake COCO files have 12 classes, not 80.
 
 It checks what the offline CPU test (``tests/test_real_pipeline.py``, shrunken models) cannot: that the real
 models train under bf16 autocast and channels_last with multi-worker loading on the GPU, end to end through

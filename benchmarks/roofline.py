@@ -3,16 +3,20 @@
 Every operator of one training step's forward and backward pass is recorded on the ``meta`` device (no
 arithmetic, so this runs on a laptop in seconds) with the FLOPs that ``torch.utils.flop_counter`` assigns it
 and the fewest bytes it must move through device memory: each tensor it reads once and each tensor it
-writes once, activations in bf16 (as under bf16 autocast), views free; the SGD update of the fp32 weights
-is added from the parameter count. An operator takes at least
+writes once, activations in bf16 (as under bf16 autocast), views free; the casts and the SGD update of the
+fp32 weights are added from the parameter count. An operator takes at least
 ``max(FLOPs / matrix rate, bytes / memory bandwidth)``; the sum over operators is the floor of the step
-run op by op (eager PyTorch). A second floor assumes perfect fusion: only the convolutions and matrix
-products move bytes (every normalisation, activation and addition folded into them).
+run op by op (eager PyTorch). A second floor assumes perfect fusion: only the operators with FLOPs
+(convolutions, matrix products, attention) move bytes, every normalisation, activation and addition folded
+into them. That is an idealised bound: in training, batch normalisation needs the batch statistics before it
+can normalise (and its backward needs reductions first), so no compiler reaches it; ``torch.compile`` fuses
+part of the way.
 
 Dividing the step's FLOPs by a floor gives the highest model FLOP utilisation (MFU) that way of running
-could reach. Rates default to what was measured on this workplace's H100 (a bf16 matrix product at 798
-TFLOP/s, a device-to-device copy at 3.0 TB/s counting bytes read and written); MFU is quoted against the
-989 TFLOP/s of the data sheet, as in ``train_throughput.py``.
+could reach. The rates default to measurements on an H100 80GB HBM3 of the kind this project was lent (an
+8192^3 bf16 matrix product at 798 TFLOP/s, a device-to-device copy at 3.0 TB/s counting bytes read and
+written; taken by the lending workplace, not by this script); pass your own with ``--tflops`` / ``--tbps``.
+MFU is quoted against the 989 TFLOP/s of the data sheet, as in ``train_throughput.py``.
 
     python benchmarks/roofline.py                        # ResNet-101, 448 px, batch 32, the baseline step
     python benchmarks/roofline.py --method splicemix --batch 64
@@ -34,8 +38,7 @@ from mlic_lib.mixing import SpliceMix
 from mlic_lib.models import build_model
 from mlic_lib.splicemix_cl import SpliceMixStep
 
-MATRIX_OPS = {"convolution", "convolution_backward", "mm", "addmm", "bmm", "_convolution"}
-
+UPDATE_BYTES_PER_PARAM = 6 + 6 + 20  # bf16 cast of the weight, fp32 cast of its gradient, SGD with momentum
 
 def _moves_no_data(func) -> bool:
     """A view (its output aliases an input and writes nothing) or a metadata-only op."""
@@ -81,19 +84,21 @@ def step_costs(arch: str, size: int, batch: int, classes: int, method: str) -> t
 def floors(costs: OpCosts, n_params: int, tflops: float, tbps: float) -> dict:
     """Step floors in seconds (op by op, and perfectly fused) plus totals per kind of operator."""
     rate, bw = tflops * 1e12, tbps * 1e12
-    # under autocast the weights stay fp32: SGD with momentum reads w, g, m and writes w, m (20 B a
-    # parameter), and the forward casts w to bf16 once (6 B)
-    update = n_params * (5 * 4 + 6) / bw
+    # under autocast the weights stay fp32: the forward casts each weight to bf16 (read 4 B, write 2 B), the
+    # backward casts its bf16 gradient into the fp32 .grad (2 + 4 B), and SGD with momentum reads w, g, m and
+    # writes w, m (20 B)
+    update_bytes = n_params * UPDATE_BYTES_PER_PARAM
+    update = update_bytes / bw
     flops = sum(f for _, f, _ in costs.rows)
     eager = sum(max(f / rate, b / bw) for _, f, b in costs.rows) + update
-    fused = sum(max(f / rate, b / bw) for n, f, b in costs.rows if n in MATRIX_OPS) + update
+    fused = sum(max(f / rate, b / bw) for _, f, b in costs.rows if f > 0) + update
     by_kind = defaultdict(lambda: [0, 0, 0.0])
-    for n, f, b in costs.rows:
-        k = by_kind["matrix (conv, mm)" if n in MATRIX_OPS else "other (norm, activation, add, pool)"]
+    for _, f, b in costs.rows:
+        k = by_kind["with FLOPs (conv, matrix product)" if f > 0 else "other (norm, activation, add, pool)"]
         k[0] += f
         k[1] += b
         k[2] += max(f / rate, b / bw)
-    by_kind["SGD update, fp32 weights"] = [0, n_params * 26, update]
+    by_kind["fp32 weights: casts and SGD update"] = [0, update_bytes, update]
     return {"flops": flops, "eager_floor_s": eager, "fused_floor_s": fused,
             "by_kind": {k: {"tflops": v[0] / 1e12, "gbytes": v[1] / 1e9, "floor_ms": v[2] * 1e3}
                         for k, v in by_kind.items()}}

@@ -27,8 +27,10 @@ def test_roofline_counts_bytes_of_reads_and_writes_and_nothing_for_views():
         y = torch.relu(x)  # reads x, writes y: 2 x 2048 bf16 values
         y.view(4, -1)  # a view moves nothing
         z = torch.nn.functional.conv2d(x, w, padding=1)
-    (name_r, f_r, b_r), (name_v, _, b_v), (name_c, f_c, b_c) = costs.rows
+        y.relu_()  # in place: reads y and writes it back
+    (name_r, f_r, b_r), (name_v, _, b_v), (name_c, f_c, b_c), (name_i, _, b_i) = costs.rows
     assert (name_r, f_r, b_r) == ("relu", 0, 2 * x.numel() * 2)
+    assert (name_i, b_i) == ("relu_", 2 * y.numel() * 2)
     assert (name_v, b_v) == ("view", 0)
     assert name_c == "convolution" and f_c == 2 * z.numel() * 8 * 3 * 3  # 2 FLOPs per multiply-add
     assert b_c == 2 * (x.numel() + w.numel() + z.numel())
@@ -47,5 +49,5 @@ def test_roofline_of_a_step_agrees_with_the_flop_counter_and_orders_its_floors()
     assert r["flops"] == counter.get_total_flops()
     assert n_params == sum(p.numel() for p in model.parameters())
     assert 0 < r["fused_floor_s"] < r["eager_floor_s"]
-    total_bytes = sum(b for _, _, b in costs.rows) + n_params * 26
+    total_bytes = sum(b for _, _, b in costs.rows) + n_params * roofline.UPDATE_BYTES_PER_PARAM
     assert r["eager_floor_s"] >= total_bytes / 1e12 - 1e-12  # at 1 TB/s no op beats its bytes

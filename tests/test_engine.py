@@ -269,3 +269,17 @@ def test_probabilities_of_one_image_and_a_batch_match_the_sigmoid_of_the_logits(
     torch.testing.assert_close(one, ref[1])
     with pytest.raises(ValueError, match=r"one image \(C, H, W\) or a batch"):
         probabilities(model, x[0, 0])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_probabilities_moves_a_cpu_image_to_a_gpu_model():
+    """The reason ``probabilities`` exists: a model trained on the GPU scored on a CPU test image."""
+    from mlic_lib.engine import probabilities
+
+    model = _model().eval()
+    x = torch.randn(3, 32, 32)
+    with torch.no_grad():
+        ref = torch.sigmoid(model(x[None]))[0]
+    got = probabilities(model.to("cuda"), x)
+    assert got.device.type == "cpu"
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
