@@ -51,3 +51,17 @@ def test_roofline_of_a_step_agrees_with_the_flop_counter_and_orders_its_floors()
     assert 0 < r["fused_floor_s"] < r["eager_floor_s"]
     total_bytes = sum(b for _, _, b in costs.rows) + n_params * roofline.UPDATE_BYTES_PER_PARAM
     assert r["eager_floor_s"] >= total_bytes / 1e12 - 1e-12  # at 1 TB/s no op beats its bytes
+
+
+def test_full_recipe_smoke_overrides_are_valid_and_cover_every_paper_chapter():
+    """The GPU smoke script's cuts must stay valid profile keys as the chapters change (it runs only on a GPU)."""
+    from mlic_lib.profiles import load_profile
+
+    smoke = _script("full_recipe_smoke")
+    chapters = {p.stem for p in (REPO / "notebooks").glob("0[1-9]_*.ipynb")}
+    assert set(smoke.SHORT) == chapters
+    for chapter, (datasets, overrides) in smoke.SHORT.items():
+        settings = load_profile(chapter.split("_", 1)[1], "full", overrides)
+        assert settings["profile"] == "full" and datasets
+        # the papers' models stay: no override touches a model section except to skip downloading weights
+        assert {k for k in overrides if "model." in k or "image_size" in k} <= {"model.pretrained"}
