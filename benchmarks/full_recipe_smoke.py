@@ -82,7 +82,8 @@ def main(argv=None) -> int:
                                  {"overrides": SHORT[chapter][1]}, timeout=args.timeout)
                 status = "ok"
             except Exception as exc:  # noqa: BLE001 - record and go on with the next chapter
-                status = f"error: {type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc) else ''}"
+                last_line = (str(exc).strip().splitlines() or [""])[-1]
+                status = f"error: {type(exc).__name__}: {last_line}"
                 traceback.print_exc()
             rows.append({"chapter": chapter, "status": status, "seconds": round(time.perf_counter() - t0, 1)})
             print(f"{chapter:16s} {rows[-1]['seconds']:7.1f} s  {status}", flush=True)

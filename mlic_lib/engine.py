@@ -43,6 +43,7 @@ from mlic_lib.utils import (
     config_hash,
     distributed_info,
     load_checkpoint,
+    model_device,
     pick_device,
     seed_everything,
 )
@@ -360,8 +361,7 @@ def probabilities(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if x.dim() not in (3, 4):
         raise ValueError(f"probabilities expects one image (C, H, W) or a batch (B, C, H, W), got shape "
                          f"{tuple(x.shape)}; add or remove the batch dimension")
-    device = next(model.parameters()).device
-    scores = torch.sigmoid(model((x[None] if x.dim() == 3 else x).to(device)).float()).cpu()
+    scores = torch.sigmoid(model((x[None] if x.dim() == 3 else x).to(model_device(model))).float()).cpu()
     return scores[0] if x.dim() == 3 else scores
 
 

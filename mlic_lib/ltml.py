@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mlic_lib.losses import weighted_bce
+from mlic_lib.utils import model_device
 
 __all__ = [
     "CONSISTENCY",
@@ -327,7 +328,7 @@ def evaluate_rows(model: nn.Module, test_ds, groups, rows=tuple(INFERENCE_ROWS),
     bad = [r for r in rows if r not in INFERENCE_ROWS]
     if bad:
         raise ValueError(f"unknown inference row(s) {bad}; choose from {list(INFERENCE_ROWS)}")
-    device = next(model.parameters()).device
+    device = model_device(model)
     scores, targets, mask = predict(model, make_loader(test_ds, batch_size, shuffle=False), device, _all_scores)
     pu, pr, puf, prf = np.split(scores, 4, axis=1)
     table = {("u", False): pu, ("r", False): pr, ("both", False): 0.5 * (pu + pr),

@@ -42,6 +42,15 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
     return torch.device(device)
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where a model lives: the device of its first parameter (or buffer); the CPU for a model with neither."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
 def distributed_info() -> tuple[int, int, int]:
     """``(world_size, rank, local_rank)`` from the variables ``torchrun`` sets; ``(1, 0, 0)`` otherwise."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

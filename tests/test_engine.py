@@ -283,3 +283,12 @@ def test_probabilities_moves_a_cpu_image_to_a_gpu_model():
     got = probabilities(model.to("cuda"), x)
     assert got.device.type == "cpu"
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_model_device_reads_parameters_then_buffers_then_defaults_to_cpu():
+    from mlic_lib.utils import model_device
+
+    assert model_device(_model()) == torch.device("cpu")
+    assert model_device(nn.BatchNorm1d(3, affine=False).to("meta")) == torch.device("meta")  # buffers only
+    assert model_device(nn.ReLU()) == torch.device("cpu")  # nothing to read
+    assert model_device(nn.Linear(2, 2, device="meta")) == torch.device("meta")

@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from mlic_lib.utils import model_device
+
 __all__ = ["CAM_METHODS", "cam_in_box", "cam_in_boxes", "class_activation_maps", "overlay"]
 
 #: Method names accepted by :func:`class_activation_maps` and the pytorch-grad-cam class used.
@@ -73,14 +75,6 @@ def _checked_target_class() -> type:
 
         _CHECKED_TARGET = _CheckedClassifierOutputTarget
     return _CHECKED_TARGET
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    for b in model.buffers():
-        return b.device
-    return torch.device("cpu")
 
 
 def class_activation_maps(
@@ -181,7 +175,7 @@ def class_activation_maps(
         raise ValueError("target_layer is empty")
 
     modes = {m: m.training for m in model.modules()}
-    original_device = _model_device(model)
+    original_device = model_device(model)
     run_device = torch.device(device) if device is not None else original_device
     moved = run_device != original_device
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from mlic_lib.assoc_losses import REGULARIZERS, AssocFormerLoss
 from mlic_lib.models.backbones import load_weights_file
+from mlic_lib.utils import model_device
 
 __all__ = [
     "FUSIONS",
@@ -209,7 +210,7 @@ def mean_association(model: AssocFormer, data, batch_size: int = 64, device: str
     """
     if model.am is None:
         raise ValueError("this model has no association module (fusion='backbone'): there is no A to average")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    device = torch.device(device) if device is not None else model_device(model)
     model.eval().to(device)
     total, n = None, 0
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers,
