@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import statistics
 import time
 
 import torch
@@ -79,15 +80,19 @@ def measure(method: str, args, device: torch.device) -> dict:
         one_step()
     _sync(device)
     warmup_seconds = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        one_step()
-    _sync(device)
-    seconds = (time.perf_counter() - t0) / args.steps
+    windows = []  # seconds per step in each timing window; the median is reported, the range shows the noise
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            one_step()
+        _sync(device)
+        windows.append((time.perf_counter() - t0) / args.steps)
+    seconds = statistics.median(windows)
     images = args.batch + (args.batch // 4 if method == "splicemix" else 0)
     out = {"method": method, "step_seconds": seconds, "images_per_second": args.batch / seconds,
            "images_through_network": images, "tflops_per_step": flops / 1e12,
-           "achieved_tflops": flops / seconds / 1e12, "warmup_seconds": warmup_seconds}
+           "achieved_tflops": flops / seconds / 1e12, "warmup_seconds": warmup_seconds,
+           "window_step_seconds": windows, "window_range": (max(windows) - min(windows)) / seconds}
     peak = _peak(device)
     if peak:
         out["mfu"] = out["achieved_tflops"] / peak
@@ -100,7 +105,8 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=448)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--classes", type=int, default=80)
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=20, help="steps per timing window")
+    p.add_argument("--repeats", type=int, default=3, help="timing windows; the median window is reported")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--device", default="auto")
     p.add_argument("--compile", action="store_true", help="compile the backbone (model.features) with torch.compile")
@@ -116,11 +122,12 @@ def main(argv=None) -> int:
     print(f"{args.arch} {args.size}x{args.size}, batch {args.batch}, {name}, "
           f"{'bf16 autocast + channels_last' if device.type == 'cuda' else 'fp32'}"
           f"{', torch.compile' if args.compile else ''}, torch {torch.__version__}")
-    print(f"{'method':10s} {'s/step':>8s} {'img/s':>8s} {'TFLOP/step':>10s} {'TFLOP/s':>8s} {'MFU':>6s}")
+    print(f"{'method':10s} {'s/step':>8s} {'range':>6s} {'img/s':>8s} {'TFLOP/step':>10s} {'TFLOP/s':>8s} {'MFU':>6s}")
     for r in rows:
         mfu = f"{r['mfu']:.1%}" if "mfu" in r else "-"
-        print(f"{r['method']:10s} {r['step_seconds']:8.3f} {r['images_per_second']:8.1f} "
+        print(f"{r['method']:10s} {r['step_seconds']:8.3f} {r['window_range']:6.1%} {r['images_per_second']:8.1f} "
               f"{r['tflops_per_step']:10.3g} {r['achieved_tflops']:8.3g} {mfu:>6s}")
+    print(f"s/step: median of {args.repeats} windows of {args.steps} steps; range: (max - min) / median")
     base, sm = rows[0], rows[1]
     per_image = ((sm["step_seconds"] / sm["images_through_network"])
                  / (base["step_seconds"] / base["images_through_network"]) - 1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import torch
@@ -65,3 +66,16 @@ def test_full_recipe_smoke_overrides_are_valid_and_cover_every_paper_chapter():
         assert settings["profile"] == "full" and datasets
         # the papers' models stay: no override touches a model section except to skip downloading weights
         assert {k for k in overrides if "model." in k or "image_size" in k} <= {"model.pretrained"}
+
+
+def test_train_throughput_runs_on_cpu_and_reports_the_median_window(tmp_path):
+    bench = _script("train_throughput")
+    out = tmp_path / "tp.json"
+    assert bench.main(["--arch", "small_resnet", "--size", "32", "--batch", "4", "--classes", "20", "--steps", "1",
+                       "--repeats", "3", "--warmup", "1", "--device", "cpu", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["method"] for r in rows] == ["baseline", "splicemix"]
+    for r in rows:
+        assert len(r["window_step_seconds"]) == 3 and r["step_seconds"] == sorted(r["window_step_seconds"])[1]
+        assert r["images_per_second"] == 4 / r["step_seconds"] and "mfu" not in r  # no peak known on a CPU
+    assert rows[1]["tflops_per_step"] > rows[0]["tflops_per_step"]  # the B/4 mixed images cost FLOPs
