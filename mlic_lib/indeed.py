@@ -147,16 +147,17 @@ def partial_coco_pairs(targets: Tensor, pairing: str = "disjoint",
         b = torch.where(valid.any(1), b, torch.arange(n))
         return torch.arange(n).to(targets.device), b.to(targets.device)
     order = torch.randperm(n, generator=generator).tolist()
-    noise = torch.rand(n, n, generator=generator)
-    free = torch.ones(n, dtype=torch.bool)
+    noise = torch.rand(n, n, generator=generator).numpy()
+    valid_np = valid.numpy()
+    free = np.ones(n, dtype=bool)
     a_list, b_list = [], []
-    for a in order:
+    for a in order:  # greedy and sequential by definition; NumPy keeps each of the B iterations cheap
         if not free[a]:
             continue
         free[a] = False
-        cand = valid[a] & free
+        cand = valid_np[a] & free
         if cand.any():
-            b = int(torch.where(cand, noise[a], torch.full_like(noise[a], -1.0)).argmax())
+            b = int(np.where(cand, noise[a], -1.0).argmax())  # the first maximum, as torch.argmax
             free[b] = False
         else:
             b = a
