@@ -4,7 +4,10 @@ Modelled on torchvision's ``references/classification``. What it adds for the bo
 
 * **methods plug in as a step**: ``step(model, batch, device) -> (loss, logs)``. The default
   :class:`SupervisedStep` is ``loss_fn(model(x), y)``; a chapter's method (SpliceMix, INDeeD, ...)
-  supplies its own step and keeps the rest of the loop;
+  supplies its own step and keeps the rest of the loop. A step may also define
+  ``host_batch(batch) -> batch``, called on the loader's CPU batch before the copy to the device, for
+  work that needs the labels on the host (INDeeD draws its pairs there; drawing them from labels on a
+  GPU would make the host wait for the device at every step);
 * **checkpoints and resume**: with a ``run_dir`` every epoch ends with an atomic ``last.pt``
   (model, optimizer, scheduler, EMA, RNG states, history); an interrupted ``fit`` called again
   continues where it stopped and ends with the same numbers as an uninterrupted run;
@@ -303,7 +306,10 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
     total = torch.zeros((), device=device)
     sums: dict[str, torch.Tensor] = {}
     n = 0
+    host_batch = getattr(step, "host_batch", None)
     for i, batch in enumerate(loader):
+        if host_batch is not None:
+            batch = host_batch(batch)
         batch = _to_device(batch, device, channels_last)
         with autocast:
             loss, logs = step(model, batch, device)

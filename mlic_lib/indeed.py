@@ -267,12 +267,29 @@ class INDeeDStep:
             raise ValueError(f"lam (lambda of Eq. 6) must be >= 0, got {lam}")
         self.norm, self.lam, self.blocks, self.pairing, self.detach_map = norm, float(lam), blocks, pairing, detach_map
 
-    def losses(self, model: nn.Module, x: Tensor, y: Tensor) -> dict[str, Tensor]:
-        """The three loss terms and the number of partial-coco (non-default) pairs of a batch."""
+    def host_batch(self, batch):
+        """Engine hook: draw the pairs (Eqs. 1-2) from the loader's CPU labels, before the batch goes to the
+        device; returns ``[x, y, pairs]`` with ``pairs`` a ``(2, P)`` index tensor (rows ``a_idx``, ``b_idx``).
+
+        The pairing is a sequential loop on the host: drawn from labels on a GPU it would wait for the device at
+        every step. Same draws from torch's global RNG as drawing inside :meth:`losses`."""
+        x, y = batch[0], batch[1]
+        return [x, y, torch.stack(partial_coco_pairs(y, self.pairing))]
+
+    def losses(self, model: nn.Module, x: Tensor, y: Tensor, pairs: Tensor | None = None) -> dict[str, Tensor]:
+        """The three loss terms and the number of partial-coco (non-default) pairs of a batch.
+
+        ``pairs``: ``(2, P)`` indices ``(a_idx, b_idx)`` drawn beforehand (:meth:`host_batch`); default: drawn
+        here with :func:`partial_coco_pairs`."""
         model = _unwrap(model)
         y = y.float()
         f = _flat_features(model, x)
-        a_idx, b_idx = partial_coco_pairs(y, self.pairing)
+        if pairs is None:
+            a_idx, b_idx = partial_coco_pairs(y, self.pairing)
+        else:
+            if pairs.ndim != 2 or pairs.shape[0] != 2:
+                raise ValueError(f"pairs must be a (2, P) index tensor (a_idx, b_idx), got shape {tuple(pairs.shape)}")
+            a_idx, b_idx = pairs[0], pairs[1]
         a_idx, b_idx = a_idx.to(f.device), b_idx.to(f.device)
         parts = decompose(f[a_idx], f[b_idx], self.norm, self.detach_map)
         labels = decomposed_labels(y[a_idx], y[b_idx])
@@ -292,10 +309,14 @@ class INDeeDStep:
                 "pairs": (a_idx != b_idx).float().sum(), "n_pairs": torch.tensor(float(len(a_idx)))}
 
     def __call__(self, model: nn.Module, batch, device: torch.device):
+        """``batch``: ``[x, y]``, or ``[x, y, pairs]`` after :meth:`host_batch` (the engine calls it)."""
+        if len(batch) not in (2, 3):
+            raise ValueError(f"INDeeDStep expects a batch [x, y] (or [x, y, pairs] from host_batch), got {len(batch)} "
+                             "items: INDeeD's data have no label mask")
         x, y = batch[0], batch[1]
-        t = self.losses(model, x, y)
+        t = self.losses(model, x, y, batch[2] if len(batch) == 3 else None)
         loss = t["L_O"] + self.lam * (t["L_I"] + t["L_S"])
-        frac = t["pairs"] / t["n_pairs"].clamp_min(1)
+        frac = t["pairs"] / max(float(t["n_pairs"]), 1.0)
         return loss, {"L_O": t["L_O"].detach(), "L_I": t["L_I"].detach(), "L_S": t["L_S"].detach(),
                       "partial_coco_fraction": frac.detach()}
 

@@ -176,11 +176,24 @@ class MosaicStep:
         self.boxes = boxes if isinstance(boxes, Tensor) else pad_boxes(boxes)
         self.mosaic = mosaic or Mosaic()
 
-    def __call__(self, model: nn.Module, batch, device: torch.device):
+    @staticmethod
+    def _check(batch) -> None:
         if len(batch) < 3:
             raise ValueError("MosaicStep needs batches (x, y, index): wrap the training set in IndexedDataset")
+
+    def host_batch(self, batch):
+        """Engine hook: look the boxes up on the host, where the loader's indices are, before the batch goes to
+        the device (looked up from indices on a GPU, the host would wait for the device at every step);
+        returns ``[x, y, index, boxes]``."""
+        self._check(batch)
+        return [*batch[:3], self.boxes[batch[2].long()]]
+
+    def __call__(self, model: nn.Module, batch, device: torch.device):
+        """``batch``: ``[x, y, index]``, or ``[x, y, index, boxes]`` after :meth:`host_batch` (the engine calls it)."""
+        self._check(batch)
         x, y, idx = batch[0], batch[1], batch[2]
-        res = self.mosaic(x, y, self.boxes[idx.long().cpu()].to(x.device))
+        boxes = batch[3] if len(batch) > 3 else self.boxes[idx.long().cpu()]
+        res = self.mosaic(x, y, boxes.to(x.device))
         loss = _bce_parts(model(res.x), res.y).mean()
         return loss, {}
 

@@ -292,3 +292,25 @@ def test_model_device_reads_parameters_then_buffers_then_defaults_to_cpu():
     assert model_device(nn.BatchNorm1d(3, affine=False).to("meta")) == torch.device("meta")  # buffers only
     assert model_device(nn.ReLU()) == torch.device("cpu")  # nothing to read
     assert model_device(nn.Linear(2, 2, device="meta")) == torch.device("meta")
+
+
+def test_a_steps_host_batch_hook_sees_the_cpu_batch_before_the_device_copy(small_scenes):
+    """``step.host_batch`` runs on the loader's CPU batch, and what it returns is what the step receives."""
+    from mlic_lib.engine import SupervisedStep, train_one_epoch
+
+    seen = []
+
+    class Step(SupervisedStep):
+        def host_batch(self, batch):
+            seen.append(("host", batch[0].device.type, len(batch)))
+            return [*batch, torch.ones(len(batch[1]))]
+
+        def __call__(self, model, batch, device):
+            seen.append(("step", len(batch), float(batch[-1].sum())))
+            return super().__call__(model, batch[:2], device)
+
+    model = _model()
+    loader = torch.utils.data.DataLoader(_data(small_scenes)[0], batch_size=32)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    train_one_epoch(model, loader, opt, Step(), torch.device("cpu"))
+    assert seen[0] == ("host", "cpu", 2) and seen[1][:2] == ("step", 3) and len(seen) == 2 * len(loader)

@@ -197,6 +197,33 @@ def test_step_matches_reference_and_has_gradients(norm, blocks, pairing):
         assert logs["L_I"] == 0
 
 
+@pytest.mark.parametrize("pairing", ["disjoint", "each"])
+def test_pairs_drawn_on_the_host_give_the_same_draws_and_loss_as_pairs_drawn_in_the_step(pairing):
+    model = _Tiny()
+    x = torch.randn(8, 3, 4)
+    y = _multihot([{0, 1}, {0, 2}, {1, 2}, {3}, {3, 4}, {4, 5}, {0, 5}, {2}])
+    step = indeed.INDeeDStep(lam=0.7, pairing=pairing)
+    torch.manual_seed(3)
+    loss, logs = step(model, [x, y], torch.device("cpu"))
+    after_step = torch.rand(1)  # the global RNG must have advanced by the same draws
+    torch.manual_seed(3)
+    batch = step.host_batch([x, y])
+    torch.testing.assert_close(torch.rand(1), after_step)
+    assert len(batch) == 3 and batch[2].ndim == 2 and batch[2].shape[0] == 2
+    loss_host, logs_host = step(model, batch, torch.device("cpu"))
+    torch.testing.assert_close(loss_host, loss)
+    assert logs_host["partial_coco_fraction"] == logs["partial_coco_fraction"]
+
+
+def test_bad_pairs_and_batches_name_the_problem():
+    model, x, y = _Tiny(), torch.randn(4, 3, 4), _multihot([{0, 1}, {0}, {1}, {2}])
+    step = indeed.INDeeDStep()
+    with pytest.raises(ValueError, match=r"\(2, P\) index tensor"):
+        step(model, [x, y, torch.zeros(4, dtype=torch.long)], torch.device("cpu"))
+    with pytest.raises(ValueError, match="no label mask"):
+        step(model, [x, y, torch.zeros(2, 4, dtype=torch.long), torch.ones(4)], torch.device("cpu"))
+
+
 def test_lambda_zero_is_the_pairwise_baseline():
     model = _Tiny()
     x, y = torch.randn(6, 3, 4), _multihot([{0, 1}, {0, 2}, {1}, {3}, {3, 4}, {5}])

@@ -242,10 +242,16 @@ def test_mosaic_step_needs_indices(small_scenes):
     x = torch.as_tensor(train.images[:8]).float() / 127.5 - 1
     y = torch.as_tensor(train.targets[:8])
     step = MosaicStep(train.boxes)
+    torch.manual_seed(0)
     loss, _ = step(model, [x, y, torch.arange(8)], torch.device("cpu"))
     loss.backward()
-    with pytest.raises(ValueError, match="IndexedDataset"):
-        step(model, [x, y], torch.device("cpu"))
+    torch.manual_seed(0)  # boxes looked up on the host (the engine's hook) give the same loss
+    batch = step.host_batch([x, y, torch.arange(8)])
+    assert len(batch) == 4 and batch[3].shape[:1] == (8,)
+    torch.testing.assert_close(step(model, batch, torch.device("cpu"))[0], loss)
+    for call in (lambda: step(model, [x, y], torch.device("cpu")), lambda: step.host_batch([x, y])):
+        with pytest.raises(ValueError, match="IndexedDataset"):
+            call()
     with pytest.raises(ValueError, match="SpliceMixStep"):
         MixStep(SpliceMix())
 
