@@ -79,3 +79,19 @@ def test_train_throughput_runs_on_cpu_and_reports_the_median_window(tmp_path):
         assert len(r["window_step_seconds"]) == 3 and r["step_seconds"] == sorted(r["window_step_seconds"])[1]
         assert r["images_per_second"] == 4 / r["step_seconds"] and "mfu" not in r  # no peak known on a CPU
     assert rows[1]["tflops_per_step"] > rows[0]["tflops_per_step"]  # the B/4 mixed images cost FLOPs
+
+
+def test_indeed_step_times_each_method_and_counts_ops_per_step(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLIC_CACHE", str(tmp_path / "cache"))
+    bench = _script("indeed_step")
+    out = tmp_path / "indeed.json"
+    assert bench.main(["--device", "cpu", "--n-train", "64", "--epochs", "2", "--methods", "Baseline", "INDeeD-L2",
+                       "--profile", "--rows", "3", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert [r["method"] for r in res["rows"]] == ["Baseline", "INDeeD-L2"]
+    for r in res["rows"]:
+        assert r["epochs_timed"] == 1 and r["steps"] == 2 and r["step_ms"] > 0  # 64 canvases, batch 32
+    base, ind = res["profiles"]
+    assert set(base["syncs_per_step"]) == set(bench.SYNC_EVENTS)
+    assert ind["aten_ops_per_step"] > base["aten_ops_per_step"] > 0  # the pairs and the two extra classifier calls
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("results.json"))
