@@ -29,7 +29,10 @@ Data and models of the paper's toy experiments (Sec. 4.1-4.2):
 * the simple CNN (3 conv + 2 fc, ``mlic_lib.models.SimpleCNN``) for ML-MNIST and VGG-16
   (:class:`VGG16Net`) for ML-CIFAR-10, both exposing ``forward_features`` / ``classifier`` /
   ``cam_layer``.
-* analysis: :func:`confidence_map` (Fig. 3) and :func:`diagonal_dominance`.
+* analysis: :func:`confidence_map` (Fig. 3) and :func:`diagonal_dominance`; the training loss on the
+  original canvases (:func:`loss_on_originals`, Eq. 7) and the epoch at which it leaves the
+  constant-predictor plateau (:func:`plateau_exit_epoch`, with
+  :func:`mlic_lib.metrics.constant_predictor_bce` as the floor).
 
 Readings where the paper is silent (say so when you cite numbers):
 
@@ -93,10 +96,12 @@ __all__ = [
     "lambda_sweep",
     "load_cifar10",
     "load_mnist",
+    "loss_on_originals",
     "make_ml_cifar10",
     "method_step",
     "partial_coco_mask",
     "partial_coco_pairs",
+    "plateau_exit_epoch",
     "run_methods",
     "train_indeed_model",
 ]
@@ -729,6 +734,39 @@ def diagonal_dominance(cmap: np.ndarray) -> float:
         raise ValueError(f"a confidence map is square (C, C); got shape {m.shape}")
     share = np.diag(m) / np.maximum(m.sum(1), 1e-12)
     return float(np.nanmean(share))
+
+
+def loss_on_originals(record: Mapping[str, Any]) -> np.ndarray:
+    """Per-epoch training BCE per canvas on the original (not decomposed) canvases of one run.
+
+    ``record`` is a run of :func:`run_methods` (only its ``history`` is read: the engine's per-epoch means).
+    An INDeeD run logs ``L_O`` (Eq. 7), which *sums* the BCE of the two canvases of a pair,
+    ``L_O = BCE(p_a, y_a) + BCE(p_b, y_b)``; it gives ``L_O / 2``, on the scale of the baseline's per-canvas
+    BCE. A baseline run (no ``L_O`` in its history) gives its ``loss``. Shape ``(epochs,)``.
+    """
+    history = record["history"]
+    if not history:
+        raise ValueError("the run's history is empty: no epoch to read a loss from")
+    return np.array([e["L_O"] / 2 if "L_O" in e else e["loss"] for e in history], dtype=np.float64)
+
+
+def plateau_exit_epoch(losses: Sequence[float], floor: float, frac: float = 0.9) -> int | None:
+    """First epoch (1-based) whose loss falls below ``frac * floor``, or ``None`` if none does.
+
+    ``losses``: the per-epoch training loss of one run (e.g. :func:`loss_on_originals`); ``floor``: the loss
+    of the best constant predictor (:func:`mlic_lib.metrics.constant_predictor_bce` of the training labels),
+    so the default ``frac=0.9`` asks for the first epoch 10% below the plateau of a model that has learned
+    only the class prevalences. A NaN loss never counts as below.
+    """
+    y = np.asarray(losses, dtype=np.float64)
+    if y.ndim != 1:
+        raise ValueError(f"losses must be a 1-D per-epoch sequence, got shape {y.shape}")
+    if not 0 < frac <= 1:
+        raise ValueError(f"frac must be in (0, 1] (a fraction of the constant predictor's loss), got {frac}")
+    if not np.isfinite(floor) or floor < 0:
+        raise ValueError(f"floor (a BCE in nats) must be finite and >= 0, got {floor}")
+    below = np.flatnonzero(y < frac * floor)
+    return int(below[0]) + 1 if len(below) else None
 
 
 def cell_boxes(cells: Sequence[int], cell: int = 28, grid: int = 3) -> dict[int, tuple[int, int, int, int]]:

@@ -57,6 +57,7 @@ import numpy as np
 __all__ = [
     "average_precision",
     "chance_map",
+    "constant_predictor_bce",
     "group_map",
     "mean_average_precision",
     "multilabel_report",
@@ -351,6 +352,44 @@ def chance_map(targets: Any, mask: Any = None) -> float:
     images), so read it as the level of an uninformative model, not as a hard floor."""
     t = _to_numpy(targets, "targets")
     return mean_average_precision(np.zeros(t.shape, dtype=np.float32), t, mask)
+
+
+def constant_predictor_bce(targets: Any) -> float:
+    """Mean per-class binary cross-entropy (nats) of the best constant predictor, which outputs each
+    class's training prevalence; the loss level of a model that has learned only how often each class
+    appears.
+
+    With ``p_c`` the fraction of the ``N`` rows of ``targets`` in which class ``c`` is present, the
+    constant prediction ``p_c`` minimises the class's mean BCE, which is then the binary entropy
+
+    .. math:: H(p_c) = -p_c \\log p_c - (1 - p_c) \\log(1 - p_c) ,
+
+    and the result is ``mean_c H(p_c)``: the BCE averaged over classes and samples that a training
+    loss (e.g. ``torch.nn.functional.binary_cross_entropy_with_logits``) starts near once the model
+    has learned the class prevalences, and that a model must fall below to have learned more. The
+    prevalences are clipped away from 0 and 1 before the logarithm, so a class that is never (or
+    always) present contributes exactly 0 (``0 * log 0 = 0``).
+
+    Parameters
+    ----------
+    targets : array-like or torch.Tensor, shape (N, C)
+        Binary (0/1 or bool) labels of the training set.
+
+    Raises
+    ------
+    ValueError
+        If ``targets`` is not a 2-D array with at least one row, or is not binary.
+    """
+    t = _to_numpy(targets, "targets")
+    if t.ndim != 2:
+        raise ValueError(f"targets must be a 2-D array (n_samples, n_classes) of 0/1 labels; got shape {t.shape}")
+    if t.shape[0] == 0:
+        raise ValueError(f"targets has 0 rows (shape {t.shape}): the prevalences are undefined")
+    t = _check_binary(t, "targets", "Pass the 0/1 training labels of shape (n_samples, n_classes).")
+    p = t.mean(axis=0, dtype=np.float64)
+    tiny = np.finfo(np.float64).tiny
+    h = -(p * np.log(np.clip(p, tiny, 1.0)) + (1.0 - p) * np.log(np.clip(1.0 - p, tiny, 1.0)))
+    return float(h.mean())
 
 
 # --------------------------------------------------------------------------------------------

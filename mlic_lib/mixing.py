@@ -59,6 +59,7 @@ __all__ = [
     "SpliceMix",
     "cell_bounds",
     "cooccurrence_mask",
+    "mosaic_label_loss",
     "noisy_correlation_indicators",
     "noisy_correlation_ratios",
     "pad_boxes",
@@ -413,6 +414,29 @@ class Mosaic:
             onehot = F.one_hot(cls.clamp(min=0), y.shape[1]).to(y.dtype) * kept[..., None].to(y.dtype)
             y_out = torch.maximum(y_out, onehot.amax(dim=1))
         return MixResult(out, y_out, None, {"center": (cx, cy), "sources": srcs})
+
+
+def mosaic_label_loss(x: Tensor, y: Tensor, boxes: Tensor, mosaic: Mosaic | None = None,
+                      generator: torch.Generator | None = None) -> dict[str, int]:
+    """How many labels Mosaic's area rule (Sec. 4.C.1) removes from objects that are still partly visible.
+
+    Applies ``mosaic`` (default :class:`Mosaic`) to the batch, and the same draw (same centre and sources) with
+    a vanishing ``min_area_ratio``, under which any visible part of a box keeps its label. Returns counts:
+    ``visible`` (image-class pairs with some part of a box in the crop), ``lost`` (of those, dropped by the
+    rule), ``labels_in`` (positive labels of the regular batch) and ``labels_out`` (of the mosaics). The draw
+    advances ``generator`` (default torch's global RNG) as one Mosaic call does.
+    """
+    mosaic = mosaic or Mosaic()
+    anything = Mosaic(min_area_ratio=1e-6, center_range=mosaic.center_range)
+    state = generator.get_state() if generator is not None else torch.get_rng_state()
+    seen = anything(x, y, boxes, generator=generator).y > 0
+    if generator is not None:
+        generator.set_state(state)
+    else:
+        torch.set_rng_state(state)
+    kept = mosaic(x, y, boxes, generator=generator).y > 0
+    return {"visible": int(seen.sum()), "lost": int((seen & ~kept).sum()), "labels_in": int((y > 0).sum()),
+            "labels_out": int(kept.sum())}
 
 
 # ---------------------------------------------------------------------------- Batch Augmentation

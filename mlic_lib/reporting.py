@@ -60,11 +60,28 @@ def seed_spread(*stds: float, n_seeds: int | None = None) -> float:
     return float(np.sqrt(np.sum(np.square(np.asarray(stds, dtype=float)))))
 
 
+def seed_sd(values, axis: int = 0) -> float | np.ndarray:
+    """Sample standard deviation over seeds (``ddof=1``) along ``axis``; NaN where there are fewer than two
+    seeds (one seed has no spread). The standard deviations the book's tables and :func:`seed_spread` use."""
+    v = np.asarray(values, dtype=float)
+    if v.ndim == 0:
+        raise ValueError("seed_sd needs one value per seed (a sequence or an array), got a scalar")
+    if v.shape[axis] < 2:
+        out = np.full(np.delete(np.asarray(v.shape), axis), np.nan)
+        return float("nan") if out.ndim == 0 else out
+    out = v.std(axis=axis, ddof=1)
+    return float(out) if np.ndim(out) == 0 else out
+
+
 def spread_verdict(diff: float, spread: float, up: str = "larger than the seed spread", down: str | None = None,
-                   within: str = "within the seed spread", none: str = "one seed: no spread") -> str:
+                   within: str = "within the seed spread", none: str = "one seed: no spread",
+                   undefined: str = "no value to judge") -> str:
     """The book's rule: a difference counts only when ``|diff|`` exceeds ``spread`` (:func:`seed_spread`).
-    Returns ``none`` without a spread (NaN), ``within`` when ``|diff| <= spread``, else ``up`` (or ``down`` for a
-    negative difference when given)."""
+    Returns ``undefined`` for a NaN difference (e.g. an AP of a class without test positives), ``none`` without
+    a spread (NaN), ``within`` when ``|diff| <= spread``, else ``up`` (or ``down`` for a negative difference when
+    given)."""
+    if not np.isfinite(diff):
+        return undefined
     if not np.isfinite(spread):
         return none
     if abs(diff) <= spread:
@@ -79,3 +96,39 @@ def spread_note(diff: float, *stds: float, n_seeds: int | None = None, decimals:
     return spread_verdict(diff, s, up=f"larger than the seed spread of {s:.{decimals}f}",
                           within=f"within the seed spread of {s:.{decimals}f}, so not a measurable difference",
                           none="one seed: no spread to compare")
+
+
+#: The outcomes of :func:`paper_verdict`.
+AGREES, CONTRADICTS = "agrees with the paper", "CONTRADICTS the paper"
+
+
+def paper_verdict(diff: float, spread: float, paper_sign: int) -> str:
+    """The book's rule for a difference whose direction the paper states: ``paper_sign`` is +1 when the paper
+    finds the first term larger, -1 when smaller. Beyond the spread the difference :data:`AGREES` with the
+    paper or :data:`CONTRADICTS` it; otherwise :func:`spread_verdict`'s ``"within the seed spread"``,
+    ``"one seed: no spread"`` or ``"no value to judge"`` (a NaN difference)."""
+    if paper_sign not in (1, -1):
+        raise ValueError(f"paper_sign must be +1 (the paper finds the difference positive) or -1, got {paper_sign!r}")
+    up, down = (AGREES, CONTRADICTS) if paper_sign == 1 else (CONTRADICTS, AGREES)
+    return spread_verdict(diff, spread, up=up, down=down)
+
+
+def paired_bootstrap(a, b, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of ``a - b`` over paired items (e.g. one value per test image for two models) with its percentile
+    bootstrap interval at ``level``: ``(mean, lo, hi)``. The items are resampled with replacement ``n_boot``
+    times from a generator seeded with ``seed``, so each call is reproducible on its own."""
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    if d.ndim != 1 or len(d) < 2:
+        raise ValueError(f"a and b must be paired 1-d sequences of at least 2 values, got shape {d.shape}")
+    if not 0 < level < 1 or n_boot < 1:
+        raise ValueError(f"need 0 < level < 1 and n_boot >= 1, got level={level}, n_boot={n_boot}")
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(d.mean()), float(lo), float(hi)
+
+
+def dash_missing(df, decimals: int = 1):
+    """A table for display: values rounded to ``decimals`` and every missing value (NaN: not reported, or no
+    spread with one seed) shown as "—"."""
+    return df.round(decimals).astype(object).where(df.notna(), "—")

@@ -280,3 +280,19 @@ def test_step_and_smoke_training(tmp_path, monkeypatch):
     assert loss.ndim == 0 and {"asl", "reg", "alpha"} <= set(logs)
     with pytest.raises(ValueError, match="regularizer"):
         train_assocformer(settings, data, regularizer="frobenius")
+
+
+def test_initial_assocformer_is_the_seeded_build_that_training_starts_from():
+    from mlic_lib.models.assocformer import build_assocformer, initial_assocformer
+    from mlic_lib.utils import seed_everything
+
+    m = {"backbone": "vit_tiny_patch16_224", "backbone_kwargs": {"img_size": 32, "patch_size": 8, "depth": 1,
+                                                                 "embed_dim": 32, "num_heads": 2},
+         "alpha_init": 0.3}
+    a = initial_assocformer(m, 6, seed=2, fusion="learnable")
+    seed_everything(2)
+    ref = build_assocformer(6, m["backbone"], "learnable", m["backbone_kwargs"], False, 0.3, 1.0)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), ref.state_dict().values(), strict=True))
+    other = initial_assocformer(m, 6, seed=3, fusion="learnable")
+    assert not all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), other.state_dict().values(), strict=True))
+    assert float(a.alpha.detach()) == pytest.approx(0.3)

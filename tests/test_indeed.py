@@ -404,6 +404,45 @@ def test_confidence_map_and_diagonal_dominance():
     assert indeed.cell_boxes([-1, 3, -1, -1, -1, -1, -1, -1, 7], cell=14) == {3: (14, 0, 28, 14), 7: (28, 28, 42, 42)}
 
 
+def test_plateau_exit_epoch():
+    losses = [0.70, 0.66, 0.62, 0.50, 0.30]
+    assert indeed.plateau_exit_epoch(losses, 0.7) == 3  # first loss below 0.9 * 0.7 = 0.63
+    assert indeed.plateau_exit_epoch(np.array(losses), 0.7, frac=1.0) == 2  # 0.66 < 0.70
+    assert indeed.plateau_exit_epoch(losses, 0.8) == 1  # below from the first epoch (0.70 < 0.72)
+    assert indeed.plateau_exit_epoch([0.7, 0.69, float("nan")], 0.7) is None  # never
+    assert indeed.plateau_exit_epoch([], 0.7) is None
+    assert indeed.plateau_exit_epoch([0.63, 0.62], 0.7) == 2  # strictly below
+    assert isinstance(indeed.plateau_exit_epoch(torch.tensor([0.9, 0.1]), 0.5), int)
+    for bad in (0.0, -0.5, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="frac must be in"):
+            indeed.plateau_exit_epoch(losses, 0.7, frac=bad)
+    with pytest.raises(ValueError, match="1-D"):
+        indeed.plateau_exit_epoch([[0.5, 0.4]], 0.7)
+    with pytest.raises(ValueError, match="floor"):
+        indeed.plateau_exit_epoch(losses, float("inf"))
+
+
+def test_loss_on_originals_halves_l_o_of_indeed_runs_only():
+    base = {"method": "Baseline", "history": [{"loss": 0.7, "lr": 1e-3}, {"loss": 0.5, "lr": 1e-3}]}
+    ind = {"method": "INDeeD-L2", "history": [{"loss": 2.0, "L_O": 1.4, "L_I": 0.3, "L_S": 0.3},
+                                             {"loss": 1.5, "L_O": 1.0, "L_I": 0.2, "L_S": 0.3}]}
+    np.testing.assert_allclose(indeed.loss_on_originals(base), [0.7, 0.5])
+    np.testing.assert_allclose(indeed.loss_on_originals(ind), [0.7, 0.5])  # Eq. 7 sums the pair's two BCEs
+    with pytest.raises(ValueError, match="history is empty"):
+        indeed.loss_on_originals({"history": []})
+
+
+def test_l_o_over_two_is_the_per_canvas_bce_under_disjoint_pairs():
+    """With every canvas in one pair, L_O / 2 (what loss_on_originals reads) is the baseline's per-canvas BCE."""
+    model = _Tiny()
+    x = torch.randn(6, 3, 4)
+    y = _multihot(SETS)
+    pairs = torch.tensor([[0, 2, 5], [1, 3, 4]])
+    _, logs = indeed.INDeeDStep("l2")(model, [x, y, pairs], torch.device("cpu"))
+    ref = F.binary_cross_entropy_with_logits(model(x), y).detach()
+    assert float(logs["L_O"]) / 2 == pytest.approx(ref.item(), rel=1e-5)
+
+
 def test_load_cifar10_binary_layout(tmp_path):
     folder = tmp_path / "cifar10" / "cifar-10-batches-bin"
     folder.mkdir(parents=True)

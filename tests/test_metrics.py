@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import average_precision_score, f1_score, precision_score, recall_score
+from sklearn.metrics import average_precision_score, f1_score, log_loss, precision_score, recall_score
 
 from mlic_lib.metrics import (
     THRESHOLD_KEYS,
     average_precision,
+    constant_predictor_bce,
     group_map,
     mean_average_precision,
     multilabel_report,
@@ -332,6 +333,48 @@ def test_multilabel_report_with_mask():
     rep = multilabel_report(scores, targets, mask=mask)
     assert rep["mAP"] == pytest.approx(mean_average_precision(scores, targets, mask))
     assert rep["OF1"] == pytest.approx(threshold_metrics(scores, targets, mask=mask)["OF1"])
+
+
+# --------------------------------------------------------------------------------------------
+# Constant-predictor BCE
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("seed", [0, 1])
+def test_constant_predictor_bce_matches_sklearn_log_loss_and_torch_bce(seed):
+    _, targets = _data(seed, n=300, c=7, rate=0.3)
+    p = targets.mean(0)
+
+    def per_class_log_loss(pred):  # sklearn's log loss of one constant prediction per class, averaged
+        return np.mean([log_loss(targets[:, c], np.full(len(targets), pred[c]), labels=[0, 1]) for c in range(7)])
+
+    ref = per_class_log_loss(p)
+    assert constant_predictor_bce(targets) == pytest.approx(ref, rel=1e-9)
+    assert constant_predictor_bce(targets.astype(bool)) == pytest.approx(ref, rel=1e-9)
+    t = torch.from_numpy(targets).double()
+    ref_torch = torch.nn.functional.binary_cross_entropy(t.mean(0).expand_as(t), t).item()
+    assert constant_predictor_bce(t) == pytest.approx(ref_torch, rel=1e-9)
+    for q in (0.9 * p, np.clip(1.1 * p, 0, 0.99)):  # the prevalence is the best constant
+        assert constant_predictor_bce(targets) < per_class_log_loss(q)
+
+
+def test_constant_predictor_bce_degenerate_classes_contribute_zero():
+    targets = np.zeros((8, 3), dtype=np.int64)
+    targets[:, 1] = 1  # class 0 never present, class 1 always present
+    targets[:2, 2] = 1  # class 2 present in a quarter of the rows
+    h = -(0.25 * np.log(0.25) + 0.75 * np.log(0.75))
+    assert constant_predictor_bce(targets) == pytest.approx(h / 3, rel=1e-12)
+    assert constant_predictor_bce(targets[:, :2]) == 0.0
+    assert constant_predictor_bce(np.array([[1, 0], [0, 1]])) == pytest.approx(np.log(2))
+
+
+def test_constant_predictor_bce_bad_inputs_raise():
+    with pytest.raises(ValueError, match="2-D array"):
+        constant_predictor_bce(np.array([0, 1, 1]))
+    with pytest.raises(ValueError, match="2-D array"):
+        constant_predictor_bce(torch.zeros(2, 3, 4))
+    with pytest.raises(ValueError, match="0 rows"):
+        constant_predictor_bce(np.zeros((0, 4)))
+    with pytest.raises(ValueError, match="targets must be binary"):
+        constant_predictor_bce(np.array([[0.5, 1.0], [0.0, 1.0]]))
 
 
 # --------------------------------------------------------------------------------------------

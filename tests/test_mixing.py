@@ -459,3 +459,23 @@ def test_chapter_smoke_run(tmp_path):
     cells = json.loads(out.read_text())["cells"]
     assert not [o for c in cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert (tmp_path / "results" / "splicemix.json").is_file()
+
+
+def test_mosaic_label_loss_counts_labels_the_area_rule_drops_against_a_direct_count(small_scenes):
+    from mlic_lib.mixing import mosaic_label_loss
+
+    train, _ = small_scenes
+    x = torch.as_tensor(train.images[:16]).float() / 127.5 - 1
+    y = torch.as_tensor(train.targets[:16]).float()
+    boxes = pad_boxes(train.boxes[:16])
+    gen = torch.Generator().manual_seed(4)
+    counts = mosaic_label_loss(x, y, boxes, generator=gen)
+    # direct: the two rules on the same draw, each from a fresh generator in the same state
+    seen = Mosaic(min_area_ratio=1e-6)(x, y, boxes, generator=torch.Generator().manual_seed(4)).y > 0
+    kept = Mosaic()(x, y, boxes, generator=torch.Generator().manual_seed(4)).y > 0
+    assert counts == {"visible": int(seen.sum()), "lost": int((seen & ~kept).sum()), "labels_in": int(y.sum()),
+                      "labels_out": int(kept.sum())}
+    assert 0 < counts["lost"] < counts["visible"] and not (kept & ~seen).any()
+    assert not torch.equal(gen.get_state(), torch.Generator().manual_seed(4).get_state())  # it advanced
+    torch.manual_seed(1)  # the global RNG path draws the same as a generator seeded alike
+    assert mosaic_label_loss(x, y, boxes) == mosaic_label_loss(x, y, boxes, generator=torch.Generator().manual_seed(1))

@@ -48,6 +48,7 @@ __all__ = [
     "association_summary",
     "build_assocformer",
     "head_cost",
+    "initial_assocformer",
     "mean_association",
     "transformer_backbone",
     "train_assocformer",
@@ -291,6 +292,18 @@ def head_cost(head: nn.Module, embed_dim: int, batch_size: int = 16, repeats: in
 
 
 # -------------------------------------------------------------------------------- experiments
+def initial_assocformer(model: Mapping[str, Any], num_classes: int, seed: int = 0, fusion: str = "equal") -> nn.Module:
+    """The untrained AssocFormer that :func:`train_assocformer` starts from with this ``seed``: the profile's
+    ``model`` section (``backbone``, ``backbone_kwargs``, ``pretrained``, ``alpha_init``, ``scale``) built right
+    after ``seed_everything(seed)``. A chapter compares a trained model with it to see what training changed."""
+    from mlic_lib.utils import seed_everything
+
+    seed_everything(seed)
+    return build_assocformer(num_classes, model.get("backbone", "vit_tiny_patch16_224"), fusion,
+                             model.get("backbone_kwargs"), model.get("pretrained", False),
+                             float(model.get("alpha_init", 0.5)), float(model.get("scale", 1.0)))
+
+
 def train_assocformer(settings: Mapping[str, Any], data, seed: int = 0, regularizer: str = "l2",
                       fusion: str = "equal", theta: float | None = None, progress: bool = False):
     """Train (or load from the cache) one AssocFormer on ``data`` (a :class:`~mlic_lib.experiments.SceneData`
@@ -301,7 +314,6 @@ def train_assocformer(settings: Mapping[str, Any], data, seed: int = 0, regulari
     ``settings['train']``: :class:`~mlic_lib.engine.TrainConfig` fields. Returns the engine's ``FitResult``.
     """
     from mlic_lib.engine import TrainConfig, fit, run_dir_for
-    from mlic_lib.utils import seed_everything
 
     if regularizer not in REGULARIZERS:
         raise ValueError(f"unknown regularizer {regularizer!r}; choose one of {REGULARIZERS}")
@@ -312,10 +324,7 @@ def train_assocformer(settings: Mapping[str, Any], data, seed: int = 0, regulari
     if theta is not None:
         lo["theta"] = theta
     cfg = TrainConfig.from_dict({**settings["train"], "seed": seed})
-    seed_everything(seed)
-    model = build_assocformer(data.num_classes, m.get("backbone", "vit_tiny_patch16_224"), fusion,
-                              m.get("backbone_kwargs"), m.get("pretrained", False),
-                              float(m.get("alpha_init", 0.5)), float(m.get("scale", 1.0)))
+    model = initial_assocformer(m, data.num_classes, seed, fusion)
     loss = AssocFormerLoss(norm=regularizer, **lo)
     key = {"chapter": settings.get("chapter"), "data": settings["data"], "model": m, "loss": lo,
            "train": cfg.to_dict(), "regularizer": regularizer, "fusion": fusion}

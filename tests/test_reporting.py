@@ -1,0 +1,68 @@
+"""The book's reporting rules: seed standard deviations, verdicts against the paper, paired bootstrap intervals."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mlic_lib.reporting import (
+    AGREES,
+    CONTRADICTS,
+    dash_missing,
+    paired_bootstrap,
+    paper_verdict,
+    seed_sd,
+    spread_verdict,
+)
+
+
+def test_seed_sd_is_the_sample_std_and_nan_with_one_seed():
+    assert seed_sd([1.0, 2.0, 4.0]) == pytest.approx(np.std([1.0, 2.0, 4.0], ddof=1))
+    assert math.isnan(seed_sd([3.0]))
+    table = np.array([[1.0, 5.0], [3.0, 9.0]])  # seeds x groups
+    np.testing.assert_allclose(seed_sd(table), [np.sqrt(2.0), np.sqrt(8.0)])
+    assert np.isnan(seed_sd(table[:1])).all() and seed_sd(table[:1]).shape == (2,)
+    with pytest.raises(ValueError, match="one value per seed"):
+        seed_sd(1.0)
+
+
+def test_paper_verdict_follows_the_papers_sign_and_the_spread_rule():
+    assert paper_verdict(2.0, 1.0, +1) == AGREES and paper_verdict(-2.0, 1.0, +1) == CONTRADICTS
+    assert paper_verdict(-2.0, 1.0, -1) == AGREES and paper_verdict(2.0, 1.0, -1) == CONTRADICTS
+    assert paper_verdict(1.0, 1.0, +1) == "within the seed spread"  # equal to the spread is not measurable
+    assert paper_verdict(0.0, 1.0, -1) == "within the seed spread"
+    assert paper_verdict(5.0, float("nan"), +1) == "one seed: no spread"
+    assert paper_verdict(float("nan"), 1.0, +1) == "no value to judge"
+    with pytest.raises(ValueError, match="paper_sign"):
+        paper_verdict(1.0, 0.5, 0)
+
+
+def test_spread_verdict_does_not_judge_a_missing_difference():
+    assert spread_verdict(float("nan"), 1.0, "higher", "lower") == "no value to judge"
+
+
+def test_paired_bootstrap_matches_a_direct_resampling_and_is_reproducible():
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(1.0, 1.0, 40), rng.normal(0.0, 1.0, 40)
+    mean, lo, hi = paired_bootstrap(a, b, n_boot=500, level=0.9, seed=7)
+    d = a - b
+    ref_rng = np.random.default_rng(7)  # the same draws, written out
+    boots = [d[ref_rng.integers(0, 40, size=40)].mean() for _ in range(500)]
+    assert mean == pytest.approx(d.mean())
+    assert (lo, hi) == pytest.approx(tuple(np.quantile(boots, [0.05, 0.95])))
+    assert paired_bootstrap(a, b, n_boot=500, level=0.9, seed=7) == (mean, lo, hi)  # independent of earlier calls
+    assert lo < mean < hi
+    with pytest.raises(ValueError, match="paired 1-d"):
+        paired_bootstrap([1.0], [0.0])
+    with pytest.raises(ValueError, match="level"):
+        paired_bootstrap(a, b, level=1.0)
+
+
+def test_dash_missing_rounds_and_marks_missing_values():
+    df = pd.DataFrame({"ours": [1.234, np.nan], "paper": [np.nan, 95.4]})
+    out = dash_missing(df)
+    assert out.loc[0, "ours"] == 1.2 and out.loc[1, "ours"] == "—" and out.loc[0, "paper"] == "—"
+    assert out.loc[1, "paper"] == 95.4
