@@ -37,7 +37,7 @@ def _settings(args) -> dict:
     return load_profile("indeed", "default", over)
 
 
-def time_method(name: str, settings: dict, data, args) -> dict:
+def time_method(name: str, settings: dict, data) -> dict:
     """Train one run of ``name`` from scratch (a fresh temporary run folder) and return its step time."""
     spec = indeed.MAIN_METHODS[name]
     with tempfile.TemporaryDirectory() as tmp:
@@ -56,26 +56,26 @@ def profile_method(name: str, settings: dict, data, rows: int) -> dict:
     torch.profiler: the top operators by host time and the host-device syncs per step."""
     from torch.profiler import ProfilerActivity, profile
 
-    from mlic_lib.engine import SupervisedStep, TrainConfig, build_optimizer, make_loader, train_one_epoch
+    from mlic_lib.engine import SupervisedStep, _autocast, build_optimizer, make_loader, train_one_epoch
     from mlic_lib.utils import pick_device, seed_everything
 
-    cfg = TrainConfig.from_dict(settings["train"])
-    device = pick_device(cfg.device)
-    spec = indeed.MAIN_METHODS[name]
-    step = indeed.method_step(spec, indeed.lambda_for(settings["indeed"]["lam"], spec), settings["indeed"]["pairing"])
+    step, cfg, _ = indeed._run_setup(settings, data, indeed.MAIN_METHODS[name], seed=0)  # what fit() gets
     step = step or SupervisedStep()  # None = the engine's plain BCE step (the baseline)
-    seed_everything(0)
+    device = pick_device(cfg.device)
+    seed_everything(cfg.seed)
     img = data.train.images
     model = indeed.build_indeed_model(settings["model"], len(data.class_names), img.shape[1], img.shape[-1])
     channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     opt = build_optimizer(model, cfg)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
+    autocast, scaler = _autocast(device, cfg.amp)  # as fit(): bf16 on CUDA, off on a CPU
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     for epoch in range(2):
-        loader = make_loader(data.train_ds, cfg.batch_size, shuffle=True, seed=0, epoch=epoch, device=device)
+        loader = make_loader(data.train_ds, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch,
+                             num_workers=cfg.num_workers, device=device)
         with profile(activities=activities) if epoch else contextlib.nullcontext() as prof:
-            train_one_epoch(model, loader, opt, step, device, autocast=autocast, channels_last=channels_last)
+            train_one_epoch(model, loader, opt, step, device, scaler=scaler, autocast=autocast,
+                            channels_last=channels_last)
     steps = len(loader)
     events = prof.key_averages()
     print(f"\n{name}: one epoch of {steps} steps on {device.type}, top {rows} operators by host time")
@@ -100,7 +100,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     settings = _settings(args)
     data = indeed.indeed_data(settings["data"], args.n_labels)
-    rows = [time_method(m, settings, data, args) for m in args.methods]
+    rows = [time_method(m, settings, data) for m in args.methods]
     device = torch.cuda.get_device_name() if (args.device != "cpu" and torch.cuda.is_available()) else \
         f"CPU ({torch.get_num_threads()} threads)"
     print(f"INDeeD default setting, ML-MNIST-{args.n_labels}, {len(data.train_ds)} canvases, batch "

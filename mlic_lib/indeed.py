@@ -278,6 +278,9 @@ class INDeeDStep:
 
         The pairing is a sequential loop on the host: drawn from labels on a GPU it would wait for the device at
         every step. Same draws from torch's global RNG as drawing inside :meth:`losses`."""
+        if len(batch) != 2:
+            raise ValueError(f"INDeeDStep.host_batch expects a loader batch [x, y], got {len(batch)} items: INDeeD's "
+                             "data have no label mask")
         x, y = batch[0], batch[1]
         return [x, y, torch.stack(partial_coco_pairs(y, self.pairing))]
 
@@ -318,8 +321,10 @@ class INDeeDStep:
         if len(batch) not in (2, 3):
             raise ValueError(f"INDeeDStep expects a batch [x, y] (or [x, y, pairs] from host_batch), got {len(batch)} "
                              "items: INDeeD's data have no label mask")
+        if len(batch) == 2:  # called without the engine's hook: draw the pairs here, the same way
+            batch = self.host_batch(batch)
         x, y = batch[0], batch[1]
-        t = self.losses(model, x, y, batch[2] if len(batch) == 3 else None)
+        t = self.losses(model, x, y, batch[2])
         loss = t["L_O"] + self.lam * (t["L_I"] + t["L_S"])
         frac = t["pairs"] / max(float(t["n_pairs"]), 1.0)
         return loss, {"L_O": t["L_O"].detach(), "L_I": t["L_I"].detach(), "L_S": t["L_S"].detach(),

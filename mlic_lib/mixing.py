@@ -400,6 +400,7 @@ class Mosaic:
         quads = [((0, cy), (0, cx), (H - cy, H), (W - cx, W)), ((0, cy), (cx, W), (H - cy, H), (0, W - cx)),
                  ((cy, H), (0, cx), (0, H - cy), (W - cx, W)), ((cy, H), (cx, W), (0, H - cy), (0, W - cx))]
         y_out = torch.zeros_like(y)
+        y_seen = torch.zeros_like(y)  # classes with any part of a box in a crop, whatever the area rule
         boxes = boxes.to(x.device)
         for k, ((a0, a1), (b0, b1), (s0, s1), (t0, t1)) in enumerate(quads):
             idx = srcs[k].to(x.device)
@@ -410,31 +411,26 @@ class Mosaic:
             area = ((bx1 - bx0).clamp(min=0) * (by1 - by0).clamp(min=0))
             iw = (bx1.clamp(max=float(t1)) - bx0.clamp(min=float(t0))).clamp(min=0)
             ih = (by1.clamp(max=float(s1)) - by0.clamp(min=float(s0))).clamp(min=0)
-            kept = (cls >= 0) & (area > 0) & (iw * ih >= self.min_area_ratio * area - 1e-6)
-            onehot = F.one_hot(cls.clamp(min=0), y.shape[1]).to(y.dtype) * kept[..., None].to(y.dtype)
-            y_out = torch.maximum(y_out, onehot.amax(dim=1))
-        return MixResult(out, y_out, None, {"center": (cx, cy), "sources": srcs})
+            real = (cls >= 0) & (area > 0)
+            kept = real & (iw * ih >= self.min_area_ratio * area - 1e-6)
+            onehot = F.one_hot(cls.clamp(min=0), y.shape[1]).to(y.dtype)
+            y_out = torch.maximum(y_out, (onehot * kept[..., None].to(y.dtype)).amax(dim=1))
+            y_seen = torch.maximum(y_seen, (onehot * (real & (iw * ih > 0))[..., None].to(y.dtype)).amax(dim=1))
+        return MixResult(out, y_out, None, {"center": (cx, cy), "sources": srcs, "visible_labels": y_seen})
 
 
 def mosaic_label_loss(x: Tensor, y: Tensor, boxes: Tensor, mosaic: Mosaic | None = None,
                       generator: torch.Generator | None = None) -> dict[str, int]:
     """How many labels Mosaic's area rule (Sec. 4.C.1) removes from objects that are still partly visible.
 
-    Applies ``mosaic`` (default :class:`Mosaic`) to the batch, and the same draw (same centre and sources) with
-    a vanishing ``min_area_ratio``, under which any visible part of a box keeps its label. Returns counts:
-    ``visible`` (image-class pairs with some part of a box in the crop), ``lost`` (of those, dropped by the
-    rule), ``labels_in`` (positive labels of the regular batch) and ``labels_out`` (of the mosaics). The draw
-    advances ``generator`` (default torch's global RNG) as one Mosaic call does.
+    One call of ``mosaic`` (default :class:`Mosaic`); its ``info["visible_labels"]`` marks the classes with any
+    part of a box inside a crop. Returns counts: ``visible`` (image-class pairs with some part of a box in the
+    crops), ``lost`` (of those, dropped by the rule), ``labels_in`` (positive labels of the regular batch) and
+    ``labels_out`` (of the mosaics). The draw advances ``generator`` (default torch's global RNG) as one Mosaic
+    call does.
     """
-    mosaic = mosaic or Mosaic()
-    anything = Mosaic(min_area_ratio=1e-6, center_range=mosaic.center_range)
-    state = generator.get_state() if generator is not None else torch.get_rng_state()
-    seen = anything(x, y, boxes, generator=generator).y > 0
-    if generator is not None:
-        generator.set_state(state)
-    else:
-        torch.set_rng_state(state)
-    kept = mosaic(x, y, boxes, generator=generator).y > 0
+    res = (mosaic or Mosaic())(x, y, boxes, generator=generator)
+    seen, kept = res.info["visible_labels"] > 0, res.y > 0
     return {"visible": int(seen.sum()), "lost": int((seen & ~kept).sum()), "labels_in": int((y > 0).sum()),
             "labels_out": int(kept.sum())}
 

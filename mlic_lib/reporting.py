@@ -77,9 +77,9 @@ def spread_verdict(diff: float, spread: float, up: str = "larger than the seed s
                    within: str = "within the seed spread", none: str = "one seed: no spread",
                    undefined: str = "no value to judge") -> str:
     """The book's rule: a difference counts only when ``|diff|`` exceeds ``spread`` (:func:`seed_spread`).
-    Returns ``undefined`` for a NaN difference (e.g. an AP of a class without test positives), ``none`` without
-    a spread (NaN), ``within`` when ``|diff| <= spread``, else ``up`` (or ``down`` for a negative difference when
-    given)."""
+    Returns ``undefined`` for a missing (NaN) or infinite difference (e.g. an AP of a class without test
+    positives), ``none`` without a spread (NaN), ``within`` when ``|diff| <= spread``, else ``up`` (or ``down``
+    for a negative difference when given)."""
     if not np.isfinite(diff):
         return undefined
     if not np.isfinite(spread):
@@ -98,19 +98,20 @@ def spread_note(diff: float, *stds: float, n_seeds: int | None = None, decimals:
                           none="one seed: no spread to compare")
 
 
-#: The outcomes of :func:`paper_verdict`.
+#: The outcomes of :func:`paper_verdict` (the last three are :func:`spread_verdict`'s defaults).
 AGREES, CONTRADICTS = "agrees with the paper", "CONTRADICTS the paper"
+WITHIN, NO_SPREAD, NO_VALUE = "within the seed spread", "one seed: no spread", "no value to judge"
 
 
 def paper_verdict(diff: float, spread: float, paper_sign: int) -> str:
     """The book's rule for a difference whose direction the paper states: ``paper_sign`` is +1 when the paper
     finds the first term larger, -1 when smaller. Beyond the spread the difference :data:`AGREES` with the
-    paper or :data:`CONTRADICTS` it; otherwise :func:`spread_verdict`'s ``"within the seed spread"``,
-    ``"one seed: no spread"`` or ``"no value to judge"`` (a NaN difference)."""
+    paper or :data:`CONTRADICTS` it; otherwise :data:`WITHIN`, :data:`NO_SPREAD` (one seed) or
+    :data:`NO_VALUE` (a NaN difference)."""
     if paper_sign not in (1, -1):
         raise ValueError(f"paper_sign must be +1 (the paper finds the difference positive) or -1, got {paper_sign!r}")
     up, down = (AGREES, CONTRADICTS) if paper_sign == 1 else (CONTRADICTS, AGREES)
-    return spread_verdict(diff, spread, up=up, down=down)
+    return spread_verdict(diff, spread, up=up, down=down, within=WITHIN, none=NO_SPREAD, undefined=NO_VALUE)
 
 
 def paired_bootstrap(a, b, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
@@ -120,6 +121,9 @@ def paired_bootstrap(a, b, n_boot: int = 2000, level: float = 0.95, seed: int = 
     d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
     if d.ndim != 1 or len(d) < 2:
         raise ValueError(f"a and b must be paired 1-d sequences of at least 2 values, got shape {d.shape}")
+    if not np.isfinite(d).all():
+        raise ValueError(f"a and b must be finite; {int((~np.isfinite(d)).sum())} of the {len(d)} pairs are NaN or "
+                         "infinite: drop those items first")
     if not 0 < level < 1 or n_boot < 1:
         raise ValueError(f"need 0 < level < 1 and n_boot >= 1, got level={level}, n_boot={n_boot}")
     rng = np.random.default_rng(seed)

@@ -186,13 +186,14 @@ class MosaicStep:
         the device (looked up from indices on a GPU, the host would wait for the device at every step);
         returns ``[x, y, index, boxes]``."""
         self._check(batch)
-        return [*batch[:3], self.boxes[batch[2].long()]]
+        return [*batch[:3], self.boxes[batch[2].long().cpu()]]  # .cpu(): a no-op on the loader's batch
 
     def __call__(self, model: nn.Module, batch, device: torch.device):
         """``batch``: ``[x, y, index]``, or ``[x, y, index, boxes]`` after :meth:`host_batch` (the engine calls it)."""
         self._check(batch)
-        x, y, idx = batch[0], batch[1], batch[2]
-        boxes = batch[3] if len(batch) > 3 else self.boxes[idx.long().cpu()]
+        if len(batch) == 3:  # called without the engine's hook: look the boxes up here, the same way
+            batch = self.host_batch(batch)
+        x, y, boxes = batch[0], batch[1], batch[3]
         res = self.mosaic(x, y, boxes.to(x.device))
         loss = _bce_parts(model(res.x), res.y).mean()
         return loss, {}

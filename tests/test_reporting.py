@@ -59,6 +59,8 @@ def test_paired_bootstrap_matches_a_direct_resampling_and_is_reproducible():
         paired_bootstrap([1.0], [0.0])
     with pytest.raises(ValueError, match="level"):
         paired_bootstrap(a, b, level=1.0)
+    with pytest.raises(ValueError, match="1 of the 40 pairs are NaN"):
+        paired_bootstrap(np.r_[a[:-1], np.nan], b)
 
 
 def test_dash_missing_rounds_and_marks_missing_values():

@@ -295,7 +295,8 @@ def head_cost(head: nn.Module, embed_dim: int, batch_size: int = 16, repeats: in
 def initial_assocformer(model: Mapping[str, Any], num_classes: int, seed: int = 0, fusion: str = "equal") -> nn.Module:
     """The untrained AssocFormer that :func:`train_assocformer` starts from with this ``seed``: the profile's
     ``model`` section (``backbone``, ``backbone_kwargs``, ``pretrained``, ``alpha_init``, ``scale``) built right
-    after ``seed_everything(seed)``. A chapter compares a trained model with it to see what training changed."""
+    after ``seed_everything(seed)``, which reseeds the global Python, NumPy and torch generators. A chapter compares
+    a trained model with it to see what training changed."""
     from mlic_lib.utils import seed_everything
 
     seed_everything(seed)
