@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import http.server
 import io
@@ -15,6 +16,7 @@ import pytest
 
 from mlic_lib import cli
 from mlic_lib.data import download, registry
+from mlic_lib.data.longtail import read_lt_split
 from mlic_lib.data.paths import reference_data_dir
 from mlic_lib.data.registry import DatasetEntry, RemoteFile
 
@@ -97,8 +99,8 @@ def test_download_resumes_a_partial_file(server, tmp_path, monkeypatch):
     url, handler = server
     handler.files["/fake.tar"] = VOC_TAR
     entry = _entry(monkeypatch, url, VOC_TAR)
-    downloads = tmp_path / "downloads"
-    downloads.mkdir()
+    downloads = tmp_path / "downloads" / "fake"
+    downloads.mkdir(parents=True)
     (downloads / "fake.tar.part").write_bytes(VOC_TAR[:1000])
     assert download.check(tmp_path)["fake"].startswith("partial download")
     path = download.download(entry.files[0], downloads, progress=False)
@@ -112,8 +114,8 @@ def test_checksum_mismatch_is_an_error_and_nothing_is_unpacked(server, tmp_path,
     _entry(monkeypatch, url, VOC_TAR, sha="0" * 64)
     with pytest.raises(download.ChecksumError, match="moved to .*bad"):
         download.prepare("fake", tmp_path, progress=False)
-    assert (tmp_path / "downloads" / "fake.tar.bad").is_file()
-    assert not (tmp_path / "downloads" / "fake.tar").exists()
+    assert (tmp_path / "downloads" / "fake" / "fake.tar.bad").is_file()
+    assert not (tmp_path / "downloads" / "fake" / "fake.tar").exists()
     assert not (tmp_path / "VOCdevkit").exists()
 
 
@@ -167,12 +169,56 @@ def test_split_file_checksums_match_the_reference_copies():
     shared = reference_data_dir()
     if not shared.is_dir():
         pytest.skip("../shared/data is not present")
+    checked = 0
     for key in ("voc_lt", "coco_lt"):
         for f in registry.get(key).files:
-            local = shared / key / f.name
-            if f.sha256 and local.is_file():
+            assert f.sha256, f"{key}/{f.name} has no recorded sha256"
+            local = shared / key / f.saved_name
+            if local.is_file():
                 assert download.sha256_of(local) == f.sha256, f"{key}/{f.name}"
                 assert local.stat().st_size == f.size
+                checked += 1
+    assert checked, f"no split file of the registry found under {shared}"
+
+
+def _serve_entry(monkeypatch, url, handler, key, bodies, verify=True):
+    """Point registry entry ``key`` at the loopback server, serving ``bodies[file.name]`` for each file."""
+    files = []
+    for f in registry.get(key).files:
+        handler.files[f"/{key}/{f.name}"] = bodies[f.name]
+        f = dataclasses.replace(f, urls=(f"{url}/{key}/{f.name}",))
+        files.append(f if verify else dataclasses.replace(f, size=None, sha256=None))
+    monkeypatch.setitem(registry.DATASETS, key, dataclasses.replace(registry.get(key), files=tuple(files)))
+
+
+def test_datasets_with_the_same_file_names_do_not_share_downloads(server, tmp_path, monkeypatch):
+    url, handler = server
+    for key in ("voc_lt", "coco_lt"):  # small fixture bodies, so no size or sha256 to check
+        bodies = {f.name: f"{key}:{f.name}".encode() for f in registry.get(key).files}
+        _serve_entry(monkeypatch, url, handler, key, bodies, verify=False)
+    download.prepare("voc_lt", tmp_path, progress=False, allow_unverified=True)
+    download.prepare("coco_lt", tmp_path, progress=False, allow_unverified=True)
+    assert (tmp_path / "voc_lt" / "class_freq.pkl").read_bytes() == b"voc_lt:class_freq.pkl"
+    assert (tmp_path / "coco_lt" / "class_freq.pkl").read_bytes() == b"coco_lt:class_freq.pkl"
+    # COCO-LT's id list is published as img_id.pkl (a text file) and saved as img_id.txt for the loader
+    assert (tmp_path / "coco_lt" / "img_id.txt").read_bytes() == b"coco_lt:img_id.pkl"
+    assert not (tmp_path / "coco_lt" / "img_id.pkl").exists()
+    assert not list(tmp_path.glob("*/.*.tmp")), "temporary copy left behind"
+
+
+def test_prepared_split_files_are_readable(server, tmp_path, monkeypatch):
+    """``mlic data prepare voc_lt / coco_lt`` (served the reference copies) gives folders read_lt_split reads."""
+    shared = reference_data_dir()
+    if not all((shared / k).is_dir() for k in ("voc_lt", "coco_lt")):
+        pytest.skip("../shared/data/{voc_lt,coco_lt} are not present")
+    url, handler = server
+    for key in ("voc_lt", "coco_lt"):
+        bodies = {f.name: (shared / key / f.saved_name).read_bytes() for f in registry.get(key).files}
+        _serve_entry(monkeypatch, url, handler, key, bodies)
+        download.prepare(key, tmp_path, progress=False)  # verified against the registry's sha256
+    voc, coco = read_lt_split(tmp_path / "voc_lt", "voc_lt"), read_lt_split(tmp_path / "coco_lt", "coco_lt")
+    assert (len(voc.image_ids), voc.gt_labels.shape[1]) == (1142, 20)  # VOC-LT: 1,142 images, 20 classes
+    assert (len(coco.image_ids), coco.gt_labels.shape[1]) == (1909, 80)  # COCO-LT: 1,909 images, 80 classes
 
 
 def test_cli_prepare_errors(capsys, tmp_path, monkeypatch):

@@ -1,7 +1,8 @@
 """Resumable, sha256-verified downloads of the real datasets into ``$MLIC_DATA``.
 
-``prepare("voc2007")`` downloads every file of the registry entry into ``$MLIC_DATA/downloads``
-(continuing a partial ``.part`` file with an HTTP ``Range`` request), checks its size and sha256,
+``prepare("voc2007")`` downloads every file of the registry entry into ``$MLIC_DATA/downloads/voc2007``
+(one folder per dataset, since VOC-LT and COCO-LT both have a ``class_freq.pkl``), continuing a partial
+``.part`` file with an HTTP ``Range`` request; it checks each file's size and sha256,
 and unpacks it. A checksum mismatch is an error: the bad file is moved aside to ``*.bad`` and never
 extracted. Extraction goes to a temporary folder first and is moved into place at the end, so an
 interrupted run never leaves a half-unpacked dataset looking complete; a ``.prepared`` stamp per
@@ -141,7 +142,7 @@ def prepare(key: str, root: Path | None = None, progress: bool = True, allow_unv
     root = Path(root) if root is not None else data_root()
     if not entry.files:
         raise RuntimeError(f"{entry.title}: nothing to download. {entry.notes}")
-    downloads = root / "downloads"
+    downloads = root / "downloads" / entry.key
     for file in entry.files:
         stamp = downloads / f"{file.name}.prepared"
         if stamp.is_file():
@@ -152,7 +153,9 @@ def prepare(key: str, root: Path | None = None, progress: bool = True, allow_unv
             unpack(path, dest)
         else:
             dest.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(path, dest / file.name)
+            tmp = dest / f".{file.saved_name}.tmp"
+            shutil.copy2(path, tmp)
+            tmp.replace(dest / file.saved_name)
         stamp.write_text(file.sha256 or "unverified")
         if not keep_archives and file.action == "extract":
             path.unlink()
@@ -166,7 +169,7 @@ def prepare(key: str, root: Path | None = None, progress: bool = True, allow_unv
 def status(entry: DatasetEntry, root: Path) -> str:
     if (root / entry.marker).exists():
         return "present"
-    partial = [f.name for f in entry.files if (root / "downloads" / (f.name + ".part")).exists()]
+    partial = [f.name for f in entry.files if (root / "downloads" / entry.key / (f.name + ".part")).exists()]
     return f"partial download ({', '.join(partial)})" if partial else "missing"
 
 

@@ -23,7 +23,7 @@ _DBL = "https://raw.githubusercontent.com/wutong16/DistributionBalancedLoss/mast
 @dataclass(frozen=True)
 class RemoteFile:
     """One downloadable file: URLs (first = official, then mirrors), size in bytes, sha256, and what
-    to do with it: ``extract`` into ``dest`` (tar/zip) or ``copy`` it to ``dest/<name>``."""
+    to do with it: ``extract`` into ``dest`` (tar/zip) or ``copy`` it to ``dest/<save_as or name>``."""
 
     name: str
     urls: tuple[str, ...]
@@ -31,6 +31,11 @@ class RemoteFile:
     sha256: str | None
     dest: str = "."
     action: str = "extract"  # or "copy"
+    save_as: str | None = None  # a copy's file name under dest, when it differs from the download's
+
+    @property
+    def saved_name(self) -> str:
+        return self.save_as or self.name
 
 
 @dataclass(frozen=True)
@@ -129,7 +134,11 @@ DATASETS: dict[str, DatasetEntry] = {
     "coco_lt": DatasetEntry(
         "coco_lt", "COCO-LT split files (DistributionBalancedLoss) over COCO 2017 images",
         (
-            RemoteFile("img_id.pkl", (f"{_DBL}/coco/longtail2017/img_id.pkl",), None, None, "coco_lt", "copy"),
+            # despite its extension, DBL's COCO-LT img_id.pkl is a text file of image ids, one per line
+            # (the same bytes as the shared reference img_id.txt), so it is saved under the VOC-LT name
+            RemoteFile("img_id.pkl", (f"{_DBL}/coco/longtail2017/img_id.pkl",), 13023,
+                       "f31e853d2c7b69512c62b65ff1db067a49b3ab86a62f685c7da86b7c3dd04768", "coco_lt", "copy",
+                       save_as="img_id.txt"),
             RemoteFile("class_freq.pkl", (f"{_DBL}/coco/longtail2017/class_freq.pkl",), 1421819,
                        "7edbc381296400727d1fd8afa01af51403de8d0e892230e16312b2ae7f6a469c", "coco_lt", "copy"),
             RemoteFile("class_split.pkl", (f"{_DBL}/coco/longtail2017/class_split.pkl",), 3519,
@@ -137,7 +146,6 @@ DATASETS: dict[str, DatasetEntry] = {
         ),
         marker="coco_lt/class_split.pkl",
         needs=("coco2017",),
-        notes="img_id.pkl has no recorded sha256 yet: prepare with --allow-unverified and record the digest.",
     ),
     "nuswide": DatasetEntry(
         "nuswide", "NUS-WIDE (user-supplied images)", (),
