@@ -327,6 +327,27 @@ def test_read_coco_labels_unknown_ids(tmp_path: Path) -> None:
         read_coco_labels(path)
 
 
+def test_read_coco_labels_skip_degenerate(tmp_path: Path) -> None:
+    """DistributionBalancedLoss's COCO rule: drop ignored, zero-area and sub-pixel boxes; crowds stay."""
+    anns = [
+        {"image_id": 1, "category_id": 3, "area": 50.0, "bbox": [0, 0, 5, 10]},  # kept
+        {"image_id": 1, "category_id": 18, "area": 0.0, "bbox": [0, 0, 5, 10]},  # zero area
+        {"image_id": 2, "category_id": 18, "area": 4.0, "bbox": [0, 0, 0.5, 8]},  # narrower than 1 px
+        {"image_id": 3, "category_id": 3, "area": 9.0, "bbox": [0, 0, 3, 3], "ignore": 1},  # flagged ignore
+        {"image_id": 4, "category_id": 18, "area": 9.0, "bbox": [0, 0, 3, 3], "iscrowd": 1},  # a crowd: kept
+    ]
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps({"images": [{"id": i, "file_name": f"{i}.jpg"} for i in (1, 2, 3, 4)],
+                                "categories": COCO_CATEGORIES, "annotations": anns}))
+    _, _, every, names = read_coco_labels(path)
+    assert names == ["car", "dog"]
+    np.testing.assert_array_equal(every, [[1, 1], [0, 1], [1, 0], [0, 1]])
+    _, _, kept, _ = read_coco_labels(path, skip_degenerate=True)
+    np.testing.assert_array_equal(kept, [[1, 0], [0, 0], [0, 0], [0, 1]])
+    ids, _, kept_nonempty, _ = read_coco_labels(path, skip_degenerate=True, drop_empty=True)
+    assert ids == [1, 4] and kept_nonempty.shape == (2, 2)
+
+
 def test_coco_orders_match_shared(tmp_path: Path) -> None:
     cats_path = SHARED / "coco" / "categories.json"
     order_path = SHARED / "coco" / "categories_mlgcn_order.json"

@@ -7,6 +7,7 @@ import hashlib
 import http.server
 import io
 import re
+import shutil
 import tarfile
 import threading
 import zipfile
@@ -24,6 +25,7 @@ from mlic_lib.data.registry import DatasetEntry, RemoteFile
 class _Handler(http.server.BaseHTTPRequestHandler):
     files: dict[str, bytes] = {}
     log: list[tuple[str, str | None]] = []
+    cut: dict[str, int] = {}  # path -> bytes sent before the connection closes (Content-Length says more)
 
     def do_GET(self):  # noqa: N802
         body = self.files.get(self.path)
@@ -41,7 +43,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body)
+        self.wfile.write(body[: self.cut.get(self.path, len(body))])
 
     def log_message(self, *args):
         pass
@@ -49,7 +51,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server():
-    _Handler.files, _Handler.log = {}, []
+    _Handler.files, _Handler.log, _Handler.cut = {}, [], {}
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -92,7 +94,7 @@ def test_prepare_downloads_verifies_unpacks_and_skips_on_rerun(server, tmp_path,
     hits = len(handler.log)
     download.prepare("fake", tmp_path, progress=False)
     assert len(handler.log) == hits, "a prepared dataset must not be downloaded again"
-    assert not list(tmp_path.glob("VOCdevkit/.extract-*")), "temporary extraction folder left behind"
+    assert not list(tmp_path.glob(".extract-*")), "temporary extraction folder left behind"
 
 
 def test_download_resumes_a_partial_file(server, tmp_path, monkeypatch):
@@ -106,6 +108,85 @@ def test_download_resumes_a_partial_file(server, tmp_path, monkeypatch):
     path = download.download(entry.files[0], downloads, progress=False)
     assert path.read_bytes() == VOC_TAR
     assert handler.log[-1] == ("/fake.tar", "bytes=1000-")
+
+
+def test_a_connection_closed_early_keeps_the_partial_file_and_a_rerun_resumes(server, tmp_path, monkeypatch):
+    url, handler = server
+    handler.files["/fake.tar"] = VOC_TAR
+    handler.cut["/fake.tar"] = 3000
+    _entry(monkeypatch, url, VOC_TAR)
+    with pytest.raises(ConnectionError, match="closed after 3,000 of"):
+        download.prepare("fake", tmp_path, progress=False)
+    part = tmp_path / "downloads" / "fake" / "fake.tar.part"
+    assert part.stat().st_size == 3000 and not part.with_suffix(".bad").exists()
+    assert download.check(tmp_path)["fake"] == "partial download (fake.tar)"
+    handler.cut.clear()
+    download.prepare("fake", tmp_path, progress=False)
+    assert handler.log[-1] == ("/fake.tar", "bytes=3000-")
+    assert download.check(tmp_path)["fake"] == "present"
+
+
+def test_a_wrong_file_from_the_first_url_falls_back_to_the_mirror(server, tmp_path, monkeypatch):
+    url, handler = server
+    handler.files["/official/fake.tar"] = b"<html>moved</html>"  # an error page served with status 200
+    handler.files["/mirror/fake.tar"] = VOC_TAR
+    f = RemoteFile("fake.tar", (f"{url}/official/fake.tar", f"{url}/mirror/fake.tar"), len(VOC_TAR),
+                   hashlib.sha256(VOC_TAR).hexdigest())
+    monkeypatch.setitem(registry.DATASETS, "fake", DatasetEntry("fake", "Fake", (f,), "VOCdevkit/VOC2007"))
+    download.prepare("fake", tmp_path, progress=False)
+    assert (tmp_path / "downloads" / "fake" / "fake.tar").read_bytes() == VOC_TAR
+    assert [p for p, _ in handler.log] == ["/official/fake.tar", "/mirror/fake.tar"]
+
+
+def test_a_partial_file_longer_than_the_file_is_discarded(server, tmp_path, monkeypatch):
+    url, handler = server
+    handler.files["/fake.tar"] = VOC_TAR
+    entry = _entry(monkeypatch, url, VOC_TAR)
+    folder = tmp_path / "downloads" / "fake"
+    folder.mkdir(parents=True)
+    (folder / "fake.tar.part").write_bytes(VOC_TAR + b"junk")
+    assert download.download(entry.files[0], folder, progress=False).read_bytes() == VOC_TAR
+    assert handler.log == [("/fake.tar", None)]
+
+
+def test_a_dataset_is_present_only_when_every_file_was_prepared(server, tmp_path, monkeypatch):
+    url, handler = server
+    handler.files["/ann.tar"] = ann = _tar({"coco/annotations/instances_val2017.json": b"{}"})
+    files = tuple(RemoteFile(n, (f"{url}/{n}",), len(b), hashlib.sha256(b).hexdigest())
+                  for n, b in (("ann.tar", ann), ("train.tar", b"never served")))
+    monkeypatch.setitem(registry.DATASETS, "fake",
+                        DatasetEntry("fake", "Fake COCO", files, "coco/annotations/instances_val2017.json"))
+    with pytest.raises(ConnectionError):
+        download.prepare("fake", tmp_path, progress=False)
+    assert (tmp_path / "coco/annotations/instances_val2017.json").is_file()  # the marker exists, the images not
+    assert download.check(tmp_path)["fake"].startswith("incomplete (1 of 2 files prepared")
+
+
+def test_prepare_unpacks_again_when_the_data_was_deleted(server, tmp_path, monkeypatch):
+    url, handler = server
+    handler.files["/fake.tar"] = VOC_TAR
+    _entry(monkeypatch, url, VOC_TAR)
+    download.prepare("fake", tmp_path, progress=False)
+    shutil.rmtree(tmp_path / "VOCdevkit")
+    assert download.check(tmp_path)["fake"] == "missing"
+    hits = len(handler.log)
+    assert download.prepare("fake", tmp_path, progress=False).is_file()  # from the kept archive
+    assert len(handler.log) == hits
+
+
+def test_archives_sharing_a_top_folder_are_merged(tmp_path):
+    first, second = tmp_path / "a.tar", tmp_path / "b.tar"
+    first.write_bytes(_tar({"VOCdevkit/VOC2007/JPEGImages/000005.jpg": b"a",
+                            "VOCdevkit/VOC2007/ImageSets/Main/trainval.txt": b"000005\n"}))
+    second.write_bytes(_tar({"VOCdevkit/VOC2007/JPEGImages/000001.jpg": b"b",
+                             "VOCdevkit/VOC2007/ImageSets/Main/test.txt": b"000001\n"}))
+    dest = tmp_path / "data"
+    download.unpack(first, dest)
+    download.unpack(second, dest)
+    assert sorted(p.name for p in (dest / "VOCdevkit/VOC2007/JPEGImages").iterdir()) == ["000001.jpg", "000005.jpg"]
+    assert sorted(p.name for p in (dest / "VOCdevkit/VOC2007/ImageSets/Main").iterdir()) == ["test.txt",
+                                                                                           "trainval.txt"]
+    assert not list(dest.glob(".extract-*"))
 
 
 def test_checksum_mismatch_is_an_error_and_nothing_is_unpacked(server, tmp_path, monkeypatch):

@@ -104,12 +104,26 @@ def test_real_data_on_fake_layouts(fake_root, name):
     assert item[0].shape == (3, 24, 24) and item[1].shape == (d.num_classes,)
     assert d.train_targets.dtype == np.uint8 and d.train_targets.sum() > 0
     test_item = d.test_ds[0]
-    assert len(test_item) == (3 if name in ("voc2007", "voc_lt") else 2)  # VOC: difficult mask for the AP
+    # VOC2007: difficult objects masked out of the AP; VOC-LT: counted as positives, as DistributionBalancedLoss
+    assert len(test_item) == (3 if name == "voc2007" else 2)
     assert name in d.describe()
     if name.endswith("_lt"):
         assert set(d.extra["split"].groups) == {"head", "medium", "tail"}
         counts = d.train_targets.sum(0)
         assert counts[d.extra["split"].groups["head"]].min() >= counts[d.extra["split"].groups["tail"]].max()
+
+
+def test_voc_lt_test_labels_follow_the_difficult_policy(fake_root):
+    """VOC-LT's test set counts difficult-only classes as present (DBL); ``difficult_eval: ignore`` masks them."""
+    from mlic_lib.data.voc import read_voc_labels
+
+    _, raw = read_voc_labels(fake_root, "2007", "test")  # 1 present, 0 difficult-only, -1 absent
+    assert (raw == 0).any(), "the fake VOC2007 test set should have difficult-only labels"
+    dbl = real_data({"dataset": "voc_lt", "image_size": 24, "root": str(fake_root)}).test_ds
+    np.testing.assert_array_equal(np.asarray(dbl.targets), (raw >= 0).astype(np.uint8))
+    assert getattr(dbl, "mask", None) is None
+    voc = real_data({"dataset": "voc_lt", "image_size": 24, "root": str(fake_root), "difficult_eval": "ignore"}).test_ds
+    np.testing.assert_array_equal(np.asarray(voc.mask), raw != 0)
 
 
 def test_real_data_subset_is_seeded(fake_root):

@@ -42,6 +42,7 @@ def read_coco_labels(
     instances_json: str | os.PathLike,
     class_order: str = "coco",
     drop_empty: bool = False,
+    skip_degenerate: bool = False,
 ) -> tuple[list[int], list[str], np.ndarray, list[str]]:
     """Build the multi-hot label matrix of a COCO ``instances_*.json`` file.
 
@@ -55,6 +56,10 @@ def read_coco_labels(
     drop_empty : bool, default False
         By default images without any annotation are kept with an all-zero label row (COCO 2014
         train has about 700 of them, val about 300). ``True`` removes them.
+    skip_degenerate : bool, default False
+        ``True`` leaves out the annotations flagged ``ignore`` and those with ``area <= 0`` or a box
+        narrower or lower than 1 pixel, as DistributionBalancedLoss's COCO loader does (the labels of
+        COCO-LT and of its val2017 test set). Applied before ``drop_empty``.
 
     Returns
     -------
@@ -84,6 +89,9 @@ def read_coco_labels(
     file_names = [str(im["file_name"]) for im in images]
     cat_ids = np.fromiter((int(c["id"]) for c in categories), dtype=np.int64, count=len(categories))
     class_names = [str(c["name"]) for c in categories]
+    if skip_degenerate:
+        annotations = [a for a in annotations if not a.get("ignore", False) and float(a.get("area", 1.0)) > 0
+                       and min(float(v) for v in a.get("bbox", (0, 0, 1, 1))[2:4]) >= 1]
     ann_img = np.fromiter((a["image_id"] for a in annotations), dtype=np.int64, count=len(annotations))
     ann_cat = np.fromiter((a["category_id"] for a in annotations), dtype=np.int64, count=len(annotations))
 
@@ -123,6 +131,7 @@ def coco_dataset(
     class_order: str = "mlgcn",
     *,
     drop_empty: bool = False,
+    skip_degenerate: bool = False,
 ) -> ImageListDataset:
     """MS-COCO multi-label classification dataset.
 
@@ -139,6 +148,8 @@ def coco_dataset(
         See :func:`read_coco_labels`.
     drop_empty : bool, default False
         Remove images without annotations (kept with all-zero targets by default).
+    skip_degenerate : bool, default False
+        Leave out ignored, zero-area and sub-pixel annotations (see :func:`read_coco_labels`).
 
     Returns
     -------
@@ -168,7 +179,8 @@ def coco_dataset(
         raise missing_dataset(name, ann, "missing")
     if not img_dir.is_dir():
         raise missing_dataset(name, img_dir, "not a directory" if img_dir.exists() else "missing")
-    ids, files, labels, class_names = read_coco_labels(ann, class_order=class_order, drop_empty=drop_empty)
+    ids, files, labels, class_names = read_coco_labels(ann, class_order=class_order, drop_empty=drop_empty,
+                                                       skip_degenerate=skip_degenerate)
     return ImageListDataset(
         [img_dir / f for f in files],
         labels,

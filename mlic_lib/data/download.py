@@ -6,7 +6,8 @@
 and unpacks it. A checksum mismatch is an error: the bad file is moved aside to ``*.bad`` and never
 extracted. Extraction goes to a temporary folder first and is moved into place at the end, so an
 interrupted run never leaves a half-unpacked dataset looking complete; a ``.prepared`` stamp per
-file makes a rerun skip finished work. ``check()`` reports what is present.
+file makes a rerun skip finished work, and ``check()`` reports a dataset as present only when every
+one of its files was prepared.
 """
 
 from __future__ import annotations
@@ -41,12 +42,19 @@ def sha256_of(path: Path) -> str:
 
 
 def _fetch(url: str, part: Path, expected_size: int | None, progress: bool) -> None:
-    """Download ``url`` into ``part``, resuming from its current length when the server allows it."""
+    """Download ``url`` into ``part``, resuming from its current length when the server allows it.
+
+    A connection that closes before the announced length raises ``ConnectionError`` and keeps ``part``
+    (``http.client`` returns a short read there instead of raising), so a rerun resumes it.
+    """
     from tqdm.auto import tqdm
 
     from mlic_lib.utils import bar_disabled
 
     have = part.stat().st_size if part.exists() else 0
+    if expected_size is not None and have > expected_size:
+        part.unlink()  # longer than the file itself: it cannot be resumed (the server would answer 416)
+        have = 0
     if expected_size is not None and have == expected_size:
         return
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
@@ -62,10 +70,18 @@ def _fetch(url: str, part: Path, expected_size: int | None, progress: bool) -> N
             for block in iter(lambda: response.read(CHUNK), b""):
                 out.write(block)
                 bar.update(len(block))
+    got = part.stat().st_size
+    if total is not None and got < total:
+        raise ConnectionError(f"the connection closed after {got:,} of {total:,} bytes")
 
 
 def download(file: RemoteFile, folder: Path, progress: bool = True, allow_unverified: bool = False) -> Path:
-    """Download ``file`` into ``folder`` (resuming), verify it, and return the verified path."""
+    """Download ``file`` into ``folder`` (resuming), verify it, and return the verified path.
+
+    The URLs are tried in order: a connection error or a file of the wrong size or sha256 (an error page
+    served with status 200, say) moves on to the next one. A wrong file is moved aside to ``*.bad`` and
+    never used; an interrupted one stays as ``*.part`` for the next run to resume.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / file.name
     if final.is_file():
@@ -76,31 +92,34 @@ def download(file: RemoteFile, folder: Path, progress: bool = True, allow_unveri
             "to download it anyway (the computed digest is printed so it can be recorded)."
         )
     part = folder / (file.name + ".part")
-    errors = []
+    errors, bad = [], None
     for url in file.urls:
         try:
             _fetch(url, part, file.size, progress)
-            break
         except (urllib.error.URLError, OSError) as err:
             errors.append(f"{url}: {err}")
-    else:
-        raise ConnectionError(
-            f"could not download {file.name} (the partial file {part} is kept; rerun to resume):\n  "
-            + "\n  ".join(errors)
-        )
-    size = part.stat().st_size
-    digest = sha256_of(part)
-    if (file.size is not None and size != file.size) or (file.sha256 is not None and digest != file.sha256):
-        bad = part.with_suffix(".bad")
-        part.replace(bad)
+            continue
+        size = part.stat().st_size
+        digest = sha256_of(part)
+        if (file.size is not None and size != file.size) or (file.sha256 is not None and digest != file.sha256):
+            bad = part.with_suffix(".bad")
+            part.replace(bad)
+            errors.append(f"{url}: expected {file.size} bytes with sha256 {file.sha256}, got {size} bytes with "
+                          f"sha256 {digest}")
+            continue
+        if file.sha256 is None:
+            print(f"{file.name}: sha256 {digest} (not verified: record it in the registry)", file=sys.stderr)
+        part.replace(final)
+        return final
+    if bad is not None:
         raise ChecksumError(
-            f"{file.name}: expected {file.size} bytes with sha256 {file.sha256}, got {size} bytes with sha256 "
-            f"{digest}. The file was moved to {bad} and not used; delete it and rerun to download again."
+            f"{file.name}: no URL gave the expected file. The last wrong download was moved to {bad} and not "
+            "used; delete it and rerun to download again.\n  " + "\n  ".join(errors)
         )
-    if file.sha256 is None:
-        print(f"{file.name}: sha256 {digest} (not verified: record it in the registry)", file=sys.stderr)
-    part.replace(final)
-    return final
+    raise ConnectionError(
+        f"could not download {file.name} (the partial file {part} is kept; rerun to resume):\n  "
+        + "\n  ".join(errors)
+    )
 
 
 def _safe_members(names: list[str]) -> None:
@@ -110,8 +129,26 @@ def _safe_members(names: list[str]) -> None:
             raise RuntimeError(f"refusing to extract {name!r}: it would leave the target folder")
 
 
+def _merge(src: Path, dst: Path) -> None:
+    """Move ``src`` to ``dst`` by renames: a folder both have is merged entry by entry, anything else replaced."""
+    if src.is_dir() and not src.is_symlink() and dst.is_dir() and not dst.is_symlink():
+        for item in src.iterdir():
+            _merge(item, dst / item.name)
+        src.rmdir()
+        return
+    if dst.is_dir() and not dst.is_symlink():
+        shutil.rmtree(dst)
+    elif dst.exists() or dst.is_symlink():
+        dst.unlink()
+    src.replace(dst)
+
+
 def unpack(archive: Path, dest: Path) -> None:
-    """Extract a tar/tar.gz/zip archive into ``dest`` via a temporary folder (no partial results)."""
+    """Extract a tar/tar.gz/zip archive into ``dest`` via a temporary folder (no partial results).
+
+    The extracted entries are then moved into ``dest`` by renames, merged with what is there (the VOC tars
+    share ``VOCdevkit/``), so a second archive costs no copy of the first.
+    """
     dest.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=dest))
     try:
@@ -122,29 +159,36 @@ def unpack(archive: Path, dest: Path) -> None:
         else:
             with tarfile.open(archive) as t:
                 _safe_members(t.getnames())
-                t.extractall(tmp, filter="data")
-        for item in tmp.iterdir():  # merge top-level entries (VOC tars share VOCdevkit/)
-            target = dest / item.name
-            if target.is_dir() and item.is_dir():
-                shutil.copytree(item, target, dirs_exist_ok=True)
-            else:
-                if target.exists():
-                    shutil.rmtree(target) if target.is_dir() else target.unlink()
-                item.replace(target)
+                # the "data" filter (Python >= 3.10.12 / 3.11.4) also refuses links that leave the folder
+                t.extractall(tmp, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+        for item in tmp.iterdir():
+            _merge(item, dest / item.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _stamp(root: Path, entry: DatasetEntry, file: RemoteFile) -> Path:
+    """The file written once ``file`` of ``entry`` is downloaded, verified and unpacked (or copied)."""
+    return root / "downloads" / entry.key / f"{file.name}.prepared"
+
+
 def prepare(key: str, root: Path | None = None, progress: bool = True, allow_unverified: bool = False,
             keep_archives: bool = True) -> Path:
-    """Download, verify and unpack dataset ``key`` under ``root`` (default ``$MLIC_DATA``)."""
+    """Download, verify and unpack dataset ``key`` under ``root`` (default ``$MLIC_DATA``).
+
+    A file whose ``.prepared`` stamp exists is skipped; if the dataset's marker is gone even so (its folder
+    was deleted by hand), the stamps are discarded and everything is unpacked (or downloaded) again.
+    """
     entry = get(key)
     root = Path(root) if root is not None else data_root()
     if not entry.files:
         raise RuntimeError(f"{entry.title}: nothing to download. {entry.notes}")
     downloads = root / "downloads" / entry.key
+    if not (root / entry.marker).exists():
+        for file in entry.files:
+            _stamp(root, entry, file).unlink(missing_ok=True)
     for file in entry.files:
-        stamp = downloads / f"{file.name}.prepared"
+        stamp = _stamp(root, entry, file)
         if stamp.is_file():
             continue
         path = download(file, downloads, progress, allow_unverified)
@@ -159,7 +203,7 @@ def prepare(key: str, root: Path | None = None, progress: bool = True, allow_unv
         stamp.write_text(file.sha256 or "unverified")
         if not keep_archives and file.action == "extract":
             path.unlink()
-    missing = [n for n in entry.needs if not (root / get(n).marker).exists()]
+    missing = [n for n in entry.needs if status(get(n), root) != "present"]
     if missing:
         print(f"{entry.title} also needs: {', '.join(missing)} (run `mlic data prepare NAME` for each)",
               file=sys.stderr)
@@ -167,14 +211,24 @@ def prepare(key: str, root: Path | None = None, progress: bool = True, allow_unv
 
 
 def status(entry: DatasetEntry, root: Path) -> str:
-    if (root / entry.marker).exists():
+    """``present``, ``missing``, ``partial download (...)`` or ``incomplete (...)`` for ``entry`` under ``root``.
+
+    Present means the marker exists and, if ``mlic data prepare`` worked on the dataset (some file has a
+    stamp), every file was prepared: a run interrupted after the first archive is not reported as present.
+    Data placed by hand (no stamps) is judged by the marker alone.
+    """
+    stamped = [f.name for f in entry.files if _stamp(root, entry, f).is_file()]
+    if (root / entry.marker).exists() and (not stamped or len(stamped) == len(entry.files)):
         return "present"
+    if stamped and len(stamped) < len(entry.files):
+        return (f"incomplete ({len(stamped)} of {len(entry.files)} files prepared; rerun "
+                f"`mlic data prepare {entry.key}`)")
     partial = [f.name for f in entry.files if (root / "downloads" / entry.key / (f.name + ".part")).exists()]
     return f"partial download ({', '.join(partial)})" if partial else "missing"
 
 
 def check(root: Path | None = None) -> dict[str, str]:
-    """``{dataset: 'present' | 'missing' | 'partial download (...)'}`` for every registry entry."""
+    """``{dataset: 'present' | 'missing' | 'partial download (...)' | 'incomplete (...)'}`` per registry entry."""
     root = Path(root) if root is not None else data_root()
     return {key: status(entry, root) for key, entry in DATASETS.items()}
 

@@ -147,10 +147,14 @@ def voc_lt_labels(split: LTSplit, root: str | os.PathLike | None = None,
 
 
 def coco_lt_labels(split: LTSplit, instances_json: str | os.PathLike) -> np.ndarray:
-    """COCO-LT training labels ``(N, 80)`` (category-id order) from ``instances_train2017.json``."""
+    """COCO-LT training labels ``(N, 80)`` (category-id order) from ``instances_train2017.json``.
+
+    Annotations flagged ``ignore``, of zero area or with a box side below 1 pixel are left out, as in
+    DistributionBalancedLoss's COCO loader, which produced the split's ``gt_labels``.
+    """
     from mlic_lib.data.coco import read_coco_labels
 
-    ids, _, labels, _ = read_coco_labels(instances_json, class_order="coco")
+    ids, _, labels, _ = read_coco_labels(instances_json, class_order="coco", skip_degenerate=True)
     row = {int(i): r for r, i in enumerate(ids)}
     missing = [i for i in split.image_ids if int(i) not in row]
     if missing:
@@ -201,11 +205,15 @@ def head_to_tail_order(counts) -> np.ndarray:
 
 # ------------------------------------------------------------------------------ real data (full profile)
 def lt_datasets(dataset: str, split_dir: str | os.PathLike | None = None, root: str | os.PathLike | None = None,
-                image_size: int = 224, *, train_transform=None, test_transform=None):
+                image_size: int = 224, *, train_transform=None, test_transform=None,
+                difficult_eval: str = "positive"):
     """``(train_ds, train_targets, test_ds, split)`` for ``"voc_lt"`` or ``"coco_lt"`` (full profile).
 
     Train: the split's images (VOC2012 ``JPEGImages`` / COCO ``train2017``) with labels from the
-    annotations; test: VOC2007 test (difficult ignored) / COCO-2017 val, category-id order. ``split_dir``
+    annotations; test: VOC2007 test / COCO-2017 val (category-id order), labelled as DistributionBalancedLoss
+    labels them, whose evaluation the LTML paper reuses: on VOC every object counts, difficult or not
+    (``difficult_eval="positive"``; ``"ignore"`` is the VOC AP convention of the other chapters), and on COCO
+    ignored, zero-area and sub-pixel annotations are left out. ``split_dir``
     defaults to ``<data root>/<dataset>``. The transforms default to resize to ``image_size`` (+ random
     flip for training). Missing data raises ``DatasetNotFoundError`` (fetching the images is the job of
     ``mlic data prepare``). Tested on files in the real layout (``tests/test_real_pipeline.py``).
@@ -230,14 +238,14 @@ def lt_datasets(dataset: str, split_dir: str | os.PathLike | None = None, root: 
         img_dir = voc_dir(base, "2012") / "JPEGImages"
         train = ImageListDataset([img_dir / f"{i}.jpg" for i in split.image_ids], labels, transform=train_tf,
                                  name="voc_lt", class_names=list(VOC_CLASSES), ids=split.image_ids)
-        test = voc_dataset(base, "2007", "test", transform=test_tf, difficult="ignore")
+        test = voc_dataset(base, "2007", "test", transform=test_tf, difficult=difficult_eval)
     else:
         ann = base / "coco" / "annotations" / "instances_train2017.json"
         if not ann.is_file():
             raise missing_dataset("COCO2017", ann, key="coco2017")
         labels = coco_lt_labels(split, ann)
         img_dir = base / "coco" / "train2017"
-        test = coco_dataset(base, "2017", "val", transform=test_tf, class_order="coco")
+        test = coco_dataset(base, "2017", "val", transform=test_tf, class_order="coco", skip_degenerate=True)
         train = ImageListDataset([img_dir / f"{int(i):012d}.jpg" for i in split.image_ids], labels,
                                  transform=train_tf, name="coco_lt", class_names=test.class_names,
                                  ids=split.image_ids)

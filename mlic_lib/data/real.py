@@ -7,14 +7,15 @@ dataset    train                                     test
 voc2007    VOC2007 trainval                          VOC2007 test (difficult ignored in AP)
 coco2014   COCO train2014 (ML-GCN class order)       COCO val2014
 coco2017   COCO train2017 (ML-GCN class order)       COCO val2017
-voc_lt     VOC-LT split of VOC2012 trainval          VOC2007 test (difficult ignored)
+voc_lt     VOC-LT split of VOC2012 trainval          VOC2007 test (difficult positive, as DBL)
 coco_lt    COCO-LT split of COCO train2017           COCO val2017 (category-id order)
 nuswide    NUS-WIDE official train list (81)         official test list (user-supplied images)
 ========== ========================================= ============================================
 
 ``data:`` keys: ``dataset``, ``image_size``, ``augment`` (see :func:`.presets.train_preset`),
 ``difficult_train`` / ``difficult_eval`` (VOC: ``negative`` (SpliceMix's code) / ``ignore`` (AP) by default;
-``ignore`` in training gives ``(x, y, mask)`` items), ``head_min`` / ``tail_max`` (read by the LTML chapter),
+``ignore`` in training gives ``(x, y, mask)`` items; VOC-LT reads ``difficult_eval`` only, default ``positive``
+as in DistributionBalancedLoss's evaluation), ``head_min`` / ``tail_max`` (read by the LTML chapter),
 ``n_train`` / ``n_test`` (``null`` = all; else a seeded random subset, for quick checks), ``subset_seed``,
 ``root`` (``null`` = ``$MLIC_DATA``; relative paths are relative to the working directory, i.e. ``notebooks/``
 when a chapter runs), ``split_dir`` (long-tailed splits; ``null`` = ``<root>/<dataset>``).
@@ -124,7 +125,8 @@ def real_data(data: Mapping[str, Any]) -> RealData:
         extra["missing_images"] = {"train": train.n_missing, "test": test.n_missing}
     else:
         train, _, test, split = lt_datasets(name, data.get("split_dir"), root, train_transform=train_tf,
-                                            test_transform=test_tf)
+                                            test_transform=test_tf,
+                                            difficult_eval=data.get("difficult_eval", "positive"))
         extra["split"] = split
     seed = int(data.get("subset_seed", 0))
     train, test = subset(train, data.get("n_train"), seed), subset(test, data.get("n_test"), seed + 1)

@@ -129,7 +129,7 @@ DATASETS: dict[str, DatasetEntry] = {
             )
         ),
         marker="voc_lt/class_split.pkl",
-        needs=("voc2012",),
+        needs=("voc2012", "voc2007"),  # VOC2012 training images, VOC2007 test set
     ),
     "coco_lt": DatasetEntry(
         "coco_lt", "COCO-LT split files (DistributionBalancedLoss) over COCO 2017 images",
