@@ -22,12 +22,15 @@ import torch
 
 from mlic_lib.data.fake import write_fake
 from mlic_lib.data.real import real_data
+from mlic_lib.profiles import load_profile
 
-PRESETS = {  # the augment section of each chapter's full profile
-    "splicemix": {"crop": "multiscale", "hflip": True},
-    "assocformer": {"crop": "none", "hflip": False, "cutout": 0.5, "randaugment": True},
-    "ltml": {"crop": "none", "hflip": True},
-}
+PRESETS = ("splicemix", "psd", "assocformer", "ltml")  # the chapters whose full profile reads images
+
+
+def preset(chapter: str) -> dict:
+    """The ``augment`` section of ``chapter``'s full profile (SpliceMix: of its VOC2007 run)."""
+    data = load_profile(chapter, "full")["data"]
+    return dict((data.get("real") or data)["augment"])
 
 
 def measure(ds, workers: int, batch: int, batches: int) -> float:
@@ -47,7 +50,8 @@ def measure(ds, workers: int, batch: int, batches: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", choices=sorted(PRESETS), default="splicemix")
+    p.add_argument("--preset", choices=PRESETS, default="splicemix",
+                   help="whose full-profile train preset to run (read from its profile)")
     p.add_argument("--size", type=int, default=448)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--batches", type=int, default=8)
@@ -58,9 +62,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as root:
         write_fake("voc2007", root, n_train=args.images, n_test=10, image_size=375)  # 375 high, ~470 wide
         ds = real_data({"dataset": "voc2007", "root": root, "image_size": args.size,
-                        "augment": PRESETS[args.preset]}).train_ds
+                        "augment": preset(args.preset)}).train_ds
         rows = []
-        print(f"{args.preset} train preset, {args.size} px output, batch {args.batch}, {os.cpu_count()} CPUs")
+        print(f"{args.preset} train preset {preset(args.preset)}, {args.size} px output, batch {args.batch}, "
+              f"{os.cpu_count()} CPUs")
         print(f"{'workers':>7s} {'img/s':>8s}")
         for w in args.workers:
             rate = measure(ds, w, args.batch, args.batches)

@@ -72,6 +72,7 @@ class TrainConfig:
     decay_norm_and_bias: bool = True  # False: no weight decay on biases, norm weights, other 1-d or scalar
     #   parameters (as ASL's and timm's "filter_bias_and_bn") and the names a submodule's ``no_weight_decay()`` lists
     scheduler: str = "onecycle"
+    onecycle_pct_start: float = 0.2  # share of the steps one-cycle spends warming up (ASL: 0.2; CPSD's code: 0.1)
     milestones: tuple[int, ...] = ()  # epochs at which 'step' multiplies the lr by ``gamma``
     gamma: float = 0.1
     warmup_epochs: float = 0.0  # linear warm-up for 'step' / 'cosine'
@@ -103,6 +104,8 @@ class TrainConfig:
         if self.warmup_steps < 0 or self.warmup_epochs < 0 or not 0.0 <= self.warmup_start < 1.0:
             raise ValueError("warmup_steps and warmup_epochs must be >= 0 and warmup_start in [0, 1), got "
                              f"{self.warmup_steps}, {self.warmup_epochs} and {self.warmup_start}")
+        if not 0.0 < self.onecycle_pct_start < 1.0:
+            raise ValueError(f"onecycle_pct_start must be in (0, 1), got {self.onecycle_pct_start}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
         self.milestones = tuple(self.milestones)
@@ -259,10 +262,10 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_pe
     warm = cfg.warmup_steps or int(cfg.warmup_epochs * steps_per_epoch)
     if cfg.scheduler == "onecycle" and total < 4:  # too few steps for a warm-up/anneal cycle
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    if cfg.scheduler == "onecycle":
+    if cfg.scheduler == "onecycle":  # at least 2 warm-up steps (a tiny run would divide by 0)
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total,
-            pct_start=min(0.5, max(0.2, 2.0 / total)))  # >= 2 warm-up steps (a tiny run would divide by 0)
+            pct_start=min(0.5, max(cfg.onecycle_pct_start, 2.0 / total)))
     if cfg.scheduler == "none":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     milestones = [m * steps_per_epoch for m in cfg.milestones]

@@ -88,7 +88,8 @@ def pretraining_note(model_settings: Mapping[str, Any]) -> str:
     papers, which fine-tune ImageNet weights); an empty string otherwise."""
     if model_settings.get("weights") is None and str(model_settings.get("backbone", "")).startswith("resnet"):
         return ("Note: model.weights is null, so the ResNet is trained from scratch; the paper fine-tunes ImageNet "
-                "weights, and its numbers are not comparable to these (set model.weights to a local .pth).")
+                "weights, and its numbers are not comparable to these (set model.weights: imagenet for torchvision's "
+                "weights, or the path of a local .pth).")
     return ""
 
 

@@ -170,6 +170,22 @@ def test_onecycle_survives_tiny_runs(total_steps):
     assert all(np.isfinite(g["lr"]) for g in opt.param_groups)
 
 
+@pytest.mark.parametrize("pct", [0.1, 0.2, 0.3])
+def test_onecycle_peaks_after_its_warm_up_share(pct):
+    from mlic_lib.engine import build_scheduler
+
+    opt = torch.optim.SGD(_model().parameters(), lr=0.1)
+    sched = build_scheduler(opt, TrainConfig(epochs=10, scheduler="onecycle", onecycle_pct_start=pct), 100)
+    lrs = []
+    for _ in range(1000):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert int(np.argmax(lrs)) == round(pct * 1000) - 1  # torch's one-cycle peaks at step pct * total - 1
+    with pytest.raises(ValueError, match="onecycle_pct_start"):
+        TrainConfig(onecycle_pct_start=1.0)
+
+
 def test_progress_bars_honour_tqdm_disable(monkeypatch):
     """The book sets TQDM_DISABLE=1: bars asked for by a chapter stay off there (no frozen bars in the HTML)."""
     from mlic_lib.utils import bar_disabled

@@ -133,6 +133,33 @@ def test_local_weights_file(tmp_path):
         build_model("resnet18", 5, weights=tmp_path / "missing.pth")
 
 
+def test_torchvision_imagenet_weights(monkeypatch):
+    """``weights="imagenet"`` loads torchvision's IMAGENET1K_V1 file through the hub cache, hash-checked."""
+    import torchvision
+    from torchvision.models import _api
+
+    ref = torchvision.models.resnet18(weights=None).state_dict()
+    calls = []
+
+    def fake_hub(url, **kwargs):
+        calls.append((url, kwargs))
+        return ref
+
+    monkeypatch.setattr(_api, "load_state_dict_from_url", fake_hub)
+    model = build_model("resnet18", 5, weights="imagenet")
+    torch.testing.assert_close(model.features[0].weight, ref["conv1.weight"])
+    (url, kwargs), = calls
+    assert url == torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
+    assert kwargs["check_hash"] and kwargs["weights_only"]
+
+    def offline(url, **kwargs):
+        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+
+    monkeypatch.setattr(_api, "load_state_dict_from_url", offline)
+    with pytest.raises(RuntimeError, match="set model.weights to its path"):
+        build_model("resnet18", 5, weights="imagenet")
+
+
 def test_bad_model_requests():
     with pytest.raises(ValueError, match="unknown backbone"):
         build_model("resnet7", 3)

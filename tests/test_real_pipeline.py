@@ -18,7 +18,16 @@ from PIL import Image
 
 from mlic_lib.data.errors import DatasetNotFoundError
 from mlic_lib.data.fake import FAKE_DATASETS, write_fake
-from mlic_lib.data.presets import Cutout, MultiScaleCrop, eval_preset, train_preset
+from mlic_lib.data.presets import (
+    Cutout,
+    MultiScaleCrop,
+    PhotoMetricDistortion,
+    RandomPatchCrop,
+    eval_preset,
+    hsv_to_rgb,
+    rgb_to_hsv,
+    train_preset,
+)
 from mlic_lib.data.real import REAL_DATASETS, is_real, real_data, subset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,7 +49,8 @@ def _image(w: int = 60, h: int = 40) -> Image.Image:
 
 
 @pytest.mark.parametrize("augment", [None, {"crop": "multiscale"}, {"crop": "random_resized", "hflip": False},
-                                     {"cutout": 0.5, "randaugment": True, "hflip": False}])
+                                     {"cutout": 0.5, "randaugment": True, "hflip": False},
+                                     {"crop": "random_patch", "photometric": True}])
 def test_train_preset_shapes(augment):
     x = train_preset(32, augment)(_image())
     assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and torch.isfinite(x).all()
@@ -77,6 +87,66 @@ def test_cutout_fills_one_rectangle_or_nothing():
     inside = [m for m in changed if m[0].sum() == 0 and m[-1].sum() == 0 and m[:, 0].sum() == 0 and m[:, -1].sum() == 0]
     assert all(m.sum() == 400 for m in inside if m.any())  # a box away from the borders is exactly 20 x 20
     assert sum(m.any() for m in changed) >= 15
+
+
+def test_hsv_conversions_match_opencv():
+    cv2 = pytest.importorskip("cv2")
+    rgb = np.random.default_rng(1).uniform(0, 255, (13, 17, 3)).astype(np.float32)
+    rgb[0, :4] = (20, 20, 20)  # grey: no hue, no saturation
+    rgb[1, :3], rgb[2, :3], rgb[3, :3] = (200, 40, 40), (40, 200, 40), (40, 40, 200)  # each channel the max
+    ref = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
+    mine = torch.stack(rgb_to_hsv(torch.from_numpy(rgb).permute(2, 0, 1)), -1).numpy()
+    np.testing.assert_allclose(mine, ref, atol=1e-3)
+    ref[..., 1] *= 1.4  # saturation beyond 1, as the distortion makes it
+    ref[..., 0] = (ref[..., 0] + 17) % 360
+    back = hsv_to_rgb(*(torch.from_numpy(np.ascontiguousarray(ref[..., i])) for i in range(3))).permute(1, 2, 0)
+    np.testing.assert_allclose(back.numpy(), cv2.cvtColor(ref, cv2.COLOR_HSV2RGB), atol=1e-2)
+
+
+class _Draws:
+    """A stand-in for ``random``: every coin comes up heads, and the given values are drawn in order."""
+
+    def __init__(self, uniforms, contrast_first=False, order=(2, 0, 1)):
+        self.uniforms, self.contrast_first, self.order, self.coins = list(uniforms), contrast_first, order, 0
+
+    def random(self):
+        self.coins += 1
+        return 0.9 if self.coins == 2 and not self.contrast_first else 0.1  # 2nd coin: contrast before HSV?
+
+    def uniform(self, lo, hi):
+        v = self.uniforms.pop(0)
+        assert lo <= v <= hi
+        return v
+
+    def sample(self, population, k):
+        return list(self.order)
+
+
+def test_photometric_distortion_matches_the_reference_steps():
+    """Every step on, contrast after the HSV steps, against the same steps done with OpenCV on 0-255 floats."""
+    cv2 = pytest.importorskip("cv2")
+    x = torch.rand(3, 9, 11, generator=torch.Generator().manual_seed(0))
+    out = PhotoMetricDistortion()(x, _Draws([10.0, 1.3, 12.0, 0.8]))  # brightness, saturation, hue, contrast
+    img = x.permute(1, 2, 0).numpy() * 255 + 10.0
+    hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
+    hsv[..., 1] *= 1.3
+    hsv[..., 0] = (hsv[..., 0] + 12.0) % 360
+    ref = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB) * 0.8
+    ref = ref[..., [2, 0, 1]] / 255
+    np.testing.assert_allclose(out.permute(1, 2, 0).numpy(), ref, atol=1e-4)
+    first = PhotoMetricDistortion()(x, _Draws([0.0, 1.5, 1.0, 0.0], contrast_first=True, order=(0, 1, 2)))
+    torch.testing.assert_close(first, x * 1.5, atol=1e-4, rtol=1e-4)  # contrast only (the rest is neutral)
+
+
+def test_random_patch_crop_params():
+    crop, rng = RandomPatchCrop(0.8), random.Random(0)
+    for _ in range(200):
+        left, top, cw, ch = crop.params(100, 60, rng)
+        assert 0 <= left and left + cw <= 100 and 0 <= top and top + ch <= 60
+        assert cw >= 79 and ch >= 47 and 0.5 <= ch / cw <= 2
+    assert RandomPatchCrop(1.0).params(100, 10, rng) == (0, 0, 100, 10)  # no patch with h/w in [0.5, 2]
+    with pytest.raises(ValueError, match="min_crop"):
+        RandomPatchCrop(0.0)
 
 
 def test_bad_augment_options():
@@ -229,7 +299,8 @@ def test_psd_subtask_view_and_on_the_fly_student(fake_root):
 
 
 # --------------------------------------------------------------------- chapters, full profile, offline
-SMALL_CNN = {"model.backbone": "small_resnet", "model.widths": [8, 16, 32, 64], "train.num_workers": 0}
+SMALL_CNN = {"model.backbone": "small_resnet", "model.widths": [8, 16, 32, 64], "model.weights": None,
+             "train.num_workers": 0}
 FULL_RUNS = {
     "01_splicemix": (["voc2007"], {**SMALL_CNN, "data.n_train": 64, "data.n_test": 32, "data.n_bias_test": 32,
                                    "data.scenes": {}, "data.real.image_size": 32, "train.epochs": 1,
@@ -254,7 +325,7 @@ FULL_RUNS = {
                                          "cifar.train.epochs": 1, "cifar.train.num_workers": 0,
                                          "cifar.train.batch_size": 32}),
     "05_ltml": (["voc_lt"], {**SMALL_CNN, "data.image_size": 32, "train.epochs": 1, "train.batch_size": 16,
-                             "train.milestones": [1], "train.warmup_epochs": 0, "seeds": [0],
+                             "train.milestones": [1], "train.warmup_steps": 0, "seeds": [0],
                              "ltml.samples_per_class": 1, "ltml.lambda_sweep": [0.1], "data.head_min": 20,
                              "data.tail_max": 5}),
 }

@@ -4,11 +4,14 @@ mapping that the chapter profiles carry under ``data.augment``.
 
 Training recipes of the papers:
 
-* SpliceMix (Sec. IV-A) and CPSD follow ML-GCN: resize, then a random *multi-scale crop* resized to
-  ``size`` with horizontal flips -> ``{"crop": "multiscale", "hflip": True}``.
+* SpliceMix (Sec. IV-A) follows ML-GCN: resize, then a random *multi-scale crop* resized to ``size``
+  with horizontal flips -> ``{"crop": "multiscale", "hflip": True}``.
 * AssocFormer (Sec. 4.1) follows ASL: resize to ``size``, Cutout with factor 0.5 and RandAugment ->
-  ``{"crop": "none", "hflip": False, "cutout": 0.5, "randaugment": True}``.
-* LTML / DistributionBalancedLoss: resize + random flip -> the default ``{"crop": "none", "hflip": True}``.
+  ``{"crop": "none", "hflip": False, "cutout": 0.5, "randaugment": True}``. CPSD's paper names no
+  augmentation; its authors' code uses this same ASL recipe.
+* LTML (Sec. 4.1: "standard data augmentations ... as in" DistributionBalancedLoss): DBL's colour
+  distortion (:class:`PhotoMetricDistortion`) and random patch (:class:`RandomPatchCrop`, at least 0.8
+  of each side), resize to ``size``, random flip -> ``{"crop": "random_patch", "photometric": True}``.
 
 Evaluation always resizes to ``(size, size)`` and normalises with the ImageNet mean/std. Images are
 PIL images in, normalised ``float32`` tensors ``(3, size, size)`` out.
@@ -20,14 +23,16 @@ import random
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import torch
 from PIL import Image, ImageDraw
 
 from .images import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["Cutout", "MultiScaleCrop", "eval_preset", "train_preset"]
+__all__ = ["Cutout", "MultiScaleCrop", "PhotoMetricDistortion", "RandomPatchCrop", "eval_preset", "hsv_to_rgb",
+           "rgb_to_hsv", "train_preset"]
 
-CROPS = ("none", "multiscale", "random_resized")
-_KEYS = {"crop", "hflip", "cutout", "randaugment", "scales", "resize_factor"}
+CROPS = ("none", "multiscale", "random_resized", "random_patch")
+_KEYS = {"crop", "hflip", "cutout", "randaugment", "scales", "resize_factor", "photometric", "min_crop"}
 
 
 class MultiScaleCrop:
@@ -100,12 +105,111 @@ class Cutout:
         return f"{type(self).__name__}(factor={self.factor}, p={self.p})"
 
 
+class RandomPatchCrop:
+    """DistributionBalancedLoss's random crop: a patch whose width and height are drawn uniformly from
+    ``[min_crop * W, W]`` and ``[min_crop * H, H]``, redrawn (up to 50 times, then the whole image) until its
+    height / width lies in ``[0.5, 2]``, at a uniformly random position. Resizing is left to the next step.
+    """
+
+    def __init__(self, min_crop: float = 0.8):
+        if not 0 < min_crop <= 1:
+            raise ValueError(f"min_crop must lie in (0, 1], got {min_crop}")
+        self.min_crop = float(min_crop)
+
+    def params(self, width: int, height: int, rng: random.Random) -> tuple[int, int, int, int]:
+        """``(left, top, crop_w, crop_h)`` of one patch of a ``width x height`` image."""
+        for _ in range(50):
+            cw, ch = rng.uniform(self.min_crop * width, width), rng.uniform(self.min_crop * height, height)
+            if 0.5 <= ch / cw <= 2:
+                left, top = int(rng.uniform(0, width - cw)), int(rng.uniform(0, height - ch))
+                return left, top, max(1, int(left + cw) - left), max(1, int(top + ch) - top)
+        return 0, 0, width, height
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        left, top, cw, ch = self.params(img.width, img.height, random)
+        return img.crop((left, top, left + cw, top + ch))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(min_crop={self.min_crop})"
+
+
+def rgb_to_hsv(img):
+    """``(3, H, W)`` RGB (any scale) -> hue in degrees ``[0, 360)``, saturation, value (OpenCV's float rule)."""
+    r, g, b = img.unbind(0)
+    v, mn = img.amax(0), img.amin(0)
+    delta = v - mn
+    safe = torch.where(delta != 0, delta, torch.ones_like(delta))
+    h = torch.where(v == r, 60 * (g - b) / safe,
+                    torch.where(v == g, 120 + 60 * (b - r) / safe, 240 + 60 * (r - g) / safe))
+    h = torch.where(delta == 0, torch.zeros_like(h), h)
+    h = torch.where(h < 0, h + 360, h)
+    s = torch.where(v != 0, delta / torch.where(v != 0, v, torch.ones_like(v)), torch.zeros_like(v))
+    return h, s, v
+
+
+# sector of the hue -> which of (v, q, p, t) is R, G, B
+_HSV_SECTORS = ((0, 3, 2), (1, 0, 2), (2, 0, 3), (2, 1, 0), (3, 2, 0), (0, 2, 1))
+
+
+def hsv_to_rgb(h, s, v):
+    """Inverse of :func:`rgb_to_hsv`: hue in degrees, saturation, value -> ``(3, H, W)`` RGB."""
+    hh = torch.remainder(h, 360) / 60
+    sector = hh.floor().long().clamp(0, 5)
+    f = hh - sector
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    vals = torch.stack([v, q, p, t])  # (4, H, W)
+    index = torch.tensor(_HSV_SECTORS, device=h.device)[sector]  # (H, W, 3)
+    return vals.gather(0, index.permute(2, 0, 1))
+
+
+class PhotoMetricDistortion:
+    """DistributionBalancedLoss's colour distortion (the mmdetection v1 recipe LTML reuses) on a float
+    tensor ``(3, H, W)`` in ``[0, 1]``, computed on the 0-255 scale like the original. Each step happens
+    with probability 1/2: brightness ``+ U(-32, 32)``; contrast ``x U(0.5, 1.5)``, before or after the HSV
+    steps (a fair coin); saturation ``x U(0.5, 1.5)``; hue ``+ U(-18, 18)`` degrees (wrapped); a random
+    order of the channels. Values are not clipped, as in the original.
+
+    The original distorts the image before its crop and resize; here it runs after them, on the
+    ``size x size`` tensor (cheaper). The brightness and contrast steps commute with a bilinear resize;
+    the HSV steps differ only where the resize mixes pixels of different colour.
+    """
+
+    def __init__(self, brightness_delta: float = 32.0, contrast: tuple[float, float] = (0.5, 1.5),
+                 saturation: tuple[float, float] = (0.5, 1.5), hue_delta: float = 18.0):
+        self.brightness_delta, self.hue_delta = float(brightness_delta), float(hue_delta)
+        self.contrast, self.saturation = tuple(contrast), tuple(saturation)
+
+    def __call__(self, x, rng: random.Random | None = None):
+        rng = rng or random
+        img = x * 255.0
+        if rng.random() < 0.5:
+            img = img + rng.uniform(-self.brightness_delta, self.brightness_delta)
+        contrast_first = rng.random() < 0.5
+        if contrast_first and rng.random() < 0.5:
+            img = img * rng.uniform(*self.contrast)
+        h, s, v = rgb_to_hsv(img)
+        if rng.random() < 0.5:
+            s = s * rng.uniform(*self.saturation)
+        if rng.random() < 0.5:
+            h = torch.remainder(h + rng.uniform(-self.hue_delta, self.hue_delta), 360.0)
+        img = hsv_to_rgb(h, s, v)
+        if not contrast_first and rng.random() < 0.5:
+            img = img * rng.uniform(*self.contrast)
+        if rng.random() < 0.5:
+            img = img[rng.sample(range(3), 3)]
+        return img / 255.0
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(brightness_delta={self.brightness_delta}, contrast={self.contrast}, "
+                f"saturation={self.saturation}, hue_delta={self.hue_delta})")
+
+
 def _check(augment: Mapping[str, Any]) -> dict[str, Any]:
     unknown = set(augment) - _KEYS
     if unknown:
         raise ValueError(f"unknown augment option(s) {sorted(unknown)}; valid: {sorted(_KEYS)}")
     a = {"crop": "none", "hflip": True, "cutout": 0.0, "randaugment": False, "resize_factor": 512 / 448,
-         "scales": (1.0, 0.875, 0.75, 0.66, 0.5), **augment}
+         "scales": (1.0, 0.875, 0.75, 0.66, 0.5), "photometric": False, "min_crop": 0.8, **augment}
     if a["crop"] not in CROPS:
         raise ValueError(f"augment.crop must be one of {CROPS}, got {a['crop']!r}")
     return a
@@ -121,8 +225,10 @@ def train_preset(size: int, augment: Mapping[str, Any] | None = None) -> Callabl
     augment : mapping, optional
         ``crop`` (``"none"``: resize to ``size``; ``"multiscale"``: resize to ``resize_factor * size``
         (default 512/448, ML-GCN) then :class:`MultiScaleCrop`; ``"random_resized"``: torchvision's
-        ``RandomResizedCrop``), ``hflip`` (bool), ``randaugment`` (bool, torchvision defaults),
-        ``cutout`` (factor, 0 = off), ``scales`` (for the multi-scale crop).
+        ``RandomResizedCrop``; ``"random_patch"``: :class:`RandomPatchCrop` with ``min_crop``, default 0.8,
+        then resize to ``size``), ``hflip`` (bool), ``randaugment`` (bool, torchvision defaults),
+        ``cutout`` (factor, 0 = off), ``scales`` (for the multi-scale crop), ``photometric`` (bool:
+        :class:`PhotoMetricDistortion` before the normalisation).
 
     Raises
     ------
@@ -138,6 +244,8 @@ def train_preset(size: int, augment: Mapping[str, Any] | None = None) -> Callabl
         steps += [T.Resize((big, big)), MultiScaleCrop(size, a["scales"])]
     elif a["crop"] == "random_resized":
         steps.append(T.RandomResizedCrop(size))
+    elif a["crop"] == "random_patch":
+        steps += [RandomPatchCrop(float(a["min_crop"])), T.Resize((size, size))]
     else:
         steps.append(T.Resize((size, size)))
     if a["hflip"]:
@@ -146,7 +254,10 @@ def train_preset(size: int, augment: Mapping[str, Any] | None = None) -> Callabl
         steps.append(Cutout(float(a["cutout"])))
     if a["randaugment"]:
         steps.append(T.RandAugment())
-    steps += [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    steps.append(T.ToTensor())
+    if a["photometric"]:
+        steps.append(PhotoMetricDistortion())
+    steps.append(T.Normalize(IMAGENET_MEAN, IMAGENET_STD))
     return T.Compose(steps)
 
 

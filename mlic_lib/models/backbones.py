@@ -2,13 +2,15 @@
 
 ``build_model(name, num_classes)`` returns a :class:`MultiLabelNet` whose parts are named so that every
 chapter can reach them: ``features`` (image -> feature map ``(B, D, h, w)``), ``pool`` and
-``classifier`` (``nn.Linear(D, C)``). SpliceMix and CPSD use ResNet-101 with global *max* pooling
-(the SpliceMix authors' choice), so ``pool='max'`` is the default.
+``classifier`` (``nn.Linear(D, C)``). SpliceMix uses ResNet-101 with global *max* pooling (the authors'
+choice), so ``pool='max'`` is the default; CPSD's and LTML's ResNets average-pool (``pool='avg'``).
 
 Names
 -----
 ``resnet18`` / ``resnet34`` / ``resnet50`` / ``resnet101``
-    torchvision ResNets (random init, or weights from a local ``.pth`` via ``weights=PATH``).
+    torchvision ResNets: random init; ``weights="imagenet"``: torchvision's ``IMAGENET1K_V1`` ImageNet
+    weights (the ones the papers' code fine-tunes), downloaded once into the torch hub cache and checked
+    against the sha256 prefix in their file name; or ``weights=PATH``, a local ``.pth``.
 ``small_resnet``
     a 4-stage ResNet with BasicBlocks and widths (16, 32, 64, 128): the CPU model for the embedded
     data (0.31 M parameters; a 64x64 canvas gives an 8x8 feature map).
@@ -143,11 +145,28 @@ def _torchvision_resnet(name: str, weights: str | Path | None) -> tuple[nn.Seque
     import torchvision
 
     net = getattr(torchvision.models, name)(weights=None)
-    if weights is not None:
+    if weights == "imagenet":
+        net.load_state_dict(torchvision_imagenet_weights(name))
+    elif weights is not None:
         net.load_state_dict(load_weights_file(weights))
     features = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3,
                              net.layer4)
     return features, net.fc.in_features
+
+
+def torchvision_imagenet_weights(name: str) -> dict:
+    """torchvision's ``IMAGENET1K_V1`` state dict of ResNet ``name``, from the torch hub cache (downloaded on
+    first use; torchvision checks the file against the sha256 prefix in its name)."""
+    from torchvision.models import _api, get_model_weights
+
+    entry = get_model_weights(name).IMAGENET1K_V1
+    try:
+        return _api.load_state_dict_from_url(entry.url, progress=True, check_hash=True, weights_only=True)
+    except (OSError, RuntimeError) as err:  # no network (URLError is an OSError), or a hash mismatch
+        raise RuntimeError(
+            f"could not load torchvision's ImageNet weights for {name} from {entry.url}: {err}. Without network "
+            f"access, download that file on another machine, copy it here and set model.weights to its path."
+        ) from err
 
 
 def load_weights_file(path: str | Path) -> dict:
