@@ -5,6 +5,9 @@
     mlic book [--profile default] [--only primer]     execute the chapters and build the HTML book
     mlic reproduce CHAPTER [--profile full] [-o key=value ...]   execute one chapter into _build/executed/
     mlic profile CHAPTER [--profile smoke] [-o key=value ...]   show a chapter's resolved settings
+    mlic teachers [--profile full] [-o key=value ...]   train CPSD's teachers into the cache, e.g. under
+        `torchrun --nproc_per_node=8 -m mlic_lib.cli teachers --profile full` (one teacher per GPU at a time),
+        before `mlic reproduce psd --profile full` (which then trains only the students)
     mlic data check                                    report which real datasets are present
     mlic data prepare NAME [--allow-unverified]        download (resumable), verify sha256, unpack
     mlic data fake NAME --root DIR                     write a small synthetic dataset in NAME's real layout
@@ -49,6 +52,24 @@ def _cmd_reproduce(args) -> int:
         out = root / "_build" / "executed" / args.profile / nb.name
         seconds = execute_notebook(nb, out, args.profile, {"overrides": overrides} if overrides else None)
         print(f"{nb.name}: executed with profile={args.profile} in {seconds:.1f} s -> {out}")
+    return 0
+
+
+def _cmd_teachers(args) -> int:
+    from mlic_lib import psd
+    from mlic_lib.book import _env_defaults
+    from mlic_lib.data.real import is_real, real_data
+    from mlic_lib.experiments import scene_data
+    from mlic_lib.partition import similarity_matrix
+    from mlic_lib.utils import distributed_info
+
+    _env_defaults(Path(args.root).resolve() / "_build")  # the run cache the chapter reads
+    settings = load_profile("psd", args.profile, _parse_overrides(args.override))
+    data = real_data(settings["data"]) if is_real(settings["data"]) else scene_data(settings)
+    S = similarity_matrix(targets=data.train_targets)  # as the chapter computes it
+    n = psd.pretrain_teachers(settings, data, S, seed=settings["seeds"][0])
+    world, rank, _ = distributed_info()
+    print(f"rank {rank} of {world}: trained {n} teacher(s); the others were cached or are another rank's")
     return 0
 
 
@@ -109,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default="default", choices=PROFILES)
     p.add_argument("-o", "--override", action="append", default=[], help="key=value, e.g. train.epochs=3")
     p.set_defaults(func=_cmd_profile)
+
+    p = sub.add_parser("teachers", help="train CPSD's teachers into the cache (split across GPUs under torchrun)")
+    p.add_argument("--profile", default="full", choices=PROFILES)
+    p.add_argument("-o", "--override", action="append", default=[], help="key=value, as for `mlic reproduce psd`")
+    p.set_defaults(func=_cmd_teachers)
 
     p = sub.add_parser("data", help="real datasets under $MLIC_DATA")
     p.add_argument("action", choices=("check", "prepare", "fake"))

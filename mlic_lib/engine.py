@@ -420,10 +420,11 @@ def cache_root() -> Path:
     return Path(os.environ.get("MLIC_CACHE", "~/.cache/mlic/runs")).expanduser()
 
 
-def run_dir_for(name: str, config: Mapping[str, Any]) -> Path:
-    """``cache_root()/<name>-<hash>``: the hash covers ``config``, the library version and its source."""
+def run_dir_for(name: str, config: Mapping[str, Any], code: Iterable[str] | None = None) -> Path:
+    """``cache_root()/<name>-<hash>``: the hash covers ``config``, the library version and its source (the modules
+    imported in this process, or those ``code`` imports: see :func:`mlic_lib.utils.library_digest`)."""
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
-    return cache_root() / f"{safe}-{config_hash(config)}"
+    return cache_root() / f"{safe}-{config_hash(config, code=code)}"
 
 
 @dataclass

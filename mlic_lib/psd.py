@@ -76,6 +76,8 @@ __all__ = [
     "train_student",
     "train_teacher",
     "train_teachers",
+    "pretrain_teachers",
+    "study_decompositions",
     "PSDStudy",
     "run_study",
     "teacher_key",
@@ -84,6 +86,7 @@ __all__ = [
 IMAGE_SELECTIONS = ("containing", "all")
 KD_IMAGES = ("subtask", "all")
 PARALLEL_MODES = ("auto", "sequential", "process", "torchrun")
+TEACHER_CODE = ("mlic_lib.psd", "mlic_lib.data.real")  # modules whose code (and imports) a teacher key covers
 
 
 # ------------------------------------------------------------------------------------ sub-tasks
@@ -379,7 +382,9 @@ class TeacherSpec:
                 "subset": self.subset, "images": self.images, "seed": self.seed, "data": self.data_key}
 
     def run_dir(self) -> Path:
-        return run_dir_for(f"psd-asl-{len(self.subset)}c-s{self.seed}", self.key())
+        # keyed on the code psd and the real-data loaders import, not on this process's imports: `mlic teachers`
+        # trains what the chapter then loads
+        return run_dir_for(f"psd-asl-{len(self.subset)}c-s{self.seed}", self.key(), code=TEACHER_CODE)
 
 
 def _teacher_spec(settings: Mapping[str, Any], subset, *, seed: int, train: Mapping | None = None,
@@ -549,6 +554,71 @@ def teacher_key(results: Sequence[FitResult]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------ the study
+def _decompose(settings: Mapping[str, Any], S: np.ndarray, strategy: str, k: int, num_classes: int,
+               rseed: int = 0) -> list[np.ndarray]:
+    """The ``k`` subsets of one decomposition with the profile's partition options (Eqs. 1-2)."""
+    from mlic_lib.partition import partition_labels
+
+    p = settings.get("psd", {})
+    return partition_labels(strategy, k, S=S, num_classes=num_classes, tau=p.get("tau", 3.0),
+                            complement=p.get("complement", "ones"),
+                            seed=rseed if strategy == "random" else p.get("cluster_seed", 0),
+                            n_init=p.get("n_init", 20), laplacian=p.get("laplacian", "code"))
+
+
+def _teacher_images(data):
+    """In-memory scenes: the uint8 images (fast path); real data: the training dataset itself."""
+    return data.train.images if isinstance(data.train_ds, TensorImageDataset) else data.train_ds
+
+
+def study_decompositions(settings: Mapping[str, Any]) -> list[tuple[str, int, int]]:
+    """The ``(strategy, k, random seed)`` decompositions whose teachers :func:`run_study` trains, in its order:
+    ``k = 1`` (the SD teacher), CGP, DGP and the random partitions of every other ``k`` in ``psd.ks``, then CGP and
+    DGP at ``psd.cpsd_k``."""
+    p = settings.get("psd", {})
+    plan = [("cgp", 1, 0)]
+    for k in (int(k) for k in p.get("ks", [1, 2, 3, 5])):
+        if k != 1:
+            plan += [("cgp", k, 0), ("dgp", k, 0)] + [("random", k, int(r)) for r in p.get("random_seeds", [0])]
+    cpsd_k = int(p.get("cpsd_k", 5))
+    plan += [("cgp", cpsd_k, 0), ("dgp", cpsd_k, 0)]
+    return list(dict.fromkeys(plan))
+
+
+def pretrain_teachers(settings: Mapping[str, Any], data, S: np.ndarray, *, seed: int = 0,
+                      other_selection: bool = True, progress: bool = True) -> int:
+    """Train every teacher the chapter needs into the cache, the ranks of ``torchrun`` sharing them.
+
+    The teachers are those of :func:`study_decompositions` and, with ``other_selection``, the CGP and DGP teachers
+    at ``cpsd_k`` under the other ``image_selection`` (the chapter's section 3b). Under ``torchrun``
+    (``WORLD_SIZE > 1``) rank ``r`` trains teachers ``r, r + W, ...`` of the whole list on ``cuda:LOCAL_RANK``,
+    without DDP and without waiting for the other ranks between decompositions; in one process it trains them
+    all. A teacher already in the cache is skipped, so an interrupted run resumes. Afterwards the chapter
+    (``mlic reproduce psd``) finds every teacher cached and trains only the students. Returns the number of
+    teachers this process trained.
+    """
+    from tqdm.auto import tqdm
+
+    from mlic_lib.utils import distributed_info
+
+    p = settings.get("psd", {})
+    jobs = [(settings, sub) for strat, k, r in study_decompositions(settings)
+            for sub in _decompose(settings, S, strat, k, data.num_classes, r)]
+    if other_selection:
+        alt = {**settings, "psd": {**p, "image_selection": "all" if p.get("image_selection", "containing")
+                                   == "containing" else "containing"}}
+        jobs += [(alt, sub) for strat in ("cgp", "dgp")
+                 for sub in _decompose(alt, S, strat, int(p.get("cpsd_k", 5)), data.num_classes)]
+    specs = list({spec.run_dir(): spec for spec in (_teacher_spec(st, sub, seed=seed) for st, sub in jobs)}.values())
+    world, rank, local = distributed_info()
+    device = f"cuda:{local}" if torch.cuda.is_available() else None
+    mine = [s for i, s in enumerate(specs) if i % world == rank and not _is_done(s)]
+    with _single_process_env():
+        for spec in tqdm(mine, desc=f"teachers (rank {rank} of {world})", disable=not progress):
+            _fit_teacher(spec, _teacher_images(data), data.train_targets, device=device)
+    return len(mine)
+
+
 def decomposition_teachers(settings: Mapping[str, Any], data, S: np.ndarray, strategy: str, k: int, *,
                            seed: int = 0, rseed: int = 0) -> tuple[list[np.ndarray], TeacherEnsemble, float]:
     """One task decomposition and its teachers: ``(subsets, rho-merged ensemble, ensemble test mAP)``.
@@ -558,16 +628,9 @@ def decomposition_teachers(settings: Mapping[str, Any], data, S: np.ndarray, str
     ``image_selection``. ``data`` is a ``SceneData`` (uint8 fast path) or a ``RealData`` (image files). The
     ensemble carries ``run_key`` (its teachers' run directories) for the student's cache key."""
     from mlic_lib.engine import evaluate
-    from mlic_lib.partition import partition_labels
 
-    p = settings.get("psd", {})
-    subsets = partition_labels(strategy, k, S=S, num_classes=data.num_classes, tau=p.get("tau", 3.0),
-                               complement=p.get("complement", "ones"),
-                               seed=rseed if strategy == "random" else p.get("cluster_seed", 0),
-                               n_init=p.get("n_init", 20), laplacian=p.get("laplacian", "code"))
-    # in-memory scenes: the uint8 images (fast path); real data: the training dataset itself
-    train_data = data.train.images if isinstance(data.train_ds, TensorImageDataset) else data.train_ds
-    ens, runs = train_teachers(settings, train_data, data.train_targets, subsets, seed=seed)
+    subsets = _decompose(settings, S, strategy, k, data.num_classes, rseed)
+    ens, runs = train_teachers(settings, _teacher_images(data), data.train_targets, subsets, seed=seed)
     ens.run_key = teacher_key(runs)  # type: ignore[attr-defined]
     workers = int(settings["train"].get("num_workers", 0))
     emap = float(evaluate(ens, data.test_ds, pick_device(None), num_workers=workers).metrics["mAP"])
@@ -609,8 +672,11 @@ def run_study(settings: Mapping[str, Any], data, S: np.ndarray, *, seed: int = 0
     emap: dict = {}
     students: dict[str, FitResult] = {}
 
+    plan = set(study_decompositions(settings))
+
     def teachers(strategy: str, k: int, rseed: int = 0):
         key = (strategy, k, rseed)
+        assert key in plan, f"{key} is missing from study_decompositions (which pretrain_teachers follows)"
         if key not in ensembles:
             subsets[key], ensembles[key], emap[key] = decomposition_teachers(settings, data, S, strategy, k,
                                                                              seed=seed, rseed=rseed)

@@ -8,7 +8,7 @@ import json
 import os
 import random
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -119,19 +119,67 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
-def library_digest() -> str:
-    """sha256 over the source of the ``mlic_lib`` modules imported in this process.
+def _module_file(name: str) -> Path | None:
+    """The source file of ``mlic_lib`` module ``name`` (a package's ``__init__.py``), None if there is none."""
+    rel = Path(*name.split(".")[1:])
+    for f in (_PACKAGE_DIR / rel.with_suffix(".py"), _PACKAGE_DIR / rel / "__init__.py"):
+        if f.is_file():
+            return f
+    return None
+
+
+def static_import_closure(roots: Iterable[str]) -> set[Path]:
+    """The source files of the ``mlic_lib`` modules ``roots`` and of every ``mlic_lib`` module they import,
+    transitively, read from the import statements (including those inside functions), without importing."""
+    import ast
+
+    seen: set[Path] = set()
+    todo = [f for f in (_module_file(r) for r in roots) if f is not None]
+    todo.append(_PACKAGE_DIR / "__init__.py")
+    while todo:
+        f = todo.pop()
+        if f in seen:
+            continue
+        seen.add(f)
+        parts = list(f.relative_to(_PACKAGE_DIR).with_suffix("").parts)
+        package = ["mlic_lib", *parts[:-1]]  # the package a relative import starts from
+        names: list[str] = []
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Import):
+                names += [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: from the file's package, one level up per extra dot
+                    base = ".".join(package[: len(package) - node.level + 1] + ([base] if base else []))
+                names += [base] + [f"{base}.{a.name}" for a in node.names]
+        for name in names:
+            if name == "mlic_lib" or name.startswith("mlic_lib."):
+                for i in range(2, name.count(".") + 2):  # the module and the packages above it
+                    m = _module_file(".".join(name.split(".")[:i]))
+                    if m is not None and m not in seen:
+                        todo.append(m)
+    return seen
+
+
+def library_digest(roots: Iterable[str] | None = None) -> str:
+    """sha256 over the source of ``mlic_lib`` modules: by default those imported in this process; with
+    ``roots``, :func:`static_import_closure` of those modules (the same in every process).
 
     Part of every cache key. Training code must be imported to run, so a change to any code a run
-    used invalidates its cached model, while editing an unrelated chapter's module does not.
+    used invalidates its cached model, while editing an unrelated chapter's module does not. A run
+    trained in one process and loaded in another (``mlic teachers`` and the chapter) names its ``roots``,
+    since the two processes import different modules.
     """
     import sys
 
-    files = {
-        Path(mod.__file__).resolve()
-        for name, mod in list(sys.modules.items())
-        if (name == "mlic_lib" or name.startswith("mlic_lib.")) and getattr(mod, "__file__", None)
-    }
+    if roots is not None:
+        files = static_import_closure(roots)
+    else:
+        files = {
+            Path(mod.__file__).resolve()
+            for name, mod in list(sys.modules.items())
+            if (name == "mlic_lib" or name.startswith("mlic_lib.")) and getattr(mod, "__file__", None)
+        }
     h = hashlib.sha256()
     for f in sorted(files):
         if f.suffix == ".py" and f.is_file():
@@ -140,11 +188,12 @@ def library_digest() -> str:
     return h.hexdigest()
 
 
-def config_hash(config: Mapping[str, Any], length: int = 16) -> str:
-    """Stable hash of a JSON-able config together with the library version and source digest."""
+def config_hash(config: Mapping[str, Any], length: int = 16, code: Iterable[str] | None = None) -> str:
+    """Stable hash of a JSON-able config together with the library version and source digest
+    (:func:`library_digest` of ``code``)."""
     from mlic_lib import __version__
 
     payload = json.dumps(
-        {"config": _jsonable(config), "version": __version__, "source": library_digest()}, sort_keys=True
+        {"config": _jsonable(config), "version": __version__, "source": library_digest(code)}, sort_keys=True
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:length]

@@ -111,3 +111,30 @@ def test_library_digest_follows_imported_modules():
             "print(a != b, b == u.library_digest())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["True", "True"]
+
+
+def test_library_digest_of_named_modules_ignores_the_import_history():
+    """With ``roots`` the digest covers the static import closure, so two processes that imported different
+    modules (``mlic teachers`` and a chapter's kernel) agree on a teacher's cache key."""
+    import subprocess
+    import sys
+
+    from mlic_lib.utils import _PACKAGE_DIR, library_digest, static_import_closure
+
+    closure = {str(f.relative_to(_PACKAGE_DIR)) for f in static_import_closure(["mlic_lib.data.real"])}
+    assert {"data/real.py", "data/coco.py", "data/longtail.py", "data/presets.py", "__init__.py"} <= closure  # relative
+    assert "book.py" not in closure and "cli.py" not in closure
+    psd_closure = {str(f.relative_to(_PACKAGE_DIR)) for f in static_import_closure(["mlic_lib.psd"])}
+    assert {"psd.py", "engine.py", "losses.py", "partition.py", "models/backbones.py"} <= psd_closure
+    code = "import {mods}; import mlic_lib.utils as u; print(u.library_digest(['mlic_lib.psd']))"
+    outs = {subprocess.run([sys.executable, "-c", code.format(mods=m)], capture_output=True, text=True,
+                           check=True).stdout.strip() for m in ("mlic_lib.cli, mlic_lib.book", "mlic_lib.analysis")}
+    assert outs == {library_digest(["mlic_lib.psd"])}
+
+
+def test_cli_teachers_trains_once_then_finds_them_cached(capsys, tmp_path):
+    assert cli.main(["--root", str(tmp_path), "teachers", "--profile", "smoke"]) == 0
+    first = capsys.readouterr().out
+    assert "rank 0 of 1: trained" in first and "trained 0 teacher" not in first
+    assert cli.main(["--root", str(tmp_path), "teachers", "--profile", "smoke"]) == 0
+    assert "trained 0 teacher(s)" in capsys.readouterr().out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 import pytest
@@ -220,3 +221,37 @@ def test_smoke_study(small_scenes):
         assert 0.0 <= run.final["mAP"] <= 1.0
         assert {"cls", "kd"} <= set(run.history[-1])
     assert len(study.subsets[("cgp", 2, 0)]) == 2
+
+
+def test_pretrain_teachers_fills_the_cache_the_study_reads(small_scenes, monkeypatch):
+    """``mlic teachers`` (pretrain_teachers), split over two simulated torchrun ranks, trains every teacher of the
+    chapter once; the study's decompositions (and section 3b's other image selection) then only load them."""
+    from mlic_lib.data.tensors import TensorImageDataset
+    from mlic_lib.experiments import SceneData
+    from mlic_lib.partition import similarity_matrix
+
+    full_train, test = small_scenes
+    train = dataclasses.replace(full_train, images=full_train.images[:, :, ::2, ::2].copy())
+    data = SceneData(train, test, TensorImageDataset(train.images, train.targets),
+                     TensorImageDataset(test.images[:, :, ::2, ::2].copy(), test.targets))
+    s = _settings(ks=[1, 2], cpsd_k=2, n_init=4)
+    S = similarity_matrix(targets=train.targets)
+    assert psd.study_decompositions(s) == [("cgp", 1, 0), ("cgp", 2, 0), ("dgp", 2, 0), ("random", 2, 0)]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    counts = []
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        counts.append(psd.pretrain_teachers(s, data, S, progress=False))
+        assert os.environ["WORLD_SIZE"] == "2"  # restored after the rank's single-process training
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    assert psd.pretrain_teachers(s, data, S, progress=False) == 0  # all cached: an interrupted run resumes
+    assert abs(counts[0] - counts[1]) <= 1 and sum(counts) >= 7  # k=1: 1, k=2: 2 CGP + 2 DGP + 2 random, ...
+    fits = []
+    real_fit = psd._fit_teacher
+    monkeypatch.setattr(psd, "_fit_teacher", lambda *a, **k: fits.append(real_fit(*a, **k)) or fits[-1])
+    alt = {**s, "psd": {**s["psd"], "image_selection": "all"}}
+    for settings, (strategy, k, rseed) in [(s, d) for d in psd.study_decompositions(s)] + [(alt, ("cgp", 2, 0)),
+                                                                                            (alt, ("dgp", 2, 0))]:
+        psd.decomposition_teachers(settings, data, S, strategy, k, rseed=rseed)
+    assert len(fits) == sum(counts) and all(r.cached for r in fits)
