@@ -283,7 +283,8 @@ def train_ltml(settings, train_ds, train_targets, test_ds, num_classes: int, see
     seed_everything(seed)
     model = build_two_branch(m["backbone"], num_classes, pool=m.get("pool", "avg"), weights=m.get("weights"),
                              widths=tuple(m["widths"]) if m.get("widths") else None,
-                             classifier_init=m.get("classifier_init", "copy"))
+                             classifier_init=m.get("classifier_init", "copy"),
+                             frozen_stages=int(m.get("frozen_stages", 0)), norm_eval=bool(m.get("norm_eval", False)))
     pw, nw = ltml_class_weights(class_counts(targets), len(targets))
     step = LTMLStep(pw, nw, **opts)
     loader = two_stream_loader(settings, train_ds, targets, seed=seed)

@@ -446,3 +446,27 @@ def test_two_stream_loader_follows_the_profile():
     assert np.isin(ir, rare).mean() > 0.4 > np.isin(iu, rare).mean()  # class-aware vs uniform
     iu2, ir2 = ltml.two_stream_loader(settings, ds, targets, seed=5).epoch_indices(0)
     assert np.array_equal(iu, iu2) and np.array_equal(ir, ir2)
+
+
+def test_frozen_stages_and_norm_eval_follow_the_mmdetection_resnet():
+    """DistributionBalancedLoss's ResNet-50: stem + layer1 frozen (no gradient, eval mode), every BN in eval mode."""
+    net = build_two_branch("resnet18", 4, frozen_stages=1, norm_eval=True)
+    frozen = list(net.features[:5].parameters())
+    assert frozen and not any(p.requires_grad for p in frozen)
+    assert all(p.requires_grad for p in net.features[5:].parameters())
+    net.train()
+    bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and not any(m.training for m in bns)
+    assert net.branch_u.classifier.training and net.features[5][0].conv1.training
+    before = net.features[5][0].bn1.running_mean.clone()
+    x = torch.randn(4, 3, 32, 32)
+    loss = sum(o.sum() for o in net(x))
+    loss.backward()
+    torch.testing.assert_close(net.features[5][0].bn1.running_mean, before)  # statistics not updated
+    assert net.features[0].weight.grad is None and net.features[5][0].conv1.weight.grad is not None
+    assert net.features[5][0].bn1.weight.grad is not None  # the BN's affine weights still train
+    plain = build_two_branch("resnet18", 4)
+    plain.train()
+    assert all(m.training for m in plain.modules()) and all(p.requires_grad for p in plain.parameters())
+    with pytest.raises(ValueError, match="frozen_stages"):
+        build_two_branch("small_resnet", 4, widths=WIDTHS, frozen_stages=1)

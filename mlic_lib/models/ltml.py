@@ -22,7 +22,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from mlic_lib.models.backbones import GlobalPool, build_model
+from mlic_lib.models.backbones import TORCHVISION_RESNETS, GlobalPool, build_model
 
 __all__ = ["CLASSIFIER_INIT", "Branch", "LogitCompensation", "TwoBranchNet", "build_two_branch"]
 
@@ -73,7 +73,8 @@ class TwoBranchNet(nn.Module):
     ``forward`` so that a DDP wrapper syncs the gradients.
     """
 
-    def __init__(self, trunk: nn.Module, branch_u: Branch, branch_r: Branch, num_classes: int):
+    def __init__(self, trunk: nn.Module, branch_u: Branch, branch_r: Branch, num_classes: int,
+                 frozen: nn.Module | None = None, norm_eval: bool = False):
         super().__init__()
         self.features = trunk
         self.branch_u = branch_u
@@ -81,6 +82,24 @@ class TwoBranchNet(nn.Module):
         self.comp_u = LogitCompensation(num_classes)
         self.comp_r = LogitCompensation(num_classes)
         self.num_classes = num_classes
+        self._frozen = [frozen] if frozen is not None else []  # a view into the trunk, not a second registration
+        self.norm_eval = bool(norm_eval)
+        for p in (frozen.parameters() if frozen is not None else ()):
+            p.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> TwoBranchNet:
+        """As ``nn.Module.train``, but the frozen stages stay in eval mode, and with ``norm_eval`` every batch
+        norm does (its running statistics are not updated; its affine weights still train), as in the
+        mmdetection ResNet of DistributionBalancedLoss."""
+        super().train(mode)
+        if mode:
+            for part in self._frozen:
+                part.eval()
+            if self.norm_eval:
+                for m in self.modules():
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                        m.eval()
+        return self
 
     def forward(self, x: Tensor, x_r: Tensor | None = None, branch: str | None = None):
         if x_r is not None:
@@ -109,7 +128,8 @@ class TwoBranchNet(nn.Module):
 
 
 def build_two_branch(backbone: str, num_classes: int, pool: str = "avg", weights=None,
-                     widths: tuple[int, ...] | None = None, classifier_init: str = "copy") -> TwoBranchNet:
+                     widths: tuple[int, ...] | None = None, classifier_init: str = "copy", frozen_stages: int = 0,
+                     norm_eval: bool = False) -> TwoBranchNet:
     """Two-branch LTML net on a foundation backbone: trunk = ``features[:-1]``, each branch = an identical
     deep copy of ``features[-1]`` (ResNet ``layer4``; the last BasicBlock of ``small_resnet``) + pooling
     + a copy of the classifier. The paper uses ResNet-50 with global average pooling (``pool="avg"``).
@@ -121,6 +141,10 @@ def build_two_branch(backbone: str, num_classes: int, pool: str = "avg", weights
     draw, like the two copies of the last stage, so the branches are identical at the first step;
     ``"independent"`` re-draws Subnet-R's classifier, one reading of Sec. 3.1's "a linear classifier ...
     is added to each branch" (the paper does not say whether the two start equal).
+
+    ``frozen_stages`` (torchvision ResNets): the stem and the first ``frozen_stages`` stages get no gradient and
+    stay in eval mode; ``norm_eval``: every batch norm stays in eval mode. DistributionBalancedLoss, whose
+    "configurations" LTML says it follows (Sec. 4.1), trains its ImageNet ResNet-50 with 1 and ``True``.
     """
     if classifier_init not in CLASSIFIER_INIT:
         raise ValueError(f"classifier_init must be one of {CLASSIFIER_INIT}, got {classifier_init!r}")
@@ -131,6 +155,12 @@ def build_two_branch(backbone: str, num_classes: int, pool: str = "avg", weights
                          "use small_resnet or a torchvision resnet")
     trunk = feats[:-1]
     stage = feats[-1]
+    frozen = None
+    if frozen_stages:
+        if backbone not in TORCHVISION_RESNETS or not 0 < frozen_stages < 4:
+            raise ValueError(f"frozen_stages must be 0, or 1..3 with a torchvision ResNet (the stem, then layer1, "
+                             f"...); got {frozen_stages} with {backbone!r}")
+        frozen = trunk[: 4 + frozen_stages]  # conv1, bn1, relu, maxpool, then layer1 ...
     dim = net.num_features
     branch = Branch(stage, dim, num_classes, pool)
     branch.classifier = net.classifier
@@ -139,4 +169,4 @@ def build_two_branch(backbone: str, num_classes: int, pool: str = "avg", weights
         for layer in branch_r.classifier.modules():  # a fresh draw from the global RNG (seeded by the caller)
             if hasattr(layer, "reset_parameters"):
                 layer.reset_parameters()
-    return TwoBranchNet(trunk, branch_u, branch_r, num_classes)
+    return TwoBranchNet(trunk, branch_u, branch_r, num_classes, frozen=frozen, norm_eval=norm_eval)
