@@ -97,17 +97,18 @@ def test_prepare_downloads_verifies_unpacks_and_skips_on_rerun(server, tmp_path,
     assert not list(tmp_path.glob(".extract-*")), "temporary extraction folder left behind"
 
 
-def test_download_resumes_a_partial_file(server, tmp_path, monkeypatch):
+@pytest.mark.parametrize("kept, request_range", [(1000, "bytes=1000-"), (None, None)])
+def test_a_partial_file_is_resumed_or_discarded(server, tmp_path, monkeypatch, kept, request_range):
+    """A ``.part`` shorter than the file resumes with a Range request; one longer than it starts over."""
     url, handler = server
     handler.files["/fake.tar"] = VOC_TAR
     entry = _entry(monkeypatch, url, VOC_TAR)
     downloads = tmp_path / "downloads" / "fake"
     downloads.mkdir(parents=True)
-    (downloads / "fake.tar.part").write_bytes(VOC_TAR[:1000])
+    (downloads / "fake.tar.part").write_bytes(VOC_TAR[:kept] if kept else VOC_TAR + b"junk")
     assert download.check(tmp_path)["fake"].startswith("partial download")
-    path = download.download(entry.files[0], downloads, progress=False)
-    assert path.read_bytes() == VOC_TAR
-    assert handler.log[-1] == ("/fake.tar", "bytes=1000-")
+    assert download.download(entry.files[0], downloads, progress=False).read_bytes() == VOC_TAR
+    assert handler.log == [("/fake.tar", request_range)]
 
 
 def test_a_connection_closed_early_keeps_the_partial_file_and_a_rerun_resumes(server, tmp_path, monkeypatch):
@@ -136,17 +137,6 @@ def test_a_wrong_file_from_the_first_url_falls_back_to_the_mirror(server, tmp_pa
     download.prepare("fake", tmp_path, progress=False)
     assert (tmp_path / "downloads" / "fake" / "fake.tar").read_bytes() == VOC_TAR
     assert [p for p, _ in handler.log] == ["/official/fake.tar", "/mirror/fake.tar"]
-
-
-def test_a_partial_file_longer_than_the_file_is_discarded(server, tmp_path, monkeypatch):
-    url, handler = server
-    handler.files["/fake.tar"] = VOC_TAR
-    entry = _entry(monkeypatch, url, VOC_TAR)
-    folder = tmp_path / "downloads" / "fake"
-    folder.mkdir(parents=True)
-    (folder / "fake.tar.part").write_bytes(VOC_TAR + b"junk")
-    assert download.download(entry.files[0], folder, progress=False).read_bytes() == VOC_TAR
-    assert handler.log == [("/fake.tar", None)]
 
 
 def test_a_dataset_is_present_only_when_every_file_was_prepared(server, tmp_path, monkeypatch):
