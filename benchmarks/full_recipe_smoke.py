@@ -31,14 +31,15 @@ from mlic_lib.profiles import load_profile
 
 REPO = Path(__file__).resolve().parents[1]
 
-# What is cut: epochs, seeds, sweeps and image counts. What is kept: backbones, input sizes, batch sizes,
-# optimisers, AMP/channels_last defaults and the loaders' worker counts.
+# What is cut: epochs, seeds, sweeps and image counts, and the ImageNet weights (random init: the GPU machine may
+# have no network). What is kept: backbones, input sizes, batch sizes, optimisers, AMP/channels_last defaults and
+# the loaders' worker counts.
 SHORT = {
-    "01_splicemix": (["voc2007"], {"data.n_train": 96, "data.n_test": 48, "data.n_bias_test": 48,
+    "01_splicemix": (["voc2007"], {"model.weights": None, "data.n_train": 96, "data.n_test": 48, "data.n_bias_test": 48,
                                    "data.real.n_train": 96, "data.real.n_test": 48, "train.epochs": 1,
                                    "seeds": [0], "analysis.cam_images": 8, "analysis.ratio_epochs": 1}),
-    "02_psd": (["coco2014"], {"train.epochs": 1, "teacher_train.epochs": 1, "psd.ks": [1, 2], "psd.cpsd_k": 2,
-                              "psd.random_seeds": [0], "psd.n_init": 2, "psd.parallel": "auto",
+    "02_psd": (["coco2014"], {"model.weights": None, "train.epochs": 1, "teacher_train.epochs": 1, "psd.ks": [1, 2],
+                              "psd.cpsd_k": 2, "psd.random_seeds": [0], "psd.n_init": 2, "psd.parallel": "auto",
                               "analysis.cam_images": 8}),
     "03_assocformer": (["voc2007"], {"model.pretrained": False, "train.epochs": 1, "seeds": [0],
                                      "analysis.regularizers": ["none", "l2"], "analysis.cost_repeats": 3}),
@@ -47,7 +48,8 @@ SHORT = {
                                          "ablation_n_labels": [7], "analysis.cam_images": 16,
                                          "cifar.data.n_train": 500, "cifar.data.n_test": 200,
                                          "cifar.train.epochs": 1}),
-    "05_ltml": (["voc_lt"], {"train.epochs": 1, "train.milestones": [1], "train.warmup_epochs": 0, "seeds": [0],
+    "05_ltml": (["voc_lt"], {"model.weights": None, "train.epochs": 1, "train.milestones": [1],
+                             "train.warmup_steps": 0, "seeds": [0],
                              "ltml.samples_per_class": 1, "ltml.lambda_sweep": [0.1], "data.head_min": 20,
                              "data.tail_max": 5}),
 }

@@ -65,7 +65,8 @@ def test_full_recipe_smoke_overrides_are_valid_and_cover_every_paper_chapter():
         settings = load_profile(chapter.split("_", 1)[1], "full", overrides)
         assert settings["profile"] == "full" and datasets
         # the papers' models stay: no override touches a model section except to skip downloading weights
-        assert {k for k in overrides if "model." in k or "image_size" in k} <= {"model.pretrained"}
+        assert {k for k in overrides if "model." in k or "image_size" in k} <= {"model.pretrained", "model.weights"}
+        assert overrides.get("model.weights", None) is None and overrides.get("model.pretrained", False) is False
 
 
 def test_train_throughput_runs_on_cpu_and_reports_the_median_window(tmp_path):
