@@ -58,15 +58,11 @@ def _cmd_reproduce(args) -> int:
 def _cmd_teachers(args) -> int:
     from mlic_lib import psd
     from mlic_lib.book import _env_defaults
-    from mlic_lib.data.real import is_real, real_data
-    from mlic_lib.experiments import scene_data
-    from mlic_lib.partition import similarity_matrix
     from mlic_lib.utils import distributed_info
 
     _env_defaults(Path(args.root).resolve() / "_build")  # the run cache the chapter reads
     settings = load_profile("psd", args.profile, _parse_overrides(args.override))
-    data = real_data(settings["data"]) if is_real(settings["data"]) else scene_data(settings)
-    S = similarity_matrix(targets=data.train_targets)  # as the chapter computes it
+    data, S = psd.study_inputs(settings)  # as the chapter builds them
     n = psd.pretrain_teachers(settings, data, S, seed=settings["seeds"][0])
     world, rank, _ = distributed_info()
     print(f"rank {rank} of {world}: trained {n} teacher(s); the others were cached or are another rank's")

@@ -78,6 +78,7 @@ __all__ = [
     "train_teachers",
     "pretrain_teachers",
     "study_decompositions",
+    "study_inputs",
     "PSDStudy",
     "run_study",
     "teacher_key",
@@ -569,6 +570,18 @@ def _decompose(settings: Mapping[str, Any], S: np.ndarray, strategy: str, k: int
 def _teacher_images(data):
     """In-memory scenes: the uint8 images (fast path); real data: the training dataset itself."""
     return data.train.images if isinstance(data.train_ds, TensorImageDataset) else data.train_ds
+
+
+def study_inputs(settings: Mapping[str, Any]):
+    """``(data, S)`` of the chapter: the profile's data (``RealData`` for a real dataset, else the embedded scenes'
+    ``SceneData``) and the class co-occurrence matrix of its training labels (Eq. 1's ``S``). The chapter and
+    ``mlic teachers`` both build them here, so their teachers' cache keys agree."""
+    from mlic_lib.data.real import is_real, real_data
+    from mlic_lib.experiments import scene_data
+    from mlic_lib.partition import similarity_matrix
+
+    data = real_data(settings["data"]) if is_real(settings["data"]) else scene_data(settings)
+    return data, similarity_matrix(targets=data.train_targets)
 
 
 def study_decompositions(settings: Mapping[str, Any]) -> list[tuple[str, int, int]]:

@@ -167,9 +167,14 @@ def unpack(archive: Path, dest: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _downloads(root: Path, entry: DatasetEntry) -> Path:
+    """Where ``entry``'s files are downloaded: one folder per dataset (VOC-LT and COCO-LT share file names)."""
+    return root / "downloads" / entry.key
+
+
 def _stamp(root: Path, entry: DatasetEntry, file: RemoteFile) -> Path:
     """The file written once ``file`` of ``entry`` is downloaded, verified and unpacked (or copied)."""
-    return root / "downloads" / entry.key / f"{file.name}.prepared"
+    return _downloads(root, entry) / f"{file.name}.prepared"
 
 
 def prepare(key: str, root: Path | None = None, progress: bool = True, allow_unverified: bool = False,
@@ -183,7 +188,7 @@ def prepare(key: str, root: Path | None = None, progress: bool = True, allow_unv
     root = Path(root) if root is not None else data_root()
     if not entry.files:
         raise RuntimeError(f"{entry.title}: nothing to download. {entry.notes}")
-    downloads = root / "downloads" / entry.key
+    downloads = _downloads(root, entry)
     if not (root / entry.marker).exists():
         for file in entry.files:
             _stamp(root, entry, file).unlink(missing_ok=True)
@@ -223,7 +228,7 @@ def status(entry: DatasetEntry, root: Path) -> str:
     if stamped and len(stamped) < len(entry.files):
         return (f"incomplete ({len(stamped)} of {len(entry.files)} files prepared; rerun "
                 f"`mlic data prepare {entry.key}`)")
-    partial = [f.name for f in entry.files if (root / "downloads" / entry.key / (f.name + ".part")).exists()]
+    partial = [f.name for f in entry.files if (_downloads(root, entry) / (f.name + ".part")).exists()]
     return f"partial download ({', '.join(partial)})" if partial else "missing"
 
 
