@@ -74,6 +74,29 @@ def test_multiscale_crop_params_stay_inside_and_respect_scales():
     assert crop(_image(80, 60)).size == (24, 24)
 
 
+def test_multiscale_crop_follows_the_authors_positions_aspects_and_snap():
+    # 13 fixed positions on quarter steps of the free margin (here 40 x 20 px free -> steps of 10 and 5)
+    assert sorted(MultiScaleCrop.fixed_positions(100, 60, 60, 40)) == sorted(
+        (10 * i, 5 * j) for i, j in [(0, 0), (4, 0), (0, 4), (4, 4), (2, 2), (0, 2), (4, 2), (2, 4), (2, 0),
+                                     (1, 1), (3, 1), (1, 3), (3, 3)])
+    rng = random.Random(0)
+    crop = MultiScaleCrop(24, scales=(1.0, 0.75, 0.5))
+    got = [crop.params(100, 60, rng) for _ in range(2000)]
+    sides = {(cw, ch) for _, _, cw, ch in got}
+    assert (60, 30) in sides and (30, 60) in sides  # 2 scale steps apart: allowed with the default max_distort=2
+    for left, top, cw, ch in got:
+        assert (left, top) in MultiScaleCrop.fixed_positions(100, 60, cw, ch)
+    assert {(cw, ch) for _, _, cw, ch in (MultiScaleCrop(24, (1.0, 0.75, 0.5), max_distort=0).params(100, 60, rng)
+                                          for _ in range(300))} == {(60, 60), (45, 45), (30, 30)}
+    free = MultiScaleCrop(24, (0.5,), fixed_offsets=False)
+    assert len({free.params(100, 60, rng)[:2] for _ in range(300)}) > 13
+    # a side within 3 px of the output size becomes the output size (512 * 0.875 = 448 exactly; 446 -> 448)
+    assert MultiScaleCrop(448, (0.875,)).params(510, 510, rng)[2:] == (448, 448)
+    assert MultiScaleCrop(448, (1.0,)).params(446, 446, rng)[2:] == (446, 446)  # never beyond the image
+    with pytest.raises(ValueError, match="max_distort"):
+        MultiScaleCrop(24, max_distort=-1)
+
+
 def test_cutout_fills_one_rectangle_or_nothing():
     img = Image.new("RGB", (40, 40), (0, 0, 0))
     assert np.array_equal(np.asarray(Cutout(0.5, p=0.0)(img)), np.asarray(img))

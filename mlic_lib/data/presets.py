@@ -5,7 +5,8 @@ mapping that the chapter profiles carry under ``data.augment``.
 Training recipes of the papers:
 
 * SpliceMix (Sec. IV-A) follows ML-GCN: resize, then a random *multi-scale crop* resized to ``size``
-  with horizontal flips -> ``{"crop": "multiscale", "hflip": True}``.
+  with horizontal flips -> ``{"crop": "multiscale", "hflip": True}``; the crop's aspect and its 13 fixed
+  positions follow the authors' code (:class:`MultiScaleCrop`, ``max_distort``, ``fixed_offsets``).
 * AssocFormer (Sec. 4.1) follows ASL: resize to ``size``, Cutout with factor 0.5 and RandAugment ->
   ``{"crop": "none", "hflip": False, "cutout": 0.5, "randaugment": True}``. CPSD's paper names no
   augmentation; its authors' code uses this same ASL recipe.
@@ -32,12 +33,19 @@ __all__ = ["Cutout", "MultiScaleCrop", "PhotoMetricDistortion", "RandomPatchCrop
            "rgb_to_hsv", "train_preset"]
 
 CROPS = ("none", "multiscale", "random_resized", "random_patch")
-_KEYS = {"crop", "hflip", "cutout", "randaugment", "scales", "resize_factor", "photometric", "min_crop"}
+_KEYS = {"crop", "hflip", "cutout", "randaugment", "scales", "max_distort", "fixed_offsets", "resize_factor",
+         "photometric", "min_crop"}
 
 
 class MultiScaleCrop:
-    """ML-GCN style crop: pick a crop side from ``scales`` times the short side (width and height
-    independently, at most one scale step apart), place it at a random position, resize to ``size``.
+    """ML-GCN style crop, as in the SpliceMix authors' code (the paper, Sec. IV-A, only says "randomly cropped
+    and resized to 448x448 with horizontal flips", following ML-GCN).
+
+    A crop width and a crop height are each a fraction from ``scales`` of the image's short side (a side within
+    ``snap`` pixels of ``size`` becomes ``size``), with the two fractions' positions in ``scales`` at most
+    ``max_distort`` apart; the crop is placed at one of 13 fixed positions (the four corners, the centre, the
+    four edge midpoints and the four quarter points, on a grid of quarter steps of the free margin) or, with
+    ``fixed_offsets=False``, anywhere; then it is resized to ``size x size`` (bilinear).
 
     Parameters
     ----------
@@ -45,28 +53,58 @@ class MultiScaleCrop:
         Output side in pixels.
     scales : sequence of float, default (1, .875, .75, .66, .5)
         Fractions of the image's short side.
+    max_distort : int, default 2
+        Largest difference between the width's and the height's index in ``scales`` (ML-GCN and the SpliceMix
+        code pass 2; 0 gives square crops only).
+    fixed_offsets : bool, default True
+        Place the crop at the 13 fixed positions (the authors' code) instead of uniformly at random.
+    snap : int, default 3
+        A crop side closer than this many pixels to ``size`` is set to ``size`` (the authors' code), unless
+        the image's short side is below ``size``.
     """
 
-    def __init__(self, size: int, scales: Sequence[float] = (1.0, 0.875, 0.75, 0.66, 0.5)):
+    def __init__(self, size: int, scales: Sequence[float] = (1.0, 0.875, 0.75, 0.66, 0.5), max_distort: int = 2,
+                 fixed_offsets: bool = True, snap: int = 3):
         if not scales or any(not 0 < s <= 1 for s in scales):
             raise ValueError(f"scales must be fractions in (0, 1], got {list(scales)}")
+        if int(max_distort) != max_distort or max_distort < 0:
+            raise ValueError(f"max_distort must be an integer >= 0, got {max_distort!r}")
+        if int(snap) != snap or snap < 0:
+            raise ValueError(f"snap must be an integer number of pixels >= 0, got {snap!r}")
         self.size = int(size)
         self.scales = tuple(float(s) for s in scales)
+        self.max_distort, self.fixed_offsets, self.snap = int(max_distort), bool(fixed_offsets), int(snap)
+
+    @staticmethod
+    def fixed_positions(width: int, height: int, crop_w: int, crop_h: int) -> list[tuple[int, int]]:
+        """The 13 ``(left, top)`` positions of a ``crop_w x crop_h`` crop: corners, centre, edge midpoints and
+        quarter points, in steps of a quarter of the free margin (rounded down)."""
+        sx, sy = (width - crop_w) // 4, (height - crop_h) // 4
+        grid = [(0, 0), (4, 0), (0, 4), (4, 4), (2, 2),  # corners, centre
+                (0, 2), (4, 2), (2, 4), (2, 0),  # edge midpoints
+                (1, 1), (3, 1), (1, 3), (3, 3)]  # quarter points
+        return [(i * sx, j * sy) for i, j in grid]
 
     def params(self, width: int, height: int, rng: random.Random) -> tuple[int, int, int, int]:
         """``(left, top, crop_w, crop_h)`` of one random crop of a ``width x height`` image."""
         base = min(width, height)
         sides = [max(1, int(base * s)) for s in self.scales]
-        pairs = [(w, h) for i, w in enumerate(sides) for j, h in enumerate(sides) if abs(i - j) <= 1]
+        sides = [self.size if abs(s - self.size) < self.snap and self.size <= base else s for s in sides]
+        pairs = [(w, h) for i, h in enumerate(sides) for j, w in enumerate(sides) if abs(i - j) <= self.max_distort]
         cw, ch = rng.choice(pairs)
-        return rng.randint(0, width - cw), rng.randint(0, height - ch), cw, ch
+        if self.fixed_offsets:
+            left, top = rng.choice(self.fixed_positions(width, height, cw, ch))
+        else:
+            left, top = rng.randint(0, width - cw), rng.randint(0, height - ch)
+        return left, top, cw, ch
 
     def __call__(self, img: Image.Image) -> Image.Image:
         left, top, cw, ch = self.params(img.width, img.height, random)
         return img.crop((left, top, left + cw, top + ch)).resize((self.size, self.size), Image.BILINEAR)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(size={self.size}, scales={self.scales})"
+        return (f"{type(self).__name__}(size={self.size}, scales={self.scales}, max_distort={self.max_distort}, "
+                f"fixed_offsets={self.fixed_offsets}, snap={self.snap})")
 
 
 class Cutout:
@@ -209,7 +247,8 @@ def _check(augment: Mapping[str, Any]) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"unknown augment option(s) {sorted(unknown)}; valid: {sorted(_KEYS)}")
     a = {"crop": "none", "hflip": True, "cutout": 0.0, "randaugment": False, "resize_factor": 512 / 448,
-         "scales": (1.0, 0.875, 0.75, 0.66, 0.5), "photometric": False, "min_crop": 0.8, **augment}
+         "scales": (1.0, 0.875, 0.75, 0.66, 0.5), "max_distort": 2, "fixed_offsets": True, "photometric": False,
+         "min_crop": 0.8, **augment}
     if a["crop"] not in CROPS:
         raise ValueError(f"augment.crop must be one of {CROPS}, got {a['crop']!r}")
     return a
@@ -227,7 +266,8 @@ def train_preset(size: int, augment: Mapping[str, Any] | None = None) -> Callabl
         (default 512/448, ML-GCN) then :class:`MultiScaleCrop`; ``"random_resized"``: torchvision's
         ``RandomResizedCrop``; ``"random_patch"``: :class:`RandomPatchCrop` with ``min_crop``, default 0.8,
         then resize to ``size``), ``hflip`` (bool), ``randaugment`` (bool, torchvision defaults),
-        ``cutout`` (factor, 0 = off), ``scales`` (for the multi-scale crop), ``photometric`` (bool:
+        ``cutout`` (factor, 0 = off), ``scales``, ``max_distort`` (default 2) and ``fixed_offsets`` (default
+        True) for the multi-scale crop, ``photometric`` (bool:
         :class:`PhotoMetricDistortion` before the normalisation).
 
     Raises
@@ -241,7 +281,8 @@ def train_preset(size: int, augment: Mapping[str, Any] | None = None) -> Callabl
     steps: list[Any] = []
     if a["crop"] == "multiscale":
         big = int(round(size * float(a["resize_factor"])))
-        steps += [T.Resize((big, big)), MultiScaleCrop(size, a["scales"])]
+        steps += [T.Resize((big, big)),
+                  MultiScaleCrop(size, a["scales"], max_distort=a["max_distort"], fixed_offsets=a["fixed_offsets"])]
     elif a["crop"] == "random_resized":
         steps.append(T.RandomResizedCrop(size))
     elif a["crop"] == "random_patch":
