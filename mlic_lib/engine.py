@@ -52,7 +52,7 @@ from mlic_lib.utils import (
 )
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULERS = ("none", "onecycle", "step", "cosine")
+SCHEDULERS = ("none", "onecycle", "step", "cosine", "cosine_restarts")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 
 
@@ -75,7 +75,9 @@ class TrainConfig:
     onecycle_pct_start: float = 0.2  # share of the steps one-cycle spends warming up (ASL: 0.2; CPSD's code: 0.1)
     milestones: tuple[int, ...] = ()  # epochs at which 'step' multiplies the lr by ``gamma``
     gamma: float = 0.1
-    warmup_epochs: float = 0.0  # linear warm-up for 'step' / 'cosine'
+    restart_epochs: float = 10.0  # 'cosine_restarts' (SGDR, Loshchilov & Hutter 2017): length T_0 of the first cycle
+    restart_mult: int = 2  # and the factor T_mult by which each next cycle is longer
+    warmup_epochs: float = 0.0  # linear warm-up for 'step' / 'cosine' / 'cosine_restarts'
     warmup_steps: int = 0  # the warm-up in optimiser steps instead (wins over warmup_epochs when > 0)
     warmup_start: float = 0.0  # lr factor the linear warm-up starts from (mmcv / DistributionBalancedLoss: 1/3)
     ema_decay: float | None = None  # evaluate an exponential moving average of the weights
@@ -104,6 +106,9 @@ class TrainConfig:
         if self.warmup_steps < 0 or self.warmup_epochs < 0 or not 0.0 <= self.warmup_start < 1.0:
             raise ValueError("warmup_steps and warmup_epochs must be >= 0 and warmup_start in [0, 1), got "
                              f"{self.warmup_steps}, {self.warmup_epochs} and {self.warmup_start}")
+        if not self.restart_epochs > 0 or int(self.restart_mult) != self.restart_mult or self.restart_mult < 1:
+            raise ValueError("restart_epochs must be > 0 and restart_mult an integer >= 1, got "
+                             f"{self.restart_epochs} and {self.restart_mult}")
         if not 0.0 < self.onecycle_pct_start < 1.0:
             raise ValueError(f"onecycle_pct_start must be in (0, 1), got {self.onecycle_pct_start}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
@@ -257,7 +262,11 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
-    """Per-step LR schedule (``scheduler.step()`` after every optimiser step)."""
+    """Per-step LR schedule (``scheduler.step()`` after every optimiser step).
+
+    ``'cosine'`` anneals from the lr to 0 over the run; ``'cosine_restarts'`` is SGDR: cosine cycles of
+    ``restart_epochs``, ``restart_epochs * restart_mult``, ... epochs, each restarting at the full lr (with
+    ``restart_epochs=20, restart_mult=2`` four cycles end exactly at epoch 300)."""
     total = cfg.epochs * steps_per_epoch
     warm = cfg.warmup_steps or int(cfg.warmup_epochs * steps_per_epoch)
     if cfg.scheduler == "onecycle" and total < 4:  # too few steps for a warm-up/anneal cycle
@@ -274,6 +283,11 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_pe
         w = min(1.0, cfg.warmup_start + (1.0 - cfg.warmup_start) * (s + 1) / warm) if warm > 0 else 1.0
         if cfg.scheduler == "step":
             return w * cfg.gamma ** sum(s >= m for m in milestones)
+        if cfg.scheduler == "cosine_restarts":
+            t, length = s / steps_per_epoch, float(cfg.restart_epochs)
+            while t >= length:
+                t, length = t - length, length * cfg.restart_mult
+            return w * 0.5 * (1.0 + math.cos(math.pi * t / length))
         return w * 0.5 * (1.0 + math.cos(math.pi * min(1.0, s / max(1, total))))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import numpy as np
 import pytest
@@ -100,6 +101,27 @@ def test_run_dir_hash_depends_on_config():
     a = run_dir_for("x", {"lr": 1e-3})
     assert a == run_dir_for("x", {"lr": 1e-3})
     assert a != run_dir_for("x", {"lr": 2e-3})
+
+
+def test_cosine_restarts_is_sgdr():
+    """``cosine_restarts``: cosine cycles of T_0, T_0 * T_mult, ... epochs, each back at the full lr (SGDR's Eq. 5)."""
+    from mlic_lib.engine import build_scheduler
+
+    net = torch.nn.Linear(2, 1)
+    cfg = TrainConfig(epochs=7, lr=0.2, optimizer="sgd", scheduler="cosine_restarts", restart_epochs=1, restart_mult=2)
+    opt = torch.optim.SGD(net.parameters(), lr=cfg.lr)
+    sched = build_scheduler(opt, cfg, steps_per_epoch=4)
+    lrs = []
+    for _ in range(28):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    # cycles of 1, 2 and 4 epochs = 4, 8 and 16 steps
+    want = [0.1 * (1 + math.cos(math.pi * i / n)) for n in (4, 8, 16) for i in range(n)]
+    assert lrs == pytest.approx(want)
+    for bad in ({"restart_epochs": 0}, {"restart_mult": 0}, {"restart_mult": 1.5}):
+        with pytest.raises(ValueError, match="restart"):
+            TrainConfig(**bad)
 
 
 def test_linear_warmup_in_steps_from_a_start_factor():
