@@ -8,14 +8,19 @@ Training recipes of the papers:
   with horizontal flips -> ``{"crop": "multiscale", "hflip": True}``; the crop's aspect and its 13 fixed
   positions follow the authors' code (:class:`MultiScaleCrop`, ``max_distort``, ``fixed_offsets``).
 * AssocFormer (Sec. 4.1) follows ASL: resize to ``size``, Cutout with factor 0.5 and RandAugment ->
-  ``{"crop": "none", "hflip": False, "cutout": 0.5, "randaugment": True}``. CPSD's paper names no
-  augmentation; its authors' code uses this same ASL recipe.
+  ``{"crop": "none", "hflip": False, "cutout": 0.5, "randaugment": True}`` (torchvision's RandAugment, the
+  policy of the paper's reference [6]). CPSD's paper names no augmentation; its authors' code runs the ASL
+  code's pipeline, whose RandAugment is the UDA variant of the ``randaugment`` package ->
+  ``"randaugment": "uda"`` (:class:`~mlic_lib.data.rand_augment.UDARandAugment`); that code also leaves the
+  images in [0, 1] without the ImageNet mean/std (``normalize: "none"`` in :func:`train_preset` /
+  :func:`eval_preset`).
 * LTML (Sec. 4.1: "standard data augmentations ... as in" DistributionBalancedLoss): DBL's colour
   distortion (:class:`PhotoMetricDistortion`) and random patch (:class:`RandomPatchCrop`, at least 0.8
   of each side), resize to ``size``, random flip -> ``{"crop": "random_patch", "photometric": True}``.
 
-Evaluation always resizes to ``(size, size)`` and normalises with the ImageNet mean/std. Images are
-PIL images in, normalised ``float32`` tensors ``(3, size, size)`` out.
+Evaluation always resizes to ``(size, size)``. Both presets normalise with the ImageNet mean/std (what
+torchvision's ImageNet weights expect) unless ``normalize="none"``. Images are PIL images in, ``float32``
+tensors ``(3, size, size)`` out.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ __all__ = ["Cutout", "MultiScaleCrop", "PhotoMetricDistortion", "RandomPatchCrop
            "rgb_to_hsv", "train_preset"]
 
 CROPS = ("none", "multiscale", "random_resized", "random_patch")
+RANDAUGMENTS = (False, True, "torchvision", "uda")
+NORMALIZE = ("imagenet", "none")
 _KEYS = {"crop", "hflip", "cutout", "randaugment", "scales", "max_distort", "fixed_offsets", "resize_factor",
          "photometric", "min_crop"}
 
@@ -251,11 +258,23 @@ def _check(augment: Mapping[str, Any]) -> dict[str, Any]:
          "min_crop": 0.8, **augment}
     if a["crop"] not in CROPS:
         raise ValueError(f"augment.crop must be one of {CROPS}, got {a['crop']!r}")
+    if a["randaugment"] not in RANDAUGMENTS:
+        raise ValueError(f"augment.randaugment must be one of {RANDAUGMENTS} (true = 'torchvision'), "
+                         f"got {a['randaugment']!r}")
     return a
 
 
-def train_preset(size: int, augment: Mapping[str, Any] | None = None) -> Callable[[Image.Image], Any]:
-    """Training transform: crop policy, flips, RandAugment, Cutout, tensor + ImageNet normalisation.
+def _normalize(normalize: str):
+    from torchvision import transforms as T
+
+    if normalize not in NORMALIZE:
+        raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
+    return [T.Normalize(IMAGENET_MEAN, IMAGENET_STD)] if normalize == "imagenet" else []
+
+
+def train_preset(size: int, augment: Mapping[str, Any] | None = None,
+                 normalize: str = "imagenet") -> Callable[[Image.Image], Any]:
+    """Training transform: crop policy, flips, Cutout, RandAugment, tensor (+ ImageNet normalisation).
 
     Parameters
     ----------
@@ -265,10 +284,11 @@ def train_preset(size: int, augment: Mapping[str, Any] | None = None) -> Callabl
         ``crop`` (``"none"``: resize to ``size``; ``"multiscale"``: resize to ``resize_factor * size``
         (default 512/448, ML-GCN) then :class:`MultiScaleCrop`; ``"random_resized"``: torchvision's
         ``RandomResizedCrop``; ``"random_patch"``: :class:`RandomPatchCrop` with ``min_crop``, default 0.8,
-        then resize to ``size``), ``hflip`` (bool), ``randaugment`` (bool, torchvision defaults),
-        ``cutout`` (factor, 0 = off), ``scales``, ``max_distort`` (default 2) and ``fixed_offsets`` (default
-        True) for the multi-scale crop, ``photometric`` (bool:
-        :class:`PhotoMetricDistortion` before the normalisation).
+        then resize to ``size``), ``hflip`` (bool), ``cutout`` (factor, 0 = off), ``scales``, ``max_distort``
+        (default 2) and ``fixed_offsets`` (default True) for the multi-scale crop, ``randaugment`` (``true`` /
+        ``"torchvision"``: torchvision's; ``"uda"``: :class:`~mlic_lib.data.rand_augment.UDARandAugment`),
+        ``photometric`` (bool: :class:`PhotoMetricDistortion` before the normalisation).
+    normalize : ``"imagenet"`` (default) or ``"none"`` (tensors left in [0, 1], as the ASL / CPSD code).
 
     Raises
     ------
@@ -293,17 +313,21 @@ def train_preset(size: int, augment: Mapping[str, Any] | None = None) -> Callabl
         steps.append(T.RandomHorizontalFlip())
     if a["cutout"]:  # before RandAugment, as in the ASL recipe
         steps.append(Cutout(float(a["cutout"])))
-    if a["randaugment"]:
+    if a["randaugment"] == "uda":
+        from .rand_augment import UDARandAugment
+
+        steps.append(UDARandAugment())
+    elif a["randaugment"]:
         steps.append(T.RandAugment())
     steps.append(T.ToTensor())
     if a["photometric"]:
         steps.append(PhotoMetricDistortion())
-    steps.append(T.Normalize(IMAGENET_MEAN, IMAGENET_STD))
-    return T.Compose(steps)
+    return T.Compose(steps + _normalize(normalize))
 
 
-def eval_preset(size: int) -> Callable[[Image.Image], Any]:
-    """Evaluation transform: resize to ``(size, size)``, tensor, ImageNet normalisation."""
+def eval_preset(size: int, normalize: str = "imagenet") -> Callable[[Image.Image], Any]:
+    """Evaluation transform: resize to ``(size, size)``, tensor, ImageNet normalisation (``normalize``:
+    ``"imagenet"`` or ``"none"``, images left in [0, 1])."""
     from torchvision import transforms as T
 
-    return T.Compose([T.Resize((size, size)), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return T.Compose([T.Resize((size, size)), T.ToTensor(), *_normalize(normalize)])
