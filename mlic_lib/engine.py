@@ -56,6 +56,43 @@ SCHEDULERS = ("none", "onecycle", "step", "cosine", "cosine_restarts")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 
 
+def _typed(name: str, value: Any, kind: str) -> Any:
+    """``value`` checked against a :class:`TrainConfig` field's annotation ``kind`` (``'int'``, ``'float | None'``,
+    ...). A number written as text (``'1e-3'``: YAML 1.1 reads an exponent without a dot as a string) becomes a
+    number; anything else of the wrong type is a ``ValueError`` naming the option."""
+    base, optional = kind.replace(" | None", ""), kind.endswith("| None")
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"train option {name!r} needs a value ({base}), got null")
+    if base == "bool":
+        if not isinstance(value, bool):
+            raise ValueError(f"train option {name!r} takes true or false, got {value!r}")
+        return value
+    if base in ("int", "float"):
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ValueError(f"train option {name!r} takes a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"train option {name!r} takes a finite number, got {value!r}")
+        if base == "int":
+            if value != int(value):
+                raise ValueError(f"train option {name!r} takes a whole number, got {value!r}")
+            return int(value)
+        return value
+    if base == "str":
+        if not isinstance(value, str):
+            raise ValueError(f"train option {name!r} takes a name (text), got {value!r}")
+        return value
+    if base.startswith("tuple"):  # milestones: whole numbers
+        if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+            raise ValueError(f"train option {name!r} takes a list of epochs, e.g. [40, 60]; got {value!r}")
+        return tuple(_typed(name, v, "int") for v in value)
+    return value
+
+
 @dataclass
 class TrainConfig:
     """Hyper-parameters of one ``fit``. Built from a profile's ``train:`` section via :meth:`from_dict`."""
@@ -93,6 +130,8 @@ class TrainConfig:
     log_every: int = 20
 
     def __post_init__(self) -> None:
+        for f in fields(self):
+            setattr(self, f.name, _typed(f.name, getattr(self, f.name), str(f.type)))
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.scheduler not in SCHEDULERS:
@@ -113,7 +152,6 @@ class TrainConfig:
             raise ValueError(f"onecycle_pct_start must be in (0, 1), got {self.onecycle_pct_start}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
-        self.milestones = tuple(self.milestones)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:

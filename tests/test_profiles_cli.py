@@ -44,6 +44,54 @@ def test_overrides_and_errors():
     assert s["budget_check"] == {"epochs": [16]}
 
 
+def test_override_typos_and_wrong_types_are_caught_with_a_hint():
+    with pytest.raises(ValueError, match="did you mean 'train.epochs'"):
+        load_profile("primer", "smoke", {"train.epoch": 3})
+    with pytest.raises(ValueError, match="did you mean 'model.backbone'"):
+        load_profile("primer", "smoke", {"model.bakcbone": "resnet18"})
+    with pytest.raises(ValueError, match="did you mean 'data.scenes.n_groups'"):
+        load_profile("primer", "smoke", {"data.scenes.n_groupz": 3})
+    # names a section's validator knows are fine even when no profile spells them out
+    s = load_profile("primer", "smoke", {"train.grad_clip": 1.0, "data.scenes.n_groups": 3})
+    assert s["train"]["grad_clip"] == 1.0
+    load_profile("splicemix", "full", {"data.real.normalize": "none", "data.real.augment.fixed_offsets": False})
+    load_profile("assocformer", "full", {"model.backbone_kwargs.drop_path_rate": 0.2})  # an open mapping
+    # YAML 1.1 reads 1e-3 as text: it becomes the number the user meant
+    assert load_profile("primer", "smoke", {"train.lr": "1e-3"})["train"]["lr"] == pytest.approx(1e-3)
+    assert load_profile("primer", "smoke", {"train.epochs": "4"})["train"]["epochs"] == 4
+    for key, value, match in [("train.epochs", "abc", "takes a number"), ("train.epochs", 3.5, "whole number"),
+                              ("train.epochs", None, "needs a value"),
+                              ("train.channels_last", "maybe", "true or false"),
+                              ("train", 3, "is a section"), ("data.n_train", [1], "takes a number"),
+                              ("train.milestones", [2, "x"], "takes a number")]:
+        with pytest.raises(ValueError, match=match):
+            load_profile("primer", "smoke", {key: value})
+
+
+def test_train_config_checks_types():
+    assert TrainConfig(lr="1e-3").lr == pytest.approx(1e-3) and TrainConfig(epochs=3.0).epochs == 3
+    for kw, match in [({"lr": "fast"}, "'lr' takes a number"), ({"epochs": True}, "'epochs' takes a finite"),
+                      ({"channels_last": "yes"}, "true or false"), ({"optimizer": 3}, "takes a name"),
+                      ({"milestones": 40}, "list of epochs"), ({"lr": float("nan")}, "finite")]:
+        with pytest.raises(ValueError, match=match):
+            TrainConfig(**kw)
+
+
+def test_cli_reproduce_names_one_chapter_and_checks_overrides_first(capsys):
+    assert cli.main(["reproduce", "0", "--profile", "smoke"]) == 2
+    assert "matches 6 chapters" in capsys.readouterr().err
+    assert cli.main(["reproduce", "nope"]) == 2
+    assert "name one of: primer" in capsys.readouterr().err
+    assert cli.main(["reproduce", "primer", "--profile", "smoke", "-o", "train.epoch=3"]) == 2
+    assert "did you mean 'train.epochs'" in capsys.readouterr().err
+    assert cli.main(["reproduce", "primer", "-o", "train.epochs=[1"]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+    assert cli.main(["--root", "/nonexistent", "reproduce", "primer"]) == 2
+    assert "run from the repository root" in capsys.readouterr().err
+    assert cli.main(["data", "check", "nope"]) == 2
+    assert "known datasets: voc2007" in capsys.readouterr().err
+
+
 def test_cli_profile_and_errors(capsys):
     assert cli.main(["profile", "primer", "--profile", "smoke", "-o", "train.epochs=2"]) == 0
     out = capsys.readouterr().out

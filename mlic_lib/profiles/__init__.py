@@ -1,14 +1,19 @@
 """Per-chapter run profiles: ``smoke`` (seconds, CI), ``default`` (the CPU book), ``full`` (paper recipe, GPU).
 
 Each chapter has ``mlic_lib/profiles/<chapter>.yaml`` with one mapping per profile. Overrides use
-dotted keys (``{"train.epochs": 3}``); a key is valid when some profile of the chapter has it, or when
-its parent is a section (``train``, ``data.scenes``) whose own validator (``TrainConfig``,
-``SceneSpec``) then checks the name.
+dotted keys (``{"train.epochs": 3}``); a key is valid when some profile of the chapter has it, when its
+parent is a section with a validator that knows the name (``train`` / ``teacher_train``:
+``TrainConfig`` fields; ``scenes``: ``SceneSpec`` fields; ``augment``: the image presets' options; a real
+dataset's ``data`` / ``real``: :func:`mlic_lib.data.real.real_data`'s keys), or when its parent is an open
+mapping that is empty in some profile (``model.backbone_kwargs``). A value must fit the type of the value
+it replaces: a number for a number (``"1e-3"``, which YAML 1.1 reads as text, becomes 0.001), true/false
+for a flag, a mapping for a section.
 """
 
 from __future__ import annotations
 
 import copy
+import difflib
 from collections.abc import Mapping
 from importlib import resources
 from typing import Any
@@ -44,6 +49,60 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _validator_keys(section: str, node: Any) -> set[str] | None:
+    """Names the validator of the section at dotted path ``section`` accepts (``None``: no validator)."""
+    from dataclasses import fields
+
+    last = section.rsplit(".", 1)[-1]
+    if last in ("train", "teacher_train"):
+        from mlic_lib.engine import TrainConfig
+
+        return {f.name for f in fields(TrainConfig)}
+    if last == "scenes":
+        from mlic_lib.data.scenes import SceneSpec
+
+        return {f.name for f in fields(SceneSpec)}
+    if last == "augment":
+        from mlic_lib.data.presets import _KEYS
+
+        return set(_KEYS)
+    if last == "real" or (last == "data" and isinstance(node, Mapping) and "dataset" in node):
+        from mlic_lib.data.real import _KEYS
+
+        return set(_KEYS)
+    return None
+
+
+def _lookup(d: Any, key: str) -> tuple[bool, Any]:
+    for part in key.split("."):
+        if not isinstance(d, Mapping) or part not in d:
+            return False, None
+        d = d[part]
+    return True, d
+
+
+def _coerce(key: str, value: Any, ref: Any) -> Any:
+    """``value`` made to fit ``ref``, the value it replaces, or a ``ValueError`` naming ``key``."""
+    if ref is None or value is None:
+        return value
+    if isinstance(ref, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"parameter {key!r} takes true or false, got {value!r}")
+    elif isinstance(ref, (int, float)):
+        if isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                raise ValueError(f"parameter {key!r} takes a number (like {ref!r}), got {value!r}") from None
+            value = int(number) if isinstance(ref, int) and number.is_integer() and "." not in value else number
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"parameter {key!r} takes a number (like {ref!r}), got {value!r}")
+    elif isinstance(ref, Mapping) and ref and not isinstance(value, Mapping):
+        example = f"{key}.{next(iter(ref))}=..."
+        raise ValueError(f"{key!r} is a section, not a value: override one of its keys, e.g. -o {example}")
+    return value
+
+
 def load_profile(chapter: str, profile: str = "default", overrides: Mapping[str, Any] | None = None) -> dict:
     """Return the settings of ``chapter`` under ``profile``, with dotted-key ``overrides`` applied.
 
@@ -55,14 +114,42 @@ def load_profile(chapter: str, profile: str = "default", overrides: Mapping[str,
         raise ValueError(f"unknown profile {profile!r} for chapter {chapter!r}; choose one of {sorted(data)}")
     settings = copy.deepcopy(data[profile])
     valid: set[str] = set()
-    sections: set[str] = set()
+    open_maps: set[str] = set()  # mappings that are empty in some profile: any key goes (e.g. backbone_kwargs)
     for prof in data.values():
         flat = _flatten(prof)
         valid.update(flat)
-        sections.update(k.rsplit(".", 1)[0] for k in flat if "." in k)
+        open_maps.update(k for k, v in flat.items() if isinstance(v, Mapping))
     for key, value in (overrides or {}).items():
-        if key not in valid and key.rsplit(".", 1)[0] not in sections:
-            raise ValueError(f"unknown parameter {key!r} for chapter {chapter!r}; valid keys: {sorted(valid)}")
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"override keys are dotted names like 'train.epochs', got {key!r}")
+        parent, _, leaf = key.rpartition(".")
+        known = key in valid or any(k.startswith(key + ".") for k in valid)
+        if not known and parent:
+            found, node = _lookup(settings, parent)
+            allowed = _validator_keys(parent, node if found else None)
+            if allowed is not None:
+                known = leaf in allowed
+                if not known:
+                    close = difflib.get_close_matches(leaf, sorted(allowed), n=3)
+                    hint = f" (did you mean {', '.join(repr(f'{parent}.{c}') for c in close)}?)" if close else ""
+                    raise ValueError(f"unknown parameter {key!r} for chapter {chapter!r}{hint}; valid keys under "
+                                     f"{parent!r}: {sorted(allowed)}")
+            known = known or parent in open_maps
+        if not known:
+            close = difflib.get_close_matches(key, sorted(valid), n=3)
+            hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+            raise ValueError(f"unknown parameter {key!r} for chapter {chapter!r}{hint}; valid keys: {sorted(valid)}")
+        found, ref = _lookup(settings, key)
+        if not found:
+            ref = next((r for f, r in (_lookup(prof, key) for prof in data.values()) if f and r is not None), None)
+        value = _coerce(key, value, ref)
+        if parent.rsplit(".", 1)[-1] in ("train", "teacher_train"):  # checked now, not when a run starts
+            from dataclasses import fields
+
+            from mlic_lib.engine import TrainConfig, _typed
+
+            kinds = {f.name: str(f.type) for f in fields(TrainConfig)}
+            value = _typed(leaf, value, kinds[leaf]) if leaf in kinds else value
         node = settings
         *parents, leaf = key.split(".")
         for p in parents:
