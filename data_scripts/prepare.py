@@ -10,9 +10,10 @@ Downloads resume after an interruption; a file whose checksum does not match is 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from mlic_lib.data import download
-from mlic_lib.data.registry import DATASETS
+from mlic_lib.data.registry import DATASETS, get
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,8 +27,14 @@ def main(argv: list[str] | None = None) -> int:
         for key, state in download.check().items():
             print(f"{key:9s} {state}")
         return 0
-    for name in args.names:
-        print(f"{name}: {download.prepare(name, allow_unverified=args.allow_unverified)}")
+    try:
+        for name in args.names:
+            get(name)  # every name checked before the first download
+        for name in args.names:
+            print(f"{name}: {download.prepare(name, allow_unverified=args.allow_unverified)}")
+    except (ValueError, RuntimeError, OSError) as err:  # as `mlic data prepare`: a message, not a traceback
+        print(f"prepare.py: error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -28,10 +28,34 @@ def _parse_overrides(items: list[str]) -> dict:
     out = {}
     for item in items:
         if "=" not in item:
-            raise SystemExit(f"override {item!r} must look like key=value (e.g. train.epochs=3)")
+            raise ValueError(f"override {item!r} must look like key=value (e.g. -o train.epochs=3)")
         key, value = item.split("=", 1)
-        out[key] = yaml.safe_load(value)
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ValueError(f"override {item!r}: the value is not valid YAML (a number, true/false, a name, or a "
+                             f"list like [1, 2]): {str(err).splitlines()[0]}") from None
     return out
+
+
+def _chapter_notebook(root: Path, name: str) -> tuple[str, Path]:
+    """The chapter (profile name) and notebook that ``name`` (a chapter or part of a file name) picks."""
+    from mlic_lib.book import notebooks
+
+    if not (root / "notebooks").is_dir():
+        raise ValueError(f"no notebooks/ folder in {root}: run from the repository root or pass --root REPO")
+    found = notebooks(root)
+    by_chapter = {c: nb for nb in found for c in chapters() if c in nb.stem}
+    if name in by_chapter:
+        return name, by_chapter[name]
+    hits = [nb for nb in found if name in nb.stem]
+    if len(hits) != 1:
+        what = "no chapter" if not hits else f"{len(hits)} chapters ({', '.join(nb.stem for nb in hits)})"
+        raise ValueError(f"{name!r} matches {what}; name one of: {', '.join(by_chapter)}")
+    chapter = next((c for c, nb in by_chapter.items() if nb == hits[0]), None)
+    if chapter is None:
+        raise ValueError(f"{hits[0].name} has no profile file in mlic_lib/profiles")
+    return chapter, hits[0]
 
 
 def _cmd_book(args) -> int:
@@ -42,16 +66,22 @@ def _cmd_book(args) -> int:
 
 
 def _cmd_reproduce(args) -> int:
-    from mlic_lib.book import _env_defaults, execute_notebook, notebooks
+    from papermill.exceptions import PapermillExecutionError
+
+    from mlic_lib.book import _env_defaults, execute_notebook
 
     root = Path(args.root).resolve()
-    _env_defaults(root / "_build")
-    nbs = notebooks(root, [args.chapter])
+    chapter, nb = _chapter_notebook(root, args.chapter)
     overrides = _parse_overrides(args.override)
-    for nb in nbs:
-        out = root / "_build" / "executed" / args.profile / nb.name
+    load_profile(chapter, args.profile, overrides)  # bad overrides fail here, before a kernel starts
+    _env_defaults(root / "_build")
+    out = root / "_build" / "executed" / args.profile / nb.name
+    try:
         seconds = execute_notebook(nb, out, args.profile, {"overrides": overrides} if overrides else None)
-        print(f"{nb.name}: executed with profile={args.profile} in {seconds:.1f} s -> {out}")
+    except PapermillExecutionError as err:
+        raise RuntimeError(f"{nb.name} failed in cell {err.exec_count} with {err.ename}: {err.evalue}\n"
+                           f"  the partly executed notebook, with the full traceback, is {out}") from None
+    print(f"{nb.name}: executed with profile={args.profile} in {seconds:.1f} s -> {out}")
     return 0
 
 
@@ -87,6 +117,10 @@ def _cmd_data(args) -> int:
         out = write_fake(args.name, args.root_dir, args.n_train, args.n_test, args.image_size, force=args.force)
         print(f"{args.name}: synthetic files in the real layout under {out} (use MLIC_DATA={out})")
         return 0
+    if args.name:
+        from mlic_lib.data.registry import get
+
+        get(args.name)  # an unknown name is an error that lists the known ones
     root = data_root()
     if args.action == "check" or args.check:
         print(f"MLIC_DATA = {root}")
@@ -103,32 +137,35 @@ def _cmd_data(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mlic", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="mlic", description="Run the book's chapters, CPSD's teachers and the real-data preparation.")
     parser.add_argument("--root", default=".", help="repository root (where _config.yml lives)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("book", help="execute every chapter and build the HTML book")
-    p.add_argument("--profile", default="default", choices=PROFILES)
-    p.add_argument("--only", nargs="*", help="execute only chapters whose file name contains these")
+    p.add_argument("--profile", default="default", choices=PROFILES, help="default: %(default)s")
+    p.add_argument("--only", nargs="*", help="execute only chapters whose file name contains these (with "
+                   "--no-strict: the other chapters' pages are missing)")
     p.add_argument("--no-strict", action="store_true", help="do not turn Sphinx warnings into errors")
     p.add_argument("--skip-execute", action="store_true", help="rebuild HTML from the last executed copies")
     p.set_defaults(func=_cmd_book)
 
     p = sub.add_parser("reproduce", help="execute one chapter with a profile")
-    p.add_argument("chapter", help="chapter name or part of its file name, e.g. primer, splicemix")
-    p.add_argument("--profile", default="default", choices=PROFILES)
+    p.add_argument("chapter", help=f"one of {', '.join(chapters())} (or a part of one notebook's file name)")
+    p.add_argument("--profile", default="default", choices=PROFILES, help="default: %(default)s")
     p.add_argument("-o", "--override", action="append", default=[],
                    help="key=value passed to the chapter's settings, e.g. train.epochs=3 (repeatable)")
     p.set_defaults(func=_cmd_reproduce)
 
     p = sub.add_parser("profile", help="print a chapter's resolved settings")
     p.add_argument("chapter", choices=chapters())
-    p.add_argument("--profile", default="default", choices=PROFILES)
+    p.add_argument("--profile", default="default", choices=PROFILES, help="default: %(default)s")
     p.add_argument("-o", "--override", action="append", default=[], help="key=value, e.g. train.epochs=3")
     p.set_defaults(func=_cmd_profile)
 
     p = sub.add_parser("teachers", help="train CPSD's teachers into the cache (split across GPUs under torchrun)")
-    p.add_argument("--profile", default="full", choices=PROFILES)
+    p.add_argument("--profile", default="full", choices=PROFILES,
+                   help="default: %(default)s (COCO-2014 under $MLIC_DATA, a GPU)")
     p.add_argument("-o", "--override", action="append", default=[], help="key=value, as for `mlic reproduce psd`")
     p.set_defaults(func=_cmd_teachers)
 
@@ -152,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, RuntimeError, ConnectionError) as err:
+    except (ValueError, RuntimeError, OSError) as err:  # OSError: missing data, unwritable folders, network
         print(f"mlic: error: {err}", file=sys.stderr)
         return 2
 

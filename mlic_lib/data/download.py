@@ -116,10 +116,9 @@ def download(file: RemoteFile, folder: Path, progress: bool = True, allow_unveri
             f"{file.name}: no URL gave the expected file. The last wrong download was moved to {bad} and not "
             "used; delete it and rerun to download again.\n  " + "\n  ".join(errors)
         )
-    raise ConnectionError(
-        f"could not download {file.name} (the partial file {part} is kept; rerun to resume):\n  "
-        + "\n  ".join(errors)
-    )
+    kept = (f"the partial file {part} is kept; rerun to resume" if part.exists() and part.stat().st_size else
+            "nothing was downloaded: check the network, or use `mlic data fake` for an offline dry run")
+    raise ConnectionError(f"could not download {file.name} ({kept}):\n  " + "\n  ".join(errors))
 
 
 def _safe_members(names: list[str]) -> None:
