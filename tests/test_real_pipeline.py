@@ -280,6 +280,14 @@ def test_fake_mnist_and_cifar_load(fake_root):
     assert x.shape == (50, 3, 32, 32) and set(np.unique(y)) == set(range(10))
 
 
+def test_data_check_tells_fake_files_from_real_data(fake_root):
+    from mlic_lib.data import download
+
+    states = download.check(fake_root)
+    for name in ("voc2007", "voc2012", "coco2014", "coco2017", "voc_lt", "coco_lt", "mnist", "cifar10"):
+        assert states[name] == "present (synthetic files from `mlic data fake`, not the real dataset)", name
+
+
 def test_write_fake_rejects_unknown(tmp_path):
     assert set(REAL_DATASETS) <= set(FAKE_DATASETS)
     with pytest.raises(ValueError, match="unknown fake dataset"):

@@ -223,6 +223,11 @@ def status(entry: DatasetEntry, root: Path) -> str:
     """
     stamped = [f.name for f in entry.files if _stamp(root, entry, f).is_file()]
     if (root / entry.marker).exists() and (not stamped or len(stamped) == len(entry.files)):
+        from .fake import FAKE_STAMP
+
+        fake = root / FAKE_STAMP
+        if fake.is_file() and entry.key in fake.read_text().split():
+            return "present (synthetic files from `mlic data fake`, not the real dataset)"
         return "present"
     if stamped and len(stamped) < len(entry.files):
         return (f"incomplete ({len(stamped)} of {len(entry.files)} files prepared; rerun "

@@ -13,12 +13,13 @@ something, but no number obtained on them says anything about the papers. Layout
   in the DistributionBalancedLoss format, drawn with a long tail;
 * ``nuswide``: ``nuswide/{Concepts81.txt,ImageList,Groundtruth/TrainTestLabels,Flickr}`` with ``n_classes``
   concepts, Windows-style list paths, one listed image missing and some images without labels;
-* ``mnist``: ``mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte`` from the embedded (real) digits;
+* ``mnist``: ``mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz`` from the embedded (real) digits;
 * ``cifar10``: ``cifar10/cifar-10-batches-bin/{data_batch_1..5,test_batch}.bin``.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import pickle
 import struct
@@ -32,6 +33,7 @@ from .voc import VOC_CLASSES
 
 __all__ = ["FAKE_DATASETS", "write_fake"]
 
+FAKE_STAMP = "MLIC_FAKE_DATA.txt"  # the datasets `mlic data fake` wrote into a folder, one per line
 FAKE_DATASETS = ("voc2007", "voc2012", "coco2014", "coco2017", "voc_lt", "coco_lt", "nuswide", "mnist", "cifar10")
 
 
@@ -183,7 +185,12 @@ def write_nuswide(root: Path, n_train: int, n_test: int, n_classes: int = 10, im
 
 def _write_idx(path: Path, arr: np.ndarray) -> None:
     header = struct.pack(">HBB", 0, 0x08, arr.ndim) + struct.pack(">" + "I" * arr.ndim, *arr.shape)
-    path.write_bytes(header + np.ascontiguousarray(arr, dtype=np.uint8).tobytes())
+    body = header + np.ascontiguousarray(arr, dtype=np.uint8).tobytes()
+    if path.suffix == ".gz":
+        with gzip.open(path, "wb") as f:
+            f.write(body)
+    else:
+        path.write_bytes(body)
 
 
 def write_mnist(root: Path, n_train: int = 2000, n_test: int = 500) -> None:
@@ -195,8 +202,9 @@ def write_mnist(root: Path, n_train: int = 2000, n_test: int = 500) -> None:
     for split, prefix, n in (("train", "train", n_train), ("test", "t10k", n_test)):
         images, labels = digit_pool(split)  # sorted by class: take a seeded sample of every class
         idx = np.random.default_rng(0).permutation(len(labels))[:n]
-        _write_idx(folder / f"{prefix}-images-idx3-ubyte", images[idx].reshape(-1, 28, 28))
-        _write_idx(folder / f"{prefix}-labels-idx1-ubyte", labels[idx].astype(np.uint8))
+        # gzipped, as the official files (`mlic data check` looks for them)
+        _write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", images[idx].reshape(-1, 28, 28))
+        _write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels[idx].astype(np.uint8))
 
 
 def write_cifar10(root: Path, n_train: int = 500, n_test: int = 200, seed: int = 0) -> None:
@@ -270,4 +278,8 @@ def write_fake(name: str, root: str | Path, n_train: int = 60, n_test: int = 40,
         write_mnist(root, n_train, n_test)
     else:
         write_cifar10(root, n_train, n_test, seed)
+    stamp = root / FAKE_STAMP  # `mlic data check` tells these files from real data by it
+    names = set(stamp.read_text().split()) if stamp.is_file() else set()
+    written = {name, *{"voc_lt": ("voc2012", "voc2007"), "coco_lt": ("coco2017",)}.get(name, ())}
+    stamp.write_text("\n".join(sorted(names | written)) + "\n")
     return root
