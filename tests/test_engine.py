@@ -103,19 +103,24 @@ def test_run_dir_hash_depends_on_config():
     assert a != run_dir_for("x", {"lr": 2e-3})
 
 
-def test_cosine_restarts_is_sgdr():
-    """``cosine_restarts``: cosine cycles of T_0, T_0 * T_mult, ... epochs, each back at the full lr (SGDR's Eq. 5)."""
+def _lr_trace(cfg: TrainConfig, steps_per_epoch: int) -> list[float]:
+    """The lr of every optimiser step of a run of ``cfg`` (SGD on a tiny model)."""
     from mlic_lib.engine import build_scheduler
 
-    net = torch.nn.Linear(2, 1)
-    cfg = TrainConfig(epochs=7, lr=0.2, optimizer="sgd", scheduler="cosine_restarts", restart_epochs=1, restart_mult=2)
-    opt = torch.optim.SGD(net.parameters(), lr=cfg.lr)
-    sched = build_scheduler(opt, cfg, steps_per_epoch=4)
+    opt = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=cfg.lr)
+    sched = build_scheduler(opt, cfg, steps_per_epoch=steps_per_epoch)
     lrs = []
-    for _ in range(28):
+    for _ in range(cfg.epochs * steps_per_epoch):
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
+    return lrs
+
+
+def test_cosine_restarts_is_sgdr():
+    """``cosine_restarts``: cosine cycles of T_0, T_0 * T_mult, ... epochs, each back at the full lr (SGDR's Eq. 5)."""
+    cfg = TrainConfig(epochs=7, lr=0.2, optimizer="sgd", scheduler="cosine_restarts", restart_epochs=1, restart_mult=2)
+    lrs = _lr_trace(cfg, steps_per_epoch=4)
     # cycles of 1, 2 and 4 epochs = 4, 8 and 16 steps
     want = [0.1 * (1 + math.cos(math.pi * i / n)) for n in (4, 8, 16) for i in range(n)]
     assert lrs == pytest.approx(want)
@@ -127,18 +132,9 @@ def test_cosine_restarts_is_sgdr():
 def test_linear_warmup_in_steps_from_a_start_factor():
     """``warmup_steps`` / ``warmup_start``: mmcv's linear warm-up (DistributionBalancedLoss: 500 steps from lr/3)
     followed by the step decay at the milestones."""
-    from mlic_lib.engine import build_scheduler
-
-    net = torch.nn.Linear(2, 1)
     cfg = TrainConfig(epochs=4, lr=0.3, optimizer="sgd", scheduler="step", milestones=(2,), gamma=0.1,
                       warmup_steps=4, warmup_start=1 / 3, warmup_epochs=3.0)  # steps win over epochs
-    opt = torch.optim.SGD(net.parameters(), lr=cfg.lr)
-    sched = build_scheduler(opt, cfg, steps_per_epoch=5)
-    lrs = []
-    for _ in range(20):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
+    lrs = _lr_trace(cfg, steps_per_epoch=5)
     want = [0.3 * (1 / 3 + (2 / 3) * (s + 1) / 4) for s in range(4)] + [0.3] * 6 + [0.03] * 10
     assert lrs == pytest.approx(want)
     for bad in ({"warmup_steps": -1}, {"warmup_start": 1.0}, {"warmup_epochs": -0.5}):

@@ -49,15 +49,22 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _train_field_kinds() -> dict[str, str]:
+    """``{field: annotation}`` of :class:`~mlic_lib.engine.TrainConfig`."""
+    from dataclasses import fields
+
+    from mlic_lib.engine import TrainConfig
+
+    return {f.name: str(f.type) for f in fields(TrainConfig)}
+
+
 def _validator_keys(section: str, node: Any) -> set[str] | None:
     """Names the validator of the section at dotted path ``section`` accepts (``None``: no validator)."""
     from dataclasses import fields
 
     last = section.rsplit(".", 1)[-1]
     if last in ("train", "teacher_train"):
-        from mlic_lib.engine import TrainConfig
-
-        return {f.name for f in fields(TrainConfig)}
+        return set(_train_field_kinds())
     if last == "scenes":
         from mlic_lib.data.scenes import SceneSpec
 
@@ -139,17 +146,17 @@ def load_profile(chapter: str, profile: str = "default", overrides: Mapping[str,
             close = difflib.get_close_matches(key, sorted(valid), n=3)
             hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
             raise ValueError(f"unknown parameter {key!r} for chapter {chapter!r}{hint}; valid keys: {sorted(valid)}")
-        found, ref = _lookup(settings, key)
-        if not found:
-            ref = next((r for f, r in (_lookup(prof, key) for prof in data.values()) if f and r is not None), None)
-        value = _coerce(key, value, ref)
-        if parent.rsplit(".", 1)[-1] in ("train", "teacher_train"):  # checked now, not when a run starts
-            from dataclasses import fields
+        kind = _train_field_kinds().get(leaf) if parent.rsplit(".", 1)[-1] in ("train", "teacher_train") else None
+        if kind is not None:  # TrainConfig's own check, now rather than when a run starts
+            from mlic_lib.engine import _typed
 
-            from mlic_lib.engine import TrainConfig, _typed
-
-            kinds = {f.name: str(f.type) for f in fields(TrainConfig)}
-            value = _typed(leaf, value, kinds[leaf]) if leaf in kinds else value
+            value = _typed(leaf, value, kind)
+        else:
+            found, ref = _lookup(settings, key)
+            if not found:
+                ref = next((r for f, r in (_lookup(prof, key) for prof in data.values()) if f and r is not None),
+                           None)
+            value = _coerce(key, value, ref)
         node = settings
         *parents, leaf = key.split(".")
         for p in parents:
