@@ -39,17 +39,31 @@ def execute_notebook(src: Path, dst: Path, profile: str, parameters: dict | None
     """Run ``src`` with papermill (``profile`` injected into its ``parameters`` cell) into ``dst``.
 
     Returns the wall-clock seconds. The working directory is the notebook's folder, as in JupyterLab.
-    A failing cell raises papermill's error; the partially executed notebook is kept in ``dst``.
+    ``dst`` is replaced only by a complete run: a failing cell raises papermill's error, leaves the last good
+    ``dst`` as it was and keeps the partly executed notebook, with the traceback, as :func:`failed_copy` of ``dst``.
     """
     import papermill as pm
 
     dst.parent.mkdir(parents=True, exist_ok=True)
+    running, failed = dst.with_name(f"{dst.stem}.running{dst.suffix}"), failed_copy(dst)
     t0 = time.perf_counter()
-    pm.execute_notebook(
-        str(src), str(dst), parameters={"profile": profile, **(parameters or {})}, kernel_name=kernel,
-        cwd=str(src.parent), progress_bar=False, execution_timeout=timeout, report_mode=False,
-    )
+    try:
+        pm.execute_notebook(
+            str(src), str(running), parameters={"profile": profile, **(parameters or {})}, kernel_name=kernel,
+            cwd=str(src.parent), progress_bar=False, execution_timeout=timeout, report_mode=False,
+        )
+    except BaseException:
+        if running.exists():
+            running.replace(failed)
+        raise
+    running.replace(dst)
+    failed.unlink(missing_ok=True)  # a stale failure of an earlier run
     return time.perf_counter() - t0
+
+
+def failed_copy(dst: Path) -> Path:
+    """Where :func:`execute_notebook` keeps the partly executed notebook of a failed run of ``dst``."""
+    return dst.with_name(f"{dst.stem}.failed{dst.suffix}")
 
 
 def _env_defaults(build: Path) -> None:
@@ -67,7 +81,8 @@ def stage_sources(root: Path, build: Path, executed: Path) -> Path:
     for name in ("_config.yml", "_toc.yml"):
         shutil.copy2(root / name, src / name)
     shutil.copytree(root / "book", src / "book")
-    shutil.copytree(executed / "notebooks", src / "notebooks")
+    shutil.copytree(executed / "notebooks", src / "notebooks",
+                    ignore=shutil.ignore_patterns("*.failed.ipynb", "*.running.ipynb"))
     for nb in (src / "notebooks").glob("*.ipynb"):
         _hide_default_parameters(nb)
     results = Path(os.environ.get("MLIC_RESULTS", build / "results"))
@@ -195,6 +210,10 @@ def build_book(root: str | Path = ".", profile: str = "default", only: Sequence[
             print(f"[book] {nb.name} done in {seconds:.1f} s", flush=True)
         atomic_write_json({"profile": profile, "seconds": timings, "total_seconds": round(sum(timings.values()), 1)},
                           executed / "timings.json")
+    elif not (executed / "notebooks").is_dir():
+        raise ValueError(f"no executed chapters in {executed / 'notebooks'}: run `mlic book` (or `make book`) once "
+                         "without --skip-execute (`mlic reproduce` keeps its copies apart, in "
+                         "_build/executed/<profile>/)")
     src = stage_sources(root, build, executed)
     html = build_html(src, root, strict=strict)
     index = html / "index.html"

@@ -68,7 +68,7 @@ def _cmd_book(args) -> int:
 def _cmd_reproduce(args) -> int:
     from papermill.exceptions import PapermillExecutionError
 
-    from mlic_lib.book import _env_defaults, execute_notebook
+    from mlic_lib.book import _env_defaults, execute_notebook, failed_copy
 
     root = Path(args.root).resolve()
     chapter, nb = _chapter_notebook(root, args.chapter)
@@ -80,7 +80,8 @@ def _cmd_reproduce(args) -> int:
         seconds = execute_notebook(nb, out, args.profile, {"overrides": overrides} if overrides else None)
     except PapermillExecutionError as err:
         raise RuntimeError(f"{nb.name} failed in cell {err.exec_count} with {err.ename}: {err.evalue}\n"
-                           f"  the partly executed notebook, with the full traceback, is {out}") from None
+                           f"  the partly executed notebook, with the full traceback, is {failed_copy(out)}"
+                           + (f"\n  (the last complete run stays in {out})" if out.exists() else "")) from None
     print(f"{nb.name}: executed with profile={args.profile} in {seconds:.1f} s -> {out}")
     return 0
 

@@ -79,3 +79,29 @@ def test_seed_spread_and_verdicts():
     assert spread_note(1.0, 3.0, 4.0) == "within the seed spread of 5.0, so not a measurable difference"
     assert spread_note(-7.0, 3.0, 4.0, decimals=2) == "larger than the seed spread of 5.00"
     assert spread_note(7.0, 3.0, 4.0, n_seeds=1) == "one seed: no spread to compare"
+
+
+def test_a_failed_run_keeps_the_last_good_notebook_and_the_failure_apart(tmp_path):
+    import nbformat
+    import pytest
+    from papermill.exceptions import PapermillExecutionError
+
+    from mlic_lib.book import execute_notebook, failed_copy
+
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "language": "python",
+                                                           "display_name": "Python 3"}})
+    params = nbformat.v4.new_code_cell("profile = 'default'\nfail = False")
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell("assert not fail, 'asked to fail'\nprint('ran', profile)")]
+    src, dst = tmp_path / "chapter.ipynb", tmp_path / "out" / "chapter.ipynb"
+    nbformat.write(nb, src)
+    execute_notebook(src, dst, "smoke")
+    good = dst.read_text()
+    assert "ran smoke" in good and not failed_copy(dst).exists()
+    with pytest.raises(PapermillExecutionError, match="asked to fail"):
+        execute_notebook(src, dst, "smoke", {"fail": True})
+    assert dst.read_text() == good  # the last complete run is untouched
+    assert "asked to fail" in failed_copy(dst).read_text()
+    assert sorted(p.name for p in dst.parent.iterdir()) == ["chapter.failed.ipynb", "chapter.ipynb"]
+    execute_notebook(src, dst, "smoke")
+    assert not failed_copy(dst).exists()  # a later success clears the stale failure
