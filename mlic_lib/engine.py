@@ -65,6 +65,8 @@ def _typed(name: str, value: Any, kind: str) -> Any:
         if optional:
             return None
         raise ValueError(f"train option {name!r} needs a value ({base}), got null")
+    if isinstance(value, (np.generic, torch.Tensor)) and np.ndim(value) == 0:
+        value = value.item()  # a numpy or 0-d torch scalar, e.g. from np.logspace in a sweep
     if base == "bool":
         if not isinstance(value, bool):
             raise ValueError(f"train option {name!r} takes true or false, got {value!r}")
@@ -84,7 +86,9 @@ def _typed(name: str, value: Any, kind: str) -> Any:
         return value
     if base == "str":
         if not isinstance(value, str):
-            raise ValueError(f"train option {name!r} takes a name (text), got {value!r}")
+            hint = (" (YAML reads off/on/yes/no as false/true: quote the name, e.g. -o \"train.amp='off'\")"
+                    if isinstance(value, bool) else "")
+            raise ValueError(f"train option {name!r} takes a name (text), got {value!r}{hint}")
         return value
     if base.startswith("tuple"):  # milestones: whole numbers
         if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
@@ -145,7 +149,7 @@ class TrainConfig:
         if self.warmup_steps < 0 or self.warmup_epochs < 0 or not 0.0 <= self.warmup_start < 1.0:
             raise ValueError("warmup_steps and warmup_epochs must be >= 0 and warmup_start in [0, 1), got "
                              f"{self.warmup_steps}, {self.warmup_epochs} and {self.warmup_start}")
-        if not self.restart_epochs > 0 or int(self.restart_mult) != self.restart_mult or self.restart_mult < 1:
+        if not self.restart_epochs > 0 or self.restart_mult < 1:
             raise ValueError("restart_epochs must be > 0 and restart_mult an integer >= 1, got "
                              f"{self.restart_epochs} and {self.restart_mult}")
         if not 0.0 < self.onecycle_pct_start < 1.0:

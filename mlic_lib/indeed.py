@@ -554,8 +554,11 @@ def _cell_augment(augment: Mapping[str, Any] | None, mean):
     if not isinstance(augment, Mapping) or set(augment) - {"randaugment", "cutout"}:
         raise ValueError(f"data.augment must be a mapping with keys 'randaugment' (bool) and 'cutout' (hole side in "
                          f"pixels, 0 = off), got {augment!r}")
-    return CellAugment(grid=3, randaugment=bool(augment.get("randaugment", False)),
-                       cutout=int(augment.get("cutout", 0)), mean=mean)
+    if not isinstance(augment.get("randaugment", False), bool):
+        raise ValueError(f"data.augment.randaugment is true or false (torchvision's RandAugment on each cell), got "
+                         f"{augment['randaugment']!r}")
+    return CellAugment(grid=3, randaugment=augment.get("randaugment", False), cutout=int(augment.get("cutout", 0)),
+                       mean=mean)
 
 
 def indeed_data(data: Mapping[str, Any], n_labels: int, data_seed: int = 0, pools: dict | None = None) -> IndeedData:

@@ -87,10 +87,12 @@ def test_prepare_downloads_verifies_unpacks_and_skips_on_rerun(server, tmp_path,
     url, handler = server
     handler.files["/fake.tar"] = VOC_TAR
     _entry(monkeypatch, url, VOC_TAR)
+    (tmp_path / "MLIC_FAKE_DATA.txt").write_text("fake\nmnist\n")  # as if `mlic data fake --force` had been here
     marker = download.prepare("fake", tmp_path, progress=False)
     assert marker.read_text() == "000001\n"
     assert (tmp_path / "VOCdevkit/VOC2007/Annotations/000001.xml").is_file()
-    assert download.check(tmp_path)["fake"] == "present"
+    assert download.check(tmp_path)["fake"] == "present"  # real now: no longer reported as synthetic
+    assert (tmp_path / "MLIC_FAKE_DATA.txt").read_text() == "mnist\n"
     hits = len(handler.log)
     download.prepare("fake", tmp_path, progress=False)
     assert len(handler.log) == hits, "a prepared dataset must not be downloaded again"

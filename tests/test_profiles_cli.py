@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from mlic_lib import cli
 from mlic_lib.data import SceneSpec
@@ -56,6 +57,12 @@ def test_override_typos_and_wrong_types_are_caught_with_a_hint():
     assert s["train"]["grad_clip"] == 1.0
     load_profile("splicemix", "full", {"data.real.normalize": "none", "data.real.augment.fixed_offsets": False})
     load_profile("assocformer", "full", {"model.backbone_kwargs.drop_path_rate": 0.2})  # an open mapping
+    # keys that take several types: a number or a mapping; a flag or a policy name
+    assert load_profile("indeed", "full", {"indeed.lam": {"minmax": 1.0, "l2": 0.1}})["indeed"]["lam"]["l2"] == 0.1
+    assert load_profile("indeed", "default", {"indeed.lam": "0.5"})["indeed"]["lam"] == 0.5
+    assert load_profile("assocformer", "full", {"data.augment.randaugment": "uda"})["data"]["augment"]["randaugment"]
+    with pytest.raises(ValueError, match="valid keys under 'cifar.data.augment': \\['cutout', 'randaugment'\\]"):
+        load_profile("indeed", "full", {"cifar.data.augment.crop": "none"})
     # YAML 1.1 reads 1e-3 as text: it becomes the number the user meant
     assert load_profile("primer", "smoke", {"train.lr": "1e-3"})["train"]["lr"] == pytest.approx(1e-3)
     assert load_profile("primer", "smoke", {"train.epochs": "4"})["train"]["epochs"] == 4
@@ -70,9 +77,12 @@ def test_override_typos_and_wrong_types_are_caught_with_a_hint():
 
 def test_train_config_checks_types():
     assert TrainConfig(lr="1e-3").lr == pytest.approx(1e-3) and TrainConfig(epochs=3.0).epochs == 3
+    c = TrainConfig(epochs=np.int64(3), lr=np.float32(0.5), milestones=np.array([2, 3]), gamma=torch.tensor(0.5))
+    assert (c.epochs, c.lr, c.milestones, c.gamma) == (3, 0.5, (2, 3), 0.5) and type(c.epochs) is int
     for kw, match in [({"lr": "fast"}, "'lr' takes a number"), ({"epochs": True}, "'epochs' takes a finite"),
                       ({"channels_last": "yes"}, "true or false"), ({"optimizer": 3}, "takes a name"),
-                      ({"milestones": 40}, "list of epochs"), ({"lr": float("nan")}, "finite")]:
+                      ({"milestones": 40}, "list of epochs"), ({"lr": float("nan")}, "finite"),
+                      ({"amp": False}, "quote the name")]:
         with pytest.raises(ValueError, match=match):
             TrainConfig(**kw)
 

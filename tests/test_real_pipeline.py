@@ -288,6 +288,18 @@ def test_data_check_tells_fake_files_from_real_data(fake_root):
         assert states[name] == "present (synthetic files from `mlic data fake`, not the real dataset)", name
 
 
+def test_preparing_real_data_clears_the_fake_mark(tmp_path):
+    from mlic_lib.data.fake import fake_names, forget_fake
+
+    write_fake("mnist", tmp_path, n_train=20, n_test=20)
+    write_fake("cifar10", tmp_path, n_train=20, n_test=20)
+    assert fake_names(tmp_path) == {"mnist", "cifar10"}
+    forget_fake(tmp_path, "mnist")  # what a successful `mlic data prepare mnist` does
+    assert fake_names(tmp_path) == {"cifar10"}
+    forget_fake(tmp_path, "cifar10")
+    assert not (tmp_path / "MLIC_FAKE_DATA.txt").exists()
+
+
 def test_write_fake_rejects_unknown(tmp_path):
     assert set(REAL_DATASETS) <= set(FAKE_DATASETS)
     with pytest.raises(ValueError, match="unknown fake dataset"):

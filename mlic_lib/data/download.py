@@ -207,6 +207,9 @@ def prepare(key: str, root: Path | None = None, progress: bool = True, allow_unv
         stamp.write_text(file.sha256 or "unverified")
         if not keep_archives and file.action == "extract":
             path.unlink()
+    from .fake import forget_fake
+
+    forget_fake(root, key)  # real files now, where `mlic data fake --force` had written synthetic ones
     missing = [n for n in entry.needs if status(get(n), root) != "present"]
     if missing:
         print(f"{entry.title} also needs: {', '.join(missing)} (run `mlic data prepare NAME` for each)",
@@ -223,10 +226,9 @@ def status(entry: DatasetEntry, root: Path) -> str:
     """
     stamped = [f.name for f in entry.files if _stamp(root, entry, f).is_file()]
     if (root / entry.marker).exists() and (not stamped or len(stamped) == len(entry.files)):
-        from .fake import FAKE_STAMP
+        from .fake import fake_names
 
-        fake = root / FAKE_STAMP
-        if fake.is_file() and entry.key in fake.read_text().split():
+        if entry.key in fake_names(root):
             return "present (synthetic files from `mlic data fake`, not the real dataset)"
         return "present"
     if stamped and len(stamped) < len(entry.files):

@@ -278,8 +278,27 @@ def write_fake(name: str, root: str | Path, n_train: int = 60, n_test: int = 40,
         write_mnist(root, n_train, n_test)
     else:
         write_cifar10(root, n_train, n_test, seed)
-    stamp = root / FAKE_STAMP  # `mlic data check` tells these files from real data by it
-    names = set(stamp.read_text().split()) if stamp.is_file() else set()
     written = {name, *{"voc_lt": ("voc2012", "voc2007"), "coco_lt": ("coco2017",)}.get(name, ())}
-    stamp.write_text("\n".join(sorted(names | written)) + "\n")
+    _write_fake_names(root, fake_names(root) | written)
     return root
+
+
+def fake_names(root: Path) -> set[str]:
+    """The datasets whose files under ``root`` :func:`write_fake` wrote (``mlic data check`` reports them as
+    synthetic); ``mlic data prepare`` of real data removes its name."""
+    stamp = Path(root) / FAKE_STAMP
+    return set(stamp.read_text().split()) if stamp.is_file() else set()
+
+
+def _write_fake_names(root: Path, names: set[str]) -> None:
+    stamp = Path(root) / FAKE_STAMP
+    if names:
+        stamp.write_text("\n".join(sorted(names)) + "\n")
+    else:
+        stamp.unlink(missing_ok=True)
+
+
+def forget_fake(root: Path, name: str) -> None:
+    """Real files of ``name`` replaced the synthetic ones under ``root``."""
+    if name in (names := fake_names(root)):
+        _write_fake_names(root, names - {name})

@@ -1,7 +1,7 @@
 """In-memory image datasets for the embedded data (scenes, ML-MNIST).
 
 Images stay ``uint8`` in memory and are converted to normalised float on access, so thousands of
-canvases cost a few MB and a data loader needs no worker processes.
+canvases cost a few MB and, without a ``transform``, a data loader needs no worker processes.
 """
 
 from __future__ import annotations

@@ -58,11 +58,18 @@ def _train_field_kinds() -> dict[str, str]:
     return {f.name: str(f.type) for f in fields(TrainConfig)}
 
 
-def _validator_keys(section: str, node: Any) -> set[str] | None:
+# keys whose values may take several types: INDeeD's lam (a number or {minmax: .., l2: ..}), the presets'
+# randaugment (true/false or a policy name); only a number written as text is converted for them
+MIXED_TYPE_KEYS = frozenset({"lam", "randaugment"})
+
+
+def _validator_keys(chapter: str, section: str, node: Any) -> set[str] | None:
     """Names the validator of the section at dotted path ``section`` accepts (``None``: no validator)."""
     from dataclasses import fields
 
     last = section.rsplit(".", 1)[-1]
+    if chapter == "indeed" and last == "augment":  # mlic_lib.indeed's cell augmentation, not the image presets
+        return {"randaugment", "cutout"}
     if last in ("train", "teacher_train"):
         return set(_train_field_kinds())
     if last == "scenes":
@@ -80,6 +87,14 @@ def _validator_keys(section: str, node: Any) -> set[str] | None:
     return None
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _lookup(d: Any, key: str) -> tuple[bool, Any]:
     for part in key.split("."):
         if not isinstance(d, Mapping) or part not in d:
@@ -90,6 +105,8 @@ def _lookup(d: Any, key: str) -> tuple[bool, Any]:
 
 def _coerce(key: str, value: Any, ref: Any) -> Any:
     """``value`` made to fit ``ref``, the value it replaces, or a ``ValueError`` naming ``key``."""
+    if key.rsplit(".", 1)[-1] in MIXED_TYPE_KEYS:
+        ref = 0.0 if isinstance(value, str) and _is_number(value) else None
     if ref is None or value is None:
         return value
     if isinstance(ref, bool):
@@ -133,7 +150,7 @@ def load_profile(chapter: str, profile: str = "default", overrides: Mapping[str,
         known = key in valid or any(k.startswith(key + ".") for k in valid)
         if not known and parent:
             found, node = _lookup(settings, parent)
-            allowed = _validator_keys(parent, node if found else None)
+            allowed = _validator_keys(chapter, parent, node if found else None)
             if allowed is not None:
                 known = leaf in allowed
                 if not known:
