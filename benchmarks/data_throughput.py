@@ -8,6 +8,10 @@ The images are synthetic JPEGs of VOC's typical size (500 x 375) in the VOC layo
 
     python benchmarks/data_throughput.py                                 # 448 px, multi-scale crop
     python benchmarks/data_throughput.py --preset assocformer --size 384 --workers 0 2 8
+    python benchmarks/data_throughput.py --preset indeed_cifar --batch 128   # ML-CIFAR-10-7 canvases, CellAugment
+
+``indeed_cifar`` times INDeeD's ML-CIFAR-10 training canvases (96 px, 7 images each, in memory) with the full
+profile's per-cell RandAugment + Cutout (:class:`mlic_lib.data.canvas_augment.CellAugment`) instead of JPEGs.
 """
 
 from __future__ import annotations
@@ -24,13 +28,26 @@ from mlic_lib.data.fake import write_fake
 from mlic_lib.data.real import real_data
 from mlic_lib.profiles import load_profile
 
-PRESETS = ("splicemix", "psd", "assocformer", "ltml")  # the chapters whose full profile reads images
+PRESETS = ("splicemix", "psd", "assocformer", "ltml", "indeed_cifar")  # the full profiles' train pipelines
 
 
 def preset(chapter: str) -> dict:
     """The ``augment`` section of ``chapter``'s full profile (SpliceMix: of its VOC2007 run)."""
     data = load_profile(chapter, "full")["data"]
     return dict((data.get("real") or data)["augment"])
+
+
+def train_dataset(name: str, root: str, size: int, images: int):
+    """The training dataset of ``name``'s full-profile pipeline on synthetic files written under ``root``."""
+    if name == "indeed_cifar":
+        from mlic_lib import indeed
+
+        write_fake("cifar10", root, n_train=max(images, 50), n_test=20)
+        pools = {("cifar10", s): indeed.load_cifar10(s, root) for s in ("train", "test")}
+        data = {**load_profile("indeed", "full")["cifar"]["data"], "n_train": images, "n_test": 20}
+        return indeed.indeed_data(data, 7, pools=pools).train_ds
+    write_fake("voc2007", root, n_train=images, n_test=10, image_size=375)  # 375 high, ~470 wide
+    return real_data({"dataset": "voc2007", "root": root, "image_size": size, "augment": preset(name)}).train_ds
 
 
 def measure(ds, workers: int, batch: int, batches: int) -> float:
@@ -60,12 +77,11 @@ def main() -> None:
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as root:
-        write_fake("voc2007", root, n_train=args.images, n_test=10, image_size=375)  # 375 high, ~470 wide
-        ds = real_data({"dataset": "voc2007", "root": root, "image_size": args.size,
-                        "augment": preset(args.preset)}).train_ds
+        ds = train_dataset(args.preset, root, args.size, args.images)
         rows = []
-        print(f"{args.preset} train preset {preset(args.preset)}, {args.size} px output, batch {args.batch}, "
-              f"{os.cpu_count()} CPUs")
+        what = (f"train preset {preset(args.preset)}, {args.size} px output" if args.preset != "indeed_cifar" else
+                f"canvases with {getattr(ds, 'transform', None)}")
+        print(f"{args.preset} {what}, batch {args.batch}, {os.cpu_count()} CPUs")
         print(f"{'workers':>7s} {'img/s':>8s}")
         for w in args.workers:
             rate = measure(ds, w, args.batch, args.batches)

@@ -96,3 +96,14 @@ def test_indeed_step_times_each_method_and_counts_ops_per_step(tmp_path, monkeyp
     assert set(base["syncs_per_step"]) == set(bench.SYNC_EVENTS)
     assert ind["aten_ops_per_step"] > base["aten_ops_per_step"] > 0  # the pairs and the two extra classifier calls
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("results.json"))
+
+
+def test_data_throughput_builds_indeed_cifar_canvases_with_the_full_profiles_augmentation(tmp_path):
+    from mlic_lib.data.canvas_augment import CellAugment
+
+    bench = _script("data_throughput")
+    ds = bench.train_dataset("indeed_cifar", str(tmp_path), 448, 30)
+    assert isinstance(ds.transform, CellAugment) and ds.transform.randaugment and ds.transform.cutout == 16
+    assert bench.measure(ds, workers=0, batch=8, batches=2) > 0
+    x, y = ds[0]
+    assert x.shape == (3, 96, 96) and int(y.sum()) == 7

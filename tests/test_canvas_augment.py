@@ -97,3 +97,43 @@ def test_bad_inputs():
         CellAugment()(torch.zeros(1, 3, 95, 96, dtype=torch.uint8))
     with pytest.raises(ValueError, match="channel"):
         CellAugment(fill=(1, 2, 3))(torch.zeros(1, 1, 96, 96, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("name", ["Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness",
+                                  "Color", "Contrast", "Sharpness", "Posterize", "Solarize", "AutoContrast",
+                                  "Equalize"])
+def test_batched_randaugment_ops_equal_torchvisions_image_by_image(name):
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.autoaugment import RandAugment, _apply_op
+
+    from mlic_lib.data.canvas_augment import RANDAUGMENT_OPS, _magnitude, randaugment_op
+
+    assert name in RANDAUGMENT_OPS
+    space = RandAugment()._augmentation_space(31, (32, 30))
+    mags, signed = space[name]
+    want_mag = float(mags[9]) if mags.ndim > 0 else 0.0
+    assert _magnitude(name, 32, 30) == pytest.approx(want_mag)
+    x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (5, 3, 32, 30), dtype=np.uint8))
+    for sign in (1.0, -1.0) if signed else (1.0,):
+        got = randaugment_op(x, name, sign * want_mag)
+        want = torch.stack([_apply_op(im, name, sign * want_mag, InterpolationMode.NEAREST, None) for im in x])
+        assert torch.equal(got, want), (name, sign)
+
+
+def test_randaugment_draws_every_op_with_both_signs(monkeypatch):
+    from mlic_lib.data import canvas_augment
+
+    seen = []
+
+    def record(images, name, magnitude):
+        seen.extend([(name, magnitude >= 0)] * len(images))
+        return images
+
+    monkeypatch.setattr(canvas_augment, "randaugment_op", record)
+    torch.manual_seed(0)
+    CellAugment(randaugment=True, cutout=0)(torch.from_numpy(_canvases(n=200, k=7).images))
+    assert len(seen) == 2 * 200 * 7  # two operations per occupied cell
+    names = [s[0] for s in seen]
+    counts = np.array([names.count(op) for op in canvas_augment.RANDAUGMENT_OPS]) / len(names)
+    assert np.abs(counts - 1 / 14).max() < 0.02
+    assert 0.4 < np.mean([pos for name, pos in seen if name == "Rotate"]) < 0.6
