@@ -61,7 +61,10 @@ def _chapter_notebook(root: Path, name: str) -> tuple[str, Path]:
 def _cmd_book(args) -> int:
     from mlic_lib.book import build_book
 
-    build_book(args.root, args.profile, args.only, strict=not args.no_strict, skip_execute=args.skip_execute)
+    strict = not args.no_strict and not args.only
+    if args.only and not args.no_strict:
+        print("mlic book --only: a partial book, built without --strict (the other chapters' pages are missing)")
+    build_book(args.root, args.profile, args.only, strict=strict, skip_execute=args.skip_execute)
     return 0
 
 
@@ -145,8 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("book", help="execute every chapter and build the HTML book")
     p.add_argument("--profile", default="default", choices=PROFILES, help="default: %(default)s")
-    p.add_argument("--only", nargs="*", help="execute only chapters whose file name contains these (with "
-                   "--no-strict: the other chapters' pages are missing)")
+    p.add_argument("--only", nargs="*", help="execute only chapters whose file name contains these (a partial book: "
+                   "the other chapters' pages are missing, so Sphinx warnings are not errors)")
     p.add_argument("--no-strict", action="store_true", help="do not turn Sphinx warnings into errors")
     p.add_argument("--skip-execute", action="store_true", help="rebuild HTML from the last executed copies")
     p.set_defaults(func=_cmd_book)

@@ -168,3 +168,7 @@ def test_tensor_dataset_items_and_errors(small_scenes):
         TensorImageDataset(train.images.astype(np.float32), train.targets)
     with pytest.raises(ValueError, match="targets"):
         TensorImageDataset(train.images, train.targets[:5])
+    voc_style = train.targets * 2 - 1  # 1 / -1 labels, as VOC's files
+    with pytest.raises(ValueError, match="voc_targets"):
+        TensorImageDataset(train.images, voc_style)
+    TensorImageDataset(train.images, train.targets * 0.9)  # soft labels are fine

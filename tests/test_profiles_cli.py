@@ -196,3 +196,14 @@ def test_cli_teachers_trains_once_then_finds_them_cached(capsys, tmp_path):
     assert "rank 0 of 1: trained" in first and "trained 0 teacher" not in first
     assert cli.main(["--root", str(tmp_path), "teachers", "--profile", "smoke"]) == 0
     assert "trained 0 teacher(s)" in capsys.readouterr().out
+
+
+def test_cli_book_only_builds_a_partial_book_without_strict(monkeypatch, capsys):
+    import mlic_lib.book
+
+    calls = []
+    monkeypatch.setattr(mlic_lib.book, "build_book", lambda *a, **kw: calls.append((a, kw)))
+    assert cli.main(["book", "--profile", "smoke", "--only", "primer"]) == 0
+    assert calls[-1][1]["strict"] is False and "partial book" in capsys.readouterr().out
+    assert cli.main(["book", "--profile", "smoke"]) == 0
+    assert calls[-1][1]["strict"] is True

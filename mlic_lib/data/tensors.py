@@ -35,6 +35,9 @@ class TensorImageDataset(Dataset):
             raise ValueError(
                 f"targets must be (N, K) with N = {len(images)} images, got shape {tuple(targets.shape)}"
             )
+        if len(targets) and not bool(((targets >= 0) & (targets <= 1)).all()):  # once here, not at every loss call
+            raise ValueError("targets must be multi-hot (or soft) labels in [0, 1]; for VOC-style labels with "
+                             "1 / 0 (difficult) / -1 use mlic_lib.metrics.voc_targets(labels) to get (targets, mask)")
         channels = images.shape[1]
         self.images = images
         self.targets = targets
