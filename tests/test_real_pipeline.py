@@ -20,6 +20,7 @@ from mlic_lib.data.errors import DatasetNotFoundError
 from mlic_lib.data.fake import FAKE_DATASETS, write_fake
 from mlic_lib.data.presets import (
     Cutout,
+    CV2Resize,
     MultiScaleCrop,
     PhotoMetricDistortion,
     RandomPatchCrop,
@@ -95,6 +96,24 @@ def test_multiscale_crop_follows_the_authors_positions_aspects_and_snap():
     assert MultiScaleCrop(448, (1.0,)).params(446, 446, rng)[2:] == (446, 446)  # never beyond the image
     with pytest.raises(ValueError, match="max_distort"):
         MultiScaleCrop(24, max_distort=-1)
+
+
+def test_cv2_resize_is_opencvs_bilinear_without_antialiasing_in_both_presets():
+    import cv2
+
+    img = _image(120, 90)
+    got = np.asarray(CV2Resize(32)(img))
+    assert np.array_equal(got, cv2.resize(np.asarray(img), (32, 32), interpolation=cv2.INTER_LINEAR))
+    assert not np.array_equal(got, np.asarray(img.resize((32, 32), Image.BILINEAR)))  # PIL antialiases
+    random.seed(0)
+    plain = eval_preset(32, resize="cv2")(img)
+    ref = torch.from_numpy(got).permute(2, 0, 1).float() / 255
+    assert torch.allclose(eval_preset(32, normalize="none", resize="cv2")(img), ref)
+    assert plain.shape == (3, 32, 32)
+    steps = train_preset(32, {"crop": "random_patch"}, resize="cv2").transforms
+    assert any(isinstance(t, CV2Resize) for t in steps)
+    with pytest.raises(ValueError, match="resize must be one of"):
+        eval_preset(32, resize="lanczos")
 
 
 def test_cutout_fills_one_rectangle_or_nothing():

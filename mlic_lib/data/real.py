@@ -13,7 +13,7 @@ nuswide    NUS-WIDE official train list (81)         official test list (user-su
 ========== ========================================= ============================================
 
 ``data:`` keys: ``dataset``, ``image_size``, ``augment`` (see :func:`.presets.train_preset`), ``normalize``
-(``imagenet``, the default, or ``none``),
+(``imagenet``, the default, or ``none``), ``resize`` (``pil``, the default, or ``cv2`` as DistributionBalancedLoss),
 ``difficult_train`` / ``difficult_eval`` (VOC: ``negative`` (SpliceMix's code) / ``ignore`` (AP) by default;
 ``ignore`` in training gives ``(x, y, mask)`` items; VOC-LT reads ``difficult_eval`` only, default ``positive``
 as in DistributionBalancedLoss's evaluation), ``head_min`` / ``tail_max`` (read by the LTML chapter),
@@ -39,8 +39,8 @@ from .presets import eval_preset, train_preset
 __all__ = ["REAL_DATASETS", "RealData", "is_real", "real_data", "subset"]
 
 REAL_DATASETS = ("voc2007", "coco2014", "coco2017", "voc_lt", "coco_lt", "nuswide")
-_KEYS = {"dataset", "image_size", "augment", "normalize", "difficult_train", "difficult_eval", "n_train", "n_test",
-         "subset_seed", "root", "split_dir", "head_min", "tail_max"}
+_KEYS = {"dataset", "image_size", "augment", "normalize", "resize", "difficult_train", "difficult_eval", "n_train",
+         "n_test", "subset_seed", "root", "split_dir", "head_min", "tail_max"}
 
 
 @dataclass
@@ -109,8 +109,8 @@ def real_data(data: Mapping[str, Any]) -> RealData:
     if name not in REAL_DATASETS:
         raise ValueError(f"unknown real dataset {name!r}; choose one of {REAL_DATASETS}")
     size = int(data.get("image_size", 448))
-    norm = data.get("normalize", "imagenet")
-    train_tf, test_tf = train_preset(size, data.get("augment"), norm), eval_preset(size, norm)
+    norm, resize = data.get("normalize", "imagenet"), data.get("resize", "pil")
+    train_tf, test_tf = train_preset(size, data.get("augment"), norm, resize), eval_preset(size, norm, resize)
     root = data.get("root")
     root = Path(os.path.expanduser(root)) if root else None
     extra: dict[str, Any] = {"image_size": size}
