@@ -107,7 +107,7 @@ def test_cv2_resize_is_opencvs_bilinear_without_antialiasing_in_both_presets():
     assert not np.array_equal(got, np.asarray(img.resize((32, 32), Image.BILINEAR)))  # PIL antialiases
     random.seed(0)
     plain = eval_preset(32, resize="cv2")(img)
-    ref = torch.from_numpy(got).permute(2, 0, 1).float() / 255
+    ref = torch.from_numpy(got.copy()).permute(2, 0, 1).float() / 255
     assert torch.allclose(eval_preset(32, normalize="none", resize="cv2")(img), ref)
     assert plain.shape == (3, 32, 32)
     steps = train_preset(32, {"crop": "random_patch"}, resize="cv2").transforms
