@@ -61,6 +61,7 @@ def _train_field_kinds() -> dict[str, str]:
 # keys whose values may take several types: INDeeD's lam (a number or {minmax: .., l2: ..}), the presets'
 # randaugment (true/false or a policy name); only a number written as text is converted for them
 MIXED_TYPE_KEYS = frozenset({"lam", "randaugment"})
+TRAIN_SECTIONS = ("train", "teacher_train")  # sections that TrainConfig checks
 
 
 def _validator_keys(chapter: str, section: str, node: Any) -> set[str] | None:
@@ -70,7 +71,7 @@ def _validator_keys(chapter: str, section: str, node: Any) -> set[str] | None:
     last = section.rsplit(".", 1)[-1]
     if chapter == "indeed" and last == "augment":  # mlic_lib.indeed's cell augmentation, not the image presets
         return {"randaugment", "cutout"}
-    if last in ("train", "teacher_train"):
+    if last in TRAIN_SECTIONS:
         return set(_train_field_kinds())
     if last == "scenes":
         from mlic_lib.data.scenes import SceneSpec
@@ -113,13 +114,10 @@ def _coerce(key: str, value: Any, ref: Any) -> Any:
         if not isinstance(value, bool):
             raise ValueError(f"parameter {key!r} takes true or false, got {value!r}")
     elif isinstance(ref, (int, float)):
-        if isinstance(value, str):
-            try:
-                number = float(value)
-            except ValueError:
-                raise ValueError(f"parameter {key!r} takes a number (like {ref!r}), got {value!r}") from None
+        if isinstance(value, str) and _is_number(value):
+            number = float(value)
             value = int(number) if isinstance(ref, int) and number.is_integer() and "." not in value else number
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, (bool, str)) or not isinstance(value, (int, float)):
             raise ValueError(f"parameter {key!r} takes a number (like {ref!r}), got {value!r}")
     elif isinstance(ref, Mapping) and ref and not isinstance(value, Mapping):
         example = f"{key}.{next(iter(ref))}=..."
@@ -163,7 +161,7 @@ def load_profile(chapter: str, profile: str = "default", overrides: Mapping[str,
             close = difflib.get_close_matches(key, sorted(valid), n=3)
             hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
             raise ValueError(f"unknown parameter {key!r} for chapter {chapter!r}{hint}; valid keys: {sorted(valid)}")
-        kind = _train_field_kinds().get(leaf) if parent.rsplit(".", 1)[-1] in ("train", "teacher_train") else None
+        kind = _train_field_kinds().get(leaf) if parent.rsplit(".", 1)[-1] in TRAIN_SECTIONS else None
         if kind is not None:  # TrainConfig's own check, now rather than when a run starts
             from mlic_lib.engine import _typed
 
