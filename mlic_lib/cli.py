@@ -9,7 +9,7 @@
         `torchrun --nproc_per_node=8 -m mlic_lib.cli teachers --profile full` (one teacher per GPU at a time),
         before `mlic reproduce psd --profile full` (which then trains only the students)
     mlic data check                                    report which real datasets are present
-    mlic data prepare NAME [--allow-unverified]        download (resumable), verify sha256, unpack
+    mlic data prepare NAME [--allow-unverified] [--force]  download (resumable), verify sha256, unpack
     mlic data fake NAME --root DIR                     write a small synthetic dataset in NAME's real layout
 """
 
@@ -135,7 +135,7 @@ def _cmd_data(args) -> int:
     if not args.name:
         raise ValueError("name the dataset to prepare, e.g. `mlic data prepare voc2007`")
     marker = download.prepare(args.name, root, allow_unverified=args.allow_unverified,
-                              keep_archives=not args.delete_archives)
+                              keep_archives=not args.delete_archives, force=args.force)
     print(f"{args.name}: ready ({marker})")
     return 0
 
@@ -184,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-train", type=int, default=60, help="fake: training images")
     p.add_argument("--n-test", type=int, default=40, help="fake: test images")
     p.add_argument("--image-size", type=int, default=64, help="fake: image height in pixels")
-    p.add_argument("--force", action="store_true", help="fake: allow writing into the real data root")
+    p.add_argument("--force", action="store_true", help="prepare: unpack again over the dataset (repairs a deleted "
+                   "or damaged file; kept archives are re-verified); fake: allow writing into the real data root")
     p.set_defaults(func=_cmd_data)
     return parser
 

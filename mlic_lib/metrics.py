@@ -404,7 +404,8 @@ def _harmonic(a: float, b: float) -> float:
 
 
 def _threshold_metrics(
-    s: np.ndarray, t: np.ndarray, m: np.ndarray | None, threshold: float, top_k: int | None
+    s: np.ndarray, t: np.ndarray, m: np.ndarray | None, threshold: float, top_k: int | None,
+    masked: str = "ignore",
 ) -> dict[str, float]:
     """Threshold metrics on validated inputs (see :func:`threshold_metrics`)."""
     pred = s >= threshold
@@ -419,8 +420,9 @@ def _threshold_metrics(
         room = top_k - np.count_nonzero(above, axis=1, keepdims=True)
         pred &= above | (tied & (np.cumsum(tied, axis=1) <= room))
     if m is not None:
-        pred &= m
         t = t & m
+        if masked == "ignore":
+            pred &= m
     n_correct = np.count_nonzero(pred & t, axis=0).astype(np.float64)  # Nc
     n_pred = np.count_nonzero(pred, axis=0).astype(np.float64)  # Np
     n_gt = np.count_nonzero(t, axis=0).astype(np.float64)  # Ng
@@ -432,6 +434,16 @@ def _threshold_metrics(
     op = _safe_div(n_correct.sum(), n_pred.sum())
     orr = _safe_div(n_correct.sum(), n_gt.sum())
     return {"CP": cp, "CR": cr, "CF1": _harmonic(cp, cr), "OP": op, "OR": orr, "OF1": _harmonic(op, orr)}
+
+
+MASKED_MODES = ("ignore", "negative")
+
+
+def _check_masked(masked: str) -> str:
+    if masked not in MASKED_MODES:
+        raise ValueError(f"masked must be 'ignore' (masked entries leave every count) or 'negative' (they count as "
+                         f"negatives, as in the ML-GCN / SpliceMix evaluation code), got {masked!r}")
+    return masked
 
 
 def _check_threshold_args(threshold: float, top_k: int | None) -> tuple[float, int | None]:
@@ -454,6 +466,7 @@ def threshold_metrics(
     threshold: float = 0.5,
     mask: Any = None,
     top_k: int | None = None,
+    masked: str = "ignore",
 ) -> dict[str, float]:
     """Per-class and overall precision, recall and F1 at a fixed threshold (ML-GCN protocol).
 
@@ -478,6 +491,12 @@ def threshold_metrics(
 
     Every ratio whose denominator is 0 is defined as 0.
 
+    A masked entry (VOC "difficult") is never a ground-truth positive. With ``masked="ignore"`` (the default,
+    as the VOC protocol treats difficult labels in AP) it leaves every count, so a prediction on it is neither
+    right nor wrong. The ML-GCN evaluation code, which SpliceMix's reuses, sets difficult labels to 0 instead:
+    ``masked="negative"`` reproduces that, a prediction on a masked entry then adds to ``Np`` (a false
+    positive). The two differ only when ``mask`` is given; the papers' VOC tables report mAP, which both share.
+
     Parameters
     ----------
     scores, targets, mask
@@ -486,6 +505,8 @@ def threshold_metrics(
         Decision threshold on ``scores`` (0.5 for probabilities; use 0.0 for logits).
     top_k : int, optional
         Restrict the predictions of every row to its ``top_k`` highest scores.
+    masked : {"ignore", "negative"}, default "ignore"
+        How masked entries count (see above).
 
     Returns
     -------
@@ -493,8 +514,9 @@ def threshold_metrics(
         Keys ``CP, CR, CF1, OP, OR, OF1``, each a float in ``[0, 1]``.
     """
     thr, top_k = _check_threshold_args(threshold, top_k)
+    _check_masked(masked)
     s, t, m = _validate(scores, targets, mask)
-    return _threshold_metrics(s, t, m, thr, top_k)
+    return _threshold_metrics(s, t, m, thr, top_k, masked)
 
 
 # --------------------------------------------------------------------------------------------
@@ -550,6 +572,7 @@ def multilabel_report(
     mask: Any = None,
     threshold: float = 0.5,
     groups: Mapping[str, Sequence[int]] | None = None,
+    masked: str = "ignore",
 ) -> dict[str, Any]:
     """All the standard MLIC numbers in one dictionary.
 
@@ -561,6 +584,8 @@ def multilabel_report(
         Decision threshold for the threshold metrics (use 0.0 for logits).
     groups : mapping of str to sequence of int, optional
         Class groups for :func:`group_map`.
+    masked : {"ignore", "negative"}, default "ignore"
+        How masked entries count in the threshold metrics (see :func:`threshold_metrics`); AP always ignores them.
 
     Returns
     -------
@@ -576,11 +601,12 @@ def multilabel_report(
         On malformed inputs, bad groups, or if no class has a positive.
     """
     thr, _ = _check_threshold_args(threshold, None)
+    _check_masked(masked)
     s, t, m = _validate(scores, targets, mask)
     ap = _average_precision(s, t, m)
     report: dict[str, Any] = {"mAP": _nanmean_or_raise(ap), "AP": ap.tolist()}
-    report.update(_threshold_metrics(s, t, m, thr, None))
-    top3 = _threshold_metrics(s, t, m, thr, 3)
+    report.update(_threshold_metrics(s, t, m, thr, None, masked))
+    top3 = _threshold_metrics(s, t, m, thr, 3, masked)
     report.update({f"{k}_top3": v for k, v in top3.items()})
     if groups is not None:
         report.update({f"mAP_{k}": v for k, v in group_map(ap, groups).items()})

@@ -119,6 +119,8 @@ def test_data_root_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert data_root() == tmp_path
     monkeypatch.delenv("MLIC_DATA")
     assert data_root() == Path("~/.cache/mlic/data").expanduser()
+    monkeypatch.setenv("MLIC_DATA", "")  # an empty value is unset, not the working directory
+    assert data_root() == Path("~/.cache/mlic/data").expanduser()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,7 +251,7 @@ def test_corrupt_image(voc_root: Path) -> None:
     bad.write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg at all" * 4)
     with pytest.raises(CorruptImageError) as info:
         ds[1]
-    assert str(bad) in str(info.value) and "--check" in str(info.value)
+    assert str(bad) in str(info.value) and "mlic data prepare voc2007 --force" in str(info.value)
     assert info.value.path == bad
     ds[0]  # the others still load
 
@@ -259,8 +261,29 @@ def test_truncated_image(tmp_path: Path) -> None:
     _jpeg(path, (1, 2, 3), size=(64, 64))
     path.write_bytes(path.read_bytes()[:200])
     ds = ImageListDataset([path], np.zeros((1, 2)), name="voc2007")
-    with pytest.raises(CorruptImageError, match="mlic data prepare voc2007 --check"):
+    with pytest.raises(CorruptImageError, match="mlic data prepare voc2007 --force"):
         ds[0]
+
+
+def test_image_errors_name_the_dataset_that_holds_the_files(tmp_path: Path) -> None:
+    """VOC-LT's training images are VOC 2012's: the repair hint names ``voc2012``, not ``voc_lt`` (whose
+    `prepare` only copies split files); NUS-WIDE's images cannot be downloaded, so its hint says so."""
+    ds = ImageListDataset([tmp_path / "2012_000001.jpg"], np.ones((1, 2)), name="voc_lt", source="voc2012")
+    with pytest.raises(DatasetNotFoundError, match="mlic data prepare voc2012 --force") as info:
+        ds[0]
+    assert "voc_lt" not in str(info.value)
+    nus = ImageListDataset([tmp_path / "gone.jpg"], np.ones((1, 2)), name="nuswide")
+    with pytest.raises(DatasetNotFoundError, match="supplied by you") as info:
+        nus[0]
+    assert "mlic data prepare" not in str(info.value)
+
+
+def test_voc_split_errors_name_the_splits_present_and_refuse_an_empty_one(voc_root: Path) -> None:
+    with pytest.raises(DatasetNotFoundError, match="the splits present are .*trainval"):
+        read_voc_labels(voc_root, "2007", "tset")
+    (voc_root / "VOCdevkit" / "VOC2007" / "ImageSets" / "Main" / "trainval.txt").write_text("\n")
+    with pytest.raises(ValueError, match="lists no image.*prepare voc2007 --force"):
+        voc_dataset(voc_root, split="trainval")
 
 
 def test_missing_image(tmp_path: Path) -> None:

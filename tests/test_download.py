@@ -166,6 +166,30 @@ def test_prepare_unpacks_again_when_the_data_was_deleted(server, tmp_path, monke
     assert len(handler.log) == hits
 
 
+def test_prepare_force_repairs_a_deleted_file_and_reverifies_the_archive(server, tmp_path, monkeypatch, capsys):
+    """A file deleted inside a prepared dataset: a plain rerun skips it (the stamp says done), ``--force`` unpacks
+    again from the kept archive without a download, and an archive damaged on disk since is fetched anew."""
+    url, handler = server
+    handler.files["/fake.tar"] = VOC_TAR
+    _entry(monkeypatch, url, VOC_TAR)
+    monkeypatch.setenv("MLIC_DATA", str(tmp_path))
+    download.prepare("fake", tmp_path, progress=False)
+    ann = tmp_path / "VOCdevkit/VOC2007/Annotations/000001.xml"
+    ann.unlink()
+    download.prepare("fake", tmp_path, progress=False)
+    assert not ann.exists()
+    hits = len(handler.log)
+    assert cli.main(["data", "prepare", "fake", "--force"]) == 0
+    assert ann.read_bytes() == b"<annotation/>" and len(handler.log) == hits
+    archive = tmp_path / "downloads" / "fake" / "fake.tar"
+    archive.write_bytes(b"x" * len(VOC_TAR))  # same size, other bytes
+    ann.unlink()
+    download.prepare("fake", tmp_path, progress=False, force=True)
+    assert ann.is_file() and archive.read_bytes() == VOC_TAR and len(handler.log) == hits + 1
+    assert archive.with_suffix(".bad").is_file()
+    assert "no longer matches its sha256" in capsys.readouterr().err
+
+
 def test_archives_sharing_a_top_folder_are_merged(tmp_path):
     first, second = tmp_path / "a.tar", tmp_path / "b.tar"
     first.write_bytes(_tar({"VOCdevkit/VOC2007/JPEGImages/000005.jpg": b"a",

@@ -87,6 +87,11 @@ def test_two_stream_loader_yields_pairs_and_is_deterministic_per_epoch():
     for bad in ("full", 0):
         with pytest.raises(ValueError, match="steps must be"):
             TwoStreamLoader(ds, t, batch_size=8, steps=bad)
+    from mlic_lib.data.images import ImageListDataset
+
+    masked = ImageListDataset([f"{i}.jpg" for i in range(64)], t, mask=np.ones_like(t, dtype=bool))
+    with pytest.raises(ValueError, match="no label mask.*difficult_train: negative"):
+        TwoStreamLoader(masked, t, batch_size=16)
 
 
 # ------------------------------------------------------------------------------------- losses

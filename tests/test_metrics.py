@@ -273,6 +273,38 @@ def test_threshold_metrics_with_mask_match_loop():
         assert got == pytest.approx(_loop_threshold_metrics(scores, targets, 0.5, top_k, mask), abs=1e-12)
 
 
+def _mlgcn_evaluation(scores, voc_labels, threshold):
+    """ML-GCN's ``AveragePrecisionMeter.evaluation`` conventions (reused by SpliceMix), written out per class:
+    VOC labels ``{1, 0 (difficult), -1}``; ``-1`` becomes 0, so a difficult entry is a negative."""
+    n, c = scores.shape
+    nc, np_, ng = np.zeros(c), np.zeros(c), np.zeros(c)
+    for k in range(c):
+        t = voc_labels[:, k].copy()
+        t[t == -1] = 0
+        ng[k] = np.sum(t == 1)
+        np_[k] = np.sum(scores[:, k] >= threshold)
+        nc[k] = np.sum(t * (scores[:, k] >= threshold))
+    cp = np.mean([a / b if b else 0.0 for a, b in zip(nc, np_, strict=True)])
+    cr = np.mean([a / b for a, b in zip(nc, ng, strict=True) if b])
+    op, orr = nc.sum() / np_.sum(), nc.sum() / ng.sum()
+    return {"CP": cp, "CR": cr, "CF1": 2 * cp * cr / (cp + cr), "OP": op, "OR": orr, "OF1": 2 * op * orr / (op + orr)}
+
+
+def test_masked_as_negative_matches_the_mlgcn_evaluation_and_ignore_differs():
+    rng = np.random.default_rng(4)
+    labels = rng.choice([1, 0, -1], size=(200, 10), p=[0.25, 0.1, 0.65])
+    scores = np.where(labels >= 0, rng.uniform(0.3, 1.0, labels.shape), rng.uniform(0.0, 0.7, labels.shape))
+    targets, mask = voc_targets(labels)
+    got = threshold_metrics(scores, targets, mask=mask, masked="negative")
+    assert got == pytest.approx(_mlgcn_evaluation(scores, labels, 0.5), abs=1e-12)
+    ignored = threshold_metrics(scores, targets, mask=mask)
+    assert ignored["OR"] == pytest.approx(got["OR"]) and ignored["OP"] > got["OP"] + 0.01  # difficult hits are FPs
+    rep = multilabel_report(scores, targets, mask=mask, masked="negative")
+    assert rep["OF1"] == pytest.approx(got["OF1"]) and rep["mAP"] == multilabel_report(scores, targets, mask)["mAP"]
+    with pytest.raises(ValueError, match="masked must be 'ignore'.*'negative'"):
+        threshold_metrics(scores, targets, mask=mask, masked="drop")
+
+
 def test_threshold_metrics_zero_denominators():
     targets = np.array([[1, 0], [0, 0]])
     got = threshold_metrics(np.zeros((2, 2)), targets, threshold=0.5)  # nothing predicted

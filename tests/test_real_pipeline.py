@@ -4,11 +4,14 @@ and every chapter notebook run with ``profile="full"`` on those files with shrun
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -205,10 +208,14 @@ def test_bad_augment_options():
 # ------------------------------------------------------------------------------------- real_data
 @pytest.mark.parametrize("name", REAL_DATASETS)
 def test_real_data_on_fake_layouts(fake_root, name):
-    d = real_data({"dataset": name, "image_size": 24, "root": str(fake_root), "augment": {"crop": "multiscale"}})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        d = real_data({"dataset": name, "image_size": 24, "root": str(fake_root), "augment": {"crop": "multiscale"}})
     assert d.name == name
-    if name == "nuswide":  # images without labels and the missing file are left out
-        assert 30 <= len(d.train_ds) < 40 and 20 <= len(d.test_ds) <= 30 and d.num_classes == 10
+    if name == "nuswide":  # images without labels and the missing file are left out, with a warning and a note
+        assert 30 <= len(d.train_ds) < 40 and 20 <= len(d.test_ds) <= 30 and d.num_classes == 81
+        warned = any("listed images are missing" in str(w.message) for w in caught)
+        assert warned == ("1 listed images missing" in d.describe())
     else:
         assert len(d.train_ds) == 40 and len(d.test_ds) == 30
         assert d.num_classes == (20 if name.startswith("voc") else 12) == len(d.class_names)
@@ -441,17 +448,19 @@ def test_nuswide_lists_labels_and_missing_images(tmp_path):
 
     write_fake("nuswide", tmp_path, n_train=30, n_test=20)
     paths, labels, concepts = read_nuswide_labels(tmp_path, "train")
-    assert len(paths) == 30 and labels.shape == (30, 10) and concepts[0] == "concept00"
+    assert len(paths) == 30 and labels.shape == (30, 81) and concepts[0] == "airport"
     assert all("\\" not in p and p.count("/") == 1 for p in paths)  # Windows paths -> folder/file
-    ds = nuswide_dataset(tmp_path, "train")
+    with pytest.warns(UserWarning, match="1 of") if labels[-1].any() else contextlib.nullcontext():
+        ds = nuswide_dataset(tmp_path, "train")
     present_and_labelled = labels[:-1].any(1).sum()  # the last listed image is missing on disk
     assert len(ds) == present_and_labelled and ds.n_missing == int(labels[-1].any())
     assert ds.targets.sum(1).min() >= 1  # drop_empty
-    assert len(nuswide_dataset(tmp_path, "train", drop_empty=False)) == 29
+    with pytest.warns(UserWarning, match="1 of 30 listed images are missing"):
+        assert len(nuswide_dataset(tmp_path, "train", drop_empty=False)) == 29
     if labels[-1].any():
         with pytest.raises(DatasetNotFoundError, match="nuswide"):
             nuswide_dataset(tmp_path, "train", missing="error")
-    lab = tmp_path / "nuswide" / "Groundtruth" / "TrainTestLabels" / "Labels_concept03_Test.txt"
+    lab = tmp_path / "nuswide" / "Groundtruth" / "TrainTestLabels" / "Labels_bear_Test.txt"
     lab.write_text("0\n1\n")
     with pytest.raises(ValueError, match="2 labels for 20 images"):
         read_nuswide_labels(tmp_path, "test")
@@ -481,7 +490,52 @@ def test_nuswide_concepts_in_conceptslist_folder(tmp_path):
     base = tmp_path / "nuswide"
     (base / "ConceptsList").mkdir()
     (base / "Concepts81.txt").rename(base / "ConceptsList" / "Concepts81.txt")
-    assert len(read_nuswide_labels(tmp_path, "test")[2]) == 10
+    assert len(read_nuswide_labels(tmp_path, "test")[2]) == 81
+
+
+def test_nuswide_list_variants_and_layout_errors(tmp_path):
+    """A byte-order mark, the image lists nested as ImageList.zip unpacks, a re-ordered or foreign concepts file,
+    and a Flickr/ folder where no listed image is found."""
+    from mlic_lib.data.nuswide import NUSWIDE_CONCEPTS, nuswide_dataset, read_nuswide_labels
+
+    write_fake("nuswide", tmp_path, n_train=12, n_test=10)
+    base = tmp_path / "nuswide"
+    concepts = base / "Concepts81.txt"
+    concepts.write_bytes(b"\xef\xbb\xbf" + concepts.read_bytes())
+    lists = base / "ImageList"
+    (lists / "ImageList").mkdir()
+    for split in ("Train", "Test"):
+        (lists / f"{split}Imagelist.txt").rename(lists / "ImageList" / f"{split}Imagelist.txt")
+    paths, labels, names = read_nuswide_labels(tmp_path, "test")
+    assert tuple(names) == NUSWIDE_CONCEPTS and len(paths) == 10 == labels.shape[0]
+    concepts.write_text("\n".join(reversed(NUSWIDE_CONCEPTS)))
+    with pytest.raises(ValueError, match="another order"):
+        read_nuswide_labels(tmp_path, "test")
+    concepts.write_text("\n".join(NUSWIDE_CONCEPTS[:80] + ("zebras",)))
+    with pytest.raises(ValueError, match="unknown: zebras; absent: zebra"):
+        read_nuswide_labels(tmp_path, "test")
+    concepts.write_text("\n".join(NUSWIDE_CONCEPTS))
+    shutil.rmtree(base / "Flickr")
+    (base / "Flickr" / "elsewhere").mkdir(parents=True)
+    with pytest.raises(DatasetNotFoundError, match="none of the .* listed test images is under Flickr/"):
+        nuswide_dataset(tmp_path, "test")
+
+
+def test_coco_annotation_file_errors(tmp_path):
+    from mlic_lib.data.coco import coco_dataset
+
+    write_fake("coco2014", tmp_path, n_train=10, n_test=10)
+    ann = tmp_path / "coco" / "annotations" / "instances_val2014.json"
+    good = ann.read_text()
+    ann.write_text(good[: len(good) // 2])
+    with pytest.raises(ValueError, match="instances_val2014.json is not valid JSON.*prepare coco2014 --force"):
+        coco_dataset(tmp_path, "2014", "val")
+    data = json.loads(good)
+    data["annotations"] = []
+    ann.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="gives no image with an annotation"):
+        coco_dataset(tmp_path, "2014", "val", drop_empty=True)
+    assert len(coco_dataset(tmp_path, "2014", "val")) == len(data["images"])  # kept, all-zero targets
 
 
 def test_psd_steps_use_the_mask_and_never_mistake_it_for_teacher_logits():

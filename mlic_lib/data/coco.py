@@ -80,7 +80,12 @@ def read_coco_labels(
     """
     path = Path(instances_json)
     with path.open("rb") as fh:
-        data = json.load(fh)
+        try:
+            data = json.load(fh)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            year = "2017" if "2017" in path.name else "2014"
+            raise ValueError(f"{path} is not valid JSON ({err}): the file is damaged or was cut short; unpack the "
+                             f"annotations again with `mlic data prepare coco{year} --force`") from err
     categories = _order_categories(list(data.get("categories", [])), class_order)
     images = data.get("images", [])
     annotations = data.get("annotations", [])
@@ -147,7 +152,9 @@ def coco_dataset(
     class_order : {"coco", "mlgcn"}, default "mlgcn"
         See :func:`read_coco_labels`.
     drop_empty : bool, default False
-        Remove images without annotations (kept with all-zero targets by default).
+        Remove images without annotations (kept with all-zero targets by default, as DistributionBalancedLoss
+        keeps them in COCO-LT's test set; the ML-GCN, ASL, SpliceMix and CPSD loaders drop them, and
+        :func:`~mlic_lib.data.real.real_data` passes ``True`` for those recipes).
     skip_degenerate : bool, default False
         Leave out ignored, zero-area and sub-pixel annotations (see :func:`read_coco_labels`).
 
@@ -181,6 +188,9 @@ def coco_dataset(
         raise missing_dataset(name, img_dir, "not a directory" if img_dir.exists() else "missing")
     ids, files, labels, class_names = read_coco_labels(ann, class_order=class_order, drop_empty=drop_empty,
                                                        skip_degenerate=skip_degenerate)
+    if not ids:
+        raise ValueError(f"{ann} gives no image{' with an annotation' if drop_empty else ''}: the file is damaged "
+                         f"or cut short; unpack it again with `mlic data prepare coco{year} --force`")
     return ImageListDataset(
         [img_dir / f for f in files],
         labels,

@@ -75,17 +75,31 @@ def _fetch(url: str, part: Path, expected_size: int | None, progress: bool) -> N
         raise ConnectionError(f"the connection closed after {got:,} of {total:,} bytes")
 
 
-def download(file: RemoteFile, folder: Path, progress: bool = True, allow_unverified: bool = False) -> Path:
+def _matches(file: RemoteFile, path: Path) -> tuple[bool, int, str]:
+    """``(size and sha256 agree with the registry, size, sha256)`` of the local copy ``path`` of ``file``."""
+    size, digest = path.stat().st_size, sha256_of(path)
+    ok = (file.size is None or size == file.size) and (file.sha256 is None or digest == file.sha256)
+    return ok, size, digest
+
+
+def download(file: RemoteFile, folder: Path, progress: bool = True, allow_unverified: bool = False,
+             reverify: bool = False) -> Path:
     """Download ``file`` into ``folder`` (resuming), verify it, and return the verified path.
 
     The URLs are tried in order: a connection error or a file of the wrong size or sha256 (an error page
     served with status 200, say) moves on to the next one. A wrong file is moved aside to ``*.bad`` and
-    never used; an interrupted one stays as ``*.part`` for the next run to resume.
+    never used; an interrupted one stays as ``*.part`` for the next run to resume. A file already downloaded
+    is returned as it is (it was verified when it was renamed into place), or, with ``reverify``, checked
+    again first and downloaded anew if it changed on disk since.
     """
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / file.name
     if final.is_file():
-        return final  # verified when it was renamed into place
+        if not reverify or _matches(file, final)[0]:
+            return final
+        final.replace(final.with_suffix(".bad"))
+        print(f"{file.name} no longer matches its sha256: moved to {final.with_suffix('.bad')}, downloading again",
+              file=sys.stderr)
     if file.sha256 is None and not allow_unverified:
         raise ChecksumError(
             f"{file.name} has no recorded sha256 in mlic_lib/data/registry.py; rerun with --allow-unverified "
@@ -99,9 +113,8 @@ def download(file: RemoteFile, folder: Path, progress: bool = True, allow_unveri
         except (urllib.error.URLError, OSError) as err:
             errors.append(f"{url}: {err}")
             continue
-        size = part.stat().st_size
-        digest = sha256_of(part)
-        if (file.size is not None and size != file.size) or (file.sha256 is not None and digest != file.sha256):
+        ok, size, digest = _matches(file, part)
+        if not ok:
             bad = part.with_suffix(".bad")
             part.replace(bad)
             errors.append(f"{url}: expected {file.size} bytes with sha256 {file.sha256}, got {size} bytes with "
@@ -177,25 +190,28 @@ def _stamp(root: Path, entry: DatasetEntry, file: RemoteFile) -> Path:
 
 
 def prepare(key: str, root: Path | None = None, progress: bool = True, allow_unverified: bool = False,
-            keep_archives: bool = True) -> Path:
+            keep_archives: bool = True, force: bool = False) -> Path:
     """Download, verify and unpack dataset ``key`` under ``root`` (default ``$MLIC_DATA``).
 
     A file whose ``.prepared`` stamp exists is skipped; if the dataset's marker is gone even so (its folder
     was deleted by hand), the stamps are discarded and everything is unpacked (or downloaded) again.
+    ``force`` does that whatever the marker says, to repair a dataset with a deleted or damaged file: each
+    kept archive is checked against its sha256 again (and downloaded anew if it no longer matches), then
+    unpacked over the dataset's folder.
     """
     entry = get(key)
     root = Path(root) if root is not None else data_root()
     if not entry.files:
         raise RuntimeError(f"{entry.title}: nothing to download. {entry.notes}")
     downloads = _downloads(root, entry)
-    if not (root / entry.marker).exists():
+    if force or not (root / entry.marker).exists():
         for file in entry.files:
             _stamp(root, entry, file).unlink(missing_ok=True)
     for file in entry.files:
         stamp = _stamp(root, entry, file)
         if stamp.is_file():
             continue
-        path = download(file, downloads, progress, allow_unverified)
+        path = download(file, downloads, progress, allow_unverified, reverify=force)
         dest = root / file.dest
         if file.action == "extract":
             unpack(path, dest)

@@ -79,10 +79,13 @@ def missing_dataset(
     VOC2007 not found: expected /data/VOCdevkit/VOC2007/Annotations (missing). Fetch it with
     `mlic data prepare voc2007` (or set MLIC_DATA to where it lives).
     """
+    from .registry import DATASETS
+
     if key is None:
         key = "".join(name.lower().split())
-    message = (
-        f"{name} not found: expected {path} ({what}). "
-        f"Fetch it with `mlic data prepare {key}` (or set MLIC_DATA to where it lives)."
-    )
-    return DatasetNotFoundError(message, path=path)
+    entry = DATASETS.get(key)
+    if entry is not None and not entry.files:  # user-supplied data (NUS-WIDE): nothing to fetch
+        fix = entry.notes
+    else:
+        fix = f"Fetch it with `mlic data prepare {key}` (or set MLIC_DATA to where it lives)."
+    return DatasetNotFoundError(f"{name} not found: expected {path} ({what}). {fix}", path=path)

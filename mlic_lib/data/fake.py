@@ -156,17 +156,20 @@ def _write_lt_split(folder: Path, ids: Sequence, labels: np.ndarray) -> None:
 def write_nuswide(root: Path, n_train: int, n_test: int, n_classes: int = 10, image_size: int = 64,
                   seed: int = 0) -> None:
     """NUS-WIDE's official list/label layout with ``Flickr/`` images (the last training image is listed but
-    absent, and about one image in ten has no label)."""
+    absent, and about one image in ten has no label). ``Concepts81.txt`` and the label files cover the 81
+    official concepts; the images show objects of the first ``n_classes`` of them only."""
+    from .nuswide import NUSWIDE_CONCEPTS
+
     rng = np.random.default_rng(seed + 3)
     base = root / "nuswide"
-    concepts = [f"concept{i:02d}" for i in range(n_classes)]
+    concepts = list(NUSWIDE_CONCEPTS)
     (base / "ImageList").mkdir(parents=True, exist_ok=True)
     (base / "Groundtruth" / "TrainTestLabels").mkdir(parents=True, exist_ok=True)
     (base / "Concepts81.txt").write_text("\n".join(concepts) + "\n")
     pal = _palette(n_classes)
     k = 0
     for split, n in (("Train", n_train), ("Test", n_test)):
-        lines, labels = [], np.zeros((n, n_classes), dtype=np.uint8)
+        lines, labels = [], np.zeros((n, len(concepts)), dtype=np.uint8)
         for i in range(n):
             rel = f"folder{k % 4}/{k:04d}_{1000 + k}.jpg"
             k += 1

@@ -41,7 +41,11 @@ class ImageListDataset(Dataset):
         one, the PIL image itself is returned, which the default ``DataLoader`` collate cannot
         batch.
     name : str, optional
-        Dataset key used in error messages (``mlic data prepare NAME --check``).
+        Name of the dataset (shown by ``repr`` and in error messages), e.g. ``"voc2007"``.
+    source : str, optional
+        Registry key of the dataset whose files these are, for the repair hint of a missing or corrupt
+        image (``mlic data prepare SOURCE --force``); defaults to ``name``. VOC-LT's training images,
+        for instance, are VOC 2012's (``name="voc_lt", source="voc2012"``).
     class_names : sequence of str, optional
         Column names of ``targets``; stored as :attr:`class_names`.
     ids : sequence, optional
@@ -67,6 +71,7 @@ class ImageListDataset(Dataset):
         transform: Callable[[Image.Image], Any] | None = None,
         *,
         name: str | None = None,
+        source: str | None = None,
         class_names: Sequence[str] | None = None,
         ids: Sequence[Any] | None = None,
     ) -> None:
@@ -84,6 +89,7 @@ class ImageListDataset(Dataset):
             self.mask = None
         self.transform = transform
         self.name = name
+        self.source = source
         if class_names is not None and len(class_names) != t.shape[1]:
             raise ValueError(f"{len(class_names)} class names for {t.shape[1]} target columns")
         self.class_names = list(class_names) if class_names is not None else None
@@ -110,24 +116,34 @@ class ImageListDataset(Dataset):
             If PIL cannot decode it.
         """
         path = self.paths[index]
-        key = self.name or "NAME"
         try:
             with Image.open(path) as im:
                 return im.convert("RGB")
         except FileNotFoundError as exc:
             raise DatasetNotFoundError(
-                f"image file not found: {path}. The dataset looks incomplete; "
-                f"fetch it again with `mlic data prepare {key}`.",
+                f"image file not found: {path}. The dataset looks incomplete; {self._repair_hint()}.",
                 path=path,
             ) from exc
         except (PermissionError, IsADirectoryError):
             raise
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
             raise CorruptImageError(
-                f"cannot decode image {path}: {exc}. The file is corrupt or truncated; "
-                f"re-download it or verify the dataset with `mlic data prepare {key} --check`.",
+                f"cannot decode image {path}: {exc}. The file is corrupt or truncated; {self._repair_hint()}.",
                 path=path,
             ) from exc
+
+    def _repair_hint(self) -> str:
+        """How to get a missing or corrupt image back, for the dataset whose files these are."""
+        from .registry import DATASETS
+
+        key = self.source or self.name
+        entry = DATASETS.get(key) if key else None
+        if entry is None:
+            return "put the file back (or rebuild the file list without it)"
+        if not entry.files:
+            return f"{entry.title} images are supplied by you: put the file back where the image list expects it"
+        return (f"unpack the dataset again with `mlic data prepare {key} --force` (a kept archive is checked "
+                "against its sha256 and reused; a deleted one is downloaded again)")
 
     def __getitem__(self, index: int) -> tuple[Any, ...]:
         image: Any = self.load_image(index)

@@ -237,7 +237,7 @@ def lt_datasets(dataset: str, split_dir: str | os.PathLike | None = None, root: 
         labels = voc_lt_labels(split, base)
         img_dir = voc_dir(base, "2012") / "JPEGImages"
         train = ImageListDataset([img_dir / f"{i}.jpg" for i in split.image_ids], labels, transform=train_tf,
-                                 name="voc_lt", class_names=list(VOC_CLASSES), ids=split.image_ids)
+                                 name="voc_lt", source="voc2012", class_names=list(VOC_CLASSES), ids=split.image_ids)
         test = voc_dataset(base, "2007", "test", transform=test_tf, difficult=difficult_eval)
     else:
         ann = base / "coco" / "annotations" / "instances_train2017.json"
@@ -247,7 +247,7 @@ def lt_datasets(dataset: str, split_dir: str | os.PathLike | None = None, root: 
         img_dir = base / "coco" / "train2017"
         test = coco_dataset(base, "2017", "val", transform=test_tf, class_order="coco", skip_degenerate=True)
         train = ImageListDataset([img_dir / f"{int(i):012d}.jpg" for i in split.image_ids], labels,
-                                 transform=train_tf, name="coco_lt", class_names=test.class_names,
+                                 transform=train_tf, name="coco_lt", source="coco2017", class_names=test.class_names,
                                  ids=split.image_ids)
     agree = check_labels(split, labels)
     if agree < 1.0:  # rho of LTML's weights comes from these labels; say when they are not DBL's gt_labels

@@ -4,17 +4,23 @@ The images are no longer distributed by their authors, so ``mlic data prepare nu
 them; place the official files under the data root::
 
     <root>/nuswide/Concepts81.txt  or  ConceptsList/Concepts81.txt  (one concept per line)
-    <root>/nuswide/ImageList/{TrainImagelist,TestImagelist}.txt     (one image path per line)
+    <root>/nuswide/ImageList/{TrainImagelist,TestImagelist}.txt     (one image path per line; also
+                                                                     ImageList/ImageList/, as the zip unpacks)
     <root>/nuswide/Groundtruth/TrainTestLabels/Labels_<concept>_{Train,Test}.txt   (one 0/1 per line)
     <root>/nuswide/Flickr/<folder>/<file>.jpg                       (the images)
 
 Image-list lines use Windows separators (``actor\\0001_2124494179.jpg``, sometimes with a longer prefix
 such as ``C:\\ImageData\\Flickr\\``); the last two components name the file under ``Flickr/``.
+
+``Concepts81.txt`` must list the 81 official concepts in their official (alphabetical) order,
+:data:`NUSWIDE_CONCEPTS`: the label columns follow that file, and index-based class data (CPSD's published
+partitions, say) would not line up with another order.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,9 +31,20 @@ from .errors import missing_dataset
 from .images import ImageListDataset
 from .paths import data_root
 
-__all__ = ["nuswide_dataset", "read_nuswide_labels"]
+__all__ = ["NUSWIDE_CONCEPTS", "nuswide_dataset", "read_nuswide_labels"]
 
 _SPLITS = {"train": "Train", "test": "Test"}
+
+#: The 81 concepts of the official ``Concepts81.txt``, in its order (alphabetical).
+NUSWIDE_CONCEPTS = (
+    "airport", "animal", "beach", "bear", "birds", "boats", "book", "bridge", "buildings", "cars", "castle", "cat",
+    "cityscape", "clouds", "computer", "coral", "cow", "dancing", "dog", "earthquake", "elk", "fire", "fish", "flags",
+    "flowers", "food", "fox", "frost", "garden", "glacier", "grass", "harbor", "horses", "house", "lake", "leaf", "map",
+    "military", "moon", "mountain", "nighttime", "ocean", "person", "plane", "plants", "police", "protest",
+    "railroad", "rainbow", "reflection", "road", "rocks", "running", "sand", "sign", "sky", "snow", "soccer",
+    "sports", "statue", "street", "sun", "sunset", "surf", "swimmers", "tattoo", "temple", "tiger", "tower", "town",
+    "toy", "train", "tree", "valley", "vehicle", "water", "waterfall", "wedding", "whales", "window", "zebra",
+)
 
 
 def _base(root: str | os.PathLike | None) -> Path:
@@ -41,7 +58,22 @@ def _require_file(path: Path) -> Path:
 
 
 def _lines(path: Path) -> list[str]:
-    return [line.strip() for line in _require_file(path).read_text(errors="replace").splitlines() if line.strip()]
+    text = _require_file(path).read_text(encoding="utf-8-sig", errors="replace")  # -sig: drop a byte-order mark
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _check_concepts(concepts: list[str], path: Path) -> None:
+    if tuple(concepts) == NUSWIDE_CONCEPTS:
+        return
+    if sorted(concepts) == sorted(NUSWIDE_CONCEPTS):
+        problem = "lists the official concepts in another order"
+    else:
+        unknown = sorted(set(concepts) - set(NUSWIDE_CONCEPTS))
+        absent = sorted(set(NUSWIDE_CONCEPTS) - set(concepts))
+        problem = (f"has {len(concepts)} concepts" + (f"; unknown: {', '.join(unknown[:5])}" if unknown else "")
+                   + (f"; absent: {', '.join(absent[:5])}" if absent else ""))
+    raise ValueError(f"{path} {problem}: the label columns follow this file, so it must be the official "
+                     "Concepts81.txt (81 concepts, alphabetical: mlic_lib.data.nuswide.NUSWIDE_CONCEPTS)")
 
 
 def read_nuswide_labels(root: str | os.PathLike | None = None, split: str = "train"
@@ -59,9 +91,13 @@ def read_nuswide_labels(root: str | os.PathLike | None = None, split: str = "tra
         raise ValueError(f"split must be one of {sorted(_SPLITS)}, got {split!r}")
     base = _base(root)
     listed = base / "ConceptsList" / "Concepts81.txt"  # as the official archive unpacks
-    concepts = _lines(listed if listed.is_file() else base / "Concepts81.txt")
+    concepts_file = listed if listed.is_file() else base / "Concepts81.txt"
+    concepts = _lines(concepts_file)
+    _check_concepts(concepts, concepts_file)
+    image_list = base / "ImageList" / f"{_SPLITS[split]}Imagelist.txt"
+    nested = base / "ImageList" / "ImageList" / image_list.name  # ImageList.zip unpacked into ImageList/
     paths = ["/".join(p.replace("\\", "/").split("/")[-2:]) for p in
-             _lines(base / "ImageList" / f"{_SPLITS[split]}Imagelist.txt")]
+             _lines(nested if nested.is_file() and not image_list.is_file() else image_list)]
     labels = np.zeros((len(paths), len(concepts)), dtype=np.uint8)
     for j, concept in enumerate(concepts):
         f = base / "Groundtruth" / "TrainTestLabels" / f"Labels_{concept}_{_SPLITS[split]}.txt"
@@ -85,7 +121,8 @@ def nuswide_dataset(root: str | os.PathLike | None = None, split: str = "train",
         Remove images without any of the 81 labels (the usual protocol of the MLIC papers).
     missing : {"skip", "error"}, default "skip"
         Images listed but absent from ``Flickr/`` (common: many of the original Flickr images are gone)
-        are left out (``"skip"``; the count is in the dataset's ``n_missing`` attribute) or raise.
+        are left out with a warning (``"skip"``; the count is in the dataset's ``n_missing`` attribute) or
+        raise. When none of the listed images is found, both raise: the ``Flickr/`` layout is wrong.
     """
     if missing not in ("skip", "error"):
         raise ValueError(f"missing must be 'skip' or 'error', got {missing!r}")
@@ -100,6 +137,13 @@ def nuswide_dataset(root: str | os.PathLike | None = None, split: str = "train",
         first = paths[int(np.flatnonzero(keep & ~exists)[0])]
         raise missing_dataset("NUS-WIDE", flickr / first, "missing", key="nuswide")
     n_missing = int((keep & ~exists).sum())
+    if n_missing and n_missing == int(keep.sum()):
+        raise missing_dataset("NUS-WIDE", flickr / paths[int(np.flatnonzero(keep)[0])],
+                              f"none of the {n_missing:,} listed {split} images is under Flickr/; expected "
+                              "Flickr/<concept folder>/<file>.jpg as in the image list", key="nuswide")
+    if n_missing:
+        warnings.warn(f"NUS-WIDE {split}: {n_missing:,} of {int(keep.sum()):,} listed images are missing under "
+                      f"{flickr} and left out", stacklevel=2)
     keep &= exists
     idx = np.flatnonzero(keep)
     ds = ImageListDataset([flickr / paths[i] for i in idx], labels[idx], transform=transform, name="nuswide",

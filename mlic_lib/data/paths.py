@@ -17,11 +17,11 @@ def data_root() -> Path:
     Returns
     -------
     pathlib.Path
-        ``$MLIC_DATA`` if set, else ``~/.cache/mlic/data``, with ``~`` expanded. The folder is
+        ``$MLIC_DATA`` if set and not empty, else ``~/.cache/mlic/data``, with ``~`` expanded. The folder is
         not created and may not exist. Loaders expect ``<root>/VOCdevkit/VOC2007``,
         ``<root>/coco/annotations``, ... below it.
     """
-    return Path(os.environ.get("MLIC_DATA", DEFAULT_DATA_ROOT)).expanduser()
+    return Path(os.environ.get("MLIC_DATA") or DEFAULT_DATA_ROOT).expanduser()  # "" is unset, not the cwd
 
 
 def reference_data_dir() -> Path:

@@ -65,8 +65,10 @@ class RealData:
 
     def describe(self) -> str:
         """One line for figure provenance, e.g. ``"voc2007 (5011 train / 4952 test images, 448 px)"``."""
+        missing = sum(self.extra.get("missing_images", {}).values())  # NUS-WIDE: listed, not on disk
         return (f"{self.name} ({len(self.train_ds)} train / {len(self.test_ds)} test images, "
-                f"{self.extra.get('image_size', '?')} px)")
+                f"{self.extra.get('image_size', '?')} px" + (f"; {missing} listed images missing" if missing else "")
+                + ")")
 
 
 def is_real(data: Mapping[str, Any]) -> bool:
@@ -83,6 +85,7 @@ def subset(ds: ImageListDataset, n: int | None, seed: int = 0) -> ImageListDatas
     idx = np.sort(np.random.default_rng(seed).permutation(len(ds))[:n])
     mask = ds.mask[idx].numpy() if ds.mask is not None else None
     return ImageListDataset([ds.paths[i] for i in idx], ds.targets[idx].numpy(), mask, ds.transform, name=ds.name,
+                            source=ds.source,
                             class_names=ds.class_names,
                             ids=[ds.ids[i] for i in idx] if ds.ids is not None else None)
 

@@ -90,6 +90,10 @@ class ClassAwareSampler:
     seed : the draw of epoch ``e`` depends only on ``(seed, e)``.
 
     Classes without any positive image are left out of the class cycle (they cannot be sampled).
+
+    Each epoch starts from freshly shuffled cycles (so that epoch ``e`` depends on ``(seed, e)`` only and a
+    resumed run draws what an uninterrupted one would). DistributionBalancedLoss's ``RandomCycleIter``s instead
+    carry their position over from one epoch to the next; the probability of drawing each image is the same.
     """
 
     def __init__(self, targets, num_samples: int | str | None = None, samples_per_class: int = 1,
@@ -165,6 +169,9 @@ class TwoStreamLoader:
             raise ValueError(f"targets has {len(t)} rows but the dataset has {len(dataset)} items")
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if getattr(dataset, "mask", None) is not None:  # the streams yield (x, y) only: a mask would be dropped
+            raise ValueError("two-stream training has no label mask, but the dataset has one (VOC with "
+                             "difficult_train: ignore); use difficult_train: negative or positive")
         if steps == "db":
             steps = max(1, ClassAwareSampler(t, "db").num_samples // batch_size)
         elif isinstance(steps, str) or (steps is not None and int(steps) < 1):

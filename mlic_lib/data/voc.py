@@ -69,8 +69,16 @@ def _require(path: Path, year: str, is_dir: bool) -> None:
 def _read_split(voc: Path, year: str, split: str) -> list[str]:
     split_file = voc / "ImageSets" / "Main" / f"{split}.txt"
     _require(voc, year, is_dir=True)
+    if not split_file.is_file() and split_file.parent.is_dir():
+        # the devkit is there: name the splits it has (a misspelt split, or an incomplete dataset)
+        known = sorted(f.stem for f in split_file.parent.glob("*.txt") if "_" not in f.stem)
+        if known:
+            raise missing_dataset(f"VOC{year}", split_file, f"missing; the splits present are {', '.join(known)}")
     _require(split_file, year, is_dir=False)
     ids = [line.split()[0] for line in split_file.read_text().splitlines() if line.strip()]
+    if not ids:
+        raise ValueError(f"{split_file} lists no image: the split file is empty or was cut short; "
+                         f"unpack the dataset again with `mlic data prepare voc{year} --force`")
     return ids
 
 
