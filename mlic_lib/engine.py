@@ -244,11 +244,19 @@ def _to_device(batch, device: torch.device, channels_last: bool):
     return out
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of process ``rank`` under DDP: ``seed`` itself on rank 0 (so one process draws what a run
+    without ``torchrun`` draws), another stream on every other rank, so that the ranks' random augmentations
+    and dropout differ (the data order comes from ``DistributedSampler``, seeded alike on every rank)."""
+    return seed + 1_000_003 * rank
+
+
 def make_loader(data: Dataset | Iterable, batch_size: int, shuffle: bool, seed: int = 0, epoch: int = 0,
                 num_workers: int = 0, drop_last: bool = False, device: torch.device | None = None):
     """A ``DataLoader`` whose order depends only on ``(seed, epoch)`` (so resumed runs see the same
     batches). Anything that is not a ``Dataset`` (e.g. a chapter's own loader) is returned unchanged,
-    after ``data.set_epoch(epoch)`` when it has one (so a resumed run sees the same batches)."""
+    after ``data.set_epoch(epoch)`` when it has one (so a resumed run sees the same batches).
+    Under ``torchrun`` the worker processes' seeds also depend on the rank (:func:`rank_seed`)."""
     if not isinstance(data, Dataset):
         if hasattr(data, "set_epoch"):
             data.set_epoch(epoch)
@@ -260,7 +268,7 @@ def make_loader(data: Dataset | Iterable, batch_size: int, shuffle: bool, seed: 
 
         sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=seed)
         sampler.set_epoch(epoch)
-    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    gen = torch.Generator().manual_seed(rank_seed(seed * 100_003 + epoch, rank))  # also seeds the workers
     return DataLoader(
         data, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler, generator=gen,
         num_workers=num_workers, drop_last=drop_last,
@@ -343,6 +351,19 @@ def _rng_state() -> dict:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def _rng_states_of_all_ranks() -> list[dict]:
+    """Every rank's :func:`_rng_state`, in rank order (a collective call under DDP)."""
+    state = _rng_state()
+    world = distributed_info()[0]
+    if world <= 1:
+        return [state]
+    import torch.distributed as dist
+
+    states: list = [None] * world
+    dist.all_gather_object(states, state)
+    return states
 
 
 def _set_rng_state(state: Mapping) -> None:
@@ -545,10 +566,11 @@ def fit(model: nn.Module, train_data: Dataset | Iterable, val_data: Dataset | It
 
     if channels_last and device.type == "cpu":  # only when it trains (a cached run only loads)
         _warn_strided_pointwise(model)
-    seed_everything(cfg.seed)
+    world, rank, _ = distributed_info()
+    seed_everything(rank_seed(cfg.seed, rank))
     autocast, scaler = _autocast(device, cfg.amp)
     train_model: nn.Module = model
-    if distributed_info()[0] > 1:
+    if world > 1:
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=bool(getattr(step, "find_unused_parameters", False)))
@@ -574,7 +596,13 @@ def fit(model: nn.Module, train_data: Dataset | Iterable, val_data: Dataset | It
             scaler.load_state_dict(ckpt["scaler"])
         history = [dict(h) for h in ckpt["history"]]
         start_epoch = int(ckpt["epoch"]) + 1
-        _set_rng_state(ckpt["rng"])
+        ranks = ckpt.get("rng_ranks", [])
+        if len(ranks) == world:
+            _set_rng_state(ranks[rank])  # each rank goes on with its own streams
+        elif rank == 0:
+            _set_rng_state(ckpt["rng"])
+        else:  # saved by another number of processes: a fresh stream per rank and epoch
+            seed_everything(rank_seed(cfg.seed + start_epoch, rank))
 
     from tqdm.auto import tqdm
 
@@ -600,10 +628,11 @@ def fit(model: nn.Module, train_data: Dataset | Iterable, val_data: Dataset | It
                 final = res.metrics
                 logs.update({k: v for k, v in res.metrics.items() if isinstance(v, float)})
             history.append(logs)
+            rng = _rng_states_of_all_ranks() if run_dir is not None else []  # collective: every rank calls it
             if run_dir is not None and main:
                 ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history,
-                        "rng": _rng_state(), "config": cfg.to_dict()}
+                        "rng": rng[0], "rng_ranks": rng, "config": cfg.to_dict()}
                 if ema is not None:
                     ckpt["ema"] = ema.state_dict()
                 if scaler is not None:
@@ -613,6 +642,11 @@ def fit(model: nn.Module, train_data: Dataset | Iterable, val_data: Dataset | It
                 on_epoch_end(epoch, logs)
     finally:
         bar.close()
+    if not final and val_data is not None and start_epoch >= cfg.epochs:
+        # resumed from a checkpoint of the last epoch (stopped before final.pt was written): evaluate it
+        final = evaluate(eval_model, make_loader(val_data, cfg.eval_batch_size, False, num_workers=cfg.num_workers,
+                                                 device=device), device, predict_fn=predict_fn, groups=groups,
+                         channels_last=channels_last, autocast=autocast).metrics
     seconds = time.perf_counter() - start_time + sum(h.get("train_seconds", 0.0) for h in history[:start_epoch])
     result = FitResult(eval_model, history, final, run_dir, False, seconds)
     if run_dir is not None and main:

@@ -1,7 +1,8 @@
 """Worker for tests/test_ddp.py: a tiny fit under torchrun (gloo, CPU). Writes rank<r>.json into argv[2] per rank.
 
-argv[3] picks the training: ``plain`` (BCE on a Dataset, DistributedSampler) or ``ltml`` (LTML's
-two-stream loader and the branch-ensemble step, whose compensation parameters get no gradient).
+argv[3] picks the training: ``plain`` (BCE on a Dataset, DistributedSampler), ``ltml`` (LTML's
+two-stream loader and the branch-ensemble step, whose compensation parameters get no gradient) or ``seeds``
+(the random draws of an augmentation on each rank, uninterrupted and interrupted after epoch 0 then resumed).
 """
 
 import json
@@ -47,6 +48,34 @@ if mode == "ltml":
         report["single_branch_compensation_error"] = None
     except RuntimeError as err:
         report["single_branch_compensation_error"] = str(err)
+elif mode == "seeds":
+    draws = []
+
+    def record(x):  # an "augmentation" that only draws from the process's global RNG
+        draws.append(float(torch.rand(())))
+        return x
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first_epoch(epoch, logs):
+        if epoch == 0:
+            raise Stop
+
+    aug_ds = TensorImageDataset(train.images, train.targets, transform=record)
+    cfg = TrainConfig(epochs=2, batch_size=16, seed=0)
+    res = fit(build_model("small_resnet", 20, widths=(8, 8, 16, 16)), aug_ds, None, cfg, run_dir=sys.argv[1],
+              progress=False)
+    report["draws"] = list(draws)
+    draws.clear()
+    try:
+        fit(build_model("small_resnet", 20, widths=(8, 8, 16, 16)), aug_ds, None, cfg,
+            run_dir=sys.argv[1] + "-interrupted", progress=False, on_epoch_end=stop_after_first_epoch)
+    except Stop:
+        pass
+    fit(build_model("small_resnet", 20, widths=(8, 8, 16, 16)), aug_ds, None, cfg,
+        run_dir=sys.argv[1] + "-interrupted", progress=False)
+    report["draws_interrupted_and_resumed"] = list(draws)
 else:
     model = build_model("small_resnet", 20, widths=(8, 8, 16, 16))
     res = fit(model, train_ds, TensorImageDataset(test.images, test.targets),

@@ -48,3 +48,13 @@ def test_ltml_under_torchrun_shards_the_two_streams_and_tolerates_unused_paramet
     assert all(r["baseline_u_epochs"] == 1 for r in rows), rows
     assert all("cannot train under DDP" in (r["single_branch_compensation_error"] or "") for r in rows), rows
     assert (tmp_path / "run" / "results.json").is_file()
+
+
+@pytest.mark.slow
+def test_ranks_draw_different_augmentations_and_resume_their_own_streams(tmp_path):
+    """Every rank used to seed its RNG alike, so random augmentations were the same on every GPU; and a resumed
+    run must go on with each rank's own streams (a checkpoint holds them all), not rank 0's."""
+    rows = _torchrun(tmp_path, "seeds")
+    assert all(len(r["draws"]) == 2 * (64 // 16 // 2) for r in rows), rows  # 2 epochs x 2 batches per rank
+    assert rows[0]["draws"] != rows[1]["draws"]
+    assert all(r["draws_interrupted_and_resumed"] == r["draws"] for r in rows), rows

@@ -81,6 +81,24 @@ def test_resume_after_interruption_matches_uninterrupted(small_scenes, tmp_path)
     assert not (tmp_path / "cut" / "last.pt").exists(), "last.pt should be removed once final.pt is written"
 
 
+def test_a_run_stopped_after_its_last_checkpoint_resumes_with_its_final_metrics(small_scenes, tmp_path):
+    """Stopped after the last epoch's last.pt but before final.pt / results.json: the resume has no epoch left
+    to train, and used to cache an empty ``final``."""
+    full = _run(small_scenes, run_dir=tmp_path / "full")
+
+    def interrupt(epoch, logs):
+        if epoch == CFG["epochs"] - 1:
+            raise KeyboardInterrupt
+
+    tr, te = _data(small_scenes)
+    with pytest.raises(KeyboardInterrupt):
+        fit(_model(), tr, te, TrainConfig.from_dict(CFG), run_dir=tmp_path / "cut", progress=False,
+            on_epoch_end=interrupt)
+    resumed = fit(_model(seed=123), tr, te, TrainConfig.from_dict(CFG), run_dir=tmp_path / "cut", progress=False)
+    assert resumed.final["mAP"] == full.final["mAP"] and resumed.final["OF1"] == full.final["OF1"]
+    assert json.loads((tmp_path / "cut" / "results.json").read_text())["final"]["mAP"] == full.final["mAP"]
+
+
 def test_cache_reuses_finished_run(small_scenes, tmp_path):
     first = _run(small_scenes, run_dir=tmp_path / "run", epochs=1)
     again = _run(small_scenes, run_dir=tmp_path / "run", epochs=1)
