@@ -100,6 +100,11 @@ def _cmd_teachers(args) -> int:
     n = psd.pretrain_teachers(settings, data, S, seed=settings["seeds"][0])
     world, rank, _ = distributed_info()
     print(f"rank {rank} of {world}: trained {n} teacher(s); the others were cached or are another rank's")
+    if rank == 0:
+        from mlic_lib.engine import cache_root
+
+        print(f"teachers cached under {cache_root()}: `mlic reproduce psd` reads them there (in JupyterLab, "
+              f"set MLIC_CACHE={cache_root()} before starting it)")
     return 0
 
 

@@ -82,6 +82,7 @@ __all__ = [
     "PSDStudy",
     "run_study",
     "teacher_key",
+    "check_options",
 ]
 
 IMAGE_SELECTIONS = ("containing", "all")
@@ -231,7 +232,12 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor | Sequence[Tensor], r
     ``teacher_logits`` is ``(B, T, C)`` or a list of ``T`` tensors ``(B, C)`` (teachers are not trained:
     they are detached). ``mask`` (``(B, T, C)`` of 0/1, e.g. :func:`kd_domain_mask` per teacher) drops the
     entries where a teacher gives no target (Eq. 5's ``x_i in X_{C_t}``). ``reduction='sum'`` sums over
-    images and classes (Eq. 6); ``'mean'`` divides by ``B * C``."""
+    images and classes (Eq. 6); ``'mean'`` divides by ``B * C``.
+
+    With both kinds of teachers (CPSD) the authors' script weighs ASL and the two MSE terms as Eq. 6 does, up
+    to a global factor (``0.5 ASL + 0.25 MSE_CGP + 0.25 MSE_DGP``). With one kind (SD, CGPD, DGPD of Fig. 3,
+    ``alpha`` 0 or 1 there) it gives ``0.5 ASL + 0.5 MSE``, twice Eq. 6's ``1/2``: ``kd_weight=2`` reproduces
+    that for those students."""
     if not isinstance(teacher_logits, Tensor):
         teacher_logits = torch.stack(list(teacher_logits), dim=1)
     if teacher_logits.ndim == 2:
@@ -580,8 +586,40 @@ def study_inputs(settings: Mapping[str, Any]):
     from mlic_lib.experiments import scene_data
     from mlic_lib.partition import similarity_matrix
 
+    check_options(settings.get("psd") or {})  # before the data are read and anything trains
     data = real_data(settings["data"]) if is_real(settings["data"]) else scene_data(settings)
     return data, similarity_matrix(targets=data.train_targets)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool) or isinstance(v, float) and v.is_integer()
+
+
+def check_options(p: Mapping[str, Any]) -> None:
+    """Check a profile's ``psd`` section before anything trains (a bad value would otherwise surface only after
+    the teachers, hours into a ``full`` run). Raises ``ValueError`` naming the key and its valid values."""
+    from mlic_lib.partition import COMPLEMENTS, LAPLACIANS
+
+    choices = {"image_selection": IMAGE_SELECTIONS, "kd_images": KD_IMAGES, "parallel": PARALLEL_MODES,
+               "laplacian": LAPLACIANS, "complement": COMPLEMENTS, "kd_reduction": ("sum", "mean")}
+    for key, valid in choices.items():
+        if key in p and p[key] not in valid:
+            raise ValueError(f"psd.{key} must be one of {valid}, got {p[key]!r}")
+    for key in ("cpsd_k", "n_init"):
+        if key in p and not (_is_int(p[key]) and p[key] >= 1):
+            raise ValueError(f"psd.{key} must be a whole number >= 1, got {p[key]!r}")
+    if "ks" in p and not (isinstance(p["ks"], (list, tuple)) and p["ks"] and all(_is_int(k) and k >= 1
+                                                                                   for k in p["ks"])):
+        raise ValueError(f"psd.ks must be a non-empty list of whole numbers >= 1, got {p['ks']!r}")
+    for key in ("random_seeds",):
+        if key in p and not (isinstance(p[key], (list, tuple)) and all(_is_int(r) and r >= 0 for r in p[key])):
+            raise ValueError(f"psd.{key} must be a list of whole numbers >= 0, got {p[key]!r}")
+    if "cluster_seed" in p and not (_is_int(p["cluster_seed"]) and p["cluster_seed"] >= 0):
+        raise ValueError(f"psd.cluster_seed must be a whole number >= 0, got {p['cluster_seed']!r}")
+    for key in ("tau", "kd_weight"):
+        if key in p and not (isinstance(p[key], (int, float)) and not isinstance(p[key], bool)
+                             and np.isfinite(p[key]) and (p[key] > 0 if key == "tau" else p[key] >= 0)):
+            raise ValueError(f"psd.{key} must be a number {'> 0' if key == 'tau' else '>= 0'}, got {p[key]!r}")
 
 
 def study_decompositions(settings: Mapping[str, Any]) -> list[tuple[str, int, int]]:
@@ -589,6 +627,7 @@ def study_decompositions(settings: Mapping[str, Any]) -> list[tuple[str, int, in
     ``k = 1`` (the SD teacher), CGP, DGP and the random partitions of every other ``k`` in ``psd.ks``, then CGP and
     DGP at ``psd.cpsd_k``."""
     p = settings.get("psd", {})
+    check_options(p)
     plan = [("cgp", 1, 0)]
     for k in (int(k) for k in p.get("ks", [1, 2, 3, 5])):
         if k != 1:

@@ -36,7 +36,10 @@ def test_similarity_matches_direct_formula_and_both_input_formats():
     adj = e.copy()
     np.fill_diagonal(adj, 0)  # ML-GCN format
     S_adj = P.similarity_matrix(adj, n)
-    assert np.allclose(S_adj[~np.eye(len(n), dtype=bool)], direct[~np.eye(len(n), dtype=bool)])
+    assert np.allclose(S_adj, direct)  # the diagonal too: e_ii = n_i, so S_ii = 1 (Eq. 2's degrees include it)
+    for lap in P.LAPLACIANS:  # the two formats give the same partition under either Laplacian
+        assert P.partition_agreement(P.partition_labels("cgp", 3, S=S_adj, laplacian=lap),
+                                     P.partition_labels("cgp", 3, S=direct, laplacian=lap)) == 1.0
 
 
 def test_tau_root_changes_S_as_specified():

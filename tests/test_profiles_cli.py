@@ -195,7 +195,25 @@ def test_cli_teachers_trains_once_then_finds_them_cached(capsys, tmp_path):
     first = capsys.readouterr().out
     assert "rank 0 of 1: trained" in first and "trained 0 teacher" not in first
     assert cli.main(["--root", str(tmp_path), "teachers", "--profile", "smoke"]) == 0
-    assert "trained 0 teacher(s)" in capsys.readouterr().out
+    again = capsys.readouterr().out
+    assert "trained 0 teacher(s)" in again and "teachers cached under" in again and "set MLIC_CACHE=" in again
+
+
+@pytest.mark.parametrize("override, message", [
+    ("psd.kd_images=bogus", r"psd.kd_images must be one of \('subtask', 'all'\)"),
+    ("psd.cpsd_k=2.5", "psd.cpsd_k must be a whole number"),
+    ("psd.parallel=gpu", "psd.parallel must be one of"),
+    ("psd.ks=[1, 0]", "psd.ks must be a non-empty list"),
+    ("psd.tau=0", r"psd.tau must be a number > 0"),
+])
+def test_psd_option_values_are_checked_before_anything_trains(override, message, capsys, tmp_path):
+    """These used to pass the profile check: `mlic teachers` then trained every teacher before the chapter failed
+    (kd_images), or the chapter looked up a key that int() had rounded (cpsd_k=2.5)."""
+    with pytest.raises(ValueError, match=message):
+        load_profile("psd", "smoke", cli._parse_overrides([override]))
+    assert cli.main(["--root", str(tmp_path), "teachers", "--profile", "smoke", "-o", override]) == 2
+    out = capsys.readouterr()
+    assert "mlic: error: psd." in out.err and "trained" not in out.out
 
 
 def test_cli_book_only_builds_a_partial_book_without_strict(monkeypatch, capsys):

@@ -179,6 +179,10 @@ def load_profile(chapter: str, profile: str = "default", overrides: Mapping[str,
                 node[p] = {}
             node = node[p]
         node[leaf] = value
+    if chapter == "psd" and any(str(k).startswith("psd.") for k in overrides or {}):
+        from mlic_lib.psd import check_options  # the values too, before `mlic teachers` trains for hours
+
+        check_options(settings.get("psd") or {})
     settings["profile"] = profile
     settings["chapter"] = chapter
     return settings
