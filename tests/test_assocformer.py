@@ -198,8 +198,9 @@ def test_head_cost_counts_flops_and_params():
     macs = 2 * b * c * d + 2 * b * c * c * d + 2 * b * d * c
     assert cost["flops"] == 2 * macs
     assert cost["params"] == 4 * c + d + 1 + d * c + c + 0  # alpha/beta are buffers
+    assert 0 < cost["ms_q1"] <= cost["ms"] <= cost["ms_q3"]  # the median between its quartiles
     g = head_cost(GCNHead(c, d, in_dim=12), d, batch_size=b, repeats=0)
-    assert g["params"] == 12 * d + d * d and np.isnan(g["ms"])
+    assert g["params"] == 12 * d + d * d and np.isnan(g["ms"]) and np.isnan(g["ms_q3"])
 
 
 def test_association_summary():

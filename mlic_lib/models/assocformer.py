@@ -265,8 +265,9 @@ def head_cost(head: nn.Module, embed_dim: int, batch_size: int = 16, repeats: in
     """Parameters, FLOPs and measured milliseconds of one forward of a head on ``L`` (batch_size, embed_dim).
 
     FLOPs come from ``torch.utils.flop_counter`` (matmuls and convolutions, 1 multiply-add = 2 FLOPs;
-    element-wise ops such as the sigmoid are not counted); time is the median of ``repeats`` forwards
-    (NaN when ``repeats`` is 0).
+    element-wise ops such as the sigmoid are not counted); time is the median of ``repeats`` forwards, with
+    their first and third quartiles as ``ms_q1`` / ``ms_q3`` (sub-millisecond CPU timings are noisy: compare two
+    heads only where these ranges do not overlap). All three are NaN when ``repeats`` is 0.
 
     ``head`` maps ``L`` to logits (a :class:`~mlic_lib.models.gcn_head.GCNHead`, an ``AssocFormer``'s
     ``forward_head`` wrapped by the caller, or an :class:`AssociationModule`).
@@ -287,8 +288,8 @@ def head_cost(head: nn.Module, embed_dim: int, batch_size: int = 16, repeats: in
             head(L)
             times.append(time.perf_counter() - t)
     params = sum(p.numel() for p in head.parameters())
-    ms = 1000 * float(np.median(times[-repeats:] if repeats else times))
-    return {"params": float(params), "flops": float(flops), "ms": ms}
+    q1, ms, q3 = (1000 * float(v) for v in np.percentile(times[-repeats:] if repeats else times, (25, 50, 75)))
+    return {"params": float(params), "flops": float(flops), "ms": ms, "ms_q1": q1, "ms_q3": q3}
 
 
 # -------------------------------------------------------------------------------- experiments
