@@ -102,7 +102,7 @@ class TrainConfig:
     """Hyper-parameters of one ``fit``. Built from a profile's ``train:`` section via :meth:`from_dict`."""
 
     epochs: int = 10
-    batch_size: int = 64
+    batch_size: int = 64  # per process: under torchrun with W processes the global batch is W * batch_size
     eval_batch_size: int = 256
     eval_every: int = 1  # evaluate ``val_data`` after every k-th epoch and always after the last; 0 = last only
     optimizer: str = "adam"

@@ -57,20 +57,44 @@ def distributed_info() -> tuple[int, int, int]:
     return world, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. a platform without directory handles
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str):
-    """Open a temporary file next to ``path``; on success fsync and rename it over ``path``.
+    """Open a temporary file next to ``path``; on success fsync and rename it over ``path``, then fsync the folder
+    (so the rename itself survives a power cut).
 
-    A crash or exception mid-write leaves the previous file intact and no temporary file behind."""
+    A crash or exception mid-write leaves the previous file intact and no temporary file behind. The file gets
+    the permissions a plain ``open`` would give (``mkstemp``'s are owner-only, which would lock other users out
+    of a shared cache)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as fh:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -139,6 +140,12 @@ def test_atomic_writes_leave_no_partial_file(tmp_path):
         atomic_torch_save({"bad": Boom()}, ckpt)
     assert ckpt.read_bytes() == before, "a failed save must leave the previous checkpoint intact"
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+    old_mask = os.umask(0o022)
+    try:  # the permissions of a plain open(), not mkstemp's owner-only 0600 (a cache shared between users)
+        atomic_write_json({"a": 1}, tmp_path / "shared.json")
+        assert (tmp_path / "shared.json").stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(old_mask)
 
 
 def test_config_hash_stable_and_sensitive():
