@@ -53,6 +53,7 @@ __all__ = [
     "partition_agreement",
     "partition_labels",
     "random_partition",
+    "RANDOM_SIZES",
     "root_similarity",
     "similarity_matrix",
     "spectral_partition",
@@ -201,13 +202,28 @@ def _canonical(labels: np.ndarray) -> np.ndarray:
     return np.array([remap[int(c)] for c in labels], dtype=np.int64)
 
 
-def random_partition(num_classes: int, k: int, seed: int = 0) -> np.ndarray:
-    """The random decomposition baseline (Fig. 3): a random permutation cut into ``k`` near-equal subsets."""
+RANDOM_SIZES = ("equal", "random")
+
+
+def random_partition(num_classes: int, k: int, seed: int = 0, sizes: str = "equal") -> np.ndarray:
+    """The random decomposition baseline (Fig. 3): a random permutation cut into ``k`` subsets.
+
+    The paper does not say how. ``sizes='equal'`` cuts it into near-equal subsets; ``'random'`` cuts it at
+    ``k - 1`` distinct points drawn uniformly, as the authors' ``generate_rand_partirion.py`` does (their cut
+    may fall at 0 and leave a subset empty; here the points are drawn from ``1 .. C-1``, so none is)."""
     if not 1 <= int(k) <= num_classes:
         raise ValueError(f"k must be between 1 and num_classes ({num_classes}), got {k}")
-    perm = np.random.default_rng(seed).permutation(num_classes)
+    if sizes not in RANDOM_SIZES:
+        raise ValueError(f"sizes must be one of {RANDOM_SIZES} ('equal' or the authors' random cuts), got {sizes!r}")
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(num_classes)
+    if sizes == "equal":
+        parts = np.array_split(perm, int(k))
+    else:
+        cuts = np.sort(rng.choice(np.arange(1, num_classes), size=int(k) - 1, replace=False))
+        parts = np.split(perm, cuts)
     labels = np.empty(num_classes, dtype=np.int64)
-    for t, part in enumerate(np.array_split(perm, int(k))):
+    for t, part in enumerate(parts):
         labels[part] = t
     return _canonical(labels)
 
@@ -246,11 +262,11 @@ def check_partition(subsets: Sequence[Sequence[int]], num_classes: int) -> None:
 
 def partition_labels(strategy: str, k: int, *, S: np.ndarray | None = None, num_classes: int | None = None,
                      tau: float = 3.0, complement: str = "ones", seed: int = 0, n_init: int = 20,
-                     laplacian: str = "code") -> list[np.ndarray]:
+                     laplacian: str = "code", random_sizes: str = "equal") -> list[np.ndarray]:
     """The task decomposition ``Psi``: ``k`` disjoint category subsets by ``'cgp'``, ``'dgp'`` or ``'random'``.
 
     ``S`` (from :func:`similarity_matrix`) is needed for CGP/DGP; ``random`` needs only ``num_classes``.
-    ``laplacian``: see :func:`spectral_partition`.
+    ``laplacian``: see :func:`spectral_partition`; ``random_sizes``: see :func:`random_partition`.
     Returns a list of sorted index arrays, ordered by their smallest class.
     """
     if strategy not in STRATEGIES:
@@ -259,7 +275,7 @@ def partition_labels(strategy: str, k: int, *, S: np.ndarray | None = None, num_
         C = num_classes if num_classes is not None else (len(S) if S is not None else None)
         if C is None:
             raise ValueError("random partition needs num_classes (or S)")
-        return subsets_from_assignment(random_partition(C, k, seed))
+        return subsets_from_assignment(random_partition(C, k, seed, random_sizes))
     if S is None:
         raise ValueError(f"strategy {strategy!r} needs the similarity matrix S (see similarity_matrix)")
     P = affinity(S, strategy, tau=tau, complement=complement)

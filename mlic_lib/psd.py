@@ -570,7 +570,8 @@ def _decompose(settings: Mapping[str, Any], S: np.ndarray, strategy: str, k: int
     return partition_labels(strategy, k, S=S, num_classes=num_classes, tau=p.get("tau", 3.0),
                             complement=p.get("complement", "ones"),
                             seed=rseed if strategy == "random" else p.get("cluster_seed", 0),
-                            n_init=p.get("n_init", 20), laplacian=p.get("laplacian", "code"))
+                            n_init=p.get("n_init", 20), laplacian=p.get("laplacian", "code"),
+                            random_sizes=p.get("random_sizes", "equal"))
 
 
 def _teacher_images(data):
@@ -598,10 +599,11 @@ def _is_int(v: Any) -> bool:
 def check_options(p: Mapping[str, Any]) -> None:
     """Check a profile's ``psd`` section before anything trains (a bad value would otherwise surface only after
     the teachers, hours into a ``full`` run). Raises ``ValueError`` naming the key and its valid values."""
-    from mlic_lib.partition import COMPLEMENTS, LAPLACIANS
+    from mlic_lib.partition import COMPLEMENTS, LAPLACIANS, RANDOM_SIZES
 
     choices = {"image_selection": IMAGE_SELECTIONS, "kd_images": KD_IMAGES, "parallel": PARALLEL_MODES,
-               "laplacian": LAPLACIANS, "complement": COMPLEMENTS, "kd_reduction": ("sum", "mean")}
+               "laplacian": LAPLACIANS, "complement": COMPLEMENTS, "kd_reduction": ("sum", "mean"),
+               "random_sizes": RANDOM_SIZES}
     for key, valid in choices.items():
         if key in p and p[key] not in valid:
             raise ValueError(f"psd.{key} must be one of {valid}, got {p[key]!r}")

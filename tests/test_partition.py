@@ -86,6 +86,23 @@ def test_partition_covers_every_class_once_and_is_deterministic(strategy, k):
     assert all(np.array_equal(x, y) for x, y in zip(P.subsets_from_assignment(labels), a, strict=True))
 
 
+def test_random_partition_with_the_authors_random_cuts():
+    """``sizes='random'``: k - 1 distinct uniform cut points of a permutation (the authors' script), never an empty
+    subset; subset sizes vary with the seed where 'equal' keeps them within one of each other."""
+    size_sets = set()
+    for seed in range(30):
+        labels = P.random_partition(20, 4, seed=seed, sizes="random")
+        subsets = P.subsets_from_assignment(labels)
+        P.check_partition(subsets, 20)
+        assert len(subsets) == 4
+        size_sets.add(tuple(sorted(len(s) for s in subsets)))
+    assert len(size_sets) > 5 and any(max(s) - min(s) > 1 for s in size_sets)
+    assert np.array_equal(P.random_partition(20, 4, 3, "random"), P.random_partition(20, 4, 3, "random"))
+    assert len(P.subsets_from_assignment(P.random_partition(5, 5, 0, "random"))) == 5  # every cut used
+    with pytest.raises(ValueError, match="sizes must be one of"):
+        P.random_partition(20, 4, sizes="uneven")
+
+
 def test_random_partition_is_balanced_and_seeded():
     a = P.random_partition(20, 3, seed=0)
     assert sorted(np.bincount(a).tolist()) == [6, 7, 7]
