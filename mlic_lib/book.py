@@ -21,7 +21,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from mlic_lib.utils import atomic_write_json
+from mlic_lib.utils import atomic_write_json, env_path
 
 
 def notebooks(root: Path, only: Sequence[str] | None = None) -> list[Path]:
@@ -67,8 +67,9 @@ def failed_copy(dst: Path) -> Path:
 
 
 def _env_defaults(build: Path) -> None:
-    os.environ.setdefault("MLIC_RESULTS", str((build / "results").resolve()))
-    os.environ.setdefault("MLIC_CACHE", str((build / "cache").resolve()))
+    for name, sub in (("MLIC_RESULTS", "results"), ("MLIC_CACHE", "cache")):
+        if not os.environ.get(name):  # unset or empty
+            os.environ[name] = str((build / sub).resolve())
     os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars help in JupyterLab, not in the HTML book
 
 
@@ -85,7 +86,7 @@ def stage_sources(root: Path, build: Path, executed: Path) -> Path:
                     ignore=shutil.ignore_patterns("*.failed.ipynb", "*.running.ipynb"))
     for nb in (src / "notebooks").glob("*.ipynb"):
         _hide_default_parameters(nb)
-    results = Path(os.environ.get("MLIC_RESULTS", build / "results"))
+    results = env_path("MLIC_RESULTS", build / "results")
     (src / "book" / "reproduction.md").write_text(reproduction_page(results, root / "book" / "published.yaml"))
     return src
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -45,6 +44,7 @@ from mlic_lib.utils import (
     bar_disabled,
     config_hash,
     distributed_info,
+    env_path,
     load_checkpoint,
     model_device,
     pick_device,
@@ -203,10 +203,6 @@ def _setup_distributed(device: torch.device) -> torch.device:
     return device
 
 
-def _is_main() -> bool:
-    return distributed_info()[1] == 0
-
-
 def _autocast(device: torch.device, amp: str):
     mode = amp
     if mode == "auto":
@@ -353,16 +349,17 @@ def _rng_state() -> dict:
     return state
 
 
-def _rng_states_of_all_ranks() -> list[dict]:
-    """Every rank's :func:`_rng_state`, in rank order (a collective call under DDP)."""
+def _rng_states_of_all_ranks() -> list[dict] | None:
+    """Every rank's :func:`_rng_state` in rank order, on rank 0 (``None`` elsewhere). Under DDP a collective:
+    every rank must call it (``fit`` does, at each checkpoint; ``run_dir`` is the same on every rank)."""
     state = _rng_state()
-    world = distributed_info()[0]
+    world, rank, _ = distributed_info()
     if world <= 1:
         return [state]
     import torch.distributed as dist
 
-    states: list = [None] * world
-    dist.all_gather_object(states, state)
+    states: list | None = [None] * world if rank == 0 else None
+    dist.gather_object(state, states, dst=0)
     return states
 
 
@@ -494,7 +491,7 @@ def evaluate(model: nn.Module, data: Dataset | Iterable, device: torch.device | 
 # ------------------------------------------------------------------------------------- cache
 def cache_root() -> Path:
     """Where trained runs are cached: ``$MLIC_CACHE`` or ``~/.cache/mlic/runs``."""
-    return Path(os.environ.get("MLIC_CACHE", "~/.cache/mlic/runs")).expanduser()
+    return env_path("MLIC_CACHE", "~/.cache/mlic/runs")
 
 
 def run_dir_for(name: str, config: Mapping[str, Any], code: Iterable[str] | None = None) -> Path:
@@ -549,7 +546,6 @@ def fit(model: nn.Module, train_data: Dataset | Iterable, val_data: Dataset | It
     device = _setup_distributed(pick_device(cfg.device))
     channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
     run_dir = Path(run_dir) if run_dir is not None else None
-    main = _is_main()
     start_time = time.perf_counter()
 
     model = model.to(device)
@@ -596,20 +592,24 @@ def fit(model: nn.Module, train_data: Dataset | Iterable, val_data: Dataset | It
             scaler.load_state_dict(ckpt["scaler"])
         history = [dict(h) for h in ckpt["history"]]
         start_epoch = int(ckpt["epoch"]) + 1
-        ranks = ckpt.get("rng_ranks", [])
-        if len(ranks) == world:
+        ranks = ckpt["rng_ranks"]
+        if len(ranks) == world or rank == 0:
             _set_rng_state(ranks[rank])  # each rank goes on with its own streams
-        elif rank == 0:
-            _set_rng_state(ckpt["rng"])
         else:  # saved by another number of processes: a fresh stream per rank and epoch
             seed_everything(rank_seed(cfg.seed + start_epoch, rank))
 
     from tqdm.auto import tqdm
 
     eval_model = ema.module if ema is not None else model
+
+    def validate() -> dict[str, Any]:
+        loader = make_loader(val_data, cfg.eval_batch_size, False, num_workers=cfg.num_workers, device=device)
+        return evaluate(eval_model, loader, device, predict_fn=predict_fn, groups=groups,
+                        channels_last=channels_last, autocast=autocast).metrics
+
     final: dict[str, Any] = {}
     bar = tqdm(total=cfg.epochs * n_steps, initial=start_epoch * n_steps, desc="train", unit="step",
-               disable=bar_disabled(progress and main), leave=False, mininterval=1.0)
+               disable=bar_disabled(progress and rank == 0), leave=False, mininterval=1.0)
     try:
         for epoch in range(start_epoch, cfg.epochs):
             loader = first_loader if epoch == 0 else make_loader(
@@ -621,18 +621,14 @@ def fit(model: nn.Module, train_data: Dataset | Iterable, val_data: Dataset | It
             logs = {"epoch": epoch, "train_seconds": time.perf_counter() - t0, **logs}
             last = epoch == cfg.epochs - 1
             if val_data is not None and (last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
-                res = evaluate(eval_model, make_loader(val_data, cfg.eval_batch_size, False,
-                                                       num_workers=cfg.num_workers, device=device), device,
-                               predict_fn=predict_fn, groups=groups, channels_last=channels_last,
-                               autocast=autocast)
-                final = res.metrics
-                logs.update({k: v for k, v in res.metrics.items() if isinstance(v, float)})
+                final = validate()
+                logs.update({k: v for k, v in final.items() if isinstance(v, float)})
             history.append(logs)
             rng = _rng_states_of_all_ranks() if run_dir is not None else []  # collective: every rank calls it
-            if run_dir is not None and main:
+            if run_dir is not None and rank == 0:
                 ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history,
-                        "rng": rng[0], "rng_ranks": rng, "config": cfg.to_dict()}
+                        "rng_ranks": rng, "config": cfg.to_dict()}
                 if ema is not None:
                     ckpt["ema"] = ema.state_dict()
                 if scaler is not None:
@@ -643,13 +639,10 @@ def fit(model: nn.Module, train_data: Dataset | Iterable, val_data: Dataset | It
     finally:
         bar.close()
     if not final and val_data is not None and start_epoch >= cfg.epochs:
-        # resumed from a checkpoint of the last epoch (stopped before final.pt was written): evaluate it
-        final = evaluate(eval_model, make_loader(val_data, cfg.eval_batch_size, False, num_workers=cfg.num_workers,
-                                                 device=device), device, predict_fn=predict_fn, groups=groups,
-                         channels_last=channels_last, autocast=autocast).metrics
+        final = validate()  # resumed from the last epoch's checkpoint (stopped before final.pt was written)
     seconds = time.perf_counter() - start_time + sum(h.get("train_seconds", 0.0) for h in history[:start_epoch])
     result = FitResult(eval_model, history, final, run_dir, False, seconds)
-    if run_dir is not None and main:
+    if run_dir is not None and rank == 0:
         atomic_torch_save({"model": _strip_ddp(eval_model).state_dict()}, run_dir / "final.pt")
         atomic_write_json({"history": history, "final": final, "config": cfg.to_dict(), "seconds": seconds,
                            "device": str(device)}, run_dir / "results.json")

@@ -89,13 +89,10 @@ def similarity_matrix(counts=None, nums=None, *, targets=None) -> np.ndarray:
         raise ValueError("counts has a zero diagonal (ML-GCN 'adj' format): pass nums= the per-class image counts")
     if (counts < 0).any() or (nums is not None and (np.asarray(nums) < 0).any()):
         raise ValueError("co-occurrence counts must be non-negative")
-    if nums is not None:
-        nums = np.asarray(nums, dtype=np.float64)
-        if nums.shape != (counts.shape[0],):
-            raise ValueError(f"nums must have shape ({counts.shape[0]},), got {nums.shape}")
-        counts = counts.copy()
-        np.fill_diagonal(counts, nums)  # e_ii = n_i, so S_ii = 1 (the printed Eq. 2's degrees include it)
-    return stats.conditional_probability(counts, nums)
+    S = stats.conditional_probability(counts, nums)
+    n = np.diag(counts) if nums is None else np.asarray(nums)
+    np.fill_diagonal(S, n > 0)  # e_ii = n_i, so S_ii = 1 (the printed Eq. 2's degrees include it)
+    return S
 
 
 def root_similarity(S: np.ndarray, tau: float = 3.0) -> np.ndarray:

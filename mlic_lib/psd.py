@@ -36,6 +36,7 @@ Training data: either in-memory ``uint8`` images (``(N, 3, H, W)``, fast path) o
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -87,6 +88,7 @@ __all__ = [
 
 IMAGE_SELECTIONS = ("containing", "all")
 KD_IMAGES = ("subtask", "all")
+KD_REDUCTIONS = ("sum", "mean")
 PARALLEL_MODES = ("auto", "sequential", "process", "torchrun")
 TEACHER_CODE = ("mlic_lib.psd", "mlic_lib.data.real")  # modules whose code (and imports) a teacher key covers
 
@@ -246,7 +248,7 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor | Sequence[Tensor], r
             or teacher_logits.shape[2] != student_logits.shape[1]:
         raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} must be (B, T, C) for student logits "
                          f"{tuple(student_logits.shape)}")
-    if reduction not in ("sum", "mean"):
+    if reduction not in KD_REDUCTIONS:
         raise ValueError(f"reduction must be 'sum' (Eq. 6) or 'mean', got {reduction!r}")
     diff = student_logits.float()[:, None] - teacher_logits.detach().float()
     sq = diff.pow(2)
@@ -587,13 +589,25 @@ def study_inputs(settings: Mapping[str, Any]):
     from mlic_lib.experiments import scene_data
     from mlic_lib.partition import similarity_matrix
 
-    check_options(settings.get("psd") or {})  # before the data are read and anything trains
     data = real_data(settings["data"]) if is_real(settings["data"]) else scene_data(settings)
     return data, similarity_matrix(targets=data.train_targets)
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool) or isinstance(v, float) and v.is_integer()
+def _number(v: Any, whole: bool = False) -> float | None:
+    """``v`` as a finite real number (Python or NumPy; a whole one if ``whole``), else ``None``."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+        return None
+    try:
+        x = float(v)
+    except OverflowError:
+        return None
+    return x if math.isfinite(x) and (not whole or x.is_integer()) else None
+
+
+def _whole_list(v: Any, low: int) -> bool:
+    """A non-empty list of whole numbers ``>= low``."""
+    return (isinstance(v, (list, tuple)) and len(v) > 0
+            and all((x := _number(r, whole=True)) is not None and x >= low for r in v))
 
 
 def check_options(p: Mapping[str, Any]) -> None:
@@ -602,26 +616,23 @@ def check_options(p: Mapping[str, Any]) -> None:
     from mlic_lib.partition import COMPLEMENTS, LAPLACIANS, RANDOM_SIZES
 
     choices = {"image_selection": IMAGE_SELECTIONS, "kd_images": KD_IMAGES, "parallel": PARALLEL_MODES,
-               "laplacian": LAPLACIANS, "complement": COMPLEMENTS, "kd_reduction": ("sum", "mean"),
+               "laplacian": LAPLACIANS, "complement": COMPLEMENTS, "kd_reduction": KD_REDUCTIONS,
                "random_sizes": RANDOM_SIZES}
     for key, valid in choices.items():
         if key in p and p[key] not in valid:
             raise ValueError(f"psd.{key} must be one of {valid}, got {p[key]!r}")
-    for key in ("cpsd_k", "n_init"):
-        if key in p and not (_is_int(p[key]) and p[key] >= 1):
-            raise ValueError(f"psd.{key} must be a whole number >= 1, got {p[key]!r}")
-    if "ks" in p and not (isinstance(p["ks"], (list, tuple)) and p["ks"] and all(_is_int(k) and k >= 1
-                                                                                   for k in p["ks"])):
-        raise ValueError(f"psd.ks must be a non-empty list of whole numbers >= 1, got {p['ks']!r}")
-    for key in ("random_seeds",):
-        if key in p and not (isinstance(p[key], (list, tuple)) and all(_is_int(r) and r >= 0 for r in p[key])):
-            raise ValueError(f"psd.{key} must be a list of whole numbers >= 0, got {p[key]!r}")
-    if "cluster_seed" in p and not (_is_int(p["cluster_seed"]) and p["cluster_seed"] >= 0):
-        raise ValueError(f"psd.cluster_seed must be a whole number >= 0, got {p['cluster_seed']!r}")
-    for key in ("tau", "kd_weight"):
-        if key in p and not (isinstance(p[key], (int, float)) and not isinstance(p[key], bool)
-                             and np.isfinite(p[key]) and (p[key] > 0 if key == "tau" else p[key] >= 0)):
-            raise ValueError(f"psd.{key} must be a number {'> 0' if key == 'tau' else '>= 0'}, got {p[key]!r}")
+    checks = {  # key: (test, what it must be)
+        "cpsd_k": (lambda v: (x := _number(v, True)) is not None and x >= 1, "a whole number >= 1"),
+        "n_init": (lambda v: (x := _number(v, True)) is not None and x >= 1, "a whole number >= 1"),
+        "cluster_seed": (lambda v: (x := _number(v, True)) is not None and x >= 0, "a whole number >= 0"),
+        "ks": (lambda v: _whole_list(v, 1), "a non-empty list of whole numbers >= 1"),
+        "random_seeds": (lambda v: _whole_list(v, 0), "a non-empty list of whole numbers >= 0"),
+        "tau": (lambda v: (x := _number(v)) is not None and x > 0, "a number > 0"),
+        "kd_weight": (lambda v: (x := _number(v)) is not None and x >= 0, "a number >= 0"),
+    }
+    for key, (ok, what) in checks.items():
+        if key in p and not ok(p[key]):
+            raise ValueError(f"psd.{key} must be {what}, got {p[key]!r}")
 
 
 def study_decompositions(settings: Mapping[str, Any]) -> list[tuple[str, int, int]]:

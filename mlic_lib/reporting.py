@@ -6,7 +6,6 @@ The book's pages read these JSONs, so every number shown comes from the build th
 
 from __future__ import annotations
 
-import os
 import platform
 import time
 from collections.abc import Mapping, Sequence
@@ -17,12 +16,12 @@ import numpy as np
 import torch
 
 from mlic_lib import __version__
-from mlic_lib.utils import atomic_write_json
+from mlic_lib.utils import atomic_write_json, env_path
 
 
 def results_dir() -> Path:
     """``$MLIC_RESULTS`` (the book sets ``_build/results``), else ``~/.cache/mlic/results``."""
-    return Path(os.environ.get("MLIC_RESULTS", "~/.cache/mlic/results")).expanduser()
+    return env_path("MLIC_RESULTS", "~/.cache/mlic/results")
 
 
 def provenance(settings: Mapping[str, Any], data: str, seeds: Sequence[int] | None = None) -> str:

@@ -57,10 +57,19 @@ def distributed_info() -> tuple[int, int, int]:
     return world, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def _umask() -> int:
-    mask = os.umask(0)
+def _read_umask() -> int:
+    mask = os.umask(0)  # the only way to read it; done once, at import
     os.umask(mask)
     return mask
+
+
+_UMASK = _read_umask()
+
+
+def env_path(name: str, default: str | os.PathLike) -> Path:
+    """``$name`` as a path (``~`` expanded), or ``default`` when the variable is unset or empty (an empty value
+    would otherwise mean the working directory)."""
+    return Path(os.environ.get(name) or default).expanduser()
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -88,8 +97,9 @@ def atomic_open(path: str | os.PathLike, mode: str):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as fh:
+            with contextlib.suppress(OSError):  # a file system without modes (vfat, some network mounts)
+                os.fchmod(fh.fileno(), 0o666 & ~_UMASK)
             yield fh
             fh.flush()
             os.fsync(fh.fileno())

@@ -7,6 +7,7 @@ present and the corresponding tests are skipped otherwise. Nothing is downloaded
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -273,9 +274,20 @@ def test_image_errors_name_the_dataset_that_holds_the_files(tmp_path: Path) -> N
         ds[0]
     assert "voc_lt" not in str(info.value)
     nus = ImageListDataset([tmp_path / "gone.jpg"], np.ones((1, 2)), name="nuswide")
-    with pytest.raises(DatasetNotFoundError, match="supplied by you") as info:
+    with pytest.raises(DatasetNotFoundError, match="not redistributed by their authors") as info:
         nus[0]
     assert "mlic data prepare" not in str(info.value)
+
+
+def test_missing_files_of_a_prepared_dataset_point_to_force(voc_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plain `prepare` skips a prepared dataset, so once its marker exists the hint must be `--force`."""
+    monkeypatch.setenv("MLIC_DATA", str(voc_root))
+    shutil.rmtree(voc_root / "VOCdevkit" / "VOC2007" / "Annotations")
+    with pytest.raises(DatasetNotFoundError, match="Fetch it with `mlic data prepare voc2007`"):
+        read_voc_labels(voc_root, "2007", "trainval")  # no marker (test.txt): never prepared here
+    (voc_root / "VOCdevkit" / "VOC2007" / "ImageSets" / "Main" / "test.txt").write_text("000001\n")
+    with pytest.raises(DatasetNotFoundError, match="mlic data prepare voc2007 --force"):
+        read_voc_labels(voc_root, "2007", "trainval")
 
 
 def test_voc_split_errors_name_the_splits_present_and_refuse_an_empty_one(voc_root: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -140,12 +141,30 @@ def test_atomic_writes_leave_no_partial_file(tmp_path):
         atomic_torch_save({"bad": Boom()}, ckpt)
     assert ckpt.read_bytes() == before, "a failed save must leave the previous checkpoint intact"
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
-    old_mask = os.umask(0o022)
-    try:  # the permissions of a plain open(), not mkstemp's owner-only 0600 (a cache shared between users)
-        atomic_write_json({"a": 1}, tmp_path / "shared.json")
-        assert (tmp_path / "shared.json").stat().st_mode & 0o777 == 0o644
-    finally:
-        os.umask(old_mask)
+    # the permissions of a plain open() (under the umask of the tests' process), not mkstemp's owner-only 0600
+    atomic_write_json({"a": 1}, tmp_path / "shared.json")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "shared.json").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_atomic_write_survives_a_file_system_without_modes(tmp_path, monkeypatch):
+    def refuse(*args):
+        raise PermissionError("operation not permitted")
+
+    monkeypatch.setattr(os, "fchmod", refuse)
+    atomic_write_json({"a": 1}, tmp_path / "r.json")
+    assert json.loads((tmp_path / "r.json").read_text()) == {"a": 1}
+
+
+def test_empty_environment_paths_mean_unset(monkeypatch):
+    from mlic_lib.engine import cache_root
+    from mlic_lib.reporting import results_dir
+
+    for name in ("MLIC_CACHE", "MLIC_RESULTS"):
+        monkeypatch.setenv(name, "")
+    assert cache_root() == Path("~/.cache/mlic/runs").expanduser()
+    assert results_dir() == Path("~/.cache/mlic/results").expanduser()
 
 
 def test_config_hash_stable_and_sensitive():

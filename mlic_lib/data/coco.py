@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import missing_dataset
+from .errors import missing_dataset, repair_hint
 from .images import ImageListDataset
 from .paths import data_root
 
@@ -83,9 +83,7 @@ def read_coco_labels(
         try:
             data = json.load(fh)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            year = "2017" if "2017" in path.name else "2014"
-            raise ValueError(f"{path} is not valid JSON ({err}): the file is damaged or was cut short; unpack the "
-                             f"annotations again with `mlic data prepare coco{year} --force`") from err
+            raise ValueError(f"{path} is not valid JSON ({err}): the file is damaged or was cut short.") from err
     categories = _order_categories(list(data.get("categories", [])), class_order)
     images = data.get("images", [])
     annotations = data.get("annotations", [])
@@ -186,11 +184,16 @@ def coco_dataset(
         raise missing_dataset(name, ann, "missing")
     if not img_dir.is_dir():
         raise missing_dataset(name, img_dir, "not a directory" if img_dir.exists() else "missing")
-    ids, files, labels, class_names = read_coco_labels(ann, class_order=class_order, drop_empty=drop_empty,
-                                                       skip_degenerate=skip_degenerate)
+    try:
+        ids, files, labels, class_names = read_coco_labels(ann, class_order=class_order, drop_empty=drop_empty,
+                                                           skip_degenerate=skip_degenerate)
+    except ValueError as err:
+        if isinstance(err.__cause__, (json.JSONDecodeError, UnicodeDecodeError)):  # a damaged file: how to repair it
+            raise ValueError(f"{err} {repair_hint(f'coco{year}', True)}") from err.__cause__
+        raise
     if not ids:
         raise ValueError(f"{ann} gives no image{' with an annotation' if drop_empty else ''}: the file is damaged "
-                         f"or cut short; unpack it again with `mlic data prepare coco{year} --force`")
+                         f"or cut short. {repair_hint(f'coco{year}', True)}")
     return ImageListDataset(
         [img_dir / f for f in files],
         labels,

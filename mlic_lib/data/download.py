@@ -97,9 +97,9 @@ def download(file: RemoteFile, folder: Path, progress: bool = True, allow_unveri
     if final.is_file():
         if not reverify or _matches(file, final)[0]:
             return final
-        final.replace(final.with_suffix(".bad"))
-        print(f"{file.name} no longer matches its sha256: moved to {final.with_suffix('.bad')}, downloading again",
-              file=sys.stderr)
+        bad = final.with_name(final.name + ".bad")
+        final.replace(bad)
+        print(f"{file.name} no longer matches its sha256: moved to {bad}, downloading again", file=sys.stderr)
     if file.sha256 is None and not allow_unverified:
         raise ChecksumError(
             f"{file.name} has no recorded sha256 in mlic_lib/data/registry.py; rerun with --allow-unverified "

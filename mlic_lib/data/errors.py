@@ -49,6 +49,22 @@ class CorruptImageError(RuntimeError):
         self.path = Path(path) if path is not None else None
 
 
+def repair_hint(key: str | None, damaged: bool) -> str:
+    """How to get dataset ``key``'s files (back): ``damaged`` when the dataset was prepared and a file of it is
+    missing or corrupt (a plain ``prepare`` would skip it, ``--force`` unpacks again), else when it is absent."""
+    from .registry import DATASETS
+
+    entry = DATASETS.get(key) if key else None
+    if entry is None:
+        return "Put the file back (or rebuild the file list without it)."
+    if not entry.files:  # user-supplied data (NUS-WIDE): nothing to fetch
+        return entry.notes
+    if damaged:
+        return (f"Unpack the dataset again with `mlic data prepare {key} --force` (a kept archive is checked against "
+                "its sha256 and reused; a deleted one is downloaded again).")
+    return f"Fetch it with `mlic data prepare {key}` (or set MLIC_DATA to where it lives)."
+
+
 def missing_dataset(
     name: str, path: str | Path, what: str = "missing", *, key: str | None = None
 ) -> DatasetNotFoundError:
@@ -65,7 +81,8 @@ def missing_dataset(
         (``"missing"``, ``"not a directory"``, ...).
     key : str, optional
         Dataset key for ``mlic data prepare``; defaults to ``name`` lower-cased without spaces
-        (``"VOC2007"`` -> ``"voc2007"``).
+        (``"VOC2007"`` -> ``"voc2007"``). When the dataset's marker file exists under ``$MLIC_DATA`` (it was
+        prepared, and part of it is gone) the message names ``--force`` (see :func:`repair_hint`).
 
     Returns
     -------
@@ -79,13 +96,11 @@ def missing_dataset(
     VOC2007 not found: expected /data/VOCdevkit/VOC2007/Annotations (missing). Fetch it with
     `mlic data prepare voc2007` (or set MLIC_DATA to where it lives).
     """
+    from .paths import data_root
     from .registry import DATASETS
 
     if key is None:
         key = "".join(name.lower().split())
     entry = DATASETS.get(key)
-    if entry is not None and not entry.files:  # user-supplied data (NUS-WIDE): nothing to fetch
-        fix = entry.notes
-    else:
-        fix = f"Fetch it with `mlic data prepare {key}` (or set MLIC_DATA to where it lives)."
-    return DatasetNotFoundError(f"{name} not found: expected {path} ({what}). {fix}", path=path)
+    prepared = entry is not None and (data_root() / entry.marker).exists()
+    return DatasetNotFoundError(f"{name} not found: expected {path} ({what}). {repair_hint(key, prepared)}", path=path)

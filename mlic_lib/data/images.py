@@ -16,7 +16,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from .errors import CorruptImageError, DatasetNotFoundError
+from .errors import CorruptImageError, DatasetNotFoundError, repair_hint
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ImageListDataset", "default_transform"]
 
@@ -121,29 +121,21 @@ class ImageListDataset(Dataset):
                 return im.convert("RGB")
         except FileNotFoundError as exc:
             raise DatasetNotFoundError(
-                f"image file not found: {path}. The dataset looks incomplete; {self._repair_hint()}.",
+                f"image file not found: {path}. The dataset looks incomplete. {repair_hint(self._key, True)}",
                 path=path,
             ) from exc
         except (PermissionError, IsADirectoryError):
             raise
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
             raise CorruptImageError(
-                f"cannot decode image {path}: {exc}. The file is corrupt or truncated; {self._repair_hint()}.",
+                f"cannot decode image {path}: {exc}. The file is corrupt or truncated. {repair_hint(self._key, True)}",
                 path=path,
             ) from exc
 
-    def _repair_hint(self) -> str:
-        """How to get a missing or corrupt image back, for the dataset whose files these are."""
-        from .registry import DATASETS
-
-        key = self.source or self.name
-        entry = DATASETS.get(key) if key else None
-        if entry is None:
-            return "put the file back (or rebuild the file list without it)"
-        if not entry.files:
-            return f"{entry.title} images are supplied by you: put the file back where the image list expects it"
-        return (f"unpack the dataset again with `mlic data prepare {key} --force` (a kept archive is checked "
-                "against its sha256 and reused; a deleted one is downloaded again)")
+    @property
+    def _key(self) -> str | None:
+        """The registry key of the dataset whose files these are (for repair hints)."""
+        return self.source or self.name
 
     def __getitem__(self, index: int) -> tuple[Any, ...]:
         image: Any = self.load_image(index)

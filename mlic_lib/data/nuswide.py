@@ -133,14 +133,14 @@ def nuswide_dataset(root: str | os.PathLike | None = None, split: str = "train",
         raise missing_dataset("NUS-WIDE", flickr, "missing", key="nuswide")
     keep = labels.any(1) if drop_empty else np.ones(len(paths), dtype=bool)
     exists = np.array([(flickr / p).is_file() for p in paths])
-    if missing == "error" and not exists[keep].all():
-        first = paths[int(np.flatnonzero(keep & ~exists)[0])]
-        raise missing_dataset("NUS-WIDE", flickr / first, "missing", key="nuswide")
     n_missing = int((keep & ~exists).sum())
-    if n_missing and n_missing == int(keep.sum()):
+    if n_missing and n_missing == int(keep.sum()):  # a wrong layout, not a few lost images
         raise missing_dataset("NUS-WIDE", flickr / paths[int(np.flatnonzero(keep)[0])],
                               f"none of the {n_missing:,} listed {split} images is under Flickr/; expected "
                               "Flickr/<concept folder>/<file>.jpg as in the image list", key="nuswide")
+    if missing == "error" and n_missing:
+        first = paths[int(np.flatnonzero(keep & ~exists)[0])]
+        raise missing_dataset("NUS-WIDE", flickr / first, "missing", key="nuswide")
     if n_missing:
         warnings.warn(f"NUS-WIDE {split}: {n_missing:,} of {int(keep.sum()):,} listed images are missing under "
                       f"{flickr} and left out", stacklevel=2)

@@ -21,7 +21,9 @@ def data_root() -> Path:
         not created and may not exist. Loaders expect ``<root>/VOCdevkit/VOC2007``,
         ``<root>/coco/annotations``, ... below it.
     """
-    return Path(os.environ.get("MLIC_DATA") or DEFAULT_DATA_ROOT).expanduser()  # "" is unset, not the cwd
+    from mlic_lib.utils import env_path
+
+    return env_path("MLIC_DATA", DEFAULT_DATA_ROOT)
 
 
 def reference_data_dir() -> Path:

@@ -67,7 +67,8 @@ class RealData:
         """One line for figure provenance, e.g. ``"voc2007 (5011 train / 4952 test images, 448 px)"``."""
         missing = sum(self.extra.get("missing_images", {}).values())  # NUS-WIDE: listed, not on disk
         return (f"{self.name} ({len(self.train_ds)} train / {len(self.test_ds)} test images, "
-                f"{self.extra.get('image_size', '?')} px" + (f"; {missing} listed images missing" if missing else "")
+                f"{self.extra.get('image_size', '?')} px"
+                + (f"; {missing} listed image{'s' if missing > 1 else ''} missing" if missing else "")
                 + ")")
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import missing_dataset
+from .errors import DatasetNotFoundError, missing_dataset, repair_hint
 from .images import ImageListDataset
 from .paths import data_root
 
@@ -73,12 +73,15 @@ def _read_split(voc: Path, year: str, split: str) -> list[str]:
         # the devkit is there: name the splits it has (a misspelt split, or an incomplete dataset)
         known = sorted(f.stem for f in split_file.parent.glob("*.txt") if "_" not in f.stem)
         if known:
-            raise missing_dataset(f"VOC{year}", split_file, f"missing; the splits present are {', '.join(known)}")
+            raise DatasetNotFoundError(
+                f"VOC{year} has no split {split!r} ({split_file} is missing); the splits present are "
+                f"{', '.join(known)}. Check the split name. If the file was deleted: {repair_hint(f'voc{year}', True)}",
+                path=split_file)
     _require(split_file, year, is_dir=False)
     ids = [line.split()[0] for line in split_file.read_text().splitlines() if line.strip()]
     if not ids:
-        raise ValueError(f"{split_file} lists no image: the split file is empty or was cut short; "
-                         f"unpack the dataset again with `mlic data prepare voc{year} --force`")
+        raise ValueError(f"{split_file} lists no image: the split file is empty or was cut short. "
+                         + repair_hint(f"voc{year}", True))
     return ids
 
 
