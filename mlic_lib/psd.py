@@ -606,8 +606,8 @@ def _number(v: Any, whole: bool = False) -> float | None:
 
 def _whole_list(v: Any, low: int) -> bool:
     """A non-empty list of whole numbers ``>= low``."""
-    return (isinstance(v, (list, tuple)) and len(v) > 0
-            and all((x := _number(r, whole=True)) is not None and x >= low for r in v))
+    return isinstance(v, (list, tuple)) and len(v) > 0 and all(
+        (x := _number(r, whole=True)) is not None and x >= low for r in v)
 
 
 def check_options(p: Mapping[str, Any]) -> None:
@@ -621,14 +621,17 @@ def check_options(p: Mapping[str, Any]) -> None:
     for key, valid in choices.items():
         if key in p and p[key] not in valid:
             raise ValueError(f"psd.{key} must be one of {valid}, got {p[key]!r}")
+    def at_least(low: float, whole: bool = False, strict: bool = False):
+        return lambda v: (x := _number(v, whole)) is not None and (x > low if strict else x >= low)
+
     checks = {  # key: (test, what it must be)
-        "cpsd_k": (lambda v: (x := _number(v, True)) is not None and x >= 1, "a whole number >= 1"),
-        "n_init": (lambda v: (x := _number(v, True)) is not None and x >= 1, "a whole number >= 1"),
-        "cluster_seed": (lambda v: (x := _number(v, True)) is not None and x >= 0, "a whole number >= 0"),
+        "cpsd_k": (at_least(1, whole=True), "a whole number >= 1"),
+        "n_init": (at_least(1, whole=True), "a whole number >= 1"),
+        "cluster_seed": (at_least(0, whole=True), "a whole number >= 0"),
         "ks": (lambda v: _whole_list(v, 1), "a non-empty list of whole numbers >= 1"),
         "random_seeds": (lambda v: _whole_list(v, 0), "a non-empty list of whole numbers >= 0"),
-        "tau": (lambda v: (x := _number(v)) is not None and x > 0, "a number > 0"),
-        "kd_weight": (lambda v: (x := _number(v)) is not None and x >= 0, "a number >= 0"),
+        "tau": (at_least(0, strict=True), "a number > 0"),
+        "kd_weight": (at_least(0), "a number >= 0"),
     }
     for key, (ok, what) in checks.items():
         if key in p and not ok(p[key]):

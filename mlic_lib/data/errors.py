@@ -49,9 +49,11 @@ class CorruptImageError(RuntimeError):
         self.path = Path(path) if path is not None else None
 
 
-def repair_hint(key: str | None, damaged: bool) -> str:
+def repair_hint(key: str | None, damaged: bool | None = None) -> str:
     """How to get dataset ``key``'s files (back): ``damaged`` when the dataset was prepared and a file of it is
-    missing or corrupt (a plain ``prepare`` would skip it, ``--force`` unpacks again), else when it is absent."""
+    missing or corrupt (a plain ``prepare`` would skip it, ``--force`` unpacks again), else when it is absent;
+    ``None`` decides from whether the dataset's marker file exists under ``$MLIC_DATA``."""
+    from .paths import data_root
     from .registry import DATASETS
 
     entry = DATASETS.get(key) if key else None
@@ -59,6 +61,8 @@ def repair_hint(key: str | None, damaged: bool) -> str:
         return "Put the file back (or rebuild the file list without it)."
     if not entry.files:  # user-supplied data (NUS-WIDE): nothing to fetch
         return entry.notes
+    if damaged is None:
+        damaged = (data_root() / entry.marker).exists()
     if damaged:
         return (f"Unpack the dataset again with `mlic data prepare {key} --force` (a kept archive is checked against "
                 "its sha256 and reused; a deleted one is downloaded again).")
@@ -96,11 +100,6 @@ def missing_dataset(
     VOC2007 not found: expected /data/VOCdevkit/VOC2007/Annotations (missing). Fetch it with
     `mlic data prepare voc2007` (or set MLIC_DATA to where it lives).
     """
-    from .paths import data_root
-    from .registry import DATASETS
-
     if key is None:
         key = "".join(name.lower().split())
-    entry = DATASETS.get(key)
-    prepared = entry is not None and (data_root() / entry.marker).exists()
-    return DatasetNotFoundError(f"{name} not found: expected {path} ({what}). {repair_hint(key, prepared)}", path=path)
+    return DatasetNotFoundError(f"{name} not found: expected {path} ({what}). {repair_hint(key)}", path=path)

@@ -57,6 +57,11 @@ def _require_file(path: Path) -> Path:
     return path
 
 
+def _first_file(preferred: Path, alternative: Path) -> Path:
+    """``preferred``, or ``alternative`` where only that one exists (errors then name ``preferred``)."""
+    return alternative if alternative.is_file() and not preferred.is_file() else preferred
+
+
 def _lines(path: Path) -> list[str]:
     text = _require_file(path).read_text(encoding="utf-8-sig", errors="replace")  # -sig: drop a byte-order mark
     return [line.strip() for line in text.splitlines() if line.strip()]
@@ -90,14 +95,13 @@ def read_nuswide_labels(root: str | os.PathLike | None = None, split: str = "tra
     if split not in _SPLITS:
         raise ValueError(f"split must be one of {sorted(_SPLITS)}, got {split!r}")
     base = _base(root)
-    listed = base / "ConceptsList" / "Concepts81.txt"  # as the official archive unpacks
-    concepts_file = listed if listed.is_file() else base / "Concepts81.txt"
+    # ConceptsList/ as the official archive unpacks; ImageList/ImageList/ as ImageList.zip unpacked into ImageList/
+    concepts_file = _first_file(base / "Concepts81.txt", base / "ConceptsList" / "Concepts81.txt")
     concepts = _lines(concepts_file)
     _check_concepts(concepts, concepts_file)
-    image_list = base / "ImageList" / f"{_SPLITS[split]}Imagelist.txt"
-    nested = base / "ImageList" / "ImageList" / image_list.name  # ImageList.zip unpacked into ImageList/
-    paths = ["/".join(p.replace("\\", "/").split("/")[-2:]) for p in
-             _lines(nested if nested.is_file() and not image_list.is_file() else image_list)]
+    name = f"{_SPLITS[split]}Imagelist.txt"
+    image_list = _first_file(base / "ImageList" / name, base / "ImageList" / "ImageList" / name)
+    paths = ["/".join(p.replace("\\", "/").split("/")[-2:]) for p in _lines(image_list)]
     labels = np.zeros((len(paths), len(concepts)), dtype=np.uint8)
     for j, concept in enumerate(concepts):
         f = base / "Groundtruth" / "TrainTestLabels" / f"Labels_{concept}_{_SPLITS[split]}.txt"
