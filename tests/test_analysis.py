@@ -18,9 +18,11 @@ from mlic_lib.analysis import (  # noqa: E402
     OKABE_ITO,
     PROVENANCE_GID,
     annotate_provenance,
+    cam_colorbar,
     cam_in_box,
     cam_in_boxes,
     class_activation_maps,
+    class_bars,
     cluster_quality,
     label_axes,
     overlay,
@@ -279,6 +281,48 @@ def test_overlay_tensor_and_uint8():
     assert out_u8.shape == (12, 16, 3) and out_u8.dtype == np.float64
     with pytest.raises(ValueError):
         overlay(img, cam, alpha=1.5)
+
+
+def test_cam_colorbar_spans_unit_range_in_heat_map(styled):
+    from mlic_lib.analysis import CMAP_HEAT
+
+    fig, axes = plt.subplots(2, 3)
+    cb = cam_colorbar(fig, axes[:, 1:], shrink=0.8)  # an array of panels is accepted
+    assert (cb.norm.vmin, cb.norm.vmax) == (0.0, 1.0)
+    assert cb.cmap.name == CMAP_HEAT
+    assert "Grad-CAM" in cb.ax.get_ylabel()
+    assert cam_colorbar(fig, axes[0, 0], label="x", cmap="viridis").cmap.name == "viridis"
+
+
+# ------------------------------------------------------------------------------------ class bars
+
+
+def test_class_bars_sorts_colours_and_labels_groups(styled):
+    fig, ax = plt.subplots()
+    values, groups = np.array([1.0, 3.0, 2.0, 3.0]), np.array([0, 1, 1, 2])
+    order = class_bars(ax, values, list("abcd"), groups, ylabel="AP (%)")
+    np.testing.assert_array_equal(order, [1, 3, 2, 0])  # descending, ties stable
+    bars = ax.patches
+    assert [b.get_height() for b in bars] == [3.0, 3.0, 2.0, 1.0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["b", "d", "c", "a"]
+    assert bars[0].get_facecolor() == to_rgba(OKABE_ITO[1]) and bars[1].get_facecolor() == to_rgba(OKABE_ITO[2])
+    legend = ax.get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == ["super-category 0", "super-category 1", "super-category 2"]
+    assert [h.get_facecolor() for h in legend.legend_handles] == [to_rgba(c) for c in OKABE_ITO[:3]]
+    _, ax2 = plt.subplots()
+    class_bars(ax2, values, list("abcd"), groups, legend=False)
+    assert ax2.get_legend() is None
+    _, ax3 = plt.subplots()
+    class_bars(ax3, values, list("abcd"))  # no groups: no colours to explain
+    assert ax3.get_legend() is None
+
+
+def test_class_bars_bad_input(styled):
+    _, ax = plt.subplots()
+    with pytest.raises(ValueError, match="one value per label"):
+        class_bars(ax, np.ones(3), list("abcd"))
+    with pytest.raises(ValueError, match="one super-category per class"):
+        class_bars(ax, np.ones(4), list("abcd"), np.array([0, 1]))
 
 
 # ------------------------------------------------------------------------------------------ t-SNE

@@ -3,8 +3,8 @@
 * :mod:`~mlic_lib.analysis.style` -- :func:`use_style`, :func:`label_axes`,
   :func:`annotate_provenance` and the colour constants.
 * :mod:`~mlic_lib.analysis.cam` -- per-class CAMs via pytorch-grad-cam
-  (:func:`class_activation_maps`), box-mass scores (:func:`cam_in_box`, :func:`cam_in_boxes`)
-  and :func:`overlay`.
+  (:func:`class_activation_maps`), box-mass scores (:func:`cam_in_box`, :func:`cam_in_boxes`),
+  :func:`overlay` and its scale, :func:`cam_colorbar`.
 * :mod:`~mlic_lib.analysis.plots` -- scenes with boxes, heat maps, per-class bars.
 * :mod:`~mlic_lib.analysis.tsne` -- :func:`tsne_embed` and :func:`cluster_quality`.
 * :mod:`~mlic_lib.analysis.robustness` -- low-resolution inference and the biased-pair protocol.
@@ -14,7 +14,7 @@ pytorch-grad-cam and scikit-learn are imported only when a function that needs t
 
 from __future__ import annotations
 
-from .cam import CAM_METHODS, cam_in_box, cam_in_boxes, class_activation_maps, overlay
+from .cam import CAM_METHODS, cam_colorbar, cam_in_box, cam_in_boxes, class_activation_maps, overlay
 from .plots import class_bars, group_order, heatmap, show_scene
 from .style import (
     CMAP_DIV,
@@ -38,6 +38,7 @@ __all__ = [
     "PROVENANCE_GID",
     "STYLE",
     "annotate_provenance",
+    "cam_colorbar",
     "cam_in_box",
     "cam_in_boxes",
     "class_activation_maps",

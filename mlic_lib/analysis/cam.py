@@ -376,3 +376,21 @@ def overlay(
     c = np.clip(np.nan_to_num(c, nan=0.0), 0.0, 1.0)
     heat = matplotlib.colormaps[cmap or CMAP_HEAT](c)[..., :3]
     return np.clip((1.0 - alpha) * img + alpha * heat, 0.0, 1.0)
+
+
+def cam_colorbar(fig, axes, label: str = "Grad-CAM (min-max per map)", cmap: str | None = None, **kwargs):
+    """One colour bar for a figure of :func:`overlay` panels: the heat colour map over ``[0, 1]``, the range
+    :func:`class_activation_maps` scales each map to. ``axes`` are the panels it serves (an ``Axes`` or a list /
+    array of them); ``kwargs`` go to ``fig.colorbar`` (e.g. ``fraction``, ``pad``, ``shrink``). Returns the colour
+    bar. The panels blend the map over the image (``overlay(alpha=...)``), so their colours are lighter or darker
+    than the bar's; the bar gives the scale, not the exact pixel colour."""
+    import matplotlib.pyplot as plt
+
+    from .style import CMAP_HEAT
+
+    if isinstance(axes, np.ndarray):
+        axes = axes.ravel().tolist()
+    kwargs.setdefault("fraction", 0.03)
+    kwargs.setdefault("pad", 0.02)
+    mappable = plt.cm.ScalarMappable(norm=plt.Normalize(0.0, 1.0), cmap=cmap or CMAP_HEAT)
+    return fig.colorbar(mappable, ax=axes, label=label, **kwargs)

@@ -56,11 +56,20 @@ def heatmap(ax, matrix: np.ndarray, labels: Sequence[str], order: np.ndarray | N
 
 
 def class_bars(ax, values: np.ndarray, labels: Sequence[str], groups: np.ndarray | None = None,
-               ylabel: str = "", sort: bool = True) -> np.ndarray:
+               ylabel: str = "", sort: bool = True, legend: bool = True) -> np.ndarray:
     """Bar chart of one value per class (sorted descending), coloured by super-category.
 
-    Returns the class order used."""
+    With ``groups`` and ``legend`` the axes get a legend, right of the bars, naming each colour
+    ``super-category g`` (the group index, as the chapters' t-SNE figures name them). Returns the class order used."""
+    from matplotlib.patches import Patch
+
     values = np.asarray(values, dtype=float)
+    if values.ndim != 1 or len(values) != len(labels):
+        raise ValueError(f"class_bars needs one value per label: got values of shape {values.shape} for "
+                         f"{len(labels)} labels")
+    if groups is not None and len(groups) != len(values):
+        raise ValueError(f"class_bars: groups has {len(groups)} entries for {len(values)} classes; pass one "
+                         "super-category per class")
     order = np.argsort(-values, kind="stable") if sort else np.arange(len(values))
     colours = None
     if groups is not None:
@@ -69,4 +78,8 @@ def class_bars(ax, values: np.ndarray, labels: Sequence[str], groups: np.ndarray
     ax.set_xticks(range(len(order)), [labels[i] for i in order], rotation=90, fontsize=7)
     ax.set_ylabel(ylabel)
     ax.set_xlim(-0.6, len(order) - 0.4)
+    if groups is not None and legend:
+        present = sorted({int(g) for g in groups})
+        ax.legend(handles=[Patch(color=OKABE_ITO[g % len(OKABE_ITO)], label=f"super-category {g}") for g in present],
+                  fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)  # outside: never on a bar
     return order
