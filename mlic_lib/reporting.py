@@ -1,5 +1,10 @@
 """Chapter results: the small JSON of headline numbers each chapter writes, provenance strings, and the
-book's one rule for calling a difference measurable (:func:`seed_spread`, :func:`spread_verdict`).
+book's rule for calling a difference measurable (:func:`seed_spread`, :func:`spread_verdict`).
+
+Chapters that refine the rule say so where they do: CPSD's section 3c flags a *borderline* difference (beyond
+the spread but within 1.5 times it), LTML judges its paired rows (two readings of one trained model per seed)
+against the standard deviation of the per-seed differences, and SpliceMix's Fig. 6 gives verdicts only at the
+resolutions where some method is clearly above chance.
 
 The book's pages read these JSONs, so every number shown comes from the build that made the page.
 """

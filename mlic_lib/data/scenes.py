@@ -9,7 +9,7 @@ and know the ground truth:
   "kitchen" or "vehicle" classes). The assignment is random, so only co-occurrence, not appearance,
   relates the classes of a group;
 * **biased pairs** ``(b, c)``: in training, class ``b`` is accompanied by its context ``c`` with
-  probability ``p_bias`` (Singh et al. 2020, used by SpliceMix Sec. 4.4). Test sets can be drawn in
+  probability ``p_bias`` (Singh et al. 2020, used by SpliceMix Sec. IV-G). Test sets can be drawn in
   ``"exclusive"`` mode (every image has some ``b`` without its ``c``) or ``"cooccur"`` mode (``b``
   with ``c``);
 * an optional **long tail**: class sampling weights follow a power law ``(rank + 1) ** -exponent``
