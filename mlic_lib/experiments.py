@@ -20,7 +20,7 @@ from mlic_lib.data.scenes import SceneSet, SceneSpec, make_scenes, make_world
 from mlic_lib.data.tensors import TensorImageDataset
 from mlic_lib.engine import FitResult, TrainConfig, cache_root, fit, run_dir_for
 from mlic_lib.models import build_model
-from mlic_lib.utils import atomic_open, config_hash, seed_everything
+from mlic_lib.utils import DATA_CODE, atomic_open, config_hash, seed_everything
 
 
 @dataclass
@@ -50,7 +50,8 @@ def cached_scenes(n_images: int, spec: SceneSpec, seed: int, split: str = "train
     """
     if not use_cache:
         return make_scenes(n_images, spec, seed=seed, split=split, mode=mode)
-    key = config_hash({"n": n_images, "spec": spec.to_dict(), "seed": seed, "split": split, "mode": mode})
+    key = config_hash({"n": n_images, "spec": spec.to_dict(), "seed": seed, "split": split, "mode": mode},
+                      code=("mlic_lib.data.scenes",))
     path = cache_root() / "data" / f"scenes-{key}.npz"
     if path.is_file():
         with np.load(path, allow_pickle=False) as z:
@@ -107,5 +108,6 @@ def train_scene_model(settings: Mapping[str, Any], data: SceneData, seed: int = 
         model = build_scene_model(m, data.num_classes, seed)
     key = {"chapter": settings.get("chapter"), "name": name, "data": settings["data"], "model": m,
            "train": cfg.to_dict(), "extra": dict(extra_key or {})}
-    run_dir = run_dir_for(f"{settings.get('chapter')}-{name}-s{seed}", key)
+    code = (*DATA_CODE, *sorted({type(o).__module__ for o in (step, model) if o is not None}))  # + a caller's step
+    run_dir = run_dir_for(f"{settings.get('chapter')}-{name}-s{seed}", key, code=code)
     return fit(model, data.train_ds, data.test_ds, cfg, step=step, run_dir=run_dir, progress=progress)

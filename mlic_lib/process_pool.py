@@ -110,8 +110,7 @@ def run_missing(fn: Callable, jobs: Mapping[Hashable, Sequence[Any]], done: Call
                 max_workers: int | None = None, desc: str | None = None) -> dict[Hashable, Any]:
     """:func:`map_in_processes` over the ``jobs`` (``{key: args}``) for which ``done(key)`` is false;
     returns ``{key: fn(*args)}`` for those (in this library ``(run folder, cached)``: the caller loads the
-    folder each worker wrote -- a worker's cache key covers the library modules *it* imported -- and reports
-    the run as cached only if the worker found it so)."""
+    folder each worker wrote and reports the run as cached only if the worker found it so)."""
     todo = [k for k in jobs if not done(k)]
     out = map_in_processes(fn, [jobs[k] for k in todo], max_workers=max_workers, desc=desc)
     return dict(zip(todo, out, strict=True))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -149,8 +150,16 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
+#: The modules that build a chapter's data (the scenes, the real datasets, their presets and tensor datasets).
+#: Every training entry point of the library names them with its own module in its cache key's ``code``, since a
+#: run's data transforms execute inside ``fit``.
+DATA_CODE: tuple[str, ...] = ("mlic_lib.experiments", "mlic_lib.data.real")
+
+
 def _module_file(name: str) -> Path | None:
     """The source file of ``mlic_lib`` module ``name`` (a package's ``__init__.py``), None if there is none."""
+    if name != "mlic_lib" and not name.startswith("mlic_lib."):
+        return None
     rel = Path(*name.split(".")[1:])
     for f in (_PACKAGE_DIR / rel.with_suffix(".py"), _PACKAGE_DIR / rel / "__init__.py"):
         if f.is_file():
@@ -158,11 +167,30 @@ def _module_file(name: str) -> Path | None:
     return None
 
 
-def static_import_closure(roots: Iterable[str]) -> set[Path]:
-    """The source files of the ``mlic_lib`` modules ``roots`` and of every ``mlic_lib`` module they import,
-    transitively, read from the import statements (including those inside functions), without importing."""
+@functools.cache
+def _imported_names(f: Path, mtime_ns: int, size: int) -> tuple[str, ...]:
+    """The absolute names of the modules a source file imports (including inside functions). Cached per file
+    version (``mtime_ns``, ``size``): parsing is most of a digest's cost, and an edited file is parsed again."""
     import ast
 
+    parts = list(f.relative_to(_PACKAGE_DIR).with_suffix("").parts)
+    package = ["mlic_lib", *parts[:-1]]  # the package a relative import starts from
+    names: list[str] = []
+    for node in ast.walk(ast.parse(f.read_text())):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: from the file's package, one level up per extra dot
+                base = ".".join(package[: len(package) - node.level + 1] + ([base] if base else []))
+            names += [base] + [f"{base}.{a.name}" for a in node.names]
+    return tuple(names)
+
+
+def static_import_closure(roots: Iterable[str]) -> set[Path]:
+    """The source files of the ``mlic_lib`` modules ``roots`` and of every ``mlic_lib`` module they import,
+    transitively, read from the import statements (including those inside functions), without importing.
+    Names outside ``mlic_lib`` are ignored."""
     seen: set[Path] = set()
     todo = [f for f in (_module_file(r) for r in roots) if f is not None]
     todo.append(_PACKAGE_DIR / "__init__.py")
@@ -171,18 +199,8 @@ def static_import_closure(roots: Iterable[str]) -> set[Path]:
         if f in seen:
             continue
         seen.add(f)
-        parts = list(f.relative_to(_PACKAGE_DIR).with_suffix("").parts)
-        package = ["mlic_lib", *parts[:-1]]  # the package a relative import starts from
-        names: list[str] = []
-        for node in ast.walk(ast.parse(f.read_text())):
-            if isinstance(node, ast.Import):
-                names += [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:  # relative: from the file's package, one level up per extra dot
-                    base = ".".join(package[: len(package) - node.level + 1] + ([base] if base else []))
-                names += [base] + [f"{base}.{a.name}" for a in node.names]
-        for name in names:
+        st = f.stat()
+        for name in _imported_names(f, st.st_mtime_ns, st.st_size):
             if name == "mlic_lib" or name.startswith("mlic_lib."):
                 for i in range(2, name.count(".") + 2):  # the module and the packages above it
                     m = _module_file(".".join(name.split(".")[:i]))
@@ -192,13 +210,14 @@ def static_import_closure(roots: Iterable[str]) -> set[Path]:
 
 
 def library_digest(roots: Iterable[str] | None = None) -> str:
-    """sha256 over the source of ``mlic_lib`` modules: by default those imported in this process; with
-    ``roots``, :func:`static_import_closure` of those modules (the same in every process).
+    """sha256 over the source of ``mlic_lib`` modules: with ``roots``, :func:`static_import_closure` of those
+    modules, the same in every process; without, the modules imported in this process.
 
-    Part of every cache key. Training code must be imported to run, so a change to any code a run
-    used invalidates its cached model, while editing an unrelated chapter's module does not. A run
-    trained in one process and loaded in another (``mlic teachers`` and the chapter) names its ``roots``,
-    since the two processes import different modules.
+    Part of every cache key. Every training entry point of the library names its ``roots`` (its own module
+    and :data:`DATA_CODE`), so a change to the code a run uses retrains it, editing an unrelated module
+    (another chapter's method, the figures, the reporting) does not, and the key is the same in a chapter's
+    kernel, a pool worker and ``mlic teachers``. The default, for a caller's own runs, covers whatever the
+    process imported, which depends on the import history.
     """
     import sys
 

@@ -216,6 +216,31 @@ def test_library_digest_of_named_modules_ignores_the_import_history():
     assert outs == {library_digest(["mlic_lib.psd"])}
 
 
+def test_run_keys_are_the_same_in_every_process():
+    """Every training entry point names its code, so a chapter's kernel (which imports the figures and the
+    reporting too), a pool worker and a bare script agree on a run's cache folder, and the key covers the
+    method's and the data's code but not unrelated modules."""
+    import subprocess
+    import sys
+
+    from mlic_lib.utils import _PACKAGE_DIR, DATA_CODE, static_import_closure
+
+    code = ("import {mods}; from mlic_lib.profiles import load_profile; from mlic_lib.splicemix_cl import "
+            "method_run_dir; print(method_run_dir(load_profile('splicemix', 'smoke', {{}}), 'splicemix', 1).name)")
+    outs = {subprocess.run([sys.executable, "-c", code.format(mods=m)], capture_output=True, text=True,
+                           check=True).stdout.strip() for m in ("mlic_lib", "mlic_lib.analysis, mlic_lib.reporting")}
+    assert len(outs) == 1 and outs.pop().startswith("splicemix-splicemix-s1-")
+    covered = {str(f.relative_to(_PACKAGE_DIR)) for f in static_import_closure(("mlic_lib.splicemix_cl", *DATA_CODE))}
+    assert {"splicemix_cl.py", "mixing.py", "engine.py", "data/scenes.py", "data/tensors.py", "data/voc.py"} <= covered
+    assert not {"reporting.py", "analysis/plots.py", "ltml.py", "psd.py", "book.py"} & covered
+
+
+def test_static_closure_ignores_names_outside_the_package():
+    from mlic_lib.utils import static_import_closure
+
+    assert static_import_closure(["torch.nn", "data"]) == static_import_closure([])  # only mlic_lib/__init__.py
+
+
 def test_cli_teachers_trains_once_then_finds_them_cached(capsys, tmp_path):
     assert cli.main(["--root", str(tmp_path), "teachers", "--profile", "smoke"]) == 0
     first = capsys.readouterr().out
