@@ -391,7 +391,7 @@ class TeacherSpec:
                 "subset": self.subset, "images": self.images, "seed": self.seed, "data": self.data_key}
 
     def run_dir(self) -> Path:
-        # keyed on the code psd and the real-data loaders import, not on this process's imports: `mlic teachers`
+        # keyed on the code psd and the data modules import, not on this process's imports: `mlic teachers`
         # trains what the chapter then loads
         return run_dir_for(f"psd-asl-{len(self.subset)}c-s{self.seed}", self.key(), code=RUN_CODE)
 
