@@ -494,11 +494,18 @@ def cache_root() -> Path:
     return env_path("MLIC_CACHE", "~/.cache/mlic/runs")
 
 
-def run_dir_for(name: str, config: Mapping[str, Any], code: Iterable[str] | None = None) -> Path:
-    """``cache_root()/<name>-<hash>``: the hash covers ``config``, the library version and its source (the modules
-    imported in this process, or those ``code`` imports: see :func:`mlic_lib.utils.library_digest`)."""
+#: The modules that build a chapter's data (the scenes, the real datasets, their presets and tensor datasets).
+#: Every run key covers them (:func:`run_dir_for`), since a run's data transforms execute inside :func:`fit`.
+DATA_CODE: tuple[str, ...] = ("mlic_lib.experiments", "mlic_lib.data.real")
+
+
+def run_dir_for(name: str, config: Mapping[str, Any], code: Iterable[str] = ()) -> Path:
+    """``cache_root()/<name>-<hash>``: the hash covers ``config``, the library version and the source of the
+    ``mlic_lib`` modules ``code`` (the method's modules, e.g. ``(__name__,)``) and :data:`DATA_CODE` import,
+    read from their import statements (:func:`mlic_lib.utils.library_digest`), so a run has the same key in
+    every process."""
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
-    return cache_root() / f"{safe}-{config_hash(config, code=code)}"
+    return cache_root() / f"{safe}-{config_hash(config, code=(*code, *DATA_CODE))}"
 
 
 @dataclass

@@ -20,7 +20,7 @@ from mlic_lib.data.scenes import SceneSet, SceneSpec, make_scenes, make_world
 from mlic_lib.data.tensors import TensorImageDataset
 from mlic_lib.engine import FitResult, TrainConfig, cache_root, fit, run_dir_for
 from mlic_lib.models import build_model
-from mlic_lib.utils import DATA_CODE, atomic_open, config_hash, seed_everything
+from mlic_lib.utils import atomic_open, config_hash, seed_everything
 
 
 @dataclass
@@ -108,6 +108,8 @@ def train_scene_model(settings: Mapping[str, Any], data: SceneData, seed: int = 
         model = build_scene_model(m, data.num_classes, seed)
     key = {"chapter": settings.get("chapter"), "name": name, "data": settings["data"], "model": m,
            "train": cfg.to_dict(), "extra": dict(extra_key or {})}
-    code = (*DATA_CODE, *sorted({type(o).__module__ for o in (step, model) if o is not None}))  # + a caller's step
+    # a caller's step (a class or a function) and model (its parts may come from several modules)
+    code = {getattr(step, "__module__", None) or type(step).__module__} if step is not None else set()
+    code |= {type(part).__module__ for part in model.modules()}
     run_dir = run_dir_for(f"{settings.get('chapter')}-{name}-s{seed}", key, code=code)
     return fit(model, data.train_ds, data.test_ds, cfg, step=step, run_dir=run_dir, progress=progress)

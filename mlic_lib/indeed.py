@@ -672,7 +672,6 @@ def _run_setup(settings: Mapping[str, Any], data: IndeedData, method: Mapping[st
     """The step, training config and cache folder of one run (the key leaves out ``indeed.parallel``,
     which only says where the run is computed)."""
     from mlic_lib.engine import TrainConfig, run_dir_for
-    from mlic_lib.utils import DATA_CODE
 
     opts = {k: v for k, v in dict(settings.get("indeed", {})).items() if k != "parallel"}
     step = method_step(method, lam=lambda_for(opts.get("lam", 1.0), method), pairing=opts.get("pairing", "disjoint"))
@@ -681,8 +680,7 @@ def _run_setup(settings: Mapping[str, Any], data: IndeedData, method: Mapping[st
            "data_seed": data.data_seed, "data_sha256": data.fingerprint(),
            "model": dict(settings["model"]), "train": cfg.to_dict(), "method": dict(method), "indeed": opts}
     tag = "-".join(str(v) for v in method.values())
-    return step, cfg, run_dir_for(f"{settings.get('chapter')}-{data.name}-{tag}-s{seed}", key,
-                                  code=(__name__, *DATA_CODE))
+    return step, cfg, run_dir_for(f"{settings.get('chapter')}-{data.name}-{tag}-s{seed}", key, code=(__name__,))
 
 
 def lambda_for(lam: float | Mapping[str, float], method: Mapping[str, Any]) -> float:

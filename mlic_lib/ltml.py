@@ -273,7 +273,7 @@ def train_ltml(settings, train_ds, train_targets, test_ds, num_classes: int, see
     from mlic_lib.data.stats import class_counts
     from mlic_lib.engine import TrainConfig, fit, run_dir_for
     from mlic_lib.models.ltml import build_two_branch
-    from mlic_lib.utils import DATA_CODE, seed_everything
+    from mlic_lib.utils import seed_everything
 
     opts = variant_options(settings, name, lam=lam, consistency=consistency, compensation=compensation)
     lt = settings.get("ltml", {})
@@ -290,8 +290,7 @@ def train_ltml(settings, train_ds, train_targets, test_ds, num_classes: int, see
     loader = two_stream_loader(settings, train_ds, targets, seed=seed)
     key = {"chapter": settings.get("chapter"), "data": settings["data"], "model": m, "train": cfg.to_dict(),
            "ltml": {**opts, "samples_per_class": lt.get("samples_per_class", 1), "epoch_length": loader.steps}}
-    run_dir = run_dir_for(f"{settings.get('chapter')}-{name}-lam{opts['lam']}-s{seed}", key,
-                          code=(__name__, *DATA_CODE))
+    run_dir = run_dir_for(f"{settings.get('chapter')}-{name}-lam{opts['lam']}-s{seed}", key, code=(__name__,))
     return fit(model, loader, None, cfg, step=step, run_dir=run_dir, progress=progress,
                steps_per_epoch=len(loader))
 

@@ -53,7 +53,7 @@ from mlic_lib.data.tensors import TensorImageDataset
 from mlic_lib.engine import FitResult, TrainConfig, fit, run_dir_for
 from mlic_lib.experiments import build_scene_model
 from mlic_lib.losses import AsymmetricLoss
-from mlic_lib.utils import DATA_CODE, pick_device
+from mlic_lib.utils import pick_device
 
 __all__ = [
     "IMAGE_SELECTIONS",
@@ -90,7 +90,6 @@ IMAGE_SELECTIONS = ("containing", "all")
 KD_IMAGES = ("subtask", "all")
 KD_REDUCTIONS = ("sum", "mean")
 PARALLEL_MODES = ("auto", "sequential", "process", "torchrun")
-RUN_CODE = (__name__, *DATA_CODE)  # the modules whose code (and imports) every CPSD run key covers
 
 
 # ------------------------------------------------------------------------------------ sub-tasks
@@ -393,7 +392,7 @@ class TeacherSpec:
     def run_dir(self) -> Path:
         # keyed on the code psd and the data modules import, not on this process's imports: `mlic teachers`
         # trains what the chapter then loads
-        return run_dir_for(f"psd-asl-{len(self.subset)}c-s{self.seed}", self.key(), code=RUN_CODE)
+        return run_dir_for(f"psd-asl-{len(self.subset)}c-s{self.seed}", self.key(), code=(__name__,))
 
 
 def _teacher_spec(settings: Mapping[str, Any], subset, *, seed: int, train: Mapping | None = None,
@@ -521,7 +520,7 @@ def train_baseline(settings: Mapping[str, Any], data, *, seed: int = 0) -> FitRe
     model = build_psd_model(spec.model, data.num_classes, seed)
     key = {**spec.key(), "role": "baseline"}
     return fit(model, data.train_ds, data.test_ds, cfg, step=ASLStep(spec.asl),
-               run_dir=run_dir_for(f"psd-baseline-s{seed}", key, code=RUN_CODE), progress=False)
+               run_dir=run_dir_for(f"psd-baseline-s{seed}", key, code=(__name__,)), progress=False)
 
 
 def train_student(settings: Mapping[str, Any], data, teachers: Sequence[nn.Module], *, seed: int = 0,
@@ -542,7 +541,7 @@ def train_student(settings: Mapping[str, Any], data, teachers: Sequence[nn.Modul
            "asl": dict(p.get("asl", {})), "kd_weight": p.get("kd_weight", 1.0),
            "kd_reduction": p.get("kd_reduction", "sum"), "teachers": teacher_key, "seed": seed,
            "kd_subtask_only": subtask_only, "data": settings.get("data"), "chapter": settings.get("chapter")}
-    run_dir = run_dir_for(f"psd-{name}-s{seed}", key, code=RUN_CODE)
+    run_dir = run_dir_for(f"psd-{name}-s{seed}", key, code=(__name__,))
     model = build_psd_model(settings["model"], data.num_classes, seed)
     on_the_fly = not isinstance(data.train_ds, TensorImageDataset)
     if on_the_fly or ((run_dir / "results.json").is_file() and (run_dir / "final.pt").is_file()):

@@ -275,12 +275,11 @@ def method_run_dir(settings, method: str, seed: int = 0, tag: str = ""):
     """The cache folder of :func:`train_method`'s run (the key: chapter, method, data/model/train settings,
     the seed, the mixing options of a mixing method, and the library's version and source)."""
     from mlic_lib.engine import TrainConfig, run_dir_for
-    from mlic_lib.utils import DATA_CODE
 
     cfg = TrainConfig.from_dict({**settings["train"], "seed": seed})
     key = {"chapter": settings.get("chapter"), "name": method, "data": settings["data"], "model": settings["model"],
            "train": cfg.to_dict(), "mixing": settings["mixing"] if method != "baseline" else {}}
-    return run_dir_for(f"splicemix-{method}{tag}-s{seed}", key, code=(__name__, *DATA_CODE))
+    return run_dir_for(f"splicemix-{method}{tag}-s{seed}", key, code=(__name__,))
 
 
 def train_method(settings, data, method: str, seed: int = 0, tag: str = "", progress: bool = False,

@@ -150,27 +150,25 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
-#: The modules that build a chapter's data (the scenes, the real datasets, their presets and tensor datasets).
-#: Every training entry point of the library names them with its own module in its cache key's ``code``, since a
-#: run's data transforms execute inside ``fit``.
-DATA_CODE: tuple[str, ...] = ("mlic_lib.experiments", "mlic_lib.data.real")
+def _in_package(name: str) -> bool:
+    return name == "mlic_lib" or name.startswith("mlic_lib.")
 
 
 def _module_file(name: str) -> Path | None:
     """The source file of ``mlic_lib`` module ``name`` (a package's ``__init__.py``), None if there is none."""
-    if name != "mlic_lib" and not name.startswith("mlic_lib."):
+    if not _in_package(name):
         return None
     rel = Path(*name.split(".")[1:])
-    for f in (_PACKAGE_DIR / rel.with_suffix(".py"), _PACKAGE_DIR / rel / "__init__.py"):
-        if f.is_file():
-            return f
-    return None
+    candidates = [_PACKAGE_DIR / "__init__.py"] if name == "mlic_lib" else [
+        _PACKAGE_DIR / rel.with_suffix(".py"), _PACKAGE_DIR / rel / "__init__.py"]
+    return next((f for f in candidates if f.is_file()), None)
 
 
 @functools.cache
-def _imported_names(f: Path, mtime_ns: int, size: int) -> tuple[str, ...]:
-    """The absolute names of the modules a source file imports (including inside functions). Cached per file
-    version (``mtime_ns``, ``size``): parsing is most of a digest's cost, and an edited file is parsed again."""
+def _imported_files(f: Path, mtime_ns: int, size: int) -> tuple[Path, ...]:
+    """The ``mlic_lib`` source files a source file imports (including inside functions), with the packages above
+    them. Cached per file version (``mtime_ns``, ``size``): parsing and resolving are most of a digest's cost,
+    and an edited file is read again."""
     import ast
 
     parts = list(f.relative_to(_PACKAGE_DIR).with_suffix("").parts)
@@ -184,28 +182,35 @@ def _imported_names(f: Path, mtime_ns: int, size: int) -> tuple[str, ...]:
             if node.level:  # relative: from the file's package, one level up per extra dot
                 base = ".".join(package[: len(package) - node.level + 1] + ([base] if base else []))
             names += [base] + [f"{base}.{a.name}" for a in node.names]
-    return tuple(names)
+    files: dict[Path, None] = {}
+    for name in filter(_in_package, names):
+        for i in range(2, name.count(".") + 2):  # the module and the packages above it
+            m = _module_file(".".join(name.split(".")[:i]))
+            if m is not None:
+                files[m] = None
+    return tuple(files)
 
 
 def static_import_closure(roots: Iterable[str]) -> set[Path]:
     """The source files of the ``mlic_lib`` modules ``roots`` and of every ``mlic_lib`` module they import,
     transitively, read from the import statements (including those inside functions), without importing.
-    Names outside ``mlic_lib`` are ignored."""
+    Names outside ``mlic_lib`` are ignored; an ``mlic_lib`` name without a source file is an error (a
+    misspelt root would silently leave its code out of a cache key)."""
+    todo = [_PACKAGE_DIR / "__init__.py"]
+    for r in roots:
+        f = _module_file(r)
+        if f is None and _in_package(r):
+            raise ValueError(f"no mlic_lib module {r!r}: name an existing module (e.g. 'mlic_lib.engine')")
+        if f is not None:
+            todo.append(f)
     seen: set[Path] = set()
-    todo = [f for f in (_module_file(r) for r in roots) if f is not None]
-    todo.append(_PACKAGE_DIR / "__init__.py")
     while todo:
         f = todo.pop()
         if f in seen:
             continue
         seen.add(f)
         st = f.stat()
-        for name in _imported_names(f, st.st_mtime_ns, st.st_size):
-            if name == "mlic_lib" or name.startswith("mlic_lib."):
-                for i in range(2, name.count(".") + 2):  # the module and the packages above it
-                    m = _module_file(".".join(name.split(".")[:i]))
-                    if m is not None and m not in seen:
-                        todo.append(m)
+        todo += [m for m in _imported_files(f, st.st_mtime_ns, st.st_size) if m not in seen]
     return seen
 
 
@@ -213,11 +218,11 @@ def library_digest(roots: Iterable[str] | None = None) -> str:
     """sha256 over the source of ``mlic_lib`` modules: with ``roots``, :func:`static_import_closure` of those
     modules, the same in every process; without, the modules imported in this process.
 
-    Part of every cache key. Every training entry point of the library names its ``roots`` (its own module
-    and :data:`DATA_CODE`), so a change to the code a run uses retrains it, editing an unrelated module
-    (another chapter's method, the figures, the reporting) does not, and the key is the same in a chapter's
-    kernel, a pool worker and ``mlic teachers``. The default, for a caller's own runs, covers whatever the
-    process imported, which depends on the import history.
+    Part of every cache key: :func:`mlic_lib.engine.run_dir_for` names its ``roots`` (the method's module and
+    :data:`mlic_lib.engine.DATA_CODE`), so a change to the code a run uses retrains it, editing an unrelated
+    module (another chapter's method, the figures, the reporting) does not, and the key is the same in a
+    chapter's kernel, a pool worker and ``mlic teachers``. The default covers whatever the process imported,
+    which depends on the import history.
     """
     import sys
 
@@ -227,7 +232,7 @@ def library_digest(roots: Iterable[str] | None = None) -> str:
         files = {
             Path(mod.__file__).resolve()
             for name, mod in list(sys.modules.items())
-            if (name == "mlic_lib" or name.startswith("mlic_lib.")) and getattr(mod, "__file__", None)
+            if _in_package(name) and getattr(mod, "__file__", None)
         }
     h = hashlib.sha256()
     for f in sorted(files):

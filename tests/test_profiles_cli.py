@@ -223,7 +223,8 @@ def test_run_keys_are_the_same_in_every_process():
     import subprocess
     import sys
 
-    from mlic_lib.utils import _PACKAGE_DIR, DATA_CODE, static_import_closure
+    from mlic_lib.engine import DATA_CODE
+    from mlic_lib.utils import _PACKAGE_DIR, static_import_closure
 
     code = ("import {mods}; from mlic_lib.profiles import load_profile; from mlic_lib.splicemix_cl import "
             "method_run_dir; print(method_run_dir(load_profile('splicemix', 'smoke', {{}}), 'splicemix', 1).name)")
@@ -235,10 +236,13 @@ def test_run_keys_are_the_same_in_every_process():
     assert not {"reporting.py", "analysis/plots.py", "ltml.py", "psd.py", "book.py"} & covered
 
 
-def test_static_closure_ignores_names_outside_the_package():
-    from mlic_lib.utils import static_import_closure
+def test_static_closure_names_outside_the_package_root_and_misspelt_modules():
+    from mlic_lib.utils import _PACKAGE_DIR, static_import_closure
 
-    assert static_import_closure(["torch.nn", "data"]) == static_import_closure([])  # only mlic_lib/__init__.py
+    assert static_import_closure(["torch.nn", "data", "__main__"]) == {_PACKAGE_DIR / "__init__.py"}
+    assert static_import_closure(["mlic_lib"]) == static_import_closure([])
+    with pytest.raises(ValueError, match="no mlic_lib module 'mlic_lib.splicemix'"):
+        static_import_closure(["mlic_lib.splicemix"])  # misspelt: its code would silently leave the key
 
 
 def test_cli_teachers_trains_once_then_finds_them_cached(capsys, tmp_path):

@@ -316,7 +316,6 @@ def train_assocformer(settings: Mapping[str, Any], data, seed: int = 0, regulari
     ``settings['train']``: :class:`~mlic_lib.engine.TrainConfig` fields. Returns the engine's ``FitResult``.
     """
     from mlic_lib.engine import TrainConfig, fit, run_dir_for
-    from mlic_lib.utils import DATA_CODE
 
     if regularizer not in REGULARIZERS:
         raise ValueError(f"unknown regularizer {regularizer!r}; choose one of {REGULARIZERS}")
@@ -333,5 +332,5 @@ def train_assocformer(settings: Mapping[str, Any], data, seed: int = 0, regulari
            "train": cfg.to_dict(), "regularizer": regularizer, "fusion": fusion}
     name = f"{settings.get('chapter')}-{fusion}-{regularizer.replace('+', 'p')}-s{seed}"
     return fit(model, data.train_ds, data.test_ds, cfg, step=AssocFormerStep(loss),
-               run_dir=run_dir_for(name, key, code=(__name__, *DATA_CODE)),
+               run_dir=run_dir_for(name, key, code=(__name__,)),
                progress=progress)
