@@ -6,13 +6,17 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.mlic-installed
 PROFILE ?= default
+# the Jupyter kernel for JupyterLab, registered per user: with several checkouts it runs the .venv of the last one
+# set up (`make kernel` points it back at this one)
+KERNEL := $(PY) -m ipykernel install --user --name mlic --display-name "Python (mlic companion)"
 
-.PHONY: help book test lint lab clean distclean env full
+.PHONY: help book test lint lab kernel clean distclean env full
 
 help:
 	@echo "make book   - set up .venv, execute every chapter (profile=$(PROFILE)) and build _build/html"
 	@echo "make test   - set up .venv, run the test suite (incl. a smoke run of every notebook)"
 	@echo "make lab    - JupyterLab on the notebooks, with the venv's kernel"
+	@echo "make kernel - point the Jupyter kernel \"Python (mlic companion)\" at this checkout's .venv"
 	@echo "make lint   - ruff"
 	@echo "make clean  - remove _build (executed notebooks, HTML, cached runs)"
 
@@ -25,7 +29,7 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 	$(PY) -m pip install --quiet --no-deps -e . 2>&1 | grep -v "^WARNING: Location"; \
 	  test $${PIPESTATUS[0]} -eq 0
 	$(PY) -c "import mlic_lib._torchvision_compat as c; print('torchvision hook:', c.write_pth())"
-	$(PY) -m ipykernel install --user --name mlic --display-name "Python (mlic companion)" >/dev/null
+	$(KERNEL) >/dev/null
 	@touch $@
 
 book: $(STAMP)
@@ -39,6 +43,9 @@ lint: $(STAMP)
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/
+
+kernel: $(STAMP)
+	$(KERNEL)
 
 full: $(STAMP)
 	$(VENV)/bin/mlic book --profile full
