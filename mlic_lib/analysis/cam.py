@@ -388,8 +388,6 @@ def cam_colorbar(fig, axes, label: str = "Grad-CAM (min-max per map)", cmap: str
 
     from .style import CMAP_HEAT
 
-    if isinstance(axes, np.ndarray):
-        axes = axes.ravel().tolist()
     kwargs.setdefault("fraction", 0.03)
     kwargs.setdefault("pad", 0.02)
     mappable = plt.cm.ScalarMappable(norm=plt.Normalize(0.0, 1.0), cmap=cmap or CMAP_HEAT)

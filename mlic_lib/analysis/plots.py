@@ -71,15 +71,16 @@ def class_bars(ax, values: np.ndarray, labels: Sequence[str], groups: np.ndarray
         raise ValueError(f"class_bars: groups has {len(groups)} entries for {len(values)} classes; pass one "
                          "super-category per class")
     order = np.argsort(-values, kind="stable") if sort else np.arange(len(values))
-    colours = None
-    if groups is not None:
-        colours = [OKABE_ITO[int(groups[i]) % len(OKABE_ITO)] for i in order]
-    ax.bar(range(len(order)), values[order], color=colours)
+
+    def colour(g) -> str:
+        return OKABE_ITO[int(g) % len(OKABE_ITO)]
+
+    ax.bar(range(len(order)), values[order], color=None if groups is None else [colour(groups[i]) for i in order])
     ax.set_xticks(range(len(order)), [labels[i] for i in order], rotation=90, fontsize=7)
     ax.set_ylabel(ylabel)
     ax.set_xlim(-0.6, len(order) - 0.4)
     if groups is not None and legend:
         present = sorted({int(g) for g in groups})
-        ax.legend(handles=[Patch(color=OKABE_ITO[g % len(OKABE_ITO)], label=f"super-category {g}") for g in present],
+        ax.legend(handles=[Patch(color=colour(g), label=f"super-category {g}") for g in present],
                   fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)  # outside: never on a bar
     return order
