@@ -57,6 +57,7 @@ __all__ = [
     "train_method",
     "IndexedDataset",
     "MixStep",
+    "MethodRuns",
     "MosaicStep",
     "SpliceMixStep",
     "cell_logits",
@@ -304,9 +305,20 @@ def _pool_task(settings, data, method: str, seed: int, tag: str) -> tuple[str, b
     return str(run.run_dir), run.cached
 
 
+class MethodRuns(dict):
+    """``{(method, seed): FitResult}`` as returned by :func:`train_methods`, plus how the runs missing from
+    the cache were scheduled: ``mode`` (``'process'`` or ``'sequential'``, see
+    :func:`mlic_lib.process_pool.resolve_parallel`) and ``workers`` (processes that trained at once: one per
+    CPU in a pool, capped by the runs to train; 1 when sequential or when every run was cached)."""
+
+    mode: str = "sequential"
+    workers: int = 1
+
+
 def train_methods(settings, data, methods: Sequence[str], seeds: Sequence[int], tag: str = "",
-                  parallel: str | None = None, progress: bool = True) -> dict:
-    """:func:`train_method` for every ``(method, seed)``; returns ``{(method, seed): FitResult}``.
+                  parallel: str | None = None, progress: bool = True) -> MethodRuns:
+    """:func:`train_method` for every ``(method, seed)``; returns a :class:`MethodRuns`
+    ``{(method, seed): FitResult}`` that also records how the runs were scheduled.
 
     ``parallel`` (default ``settings['parallel']`` or ``'auto'``, see
     :func:`mlic_lib.process_pool.resolve_parallel`): ``'process'`` trains the runs missing from the cache
@@ -315,17 +327,20 @@ def train_methods(settings, data, methods: Sequence[str], seeds: Sequence[int], 
     """
     from tqdm.auto import tqdm
 
-    from mlic_lib.process_pool import resolve_parallel, run_missing
+    from mlic_lib.process_pool import available_cpus, resolve_parallel, run_missing
     from mlic_lib.utils import bar_disabled
 
     jobs = [(m, int(s)) for m in methods for s in seeds]
+    runs = MethodRuns()
+    runs.mode = resolve_parallel(parallel or settings.get("parallel"), settings["train"].get("device"))
     pooled: dict = {}  # {job: (run folder, cached)} of the runs a worker trained or found
-    if resolve_parallel(parallel or settings.get("parallel"), settings["train"].get("device")) == "process":
+    if runs.mode == "process":
         pooled = run_missing(_pool_task, {(m, s): (settings, data, m, s, tag) for m, s in jobs},
                            lambda j: (method_run_dir(settings, j[0], j[1], tag) / "results.json").is_file(),
                            desc="SpliceMix runs (process pool)" if progress else None)
-    runs = {(m, s): train_method(settings, data, m, s, tag, run_dir=pooled[(m, s)][0] if (m, s) in pooled else None)
-            for m, s in tqdm(jobs, desc="SpliceMix runs", disable=bar_disabled(progress), leave=False)}
+        runs.workers = max(1, min(available_cpus(), len(pooled)))  # as map_in_processes sizes its pool
+    for m, s in tqdm(jobs, desc="SpliceMix runs", disable=bar_disabled(progress), leave=False):
+        runs[m, s] = train_method(settings, data, m, s, tag, run_dir=pooled[(m, s)][0] if (m, s) in pooled else None)
     for key, (_, cached) in pooled.items():  # loaded here from a worker's folder: a cache hit only if it was one there
         runs[key].cached = cached
     return runs

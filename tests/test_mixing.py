@@ -435,9 +435,12 @@ def test_train_methods_process_pool_equals_sequential(tmp_path, monkeypatch):
     monkeypatch.setenv("MLIC_CACHE", str(tmp_path / "pool-cache"))
     par = train_methods({**s, "parallel": "process"}, data, ["baseline", "splicemix"], [0], progress=False)
     assert list(par) == [("baseline", 0), ("splicemix", 0)] == list(seq)
+    assert (seq.mode, seq.workers) == ("sequential", 1)
+    assert (par.mode, par.workers) == ("process", min(2, available_cpus()))
     assert not any(r.cached for r in par.values()) and not any(r.cached for r in seq.values())
     again = train_methods({**s, "parallel": "process"}, data, ["baseline", "splicemix"], [0], progress=False)
     assert all(r.cached for r in again.values())  # the second call finds every run in the cache
+    assert (again.mode, again.workers) == ("process", 1)  # nothing left to train: no worker ran
     x = data.test_ds[0][0][None]
     for k in seq:
         with torch.no_grad():
