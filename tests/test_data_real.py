@@ -42,7 +42,11 @@ def _voc_xml(objects: list[tuple[str, int]]) -> str:
         parts.append(
             f"<object><name>{name}</name><pose>Unspecified</pose><truncated>0</truncated>"
             f"<difficult>{diff}</difficult><bndbox><xmin>1</xmin><ymin>1</ymin>"
-            f"<xmax>4</xmax><ymax>4</ymax></bndbox></object>"
+            f"<xmax>4</xmax><ymax>4</ymax></bndbox>"
+            # a person's body parts and actions (VOC2012 layout): their <name>s are not classes
+            + ("<part><name>head</name><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>2</xmax><ymax>2</ymax></bndbox></part>"
+               "<actions><jumping>0</jumping></actions>" if name == "person" else "")
+            + "</object>"
         )
     parts.append("</annotation>")
     return "".join(parts)
@@ -305,9 +309,9 @@ def test_missing_image(tmp_path: Path) -> None:
 
 
 def test_image_list_dataset_validation(tmp_path: Path) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"targets must have shape \(N=1, C\), got \(2, 3\)"):
         ImageListDataset([tmp_path / "a.jpg"], np.zeros((2, 3)))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"mask shape \(1, 2\) differs from targets shape \(1, 3\)"):
         ImageListDataset([tmp_path / "a.jpg"], np.zeros((1, 3)), mask=np.ones((1, 2), dtype=bool))
 
 

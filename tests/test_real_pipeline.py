@@ -297,6 +297,31 @@ def test_lt_datasets_warns_when_annotation_labels_differ_from_the_split(fake_roo
         longtail.lt_datasets("voc_lt", root=fake_root)
 
 
+def test_fake_layouts_carry_voc_parts_and_coco_crowds_that_the_readers_handle(fake_root):
+    """The fake files mimic two details of the real formats: VOC persons have <part> children (head, hand,
+    ...) whose <name> is not a class, and COCO has crowd annotations (RLE masks), which the reader counts as
+    any other annotation."""
+    import json
+
+    from mlic_lib.data.coco import read_coco_labels
+    from mlic_lib.data.voc import VOC_CLASSES, read_voc_labels
+
+    ann = fake_root / "VOCdevkit" / "VOC2007" / "Annotations"
+    with_parts = [p for p in ann.glob("*.xml") if "<part>" in p.read_text()]
+    assert with_parts, "no fake VOC person carries a <part>: the fixture no longer exercises the case"
+    for split in ("trainval", "test"):
+        ids, labels = read_voc_labels(fake_root, "2007", split)  # raises on a part's <name> read as a class
+        has = {i for i, row in zip(ids, labels, strict=True) if row[VOC_CLASSES.index("person")] >= 0}
+        assert {p.stem for p in with_parts if p.stem in ids} <= has
+    path = fake_root / "coco" / "annotations" / "instances_train2014.json"
+    payload = json.loads(path.read_text())
+    crowd = [a for a in payload["annotations"] if a["iscrowd"]]
+    assert crowd and all(isinstance(a["segmentation"], dict) for a in crowd)
+    ids, _, labels, _ = read_coco_labels(path)
+    col = {c["id"]: j for j, c in enumerate(sorted(payload["categories"], key=lambda c: c["id"]))}
+    assert all(labels[ids.index(a["image_id"]), col[a["category_id"]]] == 1 for a in crowd)
+
+
 def test_fake_mnist_and_cifar_load(fake_root):
     from mlic_lib import indeed
 

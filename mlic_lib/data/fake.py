@@ -73,7 +73,11 @@ def _voc_xml(objects, size, difficult: Sequence[bool]) -> str:
     parts = [f"<annotation><size><width>{size[0]}</width><height>{size[1]}</height><depth>3</depth></size>"]
     for (c, (x0, y0, x1, y1)), d in zip(objects, difficult, strict=True):
         parts.append(f"<object><name>{VOC_CLASSES[c]}</name><difficult>{int(d)}</difficult><bndbox>"
-                     f"<xmin>{x0 + 1}</xmin><ymin>{y0 + 1}</ymin><xmax>{x1}</xmax><ymax>{y1}</ymax></bndbox></object>")
+                     f"<xmin>{x0 + 1}</xmin><ymin>{y0 + 1}</ymin><xmax>{x1}</xmax><ymax>{y1}</ymax></bndbox>")
+        if VOC_CLASSES[c] == "person":  # as in the real layout: body parts, whose <name> is not a class
+            parts.append(f"<part><name>head</name><bndbox><xmin>{x0 + 1}</xmin><ymin>{y0 + 1}</ymin>"
+                         f"<xmax>{(x0 + x1) // 2}</xmax><ymax>{(y0 + y1) // 2}</ymax></bndbox></part>")
+        parts.append("</object>")
     return "".join(parts) + "</annotation>"
 
 
@@ -128,6 +132,12 @@ def write_coco(root: Path, year: str, splits: dict[str, int], n_classes: int = 1
             images.append({"id": image_id, "file_name": fname, "width": size[0], "height": size[1]})
             for c, (x0, y0, x1, y1) in objs:
                 anns.append({"id": ann_id, "image_id": image_id, "category_id": cat_ids[c], "iscrowd": 0,
+                             "bbox": [x0, y0, x1 - x0, y1 - y0], "area": float((x1 - x0) * (y1 - y0))})
+                ann_id += 1
+            if image_id % 5 == 0:  # a crowd annotation (RLE mask), as real COCO has: it labels its class too
+                c, (x0, y0, x1, y1) = objs[0]
+                anns.append({"id": ann_id, "image_id": image_id, "category_id": cat_ids[c], "iscrowd": 1,
+                             "segmentation": {"counts": [0, (x1 - x0) * (y1 - y0)], "size": [size[1], size[0]]},
                              "bbox": [x0, y0, x1 - x0, y1 - y0], "area": float((x1 - x0) * (y1 - y0))})
                 ann_id += 1
             _draw(rng, base / f"{split}{year}" / fname, objs, size, pal)
