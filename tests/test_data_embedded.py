@@ -100,9 +100,8 @@ def test_exclusive_and_cooccur_modes():
     ex = make_scenes(60, seed=1, split="test", mode="exclusive")
     co = make_scenes(60, seed=1, split="test", mode="cooccur")
     pairs = ex.world.biased_pairs
-    for t in ex.targets:
-        present = [(b, c) for b, c in pairs if t[b]]
-        assert present and all(not t[c] for b, c in present if (b, c) == present[0])
+    for t in ex.targets:  # some biased class without its context (other pairs may co-occur by chance)
+        assert any(t[b] and not t[c] for b, c in pairs)
     for t in co.targets:
         assert any(t[b] and t[c] for b, c in pairs)
     with pytest.raises(ValueError, match="mode"):

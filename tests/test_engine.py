@@ -62,8 +62,10 @@ def test_eval_every_skips_evaluations_but_not_the_last_and_leaves_training_uncha
         TrainConfig(eval_every=-1)
 
 
-def test_resume_after_interruption_matches_uninterrupted(small_scenes, tmp_path):
-    full = _run(small_scenes, run_dir=tmp_path / "full")
+@pytest.mark.parametrize("extra", [{}, {"ema_decay": 0.9}], ids=["plain", "ema"])
+def test_resume_after_interruption_matches_uninterrupted(small_scenes, tmp_path, extra):
+    """With EMA the checkpoint also carries the averaged weights, which the final metrics come from."""
+    full = _run(small_scenes, run_dir=tmp_path / "full", **extra)
 
     def interrupt(epoch, logs):
         if epoch == 1:
@@ -71,13 +73,16 @@ def test_resume_after_interruption_matches_uninterrupted(small_scenes, tmp_path)
 
     tr, te = _data(small_scenes)
     with pytest.raises(KeyboardInterrupt):
-        fit(_model(), tr, te, TrainConfig.from_dict(CFG), run_dir=tmp_path / "cut", progress=False,
+        fit(_model(), tr, te, TrainConfig.from_dict({**CFG, **extra}), run_dir=tmp_path / "cut", progress=False,
             on_epoch_end=interrupt)
     assert (tmp_path / "cut" / "last.pt").is_file() and not (tmp_path / "cut" / "results.json").exists()
-    resumed = fit(_model(seed=123), tr, te, TrainConfig.from_dict(CFG), run_dir=tmp_path / "cut", progress=False)
+    resumed = fit(_model(seed=123), tr, te, TrainConfig.from_dict({**CFG, **extra}), run_dir=tmp_path / "cut",
+                  progress=False)
     assert not resumed.cached
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
     assert resumed.final["mAP"] == full.final["mAP"]
+    for pa, pb in zip(resumed.model.parameters(), full.model.parameters(), strict=True):
+        assert torch.equal(pa, pb)
     assert not (tmp_path / "cut" / "last.pt").exists(), "last.pt should be removed once final.pt is written"
 
 
@@ -160,11 +165,33 @@ def test_linear_warmup_in_steps_from_a_start_factor():
             TrainConfig(**bad)
 
 
-def test_ema_and_other_schedules_run(small_scenes):
-    for kw in ({"ema_decay": 0.9}, {"scheduler": "step", "milestones": [1], "optimizer": "sgd", "lr": 0.01},
-               {"scheduler": "cosine", "warmup_epochs": 1, "optimizer": "adamw"}):
+def test_other_schedules_and_cpu_bf16_run(small_scenes):
+    for kw in ({"scheduler": "step", "milestones": [1], "optimizer": "sgd", "lr": 0.01},
+               {"scheduler": "cosine", "warmup_epochs": 1, "optimizer": "adamw"}, {"amp": "bf16"}):
         res = _run(small_scenes, epochs=2, **kw)
-        assert np.isfinite(res.final["mAP"])
+        assert np.isfinite(res.final["mAP"]) and res.history[-1]["loss"] < res.history[0]["loss"] * 1.5
+
+
+def test_fit_returns_and_evaluates_the_ema_weights(small_scenes):
+    """``ema_decay``: the returned model (and the metrics) are the moving average ``e <- d e + (1 - d) w``, which
+    starts from the weights after the first step. With ``d`` near 1 it stays there; with EMA off the returned
+    weights are the trained ones."""
+    init = [p.detach().clone() for p in _model().parameters()]
+    slow = _run(small_scenes, epochs=2, ema_decay=1 - 1e-6)
+    plain = _run(small_scenes, epochs=2)
+    moved = max((p - q).abs().max().item() for p, q in zip(plain.model.parameters(), init, strict=True))
+    stayed = max((p - q).abs().max().item() for p, q in zip(slow.model.parameters(), init, strict=True))
+    assert moved > 1e-3 and stayed < 0.1 * moved, (moved, stayed)
+    assert slow.final["mAP"] != plain.final["mAP"]
+
+
+def test_cosine_schedule_with_linear_warmup():
+    """``cosine``: linear warm-up over ``warmup_epochs`` times a cosine from the lr to 0 over the whole run."""
+    cfg = TrainConfig(epochs=3, lr=0.2, optimizer="sgd", scheduler="cosine", warmup_epochs=1.0)
+    lrs = _lr_trace(cfg, steps_per_epoch=4)
+    want = [0.2 * min(1.0, (s + 1) / 4) * 0.5 * (1 + math.cos(math.pi * s / 12)) for s in range(12)]
+    assert lrs == pytest.approx(want)
+    assert _lr_trace(TrainConfig(epochs=2, lr=0.2, scheduler="none"), 3) == pytest.approx([0.2] * 6)
 
 
 def test_backbone_lr_multiplier():
@@ -321,6 +348,27 @@ def test_probabilities_of_one_image_and_a_batch_match_the_sigmoid_of_the_logits(
     torch.testing.assert_close(one, ref[1])
     with pytest.raises(ValueError, match=r"one image \(C, H, W\) or a batch"):
         probabilities(model, x[0, 0])
+
+
+def test_probabilities_sends_the_image_to_the_models_device_and_returns_cpu_float32():
+    """The same contract without a GPU: a model whose weights live on the ``meta`` device sees its input there,
+    and the (bf16) scores come back on the CPU as float32."""
+    from mlic_lib.engine import probabilities
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.empty(1, device="meta"))
+            self.seen = None
+
+        def forward(self, x):
+            self.seen = x.device
+            return torch.zeros(len(x), 4, dtype=torch.bfloat16)
+
+    model = Recorder()
+    got = probabilities(model, torch.randn(2, 3, 8, 8))
+    assert model.seen.type == "meta" and got.device.type == "cpu" and got.dtype == torch.float32
+    assert got.shape == (2, 4) and torch.equal(got, torch.full((2, 4), 0.5))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

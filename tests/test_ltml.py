@@ -43,8 +43,13 @@ def test_class_aware_sampler_balances_classes_over_an_epoch():
 
 def test_class_aware_matches_paper_probabilities():
     t = _longtail_targets(n=200, k=5, seed=1)
+    t = np.concatenate([t, np.zeros((len(t), 1), t.dtype)], 1)  # a class without images: not among the K'
     p = sampling_probabilities(t)
-    assert np.isclose(p.sum(), 1.0)
+    n_k = t.sum(0)
+    present = [k for k in range(t.shape[1]) if n_k[k] > 0]  # Sec. 3.1, written out per image
+    ref = np.array([sum(t[i, k] / n_k[k] for k in present) / len(present) for i in range(len(t))])
+    np.testing.assert_allclose(p, ref, rtol=1e-6)  # float32 targets
+    assert np.isclose(p.sum(), 1.0) and len(present) == t.shape[1] - 1
     idx = ClassAwareSampler(t, num_samples=60000, seed=3).indices(0)
     freq = np.bincount(idx, minlength=len(t)) / len(idx)
     assert np.abs(freq - p).max() < 0.004

@@ -252,9 +252,14 @@ def _loop_threshold_metrics(scores, targets, threshold, top_k=None, mask=None):
     }
 
 
+@pytest.mark.parametrize("decimals", [None, 1], ids=["distinct", "ties"])
 @pytest.mark.parametrize("threshold", [0.0, 0.5])
-def test_top3_matches_loop(threshold):
+def test_top3_matches_loop(threshold, decimals):
+    """Rounded scores tie at the 3rd place: the loop's stable sort gives a tied place to the lower class index."""
     scores, targets = _data(8, n=120, c=12)
+    if decimals is not None:
+        scores = np.round(scores, decimals)
+        assert any(np.sort(r)[-3] == np.sort(r)[-4] for r in scores)  # the case is exercised
     got = threshold_metrics(scores, targets, threshold=threshold, top_k=3)
     ref = _loop_threshold_metrics(scores, targets, threshold, top_k=3)
     assert got == pytest.approx(ref, abs=1e-12)

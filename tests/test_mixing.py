@@ -401,17 +401,37 @@ def test_biased_pair_map_perfect_and_chance():
     perfect = biased_pair_map([(0, 1)], (nat_t.astype(float), nat_t), (exc_t.astype(float), exc_t),
                               (co_t.astype(float), co_t))
     assert perfect["exclusive_mAP"] == 1.0 and perfect["cooccur_mAP"] == 1.0
-    worst = biased_pair_map([(0, 1)], (1 - nat_t.astype(float), nat_t), (0 * exc_t.astype(float), exc_t),
-                            (co_t.astype(float), co_t))
-    assert worst["exclusive_mAP"] < 0.5
 
 
-def test_lowres_predict_shapes():
+def test_biased_pair_map_matches_hand_computed_ap():
+    """Pair (b, c) = (0, 1). Exclusive: b without c from the exclusive set (a row with c is left out) against
+    the natural images without b (a natural row with b is left out); co-occur likewise with b and c."""
+    nat_t = np.array([[0, 0, 1], [0, 0, 1], [0, 1, 0], [1, 1, 0]])  # the last row has b: not a negative
+    nat_s = np.zeros((4, 3))
+    nat_s[:, 0] = [0.9, 0.2, 0.6, 0.99]
+    exc_t, exc_s = np.array([[1, 0, 0], [1, 0, 1], [1, 1, 0]]), np.zeros((3, 3))  # the last row has c
+    exc_s[:, 0] = [0.8, 0.3, 0.85]
+    co_t, co_s = np.array([[1, 1, 0], [1, 0, 0]]), np.zeros((2, 3))  # the last row lacks c
+    co_s[:, 0] = [0.95, 0.1]
+    got = biased_pair_map([(0, 1)], (nat_s, nat_t), (exc_s, exc_t), (co_s, co_t))
+    # exclusive ranking 0.9 (neg) 0.8 (pos) 0.6 (neg) 0.3 (pos) 0.2 (neg): AP = (1/2 + 2/4) / 2
+    assert got["exclusive_mAP"] == pytest.approx(0.5)
+    assert got["cooccur_mAP"] == pytest.approx(1.0)  # 0.95 (pos) above every negative
+    assert got["per_pair"] == {"exclusive": [pytest.approx(0.5)], "cooccur": [pytest.approx(1.0)]}
+
+
+def test_lowres_predict_downsamples_the_input_by_the_factor():
     model = build_model("small_resnet", 4, widths=(4, 8, 8, 8)).eval()
-    x = torch.randn(2, 3, 64, 64)
+    sizes = []
+    model.register_forward_pre_hook(lambda _m, args: sizes.append(tuple(args[0].shape[2:])))
+    x = torch.rand(2, 3, 64, 64)
     for f in (1, 2, 4, 8):
-        assert lowres_predict(f)(model, x).shape == (2, 4)
-    with pytest.raises(ValueError):
+        out = lowres_predict(f)(model, x)
+        assert out.shape == (2, 4) and ((out >= 0) & (out <= 1)).all()
+    assert sizes == [(64, 64), (32, 32), (16, 16), (8, 8)]
+    with torch.no_grad():  # f = 1 is the plain sigmoid of the model
+        torch.testing.assert_close(lowres_predict(1)(model, x), torch.sigmoid(model(x)))
+    with pytest.raises(ValueError, match="factor must be >= 1"):
         lowres_predict(0)
 
 

@@ -160,7 +160,7 @@ def test_coco_partitions_agree_with_the_authors_published_ones():
     assert P.partition_agreement(theirs, P.partition_labels("dgp", 2, S=S, tau=3, seed=0)) > 0.99
 
 
-def test_eq2_laplacian_recovers_blocks_and_differs_from_code_only_through_the_diagonal():
+def test_eq2_laplacian_is_the_printed_equation_and_recovers_blocks():
     from sklearn.cluster import KMeans
 
     rng = np.random.default_rng(0)

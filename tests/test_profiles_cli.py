@@ -110,8 +110,11 @@ def test_cli_profile_and_errors(capsys):
     assert "epochs: 2" in out and "profile: smoke" in out
     assert cli.main(["profile", "primer", "-o", "nope=1"]) == 2
     assert "unknown parameter" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         cli.main(["profile", "primer", "--profile", "huge"])
+    assert exit_info.value.code == 2  # argparse's usage error, naming the choices
+    err = capsys.readouterr().err
+    assert "invalid choice: 'huge'" in err and "'smoke'" in err and "'full'" in err
 
 
 def test_cli_data_check(capsys, tmp_path, monkeypatch):
