@@ -20,7 +20,8 @@ No code of the authors is public; this module implements the paper's equations a
   The blocks are training-only: at inference the model is the plain backbone + classifier, so the
   engine's default predict (sigmoid of ``model(x)``) is INDeeD's.
 
-Data and models of the paper's toy experiments (Sec. 4.1-4.2):
+Data and models of the paper's toy experiments (its sections "Evaluation on ML-MNIST" and "Evaluation on
+ML-CIFAR-10"; the paper numbers no sections):
 
 * ML-MNIST (84x84 canvases, a 3x3 grid of 28x28 digits, ``N`` distinct labels per training image,
   single-label test canvases) from the embedded digits (``mlic_lib.data.make_ml_mnist``) or from
@@ -42,6 +43,8 @@ Readings where the paper is silent (say so when you cite numbers):
   every sample its own random partner (pairs may share samples).
 * default pairs ``(a, a)`` go through both blocks like any pair (the paper does not exclude them):
   the identical feature keeps ``y_a`` and the disparate features get the empty label set.
+* Eq. 10 prints the sigmoid as ``(1 + exp(x))^-1`` (a sign typo: that is ``sigmoid(-x)``, which would reward
+  the wrong class); we use the standard ``(1 + exp(-x))^-1``.
 * BCE (Eq. 10) sums over classes; we average over classes and pairs so that each term is on the
   scale of the baseline's loss (with Adam a constant factor only rescales ``lambda``'s meaning
   across terms, which we keep explicit). ``lambda`` is not given in the paper: default 1.0; a profile
@@ -454,8 +457,8 @@ def compose_canvases(pool_images: np.ndarray, pool_labels: np.ndarray, n_images:
                      seed: int = 0, grid: int = 3, num_classes: int | None = None) -> Canvases:
     """Paste ``n_labels`` images of *distinct* classes into distinct random cells of a ``grid x grid`` canvas.
 
-    The generic form of the paper's ML-MNIST / ML-CIFAR-10 construction (Sec. 4): a 3x3 grid of
-    ``H x W`` source images gives a ``3H x 3W`` canvas (96x96 for CIFAR-10). ``pool_images`` is
+    The generic form of the paper's ML-MNIST / ML-CIFAR-10 construction (section "Experimental Evaluation"):
+    a 3x3 grid of ``H x W`` source images gives a ``3H x 3W`` canvas (96x96 for CIFAR-10). ``pool_images`` is
     ``(m, C, H, W)`` or ``(m, H, W)`` uint8.
     """
     imgs = np.asarray(pool_images)
@@ -497,7 +500,8 @@ def compose_canvases(pool_images: np.ndarray, pool_labels: np.ndarray, n_images:
 
 def make_ml_cifar10(n_images: int, n_labels: int, seed: int = 0, split: str = "train",
                     pool: tuple[np.ndarray, np.ndarray] | None = None) -> Canvases:
-    """ML-CIFAR-10 (Sec. 4.2): 96x96 canvases of ``n_labels`` distinct 32x32 CIFAR-10 images in a 3x3 grid.
+    """ML-CIFAR-10 (section "Evaluation on ML-CIFAR-10"): 96x96 canvases of ``n_labels`` distinct 32x32
+    CIFAR-10 images in a 3x3 grid.
 
     ``pool`` defaults to :func:`load_cifar10` of ``split`` (needs the data on disk).
     """
@@ -569,7 +573,7 @@ def indeed_data(data: Mapping[str, Any], n_labels: int, data_seed: int = 0, pool
     canvases by that factor -- a CPU-budget shortcut of the default profile, not the paper's recipe.
     ``data.augment`` (optional, ``{randaugment: bool, cutout: int}``) augments every non-empty cell of the
     training canvases at each draw (:class:`~mlic_lib.data.canvas_augment.CellAugment`; the full profile's
-    ML-CIFAR-10 recipe, Sec. 4.2). ``pools`` caches loaded pools across calls.
+    ML-CIFAR-10 recipe, section "Evaluation on ML-CIFAR-10"). ``pools`` caches loaded pools across calls.
     """
     from mlic_lib.data import TensorImageDataset, make_ml_mnist
 
@@ -606,7 +610,8 @@ VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
 
 
 class VGG16Net(nn.Module):
-    """VGG-16 (Simonyan & Zisserman, configuration D: 13 conv + 3 fc) for ML-CIFAR-10 (Sec. 4.2).
+    """VGG-16 (Simonyan & Zisserman, configuration D: 13 conv + 3 fc) for ML-CIFAR-10 (INDeeD's section
+    "Evaluation on ML-CIFAR-10").
 
     ``forward_features`` returns the output of the second fc layer (after ReLU, ``hidden``-d; 4096 in
     the original), where INDeeD's blocks act; ``classifier`` is the last fc layer; ``cam_layer`` the

@@ -10,23 +10,26 @@ exactly (the engine checkpoints the torch RNG state).
 
 * :class:`SpliceMix` -- Eqs. 2-3: a *mixed set* of ``|B'|`` images (default ``B // 4``), each a
   ``r x c`` grid of downsampled regular images, label = union of the sources' labels (Eq. 3);
-  *spliced* to the regular batch: ``B_hat = B ∪ B'``. Grid strategy (Sec. 3.B / 4.A): one grid per
-  batch from ``{1x2: .3, 2x2: .4, 2x3: .3}``, asymmetric grids transposed with probability .5, and
-  with probability .3 a *grid dropout* of ``d ~ U{1..r*c-1}`` cells (blank cells, labels removed).
+  *spliced* to the regular batch: ``B_hat = B ∪ B'``. Grid strategy: one grid per batch from the family
+  ``F_mg = {1x2, 2x2, 2x3}`` of Eq. 4 (Sec. IV-A samples it "randomly"; the probabilities
+  ``{1x2: .3, 2x2: .4, 2x3: .3}`` are the authors' code's), asymmetric grids transposed with probability .5
+  (code), and with probability .3 (Sec. IV-A) a *grid dropout* of ``d ~ U{1..r*c-1}`` cells (blank cells,
+  labels removed).
   The :class:`GridLayout` it returns says which regular image sits in which cell, for SpliceMix-CL
   (:mod:`mlic_lib.splicemix_cl`).
 * :class:`Mixup` and :class:`CutMix` (alpha = 0.5, the paper's grid-searched value): one
   ``lam ~ Beta(alpha, alpha)`` and one permutation per batch; the multi-label target is the same
   convex combination ``lam * y + (1 - lam) * y[perm]`` (CutMix: ``lam`` = the kept area).
 * :class:`Mosaic` (YOLOv4 style, 4 images): labels come from the object *boxes* -- a class is kept
-  when at least half of its box area survives the crop (the rule of Sec. 4.C.1).
+  when at least half of its box area survives the crop (the rule of Sec. IV-C-1).
 * :class:`BatchAugmentation` (Hoffer et al., ``M = 2`` copies of the batch, each with its own
   random affine augmentation).
 * :func:`noisy_correlation_ratios` -- Eqs. 8-10: the in-sample ``r_in`` and out-of-sample
   ``r_out`` ratios of label correlations a mixing method creates that never occur in the training
   set (Table VII), for any transform with a ``mix_labels`` method.
 
-Implementation choices where the paper is silent (from the authors' code, see DESIGN.md): downsampling is bilinear
+Implementation choices where the paper is silent (from the authors' code, see DESIGN.md): the grid probabilities
+and the transposition above; downsampling is bilinear
 with ``align_corners=True`` to ``(H // r, W // c)``; when ``r * (H // r)`` differs from ``H`` the tiled image is
 resized back to ``H x W`` (so cells of a 2x3 grid on a 64-px canvas are 21/22 px); dropped cells are filled with
 ``fill`` (default 0.0, as the authors zero them: with ImageNet normalisation 0 is the data's mean colour; for data
@@ -66,7 +69,8 @@ __all__ = [
     "parse_grid",
 ]
 
-#: the authors' grid family and probabilities (Sec. 4.A; DESIGN.md)
+#: the grid family ``F_mg`` of Eq. 4 / Sec. IV-A, with the authors' code's probabilities (the paper says only
+#: "randomly sample"; DESIGN.md)
 DEFAULT_GRIDS: dict[str, float] = {"1x2": 0.3, "2x2": 0.4, "2x3": 0.3}
 
 
@@ -171,12 +175,14 @@ class GridLayout:
 
 # --------------------------------------------------------------------------------- SpliceMix
 class SpliceMix:
-    """SpliceMix (Eqs. 2-3) as a batch transform: ``x_hat, y_hat = cat(x, x'), cat(y, y')``.
+    """SpliceMix (Eqs. 2-4) as a batch transform: ``x_hat, y_hat = cat(x, x'), cat(y, y')``.
 
     Parameters
     ----------
-    grids : mapping ``{"RxC": probability}`` (or a sequence of grids, equally likely). Default
-        :data:`DEFAULT_GRIDS` = ``{"1x2": .3, "2x2": .4, "2x3": .3}``. One grid per batch.
+    grids : mapping ``{"RxC": probability}`` (or a sequence of grids, equally likely): the grid family
+        ``F_mg`` of Eq. 4. Default :data:`DEFAULT_GRIDS` = ``{"1x2": .3, "2x2": .4, "2x3": .3}`` (the
+        authors' code; a sequence such as ``["1x2", "2x2", "2x3"]`` samples the paper's family uniformly).
+        One grid per batch.
     p_drop : probability that a batch uses grid dropout (0.3); then ``d ~ U{1..r*c-1}`` cells of
         every mixed image are blanked and their labels removed.
     p_transpose : probability of using ``c x r`` instead of ``r x c`` for an asymmetric grid (0.5).
@@ -285,7 +291,7 @@ class Mixup:
     """Mixup (Zhang et al.) for multi-label targets: ``x = lam x + (1-lam) x[perm]``, same for ``y``.
 
     One ``lam ~ Beta(alpha, alpha)`` and one permutation per batch; the batch is *replaced* (same
-    size), as in the original method. ``alpha = 0.5`` (the paper's grid search, Sec. 4.C.1).
+    size), as in the original method. ``alpha = 0.5`` (the paper's grid search, Sec. IV-C-1).
     """
 
     def __init__(self, alpha: float = 0.5):
@@ -367,7 +373,7 @@ class Mosaic:
 
     Image ``k`` of the four fills one quadrant, placed so that its corner facing the centre touches
     the centre (a crop at full resolution, no rescaling). A class is positive when the part of its
-    box inside the crop keeps at least ``min_area_ratio`` (0.5) of the box area (Sec. 4.C.1). Needs
+    box inside the crop keeps at least ``min_area_ratio`` (0.5) of the box area (Sec. IV-C-1). Needs
     the per-image boxes (``(B, K, 5)``, class ``-1`` = padding; see :func:`pad_boxes`). One centre
     per batch; the first image of output ``i`` is image ``i`` and the other three come from random
     permutations of the batch (the paper reads 4x more images from disk instead). Same batch size.
@@ -421,7 +427,7 @@ class Mosaic:
 
 def mosaic_label_loss(x: Tensor, y: Tensor, boxes: Tensor, mosaic: Mosaic | None = None,
                       generator: torch.Generator | None = None) -> dict[str, int]:
-    """How many labels Mosaic's area rule (Sec. 4.C.1) removes from objects that are still partly visible.
+    """How many labels Mosaic's area rule (Sec. IV-C-1) removes from objects that are still partly visible.
 
     One call of ``mosaic`` (default :class:`Mosaic`); its ``info["visible_labels"]`` marks the classes with any
     part of a box inside a crop. Returns counts: ``visible`` (image-class pairs with some part of a box in the
@@ -440,7 +446,7 @@ class BatchAugmentation:
     """Batch Augmentation (Hoffer et al.): ``M`` copies of the batch, each with its own random
     augmentation (here a random scale in ``scale`` and shift up to ``max_shift`` of the side, plus a
     horizontal flip with probability 0.5 when ``flip``), concatenated: ``M * B`` images. ``M = 2``
-    is the paper's best value (Sec. 4.C.1). The sampled window always lies inside the image (the shift
+    is the paper's best value (Sec. IV-C-1). The sampled window always lies inside the image (the shift
     is capped at ``1 - scale`` in normalised coordinates), so each copy is a crop of at least ``scale``
     of the side; labels are repeated, as in Hoffer et al. (an object that lies entirely in the cropped-off
     margin keeps its label)."""

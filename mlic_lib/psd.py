@@ -6,7 +6,8 @@ and the distilled student.
   ``images='containing'`` (the paper: ``X_{C_t}`` = images that contain a category of ``C_t``) or
   ``images='all'`` (the authors' code: every training image, labels restricted to ``C_t``).
 * **Teachers** ``F_{C_t}`` (Eq. 3) are trained on their sub-task with the Asymmetric Loss (Eq. 4,
-  :class:`ASLStep`; ASL defaults ``gamma_- = 4, gamma_+ = 0, clip mu = 0.05``). They are independent, so
+  :class:`ASLStep`; ``gamma_- = 4, gamma_+ = 0, clip mu = 0.05``, the values of the CPSD authors' code and
+  ASL's recommended setting). They are independent, so
   :func:`train_teachers` runs them sequentially, in a spawn-based process pool, or one per rank under
   ``torchrun``; a finished teacher is cached and reused (e.g. the CGP teachers of a ``k`` serve both the
   CGPD and the CPSD students).

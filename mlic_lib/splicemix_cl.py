@@ -1,6 +1,6 @@
 """SpliceMix-CL (Eqs. 5-7) and the training steps of every mix-style method, for :func:`engine.fit`.
 
-SpliceMix-CL (Sec. 3.C): the last feature map ``F`` of a mixed image is split by its grid into the
+SpliceMix-CL (Sec. III-C): the last feature map ``F`` of a mixed image is split by its grid into the
 cells' maps ``F'`` (the inverse of ``f_mg``), each cell is pooled with the model's global pooling
 ``g`` and classified by the *shared* classifier, ``p' = sigmoid(f_cls(g(F')))``, and the cell is
 asked to agree with the prediction ``p`` of its regular image (Eq. 6):

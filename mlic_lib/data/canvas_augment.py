@@ -1,11 +1,11 @@
 """Training augmentation of composite canvases, cell by cell (INDeeD's ML-CIFAR-10 recipe).
 
-INDeeD (Sec. 4.2) trains ML-CIFAR-10 "with well known augmentation [6, 7]": RandAugment (Cubuk et al.
-2020) and Cutout (DeVries & Taylor 2017). The paper does not say whether they act on the 96x96 canvas or
-on each 32x32 CIFAR image in it. Our reading: on each image, i.e. each non-empty cell of the 3x3 grid,
-as both methods were designed for CIFAR-sized images and a 16 px Cutout (the CIFAR-10 setting of DeVries &
-Taylor) then hides part of one object, never a whole one; empty cells stay empty. A cell counts as empty
-when all its pixels are 0 (how :func:`mlic_lib.indeed.compose_canvases` leaves it).
+INDeeD (section "Evaluation on ML-CIFAR-10") trains ML-CIFAR-10 "with well known augmentation [6, 7]":
+RandAugment (Cubuk et al. 2020) and Cutout (DeVries & Taylor 2017). The paper does not say whether they act on
+the 96x96 canvas or on each 32x32 CIFAR image in it. Our reading: on each image, i.e. each non-empty cell of
+the 3x3 grid, as both methods were designed for CIFAR-sized images and a 16 px Cutout (the CIFAR-10 setting of
+DeVries & Taylor) then hides part of one object, never a whole one; empty cells stay empty. A cell counts as
+empty when all its pixels are 0 (how :func:`mlic_lib.indeed.compose_canvases` leaves it).
 
 The canvases stay ``uint8``: :class:`CellAugment` maps a ``uint8 (n, C, G*H, G*W)`` batch to one of the
 same shape, and :class:`~mlic_lib.data.tensors.TensorImageDataset` applies it before normalising.

@@ -1,4 +1,4 @@
-"""ML-MNIST canvases as in INDeeD (Sec. 4.1 of ``indeed.txt``).
+"""ML-MNIST canvases as in INDeeD (section "Evaluation on ML-MNIST" of ``indeed.txt``).
 
 Each canvas is 84x84: a 3x3 grid of 28x28 cells. A training canvas holds ``N`` *distinct* digit
 classes in ``N`` distinct random cells (N in {2, 3, 5, 7} in the paper); a test canvas holds a single

@@ -10,7 +10,7 @@ all of Eqs. 4-7 (``L in R^d``, ``{K, M} in R^{C x d}``, ``A in R^{C x C}``, ``N1
 * Eq. 7: ``O = alpha * N1 + beta * N2`` with ``N2 = fc(L)`` (``nn.Linear(d, C)``) and the paper's three
   fusion settings: ``'equal'`` (0.5 / 0.5, the paper's default), ``'single'`` (1 / 0, N1 only) and
   ``'learnable'`` (alpha a learnable scalar, beta = 1). ``'backbone'`` (alpha = 0, beta = 1, no AM
-  at all) is the "backbone without AM" ablation of Tables 1-2.
+  at all) is the "backbone without AM" comparison of Table 1 (COCO) and the text of Sec. 4.2.2 (VOC).
 
 A consequence of this reading, shown in the chapter: ``K K^T[c, c'] = w_c w_c' |L|^2 + (w_c b_c' + b_c w_c') sum(L)
 + d b_c b_c'``: ``K = w L^T + b 1^T`` has rank <= 2, so the per-image ``K K^T`` (``A`` before the sigmoid) has rank

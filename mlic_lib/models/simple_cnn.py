@@ -1,5 +1,5 @@
-"""INDeeD's simple CNN for ML-MNIST (``indeed.txt`` Sec. 4.2): three convolutional layers and two
-fully connected layers.
+"""INDeeD's simple CNN for ML-MNIST (``indeed.txt``, section "Evaluation on ML-MNIST"): three convolutional
+layers and two fully connected layers.
 
 The paper gives no widths; we use 32/64/64 channels with 3x3 convolutions, ReLU and 2x2 max
 pooling (84 -> 42 -> 21 -> 10), then ``fc1`` (-> 128, ReLU) and ``fc2`` (-> classes).
