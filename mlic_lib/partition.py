@@ -10,15 +10,15 @@ The label set is split into ``k`` disjoint category subsets by spectral clusteri
 * the **co-occurrence graph** (CGP) has affinity ``P+ = R``; the **dis-occurrence graph** (DGP) has
   ``P- = I - R`` in the paper's Eq. 1 and ``P- = 1 - R`` (all-ones matrix) in the authors' code
   (option ``complement``, see :func:`affinity`);
-* Eq. 2: normalised spectral clustering of the affinity (scikit-learn ``SpectralClustering`` with
-  ``affinity='precomputed'``, as the authors' code: eigenvectors of the normalised Laplacian
+* Eq. 2: normalised spectral clustering of the affinity (eigenvectors of the normalised Laplacian
   ``D^-1/2 (D - P) D^-1/2`` for the ``k`` smallest eigenvalues, then k-means) gives the ``k`` category
-  subsets. scikit-learn drops the diagonal of ``P`` (no self-loops), while the printed Eq. 2's degree
-  ``D_ii = sum_j P_ij`` includes ``P_ii = R_ii``; on COCO the two give different CGP partitions (for
-  ``k >= 3``). We follow the code by default: with ``tau = 2`` and seed 0 it reproduces the authors'
-  published CGP partitions of ML-GCN's COCO counts at ``k = 2, 5, 8`` (ARI 1) and nearly at ``k = 3`` (ARI 0.96),
-  not at ``k = 13`` (0.57); the printed form matches at ``k = 2`` only. ``laplacian='eq2'`` is the printed
-  form (:func:`spectral_partition`).
+  subsets. The printed Eq. 2's degree ``D_ii = sum_j P_ij`` includes ``P_ii = R_ii``; the authors' code
+  calls scikit-learn's ``SpectralClustering(affinity='precomputed')``, which drops the diagonal of ``P``
+  (no self-loops) and scales the eigenvectors by ``D^-1/2`` before k-means. On COCO the two give different
+  CGP partitions (for ``k >= 3``). The default is the paper's (``laplacian='eq2'``); ``laplacian='code'``
+  is the authors': with ``tau = 2`` and seed 0 it reproduces their published CGP partitions of ML-GCN's COCO
+  counts at ``k = 2, 5, 8`` (ARI 1) and nearly at ``k = 3`` (ARI 0.96), not at ``k = 13`` (0.57), while the
+  printed form matches at ``k = 2`` only (:func:`spectral_partition`).
 
 CGP puts co-occurring classes together (teachers learn joint patterns); DGP puts classes that rarely
 co-occur together (teachers learn category-specific patterns). :func:`random_partition` is the paper's
@@ -132,14 +132,15 @@ def affinity(S: np.ndarray, graph: str = "cgp", tau: float = 3.0, complement: st
     return base - R
 
 
-def spectral_partition(P: np.ndarray, k: int, seed: int = 0, n_init: int = 20, laplacian: str = "code") -> np.ndarray:
+def spectral_partition(P: np.ndarray, k: int, seed: int = 0, n_init: int = 20, laplacian: str = "eq2") -> np.ndarray:
     """Eq. 2: normalised spectral clustering of a precomputed affinity into ``k`` clusters.
 
-    ``laplacian='code'`` (default): scikit-learn's ``SpectralClustering(affinity='precomputed')``, as the
-    authors' code; it drops the diagonal of ``P`` and runs k-means on the ``k`` eigenvectors scaled by
-    ``D^-1/2``. ``laplacian='eq2'``: Eq. 2 as printed, ``D_ii = sum_j P_ij`` *with* ``P_ii``, ``F`` = the
+    ``laplacian='eq2'`` (default): Eq. 2 as printed, ``D_ii = sum_j P_ij`` *with* ``P_ii``, ``F`` = the
     eigenvectors of ``D^-1/2 (D - P) D^-1/2`` for the ``k`` smallest eigenvalues, then k-means on the rows
-    of ``F`` (``n_init`` restarts, ``seed``).
+    of ``F`` (``n_init`` restarts, ``seed``). ``laplacian='code'``: scikit-learn's
+    ``SpectralClustering(affinity='precomputed')``, as the authors' code; it drops the diagonal of ``P`` and
+    runs k-means on the ``k`` eigenvectors scaled by ``D^-1/2`` (it reproduces the authors' published
+    partitions, see the module docstring).
 
     Returns the cluster of each class, shape ``(C,)``, relabelled so that cluster ids appear in order of
     their smallest class index (deterministic for a ``seed``). ``k = 1`` returns all zeros.
@@ -259,7 +260,7 @@ def check_partition(subsets: Sequence[Sequence[int]], num_classes: int) -> None:
 
 def partition_labels(strategy: str, k: int, *, S: np.ndarray | None = None, num_classes: int | None = None,
                      tau: float = 3.0, complement: str = "ones", seed: int = 0, n_init: int = 20,
-                     laplacian: str = "code", random_sizes: str = "equal") -> list[np.ndarray]:
+                     laplacian: str = "eq2", random_sizes: str = "equal") -> list[np.ndarray]:
     """The task decomposition ``Psi``: ``k`` disjoint category subsets by ``'cgp'``, ``'dgp'`` or ``'random'``.
 
     ``S`` (from :func:`similarity_matrix`) is needed for CGP/DGP; ``random`` needs only ``num_classes``.

@@ -572,7 +572,7 @@ def _decompose(settings: Mapping[str, Any], S: np.ndarray, strategy: str, k: int
     return partition_labels(strategy, k, S=S, num_classes=num_classes, tau=p.get("tau", 3.0),
                             complement=p.get("complement", "ones"),
                             seed=rseed if strategy == "random" else p.get("cluster_seed", 0),
-                            n_init=p.get("n_init", 20), laplacian=p.get("laplacian", "code"),
+                            n_init=p.get("n_init", 20), laplacian=p.get("laplacian", "eq2"),
                             random_sizes=p.get("random_sizes", "equal"))
 
 
