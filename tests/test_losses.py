@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -304,3 +305,11 @@ def test_bad_mask_and_weight_shapes():
         weighted_bce(logits, targets, pos_weight=torch.ones(4))
     with pytest.raises(ValueError, match="non-negative"):
         WeightedBCE(pos_weight=[1.0, -1.0, 1.0])
+
+
+@pytest.mark.parametrize("loss_fn", [bce_with_logits, asymmetric_loss, weighted_bce])
+def test_non_tensor_or_integer_logits_name_the_fix(loss_fn):
+    with pytest.raises(ValueError, match=r"torch.Tensors; got ndarray and Tensor \(convert with torch.as_tensor\)"):
+        loss_fn(np.zeros((2, 3), np.float32), torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="logits must be a floating-point tensor; got dtype torch.int64"):
+        loss_fn(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3))

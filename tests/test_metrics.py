@@ -459,3 +459,15 @@ def test_group_out_of_range_in_report_raises():
     scores, targets = _data(0, n=30, c=4)
     with pytest.raises(ValueError, match="out of range"):
         multilabel_report(scores, targets, groups={"tail": [3, 4]})
+
+
+def test_bad_threshold_columns_and_dtype_raise():
+    scores, targets = _data(0, n=10, c=3)
+    with pytest.raises(ValueError, match=r"threshold must not be NaN \(use 0.5 for probabilities"):
+        threshold_metrics(scores, targets, threshold=float("nan"))
+    with pytest.raises(ValueError, match="threshold must be a real number, got 'high'"):
+        threshold_metrics(scores, targets, threshold="high")
+    with pytest.raises(ValueError, match=r"0 columns \(shape \(10, 0\)\): need at least one class"):
+        average_precision(np.zeros((10, 0)), np.zeros((10, 0)))
+    with pytest.raises(ValueError, match="scores must be a real numeric array; got dtype <U1"):
+        average_precision(np.full((10, 3), "a"), targets)
