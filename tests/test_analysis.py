@@ -399,6 +399,8 @@ def test_tsne_perplexity_clamped_and_small_n():
         tsne_embed(x[:3])
     with pytest.raises(ValueError, match="perplexity must be > 0"):
         tsne_embed(x, perplexity=0.0)
+    with pytest.raises(ValueError, match="needs at least 2 features, got 1"):
+        tsne_embed(x[:, :1])
 
 
 def test_cluster_quality(blob_embedding):

@@ -189,6 +189,8 @@ def test_gcn_head_shapes_and_adjacency():
         head(torch.randn(5, 7))
     with pytest.raises(ValueError, match="adjacency"):
         GCNHead(4, 8, adj)
+    with pytest.raises(ValueError, match=r"word_embeddings must be \(3, 10\); got \(3, 300\)"):
+        GCNHead(3, 8, adj, in_dim=10, word_embeddings=np.zeros((3, 300)))
 
 
 def test_gcn_head_matches_the_mlgcn_formula():
