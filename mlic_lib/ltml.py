@@ -20,7 +20,8 @@ Readings where the paper is vague (stated here and in the chapter):
 * ``rho_k`` is the class frequency in the *original* training set for both branches (the
   DistributionBalancedLoss statistics ``class_freq / N``);
 * each branch has its own compensation parameters (``model.comp_u``, ``model.comp_r``); the paper's Fig. 4
-  shows one set per dataset;
+  shows one set per dataset, which one set shared by both branches fits as well (``model.shared_compensation:
+  true`` in a profile, :func:`~mlic_lib.models.ltml.build_two_branch`);
 * the consistency loss back-propagates into both branches (no stop-gradient); ``detach_cross=True``
   treats the crossed prediction as a fixed target instead;
 * the compensation is a training-time device: inference averages the sigmoids of the raw logits;
@@ -284,7 +285,8 @@ def train_ltml(settings, train_ds, train_targets, test_ds, num_classes: int, see
     model = build_two_branch(m["backbone"], num_classes, pool=m.get("pool", "avg"), weights=m.get("weights"),
                              widths=tuple(m["widths"]) if m.get("widths") else None,
                              classifier_init=m.get("classifier_init", "copy"),
-                             frozen_stages=int(m.get("frozen_stages", 0)), norm_eval=bool(m.get("norm_eval", False)))
+                             frozen_stages=int(m.get("frozen_stages", 0)), norm_eval=bool(m.get("norm_eval", False)),
+                             shared_compensation=bool(m.get("shared_compensation", False)))
     pw, nw = ltml_class_weights(class_counts(targets), len(targets))
     step = LTMLStep(pw, nw, **opts)
     loader = two_stream_loader(settings, train_ds, targets, seed=seed)

@@ -183,6 +183,34 @@ def test_two_branch_net_shapes_paths_and_copies():
         build_two_branch("efficientnet_lite0", 5)
 
 
+def test_shared_compensation_is_one_set_of_eq6_parameters_trained_by_both_branches():
+    torch.manual_seed(0)
+    own = build_two_branch("small_resnet", 4, widths=WIDTHS)
+    torch.manual_seed(0)
+    shared = build_two_branch("small_resnet", 4, widths=WIDTHS, shared_compensation=True)
+    assert own.comp_r is not own.comp_u and shared.comp_r is shared.comp_u
+    n_own, n_shared = (sum(p.numel() for p in net.parameters()) for net in (own, shared))
+    assert n_own - n_shared == 4 * 4  # mu/sigma for positives and negatives, per class, once instead of twice
+    g = torch.Generator().manual_seed(1)
+    batch = [torch.randn(3, 3, 32, 32, generator=g), (torch.rand(3, 4, generator=g) < 0.5).float(),
+             torch.randn(2, 3, 32, 32, generator=g), (torch.rand(2, 4, generator=g) < 0.5).float()]
+    pw, nw = ltml.ltml_class_weights([10, 5, 2, 1], 20)
+    loss, _ = ltml.LTMLStep(pw, nw, lam=0.1)(shared, batch, torch.device("cpu"))
+    o = shared.forward_pair(batch[0], batch[2])
+    ref = _eq6_reference(o["u"], batch[1], pw, nw, shared.comp_u) + _eq6_reference(o["r"], batch[3], pw, nw,
+                                                                                  shared.comp_u)
+    ref = ref + 0.1 * (((o["u"] - o["u_hat"]) ** 2).mean() + ((o["r"] - o["r_hat"]) ** 2).mean())
+    assert torch.allclose(loss, ref, atol=1e-6)
+    # the shared parameters get the gradient of both branches' Eq. 6 terms
+    grad_u = torch.autograd.grad(_eq6_reference(o["u"], batch[1], pw, nw, shared.comp_u), shared.comp_u.mu_pos,
+                                 retain_graph=True)[0]
+    grad_r = torch.autograd.grad(_eq6_reference(o["r"], batch[3], pw, nw, shared.comp_u), shared.comp_u.mu_pos,
+                                 retain_graph=True)[0]
+    (got,) = torch.autograd.grad(loss, shared.comp_u.mu_pos)
+    torch.testing.assert_close(got, grad_u + grad_r)
+    assert grad_u.abs().sum() > 0 and grad_r.abs().sum() > 0
+
+
 def test_classifier_init_independent_redraws_only_subnet_r_classifier():
     torch.manual_seed(0)
     copied = build_two_branch("small_resnet", 5, widths=WIDTHS)

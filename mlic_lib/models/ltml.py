@@ -74,13 +74,14 @@ class TwoBranchNet(nn.Module):
     """
 
     def __init__(self, trunk: nn.Module, branch_u: Branch, branch_r: Branch, num_classes: int,
-                 frozen: nn.Module | None = None, norm_eval: bool = False):
+                 frozen: nn.Module | None = None, norm_eval: bool = False, shared_compensation: bool = False):
         super().__init__()
         self.features = trunk
         self.branch_u = branch_u
         self.branch_r = branch_r
         self.comp_u = LogitCompensation(num_classes)
-        self.comp_r = LogitCompensation(num_classes)
+        # shared_compensation: one set of Eq. 6 parameters for both branches (the same module under two names)
+        self.comp_r = self.comp_u if shared_compensation else LogitCompensation(num_classes)
         self.num_classes = num_classes
         self._frozen = [frozen] if frozen is not None else []  # a view into the trunk, not a second registration
         self.norm_eval = bool(norm_eval)
@@ -129,7 +130,7 @@ class TwoBranchNet(nn.Module):
 
 def build_two_branch(backbone: str, num_classes: int, pool: str = "avg", weights=None,
                      widths: tuple[int, ...] | None = None, classifier_init: str = "copy", frozen_stages: int = 0,
-                     norm_eval: bool = False) -> TwoBranchNet:
+                     norm_eval: bool = False, shared_compensation: bool = False) -> TwoBranchNet:
     """Two-branch LTML net on a foundation backbone: trunk = ``features[:-1]``, each branch = an identical
     deep copy of ``features[-1]`` (ResNet ``layer4``; the last BasicBlock of ``small_resnet``) + pooling
     + a copy of the classifier. The paper uses ResNet-50 with global average pooling (``pool="avg"``).
@@ -145,6 +146,10 @@ def build_two_branch(backbone: str, num_classes: int, pool: str = "avg", weights
     ``frozen_stages`` (torchvision ResNets): the stem and the first ``frozen_stages`` stages get no gradient and
     stay in eval mode; ``norm_eval``: every batch norm stays in eval mode. DistributionBalancedLoss, whose
     "configurations" LTML says it follows (Sec. 4.1), trains its ImageNet ResNet-50 with 1 and ``True``.
+
+    ``shared_compensation``: ``False`` (default) gives each branch its own Eq. 6 parameters (``comp_u``,
+    ``comp_r``); ``True`` one set for both, the other reading of Sec. 3.3's "upgraded with logit compensation
+    in the same way" (Fig. 4 shows one set per dataset).
     """
     if classifier_init not in CLASSIFIER_INIT:
         raise ValueError(f"classifier_init must be one of {CLASSIFIER_INIT}, got {classifier_init!r}")
@@ -169,4 +174,5 @@ def build_two_branch(backbone: str, num_classes: int, pool: str = "avg", weights
         for layer in branch_r.classifier.modules():  # a fresh draw from the global RNG (seeded by the caller)
             if hasattr(layer, "reset_parameters"):
                 layer.reset_parameters()
-    return TwoBranchNet(trunk, branch_u, branch_r, num_classes, frozen=frozen, norm_eval=norm_eval)
+    return TwoBranchNet(trunk, branch_u, branch_r, num_classes, frozen=frozen, norm_eval=norm_eval,
+                        shared_compensation=shared_compensation)
