@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from mlic_lib.book import _hide_default_parameters, reproduction_page
 from mlic_lib.reporting import write_chapter_results
 
@@ -105,3 +107,216 @@ def test_a_failed_run_keeps_the_last_good_notebook_and_the_failure_apart(tmp_pat
     assert sorted(p.name for p in dst.parent.iterdir()) == ["chapter.failed.ipynb", "chapter.ipynb"]
     execute_notebook(src, dst, "smoke")
     assert not failed_copy(dst).exists()  # a later success clears the stale failure
+
+
+def _notebook(*tag_lists, marker: str = "") -> dict:
+    cells = [{"cell_type": "code", "metadata": {"tags": list(t)}, "source": marker, "outputs": [],
+              "execution_count": None} for t in tag_lists]
+    return {"cells": cells, "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+
+
+def _book_root(root: Path, chapters=("01_second", "00_first")) -> Path:
+    """A minimal book source tree: config, toc, book/ pages, published.yaml and chapter notebooks."""
+    (root / "book").mkdir(parents=True)
+    (root / "notebooks").mkdir()
+    (root / "_config.yml").write_text("title: test book\n")
+    (root / "_toc.yml").write_text("format: jb-book\nroot: book/intro\n")
+    (root / "book" / "intro.md").write_text("# Intro\n")
+    (root / "book" / "published.yaml").write_text(
+        "first:\n  paper: First paper\n  rows:\n    - {label: headline mAP, key: mAP, unit: '%', published: 90.0}\n")
+    for name in chapters:
+        (root / "notebooks" / f"{name}.ipynb").write_text(json.dumps(_notebook(["parameters"], [], marker=name)))
+    return root
+
+
+def _tags(path: Path) -> list[list[str]]:
+    return [c["metadata"]["tags"] for c in json.loads(path.read_text())["cells"]]
+
+
+def test_notebooks_are_listed_in_file_name_order_and_filtered_by_substring(tmp_path):
+    from mlic_lib.book import notebooks
+
+    root = _book_root(tmp_path, chapters=("10_last", "02_middle", "00_first"))
+    (root / "notebooks" / "notes.md").write_text("not a chapter")
+    (root / "notebooks" / ".ipynb_checkpoints").mkdir()
+    (root / "notebooks" / ".ipynb_checkpoints" / "00_first-checkpoint.ipynb").write_text("{}")
+    assert [p.name for p in notebooks(root)] == ["00_first.ipynb", "02_middle.ipynb", "10_last.ipynb"]
+    assert notebooks(root, []) == notebooks(root)  # an empty filter is no filter
+    assert [p.stem for p in notebooks(root, ["last", "first"])] == ["00_first", "10_last"]  # in book order
+    assert [p.stem for p in notebooks(root, ["02"])] == ["02_middle"]
+    with pytest.raises(ValueError, match=r"no notebook matches \['psd'\]"):
+        notebooks(root, ["psd"])
+
+
+def test_the_repositorys_chapters_are_in_the_order_of_the_toc():
+    import yaml
+
+    from mlic_lib.book import notebooks
+
+    root = Path(__file__).resolve().parents[1]
+    toc = yaml.safe_load((root / "_toc.yml").read_text())
+    chapters = [c["file"] for part in toc["parts"] for c in part["chapters"] if c["file"].startswith("notebooks/")]
+    assert [f"notebooks/{p.stem}" for p in notebooks(root)] == chapters
+
+
+def test_stage_sources_copies_the_book_drops_failures_and_hides_default_parameters(tmp_path, monkeypatch):
+    from mlic_lib.book import stage_sources
+
+    root, build = _book_root(tmp_path / "repo"), tmp_path / "repo" / "_build"
+    executed = build / "executed"
+    (executed / "notebooks").mkdir(parents=True)
+    ran = executed / "notebooks" / "00_first.ipynb"
+    ran.write_text(json.dumps(_notebook(["parameters"], ["injected-parameters"], [], marker="ran")))
+    (executed / "notebooks" / "01_second.ipynb").write_text(json.dumps(_notebook(["parameters"], [])))
+    (executed / "notebooks" / "02_third.failed.ipynb").write_text(json.dumps(_notebook(["parameters"])))
+    (executed / "notebooks" / "02_third.running.ipynb").write_text(json.dumps(_notebook(["parameters"])))
+    executed_before = ran.read_text()
+    (build / "src" / "notebooks").mkdir(parents=True)
+    (build / "src" / "notebooks" / "99_stale.ipynb").write_text("{}")  # left from an earlier build
+    monkeypatch.setenv("MLIC_RESULTS", str(tmp_path / "res"))
+    write_chapter_results("first", {"profile": "smoke"}, {"mAP": 61.25})
+
+    src = stage_sources(root, build, executed)
+    assert src == build / "src"
+    assert sorted(p.name for p in (src / "notebooks").iterdir()) == ["00_first.ipynb", "01_second.ipynb"]
+    assert (src / "_config.yml").read_text() == "title: test book\n"
+    assert (src / "_toc.yml").read_text() == (root / "_toc.yml").read_text()
+    assert (src / "book" / "intro.md").read_text() == "# Intro\n"
+    # the defaults cell is hidden where papermill injected the values used, and only in the book's copy
+    assert _tags(src / "notebooks" / "00_first.ipynb") == [["parameters", "remove-cell"], ["injected-parameters"], []]
+    assert json.loads((src / "notebooks" / "00_first.ipynb").read_text())["cells"][0]["source"] == "ran"
+    assert _tags(src / "notebooks" / "01_second.ipynb") == [["parameters"], []]
+    assert ran.read_text() == executed_before
+    # the reproduction matrix is written from $MLIC_RESULTS and the root's published.yaml
+    page = (src / "book" / "reproduction.md").read_text()
+    assert page == reproduction_page(tmp_path / "res", root / "book" / "published.yaml")
+    assert "## First paper" in page and "| headline mAP | % | 61.25 | 90.0 |" in page
+    assert not (root / "book" / "reproduction.md").exists()  # the sources stay as committed
+
+
+def test_stage_sources_reads_results_from_the_build_when_mlic_results_is_unset(tmp_path, monkeypatch):
+    from mlic_lib.book import stage_sources
+
+    root, build = _book_root(tmp_path), tmp_path / "_build"
+    (build / "executed" / "notebooks").mkdir(parents=True)
+    monkeypatch.setenv("MLIC_RESULTS", str(build / "results"))
+    write_chapter_results("first", {"profile": "smoke"}, {"mAP": 70.5})
+    monkeypatch.setenv("MLIC_RESULTS", "")  # empty counts as unset
+    src = stage_sources(root, build, build / "executed")
+    assert "| headline mAP | % | 70.50 | 90.0 |" in (src / "book" / "reproduction.md").read_text()
+
+
+def test_build_html_runs_jupyter_book_on_the_staged_tree(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    import mlic_lib.book
+    from mlic_lib.book import build_html
+
+    calls = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: calls.append((cmd, kw)))
+    fake_python = tmp_path / "venv" / "bin" / "python"
+    fake_python.parent.mkdir(parents=True)
+    (fake_python.parent / "jupyter-book").write_text("#!/bin/sh\n")
+    monkeypatch.setattr(sys, "executable", str(fake_python))
+    src, out = tmp_path / "src", tmp_path / "out"
+    assert build_html(src, out) == out / "_build" / "html"
+    exe = str(fake_python.parent / "jupyter-book")  # the environment's own jupyter-book, next to python
+    assert calls[-1] == ([exe, "build", str(src), "--path-output", str(out), "--keep-going", "-W", "-n"],
+                         {"check": True})
+    build_html(src, out, strict=False)
+    assert calls[-1][0] == [exe, "build", str(src), "--path-output", str(out), "--keep-going"]
+    (fake_python.parent / "jupyter-book").unlink()
+    monkeypatch.setattr(mlic_lib.book.shutil, "which", lambda name: f"/elsewhere/{name}")
+    build_html(src, out)
+    assert calls[-1][0][0] == "/elsewhere/jupyter-book"  # else the one on PATH
+    monkeypatch.setattr(mlic_lib.book.shutil, "which", lambda name: None)
+    with pytest.raises(RuntimeError, match="jupyter-book is not installed"):
+        build_html(src, out)
+    assert len(calls) == 3
+
+
+def _fake_execute_and_html(monkeypatch, executed_log, html_log, make_index=True):
+    """Replace papermill and jupyter-book: an 'executed' chapter is its source with an injected-parameters cell
+    (and writes its result JSON, as the chapters do); the 'HTML build' records its arguments."""
+    import os
+
+    import mlic_lib.book
+
+    def execute(src, dst, profile):
+        executed_log.append((src.name, dst, profile))
+        nb = json.loads(src.read_text())
+        nb["cells"].insert(1, {"cell_type": "code", "metadata": {"tags": ["injected-parameters"]},
+                               "source": f"profile = {profile!r}", "outputs": [], "execution_count": None})
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.write_text(json.dumps(nb))
+        if src.stem == "00_first":
+            results = Path(os.environ["MLIC_RESULTS"])
+            results.mkdir(parents=True, exist_ok=True)
+            (results / "first.json").write_text(json.dumps({"chapter": "first", "profile": profile,
+                                                            "numbers": {"mAP": 55.0}}))
+        return {"00_first": 1.04, "01_second": 2.5}[src.stem]
+
+    def html(src, out_root, strict=True):
+        html_log.append((src, out_root, strict))
+        (out_root / "_build" / "html").mkdir(parents=True, exist_ok=True)
+        if make_index:
+            (out_root / "_build" / "html" / "index.html").write_text("<html></html>")
+        return out_root / "_build" / "html"
+
+    monkeypatch.setattr(mlic_lib.book, "execute_notebook", execute)
+    monkeypatch.setattr(mlic_lib.book, "build_html", html)
+
+
+def test_build_book_executes_every_chapter_stages_and_builds(tmp_path, monkeypatch):
+    import os
+
+    from mlic_lib.book import build_book
+
+    root = _book_root(tmp_path.resolve() / "repo")  # build_book resolves the root
+    build = root / "_build"
+    for name in ("MLIC_RESULTS", "MLIC_CACHE", "TQDM_DISABLE"):
+        monkeypatch.setenv(name, "")  # recorded, so that what build_book sets is undone after the test
+        monkeypatch.delenv(name)  # unset: the book's defaults apply
+    executed, html = [], []
+    _fake_execute_and_html(monkeypatch, executed, html)
+
+    index = build_book(root, "smoke")
+    assert index == build / "html" / "index.html"
+    assert [(name, dst, profile) for name, dst, profile in executed] == [
+        ("00_first.ipynb", build / "executed" / "notebooks" / "00_first.ipynb", "smoke"),
+        ("01_second.ipynb", build / "executed" / "notebooks" / "01_second.ipynb", "smoke")]
+    assert json.loads((build / "executed" / "timings.json").read_text()) == {
+        "profile": "smoke", "seconds": {"00_first": 1.0, "01_second": 2.5}, "total_seconds": 3.5}
+    assert html == [(build / "src", root, True)]
+    assert os.environ["MLIC_RESULTS"] == str(build / "results")
+    assert os.environ["MLIC_CACHE"] == str(build / "cache") and os.environ["TQDM_DISABLE"] == "1"
+    staged = build / "src" / "notebooks"
+    assert _tags(staged / "00_first.ipynb") == [["parameters", "remove-cell"], ["injected-parameters"], []]
+    assert "| headline mAP | % | 55.00 | 90.0 |" in (build / "src" / "book" / "reproduction.md").read_text()
+
+    executed.clear()
+    build_book(root, "smoke", only=["second"], strict=False)
+    assert [e[0] for e in executed] == ["01_second.ipynb"] and html[-1][2] is False
+    assert json.loads((build / "executed" / "timings.json").read_text())["seconds"] == {"01_second": 2.5}
+    assert sorted(p.name for p in staged.iterdir()) == ["00_first.ipynb", "01_second.ipynb"]  # earlier run kept
+
+    executed.clear()
+    build_book(root, "default", skip_execute=True)
+    assert executed == [] and len(html) == 3
+    assert json.loads((build / "executed" / "timings.json").read_text())["profile"] == "smoke"  # untouched
+
+
+def test_build_book_errors(tmp_path, monkeypatch):
+    from mlic_lib.book import build_book
+
+    root = _book_root(tmp_path / "repo")
+    monkeypatch.setenv("TQDM_DISABLE", "")  # build_book sets it: undone after the test
+    executed, html = [], []
+    _fake_execute_and_html(monkeypatch, executed, html, make_index=False)
+    with pytest.raises(ValueError, match="no executed chapters in .*without --skip-execute"):
+        build_book(root, skip_execute=True)
+    assert html == []  # nothing was staged or built
+    with pytest.raises(RuntimeError, match="jupyter-book finished but .*index.html is missing"):
+        build_book(root)
+    assert len(html) == 1

@@ -69,3 +69,62 @@ def test_unguarded_script_gets_a_clear_error(tmp_path):
                        "    print(map_in_processes(pow, [(2, 3), (3, 2)], max_workers=2))\n")
     rc, out, _ = _run_script(guarded, tmp_path)
     assert rc == 0 and "[8, 9]" in out
+
+
+@pytest.fixture
+def alone_on_cpu(monkeypatch):
+    """No torchrun, no GPU, four CPUs: the case where 'auto' picks the pool; each test changes one thing."""
+    import mlic_lib.process_pool
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(mlic_lib.process_pool, "available_cpus", lambda: 4)
+
+
+@pytest.mark.parametrize("device", ["auto", None, "cpu"])
+def test_auto_uses_processes_on_a_multicore_cpu(alone_on_cpu, device):
+    from mlic_lib.process_pool import resolve_parallel
+
+    assert resolve_parallel("auto", device) == "process"
+    assert resolve_parallel(None, device) == "process"  # None (option left out) means 'auto'
+
+
+def test_auto_runs_sequentially_on_one_cpu(alone_on_cpu, monkeypatch):
+    import mlic_lib.process_pool
+    from mlic_lib.process_pool import resolve_parallel
+
+    monkeypatch.setattr(mlic_lib.process_pool, "available_cpus", lambda: 1)
+    assert resolve_parallel("auto", "cpu") == "sequential"
+
+
+def test_auto_runs_sequentially_on_a_gpu(alone_on_cpu, monkeypatch):
+    from mlic_lib.process_pool import resolve_parallel
+
+    assert resolve_parallel("auto", "cuda") == "sequential"  # named explicitly
+    assert resolve_parallel("auto", "cuda:1") == "sequential"
+    assert resolve_parallel("auto", "auto") == "process"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # 'auto' resolves to the GPU
+    assert resolve_parallel("auto", "auto") == "sequential"
+    assert resolve_parallel("auto", "cpu") == "process"  # a CPU run asked for on a GPU machine still pools
+
+
+def test_auto_runs_sequentially_under_torchrun(alone_on_cpu, monkeypatch):
+    from mlic_lib.process_pool import resolve_parallel
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert resolve_parallel("auto", "cpu") == "sequential"
+    monkeypatch.setenv("WORLD_SIZE", "1")  # torchrun with one rank: the pool is still useful
+    assert resolve_parallel("auto", "cpu") == "process"
+
+
+def test_explicit_modes_are_kept_and_bad_ones_name_the_option(alone_on_cpu, monkeypatch):
+    from mlic_lib.process_pool import resolve_parallel
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert resolve_parallel("process", "cuda") == "process"  # only 'auto' looks at the device and torchrun
+    assert resolve_parallel("sequential", "cpu") == "sequential"
+    with pytest.raises(ValueError, match=r"indeed\.parallel must be one of \('auto', 'sequential', 'process'\), "
+                                         r"got 'threads'"):
+        resolve_parallel("threads", "cpu", option="indeed.parallel")
+    with pytest.raises(ValueError, match=r"^parallel must be one of"):
+        resolve_parallel("Process")

@@ -68,3 +68,27 @@ def test_dash_missing_rounds_and_marks_missing_values():
     out = dash_missing(df)
     assert out.loc[0, "ours"] == 1.2 and out.loc[1, "ours"] == "—" and out.loc[0, "paper"] == "—"
     assert out.loc[1, "paper"] == 95.4
+
+
+def test_provenance_names_library_chapter_profile_seeds_data_and_device(monkeypatch):
+    import torch
+
+    from mlic_lib import __version__
+    from mlic_lib.profiles import load_profile
+    from mlic_lib.reporting import provenance
+
+    settings = load_profile("primer", "full")  # seeds [0, 1, 2]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    line = provenance(settings, "embedded scenes (train)")
+    assert line == (f"mlic_lib {__version__} | chapter=primer profile=full | seeds=[0, 1, 2] | "
+                    "data=embedded scenes (train) | device=CPU")
+    assert "\n" not in line  # one line, for a footnote
+    # explicit seeds (e.g. the one seed a figure shows) replace the profile's; any sequence is listed
+    assert "| seeds=[1] |" in provenance(settings, "d", seeds=(1,))
+    assert "| seeds=[] |" in provenance(settings, "d", seeds=[])  # an empty list is not "use the profile's"
+    assert "| seeds=[] |" in provenance({"chapter": "x", "profile": "p"}, "d")  # settings without seeds
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU 80GB")
+    assert provenance(settings, "d").endswith("| data=d | device=Fake GPU 80GB")
+    on_cpu = {**settings, "train": {**settings["train"], "device": "cpu"}}  # a run forced onto the CPU
+    assert provenance(on_cpu, "d").endswith("| device=CPU")

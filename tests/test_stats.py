@@ -1,0 +1,73 @@
+"""Label statistics (mlic_lib.data.stats) against direct loops over a small multi-hot matrix."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mlic_lib.data import stats
+
+# 6 images x 5 classes; class 4 never appears, class 3 appears only alone, classes 0-2 co-occur.
+T = np.array([
+    [1, 1, 0, 0, 0],
+    [1, 0, 1, 0, 0],
+    [1, 1, 1, 0, 0],
+    [0, 1, 0, 0, 0],
+    [0, 0, 0, 1, 0],
+    [1, 0, 0, 0, 0],
+])
+
+
+def _loop_cooccurrence(t):
+    c = t.shape[1]
+    return np.array([[sum(1 for row in t if row[i] and row[j]) for j in range(c)] for i in range(c)])
+
+
+def test_class_frequency_is_the_fraction_of_images_with_each_class():
+    expected = [sum(row[i] for row in T) / len(T) for i in range(T.shape[1])]
+    np.testing.assert_allclose(stats.class_frequency(T), expected)
+    np.testing.assert_allclose(stats.class_frequency(T), [4 / 6, 3 / 6, 2 / 6, 1 / 6, 0.0])  # written out
+    np.testing.assert_allclose(stats.class_frequency(T.astype(bool)), expected)  # boolean labels too
+    with pytest.raises(ValueError, match="multi-hot"):
+        stats.class_frequency(np.where(T == 1, 1, -1))  # VOC {1, -1} labels must be converted first
+    with pytest.raises(ValueError, match="2-D"):
+        stats.class_frequency(T[0])
+
+
+def test_cooccurring_classes_counts_other_classes_seen_together():
+    expected = [sum(1 for j in range(T.shape[1]) if j != i and any(row[i] and row[j] for row in T))
+                for i in range(T.shape[1])]
+    assert stats.cooccurring_classes(T).tolist() == expected
+    assert expected == [2, 2, 2, 0, 0]  # class 3 is only ever alone (its own diagonal is not counted)
+
+
+def test_conditional_probability_with_nums_for_an_adj_without_diagonal():
+    """ML-GCN's ``adj`` stores 0 on the diagonal and the per-class counts apart (``nums``)."""
+    e = _loop_cooccurrence(T)
+    nums = T.sum(0)
+    adj = e.copy()
+    np.fill_diagonal(adj, 0)
+    p = stats.conditional_probability(adj, nums=nums)
+    c = T.shape[1]
+    for i in range(c):
+        for j in range(c):
+            expected = 0.0 if i == j or nums[i] == 0 else e[i, j] / nums[i]
+            assert p[i, j] == pytest.approx(expected), (i, j)
+    assert p[0, 1] == pytest.approx(2 / 4) and p[1, 0] == pytest.approx(2 / 3)  # P(j | i) is not symmetric
+    assert not p[4].any()  # an absent class (nums 0) has a zero row, not NaN
+    # without nums the (zero) diagonal would be the divisor: every row 0
+    assert not stats.conditional_probability(adj).any()
+    with pytest.raises(ValueError, match=r"nums must have shape \(5,\)"):
+        stats.conditional_probability(adj, nums=nums[:4])
+
+
+def test_conditional_probability_nums_override_the_diagonal():
+    e = _loop_cooccurrence(T)
+    nums = np.array([8, 6, 4, 2, 0])  # e.g. counts of a larger set: every row is divided by its own nums
+    p = stats.conditional_probability(e, nums=nums)
+    for i in range(5):
+        for j in range(5):
+            assert p[i, j] == pytest.approx(e[i, j] / nums[i] if nums[i] else 0.0), (i, j)
+    assert p[0, 0] == pytest.approx(0.5)
+    # a label matrix (not square) is turned into its co-occurrence first; nums still divide the rows
+    np.testing.assert_allclose(stats.conditional_probability(T, nums=nums), p)
