@@ -30,9 +30,14 @@ def results_dir() -> Path:
 
 
 def provenance(settings: Mapping[str, Any], data: str, seeds: Sequence[int] | None = None) -> str:
-    """One line for a figure footnote: chapter, profile, seeds, data and device."""
+    """One line for a figure footnote: chapter, profile, seeds, data and the device the profile's
+    ``train.device`` resolves to (``auto``: the GPU when there is one; ``-o train.device=cpu`` says CPU
+    on a GPU machine too)."""
+    from mlic_lib.utils import pick_device
+
     seeds = seeds if seeds is not None else settings.get("seeds", [])
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    dev = pick_device((settings.get("train") or {}).get("device"))
+    device = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type.upper()
     return (f"mlic_lib {__version__} | chapter={settings.get('chapter')} profile={settings.get('profile')} | "
             f"seeds={list(seeds)} | data={data} | device={device}")
 
