@@ -60,6 +60,10 @@ __all__ = [
 
 CONSISTENCY = ("logit", "probability", "none")
 BRANCHES = ("both", "u", "r")
+#: the profile's ``model`` keys :func:`train_ltml` reads (passed to :func:`~mlic_lib.models.ltml.build_two_branch`);
+#: an override may set any of them (e.g. ``-o model.shared_compensation=true``)
+MODEL_KEYS = ("backbone", "pool", "weights", "widths", "classifier_init", "frozen_stages", "norm_eval",
+              "shared_compensation")
 
 
 def ltml_class_weights(class_counts, n_images: int) -> tuple[Tensor, Tensor]:

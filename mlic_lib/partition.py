@@ -139,8 +139,8 @@ def spectral_partition(P: np.ndarray, k: int, seed: int = 0, n_init: int = 20, l
     eigenvectors of ``D^-1/2 (D - P) D^-1/2`` for the ``k`` smallest eigenvalues, then k-means on the rows
     of ``F`` (``n_init`` restarts, ``seed``). ``laplacian='code'``: scikit-learn's
     ``SpectralClustering(affinity='precomputed')``, as the authors' code; it drops the diagonal of ``P`` and
-    runs k-means on the ``k`` eigenvectors scaled by ``D^-1/2`` (it reproduces the authors' published
-    partitions, see the module docstring).
+    runs k-means on the ``k`` eigenvectors scaled by ``D^-1/2`` (with ``tau = 2`` it reproduces most of the
+    authors' published CGP partitions, see the module docstring).
 
     Returns the cluster of each class, shape ``(C,)``, relabelled so that cluster ids appear in order of
     their smallest class index (deterministic for a ``seed``). ``k = 1`` returns all zeros.
@@ -178,13 +178,23 @@ def spectral_partition(P: np.ndarray, k: int, seed: int = 0, n_init: int = 20, l
 
 
 def _eq2_partition(P: np.ndarray, k: int, seed: int, n_init: int) -> np.ndarray:
-    """Eq. 2 as printed: the normalised Laplacian with the degrees of ``P`` including its diagonal."""
+    """Eq. 2 as printed: the normalised Laplacian with the degrees of ``P`` including its diagonal.
+
+    A class with no edge at all (zero degree, e.g. a class without training images in the CGP graph) would make
+    ``D^-1/2`` undefined; it is given a self-loop instead, which makes it a component of its own (as
+    scikit-learn treats an isolated node), with a warning."""
+    import warnings
+
     from sklearn.cluster import KMeans
 
     d = P.sum(1)
-    if (d <= 1e-12).any():
-        raise ValueError(f"classes {np.flatnonzero(d <= 1e-12).tolist()} have zero degree, so D^-1/2 in Eq. 2 is "
-                         "undefined: drop those classes or use laplacian='code'")
+    isolated = d <= 1e-12
+    if isolated.any():
+        warnings.warn(f"classes {np.flatnonzero(isolated).tolist()} have no edge in the graph (e.g. no training "
+                      "image): each is made a component of its own", stacklevel=3)
+        P = P.copy()
+        P[isolated, isolated] = 1.0  # the diagonal entries of those classes
+        d = P.sum(1)
     r = 1.0 / np.sqrt(d)
     L = np.eye(len(P)) - r[:, None] * P * r[None, :]
     _, vecs = np.linalg.eigh(L)  # ascending eigenvalues

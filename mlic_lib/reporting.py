@@ -37,7 +37,8 @@ def provenance(settings: Mapping[str, Any], data: str, seeds: Sequence[int] | No
 
     seeds = seeds if seeds is not None else settings.get("seeds", [])
     dev = pick_device((settings.get("train") or {}).get("device"))
-    device = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type.upper()
+    device = (torch.cuda.get_device_name(dev) if dev.type == "cuda" and torch.cuda.is_available()
+              else dev.type.upper())  # 'CUDA' when a profile names a GPU this machine lacks (training will say so)
     return (f"mlic_lib {__version__} | chapter={settings.get('chapter')} profile={settings.get('profile')} | "
             f"seeds={list(seeds)} | data={data} | device={device}")
 

@@ -169,7 +169,15 @@ def test_eq2_laplacian_is_the_printed_equation_and_recovers_blocks():
     A = 0.5 * (A + A.T)
     eq2 = P.spectral_partition(A, 3, laplacian="eq2")
     assert P.partition_agreement(eq2, blocks) == 1.0
-    assert P.partition_agreement(P.spectral_partition(A, 3), blocks) == 1.0
+    assert P.partition_agreement(P.spectral_partition(A, 3, laplacian="code"), blocks) == 1.0
+    # the paper's form is the default, in the library and in every profile (the authors' is the option)
+    import inspect
+
+    from mlic_lib.profiles import load_profile
+
+    for fn in (P.spectral_partition, P.partition_labels):
+        assert inspect.signature(fn).parameters["laplacian"].default == "eq2"
+    assert {load_profile("psd", p)["psd"]["laplacian"] for p in ("smoke", "default", "full")} == {"eq2"}
     # reference: the printed Eq. 2, written out
     d = A.sum(1)
     L = np.diag(d) - A
@@ -181,8 +189,9 @@ def test_eq2_laplacian_is_the_printed_equation_and_recovers_blocks():
         P.spectral_partition(A, 3, laplacian="sklearn")
     isolated = A.copy()
     isolated[0, :] = isolated[:, 0] = 0.0
-    with pytest.raises(ValueError, match=r"classes \[0\] have zero degree"):
-        P.spectral_partition(isolated, 3, laplacian="eq2")
+    with pytest.warns(UserWarning, match=r"classes \[0\] have no edge in the graph"):
+        alone = P.spectral_partition(isolated, 4, laplacian="eq2")
+    assert P.partition_agreement(alone, np.where(np.arange(12) == 0, 3, blocks)) == 1.0  # class 0 on its own
     S = P.similarity_matrix(targets=(rng.random((200, 12)) < 0.3).astype(int))
     subsets = P.partition_labels("cgp", 3, S=S, laplacian="eq2")
     P.check_partition(subsets, 12)

@@ -317,6 +317,8 @@ def test_fake_layouts_carry_voc_parts_and_coco_crowds_that_the_readers_handle(fa
     payload = json.loads(path.read_text())
     crowd = [a for a in payload["annotations"] if a["iscrowd"]]
     assert crowd and all(isinstance(a["segmentation"], dict) for a in crowd)
+    plain = {(a["image_id"], a["category_id"]) for a in payload["annotations"] if not a["iscrowd"]}
+    assert not any((a["image_id"], a["category_id"]) in plain for a in crowd)  # the crowd is the class's only label
     ids, _, labels, _ = read_coco_labels(path)
     col = {c["id"]: j for j, c in enumerate(sorted(payload["categories"], key=lambda c: c["id"]))}
     assert all(labels[ids.index(a["image_id"]), col[a["category_id"]]] == 1 for a in crowd)

@@ -112,7 +112,8 @@ def write_voc(root: Path, year: str, splits: dict[str, int], image_size: int = 6
 
 def write_coco(root: Path, year: str, splits: dict[str, int], n_classes: int = 12, image_size: int = 64,
                seed: int = 0, tail: float = 0.0) -> dict[str, list[int]]:
-    """COCO ``year`` with ``splits`` (``{"train": n, "val": m}``) and ``n_classes`` categories."""
+    """COCO ``year`` with ``splits`` (``{"train": n, "val": m}``) and ``n_classes`` categories; every fifth image
+    also has a crowd annotation (``iscrowd: 1``, an RLE mask) of a class it does not draw."""
     rng = np.random.default_rng(seed + 1)
     base = root / "coco"
     (base / "annotations").mkdir(parents=True, exist_ok=True)
@@ -134,10 +135,11 @@ def write_coco(root: Path, year: str, splits: dict[str, int], n_classes: int = 1
                 anns.append({"id": ann_id, "image_id": image_id, "category_id": cat_ids[c], "iscrowd": 0,
                              "bbox": [x0, y0, x1 - x0, y1 - y0], "area": float((x1 - x0) * (y1 - y0))})
                 ann_id += 1
-            if image_id % 5 == 0:  # a crowd annotation (RLE mask), as real COCO has: it labels its class too
-                c, (x0, y0, x1, y1) = objs[0]
+            free = sorted(set(range(n_classes)) - {c for c, _ in objs})
+            if image_id % 5 == 0 and free:  # a crowd annotation (an RLE mask, as in real COCO) of a class that has
+                c, (x0, y0, x1, y1) = free[image_id % len(free)], objs[0][1]  # no other annotation on the image
                 anns.append({"id": ann_id, "image_id": image_id, "category_id": cat_ids[c], "iscrowd": 1,
-                             "segmentation": {"counts": [0, (x1 - x0) * (y1 - y0)], "size": [size[1], size[0]]},
+                             "segmentation": {"counts": [0, size[0] * size[1]], "size": [size[1], size[0]]},
                              "bbox": [x0, y0, x1 - x0, y1 - y0], "area": float((x1 - x0) * (y1 - y0))})
                 ann_id += 1
             _draw(rng, base / f"{split}{year}" / fname, objs, size, pal)

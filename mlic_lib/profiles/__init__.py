@@ -76,6 +76,10 @@ def _validator_keys(chapter: str, section: str, node: Any) -> set[str] | None:
         return {"randaugment", "cutout"}
     if last in TRAIN_SECTIONS:
         return set(_train_field_kinds())
+    if chapter == "ltml" and section == "model":  # build_two_branch's options, most absent from the profiles
+        from mlic_lib.ltml import MODEL_KEYS
+
+        return set(MODEL_KEYS)
     if last == "scenes":
         from mlic_lib.data.scenes import SceneSpec
 
