@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["PARALLEL_MODES", "available_cpus", "map_in_processes", "resolve_parallel", "run_missing"]
+__all__ = ["PARALLEL_MODES", "available_cpus", "map_in_processes", "pool_size", "resolve_parallel", "run_missing"]
 
 #: Values of a profile's ``parallel`` option for independent runs (see :func:`resolve_parallel`).
 PARALLEL_MODES = ("auto", "sequential", "process")
@@ -31,6 +31,12 @@ def available_cpus() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # macOS, Windows
         return max(1, os.cpu_count() or 1)
+
+
+def pool_size(n_tasks: int, max_workers: int | None = None) -> int:
+    """Worker processes :func:`map_in_processes` starts for ``n_tasks``: one per available CPU (or
+    ``max_workers``), never more than the tasks, at least 1."""
+    return max(1, min(n_tasks, max_workers or available_cpus()))
 
 
 def resolve_parallel(mode: str | None, device: str | None = "auto", option: str = "parallel") -> str:
@@ -84,11 +90,10 @@ def map_in_processes(fn: Callable, tasks: Iterable[Sequence[Any]], *, max_worker
     tasks = [tuple(t) for t in tasks]
     if not tasks:
         return []
-    cpus = available_cpus()
     if max_workers is not None and max_workers < 1:
         raise ValueError(f"max_workers must be >= 1 (or None for one per CPU), got {max_workers}")
-    workers = max(1, min(len(tasks), max_workers or cpus))
-    threads = max(1, cpus // workers)
+    workers = pool_size(len(tasks), max_workers)
+    threads = max(1, available_cpus() // workers)
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool, \
             tqdm(total=len(tasks), desc=desc, disable=bar_disabled(desc is not None), leave=False) as bar:
         futures = [pool.submit(_call_with_threads, threads, fn, args) for args in tasks]

@@ -327,7 +327,7 @@ def train_methods(settings, data, methods: Sequence[str], seeds: Sequence[int], 
     """
     from tqdm.auto import tqdm
 
-    from mlic_lib.process_pool import available_cpus, resolve_parallel, run_missing
+    from mlic_lib.process_pool import pool_size, resolve_parallel, run_missing
     from mlic_lib.utils import bar_disabled
 
     jobs = [(m, int(s)) for m in methods for s in seeds]
@@ -338,7 +338,7 @@ def train_methods(settings, data, methods: Sequence[str], seeds: Sequence[int], 
         pooled = run_missing(_pool_task, {(m, s): (settings, data, m, s, tag) for m, s in jobs},
                            lambda j: (method_run_dir(settings, j[0], j[1], tag) / "results.json").is_file(),
                            desc="SpliceMix runs (process pool)" if progress else None)
-        runs.workers = max(1, min(available_cpus(), len(pooled)))  # as map_in_processes sizes its pool
+        runs.workers = pool_size(len(pooled))
     for m, s in tqdm(jobs, desc="SpliceMix runs", disable=bar_disabled(progress), leave=False):
         runs[m, s] = train_method(settings, data, m, s, tag, run_dir=pooled[(m, s)][0] if (m, s) in pooled else None)
     for key, (_, cached) in pooled.items():  # loaded here from a worker's folder: a cache hit only if it was one there
