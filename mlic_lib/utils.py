@@ -214,26 +214,16 @@ def static_import_closure(roots: Iterable[str]) -> set[Path]:
     return seen
 
 
-def library_digest(roots: Iterable[str] | None = None) -> str:
-    """sha256 over the source of ``mlic_lib`` modules: with ``roots``, :func:`static_import_closure` of those
-    modules, the same in every process; without, the modules imported in this process.
+def library_digest(roots: Iterable[str] = ()) -> str:
+    """sha256 over the source of :func:`static_import_closure` of the ``mlic_lib`` modules ``roots`` (with none,
+    the package's ``__init__`` and what it imports): the same in every process, whatever it imported.
 
     Part of every cache key: :func:`mlic_lib.engine.run_dir_for` names its ``roots`` (the method's module and
     :data:`mlic_lib.engine.DATA_CODE`), so a change to the code a run uses retrains it, editing an unrelated
     module (another chapter's method, the figures, the reporting) does not, and the key is the same in a
-    chapter's kernel, a pool worker and ``mlic teachers``. The default covers whatever the process imported,
-    which depends on the import history.
+    chapter's kernel, a pool worker and ``mlic teachers``.
     """
-    import sys
-
-    if roots is not None:
-        files = static_import_closure(roots)
-    else:
-        files = {
-            Path(mod.__file__).resolve()
-            for name, mod in list(sys.modules.items())
-            if _in_package(name) and getattr(mod, "__file__", None)
-        }
+    files = static_import_closure(roots)
     h = hashlib.sha256()
     for f in sorted(files):
         if f.suffix == ".py" and f.is_file():
@@ -242,7 +232,7 @@ def library_digest(roots: Iterable[str] | None = None) -> str:
     return h.hexdigest()
 
 
-def config_hash(config: Mapping[str, Any], length: int = 16, code: Iterable[str] | None = None) -> str:
+def config_hash(config: Mapping[str, Any], length: int = 16, code: Iterable[str] = ()) -> str:
     """Stable hash of a JSON-able config together with the library version and source digest
     (:func:`library_digest` of ``code``)."""
     from mlic_lib import __version__

@@ -201,14 +201,16 @@ def test_scene_cache_roundtrip(tmp_path):
         np.testing.assert_array_equal(x, y)
 
 
-def test_library_digest_follows_imported_modules():
+def test_library_digest_does_not_follow_the_imported_modules():
+    """No digest depends on the process's import history (a default that did gave runs process-dependent keys):
+    importing another module changes neither the digest without roots nor a config hash."""
     import subprocess
     import sys
 
-    code = ("import mlic_lib.utils as u; a = u.library_digest(); import mlic_lib.metrics; b = u.library_digest(); "
-            "print(a != b, b == u.library_digest())")
+    code = ("import mlic_lib.utils as u; a, h = u.library_digest(), u.config_hash({'x': 1}); import mlic_lib.metrics; "
+            "print(a == u.library_digest(), h == u.config_hash({'x': 1}), a != u.library_digest(['mlic_lib.metrics']))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    assert out == ["True", "True"]
+    assert out == ["True", "True", "True"]
 
 
 def test_library_digest_of_named_modules_ignores_the_import_history():
