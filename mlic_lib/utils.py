@@ -214,21 +214,40 @@ def static_import_closure(roots: Iterable[str]) -> set[Path]:
     return seen
 
 
+@functools.cache
+def _code_digest(f: Path, mtime_ns: int, size: int) -> bytes:
+    """sha256 of what a source file does: its syntax tree without docstrings (``ast.dump`` leaves out comments,
+    layout and line numbers). Cached per file version (``mtime_ns``, ``size``) like :func:`_imported_files`."""
+    import ast
+
+    tree = ast.parse(f.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(
+                    first.value.value, str):
+                node.body = node.body[1:]
+    return hashlib.sha256(ast.dump(tree).encode()).digest()
+
+
 def library_digest(roots: Iterable[str] = ()) -> str:
-    """sha256 over the source of :func:`static_import_closure` of the ``mlic_lib`` modules ``roots`` (with none,
+    """sha256 over the code of :func:`static_import_closure` of the ``mlic_lib`` modules ``roots`` (with none,
     the package's ``__init__`` and what it imports): the same in every process, whatever it imported.
 
     Part of every cache key: :func:`mlic_lib.engine.run_dir_for` names its ``roots`` (the method's module and
     :data:`mlic_lib.engine.DATA_CODE`), so a change to the code a run uses retrains it, editing an unrelated
     module (another chapter's method, the figures, the reporting) does not, and the key is the same in a
-    chapter's kernel, a pool worker and ``mlic teachers``.
+    chapter's kernel, a pool worker and ``mlic teachers``. A file counts by its syntax tree without docstrings
+    (:func:`_code_digest`): editing a docstring, a comment or the layout retrains nothing. The tree's dump can
+    differ between Python versions, so a new Python retrains once.
     """
     files = static_import_closure(roots)
     h = hashlib.sha256()
     for f in sorted(files):
         if f.suffix == ".py" and f.is_file():
+            st = f.stat()
             h.update(str(f.relative_to(_PACKAGE_DIR)).encode())
-            h.update(f.read_bytes())
+            h.update(_code_digest(f, st.st_mtime_ns, st.st_size))
     return h.hexdigest()
 
 

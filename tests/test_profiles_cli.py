@@ -296,3 +296,33 @@ def test_cli_book_only_builds_a_partial_book_without_strict(monkeypatch, capsys)
     assert calls[-1][1]["strict"] is False and "partial book" in capsys.readouterr().out
     assert cli.main(["book", "--profile", "smoke"]) == 0
     assert calls[-1][1]["strict"] is True
+
+
+def test_library_digest_ignores_docstrings_comments_and_layout(tmp_path, monkeypatch):
+    """A cache key follows what the code does: a docstring, comment or layout edit keeps it (no retraining), any
+    change to a statement, a constant or a string that is not a docstring changes it."""
+    import os
+
+    import mlic_lib.utils as u
+
+    (tmp_path / "__init__.py").write_text('"""Package."""\nfrom mlic_lib import method\n')
+    method = tmp_path / "method.py"
+    monkeypatch.setattr(u, "_PACKAGE_DIR", tmp_path)
+
+    def digest(src: str) -> str:
+        method.write_text(src)
+        st = method.stat()
+        os.utime(method, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # a new version for the file cache
+        return u.library_digest(["mlic_lib.method"])
+
+    base = digest('"""Module."""\n\n\nclass A:\n    """A."""\n\n    def f(self, x):\n        """Eq. 1."""\n'
+                  '        return x + 1  # plus one\n')
+    same = ['"""Module, reworded."""\nclass A:\n    """Another text."""\n    def f(self, x):\n'
+            '        """Eq. 2, really."""\n        # a comment\n        return (x +\n                1)\n',
+            'class A:\n    def f(self, x):\n        return x + 1\n']
+    changed = ['"""Module."""\nclass A:\n    def f(self, x):\n        return x + 2\n',
+               '"""Module."""\nclass A:\n    def f(self, y):\n        return y + 1\n',
+               '"""Module."""\nclass A:\n    def f(self, x):\n        "Eq. 1."\n        x = "text"\n        return x\n',
+               '"""Module."""\nclass A:\n    def f(self, x):\n        return x + 1\nB = "doc-like string"\n']
+    assert [digest(s) for s in same] == [base, base]
+    assert len({base, *[digest(s) for s in changed]}) == 1 + len(changed)
