@@ -26,6 +26,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     files: dict[str, bytes] = {}
     log: list[tuple[str, str | None]] = []
     cut: dict[str, int] = {}  # path -> bytes sent before the connection closes (Content-Length says more)
+    no_range: set[str] = set()  # paths whose server ignores Range (answers 200 with the whole body)
+    chunked_cut: dict[str, int] = {}  # path -> bytes sent in one chunk of a chunked answer that then closes
 
     def do_GET(self):  # noqa: N802
         body = self.files.get(self.path)
@@ -33,8 +35,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if body is None:
             self.send_error(404)
             return
+        if self.path in self.chunked_cut:
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            n = self.chunked_cut[self.path]
+            self.wfile.write(f"{len(body):x}\r\n".encode() + body[:n])  # a chunk announced whole, cut short
+            self.close_connection = True
+            return
         rng = self.headers.get("Range")
-        if rng:
+        if rng and self.path not in self.no_range:
             start = int(re.match(r"bytes=(\d+)-", rng).group(1))
             self.send_response(206)
             self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
@@ -51,7 +61,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server():
-    _Handler.files, _Handler.log, _Handler.cut = {}, [], {}
+    _Handler.files, _Handler.log, _Handler.cut, _Handler.no_range, _Handler.chunked_cut = {}, [], {}, set(), {}
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -139,6 +149,72 @@ def test_a_wrong_file_from_the_first_url_falls_back_to_the_mirror(server, tmp_pa
     download.prepare("fake", tmp_path, progress=False)
     assert (tmp_path / "downloads" / "fake" / "fake.tar").read_bytes() == VOC_TAR
     assert [p for p, _ in handler.log] == ["/official/fake.tar", "/mirror/fake.tar"]
+
+
+def test_a_wrong_answer_to_a_resume_request_keeps_the_partial_file(server, tmp_path, monkeypatch):
+    """An error page served with status 200 to a Range request must not overwrite a partial download (COCO has one
+    URL: that would throw away gigabytes): the partial file is kept and the mirror resumes it."""
+    url, handler = server
+    handler.files["/official/fake.tar"] = b"<html>busy</html>"
+    handler.no_range.add("/official/fake.tar")
+    handler.files["/mirror/fake.tar"] = VOC_TAR
+    f = RemoteFile("fake.tar", (f"{url}/official/fake.tar", f"{url}/mirror/fake.tar"), len(VOC_TAR),
+                   hashlib.sha256(VOC_TAR).hexdigest())
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    (downloads / "fake.tar.part").write_bytes(VOC_TAR[:4000])
+    assert download.download(f, downloads, progress=False).read_bytes() == VOC_TAR
+    assert handler.log == [("/official/fake.tar", "bytes=4000-"), ("/mirror/fake.tar", "bytes=4000-")]
+    assert not list(downloads.glob("*.bad"))
+    # with no mirror: an error that says the partial file is kept, and the file is as it was
+    (downloads / "fake.tar").unlink()
+    (downloads / "fake.tar.part").write_bytes(VOC_TAR[:4000])
+    one = dataclasses.replace(f, urls=f.urls[:1])
+    with pytest.raises(ConnectionError, match="(?s)status 200 with 17 bytes.*partial file is kept"):
+        download.download(one, downloads, progress=False)
+    assert (downloads / "fake.tar.part").read_bytes() == VOC_TAR[:4000]
+
+
+def test_a_server_that_ignores_range_sends_the_whole_file_and_the_download_starts_over(server, tmp_path, monkeypatch):
+    url, handler = server
+    handler.files["/fake.tar"] = VOC_TAR
+    handler.no_range.add("/fake.tar")
+    entry = _entry(monkeypatch, url, VOC_TAR)
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    (downloads / "fake.tar.part").write_bytes(b"x" * 1000)  # a wrong prefix: resuming it would give a bad file
+    assert download.download(entry.files[0], downloads, progress=False).read_bytes() == VOC_TAR
+    assert handler.log == [("/fake.tar", "bytes=1000-")]
+
+
+def test_a_chunked_answer_cut_short_is_a_connection_error_and_the_mirror_is_tried(server, tmp_path):
+    """``http.client.IncompleteRead`` is not an ``OSError``: it must count as a failed URL like any other."""
+    url, handler = server
+    handler.files["/official/fake.tar"] = handler.files["/mirror/fake.tar"] = VOC_TAR
+    handler.chunked_cut["/official/fake.tar"] = 2000
+    f = RemoteFile("fake.tar", (f"{url}/official/fake.tar", f"{url}/mirror/fake.tar"), len(VOC_TAR),
+                   hashlib.sha256(VOC_TAR).hexdigest())
+    assert download.download(f, tmp_path, progress=False).read_bytes() == VOC_TAR
+    assert [p for p, _ in handler.log] == ["/official/fake.tar", "/mirror/fake.tar"]
+    (tmp_path / "fake.tar").unlink()
+    with pytest.raises(ConnectionError, match="IncompleteRead"):
+        download.download(dataclasses.replace(f, urls=f.urls[:1]), tmp_path, progress=False)
+
+
+def test_an_archive_cut_short_in_the_downloads_folder_is_downloaded_again(server, tmp_path, monkeypatch, capsys):
+    """An archive copied into the downloads folder by hand and cut short (an interrupted ``cp``) is caught by its
+    size, moved aside, and downloaded again: it is never unpacked."""
+    url, handler = server
+    handler.files["/fake.tar"] = VOC_TAR
+    _entry(monkeypatch, url, VOC_TAR)
+    downloads = tmp_path / "downloads" / "fake"
+    downloads.mkdir(parents=True)
+    (downloads / "fake.tar").write_bytes(VOC_TAR[:1024])
+    download.prepare("fake", tmp_path, progress=False)
+    assert (downloads / "fake.tar").read_bytes() == VOC_TAR
+    assert (downloads / "fake.tar.bad").read_bytes() == VOC_TAR[:1024]
+    assert "no longer matches its size" in capsys.readouterr().err
+    assert len(handler.log) == 1
 
 
 def test_a_dataset_is_present_only_when_every_file_was_prepared(server, tmp_path, monkeypatch):
@@ -247,6 +323,40 @@ def test_archives_that_escape_the_target_are_refused(tmp_path):
     with pytest.raises(RuntimeError, match="refusing"):
         download.unpack(evil, tmp_path / "dest")
     assert not (tmp_path / "outside.txt").exists()
+
+
+@pytest.mark.parametrize("target", ["/etc", "../../outside"])
+@pytest.mark.parametrize("kind", [tarfile.SYMTYPE, tarfile.LNKTYPE])
+def test_links_that_leave_the_target_are_refused_without_the_data_filter(tmp_path, monkeypatch, target, kind):
+    """Python before 3.10.12 / 3.11.4 has no tarfile ``data`` filter: the library's own check must refuse a link
+    out of the folder (and a file written through it) before anything is extracted."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as t:
+        link = tarfile.TarInfo("VOCdevkit/lnk")
+        link.type, link.linkname = kind, target
+        t.addfile(link)
+        info = tarfile.TarInfo("VOCdevkit/lnk/evil.txt")
+        info.size = 1
+        t.addfile(info, io.BytesIO(b"x"))
+    evil = tmp_path / "links.tar"
+    evil.write_bytes(buf.getvalue())
+    monkeypatch.delattr(tarfile, "data_filter", raising=False)
+    with pytest.raises(RuntimeError, match=f"refusing to extract the link 'VOCdevkit/lnk' -> '{target}'"):
+        download.unpack(evil, tmp_path / "a" / "b" / "dest")
+    assert not (tmp_path / "a" / "b" / "dest" / "VOCdevkit").exists()
+
+
+def test_a_damaged_archive_is_a_clear_error_and_nothing_is_unpacked(tmp_path):
+    bad = tmp_path / "cut.tar.gz"
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as t:
+        info = tarfile.TarInfo("VOCdevkit/a.txt")
+        info.size = 5000
+        t.addfile(info, io.BytesIO(bytes(5000)))
+    bad.write_bytes(buf.getvalue()[:-40])  # the gzip stream ends early
+    with pytest.raises(RuntimeError, match="could not unpack .*cut.tar.gz.*delete the archive and rerun"):
+        download.unpack(bad, tmp_path / "dest")
+    assert list((tmp_path / "dest").iterdir()) == []
 
 
 def test_registry_is_well_formed():

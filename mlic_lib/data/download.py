@@ -13,6 +13,7 @@ one of its files was prepared.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import shutil
 import sys
@@ -45,7 +46,9 @@ def _fetch(url: str, part: Path, expected_size: int | None, progress: bool) -> N
     """Download ``url`` into ``part``, resuming from its current length when the server allows it.
 
     A connection that closes before the announced length raises ``ConnectionError`` and keeps ``part``
-    (``http.client`` returns a short read there instead of raising), so a rerun resumes it.
+    (``http.client`` returns a short read there instead of raising), so a rerun resumes it. A server that answers
+    a resume request with something else than the rest of the file (status 200 with an error page, say) leaves
+    ``part`` untouched too: it starts over only when the answer has the file's full size (it ignored ``Range``).
     """
     from tqdm.auto import tqdm
 
@@ -59,9 +62,15 @@ def _fetch(url: str, part: Path, expected_size: int | None, progress: bool) -> N
         return
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
     with urllib.request.urlopen(request, timeout=60) as response:
-        resumed = have > 0 and getattr(response, "status", 200) == 206
+        status = getattr(response, "status", 200)
+        resumed = have > 0 and status == 206
         if have and not resumed:
-            have = 0  # the server ignored Range: start over
+            if expected_size is not None and response.length != expected_size:
+                raise ConnectionError(
+                    f"asked for the rest of {part.name} ({have:,} bytes kept), the server answered status {status} "
+                    f"with {response.length if response.length is not None else 'an unknown number of'} bytes, "
+                    f"not the {expected_size:,}-byte file; the partial file is kept (delete it to start over)")
+            have = 0  # the server ignored Range and sends the whole file: start over
         total = response.length + have if response.length is not None else expected_size
         with open(part, "ab" if resumed else "wb") as out, tqdm(
             total=total, initial=have, unit="B", unit_scale=True, desc=part.name.removesuffix(".part"),
@@ -89,17 +98,20 @@ def download(file: RemoteFile, folder: Path, progress: bool = True, allow_unveri
     The URLs are tried in order: a connection error or a file of the wrong size or sha256 (an error page
     served with status 200, say) moves on to the next one. A wrong file is moved aside to ``*.bad`` and
     never used; an interrupted one stays as ``*.part`` for the next run to resume. A file already downloaded
-    is returned as it is (it was verified when it was renamed into place), or, with ``reverify``, checked
-    again first and downloaded anew if it changed on disk since.
+    is returned after a size check (its sha256 was verified when it was renamed into place; a file copied
+    there by hand and cut short is caught by its size), or, with ``reverify``, after a sha256 check too; one
+    that fails is moved aside and downloaded anew.
     """
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / file.name
     if final.is_file():
-        if not reverify or _matches(file, final)[0]:
+        size_ok = file.size is None or final.stat().st_size == file.size
+        if size_ok and (not reverify or _matches(file, final)[0]):
             return final
         bad = final.with_name(final.name + ".bad")
         final.replace(bad)
-        print(f"{file.name} no longer matches its sha256: moved to {bad}, downloading again", file=sys.stderr)
+        what = "its size" if not size_ok else "its sha256"
+        print(f"{final} no longer matches {what}: moved to {bad}, downloading again", file=sys.stderr)
     if file.sha256 is None and not allow_unverified:
         raise ChecksumError(
             f"{file.name} has no recorded sha256 in mlic_lib/data/registry.py; rerun with --allow-unverified "
@@ -110,8 +122,8 @@ def download(file: RemoteFile, folder: Path, progress: bool = True, allow_unveri
     for url in file.urls:
         try:
             _fetch(url, part, file.size, progress)
-        except (urllib.error.URLError, OSError) as err:
-            errors.append(f"{url}: {err}")
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as err:  # IncompleteRead is neither
+            errors.append(f"{url}: {err!r}" if isinstance(err, http.client.HTTPException) else f"{url}: {err}")
             continue
         ok, size, digest = _matches(file, part)
         if not ok:
@@ -134,11 +146,22 @@ def download(file: RemoteFile, folder: Path, progress: bool = True, allow_unveri
     raise ConnectionError(f"could not download {file.name} ({kept}):\n  " + "\n  ".join(errors))
 
 
-def _safe_members(names: list[str]) -> None:
+def _leaves(name: str) -> bool:
+    p = Path(name)
+    return p.is_absolute() or ".." in p.parts
+
+
+def _safe_members(names: list[str], links: dict[str, str] | None = None) -> None:
+    """Refuse an archive with a member path, or a link target (``links``: member -> target), that would leave the
+    target folder (absolute, or with ``..``); the check does not rely on tarfile's ``data`` filter, which Python
+    before 3.10.12 / 3.11.4 lacks. No dataset archive has a link; a relative one without ``..`` is allowed."""
     for name in names:
-        p = Path(name)
-        if p.is_absolute() or ".." in p.parts:
+        if _leaves(name):
             raise RuntimeError(f"refusing to extract {name!r}: it would leave the target folder")
+    for name, target in (links or {}).items():
+        if _leaves(target):
+            raise RuntimeError(f"refusing to extract the link {name!r} -> {target!r}: it points outside the target "
+                               "folder")
 
 
 def _merge(src: Path, dst: Path) -> None:
@@ -170,11 +193,16 @@ def unpack(archive: Path, dest: Path) -> None:
                 z.extractall(tmp)
         else:
             with tarfile.open(archive) as t:
-                _safe_members(t.getnames())
+                members = t.getmembers()
+                _safe_members([m.name for m in members], {m.name: m.linkname for m in members if m.issym()} | {
+                    m.name: m.linkname for m in members if m.islnk()})
                 # the "data" filter (Python >= 3.10.12 / 3.11.4) also refuses links that leave the folder
                 t.extractall(tmp, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
         for item in tmp.iterdir():
             _merge(item, dest / item.name)
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError) as err:
+        raise RuntimeError(f"could not unpack {archive}: {err!r}. Nothing was written to {dest}; delete the archive "
+                           "and rerun to download it again") from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
