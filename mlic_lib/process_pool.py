@@ -70,6 +70,22 @@ def _call_with_threads(threads: int, fn: Callable, args: Sequence[Any]) -> Any:
     return fn(*args)
 
 
+def _stop(pool) -> None:
+    """Stop ``pool`` now: cancel the queued tasks and terminate the workers, running tasks included (their runs
+    resume from their last checkpoint next time). ``shutdown`` alone waits for every task already handed to a
+    worker's queue, which can be all of them."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    if hasattr(pool, "terminate_workers"):  # Python >= 3.14
+        pool.terminate_workers()
+    else:
+        for proc in processes:
+            if proc.is_alive():
+                proc.terminate()
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in processes:
+        proc.join(timeout=10)
+
+
 def map_in_processes(fn: Callable, tasks: Iterable[Sequence[Any]], *, max_workers: int | None = None,
                      desc: str | None = None) -> list[Any]:
     """``[fn(*args) for args in tasks]``, computed in a spawn-based ``ProcessPoolExecutor``.
@@ -77,7 +93,9 @@ def map_in_processes(fn: Callable, tasks: Iterable[Sequence[Any]], *, max_worker
     ``fn`` must be a module-level function (spawned workers import it) and ``args`` picklable.
     ``max_workers`` (default: one per available CPU) is capped by the number of tasks; each worker
     uses ``available_cpus() // workers`` torch threads. ``desc`` shows a progress bar over finished
-    tasks. The first exception raised by a task is re-raised here (the other tasks are cancelled).
+    tasks. The first exception raised by a task is re-raised here, and an interrupt (a notebook's "interrupt
+    kernel", Ctrl-C) stops the pool too: in both cases the workers are terminated at once, the tasks still
+    running included, instead of training every remaining run first.
     """
     import multiprocessing as mp
     from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
@@ -94,21 +112,25 @@ def map_in_processes(fn: Callable, tasks: Iterable[Sequence[Any]], *, max_worker
         raise ValueError(f"max_workers must be >= 1 (or None for one per CPU), got {max_workers}")
     workers = pool_size(len(tasks), max_workers)
     threads = max(1, available_cpus() // workers)
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool, \
-            tqdm(total=len(tasks), desc=desc, disable=bar_disabled(desc is not None), leave=False) as bar:
-        futures = [pool.submit(_call_with_threads, threads, fn, args) for args in tasks]
-        for f in futures:
-            f.add_done_callback(lambda _: bar.update(1))
-        done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))
+    try:
+        with tqdm(total=len(tasks), desc=desc, disable=bar_disabled(desc is not None), leave=False) as bar:
+            futures = [pool.submit(_call_with_threads, threads, fn, args) for args in tasks]
+            for f in futures:
+                f.add_done_callback(lambda _: bar.update(1))
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
         failed = [f for f in futures if f in done and f.exception() is not None]
         if failed:
-            for f in pending:
-                f.cancel()
             exc = failed[0].exception()
             if isinstance(exc, BrokenProcessPool):
                 raise RuntimeError(_BROKEN_POOL_HELP) from exc
             raise exc
-        return [f.result() for f in futures]
+        results = [f.result() for f in futures]
+    except BaseException:
+        _stop(pool)
+        raise
+    pool.shutdown(wait=True)
+    return results
 
 
 def run_missing(fn: Callable, jobs: Mapping[Hashable, Sequence[Any]], done: Callable[[Hashable], bool], *,

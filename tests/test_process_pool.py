@@ -36,14 +36,14 @@ def test_run_missing_skips_what_is_done():
     assert run_missing(pow, jobs, lambda k: True) == {}
 
 
-def _run_script(path, cwd):
+def _run_script(path, cwd, *args):
     """Run a Python script in its own process group; on a timeout kill the group (spawned workers included)."""
     import os
     import signal
     import subprocess
     import sys
 
-    proc = subprocess.Popen([sys.executable, str(path)], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, str(path), *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=120)
@@ -69,6 +69,56 @@ def test_unguarded_script_gets_a_clear_error(tmp_path):
                        "    print(map_in_processes(pow, [(2, 3), (3, 2)], max_workers=2))\n")
     rc, out, _ = _run_script(guarded, tmp_path)
     assert rc == 0 and "[8, 9]" in out
+
+
+_STOP_SCRIPT = """
+import os, signal, sys, threading, time
+from pathlib import Path
+from mlic_lib.process_pool import map_in_processes
+
+def wait_for(path):
+    for _ in range(1200):
+        if path.exists():
+            return
+        time.sleep(0.05)
+
+def task(i, marks):
+    Path(marks, f"started-{i}").touch()
+    if i == 0:
+        wait_for(Path(marks, "started-1"))  # fail while another task is running
+        raise ValueError("task 0 failed")
+    time.sleep(5.0)
+    Path(marks, f"done-{i}").touch()
+
+if __name__ == "__main__":
+    marks, how = sys.argv[1], sys.argv[2]
+    first = 1 if how == "interrupt" else 0
+    if how == "interrupt":  # Ctrl-C (a notebook's "interrupt kernel") while a task runs
+        threading.Thread(target=lambda: (wait_for(Path(marks, "started-1")), os.kill(os.getpid(), signal.SIGINT)),
+                         daemon=True).start()
+    try:
+        map_in_processes(task, [(i, marks) for i in range(first, first + 4)], max_workers=2)
+    except (ValueError, KeyboardInterrupt) as err:
+        print("stopped:", type(err).__name__, err)
+    time.sleep(6.0)  # longer than a task: a worker left running would have written its mark by now
+    print("done:", sorted(p.name for p in Path(marks).glob("done-*")))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["failure", "interrupt"])
+def test_a_failure_or_an_interrupt_stops_the_running_tasks(tmp_path, how):
+    """The first failure (or an interrupt) terminates the workers at once: the task running beside the failed one
+    and the queued ones never finish (before, the pool trained every remaining run before raising)."""
+    script = tmp_path / "stop.py"
+    script.write_text(_STOP_SCRIPT)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    rc, out, err = _run_script(script, tmp_path, str(marks), how)
+    assert rc == 0, err
+    expected = "stopped: ValueError task 0 failed" if how == "failure" else "stopped: KeyboardInterrupt"
+    assert expected in out
+    assert "done: []" in out, out
 
 
 @pytest.fixture
