@@ -10,7 +10,10 @@ Modelled on torchvision's ``references/classification``. What it adds for the bo
   GPU would make the host wait for the device at every step);
 * **checkpoints and resume**: with a ``run_dir`` every epoch ends with an atomic ``last.pt``
   (model, optimizer, scheduler, EMA, RNG states, history); an interrupted ``fit`` called again
-  continues where it stopped and ends with the same numbers as an uninterrupted run;
+  continues where it stopped and ends with the same numbers as an uninterrupted run. A run folder is only
+  loaded or resumed by the training config that wrote it (up to :data:`RUN_CONFIG_IGNORED`); a damaged file in
+  it is moved aside (``<name>.corrupt``) with a warning and the run trained again, and the temporary files a
+  killed writer left there are removed;
 * **cache**: :func:`run_dir_for` names the folder after a hash of (config, library version, library
   source), so a finished run is loaded instead of retrained (``results.json`` + ``final.pt``);
 * **GPU path**: bf16 autocast and channels_last on CUDA, non-blocking copies, losses accumulated
@@ -23,9 +26,15 @@ Checkpoints are read with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import os
+import pickle
 import random
+import re
+import stat
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -144,6 +153,9 @@ class TrainConfig:
             raise ValueError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch_size must be positive")
+        if not (self.lr > 0 and math.isfinite(self.lr)) or not self.weight_decay >= 0:
+            raise ValueError(f"lr must be a finite number > 0 and weight_decay >= 0, got {self.lr} and "
+                             f"{self.weight_decay}")
         if self.eval_every < 0:
             raise ValueError(f"eval_every must be >= 0 (0 = evaluate after the last epoch only), got {self.eval_every}")
         if self.warmup_steps < 0 or self.warmup_epochs < 0 or not 0.0 <= self.warmup_start < 1.0:
@@ -220,8 +232,6 @@ def _warn_strided_pointwise(model: nn.Module) -> None:
     names = [n for n, m in model.named_modules()
              if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.stride != (1, 1)]
     if names and torch.get_num_threads() > 1:
-        import warnings
-
         warnings.warn(f"channels_last on CPU with strided 1x1 convolutions ({', '.join(names[:3])}"
                       f"{', ...' if len(names) > 3 else ''}): torch 2.13's CPU kernel for their weight gradient can "
                       "corrupt memory with odd batch sizes. Set channels_last: false (TrainConfig / the profile's "
@@ -526,6 +536,169 @@ def _strip_ddp(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+# ------------------------------------------------------------------------------ run folders
+#: :class:`TrainConfig` fields that may differ between the ``fit`` that wrote a run folder and a ``fit`` that loads
+#: or resumes it: they say where, how fast or how often something runs, not what is trained. ``device`` and
+#: ``channels_last``: the same computation on other hardware or in another memory layout (a run trained on a GPU
+#: loads on a laptop; ``psd`` trains its teachers on ``cuda:LOCAL_RANK`` and loads them with ``auto``);
+#: ``num_workers``: how many processes read the data (with random augmentation the draws come from other
+#: streams, the recipe is the same); ``log_every``: how often the progress bar, and the finite-loss check, read the
+#: loss; ``eval_batch_size`` and ``eval_every``: evaluation only, the training is the same (a loaded run's history
+#: has the evaluations of the run that wrote it). Every other field changes the trained weights (or, like
+#: ``epochs`` and ``batch_size``, the LR schedule a checkpoint's scheduler state belongs to).
+RUN_CONFIG_IGNORED: tuple[str, ...] = ("device", "channels_last", "num_workers", "log_every", "eval_batch_size",
+                                       "eval_every")
+
+#: What reading a damaged checkpoint / ``results.json`` raises: ``torch.load`` of a truncated, empty or bit-flipped
+#: file raises any of these (``ValueError`` covers ``JSONDecodeError`` and ``UnicodeDecodeError``); ``KeyError``: an
+#: entry ``fit`` writes is missing. :data:`_NOT_DAMAGE` are subclasses that say nothing about the file.
+_UNREADABLE = (pickle.UnpicklingError, EOFError, OSError, RuntimeError, ValueError, KeyError, IndexError)
+#: A full GPU (``map_location``) and a file of another user's are errors of their own, never a reason to retrain.
+_NOT_DAMAGE = (torch.OutOfMemoryError, PermissionError)
+
+#: The entries of ``last.pt`` (``ema`` and ``scaler`` only when used) and of ``results.json`` that ``fit`` needs.
+_CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "epoch", "history", "rng_ranks", "config")
+_RESULTS_KEYS = ("history", "final", "config")
+
+#: The temporary files :func:`mlic_lib.utils.atomic_open` creates for ``fit``'s files: ``.<name>.<8 random
+#: characters of tempfile.mkstemp>.tmp``. A writer killed mid-write (SIGKILL, the OOM killer, a power cut) leaves
+#: one behind; ``fit`` removes those older than :data:`STALE_TEMP_SECONDS` (a live writer's file is younger: every
+#: write updates its modification time).
+_TEMP_NAME = re.compile(r"\.(?:last\.pt|final\.pt|results\.json)\.[a-z0-9_]{8}\.tmp")
+STALE_TEMP_SECONDS = 300.0
+
+
+def remove_stale_temp_files(run_dir: str | Path, older_than: float = STALE_TEMP_SECONDS) -> list[Path]:
+    """Delete the temporary files of ``fit``'s atomic writes (``.last.pt.XXXXXXXX.tmp``, ...) in ``run_dir`` that
+    were last modified more than ``older_than`` seconds ago: leftovers of a killed writer. Returns what it
+    deleted. Files of another name are never touched."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    removed, now = [], time.time()
+    for f in run_dir.iterdir():
+        if not _TEMP_NAME.fullmatch(f.name):
+            continue
+        with contextlib.suppress(FileNotFoundError):  # its writer renamed it, or another process removed it
+            st = f.lstat()
+            if stat.S_ISREG(st.st_mode) and now - st.st_mtime > older_than:
+                f.unlink()
+                removed.append(f)
+    return removed
+
+
+def _describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+
+
+def _set_aside(path: Path, error: BaseException, rank: int, then: str) -> None:
+    """Rename the damaged ``path`` to ``<name>.corrupt`` (replacing an older one) and warn; under DDP only rank 0
+    renames and warns (every rank reads the same file and reaches the same decision). An ``error`` of
+    :data:`_NOT_DAMAGE` is raised again instead."""
+    if isinstance(error, _NOT_DAMAGE):
+        raise error
+    if rank != 0:
+        return
+    aside = path.with_name(f"{path.name}.corrupt")
+    try:
+        os.replace(path, aside)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise OSError(f"{path} is damaged or unreadable ({_describe(error)}) and could not be moved "
+                      f"aside ({e}): delete it, or pass a run_dir you can write to") from e
+    warnings.warn(f"{path} is damaged or unreadable ({_describe(error)}); moved it to {aside.name}, {then}",
+                  RuntimeWarning, stacklevel=4)
+
+
+def _checked_entries(obj: Any, required: tuple[str, ...]) -> dict:
+    """``obj`` if it is a dict with every key of ``required`` (and a dict as its ``config``, if required); else the
+    error that makes the file count as damaged."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"it holds a {type(obj).__name__}, not the dict fit writes")
+    missing = [k for k in required if k not in obj]
+    if missing:
+        raise KeyError(f"no {', '.join(missing)} entry")
+    if "config" in required and not isinstance(obj["config"], dict):
+        raise ValueError(f"its config is a {type(obj['config']).__name__}, not a dict")
+    return obj
+
+
+def _read_checkpoint(path: Path, device: torch.device, required: tuple[str, ...]) -> dict:
+    return _checked_entries(load_checkpoint(path, map_location=device), required)
+
+
+def _read_results(path: Path) -> dict:
+    return _checked_entries(json.loads(path.read_text(encoding="utf-8")), _RESULTS_KEYS)
+
+
+def _config_changes(saved: Mapping[str, Any], cfg: TrainConfig) -> list[str]:
+    """The fields (outside :data:`RUN_CONFIG_IGNORED`) in which the config ``saved`` in a run folder differs from
+    ``cfg``, as ``'name: old -> new'``. A field the saved config lacks (written before the field existed)
+    counts as its default; lists and tuples compare alike (``results.json`` stores tuples as lists)."""
+    now, defaults, absent = cfg.to_dict(), TrainConfig().to_dict(), "<no such option>"
+
+    def plain(v: Any) -> Any:
+        return list(v) if isinstance(v, (list, tuple)) else v
+
+    changes = []
+    for name in sorted(set(saved) | set(now)):
+        old = plain(saved[name]) if name in saved else plain(defaults.get(name, absent))
+        new = plain(now.get(name, absent))
+        if name not in RUN_CONFIG_IGNORED and old != new:
+            changes.append(f"{name}: {old!r} -> {new!r}")
+    return changes
+
+
+def _check_config(saved: Mapping[str, Any], cfg: TrainConfig, path: Path, what: str) -> None:
+    changes = _config_changes(saved, cfg)
+    if changes:
+        raise ValueError(
+            f"{path} is {what} with another training config ({'; '.join(changes)}). Pass another run_dir for "
+            f"these settings, delete {path.parent} to train it again with them, or restore the old settings to "
+            f"{'load' if path.name == 'results.json' else 'resume'} it (fields that may differ: "
+            f"{', '.join(RUN_CONFIG_IGNORED)}).")
+
+
+def _load_finished(run_dir: Path, model: nn.Module, cfg: TrainConfig, device: torch.device,
+                   rank: int) -> FitResult | None:
+    """The cached run in ``run_dir`` (``results.json`` + ``final.pt``) with its weights loaded into ``model``, or
+    ``None`` when there is none or one of the two files is damaged (then moved aside: the run is trained again)."""
+    results, final = run_dir / "results.json", run_dir / "final.pt"
+    if not (results.is_file() and final.is_file()):
+        return None
+    then = "so the run is trained again (or resumed from last.pt)"
+    try:
+        saved = _read_results(results)
+    except _UNREADABLE as e:
+        _set_aside(results, e, rank, then)
+        return None
+    _check_config(saved["config"], cfg, results, "a finished run")
+    try:
+        state = _read_checkpoint(final, device, ("model",))
+    except _UNREADABLE as e:
+        _set_aside(final, e, rank, then)
+        return None
+    model.load_state_dict(state["model"])
+    return FitResult(model, saved["history"], saved["final"], run_dir, True, saved.get("seconds", 0.0),
+                     saved.get("extras", {}))
+
+
+def _read_last(run_dir: Path, cfg: TrainConfig, device: torch.device, rank: int) -> dict | None:
+    """The checkpoint ``last.pt`` of an interrupted run in ``run_dir``, or ``None`` when there is none or it is
+    damaged (then moved aside: training starts from scratch). A config that differs is a ``ValueError``."""
+    path = run_dir / "last.pt"
+    if not path.is_file():
+        return None
+    try:
+        ckpt = _read_checkpoint(path, device, _CHECKPOINT_KEYS)
+    except _UNREADABLE as e:
+        _set_aside(path, e, rank, "so training starts from scratch")
+        return None
+    _check_config(ckpt["config"], cfg, path, "the checkpoint of an interrupted run")
+    return ckpt
+
+
 def fit(model: nn.Module, train_data: Dataset | Iterable, val_data: Dataset | Iterable | None,
         cfg: TrainConfig, *, step: Callable | None = None, run_dir: str | Path | None = None,
         resume: bool = True, progress: bool = True, predict_fn: Callable = default_predict,
@@ -545,7 +718,10 @@ def fit(model: nn.Module, train_data: Dataset | Iterable, val_data: Dataset | It
         with ``find_unused_parameters = True`` gets a wrapper that tolerates parameters without gradient.
     run_dir : folder for ``last.pt`` / ``final.pt`` / ``results.json``. If ``results.json`` and
         ``final.pt`` exist the run is loaded, not trained; if ``last.pt`` exists (an interrupted run)
-        and ``resume`` is true, training continues from it. ``None`` disables both.
+        and ``resume`` is true, training continues from it. ``None`` disables both. Either is a ``ValueError``
+        when the folder's run had another config (fields outside :data:`RUN_CONFIG_IGNORED`). A damaged file
+        is moved aside to ``<name>.corrupt`` with a warning (the run is trained again, or resumed from a readable
+        ``last.pt``); leftover temporary files of a killed writer are removed (:func:`remove_stale_temp_files`).
     on_epoch_end : ``callback(epoch, logs)`` after each epoch's checkpoint is written.
     steps_per_epoch : needed for the LR schedule when ``train_data`` is an iterable without ``len``.
     """
@@ -558,18 +734,19 @@ def fit(model: nn.Module, train_data: Dataset | Iterable, val_data: Dataset | It
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if run_dir is not None and (run_dir / "results.json").is_file() and (run_dir / "final.pt").is_file():
-        import json
-
-        state = load_checkpoint(run_dir / "final.pt", map_location=device)
-        model.load_state_dict(state["model"])
-        saved = json.loads((run_dir / "results.json").read_text())
-        return FitResult(model, saved["history"], saved["final"], run_dir, True, saved.get("seconds", 0.0),
-                         saved.get("extras", {}))
+    world, rank, _ = distributed_info()
+    ckpt = None
+    if run_dir is not None:
+        if rank == 0:
+            remove_stale_temp_files(run_dir)
+        cached = _load_finished(run_dir, model, cfg, device, rank)
+        if cached is not None:
+            return cached
+        if resume:
+            ckpt = _read_last(run_dir, cfg, device, rank)
 
     if channels_last and device.type == "cpu":  # only when it trains (a cached run only loads)
         _warn_strided_pointwise(model)
-    world, rank, _ = distributed_info()
     seed_everything(rank_seed(cfg.seed, rank))
     autocast, scaler = _autocast(device, cfg.amp)
     train_model: nn.Module = model
@@ -588,8 +765,7 @@ def fit(model: nn.Module, train_data: Dataset | Iterable, val_data: Dataset | It
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
     history: list[dict[str, float]] = []
     start_epoch = 0
-    if run_dir is not None and resume and (run_dir / "last.pt").is_file():
-        ckpt = load_checkpoint(run_dir / "last.pt", map_location=device)
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])

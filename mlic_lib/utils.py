@@ -87,9 +87,13 @@ def atomic_open(path: str | os.PathLike, mode: str):
     """Open a temporary file next to ``path``; on success fsync and rename it over ``path``, then fsync the folder
     (so the rename itself survives a power cut).
 
-    A crash or exception mid-write leaves the previous file intact and no temporary file behind. The file gets
-    the permissions a plain ``open`` would give (``mkstemp``'s are owner-only, which would lock other users out
-    of a shared cache)."""
+    An exception mid-write (``KeyboardInterrupt`` included) leaves the previous file intact and removes the
+    temporary file. A process killed mid-write (SIGKILL, the OOM killer, a power cut) also leaves the previous file
+    intact, but can leave its temporary file ``.<name>.XXXXXXXX.tmp`` behind (``tempfile.mkstemp``'s name: 8
+    random characters); :func:`mlic_lib.engine.fit` removes such leftovers of its own files from a run folder
+    when it next runs there (:func:`mlic_lib.engine.remove_stale_temp_files`). The file gets the permissions a
+    plain ``open`` would give (``mkstemp``'s are owner-only, which would lock other users out of a shared
+    cache)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -110,7 +114,8 @@ def atomic_open(path: str | os.PathLike, mode: str):
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
 
-    A crash mid-write leaves the previous file intact, never a truncated checkpoint.
+    A crash mid-write leaves the previous file intact, never a truncated checkpoint (a killed process may leave
+    its temporary file behind: see :func:`atomic_open`).
     """
     with atomic_open(path, "wb") as fh:
         torch.save(obj, fh)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
+import re
+import time
 
 import numpy as np
 import pytest
@@ -112,6 +115,191 @@ def test_cache_reuses_finished_run(small_scenes, tmp_path):
     torch.testing.assert_close(again.model.eval()(x), first.model.eval()(x))
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["config"]["epochs"] == 1 and len(saved["history"]) == 1
+
+
+class _Stop(Exception):
+    pass
+
+
+def _interrupted(small_scenes, run_dir, cfg: TrainConfig, after_epoch: int = 0) -> None:
+    """An interrupted run of ``cfg`` in ``run_dir``: stopped after epoch ``after_epoch``'s ``last.pt``."""
+    def stop(epoch, logs):
+        if epoch == after_epoch:
+            raise _Stop
+
+    tr, te = _data(small_scenes)
+    with pytest.raises(_Stop):
+        fit(_model(), tr, te, cfg, run_dir=run_dir, progress=False, on_epoch_end=stop)
+    assert (run_dir / "last.pt").is_file()
+
+
+def _damage(path, how: str) -> bytes:
+    """Damage a run file as a full disk, a killed copy or an old writer would; returns the damaged bytes."""
+    if how == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif how == "empty":
+        path.write_bytes(b"")
+    elif how == "no config entry":  # a file fit never writes: every version stored the config
+        if path.suffix == ".json":
+            saved = json.loads(path.read_text())
+            del saved["config"]
+            path.write_text(json.dumps(saved))
+        else:
+            state = torch.load(path, weights_only=True)
+            del state["config"]
+            torch.save(state, path)
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize(("name", "how"), [("final.pt", "truncated"), ("final.pt", "empty"),
+                                           ("results.json", "truncated"), ("results.json", "empty"),
+                                           ("results.json", "no config entry")])
+def test_a_damaged_file_of_a_finished_run_is_moved_aside_and_the_run_trained_again(small_scenes, tmp_path, name,
+                                                                                  how):
+    """A damaged ``final.pt`` / ``results.json`` used to stop every later ``fit`` there with OSError, EOFError or
+    JSONDecodeError. Now it means "not cached": a warning names it, it goes to ``<name>.corrupt`` (replacing an
+    older one) and the run is trained again, after which the folder loads from the cache."""
+    run = tmp_path / "run"
+    first = _run(small_scenes, run_dir=run, epochs=1)
+    (run / f"{name}.corrupt").write_bytes(b"an older damaged copy")
+    bad = _damage(run / name, how)
+    expected = rf"{re.escape(str(run / name))} is damaged or unreadable .*moved it to {re.escape(name)}\.corrupt"
+    with pytest.warns(RuntimeWarning, match=expected):
+        again = _run(small_scenes, run_dir=run, epochs=1)
+    assert not again.cached and again.final["mAP"] == first.final["mAP"]
+    assert (run / f"{name}.corrupt").read_bytes() == bad
+    assert _run(small_scenes, run_dir=run, epochs=1).cached
+
+
+@pytest.mark.parametrize("how", ["truncated", "empty", "no config entry"])
+def test_a_damaged_last_checkpoint_is_moved_aside_and_training_starts_from_scratch(small_scenes, tmp_path, how):
+    """A damaged ``last.pt`` used to make every resume fail (or, without its config, resume unchecked); now it
+    goes to ``last.pt.corrupt`` with a warning and every epoch is trained again."""
+    cfg = TrainConfig.from_dict({**CFG, "epochs": 2})
+    run = tmp_path / "cut"
+    _interrupted(small_scenes, run, cfg)
+    bad = _damage(run / "last.pt", how)
+    tr, te = _data(small_scenes)
+    trained = []
+    with pytest.warns(RuntimeWarning, match=r"last\.pt is damaged or unreadable .*training starts from scratch"):
+        restarted = fit(_model(), tr, te, cfg, run_dir=run, progress=False, on_epoch_end=lambda e, _: trained.append(e))
+    assert trained == [0, 1] and len(restarted.history) == 2
+    assert (run / "last.pt.corrupt").read_bytes() == bad and not (run / "last.pt").exists()
+
+
+def test_a_finished_run_loaded_into_another_model_is_an_error_not_a_damaged_file(small_scenes, tmp_path,
+                                                                                 monkeypatch):
+    """Only a file that cannot be read counts as damaged: a readable checkpoint that does not fit the model is the
+    caller's error, and so are a full GPU and a file one may not read; the file stays where it is."""
+    from mlic_lib import engine
+
+    run = tmp_path / "run"
+    _run(small_scenes, run_dir=run, epochs=1)
+    tr, te = _data(small_scenes)
+    cfg = TrainConfig.from_dict({**CFG, "epochs": 1})
+    with pytest.raises(RuntimeError, match="state_dict"):
+        fit(build_model("small_resnet", 20, widths=(8, 8, 16, 16)), tr, te, cfg, run_dir=run, progress=False)
+    for error in (torch.OutOfMemoryError("CUDA out of memory"), PermissionError(13, "Permission denied")):
+        def load(*args, error=error, **kwargs):
+            raise error
+
+        monkeypatch.setattr(engine, "load_checkpoint", load)
+        with pytest.raises(type(error)):
+            fit(_model(), tr, te, cfg, run_dir=run, progress=False)
+    assert (run / "final.pt").is_file() and not list(run.glob("*.corrupt"))
+
+
+def test_resuming_with_another_config_is_an_error_naming_the_fields_and_the_fix(small_scenes, tmp_path):
+    """An interrupted run resumed with more epochs and another lr used to crash late in one-cycle's ``Tried to
+    step`` (or train a mix of two recipes); now it stops before training, with the fields and the way out."""
+    run = tmp_path / "cut"
+    _interrupted(small_scenes, run, TrainConfig.from_dict({**CFG, "epochs": 2}))
+    tr, te = _data(small_scenes)
+    expected = (r"last\.pt is the checkpoint of an interrupted run with another training config "
+                r"\(epochs: 2 -> 3; lr: 0\.003 -> 0\.01\)\. Pass another run_dir .*delete .* restore the old settings")
+    with pytest.raises(ValueError, match=expected):
+        fit(_model(), tr, te, TrainConfig.from_dict({**CFG, "epochs": 3, "lr": 1e-2}), run_dir=run, progress=False)
+    assert (run / "last.pt").is_file() and not (run / "results.json").exists()
+
+
+def test_a_finished_run_is_not_returned_for_another_config(small_scenes, tmp_path):
+    """A finished folder used to come back as the cached result of any config passed with it."""
+    run = tmp_path / "run"
+    _run(small_scenes, run_dir=run, epochs=1)
+    expected = (r"results\.json is a finished run with another training config \(lr: 0\.003 -> 0\.01; "
+                r"milestones: \[\] -> \[1\]; scheduler: 'onecycle' -> 'step'\)")
+    with pytest.raises(ValueError, match=expected):
+        _run(small_scenes, run_dir=run, epochs=1, lr=1e-2, scheduler="step", milestones=[1])
+
+
+def test_fields_that_do_not_change_a_run_may_differ_and_run_cache_folders_resume(small_scenes, tmp_path):
+    """The fields of ``RUN_CONFIG_IGNORED`` (where and how fast it runs, what it evaluates on the way) may change
+    between the ``fit`` that wrote a folder and the one that resumes or loads it, e.g. a GPU run loaded on a
+    laptop; a ``run_dir_for`` folder (its key covers the whole config) resumes and loads as before."""
+    from mlic_lib.engine import RUN_CONFIG_IGNORED
+
+    assert set(RUN_CONFIG_IGNORED) < {f for f in TrainConfig().to_dict()}
+    cfg = TrainConfig.from_dict({**CFG, "epochs": 2})
+    run = run_dir_for("resume", cfg.to_dict())
+    _interrupted(small_scenes, run, cfg)
+    tr, te = _data(small_scenes)
+    elsewhere = TrainConfig.from_dict({**CFG, "epochs": 2, "device": "cpu", "channels_last": False, "log_every": 1,
+                                       "eval_batch_size": 7, "eval_every": 0})
+    resumed = fit(_model(seed=5), tr, te, elsewhere, run_dir=run, progress=False)
+    assert not resumed.cached and [h["epoch"] for h in resumed.history] == [0, 1]
+    assert fit(_model(), tr, te, cfg, run_dir=run, progress=False).cached
+    assert fit(_model(), tr, te, TrainConfig.from_dict({**CFG, "epochs": 2, "num_workers": 2}), run_dir=run,
+               progress=False).cached
+
+
+def test_config_changes_count_a_field_an_older_run_lacks_as_its_default():
+    """A config saved before a field existed compares as that field's default; an option that no longer exists
+    is a difference; lists and tuples (``results.json`` has no tuples) compare alike."""
+    from mlic_lib.engine import _config_changes
+
+    cfg = TrainConfig(lr=0.1, milestones=(2, 3))
+    saved = cfg.to_dict()
+    assert _config_changes({**saved, "milestones": [2, 3], "device": "cuda:1", "num_workers": 8}, cfg) == []
+    del saved["warmup_start"]
+    assert _config_changes(saved, cfg) == []
+    assert _config_changes({**saved, "old_option": 1}, cfg) == ["old_option: 1 -> '<no such option>'"]
+    assert _config_changes(saved, TrainConfig(lr=0.1, milestones=(2, 3), warmup_start=0.5)) == [
+        "warmup_start: 0.0 -> 0.5"]
+
+
+def test_fit_removes_the_stale_temporary_files_a_killed_writer_left(small_scenes, tmp_path, monkeypatch):
+    """A writer killed inside ``atomic_open`` leaves ``.last.pt.XXXXXXXX.tmp`` behind (a checkpoint-sized file,
+    forever). ``fit`` removes those of its own files older than ``STALE_TEMP_SECONDS``; a young one (a live
+    writer's) and files of any other name stay."""
+    import tempfile
+
+    from mlic_lib import utils
+    from mlic_lib.engine import STALE_TEMP_SECONDS
+
+    run = tmp_path / "run"
+    made, mkstemp = [], tempfile.mkstemp
+
+    def recording_mkstemp(*args, **kwargs):
+        fd, name = mkstemp(*args, **kwargs)
+        made.append(os.path.basename(name))
+        return fd, name
+
+    monkeypatch.setattr(utils.tempfile, "mkstemp", recording_mkstemp)
+    for name in ("last.pt", "results.json", "final.pt"):  # the names atomic_open gives its temporary files
+        utils.atomic_write_text("x", run / name)
+        (run / name).unlink()
+    monkeypatch.undo()
+    old = time.time() - STALE_TEMP_SECONDS - 60
+    stale, young = made[:2], made[2]
+    others = [".notes.txt.abcd1234.tmp", ".last.pt.abc.tmp", "last.pt.tmp", ".last.pt.abcd1234.tmp.keep"]
+    for name in [*made, *others]:
+        (run / name).write_bytes(b"partial checkpoint")
+        if name != young:
+            os.utime(run / name, (old, old))
+    _run(small_scenes, run_dir=run, epochs=1)
+    left = {f.name for f in run.iterdir()}
+    assert not left & set(stale), left
+    assert {young, *others} <= left
 
 
 def test_checkpoints_load_with_weights_only(small_scenes, tmp_path):
