@@ -66,6 +66,15 @@ def failed_copy(dst: Path) -> Path:
     return dst.with_name(f"{dst.stem}.failed{dst.suffix}")
 
 
+def execution_failure(nb: Path, dst: Path, err: Exception) -> RuntimeError:
+    """The error for a chapter ``nb`` whose run into ``dst`` failed with papermill's ``err``: the cell, the error,
+    and where the partly executed notebook (with the full traceback) and the last complete run are."""
+    return RuntimeError(
+        f"{nb.name} failed in cell {getattr(err, 'exec_count', '?')} with {getattr(err, 'ename', type(err).__name__)}: "
+        f"{getattr(err, 'evalue', err)}\n  the partly executed notebook, with the full traceback, is {failed_copy(dst)}"
+        + (f"\n  (the last complete run stays in {dst})" if dst.exists() else ""))
+
+
 def _env_defaults(build: Path) -> None:
     for name, sub in (("MLIC_RESULTS", "results"), ("MLIC_CACHE", "cache")):
         if not os.environ.get(name):  # unset or empty
@@ -191,7 +200,11 @@ def build_html(src: Path, out_root: Path, strict: bool = True) -> Path:
     cmd = [str(exe), "build", str(src), "--path-output", str(out_root), "--keep-going"]
     if strict:
         cmd += ["-W", "-n"]
-    subprocess.run(cmd, check=True)
+    done = subprocess.run(cmd)
+    if done.returncode:
+        raise RuntimeError(f"jupyter-book build failed (exit status {done.returncode}); its messages are above"
+                           + (" (with strict, every Sphinx warning is an error: a broken reference or a missing page "
+                              "fails the build)" if strict else ""))
     return out_root / "_build" / "html"
 
 
@@ -204,9 +217,15 @@ def build_book(root: str | Path = ".", profile: str = "default", only: Sequence[
     _env_defaults(build)
     timings: dict[str, float] = {}
     if not skip_execute:
+        from papermill.exceptions import PapermillExecutionError
+
         for nb in notebooks(root, only):
             print(f"[book] executing {nb.name} (profile={profile}) ...", flush=True)
-            seconds = execute_notebook(nb, executed / "notebooks" / nb.name, profile)
+            dst = executed / "notebooks" / nb.name
+            try:
+                seconds = execute_notebook(nb, dst, profile)
+            except PapermillExecutionError as err:
+                raise execution_failure(nb, dst, err) from None
             timings[nb.stem] = round(seconds, 1)
             print(f"[book] {nb.name} done in {seconds:.1f} s", flush=True)
         atomic_write_json({"profile": profile, "seconds": timings, "total_seconds": round(sum(timings.values()), 1)},

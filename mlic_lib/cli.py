@@ -21,21 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from mlic_lib.profiles import PROFILES, chapters, load_profile
-
-
-def _parse_overrides(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} must look like key=value (e.g. -o train.epochs=3)")
-        key, value = item.split("=", 1)
-        try:
-            out[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError as err:
-            raise ValueError(f"override {item!r}: the value is not valid YAML (a number, true/false, a name, or a "
-                             f"list like [1, 2]): {str(err).splitlines()[0]}") from None
-    return out
+from mlic_lib.profiles import PROFILES, chapters, load_profile, parse_overrides
 
 
 def _chapter_notebook(root: Path, name: str) -> tuple[str, Path]:
@@ -71,20 +57,20 @@ def _cmd_book(args) -> int:
 def _cmd_reproduce(args) -> int:
     from papermill.exceptions import PapermillExecutionError
 
-    from mlic_lib.book import _env_defaults, execute_notebook, failed_copy
+    from mlic_lib.book import _env_defaults, execute_notebook, execution_failure
 
     root = Path(args.root).resolve()
     chapter, nb = _chapter_notebook(root, args.chapter)
-    overrides = _parse_overrides(args.override)
+    overrides = parse_overrides(args.override)
     load_profile(chapter, args.profile, overrides)  # bad overrides fail here, before a kernel starts
     _env_defaults(root / "_build")
     out = root / "_build" / "executed" / args.profile / nb.name
+    print(f"executing {nb.name} with profile={args.profile}" + (f" and {overrides}" if overrides else "")
+          + f" -> {out} ...", flush=True)
     try:
         seconds = execute_notebook(nb, out, args.profile, {"overrides": overrides} if overrides else None)
     except PapermillExecutionError as err:
-        raise RuntimeError(f"{nb.name} failed in cell {err.exec_count} with {err.ename}: {err.evalue}\n"
-                           f"  the partly executed notebook, with the full traceback, is {failed_copy(out)}"
-                           + (f"\n  (the last complete run stays in {out})" if out.exists() else "")) from None
+        raise execution_failure(nb, out, err) from None
     print(f"{nb.name}: executed with profile={args.profile} in {seconds:.1f} s -> {out}")
     return 0
 
@@ -95,7 +81,7 @@ def _cmd_teachers(args) -> int:
     from mlic_lib.utils import distributed_info
 
     _env_defaults(Path(args.root).resolve() / "_build")  # the run cache the chapter reads
-    settings = load_profile("psd", args.profile, _parse_overrides(args.override))
+    settings = load_profile("psd", args.profile, parse_overrides(args.override))
     data, S = psd.study_inputs(settings)  # as the chapter builds them
     n = psd.pretrain_teachers(settings, data, S, seed=settings["seeds"][0])
     world, rank, _ = distributed_info()
@@ -109,7 +95,7 @@ def _cmd_teachers(args) -> int:
 
 
 def _cmd_profile(args) -> int:
-    print(yaml.safe_dump(load_profile(args.chapter, args.profile, _parse_overrides(args.override)),
+    print(yaml.safe_dump(load_profile(args.chapter, args.profile, parse_overrides(args.override)),
                          sort_keys=False), end="")
     return 0
 
@@ -130,9 +116,9 @@ def _cmd_data(args) -> int:
         from mlic_lib.data.registry import get
 
         get(args.name)  # an unknown name is an error that lists the known ones
-    root = data_root()
+    root = Path(args.root_dir).expanduser() if args.root_dir else data_root()
     if args.action == "check" or args.check:
-        print(f"MLIC_DATA = {root}")
+        print(f"datasets under {root}" + ("" if args.root_dir else " ($MLIC_DATA)"))
         for key, state in download.check(root).items():
             if args.name in (None, key):
                 print(f"  {key:9s} {state}")
@@ -185,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-unverified", action="store_true",
                    help="download files whose sha256 is not recorded yet (prints their digest)")
     p.add_argument("--delete-archives", action="store_true", help="remove tar/zip archives after unpacking")
-    p.add_argument("--root", dest="root_dir", help="fake: folder to write into (not your real $MLIC_DATA)")
+    p.add_argument("--root", dest="root_dir", help="the datasets' folder (default: $MLIC_DATA); fake: the folder to "
+                   "write into, required and kept apart from your real data")
     p.add_argument("--n-train", type=int, default=60, help="fake: training images")
     p.add_argument("--n-test", type=int, default=40, help="fake: test images")
     p.add_argument("--image-size", type=int, default=64, help="fake: image height in pixels")

@@ -688,6 +688,28 @@ def _run_setup(settings: Mapping[str, Any], data: IndeedData, method: Mapping[st
     return step, cfg, run_dir_for(f"{settings.get('chapter')}-{data.name}-{tag}-s{seed}", key, code=(__name__,))
 
 
+def check_options(opts: Mapping[str, Any] | None) -> None:
+    """Check a profile's ``indeed`` section (``lam``, ``pairing``, ``parallel``) before anything trains; raises
+    ``ValueError`` naming the key and its valid values."""
+    from mlic_lib.process_pool import check_parallel
+
+    opts = opts or {}
+    if not isinstance(opts, Mapping):
+        raise ValueError(f"the indeed section must be a mapping (lam, pairing, parallel), got {opts!r}")
+    if "pairing" in opts and opts["pairing"] not in PAIRINGS:
+        raise ValueError(f"indeed.pairing must be one of {PAIRINGS}, got {opts['pairing']!r}")
+    if "parallel" in opts:
+        check_parallel(opts["parallel"], "indeed.parallel")
+    lam = opts.get("lam", 1.0)
+    values = lam.items() if isinstance(lam, Mapping) else [(None, lam)]
+    for norm, v in values:
+        key = "indeed.lam" + (f".{norm}" if norm is not None else "")
+        if norm is not None and norm not in ("minmax", "l2"):
+            raise ValueError(f"indeed.lam maps a normalisation ('minmax' or 'l2') to a number, got the key {norm!r}")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
+            raise ValueError(f"{key} must be a number >= 0 (lambda of Eq. 6), got {v!r}")
+
+
 def lambda_for(lam: float | Mapping[str, float], method: Mapping[str, Any]) -> float:
     """The ``lambda`` of Eq. 6 for one method spec. ``lam`` is a number, or a mapping from the
     normalisation (``'minmax'`` / ``'l2'``) to a number when each variant has its own value (the CPU

@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["PARALLEL_MODES", "available_cpus", "map_in_processes", "pool_size", "resolve_parallel", "run_missing"]
+__all__ = ["PARALLEL_MODES", "available_cpus", "check_parallel", "map_in_processes", "pool_size", "resolve_parallel",
+           "run_missing"]
 
 #: Values of a profile's ``parallel`` option for independent runs (see :func:`resolve_parallel`).
 PARALLEL_MODES = ("auto", "sequential", "process")
@@ -39,6 +40,12 @@ def pool_size(n_tasks: int, max_workers: int | None = None) -> int:
     return max(1, min(n_tasks, max_workers or available_cpus()))
 
 
+def check_parallel(mode: Any, option: str = "parallel") -> None:
+    """``ValueError`` naming ``option`` unless ``mode`` is one of :data:`PARALLEL_MODES` (or null = auto)."""
+    if mode is not None and mode not in PARALLEL_MODES:
+        raise ValueError(f"{option} must be one of {PARALLEL_MODES}, got {mode!r}")
+
+
 def resolve_parallel(mode: str | None, device: str | None = "auto", option: str = "parallel") -> str:
     """``'process'`` or ``'sequential'`` for a profile's ``parallel`` option (``None`` = ``'auto'``).
 
@@ -47,9 +54,8 @@ def resolve_parallel(mode: str | None, device: str | None = "auto", option: str 
     profile key in the error message."""
     from mlic_lib.utils import pick_device
 
+    check_parallel(mode, option)
     mode = mode or "auto"
-    if mode not in PARALLEL_MODES:
-        raise ValueError(f"{option} must be one of {PARALLEL_MODES}, got {mode!r}")
     if mode == "auto":
         on_cpu = pick_device(device).type == "cpu"
         alone = int(os.environ.get("WORLD_SIZE", "1")) == 1

@@ -39,7 +39,8 @@ The chapter's evaluation protocols (Fig. 6 low-resolution inference, Table VIII 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,6 +53,8 @@ from mlic_lib.mixing import BatchAugmentation, CutMix, GridLayout, Mixup, Mosaic
 __all__ = [
     "CL_FORMS",
     "METHODS",
+    "check_methods",
+    "check_regime",
     "make_step",
     "splicemix_from_options",
     "train_method",
@@ -243,6 +246,34 @@ def splicemix_from_options(options: dict | None = None) -> SpliceMix:
     o = options or {}
     return SpliceMix(o.get("grids"), p_drop=o.get("p_drop", 0.3), p_transpose=o.get("p_transpose", 0.5),
                      mixed_size=o.get("mixed_size", 0.25), fill=o.get("fill", 0.0))
+
+
+def check_methods(methods: Any, key: str = "methods") -> None:
+    """Check a profile's list of methods (``methods``, ``regime_check.methods``): a non-empty list of distinct
+    names from :data:`METHODS`; raises ``ValueError`` naming the key."""
+    if not isinstance(methods, (list, tuple)) or not methods:
+        raise ValueError(f"{key} must be a non-empty list of methods from {METHODS}, got {methods!r}")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"{key}: unknown method(s) {unknown}; choose from {METHODS}")
+    if len(set(methods)) < len(methods):
+        raise ValueError(f"{key} names a method twice: {list(methods)}")
+
+
+def check_regime(rc: Any) -> None:
+    """Check a profile's ``regime_check`` (null/false = skipped, else ``{n_train, epochs, methods}`` with Baseline
+    and SpliceMix, which the chapter compares)."""
+    if not rc:
+        return
+    if not isinstance(rc, Mapping) or set(rc) != {"n_train", "epochs", "methods"}:
+        raise ValueError(f"regime_check must be null or a mapping with keys n_train, epochs and methods, got {rc!r}")
+    for k in ("n_train", "epochs"):
+        if isinstance(rc[k], bool) or not isinstance(rc[k], int) or rc[k] < 1:
+            raise ValueError(f"regime_check.{k} must be a whole number >= 1, got {rc[k]!r}")
+    check_methods(rc["methods"], "regime_check.methods")
+    if not {"baseline", "splicemix"} <= set(rc["methods"]):
+        raise ValueError(f"regime_check.methods must include baseline and splicemix (the chapter compares them), "
+                         f"got {rc['methods']!r}")
 
 
 def make_step(method: str, options: dict | None = None, boxes: Sequence[np.ndarray] | Tensor | None = None):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -214,7 +215,8 @@ def test_build_html_runs_jupyter_book_on_the_staged_tree(tmp_path, monkeypatch):
     from mlic_lib.book import build_html
 
     calls = []
-    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: calls.append((cmd, kw)))
+    monkeypatch.setattr(subprocess, "run",
+                        lambda cmd, **kw: calls.append((cmd, kw)) or subprocess.CompletedProcess(cmd, 0))
     fake_python = tmp_path / "venv" / "bin" / "python"
     fake_python.parent.mkdir(parents=True)
     (fake_python.parent / "jupyter-book").write_text("#!/bin/sh\n")
@@ -222,8 +224,7 @@ def test_build_html_runs_jupyter_book_on_the_staged_tree(tmp_path, monkeypatch):
     src, out = tmp_path / "src", tmp_path / "out"
     assert build_html(src, out) == out / "_build" / "html"
     exe = str(fake_python.parent / "jupyter-book")  # the environment's own jupyter-book, next to python
-    assert calls[-1] == ([exe, "build", str(src), "--path-output", str(out), "--keep-going", "-W", "-n"],
-                         {"check": True})
+    assert calls[-1] == ([exe, "build", str(src), "--path-output", str(out), "--keep-going", "-W", "-n"], {})
     build_html(src, out, strict=False)
     assert calls[-1][0] == [exe, "build", str(src), "--path-output", str(out), "--keep-going"]
     (fake_python.parent / "jupyter-book").unlink()
@@ -320,3 +321,42 @@ def test_build_book_errors(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="jupyter-book finished but .*index.html is missing"):
         build_book(root)
     assert len(html) == 1
+
+
+def test_a_failing_chapter_stops_the_book_with_a_message_naming_the_cell_and_the_failed_copy(tmp_path, monkeypatch):
+    """`make book` used to end in papermill's traceback, without saying where the partly executed notebook was."""
+    from papermill.exceptions import PapermillExecutionError
+
+    import mlic_lib.book
+    from mlic_lib.book import build_book, failed_copy
+
+    root = _book_root(tmp_path / "repo")
+    monkeypatch.setenv("TQDM_DISABLE", "")
+    ran = []
+
+    def execute(src, dst, profile, parameters=None):
+        ran.append(src.name)
+        raise PapermillExecutionError(3, 4, "make_scenes(...)", "ValueError", "bad scenes", ["Traceback ..."])
+
+    monkeypatch.setattr(mlic_lib.book, "execute_notebook", execute)
+    dst = root.resolve() / "_build" / "executed" / "notebooks" / "00_first.ipynb"
+    with pytest.raises(RuntimeError, match=r"(?s)^00_first.ipynb failed in cell 4 with ValueError: bad scenes\n.*"
+                       + re.escape(str(failed_copy(dst)))) as info:
+        build_book(root, "smoke")
+    assert "last complete run" not in str(info.value)  # there is none yet
+    assert ran == ["00_first.ipynb"]  # the next chapter does not start
+
+
+def test_a_failing_jupyter_book_build_is_a_clear_error(tmp_path, monkeypatch):
+    import subprocess
+
+    import mlic_lib.book
+
+    calls = []
+    monkeypatch.setattr(mlic_lib.book.subprocess, "run",
+                        lambda cmd, **kw: calls.append(cmd) or subprocess.CompletedProcess(cmd, 2))
+    with pytest.raises(RuntimeError, match=r"jupyter-book build failed \(exit status 2\).*every Sphinx warning"):
+        mlic_lib.book.build_html(tmp_path / "src", tmp_path)
+    with pytest.raises(RuntimeError, match=r"exit status 2\); its messages are above$"):
+        mlic_lib.book.build_html(tmp_path / "src", tmp_path, strict=False)
+    assert "-W" in calls[0] and "-W" not in calls[1]

@@ -13,7 +13,7 @@ import torch
 from mlic_lib import cli
 from mlic_lib.data import SceneSpec
 from mlic_lib.engine import TrainConfig
-from mlic_lib.profiles import PROFILES, chapters, load_profile
+from mlic_lib.profiles import PROFILES, chapters, load_profile, parse_overrides
 from mlic_lib.utils import atomic_torch_save, atomic_write_json, config_hash
 
 
@@ -137,6 +137,20 @@ def test_cli_data_check(capsys, tmp_path, monkeypatch):
     assert "voc2007   present" in out and "coco2014  missing" in out
     assert cli.main(["data", "prepare"]) == 2
     assert "name the dataset" in capsys.readouterr().err
+
+
+def test_cli_data_root_is_the_datasets_folder_for_every_action(capsys, tmp_path, monkeypatch):
+    """`mlic data check --root D` used to report $MLIC_DATA (and `prepare --root D` to download there)."""
+    monkeypatch.setenv("MLIC_DATA", str(tmp_path / "elsewhere"))
+    fake = tmp_path / "fake"
+    assert cli.main(["data", "fake", "voc2007", "--root", str(fake), "--n-train", "10", "--n-test", "10"]) == 0
+    capsys.readouterr()
+    assert cli.main(["data", "check", "voc2007", "--root", str(fake)]) == 0
+    out = capsys.readouterr().out
+    assert f"datasets under {fake}\n" in out and "voc2007   present (synthetic files" in out
+    assert cli.main(["data", "check", "voc2007"]) == 0
+    out = capsys.readouterr().out
+    assert f"datasets under {tmp_path / 'elsewhere'} ($MLIC_DATA)" in out and "voc2007   missing" in out
 
 
 def test_atomic_writes_leave_no_partial_file(tmp_path):
@@ -281,7 +295,7 @@ def test_psd_option_values_are_checked_before_anything_trains(override, message,
     """These used to pass the profile check: `mlic teachers` then trained every teacher before the chapter failed
     (kd_images), or the chapter looked up a key that int() had rounded (cpsd_k=2.5)."""
     with pytest.raises(ValueError, match=message):
-        load_profile("psd", "smoke", cli._parse_overrides([override]))
+        load_profile("psd", "smoke", parse_overrides([override]))
     assert cli.main(["--root", str(tmp_path), "teachers", "--profile", "smoke", "-o", override]) == 2
     out = capsys.readouterr()
     assert "mlic: error: psd." in out.err and "trained" not in out.out
@@ -326,3 +340,62 @@ def test_library_digest_ignores_docstrings_comments_and_layout(tmp_path, monkeyp
                '"""Module."""\nclass A:\n    def f(self, x):\n        return x + 1\nB = "doc-like string"\n']
     assert [digest(s) for s in same] == [base, base]
     assert len({base, *[digest(s) for s in changed]}) == 1 + len(changed)
+
+
+def test_a_mapping_override_is_merged_into_its_section_key_by_key():
+    """``{"train": {"epochs": 3}}`` used to replace the whole section: the run silently lost its lr, batch size and
+    scheduler and trained with TrainConfig's defaults."""
+    base = load_profile("primer", "smoke")
+    merged = load_profile("primer", "smoke", {"train": {"epochs": 3}})
+    assert merged["train"] == {**base["train"], "epochs": 3}
+    assert load_profile("primer", "smoke", ["train={epochs: 3}"])["train"] == merged["train"]  # the CLI's form
+    nested = load_profile("primer", "smoke", {"data": {"n_train": 100, "scenes": {"max_objects": 3}}})
+    assert nested["data"] == {**base["data"], "n_train": 100, "scenes": {**base["data"]["scenes"], "max_objects": 3}}
+    with pytest.raises(ValueError, match=r"unknown parameter 'train.epoch' .*did you mean 'train.epochs'"):
+        load_profile("primer", "smoke", {"train": {"epoch": 3}})  # each key is checked
+    with pytest.raises(ValueError, match=r"train=\{\} would remove every setting .* -o train.epochs=\.\.\."):
+        load_profile("primer", "smoke", {"train": {}})
+    # a section a profile turns off (null) is turned on with the given keys; a value of mixed type is replaced
+    sweep = {"lams": [0.1], "n_labels": [2], "seeds": [0], "data_seed": 1}
+    assert load_profile("indeed", "default", {"lambda_sweep": sweep})["lambda_sweep"] == sweep
+    assert load_profile("indeed", "full", {"indeed.lam": {"minmax": 0.2, "l2": 1.0}})["indeed"]["lam"] == {
+        "minmax": 0.2, "l2": 1.0}
+
+
+@pytest.mark.parametrize("overrides", [["train.epochs=3", "seeds=[0, 1]"], "train.epochs=3"])
+def test_overrides_in_the_cli_form_are_accepted(overrides):
+    s = load_profile("primer", "smoke", overrides)
+    assert s["train"]["epochs"] == 3 and (s["seeds"] == [0, 1] or isinstance(overrides, str))
+
+
+@pytest.mark.parametrize("chapter, overrides, message", [
+    ("primer", 5, r"overrides must be a mapping like \{'train.epochs': 3\}.*got int"),
+    ("primer", ["train.epochs"], r"'train.epochs' must look like key=value"),
+    ("primer", {"seeds": 3}, r"'seeds' takes a list \(like \[0\]\), got 3; .* -o seeds=\[3\]"),
+    ("primer", {"data.n_train": None}, r"'data.n_train' cannot be null"),
+    ("primer", {"train.epochs": 0}, r"^train: epochs and batch_size must be positive"),
+    ("primer", {"train.optimizer": "adamw2"}, r"^train: optimizer must be one of"),
+    ("primer", {"train.ema_decay": 2}, r"^train: ema_decay must be in"),
+    ("primer", {"train.lr": -1}, r"^train: lr must be a finite number > 0 and weight_decay >= 0, got -1 and"),
+    ("primer", {"train.weight_decay": -0.1}, r"^train: lr must be .* got 0.003 and -0.1"),
+    ("psd", {"teacher_train.epochs": -1}, r"^teacher_train: epochs and batch_size must be positive"),
+    ("indeed", {"indeed.pairing": "foo"}, r"indeed.pairing must be one of \('disjoint', 'each'\), got 'foo'"),
+    ("indeed", {"indeed.parallel": "threads"}, r"indeed.parallel must be one of"),
+    ("indeed", {"indeed.lam": -0.5}, r"indeed.lam must be a number >= 0"),
+    ("indeed", {"indeed.lam": {"minmax": 0.1, "l1": 1.0}}, r"got the key 'l1'"),
+    ("splicemix", {"methods": ["baseline", "foo"]}, r"methods: unknown method\(s\) \['foo'\]"),
+    ("splicemix", {"methods": ["baseline", "baseline"]}, r"methods names a method twice"),
+    ("splicemix", {"regime_check.methods": ["baseline"]}, r"must include baseline and splicemix"),
+    ("splicemix", {"regime_check.epochs": 0}, r"regime_check.epochs must be a whole number >= 1"),
+    ("splicemix", {"parallel": "threads"}, r"^parallel must be one of \('auto', 'sequential', 'process'\)"),
+])
+def test_override_values_are_checked_before_a_kernel_starts(chapter, overrides, message):
+    """These passed `mlic profile` and `mlic reproduce`'s check, and failed cells later (after the data was built,
+    or 30 s into a run), with messages that did not name the key."""
+    with pytest.raises(ValueError, match=message):
+        load_profile(chapter, "smoke", overrides)
+
+
+def test_null_is_accepted_where_a_profile_turns_a_part_off():
+    assert load_profile("splicemix", "default", {"regime_check": None})["regime_check"] is None
+    assert load_profile("indeed", "smoke", {"lambda_sweep": None})["lambda_sweep"] is None

@@ -7,7 +7,10 @@ parent is a section with a validator that knows the name (``train`` / ``teacher_
 dataset's ``data`` / ``real``: :func:`mlic_lib.data.real.real_data`'s keys), or when its parent is an open
 mapping that is empty in some profile (``model.backbone_kwargs``). A value must fit the type of the value
 it replaces: a number for a number (``"1e-3"``, which YAML 1.1 reads as text, becomes 0.001), true/false
-for a flag, a mapping for a section.
+for a flag, a list for a list, ``null`` only where some profile has ``null``; a mapping given for a section is
+merged into it key by key (``{"train": {"epochs": 3}}`` is ``{"train.epochs": 3}``: the section's other settings
+stay), each key checked. Sections with a validator are checked as a whole when an override touches them
+(:data:`VALUE_CHECKS`, and ``TrainConfig`` for the training sections), before anything runs.
 """
 
 from __future__ import annotations
@@ -62,9 +65,49 @@ def _train_field_kinds() -> dict[str, str]:
 # randaugment (true/false or a policy name); only a number written as text is converted for them
 MIXED_TYPE_KEYS = frozenset({"lam", "randaugment"})
 TRAIN_SECTIONS = ("train", "teacher_train")  # sections that TrainConfig checks
-#: chapter -> {section: (module, function)} checking that section's values when an override touches it (the
-#: method's own check, run now rather than hours into a run); imported only then, to keep the CLI light.
-VALUE_CHECKS = {"psd": {"psd": ("mlic_lib.psd", "check_options")}}
+#: chapter -> {key: (module, function)} checking the value at that dotted key (a section or a list) when an
+#: override touches it (the method's own check, run now rather than hours into a run); imported only then, to keep
+#: the CLI light.
+VALUE_CHECKS = {
+    "psd": {"psd": ("mlic_lib.psd", "check_options")},
+    "indeed": {"indeed": ("mlic_lib.indeed", "check_options")},
+    "splicemix": {"methods": ("mlic_lib.splicemix_cl", "check_methods"),
+                  "regime_check": ("mlic_lib.splicemix_cl", "check_regime"),
+                  "parallel": ("mlic_lib.process_pool", "check_parallel")},
+}
+
+
+def parse_overrides(items: str | list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """``["train.epochs=3", "seeds=[0, 1]"]`` (the CLI's ``-o`` form, or one such string) -> ``{key: value}``,
+    each value read as YAML (a number, true/false, a name, a list or a mapping)."""
+    out: dict[str, Any] = {}
+    for item in [items] if isinstance(items, str) else items:
+        if not isinstance(item, str) or "=" not in item:
+            raise ValueError(f"override {item!r} must look like key=value (e.g. -o train.epochs=3)")
+        key, value = item.split("=", 1)
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ValueError(f"override {item!r}: the value is not valid YAML (a number, true/false, a name, or a "
+                             f"list like [1, 2]): {str(err).splitlines()[0]}") from None
+    return out
+
+
+def _expand(key: Any, value: Any, section: Any) -> list[tuple[Any, Any]]:
+    """A mapping given for a section (``section``: the mapping it replaces, in the profile or another one) becomes
+    one dotted override per leaf, merged into the section instead of replacing it."""
+    if not isinstance(value, Mapping) or not isinstance(key, str) or key.rsplit(".", 1)[-1] in MIXED_TYPE_KEYS:
+        return [(key, value)]
+    if not value:
+        if isinstance(section, Mapping) and section:
+            raise ValueError(f"{key}={{}} would remove every setting of the section {key!r}; override its keys "
+                             f"instead, e.g. -o {key}.{next(iter(section))}=...")
+        return [(key, value)]
+    out: list[tuple[Any, Any]] = []
+    for k, v in value.items():
+        sub = section.get(k) if isinstance(section, Mapping) else None
+        out += _expand(f"{key}.{k}", v, sub)
+    return out
 
 
 def _validator_keys(chapter: str, section: str, node: Any) -> set[str] | None:
@@ -126,17 +169,22 @@ def _coerce(key: str, value: Any, ref: Any) -> Any:
             value = int(number) if isinstance(ref, int) and number.is_integer() and "." not in value else number
         if isinstance(value, (bool, str)) or not isinstance(value, (int, float)):
             raise ValueError(f"parameter {key!r} takes a number (like {ref!r}), got {value!r}")
+    elif isinstance(ref, list) and not isinstance(value, list):
+        raise ValueError(f"parameter {key!r} takes a list (like {ref!r}), got {value!r}; write it in brackets, "
+                         f"e.g. -o {key}=[{value}]")
     elif isinstance(ref, Mapping) and ref and not isinstance(value, Mapping):
         example = f"{key}.{next(iter(ref))}=..."
         raise ValueError(f"{key!r} is a section, not a value: override one of its keys, e.g. -o {example}")
     return value
 
 
-def load_profile(chapter: str, profile: str = "default", overrides: Mapping[str, Any] | None = None) -> dict:
+def load_profile(chapter: str, profile: str = "default",
+                 overrides: Mapping[str, Any] | str | list[str] | None = None) -> dict:
     """Return the settings of ``chapter`` under ``profile``, with dotted-key ``overrides`` applied.
 
-    Raises ``ValueError`` for an unknown profile or an override key the chapter does not have (the
-    message lists the valid ones).
+    ``overrides`` is ``{"train.epochs": 3}``, or the CLI's form ``["train.epochs=3"]`` (see
+    :func:`parse_overrides`). Raises ``ValueError`` for an unknown profile, an override key the chapter does not
+    have (the message lists the valid ones) or a value of the wrong kind.
     """
     data = _read(chapter)
     if profile not in data:
@@ -144,11 +192,27 @@ def load_profile(chapter: str, profile: str = "default", overrides: Mapping[str,
     settings = copy.deepcopy(data[profile])
     valid: set[str] = set()
     open_maps: set[str] = set()  # mappings that are empty in some profile: any key goes (e.g. backbone_kwargs)
+    nullable: set[str] = set()  # keys that are null in some profile (a part turned off): null may be given
     for prof in data.values():
         flat = _flatten(prof)
         valid.update(flat)
         open_maps.update(k for k, v in flat.items() if isinstance(v, Mapping))
-    for key, value in (overrides or {}).items():
+        nullable.update(k for k, v in flat.items() if v is None)
+    if isinstance(overrides, (str, list, tuple)):
+        overrides = parse_overrides(overrides)
+    elif overrides is not None and not isinstance(overrides, Mapping):
+        raise ValueError(f"overrides must be a mapping like {{'train.epochs': 3}} (or a list like "
+                         f"['train.epochs=3']), got {type(overrides).__name__}")
+
+    def section_of(key: Any) -> Any:
+        if not isinstance(key, str):
+            return None
+        found, ref = _lookup(settings, key)
+        return ref if found and isinstance(ref, Mapping) else next(
+            (r for f, r in (_lookup(prof, key) for prof in data.values()) if f and isinstance(r, Mapping)), None)
+
+    pairs = [kv for k, v in (overrides or {}).items() for kv in _expand(k, v, section_of(k))]
+    for key, value in pairs:
         if not isinstance(key, str) or not key:
             raise ValueError(f"override keys are dotted names like 'train.epochs', got {key!r}")
         parent, _, leaf = key.rpartition(".")
@@ -178,6 +242,9 @@ def load_profile(chapter: str, profile: str = "default", overrides: Mapping[str,
             if not found:
                 ref = next((r for f, r in (_lookup(prof, key) for prof in data.values()) if f and r is not None),
                            None)
+            if value is None and ref is not None and key not in nullable:
+                raise ValueError(f"parameter {key!r} cannot be null (no profile turns it off); give a value like "
+                                 f"{ref!r}")
             value = _coerce(key, value, ref)
         node = settings
         *parents, leaf = key.split(".")
@@ -186,11 +253,28 @@ def load_profile(chapter: str, profile: str = "default", overrides: Mapping[str,
                 node[p] = {}
             node = node[p]
         node[leaf] = value
+    touched = [str(k) for k, _ in pairs]  # only an override can make a profile's values wrong
+
+    def touches(key: str) -> bool:
+        return any(k == key or k.startswith(f"{key}.") for k in touched)
+
     for section, (module, function) in VALUE_CHECKS.get(chapter, {}).items():
-        if any(str(k).startswith(f"{section}.") for k in overrides or {}):  # only an override can make them wrong
+        if touches(section):
             import importlib
 
-            getattr(importlib.import_module(module), function)(settings.get(section) or {})
+            found, value = _lookup(settings, section)
+            getattr(importlib.import_module(module), function)(value if found else None)
+    train_sections = {k.rsplit(".", 1)[0] for k in touched if k.rsplit(".", 1)[0].rsplit(".", 1)[-1] in
+                      TRAIN_SECTIONS}
+    for section in sorted(train_sections):
+        found, value = _lookup(settings, section)
+        if found and isinstance(value, Mapping):
+            from mlic_lib.engine import TrainConfig
+
+            try:
+                TrainConfig.from_dict(value)
+            except (ValueError, TypeError) as err:
+                raise ValueError(f"{section}: {err}") from None
     settings["profile"] = profile
     settings["chapter"] = chapter
     return settings
