@@ -7,9 +7,10 @@ and as a timm-style :class:`torch.nn.Module` (``BCEWithLogits``, ``AsymmetricLos
 Conventions shared by all losses
 --------------------------------
 * ``logits`` are the raw ``(N, C)`` model outputs (no sigmoid applied); ``p = sigmoid(logits)``.
-* ``targets`` has the shape of ``logits`` with values in ``[0, 1]`` (binary, or soft labels).
-  Values are not checked, to avoid a device synchronisation per step: convert VOC labels
-  ``{1, 0, -1}`` with :func:`mlic_lib.metrics.voc_targets` first.
+* ``targets`` has the shape of ``logits`` with values in ``[0, 1]`` (binary, or soft labels). The values
+  are checked on a CPU (a ``ValueError``: convert VOC labels ``{1, 0, -1}`` with
+  :func:`mlic_lib.metrics.voc_targets` first), not on an accelerator, where the check would make the host
+  wait for the device at every step, nor inside ``torch.compile``.
 * ``mask`` (optional, bool, same shape) marks the entries to keep: ``False`` entries (e.g. VOC
   *difficult*) contribute nothing to the loss nor to its gradient.
 * ``reduction`` is ``'none'`` (elementwise loss, masked entries set to 0), ``'sum'`` or
@@ -67,6 +68,14 @@ def _prepare(
         raise ValueError(f"logits must be a floating-point tensor; got dtype {logits.dtype}")
     _check_reduction(reduction)
     targets = targets.to(dtype=logits.dtype)
+    if targets.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(
+            ((targets >= 0) & (targets <= 1)).all()):
+        bad = targets[~((targets >= 0) & (targets <= 1))]
+        raise ValueError(
+            f"targets must lie in [0, 1] (1 = positive, 0 = negative, or a soft label); got {bad[0].item()!r} "
+            f"among {bad.numel()} bad entries. VOC labels {{1, 0, -1}}: convert with mlic_lib.metrics.voc_targets "
+            "(and pass its mask); {-1, 1} labels: use (y + 1) / 2"
+        )
     if mask is not None:
         if not isinstance(mask, Tensor):
             mask = torch.as_tensor(mask)
@@ -320,6 +329,8 @@ def _as_weight(weight: Tensor | float | None, name: str, logits: Tensor) -> Tens
     w = torch.as_tensor(weight, dtype=logits.dtype, device=logits.device)
     n_classes = logits.shape[-1] if logits.ndim else 1
     if w.ndim == 0 or w.shape == logits.shape or (w.ndim == 1 and w.shape[0] == n_classes):
+        if w.device.type == "cpu" and not torch.compiler.is_compiling() and not bool((w >= 0).all()):
+            raise ValueError(f"{name} must be >= 0 (a weight of a loss term); got a minimum of {w.min().item()}")
         return w
     raise ValueError(
         f"{name} must be a scalar, a per-class vector of shape ({n_classes},) or a per-entry tensor of "

@@ -313,3 +313,23 @@ def test_non_tensor_or_integer_logits_name_the_fix(loss_fn):
         loss_fn(np.zeros((2, 3), np.float32), torch.zeros(2, 3))
     with pytest.raises(ValueError, match="logits must be a floating-point tensor; got dtype torch.int64"):
         loss_fn(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3))
+
+
+@pytest.mark.parametrize("loss_fn", [bce_with_logits, asymmetric_loss, weighted_bce])
+@pytest.mark.parametrize("bad, shown", [(-1.0, "-1.0"), (2.0, "2.0"), (float("nan"), "nan")])
+def test_targets_outside_0_1_are_an_error_on_a_cpu(loss_fn, bad, shown):
+    """{-1, 1} or VOC {1, 0, -1} labels gave a finite, wrong loss (0.69 for BCE) where the metrics refuse them."""
+    logits, targets, _ = _data(13, n=4, c=3)
+    targets[1, 2] = bad
+    with pytest.raises(ValueError, match=rf"targets must lie in \[0, 1\].*got {shown} among 1 bad entries.*"
+                                         "voc_targets"):
+        loss_fn(logits, targets)
+    loss_fn(logits, torch.full((4, 3), 0.3))  # soft labels are fine
+
+
+def test_weighted_bce_refuses_negative_weights_in_the_function_too():
+    logits, targets, _ = _data(14, n=4, c=3)
+    with pytest.raises(ValueError, match=r"pos_weight must be >= 0 .*minimum of -1.0"):
+        weighted_bce(logits, targets, pos_weight=-torch.ones(3))
+    with pytest.raises(ValueError, match=r"neg_weight must be >= 0"):
+        weighted_bce(logits, targets, neg_weight=-0.5)
