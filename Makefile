@@ -18,7 +18,9 @@ help:
 	@echo "make lab    - JupyterLab on the notebooks, with the venv's kernel"
 	@echo "make kernel - point the Jupyter kernel \"Python (mlic companion)\" at this checkout's .venv"
 	@echo "make lint   - ruff"
+	@echo "make full   - execute every chapter with profile full (the papers' recipes: real data, a GPU) and build"
 	@echo "make clean  - remove _build (executed notebooks, HTML, cached runs)"
+	@echo "make distclean - make clean, and remove .venv"
 
 env: $(STAMP)
 

@@ -18,8 +18,9 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from mlic_lib.utils import atomic_write_json, env_path
 
@@ -73,6 +74,34 @@ def execution_failure(nb: Path, dst: Path, err: Exception) -> RuntimeError:
         f"{nb.name} failed in cell {getattr(err, 'exec_count', '?')} with {getattr(err, 'ename', type(err).__name__)}: "
         f"{getattr(err, 'evalue', err)}\n  the partly executed notebook, with the full traceback, is {failed_copy(dst)}"
         + (f"\n  (the last complete run stays in {dst})" if dst.exists() else ""))
+
+
+def preflight(chapter: str, profile: str, settings: Mapping[str, Any] | None = None) -> list[str]:
+    """Notes on what a run of ``chapter`` with ``profile`` will lack, printed before it starts (a ``full`` run
+    finds a missing dataset only at the cell that reads it, possibly hours in): each real dataset the settings
+    name (``dataset`` / ``source`` keys) that ``mlic data check`` does not report present, and, for ``full``, the
+    absence of a CUDA GPU. Empty when nothing is missing."""
+    from mlic_lib.data.download import status
+    from mlic_lib.data.paths import data_root
+    from mlic_lib.data.registry import DATASETS
+    from mlic_lib.profiles import _flatten, load_profile
+
+    settings = load_profile(chapter, profile) if settings is None else settings
+    names = sorted({v for k, v in _flatten(settings).items() if k.rsplit(".", 1)[-1] in ("dataset", "source")
+                    and isinstance(v, str) and v in DATASETS})
+    root, notes = data_root(), []
+    for name in names:
+        state = status(DATASETS[name], root)
+        if not state.startswith("present"):
+            notes.append(f"{name} is {state} under {root}: the chapter's {name} parts will fail or be skipped; "
+                         f"run `mlic data prepare {name}` first (or `mlic data fake {name} --root DIR` and "
+                         "MLIC_DATA=DIR for a dry run)")
+    if profile == "full":
+        import torch
+
+        if not torch.cuda.is_available():
+            notes.append("no CUDA GPU: the full profile is a paper's recipe, hours on a GPU and far longer on a CPU")
+    return notes
 
 
 def _env_defaults(build: Path) -> None:
@@ -219,7 +248,12 @@ def build_book(root: str | Path = ".", profile: str = "default", only: Sequence[
     if not skip_execute:
         from papermill.exceptions import PapermillExecutionError
 
+        from mlic_lib.profiles import chapters
+
         for nb in notebooks(root, only):
+            chapter = next((c for c in chapters() if c in nb.stem), None)
+            for note in preflight(chapter, profile) if chapter else []:
+                print(f"[book] note: {note}", flush=True)
             print(f"[book] executing {nb.name} (profile={profile}) ...", flush=True)
             dst = executed / "notebooks" / nb.name
             try:

@@ -57,12 +57,14 @@ def _cmd_book(args) -> int:
 def _cmd_reproduce(args) -> int:
     from papermill.exceptions import PapermillExecutionError
 
-    from mlic_lib.book import _env_defaults, execute_notebook, execution_failure
+    from mlic_lib.book import _env_defaults, execute_notebook, execution_failure, preflight
 
     root = Path(args.root).resolve()
     chapter, nb = _chapter_notebook(root, args.chapter)
     overrides = parse_overrides(args.override)
-    load_profile(chapter, args.profile, overrides)  # bad overrides fail here, before a kernel starts
+    settings = load_profile(chapter, args.profile, overrides)  # bad overrides fail here, before a kernel starts
+    for note in preflight(chapter, args.profile, settings):
+        print(f"note: {note}", file=sys.stderr, flush=True)
     _env_defaults(root / "_build")
     out = root / "_build" / "executed" / args.profile / nb.name
     print(f"executing {nb.name} with profile={args.profile}" + (f" and {overrides}" if overrides else "")

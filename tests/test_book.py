@@ -360,3 +360,25 @@ def test_a_failing_jupyter_book_build_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match=r"exit status 2\); its messages are above$"):
         mlic_lib.book.build_html(tmp_path / "src", tmp_path, strict=False)
     assert "-W" in calls[0] and "-W" not in calls[1]
+
+
+def test_preflight_names_the_missing_datasets_and_gpu_of_a_full_run(tmp_path, monkeypatch):
+    """A `full` run found a missing dataset only at the cell that reads it (SpliceMix's VOC part comes after hours
+    of scene runs): the notes say so before the kernel starts."""
+    import torch
+
+    from mlic_lib.book import preflight
+    from mlic_lib.data.fake import write_fake
+
+    monkeypatch.setenv("MLIC_DATA", str(tmp_path / "data"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    notes = preflight("splicemix", "full")
+    assert len(notes) == 2
+    assert notes[0].startswith("voc2007 is missing under ") and "`mlic data prepare voc2007` first" in notes[0]
+    assert notes[1].startswith("no CUDA GPU")
+    write_fake("voc2007", tmp_path / "data", 10, 10, 32, force=True)
+    assert [n[:11] for n in preflight("splicemix", "full")] == ["no CUDA GPU"]  # synthetic files count as there
+    assert len(preflight("indeed", "full")) == 3  # mnist, cifar10, the GPU
+    assert preflight("splicemix", "default") == [] and preflight("ltml", "smoke") == []  # embedded data, a CPU book
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert preflight("splicemix", "full") == []
