@@ -21,7 +21,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("names", nargs="*", metavar="NAME",
                         help=f"one or more of: {', '.join(DATASETS)}")
     parser.add_argument("--check", action="store_true", help="report what is present and exit")
-    parser.add_argument("--allow-unverified", action="store_true")
+    parser.add_argument("--allow-unverified", action="store_true",
+                        help="download files whose sha256 is not recorded yet (prints their digest)")
+    parser.add_argument("--delete-archives", action="store_true", help="remove tar/zip archives after unpacking")
+    parser.add_argument("--force", action="store_true", help="unpack again over the dataset (repairs a deleted or "
+                        "damaged file; kept archives are re-verified)")
     args = parser.parse_args(argv)
     if args.check or not args.names:
         for key, state in download.check().items():
@@ -31,7 +35,9 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.names:
             get(name)  # every name checked before the first download
         for name in args.names:
-            print(f"{name}: {download.prepare(name, allow_unverified=args.allow_unverified)}")
+            marker = download.prepare(name, allow_unverified=args.allow_unverified,
+                                      keep_archives=not args.delete_archives, force=args.force)
+            print(f"{name}: {marker}")
     except (ValueError, RuntimeError, OSError) as err:  # as `mlic data prepare`: a message, not a traceback
         print(f"prepare.py: error: {err}", file=sys.stderr)
         return 2

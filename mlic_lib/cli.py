@@ -47,6 +47,9 @@ def _chapter_notebook(root: Path, name: str) -> tuple[str, Path]:
 def _cmd_book(args) -> int:
     from mlic_lib.book import build_book
 
+    if not (Path(args.root) / "_config.yml").is_file():
+        raise ValueError(f"no book in {Path(args.root).resolve()} (no _config.yml): run from the repository root or "
+                         "pass --root REPO")
     strict = not args.no_strict and not args.only
     if args.only and not args.no_strict:
         print("mlic book --only: a partial book, built without --strict (the other chapters' pages are missing)")

@@ -434,3 +434,20 @@ def test_cli_prepare_errors(capsys, tmp_path, monkeypatch):
     assert "known datasets" in capsys.readouterr().err
     assert cli.main(["data", "prepare", "nuswide"]) == 2
     assert "place the 'Flickr' image folder" in capsys.readouterr().err
+
+
+def test_prepare_script_matches_the_cli_options(tmp_path, monkeypatch, capsys):
+    """`python data_scripts/prepare.py` is documented as `mlic data prepare`: the same options reach prepare()."""
+    import importlib.util
+
+    script_path = Path(__file__).resolve().parents[1] / "data_scripts" / "prepare.py"
+    spec = importlib.util.spec_from_file_location("prepare_script", script_path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    calls = []
+    monkeypatch.setattr(download, "prepare", lambda name, **kw: calls.append((name, kw)) or tmp_path / name)
+    assert script.main(["voc2007", "--force", "--delete-archives"]) == 0
+    assert calls == [("voc2007", {"allow_unverified": False, "keep_archives": False, "force": True})]
+    assert script.main(["imagenet"]) == 2 and "known datasets" in capsys.readouterr().err
+    monkeypatch.setenv("MLIC_DATA", str(tmp_path))
+    assert script.main(["--check"]) == 0 and "voc2007   missing" in capsys.readouterr().out

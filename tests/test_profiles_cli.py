@@ -111,6 +111,8 @@ def test_cli_reproduce_names_one_chapter_and_checks_overrides_first(capsys):
     assert "not valid YAML" in capsys.readouterr().err
     assert cli.main(["--root", "/nonexistent", "reproduce", "primer"]) == 2
     assert "run from the repository root" in capsys.readouterr().err
+    assert cli.main(["--root", "/nonexistent", "book", "--skip-execute"]) == 2
+    assert "no book in /nonexistent (no _config.yml): run from the repository root" in capsys.readouterr().err
     assert cli.main(["data", "check", "nope"]) == 2
     assert "known datasets: voc2007" in capsys.readouterr().err
 
