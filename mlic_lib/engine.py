@@ -737,6 +737,10 @@ def fit(model: nn.Module, train_data: Dataset | Iterable, val_data: Dataset | It
     world, rank, _ = distributed_info()
     ckpt = None
     if run_dir is not None:
+        if world > 1:  # every rank reads what rank 0 wrote before (an earlier fit's checkpoint): same decisions
+            import torch.distributed as dist
+
+            dist.barrier(device_ids=[device.index] if device.type == "cuda" else None)
         if rank == 0:
             remove_stale_temp_files(run_dir)
         cached = _load_finished(run_dir, model, cfg, device, rank)

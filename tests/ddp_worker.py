@@ -5,6 +5,7 @@ two-stream loader and the branch-ensemble step, whose compensation parameters ge
 (the random draws of an augmentation on each rank, uninterrupted and interrupted after epoch 0 then resumed).
 """
 
+import faulthandler
 import json
 import os
 import sys
@@ -17,6 +18,9 @@ from mlic_lib.engine import TrainConfig, fit
 from mlic_lib.models import build_model
 from mlic_lib.utils import seed_everything
 
+# torchrun starts its workers in sessions of their own, out of reach of the test's kill on a timeout: a hung worker
+# prints where every thread is and exits by itself, before the test's 240 s
+faulthandler.dump_traceback_later(200, exit=True)
 torch.set_num_threads(1)
 mode = sys.argv[3] if len(sys.argv) > 3 else "plain"
 train, test = make_scenes(64, seed=1), make_scenes(32, seed=2, split="test")
