@@ -398,6 +398,9 @@ def test_override_values_are_checked_before_a_kernel_starts(chapter, overrides, 
         load_profile(chapter, "smoke", overrides)
 
 
-def test_null_is_accepted_where_a_profile_turns_a_part_off():
+def test_null_is_accepted_where_a_profile_turns_a_part_off_and_for_names():
     assert load_profile("splicemix", "default", {"regime_check": None})["regime_check"] is None
     assert load_profile("indeed", "smoke", {"lambda_sweep": None})["lambda_sweep"] is None
+    assert load_profile("splicemix", "full", {"model.weights": None})["model"]["weights"] is None  # from scratch
+    # {} empties a section that some profile has empty (the scene generator's defaults), not another one
+    assert load_profile("splicemix", "full", {"data.scenes": {}})["data"]["scenes"] == {}

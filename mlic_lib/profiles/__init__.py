@@ -7,7 +7,8 @@ parent is a section with a validator that knows the name (``train`` / ``teacher_
 dataset's ``data`` / ``real``: :func:`mlic_lib.data.real.real_data`'s keys), or when its parent is an open
 mapping that is empty in some profile (``model.backbone_kwargs``). A value must fit the type of the value
 it replaces: a number for a number (``"1e-3"``, which YAML 1.1 reads as text, becomes 0.001), true/false
-for a flag, a list for a list, ``null`` only where some profile has ``null``; a mapping given for a section is
+for a flag, a list for a list, ``null`` for a number, flag or list only where some profile has ``null`` (a
+name may be null: ``model.weights=null``); a mapping given for a section is
 merged into it key by key (``{"train": {"epochs": 3}}`` is ``{"train.epochs": 3}``: the section's other settings
 stay), each key checked. Sections with a validator are checked as a whole when an override touches them
 (:data:`VALUE_CHECKS`, and ``TrainConfig`` for the training sections), before anything runs.
@@ -93,20 +94,21 @@ def parse_overrides(items: str | list[str] | tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
-def _expand(key: Any, value: Any, section: Any) -> list[tuple[Any, Any]]:
+def _expand(key: Any, value: Any, section: Any, open_maps: set[str]) -> list[tuple[Any, Any]]:
     """A mapping given for a section (``section``: the mapping it replaces, in the profile or another one) becomes
-    one dotted override per leaf, merged into the section instead of replacing it."""
+    one dotted override per leaf, merged into the section instead of replacing it. ``{}`` empties a section only
+    where some profile has it empty (``open_maps``, e.g. ``data.scenes``: the generator's defaults)."""
     if not isinstance(value, Mapping) or not isinstance(key, str) or key.rsplit(".", 1)[-1] in MIXED_TYPE_KEYS:
         return [(key, value)]
     if not value:
-        if isinstance(section, Mapping) and section:
+        if isinstance(section, Mapping) and section and key not in open_maps:
             raise ValueError(f"{key}={{}} would remove every setting of the section {key!r}; override its keys "
                              f"instead, e.g. -o {key}.{next(iter(section))}=...")
         return [(key, value)]
     out: list[tuple[Any, Any]] = []
     for k, v in value.items():
         sub = section.get(k) if isinstance(section, Mapping) else None
-        out += _expand(f"{key}.{k}", v, sub)
+        out += _expand(f"{key}.{k}", v, sub, open_maps)
     return out
 
 
@@ -211,7 +213,7 @@ def load_profile(chapter: str, profile: str = "default",
         return ref if found and isinstance(ref, Mapping) else next(
             (r for f, r in (_lookup(prof, key) for prof in data.values()) if f and isinstance(r, Mapping)), None)
 
-    pairs = [kv for k, v in (overrides or {}).items() for kv in _expand(k, v, section_of(k))]
+    pairs = [kv for k, v in (overrides or {}).items() for kv in _expand(k, v, section_of(k), open_maps)]
     for key, value in pairs:
         if not isinstance(key, str) or not key:
             raise ValueError(f"override keys are dotted names like 'train.epochs', got {key!r}")
@@ -242,9 +244,9 @@ def load_profile(chapter: str, profile: str = "default",
             if not found:
                 ref = next((r for f, r in (_lookup(prof, key) for prof in data.values()) if f and r is not None),
                            None)
-            if value is None and ref is not None and key not in nullable:
+            if value is None and isinstance(ref, (int, float, list, Mapping)) and key not in nullable:
                 raise ValueError(f"parameter {key!r} cannot be null (no profile turns it off); give a value like "
-                                 f"{ref!r}")
+                                 f"{ref!r}")  # a name may be null: model.weights=null trains from scratch
             value = _coerce(key, value, ref)
         node = settings
         *parents, leaf = key.split(".")
