@@ -79,18 +79,25 @@ def execution_failure(nb: Path, dst: Path, err: Exception) -> RuntimeError:
 def preflight(chapter: str, profile: str, settings: Mapping[str, Any] | None = None) -> list[str]:
     """Notes on what a run of ``chapter`` with ``profile`` will lack, printed before it starts (a ``full`` run
     finds a missing dataset only at the cell that reads it, possibly hours in): each real dataset the settings
-    name (``dataset`` / ``source`` keys) that ``mlic data check`` does not report present, and, for ``full``, the
-    absence of a CUDA GPU. Empty when nothing is missing."""
+    name (``dataset`` / ``source`` keys, with the datasets those need) that ``mlic data check`` does not report
+    present under the section's ``root`` (default ``$MLIC_DATA``), and, for ``full``, the absence of a CUDA GPU.
+    Empty when nothing is missing."""
     from mlic_lib.data.download import status
     from mlic_lib.data.paths import data_root
     from mlic_lib.data.registry import DATASETS
     from mlic_lib.profiles import _flatten, load_profile
 
     settings = load_profile(chapter, profile) if settings is None else settings
-    names = sorted({v for k, v in _flatten(settings).items() if k.rsplit(".", 1)[-1] in ("dataset", "source")
-                    and isinstance(v, str) and v in DATASETS})
-    root, notes = data_root(), []
-    for name in names:
+    flat = _flatten(settings)
+    needed: dict[str, Path] = {}  # dataset -> the folder it is read from (a section's root, else $MLIC_DATA)
+    for key, value in flat.items():
+        if key.rsplit(".", 1)[-1] in ("dataset", "source") and isinstance(value, str) and value in DATASETS:
+            own = flat.get(f"{key.rsplit('.', 1)[0]}.root") if "." in key else settings.get("root")
+            root = Path(own).expanduser() if own else data_root()
+            for name in (value, *DATASETS[value].needs):  # VOC-LT reads VOC2012's and VOC2007's images
+                needed.setdefault(name, root)
+    notes = []
+    for name, root in sorted(needed.items()):
         state = status(DATASETS[name], root)
         if not state.startswith("present"):
             notes.append(f"{name} is {state} under {root}: the chapter's {name} parts will fail or be skipped; "

@@ -26,6 +26,7 @@ Checkpoints are read with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -551,10 +552,21 @@ RUN_CONFIG_IGNORED: tuple[str, ...] = ("device", "channels_last", "num_workers",
 
 #: What reading a damaged checkpoint / ``results.json`` raises: ``torch.load`` of a truncated, empty or bit-flipped
 #: file raises any of these (``ValueError`` covers ``JSONDecodeError`` and ``UnicodeDecodeError``); ``KeyError``: an
-#: entry ``fit`` writes is missing. :data:`_NOT_DAMAGE` are subclasses that say nothing about the file.
+#: entry ``fit`` writes is missing. :func:`_is_damage` tells those that say nothing about the file.
 _UNREADABLE = (pickle.UnpicklingError, EOFError, OSError, RuntimeError, ValueError, KeyError, IndexError)
 #: A full GPU (``map_location``) and a file of another user's are errors of their own, never a reason to retrain.
 _NOT_DAMAGE = (torch.OutOfMemoryError, PermissionError)
+
+
+def _is_damage(error: BaseException) -> bool:
+    """Whether an error of :data:`_UNREADABLE` says the file is damaged, not that reading it failed for another
+    reason: an ``OSError`` counts only without an errno or with ``EINVAL`` (what torch's zip reader raises for a
+    truncated file), not a transient one (``EIO``, ``ESTALE``, too many open files); a CUDA error is not damage."""
+    if isinstance(error, _NOT_DAMAGE):
+        return False
+    if isinstance(error, OSError) and error.errno not in (None, errno.EINVAL):
+        return False
+    return not (isinstance(error, RuntimeError) and "CUDA" in str(error))
 
 #: The entries of ``last.pt`` (``ema`` and ``scaler`` only when used) and of ``results.json`` that ``fit`` needs.
 _CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "epoch", "history", "rng_ranks", "config")
@@ -576,14 +588,15 @@ def remove_stale_temp_files(run_dir: str | Path, older_than: float = STALE_TEMP_
     if not run_dir.is_dir():
         return []
     removed, now = [], time.time()
-    for f in run_dir.iterdir():
-        if not _TEMP_NAME.fullmatch(f.name):
-            continue
-        with contextlib.suppress(FileNotFoundError):  # its writer renamed it, or another process removed it
-            st = f.lstat()
-            if stat.S_ISREG(st.st_mode) and now - st.st_mtime > older_than:
-                f.unlink()
-                removed.append(f)
+    with contextlib.suppress(OSError):  # a tidy-up: a folder or file it may not touch never stops a run
+        for f in run_dir.iterdir():
+            if not _TEMP_NAME.fullmatch(f.name):
+                continue
+            with contextlib.suppress(OSError):  # gone (its writer renamed it), or not ours to delete
+                st = f.lstat()
+                if stat.S_ISREG(st.st_mode) and now - st.st_mtime > older_than:
+                    f.unlink()
+                    removed.append(f)
     return removed
 
 
@@ -593,9 +606,11 @@ def _describe(error: BaseException) -> str:
 
 def _set_aside(path: Path, error: BaseException, rank: int, then: str) -> None:
     """Rename the damaged ``path`` to ``<name>.corrupt`` (replacing an older one) and warn; under DDP only rank 0
-    renames and warns (every rank reads the same file and reaches the same decision). An ``error`` of
-    :data:`_NOT_DAMAGE` is raised again instead."""
-    if isinstance(error, _NOT_DAMAGE):
+    renames and warns (every rank reads the same file and reaches the same decision). An ``error`` that does not
+    say the file is damaged (:func:`_is_damage`) is raised again instead. A rename that fails is a warning, never
+    an error on rank 0 alone (the other ranks would wait for it forever): the run is trained again all the same,
+    and its new files replace the damaged one."""
+    if not _is_damage(error):
         raise error
     if rank != 0:
         return
@@ -605,8 +620,9 @@ def _set_aside(path: Path, error: BaseException, rank: int, then: str) -> None:
     except FileNotFoundError:
         return
     except OSError as e:
-        raise OSError(f"{path} is damaged or unreadable ({_describe(error)}) and could not be moved "
-                      f"aside ({e}): delete it, or pass a run_dir you can write to") from e
+        warnings.warn(f"{path} is damaged or unreadable ({_describe(error)}) and could not be moved aside ({e}); "
+                      f"{then}, and the new file will replace it", RuntimeWarning, stacklevel=4)
+        return
     warnings.warn(f"{path} is damaged or unreadable ({_describe(error)}); moved it to {aside.name}, {then}",
                   RuntimeWarning, stacklevel=4)
 

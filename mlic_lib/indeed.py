@@ -701,6 +701,9 @@ def check_options(opts: Mapping[str, Any] | None) -> None:
     if "parallel" in opts:
         check_parallel(opts["parallel"], "indeed.parallel")
     lam = opts.get("lam", 1.0)
+    if isinstance(lam, Mapping) and set(lam) != {"minmax", "l2"}:
+        raise ValueError(f"indeed.lam as a mapping gives a value for each normalisation the chapter trains, "
+                         f"{{minmax: .., l2: ..}}; got {dict(lam)!r} (or give one number for both)")
     values = lam.items() if isinstance(lam, Mapping) else [(None, lam)]
     for norm, v in values:
         key = "indeed.lam" + (f".{norm}" if norm is not None else "")

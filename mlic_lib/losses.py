@@ -8,7 +8,7 @@ Conventions shared by all losses
 --------------------------------
 * ``logits`` are the raw ``(N, C)`` model outputs (no sigmoid applied); ``p = sigmoid(logits)``.
 * ``targets`` has the shape of ``logits`` with values in ``[0, 1]`` (binary, or soft labels). The values
-  are checked on a CPU (a ``ValueError``: convert VOC labels ``{1, 0, -1}`` with
+  are checked on a CPU where the mask keeps them (a ``ValueError``: convert VOC labels ``{1, 0, -1}`` with
   :func:`mlic_lib.metrics.voc_targets` first), not on an accelerator, where the check would make the host
   wait for the device at every step, nor inside ``torch.compile``.
 * ``mask`` (optional, bool, same shape) marks the entries to keep: ``False`` entries (e.g. VOC
@@ -68,14 +68,6 @@ def _prepare(
         raise ValueError(f"logits must be a floating-point tensor; got dtype {logits.dtype}")
     _check_reduction(reduction)
     targets = targets.to(dtype=logits.dtype)
-    if targets.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(
-            ((targets >= 0) & (targets <= 1)).all()):
-        bad = targets[~((targets >= 0) & (targets <= 1))]
-        raise ValueError(
-            f"targets must lie in [0, 1] (1 = positive, 0 = negative, or a soft label); got {bad[0].item()!r} "
-            f"among {bad.numel()} bad entries. VOC labels {{1, 0, -1}}: convert with mlic_lib.metrics.voc_targets "
-            "(and pass its mask); {-1, 1} labels: use (y + 1) / 2"
-        )
     if mask is not None:
         if not isinstance(mask, Tensor):
             mask = torch.as_tensor(mask)
@@ -85,6 +77,16 @@ def _prepare(
                 f"{tuple(logits.shape)} (one bool per entry, False = ignore)"
             )
         mask = mask.to(device=logits.device, dtype=torch.bool)
+    if targets.device.type == "cpu" and not torch.compiler.is_compiling():
+        bad = ~((targets >= 0) & (targets <= 1))  # NaN too
+        if mask is not None:
+            bad &= mask  # a masked entry may hold a placeholder (-1, NaN): it counts for nothing
+        if bool(bad.any()):
+            raise ValueError(
+                f"targets must lie in [0, 1] (1 = positive, 0 = negative, or a soft label) where the mask keeps "
+                f"them; got {targets[bad][0].item()!r} among {int(bad.sum())} bad entries. VOC labels {{1, 0, -1}}: "
+                "convert with mlic_lib.metrics.voc_targets (and pass its mask); {-1, 1} labels: use (y + 1) / 2"
+            )
     return targets, mask
 
 

@@ -55,6 +55,7 @@ __all__ = [
     "METHODS",
     "check_methods",
     "check_regime",
+    "check_regime_methods",
     "make_step",
     "splicemix_from_options",
     "train_method",
@@ -274,6 +275,16 @@ def check_regime(rc: Any) -> None:
     if not {"baseline", "splicemix"} <= set(rc["methods"]):
         raise ValueError(f"regime_check.methods must include baseline and splicemix (the chapter compares them), "
                          f"got {rc['methods']!r}")
+
+
+def check_regime_methods(settings: Mapping[str, Any]) -> None:
+    """The regime check's methods must be among ``methods`` (the chapter compares each with its section-3 runs)."""
+    rc, methods = settings.get("regime_check"), settings.get("methods") or []
+    if rc and isinstance(rc, Mapping) and isinstance(rc.get("methods"), (list, tuple)):
+        missing = [m for m in rc["methods"] if m not in methods]
+        if missing:
+            raise ValueError(f"regime_check.methods {missing} are not in methods {list(methods)}: the regime check "
+                             "compares each with its run in section 3; add them to methods")
 
 
 def make_step(method: str, options: dict | None = None, boxes: Sequence[np.ndarray] | Tensor | None = None):

@@ -179,7 +179,7 @@ def _imported_files(f: Path, mtime_ns: int, size: int) -> tuple[Path, ...]:
     parts = list(f.relative_to(_PACKAGE_DIR).with_suffix("").parts)
     package = ["mlic_lib", *parts[:-1]]  # the package a relative import starts from
     names: list[str] = []
-    for node in ast.walk(ast.parse(f.read_text())):
+    for node in ast.walk(ast.parse(f.read_bytes())):
         if isinstance(node, ast.Import):
             names += [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -225,7 +225,7 @@ def _code_digest(f: Path, mtime_ns: int, size: int) -> bytes:
     layout and line numbers). Cached per file version (``mtime_ns``, ``size``) like :func:`_imported_files`."""
     import ast
 
-    tree = ast.parse(f.read_text())
+    tree = ast.parse(f.read_bytes())  # bytes: the file's own encoding (PEP 263), not the locale's
     for node in ast.walk(tree):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
             first = node.body[0]

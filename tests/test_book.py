@@ -379,6 +379,15 @@ def test_preflight_names_the_missing_datasets_and_gpu_of_a_full_run(tmp_path, mo
     write_fake("voc2007", tmp_path / "data", 10, 10, 32, force=True)
     assert [n[:11] for n in preflight("splicemix", "full")] == ["no CUDA GPU"]  # synthetic files count as there
     assert len(preflight("indeed", "full")) == 3  # mnist, cifar10, the GPU
+    ltml = [n.split(" ")[0] for n in preflight("ltml", "full")]
+    assert ltml == ["voc2012", "voc_lt", "no"]  # VOC-LT reads VOC2012's images (and VOC2007's, written above)
+    # a section's own root, not $MLIC_DATA
+    from mlic_lib.profiles import load_profile
+
+    elsewhere = load_profile("assocformer", "full", {"data.root": str(tmp_path / "nothing")})
+    assert preflight("assocformer", "full", elsewhere)[0].startswith(f"voc2007 is missing under {tmp_path / 'nothing'}")
+    here = load_profile("assocformer", "full", {"data.root": str(tmp_path / "data")})
+    assert [n[:11] for n in preflight("assocformer", "full", here)] == ["no CUDA GPU"]
     assert preflight("splicemix", "default") == [] and preflight("ltml", "smoke") == []  # embedded data, a CPU book
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert preflight("splicemix", "full") == []

@@ -451,3 +451,18 @@ def test_prepare_script_matches_the_cli_options(tmp_path, monkeypatch, capsys):
     assert script.main(["imagenet"]) == 2 and "known datasets" in capsys.readouterr().err
     monkeypatch.setenv("MLIC_DATA", str(tmp_path))
     assert script.main(["--check"]) == 0 and "voc2007   missing" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not hasattr(tarfile, "data_filter"), reason="needs tarfile's data filter (Python >= 3.11.4)")
+def test_a_member_the_data_filter_refuses_is_named_not_called_a_damaged_archive(tmp_path):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as t:
+        dev = tarfile.TarInfo("VOCdevkit/device")
+        dev.type = tarfile.CHRTYPE
+        t.addfile(dev)
+    archive = tmp_path / "special.tar"
+    archive.write_bytes(buf.getvalue())
+    with pytest.raises(RuntimeError, match=r"refusing to extract .*special.tar: .*VOCdevkit/device.*Nothing was "
+                                           r"written") as info:
+        download.unpack(archive, tmp_path / "dest")
+    assert "download it again" not in str(info.value)

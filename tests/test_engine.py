@@ -199,7 +199,9 @@ def test_a_finished_run_loaded_into_another_model_is_an_error_not_a_damaged_file
     cfg = TrainConfig.from_dict({**CFG, "epochs": 1})
     with pytest.raises(RuntimeError, match="state_dict"):
         fit(build_model("small_resnet", 20, widths=(8, 8, 16, 16)), tr, te, cfg, run_dir=run, progress=False)
-    for error in (torch.OutOfMemoryError("CUDA out of memory"), PermissionError(13, "Permission denied")):
+    for error in (torch.OutOfMemoryError("CUDA out of memory"), PermissionError(13, "Permission denied"),
+                  OSError(5, "Input/output error"), OSError(116, "Stale file handle"),
+                  RuntimeError("CUDA error: an illegal memory access was encountered")):  # transient, not the file
         def load(*args, error=error, **kwargs):
             raise error
 
@@ -207,6 +209,50 @@ def test_a_finished_run_loaded_into_another_model_is_an_error_not_a_damaged_file
         with pytest.raises(type(error)):
             fit(_model(), tr, te, cfg, run_dir=run, progress=False)
     assert (run / "final.pt").is_file() and not list(run.glob("*.corrupt"))
+
+
+def test_a_damaged_file_that_cannot_be_moved_aside_is_a_warning_and_the_run_trained_again(small_scenes, tmp_path,
+                                                                                           monkeypatch):
+    """An error on rank 0 alone would leave DDP's other ranks waiting forever: a rename that fails (a read-only
+    file in a shared cache) is a warning, the run is trained again and its new file replaces the damaged one."""
+    from mlic_lib import engine
+
+    run = tmp_path / "run"
+    first = _run(small_scenes, run_dir=run, epochs=1)
+    _damage(run / "results.json", "truncated")
+    real_replace = engine.os.replace
+
+    def refuse(src, dst):
+        if str(dst).endswith(".corrupt"):
+            raise PermissionError(13, "Permission denied", str(dst))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(engine.os, "replace", refuse)
+    with pytest.warns(RuntimeWarning, match=r"results\.json is damaged .*could not be moved aside .*Permission "
+                                            r"denied.*trained again .*the new file will replace it"):
+        again = _run(small_scenes, run_dir=run, epochs=1)
+    assert not again.cached and again.final["mAP"] == first.final["mAP"]
+    assert _run(small_scenes, run_dir=run, epochs=1).cached  # the new results.json replaced the damaged one
+
+
+def test_stale_temp_file_clean_up_never_stops_a_run(tmp_path, monkeypatch):
+    """A temp file one may not delete (another user's, in a shared cache) is left alone, without an error."""
+    import os
+    import time
+
+    from mlic_lib import engine
+
+    old = tmp_path / ".last.pt.abcd1234.tmp"
+    old.write_bytes(b"x")
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(engine.Path, "unlink", refuse)
+    assert engine.remove_stale_temp_files(tmp_path) == [] and old.exists()
+    monkeypatch.undo()
+    assert engine.remove_stale_temp_files(tmp_path) == [old] and not old.exists()
 
 
 def test_resuming_with_another_config_is_an_error_naming_the_fields_and_the_fix(small_scenes, tmp_path):

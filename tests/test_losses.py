@@ -325,6 +325,9 @@ def test_targets_outside_0_1_are_an_error_on_a_cpu(loss_fn, bad, shown):
                                          "voc_targets"):
         loss_fn(logits, targets)
     loss_fn(logits, torch.full((4, 3), 0.3))  # soft labels are fine
+    mask = torch.ones(4, 3, dtype=torch.bool)
+    mask[1, 2] = False
+    loss_fn(logits, targets, mask=mask)  # a masked entry may hold a placeholder: it counts for nothing
 
 
 def test_weighted_bce_refuses_negative_weights_in_the_function_too():

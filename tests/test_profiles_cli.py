@@ -355,8 +355,11 @@ def test_a_mapping_override_is_merged_into_its_section_key_by_key():
     assert nested["data"] == {**base["data"], "n_train": 100, "scenes": {**base["data"]["scenes"], "max_objects": 3}}
     with pytest.raises(ValueError, match=r"unknown parameter 'train.epoch' .*did you mean 'train.epochs'"):
         load_profile("primer", "smoke", {"train": {"epoch": 3}})  # each key is checked
-    with pytest.raises(ValueError, match=r"train=\{\} would remove every setting .* -o train.epochs=\.\.\."):
-        load_profile("primer", "smoke", {"train": {}})
+    # {} replaces a section (its code's defaults): CPSD's teachers with the students' recipe
+    assert load_profile("psd", "smoke", {"teacher_train": {}})["teacher_train"] == {}
+    # a value table is given whole, not merged: grids={2x2: 1} is only 2x2 grids
+    assert load_profile("splicemix", "smoke", ["mixing.grids={2x2: 1.0}"])["mixing"]["grids"] == {"2x2": 1.0}
+    assert load_profile("splicemix", "smoke", {"mixing": {"grids": ["2x2"]}})["mixing"]["grids"] == ["2x2"]
     # a section a profile turns off (null) is turned on with the given keys; a value of mixed type is replaced
     sweep = {"lams": [0.1], "n_labels": [2], "seeds": [0], "data_seed": 1}
     assert load_profile("indeed", "default", {"lambda_sweep": sweep})["lambda_sweep"] == sweep
@@ -384,11 +387,13 @@ def test_overrides_in_the_cli_form_are_accepted(overrides):
     ("indeed", {"indeed.pairing": "foo"}, r"indeed.pairing must be one of \('disjoint', 'each'\), got 'foo'"),
     ("indeed", {"indeed.parallel": "threads"}, r"indeed.parallel must be one of"),
     ("indeed", {"indeed.lam": -0.5}, r"indeed.lam must be a number >= 0"),
-    ("indeed", {"indeed.lam": {"minmax": 0.1, "l1": 1.0}}, r"got the key 'l1'"),
+    ("indeed", {"indeed.lam": {"minmax": 0.1, "l1": 1.0}}, r"a value for each normalisation .* got \{'minmax'"),
+    ("indeed", {"indeed": {"lam": {"minmax": 0.2}}}, r"a value for each normalisation the chapter trains"),
     ("splicemix", {"methods": ["baseline", "foo"]}, r"methods: unknown method\(s\) \['foo'\]"),
     ("splicemix", {"methods": ["baseline", "baseline"]}, r"methods names a method twice"),
     ("splicemix", {"regime_check.methods": ["baseline"]}, r"must include baseline and splicemix"),
     ("splicemix", {"regime_check.epochs": 0}, r"regime_check.epochs must be a whole number >= 1"),
+    ("splicemix", {"methods": ["baseline", "mixup"]}, r"regime_check.methods \['splicemix'\] are not in methods"),
     ("splicemix", {"parallel": "threads"}, r"^parallel must be one of \('auto', 'sequential', 'process'\)"),
 ])
 def test_override_values_are_checked_before_a_kernel_starts(chapter, overrides, message):
@@ -402,5 +407,5 @@ def test_null_is_accepted_where_a_profile_turns_a_part_off_and_for_names():
     assert load_profile("splicemix", "default", {"regime_check": None})["regime_check"] is None
     assert load_profile("indeed", "smoke", {"lambda_sweep": None})["lambda_sweep"] is None
     assert load_profile("splicemix", "full", {"model.weights": None})["model"]["weights"] is None  # from scratch
-    # {} empties a section that some profile has empty (the scene generator's defaults), not another one
-    assert load_profile("splicemix", "full", {"data.scenes": {}})["data"]["scenes"] == {}
+    assert load_profile("splicemix", "full", {"model.widths": None})["model"]["widths"] is None  # the default widths
+    assert load_profile("splicemix", "full", {"data.scenes": {}})["data"]["scenes"] == {}  # the generator's defaults

@@ -201,6 +201,8 @@ def unpack(archive: Path, dest: Path) -> None:
         for item in tmp.iterdir():
             _merge(item, dest / item.name)
     except (tarfile.TarError, zipfile.BadZipFile, EOFError) as err:
+        if isinstance(err, getattr(tarfile, "FilterError", ())):  # the data filter refused a member: not a cut file
+            raise RuntimeError(f"refusing to extract {archive}: {err}. Nothing was written to {dest}") from err
         raise RuntimeError(f"could not unpack {archive}: {err!r}. Nothing was written to {dest}; delete the archive "
                            "and rerun to download it again") from err
     finally:

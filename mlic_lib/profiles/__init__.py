@@ -7,11 +7,12 @@ parent is a section with a validator that knows the name (``train`` / ``teacher_
 dataset's ``data`` / ``real``: :func:`mlic_lib.data.real.real_data`'s keys), or when its parent is an open
 mapping that is empty in some profile (``model.backbone_kwargs``). A value must fit the type of the value
 it replaces: a number for a number (``"1e-3"``, which YAML 1.1 reads as text, becomes 0.001), true/false
-for a flag, a list for a list, ``null`` for a number, flag or list only where some profile has ``null`` (a
-name may be null: ``model.weights=null``); a mapping given for a section is
-merged into it key by key (``{"train": {"epochs": 3}}`` is ``{"train.epochs": 3}``: the section's other settings
-stay), each key checked. Sections with a validator are checked as a whole when an override touches them
-(:data:`VALUE_CHECKS`, and ``TrainConfig`` for the training sections), before anything runs.
+for a flag, a list for a list, ``null`` for a number or flag only where some profile has ``null`` (a name or
+a list may be null: ``model.weights=null``); a non-empty mapping given for a section is merged into it key by
+key (``{"train": {"epochs": 3}}`` is ``{"train.epochs": 3}``: the section's other settings stay), each key
+checked, and ``{}`` replaces it (its code's defaults). Sections with a validator are checked as a whole when an
+override touches them (:data:`VALUE_CHECKS`, :data:`SETTINGS_CHECKS`, and ``TrainConfig`` for the training
+sections), before anything runs.
 """
 
 from __future__ import annotations
@@ -62,9 +63,10 @@ def _train_field_kinds() -> dict[str, str]:
     return {f.name: str(f.type) for f in fields(TrainConfig)}
 
 
-# keys whose values may take several types: INDeeD's lam (a number or {minmax: .., l2: ..}), the presets'
-# randaugment (true/false or a policy name); only a number written as text is converted for them
-MIXED_TYPE_KEYS = frozenset({"lam", "randaugment"})
+# keys whose values may take several types, given whole (a mapping for them is a value, not a section to merge
+# into): INDeeD's lam (a number or {minmax: .., l2: ..}), the presets' randaugment (true/false or a policy name),
+# SpliceMix's grids (a table {RxC: probability} or a list of grids); only a number written as text is converted
+MIXED_TYPE_KEYS = frozenset({"lam", "randaugment", "grids"})
 TRAIN_SECTIONS = ("train", "teacher_train")  # sections that TrainConfig checks
 #: chapter -> {key: (module, function)} checking the value at that dotted key (a section or a list) when an
 #: override touches it (the method's own check, run now rather than hours into a run); imported only then, to keep
@@ -76,6 +78,10 @@ VALUE_CHECKS = {
                   "regime_check": ("mlic_lib.splicemix_cl", "check_regime"),
                   "parallel": ("mlic_lib.process_pool", "check_parallel")},
 }
+#: chapter -> {key: (module, function)} like :data:`VALUE_CHECKS`, for checks that need the whole settings
+#: (SpliceMix's regime check compares methods that section 3 trained too).
+SETTINGS_CHECKS = {"splicemix": {"regime_check": ("mlic_lib.splicemix_cl", "check_regime_methods"),
+                                 "methods": ("mlic_lib.splicemix_cl", "check_regime_methods")}}
 
 
 def parse_overrides(items: str | list[str] | tuple[str, ...]) -> dict[str, Any]:
@@ -94,21 +100,17 @@ def parse_overrides(items: str | list[str] | tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
-def _expand(key: Any, value: Any, section: Any, open_maps: set[str]) -> list[tuple[Any, Any]]:
-    """A mapping given for a section (``section``: the mapping it replaces, in the profile or another one) becomes
-    one dotted override per leaf, merged into the section instead of replacing it. ``{}`` empties a section only
-    where some profile has it empty (``open_maps``, e.g. ``data.scenes``: the generator's defaults)."""
-    if not isinstance(value, Mapping) or not isinstance(key, str) or key.rsplit(".", 1)[-1] in MIXED_TYPE_KEYS:
-        return [(key, value)]
-    if not value:
-        if isinstance(section, Mapping) and section and key not in open_maps:
-            raise ValueError(f"{key}={{}} would remove every setting of the section {key!r}; override its keys "
-                             f"instead, e.g. -o {key}.{next(iter(section))}=...")
+def _expand(key: Any, value: Any, section: Any) -> list[tuple[Any, Any]]:
+    """A non-empty mapping given for a section (``section``: the mapping it replaces, in the profile or another one)
+    becomes one dotted override per leaf, merged into the section instead of replacing it. ``{}`` replaces the
+    section (its code's defaults: ``teacher_train={}`` trains CPSD's teachers with the students' recipe)."""
+    if not isinstance(value, Mapping) or not value or not isinstance(key, str) or (
+            key.rsplit(".", 1)[-1] in MIXED_TYPE_KEYS):
         return [(key, value)]
     out: list[tuple[Any, Any]] = []
     for k, v in value.items():
         sub = section.get(k) if isinstance(section, Mapping) else None
-        out += _expand(f"{key}.{k}", v, sub, open_maps)
+        out += _expand(f"{key}.{k}", v, sub)
     return out
 
 
@@ -213,7 +215,7 @@ def load_profile(chapter: str, profile: str = "default",
         return ref if found and isinstance(ref, Mapping) else next(
             (r for f, r in (_lookup(prof, key) for prof in data.values()) if f and isinstance(r, Mapping)), None)
 
-    pairs = [kv for k, v in (overrides or {}).items() for kv in _expand(k, v, section_of(k), open_maps)]
+    pairs = [kv for k, v in (overrides or {}).items() for kv in _expand(k, v, section_of(k))]
     for key, value in pairs:
         if not isinstance(key, str) or not key:
             raise ValueError(f"override keys are dotted names like 'train.epochs', got {key!r}")
@@ -244,9 +246,9 @@ def load_profile(chapter: str, profile: str = "default",
             if not found:
                 ref = next((r for f, r in (_lookup(prof, key) for prof in data.values()) if f and r is not None),
                            None)
-            if value is None and isinstance(ref, (int, float, list, Mapping)) and key not in nullable:
+            if value is None and isinstance(ref, (int, float)) and key not in nullable:
                 raise ValueError(f"parameter {key!r} cannot be null (no profile turns it off); give a value like "
-                                 f"{ref!r}")  # a name may be null: model.weights=null trains from scratch
+                                 f"{ref!r}")  # names and lists may be null (model.weights=null: from scratch)
             value = _coerce(key, value, ref)
         node = settings
         *parents, leaf = key.split(".")
@@ -266,6 +268,10 @@ def load_profile(chapter: str, profile: str = "default",
 
             found, value = _lookup(settings, section)
             getattr(importlib.import_module(module), function)(value if found else None)
+    for module, function in {v for k, v in SETTINGS_CHECKS.get(chapter, {}).items() if touches(k)}:
+        import importlib
+
+        getattr(importlib.import_module(module), function)(settings)
     train_sections = {k.rsplit(".", 1)[0] for k in touched if k.rsplit(".", 1)[0].rsplit(".", 1)[-1] in
                       TRAIN_SECTIONS}
     for section in sorted(train_sections):
