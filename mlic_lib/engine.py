@@ -676,6 +676,23 @@ def _check_config(saved: Mapping[str, Any], cfg: TrainConfig, path: Path, what: 
             f"{', '.join(RUN_CONFIG_IGNORED)}).")
 
 
+def is_finished(run_dir: str | Path) -> bool:
+    """Whether ``fit`` will load ``run_dir`` instead of training: a readable ``results.json`` and a ``final.pt``
+    that is a whole checkpoint file (a zip archive: one cut short or empty is not). For a caller that prepares
+    costly training inputs only when a run will train (CPSD's teacher logits); the config is checked by ``fit``."""
+    import zipfile
+
+    run_dir = Path(run_dir)
+    results, final = run_dir / "results.json", run_dir / "final.pt"
+    if not (results.is_file() and final.is_file()):
+        return False
+    try:
+        _read_results(results)
+    except _UNREADABLE:
+        return False
+    return zipfile.is_zipfile(final)
+
+
 def _load_finished(run_dir: Path, model: nn.Module, cfg: TrainConfig, device: torch.device,
                    rank: int) -> FitResult | None:
     """The cached run in ``run_dir`` (``results.json`` + ``final.pt``) with its weights loaded into ``model``, or

@@ -51,7 +51,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from mlic_lib.data.tensors import TensorImageDataset
-from mlic_lib.engine import FitResult, TrainConfig, fit, run_dir_for
+from mlic_lib.engine import FitResult, TrainConfig, fit, is_finished, run_dir_for
 from mlic_lib.experiments import build_scene_model
 from mlic_lib.losses import AsymmetricLoss
 from mlic_lib.utils import pick_device
@@ -545,7 +545,7 @@ def train_student(settings: Mapping[str, Any], data, teachers: Sequence[nn.Modul
     run_dir = run_dir_for(f"psd-{name}-s{seed}", key, code=(__name__,))
     model = build_psd_model(settings["model"], data.num_classes, seed)
     on_the_fly = not isinstance(data.train_ds, TensorImageDataset)
-    if on_the_fly or ((run_dir / "results.json").is_file() and (run_dir / "final.pt").is_file()):
+    if on_the_fly or is_finished(run_dir):
         ds: Dataset = data.train_ds  # real images (teachers run per batch), or cached: fit only loads
     else:
         logits = torch.stack([predict_logits(t, data.train_ds) for t in teachers], dim=1)

@@ -235,6 +235,23 @@ def test_a_damaged_file_that_cannot_be_moved_aside_is_a_warning_and_the_run_trai
     assert _run(small_scenes, run_dir=run, epochs=1).cached  # the new results.json replaced the damaged one
 
 
+@pytest.mark.parametrize("how", ["truncated", "empty"])
+def test_is_finished_says_whether_fit_will_load_the_folder(small_scenes, tmp_path, how):
+    """CPSD prepares its teachers' logits only for a student that will train: a damaged final.pt must count as
+    not finished (fit trains it again), not as cached (the student would then train without its teachers)."""
+    from mlic_lib.engine import is_finished
+
+    run = tmp_path / "run"
+    assert not is_finished(run)
+    _run(small_scenes, run_dir=run, epochs=1)
+    assert is_finished(run)
+    _damage(run / "final.pt", how)
+    assert not is_finished(run)
+    _run(small_scenes, run_dir=tmp_path / "other", epochs=1)
+    _damage(tmp_path / "other" / "results.json", how)
+    assert not is_finished(tmp_path / "other")
+
+
 def test_stale_temp_file_clean_up_never_stops_a_run(tmp_path, monkeypatch):
     """A temp file one may not delete (another user's, in a shared cache) is left alone, without an error."""
     import os
