@@ -62,6 +62,13 @@ def execute_notebook(src: Path, dst: Path, profile: str, parameters: dict | None
     return time.perf_counter() - t0
 
 
+def chapter_of(nb: Path) -> str | None:
+    """The chapter (profile file name) whose name is in notebook ``nb``'s file name, ``None`` if none is."""
+    from mlic_lib.profiles import chapters
+
+    return next((c for c in chapters() if c in nb.stem), None)
+
+
 def failed_copy(dst: Path) -> Path:
     """Where :func:`execute_notebook` keeps the partly executed notebook of a failed run of ``dst``."""
     return dst.with_name(f"{dst.stem}.failed{dst.suffix}")
@@ -255,10 +262,8 @@ def build_book(root: str | Path = ".", profile: str = "default", only: Sequence[
     if not skip_execute:
         from papermill.exceptions import PapermillExecutionError
 
-        from mlic_lib.profiles import chapters
-
         for nb in notebooks(root, only):
-            chapter = next((c for c in chapters() if c in nb.stem), None)
+            chapter = chapter_of(nb)
             for note in preflight(chapter, profile) if chapter else []:
                 print(f"[book] note: {note}", flush=True)
             print(f"[book] executing {nb.name} (profile={profile}) ...", flush=True)

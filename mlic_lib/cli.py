@@ -26,19 +26,19 @@ from mlic_lib.profiles import PROFILES, chapters, load_profile, parse_overrides
 
 def _chapter_notebook(root: Path, name: str) -> tuple[str, Path]:
     """The chapter (profile name) and notebook that ``name`` (a chapter or part of a file name) picks."""
-    from mlic_lib.book import notebooks
+    from mlic_lib.book import chapter_of, notebooks
 
     if not (root / "notebooks").is_dir():
         raise ValueError(f"no notebooks/ folder in {root}: run from the repository root or pass --root REPO")
     found = notebooks(root)
-    by_chapter = {c: nb for nb in found for c in chapters() if c in nb.stem}
+    by_chapter = {c: nb for nb in found if (c := chapter_of(nb)) is not None}
     if name in by_chapter:
         return name, by_chapter[name]
     hits = [nb for nb in found if name in nb.stem]
     if len(hits) != 1:
         what = "no chapter" if not hits else f"{len(hits)} chapters ({', '.join(nb.stem for nb in hits)})"
         raise ValueError(f"{name!r} matches {what}; name one of: {', '.join(by_chapter)}")
-    chapter = next((c for c, nb in by_chapter.items() if nb == hits[0]), None)
+    chapter = chapter_of(hits[0])
     if chapter is None:
         raise ValueError(f"{hits[0].name} has no profile file in mlic_lib/profiles")
     return chapter, hits[0]

@@ -208,14 +208,16 @@ def load_profile(chapter: str, profile: str = "default",
         raise ValueError(f"overrides must be a mapping like {{'train.epochs': 3}} (or a list like "
                          f"['train.epochs=3']), got {type(overrides).__name__}")
 
-    def section_of(key: Any) -> Any:
-        if not isinstance(key, str):
-            return None
+    def reference(key: str, ok: Any = lambda r: r is not None) -> Any:
+        """The value ``key`` replaces: this profile's if it has the key, else the first of another profile's that
+        passes ``ok`` (``None`` if none does)."""
         found, ref = _lookup(settings, key)
-        return ref if found and isinstance(ref, Mapping) else next(
-            (r for f, r in (_lookup(prof, key) for prof in data.values()) if f and isinstance(r, Mapping)), None)
+        if found and ok(ref):
+            return ref
+        return next((r for f, r in (_lookup(prof, key) for prof in data.values()) if f and ok(r)), None)
 
-    pairs = [kv for k, v in (overrides or {}).items() for kv in _expand(k, v, section_of(k))]
+    pairs = [kv for k, v in (overrides or {}).items()
+             for kv in _expand(k, v, reference(k, lambda r: isinstance(r, Mapping)) if isinstance(k, str) else None)]
     for key, value in pairs:
         if not isinstance(key, str) or not key:
             raise ValueError(f"override keys are dotted names like 'train.epochs', got {key!r}")
@@ -244,8 +246,7 @@ def load_profile(chapter: str, profile: str = "default",
         else:
             found, ref = _lookup(settings, key)
             if not found:
-                ref = next((r for f, r in (_lookup(prof, key) for prof in data.values()) if f and r is not None),
-                           None)
+                ref = reference(key)
             if value is None and isinstance(ref, (int, float)) and key not in nullable:
                 raise ValueError(f"parameter {key!r} cannot be null (no profile turns it off); give a value like "
                                  f"{ref!r}")  # names and lists may be null (model.weights=null: from scratch)
