@@ -1,10 +1,12 @@
 """Chapter results: the small JSON of headline numbers each chapter writes, provenance strings, and the
-book's rule for calling a difference measurable (:func:`seed_spread`, :func:`spread_verdict`).
+book's rule for calling a difference measurable (:func:`seed_spread`, :func:`spread_category`,
+:func:`spread_verdict`).
 
-Chapters that refine the rule say so where they do: CPSD's section 3c flags a *borderline* difference (beyond
-the spread but within 1.5 times it), LTML judges its paired rows (two readings of one trained model per seed)
-against the standard deviation of the per-seed differences, and SpliceMix's Fig. 6 gives verdicts only at the
-resolutions where some method is clearly above chance.
+The rule is the same in every chapter: a difference counts only beyond the seed spread, and one beyond the
+spread but within :data:`BORDERLINE_FACTOR` times it is called *borderline* (with two or three seeds a standard
+deviation is itself uncertain). Chapters that refine the rule say so where they do: LTML judges its paired rows
+(two readings of one trained model per seed) against the standard deviation of the per-seed differences, and
+SpliceMix's Fig. 6 gives verdicts only at the resolutions where some method is clearly above chance.
 
 The book's pages read these JSONs, so every number shown comes from the build that made the page.
 """
@@ -41,6 +43,19 @@ def provenance(settings: Mapping[str, Any], data: str, seeds: Sequence[int] | No
               else dev.type.upper())  # 'CUDA' when a profile names a GPU this machine lacks (training will say so)
     return (f"mlic_lib {__version__} | chapter={settings.get('chapter')} profile={settings.get('profile')} | "
             f"seeds={list(seeds)} | data={data} | device={device}")
+
+
+def shown_path(path: str | Path) -> str:
+    """A path as a chapter prints it: relative to the current folder when it lies below it or below its parent
+    (a book build prints ``../_build/results/psd.json``, not the name of the temporary folder it ran in), else
+    with ``~`` for the home folder, else absolute."""
+    p = Path(path).resolve()
+    here = Path.cwd().resolve()
+    for base, prefix in ((here, ""), (here.parent, "../")):
+        if p.is_relative_to(base):
+            return prefix + str(p.relative_to(base))
+    home = Path.home().resolve()
+    return "~/" + str(p.relative_to(home)) if p.is_relative_to(home) else str(p)
 
 
 def write_chapter_results(chapter: str, settings: Mapping[str, Any], numbers: Mapping[str, Any]) -> Path:
@@ -83,29 +98,72 @@ def seed_sd(values, axis: int = 0) -> float | np.ndarray:
     return float(out) if np.ndim(out) == 0 else out
 
 
+#: A difference beyond the seed spread but within this many times it is *borderline* (:func:`spread_category`).
+BORDERLINE_FACTOR = 1.5
+
+
+def spread_category(diff: float, spread: float) -> str:
+    """Where ``diff`` falls by the book's rule: ``'undefined'`` (a NaN or infinite difference), ``'none'`` (no
+    spread: NaN, one seed), ``'within'`` (``|diff| <= spread``), ``'borderline'`` (beyond the spread but within
+    :data:`BORDERLINE_FACTOR` times it) or ``'beyond'``."""
+    if not np.isfinite(diff):
+        return "undefined"
+    if not np.isfinite(spread):
+        return "none"
+    if abs(diff) <= spread:
+        return "within"
+    return "borderline" if abs(diff) <= BORDERLINE_FACTOR * spread else "beyond"
+
+
 def spread_verdict(diff: float, spread: float, up: str = "larger than the seed spread", down: str | None = None,
                    within: str = "within the seed spread", none: str = "one seed: no spread",
                    undefined: str = "no value to judge") -> str:
     """The book's rule: a difference counts only when ``|diff|`` exceeds ``spread`` (:func:`seed_spread`).
     Returns ``undefined`` for a missing (NaN) or infinite difference (e.g. an AP of a class without test
     positives), ``none`` without a spread (NaN), ``within`` when ``|diff| <= spread``, else ``up`` (or ``down``
-    for a negative difference when given)."""
-    if not np.isfinite(diff):
-        return undefined
-    if not np.isfinite(spread):
-        return none
-    if abs(diff) <= spread:
-        return within
+    for a negative difference when given). A borderline difference (:func:`spread_category`) counts too: add
+    :func:`borderline_note` to the phrase where it is shown."""
+    cat = spread_category(diff, spread)
+    if cat in ("undefined", "none", "within"):
+        return {"undefined": undefined, "none": none, "within": within}[cat]
     return down if diff < 0 and down is not None else up
+
+
+def borderline_note(diff: float, spread: float) -> str:
+    """``" (borderline: within 1.5 times the spread)"`` for a borderline difference, else ``""``: the book's
+    qualifier of a verdict that rests on a difference just beyond the spread."""
+    if spread_category(diff, spread) != "borderline":
+        return ""
+    return f" (borderline: within {BORDERLINE_FACTOR:g} times the spread)"
 
 
 def spread_note(diff: float, *stds: float, n_seeds: int | None = None, decimals: int = 1) -> str:
     """:func:`spread_verdict` as a phrase with the spread's value, for printed sentences, e.g.
-    ``"within the seed spread of 1.4, so not a measurable difference"``."""
+    ``"within the seed spread of 1.4, so not a measurable difference"`` or ``"larger than the seed spread of
+    1.4 (borderline: within 1.5 times the spread)"``."""
     s = seed_spread(*stds, n_seeds=n_seeds)
-    return spread_verdict(diff, s, up=f"larger than the seed spread of {s:.{decimals}f}",
+    return spread_verdict(diff, s, up=f"larger than the seed spread of {s:.{decimals}f}{borderline_note(diff, s)}",
                           within=f"within the seed spread of {s:.{decimals}f}, so not a measurable difference",
                           none="one seed: no spread to compare")
+
+
+def ranking(means: Mapping[str, float], sds: Mapping[str, float], n_seeds: int | None = None,
+            decimals: int = 1) -> str:
+    """An ordering by mean that does not over-claim, e.g. ``"A (3.0) > B (2.0) ≈ C (1.9) ≳ D (1.0)"``: neighbours
+    in the order are joined by ``">"`` when their difference is beyond the seed spread (:func:`seed_spread` of
+    their two standard deviations), ``"≳"`` when it is borderline (:func:`spread_category`) and ``"≈"``
+    otherwise (within the spread, or no spread). Only neighbours are compared, so ``"A ≈ B ≈ C"`` does not say
+    that A and C are within the spread of each other."""
+    if set(means) != set(sds):
+        raise ValueError(f"means and sds must name the same items, got {sorted(means)} and {sorted(sds)}")
+    order = sorted(means, key=lambda k: -means[k])
+    if not order:
+        return ""
+    out = [f"{order[0]} ({means[order[0]]:.{decimals}f})"]
+    for a, b in zip(order[:-1], order[1:], strict=True):
+        cat = spread_category(means[a] - means[b], seed_spread(sds[a], sds[b], n_seeds=n_seeds))
+        out.append(f"{ {'beyond': '>', 'borderline': '≳'}.get(cat, '≈')} {b} ({means[b]:.{decimals}f})")
+    return " ".join(out)
 
 
 #: The outcomes of :func:`paper_verdict` (the last three are :func:`spread_verdict`'s defaults).

@@ -10,11 +10,17 @@ import pytest
 
 from mlic_lib.reporting import (
     AGREES,
+    BORDERLINE_FACTOR,
     CONTRADICTS,
+    borderline_note,
     dash_missing,
     paired_bootstrap,
     paper_verdict,
+    ranking,
     seed_sd,
+    shown_path,
+    spread_category,
+    spread_note,
     spread_verdict,
 )
 
@@ -42,6 +48,30 @@ def test_paper_verdict_follows_the_papers_sign_and_the_spread_rule():
 
 def test_spread_verdict_does_not_judge_a_missing_difference():
     assert spread_verdict(float("nan"), 1.0, "higher", "lower") == "no value to judge"
+
+
+def test_spread_category_has_one_borderline_band_for_every_chapter():
+    assert BORDERLINE_FACTOR == 1.5
+    assert [spread_category(d, 1.0) for d in (0.0, 1.0, -1.2, 1.5, 1.51, -3.0)] == [
+        "within", "within", "borderline", "borderline", "beyond", "beyond"]
+    assert spread_category(2.0, float("nan")) == "none" and spread_category(float("inf"), 1.0) == "undefined"
+    # a borderline difference still counts (with a qualifier where it is printed)
+    assert spread_verdict(1.2, 1.0, "higher", "lower") == "higher" and paper_verdict(-1.2, 1.0, +1) == CONTRADICTS
+    assert borderline_note(1.2, 1.0) == " (borderline: within 1.5 times the spread)"
+    assert borderline_note(2.0, 1.0) == borderline_note(0.5, 1.0) == borderline_note(1.2, float("nan")) == ""
+    assert spread_note(1.2, 0.6, 0.8) == "larger than the seed spread of 1.0 (borderline: within 1.5 times the spread)"
+    assert spread_note(2.0, 0.6, 0.8) == "larger than the seed spread of 1.0"
+    assert spread_note(0.9, 0.6, 0.8) == "within the seed spread of 1.0, so not a measurable difference"
+
+
+def test_ranking_joins_neighbours_by_the_spread_rule():
+    means = {"A": 3.0, "B": 1.0, "C": 0.9, "D": -0.4}
+    sds = {"A": 0.3, "B": 0.4, "C": 0.0, "D": 1.0}  # spreads of the neighbours: 0.5, 0.4, 1.0
+    assert ranking(means, sds) == "A (3.0) > B (1.0) ≈ C (0.9) ≳ D (-0.4)"
+    assert ranking({"A": 1.0, "B": 0.0}, {"A": 0.1, "B": 0.1}, n_seeds=1) == "A (1.0) ≈ B (0.0)"  # no spread
+    assert ranking({}, {}) == ""
+    with pytest.raises(ValueError, match="same items"):
+        ranking({"A": 1.0}, {"B": 0.1})
 
 
 def test_paired_bootstrap_matches_a_direct_resampling_and_is_reproducible():
@@ -92,3 +122,14 @@ def test_provenance_names_library_chapter_profile_seeds_data_and_device(monkeypa
     assert provenance(settings, "d").endswith("| data=d | device=Fake GPU 80GB")
     on_cpu = {**settings, "train": {**settings["train"], "device": "cpu"}}  # a run forced onto the CPU
     assert provenance(on_cpu, "d").endswith("| device=CPU")
+
+
+def test_shown_path_hides_the_build_folder_but_keeps_other_paths(tmp_path, monkeypatch):
+    book = tmp_path / "clone"
+    (book / "notebooks").mkdir(parents=True)
+    monkeypatch.chdir(book / "notebooks")
+    assert shown_path(book / "_build" / "results" / "psd.json") == "../_build/results/psd.json"
+    assert shown_path(book / "notebooks" / "x.png") == "x.png"
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert shown_path(tmp_path / "home" / ".cache" / "r.json") == "~/.cache/r.json"
+    assert shown_path("/definitely/elsewhere/r.json") == "/definitely/elsewhere/r.json"
