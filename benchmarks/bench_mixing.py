@@ -21,13 +21,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 
 import torch
 
 from mlic_lib.mixing import pad_boxes
 from mlic_lib.models import build_model
-from mlic_lib.splicemix_cl import make_step
+from mlic_lib.splicemix_cl import make_step, time_steps
 
 METHODS = ("baseline", "mixup", "cutmix", "mosaic", "batch_aug", "splicemix", "splicemix_cl")
 
@@ -54,32 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     boxes = [torch.tensor([[i % args.classes, s // 8, s // 8, s // 2, s // 2]]).numpy() for i in range(args.batch)]
     idx = torch.arange(args.batch, device=device)
     methods = [m for m in args.methods.split(",") if m]
-    models, opts, steps = {}, {}, {}
+    models, steps = {}, {}
     for m in methods:
         torch.manual_seed(0)
         models[m] = build_model(args.backbone, args.classes, widths=widths).to(device)
-        opts[m] = torch.optim.SGD(models[m].parameters(), lr=1e-3, momentum=0.9)
         steps[m] = make_step(m, {}, boxes=pad_boxes(boxes))
-
-    def one(m: str) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        loss, _ = steps[m](models[m], [x, y, idx], device)
-        opts[m].zero_grad(set_to_none=True)
-        loss.backward()
-        opts[m].step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
-
-    for m in methods:  # warm-up
-        one(m)
-        one(m)
-    times: dict[str, list[float]] = {m: [] for m in methods}
-    for _ in range(args.rounds):
-        for m in methods:
-            times[m].append(one(m))
+    times = time_steps(models, steps, [x, y, idx], device, rounds=args.rounds)
     base = statistics.median(times["baseline"]) if "baseline" in times else None
     print(f"{args.backbone} {args.size}px batch {args.batch} on {device} ({args.threads} threads), "
           f"median of {args.rounds} rounds")

@@ -39,6 +39,7 @@ The chapter's evaluation protocols (Fig. 6 low-resolution inference, Table VIII 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -312,6 +313,40 @@ def make_step(method: str, options: dict | None = None, boxes: Sequence[np.ndarr
         return SpliceMixStep(splicemix())
     return SpliceMixStep(splicemix(), cl_weight=o.get("cl_weight", 1.0), detach=o.get("cl_detach", True),
                          cl_form=o.get("cl_form", "bce"))
+
+
+def time_steps(models: Mapping[str, nn.Module], steps: Mapping[str, Callable], batch, device: torch.device,
+               rounds: int = 10, warmup: int = 2, lr: float = 1e-3) -> dict[str, list[float]]:
+    """Seconds of one training iteration of each method (Table II, compute only): its step (mixing, forward,
+    loss), the backward pass and an SGD update of its own model, on the same regular ``batch`` (``[x, y,
+    index]`` on ``device``). Methods are interleaved round by round, after ``warmup`` untimed rounds, so a change
+    of machine load hits them all alike; returns ``{method: [seconds per round]}`` (take the median). On a GPU
+    each iteration is synchronised before it is timed; that wait is the measurement here, not a needless sync."""
+    if set(models) != set(steps):
+        raise ValueError(f"models and steps must name the same methods, got {sorted(models)} and {sorted(steps)}")
+    if rounds < 1 or warmup < 0:
+        raise ValueError(f"need rounds >= 1 and warmup >= 0, got rounds={rounds}, warmup={warmup}")
+    opts = {m: torch.optim.SGD(models[m].parameters(), lr=lr, momentum=0.9) for m in models}
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def one(m: str) -> float:
+        models[m].train()
+        sync()
+        t0 = time.perf_counter()
+        loss, _ = steps[m](models[m], batch, device)
+        opts[m].zero_grad(set_to_none=True)
+        loss.backward()
+        opts[m].step()
+        sync()
+        return time.perf_counter() - t0
+
+    times: dict[str, list[float]] = {m: [] for m in models}
+    for r in range(warmup + rounds):
+        for m in models:
+            t = one(m)
+            if r >= warmup:
+                times[m].append(t)
+    return times
 
 
 def method_run_dir(settings, method: str, seed: int = 0, tag: str = ""):

@@ -37,6 +37,7 @@ from mlic_lib.splicemix_cl import (
     cell_logits,
     consistency_loss,
     make_step,
+    time_steps,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -497,3 +498,19 @@ def test_mosaic_label_loss_counts_labels_the_area_rule_drops_against_a_hand_coun
     assert counts == {"visible": 3, "lost": 1, "labels_in": 4, "labels_out": 2}
     res = Mosaic(center_range=(0.5, 0.5))(x, y, boxes, generator=torch.Generator())
     assert res.y.tolist() == [[0.0, 1.0, 1.0, 0.0]] and res.info["visible_labels"].tolist() == [[1.0, 1.0, 1.0, 0.0]]
+
+
+def test_time_steps_times_every_method_for_each_round_and_trains_its_own_model():
+    x, y = torch.randn(8, 3, 32, 32), (torch.rand(8, 5) < 0.3).float()
+    batch, dev = [x, y, torch.arange(8)], torch.device("cpu")
+    models = {m: build_model("small_resnet", 5, widths=(4, 8, 8, 8)) for m in ("baseline", "splicemix")}
+    before = {m: [p.detach().clone() for p in mod.parameters()] for m, mod in models.items()}
+    steps = {m: make_step(m, {"mixed_size": 2}) for m in models}
+    times = time_steps(models, steps, batch, dev, rounds=3, warmup=1)
+    assert set(times) == {"baseline", "splicemix"} and all(len(v) == 3 and min(v) > 0 for v in times.values())
+    for m, mod in models.items():  # each iteration updates the method's own model
+        assert any(not torch.equal(a, b) for a, b in zip(before[m], mod.parameters(), strict=True))
+    with pytest.raises(ValueError, match="same methods"):
+        time_steps(models, {"baseline": steps["baseline"]}, batch, dev)
+    with pytest.raises(ValueError, match="rounds"):
+        time_steps(models, steps, batch, dev, rounds=0)
