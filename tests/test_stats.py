@@ -41,6 +41,20 @@ def test_cooccurring_classes_counts_other_classes_seen_together():
     assert expected == [2, 2, 2, 0, 0]  # class 3 is only ever alone (its own diagonal is not counted)
 
 
+def test_shuffled_cooccurring_classes_is_the_count_on_independently_shuffled_columns():
+    rng = np.random.default_rng(0)
+    t = (rng.random((60, 6)) < np.linspace(0.05, 0.6, 6)).astype(int)
+    null = stats.shuffled_cooccurring_classes(t, n_shuffles=3, seed=5)
+    ref_rng = np.random.default_rng(5)  # the same draws, written out
+    for k in range(3):
+        shuffled = np.stack([ref_rng.permutation(t[:, j]) for j in range(6)], axis=1)
+        assert (shuffled.sum(0) == t.sum(0)).all()  # every class keeps its number of images
+        assert null[k].tolist() == stats.cooccurring_classes(shuffled).tolist()
+    assert (stats.shuffled_cooccurring_classes(t, 3, seed=5) == null).all()
+    with pytest.raises(ValueError, match="n_shuffles"):
+        stats.shuffled_cooccurring_classes(t, 0)
+
+
 def test_conditional_probability_with_nums_for_an_adj_without_diagonal():
     """ML-GCN's ``adj`` stores 0 on the diagonal and the per-class counts apart (``nums``)."""
     e = _loop_cooccurrence(T)

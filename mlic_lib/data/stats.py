@@ -70,6 +70,22 @@ def cooccurring_classes(targets) -> np.ndarray:
     return (e > 0).sum(1)
 
 
+def shuffled_cooccurring_classes(targets, n_shuffles: int = 20, seed: int = 0) -> np.ndarray:
+    """A null reference for :func:`cooccurring_classes`: the same counts on label matrices whose classes are
+    *independent*, each class's column shuffled across the images on its own (every class keeps its number of
+    images; which classes meet becomes chance). Shape ``(n_shuffles, C)``; the shuffles come from one
+    ``np.random.default_rng(seed)``, column by column, so a call is reproducible. A frequent class meets more
+    classes by chance alone; this says how many."""
+    t = _as_binary(targets)
+    if n_shuffles < 1:
+        raise ValueError(f"n_shuffles must be >= 1, got {n_shuffles}")
+    rng = np.random.default_rng(seed)
+    out = np.empty((n_shuffles, t.shape[1]), dtype=np.int64)
+    for k in range(n_shuffles):
+        out[k] = cooccurring_classes(np.stack([rng.permutation(col) for col in t.T], axis=1))
+    return out
+
+
 def head_medium_tail(counts, head_min: int, tail_max: int) -> dict[str, np.ndarray]:
     """Split classes by training-image count: head ``n >= head_min``, tail ``n <= tail_max``, rest medium.
 
