@@ -46,15 +46,15 @@ def provenance(settings: Mapping[str, Any], data: str, seeds: Sequence[int] | No
 
 
 def shown_path(path: str | Path) -> str:
-    """A path as a chapter prints it: relative to the current folder when it lies below it or below its parent
-    (a book build prints ``../_build/results/psd.json``, not the name of the temporary folder it ran in), else
-    with ``~`` for the home folder, else absolute."""
+    """A path as a chapter prints it: relative to the current folder when it lies below it, or below its parent
+    (a book build prints ``../_build/results/psd.json``, not the name of the temporary folder it ran in; not when
+    that parent is the file system's root or the home folder), else with ``~`` for the home folder, else absolute."""
     p = Path(path).resolve()
-    here = Path.cwd().resolve()
-    for base, prefix in ((here, ""), (here.parent, "../")):
-        if p.is_relative_to(base):
-            return prefix + str(p.relative_to(base))
-    home = Path.home().resolve()
+    here, home = Path.cwd().resolve(), Path.home().resolve()
+    if p.is_relative_to(here):
+        return str(p.relative_to(here))
+    if here.parent not in (Path(here.anchor), home) and p.is_relative_to(here.parent):
+        return "../" + str(p.relative_to(here.parent))
     return "~/" + str(p.relative_to(home)) if p.is_relative_to(home) else str(p)
 
 
@@ -153,17 +153,17 @@ def ranking(means: Mapping[str, float], sds: Mapping[str, float], n_seeds: int |
     in the order are joined by ``">"`` when their difference is beyond the seed spread (:func:`seed_spread` of
     their two standard deviations), ``"≳"`` when it is borderline (:func:`spread_category`) and ``"≈"``
     otherwise (within the spread, or no spread). Only neighbours are compared, so ``"A ≈ B ≈ C"`` does not say
-    that A and C are within the spread of each other."""
+    that A and C are within the spread of each other. Items without a finite mean are not ranked; they are
+    listed at the end (``"; no value: E"``)."""
     if set(means) != set(sds):
         raise ValueError(f"means and sds must name the same items, got {sorted(means)} and {sorted(sds)}")
-    order = sorted(means, key=lambda k: -means[k])
-    if not order:
-        return ""
-    out = [f"{order[0]} ({means[order[0]]:.{decimals}f})"]
+    order = sorted((k for k in means if np.isfinite(means[k])), key=lambda k: -means[k])
+    missing = [k for k in means if not np.isfinite(means[k])]
+    out = [f"{order[0]} ({means[order[0]]:.{decimals}f})"] if order else []
     for a, b in zip(order[:-1], order[1:], strict=True):
         cat = spread_category(means[a] - means[b], seed_spread(sds[a], sds[b], n_seeds=n_seeds))
         out.append(f"{ {'beyond': '>', 'borderline': '≳'}.get(cat, '≈')} {b} ({means[b]:.{decimals}f})")
-    return " ".join(out)
+    return " ".join(out) + (f"; no value: {', '.join(missing)}" if missing else "")
 
 
 #: The outcomes of :func:`paper_verdict` (the last three are :func:`spread_verdict`'s defaults).

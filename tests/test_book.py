@@ -80,7 +80,9 @@ def test_seed_spread_and_verdicts():
     assert spread_verdict(5.0, 5.0) == "within the seed spread"  # equal to the spread is not measurable
     assert spread_verdict(9.0, float("nan")) == "one seed: no spread"
     assert spread_note(1.0, 3.0, 4.0) == "within the seed spread of 5.0, so not a measurable difference"
-    assert spread_note(-7.0, 3.0, 4.0, decimals=2) == "larger than the seed spread of 5.00"
+    assert spread_note(-8.0, 3.0, 4.0, decimals=2) == "larger than the seed spread of 5.00"
+    assert spread_note(-7.0, 3.0, 4.0, decimals=2) == ("larger than the seed spread of 5.00 (borderline: within 1.5 "
+                                                       "times the spread)")
     assert spread_note(7.0, 3.0, 4.0, n_seeds=1) == "one seed: no spread to compare"
 
 

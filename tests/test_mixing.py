@@ -510,6 +510,16 @@ def test_time_steps_times_every_method_for_each_round_and_trains_its_own_model()
     assert set(times) == {"baseline", "splicemix"} and all(len(v) == 3 and min(v) > 0 for v in times.values())
     for m, mod in models.items():  # each iteration updates the method's own model
         assert any(not torch.equal(a, b) for a, b in zip(before[m], mod.parameters(), strict=True))
+    calls = {m: 0 for m in models}
+
+    def counted(m):
+        def step(*args):
+            calls[m] += 1
+            return steps[m](*args)
+        return step
+
+    times = time_steps(models, {m: counted(m) for m in models}, batch, dev, rounds=2, warmup=3)
+    assert calls == {"baseline": 5, "splicemix": 5} and all(len(v) == 2 for v in times.values())  # warm-up untimed
     with pytest.raises(ValueError, match="same methods"):
         time_steps(models, {"baseline": steps["baseline"]}, batch, dev)
     with pytest.raises(ValueError, match="rounds"):

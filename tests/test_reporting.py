@@ -70,6 +70,8 @@ def test_ranking_joins_neighbours_by_the_spread_rule():
     assert ranking(means, sds) == "A (3.0) > B (1.0) ≈ C (0.9) ≳ D (-0.4)"
     assert ranking({"A": 1.0, "B": 0.0}, {"A": 0.1, "B": 0.1}, n_seeds=1) == "A (1.0) ≈ B (0.0)"  # no spread
     assert ranking({}, {}) == ""
+    nan = float("nan")  # a missing mean is listed, not ranked first
+    assert ranking({"A": nan, "B": 1.0, "C": 2.0}, {"A": 0.1, "B": 0.1, "C": 0.1}) == "C (2.0) > B (1.0); no value: A"
     with pytest.raises(ValueError, match="same items"):
         ranking({"A": 1.0}, {"B": 0.1})
 
@@ -130,6 +132,14 @@ def test_shown_path_hides_the_build_folder_but_keeps_other_paths(tmp_path, monke
     monkeypatch.chdir(book / "notebooks")
     assert shown_path(book / "_build" / "results" / "psd.json") == "../_build/results/psd.json"
     assert shown_path(book / "notebooks" / "x.png") == "x.png"
+    (tmp_path / "home").mkdir()
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert shown_path(tmp_path / "home" / ".cache" / "r.json") == "~/.cache/r.json"
+    assert shown_path("/definitely/elsewhere/r.json") == "/definitely/elsewhere/r.json"
+    monkeypatch.chdir(tmp_path / "home")  # its parent is neither the root nor a book: no "../" paths through it
+    assert shown_path(tmp_path / "home" / ".cache" / "r.json") == ".cache/r.json"
+    (tmp_path / "home" / "proj").mkdir()
+    monkeypatch.chdir(tmp_path / "home" / "proj")  # its parent is the home folder: ~ rather than ../
+    assert shown_path(tmp_path / "home" / ".cache" / "r.json") == "~/.cache/r.json"
+    monkeypatch.chdir("/tmp")  # one level below the root: absolute paths stay absolute
     assert shown_path("/definitely/elsewhere/r.json") == "/definitely/elsewhere/r.json"
