@@ -657,12 +657,16 @@ class VGG16Net(nn.Module):
         return self.classifier(self.forward_features(x))
 
 
+MODEL_NAMES = ("simple_cnn", "vgg16")
+
+
 def build_indeed_model(model: Mapping[str, Any], num_classes: int = 10, in_chans: int = 1,
                        input_size: int = 84) -> nn.Module:
     """The profile's ``model`` section -> SimpleCNN (``name: simple_cnn``) or VGG16Net (``name: vgg16``)."""
     from mlic_lib.models import SimpleCNN
 
     name = model.get("name", "simple_cnn")
+    check_model_name(name)
     if name == "simple_cnn":
         return SimpleCNN(num_classes, in_chans, input_size, widths=tuple(model.get("widths", (32, 64, 64))),
                          hidden=int(model.get("hidden", 128)))
@@ -670,7 +674,13 @@ def build_indeed_model(model: Mapping[str, Any], num_classes: int = 10, in_chans
         return VGG16Net(num_classes, in_chans, input_size, width=float(model.get("width", 1.0)),
                         hidden=int(model.get("hidden", 4096)), dropout=float(model.get("dropout", 0.5)),
                         batch_norm=bool(model.get("batch_norm", False)))
-    raise ValueError(f"model.name must be 'simple_cnn' (ML-MNIST) or 'vgg16' (ML-CIFAR-10), got {name!r}")
+    raise AssertionError(name)
+
+
+def check_model_name(name: object) -> None:
+    """Raise ``ValueError`` unless ``name`` is a model :func:`build_indeed_model` builds (``model.name``)."""
+    if name not in MODEL_NAMES:
+        raise ValueError(f"model.name must be 'simple_cnn' (ML-MNIST) or 'vgg16' (ML-CIFAR-10), got {name!r}")
 
 
 def _run_setup(settings: Mapping[str, Any], data: IndeedData, method: Mapping[str, Any], seed: int):

@@ -179,7 +179,7 @@ def test_two_branch_net_shapes_paths_and_copies():
     assert torch.allclose(out["r_hat"], net.branch_u(net.features(xr)), atol=1e-5)
     u, r = net(xu)
     assert u.shape == r.shape == (3, 5)
-    with pytest.raises(ValueError, match="no stage list"):
+    with pytest.raises(ValueError, match="splits a ResNet.s stage list"):
         build_two_branch("efficientnet_lite0", 5)
 
 

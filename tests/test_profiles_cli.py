@@ -395,6 +395,12 @@ def test_overrides_in_the_cli_form_are_accepted(overrides):
     ("splicemix", {"regime_check.epochs": 0}, r"regime_check.epochs must be a whole number >= 1"),
     ("splicemix", {"methods": ["baseline", "mixup"]}, r"regime_check.methods \['splicemix'\] are not in methods"),
     ("splicemix", {"parallel": "threads"}, r"^parallel must be one of \('auto', 'sequential', 'process'\)"),
+    ("primer", {"model.backbone": "resnet152"}, r"unknown backbone 'resnet152'; choose small_resnet, resnet18"),
+    ("splicemix", {"model": {"backbone": "timm/no_such_net"}}, r"timm has no model 'no_such_net'"),
+    ("psd", {"model.backbone": "small_resnt"}, r"unknown backbone 'small_resnt'"),
+    ("ltml", {"model.backbone": "efficientnet_lite0"}, r"backbone must be small_resnet or one of resnet18"),
+    ("assocformer", {"model.backbone": "cvt_13"}, r"timm has no model 'cvt_13' \(CvT is not in timm"),
+    ("indeed", {"model.name": "vgg19"}, r"model.name must be 'simple_cnn' \(ML-MNIST\) or 'vgg16'"),
 ])
 def test_override_values_are_checked_before_a_kernel_starts(chapter, overrides, message):
     """These passed `mlic profile` and `mlic reproduce`'s check, and failed cells later (after the data was built,

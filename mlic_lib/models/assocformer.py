@@ -147,6 +147,15 @@ class AssocFormer(nn.Module):
         return (O, A) if return_assoc else O
 
 
+def check_transformer_name(name: object) -> None:
+    """Raise ``ValueError`` unless ``name`` is one of timm's models (the chapter's ``model.backbone``)."""
+    import timm
+
+    if not isinstance(name, str) or not timm.list_models(name):
+        hint = " (CvT is not in timm; use a Swin or ViT)" if "cvt" in str(name).lower() else ""
+        raise ValueError(f"timm has no model {name!r}{hint}; see timm.list_models('*swin*') / ('vit_*')")
+
+
 def transformer_backbone(name: str = "vit_tiny_patch16_224", pretrained: bool | str = False,
                          **kwargs: Any) -> tuple[nn.Module, int]:
     """A timm transformer as a pooled-embedding extractor: ``(module, d)``.
@@ -157,9 +166,7 @@ def transformer_backbone(name: str = "vit_tiny_patch16_224", pretrained: bool | 
     """
     import timm
 
-    if not timm.list_models(name):
-        hint = " (CvT is not in timm; use a Swin or ViT)" if "cvt" in name.lower() else ""
-        raise ValueError(f"timm has no model {name!r}{hint}; see timm.list_models('*swin*') / ('vit_*')")
+    check_transformer_name(name)
     net = timm.create_model(name, pretrained=pretrained is True, num_classes=0, **kwargs)
     if isinstance(pretrained, str):
         state = load_weights_file(pretrained)

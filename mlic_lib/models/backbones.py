@@ -232,6 +232,23 @@ class _NCHW(nn.Module):
         return y
 
 
+def check_backbone(name: object) -> None:
+    """Raise ``ValueError`` unless ``name`` is a backbone :func:`build_model` knows (see the module docstring); a
+    ``timm/<model>`` name must be one of timm's models. Cheap: nothing is built, so a profile override can be
+    checked before a run starts."""
+    if not isinstance(name, str):
+        raise ValueError(f"model.backbone must be a backbone name, got {name!r}")
+    if name.startswith("timm/"):
+        import timm
+
+        if not timm.list_models(name.removeprefix("timm/")):
+            raise ValueError(f"timm has no model {name.removeprefix('timm/')!r} (backbone {name!r}); see "
+                             "timm.list_models() for the names")
+    elif name not in ("small_resnet", *TORCHVISION_RESNETS, "efficientnet_lite0"):
+        raise ValueError(f"unknown backbone {name!r}; choose small_resnet, {', '.join(TORCHVISION_RESNETS)}, "
+                         "efficientnet_lite0 or timm/<model name>")
+
+
 def build_model(name: str, num_classes: int, pool: str = "max", weights: str | Path | None = None,
                 in_chans: int = 3, dropout: float = 0.0, widths: tuple[int, ...] | None = None) -> MultiLabelNet:
     """Build a :class:`MultiLabelNet` by backbone name (see the module docstring for the names)."""
@@ -249,8 +266,6 @@ def build_model(name: str, num_classes: int, pool: str = "max", weights: str | P
     elif name.startswith("timm/"):
         features, dim = _timm_features(name.removeprefix("timm/"), in_chans, weights)
     else:
-        raise ValueError(
-            f"unknown backbone {name!r}; choose small_resnet, {', '.join(TORCHVISION_RESNETS)}, "
-            "efficientnet_lite0 or timm/<model name>"
-        )
+        check_backbone(name)  # raises: the message lists the names
+        raise AssertionError(name)
     return MultiLabelNet(features, dim, num_classes, pool=pool, dropout=dropout)

@@ -128,6 +128,14 @@ class TwoBranchNet(nn.Module):
         return {"u": out_f[:b], "r_hat": out_f[b:], "u_hat": out_g[:b], "r": out_g[b:]}
 
 
+def check_two_branch_backbone(name: object) -> None:
+    """Raise ``ValueError`` unless ``name`` is a backbone :func:`build_two_branch` can split into a shared trunk and
+    a last stage: ``small_resnet`` or a torchvision ResNet (the profile's ``model.backbone``)."""
+    if name not in ("small_resnet", *TORCHVISION_RESNETS):
+        raise ValueError(f"the two-branch model splits a ResNet's stage list into trunk and last stage: backbone "
+                         f"must be small_resnet or one of {', '.join(TORCHVISION_RESNETS)}, got {name!r}")
+
+
 def build_two_branch(backbone: str, num_classes: int, pool: str = "avg", weights=None,
                      widths: tuple[int, ...] | None = None, classifier_init: str = "copy", frozen_stages: int = 0,
                      norm_eval: bool = False, shared_compensation: bool = False) -> TwoBranchNet:
@@ -153,11 +161,9 @@ def build_two_branch(backbone: str, num_classes: int, pool: str = "avg", weights
     """
     if classifier_init not in CLASSIFIER_INIT:
         raise ValueError(f"classifier_init must be one of {CLASSIFIER_INIT}, got {classifier_init!r}")
+    check_two_branch_backbone(backbone)
     net = build_model(backbone, num_classes, pool=pool, weights=weights, widths=widths)
     feats = net.features
-    if not isinstance(feats, nn.Sequential) or len(feats) < 2:
-        raise ValueError(f"backbone {backbone!r} has no stage list to split into trunk and last stage; "
-                         "use small_resnet or a torchvision resnet")
     trunk = feats[:-1]
     stage = feats[-1]
     frozen = None

@@ -71,12 +71,17 @@ TRAIN_SECTIONS = ("train", "teacher_train")  # sections that TrainConfig checks
 #: chapter -> {key: (module, function)} checking the value at that dotted key (a section or a list) when an
 #: override touches it (the method's own check, run now rather than hours into a run); imported only then, to keep
 #: the CLI light.
+_BACKBONE = ("mlic_lib.models.backbones", "check_backbone")
 VALUE_CHECKS = {
-    "psd": {"psd": ("mlic_lib.psd", "check_options")},
-    "indeed": {"indeed": ("mlic_lib.indeed", "check_options")},
+    "primer": {"model.backbone": _BACKBONE},
+    "psd": {"psd": ("mlic_lib.psd", "check_options"), "model.backbone": _BACKBONE},
+    "assocformer": {"model.backbone": ("mlic_lib.models.assocformer", "check_transformer_name")},
+    "indeed": {"indeed": ("mlic_lib.indeed", "check_options"), "model.name": ("mlic_lib.indeed", "check_model_name")},
+    "ltml": {"model.backbone": ("mlic_lib.models.ltml", "check_two_branch_backbone")},
     "splicemix": {"methods": ("mlic_lib.splicemix_cl", "check_methods"),
                   "regime_check": ("mlic_lib.splicemix_cl", "check_regime"),
-                  "parallel": ("mlic_lib.process_pool", "check_parallel")},
+                  "parallel": ("mlic_lib.process_pool", "check_parallel"),
+                  "model.backbone": _BACKBONE},
 }
 #: chapter -> {key: (module, function)} like :data:`VALUE_CHECKS`, for checks that need the whole settings
 #: (SpliceMix's regime check compares methods that section 3 trained too).
