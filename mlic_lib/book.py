@@ -36,22 +36,35 @@ def notebooks(root: Path, only: Sequence[str] | None = None) -> list[Path]:
 
 
 def execute_notebook(src: Path, dst: Path, profile: str, parameters: dict | None = None,
-                     kernel: str = "python3", timeout: int | None = None) -> float:
+                     kernel: str = "python3", timeout: int | None = None, progress: bool = False,
+                     log_output: bool = False) -> float:
     """Run ``src`` with papermill (``profile`` injected into its ``parameters`` cell) into ``dst``.
 
     Returns the wall-clock seconds. The working directory is the notebook's folder, as in JupyterLab.
     ``dst`` is replaced only by a complete run: a failing cell raises papermill's error, leaves the last good
     ``dst`` as it was and keeps the partly executed notebook, with the traceback, as :func:`failed_copy` of ``dst``.
+    ``progress``: papermill's bar over the cells (on stderr); ``log_output``: the cells' output as they run, on
+    stderr.
     """
     import papermill as pm
 
+    if log_output:
+        import logging
+
+        logger = logging.getLogger("papermill")
+        if not logger.handlers:
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
     dst.parent.mkdir(parents=True, exist_ok=True)
     running, failed = dst.with_name(f"{dst.stem}.running{dst.suffix}"), failed_copy(dst)
     t0 = time.perf_counter()
     try:
         pm.execute_notebook(
             str(src), str(running), parameters={"profile": profile, **(parameters or {})}, kernel_name=kernel,
-            cwd=str(src.parent), progress_bar=False, execution_timeout=timeout, report_mode=False,
+            cwd=str(src.parent), progress_bar=progress, log_output=log_output, execution_timeout=timeout,
+            report_mode=False,
         )
     except BaseException:
         if running.exists():

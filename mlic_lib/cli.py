@@ -3,7 +3,8 @@
 ::
 
     mlic book [--profile default] [--only primer]     execute the chapters and build the HTML book
-    mlic reproduce CHAPTER [--profile full] [-o key=value ...]   execute one chapter into _build/executed/
+    mlic reproduce CHAPTER [--profile full] [-o key=value ...] [--out NB] [--log-output]
+        execute one chapter into _build/executed/ (or NB), with a progress bar over its cells
     mlic profile CHAPTER [--profile smoke] [-o key=value ...]   show a chapter's resolved settings
     mlic teachers [--profile full] [-o key=value ...]   train CPSD's teachers into the cache, e.g. under
         `torchrun --nproc_per_node=8 -m mlic_lib.cli teachers --profile full` (one teacher per GPU at a time),
@@ -69,11 +70,18 @@ def _cmd_reproduce(args) -> int:
     for note in preflight(chapter, args.profile, settings):
         print(f"note: {note}", file=sys.stderr, flush=True)
     _env_defaults(root / "_build")
-    out = root / "_build" / "executed" / args.profile / nb.name
+    if args.out:
+        out = Path(args.out).expanduser().resolve()
+        if out.suffix != ".ipynb" or out == nb.resolve():
+            raise ValueError(f"--out {args.out}: give a new .ipynb path for the executed copy (not the chapter's "
+                             "own notebook), e.g. --out runs/psd-full.ipynb")
+    else:
+        out = root / "_build" / "executed" / args.profile / nb.name
     print(f"executing {nb.name} with profile={args.profile}" + (f" and {overrides}" if overrides else "")
           + f" -> {out} ...", flush=True)
     try:
-        seconds = execute_notebook(nb, out, args.profile, {"overrides": overrides} if overrides else None)
+        seconds = execute_notebook(nb, out, args.profile, {"overrides": overrides} if overrides else None,
+                                   progress=not args.no_progress, log_output=args.log_output)
     except PapermillExecutionError as err:
         raise execution_failure(nb, out, err) from None
     print(f"{nb.name}: executed with profile={args.profile} in {seconds:.1f} s -> {out}")
@@ -114,9 +122,15 @@ def _cmd_data(args) -> int:
 
         if not args.name or not args.root_dir:
             raise ValueError("`mlic data fake` needs a NAME and --root DIR (kept apart from real data)")
-        out = write_fake(args.name, args.root_dir, args.n_train, args.n_test, args.image_size, force=args.force)
+        sizes = {k: v for k, v in (("n_train", args.n_train), ("n_test", args.n_test),
+                                   ("image_size", args.image_size)) if v is not None}
+        out = write_fake(args.name, args.root_dir, force=args.force, **sizes)
         print(f"{args.name}: synthetic files in the real layout under {out} (use MLIC_DATA={out})")
         return 0
+    given = [f"--{k.replace('_', '-')}" for k in ("n_train", "n_test", "image_size") if getattr(args, k) is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)} only size `mlic data fake`; `mlic data {args.action}` handles the real "
+                         "dataset as published (the chapters' profiles choose how much of it to use)")
     if args.name:
         from mlic_lib.data.registry import get
 
@@ -155,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default="default", choices=PROFILES, help="default: %(default)s")
     p.add_argument("-o", "--override", action="append", default=[],
                    help="key=value passed to the chapter's settings, e.g. train.epochs=3 (repeatable)")
+    p.add_argument("--out", help="where to write the executed notebook (default: "
+                   "_build/executed/PROFILE/NOTEBOOK; the book's pages are built from there)")
+    p.add_argument("--log-output", action="store_true", help="print the cells' output (training progress, "
+                   "verdicts) to stderr as they run")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar over the notebook's cells")
     p.set_defaults(func=_cmd_reproduce)
 
     p = sub.add_parser("profile", help="print a chapter's resolved settings")
@@ -178,9 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delete-archives", action="store_true", help="remove tar/zip archives after unpacking")
     p.add_argument("--root", dest="root_dir", help="the datasets' folder (default: $MLIC_DATA); fake: the folder to "
                    "write into, required and kept apart from your real data")
-    p.add_argument("--n-train", type=int, default=60, help="fake: training images")
-    p.add_argument("--n-test", type=int, default=40, help="fake: test images")
-    p.add_argument("--image-size", type=int, default=64, help="fake: image height in pixels")
+    p.add_argument("--n-train", type=int, help="fake only: training images (default 60)")
+    p.add_argument("--n-test", type=int, help="fake only: test images (default 40)")
+    p.add_argument("--image-size", type=int, help="fake only: image height in pixels (default 64)")
     p.add_argument("--force", action="store_true", help="prepare: unpack again over the dataset (repairs a deleted "
                    "or damaged file; kept archives are re-verified); fake: allow writing into the real data root")
     p.set_defaults(func=_cmd_data)

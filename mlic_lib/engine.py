@@ -181,6 +181,11 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def key_dict(self) -> dict:
+        """The fields that say what is trained: :meth:`to_dict` without :data:`RUN_CONFIG_IGNORED`. The runs' cache
+        keys use it, so more data workers, another device or another memory layout find the same run."""
+        return {k: v for k, v in asdict(self).items() if k not in RUN_CONFIG_IGNORED}
+
 
 # --------------------------------------------------------------------------------------- steps
 class SupervisedStep:
@@ -539,7 +544,8 @@ def _strip_ddp(model: nn.Module) -> nn.Module:
 
 # ------------------------------------------------------------------------------ run folders
 #: :class:`TrainConfig` fields that may differ between the ``fit`` that wrote a run folder and a ``fit`` that loads
-#: or resumes it: they say where, how fast or how often something runs, not what is trained. ``device`` and
+#: or resumes it: they say where, how fast or how often something runs, not what is trained, and the runs' cache
+#: keys leave them out (:meth:`TrainConfig.key_dict`). ``device`` and
 #: ``channels_last``: the same computation on other hardware or in another memory layout (a run trained on a GPU
 #: loads on a laptop; ``psd`` trains its teachers on ``cuda:LOCAL_RANK`` and loads them with ``auto``);
 #: ``num_workers``: how many processes read the data (with random augmentation the draws come from other

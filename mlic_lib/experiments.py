@@ -107,7 +107,7 @@ def train_scene_model(settings: Mapping[str, Any], data: SceneData, seed: int = 
     if model is None:
         model = build_scene_model(m, data.num_classes, seed)
     key = {"chapter": settings.get("chapter"), "name": name, "data": settings["data"], "model": m,
-           "train": cfg.to_dict(), "extra": dict(extra_key or {})}
+           "train": cfg.key_dict(), "extra": dict(extra_key or {})}
     # a caller's step (a class or a function) and model (its parts may come from several modules)
     code = {getattr(step, "__module__", None) or type(step).__module__} if step is not None else set()
     code |= {type(part).__module__ for part in model.modules()}

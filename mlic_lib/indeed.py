@@ -693,7 +693,7 @@ def _run_setup(settings: Mapping[str, Any], data: IndeedData, method: Mapping[st
     cfg = TrainConfig.from_dict({**settings["train"], "seed": seed})
     key = {"chapter": settings.get("chapter"), "data": dict(settings["data"]), "n_labels": data.n_labels,
            "data_seed": data.data_seed, "data_sha256": data.fingerprint(),
-           "model": dict(settings["model"]), "train": cfg.to_dict(), "method": dict(method), "indeed": opts}
+           "model": dict(settings["model"]), "train": cfg.key_dict(), "method": dict(method), "indeed": opts}
     tag = "-".join(str(v) for v in method.values())
     return step, cfg, run_dir_for(f"{settings.get('chapter')}-{data.name}-{tag}-s{seed}", key, code=(__name__,))
 

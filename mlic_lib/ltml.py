@@ -294,7 +294,7 @@ def train_ltml(settings, train_ds, train_targets, test_ds, num_classes: int, see
     pw, nw = ltml_class_weights(class_counts(targets), len(targets))
     step = LTMLStep(pw, nw, **opts)
     loader = two_stream_loader(settings, train_ds, targets, seed=seed)
-    key = {"chapter": settings.get("chapter"), "data": settings["data"], "model": m, "train": cfg.to_dict(),
+    key = {"chapter": settings.get("chapter"), "data": settings["data"], "model": m, "train": cfg.key_dict(),
            "ltml": {**opts, "samples_per_class": lt.get("samples_per_class", 1), "epoch_length": loader.steps}}
     run_dir = run_dir_for(f"{settings.get('chapter')}-{name}-lam{opts['lam']}-s{seed}", key, code=(__name__,))
     return fit(model, loader, None, cfg, step=step, run_dir=run_dir, progress=progress,

@@ -387,7 +387,8 @@ class TeacherSpec:
     data_key: Any
 
     def key(self) -> dict:
-        return {"role": "asl-model", "model": self.model, "train": self.train, "asl": self.asl,
+        return {"role": "asl-model", "model": self.model, "train": TrainConfig.from_dict(self.train).key_dict(),
+                "asl": self.asl,
                 "subset": self.subset, "images": self.images, "seed": self.seed, "data": self.data_key}
 
     def run_dir(self) -> Path:
@@ -538,7 +539,7 @@ def train_student(settings: Mapping[str, Any], data, teachers: Sequence[nn.Modul
         raise ValueError(f"psd.kd_images must be one of {KD_IMAGES} ('subtask' = Eq. 5), got {kd_images!r}")
     subtask_only = kd_images == "subtask" and p.get("image_selection", "containing") == "containing"
     cfg = TrainConfig.from_dict({**settings["train"], "seed": seed})
-    key = {"role": "student", "name": name, "model": dict(settings["model"]), "train": cfg.to_dict(),
+    key = {"role": "student", "name": name, "model": dict(settings["model"]), "train": cfg.key_dict(),
            "asl": dict(p.get("asl", {})), "kd_weight": p.get("kd_weight", 1.0),
            "kd_reduction": p.get("kd_reduction", "sum"), "teachers": teacher_key, "seed": seed,
            "kd_subtask_only": subtask_only, "data": settings.get("data"), "chapter": settings.get("chapter")}

@@ -356,7 +356,7 @@ def method_run_dir(settings, method: str, seed: int = 0, tag: str = ""):
 
     cfg = TrainConfig.from_dict({**settings["train"], "seed": seed})
     key = {"chapter": settings.get("chapter"), "name": method, "data": settings["data"], "model": settings["model"],
-           "train": cfg.to_dict(), "mixing": settings["mixing"] if method != "baseline" else {}}
+           "train": cfg.key_dict(), "mixing": settings["mixing"] if method != "baseline" else {}}
     return run_dir_for(f"splicemix-{method}{tag}-s{seed}", key, code=(__name__,))
 
 

@@ -112,6 +112,31 @@ def test_a_failed_run_keeps_the_last_good_notebook_and_the_failure_apart(tmp_pat
     assert not failed_copy(dst).exists()  # a later success clears the stale failure
 
 
+def test_cli_reproduce_writes_where_out_says_and_streams_the_cells_output(tmp_path, capfd):
+    """`mlic reproduce --out NB --log-output`: the executed copy goes to NB (the book's copy is untouched) and the
+    cells' output reaches stderr while they run; --out must be a new .ipynb."""
+    import nbformat
+
+    from mlic_lib import cli
+
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "language": "python",
+                                                           "display_name": "Python 3"}})
+    params = nbformat.v4.new_code_cell("profile = 'default'")
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell("print('cell ran with', profile)")]
+    (tmp_path / "notebooks").mkdir()
+    nbformat.write(nb, tmp_path / "notebooks" / "00_multilabel_primer.ipynb")
+    out = tmp_path / "runs" / "primer.ipynb"
+    assert cli.main(["--root", str(tmp_path), "reproduce", "primer", "--profile", "smoke", "--out", str(out),
+                     "--log-output", "--no-progress"]) == 0
+    assert "cell ran with smoke" in out.read_text()
+    assert not (tmp_path / "_build" / "executed").exists()
+    captured = capfd.readouterr()
+    assert "cell ran with smoke" in captured.err and f"-> {out}" in captured.out
+    assert cli.main(["--root", str(tmp_path), "reproduce", "primer", "--out", str(tmp_path / "x.json")]) == 2
+    assert "give a new .ipynb path" in capfd.readouterr().err
+
+
 def _notebook(*tag_lists, marker: str = "") -> dict:
     cells = [{"cell_type": "code", "metadata": {"tags": list(t)}, "source": marker, "outputs": [],
               "execution_count": None} for t in tag_lists]

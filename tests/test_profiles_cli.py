@@ -139,6 +139,9 @@ def test_cli_data_check(capsys, tmp_path, monkeypatch):
     assert "voc2007   present" in out and "coco2014  missing" in out
     assert cli.main(["data", "prepare"]) == 2
     assert "name the dataset" in capsys.readouterr().err
+    for action in ("check", "prepare"):  # the fake-only sizes were silently ignored here
+        assert cli.main(["data", action, "voc2007", "--n-train", "100"]) == 2
+        assert "--n-train only size `mlic data fake`" in capsys.readouterr().err
 
 
 def test_cli_data_root_is_the_datasets_folder_for_every_action(capsys, tmp_path, monkeypatch):
@@ -266,6 +269,28 @@ def test_run_keys_are_the_same_in_every_process():
     covered = {str(f.relative_to(_PACKAGE_DIR)) for f in static_import_closure(("mlic_lib.splicemix_cl", *DATA_CODE))}
     assert {"splicemix_cl.py", "mixing.py", "engine.py", "data/scenes.py", "data/tensors.py", "data/voc.py"} <= covered
     assert not {"reporting.py", "analysis/plots.py", "ltml.py", "psd.py", "book.py"} & covered
+
+
+@pytest.mark.parametrize("chapter", ["splicemix", "psd"])
+def test_run_keys_leave_out_where_and_how_fast_a_run_is_computed(chapter):
+    """More data workers, another device or memory layout, or another evaluation cadence find the same trained run
+    (RUN_CONFIG_IGNORED); a recipe change (lr) is another run. PSD's teachers, trained by `mlic teachers` with
+    its own workers, must be found by the chapter."""
+    from mlic_lib import psd
+    from mlic_lib.engine import RUN_CONFIG_IGNORED
+    from mlic_lib.splicemix_cl import method_run_dir
+
+    def run_dir(over):
+        settings = load_profile(chapter, "smoke", over)
+        if chapter == "psd":
+            return psd._teacher_spec(settings, [0, 1], seed=0).run_dir()
+        return method_run_dir(settings, "splicemix", 0)
+
+    same = {"train.num_workers": 7, "train.device": "cpu", "train.channels_last": True, "train.eval_every": 3,
+            "train.log_every": 5, "train.eval_batch_size": 17}
+    assert set(k.split(".")[1] for k in same) == set(RUN_CONFIG_IGNORED)
+    assert run_dir(same) == run_dir({})
+    assert run_dir({"train.lr": 0.123}) != run_dir({})
 
 
 def test_static_closure_names_outside_the_package_root_and_misspelt_modules():

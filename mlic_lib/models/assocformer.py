@@ -338,7 +338,7 @@ def train_assocformer(settings: Mapping[str, Any], data, seed: int = 0, regulari
     model = initial_assocformer(m, data.num_classes, seed, fusion)
     loss = AssocFormerLoss(norm=regularizer, **lo)
     key = {"chapter": settings.get("chapter"), "data": settings["data"], "model": m, "loss": lo,
-           "train": cfg.to_dict(), "regularizer": regularizer, "fusion": fusion}
+           "train": cfg.key_dict(), "regularizer": regularizer, "fusion": fusion}
     name = f"{settings.get('chapter')}-{fusion}-{regularizer.replace('+', 'p')}-s{seed}"
     return fit(model, data.train_ds, data.test_ds, cfg, step=AssocFormerStep(loss),
                run_dir=run_dir_for(name, key, code=(__name__,)),
