@@ -34,6 +34,7 @@ import pickle
 import random
 import re
 import stat
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -763,7 +764,66 @@ def fit(model: nn.Module, train_data: Dataset | Iterable, val_data: Dataset | It
         ``last.pt``); leftover temporary files of a killed writer are removed (:func:`remove_stale_temp_files`).
     on_epoch_end : ``callback(epoch, logs)`` after each epoch's checkpoint is written.
     steps_per_epoch : needed for the LR schedule when ``train_data`` is an iterable without ``len``.
+
+    With a ``run_dir`` (outside ``torchrun``) the run is trained or loaded under :func:`run_lock`: a second process
+    asking for the same run (another kernel, ``make lab`` beside ``make book``) waits, then loads it.
     """
+    kwargs = dict(step=step, run_dir=run_dir, resume=resume, progress=progress, predict_fn=predict_fn,
+                  groups=groups, on_epoch_end=on_epoch_end, steps_per_epoch=steps_per_epoch)
+    if run_dir is None or distributed_info()[0] > 1:  # torchrun: the ranks share one run and agree by barriers
+        return _fit(model, train_data, val_data, cfg, **kwargs)
+    with run_lock(run_dir):
+        return _fit(model, train_data, val_data, cfg, **kwargs)
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | Path):
+    """Hold an exclusive advisory lock on ``run_dir`` (``flock`` on ``run_dir/.lock``, which names its holder).
+
+    A process that finds the lock held says so on stderr and waits for it. The lock goes with its holder's
+    process, so a killed run never leaves it behind. Where locks are not available (no ``fcntl`` on Windows, a
+    file system without them) nothing is locked and concurrent processes may train the same run twice, which is
+    wasted work, not damage: every file of the folder is written atomically.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        fcntl = None
+    fd = None
+    if fcntl is not None:
+        try:
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+            fd = os.open(Path(run_dir) / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError:  # a read-only cache: nothing will be written there either
+            fd = None
+    try:
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+                print(f"{Path(run_dir).name}: {holder} is training this run; waiting for it to finish, then loading "
+                      "it", file=sys.stderr, flush=True)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError:  # no locks on this file system
+                os.close(fd)
+                fd = None
+        if fd is not None:
+            import socket
+
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock
+
+
+def _fit(model: nn.Module, train_data: Dataset | Iterable, val_data: Dataset | Iterable | None,
+         cfg: TrainConfig, *, step: Callable | None, run_dir: str | Path | None, resume: bool, progress: bool,
+         predict_fn: Callable, groups: Mapping | None, on_epoch_end: Callable[[int, dict], None] | None,
+         steps_per_epoch: int | None) -> FitResult:
+    """:func:`fit`'s work (under :func:`run_lock` when it has a run folder)."""
     step = step or SupervisedStep()
     device = _setup_distributed(pick_device(cfg.device))
     channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"

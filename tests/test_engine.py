@@ -117,6 +117,67 @@ def test_cache_reuses_finished_run(small_scenes, tmp_path):
     assert saved["config"]["epochs"] == 1 and len(saved["history"]) == 1
 
 
+_LOCKED_FIT = """
+import sys, time
+from pathlib import Path
+import numpy as np
+from mlic_lib.data import TensorImageDataset
+from mlic_lib.engine import TrainConfig, fit
+from mlic_lib.models import build_model
+from mlic_lib.utils import seed_everything
+
+def go(run_dir, pause=0.0, started=None):
+    rng = np.random.default_rng(0)
+    ds = TensorImageDataset(rng.integers(0, 255, (24, 3, 16, 16), dtype=np.uint8), rng.random((24, 4)) < 0.5)
+    seed_everything(0)
+    model = build_model("small_resnet", 4, widths=(4, 4, 4, 4))
+
+    def slow(epoch, logs):
+        if started:
+            Path(started).touch()
+        time.sleep(pause)
+
+    cfg = TrainConfig.from_dict({"epochs": 2, "batch_size": 8, "lr": 1e-3, "optimizer": "adam", "seed": 0})
+    return fit(model, ds, ds, cfg, run_dir=run_dir, progress=False, on_epoch_end=slow)
+
+if __name__ == "__main__":
+    go(sys.argv[1], float(sys.argv[2]), sys.argv[3])
+"""
+
+
+def test_a_second_process_waits_for_the_run_another_is_training_then_loads_it(tmp_path, capfd):
+    """Two kernels asking for one run (the book beside `make lab`) used to train it twice, side by side."""
+    import subprocess
+    import sys
+
+    script, run_dir, started = tmp_path / "locked_fit.py", tmp_path / "run", tmp_path / "started"
+    script.write_text(_LOCKED_FIT)
+    other = subprocess.Popen([sys.executable, str(script), str(run_dir), "1.5", str(started)])
+    try:
+        deadline = time.monotonic() + 120
+        while not started.exists():  # the other process holds the lock and is training
+            assert other.poll() is None and time.monotonic() < deadline, "the training process did not start"
+            time.sleep(0.05)
+        namespace: dict = {}
+        exec(compile(_LOCKED_FIT, str(script), "exec"), namespace)
+        result = namespace["go"](run_dir)
+    finally:
+        assert other.wait(timeout=120) == 0
+    assert result.cached  # loaded what the other process trained, not trained again
+    err = capfd.readouterr().err
+    assert re.search(r"run: process \d+ on .* is training this run; waiting for it to finish, then loading it", err)
+    assert "process" in (run_dir / ".lock").read_text()
+
+
+def test_the_run_lock_is_released_when_its_holder_fails(tmp_path):
+    from mlic_lib.engine import run_lock
+
+    with pytest.raises(RuntimeError, match="boom"), run_lock(tmp_path / "run"):
+        raise RuntimeError("boom")
+    with run_lock(tmp_path / "run"):  # would block forever if the lock were still held
+        pass
+
+
 class _Stop(Exception):
     pass
 

@@ -236,14 +236,16 @@ def test_lambda_zero_is_the_pairwise_baseline():
     torch.testing.assert_close(loss, ref)
 
 
-def test_step_with_simple_cnn_and_engine_is_deterministic(tmp_path):
+def test_step_with_simple_cnn_and_engine_is_deterministic(tmp_path, monkeypatch):
     from mlic_lib.profiles import load_profile
 
     s = load_profile("indeed", "smoke", {"data.n_train": 32, "data.n_test": 20})
     data = indeed.indeed_data(s["data"], 3)
     a = indeed.train_indeed_model(s, data, indeed.MAIN_METHODS["INDeeD-min-max"], seed=0)
     s2 = load_profile("indeed", "smoke", {"data.n_train": 32, "data.n_test": 20, "train.log_every": 7})
-    b = indeed.train_indeed_model(s2, indeed.indeed_data(s2["data"], 3), indeed.MAIN_METHODS["INDeeD-min-max"], 0)
+    with monkeypatch.context() as m:  # log_every is not part of the key: train b in another cache
+        m.setenv("MLIC_CACHE", str(tmp_path / "other-cache"))
+        b = indeed.train_indeed_model(s2, indeed.indeed_data(s2["data"], 3), indeed.MAIN_METHODS["INDeeD-min-max"], 0)
     assert not a.cached and not b.cached
     assert [h["loss"] for h in a.history] == [h["loss"] for h in b.history]
     again = indeed.train_indeed_model(s, data, indeed.MAIN_METHODS["INDeeD-min-max"], seed=0)
