@@ -15,7 +15,7 @@ KERNEL := $(PY) -m ipykernel install --user --name mlic --display-name "Python (
 help:
 	@echo "make book   - set up .venv, execute every chapter (profile=$(PROFILE)) and build _build/html"
 	@echo "make test   - set up .venv, run the test suite (incl. a smoke run of every notebook)"
-	@echo "make lab    - JupyterLab on the notebooks, with the venv's kernel"
+	@echo "make lab    - JupyterLab on the notebooks, with the venv's kernel and the book's trained models"
 	@echo "make kernel - point the Jupyter kernel \"Python (mlic companion)\" at this checkout's .venv"
 	@echo "make lint   - ruff"
 	@echo "make full   - execute every chapter with profile full (the papers' recipes: real data, a GPU) and build"
@@ -43,8 +43,10 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# JupyterLab's kernels use the book's run cache (unless MLIC_CACHE is set), so after `make book` a chapter opened
+# there loads the trained models instead of training them again; results go to ~/.cache/mlic/results, not the book's
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab notebooks/
+	MLIC_CACHE="$${MLIC_CACHE:-$(CURDIR)/_build/cache}" $(VENV)/bin/jupyter lab notebooks/
 
 kernel: $(STAMP)
 	$(KERNEL)
