@@ -72,9 +72,9 @@ def _cmd_reproduce(args) -> int:
     _env_defaults(root / "_build")
     if args.out:
         out = Path(args.out).expanduser().resolve()
-        if out.suffix != ".ipynb" or out == nb.resolve():
-            raise ValueError(f"--out {args.out}: give a new .ipynb path for the executed copy (not the chapter's "
-                             "own notebook), e.g. --out runs/psd-full.ipynb")
+        if out.suffix != ".ipynb" or out.is_relative_to((root / "notebooks").resolve()):
+            raise ValueError(f"--out {args.out}: give a .ipynb path outside notebooks/ (where it would overwrite or "
+                             "join the chapters), e.g. --out runs/psd-full.ipynb")
     else:
         out = root / "_build" / "executed" / args.profile / nb.name
     print(f"executing {nb.name} with profile={args.profile}" + (f" and {overrides}" if overrides else "")
@@ -102,8 +102,8 @@ def _cmd_teachers(args) -> int:
     if rank == 0:
         from mlic_lib.engine import cache_root
 
-        print(f"teachers cached under {cache_root()}: `mlic reproduce psd` reads them there (in JupyterLab, "
-              f"set MLIC_CACHE={cache_root()} before starting it)")
+        print(f"teachers cached under {cache_root()}: `mlic reproduce psd` and `make lab` read them there (for a "
+              f"JupyterLab started otherwise, set MLIC_CACHE={cache_root()} before starting it)")
     return 0
 
 

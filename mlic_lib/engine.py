@@ -183,9 +183,10 @@ class TrainConfig:
         return asdict(self)
 
     def key_dict(self) -> dict:
-        """The fields that say what is trained: :meth:`to_dict` without :data:`RUN_CONFIG_IGNORED`. The runs' cache
-        keys use it, so more data workers, another device or another memory layout find the same run."""
-        return {k: v for k, v in asdict(self).items() if k not in RUN_CONFIG_IGNORED}
+        """The fields that say what is trained and what a run's history holds: :meth:`to_dict` without
+        :data:`RUN_KEY_IGNORED`. The runs' cache keys use it, so more data workers, another device or another
+        memory layout find the same run."""
+        return {k: v for k, v in asdict(self).items() if k not in RUN_KEY_IGNORED}
 
 
 # --------------------------------------------------------------------------------------- steps
@@ -545,8 +546,8 @@ def _strip_ddp(model: nn.Module) -> nn.Module:
 
 # ------------------------------------------------------------------------------ run folders
 #: :class:`TrainConfig` fields that may differ between the ``fit`` that wrote a run folder and a ``fit`` that loads
-#: or resumes it: they say where, how fast or how often something runs, not what is trained, and the runs' cache
-#: keys leave them out (:meth:`TrainConfig.key_dict`). ``device`` and
+#: or resumes it: they say where, how fast or how often something runs, not what is trained (the runs' cache keys
+#: leave them out but ``eval_every``: :data:`RUN_KEY_IGNORED`). ``device`` and
 #: ``channels_last``: the same computation on other hardware or in another memory layout (a run trained on a GPU
 #: loads on a laptop; ``psd`` trains its teachers on ``cuda:LOCAL_RANK`` and loads them with ``auto``);
 #: ``num_workers``: how many processes read the data (with random augmentation the draws come from other
@@ -556,6 +557,10 @@ def _strip_ddp(model: nn.Module) -> nn.Module:
 #: ``epochs`` and ``batch_size``, the LR schedule a checkpoint's scheduler state belongs to).
 RUN_CONFIG_IGNORED: tuple[str, ...] = ("device", "channels_last", "num_workers", "log_every", "eval_batch_size",
                                        "eval_every")
+#: The fields the runs' cache keys leave out (:meth:`TrainConfig.key_dict`): :data:`RUN_CONFIG_IGNORED` but
+#: ``eval_every``, which decides the evaluations in a run's history (the curves a chapter draws), so a run asked
+#: for with another cadence is trained again rather than loaded without its curve.
+RUN_KEY_IGNORED: tuple[str, ...] = tuple(f for f in RUN_CONFIG_IGNORED if f != "eval_every")
 
 #: What reading a damaged checkpoint / ``results.json`` raises: ``torch.load`` of a truncated, empty or bit-flipped
 #: file raises any of these (``ValueError`` covers ``JSONDecodeError`` and ``UnicodeDecodeError``); ``KeyError``: an
@@ -780,7 +785,8 @@ def fit(model: nn.Module, train_data: Dataset | Iterable, val_data: Dataset | It
 def run_lock(run_dir: str | Path):
     """Hold an exclusive advisory lock on ``run_dir`` (``flock`` on ``run_dir/.lock``, which names its holder).
 
-    A process that finds the lock held says so on stderr and waits for it. The lock goes with its holder's
+    A process that finds the lock held waits for it (and says so on stderr, unless ``TQDM_DISABLE`` is set, as
+    in the book's build). The lock goes with its holder's
     process, so a killed run never leaves it behind. Where locks are not available (no ``fcntl`` on Windows, a
     file system without them) nothing is locked and concurrent processes may train the same run twice, which is
     wasted work, not damage: every file of the folder is written atomically.
@@ -801,9 +807,10 @@ def run_lock(run_dir: str | Path):
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-                print(f"{Path(run_dir).name}: {holder} is training this run; waiting for it to finish, then loading "
-                      "it", file=sys.stderr, flush=True)
+                if not bar_disabled(True):  # a progress notice: not in the book's executed notebooks
+                    holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+                    print(f"{Path(run_dir).name}: {holder} holds this run (training or loading it); waiting for it, "
+                          "then loading it", file=sys.stderr, flush=True)
                 fcntl.flock(fd, fcntl.LOCK_EX)
             except OSError:  # no locks on this file system
                 os.close(fd)

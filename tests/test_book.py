@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -112,13 +113,14 @@ def test_a_failed_run_keeps_the_last_good_notebook_and_the_failure_apart(tmp_pat
     assert not failed_copy(dst).exists()  # a later success clears the stale failure
 
 
-def test_cli_reproduce_writes_where_out_says_and_streams_the_cells_output(tmp_path, capfd):
+def test_cli_reproduce_writes_where_out_says_and_streams_the_cells_output(tmp_path, capfd, monkeypatch):
     """`mlic reproduce --out NB --log-output`: the executed copy goes to NB (the book's copy is untouched) and the
     cells' output reaches stderr while they run; --out must be a new .ipynb."""
     import nbformat
 
     from mlic_lib import cli
 
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)  # the CLI sets it (as the book does); undone after the test
     nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "language": "python",
                                                            "display_name": "Python 3"}})
     params = nbformat.v4.new_code_cell("profile = 'default'")
@@ -133,8 +135,13 @@ def test_cli_reproduce_writes_where_out_says_and_streams_the_cells_output(tmp_pa
     assert not (tmp_path / "_build" / "executed").exists()
     captured = capfd.readouterr()
     assert "cell ran with smoke" in captured.err and f"-> {out}" in captured.out
-    assert cli.main(["--root", str(tmp_path), "reproduce", "primer", "--out", str(tmp_path / "x.json")]) == 2
-    assert "give a new .ipynb path" in capfd.readouterr().err
+    assert cli.main(["--root", str(tmp_path), "reproduce", "primer", "--profile", "smoke", "--out", str(out)]) == 0
+    captured = capfd.readouterr()  # the progress bar over the cells, although the book's TQDM_DISABLE is set
+    assert os.environ.get("TQDM_DISABLE") == "1" and "Executing: 100%" in captured.err
+    assert "cell ran with smoke" not in captured.err  # --log-output was for that run only
+    for bad in (tmp_path / "x.json", tmp_path / "notebooks" / "01_splicemix.ipynb"):  # not a notebook; a chapter
+        assert cli.main(["--root", str(tmp_path), "reproduce", "primer", "--out", str(bad)]) == 2
+        assert "give a .ipynb path outside notebooks/" in capfd.readouterr().err
 
 
 def _notebook(*tag_lists, marker: str = "") -> dict:

@@ -145,10 +145,12 @@ if __name__ == "__main__":
 """
 
 
-def test_a_second_process_waits_for_the_run_another_is_training_then_loads_it(tmp_path, capfd):
+def test_a_second_process_waits_for_the_run_another_is_training_then_loads_it(tmp_path, capfd, monkeypatch):
     """Two kernels asking for one run (the book beside `make lab`) used to train it twice, side by side."""
     import subprocess
     import sys
+
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)  # the waiting notice is shown outside the book's build
 
     script, run_dir, started = tmp_path / "locked_fit.py", tmp_path / "run", tmp_path / "started"
     script.write_text(_LOCKED_FIT)
@@ -165,7 +167,8 @@ def test_a_second_process_waits_for_the_run_another_is_training_then_loads_it(tm
         assert other.wait(timeout=120) == 0
     assert result.cached  # loaded what the other process trained, not trained again
     err = capfd.readouterr().err
-    assert re.search(r"run: process \d+ on .* is training this run; waiting for it to finish, then loading it", err)
+    assert re.search(r"run: process \d+ on .* holds this run \(training or loading it\); waiting for it, then "
+                     r"loading it", err)
     assert "process" in (run_dir / ".lock").read_text()
 
 

@@ -277,7 +277,7 @@ def test_run_keys_leave_out_where_and_how_fast_a_run_is_computed(chapter):
     (RUN_CONFIG_IGNORED); a recipe change (lr) is another run. PSD's teachers, trained by `mlic teachers` with
     its own workers, must be found by the chapter."""
     from mlic_lib import psd
-    from mlic_lib.engine import RUN_CONFIG_IGNORED
+    from mlic_lib.engine import RUN_KEY_IGNORED
     from mlic_lib.splicemix_cl import method_run_dir
 
     def run_dir(over):
@@ -286,11 +286,12 @@ def test_run_keys_leave_out_where_and_how_fast_a_run_is_computed(chapter):
             return psd._teacher_spec(settings, [0, 1], seed=0).run_dir()
         return method_run_dir(settings, "splicemix", 0)
 
-    same = {"train.num_workers": 7, "train.device": "cpu", "train.channels_last": True, "train.eval_every": 3,
-            "train.log_every": 5, "train.eval_batch_size": 17}
-    assert set(k.split(".")[1] for k in same) == set(RUN_CONFIG_IGNORED)
+    same = {"train.num_workers": 7, "train.device": "cpu", "train.channels_last": True, "train.log_every": 5,
+            "train.eval_batch_size": 17}
+    assert set(k.split(".")[1] for k in same) == set(RUN_KEY_IGNORED)
     assert run_dir(same) == run_dir({})
     assert run_dir({"train.lr": 0.123}) != run_dir({})
+    assert run_dir({"train.eval_every": 3}) != run_dir({})  # another cadence: another history (the curves)
 
 
 def test_static_closure_names_outside_the_package_root_and_misspelt_modules():
@@ -432,6 +433,13 @@ def test_override_values_are_checked_before_a_kernel_starts(chapter, overrides, 
     or 30 s into a run), with messages that did not name the key."""
     with pytest.raises(ValueError, match=message):
         load_profile(chapter, "smoke", overrides)
+
+
+def test_a_timm_backbone_may_carry_a_weights_tag_but_not_a_wildcard():
+    assert load_profile("splicemix", "smoke", {"model.backbone": "timm/resnet18.a1_in1k"})["model"]["backbone"]
+    assert load_profile("assocformer", "smoke", {"model.backbone": "vit_tiny_patch16_224.augreg_in21k"})
+    with pytest.raises(ValueError, match="timm has no model 'resnet\\*'"):
+        load_profile("splicemix", "smoke", {"model.backbone": "timm/resnet*"})
 
 
 def test_null_is_accepted_where_a_profile_turns_a_part_off_and_for_names():

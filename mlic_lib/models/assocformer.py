@@ -151,7 +151,7 @@ def check_transformer_name(name: object) -> None:
     """Raise ``ValueError`` unless ``name`` is one of timm's models (the chapter's ``model.backbone``)."""
     import timm
 
-    if not isinstance(name, str) or not timm.list_models(name):
+    if not isinstance(name, str) or not timm.is_model(name):  # a name, with or without a weights tag; no wildcards
         hint = " (CvT is not in timm; use a Swin or ViT)" if "cvt" in str(name).lower() else ""
         raise ValueError(f"timm has no model {name!r}{hint}; see timm.list_models('*swin*') / ('vit_*')")
 

@@ -241,7 +241,7 @@ def check_backbone(name: object) -> None:
     if name.startswith("timm/"):
         import timm
 
-        if not timm.list_models(name.removeprefix("timm/")):
+        if not timm.is_model(name.removeprefix("timm/")):  # a name, with or without a weights tag; no wildcards
             raise ValueError(f"timm has no model {name.removeprefix('timm/')!r} (backbone {name!r}); see "
                              "timm.list_models() for the names")
     elif name not in ("small_resnet", *TORCHVISION_RESNETS, "efficientnet_lite0"):
