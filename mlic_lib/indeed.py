@@ -670,11 +670,9 @@ def build_indeed_model(model: Mapping[str, Any], num_classes: int = 10, in_chans
     if name == "simple_cnn":
         return SimpleCNN(num_classes, in_chans, input_size, widths=tuple(model.get("widths", (32, 64, 64))),
                          hidden=int(model.get("hidden", 128)))
-    if name == "vgg16":
-        return VGG16Net(num_classes, in_chans, input_size, width=float(model.get("width", 1.0)),
-                        hidden=int(model.get("hidden", 4096)), dropout=float(model.get("dropout", 0.5)),
-                        batch_norm=bool(model.get("batch_norm", False)))
-    raise AssertionError(name)
+    return VGG16Net(num_classes, in_chans, input_size, width=float(model.get("width", 1.0)),
+                    hidden=int(model.get("hidden", 4096)), dropout=float(model.get("dropout", 0.5)),
+                    batch_norm=bool(model.get("batch_norm", False)))
 
 
 def check_model_name(name: object) -> None:

@@ -252,6 +252,7 @@ def check_backbone(name: object) -> None:
 def build_model(name: str, num_classes: int, pool: str = "max", weights: str | Path | None = None,
                 in_chans: int = 3, dropout: float = 0.0, widths: tuple[int, ...] | None = None) -> MultiLabelNet:
     """Build a :class:`MultiLabelNet` by backbone name (see the module docstring for the names)."""
+    check_backbone(name)  # an unknown name is an error listing the known ones
     if name == "small_resnet":
         features = small_resnet_features(in_chans, tuple(widths or (16, 32, 64, 128)))
         dim = (widths or (16, 32, 64, 128))[-1]
@@ -263,9 +264,6 @@ def build_model(name: str, num_classes: int, pool: str = "max", weights: str | P
         features, dim = _torchvision_resnet(name, weights)
     elif name == "efficientnet_lite0":
         features, dim = _timm_features("tf_efficientnet_lite0", in_chans, weights)
-    elif name.startswith("timm/"):
+    else:  # timm/<model>
         features, dim = _timm_features(name.removeprefix("timm/"), in_chans, weights)
-    else:
-        check_backbone(name)  # raises: the message lists the names
-        raise AssertionError(name)
     return MultiLabelNet(features, dim, num_classes, pool=pool, dropout=dropout)
