@@ -13,8 +13,8 @@ exactly (the engine checkpoints the torch RNG state).
   *spliced* to the regular batch: ``B_hat = B ∪ B'``. Grid strategy: one grid per batch from the family
   ``F_mg = {1x2, 2x2, 2x3}`` of Eq. 4 (Sec. IV-A samples it "randomly"; the probabilities
   ``{1x2: .3, 2x2: .4, 2x3: .3}`` are the authors' code's), asymmetric grids transposed with probability .5
-  (code), and with probability .3 (Sec. IV-A) a *grid dropout* of ``d ~ U{1..r*c-1}`` cells (blank cells,
-  labels removed).
+  (Sec. III-B: "a coin with a flipped probability of 0.5" picks ``r x c`` or ``c x r``), and with probability .3
+  (Sec. IV-A) a *grid dropout* of ``d ~ U{1..r*c-1}`` cells (blank cells, labels removed).
   The :class:`GridLayout` it returns says which regular image sits in which cell, for SpliceMix-CL
   (:mod:`mlic_lib.splicemix_cl`).
 * :class:`Mixup` and :class:`CutMix` (alpha = 0.5, the paper's grid-searched value): one
@@ -29,7 +29,7 @@ exactly (the engine checkpoints the torch RNG state).
   set (Table VII), for any transform with a ``mix_labels`` method.
 
 Implementation choices where the paper is silent (from the authors' code, see DESIGN.md): the grid probabilities
-and the transposition above; downsampling is bilinear
+above; downsampling is bilinear
 with ``align_corners=True`` to ``(H // r, W // c)``; when ``r * (H // r)`` differs from ``H`` the tiled image is
 resized back to ``H x W`` (so cells of a 2x3 grid on a 64-px canvas are 21/22 px); dropped cells are filled with
 ``fill`` (default 0.0, as the authors zero them: with ImageNet normalisation 0 is the data's mean colour; for data

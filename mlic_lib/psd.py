@@ -283,11 +283,13 @@ class DistillationStep:
     With ``teachers`` (modules returning global-order logits, e.g. :class:`TeacherEnsemble`) the batch is
     ``(x, y[, mask])`` and the teachers run on it without gradients; without them it is
     ``(x, y, teacher_logits (B, T, C)[, kd_mask (B, T, C)])`` from a :class:`DistillDataset`. A label mask
-    (VOC difficult labels) applies to the classification term only. ``kd_subtask_only`` (with ``teachers``)
-    restricts each teacher's KD term to its sub-task's images (Eq. 5, :func:`kd_domain_mask`)."""
+    (VOC difficult labels) applies to the classification term only. ``kd_subtask_only`` (with ``teachers``;
+    default True, Eq. 5) restricts each teacher's KD term to its sub-task's images (:func:`kd_domain_mask`; a
+    teacher without ``subsets``, i.e. a full-label one, gives targets everywhere); False distils every teacher on
+    every image, as the authors' code does (there the teachers were trained on all images)."""
 
     def __init__(self, asl: Mapping[str, Any] | None = None, kd_weight: float = 1.0, reduction: str = "sum",
-                 teachers: Sequence[nn.Module] | None = None, kd_subtask_only: bool = False):
+                 teachers: Sequence[nn.Module] | None = None, kd_subtask_only: bool = True):
         if kd_weight < 0:
             raise ValueError(f"kd_weight must be >= 0, got {kd_weight}")
         self.cls = _asl(asl)

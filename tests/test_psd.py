@@ -71,8 +71,14 @@ def test_distillation_step_equals_asl_plus_kd_and_teacher_modes_agree():
     logits = model(x)
     ref = AsymmetricLoss(gamma_pos=0, gamma_neg=4, clip=0.05)(logits, y) + 0.5 * 0.5 * ((logits - t) ** 2).sum()
     assert torch.allclose(loss, ref, rtol=1e-5)
-    loss2, _ = psd.DistillationStep(kd_weight=0.5, teachers=[teacher])(model, [x, y], None)
+    loss2, _ = psd.DistillationStep(kd_weight=0.5, teachers=[teacher], kd_subtask_only=False)(model, [x, y], None)
     assert torch.allclose(loss, loss2, rtol=1e-5)
+    masked, _ = psd.DistillationStep(kd_weight=0.5, teachers=[teacher])(model, [x, y], None)  # default: Eq. 5's mask
+    kd_mask = psd._teacher_masks([teacher], y)
+    assert not kd_mask.all()  # some image lies outside some teacher's sub-task, so the default differs
+    ref_masked = (AsymmetricLoss(gamma_pos=0, gamma_neg=4, clip=0.05)(logits, y)
+                  + 0.5 * 0.5 * (kd_mask[:, 0] * (logits - t) ** 2).sum())
+    assert torch.allclose(masked, ref_masked, rtol=1e-5)
     loss.backward()
     assert all(p.grad is not None for p in model.parameters())
     with pytest.raises(ValueError, match="needs teacher logits"):
