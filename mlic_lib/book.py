@@ -174,16 +174,35 @@ def _hide_default_parameters(path: Path) -> None:
     path.write_text(json.dumps(nb, indent=1))
 
 
-def _flatten_numbers(obj, prefix: str = ""):
-    """``(dotted key, number)`` pairs of a nested dict/list of results; strings and booleans are skipped."""
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _flatten_numbers(v, f"{prefix}{k}.")
-    elif isinstance(obj, list | tuple):
-        for i, v in enumerate(obj):
-            yield from _flatten_numbers(v, f"{prefix}{i}.")
-    elif isinstance(obj, int | float) and not isinstance(obj, bool):
-        yield prefix[:-1], obj
+#: Factor that takes a number stored in the results JSON's unit (first) to a matrix row's unit (second).
+_CONVERT = {("fraction", "%"): 100.0, ("fraction", "points"): 100.0}
+
+
+def row_scale(stored: str | None, shown: str) -> float:
+    """Factor from a results JSON's unit ``stored`` (:data:`mlic_lib.reporting.UNITS`) to a matrix row's ``shown``
+    unit: 1 for the same unit, 100 from a fraction to % or points, 1 from a dimensionless ``"1"`` to a row unit
+    that is not one of the units (a named index such as ``ARI``). ``ValueError`` for any other pair, e.g. a
+    row in % of a number stored in seconds, or a key the JSON gives no unit."""
+    from mlic_lib.reporting import UNITS
+
+    if stored == shown:
+        return 1.0
+    if (stored, shown) in _CONVERT:
+        return _CONVERT[stored, shown]
+    if stored == "1" and shown not in UNITS:
+        return 1.0
+    raise ValueError(f"a number stored in unit {stored!r} cannot be shown in unit {shown!r}")
+
+
+def _fits(key: str, units: Mapping[str, str], shown: str) -> bool:
+    """Whether ``key``'s stored unit can be shown in the row unit ``shown`` (:func:`row_scale`)."""
+    from mlic_lib.reporting import unit_of
+
+    try:
+        row_scale(unit_of(key, units), shown)
+    except ValueError:
+        return False
+    return True
 
 
 def _fmt(x: float, unit: str) -> str:
@@ -193,11 +212,15 @@ def _fmt(x: float, unit: str) -> str:
 
 def reproduction_page(results: Path, published: Path) -> str:
     """Markdown of the reproduction matrix: the headline rows that ``book/published.yaml`` lists per chapter
-    (``label``, ``key``, ``scale``, ``unit``, ``std``, ``published``), ours from this build's results JSONs
-    (times ``scale``, with the spread over seeds where the chapter wrote one) next to the papers' values."""
+    (``label``, ``key``, ``unit``, ``std``, ``published``), ours from this build's results JSONs (converted from
+    the unit the JSON declares for the key to the row's unit by :func:`row_scale`, with the spread over seeds
+    where the chapter wrote one) next to the papers' values. A row whose unit does not fit the stored one says
+    so in its cell instead of showing a number on the wrong scale."""
     import json
 
     import yaml
+
+    from mlic_lib.reporting import flatten_numbers, unit_of
 
     pub = yaml.safe_load(published.read_text()) if published.is_file() else {}
     lines = [
@@ -209,7 +232,7 @@ def reproduction_page(results: Path, published: Path) -> str:
         "absolute values. Both columns are in the row's unit; *± x* is the standard deviation over the",
         "chapter's seeds where it ran more than one. Published values are quoted from the papers (table",
         "given per chapter). Each chapter writes more numbers than these headline rows to",
-        "`_build/results/<chapter>.json`.",
+        "`_build/results/<chapter>.json`, whose `units` field gives the unit of every number in it.",
         "",
     ]
     order = {name: i for i, name in enumerate(pub)}  # book order, as listed in published.yaml
@@ -221,7 +244,8 @@ def reproduction_page(results: Path, published: Path) -> str:
         res = json.loads(f.read_text())
         chapter = res.get("chapter", f.stem)
         info = pub.get(chapter, {})
-        flat = dict(_flatten_numbers(res.get("numbers", {})))  # dotted key -> number, once per chapter
+        flat = dict(flatten_numbers(res.get("numbers", {})))  # dotted key -> number, once per chapter
+        units = dict(res.get("units") or [])  # [pattern, unit] pairs, in order
         lines += [f"## {info.get('paper', chapter)}", "",
                   f"Profile `{res.get('profile')}`, written {res.get('written', '?')}, "
                   f"mlic_lib {res.get('library_version', '?')}.", ""]
@@ -233,15 +257,16 @@ def reproduction_page(results: Path, published: Path) -> str:
             continue
         lines += ["| quantity | unit | ours | published |", "|---|---|---|---|"]
         for row in rows:
-            scale = float(row.get("scale", 1))
-            value = flat.get(row["key"])
+            unit = row.get("unit", "")
+            value, std = flat.get(row["key"]), flat.get(row["std"]) if row.get("std") else None
             if value is None:
                 ours = "not computed in this build"
+            elif not _fits(row["key"], units, unit) or (std is not None and not _fits(row["std"], units, unit)):
+                ours = f"stored in unit {unit_of(row['key'], units)!r}, not {unit!r}"
             else:
-                ours = _fmt(scale * value, row.get("unit", ""))
-                std = flat.get(row["std"]) if row.get("std") else None
+                ours = _fmt(row_scale(unit_of(row["key"], units), unit) * value, unit)
                 if std is not None and std == std:  # NaN (one seed) shows no spread
-                    ours += f" ± {_fmt(scale * std, row.get('unit', ''))}"
+                    ours += f" ± {_fmt(row_scale(unit_of(row['std'], units), unit) * std, unit)}"
             paper = row.get("published")
             lines.append(f"| {row['label']} | {row.get('unit', '')} | {ours} | {'-' if paper is None else paper} |")
         lines.append("")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import platform
 import time
 from collections.abc import Mapping, Sequence
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
@@ -58,13 +59,77 @@ def shown_path(path: str | Path) -> str:
     return "~/" + str(p.relative_to(home)) if p.is_relative_to(home) else str(p)
 
 
-def write_chapter_results(chapter: str, settings: Mapping[str, Any], numbers: Mapping[str, Any]) -> Path:
-    """Write ``<results_dir>/<chapter>.json`` atomically and return its path."""
+#: The units a chapter's results JSON may declare (:func:`write_chapter_results`), with what each means.
+UNITS = {
+    "fraction": "a share or a metric in [0, 1] (mAP, F1, a CAM's mass), or a difference of two such values",
+    "%": "percent, 0 to 100 (mAP and F1 as the papers print them)",
+    "points": "a difference of two percentages, in percentage points",
+    "1": "dimensionless (a correlation, an ARI, a ratio, a weight such as lambda or alpha)",
+    "s": "seconds of wall-clock time",
+    "count": "a number of things (runs, classes, optimiser steps, groups)",
+    "px": "pixels",
+    "seed": "a random seed (an identifier, not a quantity)",
+}
+#: Largest magnitude a value of a bounded unit can take; :func:`write_chapter_results` refuses one beyond it.
+_UNIT_BOUND = {"fraction": 1.0, "%": 100.0, "points": 100.0}
+
+
+def flatten_numbers(obj: Any, prefix: str = ""):
+    """``(dotted key, number)`` pairs of a nested dict/list of results (``{"mAP": {"A": 0.5}}`` gives
+    ``("mAP.A", 0.5)``, list items are numbered); strings, booleans and ``None`` are skipped."""
+    if isinstance(obj, Mapping):
+        for k, v in obj.items():
+            yield from flatten_numbers(v, f"{prefix}{k}.")
+    elif isinstance(obj, list | tuple):
+        for i, v in enumerate(obj):
+            yield from flatten_numbers(v, f"{prefix}{i}.")
+    elif isinstance(obj, int | float | np.integer | np.floating) and not isinstance(obj, bool | np.bool_):
+        yield prefix[:-1], obj
+
+
+def unit_of(key: str, units: Mapping[str, str]) -> str | None:
+    """The unit of the dotted ``key`` by the first pattern of ``units`` (``fnmatch`` patterns, in order) that
+    matches it, or None."""
+    return next((u for pat, u in units.items() if fnmatchcase(key, pat)), None)
+
+
+def check_units(numbers: Mapping[str, Any], units: Mapping[str, str]) -> None:
+    """Raise ``ValueError`` unless every unit is one of :data:`UNITS`, every number in ``numbers`` has a unit by
+    :func:`unit_of`, and no value of a bounded unit lies outside its range (a mAP stored in % but declared a
+    fraction, say)."""
+    bad = {pat: u for pat, u in units.items() if u not in UNITS}
+    if bad:
+        raise ValueError(f"unknown unit(s) {bad}; use one of {sorted(UNITS)}")
+    flat = list(flatten_numbers(numbers))
+    missing = [k for k, _ in flat if unit_of(k, units) is None]
+    if missing:
+        raise ValueError(f"no unit for {missing[:8]}{' ...' if len(missing) > 8 else ''}: add a pattern that matches "
+                         "these keys to the chapter's units")
+    out = [(k, v, u) for k, v in flat if (u := unit_of(k, units)) in _UNIT_BOUND
+           and np.isfinite(v) and abs(v) > _UNIT_BOUND[u]]
+    if out:
+        shown = ", ".join(f"{k} = {v:g} ({u})" for k, v, u in out[:8])
+        raise ValueError(f"value(s) outside their unit's range: {shown}; is the unit right (a fraction in [0, 1] "
+                         "or percent)?")
+
+
+def write_chapter_results(chapter: str, settings: Mapping[str, Any], numbers: Mapping[str, Any],
+                          units: Mapping[str, str]) -> Path:
+    """Write ``<results_dir>/<chapter>.json`` atomically and return its path.
+
+    ``units`` maps ``fnmatch`` patterns of the flattened keys (:func:`flatten_numbers`: ``"mAP.*"`` matches
+    ``mAP.Baseline``) to one of :data:`UNITS`; the first matching pattern gives a key's unit. The file stores
+    them in order as ``[pattern, unit]`` pairs, with what each unit means, so a reader of the JSON knows the scale
+    of every number. Every number must have a unit and lie within its unit's range (:func:`check_units`);
+    otherwise nothing is written."""
+    check_units(numbers, units)
     payload = {
         "chapter": chapter,
         "profile": settings.get("profile"),
         "settings": dict(settings),
         "numbers": dict(numbers),
+        "units": [[pat, u] for pat, u in units.items()],  # a list: the order decides, and the file sorts dict keys
+        "unit_meanings": {u: UNITS[u] for u in dict.fromkeys(units.values())},
         "library_version": __version__,
         "torch": torch.__version__,
         "python": platform.python_version(),

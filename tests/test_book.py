@@ -17,21 +17,30 @@ def test_reproduction_page_puts_ours_next_to_published(tmp_path, monkeypatch):
     monkeypatch.setenv("MLIC_RESULTS", str(tmp_path / "res"))
     write_chapter_results("demo", {"profile": "smoke", "chapter": "demo"},
                           {"mAP_x": 0.5, "cached": True, "note": "text", "n": 3, "std_x": 0.012,
-                           "mAP": {"Baseline": 61.5, "pair": [1, 2]}, "one_seed_std": float("nan")})
+                           "mAP": {"Baseline": 61.5, "pair": [1, 2]}, "one_seed_std": float("nan"), "secs": 2.0,
+                           "ari": 0.25},
+                          units={"mAP_x": "fraction", "std_x": "fraction", "mAP.Baseline": "%", "mAP.pair.*": "count",
+                                 "n": "count", "one_seed_std": "count", "secs": "s", "ari": "1"})
     published = tmp_path / "published.yaml"
     published.write_text(
         "demo:\n  paper: Demo paper\n  source: Table 1\n  rows:\n"
         "    - {label: Baseline mAP, key: mAP.Baseline, unit: '%', published: 93.3}\n"
-        "    - {label: x, key: mAP_x, scale: 100, std: std_x, unit: '%'}\n"
-        "    - {label: second of pair, key: mAP.pair.1, unit: ''}\n"
-        "    - {label: one seed, key: n, std: one_seed_std, unit: runs}\n"
+        "    - {label: x, key: mAP_x, std: std_x, unit: '%'}\n"
+        "    - {label: x gain, key: mAP_x, unit: points}\n"
+        "    - {label: second of pair, key: mAP.pair.1, unit: count}\n"
+        "    - {label: one seed, key: n, std: one_seed_std, unit: count}\n"
+        "    - {label: an index, key: ari, unit: ARI}\n"
+        "    - {label: wrong unit, key: secs, unit: '%'}\n"
         "    - {label: absent, key: nope, unit: '%', published: 1.0}\n")
     page = reproduction_page(tmp_path / "res", published)
     assert "## Demo paper" in page and "Profile `smoke`" in page and "Published: Table 1." in page
-    assert "| Baseline mAP | % | 61.50 | 93.3 |" in page
+    assert "| Baseline mAP | % | 61.50 | 93.3 |" in page  # stored in %: shown as is
     assert "| x | % | 50.00 ± 1.20 | - |" in page  # a stored fraction shown in %, with its spread on the same scale
-    assert "| second of pair |  | 2 | - |" in page
-    assert "| one seed | runs | 3 | - |" in page  # a NaN spread (one seed) is left out
+    assert "| x gain | points | 50.00 | - |" in page
+    assert "| second of pair | count | 2 | - |" in page
+    assert "| one seed | count | 3 | - |" in page  # a NaN spread (one seed) is left out
+    assert "| an index | ARI | 0.25 | - |" in page  # dimensionless, under the index's name
+    assert "| wrong unit | % | stored in unit 's', not '%' | - |" in page  # never a number on the wrong scale
     assert "| absent | % | not computed in this build | 1.0 |" in page
     assert "cached" not in page and "note" not in page  # only the listed rows
     other = tmp_path / "other.yaml"
@@ -209,7 +218,7 @@ def test_stage_sources_copies_the_book_drops_failures_and_hides_default_paramete
     (build / "src" / "notebooks").mkdir(parents=True)
     (build / "src" / "notebooks" / "99_stale.ipynb").write_text("{}")  # left from an earlier build
     monkeypatch.setenv("MLIC_RESULTS", str(tmp_path / "res"))
-    write_chapter_results("first", {"profile": "smoke"}, {"mAP": 61.25})
+    write_chapter_results("first", {"profile": "smoke"}, {"mAP": 61.25}, units={"mAP": "%"})
 
     src = stage_sources(root, build, executed)
     assert src == build / "src"
@@ -235,7 +244,7 @@ def test_stage_sources_reads_results_from_the_build_when_mlic_results_is_unset(t
     root, build = _book_root(tmp_path), tmp_path / "_build"
     (build / "executed" / "notebooks").mkdir(parents=True)
     monkeypatch.setenv("MLIC_RESULTS", str(build / "results"))
-    write_chapter_results("first", {"profile": "smoke"}, {"mAP": 70.5})
+    write_chapter_results("first", {"profile": "smoke"}, {"mAP": 70.5}, units={"mAP": "%"})
     monkeypatch.setenv("MLIC_RESULTS", "")  # empty counts as unset
     src = stage_sources(root, build, build / "executed")
     assert "| headline mAP | % | 70.50 | 90.0 |" in (src / "book" / "reproduction.md").read_text()
@@ -289,7 +298,7 @@ def _fake_execute_and_html(monkeypatch, executed_log, html_log, make_index=True)
             results = Path(os.environ["MLIC_RESULTS"])
             results.mkdir(parents=True, exist_ok=True)
             (results / "first.json").write_text(json.dumps({"chapter": "first", "profile": profile,
-                                                            "numbers": {"mAP": 55.0}}))
+                                                            "numbers": {"mAP": 55.0}, "units": [["mAP", "%"]]}))
         return {"00_first": 1.04, "01_second": 2.5}[src.stem]
 
     def html(src, out_root, strict=True):

@@ -45,13 +45,17 @@ def test_notebook_smoke_run(nb, tmp_path):
     # every headline row of the reproduction matrix names a key this chapter really writes
     import yaml
 
-    from mlic_lib.book import _flatten_numbers
+    from mlic_lib.book import row_scale
+    from mlic_lib.reporting import flatten_numbers, unit_of
 
     pub = yaml.safe_load((REPO / "book" / "published.yaml").read_text())
     for f in results:
         res = json.loads(f.read_text())
-        flat = dict(_flatten_numbers(res["numbers"]))
+        flat, units = dict(flatten_numbers(res["numbers"])), dict(res["units"])
         for row in pub.get(res["chapter"], {}).get("rows", []):
-            if not row.get("optional"):
-                assert row["key"] in flat, f"book/published.yaml: {res['chapter']} writes no {row['key']!r}"
-                assert row.get("std") is None or row["std"] in flat, f"{res['chapter']} writes no {row['std']!r}"
+            for key in (row["key"], row.get("std")):
+                if key is None:
+                    continue
+                if not row.get("optional"):
+                    assert key in flat, f"book/published.yaml: {res['chapter']} writes no {key!r}"
+                row_scale(unit_of(key, units), row["unit"])  # raises when the row's unit does not fit the stored one

@@ -13,7 +13,9 @@ from mlic_lib.reporting import (
     BORDERLINE_FACTOR,
     CONTRADICTS,
     borderline_note,
+    check_units,
     dash_missing,
+    flatten_numbers,
     paired_bootstrap,
     paper_verdict,
     ranking,
@@ -22,6 +24,8 @@ from mlic_lib.reporting import (
     spread_category,
     spread_note,
     spread_verdict,
+    unit_of,
+    write_chapter_results,
 )
 
 
@@ -143,3 +147,42 @@ def test_shown_path_hides_the_build_folder_but_keeps_other_paths(tmp_path, monke
     assert shown_path(tmp_path / "home" / ".cache" / "r.json") == "~/.cache/r.json"
     monkeypatch.chdir("/tmp")  # one level below the root: absolute paths stay absolute
     assert shown_path("/definitely/elsewhere/r.json") == "/definitely/elsewhere/r.json"
+
+
+def test_flatten_numbers_names_nested_values_by_dotted_keys_and_skips_non_numbers():
+    nested = {"mAP": {"A": 0.5, "pair": [1, np.int64(2)]}, "ok": True, "name": "x", "none": None, "t": np.float32(1.5)}
+    assert list(flatten_numbers(nested)) == [("mAP.A", 0.5), ("mAP.pair.0", 1), ("mAP.pair.1", 2), ("t", 1.5)]
+
+
+def test_unit_of_takes_the_first_matching_pattern():
+    units = {"mAP_std*": "points", "mAP*": "%", "*": "count"}
+    assert unit_of("mAP_std.A", units) == "points" and unit_of("mAP.A", units) == "%"
+    assert unit_of("runs", units) == "count" and unit_of("x", {"mAP": "%"}) is None
+    assert unit_of("MAP", {"mAP": "%"}) is None  # case matters, on every platform
+
+
+@pytest.mark.parametrize("numbers, units, match", [
+    ({"mAP": 0.5}, {"mAP": "percent"}, "unknown unit"),
+    ({"mAP": 0.5, "secs": 3.0}, {"mAP": "fraction"}, r"no unit for \['secs'\]"),
+    ({"mAP": {"A": 61.5}}, {"mAP.*": "fraction"}, r"mAP.A = 61.5 \(fraction\)"),
+    ({"mAP": 161.5}, {"mAP": "%"}, "outside their unit's range"),
+])
+def test_results_with_a_missing_unknown_or_implausible_unit_are_refused_before_writing(tmp_path, monkeypatch,
+                                                                                       numbers, units, match):
+    monkeypatch.setenv("MLIC_RESULTS", str(tmp_path))
+    with pytest.raises(ValueError, match=match):
+        write_chapter_results("demo", {"profile": "smoke"}, numbers, units=units)
+    assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_results_json_keeps_the_units_in_order_with_their_meanings(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setenv("MLIC_RESULTS", str(tmp_path))
+    numbers = {"mAP_std": 0.02, "mAP": 0.61, "gain": -0.4, "chance": float("nan"), "seconds": 12.0}
+    units = {"mAP_std": "fraction", "mAP*": "fraction", "gain": "points", "chance": "fraction", "*": "s"}
+    check_units(numbers, units)  # NaN (no value) passes the range check
+    res = json.loads(write_chapter_results("demo", {"profile": "smoke"}, numbers, units=units).read_text())
+    assert res["units"] == [list(kv) for kv in units.items()]  # a list: the order decides, json sorts dict keys
+    assert set(res["unit_meanings"]) == {"fraction", "points", "s"}
+    assert unit_of("seconds", dict(res["units"])) == "s" and unit_of("mAP", dict(res["units"])) == "fraction"
