@@ -571,7 +571,7 @@ VALIDATION_FRACTION = 0.2
 VALIDATION_SPLIT_SEED = 20261123
 
 
-def validation_pools(source: str, train_pool: tuple[np.ndarray, np.ndarray] | None
+def validation_pools(train_pool: tuple[np.ndarray, np.ndarray] | None = None
                      ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """Split a training pool of images (``None``: the embedded train digits) into ``(fit, validation)`` pools:
     a stratified :data:`VALIDATION_FRACTION` of every class held out (seed :data:`VALIDATION_SPLIT_SEED`). A
@@ -609,7 +609,7 @@ def indeed_data(data: Mapping[str, Any], n_labels: int, data_seed: int = 0, pool
     tr_pool, te_pool = pools[(source, "train")], pools[(source, "test")]
     if validation:
         if (source, "validation") not in pools:
-            pools[(source, "validation")] = validation_pools(source, tr_pool)
+            pools[(source, "validation")] = validation_pools(tr_pool)
         tr_pool, te_pool = pools[(source, "validation")]
     ds = int(data.get("downsample", 1))
     train_seed, test_seed = 1000 * data_seed + n_labels, 1000 * data_seed + 999

@@ -387,7 +387,7 @@ def _cell_digits(canvases) -> set[bytes]:
 def test_validation_data_holds_out_training_digits_and_never_draws_a_test_digit():
     from mlic_lib.data.digits import digit_pool
 
-    (fit, fit_y), (val, val_y) = indeed.validation_pools("embedded", None)
+    (fit, fit_y), (val, val_y) = indeed.validation_pools()
     train, test = digit_pool("train"), digit_pool("test")
     as_set = lambda a: {x.tobytes() for x in a}  # noqa: E731
     assert len(fit) + len(val) == len(train[0]) and not as_set(fit) & as_set(val)
