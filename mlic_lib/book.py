@@ -258,11 +258,14 @@ def reproduction_page(results: Path, published: Path) -> str:
         lines += ["| quantity | unit | ours | published |", "|---|---|---|---|"]
         for row in rows:
             unit = row.get("unit", "")
-            value, std = flat.get(row["key"]), flat.get(row["std"]) if row.get("std") else None
+            value, std = flat.get(row["key"]), flat.get(row.get("std"))
+            misfit = [k for k in (row["key"], row.get("std")) if k in flat and not _fits(k, units, unit)]
             if value is None:
                 ours = "not computed in this build"
-            elif not _fits(row["key"], units, unit) or (std is not None and not _fits(row["std"], units, unit)):
-                ours = f"stored in unit {unit_of(row['key'], units)!r}, not {unit!r}"
+            elif not units:
+                ours = "the results file declares no units (written by an older mlic_lib): rerun the chapter"
+            elif misfit:
+                ours = f"{misfit[0]} is stored in unit {unit_of(misfit[0], units)!r}, not {unit!r}"
             else:
                 ours = _fmt(row_scale(unit_of(row["key"], units), unit) * value, unit)
                 if std is not None and std == std:  # NaN (one seed) shows no spread

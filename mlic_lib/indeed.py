@@ -751,7 +751,7 @@ def check_options(opts: Mapping[str, Any] | None) -> None:
 def lambda_for(lam: float | Mapping[str, float], method: Mapping[str, Any]) -> float:
     """The ``lambda`` of Eq. 6 for one method spec. ``lam`` is a number, or a mapping from the
     normalisation (``'minmax'`` / ``'l2'``) to a number when each variant has its own value (the CPU
-    profile's, chosen on a separate draw of the data)."""
+    profile's, chosen by :func:`lambda_sweep` on validation data)."""
     if method.get("kind", "indeed") == "baseline":
         return 0.0  # no INDeeD terms
     if isinstance(lam, Mapping):

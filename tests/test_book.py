@@ -31,6 +31,7 @@ def test_reproduction_page_puts_ours_next_to_published(tmp_path, monkeypatch):
         "    - {label: one seed, key: n, std: one_seed_std, unit: count}\n"
         "    - {label: an index, key: ari, unit: ARI}\n"
         "    - {label: wrong unit, key: secs, unit: '%'}\n"
+        "    - {label: wrong std, key: mAP_x, std: secs, unit: '%'}\n"
         "    - {label: absent, key: nope, unit: '%', published: 1.0}\n")
     page = reproduction_page(tmp_path / "res", published)
     assert "## Demo paper" in page and "Profile `smoke`" in page and "Published: Table 1." in page
@@ -40,13 +41,18 @@ def test_reproduction_page_puts_ours_next_to_published(tmp_path, monkeypatch):
     assert "| second of pair | count | 2 | - |" in page
     assert "| one seed | count | 3 | - |" in page  # a NaN spread (one seed) is left out
     assert "| an index | ARI | 0.25 | - |" in page  # dimensionless, under the index's name
-    assert "| wrong unit | % | stored in unit 's', not '%' | - |" in page  # never a number on the wrong scale
+    assert "| wrong unit | % | secs is stored in unit 's', not '%' | - |" in page  # never a number on the wrong scale
+    assert "| wrong std | % | secs is stored in unit 's', not '%' | - |" in page  # nor a spread
     assert "| absent | % | not computed in this build | 1.0 |" in page
     assert "cached" not in page and "note" not in page  # only the listed rows
     other = tmp_path / "other.yaml"
     other.write_text("demo:\n  paper: Demo paper\n")
     assert "No headline rows" in reproduction_page(tmp_path / "res", other)
     assert "No chapter" in reproduction_page(tmp_path / "missing", published)
+    old = tmp_path / "old"  # a results file of an mlic_lib before units: no number on a guessed scale
+    old.mkdir()
+    (old / "demo.json").write_text(json.dumps({"chapter": "demo", "profile": "smoke", "numbers": {"mAP_x": 0.5}}))
+    assert "| x | % | the results file declares no units" in reproduction_page(old, published)
 
 
 def test_published_rows_name_keys_the_chapters_write():

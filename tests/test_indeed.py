@@ -401,6 +401,23 @@ def test_validation_data_holds_out_training_digits_and_never_draws_a_test_digit(
     assert _cell_digits(plain.test) <= as_set(test[0]) and plain.fingerprint() != d.fingerprint()
 
 
+def test_lambda_sweep_trains_and_scores_on_the_validation_data(monkeypatch):
+    seen = []
+
+    def fake_run_methods(settings, methods, n_labels, seeds, datasets, **kw):
+        seen.append(datasets)
+        return [{"method": m, "N": n, "seed": s, "mAP": 0.5} for m in methods for n in n_labels for s in seeds]
+
+    monkeypatch.setattr(indeed, "run_methods", fake_run_methods)
+    settings = {"data": {"n_train": 30, "n_test": 20}, "indeed": {}}
+    recs = indeed.lambda_sweep(settings, [0.1, 1.0], [2], [0])
+    assert sorted({r["lam"] for r in recs if r["lam"] is not None}) == [0.1, 1.0] and len(seen) == 3
+    (fit, _), (val, _) = indeed.validation_pools()
+    as_set = lambda a: {x.tobytes() for x in a}  # noqa: E731
+    for datasets in seen:
+        assert _cell_digits(datasets[2].test) <= as_set(val) and _cell_digits(datasets[2].train) <= as_set(fit)
+
+
 # ------------------------------------------------------------------------------------- models
 def test_models_features_classifier_cam_layer():
     specs = [({"name": "simple_cnn", "widths": [4, 8, 8], "hidden": 16}, 1, 42),

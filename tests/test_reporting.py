@@ -179,10 +179,12 @@ def test_results_json_keeps_the_units_in_order_with_their_meanings(tmp_path, mon
     import json
 
     monkeypatch.setenv("MLIC_RESULTS", str(tmp_path))
-    numbers = {"mAP_std": 0.02, "mAP": 0.61, "gain": -0.4, "chance": float("nan"), "seconds": 12.0}
-    units = {"mAP_std": "fraction", "mAP*": "fraction", "gain": "points", "chance": "fraction", "*": "s"}
+    numbers = {"mAP_std": 2.0, "mAP": 0.61, "gain": -0.4, "chance": float("nan"), "seconds": 12.0}
+    units = {"mAP_std": "points", "mAP*": "fraction", "gain": "points", "chance": "fraction", "*": "s"}
     check_units(numbers, units)  # NaN (no value) passes the range check
     res = json.loads(write_chapter_results("demo", {"profile": "smoke"}, numbers, units=units).read_text())
     assert res["units"] == [list(kv) for kv in units.items()]  # a list: the order decides, json sorts dict keys
     assert set(res["unit_meanings"]) == {"fraction", "points", "s"}
-    assert unit_of("seconds", dict(res["units"])) == "s" and unit_of("mAP", dict(res["units"])) == "fraction"
+    read = dict(res["units"])
+    assert unit_of("seconds", read) == "s" and unit_of("mAP", read) == "fraction"
+    assert unit_of("mAP_std", read) == "points"  # the first pattern wins over the later "mAP*"
