@@ -194,15 +194,14 @@ def row_scale(stored: str | None, shown: str) -> float:
     raise ValueError(f"a number stored in unit {stored!r} cannot be shown in unit {shown!r}")
 
 
-def _fits(key: str, units: Mapping[str, str], shown: str) -> bool:
-    """Whether ``key``'s stored unit can be shown in the row unit ``shown`` (:func:`row_scale`)."""
+def _scale(key: str, units: Mapping[str, str], shown: str) -> float | None:
+    """:func:`row_scale` of ``key``'s stored unit to the row unit ``shown``, or None where the two do not fit."""
     from mlic_lib.reporting import unit_of
 
     try:
-        row_scale(unit_of(key, units), shown)
+        return row_scale(unit_of(key, units), shown)
     except ValueError:
-        return False
-    return True
+        return None
 
 
 def _fmt(x: float, unit: str) -> str:
@@ -259,7 +258,8 @@ def reproduction_page(results: Path, published: Path) -> str:
         for row in rows:
             unit = row.get("unit", "")
             value, std = flat.get(row["key"]), flat.get(row.get("std"))
-            misfit = [k for k in (row["key"], row.get("std")) if k in flat and not _fits(k, units, unit)]
+            scale = {k: _scale(k, units, unit) for k in (row["key"], row.get("std")) if k in flat}
+            misfit = [k for k, f in scale.items() if f is None]
             if value is None:
                 ours = "not computed in this build"
             elif not units:
@@ -267,9 +267,9 @@ def reproduction_page(results: Path, published: Path) -> str:
             elif misfit:
                 ours = f"{misfit[0]} is stored in unit {unit_of(misfit[0], units)!r}, not {unit!r}"
             else:
-                ours = _fmt(row_scale(unit_of(row["key"], units), unit) * value, unit)
+                ours = _fmt(scale[row["key"]] * value, unit)
                 if std is not None and std == std:  # NaN (one seed) shows no spread
-                    ours += f" ± {_fmt(row_scale(unit_of(row['std'], units), unit) * std, unit)}"
+                    ours += f" ± {_fmt(scale[row['std']] * std, unit)}"
             paper = row.get("published")
             lines.append(f"| {row['label']} | {row.get('unit', '')} | {ours} | {'-' if paper is None else paper} |")
         lines.append("")
