@@ -100,13 +100,12 @@ def check_units(numbers: Mapping[str, Any], units: Mapping[str, str]) -> None:
     bad = {pat: u for pat, u in units.items() if u not in UNITS}
     if bad:
         raise ValueError(f"unknown unit(s) {bad}; use one of {sorted(UNITS)}")
-    flat = list(flatten_numbers(numbers))
-    missing = [k for k, _ in flat if unit_of(k, units) is None]
+    flat = [(k, v, unit_of(k, units)) for k, v in flatten_numbers(numbers)]
+    missing = [k for k, _, u in flat if u is None]
     if missing:
         raise ValueError(f"no unit for {missing[:8]}{' ...' if len(missing) > 8 else ''}: add a pattern that matches "
                          "these keys to the chapter's units")
-    out = [(k, v, u) for k, v in flat if (u := unit_of(k, units)) in _UNIT_BOUND
-           and np.isfinite(v) and abs(v) > _UNIT_BOUND[u]]
+    out = [(k, v, u) for k, v, u in flat if u in _UNIT_BOUND and np.isfinite(v) and abs(v) > _UNIT_BOUND[u]]
     if out:
         shown = ", ".join(f"{k} = {v:g} ({u})" for k, v, u in out[:8])
         raise ValueError(f"value(s) outside their unit's range: {shown}; is the unit right (a fraction in [0, 1] "

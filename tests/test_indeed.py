@@ -378,6 +378,11 @@ def test_indeed_data_single_label_test_and_downsample():
     np.testing.assert_array_equal(indeed.downsample(x, 2)[0, 0], [[200, 0], [0, 0]])
 
 
+def _as_set(images) -> set[bytes]:
+    """A stack of images as a set of their bytes (to compare pools image by image)."""
+    return {x.tobytes() for x in images}
+
+
 def _cell_digits(canvases) -> set[bytes]:
     """The 28x28 digit images in the occupied cells of ML-MNIST canvases, as bytes."""
     blocks = canvases.images[:, 0].reshape(len(canvases), 3, 28, 3, 28).transpose(0, 1, 3, 2, 4).reshape(-1, 9, 28, 28)
@@ -389,16 +394,15 @@ def test_validation_data_holds_out_training_digits_and_never_draws_a_test_digit(
 
     (fit, fit_y), (val, val_y) = indeed.validation_pools()
     train, test = digit_pool("train"), digit_pool("test")
-    as_set = lambda a: {x.tobytes() for x in a}  # noqa: E731
-    assert len(fit) + len(val) == len(train[0]) and not as_set(fit) & as_set(val)
-    assert as_set(val) <= as_set(train[0]) and not as_set(val) & as_set(test[0])
+    assert len(fit) + len(val) == len(train[0]) and not _as_set(fit) & _as_set(val)
+    assert _as_set(val) <= _as_set(train[0]) and not _as_set(val) & _as_set(test[0])
     assert np.bincount(val_y, minlength=10).min() > 0
     assert abs(len(val) / len(train[0]) - indeed.VALIDATION_FRACTION) < 0.01
     d = indeed.indeed_data({"n_train": 40, "n_test": 30}, 3, validation=True)
-    assert _cell_digits(d.test) <= as_set(val) and _cell_digits(d.train) <= as_set(fit)
+    assert _cell_digits(d.test) <= _as_set(val) and _cell_digits(d.train) <= _as_set(fit)
     assert (d.test.targets.sum(1) == 1).all()
     plain = indeed.indeed_data({"n_train": 40, "n_test": 30}, 3)
-    assert _cell_digits(plain.test) <= as_set(test[0]) and plain.fingerprint() != d.fingerprint()
+    assert _cell_digits(plain.test) <= _as_set(test[0]) and plain.fingerprint() != d.fingerprint()
 
 
 def test_lambda_sweep_trains_and_scores_on_the_validation_data(monkeypatch):
@@ -413,9 +417,8 @@ def test_lambda_sweep_trains_and_scores_on_the_validation_data(monkeypatch):
     recs = indeed.lambda_sweep(settings, [0.1, 1.0], [2], [0])
     assert sorted({r["lam"] for r in recs if r["lam"] is not None}) == [0.1, 1.0] and len(seen) == 3
     (fit, _), (val, _) = indeed.validation_pools()
-    as_set = lambda a: {x.tobytes() for x in a}  # noqa: E731
     for datasets in seen:
-        assert _cell_digits(datasets[2].test) <= as_set(val) and _cell_digits(datasets[2].train) <= as_set(fit)
+        assert _cell_digits(datasets[2].test) <= _as_set(val) and _cell_digits(datasets[2].train) <= _as_set(fit)
 
 
 # ------------------------------------------------------------------------------------- models
