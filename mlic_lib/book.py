@@ -49,7 +49,11 @@ def execute_notebook(src: Path, dst: Path, profile: str, parameters: dict | None
     import logging
 
     import papermill as pm
+    from traitlets.config import Config
 
+    # the kernel talks over Unix sockets where there are some (no TCP ports on localhost, no "TCP without
+    # encryption" warning from ipykernel); Windows keeps jupyter_client's TCP default
+    transport = Config({"KernelManager": {"transport": "ipc"}}) if os.name == "posix" else Config()
     logger, handler, level = logging.getLogger("papermill"), None, None
     if log_output:  # papermill logs the cells' output at INFO; shown for this run only
         handler, level = logging.StreamHandler(sys.stderr), logger.level
@@ -63,7 +67,7 @@ def execute_notebook(src: Path, dst: Path, profile: str, parameters: dict | None
         pm.execute_notebook(  # progress: an explicit disable=False, which wins over the book's TQDM_DISABLE
             str(src), str(running), parameters={"profile": profile, **(parameters or {})}, kernel_name=kernel,
             cwd=str(src.parent), progress_bar={"disable": False} if progress else False, log_output=log_output,
-            execution_timeout=timeout, report_mode=False,
+            execution_timeout=timeout, report_mode=False, config=transport,
         )
     except BaseException:
         if running.exists():
