@@ -395,7 +395,11 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
                     device: torch.device, *, scheduler=None, scaler=None, autocast=None, ema=None,
                     grad_clip: float | None = None, channels_last: bool = False, progress=None,
                     log_every: int = 20) -> dict[str, float]:
-    """One pass over ``loader``; returns the mean loss and the mean of every float the step logged."""
+    """One pass over ``loader``; returns the mean loss and the mean of every float the step logged.
+
+    A non-finite loss is a :class:`FloatingPointError`: checked on the device every ``log_every`` steps (a host
+    sync) and, for the steps in between, through the epoch's mean at the end (the sync the mean needs anyway), so a
+    NaN never reaches a checkpoint or a history."""
     model.train()
     autocast = autocast or contextlib.nullcontext()
     total = torch.zeros((), device=device)
@@ -439,6 +443,10 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
     if n == 0:
         raise ValueError("the training loader yielded no batch: is the training set empty?")
     out = {"loss": (total / n).item()}
+    if not math.isfinite(out["loss"]):
+        raise FloatingPointError(f"the loss was not finite at some step of this epoch (mean {out['loss']}; "
+                                 f"checked every {log_every} steps and at the end): lower the learning rate or check "
+                                 "the inputs")
     out.update({k: (v / n).item() for k, v in sums.items()})
     return out
 

@@ -534,6 +534,18 @@ def test_bad_configs_and_inputs(small_scenes):
                                                          "log_every": 1}), progress=False)
 
 
+def test_a_nan_loss_between_logged_steps_stops_the_epoch_and_writes_no_checkpoint(small_scenes, tmp_path):
+    """A NaN at a step the ``log_every`` check skips is caught by the epoch's mean: no history, no checkpoint."""
+    train = small_scenes[0]
+    x, y = torch.as_tensor(train.images[:16]).float() / 255, torch.as_tensor(train.targets[:16]).float()
+    # a loader in a fixed order; a NaN batch at step 1, which log_every 20 does not check (it checks step 0)
+    batches = [(x[:8], y[:8]), (torch.full_like(x[8:], float("nan")), y[8:]), (x[:8], y[:8])]
+    with pytest.raises(FloatingPointError, match="not finite at some step of this epoch"):
+        fit(_model(), batches, None, TrainConfig.from_dict({**CFG, "epochs": 1, "log_every": 20}),
+            run_dir=tmp_path / "run", progress=False)
+    assert not any((tmp_path / "run").glob("*.pt"))
+
+
 @pytest.mark.parametrize("total_steps", [1, 2, 3, 4, 7])
 def test_onecycle_survives_tiny_runs(total_steps):
     from mlic_lib.engine import build_scheduler
