@@ -112,6 +112,11 @@ class AssocFormerLoss(nn.Module):
     def forward(self, logits: Tensor, targets: Tensor, A: Tensor | None = None, mask: Tensor | None = None):
         asl = asymmetric_loss(logits.float(), targets, gamma_pos=self.gamma_pos, gamma_neg=self.gamma_neg,
                               clip=self.clip, mask=mask, reduction=self.reduction)
+        if A is not None and (not isinstance(A, Tensor) or A.shape != (logits.shape[0], *logits.shape[-1:] * 2)):
+            b, c = logits.shape[0], logits.shape[-1]
+            raise ValueError(f"A must hold one (C, C) association matrix per image, shape (B, C, C) = ({b}, {c}, {c}) "
+                             f"for logits {tuple(logits.shape)}; got {tuple(getattr(A, 'shape', ()))} "
+                             f"({type(A).__name__}). Pass the model's A of this batch, or A=None for no regulariser")
         if A is None or self.norm == "none" or self.theta == 0:
             reg = asl.new_zeros(())
         else:

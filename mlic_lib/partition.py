@@ -259,9 +259,10 @@ def check_partition(subsets: Sequence[Sequence[int]], num_classes: int) -> None:
     allidx = np.concatenate([np.asarray(s, dtype=np.int64).ravel() for s in subsets]) if len(subsets) else np.array([])
     if any(len(s) == 0 for s in subsets):
         raise ValueError("a category subset is empty: every sub-task needs at least one class (lower k)")
-    counts = np.bincount(allidx.astype(np.int64), minlength=num_classes) if allidx.size else np.zeros(num_classes)
     if allidx.size and (allidx.min() < 0 or allidx.max() >= num_classes):
-        raise ValueError(f"class indices must be in 0..{num_classes - 1}")
+        bad = sorted({int(i) for i in allidx if not 0 <= i < num_classes})
+        raise ValueError(f"class indices must be in 0..{num_classes - 1}; got {bad}")
+    counts = np.bincount(allidx.astype(np.int64), minlength=num_classes) if allidx.size else np.zeros(num_classes)
     if (counts != 1).any():
         missing = np.flatnonzero(counts == 0).tolist()
         dup = np.flatnonzero(counts > 1).tolist()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -148,6 +150,15 @@ def test_regularizer_bad_inputs():
         association_regularizer(torch.rand(2, 3, 4), "l2")
     with pytest.raises(ValueError, match="theta"):
         AssocFormerLoss(theta=-1.0)
+    with pytest.raises(ValueError, match="regularizer"):
+        AssocFormerLoss(norm="l3")
+    with pytest.raises(ValueError, match="reduction"):
+        AssocFormerLoss(reduction="max")
+    logits, y = torch.randn(4, 5), (torch.rand(4, 5) > 0.5).float()
+    for A in (torch.rand(2, 7, 7), torch.rand(4, 7, 7), torch.rand(5, 5), torch.rand(4, 5, 4)):  # not (4, 5, 5)
+        with pytest.raises(ValueError, match=r"shape \(B, C, C\) = \(4, 5, 5\) for logits \(4, 5\); got "
+                                             + re.escape(str(tuple(A.shape)))):
+            AssocFormerLoss()(logits, y, A)
 
 
 def test_loss_is_asl_plus_theta_r():
@@ -174,11 +185,13 @@ def test_loss_is_asl_plus_theta_r():
 
 
 def test_gcn_head_shapes_and_adjacency():
-    cond = np.array([[1.0, 0.6, 0.1], [0.5, 1.0, 0.0], [0.2, 0.0, 1.0]])
+    # P(j|i) asymmetric: 0 implies 1 and 2, 1 implies nothing, 2 implies 0
+    cond = np.array([[1.0, 0.6, 0.5], [0.1, 1.0, 0.0], [0.45, 0.0, 1.0]])
     adj = mlgcn_adjacency(cond, tau=0.4, p=0.2)
-    a = np.array([[0.8, 0.2, 0.0], [0.2, 0.8, 0.0], [0.0, 0.0, 1.0]])
-    d = a.sum(1)
-    assert np.allclose(adj, a / np.sqrt(np.outer(d, d)), atol=1e-6)
+    # ML-GCN Eq. 7 (A_ij = 1[P(j|i) >= tau]) and Eq. 8 (p spread over the neighbours, 1 - p kept) written out;
+    # its rows sum to 1, so D^-1/2 A D^-1/2 leaves it as it is
+    a = np.array([[0.8, 0.1, 0.1], [0.0, 1.0, 0.0], [0.2, 0.0, 0.8]])
+    assert np.allclose(adj, a, atol=1e-6) and not np.allclose(adj, adj.T)
     head = GCNHead(3, 8, adj, in_dim=10)
     L = torch.randn(5, 8, requires_grad=True)
     out = head(L)

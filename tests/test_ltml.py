@@ -132,6 +132,14 @@ def test_compensation_identity_equals_weighted_bce_and_reference_eq6():
     assert ltml.compensated_bce(u, y, pw, nw, mp, sp, mn, sn).item() == pytest.approx(ref.item(), rel=1e-5)
     with pytest.raises(ValueError, match="one value per class"):
         ltml.compensated_bce(u, y, pw, nw, torch.zeros(5), sp, mn, sn)
+    y_bad = y.clone()
+    y_bad[0, 0] = -1.0  # a VOC "difficult" label: Eq. 4 and Eq. 6 refuse it alike
+    for loss in (lambda t: ltml.compensated_bce(u, t, pw, nw, mp, sp, mn, sn),
+                 lambda t: ltml.weighted_bce_eq4(u, t, pw, nw)):
+        with pytest.raises(ValueError, match=r"targets must lie in \[0, 1\]"):
+            loss(y_bad)
+        with pytest.raises(ValueError, match="same shape"):
+            loss(y[:, :5])
 
 
 def test_gradients_reach_mu_and_sigma():

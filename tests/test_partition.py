@@ -131,6 +131,9 @@ def test_bad_inputs_raise_clear_errors():
         P.check_partition([[0, 1], [1]], 3)
     with pytest.raises(ValueError, match="empty"):
         P.check_partition([[0, 1], []], 2)
+    for bad, named in (([[0, -1], [1, 2]], "-1"), ([[0, 3], [1, 2]], "3")):  # before numpy's bincount sees them
+        with pytest.raises(ValueError, match=rf"class indices must be in 0\.\.2; got \[{named}\]"):
+            P.check_partition(bad, 3)
     with pytest.raises(ValueError, match="zero diagonal.*nums"):
         P.similarity_matrix(np.zeros((3, 3)))
     with pytest.raises(ValueError, match="either counts"):

@@ -30,6 +30,10 @@ def mlgcn_adjacency(cond: np.ndarray, tau: float = 0.4, p: float = 0.2) -> np.nd
 
     Binarise at ``tau``, re-weight so a node keeps ``1 - p`` of itself and spreads ``p`` over its
     neighbours, then normalise ``D^-1/2 A D^-1/2`` (``D`` = row sums). Returns a float32 (C, C) array.
+    Row ``i`` holds the classes ``j`` with ``P(j|i) >= tau``, so the GCN's ``A_hat X`` gathers into class ``i``
+    from the classes it implies (not symmetric in general). Every row of Eq. 8's matrix sums to 1 (a class with no
+    neighbour keeps 1 on its diagonal), so the symmetric normalisation of the GCN layer changes nothing here; it is
+    applied as the GCN's ``A_hat`` is defined.
     """
     cond = np.asarray(cond, dtype=np.float64)
     if cond.ndim != 2 or cond.shape[0] != cond.shape[1]:
