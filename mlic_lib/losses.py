@@ -67,6 +67,9 @@ def _prepare(
     if not logits.is_floating_point():
         raise ValueError(f"logits must be a floating-point tensor; got dtype {logits.dtype}")
     _check_reduction(reduction)
+    if reduction == "mean" and logits.numel() == 0:
+        raise ValueError(f"logits of shape {tuple(logits.shape)} hold no entry: the mean over an empty batch is "
+                         "undefined (NaN). Skip empty batches, or use reduction='sum'")
     targets = targets.to(dtype=logits.dtype)
     if mask is not None:
         if not isinstance(mask, Tensor):
@@ -76,6 +79,11 @@ def _prepare(
                 f"mask must have the same shape as logits; got mask {tuple(mask.shape)} and logits "
                 f"{tuple(logits.shape)} (one bool per entry, False = ignore)"
             )
+        if (mask.dtype != torch.bool and mask.device.type == "cpu" and not torch.compiler.is_compiling()
+                and not bool(((mask == 0) | (mask == 1)).all())):
+            raise ValueError(f"mask must be bool (or 0/1): True = the entry counts, False = ignore it; got dtype "
+                             f"{mask.dtype} with values such as {mask[(mask != 0) & (mask != 1)][0].item()!r}. A "
+                             "weight per entry is weighted_bce's pos_weight/neg_weight, not a mask")
         mask = mask.to(device=logits.device, dtype=torch.bool)
     if targets.device.type == "cpu" and not torch.compiler.is_compiling():
         bad = ~((targets >= 0) & (targets <= 1))  # NaN too
@@ -331,8 +339,9 @@ def _as_weight(weight: Tensor | float | None, name: str, logits: Tensor) -> Tens
     w = torch.as_tensor(weight, dtype=logits.dtype, device=logits.device)
     n_classes = logits.shape[-1] if logits.ndim else 1
     if w.ndim == 0 or w.shape == logits.shape or (w.ndim == 1 and w.shape[0] == n_classes):
-        if w.device.type == "cpu" and not torch.compiler.is_compiling() and not bool((w >= 0).all()):
-            raise ValueError(f"{name} must be >= 0 (a weight of a loss term); got a minimum of {w.min().item()}")
+        if w.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(((w >= 0) & w.isfinite()).all()):
+            bad = w[~((w >= 0) & w.isfinite())].flatten()[0].item()
+            raise ValueError(f"{name} must be finite and >= 0 (a weight of a loss term); got {bad!r}")
         return w
     raise ValueError(
         f"{name} must be a scalar, a per-class vector of shape ({n_classes},) or a per-entry tensor of "
@@ -365,7 +374,7 @@ def weighted_bce(
         Same shape, values in ``[0, 1]``.
     pos_weight, neg_weight : torch.Tensor, float or None
         ``w+`` and ``w-``: a scalar, a per-class ``(C,)`` vector or a per-entry ``(N, C)`` tensor;
-        ``None`` means 1. Not checked for sign.
+        ``None`` means 1. Must be finite and ``>= 0`` (checked when on the CPU).
     mask : torch.Tensor, optional
         Same shape, bool; ``False`` entries contribute nothing.
     reduction : {'mean', 'sum', 'none'}, default 'mean'

@@ -250,9 +250,11 @@ def paired_bootstrap(a, b, n_boot: int = 2000, level: float = 0.95, seed: int = 
     """Mean of ``a - b`` over paired items (e.g. one value per test image for two models) with its percentile
     bootstrap interval at ``level``: ``(mean, lo, hi)``. The items are resampled with replacement ``n_boot``
     times from a generator seeded with ``seed``, so each call is reproducible on its own."""
-    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
-    if d.ndim != 1 or len(d) < 2:
-        raise ValueError(f"a and b must be paired 1-d sequences of at least 2 values, got shape {d.shape}")
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.ndim != 1 or a.shape != b.shape or len(a) < 2:
+        raise ValueError(f"a and b must be paired 1-d sequences of the same length, at least 2 values (one per item "
+                         f"for each model); got shapes {a.shape} and {b.shape}")
+    d = a - b
     if not np.isfinite(d).all():
         raise ValueError(f"a and b must be finite; {int((~np.isfinite(d)).sum())} of the {len(d)} pairs are NaN or "
                          "infinite: drop those items first")

@@ -330,9 +330,26 @@ def test_targets_outside_0_1_are_an_error_on_a_cpu(loss_fn, bad, shown):
     loss_fn(logits, targets, mask=mask)  # a masked entry may hold a placeholder: it counts for nothing
 
 
-def test_weighted_bce_refuses_negative_weights_in_the_function_too():
+def test_weighted_bce_refuses_negative_or_non_finite_weights_in_the_function_too():
     logits, targets, _ = _data(14, n=4, c=3)
-    with pytest.raises(ValueError, match=r"pos_weight must be >= 0 .*minimum of -1.0"):
+    with pytest.raises(ValueError, match=r"pos_weight must be finite and >= 0 .*got -1.0"):
         weighted_bce(logits, targets, pos_weight=-torch.ones(3))
-    with pytest.raises(ValueError, match=r"neg_weight must be >= 0"):
+    with pytest.raises(ValueError, match=r"neg_weight must be finite and >= 0"):
         weighted_bce(logits, targets, neg_weight=-0.5)
+    for bad in (float("inf"), float("nan")):  # an inf weight gave an inf loss; WeightedBCE refused it already
+        with pytest.raises(ValueError, match=rf"neg_weight must be finite and >= 0 .*got {bad}"):
+            weighted_bce(logits, targets, neg_weight=torch.tensor([1.0, bad, 1.0]))
+
+
+@pytest.mark.parametrize("loss_fn", [bce_with_logits, asymmetric_loss, weighted_bce])
+def test_an_empty_batch_or_a_non_binary_mask_is_an_error_and_an_all_masked_batch_is_zero(loss_fn):
+    with pytest.raises(ValueError, match=r"shape \(0, 3\) hold no entry.*empty batch"):
+        loss_fn(torch.zeros(0, 3), torch.zeros(0, 3), reduction="mean")
+    assert loss_fn(torch.zeros(0, 3), torch.zeros(0, 3), reduction="sum").item() == 0.0
+    logits, targets, _ = _data(15, n=4, c=3)
+    with pytest.raises(ValueError, match=r"mask must be bool \(or 0/1\).*values such as 2.0"):
+        loss_fn(logits, targets, mask=torch.full((4, 3), 2.0))
+    ones = loss_fn(logits, targets, mask=torch.ones(4, 3))  # a 0/1 float mask means what the bool one does
+    assert torch.equal(ones, loss_fn(logits, targets, mask=torch.ones(4, 3, dtype=torch.bool)))
+    none = loss_fn(logits, targets, mask=torch.zeros(4, 3, dtype=torch.bool))
+    assert none.item() == 0.0  # nothing counts: 0, not NaN

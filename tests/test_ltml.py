@@ -68,6 +68,12 @@ def test_samplers_deterministic_and_errors():
         ClassAwareSampler(np.zeros(4))
     with pytest.raises(ValueError, match="samples_per_class"):
         ClassAwareSampler(t, samples_per_class=0)
+    for n in (0, -3):  # 0 used to mean "the default length"
+        with pytest.raises(ValueError, match=rf"num_samples must be positive \(indices per epoch\), got {n}"):
+            UniformSampler(10, num_samples=n)
+        with pytest.raises(ValueError, match=rf"num_samples must be positive \(indices per epoch\), got {n}"):
+            ClassAwareSampler(t, num_samples=n)
+    assert len(UniformSampler(10)) == 10 and len(ClassAwareSampler(t)) == len(t)  # None: one pass
     assert len(ClassAwareSampler(t, num_samples="db")) == int(t.sum(0).max() * t.shape[1] / 4)
 
 

@@ -63,7 +63,9 @@ class UniformSampler:
         if n < 1:
             raise ValueError(f"n must be positive (the number of training images), got {n}")
         self.n = int(n)
-        self.num_samples = int(num_samples or n)
+        self.num_samples = int(n if num_samples is None else num_samples)
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples must be positive (indices per epoch), got {num_samples}; None = n")
         self.seed = seed
 
     def __len__(self) -> int:
@@ -109,9 +111,10 @@ class ClassAwareSampler:
             num_samples = int(max(len(m) for m in self.class_members) * t.shape[1] / reduce)
         elif isinstance(num_samples, str):
             raise ValueError(f"num_samples must be an int, None or 'db', got {num_samples!r}")
-        self.num_samples = int(num_samples or len(t))
+        self.num_samples = int(len(t) if num_samples is None else num_samples)
         if self.num_samples < 1:
-            raise ValueError(f"num_samples must be positive, got {self.num_samples}")
+            raise ValueError(f"num_samples must be positive (indices per epoch), got {self.num_samples}; None = the "
+                             "number of images, 'db' = the DB-loss epoch length")
         self.samples_per_class = int(samples_per_class)
         self.seed = seed
 
