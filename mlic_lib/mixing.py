@@ -396,6 +396,12 @@ class Mosaic:
         if boxes is None or boxes.ndim != 3 or boxes.shape[0] != B or boxes.shape[2] != 5:
             raise ValueError(f"Mosaic needs boxes (B={B}, K, 5) with rows (class, x0, y0, x1, y1); got "
                              f"{None if boxes is None else tuple(boxes.shape)} (build them with pad_boxes)")
+        if boxes.device.type == "cpu" and boxes.numel():  # checked where it costs no device sync
+            cls = boxes[..., 0]
+            if bool(((cls < -1) | (cls >= y.shape[1]) | (cls != cls.round())).any()):
+                bad = cls[(cls < -1) | (cls >= y.shape[1]) | (cls != cls.round())][0].item()
+                raise ValueError(f"box classes must be whole numbers in 0..{y.shape[1] - 1} (or -1 = padding, as "
+                                 f"pad_boxes writes), the columns of y; got {bad!r}")
         lo, hi = self.center_range
         cy = int(round(H * (lo + (hi - lo) * _rand(generator))))
         cx = int(round(W * (lo + (hi - lo) * _rand(generator))))

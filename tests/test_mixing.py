@@ -131,6 +131,15 @@ def test_determinism_with_seed_and_generator():
         torch.manual_seed(7)
         r2 = mixer(x, y)
         assert torch.equal(r1.x, r2.x) and torch.equal(r1.y, r2.y)
+    boxes = pad_boxes([np.array([[i % 4, 2, 2, 12, 12]]) for i in range(16)])
+    for mixer in (Mixup(), CutMix(), SpliceMix(), BatchAugmentation(), Mosaic()):
+        call = (lambda g, m=mixer: m(x, y, boxes, generator=g)) if isinstance(mixer, Mosaic) else (
+            lambda g, m=mixer: m(x, y, generator=g))
+        state = torch.get_rng_state()
+        r5 = call(torch.Generator().manual_seed(5))
+        assert torch.equal(state, torch.get_rng_state()), f"{mixer!r} drew from the global RNG despite a generator"
+        assert torch.equal(r5.x, call(torch.Generator().manual_seed(5)).x)
+        assert not torch.equal(r5.x, call(torch.Generator().manual_seed(6)).x), f"{mixer!r} ignores its generator"
 
 
 def test_bad_inputs_raise_clear_errors():
@@ -192,6 +201,16 @@ def test_cl_loss_zero_when_cells_agree_and_reference_formula():
     torch.testing.assert_close(bce, entropy)  # Eq. 6 at agreement = entropy of the target
     bce.backward()
     assert cells.grad.abs().max() < 1e-7  # ... and it is its minimum
+    # away from agreement, with a dropped cell: Eq. 6 and its KL form written out per entry, and the normaliser
+    lay = _layout(drop=(0, 1))
+    cells = torch.randn(3, 4, 7)
+    p, q, keep = torch.sigmoid(reg[lay.sources]), torch.sigmoid(cells), lay.keep[..., None].expand(3, 4, 7)
+    bce_ref = -(p * q.log() + (1 - p) * (1 - q).log())[keep].mean()
+    kl_ref = (p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log())[keep].mean()
+    torch.testing.assert_close(consistency_loss(cells, reg, lay, form="bce"), bce_ref)
+    torch.testing.assert_close(consistency_loss(cells, reg, lay, form="kl"), kl_ref)
+    assert kl_ref > 0.05
+    torch.testing.assert_close(consistency_loss(cells, reg, lay, normaliser=10.0), bce_ref * keep.sum() / 10.0)
 
 
 def test_cl_loss_gradients_with_and_without_detach_and_dropped_cells_masked():
@@ -327,6 +346,11 @@ def test_mosaic_labels_from_boxes():
         expect[[j, 6 + int(srcs[3, j])]] = 1  # TL shows source j's bottom-right, BR shows srcs[3]'s top-left
         assert torch.equal(res.y[j], expect)
         assert res.x[j, 0, 0, 0] == j and res.x[j, 0, 7, 7] == srcs[3, j] and res.x[j, 0, 0, 7] == srcs[1, j]
+    for bad in (C, -2, 1.5):  # torch's one_hot said "Class values must be smaller than num_classes"
+        wrong = pad_boxes(boxes).double()
+        wrong[2, 0, 0] = bad
+        with pytest.raises(ValueError, match=rf"box classes must be whole numbers in 0\.\.{C - 1}.*got {bad}"):
+            Mosaic()(x, y, wrong)
 
 
 def test_batch_augmentation_shapes():
