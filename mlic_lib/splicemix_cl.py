@@ -319,11 +319,17 @@ def time_steps(models: Mapping[str, nn.Module], steps: Mapping[str, Callable], b
                rounds: int = 10, warmup: int = 2, lr: float = 1e-3) -> dict[str, list[float]]:
     """Seconds of one training iteration of each method (Table II, compute only): its step (mixing, forward,
     loss), the backward pass and an SGD update of its own model, on the same regular ``batch`` (``[x, y,
-    index]`` on ``device``). Methods are interleaved round by round, after ``warmup`` untimed rounds, so a change
-    of machine load hits them all alike; returns ``{method: [seconds per round]}`` (take the median). On a GPU
-    each iteration is synchronised before it is timed; that wait is the measurement here, not a needless sync."""
+    index]`` on ``device``), or on its own one where ``batch`` maps each method to a batch (Table II keeps the
+    *final* batch size: SpliceMix reads 28 images and adds 4 mixed ones where the others read 32). Methods are
+    interleaved round by round, after ``warmup`` untimed rounds, so a change of machine load hits them all alike;
+    returns ``{method: [seconds per round]}`` (take the median). On a GPU each iteration is synchronised before it
+    is timed; that wait is the measurement here, not a needless sync."""
     if set(models) != set(steps):
         raise ValueError(f"models and steps must name the same methods, got {sorted(models)} and {sorted(steps)}")
+    batches = dict(batch) if isinstance(batch, Mapping) else {m: batch for m in models}
+    if set(batches) != set(models):
+        raise ValueError(f"a batch per method must name the methods of models, got {sorted(batches)} and "
+                         f"{sorted(models)}")
     if rounds < 1 or warmup < 0:
         raise ValueError(f"need rounds >= 1 and warmup >= 0, got rounds={rounds}, warmup={warmup}")
     opts = {m: torch.optim.SGD(models[m].parameters(), lr=lr, momentum=0.9) for m in models}
@@ -333,7 +339,7 @@ def time_steps(models: Mapping[str, nn.Module], steps: Mapping[str, Callable], b
         models[m].train()
         sync()
         t0 = time.perf_counter()
-        loss, _ = steps[m](models[m], batch, device)
+        loss, _ = steps[m](models[m], batches[m], device)
         opts[m].zero_grad(set_to_none=True)
         loss.backward()
         opts[m].step()

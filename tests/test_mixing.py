@@ -548,3 +548,16 @@ def test_time_steps_times_every_method_for_each_round_and_trains_its_own_model()
         time_steps(models, {"baseline": steps["baseline"]}, batch, dev)
     with pytest.raises(ValueError, match="rounds"):
         time_steps(models, steps, batch, dev, rounds=0)
+    seen = {}
+
+    def sized(m):  # records the batch each method's step received
+        def step(model, b, device):
+            seen[m] = len(b[0])
+            return steps[m](model, b, device)
+        return step
+
+    own = {"baseline": batch, "splicemix": [t[:6] for t in batch]}  # Table II: 6 read + 2 mixed = the baseline's 8
+    time_steps(models, {m: sized(m) for m in models}, own, dev, rounds=1, warmup=0)
+    assert seen == {"baseline": 8, "splicemix": 6}
+    with pytest.raises(ValueError, match="a batch per method must name the methods"):
+        time_steps(models, steps, {"baseline": batch}, dev)
