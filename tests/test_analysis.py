@@ -313,6 +313,7 @@ def test_class_bars_sorts_colours_and_labels_groups(styled):
     bars = ax.patches
     assert [b.get_height() for b in bars] == [3.0, 3.0, 2.0, 1.0]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["b", "d", "c", "a"]
+    assert ax.get_xlabel() == "class (sorted by value, highest first)"
     assert bars[0].get_facecolor() == to_rgba(OKABE_ITO[1]) and bars[1].get_facecolor() == to_rgba(OKABE_ITO[2])
     legend = ax.get_legend()
     assert [t.get_text() for t in legend.get_texts()] == ["super-category 0", "super-category 1", "super-category 2"]

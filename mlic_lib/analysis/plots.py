@@ -78,6 +78,7 @@ def class_bars(ax, values: np.ndarray, labels: Sequence[str], groups: np.ndarray
     ax.bar(range(len(order)), values[order], color=None if groups is None else [colour(groups[i]) for i in order])
     ax.set_xticks(range(len(order)), [labels[i] for i in order], rotation=90, fontsize=7)
     ax.set_ylabel(ylabel)
+    ax.set_xlabel("class (sorted by value, highest first)" if sort else "class")
     ax.set_xlim(-0.6, len(order) - 0.4)
     if groups is not None and legend:
         present = sorted({int(g) for g in groups})
