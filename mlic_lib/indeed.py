@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import pickle
 import struct
 from collections.abc import Mapping, Sequence
@@ -95,8 +96,11 @@ __all__ = [
     "downsample",
     "identical_map",
     "indeed_data",
+    "choose_lambda",
     "lambda_for",
     "lambda_sweep",
+    "lambda_sweep_table",
+    "load_lambda_sweep_record",
     "load_cifar10",
     "load_mnist",
     "loss_on_originals",
@@ -950,3 +954,60 @@ def lambda_sweep(settings: Mapping[str, Any], lams: Sequence[float], n_labels: S
         out += [{**r, "lam": float(lam)} for r in run_methods(s, methods, n_labels, seeds, datasets,
                                                                parallel=parallel, progress=progress)]
     return out
+
+
+#: The sweep that set the default profile's ``indeed.lam``: :func:`lambda_sweep`'s records with how it was run.
+LAMBDA_SWEEP_RECORD = Path(__file__).resolve().parent / "profiles" / "records" / "indeed_lambda_sweep.json"
+
+
+def load_lambda_sweep_record(path: str | Path | None = None) -> dict[str, Any]:
+    """A committed :func:`lambda_sweep` run (default :data:`LAMBDA_SWEEP_RECORD`): ``{"call": its arguments,
+    "ran": date, commit, CPU, ..., "records": [{method, lam, N, seed, mAP}, ...]}``."""
+    p = Path(path) if path is not None else LAMBDA_SWEEP_RECORD
+    rec = json.loads(p.read_text())
+    missing = sorted({"call", "ran", "records"} - set(rec)) if isinstance(rec, dict) else ["call", "ran", "records"]
+    if missing:
+        raise ValueError(f"{p} is not a lambda-sweep record: it lacks {missing}")
+    return rec
+
+
+def lambda_sweep_table(records: Sequence[Mapping[str, Any]]):
+    """Validation mAP (%) of :func:`lambda_sweep`'s ``records``: one row per ``(method, lam)`` (``"-"`` for the
+    baseline), one column per N (mean over the seeds), then ``mean over N`` (the mean of each seed's mean over N)
+    and ``std over seeds`` (the spread of those per-seed means)."""
+    import pandas as pd
+
+    df = pd.DataFrame([{k: r[k] for k in ("method", "lam", "N", "seed", "mAP")} for r in records])
+    if df.empty:
+        raise ValueError("no lambda-sweep records to tabulate")
+    df["lam"] = df["lam"].astype(object).where(df["lam"].notna(), "-")
+    table = df.pivot_table(index=["method", "lam"], columns="N", values="mAP", aggfunc="mean").mul(100)
+    per_seed = df.groupby(["method", "lam", "seed"])["mAP"].mean().mul(100).unstack("seed")
+    table["mean over N"] = per_seed.mean(axis=1)
+    table["std over seeds"] = per_seed.std(axis=1, ddof=1)
+    return table
+
+
+def choose_lambda(records: Sequence[Mapping[str, Any]]):
+    """The rule behind the default profile's ``indeed.lam``: for each INDeeD variant of ``records``, the ``lam``
+    with the best mean validation mAP over N and seeds. One row per variant: ``lambda``, its ``mean over N (%)``,
+    the ``runner-up`` value, the ``margin (points)`` and ``seeds won`` (seeds where the chosen value's mean over N
+    beats the runner-up's, of how many): a margin that few seeds carry is a fragile choice."""
+    import pandas as pd
+
+    swept = [r for r in records if r["lam"] is not None]
+    if not swept:
+        raise ValueError("no INDeeD records (lam not None) to choose a lambda from")
+    per_seed = pd.DataFrame([{k: r[k] for k in ("method", "lam", "N", "seed", "mAP")} for r in swept])
+    per_seed = per_seed.groupby(["method", "lam", "seed"])["mAP"].mean().mul(100)  # each seed's mean over N
+    rows = {}
+    for method, g in per_seed.groupby(level="method"):
+        means = g.groupby(level="lam").mean().sort_values(ascending=False)
+        if len(means) < 2:
+            raise ValueError(f"{method}: the sweep has one lambda ({means.index[0]}): nothing to choose between")
+        best, second = means.index[0], means.index[1]
+        wins = g.loc[(method, best)] - g.loc[(method, second)]
+        rows[method] = {"lambda": float(best), "mean over N (%)": means.iloc[0], "runner-up": float(second),
+                        "margin (points)": means.iloc[0] - means.iloc[1],
+                        "seeds won": f"{int((wins > 0).sum())} of {len(wins)}"}
+    return pd.DataFrame(rows).T

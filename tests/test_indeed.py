@@ -421,6 +421,46 @@ def test_lambda_sweep_trains_and_scores_on_the_validation_data(monkeypatch):
         assert _cell_digits(datasets[2].test) <= _as_set(val) and _cell_digits(datasets[2].train) <= _as_set(fit)
 
 
+
+def test_choose_lambda_takes_the_best_mean_over_n_and_seeds_and_counts_the_seeds_it_wins():
+    recs = [{"method": "Baseline", "lam": None, "N": n, "seed": s, "mAP": 0.5} for n in (2, 7) for s in (0, 1)]
+    # lam 1.0: 0.80 and 0.60 per seed (mean 0.70); lam 0.1: 0.66 and 0.66 (mean 0.66); one N carries the gap
+    vals = {(1.0, 0): (0.8, 0.8), (1.0, 1): (0.9, 0.3), (0.1, 0): (0.66, 0.66), (0.1, 1): (0.66, 0.66)}
+    recs += [{"method": "INDeeD-L2", "lam": lam, "N": n, "seed": s, "mAP": v[i]}
+             for (lam, s), v in vals.items() for i, n in enumerate((2, 7))]
+    table = indeed.lambda_sweep_table(recs)
+    assert table.loc[("INDeeD-L2", 1.0), 7] == pytest.approx(55.0) and table.loc[("Baseline", "-"), 2] == 50.0
+    assert table.loc[("INDeeD-L2", 1.0), "mean over N"] == pytest.approx(70.0)
+    assert table.loc[("INDeeD-L2", 1.0), "std over seeds"] == pytest.approx(np.std([80.0, 60.0], ddof=1))
+    row = indeed.choose_lambda(recs).loc["INDeeD-L2"]
+    assert row["lambda"] == 1.0 and row["runner-up"] == 0.1 and row["seeds won"] == "1 of 2"
+    assert row["margin (points)"] == pytest.approx(4.0)
+    with pytest.raises(ValueError, match="one lambda"):
+        indeed.choose_lambda([r for r in recs if r["lam"] != 0.1])
+
+
+def test_the_profiles_lambdas_are_the_committed_sweeps_choice():
+    """The default (and smoke) profile's indeed.lam is what choose_lambda gives on the committed record of the
+    sweep that set it (mlic_lib/profiles/records): a new sweep without a profile change, or the reverse, fails."""
+    from mlic_lib.profiles import load_profile
+
+    rec = indeed.load_lambda_sweep_record()
+    assert rec["call"]["profile"] == "indeed/default" and len(rec["call"]["seeds"]) >= 2
+    n_runs = len(rec["call"]["n_labels"]) * len(rec["call"]["seeds"])
+    assert len(rec["records"]) == n_runs * (1 + 2 * len(rec["call"]["lams"]))  # baseline once, two variants per lam
+    chosen = indeed.choose_lambda(rec["records"])["lambda"]
+    for profile in ("default", "smoke"):
+        lam = load_profile("indeed", profile, {})["indeed"]["lam"]
+        assert {indeed.MAIN_METHODS[m]["norm"]: v for m, v in chosen.items()} == lam, profile
+
+
+def test_a_lambda_sweep_record_without_its_parts_is_a_clear_error(tmp_path):
+    bad = tmp_path / "sweep.json"
+    bad.write_text('{"records": []}')
+    with pytest.raises(ValueError, match=r"not a lambda-sweep record: it lacks \['call', 'ran'\]"):
+        indeed.load_lambda_sweep_record(bad)
+
+
 # ------------------------------------------------------------------------------------- models
 def test_models_features_classifier_cam_layer():
     specs = [({"name": "simple_cnn", "widths": [4, 8, 8], "hidden": 16}, 1, 42),
