@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -52,8 +53,12 @@ def execute_notebook(src: Path, dst: Path, profile: str, parameters: dict | None
     from traitlets.config import Config
 
     # the kernel talks over Unix sockets where there are some (no TCP ports on localhost, no "TCP without
-    # encryption" warning from ipykernel); Windows keeps jupyter_client's TCP default
-    transport = Config({"KernelManager": {"transport": "ipc"}}) if os.name == "posix" else Config()
+    # encryption" warning from ipykernel), in a private folder: by default jupyter_client would make them in the
+    # working directory (notebooks/), where a killed run leaves them and two runs may take each other's; Windows
+    # keeps jupyter_client's TCP default
+    ipc_dir = tempfile.mkdtemp(prefix="mlic-kernel-") if os.name == "posix" else None
+    transport = Config({"KernelManager": {"transport": "ipc", "ip": os.path.join(ipc_dir, "kernel")}}) if ipc_dir \
+        else Config()
     logger, handler, level = logging.getLogger("papermill"), None, None
     if log_output:  # papermill logs the cells' output at INFO; shown for this run only
         handler, level = logging.StreamHandler(sys.stderr), logger.level
@@ -77,6 +82,8 @@ def execute_notebook(src: Path, dst: Path, profile: str, parameters: dict | None
         if handler is not None:
             logger.removeHandler(handler)
             logger.setLevel(level)
+        if ipc_dir is not None:
+            shutil.rmtree(ipc_dir, ignore_errors=True)
     running.replace(dst)
     failed.unlink(missing_ok=True)  # a stale failure of an earlier run
     return time.perf_counter() - t0

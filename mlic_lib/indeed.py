@@ -991,8 +991,9 @@ def lambda_sweep_table(records: Sequence[Mapping[str, Any]]):
 def choose_lambda(records: Sequence[Mapping[str, Any]]):
     """The rule behind the default profile's ``indeed.lam``: for each INDeeD variant of ``records``, the ``lam``
     with the best mean validation mAP over N and seeds. One row per variant: ``lambda``, its ``mean over N (%)``,
-    the ``runner-up`` value, the ``margin (points)`` and ``seeds won`` (seeds where the chosen value's mean over N
-    beats the runner-up's, of how many): a margin that few seeds carry is a fragile choice."""
+    the ``runner-up`` value, the ``margin (points)``, ``seeds won`` (seeds where the chosen value's mean over N
+    beats the runner-up's, of how many) and the ``smallest seed margin`` (points; negative where a seed prefers the
+    runner-up): a margin that few seeds carry, or that some carry by hundredths of a point, is a fragile choice."""
     import pandas as pd
 
     swept = [r for r in records if r["lam"] is not None]
@@ -1009,5 +1010,6 @@ def choose_lambda(records: Sequence[Mapping[str, Any]]):
         wins = g.loc[(method, best)] - g.loc[(method, second)]
         rows[method] = {"lambda": float(best), "mean over N (%)": means.iloc[0], "runner-up": float(second),
                         "margin (points)": means.iloc[0] - means.iloc[1],
-                        "seeds won": f"{int((wins > 0).sum())} of {len(wins)}"}
+                        "seeds won": f"{int((wins > 0).sum())} of {len(wins)}",
+                        "smallest seed margin": float(wins.min())}
     return pd.DataFrame(rows).T

@@ -67,7 +67,7 @@ def _prepare(
     if not logits.is_floating_point():
         raise ValueError(f"logits must be a floating-point tensor; got dtype {logits.dtype}")
     _check_reduction(reduction)
-    if reduction == "mean" and logits.numel() == 0:
+    if reduction == "mean" and logits.numel() == 0 and mask is None:  # with a mask: nothing counts, the mean is 0
         raise ValueError(f"logits of shape {tuple(logits.shape)} hold no entry: the mean over an empty batch is "
                          "undefined (NaN). Skip empty batches, or use reduction='sum'")
     targets = targets.to(dtype=logits.dtype)

@@ -418,7 +418,7 @@ class Mosaic:
             idx = srcs[k].to(x.device)
             out[:, :, a0:a1, b0:b1] = x[idx, :, s0:s1, t0:t1]
             bx = boxes[idx]  # (B, K, 5)
-            cls = bx[..., 0]
+            cls = bx[..., 0].long()  # whole numbers (checked above on the CPU), of any dtype
             bx0, by0, bx1, by1 = (bx[..., j].float() for j in range(1, 5))
             area = ((bx1 - bx0).clamp(min=0) * (by1 - by0).clamp(min=0))
             iw = (bx1.clamp(max=float(t1)) - bx0.clamp(min=float(t0))).clamp(min=0)

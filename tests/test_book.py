@@ -140,13 +140,16 @@ def test_cli_reproduce_writes_where_out_says_and_streams_the_cells_output(tmp_pa
                                                            "display_name": "Python 3"}})
     params = nbformat.v4.new_code_cell("profile = 'default'")
     params.metadata["tags"] = ["parameters"]
-    nb.cells = [params, nbformat.v4.new_code_cell("print('cell ran with', profile)")]
+    nb.cells = [params, nbformat.v4.new_code_cell("print('cell ran with', profile)"),
+                nbformat.v4.new_code_cell("import os\nprint('sockets here:', sorted(f for f in os.listdir('.') "
+                                          "if f.startswith('kernel')))")]
     (tmp_path / "notebooks").mkdir()
     nbformat.write(nb, tmp_path / "notebooks" / "00_multilabel_primer.ipynb")
     out = tmp_path / "runs" / "primer.ipynb"
     assert cli.main(["--root", str(tmp_path), "reproduce", "primer", "--profile", "smoke", "--out", str(out),
                      "--log-output", "--no-progress"]) == 0
     assert "cell ran with smoke" in out.read_text()
+    assert "sockets here: []" in out.read_text()  # the kernel's IPC sockets live in a private folder, not in cwd
     assert not (tmp_path / "_build" / "executed").exists()
     captured = capfd.readouterr()
     assert "cell ran with smoke" in captured.err and f"-> {out}" in captured.out

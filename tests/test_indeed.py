@@ -434,7 +434,7 @@ def test_choose_lambda_takes_the_best_mean_over_n_and_seeds_and_counts_the_seeds
     assert table.loc[("INDeeD-L2", 1.0), "std over seeds"] == pytest.approx(np.std([80.0, 60.0], ddof=1))
     row = indeed.choose_lambda(recs).loc["INDeeD-L2"]
     assert row["lambda"] == 1.0 and row["runner-up"] == 0.1 and row["seeds won"] == "1 of 2"
-    assert row["margin (points)"] == pytest.approx(4.0)
+    assert row["margin (points)"] == pytest.approx(4.0) and row["smallest seed margin"] == pytest.approx(-6.0)
     with pytest.raises(ValueError, match="one lambda"):
         indeed.choose_lambda([r for r in recs if r["lam"] != 0.1])
 

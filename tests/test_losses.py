@@ -346,6 +346,8 @@ def test_an_empty_batch_or_a_non_binary_mask_is_an_error_and_an_all_masked_batch
     with pytest.raises(ValueError, match=r"shape \(0, 3\) hold no entry.*empty batch"):
         loss_fn(torch.zeros(0, 3), torch.zeros(0, 3), reduction="mean")
     assert loss_fn(torch.zeros(0, 3), torch.zeros(0, 3), reduction="sum").item() == 0.0
+    empty_mask = torch.zeros(0, 3, dtype=torch.bool)  # with a mask nothing counts, as in an all-masked batch: 0
+    assert loss_fn(torch.zeros(0, 3), torch.zeros(0, 3), mask=empty_mask, reduction="mean").item() == 0.0
     logits, targets, _ = _data(15, n=4, c=3)
     with pytest.raises(ValueError, match=r"mask must be bool \(or 0/1\).*values such as 2.0"):
         loss_fn(logits, targets, mask=torch.full((4, 3), 2.0))

@@ -75,6 +75,7 @@ def test_samplers_deterministic_and_errors():
             ClassAwareSampler(t, num_samples=n)
     assert len(UniformSampler(10)) == 10 and len(ClassAwareSampler(t)) == len(t)  # None: one pass
     assert len(ClassAwareSampler(t, num_samples="db")) == int(t.sum(0).max() * t.shape[1] / 4)
+    assert len(ClassAwareSampler(np.array([[1, 0, 0]]), num_samples="db")) == 1  # 1 * 3 / 4 rounds to 0: one at least
 
 
 def test_two_stream_loader_yields_pairs_and_is_deterministic_per_epoch():

@@ -351,6 +351,8 @@ def test_mosaic_labels_from_boxes():
         wrong[2, 0, 0] = bad
         with pytest.raises(ValueError, match=rf"box classes must be whole numbers in 0\.\.{C - 1}.*got {bad}"):
             Mosaic()(x, y, wrong)
+    torch.manual_seed(0)  # float boxes of whole numbers are fine: the same labels as the long ones
+    assert torch.equal(Mosaic(center_range=(0.5, 0.5))(x, y, pad_boxes(boxes).float()).y, res.y)
 
 
 def test_batch_augmentation_shapes():

@@ -108,7 +108,7 @@ class ClassAwareSampler:
         if len(self.classes) == 0:
             raise ValueError("no class has a positive image: class-aware sampling needs labelled images")
         if num_samples == "db":
-            num_samples = int(max(len(m) for m in self.class_members) * t.shape[1] / reduce)
+            num_samples = max(1, int(max(len(m) for m in self.class_members) * t.shape[1] / reduce))
         elif isinstance(num_samples, str):
             raise ValueError(f"num_samples must be an int, None or 'db', got {num_samples!r}")
         self.num_samples = int(len(t) if num_samples is None else num_samples)
