@@ -971,18 +971,25 @@ def load_lambda_sweep_record(path: str | Path | None = None) -> dict[str, Any]:
     return rec
 
 
-def lambda_sweep_table(records: Sequence[Mapping[str, Any]]):
-    """Validation mAP (%) of :func:`lambda_sweep`'s ``records``: one row per ``(method, lam)`` (``"-"`` for the
-    baseline), one column per N (mean over the seeds), then ``mean over N`` (the mean of each seed's mean over N)
-    and ``std over seeds`` (the spread of those per-seed means)."""
+def _seed_means(records: Sequence[Mapping[str, Any]]):
+    """Each run's validation mAP (%) averaged over N: a Series indexed by ``(method, lam, seed)``, ``lam`` ``"-"``
+    for the baseline."""
     import pandas as pd
 
     df = pd.DataFrame([{k: r[k] for k in ("method", "lam", "N", "seed", "mAP")} for r in records])
     if df.empty:
         raise ValueError("no lambda-sweep records to tabulate")
     df["lam"] = df["lam"].astype(object).where(df["lam"].notna(), "-")
+    return df, df.groupby(["method", "lam", "seed"])["mAP"].mean().mul(100)
+
+
+def lambda_sweep_table(records: Sequence[Mapping[str, Any]]):
+    """Validation mAP (%) of :func:`lambda_sweep`'s ``records``: one row per ``(method, lam)`` (``"-"`` for the
+    baseline), one column per N (mean over the seeds), then ``mean over N`` (the mean of each seed's mean over N)
+    and ``std over seeds`` (the spread of those per-seed means)."""
+    df, seed_means = _seed_means(records)
     table = df.pivot_table(index=["method", "lam"], columns="N", values="mAP", aggfunc="mean").mul(100)
-    per_seed = df.groupby(["method", "lam", "seed"])["mAP"].mean().mul(100).unstack("seed")
+    per_seed = seed_means.unstack("seed")
     table["mean over N"] = per_seed.mean(axis=1)
     table["std over seeds"] = per_seed.std(axis=1, ddof=1)
     return table
@@ -996,11 +1003,9 @@ def choose_lambda(records: Sequence[Mapping[str, Any]]):
     runner-up): a margin that few seeds carry, or that some carry by hundredths of a point, is a fragile choice."""
     import pandas as pd
 
-    swept = [r for r in records if r["lam"] is not None]
-    if not swept:
+    per_seed = _seed_means(records)[1].drop("-", level="lam", errors="ignore")
+    if per_seed.empty:
         raise ValueError("no INDeeD records (lam not None) to choose a lambda from")
-    per_seed = pd.DataFrame([{k: r[k] for k in ("method", "lam", "N", "seed", "mAP")} for r in swept])
-    per_seed = per_seed.groupby(["method", "lam", "seed"])["mAP"].mean().mul(100)  # each seed's mean over N
     rows = {}
     for method, g in per_seed.groupby(level="method"):
         means = g.groupby(level="lam").mean().sort_values(ascending=False)

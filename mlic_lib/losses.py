@@ -79,11 +79,12 @@ def _prepare(
                 f"mask must have the same shape as logits; got mask {tuple(mask.shape)} and logits "
                 f"{tuple(logits.shape)} (one bool per entry, False = ignore)"
             )
-        if (mask.dtype != torch.bool and mask.device.type == "cpu" and not torch.compiler.is_compiling()
-                and not bool(((mask == 0) | (mask == 1)).all())):
-            raise ValueError(f"mask must be bool (or 0/1): True = the entry counts, False = ignore it; got dtype "
-                             f"{mask.dtype} with values such as {mask[(mask != 0) & (mask != 1)][0].item()!r}. A "
-                             "weight per entry is weighted_bce's pos_weight/neg_weight, not a mask")
+        if mask.dtype != torch.bool and mask.device.type == "cpu" and not torch.compiler.is_compiling():
+            wrong = (mask != 0) & (mask != 1)
+            if bool(wrong.any()):
+                raise ValueError(f"mask must be bool (or 0/1): True = the entry counts, False = ignore it; got dtype "
+                                 f"{mask.dtype} with values such as {mask[wrong][0].item()!r}. A weight per entry is "
+                                 "weighted_bce's pos_weight/neg_weight, not a mask")
         mask = mask.to(device=logits.device, dtype=torch.bool)
     if targets.device.type == "cpu" and not torch.compiler.is_compiling():
         bad = ~((targets >= 0) & (targets <= 1))  # NaN too
@@ -339,9 +340,11 @@ def _as_weight(weight: Tensor | float | None, name: str, logits: Tensor) -> Tens
     w = torch.as_tensor(weight, dtype=logits.dtype, device=logits.device)
     n_classes = logits.shape[-1] if logits.ndim else 1
     if w.ndim == 0 or w.shape == logits.shape or (w.ndim == 1 and w.shape[0] == n_classes):
-        if w.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(((w >= 0) & w.isfinite()).all()):
-            bad = w[~((w >= 0) & w.isfinite())].flatten()[0].item()
-            raise ValueError(f"{name} must be finite and >= 0 (a weight of a loss term); got {bad!r}")
+        if w.device.type == "cpu" and not torch.compiler.is_compiling():
+            wrong = ~((w >= 0) & w.isfinite())  # NaN too
+            if bool(wrong.any()):
+                raise ValueError(f"{name} must be finite and >= 0 (a weight of a loss term); got "
+                                 f"{w[wrong].flatten()[0].item()!r}")
         return w
     raise ValueError(
         f"{name} must be a scalar, a per-class vector of shape ({n_classes},) or a per-entry tensor of "

@@ -398,8 +398,9 @@ class Mosaic:
                              f"{None if boxes is None else tuple(boxes.shape)} (build them with pad_boxes)")
         if boxes.device.type == "cpu" and boxes.numel():  # checked where it costs no device sync
             cls = boxes[..., 0]
-            if bool(((cls < -1) | (cls >= y.shape[1]) | (cls != cls.round())).any()):
-                bad = cls[(cls < -1) | (cls >= y.shape[1]) | (cls != cls.round())][0].item()
+            wrong = (cls < -1) | (cls >= y.shape[1]) | (cls != cls.round())
+            if bool(wrong.any()):
+                bad = cls[wrong][0].item()
                 raise ValueError(f"box classes must be whole numbers in 0..{y.shape[1] - 1} (or -1 = padding, as "
                                  f"pad_boxes writes), the columns of y; got {bad!r}")
         lo, hi = self.center_range
