@@ -24,7 +24,8 @@ exactly (the engine checkpoints the torch RNG state).
   when at least half of its box area survives the crop (the rule of Sec. IV-C-1).
 * :class:`BatchAugmentation` (Hoffer et al., ``M = 2`` copies of the batch, each with its own
   random affine augmentation).
-* :func:`noisy_correlation_ratios` -- Eqs. 8-10: the in-sample ``r_in`` and out-of-sample
+* :func:`noisy_correlation_ratios` (one simulated run; :func:`noisy_correlation_over_seeds` for several
+  simulation seeds) -- Eqs. 8-10: the in-sample ``r_in`` and out-of-sample
   ``r_out`` ratios of label correlations a mixing method creates that never occur in the training
   set (Table VII), for any transform with a ``mix_labels`` method.
 
@@ -64,6 +65,7 @@ __all__ = [
     "cooccurrence_mask",
     "mosaic_label_loss",
     "noisy_correlation_indicators",
+    "noisy_correlation_over_seeds",
     "noisy_correlation_ratios",
     "pad_boxes",
     "parse_grid",
@@ -567,3 +569,21 @@ def noisy_correlation_ratios(labels, mixer=None, batch_size: int = 32, epochs: i
                 outs.append(mixer.mix_labels(yb, g, image_size=image_size))
     i_in, i_out = noisy_correlation_indicators(torch.cat(outs), A)
     return {"r_in": float(i_in.mean()), "r_out": float(i_out.mean()), "n_samples": int(len(i_in))}
+
+
+def noisy_correlation_over_seeds(labels, mixers: Mapping[str, Any], seeds: Sequence[int], batch_size: int = 32,
+                                 epochs: int = 1, A=None, image_size: tuple[int, int] = (448, 448)
+                                 ) -> dict[str, np.ndarray]:
+    """:func:`noisy_correlation_ratios` (Eq. 8) of each named mixer for each simulation seed, so a table can show
+    the spread that the shuffling and the mixing alone put on ``r_in`` and ``r_out`` (the labels are fixed).
+
+    Returns ``{name: array (len(seeds), 2)}`` of ``(r_in, r_out)`` per seed, in [0, 1]. ``A`` (Eq. 8's
+    co-occurrence mask, :func:`cooccurrence_mask` of ``labels`` when None) is shared by every run.
+    """
+    seeds = [int(s) for s in seeds]
+    if not seeds or not mixers:
+        raise ValueError(f"need at least one seed and one mixer, got seeds={seeds} and mixers={list(mixers)}")
+    A = cooccurrence_mask(labels) if A is None else A
+    return {name: np.array([[r["r_in"], r["r_out"]] for r in (
+        noisy_correlation_ratios(labels, mixer, batch_size, epochs, seed=s, A=A, image_size=image_size)
+        for s in seeds)]) for name, mixer in mixers.items()}

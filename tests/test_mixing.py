@@ -24,6 +24,7 @@ from mlic_lib.mixing import (
     cell_bounds,
     cooccurrence_mask,
     noisy_correlation_indicators,
+    noisy_correlation_over_seeds,
     noisy_correlation_ratios,
     pad_boxes,
     parse_grid,
@@ -405,6 +406,20 @@ def test_noisy_ratios_known_answers():
     assert r["n_samples"] == 30 and r["r_in"] == pytest.approx(2 * 0.75 / 10) and r["r_out"] == pytest.approx(0.2)
     with pytest.raises(ValueError, match="mix_labels"):
         noisy_correlation_ratios(labels, Mosaic(), 8)
+
+
+def test_noisy_ratios_over_seeds_are_the_single_runs_stacked():
+    labels = torch.eye(6)[torch.arange(40) % 6]  # one class per image: any mixed pair is a noisy correlation
+    mixers = {"Mixup": Mixup(), "SpliceMix": SpliceMix()}
+    out = noisy_correlation_over_seeds(labels, mixers, seeds=[0, 5], batch_size=8, epochs=2, image_size=(32, 32))
+    assert set(out) == set(mixers) and all(v.shape == (2, 2) for v in out.values())
+    for name, mixer in mixers.items():
+        for row, s in zip(out[name], [0, 5], strict=True):
+            r = noisy_correlation_ratios(labels, mixer, 8, 2, seed=s, image_size=(32, 32))
+            assert row.tolist() == [r["r_in"], r["r_out"]]
+    assert not np.array_equal(out["Mixup"][0], out["Mixup"][1])  # the seeds are different simulations
+    with pytest.raises(ValueError, match="at least one seed"):
+        noisy_correlation_over_seeds(labels, mixers, seeds=[])
 
 
 @pytest.mark.skipif(not VOC_TRAINVAL.is_file(), reason="VOC2007 trainval labels not present")
