@@ -94,7 +94,7 @@ def _typed(name: str, value: Any, kind: str) -> Any:
             if value != int(value):
                 raise ValueError(f"train option {name!r} takes a whole number, got {value!r}")
             return int(value)
-        return value
+        return float(value)  # 0 and 0.0 are one setting, so one cache key
     if base == "str":
         if not isinstance(value, str):
             hint = (" (YAML reads off/on/yes/no as false/true: quote the name, e.g. -o \"train.amp='off'\")"
@@ -158,6 +158,12 @@ class TrainConfig:
         if not (self.lr > 0 and math.isfinite(self.lr)) or not self.weight_decay >= 0:
             raise ValueError(f"lr must be a finite number > 0 and weight_decay >= 0, got {self.lr} and "
                              f"{self.weight_decay}")
+        if self.eval_batch_size < 1 or self.log_every < 1 or self.num_workers < 0:
+            raise ValueError(f"eval_batch_size and log_every must be >= 1 and num_workers >= 0, got "
+                             f"{self.eval_batch_size}, {self.log_every} and {self.num_workers}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be > 0 (the largest gradient norm) or null for no clipping, got "
+                             f"{self.grad_clip}")
         if self.eval_every < 0:
             raise ValueError(f"eval_every must be >= 0 (0 = evaluate after the last epoch only), got {self.eval_every}")
         if self.warmup_steps < 0 or self.warmup_epochs < 0 or not 0.0 <= self.warmup_start < 1.0:
@@ -382,12 +388,13 @@ def _rng_states_of_all_ranks() -> list[dict] | None:
 
 
 def _set_rng_state(state: Mapping) -> None:
-    torch.set_rng_state(state["torch"])
+    """Restore :func:`_rng_state`'s states (CPU tensors, as :func:`_read_last` reads them)."""
+    torch.set_rng_state(state["torch"].cpu())
     n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    np.random.set_state((n["kind"], n["keys"].cpu().numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([t.cpu() for t in state["cuda"]])
 
 
 # ------------------------------------------------------------------------------- train / eval
@@ -400,6 +407,8 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
     A non-finite loss is a :class:`FloatingPointError`: checked on the device every ``log_every`` steps (a host
     sync) and, for the steps in between, through the epoch's mean at the end (the sync the mean needs anyway), so a
     NaN never reaches a checkpoint or a history."""
+    if log_every < 1 or (grad_clip is not None and not grad_clip > 0):
+        raise ValueError(f"log_every must be >= 1 and grad_clip > 0 or None, got {log_every} and {grad_clip}")
     model.train()
     autocast = autocast or contextlib.nullcontext()
     total = torch.zeros((), device=device)
@@ -421,7 +430,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
             scaler.unscale_(optimizer)
         else:
             loss.backward()
-        if grad_clip:
+        if grad_clip is not None:
             nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         if scaler is not None:
             scaler.step(optimizer)
@@ -737,14 +746,18 @@ def _load_finished(run_dir: Path, model: nn.Module, cfg: TrainConfig, device: to
                      saved.get("extras", {}))
 
 
-def _read_last(run_dir: Path, cfg: TrainConfig, device: torch.device, rank: int) -> dict | None:
+def _read_last(run_dir: Path, cfg: TrainConfig, rank: int) -> dict | None:
     """The checkpoint ``last.pt`` of an interrupted run in ``run_dir``, or ``None`` when there is none or it is
-    damaged (then moved aside: training starts from scratch). A config that differs is a ``ValueError``."""
+    damaged (then moved aside: training starts from scratch). A config that differs is a ``ValueError``.
+
+    Read onto the CPU whatever the training device: the random-number states in it must stay CPU tensors
+    (``torch.set_rng_state`` refuses others), and ``load_state_dict`` moves the weights and the optimiser's
+    state to their parameters' device anyway."""
     path = run_dir / "last.pt"
     if not path.is_file():
         return None
     try:
-        ckpt = _read_checkpoint(path, device, _CHECKPOINT_KEYS)
+        ckpt = _read_checkpoint(path, torch.device("cpu"), _CHECKPOINT_KEYS)
     except _UNREADABLE as e:
         _set_aside(path, e, rank, "so training starts from scratch")
         return None
@@ -861,7 +874,7 @@ def _fit(model: nn.Module, train_data: Dataset | Iterable, val_data: Dataset | I
         if cached is not None:
             return cached
         if resume:
-            ckpt = _read_last(run_dir, cfg, device, rank)
+            ckpt = _read_last(run_dir, cfg, rank)
 
     if channels_last and device.type == "cpu":  # only when it trains (a cached run only loads)
         _warn_strided_pointwise(model)

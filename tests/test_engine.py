@@ -534,6 +534,48 @@ def test_bad_configs_and_inputs(small_scenes):
                                                          "log_every": 1}), progress=False)
 
 
+@pytest.mark.parametrize(("option", "value", "match"), [
+    ("grad_clip", -1.0, "grad_clip must be > 0"), ("grad_clip", 0, "grad_clip must be > 0"),
+    ("log_every", 0, "log_every must be >= 1"), ("eval_batch_size", 0, "eval_batch_size"),
+    ("num_workers", -1, "num_workers >= 0")])
+def test_options_that_would_fail_mid_run_or_train_backwards_are_refused_up_front(option, value, match):
+    """A negative ``grad_clip`` used to flip every gradient (clip_grad_norm_ scales by max_norm / norm), so the
+    loss rose; ``log_every=0`` failed at the first step and ``eval_batch_size=0`` after the first epoch."""
+    with pytest.raises(ValueError, match=match):
+        TrainConfig.from_dict({**CFG, option: value})
+    from mlic_lib.engine import train_one_epoch
+
+    if option in ("grad_clip", "log_every"):
+        with pytest.raises(ValueError, match=match.split()[0]):
+            train_one_epoch(_model(), [], torch.optim.SGD(_model().parameters(), lr=0.1), lambda *a: None, "cpu",
+                            **{option: value})
+
+
+def test_a_whole_number_for_a_float_option_is_the_same_run():
+    """``weight_decay: 0`` and ``0.0`` are one setting: they used to give two cache keys (a needless retrain)."""
+    a, b = TrainConfig.from_dict({**CFG, "weight_decay": 0}), TrainConfig.from_dict({**CFG, "weight_decay": 0.0})
+    assert type(a.weight_decay) is float and a.key_dict() == b.key_dict()
+    assert run_dir_for("x", a.key_dict()) == run_dir_for("x", b.key_dict())
+
+
+def test_a_checkpoint_is_read_onto_the_cpu_whatever_the_training_device(small_scenes, tmp_path):
+    """On a GPU, ``last.pt`` used to be read with ``map_location=<the GPU>``, which moved its saved random-number
+    states there too; ``torch.set_rng_state`` refuses those, so every resume of an interrupted GPU run failed.
+    Here a non-CPU device (``meta``) stands in for the GPU this machine lacks."""
+    from mlic_lib.engine import _read_last, _set_rng_state
+
+    cfg = TrainConfig.from_dict({**CFG, "epochs": 2})
+    _interrupted(small_scenes, tmp_path / "cut", cfg)
+    assert torch.load(tmp_path / "cut" / "last.pt", map_location="meta", weights_only=True)["rng_ranks"][0][
+        "torch"].device.type == "meta"  # what reading it onto the training device did
+    ckpt = _read_last(tmp_path / "cut", cfg, 0)
+    state = ckpt["rng_ranks"][0]
+    assert state["torch"].device.type == "cpu" and state["numpy"]["keys"].device.type == "cpu"
+    assert all(t.device.type == "cpu" for t in ckpt["model"].values())
+    _set_rng_state(state)
+    assert torch.equal(torch.get_rng_state(), state["torch"])
+
+
 def test_a_nan_loss_between_logged_steps_stops_the_epoch_and_writes_no_checkpoint(small_scenes, tmp_path):
     """A NaN at a step the ``log_every`` check skips is caught by the epoch's mean: no history, no checkpoint."""
     train = small_scenes[0]
