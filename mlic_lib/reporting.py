@@ -76,7 +76,10 @@ _UNIT_BOUND = {"fraction": 1.0, "%": 100.0, "points": 100.0}
 
 def flatten_numbers(obj: Any, prefix: str = ""):
     """``(dotted key, number)`` pairs of a nested dict/list of results (``{"mAP": {"A": 0.5}}`` gives
-    ``("mAP.A", 0.5)``, list items are numbered); strings, booleans and ``None`` are skipped."""
+    ``("mAP.A", 0.5)``, list items are numbered, and so are the items of numpy arrays and torch tensors); strings,
+    booleans and ``None`` are skipped."""
+    if isinstance(obj, np.ndarray | torch.Tensor):
+        obj = obj.tolist()  # a 0-d array gives its number; nothing inside an array escapes the unit checks
     if isinstance(obj, Mapping):
         for k, v in obj.items():
             yield from flatten_numbers(v, f"{prefix}{k}.")

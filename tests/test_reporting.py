@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from mlic_lib.reporting import (
     AGREES,
@@ -153,6 +154,8 @@ def test_shown_path_hides_the_build_folder_but_keeps_other_paths(tmp_path, monke
 def test_flatten_numbers_names_nested_values_by_dotted_keys_and_skips_non_numbers():
     nested = {"mAP": {"A": 0.5, "pair": [1, np.int64(2)]}, "ok": True, "name": "x", "none": None, "t": np.float32(1.5)}
     assert list(flatten_numbers(nested)) == [("mAP.A", 0.5), ("mAP.pair.0", 1), ("mAP.pair.1", 2), ("t", 1.5)]
+    assert list(flatten_numbers({"a": np.array([[1, 2]]), "t": torch.tensor(0.25)})) == [
+        ("a.0.0", 1), ("a.0.1", 2), ("t", 0.25)]
 
 
 def test_unit_of_takes_the_first_matching_pattern():
@@ -167,6 +170,9 @@ def test_unit_of_takes_the_first_matching_pattern():
     ({"mAP": 0.5, "secs": 3.0}, {"mAP": "fraction"}, r"no unit for \['secs'\]"),
     ({"mAP": {"A": 61.5}}, {"mAP.*": "fraction"}, r"mAP.A = 61.5 \(fraction\)"),
     ({"mAP": 161.5}, {"mAP": "%"}, "outside their unit's range"),
+    # values inside arrays and tensors used to escape both checks
+    ({"mAP": np.array([50.0, 60.0])}, {"mAP*": "fraction"}, r"mAP.0 = 50 \(fraction\)"),
+    ({"mAP": torch.tensor([0.5]), "gain": torch.tensor(7.0)}, {"mAP*": "fraction"}, r"no unit for \['gain'\]"),
 ])
 def test_results_with_a_missing_unknown_or_implausible_unit_are_refused_before_writing(tmp_path, monkeypatch,
                                                                                        numbers, units, match):
