@@ -19,6 +19,21 @@ import torch
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
 
+def _source_stats() -> dict[Path, tuple[int, int]]:
+    """``(mtime_ns, size)`` of every ``.py`` file of the package."""
+    out = {}
+    for f in _PACKAGE_DIR.rglob("*.py"):
+        with contextlib.suppress(OSError):
+            st = f.stat()
+            out[f] = (st.st_mtime_ns, st.st_size)
+    return out
+
+
+#: The package's source files as this process first saw them (when it imported this module, which nearly every
+#: module of the package imports at its top): :func:`library_digest` refuses to key a run with code changed since.
+_SOURCE_AT_IMPORT = _source_stats()
+
+
 def bar_disabled(progress: bool) -> bool:
     """``disable=`` for a tqdm bar: off when the caller asks for no progress, and whenever the environment
     sets ``TQDM_DISABLE`` (the book build does: frozen bars are noise in executed notebooks). tqdm itself
@@ -235,6 +250,29 @@ def _code_digest(f: Path, mtime_ns: int, size: int) -> bytes:
     return hashlib.sha256(ast.dump(tree).encode()).digest()
 
 
+def _refuse_changed_loaded_code(files: Iterable[Path]) -> None:
+    """A ``RuntimeError`` when a file of ``files`` belongs to a module this process has imported and changed on disk
+    since: the process runs the old code, but a key from the files would name the new code, so the old code's
+    results would be cached (and later loaded) as the new code's. An open kernel after an edit or a ``git pull`` is
+    the usual case; a restart fixes it."""
+    import sys
+
+    loaded = {Path(m.__file__).resolve() for name, m in list(sys.modules.items())
+              if (name == "mlic_lib" or name.startswith("mlic_lib.")) and getattr(m, "__file__", None)}
+    changed = []
+    for f in sorted(set(files) & loaded):
+        with contextlib.suppress(OSError):
+            st = f.stat()
+            if _SOURCE_AT_IMPORT.get(f) != (st.st_mtime_ns, st.st_size):
+                changed.append(str(f.relative_to(_PACKAGE_DIR)))
+    if changed:
+        raise RuntimeError(
+            f"mlic_lib/{', mlic_lib/'.join(changed)} changed on disk after this process imported mlic_lib, so the "
+            "code running here may be the old one while a cache key would name the new one (and store these "
+            "results under it). Restart the kernel or the Python process to run the new code; importlib.reload is "
+            "not enough (other modules keep the old functions).")
+
+
 def library_digest(roots: Iterable[str] = ()) -> str:
     """sha256 over the code of :func:`static_import_closure` of the ``mlic_lib`` modules ``roots`` (with none,
     the package's ``__init__`` and what it imports): the same in every process, whatever it imported.
@@ -245,8 +283,12 @@ def library_digest(roots: Iterable[str] = ()) -> str:
     chapter's kernel, a pool worker and ``mlic teachers``. A file counts by its syntax tree without docstrings
     (:func:`_code_digest`): editing a docstring, a comment or the layout retrains nothing. The tree's dump can
     differ between Python versions, so a new Python retrains once.
+
+    A ``RuntimeError`` when a module of the closure that this process has imported changed on disk since
+    (:func:`_refuse_changed_loaded_code`): its key would not describe the code that runs.
     """
     files = static_import_closure(roots)
+    _refuse_changed_loaded_code(files)
     h = hashlib.sha256()
     for f in sorted(files):
         if f.suffix == ".py" and f.is_file():

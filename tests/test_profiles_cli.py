@@ -220,6 +220,21 @@ def test_scene_cache_roundtrip(tmp_path):
         np.testing.assert_array_equal(x, y)
 
 
+def test_another_draw_of_the_scenes_is_part_of_the_runs_cache_key():
+    """``scene_data`` took the draw as an argument, which no cache key saw: a run trained on draw 1 was stored
+    under (and loaded for) draw 0's key. The draw is now the profile's ``data.data_seed``, inside every key."""
+    from mlic_lib.experiments import scene_data, train_scene_model
+
+    base = load_profile("primer", "smoke", {"data.n_train": 16, "data.n_test": 8, "train.epochs": 1})
+    other = {**base, "data": {**base["data"], "data_seed": 1}}
+    d0, d1 = scene_data(base), scene_data(other)
+    assert not np.array_equal(d0.train.images, d1.train.images)
+    r0, r1 = train_scene_model(base, d0, progress=False), train_scene_model(other, d1, progress=False)
+    assert r0.run_dir != r1.run_dir and not r1.cached
+    with pytest.raises(ValueError, match="data.data_seed must be a whole number"):
+        scene_data({**base, "data": {**base["data"], "data_seed": -1}})
+
+
 def test_library_digest_does_not_follow_the_imported_modules():
     """No digest depends on the process's import history (a default that did gave runs process-dependent keys):
     importing another module changes neither the digest without roots nor a config hash."""
@@ -249,6 +264,31 @@ def test_library_digest_of_named_modules_ignores_the_import_history():
     outs = {subprocess.run([sys.executable, "-c", code.format(mods=m)], capture_output=True, text=True,
                            check=True).stdout.strip() for m in ("mlic_lib.cli, mlic_lib.book", "mlic_lib.analysis")}
     assert outs == {library_digest(["mlic_lib.psd"])}
+
+
+def test_a_key_is_refused_when_the_code_this_process_runs_changed_on_disk(tmp_path):
+    """An edit (or a ``git pull``) under an open kernel used to key the kernel's old code by the new files, so its
+    results were cached, and later loaded, as the new code's. Run on a copy of the package, edited in place."""
+    import shutil
+    import subprocess
+    import sys
+
+    from mlic_lib.utils import _PACKAGE_DIR
+
+    shutil.copytree(_PACKAGE_DIR, tmp_path / "mlic_lib", ignore=shutil.ignore_patterns("__pycache__"))
+    code = ("import pathlib, mlic_lib.metrics as m, mlic_lib.utils as u\n"
+            "def edit(name):\n"
+            "    f = pathlib.Path(u._PACKAGE_DIR, name); f.write_text(f.read_text() + '\\nX = 1\\n')\n"
+            "u.library_digest(['mlic_lib.metrics'])\n"
+            "edit('indeed.py'); u.library_digest(['mlic_lib.indeed']); print('a module not imported may change')\n"
+            "edit('metrics.py'); u.library_digest(['mlic_lib.data.scenes']); print('keys without it stand')\n"
+            "u.library_digest(['mlic_lib.metrics'])\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert run.returncode == 1, run.stderr
+    assert run.stdout.split("\n")[:2] == ["a module not imported may change", "keys without it stand"]
+    assert "RuntimeError: mlic_lib/metrics.py changed on disk after this process imported mlic_lib" in run.stderr
+    assert "Restart the kernel" in run.stderr
 
 
 def test_run_keys_are_the_same_in_every_process():
@@ -407,7 +447,7 @@ def test_overrides_in_the_cli_form_are_accepted(overrides):
     ("primer", {"train.epochs": 0}, r"^train: epochs and batch_size must be positive"),
     ("primer", {"train.optimizer": "adamw2"}, r"^train: optimizer must be one of"),
     ("primer", {"train.ema_decay": 2}, r"^train: ema_decay must be in"),
-    ("primer", {"train.lr": -1}, r"^train: lr must be a finite number > 0 and weight_decay >= 0, got -1 and"),
+    ("primer", {"train.lr": -1}, r"^train: lr must be a finite number > 0 and weight_decay >= 0, got -1.0 and"),
     ("primer", {"train.weight_decay": -0.1}, r"^train: lr must be .* got 0.003 and -0.1"),
     ("psd", {"teacher_train.epochs": -1}, r"^teacher_train: epochs and batch_size must be positive"),
     ("indeed", {"indeed.pairing": "foo"}, r"indeed.pairing must be one of \('disjoint', 'each'\), got 'foo'"),
