@@ -55,6 +55,37 @@ def test_shuffled_cooccurring_classes_is_the_count_on_independently_shuffled_col
         stats.shuffled_cooccurring_classes(t, 0)
 
 
+def test_curveball_keeps_both_margins_and_samples_them_uniformly():
+    rng = np.random.default_rng(0)
+    t = (rng.random((61, 7)) < np.linspace(0.05, 0.6, 7)).astype(int)  # an odd number of images
+    out = stats.curveball_shuffle(t, steps=10, rng=1)
+    assert out.dtype == bool and (out.sum(0) == t.sum(0)).all() and (out.sum(1) == t.sum(1)).all()
+    assert not (out == t.astype(bool)).all()
+    assert (stats.curveball_shuffle(t, 10, 1) == out).all()
+    # every 3x3 0/1 matrix with one label per image and one image per class (the 6 permutation matrices) is
+    # equally likely: 3,000 independent chains of 5 rounds from the identity, about 500 of each
+    seen: dict[bytes, int] = {}
+    g = np.random.default_rng(2)
+    for _ in range(3000):
+        key = stats.curveball_shuffle(np.eye(3, dtype=int), 5, g).tobytes()
+        seen[key] = seen.get(key, 0) + 1
+    assert len(seen) == 6 and min(seen.values()) > 420 and max(seen.values()) < 580
+    with pytest.raises(ValueError, match="steps"):
+        stats.curveball_shuffle(t, 0)
+
+
+def test_the_null_that_keeps_both_margins_keeps_the_labels_per_image():
+    rng = np.random.default_rng(0)
+    t = (rng.random((80, 6)) < np.linspace(0.05, 0.6, 6)).astype(int)
+    both = stats.shuffled_cooccurring_classes(t, n_shuffles=4, seed=3, keep="both", steps=20)
+    g = np.random.default_rng(3)  # the same draws, written out
+    for k in range(4):
+        assert both[k].tolist() == stats.cooccurring_classes(stats.curveball_shuffle(t, 20, g)).tolist()
+    assert both.shape == (4, 6) and (both <= 5).all()
+    with pytest.raises(ValueError, match="keep must be one of"):
+        stats.shuffled_cooccurring_classes(t, keep="rows")
+
+
 def test_conditional_probability_with_nums_for_an_adj_without_diagonal():
     """ML-GCN's ``adj`` stores 0 on the diagonal and the per-class counts apart (``nums``)."""
     e = _loop_cooccurrence(T)
