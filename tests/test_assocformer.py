@@ -61,9 +61,13 @@ def test_association_module_matches_direct_formula():
         assert torch.allclose(got_a[0], A, atol=1e-6)
         assert torch.allclose(got_n1[0], n1, atol=1e-5)
     # the consequence the chapter states: K = w L^T + b 1^T, so K K^T (A before the sigmoid) has rank <= 2
-    big = AssociationModule(64, 20)
-    K = big.key(torch.randn(8, 64).unsqueeze(1)).double()
+    big = AssociationModule(64, 20, scale=0.25)
+    L = torch.randn(8, 64)
+    K = big.key(L.unsqueeze(1)).double()
     assert int(torch.linalg.matrix_rank(K @ K.transpose(1, 2), rtol=1e-9).max()) == 2
+    logits = big.association_logits(L)  # what the chapter's rank check reads: Eq. 5 before the sigmoid, scaled
+    assert torch.allclose(logits.double(), 0.25 * K @ K.transpose(1, 2), atol=1e-5)
+    assert torch.allclose(torch.sigmoid(logits), big.association(L))
 
 
 def test_association_gradients_reach_every_parameter():
@@ -274,6 +278,28 @@ def test_association_summary_values_by_hand():
     by_name = association_summary(A, A.T, groups=np.array(["b", "b", "a", "a"]))
     assert by_name["within_minus_across"] == pytest.approx(4.625)
     assert "within_minus_across" not in association_summary(A, A.T)
+
+
+def test_symmetric_pearson_ceiling_bounds_every_symmetric_matrix():
+    """A symmetric A (Eq. 5) cannot correlate with an asymmetric P(j|i) beyond the ceiling, and the symmetrised
+    truth reaches it; a symmetric truth has ceiling 1."""
+    from mlic_lib.models.assocformer import symmetric_pearson_ceiling
+
+    rng = np.random.default_rng(0)
+    cond = rng.random((7, 7))
+    ceil = symmetric_pearson_ceiling(cond)
+    assert 0 < ceil < 1
+    sym = (cond + cond.T) / 2
+    assert association_summary(sym, cond)["pearson"] == pytest.approx(ceil)
+    off = ~np.eye(7, dtype=bool)
+    assert ceil == pytest.approx(sym[off].std() / cond[off].std())
+    for _ in range(200):
+        x = rng.normal(size=(7, 7)) + 3 * sym
+        assert association_summary(x + x.T, cond)["pearson"] <= ceil + 1e-12
+    assert symmetric_pearson_ceiling(sym) == pytest.approx(1.0)
+    assert np.isnan(symmetric_pearson_ceiling(np.ones((3, 3))))
+    with pytest.raises(ValueError, match="square"):
+        symmetric_pearson_ceiling(np.ones((2, 3)))
 
 
 def test_association_summary_correlations_match_scipy():

@@ -50,6 +50,7 @@ __all__ = [
     "head_cost",
     "initial_assocformer",
     "mean_association",
+    "symmetric_pearson_ceiling",
     "transformer_backbone",
     "train_assocformer",
 ]
@@ -76,10 +77,15 @@ class AssociationModule(nn.Module):
         self.out = nn.Conv1d(embed_dim, 1, kernel_size=1)  # Eq. 6
         self.embed_dim, self.num_classes, self.scale = embed_dim, num_classes, float(scale)
 
+    def association_logits(self, L: Tensor) -> Tensor:
+        """Eq. 5 before the sigmoid: ``scale * K K^T``, shape ``(B, C, C)``, with ``K`` of Eq. 4 (rank at most 2:
+        ``K = w L^T + b 1^T``, see the module docstring)."""
+        K = self.key(L.unsqueeze(1))  # (B, C, d)
+        return self.scale * (K @ K.transpose(1, 2))
+
     def association(self, L: Tensor) -> Tensor:
         """Eq. 5: ``A = sigmoid(K K^T)``, shape ``(B, C, C)``."""
-        K = self.key(L.unsqueeze(1))  # (B, C, d)
-        return torch.sigmoid(self.scale * (K @ K.transpose(1, 2)))
+        return torch.sigmoid(self.association_logits(L))
 
     def forward(self, L: Tensor) -> tuple[Tensor, Tensor]:
         """``(N1, A)``, always in float32: under bf16 autocast ``K K^T`` would be rounded before the sigmoid
@@ -268,6 +274,23 @@ def association_summary(A: np.ndarray, cond: np.ndarray, groups: np.ndarray | No
         same = (g[:, None] == g[None, :]) & off
         out["within_minus_across"] = float(A[same].mean() - A[~same & off].mean())
     return out
+
+
+def symmetric_pearson_ceiling(cond: np.ndarray) -> float:
+    """The largest off-diagonal Pearson r with ``cond`` that a *symmetric* matrix can reach, as Eq. 5's
+    ``A = sigmoid(K K^T)`` is, while ``P(j|i)`` is not: ``r((cond + cond^T) / 2, cond)``, which equals
+    ``sd(sym) / sd(cond)`` over the off-diagonal entries.
+
+    Why: ``cond = sym + anti`` with ``anti`` antisymmetric; a symmetric ``A`` takes one value on the two entries
+    ``(i, j)``, ``(j, i)``, where ``anti`` sums to 0, so ``cov(A, anti) = 0`` and ``r(A, cond) = r(A, sym) sd(sym) /
+    sd(cond) <= sd(sym) / sd(cond)``, reached by ``A = sym``. Read :func:`association_summary`'s ``pearson``
+    against it, not against 1. NaN when the off-diagonal entries of ``cond`` are constant."""
+    cond = np.asarray(cond, dtype=np.float64)
+    if cond.ndim != 2 or cond.shape[0] != cond.shape[1]:
+        raise ValueError(f"cond must be a square matrix, got shape {cond.shape}")
+    off = ~np.eye(cond.shape[0], dtype=bool)
+    t, sym = cond[off], ((cond + cond.T) / 2)[off]
+    return float(np.corrcoef(sym, t)[0, 1]) if t.std() > 0 and sym.std() > 0 else float("nan")
 
 
 def head_cost(head: nn.Module, embed_dim: int, batch_size: int = 16, repeats: int = 20) -> dict[str, float]:
