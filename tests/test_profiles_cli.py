@@ -277,16 +277,19 @@ def test_a_key_is_refused_when_the_code_this_process_runs_changed_on_disk(tmp_pa
 
     shutil.copytree(_PACKAGE_DIR, tmp_path / "mlic_lib", ignore=shutil.ignore_patterns("__pycache__"))
     code = ("import pathlib, mlic_lib.metrics as m, mlic_lib.utils as u\n"
-            "def edit(name):\n"
-            "    f = pathlib.Path(u._PACKAGE_DIR, name); f.write_text(f.read_text() + '\\nX = 1\\n')\n"
+            "def edit(name, text='X = 1'):\n"
+            "    f = pathlib.Path(u._PACKAGE_DIR, name); f.write_text(f.read_text() + '\\n' + text + '\\n')\n"
             "u.library_digest(['mlic_lib.metrics'])\n"
+            "edit('metrics.py', '# a comment'); u.library_digest(['mlic_lib.metrics'])\n"
+            "print('a comment changes no code')\n"
             "edit('indeed.py'); u.library_digest(['mlic_lib.indeed']); print('a module not imported may change')\n"
             "edit('metrics.py'); u.library_digest(['mlic_lib.data.scenes']); print('keys without it stand')\n"
             "u.library_digest(['mlic_lib.metrics'])\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
                          env={**os.environ, "PYTHONPATH": str(tmp_path)})
     assert run.returncode == 1, run.stderr
-    assert run.stdout.split("\n")[:2] == ["a module not imported may change", "keys without it stand"]
+    assert run.stdout.split("\n")[:3] == ["a comment changes no code", "a module not imported may change",
+                                          "keys without it stand"]
     assert "RuntimeError: mlic_lib/metrics.py changed on disk after this process imported mlic_lib" in run.stderr
     assert "Restart the kernel" in run.stderr
 
