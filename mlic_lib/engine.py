@@ -788,6 +788,9 @@ def fit(model: nn.Module, train_data: Dataset | Iterable, val_data: Dataset | It
         when the folder's run had another config (fields outside :data:`RUN_CONFIG_IGNORED`). A damaged file
         is moved aside to ``<name>.corrupt`` with a warning (the run is trained again, or resumed from a readable
         ``last.pt``); leftover temporary files of a killed writer are removed (:func:`remove_stale_temp_files`).
+        Only ``cfg`` is checked against the folder: the data, ``step``, ``val_data``, ``predict_fn`` and ``groups``
+        must be in the key the folder's name comes from (:func:`run_dir_for`), as the library's trainers put them,
+        or a loaded run returns the metrics they had when it was trained.
     on_epoch_end : ``callback(epoch, logs)`` after each epoch's checkpoint is written.
     steps_per_epoch : needed for the LR schedule when ``train_data`` is an iterable without ``len``.
 
