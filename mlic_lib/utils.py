@@ -264,7 +264,7 @@ def _refuse_changed_loaded_code(files: Iterable[Path]) -> None:
     import sys
 
     loaded = {Path(m.__file__).resolve() for name, m in list(sys.modules.items())
-              if (name == "mlic_lib" or name.startswith("mlic_lib.")) and getattr(m, "__file__", None)}
+              if _in_package(name) and getattr(m, "__file__", None)}
     changed = []
     for f in sorted(set(files) & loaded):
         with contextlib.suppress(OSError):

@@ -77,11 +77,10 @@ def curveball_shuffle(targets, steps: int = 50, rng: np.random.Generator | int |
     have and deals out the classes only one has, at random, each image keeping its count. The chain converges to
     the uniform distribution over such matrices (a test checks it on a small case); on VOC-LT / COCO-LT the
     co-occurrence counts settle within about 20 rounds. Returns a boolean ``(N, C)`` array."""
-    t = _as_binary(targets).astype(bool)
+    t = _as_binary(targets).astype(bool)  # a new array: the rounds below swap in place
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
-    t = t.copy()
     m = len(t) // 2 * 2  # an odd image out sits out one round
     for _ in range(steps):
         order = rng.permutation(len(t))
