@@ -389,12 +389,12 @@ def _rng_states_of_all_ranks() -> list[dict] | None:
 
 def _set_rng_state(state: Mapping) -> None:
     """Restore :func:`_rng_state`'s states (CPU tensors, as :func:`_read_last` reads them)."""
-    torch.set_rng_state(state["torch"].cpu())
+    torch.set_rng_state(state["torch"])
     n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].cpu().numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([t.cpu() for t in state["cuda"]])
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # ------------------------------------------------------------------------------- train / eval
