@@ -470,6 +470,16 @@ def test_overrides_in_the_cli_form_are_accepted(overrides):
     ("ltml", {"model.backbone": "efficientnet_lite0"}, r"backbone must be small_resnet or one of resnet18"),
     ("assocformer", {"model.backbone": "cvt_13"}, r"timm has no model 'cvt_13' \(CvT is not in timm"),
     ("indeed", {"model.name": "vgg19"}, r"model.name must be 'simple_cnn' \(ML-MNIST\) or 'vgg16'"),
+    ("psd", {"data": None}, r"the data section must be a mapping of settings, got None; .* -o data.n_train=200"),
+    ("psd", {"data.n_train": -5}, r"data.n_train must be a whole number of images >= 1, got -5"),
+    ("ltml", {"data.n_test": 0}, r"data.n_test must be a whole number of images >= 1, got 0"),
+    ("assocformer", {"data.n_test": 2.5}, r"data.n_test must be a whole number of images >= 1, got 2.5"),
+    ("splicemix", {"data.n_bias_test": 0}, r"data.n_bias_test must be a whole number of images >= 1"),
+    ("primer", {"data.scenes": None}, r"data.scenes must be a mapping \(\{\} for the defaults\)"),
+    ("psd", {"data.scenes.canvas": -3}, r"^data.scenes: scale_range .* fit the -3px canvas"),
+    ("psd", {"data.data_seed": -1}, r"data.data_seed must be a whole number >= 0, got -1"),
+    ("psd", {"data.dta_seed": 1}, r"unknown parameter 'data.dta_seed' .*did you mean 'data.data_seed'"),
+    ("indeed", {"data.downsample": 0}, r"data.downsample must be a whole number >= 1"),
 ])
 def test_override_values_are_checked_before_a_kernel_starts(chapter, overrides, message):
     """These passed `mlic profile` and `mlic reproduce`'s check, and failed cells later (after the data was built,
@@ -491,3 +501,12 @@ def test_null_is_accepted_where_a_profile_turns_a_part_off_and_for_names():
     assert load_profile("splicemix", "full", {"model.weights": None})["model"]["weights"] is None  # from scratch
     assert load_profile("splicemix", "full", {"model.widths": None})["model"]["widths"] is None  # the default widths
     assert load_profile("splicemix", "full", {"data.scenes": {}})["data"]["scenes"] == {}  # the generator's defaults
+
+
+def test_data_overrides_that_are_valid_pass_the_data_check():
+    assert load_profile("psd", "smoke", {"data.data_seed": 1})["data"]["data_seed"] == 1  # another draw of the scenes
+    assert load_profile("ltml", "smoke", {"data.data_seed": 2})["data"]["data_seed"] == 2
+    assert load_profile("primer", "smoke", {"data.scenes": {}})["data"]["scenes"] == {}  # {} = SceneSpec defaults
+    for chapter in ("psd", "ltml", "assocformer"):  # a real dataset: null = all its images
+        assert load_profile(chapter, "full", {"data.n_train": None})["data"]["n_train"] is None
+        assert load_profile(chapter, "full", {"data.subset_seed": 3})["data"]["subset_seed"] == 3
