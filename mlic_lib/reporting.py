@@ -18,7 +18,7 @@ import time
 from collections.abc import Mapping, Sequence
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -202,6 +202,78 @@ def borderline_note(diff: float, spread: float) -> str:
     if spread_category(diff, spread) != "borderline":
         return ""
     return f" (borderline: within {BORDERLINE_FACTOR:g} times the spread)"
+
+
+def flagged_verdict(diff: float, spread: float, up: str = "higher", down: str | None = "lower", **kwargs) -> str:
+    """:func:`spread_verdict` with ``", borderline"`` appended when the difference is borderline
+    (:func:`spread_category`): the short form the book prints in tables and lists, e.g. ``"higher, borderline"``.
+    ``kwargs`` go to :func:`spread_verdict` (``within``, ``none``, ``undefined``)."""
+    v = spread_verdict(diff, spread, up, down, **kwargs)
+    return v + (", borderline" if spread_category(diff, spread) == "borderline" else "")
+
+
+class PairedComparison(NamedTuple):
+    """The result of :func:`paired_differences` (arrays over the columns, ``diffs`` over seeds x columns)."""
+
+    diffs: np.ndarray
+    mean: np.ndarray
+    sd: np.ndarray
+    verdicts: list[str]
+
+
+def paired_differences(a, b, up: str = "higher", down: str = "lower") -> PairedComparison:
+    """Compare two rows measured on the *same* runs (e.g. two inference modes of one trained model per seed).
+
+    ``a`` and ``b`` are ``seeds x columns`` arrays (a 1-d array is one column). The per-seed differences
+    ``a - b`` cancel what the two rows share through their run, so the noise scale is the standard deviation of
+    those differences (:func:`seed_sd`): the spread of one paired difference, the paired counterpart of
+    :func:`seed_spread` for unpaired rows. Each column's mean difference is judged against it by
+    :func:`flagged_verdict` (``up`` / ``down``; ``"one seed: no spread"`` with one seed)."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.shape != b.shape or a.ndim not in (1, 2) or a.shape[0] < 1:
+        raise ValueError(f"a and b must be paired arrays of the same shape (seeds,) or (seeds, columns), one row "
+                         f"per seed; got shapes {a.shape} and {b.shape}")
+    d = (a - b).reshape(len(a), -1)
+    mean, sd = d.mean(0), np.atleast_1d(seed_sd(d))
+    return PairedComparison(d, mean, sd, [flagged_verdict(m, s, up, down) for m, s in zip(mean, sd, strict=True)])
+
+
+def correlation_signs(r, p, paper_sign: int = 1, alpha: float = 0.05) -> dict[str, Any]:
+    """Tally several correlation tests against the sign a paper describes.
+
+    ``r`` and ``p`` are the tests' coefficients and p-values (same shape). A test *agrees* when its sign is
+    ``paper_sign`` and ``p < alpha``, goes *against* the paper when its sign is the other and ``p < alpha``, and
+    is *not distinguishable from 0* otherwise; a NaN coefficient is *undefined*. The same tally with the
+    Bonferroni level ``alpha / m`` (``m`` defined tests) is returned under the ``*_bonferroni`` keys: with
+    ``m`` tests at level ``alpha`` about ``alpha * m`` pass by chance when nothing is correlated.
+
+    Returns a dict with ``labels`` (one of ``"agrees"``, ``"against"``, ``"not distinguishable from 0"``,
+    ``"undefined"`` per test, in the input's flattened order), the counts ``agrees``, ``against``,
+    ``not_distinguishable``, ``undefined``, ``m`` and ``bonferroni_alpha``, and ``agrees_bonferroni`` /
+    ``against_bonferroni``."""
+    if paper_sign not in (1, -1):
+        raise ValueError(f"paper_sign must be +1 or -1 (the sign the paper describes), got {paper_sign!r}")
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    r, p = np.asarray(r, dtype=float).ravel(), np.asarray(p, dtype=float).ravel()
+    if r.shape != p.shape:
+        raise ValueError(f"r and p must have one value per test each, got {r.size} and {p.size}")
+    defined = np.isfinite(r) & np.isfinite(p)
+    m = int(defined.sum())
+
+    def tally(level: float) -> tuple[np.ndarray, np.ndarray]:
+        sig = defined & (p < level)
+        return sig & (np.sign(r) == paper_sign), sig & (np.sign(r) == -paper_sign)
+
+    agree, against = tally(alpha)
+    labels = np.where(~defined, "undefined", np.where(agree, "agrees", np.where(against, "against",
+                                                                                  "not distinguishable from 0")))
+    bonf = alpha / max(m, 1)
+    agree_b, against_b = tally(bonf)
+    return {"labels": labels.tolist(), "agrees": int(agree.sum()), "against": int(against.sum()),
+            "not_distinguishable": int(m - agree.sum() - against.sum()), "undefined": int((~defined).sum()),
+            "m": m, "bonferroni_alpha": bonf, "agrees_bonferroni": int(agree_b.sum()),
+            "against_bonferroni": int(against_b.sum())}
 
 
 def spread_note(diff: float, *stds: float, n_seeds: int | None = None, decimals: int = 1) -> str:

@@ -21,6 +21,7 @@ from mlic_lib.analysis import (  # noqa: E402
     cam_colorbar,
     cam_in_box,
     cam_in_boxes,
+    cam_reading,
     class_activation_maps,
     class_bars,
     cluster_quality,
@@ -415,3 +416,25 @@ def test_cluster_quality(blob_embedding):
         cluster_quality(emb, np.zeros(len(y)))
     with pytest.raises(ValueError, match=r"labels must have shape \(40,\)"):
         cluster_quality(emb, y[:-1])
+
+
+def test_cam_reading_peak_mass_and_leaning():
+    cam = np.zeros((10, 10))
+    cam[1:3, 1:3] = 1.0  # some mass on class 4's box
+    cam[6:9, 6:9] = 2.0  # more, and the peak, on class 7's box
+    cam[7, 7] = 5.0
+    boxes = np.array([[4, 0, 0, 4, 4], [7, 5, 5, 10, 10], [2, 5, 5, 8, 8]])  # class 2's box holds the peak too
+    rd = cam_reading(cam, boxes, 4)
+    assert not rd.all_zero and rd.peak == (7, 7)
+    assert rd.peak_in == [7, 2]
+    np.testing.assert_allclose(rd.mass, cam_in_boxes(cam, boxes[:, 1:]))
+    assert rd.heavier == [2, 7]  # both hold more of the map than class 4's own box
+    assert cam_reading(cam, boxes, 7).heavier == []  # its own box has the most mass
+    assert cam_reading(cam, boxes, 9).heavier == [2, 4, 7]  # no box of its own: every box with mass
+    # a class with two boxes is judged by its heavier one
+    two = np.vstack([boxes, [4, 5, 5, 10, 10]])
+    assert cam_reading(cam, two, 4).heavier == []
+    zero = cam_reading(np.zeros((10, 10)), boxes, 4)
+    assert zero.all_zero and zero.peak is None and zero.peak_in == [] and zero.heavier == []
+    with pytest.raises(ValueError, match=r"\(K, 5\)"):
+        cam_reading(cam, boxes[:, 1:], 4)

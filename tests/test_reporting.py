@@ -15,9 +15,12 @@ from mlic_lib.reporting import (
     CONTRADICTS,
     borderline_note,
     check_units,
+    correlation_signs,
     dash_missing,
+    flagged_verdict,
     flatten_numbers,
     paired_bootstrap,
+    paired_differences,
     paper_verdict,
     ranking,
     seed_sd,
@@ -204,3 +207,72 @@ def test_paired_bootstrap_interval_covers_the_true_mean_at_about_its_level():
     hits = [lo <= 0.0 <= hi for _, lo, hi in (paired_bootstrap(rng.normal(0.0, 1.0, 100), np.zeros(100),
                                                                 n_boot=1000, seed=s) for s in range(200))]
     assert 0.90 <= np.mean(hits) <= 0.99
+
+
+def test_flagged_verdict_adds_the_borderline_flag_only_when_borderline():
+    assert flagged_verdict(2.0, 1.0) == "higher"  # beyond 1.5 x the spread
+    assert flagged_verdict(-1.2, 1.0) == "lower, borderline"
+    assert flagged_verdict(1.2, 1.0, "gain", "loss") == "gain, borderline"
+    assert flagged_verdict(0.5, 1.0) == "within the seed spread"
+    assert flagged_verdict(0.5, float("nan")) == "one seed: no spread"
+    assert flagged_verdict(0.5, 1.0, within="same") == "same"
+
+
+def test_paired_differences_against_a_direct_computation():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(5, 3))
+    b = a - np.array([2.0, 0.0, -0.3]) + 0.1 * rng.normal(size=(5, 3))  # columns: clearly higher, noise, lower
+    pc = paired_differences(a, b)
+    d = a - b
+    np.testing.assert_allclose(pc.diffs, d)
+    np.testing.assert_allclose(pc.mean, d.mean(0))
+    np.testing.assert_allclose(pc.sd, d.std(0, ddof=1))
+    assert pc.verdicts == [flagged_verdict(m, s) for m, s in zip(d.mean(0), d.std(0, ddof=1), strict=True)]
+    assert pc.verdicts[0] == "higher" and pc.verdicts[2].startswith("lower")
+    # the per-seed pairing removes what both rows share: a large common seed effect does not hide the difference
+    common = rng.normal(scale=10, size=(5, 1))
+    assert paired_differences(a + common, b + common).verdicts == pc.verdicts
+    # one column as a 1-d array; one seed has no spread
+    assert paired_differences(a[:, 0], b[:, 0]).verdicts == pc.verdicts[:1]
+    one = paired_differences(a[:1], b[:1])
+    assert np.isnan(one.sd).all() and set(one.verdicts) == {"one seed: no spread"}
+
+
+@pytest.mark.parametrize("a, b", [(np.zeros((3, 2)), np.zeros((3, 3))), (np.zeros((2, 2, 2)), np.zeros((2, 2, 2))),
+                                  (np.zeros((0, 2)), np.zeros((0, 2)))])
+def test_paired_differences_refuses_unpaired_shapes(a, b):
+    with pytest.raises(ValueError, match="paired arrays of the same shape"):
+        paired_differences(a, b)
+
+
+def test_correlation_signs_against_a_direct_tally():
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=40)
+    ys = [x + 0.1 * rng.normal(size=40), -x + 0.1 * rng.normal(size=40), rng.normal(size=40),
+          x + 3 * rng.normal(size=40)]
+    res = [spearmanr(x, y) for y in ys]
+    r, p = [t.statistic for t in res], [t.pvalue for t in res]
+    out = correlation_signs(r + [np.nan], p + [np.nan], paper_sign=1)
+    direct = ["agrees" if pv < 0.05 and rv > 0 else "against" if pv < 0.05 else "not distinguishable from 0"
+              for rv, pv in zip(r, p, strict=True)] + ["undefined"]
+    assert out["labels"] == direct
+    assert out["labels"][:2] == ["agrees", "against"]
+    assert out["m"] == 4 and out["undefined"] == 1 and out["bonferroni_alpha"] == pytest.approx(0.05 / 4)
+    assert out["agrees"] + out["against"] + out["not_distinguishable"] == 4
+    assert out["agrees_bonferroni"] == sum(rv > 0 and pv < 0.05 / 4 for rv, pv in zip(r, p, strict=True))
+    assert out["against_bonferroni"] == sum(rv < 0 and pv < 0.05 / 4 for rv, pv in zip(r, p, strict=True))
+    flipped = correlation_signs(r, p, paper_sign=-1)
+    assert (flipped["agrees"], flipped["against"]) == (out["against"], out["agrees"])
+    # a p-value just above a Bonferroni level counts at 5% but not after the correction
+    edge = correlation_signs([0.5, 0.5], [0.03, 0.5])  # Bonferroni level 0.025
+    assert (edge["agrees"], edge["agrees_bonferroni"]) == (1, 0)
+
+
+@pytest.mark.parametrize("kwargs, match", [({"paper_sign": 0}, "paper_sign"), ({"alpha": 1.5}, "alpha")])
+def test_correlation_signs_bad_input(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        correlation_signs([0.1], [0.5], **kwargs)
+    with pytest.raises(ValueError, match="one value per test"):
+        correlation_signs([0.1, 0.2], [0.5])

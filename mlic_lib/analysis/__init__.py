@@ -3,7 +3,7 @@
 * :mod:`~mlic_lib.analysis.style` -- :func:`use_style`, :func:`label_axes`,
   :func:`annotate_provenance` and the colour constants.
 * :mod:`~mlic_lib.analysis.cam` -- per-class CAMs via pytorch-grad-cam
-  (:func:`class_activation_maps`), box-mass scores (:func:`cam_in_box`, :func:`cam_in_boxes`),
+  (:func:`class_activation_maps`), box-mass scores (:func:`cam_in_box`, :func:`cam_in_boxes`, :func:`cam_reading`),
   :func:`overlay` and its scale, :func:`cam_colorbar`.
 * :mod:`~mlic_lib.analysis.plots` -- scenes with boxes, heat maps, per-class bars.
 * :mod:`~mlic_lib.analysis.tsne` -- :func:`tsne_embed` and :func:`cluster_quality`.
@@ -14,7 +14,16 @@ pytorch-grad-cam and scikit-learn are imported only when a function that needs t
 
 from __future__ import annotations
 
-from .cam import CAM_METHODS, cam_colorbar, cam_in_box, cam_in_boxes, class_activation_maps, overlay
+from .cam import (
+    CAM_METHODS,
+    CamReading,
+    cam_colorbar,
+    cam_in_box,
+    cam_in_boxes,
+    cam_reading,
+    class_activation_maps,
+    overlay,
+)
 from .plots import class_bars, group_order, heatmap, show_scene
 from .style import (
     CMAP_DIV,
@@ -34,6 +43,7 @@ __all__ = [
     "CMAP_DIV",
     "CMAP_HEAT",
     "CMAP_SEQ",
+    "CamReading",
     "OKABE_ITO",
     "PROVENANCE_GID",
     "STYLE",
@@ -41,6 +51,7 @@ __all__ = [
     "cam_colorbar",
     "cam_in_box",
     "cam_in_boxes",
+    "cam_reading",
     "class_activation_maps",
     "class_bars",
     "group_order",

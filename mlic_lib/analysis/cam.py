@@ -28,6 +28,7 @@ semantic ones.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -35,7 +36,7 @@ from torch import nn
 
 from mlic_lib.utils import model_device
 
-__all__ = ["CAM_METHODS", "cam_in_box", "cam_in_boxes", "class_activation_maps", "overlay"]
+__all__ = ["CAM_METHODS", "CamReading", "cam_in_box", "cam_in_boxes", "cam_reading", "class_activation_maps", "overlay"]
 
 #: Method names accepted by :func:`class_activation_maps` and the pytorch-grad-cam class used.
 CAM_METHODS: dict[str, str] = {
@@ -301,6 +302,44 @@ def cam_in_box(cam: np.ndarray | torch.Tensor, box: Sequence[float] | np.ndarray
         ``x1 <= x0`` or ``y1 <= y0``, a map that is not 2-D, or negative / non-finite values.
     """
     return float(cam_in_boxes(cam, np.asarray(box, dtype=np.float64).reshape(1, 4))[0])
+
+
+class CamReading(NamedTuple):
+    """Where one class's map puts its evidence among a scene's boxes (:func:`cam_reading`)."""
+
+    all_zero: bool
+    peak: tuple[int, int] | None
+    peak_in: list[int]
+    mass: np.ndarray
+    heavier: list[int]
+
+
+def cam_reading(cam: np.ndarray | torch.Tensor, boxes, cls: int) -> CamReading:
+    """Read the map of class ``cls`` against the labelled boxes of its scene.
+
+    ``boxes`` is ``(K, 5)``: ``(class, x0, y0, x1, y1)`` per object in the map's pixel coordinates (the embedded
+    scenes' format). Returns a :class:`CamReading`:
+
+    * ``all_zero``: the map has no positive value (no evidence at that layer; the other fields are then empty);
+    * ``peak``: ``(row, column)`` of the map's maximum (the first one in row-major order on a tie);
+    * ``peak_in``: the classes of the boxes that contain the peak (half-open boxes, as :func:`cam_in_box`);
+    * ``mass``: :func:`cam_in_boxes` per box (``(K,)``);
+    * ``heavier``: the other classes with a box holding more of the map's mass than any box of ``cls``
+      (all of them with mass > 0 when ``cls`` has no box): the map leans on another object.
+    """
+    b = np.asarray(boxes.detach().cpu().numpy() if isinstance(boxes, torch.Tensor) else boxes, dtype=np.float64)
+    if b.ndim != 2 or b.shape[1] != 5:
+        raise ValueError(f"boxes must be (K, 5) rows of (class, x0, y0, x1, y1), got shape {b.shape}")
+    c = _as_map(cam)
+    mass = cam_in_boxes(c, b[:, 1:]) if len(b) else np.zeros(0)
+    if c.max(initial=0.0) <= 0:
+        return CamReading(True, None, [], mass, [])
+    r, col = (int(v) for v in np.unravel_index(int(np.argmax(c)), c.shape))
+    classes = b[:, 0].astype(int)
+    inside = (b[:, 1] <= col) & (col < b[:, 3]) & (b[:, 2] <= r) & (r < b[:, 4])
+    own = mass[classes == cls].max(initial=0.0)
+    heavier = sorted({int(k) for k, m in zip(classes, mass, strict=True) if k != cls and m > own})
+    return CamReading(False, (r, col), [int(k) for k in classes[inside]], mass, heavier)
 
 
 def _image_to_hwc(image: np.ndarray | torch.Tensor) -> np.ndarray:
