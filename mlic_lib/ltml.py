@@ -44,14 +44,18 @@ from mlic_lib.utils import model_device
 
 __all__ = [
     "CONSISTENCY",
+    "INFERENCE_ROWS",
     "LTMLStep",
     "compensated_bce",
     "compensation_parameters",
+    "evaluate_rows",
     "inference_rows",
     "logit_consistency",
     "ltml_class_weights",
     "predict_fn",
     "probability_consistency",
+    "retrain_at_budgets",
+    "stream_coverage",
     "train_ltml",
     "two_stream_loader",
     "variant_options",
@@ -339,3 +343,64 @@ def evaluate_rows(model: nn.Module, test_ds, groups, rows=tuple(INFERENCE_ROWS),
     table = {("u", False): pu, ("r", False): pr, ("both", False): 0.5 * (pu + pr),
              ("both", True): 0.25 * (pu + pr + puf + prf)}
     return {row: multilabel_report(table[INFERENCE_ROWS[row]], targets, mask=mask, groups=groups) for row in rows}
+
+
+def stream_coverage(loader, epochs: int, marked) -> dict[str, dict[str, float]]:
+    """What each stream of a :class:`~mlic_lib.data.samplers.TwoStreamLoader` (e.g. :func:`two_stream_loader`)
+    draws over its first ``epochs`` epochs, from the index sequences alone (no image is loaded).
+
+    ``marked`` is a boolean mask over the training images (e.g. the images with a tail class) or their indices.
+    Per stream (``"uniform"``, ``"re-balanced"``): ``draws per epoch``, ``distinct images per epoch (mean)``,
+    ``distinct images over all epochs`` and ``share of draws on a marked image (%)`` (the mean over epochs).
+    Class-aware sampling repeats the few images of rare classes: fewer distinct images, more draws on them."""
+    if int(epochs) < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    marked = np.asarray(marked)
+    marked_idx = np.flatnonzero(marked) if marked.dtype == bool else marked.astype(np.int64).ravel()
+    seen: dict[str, list[np.ndarray]] = {"uniform": [], "re-balanced": []}
+    for e in range(int(epochs)):
+        for stream, idx in zip(seen, loader.epoch_indices(e), strict=True):
+            seen[stream].append(np.asarray(idx))
+    return {stream: {"draws per epoch": float(len(idx[0])),
+                     "distinct images per epoch (mean)": float(np.mean([len(np.unique(i)) for i in idx])),
+                     "distinct images over all epochs": float(len(np.unique(np.concatenate(idx)))),
+                     "share of draws on a marked image (%)": float(100 * np.mean([np.isin(i, marked_idx).mean()
+                                                                                 for i in idx]))}
+            for stream, idx in seen.items()}
+
+
+def retrain_at_budgets(settings, train_ds, train_targets, test_ds, num_classes: int, groups, epochs, seeds,
+                       variants=("baseline_u", "baseline_r"), metrics=("mAP", "mAP_head", "mAP_medium", "mAP_tail"),
+                       progress: bool = False) -> tuple[dict[int, dict[str, np.ndarray]], float]:
+    """Train (or load from the cache) single-branch ``variants`` with other numbers of epochs, for the check
+    whether a gap between them is a matter of training budget.
+
+    For each budget in ``epochs`` the profile's ``train.epochs`` is replaced by it and each variant is trained
+    with :func:`train_ltml` for every seed, then evaluated on its own branch's row (:func:`inference_rows`,
+    :func:`evaluate_rows`). Returns ``({budget: {variant: array seeds x metrics (in %)}}, training seconds)``;
+    the seconds are those of the runs trained now (a cached run adds its recorded time)."""
+    budgets = [int(e) for e in epochs]
+    if any(e < 1 for e in budgets):
+        raise ValueError(f"every budget must be >= 1 epoch, got {list(epochs)}")
+    if not len(seeds):
+        raise ValueError("seeds is empty: give at least one seed")
+    for v in variants:
+        if len(inference_rows(v)) != 1:
+            raise ValueError(f"variant {v!r} has two branches; retrain_at_budgets compares single-branch baselines "
+                             "(baseline_u, baseline_r)")
+    out: dict[int, dict[str, np.ndarray]] = {}
+    seconds = 0.0
+    for ep in budgets:
+        s_ep = {**settings, "train": {**settings["train"], "epochs": ep}}
+        out[ep] = {}
+        for v in variants:
+            (row,) = inference_rows(v)
+            res = []
+            for s in seeds:
+                run = train_ltml(s_ep, train_ds, train_targets, test_ds, num_classes, seed=s, name=v,
+                                 progress=progress)
+                seconds += run.seconds
+                r = evaluate_rows(run.model, test_ds, groups, rows=[row])[row]
+                res.append([100 * r[k] for k in metrics])
+            out[ep][v] = np.array(res)
+    return out, seconds

@@ -484,6 +484,55 @@ def test_inference_rows_of_each_variant():
         ltml.inference_rows("nope")
 
 
+def test_stream_coverage_against_the_index_sequences():
+    targets = np.zeros((40, 3), dtype=np.float32)
+    targets[:, 0] = 1
+    targets[:4, 1] = 1
+    ds = TensorImageDataset(np.zeros((40, 3, 8, 8), dtype=np.uint8), targets)
+    settings = {"train": {"batch_size": 8}, "ltml": {"samples_per_class": 2, "epoch_length": 3}}
+    loader = ltml.two_stream_loader(settings, ds, targets, seed=1)
+    marked = targets[:, 1] > 0
+    cov = ltml.stream_coverage(loader, 2, marked)
+    for k, stream in enumerate(("uniform", "re-balanced")):
+        idx = [loader.epoch_indices(e)[k] for e in range(2)]
+        c = cov[stream]
+        assert c["draws per epoch"] == 24
+        assert c["distinct images per epoch (mean)"] == pytest.approx(np.mean([len(set(i)) for i in idx]))
+        assert c["distinct images over all epochs"] == len(set(np.concatenate(idx)))
+        assert c["share of draws on a marked image (%)"] == pytest.approx(100 * np.mean([np.isin(i, [0, 1, 2, 3]).mean()
+                                                                                          for i in idx]))
+    assert ltml.stream_coverage(loader, 2, np.flatnonzero(marked)) == cov  # a mask or the indices
+    share = "share of draws on a marked image (%)"
+    assert cov["re-balanced"][share] > cov["uniform"][share]
+    with pytest.raises(ValueError, match="epochs must be >= 1"):
+        ltml.stream_coverage(loader, 0, marked)
+
+
+def test_retrain_at_budgets_trains_each_baseline_per_budget_and_seed():
+    from mlic_lib.profiles import load_profile
+
+    settings = load_profile("ltml", "smoke", {"train.epochs": 1, "train.batch_size": 16})
+    settings["model"]["widths"] = list(WIDTHS)
+    t = _longtail_targets(n=48, k=4)
+    ds = TensorImageDataset(np.random.default_rng(0).integers(0, 255, (48, 3, 16, 16), dtype=np.uint8), t)
+    groups = {"head": [0], "medium": [1], "tail": [2, 3]}
+    out, seconds = ltml.retrain_at_budgets(settings, ds, t, ds, 4, groups, [2], seeds=[0, 1],
+                                           metrics=("mAP", "mAP_tail"))
+    assert set(out) == {2} and set(out[2]) == {"baseline_u", "baseline_r"} and seconds > 0
+    assert out[2]["baseline_r"].shape == (2, 2)
+    # the same numbers as training that run directly (a cache hit) and evaluating its own branch's row
+    s2 = {**settings, "train": {**settings["train"], "epochs": 2}}
+    run = ltml.train_ltml(s2, ds, t, ds, 4, seed=1, name="baseline_r")
+    assert run.cached and len(run.history) == 2
+    r = ltml.evaluate_rows(run.model, ds, groups, rows=["re-balanced branch"])["re-balanced branch"]
+    np.testing.assert_allclose(out[2]["baseline_r"][1], [100 * r["mAP"], 100 * r["mAP_tail"]])
+    for kwargs, match in [({"epochs": [0]}, "budget must be >= 1"), ({"seeds": []}, "seeds is empty"),
+                          ({"variants": ("full",)}, "two branches")]:
+        args = {"epochs": [2], "seeds": [0], **kwargs}
+        with pytest.raises(ValueError, match=match):
+            ltml.retrain_at_budgets(settings, ds, t, ds, 4, groups, args.pop("epochs"), args.pop("seeds"), **args)
+
+
 def test_two_stream_loader_follows_the_profile():
     targets = np.zeros((40, 3), dtype=np.float32)
     targets[:, 0] = 1
