@@ -86,6 +86,8 @@ __all__ = [
     "MAIN_METHODS",
     "IndeedData",
     "VGG16Net",
+    "budget_trace",
+    "budget_trace_table",
     "build_indeed_model",
     "cell_boxes",
     "compose_canvases",
@@ -100,7 +102,9 @@ __all__ = [
     "lambda_for",
     "lambda_sweep",
     "lambda_sweep_table",
+    "load_budget_trace_record",
     "load_lambda_sweep_record",
+    "load_record",
     "load_cifar10",
     "load_mnist",
     "loss_on_originals",
@@ -956,19 +960,86 @@ def lambda_sweep(settings: Mapping[str, Any], lams: Sequence[float], n_labels: S
     return out
 
 
+def budget_trace(settings: Mapping[str, Any], epochs: int, n_labels: Sequence[int], seeds: Sequence[int],
+                 data_seed: int = 1, methods: Mapping[str, Mapping[str, Any]] | None = None, *,
+                 parallel: str | None = None, progress: bool = True) -> list[dict[str, Any]]:
+    """Check a training budget on held-out data: :func:`run_methods` with the profile's recipe but ``epochs``
+    epochs and the validation mAP after every one, on the validation canvases of :func:`lambda_sweep`
+    (``indeed_data(validation=True)``, draw ``data_seed``); the chapter's test canvases take no part.
+
+    ``methods`` defaults to :data:`MAIN_METHODS` with the profile's ``indeed.lam``. Returns one record per run:
+    ``method, N, seed, lam`` (:func:`lambda_for`; ``None`` for the baseline) and ``val_mAP``, the validation
+    mAP after each epoch (a list of ``epochs`` fractions)."""
+    if int(epochs) < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    methods = dict(methods or MAIN_METHODS)
+    s = {**settings, "train": {**settings["train"], "epochs": int(epochs), "eval_every": 1}}
+    pools: dict = {}
+    datasets = {int(n): indeed_data(settings["data"], int(n), data_seed=data_seed, pools=pools, validation=True)
+                for n in n_labels}
+    out = []
+    for r in run_methods(s, methods, n_labels, seeds, datasets, parallel=parallel, progress=progress):
+        spec = methods[r["method"]]
+        lam = lambda_for(s.get("indeed", {}).get("lam", 1.0), spec) if spec["kind"] == "indeed" else None
+        out.append({"method": r["method"], "N": r["N"], "seed": r["seed"], "lam": lam,
+                    "val_mAP": [float(h["mAP"]) for h in r["history"]]})
+    return out
+
+
+def budget_trace_table(records: Sequence[Mapping[str, Any]], at: Sequence[int] | None = None):
+    """Mean validation mAP (%) over N and seeds of :func:`budget_trace`'s ``records`` by epoch: one row per method,
+    columns ``epoch e`` for each ``e`` in ``at`` (1-based; default every epoch), then ``best``, ``best at epoch`` and
+    ``within 1 point of its best from epoch`` (the first epoch from which the mean stays within 1 point of its
+    best)."""
+    import pandas as pd
+
+    if not records:
+        raise ValueError("no budget-trace records to tabulate")
+    lengths = {len(r["val_mAP"]) for r in records}
+    if len(lengths) != 1:
+        raise ValueError(f"every record must trace the same number of epochs, got {sorted(lengths)}")
+    (n_ep,) = lengths
+    at = list(range(1, n_ep + 1)) if at is None else [int(e) for e in at]
+    if any(not 1 <= e <= n_ep for e in at):
+        raise ValueError(f"epochs in 'at' must be in 1..{n_ep}, got {at}")
+    rows = {}
+    for method in dict.fromkeys(r["method"] for r in records):
+        curve = 100 * np.mean([r["val_mAP"] for r in records if r["method"] == method], axis=0)
+        best = float(curve.max())
+        near = np.flatnonzero(curve < best - 1.0)
+        rows[method] = {**{f"epoch {e}": float(curve[e - 1]) for e in at}, "best": best,
+                        "best at epoch": int(curve.argmax()) + 1,
+                        "within 1 point of its best from epoch": int(near.max()) + 2 if len(near) else 1}
+    return pd.DataFrame(rows).T
+
+
 #: The sweep that set the default profile's ``indeed.lam``: :func:`lambda_sweep`'s records with how it was run.
 LAMBDA_SWEEP_RECORD = Path(__file__).resolve().parent / "profiles" / "records" / "indeed_lambda_sweep.json"
+#: The check of the default profile's budget on validation data: :func:`budget_trace`'s records with how it was run.
+BUDGET_TRACE_RECORD = Path(__file__).resolve().parent / "profiles" / "records" / "indeed_budget_trace.json"
+
+
+def load_record(path: str | Path, what: str = "record") -> dict[str, Any]:
+    """A committed run of :func:`lambda_sweep` or :func:`budget_trace`: ``{"call": its arguments, "ran": date,
+    commit, CPU, ..., "records": [...]}``; a ``ValueError`` naming ``what`` if the file lacks one of those keys."""
+    p = Path(path)
+    rec = json.loads(p.read_text())
+    missing = sorted({"call", "ran", "records"} - set(rec)) if isinstance(rec, dict) else ["call", "ran", "records"]
+    if missing:
+        raise ValueError(f"{p} is not a {what}: it lacks {missing}")
+    return rec
 
 
 def load_lambda_sweep_record(path: str | Path | None = None) -> dict[str, Any]:
     """A committed :func:`lambda_sweep` run (default :data:`LAMBDA_SWEEP_RECORD`): ``{"call": its arguments,
     "ran": date, commit, CPU, ..., "records": [{method, lam, N, seed, mAP}, ...]}``."""
-    p = Path(path) if path is not None else LAMBDA_SWEEP_RECORD
-    rec = json.loads(p.read_text())
-    missing = sorted({"call", "ran", "records"} - set(rec)) if isinstance(rec, dict) else ["call", "ran", "records"]
-    if missing:
-        raise ValueError(f"{p} is not a lambda-sweep record: it lacks {missing}")
-    return rec
+    return load_record(path if path is not None else LAMBDA_SWEEP_RECORD, "lambda-sweep record")
+
+
+def load_budget_trace_record(path: str | Path | None = None) -> dict[str, Any]:
+    """A committed :func:`budget_trace` run (default :data:`BUDGET_TRACE_RECORD`): ``{"call", "ran", "records":
+    [{method, N, seed, lam, val_mAP: [per epoch]}, ...]}``."""
+    return load_record(path if path is not None else BUDGET_TRACE_RECORD, "budget-trace record")
 
 
 def _seed_means(records: Sequence[Mapping[str, Any]]):
