@@ -27,13 +27,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="unpack again over the dataset (repairs a deleted or "
                         "damaged file; kept archives are re-verified)")
     args = parser.parse_args(argv)
-    if args.check or not args.names:
-        for key, state in download.check().items():
-            print(f"{key:9s} {state}")
-        return 0
     try:
         for name in args.names:
-            get(name)  # every name checked before the first download
+            get(name)  # every name checked before the first download (or the check)
+        ignored = [f"--{k.replace('_', '-')}" for k in ("force", "allow_unverified", "delete_archives")
+                   if getattr(args, k)]
+        if ignored and (args.check or not args.names):
+            raise ValueError(f"{', '.join(ignored)} only apply when preparing datasets: name them, e.g. "
+                             f"`python data_scripts/prepare.py voc2007 {ignored[0]}`")
+    except ValueError as err:
+        print(f"prepare.py: error: {err}", file=sys.stderr)
+        return 2
+    if args.check or not args.names:
+        for key, state in download.check().items():
+            if not args.names or key in args.names:
+                print(f"{key:9s} {state}")
+        return 0
+    try:
         for name in args.names:
             marker = download.prepare(name, allow_unverified=args.allow_unverified,
                                       keep_archives=not args.delete_archives, force=args.force)

@@ -149,6 +149,10 @@ def _env_defaults(build: Path) -> None:
     for name, sub in (("MLIC_RESULTS", "results"), ("MLIC_CACHE", "cache")):
         if not os.environ.get(name):  # unset or empty
             os.environ[name] = str((build / sub).resolve())
+    for name in ("MLIC_RESULTS", "MLIC_CACHE", "MLIC_DATA", "MLIC_REFERENCE_DATA"):
+        # the kernels run in notebooks/: a relative path given here means one under this working directory
+        if os.environ.get(name):
+            os.environ[name] = str(Path(os.environ[name]).expanduser().resolve())
     os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars help in JupyterLab, not in the HTML book
 
 

@@ -125,7 +125,7 @@ def _cmd_data(args) -> int:
         sizes = {k: v for k, v in (("n_train", args.n_train), ("n_test", args.n_test),
                                    ("image_size", args.image_size)) if v is not None}
         out = write_fake(args.name, args.root_dir, force=args.force, **sizes)
-        print(f"{args.name}: synthetic files in the real layout under {out} (use MLIC_DATA={out})")
+        print(f"{args.name}: synthetic files in the real layout under {out} (use MLIC_DATA={Path(out).resolve()})")
         return 0
     given = [f"--{k.replace('_', '-')}" for k in ("n_train", "n_test", "image_size") if getattr(args, k) is not None]
     if given:
@@ -137,6 +137,10 @@ def _cmd_data(args) -> int:
         get(args.name)  # an unknown name is an error that lists the known ones
     root = Path(args.root_dir).expanduser() if args.root_dir else data_root()
     if args.action == "check" or args.check:
+        ignored = [f"--{k.replace('_', '-')}" for k in ("force", "allow_unverified", "delete_archives")
+                   if getattr(args, k)]
+        if ignored:
+            raise ValueError(f"{', '.join(ignored)} only apply to `mlic data prepare NAME`; a check changes nothing")
         print(f"datasets under {root}" + ("" if args.root_dir else " ($MLIC_DATA)"))
         for key, state in download.check(root).items():
             if args.name in (None, key):

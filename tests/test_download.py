@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import http.server
 import io
+import os
 import re
 import shutil
 import tarfile
@@ -28,6 +29,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     cut: dict[str, int] = {}  # path -> bytes sent before the connection closes (Content-Length says more)
     no_range: set[str] = set()  # paths whose server ignores Range (answers 200 with the whole body)
     chunked_cut: dict[str, int] = {}  # path -> bytes sent in one chunk of a chunked answer that then closes
+    wrong_start: set[str] = set()  # paths that answer a Range request with 206 from byte 0
+    no_satisfy: set[str] = set()  # paths that answer a Range request with 416
 
     def do_GET(self):  # noqa: N802
         body = self.files.get(self.path)
@@ -44,8 +47,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             return
         rng = self.headers.get("Range")
+        if rng and self.path in self.no_satisfy:
+            self.send_response(416)
+            self.send_header("Content-Range", f"bytes */{len(body)}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if rng and self.path not in self.no_range:
-            start = int(re.match(r"bytes=(\d+)-", rng).group(1))
+            start = 0 if self.path in self.wrong_start else int(re.match(r"bytes=(\d+)-", rng).group(1))
             self.send_response(206)
             self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
             body = body[start:]
@@ -62,6 +71,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def server():
     _Handler.files, _Handler.log, _Handler.cut, _Handler.no_range, _Handler.chunked_cut = {}, [], {}, set(), {}
+    _Handler.wrong_start, _Handler.no_satisfy = set(), set()
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -451,6 +461,47 @@ def test_prepare_script_matches_the_cli_options(tmp_path, monkeypatch, capsys):
     assert script.main(["imagenet"]) == 2 and "known datasets" in capsys.readouterr().err
     monkeypatch.setenv("MLIC_DATA", str(tmp_path))
     assert script.main(["--check"]) == 0 and "voc2007   missing" in capsys.readouterr().out
+    assert script.main(["--check", "mnist"]) == 0 and capsys.readouterr().out.strip() == "mnist     missing"
+    assert script.main(["--check", "bogus"]) == 2 and "known datasets" in capsys.readouterr().err
+    assert script.main(["--check", "--force"]) == 2 and "--force only apply" in capsys.readouterr().err
+    assert script.main(["--delete-archives"]) == 2 and "name them" in capsys.readouterr().err
+
+
+def test_cli_check_refuses_the_options_of_prepare(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MLIC_DATA", str(tmp_path))
+    assert cli.main(["data", "check", "--force", "--allow-unverified"]) == 2
+    assert "--force, --allow-unverified only apply to `mlic data prepare NAME`" in capsys.readouterr().err
+    assert cli.main(["data", "prepare", "voc2007", "--check", "--delete-archives"]) == 2
+
+
+def test_check_needs_every_path_of_a_hand_placed_dataset_and_names_a_missing_dependency(tmp_path):
+    (tmp_path / "nuswide" / "Flickr").mkdir(parents=True)  # the images folder alone
+    assert download.check(tmp_path)["nuswide"].startswith("incomplete (missing: nuswide/Concepts81.txt, ")
+    (tmp_path / "nuswide" / "ConceptsList").mkdir()
+    (tmp_path / "nuswide" / "ConceptsList" / "Concepts81.txt").write_text("airport\n")  # the other layout
+    for p in ("ImageList/ImageList/TrainImagelist.txt", "ImageList/TestImagelist.txt"):
+        (tmp_path / "nuswide" / p).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "nuswide" / p).write_text("")
+    assert download.check(tmp_path)["nuswide"] == "incomplete (missing: nuswide/Groundtruth/TrainTestLabels)"
+    (tmp_path / "nuswide" / "Groundtruth" / "TrainTestLabels").mkdir(parents=True)
+    assert download.check(tmp_path)["nuswide"] == "present"
+    (tmp_path / registry.get("voc_lt").marker).parent.mkdir(parents=True)
+    (tmp_path / registry.get("voc_lt").marker).write_bytes(b"")  # the split files without the VOC images
+    assert download.check(tmp_path)["voc_lt"] == "present (needs voc2012: missing; needs voc2007: missing)"
+
+
+def test_a_relative_data_folder_is_made_absolute_for_the_kernels(tmp_path, monkeypatch):
+    from mlic_lib.book import _env_defaults
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLIC_DATA", "rel")
+    monkeypatch.setenv("MLIC_REFERENCE_DATA", "~/ref")
+    monkeypatch.setenv("MLIC_RESULTS", str(tmp_path / "r"))
+    monkeypatch.setenv("MLIC_CACHE", "c")
+    _env_defaults(tmp_path / "_build")
+    assert os.environ["MLIC_DATA"] == str(tmp_path / "rel")  # the kernels run in notebooks/, not here
+    assert os.environ["MLIC_CACHE"] == str(tmp_path / "c")
+    assert os.environ["MLIC_REFERENCE_DATA"] == str(Path("~/ref").expanduser())
 
 
 @pytest.mark.skipif(not hasattr(tarfile, "data_filter"), reason="needs tarfile's data filter (Python >= 3.11.4)")
@@ -466,3 +517,77 @@ def test_a_member_the_data_filter_refuses_is_named_not_called_a_damaged_archive(
                                            r"written") as info:
         download.unpack(archive, tmp_path / "dest")
     assert "download it again" not in str(info.value)
+
+
+@pytest.mark.parametrize("mode", ["wrong_start", "no_satisfy"])
+def test_a_resume_answer_that_does_not_continue_the_part_starts_over(server, tmp_path, monkeypatch, mode, capsys):
+    """A 206 from another byte than the kept length would be appended and corrupt the file; a 416 would be
+    asked again on every rerun. Both discard the part and download the whole file."""
+    url, handler = server
+    handler.files["/fake.tar"] = VOC_TAR
+    getattr(handler, mode).add("/fake.tar")
+    entry = _entry(monkeypatch, url, VOC_TAR)
+    downloads = tmp_path / "downloads" / "fake"
+    downloads.mkdir(parents=True)
+    (downloads / "fake.tar.part").write_bytes(VOC_TAR[:1000])
+    assert download.download(entry.files[0], downloads, progress=False).read_bytes() == VOC_TAR
+    assert handler.log == [("/fake.tar", "bytes=1000-"), ("/fake.tar", None)]
+    assert "starting over" in capsys.readouterr().err
+    assert not list(downloads.glob("*.bad"))
+
+
+def _two_tars(monkeypatch, url, handler):
+    """A dataset of two archives whose marker comes from the second (as VOC2007's test tar)."""
+    a = _tar({"VOCdevkit/VOC2007/JPEGImages/000001.jpg": b"jpeg"})
+    b = _tar({"VOCdevkit/VOC2007/ImageSets/Main/test.txt": b"000001\n"})
+    handler.files.update({"/a.tar": a, "/b.tar": b})
+    files = tuple(RemoteFile(n, (f"{url}/{n}",), len(body), hashlib.sha256(body).hexdigest())
+                  for n, body in (("a.tar", a), ("b.tar", b)))
+    monkeypatch.setitem(registry.DATASETS, "fake",
+                        DatasetEntry("fake", "Fake VOC", files, "VOCdevkit/VOC2007/ImageSets/Main/test.txt"))
+    return b
+
+
+def test_an_interrupted_prepare_keeps_the_files_it_finished(server, tmp_path, monkeypatch):
+    url, handler = server
+    b = _two_tars(monkeypatch, url, handler)
+    handler.cut["/b.tar"] = 100
+    with pytest.raises(ConnectionError):
+        download.prepare("fake", tmp_path, progress=False, keep_archives=False)
+    assert download.check(tmp_path)["fake"].startswith("incomplete (1 of 2 files prepared")
+    del handler.cut["/b.tar"]
+    handler.log.clear()
+    download.prepare("fake", tmp_path, progress=False, keep_archives=False)
+    assert handler.log == [("/b.tar", "bytes=100-")], "the finished first archive must not be fetched again"
+    assert (tmp_path / "VOCdevkit/VOC2007/JPEGImages/000001.jpg").is_file() and len(b) > 100
+    assert download.check(tmp_path)["fake"] == "present"
+
+
+def test_a_present_dataset_without_its_downloads_folder_is_not_fetched_again(server, tmp_path, monkeypatch, capsys):
+    url, handler = server
+    _two_tars(monkeypatch, url, handler)
+    download.prepare("fake", tmp_path, progress=False)
+    shutil.rmtree(tmp_path / "downloads")  # archives and stamps deleted to free space
+    assert download.check(tmp_path)["fake"] == "present"
+    handler.log.clear()
+    assert download.prepare("fake", tmp_path, progress=False).is_file()
+    assert handler.log == [] and "already present" in capsys.readouterr().err
+    # --force re-fetches; when that fails, the dataset is still reported as it was
+    handler.files.clear()
+    with pytest.raises(ConnectionError):
+        download.prepare("fake", tmp_path, progress=False, force=True)
+    assert download.check(tmp_path)["fake"] == "present"
+
+
+def test_stamped_files_whose_content_was_deleted_are_unpacked_again(server, tmp_path, monkeypatch):
+    """The first archive stamped, the second not, and the dataset's folder deleted in between: the rerun must
+    not leave the first archive's files missing."""
+    url, handler = server
+    _two_tars(monkeypatch, url, handler)
+    handler.cut["/b.tar"] = 100
+    with pytest.raises(ConnectionError):
+        download.prepare("fake", tmp_path, progress=False)
+    shutil.rmtree(tmp_path / "VOCdevkit")
+    del handler.cut["/b.tar"]
+    download.prepare("fake", tmp_path, progress=False)
+    assert (tmp_path / "VOCdevkit/VOC2007/JPEGImages/000001.jpg").is_file()

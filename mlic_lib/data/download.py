@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import json
 import os
 import shutil
 import sys
@@ -42,6 +43,15 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
+def _range_start(content_range: str | None) -> int | None:
+    """The first byte of a ``Content-Range: bytes START-END/TOTAL`` header, or ``None``."""
+    try:
+        unit, spec = (content_range or "").split(None, 1)
+        return int(spec.split("-", 1)[0]) if unit == "bytes" else None
+    except ValueError:
+        return None
+
+
 def _fetch(url: str, part: Path, expected_size: int | None, progress: bool) -> None:
     """Download ``url`` into ``part``, resuming from its current length when the server allows it.
 
@@ -49,6 +59,8 @@ def _fetch(url: str, part: Path, expected_size: int | None, progress: bool) -> N
     (``http.client`` returns a short read there instead of raising), so a rerun resumes it. A server that answers
     a resume request with something else than the rest of the file (status 200 with an error page, say) leaves
     ``part`` untouched too: it starts over only when the answer has the file's full size (it ignored ``Range``).
+    A partial answer (206) for another range than the rest of ``part``, or a 416 (the server cannot serve that
+    range: its file is not longer than ``part``), discards ``part`` and starts over.
     """
     from tqdm.auto import tqdm
 
@@ -61,9 +73,26 @@ def _fetch(url: str, part: Path, expected_size: int | None, progress: bool) -> N
     if expected_size is not None and have == expected_size:
         return
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
-    with urllib.request.urlopen(request, timeout=60) as response:
+    try:
+        response_cm = urllib.request.urlopen(request, timeout=60)
+    except urllib.error.HTTPError as err:
+        if have and err.code == 416:  # the server's file is not longer than the kept part: it cannot be resumed
+            part.unlink()
+            print(f"{part.name}: the server cannot resume from byte {have:,} (status 416); starting over",
+                  file=sys.stderr)
+            return _fetch(url, part, expected_size, progress)
+        raise
+    with response_cm as response:
         status = getattr(response, "status", 200)
         resumed = have > 0 and status == 206
+        if resumed and _range_start(response.headers.get("Content-Range")) != have:
+            # a 206 that does not continue the kept part (another range, or none named): appending it would
+            # corrupt the file, so start over
+            response.close()
+            part.unlink()
+            print(f"{part.name}: the server answered another range than bytes {have:,}- "
+                  f"({response.headers.get('Content-Range')!r}); starting over", file=sys.stderr)
+            return _fetch(url, part, expected_size, progress)
         if have and not resumed:
             if expected_size is not None and response.length != expected_size:
                 raise ConnectionError(
@@ -178,11 +207,13 @@ def _merge(src: Path, dst: Path) -> None:
     src.replace(dst)
 
 
-def unpack(archive: Path, dest: Path) -> None:
+def unpack(archive: Path, dest: Path) -> Path | None:
     """Extract a tar/tar.gz/zip archive into ``dest`` via a temporary folder (no partial results).
 
     The extracted entries are then moved into ``dest`` by renames, merged with what is there (the VOC tars
-    share ``VOCdevkit/``), so a second archive costs no copy of the first.
+    share ``VOCdevkit/``), so a second archive costs no copy of the first. Returns the path of the archive's first
+    regular file under ``dest`` (``None`` for an archive of folders only): :func:`prepare`'s sign that the archive's
+    content is still there.
     """
     dest.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=dest))
@@ -191,6 +222,7 @@ def unpack(archive: Path, dest: Path) -> None:
             with zipfile.ZipFile(archive) as z:
                 _safe_members(z.namelist())
                 z.extractall(tmp)
+                first = next((n for n in z.namelist() if not n.endswith("/")), None)
         else:
             with tarfile.open(archive) as t:
                 members = t.getmembers()
@@ -198,8 +230,10 @@ def unpack(archive: Path, dest: Path) -> None:
                     m.name: m.linkname for m in members if m.islnk()})
                 # the "data" filter (Python >= 3.10.12 / 3.11.4) also refuses links that leave the folder
                 t.extractall(tmp, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+                first = next((m.name for m in members if m.isfile()), None)
         for item in tmp.iterdir():
             _merge(item, dest / item.name)
+        return dest / first if first is not None else None
     except (tarfile.TarError, zipfile.BadZipFile, EOFError) as err:
         if isinstance(err, getattr(tarfile, "FilterError", ())):  # the data filter refused a member: not a cut file
             raise RuntimeError(f"refusing to extract {archive}: {err}. Nothing was written to {dest}") from err
@@ -215,44 +249,52 @@ def _downloads(root: Path, entry: DatasetEntry) -> Path:
 
 
 def _stamp(root: Path, entry: DatasetEntry, file: RemoteFile) -> Path:
-    """The file written once ``file`` of ``entry`` is downloaded, verified and unpacked (or copied)."""
+    """The file written once ``file`` of ``entry`` is downloaded, verified and unpacked (or copied): JSON with its
+    ``sha256`` and ``produced``, one file it wrote (relative to the data root)."""
     return _downloads(root, entry) / f"{file.name}.prepared"
+
+
+def _done(root: Path, entry: DatasetEntry, file: RemoteFile) -> bool:
+    """``file`` has a stamp and the file it produced is still there (a stamp of an older release, the bare sha256,
+    is taken at its word)."""
+    stamp = _stamp(root, entry, file)
+    if not stamp.is_file():
+        return False
+    try:
+        produced = json.loads(stamp.read_text()).get("produced")
+    except (ValueError, AttributeError):
+        return True
+    return produced is None or (root / produced).exists()
 
 
 def prepare(key: str, root: Path | None = None, progress: bool = True, allow_unverified: bool = False,
             keep_archives: bool = True, force: bool = False) -> Path:
     """Download, verify and unpack dataset ``key`` under ``root`` (default ``$MLIC_DATA``).
 
-    A file whose ``.prepared`` stamp exists is skipped; if the dataset's marker is gone even so (its folder
-    was deleted by hand), the stamps are discarded and everything is unpacked (or downloaded) again.
-    ``force`` does that whatever the marker says, to repair a dataset with a deleted or damaged file: each
-    kept archive is checked against its sha256 again (and downloaded anew if it no longer matches), then
-    unpacked over the dataset's folder.
+    A file whose ``.prepared`` stamp exists, and the file it unpacked too, is skipped, so an interrupted run goes on
+    with the files it had not finished, and a file whose content was deleted since (the dataset's folder removed by
+    hand) is unpacked (or downloaded) again. A dataset whose marker exists but that has no stamps (placed by hand,
+    or its ``downloads/`` folder was deleted to free space) is taken as present, as ``mlic data check`` reports it.
+    If the marker is still missing after that, every file is redone. ``force`` redoes every file whatever the stamps
+    and the marker say, to repair a dataset with a deleted or damaged file: each kept archive is checked against its
+    sha256 again (and downloaded anew if it no longer matches), then unpacked over the dataset's folder; a file's
+    stamp is replaced only once it is redone, so an interrupted ``force`` leaves the status as it was.
     """
     entry = get(key)
     root = Path(root) if root is not None else data_root()
     if not entry.files:
         raise RuntimeError(f"{entry.title}: nothing to download. {entry.notes}")
-    downloads = _downloads(root, entry)
-    if force or not (root / entry.marker).exists():
-        for file in entry.files:
-            _stamp(root, entry, file).unlink(missing_ok=True)
-    for file in entry.files:
-        stamp = _stamp(root, entry, file)
-        if stamp.is_file():
-            continue
-        path = download(file, downloads, progress, allow_unverified, reverify=force)
-        dest = root / file.dest
-        if file.action == "extract":
-            unpack(path, dest)
-        else:
-            dest.mkdir(parents=True, exist_ok=True)
-            tmp = dest / f".{file.saved_name}.tmp"
-            shutil.copy2(path, tmp)
-            tmp.replace(dest / file.saved_name)
-        stamp.write_text(file.sha256 or "unverified")
-        if not keep_archives and file.action == "extract":
-            path.unlink()
+    marker = root / entry.marker
+    if not force and marker.exists() and not any(_stamp(root, entry, f).is_file() for f in entry.files):
+        print(f"{entry.title} is already present under {root} ({entry.marker}); use --force to download and unpack "
+              "it again", file=sys.stderr)
+        return marker
+    _prepare_files(root, entry, progress, allow_unverified, keep_archives, force)
+    if not marker.exists() and not force:  # the marker alone was deleted by hand: redo every file
+        _prepare_files(root, entry, progress, allow_unverified, keep_archives, True)
+    if not marker.exists():
+        raise RuntimeError(f"{entry.title}: every file was downloaded, verified and unpacked, but {marker} is "
+                           "missing: the archives do not hold what mlic_lib/data/registry.py expects")
     from .fake import forget_fake
 
     forget_fake(root, key)  # real files now, where `mlic data fake --force` had written synthetic ones
@@ -260,23 +302,56 @@ def prepare(key: str, root: Path | None = None, progress: bool = True, allow_unv
     if missing:
         print(f"{entry.title} also needs: {', '.join(missing)} (run `mlic data prepare NAME` for each)",
               file=sys.stderr)
-    return root / entry.marker
+    return marker
+
+
+def _prepare_files(root: Path, entry: DatasetEntry, progress: bool, allow_unverified: bool, keep_archives: bool,
+                   redo: bool) -> None:
+    """Download, verify and unpack (or copy) each of ``entry``'s files without a stamp (every file with
+    ``redo``), writing its stamp once it is done."""
+    downloads = _downloads(root, entry)
+    for file in entry.files:
+        stamp = _stamp(root, entry, file)
+        if not redo and _done(root, entry, file):
+            continue
+        path = download(file, downloads, progress, allow_unverified, reverify=redo)
+        dest = root / file.dest
+        if file.action == "extract":
+            produced = unpack(path, dest)
+        else:
+            dest.mkdir(parents=True, exist_ok=True)
+            tmp = dest / f".{file.saved_name}.tmp"
+            shutil.copy2(path, tmp)
+            produced = tmp.replace(dest / file.saved_name)
+        rel = os.path.relpath(produced, root) if produced is not None else None
+        tmp_stamp = stamp.with_name(stamp.name + ".tmp")
+        tmp_stamp.write_text(json.dumps({"sha256": file.sha256 or "unverified", "produced": rel}))
+        tmp_stamp.replace(stamp)
+        if not keep_archives and file.action == "extract":
+            path.unlink()
 
 
 def status(entry: DatasetEntry, root: Path) -> str:
     """``present``, ``missing``, ``partial download (...)`` or ``incomplete (...)`` for ``entry`` under ``root``.
 
-    Present means the marker exists and, if ``mlic data prepare`` worked on the dataset (some file has a
-    stamp), every file was prepared: a run interrupted after the first archive is not reported as present.
-    Data placed by hand (no stamps) is judged by the marker alone.
+    Present means the marker (and each of the entry's ``also`` paths) exists and, if ``mlic data prepare`` worked
+    on the dataset (some file has a stamp), every file was prepared and what it unpacked is still there: a run
+    interrupted after the first archive is not reported as present. Data placed by hand (no stamps) is judged by
+    the paths alone. A present dataset that uses another one that is not (``needs``) says so:
+    ``present (needs voc2012: missing)``.
     """
-    stamped = [f.name for f in entry.files if _stamp(root, entry, f).is_file()]
-    if (root / entry.marker).exists() and (not stamped or len(stamped) == len(entry.files)):
+    has_stamps = any(_stamp(root, entry, f).is_file() for f in entry.files)
+    stamped = [f.name for f in entry.files if _done(root, entry, f)]
+    lacking = [alts[0] for alts in entry.also if not any((root / a).exists() for a in alts)]
+    if (root / entry.marker).exists() and lacking:
+        return f"incomplete (missing: {', '.join(lacking)})"
+    if (root / entry.marker).exists() and (not has_stamps or len(stamped) == len(entry.files)):
         from .fake import fake_names
 
         if entry.key in fake_names(root):
             return "present (synthetic files from `mlic data fake`, not the real dataset)"
-        return "present"
+        needs = [f"needs {n}: {st}" for n in entry.needs if not (st := status(get(n), root)).startswith("present")]
+        return "present" + (f" ({'; '.join(needs)})" if needs else "")
     if stamped and len(stamped) < len(entry.files):
         return (f"incomplete ({len(stamped)} of {len(entry.files)} files prepared; rerun "
                 f"`mlic data prepare {entry.key}`)")

@@ -46,6 +46,9 @@ class DatasetEntry:
     marker: str  # a path under $MLIC_DATA that exists once the dataset is prepared
     needs: tuple[str, ...] = ()  # other datasets this one uses (e.g. VOC-LT uses VOC2012 images)
     notes: str = ""
+    #: further paths that must exist for the dataset to be usable, each a tuple of alternatives (one is enough);
+    #: for data placed by hand in one of several layouts (NUS-WIDE)
+    also: tuple[tuple[str, ...], ...] = ()
     extra: dict = field(default_factory=dict)
 
 
@@ -150,6 +153,10 @@ DATASETS: dict[str, DatasetEntry] = {
     "nuswide": DatasetEntry(
         "nuswide", "NUS-WIDE (user-supplied images)", (),
         marker="nuswide/Flickr",
+        also=(("nuswide/Concepts81.txt", "nuswide/ConceptsList/Concepts81.txt"),
+              ("nuswide/ImageList/TrainImagelist.txt", "nuswide/ImageList/ImageList/TrainImagelist.txt"),
+              ("nuswide/ImageList/TestImagelist.txt", "nuswide/ImageList/ImageList/TestImagelist.txt"),
+              ("nuswide/Groundtruth/TrainTestLabels",)),
         notes=("NUS-WIDE images are not redistributed by their authors any more: place the 'Flickr' image "
                "folder and the official lists (Concepts81.txt, ImageList/, Groundtruth/TrainTestLabels/) under "
                "$MLIC_DATA/nuswide/; mlic_lib.data.nuswide reads that layout."),
