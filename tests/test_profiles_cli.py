@@ -470,12 +470,16 @@ def test_overrides_in_the_cli_form_are_accepted(overrides):
     ("ltml", {"model.backbone": "efficientnet_lite0"}, r"backbone must be small_resnet or one of resnet18"),
     ("assocformer", {"model.backbone": "cvt_13"}, r"timm has no model 'cvt_13' \(CvT is not in timm"),
     ("indeed", {"model.name": "vgg19"}, r"model.name must be 'simple_cnn' \(ML-MNIST\) or 'vgg16'"),
-    ("psd", {"data": None}, r"the data section must be a mapping of settings, got None; .* -o data.n_train=200"),
+    ("psd", {"data": None}, r"'data' is a section that no profile turns off: null is not accepted; .* -o data\."),
+    ("splicemix", {"train": None}, r"'train' is a section that no profile turns off"),
+    ("ltml", {"data.head_min": "abc"}, r"'data.head_min' takes a number \(like 100\), got 'abc'"),
+    ("indeed", {"lambda_sweep": "abc"}, r"'lambda_sweep' is a section, not a value"),
     ("psd", {"data.n_train": -5}, r"data.n_train must be a whole number of images >= 1, got -5"),
     ("ltml", {"data.n_test": 0}, r"data.n_test must be a whole number of images >= 1, got 0"),
     ("assocformer", {"data.n_test": 2.5}, r"data.n_test must be a whole number of images >= 1, got 2.5"),
     ("splicemix", {"data.n_bias_test": 0}, r"data.n_bias_test must be a whole number of images >= 1"),
-    ("primer", {"data.scenes": None}, r"data.scenes must be a mapping \(\{\} for the defaults\)"),
+    ("primer", {"data.scenes": None}, r"'data.scenes' is a section that no profile turns off"),
+    ("splicemix", {"data.scenes": 5}, r"data.scenes must be a mapping \(\{\} for the defaults\)"),
     ("psd", {"data.scenes.canvas": -3}, r"^data.scenes: scale_range .* fit the -3px canvas"),
     ("psd", {"data.data_seed": -1}, r"data.data_seed must be a whole number >= 0, got -1"),
     ("psd", {"data.dta_seed": 1}, r"unknown parameter 'data.dta_seed' .*did you mean 'data.data_seed'"),
@@ -510,3 +514,20 @@ def test_data_overrides_that_are_valid_pass_the_data_check():
     for chapter in ("psd", "ltml", "assocformer"):  # a real dataset: null = all its images
         assert load_profile(chapter, "full", {"data.n_train": None})["data"]["n_train"] is None
         assert load_profile(chapter, "full", {"data.subset_seed": 3})["data"]["subset_seed"] == 3
+
+
+@pytest.mark.parametrize("chapter, overrides, message", [
+    ("ltml", {"data.dataset": "coco2099"}, r"^data: unknown real dataset 'coco2099'; choose one of"),
+    ("splicemix", {"data.real.dataset": "vocXXXX"}, r"^data.real: unknown real dataset 'vocXXXX'"),
+    ("splicemix", {"data.real.difficult_train": "maybe"}, r"^data.real: difficult_train must be one of"),
+    ("psd", {"data.image_size": 0}, r"^data: image_size must be a whole number of pixels >= 1, got 0"),
+    ("psd", {"data.normalize": "bgr"}, r"^data: normalize must be one of \('imagenet', 'none'\)"),
+])
+def test_real_data_options_are_checked_before_a_kernel_starts(chapter, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        load_profile(chapter, "full", overrides)
+
+
+def test_null_turns_off_an_optional_section_only():
+    assert load_profile("splicemix", "full", {"data.real": None})["data"]["real"] is None  # scenes only
+    assert load_profile("indeed", "smoke", {"lambda_sweep": None})["lambda_sweep"] is None

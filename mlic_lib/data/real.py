@@ -36,7 +36,7 @@ import numpy as np
 from .images import ImageListDataset
 from .presets import eval_preset, train_preset
 
-__all__ = ["REAL_DATASETS", "RealData", "is_real", "real_data", "subset"]
+__all__ = ["REAL_DATASETS", "RealData", "check_options", "is_real", "real_data", "subset"]
 
 REAL_DATASETS = ("voc2007", "coco2014", "coco2017", "voc_lt", "coco_lt", "nuswide")
 _KEYS = {"dataset", "image_size", "augment", "normalize", "resize", "difficult_train", "difficult_eval", "n_train",
@@ -91,6 +91,27 @@ def subset(ds: ImageListDataset, n: int | None, seed: int = 0) -> ImageListDatas
                             ids=[ds.ids[i] for i in idx] if ds.ids is not None else None)
 
 
+def check_options(data: Mapping[str, Any]) -> None:
+    """Check a real dataset's ``data:`` section without reading any file: known keys, a known ``dataset``, an
+    ``image_size`` >= 1 and known ``normalize`` / ``resize`` / difficulty policies (``ValueError`` naming the key)."""
+    from .presets import NORMALIZE, RESIZES
+    from .voc import _DIFFICULT_POLICIES
+
+    unknown = set(data) - _KEYS
+    if unknown:
+        raise ValueError(f"unknown data option(s) {sorted(unknown)} for a real dataset; valid: {sorted(_KEYS)}")
+    name = data.get("dataset")
+    if name not in REAL_DATASETS:
+        raise ValueError(f"unknown real dataset {name!r}; choose one of {REAL_DATASETS}")
+    size = data.get("image_size", 448)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"image_size must be a whole number of pixels >= 1, got {size!r}")
+    for key, allowed in (("normalize", NORMALIZE), ("resize", RESIZES), ("difficult_train", _DIFFICULT_POLICIES),
+                         ("difficult_eval", _DIFFICULT_POLICIES)):
+        if data.get(key) is not None and data[key] not in allowed:
+            raise ValueError(f"{key} must be one of {allowed}, got {data[key]!r}")
+
+
 def real_data(data: Mapping[str, Any]) -> RealData:
     """Build the datasets that a profile's ``data:`` section names (see the module docstring).
 
@@ -106,12 +127,8 @@ def real_data(data: Mapping[str, Any]) -> RealData:
     from .nuswide import nuswide_dataset
     from .voc import voc_dataset
 
-    unknown = set(data) - _KEYS
-    if unknown:
-        raise ValueError(f"unknown data option(s) {sorted(unknown)} for a real dataset; valid: {sorted(_KEYS)}")
-    name = data.get("dataset")
-    if name not in REAL_DATASETS:
-        raise ValueError(f"unknown real dataset {name!r}; choose one of {REAL_DATASETS}")
+    check_options(data)
+    name = data["dataset"]
     size = int(data.get("image_size", 448))
     norm, resize = data.get("normalize", "imagenet"), data.get("resize", "pil")
     train_tf, test_tf = train_preset(size, data.get("augment"), norm, resize), eval_preset(size, norm, resize)

@@ -127,6 +127,13 @@ def check_data_section(data: Any) -> None:
                          "instead, e.g. -o data.n_train=200")
     real = data.get("dataset") not in (None, "scenes")
     _check_data_keys(data, "data", real)
+    if real:
+        from mlic_lib.data.real import check_options
+
+        try:
+            check_options(data)
+        except ValueError as err:
+            raise ValueError(f"data: {err}") from None
     if "scenes" in data:
         scenes = data["scenes"]
         if not isinstance(scenes, Mapping):
@@ -141,6 +148,12 @@ def check_data_section(data: Any) -> None:
         if not isinstance(data["real"], Mapping):
             raise ValueError(f"data.real must be a mapping (a real dataset's settings) or null, got {data['real']!r}")
         _check_data_keys(data["real"], "data.real", True)
+        from mlic_lib.data.real import check_options
+
+        try:
+            check_options(data["real"])
+        except ValueError as err:
+            raise ValueError(f"data.real: {err}") from None
 
 
 def parse_overrides(items: str | list[str] | tuple[str, ...]) -> dict[str, Any]:
@@ -306,8 +319,12 @@ def load_profile(chapter: str, profile: str = "default",
             value = _typed(leaf, value, kind)
         else:
             found, ref = _lookup(settings, key)
-            if not found:
+            if not found or ref is None:  # absent, or off in this profile: the kind of value another profile gives
                 ref = reference(key)
+            optional = key in nullable or not all(_lookup(prof, key)[0] for prof in data.values())
+            if value is None and isinstance(ref, Mapping) and ref and not optional:
+                raise ValueError(f"{key!r} is a section that no profile turns off: null is not accepted; override "
+                                 f"one of its keys instead, e.g. -o {key}.{next(iter(ref))}=...")
             if value is None and isinstance(ref, (int, float)) and key not in nullable:
                 raise ValueError(f"parameter {key!r} cannot be null (no profile turns it off); give a value like "
                                  f"{ref!r}")  # names and lists may be null (model.weights=null: from scratch)
