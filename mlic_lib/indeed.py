@@ -989,8 +989,8 @@ def budget_trace(settings: Mapping[str, Any], epochs: int, n_labels: Sequence[in
 def budget_trace_table(records: Sequence[Mapping[str, Any]], at: Sequence[int] | None = None):
     """Mean validation mAP (%) over N and seeds of :func:`budget_trace`'s ``records`` by epoch: one row per method,
     columns ``epoch e`` for each ``e`` in ``at`` (1-based; default every epoch), then ``best``, ``best at epoch`` and
-    ``within 1 point of its best from epoch`` (the first epoch from which the mean stays within 1 point of its
-    best)."""
+    ``first within 1 point of its best`` (the first epoch whose mean is at least ``best - 1``: where the curve
+    reaches its plateau; it may fall off again later, as the last column of ``at`` shows)."""
     import pandas as pd
 
     if not records:
@@ -1006,10 +1006,9 @@ def budget_trace_table(records: Sequence[Mapping[str, Any]], at: Sequence[int] |
     for method in dict.fromkeys(r["method"] for r in records):
         curve = 100 * np.mean([r["val_mAP"] for r in records if r["method"] == method], axis=0)
         best = float(curve.max())
-        near = np.flatnonzero(curve < best - 1.0)
         rows[method] = {**{f"epoch {e}": float(curve[e - 1]) for e in at}, "best": best,
                         "best at epoch": int(curve.argmax()) + 1,
-                        "within 1 point of its best from epoch": int(near.max()) + 2 if len(near) else 1}
+                        "first within 1 point of its best": int(np.argmax(curve >= best - 1.0)) + 1}
     return pd.DataFrame(rows).T
 
 

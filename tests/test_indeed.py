@@ -454,6 +454,40 @@ def test_the_profiles_lambdas_are_the_committed_sweeps_choice():
         assert {indeed.MAIN_METHODS[m]["norm"]: v for m, v in chosen.items()} == lam, profile
 
 
+def test_the_committed_budget_trace_is_the_default_recipe_and_its_table_is_the_mean_curve():
+    """The budget check the chapter's introduction reports: the default profile's recipe on validation data, with
+    the profile's lambdas; the table's columns are the mean curve over N and seeds read at those epochs."""
+    from mlic_lib.profiles import load_profile
+
+    rec = indeed.load_budget_trace_record()
+    call, records = rec["call"], rec["records"]
+    assert call["profile"] == "indeed/default" and call["epochs"] > load_profile("indeed", "default")["train"]["epochs"]
+    assert len(records) == len(call["n_labels"]) * len(call["seeds"]) * len(indeed.MAIN_METHODS)
+    assert {len(r["val_mAP"]) for r in records} == {call["epochs"]}
+    lam = load_profile("indeed", "default")["indeed"]["lam"]
+    for r in records:
+        spec = indeed.MAIN_METHODS[r["method"]]
+        assert r["lam"] == (None if spec["kind"] == "baseline" else lam[spec["norm"]])
+    table = indeed.budget_trace_table(records, at=[1, call["epochs"]])
+    for method, row in table.iterrows():
+        curve = 100 * np.mean([r["val_mAP"] for r in records if r["method"] == method], axis=0)
+        assert row["epoch 1"] == pytest.approx(curve[0]) and row["best"] == pytest.approx(curve.max())
+        first = int(row["first within 1 point of its best"])
+        assert curve[first - 1] >= curve.max() - 1 > curve[: first - 1].max(initial=-np.inf)
+
+
+def test_budget_trace_table_bad_input():
+    recs = [{"method": "a", "val_mAP": [0.1, 0.2]}, {"method": "b", "val_mAP": [0.1]}]
+    with pytest.raises(ValueError, match="same number of epochs"):
+        indeed.budget_trace_table(recs)
+    with pytest.raises(ValueError, match=r"in 1\.\.2"):
+        indeed.budget_trace_table(recs[:1], at=[3])
+    with pytest.raises(ValueError, match="no budget-trace records"):
+        indeed.budget_trace_table([])
+    with pytest.raises(ValueError, match="epochs must be >= 1"):
+        indeed.budget_trace({"train": {}, "data": {}}, 0, [2], [0])
+
+
 def test_a_lambda_sweep_record_without_its_parts_is_a_clear_error(tmp_path):
     bad = tmp_path / "sweep.json"
     bad.write_text('{"records": []}')
