@@ -250,6 +250,26 @@ def splicemix_from_options(options: dict | None = None) -> SpliceMix:
                      mixed_size=o.get("mixed_size", 0.25), fill=o.get("fill", 0.0))
 
 
+def check_mixing(options: Any) -> None:
+    """Check a profile's ``mixing`` section: the SpliceMix options (:func:`splicemix_from_options`), Mixup / CutMix's
+    ``alpha`` > 0, ``cl_weight`` >= 0, ``cl_detach`` true or false and ``cl_form`` in :data:`CL_FORMS`; raises
+    ``ValueError`` naming the key."""
+    if not isinstance(options, Mapping):
+        raise ValueError(f"mixing must be a mapping of the methods' options, got {options!r}")
+    try:
+        splicemix_from_options(dict(options))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"mixing: {err}") from None
+    o = options
+    for key, ok, want in (("alpha", lambda v: v > 0, "a number > 0"), ("cl_weight", lambda v: v >= 0, "a number >= 0")):
+        if key in o and (isinstance(o[key], bool) or not isinstance(o[key], (int, float)) or not ok(o[key])):
+            raise ValueError(f"mixing.{key} must be {want}, got {o[key]!r}")
+    if "cl_detach" in o and not isinstance(o["cl_detach"], bool):
+        raise ValueError(f"mixing.cl_detach must be true or false, got {o['cl_detach']!r}")
+    if "cl_form" in o and o["cl_form"] not in CL_FORMS:
+        raise ValueError(f"mixing.cl_form must be one of {CL_FORMS}, got {o['cl_form']!r}")
+
+
 def check_methods(methods: Any, key: str = "methods") -> None:
     """Check a profile's list of methods (``methods``, ``regime_check.methods``): a non-empty list of distinct
     names from :data:`METHODS`; raises ``ValueError`` naming the key."""

@@ -79,6 +79,7 @@ VALUE_CHECKS = {
     "indeed": {"indeed": ("mlic_lib.indeed", "check_options"), "model.name": ("mlic_lib.indeed", "check_model_name")},
     "ltml": {"model.backbone": ("mlic_lib.models.ltml", "check_two_branch_backbone")},
     "splicemix": {"methods": ("mlic_lib.splicemix_cl", "check_methods"),
+                  "mixing": ("mlic_lib.splicemix_cl", "check_mixing"),
                   "regime_check": ("mlic_lib.splicemix_cl", "check_regime"),
                   "parallel": ("mlic_lib.process_pool", "check_parallel"),
                   "model.backbone": _BACKBONE},
