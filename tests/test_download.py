@@ -108,6 +108,9 @@ def test_prepare_downloads_verifies_unpacks_and_skips_on_rerun(server, tmp_path,
     handler.files["/fake.tar"] = VOC_TAR
     _entry(monkeypatch, url, VOC_TAR)
     (tmp_path / "MLIC_FAKE_DATA.txt").write_text("fake\nmnist\n")  # as if `mlic data fake --force` had been here
+    marker = tmp_path / "VOCdevkit/VOC2007/ImageSets/Main/test.txt"
+    marker.parent.mkdir(parents=True)
+    marker.write_text("synthetic\n")  # its marker, without stamps: not taken for the real dataset
     marker = download.prepare("fake", tmp_path, progress=False)
     assert marker.read_text() == "000001\n"
     assert (tmp_path / "VOCdevkit/VOC2007/Annotations/000001.xml").is_file()

@@ -284,8 +284,11 @@ def prepare(key: str, root: Path | None = None, progress: bool = True, allow_unv
     root = Path(root) if root is not None else data_root()
     if not entry.files:
         raise RuntimeError(f"{entry.title}: nothing to download. {entry.notes}")
+    from .fake import fake_names, forget_fake
+
     marker = root / entry.marker
-    if not force and marker.exists() and not any(_stamp(root, entry, f).is_file() for f in entry.files):
+    if (not force and marker.exists() and not any(_stamp(root, entry, f).is_file() for f in entry.files)
+            and key not in fake_names(root)):  # synthetic files from `mlic data fake` are replaced by the real ones
         print(f"{entry.title} is already present under {root} ({entry.marker}); use --force to download and unpack "
               "it again", file=sys.stderr)
         return marker
@@ -295,8 +298,6 @@ def prepare(key: str, root: Path | None = None, progress: bool = True, allow_unv
     if not marker.exists():
         raise RuntimeError(f"{entry.title}: every file was downloaded, verified and unpacked, but {marker} is "
                            "missing: the archives do not hold what mlic_lib/data/registry.py expects")
-    from .fake import forget_fake
-
     forget_fake(root, key)  # real files now, where `mlic data fake --force` had written synthetic ones
     missing = [n for n in entry.needs if status(get(n), root) != "present"]
     if missing:
