@@ -123,14 +123,14 @@ def check_data_section(data: Any) -> None:
     ``subset_seed`` whole numbers >= 0; ``downsample`` >= 1; ``scenes`` a mapping that
     :class:`~mlic_lib.data.scenes.SceneSpec` accepts; ``real`` (SpliceMix's real-data part) null or a mapping
     checked the same way."""
+    from mlic_lib.data.real import check_options
+
     if not isinstance(data, Mapping):
         raise ValueError(f"the data section must be a mapping of settings, got {data!r}; override one of its keys "
                          "instead, e.g. -o data.n_train=200")
     real = data.get("dataset") not in (None, "scenes")
     _check_data_keys(data, "data", real)
     if real:
-        from mlic_lib.data.real import check_options
-
         try:
             check_options(data)
         except ValueError as err:
@@ -149,8 +149,6 @@ def check_data_section(data: Any) -> None:
         if not isinstance(data["real"], Mapping):
             raise ValueError(f"data.real must be a mapping (a real dataset's settings) or null, got {data['real']!r}")
         _check_data_keys(data["real"], "data.real", True)
-        from mlic_lib.data.real import check_options
-
         try:
             check_options(data["real"])
         except ValueError as err:
