@@ -72,10 +72,11 @@ def scene_data(settings: Mapping[str, Any], use_cache: bool = True) -> SceneData
     ``data.data_seed`` (default 0) picks another draw of the same world. It is a profile setting, not an argument,
     so that it is part of every cache key built from the profile's ``data`` section: a run trained on one draw is
     never loaded for another."""
+    from mlic_lib.profiles import check_data_section
+
     d = settings["data"]
+    check_data_section(d)  # the profile loader's check, for settings built by hand too
     data_seed = d.get("data_seed", 0)
-    if isinstance(data_seed, bool) or not isinstance(data_seed, int) or data_seed < 0:
-        raise ValueError(f"data.data_seed must be a whole number >= 0, got {data_seed!r}")
     spec = SceneSpec.from_dict(d.get("scenes", {}))
     train = cached_scenes(int(d["n_train"]), spec, 2 * data_seed + 1, "train", use_cache=use_cache)
     test = cached_scenes(int(d["n_test"]), spec, 2 * data_seed + 2, "test", use_cache=use_cache)

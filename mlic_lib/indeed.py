@@ -938,6 +938,14 @@ def run_methods(settings: Mapping[str, Any], methods: Mapping[str, Mapping[str, 
     return records
 
 
+def _validation_datasets(settings: Mapping[str, Any], n_labels: Sequence[int], data_seed: int) -> dict[int, IndeedData]:
+    """``{N: indeed_data(validation=True)}``: canvases of the training images less a held-out share, scored on
+    single-label canvases of that share (draw ``data_seed``); the chapter's test canvases take no part."""
+    pools: dict = {}
+    return {int(n): indeed_data(settings["data"], int(n), data_seed=data_seed, pools=pools, validation=True)
+            for n in n_labels}
+
+
 def lambda_sweep(settings: Mapping[str, Any], lams: Sequence[float], n_labels: Sequence[int], seeds: Sequence[int],
                  data_seed: int = 1, methods: Mapping[str, Mapping[str, Any]] | None = None, *,
                  parallel: str | None = None, progress: bool = True) -> list[dict[str, Any]]:
@@ -948,9 +956,7 @@ def lambda_sweep(settings: Mapping[str, Any], lams: Sequence[float], n_labels: S
     test canvases nor their images take part. Records as in :func:`run_methods`, with ``lam`` added (``None`` for
     the baseline); pick the value with the best mean validation mAP per variant."""
     methods = dict(methods or {k: v for k, v in MAIN_METHODS.items() if v["kind"] != "baseline"})
-    pools: dict = {}
-    datasets = {int(n): indeed_data(settings["data"], int(n), data_seed=data_seed, pools=pools, validation=True)
-                for n in n_labels}
+    datasets = _validation_datasets(settings, n_labels, data_seed)
     out = [{**r, "lam": None} for r in run_methods(settings, {"Baseline": MAIN_METHODS["Baseline"]}, n_labels,
                                                    seeds, datasets, parallel=parallel, progress=progress)]
     for lam in lams:
@@ -974,9 +980,7 @@ def budget_trace(settings: Mapping[str, Any], epochs: int, n_labels: Sequence[in
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     methods = dict(methods or MAIN_METHODS)
     s = {**settings, "train": {**settings["train"], "epochs": int(epochs), "eval_every": 1}}
-    pools: dict = {}
-    datasets = {int(n): indeed_data(settings["data"], int(n), data_seed=data_seed, pools=pools, validation=True)
-                for n in n_labels}
+    datasets = _validation_datasets(settings, n_labels, data_seed)
     out = []
     for r in run_methods(s, methods, n_labels, seeds, datasets, parallel=parallel, progress=progress):
         spec = methods[r["method"]]
