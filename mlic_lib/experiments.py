@@ -72,7 +72,7 @@ def scene_data(settings: Mapping[str, Any], use_cache: bool = True) -> SceneData
     ``data.data_seed`` (default 0) picks another draw of the same world. It is a profile setting, not an argument,
     so that it is part of every cache key built from the profile's ``data`` section: a run trained on one draw is
     never loaded for another."""
-    from mlic_lib.profiles import check_data_section
+    from mlic_lib.data.section import check_data_section
 
     d = settings["data"]
     check_data_section(d)  # the profile loader's check, for settings built by hand too

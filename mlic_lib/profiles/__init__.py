@@ -84,75 +84,13 @@ VALUE_CHECKS = {
                   "parallel": ("mlic_lib.process_pool", "check_parallel"),
                   "model.backbone": _BACKBONE},
 }
-_DATA = ("mlic_lib.profiles", "check_data_section")
+_DATA = ("mlic_lib.data.section", "check_data_section")
 for _checks in VALUE_CHECKS.values():
     _checks["data"] = _DATA
 #: chapter -> {key: (module, function)} like :data:`VALUE_CHECKS`, for checks that need the whole settings
 #: (SpliceMix's regime check compares methods that section 3 trained too).
 SETTINGS_CHECKS = {"splicemix": {"regime_check": ("mlic_lib.splicemix_cl", "check_regime_methods"),
                                  "methods": ("mlic_lib.splicemix_cl", "check_regime_methods")}}
-
-
-_COUNTS = ("n_train", "n_test", "n_bias_test")  # numbers of images
-_SEEDS = ("data_seed", "subset_seed")
-
-
-def _check_data_keys(data: Mapping[str, Any], where: str, real: bool) -> None:
-    for key in _COUNTS:
-        if key not in data:
-            continue
-        v = data[key]
-        if v is None and real:
-            continue  # a real dataset: null = all its images
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{where}.{key} must be a whole number of images >= 1"
-                             + (" or null (all of them)" if real else "") + f", got {v!r}; e.g. -o {where}.{key}=200")
-    for key in _SEEDS:
-        if key in data and (isinstance(data[key], bool) or not isinstance(data[key], int) or data[key] < 0):
-            raise ValueError(f"{where}.{key} must be a whole number >= 0, got {data[key]!r}")
-    if "downsample" in data and (isinstance(data["downsample"], bool) or not isinstance(data["downsample"], int)
-                                 or data["downsample"] < 1):
-        raise ValueError(f"{where}.downsample must be a whole number >= 1 (1 = full resolution), got "
-                         f"{data['downsample']!r}")
-
-
-def check_data_section(data: Any) -> None:
-    """Check a profile's ``data`` section after an override touched it, so that a bad value fails now with the key's
-    name rather than minutes into a chapter: the section must be a mapping; the numbers of images (``n_train``,
-    ``n_test``, ``n_bias_test``) whole numbers >= 1, or ``null`` (all images) for a real dataset; ``data_seed`` and
-    ``subset_seed`` whole numbers >= 0; ``downsample`` >= 1; ``scenes`` a mapping that
-    :class:`~mlic_lib.data.scenes.SceneSpec` accepts; ``real`` (SpliceMix's real-data part) null or a mapping
-    checked the same way."""
-    from mlic_lib.data.real import check_options
-
-    if not isinstance(data, Mapping):
-        raise ValueError(f"the data section must be a mapping of settings, got {data!r}; override one of its keys "
-                         "instead, e.g. -o data.n_train=200")
-    real = data.get("dataset") not in (None, "scenes")
-    _check_data_keys(data, "data", real)
-    if real:
-        try:
-            check_options(data)
-        except ValueError as err:
-            raise ValueError(f"data: {err}") from None
-    if "scenes" in data:
-        scenes = data["scenes"]
-        if not isinstance(scenes, Mapping):
-            raise ValueError(f"data.scenes must be a mapping ({{}} for the defaults), got {scenes!r}")
-        from mlic_lib.data.scenes import SceneSpec
-
-        try:
-            SceneSpec.from_dict(scenes)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"data.scenes: {err}") from None
-    if data.get("real") is not None:
-        if not isinstance(data["real"], Mapping):
-            raise ValueError(f"data.real must be a mapping (a real dataset's settings) or null, got {data['real']!r}")
-        _check_data_keys(data["real"], "data.real", True)
-        try:
-            check_options(data["real"])
-        except ValueError as err:
-            raise ValueError(f"data.real: {err}") from None
 
 
 def parse_overrides(items: str | list[str] | tuple[str, ...]) -> dict[str, Any]:
