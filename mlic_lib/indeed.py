@@ -87,6 +87,7 @@ __all__ = [
     "IndeedData",
     "VGG16Net",
     "budget_trace",
+    "budget_trace_curves",
     "budget_trace_table",
     "build_indeed_model",
     "cell_boxes",
@@ -990,6 +991,18 @@ def budget_trace(settings: Mapping[str, Any], epochs: int, n_labels: Sequence[in
     return out
 
 
+def budget_trace_curves(records: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
+    """``{method: validation mAP (%) per epoch}``, the mean over N and seeds of :func:`budget_trace`'s ``records``
+    (methods in the order they first appear)."""
+    if not records:
+        raise ValueError("no budget-trace records to tabulate")
+    lengths = {len(r["val_mAP"]) for r in records}
+    if len(lengths) != 1:
+        raise ValueError(f"every record must trace the same number of epochs, got {sorted(lengths)}")
+    return {m: 100 * np.mean([r["val_mAP"] for r in records if r["method"] == m], axis=0)
+            for m in dict.fromkeys(r["method"] for r in records)}
+
+
 def budget_trace_table(records: Sequence[Mapping[str, Any]], at: Sequence[int] | None = None):
     """Mean validation mAP (%) over N and seeds of :func:`budget_trace`'s ``records`` by epoch: one row per method,
     columns ``epoch e`` for each ``e`` in ``at`` (1-based; default every epoch), then ``best``, ``best at epoch`` and
@@ -997,18 +1010,13 @@ def budget_trace_table(records: Sequence[Mapping[str, Any]], at: Sequence[int] |
     reaches its plateau; it may fall off again later, as the last column of ``at`` shows)."""
     import pandas as pd
 
-    if not records:
-        raise ValueError("no budget-trace records to tabulate")
-    lengths = {len(r["val_mAP"]) for r in records}
-    if len(lengths) != 1:
-        raise ValueError(f"every record must trace the same number of epochs, got {sorted(lengths)}")
-    (n_ep,) = lengths
+    curves = budget_trace_curves(records)
+    n_ep = len(next(iter(curves.values())))
     at = list(range(1, n_ep + 1)) if at is None else [int(e) for e in at]
     if any(not 1 <= e <= n_ep for e in at):
         raise ValueError(f"epochs in 'at' must be in 1..{n_ep}, got {at}")
     rows = {}
-    for method in dict.fromkeys(r["method"] for r in records):
-        curve = 100 * np.mean([r["val_mAP"] for r in records if r["method"] == method], axis=0)
+    for method, curve in curves.items():
         best = float(curve.max())
         rows[method] = {**{f"epoch {e}": float(curve[e - 1]) for e in at}, "best": best,
                         "best at epoch": int(curve.argmax()) + 1,

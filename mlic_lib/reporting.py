@@ -204,12 +204,17 @@ def borderline_note(diff: float, spread: float) -> str:
     return f" (borderline: within {BORDERLINE_FACTOR:g} times the spread)"
 
 
+def borderline_flag(diff: float, spread: float) -> str:
+    """``", borderline"`` for a borderline difference (:func:`spread_category`), else ``""``: the short form of
+    :func:`borderline_note` for tables and lists."""
+    return ", borderline" if spread_category(diff, spread) == "borderline" else ""
+
+
 def flagged_verdict(diff: float, spread: float, up: str = "higher", down: str | None = "lower", **kwargs) -> str:
-    """:func:`spread_verdict` with ``", borderline"`` appended when the difference is borderline
-    (:func:`spread_category`): the short form the book prints in tables and lists, e.g. ``"higher, borderline"``.
-    ``kwargs`` go to :func:`spread_verdict` (``within``, ``none``, ``undefined``)."""
-    v = spread_verdict(diff, spread, up, down, **kwargs)
-    return v + (", borderline" if spread_category(diff, spread) == "borderline" else "")
+    """:func:`spread_verdict` followed by :func:`borderline_flag`: the short form the book prints in tables and
+    lists, e.g. ``"higher, borderline"``. ``kwargs`` go to :func:`spread_verdict` (``within``, ``none``,
+    ``undefined``)."""
+    return spread_verdict(diff, spread, up, down, **kwargs) + borderline_flag(diff, spread)
 
 
 class PairedComparison(NamedTuple):

@@ -469,8 +469,10 @@ def test_the_committed_budget_trace_is_the_default_recipe_and_its_table_is_the_m
         spec = indeed.MAIN_METHODS[r["method"]]
         assert r["lam"] == (None if spec["kind"] == "baseline" else lam[spec["norm"]])
     table = indeed.budget_trace_table(records, at=[1, call["epochs"]])
+    curves = indeed.budget_trace_curves(records)
     for method, row in table.iterrows():
         curve = 100 * np.mean([r["val_mAP"] for r in records if r["method"] == method], axis=0)
+        np.testing.assert_allclose(curves[method], curve)
         assert row["epoch 1"] == pytest.approx(curve[0]) and row["best"] == pytest.approx(curve.max())
         first = int(row["first within 1 point of its best"])
         assert curve[first - 1] >= curve.max() - 1 > curve[: first - 1].max(initial=-np.inf)

@@ -254,6 +254,11 @@ def _stamp(root: Path, entry: DatasetEntry, file: RemoteFile) -> Path:
     return _downloads(root, entry) / f"{file.name}.prepared"
 
 
+def _has_stamps(root: Path, entry: DatasetEntry) -> bool:
+    """``mlic data prepare`` worked on ``entry`` under ``root`` (some file has a stamp); hand-placed data has none."""
+    return any(_stamp(root, entry, f).is_file() for f in entry.files)
+
+
 def _done(root: Path, entry: DatasetEntry, file: RemoteFile) -> bool:
     """``file`` has a stamp and the file it produced is still there (a stamp of an older release, the bare sha256,
     is taken at its word)."""
@@ -287,8 +292,8 @@ def prepare(key: str, root: Path | None = None, progress: bool = True, allow_unv
     from .fake import fake_names, forget_fake
 
     marker = root / entry.marker
-    if (not force and marker.exists() and not any(_stamp(root, entry, f).is_file() for f in entry.files)
-            and key not in fake_names(root)):  # synthetic files from `mlic data fake` are replaced by the real ones
+    # synthetic files from `mlic data fake` are not a present dataset: the real one replaces them
+    if not force and marker.exists() and not _has_stamps(root, entry) and key not in fake_names(root):
         print(f"{entry.title} is already present under {root} ({entry.marker}); use --force to download and unpack "
               "it again", file=sys.stderr)
         return marker
@@ -341,7 +346,7 @@ def status(entry: DatasetEntry, root: Path) -> str:
     the paths alone. A present dataset that uses another one that is not (``needs``) says so:
     ``present (needs voc2012: missing)``.
     """
-    has_stamps = any(_stamp(root, entry, f).is_file() for f in entry.files)
+    has_stamps = _has_stamps(root, entry)
     stamped = [f.name for f in entry.files if _done(root, entry, f)]
     lacking = [alts[0] for alts in entry.also if not any((root / a).exists() for a in alts)]
     if (root / entry.marker).exists() and lacking:
