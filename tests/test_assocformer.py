@@ -70,6 +70,46 @@ def test_association_module_matches_direct_formula():
     assert torch.allclose(torch.sigmoid(logits), big.association(L))
 
 
+@pytest.mark.parametrize("k", [3, 5])
+def test_association_kernel_option_matches_direct_formula_and_rank_bound(k):
+    """Eq. 4 with an odd kernel k and 'same' zero padding: K[c, j] = sum_t w_ct L[j + t - k // 2] + b_c; then
+    K is k shifted copies of L plus a bias column, so K K^T has rank k + 1 (the stated bound) for large C, d."""
+    torch.manual_seed(2)
+    c, d = 12, 16
+    am = AssociationModule(d, c, kernel_size=k)
+    L = torch.randn(3, d)
+    r = k // 2
+    Lp = torch.nn.functional.pad(L, (r, r))
+    w, b = am.key.weight.view(c, k), am.key.bias
+    K = torch.stack([sum(w[:, t, None] * Lp[:, None, t:t + d] for t in range(k)) + b[None, :, None]])[0]  # (B, C, d)
+    assert torch.allclose(am.key(L.unsqueeze(1)), K, atol=1e-5)
+    n1, A = am(L)
+    assert n1.shape == (3, c) and A.shape == (3, c, c)
+    assert torch.allclose(A, torch.sigmoid(K @ K.transpose(1, 2)), atol=1e-5)
+    Kd = K.double()
+    assert am.logit_rank_bound == k + 1 == int(torch.linalg.matrix_rank(Kd @ Kd.transpose(1, 2), rtol=1e-9).max())
+    assert AssociationModule(d, c).logit_rank_bound == 2
+    assert AssociationModule(d, 2, kernel_size=5).logit_rank_bound == 2  # at most C
+
+
+@pytest.mark.parametrize("bad", [0, 2, -1, 1.0, True, "3"])
+def test_association_kernel_size_refused_with_the_fix(bad):
+    with pytest.raises(ValueError, match=r"model\.kernel_size.*odd whole number.*use 1"):
+        AssociationModule(8, 4, kernel_size=bad)
+
+
+def test_kernel_size_override_is_checked_and_reaches_the_model():
+    from mlic_lib.models.assocformer import initial_assocformer
+    from mlic_lib.profiles import load_profile
+
+    with pytest.raises(ValueError, match="kernel_size"):
+        load_profile("assocformer", "smoke", {"model.kernel_size": 2})
+    settings = load_profile("assocformer", "smoke", {"model.kernel_size": 3})
+    assert load_profile("assocformer", "smoke")["model"]["kernel_size"] == 1  # the book's reading by default
+    model = initial_assocformer(settings["model"], 5, seed=0)
+    assert model.am.key.kernel_size == (3,) and model.am.logit_rank_bound == 4
+
+
 def test_association_gradients_reach_every_parameter():
     torch.manual_seed(0)
     m = _head(8, 5)

@@ -1,10 +1,11 @@
 """AssocFormer (Xing et al., BMVC 2022): a transformer backbone + an association module (AM).
 
-No code is public. The paper's Sec. 3.4 is ambiguous about shapes; the only reading consistent with
-all of Eqs. 4-7 (``L in R^d``, ``{K, M} in R^{C x d}``, ``A in R^{C x C}``, ``N1 in R^C``) is:
+No code is public. The paper's Sec. 3.4 is ambiguous about shapes. The reading here (DESIGN.md's) fits all of
+Eqs. 4-7 (``L in R^d``, ``{K, M} in R^{C x d}``, ``A in R^{C x C}``, ``N1 in R^C``):
 
 * Eq. 4: ``K = Conv1d(1 -> C, kernel 1)(L.unsqueeze(1))`` and likewise ``M`` (separate weights):
-  ``(B, d) -> (B, 1, d) -> (B, C, d)``, i.e. ``K[b, c, j] = w_c * L[b, j] + b_c``;
+  ``(B, d) -> (B, 1, d) -> (B, C, d)``, i.e. ``K[b, c, j] = w_c * L[b, j] + b_c``. Eq. 4 gives no kernel size:
+  any odd kernel ``k`` with 'same' zero padding fits the shapes too (the option ``kernel_size``; 1 by default);
 * Eq. 5: ``A = sigmoid(K K^T)``: ``(B, C, C)``, one symmetric matrix per image with entries in (0, 1);
 * Eq. 6: ``N1 = Conv1d(d -> 1, kernel 1)(M^T A)``: ``M^T A`` is ``(B, d, C)``, so ``N1`` is ``(B, C)``;
 * Eq. 7: ``O = alpha * N1 + beta * N2`` with ``N2 = fc(L)`` (``nn.Linear(d, C)``) and the paper's three
@@ -12,11 +13,13 @@ all of Eqs. 4-7 (``L in R^d``, ``{K, M} in R^{C x d}``, ``A in R^{C x C}``, ``N1
   ``'learnable'`` (alpha a learnable scalar, beta = 1). ``'backbone'`` (alpha = 0, beta = 1, no AM
   at all) is the "backbone without AM" comparison of Table 1 (COCO) and the text of Sec. 4.2.2 (VOC).
 
-A consequence of this reading, shown in the chapter: ``K K^T[c, c'] = w_c w_c' |L|^2 + (w_c b_c' + b_c w_c') sum(L)
-+ d b_c b_c'``: ``K = w L^T + b 1^T`` has rank <= 2, so the per-image ``K K^T`` (``A`` before the sigmoid) has rank
-<= 2 and depends on the image only through ``|L|^2`` and ``sum(L)``. There is no authors' code, so there is no code
-variant; the optional ``scale`` multiplies ``K K^T`` (e.g. ``1 / d`` against sigmoid saturation) and is off (1.0) by
-default, as in the paper.
+A consequence of the kernel-1 reading, shown in the chapter: ``K K^T[c, c'] = w_c w_c' |L|^2 + (w_c b_c' + b_c
+w_c') sum(L) + d b_c b_c'``: ``K = w L^T + b 1^T`` has rank <= 2, so the per-image ``K K^T`` (``A`` before the
+sigmoid) has rank <= 2 and depends on the image only through ``|L|^2`` and ``sum(L)``. With a kernel of size ``k``
+each row of ``K`` combines ``k`` shifted copies of ``L`` and the bias, so the rank bound is ``k + 1``
+(:attr:`AssociationModule.logit_rank_bound`). There is no authors' code, so there is no code variant; the optional
+``scale`` multiplies ``K K^T`` (e.g. ``1 / d`` against sigmoid saturation) and is off (1.0) by default, as in the
+paper.
 
 The loss (Eqs. 8-9) is in :mod:`mlic_lib.assoc_losses`; :class:`AssocFormerStep` plugs it into
 :func:`mlic_lib.engine.fit`. The backbone is any timm transformer used as a pooled-embedding extractor
@@ -58,6 +61,15 @@ __all__ = [
 FUSIONS: tuple[str, ...] = ("equal", "single", "learnable", "backbone")
 
 
+def check_kernel_size(kernel_size: object) -> None:
+    """Raise ``ValueError`` unless ``kernel_size`` (Eq. 4's convolution, the chapter's ``model.kernel_size``) is an
+    odd whole number >= 1, the sizes for which 'same' padding keeps the ``d`` columns of ``K``."""
+    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size (the chapter's model.kernel_size) must be an odd whole number >= 1 (so that K "
+                         f"keeps d columns with 'same' padding); got {kernel_size!r}: use 1 for the book's reading "
+                         "of Eq. 4, or 3, 5, ...")
+
+
 class AssociationModule(nn.Module):
     """Eqs. 4-6: ``L (B, d) -> (N1 (B, C), A (B, C, C))``.
 
@@ -66,20 +78,31 @@ class AssociationModule(nn.Module):
     embed_dim : d.
     num_classes : C.
     scale : multiplies ``K K^T`` before the sigmoid (1.0 = the paper's Eq. 5).
+    kernel_size : of Eq. 4's two convolutions over the ``d`` positions of ``L``, odd, with 'same' zero padding
+        (1 = DESIGN.md's reading; the paper gives no size).
     """
 
-    def __init__(self, embed_dim: int, num_classes: int, scale: float = 1.0):
+    def __init__(self, embed_dim: int, num_classes: int, scale: float = 1.0, kernel_size: int = 1):
         super().__init__()
         if embed_dim < 1 or num_classes < 1:
             raise ValueError(f"embed_dim and num_classes must be positive; got {embed_dim}, {num_classes}")
-        self.key = nn.Conv1d(1, num_classes, kernel_size=1)  # Eq. 4, K
-        self.value = nn.Conv1d(1, num_classes, kernel_size=1)  # Eq. 4, M
+        check_kernel_size(kernel_size)
+        pad = kernel_size // 2
+        self.key = nn.Conv1d(1, num_classes, kernel_size=kernel_size, padding=pad)  # Eq. 4, K
+        self.value = nn.Conv1d(1, num_classes, kernel_size=kernel_size, padding=pad)  # Eq. 4, M
         self.out = nn.Conv1d(embed_dim, 1, kernel_size=1)  # Eq. 6
         self.embed_dim, self.num_classes, self.scale = embed_dim, num_classes, float(scale)
+        self.kernel_size = kernel_size
+
+    @property
+    def logit_rank_bound(self) -> int:
+        """The largest rank ``K K^T`` (Eq. 5 before the sigmoid) can have: ``K`` is a combination of
+        ``kernel_size`` shifted copies of ``L`` plus a bias column, so ``min(kernel_size + 1, C, d)``."""
+        return min(self.kernel_size + 1, self.num_classes, self.embed_dim)
 
     def association_logits(self, L: Tensor) -> Tensor:
-        """Eq. 5 before the sigmoid: ``scale * K K^T``, shape ``(B, C, C)``, with ``K`` of Eq. 4 (rank at most 2:
-        ``K = w L^T + b 1^T``, see the module docstring)."""
+        """Eq. 5 before the sigmoid: ``scale * K K^T``, shape ``(B, C, C)``, with ``K`` of Eq. 4 (rank at most
+        :attr:`logit_rank_bound`: 2 with kernel 1, where ``K = w L^T + b 1^T``; see the module docstring)."""
         K = self.key(L.unsqueeze(1))  # (B, C, d)
         return self.scale * (K @ K.transpose(1, 2))
 
@@ -110,7 +133,7 @@ class AssocFormer(nn.Module):
     """
 
     def __init__(self, features: nn.Module, embed_dim: int, num_classes: int, fusion: str = "equal",
-                 alpha_init: float = 0.5, scale: float = 1.0):
+                 alpha_init: float = 0.5, scale: float = 1.0, kernel_size: int = 1):
         super().__init__()
         if fusion not in FUSIONS:
             raise ValueError(f"unknown fusion {fusion!r}; choose one of {FUSIONS}")
@@ -118,7 +141,7 @@ class AssocFormer(nn.Module):
             raise ValueError(f"num_classes must be positive, got {num_classes}")
         self.features = features
         self.fusion = fusion
-        self.am = AssociationModule(embed_dim, num_classes, scale) if fusion != "backbone" else None
+        self.am = AssociationModule(embed_dim, num_classes, scale, kernel_size) if fusion != "backbone" else None
         self.fc = nn.Linear(embed_dim, num_classes) if fusion != "single" else None
         if fusion == "learnable":
             self.alpha = nn.Parameter(torch.tensor(float(alpha_init)))
@@ -192,10 +215,11 @@ def transformer_backbone(name: str = "vit_tiny_patch16_224", pretrained: bool | 
 
 def build_assocformer(num_classes: int, backbone: str = "vit_tiny_patch16_224", fusion: str = "equal",
                       backbone_kwargs: Mapping[str, Any] | None = None, pretrained: bool | str = False,
-                      alpha_init: float = 0.5, scale: float = 1.0) -> AssocFormer:
+                      alpha_init: float = 0.5, scale: float = 1.0, kernel_size: int = 1) -> AssocFormer:
     """:class:`AssocFormer` on the timm transformer ``backbone`` (see :func:`transformer_backbone`)."""
     features, d = transformer_backbone(backbone, pretrained, **dict(backbone_kwargs or {}))
-    return AssocFormer(features, d, num_classes, fusion=fusion, alpha_init=alpha_init, scale=scale)
+    return AssocFormer(features, d, num_classes, fusion=fusion, alpha_init=alpha_init, scale=scale,
+                       kernel_size=kernel_size)
 
 
 class AssocFormerStep:
@@ -327,7 +351,8 @@ def head_cost(head: nn.Module, embed_dim: int, batch_size: int = 16, repeats: in
 # -------------------------------------------------------------------------------- experiments
 def initial_assocformer(model: Mapping[str, Any], num_classes: int, seed: int = 0, fusion: str = "equal") -> nn.Module:
     """The untrained AssocFormer that :func:`train_assocformer` starts from with this ``seed``: the profile's
-    ``model`` section (``backbone``, ``backbone_kwargs``, ``pretrained``, ``alpha_init``, ``scale``) built right
+    ``model`` section (``backbone``, ``backbone_kwargs``, ``pretrained``, ``alpha_init``, ``scale``,
+    ``kernel_size``) built right
     after ``seed_everything(seed)``, which reseeds the global Python, NumPy and torch generators. A chapter compares
     a trained model with it to see what training changed."""
     from mlic_lib.utils import seed_everything
@@ -335,7 +360,8 @@ def initial_assocformer(model: Mapping[str, Any], num_classes: int, seed: int = 
     seed_everything(seed)
     return build_assocformer(num_classes, model.get("backbone", "vit_tiny_patch16_224"), fusion,
                              model.get("backbone_kwargs"), model.get("pretrained", False),
-                             float(model.get("alpha_init", 0.5)), float(model.get("scale", 1.0)))
+                             float(model.get("alpha_init", 0.5)), float(model.get("scale", 1.0)),
+                             model.get("kernel_size", 1))
 
 
 def train_assocformer(settings: Mapping[str, Any], data, seed: int = 0, regularizer: str = "l2",
@@ -344,8 +370,9 @@ def train_assocformer(settings: Mapping[str, Any], data, seed: int = 0, regulari
     or anything with ``train_ds``, ``test_ds``, ``num_classes``) with the profile's settings.
 
     ``settings['model']``: ``backbone`` (timm name), ``backbone_kwargs``, ``pretrained``, ``scale``,
-    ``alpha_init``; ``settings['loss']``: ``theta``, ``gamma_pos``, ``gamma_neg``, ``clip``, ``reduction``;
-    ``settings['train']``: :class:`~mlic_lib.engine.TrainConfig` fields. Returns the engine's ``FitResult``.
+    ``kernel_size``, ``alpha_init``; ``settings['loss']``: ``theta``, ``gamma_pos``, ``gamma_neg``, ``clip``,
+    ``reduction``; ``settings['train']``: :class:`~mlic_lib.engine.TrainConfig` fields. Returns the engine's
+    ``FitResult``.
     """
     from mlic_lib.engine import TrainConfig, fit, run_dir_for
 

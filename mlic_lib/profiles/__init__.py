@@ -75,7 +75,8 @@ _BACKBONE = ("mlic_lib.models.backbones", "check_backbone")
 VALUE_CHECKS = {
     "primer": {"model.backbone": _BACKBONE},
     "psd": {"psd": ("mlic_lib.psd", "check_options"), "model.backbone": _BACKBONE},
-    "assocformer": {"model.backbone": ("mlic_lib.models.assocformer", "check_transformer_name")},
+    "assocformer": {"model.backbone": ("mlic_lib.models.assocformer", "check_transformer_name"),
+                    "model.kernel_size": ("mlic_lib.models.assocformer", "check_kernel_size")},
     "indeed": {"indeed": ("mlic_lib.indeed", "check_options"), "model.name": ("mlic_lib.indeed", "check_model_name")},
     "ltml": {"model.backbone": ("mlic_lib.models.ltml", "check_two_branch_backbone")},
     "splicemix": {"methods": ("mlic_lib.splicemix_cl", "check_methods"),
