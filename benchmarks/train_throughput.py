@@ -29,15 +29,21 @@ from mlic_lib.mixing import SpliceMix
 from mlic_lib.models import build_model
 from mlic_lib.splicemix_cl import SpliceMixStep
 
-# dense bf16 tensor-core peaks in TFLOP/s (vendor data sheets, SXM parts)
-BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+# dense bf16 tensor-core peaks in TFLOP/s (vendor data sheets), matched against the device name in this order: the
+# PCIe and NVL parts before the SXM parts, whose names (e.g. "NVIDIA H100 80GB HBM3") carry no form factor
+BF16_PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H200 NVL": 835.0, "H100": 989.0, "H200": 989.0,
+                    "A100": 312.0}
+
+
+def peak_tflops(name: str) -> float | None:
+    """The dense bf16 peak of the GPU called ``name`` (``torch.cuda.get_device_name``), or ``None`` (unknown)."""
+    return next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
 
 
 def _peak(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
+    return peak_tflops(torch.cuda.get_device_name(device))
 
 
 def _sync(device: torch.device) -> None:

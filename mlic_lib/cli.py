@@ -4,7 +4,8 @@
 
     mlic book [--profile default] [--only primer]     execute the chapters and build the HTML book
     mlic reproduce CHAPTER [--profile full] [-o key=value ...] [--out NB] [--log-output]
-        execute one chapter into _build/executed/ (or NB), with a progress bar over its cells
+        execute one chapter into _build/executed/PROFILE/ (or NB; its results JSON into results/ beside it),
+        with a progress bar over its cells; trained runs are shared with the book through _build/cache
     mlic profile CHAPTER [--profile smoke] [-o key=value ...]   show a chapter's resolved settings
     mlic teachers [--profile full] [-o key=value ...]   train CPSD's teachers into the cache, e.g. under
         `torchrun --nproc_per_node=8 -m mlic_lib.cli teachers --profile full` (one teacher per GPU at a time),
@@ -17,6 +18,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -69,7 +71,6 @@ def _cmd_reproduce(args) -> int:
     settings = load_profile(chapter, args.profile, overrides)  # bad overrides fail here, before a kernel starts
     for note in preflight(chapter, args.profile, settings):
         print(f"note: {note}", file=sys.stderr, flush=True)
-    _env_defaults(root / "_build")
     if args.out:
         out = Path(args.out).expanduser().resolve()
         if out.suffix != ".ipynb" or out.is_relative_to((root / "notebooks").resolve()):
@@ -77,6 +78,9 @@ def _cmd_reproduce(args) -> int:
                              "join the chapters), e.g. --out runs/psd-full.ipynb")
     else:
         out = root / "_build" / "executed" / args.profile / nb.name
+    if not os.environ.get("MLIC_RESULTS"):  # the results file goes beside the executed copy, not into the book's
+        os.environ["MLIC_RESULTS"] = str(out.parent / "results")  # _build/results (its reproduction page)
+    _env_defaults(root / "_build")  # the run cache is the book's: a chapter the book trained loads here
     print(f"executing {nb.name} with profile={args.profile}" + (f" and {overrides}" if overrides else "")
           + f" -> {out} ...", flush=True)
     try:
@@ -174,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--override", action="append", default=[],
                    help="key=value passed to the chapter's settings, e.g. train.epochs=3 (repeatable)")
     p.add_argument("--out", help="where to write the executed notebook (default: "
-                   "_build/executed/PROFILE/NOTEBOOK; the book's pages are built from there)")
+                   "_build/executed/PROFILE/NOTEBOOK, apart from the book's copies); its results JSON goes to "
+                   "results/ beside it, unless $MLIC_RESULTS says otherwise")
     p.add_argument("--log-output", action="store_true", help="print the cells' output (training progress, "
                    "verdicts) to stderr as they run")
     p.add_argument("--no-progress", action="store_true", help="no progress bar over the notebook's cells")

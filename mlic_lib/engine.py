@@ -16,9 +16,10 @@ Modelled on torchvision's ``references/classification``. What it adds for the bo
   killed writer left there are removed;
 * **cache**: :func:`run_dir_for` names the folder after a hash of (config, library version, library
   source), so a finished run is loaded instead of retrained (``results.json`` + ``final.pt``);
-* **GPU path**: bf16 autocast and channels_last on CUDA, non-blocking copies, losses accumulated
-  on the device (one host sync per logging interval, not per step); DDP under ``torchrun``
-  (``WORLD_SIZE > 1``) with a ``DistributedSampler``.
+* **GPU path**: bf16 autocast (training; evaluation runs in fp32) and channels_last on CUDA, non-blocking
+  copies, losses accumulated on the device (one host sync per logging interval, not per step); DDP under
+  ``torchrun`` (``WORLD_SIZE > 1``) with a ``DistributedSampler``; a run folder records the number of processes
+  and refuses to resume or load under another.
 
 Checkpoints are read with ``torch.load(weights_only=True)``.
 """
@@ -134,7 +135,7 @@ class TrainConfig:
     warmup_start: float = 0.0  # lr factor the linear warm-up starts from (mmcv / DistributionBalancedLoss: 1/3)
     ema_decay: float | None = None  # evaluate an exponential moving average of the weights
     grad_clip: float | None = None
-    amp: str = "auto"  # auto = bf16 autocast on CUDA, off on CPU
+    amp: str = "auto"  # training steps: auto = bf16 autocast on CUDA, off on CPU (evaluation always runs in fp32)
     channels_last: bool | None = None  # None = on for CUDA. On a CPU it speeds up small convnets too (the CPU profiles
     #   turn it on), but torch 2.13's CPU weight gradient of a *strided 1x1* convolution corrupts memory in it with odd
     #   batch sizes and >1 thread: small_resnet avoids that op (models.backbones.StridedPointwiseConv), torchvision
@@ -393,8 +394,9 @@ def _set_rng_state(state: Mapping) -> None:
     n = state["numpy"]
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and torch.cuda.is_available():  # a machine with fewer GPUs restores those it has
+        for i, s in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s, i)
 
 
 # ------------------------------------------------------------------------------- train / eval
@@ -402,7 +404,8 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
                     device: torch.device, *, scheduler=None, scaler=None, autocast=None, ema=None,
                     grad_clip: float | None = None, channels_last: bool = False, progress=None,
                     log_every: int = 20) -> dict[str, float]:
-    """One pass over ``loader``; returns the mean loss and the mean of every float the step logged.
+    """One pass over ``loader``; returns the mean loss and the mean of every float the step logged (under DDP,
+    averaged over the processes, so every rank returns the same means).
 
     A non-finite loss is a :class:`FloatingPointError`: checked on the device every ``log_every`` steps (a host
     sync) and, for the steps in between, through the epoch's mean at the end (the sync the mean needs anyway), so a
@@ -451,12 +454,21 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
                 progress.set_postfix(loss=f"{loss.item():.4f}")
     if n == 0:
         raise ValueError("the training loader yielded no batch: is the training set empty?")
-    out = {"loss": (total / n).item()}
+    names = sorted(sums)
+    means = torch.stack([total / n] + [sums[k] / n for k in names])
+    if distributed_info()[0] > 1:  # under DDP: the mean over every process's shard, the same on every rank
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(means)
+            means /= dist.get_world_size()
+    values = means.tolist()  # the one host sync of the epoch's logs
+    out = {"loss": values[0]}
     if not math.isfinite(out["loss"]):
         raise FloatingPointError(f"the loss was not finite at some step of this epoch (mean {out['loss']}; "
                                  f"checked every {log_every} steps and at the end): lower the learning rate or check "
                                  "the inputs")
-    out.update({k: (v / n).item() for k, v in sums.items()})
+    out.update(zip(names, values[1:], strict=True))
     return out
 
 
@@ -514,7 +526,11 @@ def evaluate(model: nn.Module, data: Dataset | Iterable, device: torch.device | 
              channels_last: bool = False, autocast=None, num_workers: int = 0) -> EvalResult:
     """Scores on ``data`` and the multi-label report (mAP, CP/CR/CF1/OP/OR/OF1, top-3, group mAP).
 
-    ``num_workers`` decode a ``Dataset`` in parallel (image files); in-memory tensors need none."""
+    ``device``: where to compute, by default the device ``model`` is on (a model trained with
+    ``train.device=cpu`` on a GPU machine stays on the CPU). ``num_workers`` decode a ``Dataset`` in parallel
+    (image files); in-memory tensors need none."""
+    if device is None:
+        device = model_device(model)
     device = pick_device(device) if not isinstance(device, torch.device) else device
     loader = (make_loader(data, batch_size, shuffle=False, num_workers=num_workers, device=device)
               if isinstance(data, Dataset) else data)
@@ -677,11 +693,18 @@ def _read_results(path: Path) -> dict:
     return _checked_entries(json.loads(path.read_text(encoding="utf-8")), _RESULTS_KEYS)
 
 
-def _config_changes(saved: Mapping[str, Any], cfg: TrainConfig) -> list[str]:
+def _saved_config(cfg: TrainConfig, world: int) -> dict[str, Any]:
+    """The config a run folder records: ``cfg`` and the number of processes that trained it (``world_size``:
+    ``batch_size`` is per process, so the global batch and the LR schedule's steps depend on it)."""
+    return {**cfg.to_dict(), "world_size": int(world)}
+
+
+def _config_changes(saved: Mapping[str, Any], cfg: TrainConfig, world: int = 1) -> list[str]:
     """The fields (outside :data:`RUN_CONFIG_IGNORED`) in which the config ``saved`` in a run folder differs from
-    ``cfg``, as ``'name: old -> new'``. A field the saved config lacks (written before the field existed)
-    counts as its default; lists and tuples compare alike (``results.json`` stores tuples as lists)."""
-    now, defaults, absent = cfg.to_dict(), TrainConfig().to_dict(), "<no such option>"
+    ``cfg`` run by ``world`` processes (:func:`_saved_config`), as ``'name: old -> new'``. A field the saved
+    config lacks (written before the field existed) counts as its default (``world_size``: 1); lists and tuples
+    compare alike (``results.json`` stores tuples as lists)."""
+    now, defaults, absent = _saved_config(cfg, world), _saved_config(TrainConfig(), 1), "<no such option>"
 
     def plain(v: Any) -> Any:
         return list(v) if isinstance(v, (list, tuple)) else v
@@ -696,10 +719,12 @@ def _config_changes(saved: Mapping[str, Any], cfg: TrainConfig) -> list[str]:
 
 
 def _check_config(saved: Mapping[str, Any], cfg: TrainConfig, path: Path, what: str) -> None:
-    changes = _config_changes(saved, cfg)
+    changes = _config_changes(saved, cfg, distributed_info()[0])
     if changes:
+        world = ("; world_size is the number of torchrun processes (batch_size is per process): run it with as many "
+                 "as it was trained with" if any(c.startswith("world_size:") for c in changes) else "")
         raise ValueError(
-            f"{path} is {what} with another training config ({'; '.join(changes)}). Pass another run_dir for "
+            f"{path} is {what} with another training config ({'; '.join(changes)}{world}). Pass another run_dir for "
             f"these settings, delete {path.parent} to train it again with them, or restore the old settings to "
             f"{'load' if path.name == 'results.json' else 'resume'} it (fields that may differ: "
             f"{', '.join(RUN_CONFIG_IGNORED)}).")
@@ -909,20 +934,17 @@ def _fit(model: nn.Module, train_data: Dataset | Iterable, val_data: Dataset | I
             scaler.load_state_dict(ckpt["scaler"])
         history = [dict(h) for h in ckpt["history"]]
         start_epoch = int(ckpt["epoch"]) + 1
-        ranks = ckpt["rng_ranks"]
-        if len(ranks) == world or rank == 0:
-            _set_rng_state(ranks[rank])  # each rank goes on with its own streams
-        else:  # saved by another number of processes: a fresh stream per rank and epoch
-            seed_everything(rank_seed(cfg.seed + start_epoch, rank))
+        _set_rng_state(ckpt["rng_ranks"][rank])  # each rank goes on with its own streams (same world size)
 
     from tqdm.auto import tqdm
 
     eval_model = ema.module if ema is not None else model
 
-    def validate() -> dict[str, Any]:
+    def validate() -> dict[str, Any]:  # in fp32 whatever cfg.amp: bf16 logits (8-bit mantissa) tie scores and
+        # shift the AP, and the run's metrics then match a later evaluate() of the same model
         loader = make_loader(val_data, cfg.eval_batch_size, False, num_workers=cfg.num_workers, device=device)
         return evaluate(eval_model, loader, device, predict_fn=predict_fn, groups=groups,
-                        channels_last=channels_last, autocast=autocast).metrics
+                        channels_last=channels_last).metrics
 
     final: dict[str, Any] = {}
     bar = tqdm(total=cfg.epochs * n_steps, initial=start_epoch * n_steps, desc="train", unit="step",
@@ -945,7 +967,7 @@ def _fit(model: nn.Module, train_data: Dataset | Iterable, val_data: Dataset | I
             if run_dir is not None and rank == 0:
                 ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history,
-                        "rng_ranks": rng, "config": cfg.to_dict()}
+                        "rng_ranks": rng, "config": _saved_config(cfg, world)}
                 if ema is not None:
                     ckpt["ema"] = ema.state_dict()
                 if scaler is not None:
@@ -961,7 +983,7 @@ def _fit(model: nn.Module, train_data: Dataset | Iterable, val_data: Dataset | I
     result = FitResult(eval_model, history, final, run_dir, False, seconds)
     if run_dir is not None and rank == 0:
         atomic_torch_save({"model": _strip_ddp(eval_model).state_dict()}, run_dir / "final.pt")
-        atomic_write_json({"history": history, "final": final, "config": cfg.to_dict(), "seconds": seconds,
+        atomic_write_json({"history": history, "final": final, "config": _saved_config(cfg, world), "seconds": seconds,
                            "device": str(device)}, run_dir / "results.json")
         (run_dir / "last.pt").unlink(missing_ok=True)
     return result

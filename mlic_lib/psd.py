@@ -704,7 +704,7 @@ def decomposition_teachers(settings: Mapping[str, Any], data, S: np.ndarray, str
     ens, runs = train_teachers(settings, _teacher_images(data), data.train_targets, subsets, seed=seed)
     ens.run_key = teacher_key(runs)  # type: ignore[attr-defined]
     workers = int(settings["train"].get("num_workers", 0))
-    emap = float(evaluate(ens, data.test_ds, pick_device(None), num_workers=workers).metrics["mAP"])
+    emap = float(evaluate(ens, data.test_ds, num_workers=workers).metrics["mAP"])
     return subsets, ens, emap
 
 

@@ -89,7 +89,8 @@ gathered = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]
 dist.all_gather(gathered, flat)
 # one file per rank: the ranks share the launcher's stdout, where their lines can interleave
 report.update({"rank": dist.get_rank(), "same": all(torch.equal(gathered[0], g) for g in gathered),
-               "epochs": len(res.history), "world": int(os.environ["WORLD_SIZE"])})
+               "epochs": len(res.history), "world": int(os.environ["WORLD_SIZE"]),
+               "losses": [h["loss"] for h in res.history]})
 with open(f"{sys.argv[2]}/rank{dist.get_rank()}.json", "w") as fh:
     json.dump(report, fh)
 dist.destroy_process_group()

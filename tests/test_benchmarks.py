@@ -82,6 +82,14 @@ def test_train_throughput_runs_on_cpu_and_reports_the_median_window(tmp_path):
     assert rows[1]["tflops_per_step"] > rows[0]["tflops_per_step"]  # the B/4 mixed images cost FLOPs
 
 
+def test_train_throughput_peak_tells_the_h100_parts_apart():
+    """The PCIe and NVL parts have lower bf16 peaks than the SXM part, whose name carries no form factor."""
+    peak = _script("train_throughput").peak_tflops
+    assert peak("NVIDIA H100 80GB HBM3") == 989.0 and peak("NVIDIA H200") == 989.0
+    assert peak("NVIDIA H100 PCIe") == 756.0 and peak("NVIDIA H100 NVL") == 835.0
+    assert peak("NVIDIA A100-SXM4-80GB") == 312.0 and peak("NVIDIA GeForce RTX 4090") is None
+
+
 def test_indeed_step_times_each_method_and_counts_ops_per_step(tmp_path, monkeypatch):
     monkeypatch.setenv("MLIC_CACHE", str(tmp_path / "cache"))
     bench = _script("indeed_step")

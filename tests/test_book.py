@@ -136,13 +136,14 @@ def test_cli_reproduce_writes_where_out_says_and_streams_the_cells_output(tmp_pa
     from mlic_lib import cli
 
     monkeypatch.delenv("TQDM_DISABLE", raising=False)  # the CLI sets it (as the book does); undone after the test
+    monkeypatch.setenv("MLIC_RESULTS", "")  # unset: the CLI picks the folder (the old value comes back after the test)
     nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "language": "python",
                                                            "display_name": "Python 3"}})
     params = nbformat.v4.new_code_cell("profile = 'default'")
     params.metadata["tags"] = ["parameters"]
     nb.cells = [params, nbformat.v4.new_code_cell("print('cell ran with', profile)"),
                 nbformat.v4.new_code_cell("import os\nprint('sockets here:', sorted(f for f in os.listdir('.') "
-                                          "if f.startswith('kernel')))")]
+                                          "if f.startswith('kernel')))\nprint('results in', os.environ['MLIC_RESULTS'])")]
     (tmp_path / "notebooks").mkdir()
     nbformat.write(nb, tmp_path / "notebooks" / "00_multilabel_primer.ipynb")
     out = tmp_path / "runs" / "primer.ipynb"
@@ -151,6 +152,8 @@ def test_cli_reproduce_writes_where_out_says_and_streams_the_cells_output(tmp_pa
     assert "cell ran with smoke" in out.read_text()
     assert "sockets here: []" in out.read_text()  # the kernel's IPC sockets live in a private folder, not in cwd
     assert not (tmp_path / "_build" / "executed").exists()
+    # the chapter's results JSON goes beside the executed copy, not into the book's _build/results
+    assert f"results in {out.parent / 'results'}" in out.read_text()
     captured = capfd.readouterr()
     assert "cell ran with smoke" in captured.err and f"-> {out}" in captured.out
     if os.name == "posix":  # the kernel runs over Unix sockets: ipykernel has no TCP port to warn about

@@ -34,6 +34,10 @@ def test_fit_under_torchrun_keeps_ranks_in_sync(tmp_path):
     rows = _torchrun(tmp_path, "plain")
     assert all(r["same"] and r["epochs"] == 2 and r["world"] == 2 for r in rows), rows
     assert (tmp_path / "run" / "results.json").is_file() and (tmp_path / "run" / "final.pt").is_file()
+    # the history's loss is the mean over both ranks' shards (it was rank 0's own), and the folder records
+    # that two processes trained it (a resume in another number is refused: test_engine)
+    assert rows[0]["losses"] == rows[1]["losses"], rows
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["config"]["world_size"] == 2
 
 
 @pytest.mark.slow

@@ -394,6 +394,53 @@ def test_config_changes_count_a_field_an_older_run_lacks_as_its_default():
         "warmup_start: 0.0 -> 0.5"]
 
 
+def test_a_run_folder_records_its_world_size_and_refuses_another(small_scenes, tmp_path):
+    """``batch_size`` is per process, so a checkpoint's LR schedule belongs to its number of processes: resuming
+    (or loading) under another ``world_size`` is refused with the fix, not run with a schedule of the wrong
+    length. A folder written before the field existed counts as one process."""
+    from mlic_lib.engine import _config_changes
+
+    def interrupt(epoch, logs):
+        raise KeyboardInterrupt
+
+    tr, te = _data(small_scenes)
+    with pytest.raises(KeyboardInterrupt):
+        fit(_model(), tr, te, TrainConfig.from_dict(CFG), run_dir=tmp_path / "cut", progress=False,
+            on_epoch_end=interrupt)
+    last = tmp_path / "cut" / "last.pt"
+    ckpt = torch.load(last, weights_only=True)
+    assert ckpt["config"]["world_size"] == 1
+    ckpt["config"]["world_size"] = 2  # as torchrun --nproc_per_node=2 would have written it
+    torch.save(ckpt, last)
+    with pytest.raises(ValueError, match=r"world_size: 2 -> 1.*number of torchrun processes"):
+        fit(_model(), tr, te, TrainConfig.from_dict(CFG), run_dir=tmp_path / "cut", progress=False)
+    assert last.is_file(), "a refused checkpoint must stay for the run it belongs to"
+    done = _run(small_scenes, run_dir=tmp_path / "done", epochs=1)
+    results = tmp_path / "done" / "results.json"
+    saved = json.loads(results.read_text())
+    assert saved["config"]["world_size"] == 1
+    results.write_text(json.dumps({**saved, "config": {**saved["config"], "world_size": 4}}))
+    with pytest.raises(ValueError, match="world_size: 4 -> 1"):
+        _run(small_scenes, run_dir=tmp_path / "done", epochs=1)
+    cfg = TrainConfig()
+    assert _config_changes(cfg.to_dict(), cfg, 1) == []  # an older folder: one process
+    assert _config_changes(cfg.to_dict(), cfg, 2) == ["world_size: 1 -> 2"]
+    assert done.final
+
+
+def test_evaluate_computes_on_the_models_device_by_default(small_scenes, monkeypatch):
+    """A model kept on the CPU (``train.device=cpu`` on a GPU machine) is evaluated there: the default device is
+    the model's, not the first GPU's."""
+    import mlic_lib.engine as E
+
+    seen = []
+    monkeypatch.setattr(E, "predict", lambda model, loader, device, *a: (seen.append(device),
+                                                                         (np.zeros((2, 3)), np.ones((2, 3)), None))[1])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # what pick_device(None) would pick
+    E.evaluate(nn.Linear(4, 3), [(torch.zeros(2, 4), torch.ones(2, 3))])
+    assert seen == [torch.device("cpu")]
+
+
 def test_fit_removes_the_stale_temporary_files_a_killed_writer_left(small_scenes, tmp_path, monkeypatch):
     """A writer killed inside ``atomic_open`` leaves ``.last.pt.XXXXXXXX.tmp`` behind (a checkpoint-sized file,
     forever). ``fit`` removes those of its own files older than ``STALE_TEMP_SECONDS``; a young one (a live
