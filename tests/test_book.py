@@ -143,7 +143,8 @@ def test_cli_reproduce_writes_where_out_says_and_streams_the_cells_output(tmp_pa
     params.metadata["tags"] = ["parameters"]
     nb.cells = [params, nbformat.v4.new_code_cell("print('cell ran with', profile)"),
                 nbformat.v4.new_code_cell("import os\nprint('sockets here:', sorted(f for f in os.listdir('.') "
-                                          "if f.startswith('kernel')))\nprint('results in', os.environ['MLIC_RESULTS'])")]
+                                          "if f.startswith('kernel')))\n"
+                                          "print('results in', os.environ['MLIC_RESULTS'])")]
     (tmp_path / "notebooks").mkdir()
     nbformat.write(nb, tmp_path / "notebooks" / "00_multilabel_primer.ipynb")
     out = tmp_path / "runs" / "primer.ipynb"
