@@ -243,6 +243,54 @@ def paired_differences(a, b, up: str = "higher", down: str = "lower") -> PairedC
     return PairedComparison(d, mean, sd, [flagged_verdict(m, s, up, down) for m, s in zip(mean, sd, strict=True)])
 
 
+def compare_rows(mean, sd, a: Any, b: Any, up: str = "clear gain", down: str = "clear loss"):
+    """Row ``a`` minus row ``b`` of a table of means, column by column, judged by the book's rule.
+
+    ``mean`` and ``sd`` are ``pandas.DataFrame`` of the same shape (e.g. method x N: the mean over the seeds and
+    their :func:`seed_sd`, NaN with one seed). Returns a DataFrame indexed by the columns with ``difference``,
+    ``spread`` (:func:`seed_spread` of the two rows' sds), ``verdict`` (:func:`spread_verdict` with ``up`` /
+    ``down``) and ``borderline`` (:func:`spread_category` is ``'borderline'``). :func:`verdict_summary` turns it
+    into a sentence."""
+    import pandas as pd
+
+    if mean.shape != sd.shape or list(mean.index) != list(sd.index) or list(mean.columns) != list(sd.columns):
+        raise ValueError(f"mean and sd must be tables with the same rows and columns, got {mean.shape} and {sd.shape}")
+    missing = [r for r in (a, b) if r not in mean.index]
+    if missing:
+        raise ValueError(f"no row {missing} in the table; its rows are {list(mean.index)}")
+    d = mean.loc[a] - mean.loc[b]
+    s = pd.Series([seed_spread(sd.loc[a, c], sd.loc[b, c]) for c in d.index], index=d.index, dtype=float)
+    return pd.DataFrame({"difference": d, "spread": s,
+                         "verdict": [spread_verdict(x, y, up, down) for x, y in zip(d, s, strict=True)],
+                         "borderline": [spread_category(x, y) == "borderline" for x, y in zip(d, s, strict=True)]})
+
+
+def verdict_summary(comparison, label: str = "N", up: str = "clear gain", down: str = "clear loss",
+                    numbers: bool = False, decimals: int = 1) -> str:
+    """:func:`compare_rows`' table as a sentence: where the difference is ``up``, within the seed spread and
+    ``down`` (``"none"`` for an empty group), then the borderline columns, e.g. ``"clear gain at N=7; within the
+    seed spread at N=2, N=3; clear loss at none; borderline (within 1.5 times the spread) at N=7"``. With
+    ``numbers`` it starts with each column's difference and spread. Without a spread in any column (one seed) it
+    lists the differences and says there is no verdict. ``up`` / ``down`` must be those given to
+    :func:`compare_rows`."""
+    c = comparison
+
+    def at(mask) -> str:
+        return ", ".join(f"{label}={k}" for k in c.index[mask]) or "none"
+
+    if c["spread"].isna().all():
+        return (", ".join(f"{label}={k}: {d:+.{decimals}f}" for k, d in c["difference"].items())
+                + " (one seed: no spread, no verdict)")
+    text = (f"{up} at {at(c['verdict'] == up)}; {WITHIN} at {at(c['verdict'] == WITHIN)}; "
+            f"{down} at {at(c['verdict'] == down)}")
+    if c["borderline"].any():
+        text += f"; borderline (within {BORDERLINE_FACTOR:g} times the spread) at {at(c['borderline'].to_numpy())}"
+    if numbers:
+        text = (", ".join(f"{label}={k}: {r.difference:+.{decimals}f} (spread {r.spread:.{decimals}f})"
+                          for k, r in c.iterrows()) + ". " + text[0].upper() + text[1:])
+    return text
+
+
 def correlation_signs(r, p, paper_sign: int = 1, alpha: float = 0.05) -> dict[str, Any]:
     """Tally several correlation tests against the sign a paper describes.
 

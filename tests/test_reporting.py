@@ -276,3 +276,33 @@ def test_correlation_signs_bad_input(kwargs, match):
         correlation_signs([0.1], [0.5], **kwargs)
     with pytest.raises(ValueError, match="one value per test"):
         correlation_signs([0.1, 0.2], [0.5])
+
+
+def test_compare_rows_against_a_direct_computation_and_its_summary():
+    """Per column: the difference of the means, sqrt(sd_a^2 + sd_b^2), the verdict and the borderline flag; the
+    summary groups the columns by verdict (the book's wording) and can start with the numbers."""
+    from mlic_lib.reporting import compare_rows, verdict_summary
+
+    cols = [2, 3, 5, 7]
+    mean = pd.DataFrame([[50.0, 52.0, 60.0, 70.0], [49.0, 40.0, 61.3, 66.0]], index=["m", "base"], columns=cols)
+    sd = pd.DataFrame([[1.0, 3.0, 0.6, 2.0], [1.0, 4.0, 0.8, 2.0]], index=["m", "base"], columns=cols)
+    c = compare_rows(mean, sd, "m", "base")
+    for n in cols:
+        d, s = mean.loc["m", n] - mean.loc["base", n], np.hypot(sd.loc["m", n], sd.loc["base", n])
+        assert c.loc[n, "difference"] == d and np.isclose(c.loc[n, "spread"], s)
+    # N=2: +1 within 1.41; N=3: +12 beyond 5 (> 7.5); N=5: -1.3 beyond 1.0, within 1.5: borderline;
+    # N=7: +4 beyond 2.83, within 4.24: borderline
+    assert list(c["verdict"]) == ["within the seed spread", "clear gain", "clear loss", "clear gain"]
+    assert list(c["borderline"]) == [False, False, True, True]
+    assert verdict_summary(c) == ("clear gain at N=3, N=7; within the seed spread at N=2; clear loss at N=5; "
+                                  "borderline (within 1.5 times the spread) at N=5, N=7")
+    assert verdict_summary(c, numbers=True).startswith("N=2: +1.0 (spread 1.4), N=3: +12.0 (spread 5.0), "
+                                                       "N=5: -1.3 (spread 1.0), N=7: +4.0 (spread 2.8). Clear gain at")
+    flipped = compare_rows(mean, sd, "base", "m", up="base higher", down="m higher")
+    assert verdict_summary(flipped, up="base higher", down="m higher").startswith("base higher at N=5; within")
+    one_seed = compare_rows(mean, sd * np.nan, "m", "base")
+    assert verdict_summary(one_seed) == "N=2: +1.0, N=3: +12.0, N=5: -1.3, N=7: +4.0 (one seed: no spread, no verdict)"
+    with pytest.raises(ValueError, match="no row"):
+        compare_rows(mean, sd, "m", "other")
+    with pytest.raises(ValueError, match="same rows and columns"):
+        compare_rows(mean, sd.iloc[:, :2], "m", "base")
