@@ -139,6 +139,11 @@ def test_compensation_identity_equals_weighted_bce_and_reference_eq6():
     assert ltml.compensated_bce(u, y, pw, nw, mp, sp, mn, sn).item() == pytest.approx(ref.item(), rel=1e-5)
     with pytest.raises(ValueError, match="one value per class"):
         ltml.compensated_bce(u, y, pw, nw, torch.zeros(5), sp, mn, sn)
+    for bad in (torch.ones(7), torch.ones(1)):  # weights of another class count; one weight (was broadcast)
+        with pytest.raises(ValueError, match=r"pos_weight must have shape \(6,\).*ltml_class_weights"):
+            ltml.compensated_bce(u, y, bad, nw, mp, sp, mn, sn)
+        with pytest.raises(ValueError, match=r"neg_weight must have shape \(6,\)"):
+            ltml.compensated_bce(u, y, pw, bad, mp, sp, mn, sn)
     y_bad = y.clone()
     y_bad[0, 0] = -1.0  # a VOC "difficult" label: Eq. 4 and Eq. 6 refuse it alike
     for loss in (lambda t: ltml.compensated_bce(u, t, pw, nw, mp, sp, mn, sn),
