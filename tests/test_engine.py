@@ -534,6 +534,27 @@ def test_other_schedules_and_cpu_bf16_run(small_scenes):
         assert np.isfinite(res.final["mAP"]) and res.history[-1]["loss"] < res.history[0]["loss"] * 1.5
 
 
+def test_amp_bf16_runs_the_step_in_bf16_on_the_cpu_and_fp32_without_it(small_scenes):
+    """``amp: bf16`` trains under bf16 autocast on any device (the step's logits are bf16), ``off`` and ``auto``
+    on a CPU in fp32; evaluation is fp32 either way (its scores are float32)."""
+    from mlic_lib.engine import SupervisedStep
+
+    class Spy(SupervisedStep):
+        dtypes: list = []
+
+        def __call__(self, model, batch, device):
+            self.dtypes.append(model(batch[0]).dtype)
+            return super().__call__(model, batch, device)
+
+    tr, te = _data(small_scenes)
+    for amp, want in (("bf16", torch.bfloat16), ("off", torch.float32), ("auto", torch.float32)):
+        Spy.dtypes = []
+        res = fit(_model(), tr, te, TrainConfig.from_dict({**CFG, "epochs": 1, "amp": amp}), step=Spy(),
+                  progress=False)
+        assert set(Spy.dtypes) == {want}, amp
+        assert np.isfinite(res.final["mAP"])
+
+
 def test_fit_returns_and_evaluates_the_ema_weights(small_scenes):
     """``ema_decay``: the returned model (and the metrics) are the moving average ``e <- d e + (1 - d) w``, which
     starts from the weights after the first step. With ``d`` near 1 it stays there; with EMA off the returned

@@ -110,6 +110,15 @@ def test_decompose_blocks_and_labels():
     torch.testing.assert_close(out["f_a_minus_b"], (1 - m) * fa)
     torch.testing.assert_close(out["f_b_minus_a"], (1 - m) * fb)
     torch.testing.assert_close(out["f_ab"] + out["f_a_minus_b"], fa)  # the blocks split f_a
+    # detach_map: the same blocks, but no gradient reaches the features through m (only through the products)
+    for detach in (False, True):
+        a, b = fa.clone().requires_grad_(True), fb.clone().requires_grad_(True)
+        blocks = indeed.decompose(a, b, "minmax", detach_map=detach)
+        torch.testing.assert_close(blocks["f_ab"], out["f_ab"])
+        blocks["f_ab"].sum().backward()
+        through_product = blocks["m"].detach()  # d(m * f_a) / d f_a with m held constant
+        assert torch.allclose(a.grad, through_product) == detach
+        assert (b.grad is None or not b.grad.any()) == detach  # f_b enters f_ab only through m
     ya, yb = _multihot([{0, 1, 2}, {4}, {1}]), _multihot([{1, 2, 3}, {4}, {0, 5}])
     lab = indeed.decomposed_labels(ya, yb)
     assert torch.equal(lab["y_ab"], _multihot([{1, 2}, {4}, set()])) and torch.equal(lab["y_ba"], lab["y_ab"])
@@ -513,6 +522,12 @@ def test_models_features_classifier_cam_layer():
     vgg = indeed.VGG16Net(width=0.0625)
     assert sum(isinstance(m, torch.nn.Conv2d) for m in vgg.modules()) == 13
     assert sum(isinstance(m, torch.nn.Linear) for m in vgg.modules()) == 3
+    for bn in (False, True):  # every parameter learns; batch_norm adds one BatchNorm2d per convolution
+        torch.manual_seed(0)
+        net = indeed.VGG16Net(num_classes=10, width=0.0625, hidden=32, batch_norm=bn)
+        net(torch.randn(4, 3, 96, 96)).pow(2).sum().backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+        assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules()) == (13 if bn else 0)
 
 
 # ----------------------------------------------------------------------------------- analysis

@@ -196,6 +196,17 @@ def test_asl_detached_focal_weight_gradient():
     torch.testing.assert_close(loss, loss_full)
     (grad_full,) = torch.autograd.grad(loss_full, logits)
     assert not torch.allclose(grad, grad_full)
+    # A negative: loss -p_m^γ- log(1 - p_m), p_m = p - m (p > m); with the weight a constant the gradient is
+    # p_m^γ- * dp/dz / (1 - p_m), dp/dz = p (1 - p).
+    neg_logits = torch.tensor([[0.3, -1.2]], dtype=torch.float64, requires_grad=True)
+    zeros = torch.zeros(1, 2, dtype=torch.float64)
+    loss = asymmetric_loss(neg_logits, zeros, gamma_neg=4.0, clip=0.05, detach_focal_weight=True)
+    (grad,) = torch.autograd.grad(loss, neg_logits)
+    p = torch.sigmoid(neg_logits.detach())
+    pm = p - 0.05
+    torch.testing.assert_close(grad, pm ** 4 * p * (1 - p) / (1 - pm))
+    (grad_full,) = torch.autograd.grad(asymmetric_loss(neg_logits, zeros, gamma_neg=4.0, clip=0.05), neg_logits)
+    assert not torch.allclose(grad, grad_full)
 
 
 # --------------------------------------------------------------------------------------------

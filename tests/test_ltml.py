@@ -258,6 +258,11 @@ def test_inference_averages_branches_and_flip():
         both = ltml.predict_fn("both")(net, x)
         assert torch.allclose(both, (torch.sigmoid(u) + torch.sigmoid(r)) / 2)
         assert torch.allclose(ltml.predict_fn("u")(net, x), torch.sigmoid(u))
+        apart = build_two_branch("small_resnet", 4, widths=WIDTHS, classifier_init="independent").eval()
+        u2, r2 = apart(x)  # the copied branches start equal: these are not, so "u" and "r" are told apart
+        assert not torch.allclose(u2, r2)
+        assert torch.allclose(ltml.predict_fn("r")(apart, x), torch.sigmoid(r2))
+        assert torch.allclose(ltml.predict_fn("u")(apart, x), torch.sigmoid(u2))
         flip = ltml.predict_fn("both", flip=True)(net, x)
         ref = (torch.sigmoid(u) + torch.sigmoid(r) + torch.sigmoid(uf) + torch.sigmoid(rf)) / 4
         assert torch.allclose(flip, ref, atol=1e-6)

@@ -306,6 +306,9 @@ def test_masked_as_negative_matches_the_mlgcn_evaluation_and_ignore_differs():
     assert ignored["OR"] == pytest.approx(got["OR"]) and ignored["OP"] > got["OP"] + 0.01  # difficult hits are FPs
     rep = multilabel_report(scores, targets, mask=mask, masked="negative")
     assert rep["OF1"] == pytest.approx(got["OF1"]) and rep["mAP"] == multilabel_report(scores, targets, mask)["mAP"]
+    top3 = threshold_metrics(scores, targets, mask=mask, top_k=3, masked="negative")  # the report's top-3 too
+    assert {k: rep[f"{k}_top3"] for k in top3} == pytest.approx(top3)
+    assert top3["OP"] != pytest.approx(threshold_metrics(scores, targets, mask=mask, top_k=3)["OP"])
     with pytest.raises(ValueError, match="masked must be 'ignore'.*'negative'"):
         threshold_metrics(scores, targets, mask=mask, masked="drop")
 
@@ -318,6 +321,13 @@ def test_threshold_metrics_zero_denominators():
     got = threshold_metrics(np.ones((2, 2)), targets, threshold=0.5)
     assert got["CR"] == pytest.approx(1.0)
     assert got["CP"] == pytest.approx((0.5 + 0.0) / 2)
+    # Class 1 is never predicted (Np = 0): it still counts, as 0, in CP's mean over all C classes (sklearn's
+    # macro precision with zero_division=0), not only over the classes with a prediction.
+    targets = np.array([[1, 0], [0, 1]])
+    scores = np.array([[0.9, 0.1], [0.8, 0.2]])
+    got = threshold_metrics(scores, targets, threshold=0.5)
+    assert got["CP"] == pytest.approx(0.25)
+    assert got["CP"] == pytest.approx(precision_score(targets, scores >= 0.5, average="macro", zero_division=0))
 
 
 def test_bad_top_k_raises():

@@ -578,3 +578,64 @@ def test_time_steps_times_every_method_for_each_round_and_trains_its_own_model()
     assert seen == {"baseline": 8, "splicemix": 6}
     with pytest.raises(ValueError, match="a batch per method must name the methods"):
         time_steps(models, steps, {"baseline": batch}, dev)
+
+
+@pytest.mark.parametrize("align_corners", [True, False])
+def test_spliced_image_resized_back_matches_a_direct_construction(align_corners):
+    """A 13-px image does not divide into a 2x3 grid: the cells are 6x4, tiled to 12x12, then resized back to
+    13x13 with the same bilinear mode; dropped cells hold ``fill`` (the scenes profile's -1), not 0."""
+    x, y = _batch(8, size=13)
+    sm = SpliceMix({"2x3": 1.0}, p_drop=1.0, p_transpose=0.0, fill=-1.0, align_corners=align_corners)
+    lay = sm.sample_layout(8, torch.Generator().manual_seed(2))
+    got = sm.mix_images(x, lay)
+    for m in range(lay.n_mixed):
+        cells = []
+        for k, s in enumerate(lay.sources[m].tolist()):
+            cell = F.interpolate(x[s][None], size=(6, 4), mode="bilinear", align_corners=align_corners)[0]
+            cells.append(cell if lay.keep[m, k] else torch.full_like(cell, -1.0))
+        tiled = torch.cat([torch.cat(cells[r * 3:(r + 1) * 3], dim=2) for r in range(2)], dim=1)  # (3, 12, 12)
+        ref = F.interpolate(tiled[None], size=(13, 13), mode="bilinear", align_corners=align_corners)[0]
+        torch.testing.assert_close(got[m], ref)
+    assert (~lay.keep).any(), "p_drop=1 drops cells in every mixed image"
+    other = SpliceMix({"2x3": 1.0}, p_drop=1.0, p_transpose=0.0, fill=-1.0, align_corners=not align_corners)
+    assert not torch.allclose(other.mix_images(x, lay), got)
+
+
+def test_asymmetric_grids_are_transposed_with_probability_p_transpose():
+    g = torch.Generator().manual_seed(0)
+    for p, lo, hi in ((0.5, 0.45, 0.55), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)):
+        sm = SpliceMix({"2x3": 1.0}, p_transpose=p)
+        shapes = [(lay.rows, lay.cols) for lay in (sm.sample_layout(8, g) for _ in range(2000))]
+        assert set(shapes) <= {(2, 3), (3, 2)}
+        share = shapes.count((3, 2)) / len(shapes)
+        assert lo <= share <= hi, (p, share)
+
+
+def test_mixup_draws_lambda_from_beta_alpha_alpha():
+    """Mixup's lam ~ Beta(0.5, 0.5) (the paper's alpha): a Kolmogorov-Smirnov test accepts it and rejects the
+    uniform Beta(1, 1), which has the same mean."""
+    from scipy import stats
+
+    g = torch.Generator().manual_seed(0)
+    lams = [Mixup(0.5).sample(4, generator=g)["lam"] for _ in range(3000)]
+    assert stats.kstest(lams, stats.beta(0.5, 0.5).cdf).pvalue > 0.01
+    assert stats.kstest(lams, stats.uniform().cdf).pvalue < 1e-6
+
+
+def test_cutmix_box_side_is_sqrt_one_minus_lambda0(monkeypatch):
+    """With lam0 fixed at 0.75 the box side is sqrt(1 - 0.75) = half the image: every box away from the borders
+    is 100 x 100 on a 200-px image (clipped ones are smaller), and lam is the kept area fraction."""
+    import mlic_lib.mixing as mixing
+
+    monkeypatch.setattr(mixing, "_beta", lambda alpha, generator: 0.75)
+    g = torch.Generator().manual_seed(0)
+    inside = 0
+    for _ in range(200):
+        p = CutMix(0.5).sample(4, 200, 200, generator=g)
+        x0, y0, x1, y1 = p["box"]
+        assert x1 - x0 <= 100 and y1 - y0 <= 100
+        assert p["lam"] == pytest.approx(1 - (x1 - x0) * (y1 - y0) / 200 ** 2)
+        if 0 < x0 and x1 < 200 and 0 < y0 and y1 < 200:
+            inside += 1
+            assert (x1 - x0, y1 - y0) == (100, 100)
+    assert inside > 20

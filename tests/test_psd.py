@@ -49,6 +49,9 @@ def test_kd_loss_reference_zero_and_gradient():
     assert psd.kd_loss(s, [s.detach(), s.detach()]).item() == 0.0
     psd.kd_loss(s, t1).backward()
     assert torch.allclose(s.grad, s.detach() - t1)
+    teacher = torch.randn(4, 6, requires_grad=True)  # a teacher's logits computed with autograd on
+    psd.kd_loss(s, [teacher]).backward()
+    assert teacher.grad is None, "teachers are not trained: their logits are detached"
     with pytest.raises(ValueError, match="must be \\(B, T, C\\)"):
         psd.kd_loss(s, torch.randn(4, 2, 5))
     with pytest.raises(ValueError, match="reduction"):
