@@ -249,8 +249,8 @@ def compare_rows(mean, sd, a: Any, b: Any, up: str = "clear gain", down: str = "
     ``mean`` and ``sd`` are ``pandas.DataFrame`` of the same shape (e.g. method x N: the mean over the seeds and
     their :func:`seed_sd`, NaN with one seed). Returns a DataFrame indexed by the columns with ``difference``,
     ``spread`` (:func:`seed_spread` of the two rows' sds), ``verdict`` (:func:`spread_verdict` with ``up`` /
-    ``down``) and ``borderline`` (:func:`spread_category` is ``'borderline'``). :func:`verdict_summary` turns it
-    into a sentence."""
+    ``down``) and ``borderline`` (:func:`spread_category` is ``'borderline'``); ``up`` and ``down`` are kept in
+    its ``attrs``, from which :func:`verdict_summary` turns it into a sentence."""
     import pandas as pd
 
     if mean.shape != sd.shape or list(mean.index) != list(sd.index) or list(mean.columns) != list(sd.columns):
@@ -260,20 +260,21 @@ def compare_rows(mean, sd, a: Any, b: Any, up: str = "clear gain", down: str = "
         raise ValueError(f"no row {missing} in the table; its rows are {list(mean.index)}")
     d = mean.loc[a] - mean.loc[b]
     s = pd.Series([seed_spread(sd.loc[a, c], sd.loc[b, c]) for c in d.index], index=d.index, dtype=float)
-    return pd.DataFrame({"difference": d, "spread": s,
-                         "verdict": [spread_verdict(x, y, up, down) for x, y in zip(d, s, strict=True)],
-                         "borderline": [spread_category(x, y) == "borderline" for x, y in zip(d, s, strict=True)]})
+    out = pd.DataFrame({"difference": d, "spread": s,
+                        "verdict": [spread_verdict(x, y, up, down) for x, y in zip(d, s, strict=True)],
+                        "borderline": [spread_category(x, y) == "borderline" for x, y in zip(d, s, strict=True)]})
+    out.attrs.update(up=up, down=down)
+    return out
 
 
-def verdict_summary(comparison, label: str = "N", up: str = "clear gain", down: str = "clear loss",
-                    numbers: bool = False, decimals: int = 1) -> str:
+def verdict_summary(comparison, label: str = "N", numbers: bool = False, decimals: int = 1) -> str:
     """:func:`compare_rows`' table as a sentence: where the difference is ``up``, within the seed spread and
-    ``down`` (``"none"`` for an empty group), then the borderline columns, e.g. ``"clear gain at N=7; within the
-    seed spread at N=2, N=3; clear loss at none; borderline (within 1.5 times the spread) at N=7"``. With
-    ``numbers`` it starts with each column's difference and spread. Without a spread in any column (one seed) it
-    lists the differences and says there is no verdict. ``up`` / ``down`` must be those given to
-    :func:`compare_rows`."""
+    ``down`` (the words given to :func:`compare_rows`; ``"none"`` for an empty group), then the borderline
+    columns, e.g. ``"clear gain at N=7; within the seed spread at N=2, N=3; clear loss at none; borderline
+    (within 1.5 times the spread) at N=7"``. With ``numbers`` it starts with each column's difference and spread.
+    Without a spread in any column (one seed) it lists the differences and says there is no verdict."""
     c = comparison
+    up, down = c.attrs.get("up", "clear gain"), c.attrs.get("down", "clear loss")
 
     def at(mask) -> str:
         return ", ".join(f"{label}={k}" for k in c.index[mask]) or "none"
