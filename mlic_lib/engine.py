@@ -254,6 +254,16 @@ def _warn_strided_pointwise(model: nn.Module) -> None:
                       RuntimeWarning, stacklevel=3)
 
 
+def _broadcast_buffers(module: nn.Module) -> None:
+    """Copy rank 0's buffers (e.g. BatchNorm running statistics) to every rank. DDP broadcasts them only at the
+    start of a training forward, so after the last step each rank holds statistics of its own last batch while
+    the parameters agree. A collective: every rank must call it."""
+    import torch.distributed as dist
+
+    for b in module.buffers():
+        dist.broadcast(b, src=0)
+
+
 def _to_device(batch, device: torch.device, channels_last: bool):
     out = []
     for i, t in enumerate(batch):
@@ -519,6 +529,41 @@ def predict(model: nn.Module, loader: Iterable, device: torch.device, predict_fn
         raise ValueError("the evaluation loader yielded no batch: is the evaluation set empty?")
     mask = torch.cat(masks).bool().cpu().numpy() if masks else None
     return torch.cat(scores).cpu().numpy(), torch.cat(targets).cpu().numpy(), mask
+
+
+def predict_sharded(model: nn.Module, data: Dataset, device: torch.device, batch_size: int,
+                    predict_fn: Callable = default_predict, channels_last: bool = False,
+                    num_workers: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """:func:`predict` over ``data`` split between the ``torchrun`` processes, as :func:`predict` returns it.
+
+    Rank ``r`` of ``W`` scores the contiguous share ``[n r / W, n (r + 1) / W)`` of the ``n`` items (nothing is
+    padded or repeated, so no image counts twice), then every rank receives all the shares in order: the result
+    is the same on every rank and equals a single process's :func:`predict`, for a W-th of the work each. A
+    collective under DDP: every rank must call it. Without ``torchrun`` it is :func:`predict` over ``data``."""
+    world, rank, _ = distributed_info()
+    n = len(data)
+    lo, hi = n * rank // world, n * (rank + 1) // world
+    part = None
+    if hi > lo:
+        from torch.utils.data import Subset
+
+        loader = make_loader(Subset(data, range(lo, hi)) if world > 1 else data, batch_size, False,
+                             num_workers=num_workers, device=device)
+        part = predict(model, loader, device, predict_fn, channels_last)
+    if world == 1:
+        if part is None:
+            raise ValueError("the evaluation set is empty")
+        return part
+    import torch.distributed as dist
+
+    parts: list = [None] * world
+    dist.all_gather_object(parts, part)  # NumPy arrays, in rank order (= the data's order)
+    parts = [p for p in parts if p is not None]
+    if not parts:
+        raise ValueError("the evaluation set is empty")
+    masks = [p[2] for p in parts]
+    mask = None if any(m is None for m in masks) else np.concatenate(masks)
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), mask
 
 
 def evaluate(model: nn.Module, data: Dataset | Iterable, device: torch.device | str | None = None, *,
@@ -942,6 +987,12 @@ def _fit(model: nn.Module, train_data: Dataset | Iterable, val_data: Dataset | I
 
     def validate() -> dict[str, Any]:  # in fp32 whatever cfg.amp: bf16 logits (8-bit mantissa) tie scores and
         # shift the AP, and the run's metrics then match a later evaluate() of the same model
+        if world > 1:
+            _broadcast_buffers(eval_model)  # rank 0's BatchNorm statistics, which final.pt keeps, on every rank
+        if world > 1 and isinstance(val_data, Dataset):  # each rank scores its share; all ranks get every score
+            scores, targets, mask = predict_sharded(eval_model, val_data, device, cfg.eval_batch_size, predict_fn,
+                                                    channels_last, cfg.num_workers)
+            return M.multilabel_report(scores, targets, mask=mask, groups=groups)
         loader = make_loader(val_data, cfg.eval_batch_size, False, num_workers=cfg.num_workers, device=device)
         return evaluate(eval_model, loader, device, predict_fn=predict_fn, groups=groups,
                         channels_last=channels_last).metrics
@@ -979,6 +1030,8 @@ def _fit(model: nn.Module, train_data: Dataset | Iterable, val_data: Dataset | I
         bar.close()
     if not final and val_data is not None and start_epoch >= cfg.epochs:
         final = validate()  # resumed from the last epoch's checkpoint (stopped before final.pt was written)
+    if world > 1:
+        _broadcast_buffers(eval_model)  # every rank returns the model final.pt holds
     seconds = time.perf_counter() - start_time + sum(h.get("train_seconds", 0.0) for h in history[:start_epoch])
     result = FitResult(eval_model, history, final, run_dir, False, seconds)
     if run_dir is not None and rank == 0:

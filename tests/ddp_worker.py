@@ -1,7 +1,7 @@
 """Worker for tests/test_ddp.py: a tiny fit under torchrun (gloo, CPU). Writes rank<r>.json into argv[2] per rank.
 
-argv[3] picks the training: ``plain`` (BCE on a Dataset, DistributedSampler), ``ltml`` (LTML's
-two-stream loader and the branch-ensemble step, whose compensation parameters get no gradient) or ``seeds``
+argv[3] picks the training: ``plain`` (BCE on a Dataset, DistributedSampler, validation split between the
+ranks), ``ltml`` (LTML's two-stream loader and the branch-ensemble step, whose compensation parameters get no gradient) or ``seeds``
 (the random draws of an augmentation on each rank, uninterrupted and interrupted after epoch 0 then resumed).
 """
 
@@ -14,7 +14,8 @@ import torch
 import torch.distributed as dist
 
 from mlic_lib.data import TensorImageDataset, make_scenes
-from mlic_lib.engine import TrainConfig, fit
+from mlic_lib.engine import TrainConfig, default_predict, evaluate, fit, predict_sharded
+from mlic_lib.metrics import multilabel_report
 from mlic_lib.models import build_model
 from mlic_lib.utils import seed_everything
 
@@ -82,9 +83,24 @@ elif mode == "seeds":
     report["draws_interrupted_and_resumed"] = list(draws)
 else:
     model = build_model("small_resnet", 20, widths=(8, 8, 16, 16))
-    res = fit(model, train_ds, TensorImageDataset(test.images, test.targets),
-              TrainConfig(epochs=2, batch_size=16, seed=0), run_dir=sys.argv[1], progress=False)
-flat = torch.cat([p.detach().flatten() for p in res.model.parameters()])
+    val_ds = TensorImageDataset(test.images[:31], test.targets[:31])  # 31: the ranks' shares differ in size
+    scored = []
+
+    def counting_predict(m, x):
+        scored.append(len(x))
+        return default_predict(m, x)
+
+    res = fit(model, train_ds, val_ds, TrainConfig(epochs=2, batch_size=16, seed=0, eval_batch_size=8, eval_every=0),
+              run_dir=sys.argv[1], progress=False, predict_fn=counting_predict)
+    report["val_images_scored"] = sum(scored)
+    report["final_mAP"] = res.final["mAP"]
+    sharded = predict_sharded(res.model, val_ds, torch.device("cpu"), 8)  # what validate() gathered
+    single = evaluate(res.model, val_ds, torch.device("cpu"), batch_size=8)  # this process alone, whole set
+    report["sharded_mAP"] = multilabel_report(sharded[0], sharded[1])["mAP"]
+    report["sharded_vs_single_max_diff"] = float(abs(sharded[0] - single.scores).max())
+    report["sharded_targets_in_order"] = bool((sharded[1] == single.targets).all())
+# the parameters and the buffers (BatchNorm statistics: each rank updates its own in the last step)
+flat = torch.cat([t.detach().flatten().double() for t in (*res.model.parameters(), *res.model.buffers())])
 gathered = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]
 dist.all_gather(gathered, flat)
 # one file per rank: the ranks share the launcher's stdout, where their lines can interleave

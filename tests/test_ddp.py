@@ -38,6 +38,12 @@ def test_fit_under_torchrun_keeps_ranks_in_sync(tmp_path):
     # that two processes trained it (a resume in another number is refused: test_engine)
     assert rows[0]["losses"] == rows[1]["losses"], rows
     assert json.loads((tmp_path / "run" / "results.json").read_text())["config"]["world_size"] == 2
+    # validation is split between the ranks (15 + 16 of 31 images, each scored once); every rank gathers the
+    # whole set's scores in order (those of one process alone, up to float rounding of other batch shapes) and
+    # reports the same mAP
+    assert sorted(r["val_images_scored"] for r in rows) == [15, 16], rows
+    assert all(r["sharded_targets_in_order"] and r["sharded_vs_single_max_diff"] < 1e-5 for r in rows), rows
+    assert rows[0]["final_mAP"] == rows[1]["final_mAP"] == rows[0]["sharded_mAP"] == rows[1]["sharded_mAP"], rows
 
 
 @pytest.mark.slow
