@@ -1,8 +1,9 @@
 """Worker for tests/test_ddp.py: a tiny fit under torchrun (gloo, CPU). Writes rank<r>.json into argv[2] per rank.
 
 argv[3] picks the training: ``plain`` (BCE on a Dataset, DistributedSampler, validation split between the
-ranks), ``ltml`` (LTML's two-stream loader and the branch-ensemble step, whose compensation parameters get no gradient) or ``seeds``
-(the random draws of an augmentation on each rank, uninterrupted and interrupted after epoch 0 then resumed).
+ranks), ``ltml`` (LTML's two-stream loader and the branch-ensemble step, whose compensation parameters get no
+gradient) or ``seeds`` (the random draws of an augmentation on each rank, uninterrupted and interrupted after
+epoch 0 then resumed).
 """
 
 import faulthandler
