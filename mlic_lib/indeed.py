@@ -651,7 +651,7 @@ class VGG16Net(nn.Module):
 
     ``forward_features`` returns the output of the second fc layer (after ReLU, ``hidden``-d; 4096 in
     the original), where INDeeD's blocks act; ``classifier`` is the last fc layer; ``cam_layer`` the
-    last convolution. ``width`` scales every layer (1.0 = the original; smaller for tests).
+    ReLU after the last convolution. ``width`` scales every layer (1.0 = the original; smaller for tests).
     The conv stack is ``features`` (so the engine's ``backbone_lr_mult`` applies to it).
     """
 
@@ -671,7 +671,7 @@ class VGG16Net(nn.Module):
             layers.append(nn.ReLU(inplace=True))
             cin = cout
         self.features = nn.Sequential(*layers)
-        self._cam_index = max(i for i, m in enumerate(layers) if isinstance(m, nn.Conv2d))
+        self._cam_index = max(i for i, m in enumerate(layers) if isinstance(m, nn.ReLU))  # after the last conv
         side = input_size // 32
         if side < 1:
             raise ValueError(f"VGG-16 needs inputs of at least 32x32, got input_size={input_size}")

@@ -227,6 +227,70 @@ def test_planted_square(square_image, method):
     assert BOX[0] <= x < BOX[2] and BOX[1] <= y < BOX[3]
 
 
+class InplaceCNN(nn.Module):
+    """conv -> ReLU(inplace=True) -> global average pool -> linear: the conv's output is overwritten in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.act = nn.ReLU(inplace=True)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.act(self.conv(x)).mean((2, 3)))
+
+
+def _reference_gradcam(model: InplaceCNN, img: torch.Tensor, cls: int) -> np.ndarray:
+    """Grad-CAM written out (Selvaraju et al. 2017, Eq. 1-2) for the conv's own output A: the weights are the
+    spatial means of d logit / dA, the map ReLU(sum_k w_k A_k), min-max normalised (pytorch-grad-cam's way)."""
+    a = model.conv(img[None]).detach().requires_grad_(True)
+    logit = model.head(torch.relu(a).mean((2, 3)))[0, cls]
+    (grad,) = torch.autograd.grad(logit, a)
+    cam = torch.relu((grad.mean((2, 3), keepdim=True) * a).sum(1))[0].detach().numpy()
+    cam = cam - cam.min()
+    return cam / (cam.max() + 1e-7)
+
+
+def test_cam_of_a_layer_followed_by_an_inplace_op_matches_the_formula():
+    """On the CPU pytorch-grad-cam kept the conv's output without a copy, so the in-place ReLU after it rewrote
+    the kept activations: the map mixed rectified activations with the gradients of the unrectified ones (and
+    differed from the same call on a GPU, where the copy is made first)."""
+    model = InplaceCNN()
+    img = torch.randn(3, 12, 12, generator=torch.Generator().manual_seed(4))
+    maps = class_activation_maps(model, model.conv, img, [0, 1, 2])
+    for k in range(3):
+        np.testing.assert_allclose(maps[k], _reference_gradcam(model, img, k), atol=2e-4)  # eps 1e-7 / small max
+    assert all(len(m._forward_hooks) == 0 for m in model.modules())
+
+
+def test_the_indeed_models_cam_layers_are_the_rectified_last_conv_and_ignore_inplace_ops():
+    """The simple CNN (ML-MNIST) and VGG-16 (ML-CIFAR-10) explain the ReLU after their last convolution, and a
+    copy of the model whose ReLUs are not in place gives the same maps."""
+    import copy
+
+    from mlic_lib.indeed import VGG16Net
+    from mlic_lib.models import SimpleCNN
+
+    torch.manual_seed(0)
+    for model, chans, size in ((SimpleCNN(3, in_chans=1, widths=(4, 6, 8), hidden=16, input_size=40), 1, 40),
+                               (VGG16Net(3, in_chans=3, width=1 / 16, hidden=16, input_size=32), 3, 32)):
+        model.eval()
+        convs = [i for i, m in enumerate(model.modules()) if isinstance(m, nn.Conv2d)]
+        mods = list(model.modules())
+        layer_at = mods.index(model.cam_layer)
+        assert isinstance(model.cam_layer, nn.ReLU) and layer_at > convs[-1]
+        assert not any(isinstance(m, nn.Conv2d) for m in mods[convs[-1] + 1:layer_at]), type(model).__name__
+        plain = copy.deepcopy(model)
+        for m in plain.modules():
+            if isinstance(m, nn.ReLU):
+                m.inplace = False
+        img = torch.rand(chans, size, size, generator=torch.Generator().manual_seed(5))
+        got = class_activation_maps(model, model.cam_layer, img, [0, 2])
+        want = class_activation_maps(plain, plain.cam_layer, img, [0, 2])
+        np.testing.assert_allclose(got, want, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------ cam_in_box
 
 

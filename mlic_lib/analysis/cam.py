@@ -78,6 +78,11 @@ def _checked_target_class() -> type:
     return _CHECKED_TARGET
 
 
+def _copy_output(module: nn.Module, args, output):
+    """Forward hook: hand the rest of the model a copy of a tensor output (see :func:`class_activation_maps`)."""
+    return output.clone() if isinstance(output, torch.Tensor) else None
+
+
 def class_activation_maps(
     model: nn.Module,
     target_layer: nn.Module | Sequence[nn.Module],
@@ -139,6 +144,8 @@ def class_activation_maps(
     -----
     * Gradients are enabled inside the call, so it also works under ``torch.no_grad()``; the
       input gets ``requires_grad`` so that frozen (``requires_grad=False``) backbones work too.
+    * The activations explained are the target layer's own output, also when the model changes it in place
+      afterwards (e.g. a ``ReLU(inplace=True)`` after a convolution), on every device.
     * Side effects are undone: the ``training`` flag of every submodule is restored, the hooks
       are removed (also when an exception is raised) and the parameters' ``.grad`` are reset to
       ``None`` (any gradients accumulated before the call are discarded).
@@ -182,11 +189,17 @@ def class_activation_maps(
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     target_cls = _checked_target_class()
     cam = None
+    copies: list = []
     maps: list[np.ndarray] = []
     try:
         if moved:
             model.to(run_device)
         cam = cam_cls(model=model, target_layers=layers, reshape_transform=reshape_transform)
+        # registered after pytorch-grad-cam's hooks, which keep the layer's own output: the rest of the model runs
+        # on a copy, so an in-place op after the layer (``ReLU(inplace=True)``) cannot overwrite the kept
+        # activations (on the CPU pytorch-grad-cam's ``.cpu()`` does not copy: the map would mix the activations
+        # after that op with the gradients before it, and differ from the same call on a GPU)
+        copies = [layer.register_forward_hook(_copy_output) for layer in layers]
         image = x.detach().to(run_device, dtype=dtype).unsqueeze(0)
         for start in range(0, len(classes), step):
             chunk = classes[start : start + step]
@@ -197,6 +210,8 @@ def class_activation_maps(
             if max(chunk) >= n_out:
                 raise ValueError(f"class index {max(chunk)} out of range for a model with {n_out} outputs")
     finally:
+        for handle in copies:
+            handle.remove()
         if cam is not None:
             cam.activations_and_grads.release()
         model.zero_grad(set_to_none=True)

@@ -4,7 +4,8 @@ layers and two fully connected layers.
 The paper gives no widths; we use 32/64/64 channels with 3x3 convolutions, ReLU and 2x2 max
 pooling (84 -> 42 -> 21 -> 10), then ``fc1`` (-> 128, ReLU) and ``fc2`` (-> classes).
 ``forward_features`` returns the 128-d embedding that INDeeD's identical/disparate blocks act on,
-``classifier`` is the shared classifier (``fc2``), and ``cam_layer`` the last convolution.
+``classifier`` is the shared classifier (``fc2``), and ``cam_layer`` the last convolution's ReLU (its rectified
+feature maps, the usual Grad-CAM target).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ class SimpleCNN(nn.Module):
 
     @property
     def cam_layer(self) -> nn.Module:
-        return self.conv[-2]
+        """The ReLU after the last convolution: Grad-CAM explains its rectified feature maps."""
+        return self.conv[-1]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The ``hidden``-d embedding before the classifier, shape (B, hidden)."""
