@@ -314,7 +314,8 @@ def test_cam_in_box_half_open_point_mass():
 def test_cam_in_box_outside_zero_map_and_errors():
     assert cam_in_box(np.ones((5, 5)), (10, 10, 20, 20)) == 0.0
     assert cam_in_box(np.ones((5, 5)), (-9, 0, -1, 5)) == 0.0
-    assert cam_in_box(np.zeros((5, 5)), (0, 0, 3, 3)) == 0.0
+    assert np.isnan(cam_in_box(np.zeros((5, 5)), (0, 0, 3, 3)))  # no mass: undefined, not "all outside"
+    assert np.isnan(cam_in_boxes(np.zeros((5, 5)), [(0, 0, 3, 3), (1, 1, 2, 2)])).all()
     for bad in [(3, 0, 3, 5), (0, 4, 5, 2), (4, 0, 1, 5)]:
         with pytest.raises(ValueError, match="x1 <= x0 or y1 <= y0"):
             cam_in_box(np.ones((5, 5)), bad)
@@ -500,5 +501,6 @@ def test_cam_reading_peak_mass_and_leaning():
     assert cam_reading(cam, two, 4).heavier == []
     zero = cam_reading(np.zeros((10, 10)), boxes, 4)
     assert zero.all_zero and zero.peak is None and zero.peak_in == [] and zero.heavier == []
+    assert np.isnan(zero.mass).all()
     with pytest.raises(ValueError, match=r"\(K, 5\)"):
         cam_reading(cam, boxes[:, 1:], 4)

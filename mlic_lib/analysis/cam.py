@@ -269,14 +269,15 @@ def cam_in_boxes(
     Returns
     -------
     numpy.ndarray
-        ``float64`` array of shape ``(K,)`` with values in ``[0, 1]``.
+        ``float64`` array of shape ``(K,)`` with values in ``[0, 1]``; all NaN for an all-zero map (see
+        :func:`cam_in_box`).
     """
     c = _as_map(cam)
     b = _as_boxes(boxes)
     h, w = c.shape
     total = c.sum()
-    if total <= 0.0:
-        return np.zeros(len(b), dtype=np.float64)
+    if total <= 0.0:  # 0 / 0: no evidence anywhere is not evidence outside the box
+        return np.full(len(b), np.nan)
     # summed-area table with a zero row/column in front: S[y, x] = sum(c[:y, :x])
     sat = np.zeros((h + 1, w + 1), dtype=np.float64)
     sat[1:, 1:] = c.cumsum(axis=0).cumsum(axis=1)
@@ -308,8 +309,10 @@ def cam_in_box(cam: np.ndarray | torch.Tensor, box: Sequence[float] | np.ndarray
     -------
     float
         In ``[0, 1]``: 1 means all of the map's mass is inside the box. For a uniform map it
-        equals the box's share of the map's area. A box entirely outside the map gives 0.0, and
-        so does an all-zero map (no evidence anywhere, so no evidence inside the box).
+        equals the box's share of the map's area. A box entirely outside the map gives 0.0. An
+        all-zero map (Grad-CAM's ReLU left no positive evidence at that layer) has no mass to share
+        out and gives NaN: no evidence anywhere is not evidence outside the box, so averages should
+        leave such maps out (``np.nanmean``; pandas does by default) and say how many there were.
 
     Raises
     ------
@@ -335,7 +338,8 @@ def cam_reading(cam: np.ndarray | torch.Tensor, boxes, cls: int) -> CamReading:
     ``boxes`` is ``(K, 5)``: ``(class, x0, y0, x1, y1)`` per object in the map's pixel coordinates (the embedded
     scenes' format). Returns a :class:`CamReading`:
 
-    * ``all_zero``: the map has no positive value (no evidence at that layer; the other fields are then empty);
+    * ``all_zero``: the map has no positive value (no evidence at that layer; the other fields are then empty
+      and ``mass`` NaN);
     * ``peak``: ``(row, column)`` of the map's maximum (the first one in row-major order on a tie);
     * ``peak_in``: the classes of the boxes that contain the peak (half-open boxes, as :func:`cam_in_box`);
     * ``mass``: :func:`cam_in_boxes` per box (``(K,)``);
