@@ -347,7 +347,7 @@ class DistillDataset(Dataset):
 
     def __getitems__(self, indices: list[int]):
         idx = torch.as_tensor(indices)
-        x = self.base.normalise(self.base.images[idx])
+        x = self.base.normalise(self.base._images(idx))  # with the base's transform, as __getitem__
         parts = [x, self.base.targets[idx], self.logits[idx]]
         if self.kd_mask is not None:
             parts.append(self.kd_mask[idx])
@@ -531,8 +531,9 @@ def train_student(settings: Mapping[str, Any], data, teachers: Sequence[nn.Modul
                   name: str = "student", teacher_key: Any = None) -> FitResult:
     """Eq. 7: distil ``teachers`` (global-order logit models, e.g. :class:`TeacherEnsemble`) into a student of
     the same architecture on the full task. ``teacher_key`` (e.g. the teachers' run dirs) enters the cache
-    key. On an in-memory :class:`TensorImageDataset` the teacher logits of the training set are computed once;
-    on any other dataset (real images with augmentation) the teachers run on each training batch.
+    key. On an in-memory :class:`TensorImageDataset` without a transform the teacher logits of the training set
+    are computed once; on any other dataset (real images, or any augmentation) the teachers run on each training
+    batch, so they see the very images the student sees (as in the authors' code).
     ``psd.kd_images`` (``'subtask'``, default, Eq. 5; or ``'all'``) says where each teacher's KD term applies;
     it only matters when the teachers were trained on ``image_selection: containing``."""
     p = settings.get("psd", {})
@@ -547,9 +548,9 @@ def train_student(settings: Mapping[str, Any], data, teachers: Sequence[nn.Modul
            "kd_subtask_only": subtask_only, "data": settings.get("data"), "chapter": settings.get("chapter")}
     run_dir = run_dir_for(f"psd-{name}-s{seed}", key, code=(__name__,))
     model = build_psd_model(settings["model"], data.num_classes, seed)
-    on_the_fly = not isinstance(data.train_ds, TensorImageDataset)
+    on_the_fly = not isinstance(data.train_ds, TensorImageDataset) or data.train_ds.transform is not None
     if on_the_fly or is_finished(run_dir):
-        ds: Dataset = data.train_ds  # real images (teachers run per batch), or cached: fit only loads
+        ds: Dataset = data.train_ds  # augmented images (teachers run per batch), or cached: fit only loads
     else:
         logits = torch.stack([predict_logits(t, data.train_ds) for t in teachers], dim=1)
         masks = _teacher_masks(teachers, data.train_ds.targets) if subtask_only else None
@@ -656,6 +657,26 @@ def study_decompositions(settings: Mapping[str, Any]) -> list[tuple[str, int, in
     return list(dict.fromkeys(plan))
 
 
+def planned_decompositions(settings: Mapping[str, Any], data, S: np.ndarray) -> dict[tuple[str, int, int], list]:
+    """Every decomposition of :func:`study_decompositions`, computed and checked before anything trains:
+    ``{(strategy, k, random seed): subsets}``. A ``k`` larger than the number of classes, or (under
+    ``image_selection: containing``) a sub-task whose classes no training image contains, raises here, not
+    hours into a run when its teacher's turn comes."""
+    sel = settings.get("psd", {}).get("image_selection", "containing")
+    out = {}
+    for strategy, k, rseed in study_decompositions(settings):
+        subsets = _decompose(settings, S, strategy, k, data.num_classes, rseed)
+        empty = [list(map(int, sub)) for sub in subsets
+                 if sel == "containing" and len(subtask_indices(data.train_targets, sub)) == 0]
+        if empty:
+            raise ValueError(f"the {strategy.upper()} decomposition at k={k} has sub-task(s) {empty} whose classes no "
+                             f"training image contains (classes without a training positive form such a sub-task), so "
+                             "their teachers would have nothing to train on: use more training images (data.n_train), "
+                             "or psd.image_selection: all (the authors' code)")
+        out[strategy, k, rseed] = subsets
+    return out
+
+
 def pretrain_teachers(settings: Mapping[str, Any], data, S: np.ndarray, *, seed: int = 0,
                       other_selection: bool = True, progress: bool = True) -> int:
     """Train every teacher the chapter needs into the cache, the ranks of ``torchrun`` sharing them.
@@ -673,8 +694,7 @@ def pretrain_teachers(settings: Mapping[str, Any], data, S: np.ndarray, *, seed:
     from mlic_lib.utils import distributed_info
 
     p = settings.get("psd", {})
-    jobs = [(settings, sub) for strat, k, r in study_decompositions(settings)
-            for sub in _decompose(settings, S, strat, k, data.num_classes, r)]
+    jobs = [(settings, sub) for subsets in planned_decompositions(settings, data, S).values() for sub in subsets]
     if other_selection:
         alt = {**settings, "psd": {**p, "image_selection": "all" if p.get("image_selection", "containing")
                                    == "containing" else "containing"}}
@@ -691,16 +711,19 @@ def pretrain_teachers(settings: Mapping[str, Any], data, S: np.ndarray, *, seed:
 
 
 def decomposition_teachers(settings: Mapping[str, Any], data, S: np.ndarray, strategy: str, k: int, *,
-                           seed: int = 0, rseed: int = 0) -> tuple[list[np.ndarray], TeacherEnsemble, float]:
+                           seed: int = 0, rseed: int = 0,
+                           subsets: list[np.ndarray] | None = None) -> tuple[list[np.ndarray], TeacherEnsemble, float]:
     """One task decomposition and its teachers: ``(subsets, rho-merged ensemble, ensemble test mAP)``.
 
     ``strategy`` is ``'cgp'``, ``'dgp'`` or ``'random'`` (seeded by ``rseed``); the partition uses the profile's
     ``tau``, ``complement``, ``cluster_seed`` and ``n_init``, the teachers ``teacher_train`` and
     ``image_selection``. ``data`` is a ``SceneData`` (uint8 fast path) or a ``RealData`` (image files). The
-    ensemble carries ``run_key`` (its teachers' run directories) for the student's cache key."""
+    ensemble carries ``run_key`` (its teachers' run directories) for the student's cache key. ``subsets``: the
+    decomposition when already computed (:func:`planned_decompositions`)."""
     from mlic_lib.engine import evaluate
 
-    subsets = _decompose(settings, S, strategy, k, data.num_classes, rseed)
+    if subsets is None:
+        subsets = _decompose(settings, S, strategy, k, data.num_classes, rseed)
     ens, runs = train_teachers(settings, _teacher_images(data), data.train_targets, subsets, seed=seed)
     ens.run_key = teacher_key(runs)  # type: ignore[attr-defined]
     workers = int(settings["train"].get("num_workers", 0))
@@ -743,14 +766,15 @@ def run_study(settings: Mapping[str, Any], data, S: np.ndarray, *, seed: int = 0
     emap: dict = {}
     students: dict[str, FitResult] = {}
 
-    plan = set(study_decompositions(settings))
+    plan = planned_decompositions(settings, data, S)  # all of them checked before the first run trains
 
     def teachers(strategy: str, k: int, rseed: int = 0):
         key = (strategy, k, rseed)
         assert key in plan, f"{key} is missing from study_decompositions (which pretrain_teachers follows)"
         if key not in ensembles:
             subsets[key], ensembles[key], emap[key] = decomposition_teachers(settings, data, S, strategy, k,
-                                                                             seed=seed, rseed=rseed)
+                                                                             seed=seed, rseed=rseed,
+                                                                             subsets=plan[key])
         return ensembles[key]
 
     baseline = train_baseline(settings, data, seed=seed)

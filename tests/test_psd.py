@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 
@@ -76,6 +77,12 @@ def test_distillation_step_equals_asl_plus_kd_and_teacher_modes_agree():
     assert torch.allclose(loss, ref, rtol=1e-5)
     loss2, _ = psd.DistillationStep(kd_weight=0.5, teachers=[teacher], kd_subtask_only=False)(model, [x, y], None)
     assert torch.allclose(loss, loss2, rtol=1e-5)
+    teacher.train()  # a teacher handed over in training mode still gives its eval-mode (BatchNorm running) logits
+    loss3, _ = psd.DistillationStep(kd_weight=0.5, teachers=[teacher], kd_subtask_only=False)(model, [x, y], None)
+    assert torch.allclose(loss, loss3, rtol=1e-5)
+    with torch.no_grad():  # batch statistics would differ (on a copy: a training forward updates the running ones)
+        assert not torch.allclose(copy.deepcopy(teacher).train()(x), t, atol=1e-3)
+    teacher.eval()
     masked, _ = psd.DistillationStep(kd_weight=0.5, teachers=[teacher])(model, [x, y], None)  # default: Eq. 5's mask
     kd_mask = psd._teacher_masks([teacher], y)
     assert not kd_mask.all()  # some image lies outside some teacher's sub-task, so the default differs
@@ -157,6 +164,12 @@ def test_teacher_ensemble_routes_classes_and_distill_dataset():
     assert len(batch) == 2 and batch[0][2].shape == (2, 6)
     with pytest.raises(ValueError, match="do not match"):
         psd.DistillDataset(base, torch.randn(3, 2, 5))
+    # the DataLoader's batched fetch applies the base's transform as the one-item fetch does (it used to skip it)
+    aug = TensorImageDataset(np.zeros((3, 3, 8, 8), np.uint8), np.zeros((3, 6)), transform=lambda u8: u8 + 255)
+    dd_aug = psd.DistillDataset(aug, torch.randn(3, 2, 6))
+    batched = torch.stack([item[0] for item in dd_aug.__getitems__([0, 2])])
+    assert torch.equal(batched, torch.stack([dd_aug[0][0], dd_aug[2][0]]))
+    assert dd_aug[0][0].mean() > 0  # the transformed 255 normalised (1 with the default mean/std), not 0 (-1)
     masked = psd.DistillDataset(base, torch.randn(3, 2, 6), torch.ones(3, 2, 6))
     assert len(masked[1]) == 4 and len(masked.__getitems__([0, 1])[1]) == 4
     with pytest.raises(ValueError, match="kd_mask"):
@@ -210,7 +223,7 @@ def test_bad_parallel_mode():
         psd.train_teachers(_settings(), np.zeros((2, 3, 8, 8), np.uint8), np.eye(2), [[0], [1]], parallel="gpu")
 
 
-def test_smoke_study(small_scenes):
+def test_smoke_study(small_scenes, monkeypatch):
     """A tiny end-to-end run of the chapter's study: baseline, SD, CGPD/DGPD/random at k=2, CPSD."""
     from mlic_lib.data.tensors import TensorImageDataset
     from mlic_lib.experiments import SceneData
@@ -221,7 +234,21 @@ def test_smoke_study(small_scenes):
     data = SceneData(train, test, TensorImageDataset(train.images, train.targets),
                      TensorImageDataset(test.images[:, :, ::2, ::2].copy(), test.targets))
     s = _settings(ks=[1, 2], cpsd_k=2, n_init=4)
+    handed = {}  # student name -> the teachers run_study distils into it
+    real_train_student = psd.train_student
+
+    def recording(settings, data_, teachers, **kw):
+        handed[kw["name"]] = list(teachers)
+        return real_train_student(settings, data_, teachers, **kw)
+
+    monkeypatch.setattr(psd, "train_student", recording)
     study = psd.run_study(s, data, similarity_matrix(targets=train.targets))
+    monkeypatch.undo()
+    e = study.ensembles
+    # CPSD (Eq. 7) distils the CGP and the DGP teachers of k = cpsd_k together; the others one decomposition each
+    assert handed["cpsd-2"][0] is e[("cgp", 2, 0)] and handed["cpsd-2"][1] is e[("dgp", 2, 0)], handed
+    assert handed["cgpd-2"] == [e[("cgp", 2, 0)]] and handed["dgpd-2"] == [e[("dgp", 2, 0)]]
+    assert handed["sd"] == [e[("cgp", 1, 0)]] and len(study.subsets[("cgp", 1, 0)]) == 1
     with pytest.raises(ValueError, match="kd_images"):
         psd.train_student(_settings(kd_images="some"), data, [study.ensembles[("cgp", 2, 0)]])
     assert set(study.students) == {"sd", "cgpd-2", "dgpd-2", "random-2-s0", "cpsd-2"}
@@ -229,6 +256,84 @@ def test_smoke_study(small_scenes):
         assert 0.0 <= run.final["mAP"] <= 1.0
         assert {"cls", "kd"} <= set(run.history[-1])
     assert len(study.subsets[("cgp", 2, 0)]) == 2
+
+
+@pytest.mark.parametrize("psd_over, masked", [({}, True), ({"kd_images": "all"}, False),
+                                              ({"image_selection": "all"}, False)])
+def test_train_student_hands_fit_the_eq5_mask_by_default(small_scenes, monkeypatch, psd_over, masked):
+    """The chapter's path (precomputed teacher logits): the dataset carries each teacher's Eq. 5 mask under the
+    paper's defaults (kd_images 'subtask', teachers on the images that contain their sub-task) and none otherwise;
+    an augmented dataset runs the teachers on each batch instead, with the same mask rule."""
+    from mlic_lib.data.tensors import TensorImageDataset
+    from mlic_lib.experiments import SceneData
+
+    train, test = small_scenes
+    imgs = train.images[:24, :, ::2, ::2].copy()
+    data = SceneData(train, test, TensorImageDataset(imgs, train.targets[:24]),
+                     TensorImageDataset(test.images[:8, :, ::2, ::2].copy(), test.targets[:8]))
+    ens = psd.TeacherEnsemble([_tiny_model(10, 0), _tiny_model(10, 1)], [np.arange(0, 10), np.arange(10, 20)], 20)
+    calls = []
+    monkeypatch.setattr(psd, "fit", lambda model, ds, val, cfg, step, **kw: calls.append((ds, step)))
+    psd.train_student(_settings(**psd_over), data, [ens], name="mask-test")
+    ds, step = calls[-1]
+    assert isinstance(ds, psd.DistillDataset) and step.teachers is None
+    if masked:
+        want = psd._teacher_masks([ens], torch.as_tensor(train.targets[:24], dtype=torch.float32))
+        assert ds.kd_mask is not None and torch.equal(ds.kd_mask, want) and not bool(want.all())
+    else:
+        assert ds.kd_mask is None
+    data.train_ds.transform = lambda u8: u8.flip(-1)
+    psd.train_student(_settings(**psd_over), data, [ens], name="mask-test-aug")
+    ds, step = calls[-1]
+    assert ds is data.train_ds and step.teachers == [ens] and step.kd_subtask_only is masked
+
+
+def test_a_bad_decomposition_is_refused_before_anything_trains(small_scenes, monkeypatch):
+    """k above the number of classes, or (teachers on the images that contain their classes) a class without a
+    training positive, which spectral clustering isolates as a sub-task with no image: refused by run_study and
+    pretrain_teachers before the baseline or the first teacher trains (it used to surface hours into a run)."""
+    from mlic_lib.data.tensors import TensorImageDataset
+    from mlic_lib.experiments import SceneData
+    from mlic_lib.partition import similarity_matrix
+
+    train, test = small_scenes
+    targets = train.targets[:40].copy()
+    targets[:, 19] = 0  # class 19 has no training positive
+    imgs = train.images[:40, :, ::2, ::2].copy()
+    data = SceneData(dataclasses.replace(train, images=imgs, targets=targets), test,
+                     TensorImageDataset(imgs, targets), TensorImageDataset(test.images[:8, :, ::2, ::2].copy(),
+                                                                           test.targets[:8]))
+
+    def no_training(*a, **k):
+        raise AssertionError("trained before the decompositions were checked")
+
+    monkeypatch.setattr(psd, "fit", no_training)
+    monkeypatch.setattr(psd, "_fit_teacher", no_training)
+    S = similarity_matrix(targets=targets)
+    for run in (psd.run_study, psd.pretrain_teachers):
+        with pytest.raises(ValueError, match="k must be between"):
+            run(_settings(ks=[1, 500], cpsd_k=2, n_init=2), data, S)
+        with pytest.raises(ValueError, match=r"no training image contains.*\[19\]|\[19\].*no training image"):
+            run(_settings(ks=[1, 2], cpsd_k=2, n_init=2), data, S)
+    assert psd.planned_decompositions(_settings(ks=[1, 2], cpsd_k=2, n_init=2, image_selection="all"), data, S)
+
+
+def test_the_paper_defaults_are_pinned():
+    """Eq. 1's root tau = 3, Eq. 2's Laplacian as printed, Eq. 5's sub-task images: the library's defaults and
+    every profile of the chapter (the authors' code differs on tau and the Laplacian: options, not defaults)."""
+    import inspect
+
+    from mlic_lib import partition as P
+    from mlic_lib.profiles import load_profile
+
+    sig = inspect.signature(P.partition_labels).parameters
+    assert sig["tau"].default == 3.0 and sig["laplacian"].default == "eq2"
+    assert inspect.signature(P.affinity).parameters["tau"].default == 3.0
+    assert inspect.signature(P.spectral_partition).parameters["laplacian"].default == "eq2"
+    for profile in ("smoke", "default", "full"):
+        p = load_profile("psd", profile)["psd"]
+        assert (p["tau"], p["laplacian"], p["image_selection"], p["kd_images"]) == (3.0, "eq2", "containing",
+                                                                                     "subtask"), profile
 
 
 def test_pretrain_teachers_fills_the_cache_the_study_reads(small_scenes, monkeypatch):
