@@ -359,6 +359,20 @@ def test_links_that_leave_the_target_are_refused_without_the_data_filter(tmp_pat
     assert not (tmp_path / "a" / "b" / "dest" / "VOCdevkit").exists()
 
 
+def test_a_killed_extraction_leaves_nothing_behind_after_the_next_attempt(tmp_path):
+    """SIGTERM/SIGKILL skip unpack's cleanup: the temporary folder of a killed extraction (GBs for COCO) used to stay
+    under a random name for ever; the next unpack of that archive removes it."""
+    archive = tmp_path / "a.tar"
+    archive.write_bytes(_tar({"VOCdevkit/VOC2007/JPEGImages/000005.jpg": b"a"}))
+    dest = tmp_path / "data"
+    leftover = dest / ".extract-a.tar" / "VOCdevkit" / "VOC2007" / "JPEGImages"
+    leftover.mkdir(parents=True)
+    (leftover / "000009.jpg").write_bytes(b"half")  # what a killed run extracted before it died
+    download.unpack(archive, dest)
+    assert [p.name for p in (dest / "VOCdevkit/VOC2007/JPEGImages").iterdir()] == ["000005.jpg"]
+    assert [p.name for p in dest.iterdir()] == ["VOCdevkit"]
+
+
 def test_a_damaged_archive_is_a_clear_error_and_nothing_is_unpacked(tmp_path):
     bad = tmp_path / "cut.tar.gz"
     buf = io.BytesIO()

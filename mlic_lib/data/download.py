@@ -19,7 +19,6 @@ import os
 import shutil
 import sys
 import tarfile
-import tempfile
 import urllib.error
 import urllib.request
 import zipfile
@@ -210,13 +209,18 @@ def _merge(src: Path, dst: Path) -> None:
 def unpack(archive: Path, dest: Path) -> Path | None:
     """Extract a tar/tar.gz/zip archive into ``dest`` via a temporary folder (no partial results).
 
-    The extracted entries are then moved into ``dest`` by renames, merged with what is there (the VOC tars
-    share ``VOCdevkit/``), so a second archive costs no copy of the first. Returns the path of the archive's first
-    regular file under ``dest`` (``None`` for an archive of folders only): :func:`prepare`'s sign that the archive's
-    content is still there.
+    The temporary folder is ``dest/.extract-<archive name>``, emptied first (a killed extraction's leftovers) and
+    removed afterwards. The extracted entries are then moved into ``dest`` by renames, merged with what is there
+    (the VOC tars share ``VOCdevkit/``), so a second archive costs no copy of the first. Returns the path of the
+    archive's first regular file under ``dest`` (``None`` for an archive of folders only): :func:`prepare`'s sign
+    that the archive's content is still there.
     """
     dest.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=dest))
+    # one fixed folder per archive: what a killed extraction (SIGTERM/SIGKILL skip the cleanup below) left there
+    # is removed by the next attempt, not left behind under a new random name each time (GBs for COCO)
+    tmp = dest / f".extract-{archive.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
     try:
         if zipfile.is_zipfile(archive):
             with zipfile.ZipFile(archive) as z:
