@@ -122,6 +122,23 @@ def test_prepare_downloads_verifies_unpacks_and_skips_on_rerun(server, tmp_path,
     assert not list(tmp_path.glob(".extract-*")), "temporary extraction folder left behind"
 
 
+def test_a_marker_without_the_entrys_other_paths_is_not_taken_as_present(server, tmp_path, monkeypatch):
+    """COCO's annotations placed by hand without the images: prepare used to say "already present" (its marker is
+    an annotation file) and download nothing; it now fetches the dataset."""
+    url, handler = server
+    handler.files["/fake.tar"] = VOC_TAR
+    entry = _entry(monkeypatch, url, VOC_TAR)
+    entry = dataclasses.replace(entry, also=(("VOCdevkit/VOC2007/Annotations",),))
+    monkeypatch.setitem(registry.DATASETS, "fake", entry)
+    marker = tmp_path / entry.marker
+    marker.parent.mkdir(parents=True)
+    marker.write_text("000001\n")  # by hand, without the Annotations folder
+    assert download.check(tmp_path)["fake"] == "incomplete (missing: VOCdevkit/VOC2007/Annotations)"
+    download.prepare("fake", tmp_path, progress=False)
+    assert len(handler.log) == 1 and download.check(tmp_path)["fake"] == "present"
+    assert (tmp_path / "VOCdevkit/VOC2007/Annotations/000001.xml").is_file()
+
+
 @pytest.mark.parametrize("kept, request_range", [(1000, "bytes=1000-"), (None, None)])
 def test_a_partial_file_is_resumed_or_discarded(server, tmp_path, monkeypatch, kept, request_range):
     """A ``.part`` shorter than the file resumes with a Range request; one longer than it starts over."""

@@ -134,9 +134,15 @@ def test_cli_data_check(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("MLIC_DATA", str(tmp_path))
     (tmp_path / "VOCdevkit" / "VOC2007" / "ImageSets" / "Main").mkdir(parents=True)
     (tmp_path / "VOCdevkit" / "VOC2007" / "ImageSets" / "Main" / "test.txt").write_text("000001\n")
+    assert cli.main(["data", "check"]) == 0  # the test tar's content alone: the trainval tar is missing
+    assert "voc2007   incomplete (missing: VOCdevkit/VOC2007/ImageSets/Main/trainval.txt)" in capsys.readouterr().out
+    (tmp_path / "VOCdevkit" / "VOC2007" / "ImageSets" / "Main" / "trainval.txt").write_text("000005\n")
+    (tmp_path / "coco" / "annotations").mkdir(parents=True)
+    (tmp_path / "coco" / "annotations" / "instances_val2014.json").write_text("{}")
     assert cli.main(["data", "check"]) == 0
     out = capsys.readouterr().out
-    assert "voc2007   present" in out and "coco2014  missing" in out
+    assert "voc2007   present" in out and "coco2017  missing" in out
+    assert "coco2014  incomplete (missing: coco/train2014, coco/val2014)" in out  # annotations without images
     assert cli.main(["data", "prepare"]) == 2
     assert "name the dataset" in capsys.readouterr().err
     for action in ("check", "prepare"):  # the fake-only sizes were silently ignored here

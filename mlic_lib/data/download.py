@@ -282,8 +282,9 @@ def prepare(key: str, root: Path | None = None, progress: bool = True, allow_unv
 
     A file whose ``.prepared`` stamp exists, and the file it unpacked too, is skipped, so an interrupted run goes on
     with the files it had not finished, and a file whose content was deleted since (the dataset's folder removed by
-    hand) is unpacked (or downloaded) again. A dataset whose marker exists but that has no stamps (placed by hand,
-    or its ``downloads/`` folder was deleted to free space) is taken as present, as ``mlic data check`` reports it.
+    hand) is unpacked (or downloaded) again. A dataset whose marker and ``also`` paths exist but that has no stamps
+    (placed by hand, or its ``downloads/`` folder was deleted to free space) is taken as present, as
+    ``mlic data check`` reports it.
     If the marker is still missing after that, every file is redone. ``force`` redoes every file whatever the stamps
     and the marker say, to repair a dataset with a deleted or damaged file: each kept archive is checked against its
     sha256 again (and downloaded anew if it no longer matches), then unpacked over the dataset's folder; a file's
@@ -296,8 +297,11 @@ def prepare(key: str, root: Path | None = None, progress: bool = True, allow_unv
     from .fake import fake_names, forget_fake
 
     marker = root / entry.marker
-    # synthetic files from `mlic data fake` are not a present dataset: the real one replaces them
-    if not force and marker.exists() and not _has_stamps(root, entry) and key not in fake_names(root):
+    lacking = [alts[0] for alts in entry.also if not any((root / a).exists() for a in alts)]
+    # synthetic files from `mlic data fake` are not a present dataset: the real one replaces them; nor is a
+    # marker without the entry's other paths (COCO's annotations placed by hand without the images)
+    if (not force and marker.exists() and not lacking and not _has_stamps(root, entry)
+            and key not in fake_names(root)):
         print(f"{entry.title} is already present under {root} ({entry.marker}); use --force to download and unpack "
               "it again", file=sys.stderr)
         return marker

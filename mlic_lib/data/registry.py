@@ -72,6 +72,7 @@ def _coco_entry(year: str, annotations: tuple[int, str], train: tuple[int, str],
         (_coco(f"annotations_trainval{year}.zip", *annotations, "annotations"),
          _coco(f"train{year}.zip", *train), _coco(f"val{year}.zip", *val)),
         marker=f"coco/annotations/instances_val{year}.json",
+        also=((f"coco/train{year}",), (f"coco/val{year}",)),  # the annotations alone are not the dataset
     )
 
 
@@ -85,6 +86,7 @@ DATASETS: dict[str, DatasetEntry] = {
                  "6836888e2e01dca84577a849d339fa4f73e1e4f135d312430c4856b5609b4892"),
         ),
         marker="VOCdevkit/VOC2007/ImageSets/Main/test.txt",
+        also=(("VOCdevkit/VOC2007/ImageSets/Main/trainval.txt",),),  # one path from each of the two tars
     ),
     "voc2012": DatasetEntry(
         "voc2012", "PASCAL VOC 2012 (trainval)",
