@@ -139,7 +139,8 @@ def test_stats_against_direct_loops():
         for j in range(6):
             expected = e[i, j] / n[i] if n[i] else 0.0
             assert p[i, j] == pytest.approx(expected)
-    np.testing.assert_allclose(stats.conditional_probability(t), p)  # label matrix accepted too
+    with pytest.raises(ValueError, match="co-occurrence"):  # a label matrix: pass its co-occurrence
+        stats.conditional_probability(t)
     np.testing.assert_array_equal(stats.labels_per_image(t), t.sum(1))
     groups = stats.head_medium_tail(np.array([150, 100, 99, 21, 20, 3]), head_min=100, tail_max=20)
     assert groups["head"].tolist() == [0, 1] and groups["medium"].tolist() == [2, 3]

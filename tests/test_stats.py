@@ -114,5 +114,9 @@ def test_conditional_probability_nums_override_the_diagonal():
         for j in range(5):
             assert p[i, j] == pytest.approx(e[i, j] / nums[i] if nums[i] else 0.0), (i, j)
     assert p[0, 0] == pytest.approx(0.5)
-    # a label matrix (not square) is turned into its co-occurrence first; nums still divide the rows
-    np.testing.assert_allclose(stats.conditional_probability(T, nums=nums), p)
+    # a label matrix is refused, not guessed from its shape (a square one, as many images as classes, was read
+    # as a co-occurrence matrix): the error names the fix
+    with pytest.raises(ValueError, match=r"pass stats.cooccurrence\(labels\)"):
+        stats.conditional_probability(T, nums=nums)
+    square = np.array([[1, 1, 0], [0, 1, 0], [0, 0, 1]])  # 3 images, 3 classes
+    np.testing.assert_allclose(stats.conditional_probability(stats.cooccurrence(square))[1], [0.5, 1, 0])

@@ -107,7 +107,8 @@ def read_lt_split(folder: str | os.PathLike, name: str | None = None) -> LTSplit
     if not np.array_equal(labels.sum(0), class_freq):
         raise ValueError(f"{folder}: class_freq does not equal the column sums of gt_labels")
     neg = np.asarray(freq.get("neg_class_freq", len(ids) - class_freq), dtype=np.int64)
-    cond = np.asarray(freq.get("condition_prob", stats.conditional_probability(labels)), dtype=np.float64)
+    cond = np.asarray(freq["condition_prob"] if "condition_prob" in freq
+                      else stats.conditional_probability(stats.cooccurrence(labels)), dtype=np.float64)
     groups: dict[str, np.ndarray] = {}
     for ours, theirs in (("head", "head"), ("medium", "middle"), ("tail", "tail")):
         members = split.get(theirs, split.get(ours)) if isinstance(split, Mapping) else None

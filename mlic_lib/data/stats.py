@@ -36,14 +36,14 @@ def cooccurrence(targets) -> np.ndarray:
 def conditional_probability(counts: np.ndarray, nums: np.ndarray | None = None) -> np.ndarray:
     """``P(j | i) = e_ij / n_i`` (row i conditions on class i). Rows of absent classes are 0.
 
-    ``counts`` is either a co-occurrence matrix (then ``nums`` defaults to its diagonal) or, when it is
-    not square, a label matrix from which the co-occurrence is computed first.
+    ``counts`` is a co-occurrence matrix (:func:`cooccurrence`; ``nums`` defaults to its diagonal). A label
+    matrix is refused rather than guessed from its shape (one with as many images as classes is square too):
+    pass ``cooccurrence(labels)``.
     """
     counts = np.asarray(counts, dtype=np.float64)
-    if counts.ndim != 2:
-        raise ValueError(f"expected a 2-D matrix, got shape {counts.shape}")
-    if counts.shape[0] != counts.shape[1]:
-        counts = cooccurrence(counts).astype(np.float64)
+    if counts.ndim != 2 or counts.shape[0] != counts.shape[1]:
+        raise ValueError(f"counts must be a square (classes, classes) co-occurrence matrix, got shape {counts.shape}; "
+                         "for a label matrix (images, classes) pass stats.cooccurrence(labels)")
     n = np.diag(counts) if nums is None else np.asarray(nums, dtype=np.float64)
     if n.shape != (counts.shape[0],):
         raise ValueError(f"nums must have shape ({counts.shape[0]},), got {n.shape}")
