@@ -172,3 +172,15 @@ def test_tensor_dataset_items_and_errors(small_scenes):
     with pytest.raises(ValueError, match="voc_targets"):
         TensorImageDataset(train.images, voc_style)
     TensorImageDataset(train.images, train.targets * 0.9)  # soft labels are fine
+
+
+def test_tensor_dataset_checks_mean_and_std_against_the_channels(small_scenes):
+    """A 3-value (ImageNet) mean on 1-channel images broadcast every item to 3 channels without a word."""
+    gray = np.zeros((2, 1, 8, 8), np.uint8)
+    with pytest.raises(ValueError, match="mean has 3 values for images with 1 channel"):
+        TensorImageDataset(gray, np.zeros((2, 3)), mean=[0.485, 0.456, 0.406], std=[0.5])
+    with pytest.raises(ValueError, match="std has 2 values"):
+        TensorImageDataset(small_scenes[0].images[:2], small_scenes[0].targets[:2], std=[0.2, 0.3])
+    with pytest.raises(ValueError, match="std must be positive"):
+        TensorImageDataset(gray, np.zeros((2, 3)), std=[0.0])
+    assert TensorImageDataset(gray, np.zeros((2, 3)), mean=[0.1307], std=[0.3081])[0][0].shape == (1, 8, 8)

@@ -41,6 +41,12 @@ class TensorImageDataset(Dataset):
         channels = images.shape[1]
         self.images = images
         self.targets = targets
+        for name, v in (("mean", mean), ("std", std)):  # a 3-value mean on 1-channel images would broadcast them to 3
+            if v is not None and len(v) not in (1, channels):
+                raise ValueError(f"{name} has {len(v)} values for images with {channels} channel(s): give one value "
+                                 f"or one per channel")
+        if std is not None and min(std) <= 0:
+            raise ValueError(f"std must be positive, got {list(std)}")
         self.mean = torch.tensor(mean if mean is not None else [0.5] * channels).view(-1, 1, 1)
         self.std = torch.tensor(std if std is not None else [0.5] * channels).view(-1, 1, 1)
         self.transform = transform
