@@ -59,13 +59,42 @@ def test_geometric_operations_shift_rotate_and_fill_grey():
         else:
             assert np.array_equal(out[:, t:], _arr(img)[:, : w - t]) and (out[:, : t - 1] == 128).all()
         out = _arr(apply_op(img, "TranslateY", 9, _Sign(sign)))
-        t = round(150 / 331 * h)
-        assert (out[h - t + 1:] == 128).all() if sign > 0 else (out[: t - 1] == 128).all()
+        t = round(150 / 331 * h)  # 20 px of the 44 rows (the width would give 30: the image is not square)
+        if sign > 0:  # output row y shows input row y + t
+            assert np.array_equal(out[: h - t], _arr(img)[t:]) and (out[h - t + 1:] == 128).all()
+        else:
+            assert np.array_equal(out[t:], _arr(img)[: h - t]) and (out[: t - 1] == 128).all()
     assert np.array_equal(_arr(apply_op(img, "ShearX", 0)), _arr(img))
     assert np.array_equal(_arr(apply_op(img, "Rotate", 9)), _arr(img.rotate(30, fillcolor=(128, 128, 128))))
     assert (_arr(apply_op(img, "Rotate", 9))[0, 0] == 128).all()  # a corner leaves the frame
     sheared = _arr(apply_op(img, "ShearY", 9, _Sign(1)))
     assert (sheared[-1, -1] == 128).all() and not np.array_equal(sheared, _arr(img))
+
+
+@pytest.mark.parametrize("level", [3, 6, 9])
+def test_affine_operations_use_the_policys_magnitudes(level, monkeypatch):
+    """The affine coefficients PIL receives: shear 0.3 m, translation 150/331 m of the side along its own axis
+    (m = level / 9), bicubic for shears and nearest for translations, grey fill (the ASL/CPSD RandAugment)."""
+    seen = []
+    real = Image.Image.transform
+
+    def spy(self, size, method, data, resample, **kw):
+        seen.append((method, tuple(data), resample, kw.get("fillcolor")))
+        return real(self, size, method, data, resample, **kw)
+
+    monkeypatch.setattr(Image.Image, "transform", spy)
+    img, m = _photo(), level / 9
+    w, h = img.size
+    want = {"ShearX": (1, 0.3 * m, 0, 0, 1, 0), "ShearY": (1, 0, 0, 0.3 * m, 1, 0),
+            "TranslateX": (1, 0, 150 / 331 * m * w, 0, 1, 0), "TranslateY": (1, 0, 0, 0, 1, 150 / 331 * m * h)}
+    for name, coeffs in want.items():
+        for sign in (-1, 1):
+            apply_op(img, name, level, _Sign(sign))
+            method, data, resample, fill = seen[-1]
+            assert method == Image.AFFINE and fill == (128, 128, 128), name
+            assert resample == (Image.BICUBIC if name.startswith("Shear") else Image.NEAREST), name
+            signed = tuple(c * sign if k in (1, 2, 3, 5) else c for k, c in enumerate(coeffs))
+            assert data == pytest.approx(signed), (name, sign)
 
 
 @pytest.mark.parametrize("level", [1, 5, 9])
