@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from mlic_lib.utils import atomic_open
+
 from .errors import DatasetNotFoundError, missing_dataset, repair_hint
 from .images import ImageListDataset
 from .paths import data_root
@@ -195,11 +197,12 @@ def read_voc_csv(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
 
 
 def write_voc_csv(path: str | os.PathLike, ids: Sequence[str], labels: Any) -> None:
-    """Write ids and ``(N, 20)`` labels in the format read by :func:`read_voc_csv`."""
+    """Write ids and ``(N, 20)`` labels in the format read by :func:`read_voc_csv` (atomically: an interrupted write
+    leaves the previous file, never half a table)."""
     lab = np.asarray(labels)
     if lab.shape != (len(ids), len(VOC_CLASSES)):
         raise ValueError(f"labels must have shape ({len(ids)}, {len(VOC_CLASSES)}), got {lab.shape}")
-    with Path(path).open("w", newline="") as fh:
+    with atomic_open(path, "w") as fh:
         writer = csv.writer(fh, lineterminator="\n")
         writer.writerow(["name", *VOC_CLASSES])
         for image_id, row in zip(ids, lab.astype(int).tolist(), strict=True):
