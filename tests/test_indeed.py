@@ -517,8 +517,10 @@ def test_models_features_classifier_cam_layer():
         f = model.forward_features(x)
         assert f.shape == (2, model.num_features) and (f >= 0).all()
         assert model(x).shape == (2, 10)
-        convs = [m for m in (model.conv if chans == 1 else model.features) if isinstance(m, torch.nn.Conv2d)]
-        assert model.cam_layer is convs[-1]  # the last convolution, whose maps Grad-CAM weighs
+        layers = list(model.conv if chans == 1 else model.features)
+        last_conv = max(k for k, m in enumerate(layers) if isinstance(m, torch.nn.Conv2d))
+        # the ReLU right after the last convolution: Grad-CAM weighs its rectified maps
+        assert model.cam_layer is layers[last_conv + 1] and isinstance(model.cam_layer, torch.nn.ReLU)
     vgg = indeed.VGG16Net(width=0.0625)
     assert sum(isinstance(m, torch.nn.Conv2d) for m in vgg.modules()) == 13
     assert sum(isinstance(m, torch.nn.Linear) for m in vgg.modules()) == 3
