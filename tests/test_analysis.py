@@ -291,6 +291,34 @@ def test_the_indeed_models_cam_layers_are_the_rectified_last_conv_and_ignore_inp
         np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+def test_cam_in_own_boxes_scores_every_object_against_a_loop(square_image):
+    """One row per labelled object: its class map's CAM-in-box in its own box (as a loop of class_activation_maps
+    and cam_in_box computes it), the uniform map's share, the model's probability; blank maps are NaN."""
+    from mlic_lib.analysis import cam_in_own_boxes
+
+    model = PlantedCNN().train()
+    images = [square_image, torch.flip(square_image, dims=[2])]
+    boxes = [np.array([[0, *BOX], [1, 0, 0, 8, 8]]), np.array([[0, 32 - BOX[2], BOX[1], 32 - BOX[0], BOX[3]]]),
+             np.zeros((0, 5))]
+    dataset = [(x, None) for x in images] + [(images[0], None)]
+    got = cam_in_own_boxes(model, model.act, dataset, boxes)
+    assert model.training  # restored
+    assert got.image.tolist() == [0, 0, 1] and got.cls.tolist() == [0, 1, 0]
+    for k, (j, row) in enumerate([(0, boxes[0][0]), (0, boxes[0][1]), (1, boxes[1][0])]):
+        cam = class_activation_maps(model.eval(), model.act, images[j], [int(row[0])])[0]
+        assert got.inside[k] == pytest.approx(cam_in_box(cam, row[1:]))
+        assert got.uniform[k] == pytest.approx((row[3] - row[1]) * (row[4] - row[2]) / 32 ** 2)
+        with torch.no_grad():
+            assert got.prob[k] == pytest.approx(float(torch.sigmoid(model(images[j][None]))[0, int(row[0])]))
+    assert got.inside[0] > 0.5 and got.inside[2] > 0.5  # the bright square, also mirrored
+    assert len(cam_in_own_boxes(model, model.act, dataset, boxes, n=1).image) == 2
+    with torch.no_grad():
+        model.head.weight.zero_()  # every logit constant: no gradient, all-zero maps
+    assert np.isnan(cam_in_own_boxes(model, model.act, dataset, boxes, n=1).inside).all()
+    with pytest.raises(ValueError, match="no image to score"):
+        cam_in_own_boxes(model, model.act, dataset, boxes, n=0)
+
+
 # ------------------------------------------------------------------------------------ cam_in_box
 
 

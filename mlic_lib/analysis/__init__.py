@@ -3,7 +3,8 @@
 * :mod:`~mlic_lib.analysis.style` -- :func:`use_style`, :func:`label_axes`,
   :func:`annotate_provenance` and the colour constants.
 * :mod:`~mlic_lib.analysis.cam` -- per-class CAMs via pytorch-grad-cam
-  (:func:`class_activation_maps`), box-mass scores (:func:`cam_in_box`, :func:`cam_in_boxes`, :func:`cam_reading`),
+  (:func:`class_activation_maps`), box-mass scores (:func:`cam_in_box`, :func:`cam_in_boxes`, :func:`cam_reading`,
+  :func:`cam_in_own_boxes`),
   :func:`overlay` and its scale, :func:`cam_colorbar`.
 * :mod:`~mlic_lib.analysis.plots` -- scenes with boxes, heat maps, per-class bars.
 * :mod:`~mlic_lib.analysis.tsne` -- :func:`tsne_embed` and :func:`cluster_quality`.
@@ -17,9 +18,11 @@ from __future__ import annotations
 from .cam import (
     CAM_METHODS,
     CamReading,
+    ObjectCams,
     cam_colorbar,
     cam_in_box,
     cam_in_boxes,
+    cam_in_own_boxes,
     cam_reading,
     class_activation_maps,
     overlay,
@@ -45,12 +48,14 @@ __all__ = [
     "CMAP_SEQ",
     "CamReading",
     "OKABE_ITO",
+    "ObjectCams",
     "PROVENANCE_GID",
     "STYLE",
     "annotate_provenance",
     "cam_colorbar",
     "cam_in_box",
     "cam_in_boxes",
+    "cam_in_own_boxes",
     "cam_reading",
     "class_activation_maps",
     "class_bars",

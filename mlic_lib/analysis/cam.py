@@ -36,7 +36,8 @@ from torch import nn
 
 from mlic_lib.utils import model_device
 
-__all__ = ["CAM_METHODS", "CamReading", "cam_in_box", "cam_in_boxes", "cam_reading", "class_activation_maps", "overlay"]
+__all__ = ["CAM_METHODS", "CamReading", "ObjectCams", "cam_in_box", "cam_in_boxes", "cam_in_own_boxes", "cam_reading",
+           "class_activation_maps", "overlay"]
 
 #: Method names accepted by :func:`class_activation_maps` and the pytorch-grad-cam class used.
 CAM_METHODS: dict[str, str] = {
@@ -359,6 +360,54 @@ def cam_reading(cam: np.ndarray | torch.Tensor, boxes, cls: int) -> CamReading:
     own = mass[classes == cls].max(initial=0.0)
     heavier = sorted({int(k) for k, m in zip(classes, mass, strict=True) if k != cls and m > own})
     return CamReading(False, (r, col), [int(k) for k in classes[inside]], mass, heavier)
+
+
+class ObjectCams(NamedTuple):
+    """One row per labelled object of the images scored by :func:`cam_in_own_boxes` (arrays of equal length)."""
+
+    image: np.ndarray  # index of the object's image in the dataset
+    cls: np.ndarray  # the object's class
+    prob: np.ndarray  # the model's probability for that class on that image
+    inside: np.ndarray  # CAM-in-box of that class's map in the object's own box; NaN for an all-zero map
+    uniform: np.ndarray  # the same for a uniform map: the box's share of the image (the chance reference)
+
+
+def cam_in_own_boxes(model: nn.Module, target_layer: nn.Module, dataset, boxes, n: int | None = None,
+                     method: str = "gradcam") -> ObjectCams:
+    """How much of each labelled object's class map falls in the object's own box, over the first ``n`` images.
+
+    ``dataset[j]`` is ``(image tensor, targets)`` as the model takes it and ``boxes[j]`` the ``(K, 5)`` rows
+    ``(class, x0, y0, x1, y1)`` of image ``j`` in the map's pixel coordinates (the embedded scenes' format). Each
+    image gets one :func:`class_activation_maps` call for its objects' classes; every object is scored, whatever
+    the model's probability for it (``prob`` lets a caller keep the recognised ones). An all-zero map scores NaN
+    (:func:`cam_in_box`): leave those out of means and count them."""
+    from mlic_lib.engine import probabilities
+
+    n = len(boxes) if n is None else min(int(n), len(boxes))
+    if n < 1:
+        raise ValueError(f"no image to score: n={n} with {len(boxes)} boxed images")
+    rows: dict[str, list] = {k: [] for k in ObjectCams._fields}
+    was_training = model.training
+    model.eval()
+    try:
+        for j in range(n):
+            b = np.asarray(boxes[j], dtype=np.float64)
+            if len(b) == 0:
+                continue
+            x = dataset[j][0]
+            classes = [int(c) for c in b[:, 0]]
+            maps = class_activation_maps(model, target_layer, x, classes, method=method)
+            with torch.no_grad():
+                p = probabilities(model, x)
+            for cam, row in zip(maps, b, strict=True):
+                rows["image"].append(j)
+                rows["cls"].append(int(row[0]))
+                rows["prob"].append(float(p[int(row[0])]))
+                rows["inside"].append(cam_in_box(cam, row[1:]))
+                rows["uniform"].append(cam_in_box(np.ones(cam.shape), row[1:]))
+    finally:
+        model.train(was_training)
+    return ObjectCams(*(np.asarray(rows[k]) for k in ObjectCams._fields))
 
 
 def _image_to_hwc(image: np.ndarray | torch.Tensor) -> np.ndarray:
