@@ -387,7 +387,7 @@ def cam_in_own_boxes(model: nn.Module, target_layer: nn.Module, dataset, boxes, 
     if n < 1:
         raise ValueError(f"no image to score: n={n} with {len(boxes)} boxed images")
     rows: dict[str, list] = {k: [] for k in ObjectCams._fields}
-    was_training = model.training
+    modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
         for j in range(n):
@@ -406,7 +406,8 @@ def cam_in_own_boxes(model: nn.Module, target_layer: nn.Module, dataset, boxes, 
                 rows["inside"].append(cam_in_box(cam, row[1:]))
                 rows["uniform"].append(cam_in_box(np.ones(cam.shape), row[1:]))
     finally:
-        model.train(was_training)
+        for m, was_training in modes.items():
+            m.training = was_training
     return ObjectCams(*(np.asarray(rows[k]) for k in ObjectCams._fields))
 
 
