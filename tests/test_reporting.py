@@ -118,7 +118,7 @@ def test_provenance_names_library_chapter_profile_seeds_data_and_device(monkeypa
     from mlic_lib.profiles import load_profile
     from mlic_lib.reporting import provenance
 
-    settings = load_profile("primer", "full")  # seeds [0, 1, 2]
+    settings = {**load_profile("primer", "full"), "seeds": [0, 1, 2]}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     line = provenance(settings, "embedded scenes (train)")
     assert line == (f"mlic_lib {__version__} | chapter=primer profile=full | seeds=[0, 1, 2] | "
