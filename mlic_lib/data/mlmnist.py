@@ -47,7 +47,7 @@ def make_ml_mnist(
     n_images : number of canvases.
     n_digits : distinct digit classes per canvas, 1..9 (INDeeD trains with 2, 3, 5, 7 and tests with 1).
     seed : seed of this draw.
-    split : which half of the embedded pool the digits come from ('train' or 'test').
+    split : which part of the embedded pool the digits come from ('train' or 'test': 80% / 20%, disjoint).
     pool : optional ``(images (m, 28, 28) uint8, labels (m,))`` to draw from instead (e.g. full MNIST).
     """
     if not 1 <= n_digits <= min(GRID * GRID, NUM_CLASSES):
