@@ -399,12 +399,11 @@ def cam_in_own_boxes(model: nn.Module, target_layer: nn.Module, dataset, boxes, 
             maps = class_activation_maps(model, target_layer, x, classes, method=method)
             with torch.no_grad():
                 p = probabilities(model, x)
-            for cam, row in zip(maps, b, strict=True):
-                rows["image"].append(j)
-                rows["cls"].append(int(row[0]))
-                rows["prob"].append(float(p[int(row[0])]))
-                rows["inside"].append(cam_in_box(cam, row[1:]))
-                rows["uniform"].append(cam_in_box(np.ones(cam.shape), row[1:]))
+            rows["image"] += [j] * len(b)
+            rows["cls"] += classes
+            rows["prob"] += [float(p[c]) for c in classes]
+            rows["inside"] += [cam_in_box(cam, row[1:]) for cam, row in zip(maps, b, strict=True)]
+            rows["uniform"] += cam_in_boxes(np.ones(maps.shape[1:]), b[:, 1:]).tolist()
     finally:
         for m, was_training in modes.items():
             m.training = was_training

@@ -263,6 +263,11 @@ def _has_stamps(root: Path, entry: DatasetEntry) -> bool:
     return any(_stamp(root, entry, f).is_file() for f in entry.files)
 
 
+def _lacking(root: Path, entry: DatasetEntry) -> list[str]:
+    """The ``also`` paths of ``entry`` missing under ``root`` (the first alternative of each)."""
+    return [alts[0] for alts in entry.also if not any((root / a).exists() for a in alts)]
+
+
 def _done(root: Path, entry: DatasetEntry, file: RemoteFile) -> bool:
     """``file`` has a stamp and the file it produced is still there (a stamp of an older release, the bare sha256,
     is taken at its word)."""
@@ -297,7 +302,7 @@ def prepare(key: str, root: Path | None = None, progress: bool = True, allow_unv
     from .fake import fake_names, forget_fake
 
     marker = root / entry.marker
-    lacking = [alts[0] for alts in entry.also if not any((root / a).exists() for a in alts)]
+    lacking = _lacking(root, entry)
     # synthetic files from `mlic data fake` are not a present dataset: the real one replaces them; nor is a
     # marker without the entry's other paths (COCO's annotations placed by hand without the images)
     if (not force and marker.exists() and not lacking and not _has_stamps(root, entry)
@@ -356,7 +361,7 @@ def status(entry: DatasetEntry, root: Path) -> str:
     """
     has_stamps = _has_stamps(root, entry)
     stamped = [f.name for f in entry.files if _done(root, entry, f)]
-    lacking = [alts[0] for alts in entry.also if not any((root / a).exists() for a in alts)]
+    lacking = _lacking(root, entry)
     if (root / entry.marker).exists() and lacking:
         return f"incomplete (missing: {', '.join(lacking)})"
     if (root / entry.marker).exists() and (not has_stamps or len(stamped) == len(entry.files)):
