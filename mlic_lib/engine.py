@@ -264,6 +264,20 @@ def _broadcast_buffers(module: nn.Module) -> None:
         dist.broadcast(b, src=0)
 
 
+def _finite_on_every_rank(loss: torch.Tensor) -> bool:
+    """Whether ``loss`` is finite, on every rank under DDP (one small all-reduce): all the ranks then stop together
+    with the same error, instead of one raising while the others wait in the next gradient all-reduce."""
+    ok = torch.isfinite(loss.detach()).all()
+    if distributed_info()[0] > 1:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            flag = (~ok).to(torch.float32).reshape(1)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            return not bool(flag.item())
+    return bool(ok)
+
+
 def _to_device(batch, device: torch.device, channels_last: bool):
     out = []
     for i, t in enumerate(batch):
@@ -418,7 +432,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
     averaged over the processes, so every rank returns the same means).
 
     A non-finite loss is a :class:`FloatingPointError`: checked on the device every ``log_every`` steps (a host
-    sync) and, for the steps in between, through the epoch's mean at the end (the sync the mean needs anyway), so a
+    sync; under DDP on every rank at once, so they all stop together) and, for the steps in between, through the epoch's mean at the end (the sync the mean needs anyway), so a
     NaN never reaches a checkpoint or a history."""
     if log_every < 1 or (grad_clip is not None and not grad_clip > 0):
         raise ValueError(f"log_every must be >= 1 and grad_clip > 0 or None, got {log_every} and {grad_clip}")
@@ -434,9 +448,11 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
         batch = _to_device(batch, device, channels_last)
         with autocast:
             loss, logs = step(model, batch, device)
-        if not torch.isfinite(loss.detach()).all() if i % log_every == 0 else False:
-            raise FloatingPointError(
-                f"loss became {loss.item()} at step {i}: lower the learning rate or check the inputs")
+        if i % log_every == 0 and not _finite_on_every_rank(loss):
+            value = loss.item()
+            where = (f"loss became {value}" if not math.isfinite(value)
+                     else f"the loss of another DDP rank was not finite (this rank's: {value:.4f})")
+            raise FloatingPointError(f"{where} at step {i}: lower the learning rate or check the inputs")
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()

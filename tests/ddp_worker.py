@@ -2,8 +2,8 @@
 
 argv[3] picks the training: ``plain`` (BCE on a Dataset, DistributedSampler, validation split between the
 ranks), ``ltml`` (LTML's two-stream loader and the branch-ensemble step, whose compensation parameters get no
-gradient) or ``seeds`` (the random draws of an augmentation on each rank, uninterrupted and interrupted after
-epoch 0 then resumed).
+gradient), ``seeds`` (the random draws of an augmentation on each rank, uninterrupted and interrupted after
+epoch 0 then resumed) or ``nan`` (a loss that is NaN on rank 1 only).
 """
 
 import faulthandler
@@ -54,6 +54,19 @@ if mode == "ltml":
         report["single_branch_compensation_error"] = None
     except RuntimeError as err:
         report["single_branch_compensation_error"] = str(err)
+elif mode == "nan":  # rank 1's loss is NaN at the first step: both ranks must stop with the same error
+    class NanOnRank1:
+        def __call__(self, model, batch, device):
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(model(batch[0]), batch[1])
+            return (loss * float("nan") if dist.get_rank() == 1 else loss), {}
+
+    try:
+        fit(build_model("small_resnet", 20, widths=(8, 8, 16, 16)), train_ds, None,
+            TrainConfig(epochs=1, batch_size=16, seed=0), step=NanOnRank1(), run_dir=None, progress=False)
+        report["error"] = None
+    except FloatingPointError as err:
+        report["error"] = str(err)
+    res = None
 elif mode == "seeds":
     draws = []
 
@@ -100,14 +113,15 @@ else:
     report["sharded_mAP"] = multilabel_report(sharded[0], sharded[1])["mAP"]
     report["sharded_vs_single_max_diff"] = float(abs(sharded[0] - single.scores).max())
     report["sharded_targets_in_order"] = bool((sharded[1] == single.targets).all())
-# the parameters and the buffers (BatchNorm statistics: each rank updates its own in the last step)
-flat = torch.cat([t.detach().flatten().double() for t in (*res.model.parameters(), *res.model.buffers())])
-gathered = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]
-dist.all_gather(gathered, flat)
+report["rank"] = dist.get_rank()
+if res is not None:
+    # the parameters and the buffers (BatchNorm statistics: each rank updates its own in the last step)
+    flat = torch.cat([t.detach().flatten().double() for t in (*res.model.parameters(), *res.model.buffers())])
+    gathered = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, flat)
+    report.update({"same": all(torch.equal(gathered[0], g) for g in gathered), "epochs": len(res.history),
+                   "world": int(os.environ["WORLD_SIZE"]), "losses": [h["loss"] for h in res.history]})
 # one file per rank: the ranks share the launcher's stdout, where their lines can interleave
-report.update({"rank": dist.get_rank(), "same": all(torch.equal(gathered[0], g) for g in gathered),
-               "epochs": len(res.history), "world": int(os.environ["WORLD_SIZE"]),
-               "losses": [h["loss"] for h in res.history]})
 with open(f"{sys.argv[2]}/rank{dist.get_rank()}.json", "w") as fh:
     json.dump(report, fh)
 dist.destroy_process_group()

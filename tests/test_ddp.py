@@ -68,3 +68,12 @@ def test_ranks_draw_different_augmentations_and_resume_their_own_streams(tmp_pat
     assert all(len(r["draws"]) == 2 * (64 // 16 // 2) for r in rows), rows  # 2 epochs x 2 batches per rank
     assert rows[0]["draws"] != rows[1]["draws"]
     assert all(r["draws_interrupted_and_resumed"] == r["draws"] for r in rows), rows
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_on_one_rank_stops_every_rank_with_the_same_error(tmp_path):
+    """Rank 1's loss is NaN at the first step: rank 0 used to go on into the gradient all-reduce and wait there
+    until torchrun tore it down; both now raise FloatingPointError at that step."""
+    rows = _torchrun(tmp_path, "nan")
+    assert "loss became nan at step 0" in rows[1]["error"], rows
+    assert "another DDP rank was not finite" in rows[0]["error"] and "at step 0" in rows[0]["error"], rows
