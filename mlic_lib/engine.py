@@ -432,8 +432,8 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
     averaged over the processes, so every rank returns the same means).
 
     A non-finite loss is a :class:`FloatingPointError`: checked on the device every ``log_every`` steps (a host
-    sync; under DDP on every rank at once, so they all stop together) and, for the steps in between, through the epoch's mean at the end (the sync the mean needs anyway), so a
-    NaN never reaches a checkpoint or a history."""
+    sync; under DDP on every rank at once, so they all stop together) and, for the steps in between, through the
+    epoch's mean at the end (the sync the mean needs anyway), so a NaN never reaches a checkpoint or a history."""
     if log_every < 1 or (grad_clip is not None and not grad_clip > 0):
         raise ValueError(f"log_every must be >= 1 and grad_clip > 0 or None, got {log_every} and {grad_clip}")
     model.train()
