@@ -41,8 +41,11 @@ Readings where the paper is silent (say so when you cite numbers):
   is no remaining such pair"; we read *remaining* as drawing without replacement
   (``pairing='disjoint'``: a random matching, every sample in one pair). ``pairing='each'`` gives
   every sample its own random partner (pairs may share samples).
-* default pairs ``(a, a)`` go through both blocks like any pair (the paper does not exclude them):
+* default pairs ``(a, a)`` go through both blocks like any pair (the paper gives no rule that excludes them):
   the identical feature keeps ``y_a`` and the disparate features get the empty label set.
+  ``INDeeDStep(default_pairs_disparate=False)`` (a method spec's ``default_pairs_disparate: false``) leaves them
+  out of ``L_S``, reading as a rule the paper's remark that the disparate block is meaningful only when both
+  conditions (Eqs. 1 and 2) hold.
 * Eq. 10 prints the sigmoid as ``(1 + exp(x))^-1`` (a sign typo: that is ``sigmoid(-x)``, which would reward
   the wrong class); we use the standard ``(1 + exp(-x))^-1``.
 * BCE (Eq. 10) sums over classes; we average over classes and pairs so that each term is on the
@@ -270,10 +273,13 @@ class INDeeDStep:
     blocks : 'both' (INDeeD), 'identical' (L_S dropped) or 'disparate' (L_I dropped) -- Table 4.
     pairing : 'disjoint' (default) or 'each'; see :func:`partial_coco_pairs`.
     detach_map : stop the gradient through the identical map ``m``.
+    default_pairs_disparate : whether default pairs ``(a, a)`` enter ``L_S`` (default, Eq. 11's labels as printed:
+        their disparate features learn the empty label set) or are left out of it (``False``: the paper's remark
+        that the disparate block is meaningful only for pairs that meet Eqs. 1 and 2, read as a rule).
     """
 
     def __init__(self, norm: str = "l2", lam: float = 1.0, blocks: str = "both", pairing: str = "disjoint",
-                 detach_map: bool = False):
+                 detach_map: bool = False, default_pairs_disparate: bool = True):
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
         if blocks not in BLOCKS:
@@ -283,6 +289,7 @@ class INDeeDStep:
         if not lam >= 0:
             raise ValueError(f"lam (lambda of Eq. 6) must be >= 0, got {lam}")
         self.norm, self.lam, self.blocks, self.pairing, self.detach_map = norm, float(lam), blocks, pairing, detach_map
+        self.default_pairs_disparate = bool(default_pairs_disparate)
 
     def host_batch(self, batch):
         """Engine hook: draw the pairs (Eqs. 1-2) from the loader's CPU labels, before the batch goes to the
@@ -322,9 +329,12 @@ class INDeeDStep:
             p = model.classifier(torch.cat([parts["f_ab"], parts["f_ba"]])).float()
             l_i = F.binary_cross_entropy_with_logits(p, torch.cat([labels["y_ab"], labels["y_ba"]])) * 2
         if self.blocks in ("both", "disparate"):
-            p = model.classifier(torch.cat([parts["f_a_minus_b"], parts["f_b_minus_a"]])).float()
-            l_s = F.binary_cross_entropy_with_logits(
-                p, torch.cat([labels["y_a_minus_b"], labels["y_b_minus_a"]])) * 2
+            keep = slice(None) if self.default_pairs_disparate else a_idx != b_idx  # the partial-coco pairs only
+            f_s = torch.cat([parts["f_a_minus_b"][keep], parts["f_b_minus_a"][keep]])
+            if len(f_s):  # (none when every pair is a default one and those are left out)
+                l_s = F.binary_cross_entropy_with_logits(
+                    model.classifier(f_s).float(),
+                    torch.cat([labels["y_a_minus_b"][keep], labels["y_b_minus_a"][keep]])) * 2
         return {"L_O": l_o, "L_I": l_i, "L_S": l_s,
                 "pairs": (a_idx != b_idx).float().sum(), "n_pairs": torch.tensor(float(len(a_idx)))}
 
@@ -354,7 +364,8 @@ def method_step(method: Mapping[str, Any], lam: float = 1.0, pairing: str = "dis
     if kind != "indeed":
         raise ValueError(f"method kind must be 'baseline' or 'indeed', got {kind!r}")
     return INDeeDStep(norm=method.get("norm", "l2"), lam=method.get("lam", lam), blocks=method.get("blocks", "both"),
-                      pairing=method.get("pairing", pairing), detach_map=bool(method.get("detach_map", False)))
+                      pairing=method.get("pairing", pairing), detach_map=bool(method.get("detach_map", False)),
+                      default_pairs_disparate=bool(method.get("default_pairs_disparate", True)))
 
 
 # ------------------------------------------------------------------------------------- data

@@ -234,6 +234,29 @@ def test_bad_pairs_and_batches_name_the_problem():
         step(model, [x, y, torch.zeros(2, 4, dtype=torch.long), torch.ones(4)], torch.device("cpu"))
 
 
+def test_default_pairs_can_be_left_out_of_the_disparate_loss():
+    """``default_pairs_disparate=False``: L_S averages over the partial-coco pairs only (written out pair by pair);
+    L_O and L_I still count every pair; a batch of default pairs only has no L_S."""
+    model = _Tiny()
+    x = torch.randn(6, 3, 4)
+    y = _multihot([{0, 1}, {0, 2}, {3}, {4}, {5}, {1, 2}])  # {3}, {4}, {5} share a class with nothing: default pairs
+    pairs = torch.tensor([[0, 2, 3, 4, 5], [1, 2, 3, 4, 5]])  # (0, 1) is partial-coco; the others are (a, a)
+    full = indeed.INDeeDStep(lam=1.0).losses(model, x, y, pairs)
+    kept = indeed.INDeeDStep(lam=1.0, default_pairs_disparate=False).losses(model, x, y, pairs)
+    f = model.forward_features(x)
+    m = indeed.identical_map(f[:1], f[1:2], "l2")[0]
+    ref = (F.binary_cross_entropy_with_logits(model.classifier((1 - m) * f[0]), y[0] * (1 - y[1]))
+           + F.binary_cross_entropy_with_logits(model.classifier((1 - m) * f[1]), y[1] * (1 - y[0])))
+    torch.testing.assert_close(kept["L_S"], ref)
+    assert not torch.allclose(full["L_S"], ref)
+    torch.testing.assert_close(kept["L_O"], full["L_O"])
+    torch.testing.assert_close(kept["L_I"], full["L_I"])
+    only_default = indeed.INDeeDStep(default_pairs_disparate=False).losses(model, x, y, torch.tensor([[2, 3], [2, 3]]))
+    assert only_default["L_S"] == 0
+    step = indeed.method_step({"kind": "indeed", "default_pairs_disparate": False})
+    assert step.default_pairs_disparate is False and indeed.method_step({"kind": "indeed"}).default_pairs_disparate
+
+
 def test_lambda_zero_is_the_pairwise_baseline():
     model = _Tiny()
     x, y = torch.randn(6, 3, 4), _multihot([{0, 1}, {0, 2}, {1}, {3}, {3, 4}, {5}])
