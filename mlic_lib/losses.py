@@ -52,8 +52,10 @@ def _check_reduction(reduction: str) -> None:
 
 def _prepare(
     logits: Tensor, targets: Tensor, mask: Tensor | None, reduction: str
-) -> tuple[Tensor, Tensor | None]:
-    """Check shapes and ``reduction``; return ``targets`` in the dtype of ``logits`` and a bool mask."""
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Check shapes and ``reduction``; return ``(logits, targets, mask)``: ``targets`` in the dtype of ``logits``, a
+    bool mask, and both with their masked entries set to 0 (a placeholder there, -1 or NaN, then cannot reach the
+    loss or the gradient: ``torch.where`` on the loss alone still gives ``0 * NaN`` in the backward pass)."""
     if not isinstance(logits, Tensor) or not isinstance(targets, Tensor):
         raise ValueError(
             f"logits and targets must be torch.Tensors; got {type(logits).__name__} and "
@@ -96,7 +98,10 @@ def _prepare(
                 f"them; got {targets[bad][0].item()!r} among {int(bad.sum())} bad entries. VOC labels {{1, 0, -1}}: "
                 "convert with mlic_lib.metrics.voc_targets (and pass its mask); {-1, 1} labels: use (y + 1) / 2"
             )
-    return targets, mask
+    if mask is not None:
+        zero = torch.zeros((), dtype=logits.dtype, device=logits.device)
+        logits, targets = torch.where(mask, logits, zero), torch.where(mask, targets, zero)
+    return logits, targets, mask
 
 
 def _reduce(loss: Tensor, mask: Tensor | None, reduction: str) -> Tensor:
@@ -145,7 +150,7 @@ def bce_with_logits(
     ValueError
         On mismatched shapes or an unknown reduction.
     """
-    targets, mask = _prepare(logits, targets, mask, reduction)
+    logits, targets, mask = _prepare(logits, targets, mask, reduction)
     loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
     return _reduce(loss, mask, reduction)
 
@@ -246,7 +251,7 @@ def asymmetric_loss(
         ``[0, 1)`` or ``eps`` outside ``(0, 1)``.
     """
     _check_asl_args(gamma_pos, gamma_neg, clip, eps)
-    targets, mask = _prepare(logits, targets, mask, reduction)
+    logits, targets, mask = _prepare(logits, targets, mask, reduction)
     log_eps = math.log(eps)
     prob = torch.sigmoid(logits)
 
@@ -394,7 +399,7 @@ def weighted_bce(
     ValueError
         On mismatched shapes, a weight of the wrong shape, or an unknown reduction.
     """
-    targets, mask = _prepare(logits, targets, mask, reduction)
+    logits, targets, mask = _prepare(logits, targets, mask, reduction)
     w_pos = _as_weight(pos_weight, "pos_weight", logits)
     w_neg = _as_weight(neg_weight, "neg_weight", logits)
     term_pos = targets * F.logsigmoid(logits)

@@ -91,7 +91,7 @@ def compensated_bce(logits: Tensor, targets: Tensor, pos_weight: Tensor, neg_wei
     """Eq. 6 averaged over the batch:
     ``-(1/K) sum_k w_k (y log s(u sigma_p + mu_p) + (1-y) log(1 - s(u sigma_n + mu_n)))``.
     With ``mu = 0`` and ``sigma = 1`` it equals :func:`weighted_bce_eq4`."""
-    y, _ = _prepare(logits, targets, None, "mean")  # as weighted_bce_eq4: shapes, targets in [0, 1]
+    _, y, _ = _prepare(logits, targets, None, "mean")  # as weighted_bce_eq4: shapes, targets in [0, 1]
     k = logits.shape[-1]
     for name, p in (("pos_weight", pos_weight), ("neg_weight", neg_weight), ("mu_pos", mu_pos),
                     ("sigma_pos", sigma_pos), ("mu_neg", mu_neg), ("sigma_neg", sigma_neg)):

@@ -366,3 +366,24 @@ def test_an_empty_batch_or_a_non_binary_mask_is_an_error_and_an_all_masked_batch
     assert torch.equal(ones, loss_fn(logits, targets, mask=torch.ones(4, 3, dtype=torch.bool)))
     none = loss_fn(logits, targets, mask=torch.zeros(4, 3, dtype=torch.bool))
     assert none.item() == 0.0  # nothing counts: 0, not NaN
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("loss_fn", [bce_with_logits, asymmetric_loss, weighted_bce])
+def test_masked_entries_cannot_leak_a_non_finite_value(loss_fn, reduction):
+    """A masked entry counts for nothing even when its logit or its target placeholder is NaN or inf (a product with
+    the mask would give NaN, and a torch.where on the loss alone a NaN gradient): the loss equals the call with those
+    entries zeroed, is finite, and the gradient is finite everywhere and exactly 0 there."""
+    logits, targets, mask = _data(seed=3)
+    dirty = logits.clone()
+    dirty[~mask] = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=dirty.dtype).repeat(
+        int((~mask).sum()) // 3 + 1)[: int((~mask).sum())]
+    clean = torch.where(mask, logits, torch.zeros_like(logits))
+    placeholders = torch.where(mask, targets, torch.full_like(targets, float("nan")))  # e.g. VOC's difficult entries
+    dirty.requires_grad_(True)
+    got = loss_fn(dirty, placeholders, mask=mask, reduction=reduction)
+    want = loss_fn(clean, targets, mask=mask, reduction=reduction)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want)
+    got.sum().backward()
+    assert torch.isfinite(dirty.grad).all() and (dirty.grad[~mask] == 0).all()
