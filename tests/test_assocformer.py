@@ -483,3 +483,21 @@ def test_initial_assocformer_is_the_seeded_build_that_training_starts_from():
     other = initial_assocformer(m, 6, seed=3, fusion="learnable")
     assert not all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), other.state_dict().values(), strict=True))
     assert float(a.alpha.detach()) == pytest.approx(0.3)
+
+
+def test_assocformer_loss_passes_its_mask_and_clip_to_asl():
+    """The ASL term of Eq. 9 is asymmetric_loss with the loss's own clip and the caller's label mask."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 5, generator=g) * 2
+    y = (torch.rand(6, 5, generator=g) > 0.6).float()
+    m = torch.rand(6, 5, generator=g) > 0.3
+    for clip in (0.0, 0.05):
+        loss = AssocFormerLoss(theta=0.0, clip=clip)
+        _, logs = loss(logits, y, mask=m)
+        want = asymmetric_loss(logits, y, gamma_pos=0.0, gamma_neg=2.0, clip=clip, mask=m, reduction="mean")
+        torch.testing.assert_close(torch.as_tensor(logs["asl"]), want)
+        moved = logits.clone()
+        moved[~m] += 5.0  # what the mask ignores cannot change the loss
+        torch.testing.assert_close(torch.as_tensor(loss(moved, y, mask=m)[1]["asl"]), want)
+    assert not torch.allclose(asymmetric_loss(logits, y, gamma_neg=2.0, clip=0.05, mask=m),
+                              asymmetric_loss(logits, y, gamma_neg=2.0, clip=0.0, mask=m))

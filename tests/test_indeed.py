@@ -593,6 +593,15 @@ def test_confidence_map_and_diagonal_dominance():
     assert indeed.cell_boxes([-1, 3, -1, -1, -1, -1, -1, -1, 7], cell=14) == {3: (14, 0, 28, 14), 7: (28, 28, 42, 42)}
 
 
+def test_confidence_map_leaves_an_absent_class_out():
+    """A class with no test instance has a NaN row (not zeros), and the diagonal dominance skips it."""
+    t = np.eye(3)[[0, 0, 2]]
+    s = np.array([[0.8, 0.1, 0.1], [0.6, 0.2, 0.2], [0.1, 0.2, 0.7]])
+    cm = indeed.confidence_map(s, t)
+    assert np.isnan(cm[1]).all() and np.allclose(cm[0], [0.7, 0.15, 0.15]) and np.allclose(cm[2], s[2])
+    assert indeed.diagonal_dominance(cm) == pytest.approx((0.7 / 1.0 + 0.7 / 1.0) / 2)
+
+
 def test_plateau_exit_epoch():
     losses = [0.70, 0.66, 0.62, 0.50, 0.30]
     assert indeed.plateau_exit_epoch(losses, 0.7) == 3  # first loss below 0.9 * 0.7 = 0.63

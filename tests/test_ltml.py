@@ -582,3 +582,19 @@ def test_frozen_stages_and_norm_eval_follow_the_mmdetection_resnet():
     assert all(m.training for m in plain.modules()) and all(p.requires_grad for p in plain.parameters())
     with pytest.raises(ValueError, match="frozen_stages"):
         build_two_branch("small_resnet", 4, widths=WIDTHS, frozen_stages=1)
+
+
+def test_probability_consistency_gradient_reaches_both_branches():
+    """mean (s(a) - s(b))^2: d/db = -2 (s(a) - s(b)) s(b) (1 - s(b)) / n, the mirror of d/da."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(4, 3, generator=g, requires_grad=True)
+    b = torch.randn(4, 3, generator=g, requires_grad=True)
+    ltml.probability_consistency(a, b).backward()
+    sa, sb = torch.sigmoid(a.detach()), torch.sigmoid(b.detach())
+    torch.testing.assert_close(a.grad, 2 * (sa - sb) * sa * (1 - sa) / a.numel())
+    torch.testing.assert_close(b.grad, -2 * (sa - sb) * sb * (1 - sb) / b.numel())
+
+
+def test_a_single_branch_with_compensation_declares_its_unused_parameters():
+    """The other branch gets no gradient: DDP must be told (the engine reads find_unused_parameters)."""
+    assert ltml.LTMLStep(branches="u", compensation=True).find_unused_parameters is True

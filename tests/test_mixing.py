@@ -639,3 +639,15 @@ def test_cutmix_box_side_is_sqrt_one_minus_lambda0(monkeypatch):
             inside += 1
             assert (x1 - x0, y1 - y0) == (100, 100)
     assert inside > 20
+
+
+def test_mosaic_centre_of_a_wide_batch_follows_the_width():
+    """The centre's column is drawn along W and clamped to W - 1 (not H - 1): on a 16x64 batch with the centre at
+    75% of the sides, the top-left quadrant is 48 columns wide and shows the last 48 columns of image 0."""
+    x = torch.arange(2 * 1 * 16 * 64, dtype=torch.float32).reshape(2, 1, 16, 64)
+    y = torch.eye(2)
+    boxes = pad_boxes([torch.tensor([[0, 0, 0, 64, 16]]), torch.tensor([[1, 0, 0, 64, 16]])])
+    res = Mosaic(center_range=(0.75, 0.75))(x, y, boxes, generator=torch.Generator().manual_seed(0))
+    cx, cy = res.info["center"]
+    assert (cx, cy) == (48, 12)
+    torch.testing.assert_close(res.x[0, :, :12, :48], x[0, :, 16 - 12:, 64 - 48:])
