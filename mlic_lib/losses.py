@@ -107,7 +107,7 @@ def _prepare(
 def _reduce(loss: Tensor, mask: Tensor | None, reduction: str) -> Tensor:
     """Zero the masked entries of an elementwise loss and apply ``reduction``."""
     if mask is not None:
-        # torch.where (not a product) so that a non-finite value in an ignored entry cannot leak.
+        # the masked inputs were set to 0 by _prepare (so nothing non-finite is left there), but their loss is not 0
         loss = torch.where(mask, loss, torch.zeros((), dtype=loss.dtype, device=loss.device))
     if reduction == "none":
         return loss
