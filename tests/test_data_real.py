@@ -294,6 +294,22 @@ def test_missing_files_of_a_prepared_dataset_point_to_force(voc_root: Path, monk
         read_voc_labels(voc_root, "2007", "trainval")
 
 
+def test_the_hint_looks_for_the_marker_under_the_given_root(voc_root: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A root passed to the loader decides, not $MLIC_DATA: a prepared dataset elsewhere says nothing about it."""
+    prepared = tmp_path / "elsewhere"
+    (prepared / "VOCdevkit" / "VOC2007" / "ImageSets" / "Main").mkdir(parents=True)
+    (prepared / "VOCdevkit" / "VOC2007" / "ImageSets" / "Main" / "test.txt").write_text("000001\n")
+    monkeypatch.setenv("MLIC_DATA", str(prepared))
+    shutil.rmtree(voc_root / "VOCdevkit" / "VOC2007" / "Annotations")
+    with pytest.raises(DatasetNotFoundError, match="Fetch it with `mlic data prepare voc2007`"):
+        read_voc_labels(voc_root, "2007", "trainval")  # voc_root was never prepared
+    (voc_root / "VOCdevkit" / "VOC2007" / "ImageSets" / "Main" / "test.txt").write_text("000001\n")
+    monkeypatch.setenv("MLIC_DATA", str(prepared / "nowhere"))
+    with pytest.raises(DatasetNotFoundError, match="mlic data prepare voc2007 --force"):
+        read_voc_labels(voc_root, "2007", "trainval")  # the marker under the given root, none under $MLIC_DATA
+
+
 def test_voc_split_errors_name_the_splits_present_and_refuse_an_empty_one(voc_root: Path) -> None:
     with pytest.raises(DatasetNotFoundError, match="the splits present are .*trainval"):
         read_voc_labels(voc_root, "2007", "tset")

@@ -49,10 +49,10 @@ class CorruptImageError(RuntimeError):
         self.path = Path(path) if path is not None else None
 
 
-def repair_hint(key: str | None, damaged: bool | None = None) -> str:
+def repair_hint(key: str | None, damaged: bool | None = None, root: str | Path | None = None) -> str:
     """How to get dataset ``key``'s files (back): ``damaged`` when the dataset was prepared and a file of it is
     missing or corrupt (a plain ``prepare`` would skip it, ``--force`` unpacks again), else when it is absent;
-    ``None`` decides from whether the dataset's marker file exists under ``$MLIC_DATA``."""
+    ``None`` decides from whether the dataset's marker file exists under ``root`` (default ``$MLIC_DATA``)."""
     from .paths import data_root
     from .registry import DATASETS
 
@@ -62,7 +62,7 @@ def repair_hint(key: str | None, damaged: bool | None = None) -> str:
     if not entry.files:  # user-supplied data (NUS-WIDE): nothing to fetch
         return entry.notes
     if damaged is None:
-        damaged = (data_root() / entry.marker).exists()
+        damaged = (Path(root if root is not None else data_root()) / entry.marker).exists()
     if damaged:
         return (f"Unpack the dataset again with `mlic data prepare {key} --force` (a kept archive is checked against "
                 "its sha256 and reused; a deleted one is downloaded again).")
@@ -85,8 +85,10 @@ def missing_dataset(
         (``"missing"``, ``"not a directory"``, ...).
     key : str, optional
         Dataset key for ``mlic data prepare``; defaults to ``name`` lower-cased without spaces
-        (``"VOC2007"`` -> ``"voc2007"``). When the dataset's marker file exists under ``$MLIC_DATA`` (it was
-        prepared, and part of it is gone) the message names ``--force`` (see :func:`repair_hint`).
+        (``"VOC2007"`` -> ``"voc2007"``). When the dataset's marker file exists (it was prepared, and part of
+        it is gone) the message names ``--force`` (see :func:`repair_hint`). The marker is looked for under the
+        data root that ``path`` lies in (the folder holding the marker's top folder, e.g. ``VOCdevkit``), else
+        under ``$MLIC_DATA``.
 
     Returns
     -------
@@ -102,4 +104,17 @@ def missing_dataset(
     """
     if key is None:
         key = "".join(name.lower().split())
-    return DatasetNotFoundError(f"{name} not found: expected {path} ({what}). {repair_hint(key)}", path=path)
+    hint = repair_hint(key, root=_root_of(Path(path), key))
+    return DatasetNotFoundError(f"{name} not found: expected {path} ({what}). {hint}", path=path)
+
+
+def _root_of(path: Path, key: str) -> Path | None:
+    """The data root that ``path`` lies in: the parent of its ancestor named like the top folder of ``key``'s
+    marker (``<root>/VOCdevkit/...`` -> ``<root>``); None when it has none (a user-given folder)."""
+    from .registry import DATASETS
+
+    entry = DATASETS.get(key)
+    if entry is None or not entry.files:
+        return None
+    top = Path(entry.marker).parts[0]
+    return next((p.parent for p in path.expanduser().parents if p.name == top), None)
