@@ -560,7 +560,12 @@ class IndeedData:
         return h.hexdigest()[:16]
 
 
-def _pool(source: str, split: str):
+def _pool(source: str, split: str, cache: dict | None = None):
+    """The digit/image pool of ``source`` and ``split`` (None: the embedded digits), loaded once per ``cache``."""
+    if cache is not None:
+        if (source, split) not in cache:
+            cache[(source, split)] = _pool(source, split)
+        return cache[(source, split)]
     if source == "embedded":
         return None
     if source == "mnist":
@@ -623,10 +628,7 @@ def indeed_data(data: Mapping[str, Any], n_labels: int, data_seed: int = 0, pool
     source = data.get("source", "embedded")
     n_train, n_test = int(data["n_train"]), int(data["n_test"])
     pools = pools if pools is not None else {}
-    for split in ("train", "test"):
-        if (source, split) not in pools:
-            pools[(source, split)] = _pool(source, split)
-    tr_pool, te_pool = pools[(source, "train")], pools[(source, "test")]
+    tr_pool, te_pool = _pool(source, "train", pools), _pool(source, "test", pools)
     if validation:
         if (source, "validation") not in pools:
             pools[(source, "validation")] = validation_pools(tr_pool)
@@ -662,10 +664,7 @@ def held_out_digit_canvases(data: Mapping[str, Any], n_images: int, n_digits: in
     source = data.get("source", "embedded")
     if source == "cifar10":
         raise ValueError("held_out_digit_canvases draws MNIST digits; data.source is 'cifar10' (use make_ml_cifar10)")
-    pools = pools if pools is not None else {}
-    if (source, "test") not in pools:
-        pools[(source, "test")] = _pool(source, "test")
-    c = make_ml_mnist(n_images, n_digits, seed=seed, split="test", pool=pools[(source, "test")])
+    c = make_ml_mnist(n_images, n_digits, seed=seed, split="test", pool=_pool(source, "test", pools))
     ds = int(data.get("downsample", 1))
     return Canvases(downsample(c.images, ds) if ds > 1 else c.images, c.targets, c.cells)
 
