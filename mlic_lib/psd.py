@@ -107,7 +107,8 @@ def _subset(subset: Sequence[int], num_classes: int) -> np.ndarray:
 
 def subtask_indices(targets, subset: Sequence[int], images: str = "containing") -> np.ndarray:
     """Indices of the images of sub-task ``T_t``: those with a label in ``subset`` (``'containing'``, the
-    paper's ``X_{C_t}``) or all images (``'all'``, the authors' code)."""
+    paper's ``X_{C_t}``) or all images (``'all'``, the authors' code). A label counts as present above 0.5,
+    as in :func:`kd_domain_mask` (the same ``X_{C_t}`` for soft labels too)."""
     if images not in IMAGE_SELECTIONS:
         raise ValueError(f"images must be one of {IMAGE_SELECTIONS} ('containing' = paper, 'all' = authors' code), "
                          f"got {images!r}")
@@ -115,7 +116,7 @@ def subtask_indices(targets, subset: Sequence[int], images: str = "containing") 
     s = _subset(subset, t.shape[1])
     if images == "all":
         return np.arange(len(t))
-    return np.flatnonzero(t[:, s].max(1) > 0)
+    return np.flatnonzero((t[:, s] > 0.5).any(1))
 
 
 class SubtaskDataset(Dataset):

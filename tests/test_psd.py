@@ -136,6 +136,18 @@ def test_masked_kd_and_step_follow_eq5():
         psd.kd_loss(logits, t[:, None], mask=mask)
 
 
+def test_subtask_images_are_eq5s_domain():
+    """Sub-task T_t's images and Eq. 5's KD mask are the same X_{C_t}, also for soft labels (present above 0.5)."""
+    rng = np.random.default_rng(0)
+    targets = rng.choice([0.0, 0.3, 0.7, 1.0], size=(40, 6)).astype(np.float32)
+    subsets = [[0, 3], [1, 2, 5], [4]]
+    mask = psd.kd_domain_mask(torch.from_numpy(targets), subsets).numpy()
+    for sub in subsets:
+        in_domain = np.flatnonzero(mask[:, sub[0]])
+        assert psd.subtask_indices(targets, sub).tolist() == in_domain.tolist()
+        assert 0 < len(in_domain) < len(targets)
+
+
 def test_subtask_datasets_restrict_labels_and_select_images():
     targets = np.array([[1, 0, 0, 0, 0, 0], [0, 1, 0, 1, 0, 0], [0, 0, 1, 0, 0, 0], [0, 0, 0, 0, 1, 1]])
     images = np.arange(4 * 3 * 4 * 4, dtype=np.uint8).reshape(4, 3, 4, 4)
