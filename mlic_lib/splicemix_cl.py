@@ -19,9 +19,29 @@ cell ``(i, j)`` gets rows ``round(i h / r) .. round((i+1) h / r)`` and likewise 
 
 **Loss scale.** Eqs. 5 and 6 are *sums*. We divide both by the same number, ``|B_hat| * C`` (so
 ``L_bce`` is the usual mean BCE of the SpliceMixed batch), which keeps the paper's relative weight
-of the two terms. The BCE of Eq. 6 is not zero when ``p' = p̄`` (it equals the entropy of ``p̄``;
+of the two terms (``cl_norm="paper"``, the default). The authors' code adds two *means* instead: the BCE
+over ``|B_hat| * C`` plus the cell term over every cell of the grids, dropped ones included
+(``M * r * c * C``; a dropped cell's logits and target are both set to -1000, so it adds ~0 but counts).
+That weights Eq. 6 by ``|B_hat| / (M r c)`` relative to the paper: 2.5 for 1x2, 1.25 for 2x2 and 0.83 for
+2x3 at ``|B'| = B/4`` (``cl_norm="authors"``).
+
+**BCE or KL.** The BCE of Eq. 6 is not zero when ``p' = p̄`` (it equals the entropy of ``p̄``;
 its gradient w.r.t. the cell logits is zero there); ``form="kl"`` subtracts that entropy, giving
 ``KL(p̄ || p')`` which is zero at agreement (same gradient for the cell when the target is detached).
+
+**Cell split, authors' code.** Where ``h`` or ``w`` is not a multiple of the grid, the authors resize the
+map bilinearly to ``(h // r * r, w // c * c)`` and split it evenly (a 14x14 map, 2x3: 7x4 cells of a
+14x12 map); the proportional split above keeps every position (7 x 5/4/5). The paper only says "splitting
+F according to the grid form"; the book keeps the proportional split (no option).
+
+**Repeated sources.** The paper says a regular image attends to the mixed images "at most once" (Sec.
+III-C), which cannot hold when ``M * r * c > B`` (2x3 at ``|B'| = B/4`` needs 1.5 B cells). Like the
+authors' code, :class:`~mlic_lib.mixing.SpliceMix` draws the sources from repeated permutations of the
+batch: every image once before any twice; Eq. 6 then asks each copy to agree with the same ``p̄``.
+
+**DDP.** Through a ``DistributedDataParallel`` wrapper the step calls ``model(x, return_features=True)``
+(:class:`~mlic_lib.models.backbones.MultiLabelNet`), so the forward goes through the wrapper and its gradient
+sync; the cells then use the wrapped module's ``forward_head``.
 
 Steps (``step(model, batch, device) -> (loss, logs)``; batches are ``(x, y)`` or ``(x, y, index)``
 from :class:`IndexedDataset`):
@@ -53,6 +73,7 @@ from mlic_lib.mixing import BatchAugmentation, CutMix, GridLayout, Mixup, Mosaic
 
 __all__ = [
     "CL_FORMS",
+    "CL_NORMS",
     "METHODS",
     "check_methods",
     "check_regime",
@@ -70,6 +91,7 @@ __all__ = [
 ]
 
 CL_FORMS = ("bce", "kl")
+CL_NORMS = ("paper", "authors")
 METHODS = ("baseline", "mixup", "cutmix", "mosaic", "batch_aug", "splicemix", "splicemix_cl")
 
 
@@ -78,6 +100,24 @@ def _check_model(model: nn.Module) -> None:
         if not callable(getattr(model, name, None)):
             raise ValueError(f"SpliceMix-CL needs a model with {name}() (a mlic_lib MultiLabelNet); "
                              f"got {type(model).__name__}")
+
+
+def _features_and_logits(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, nn.Module]:
+    """``(feature map, logits, the module whose forward_head scores cells)``. A DDP wrapper is called through its
+    forward (``return_features=True``), so its gradient sync sees the step; calling the wrapped module's
+    ``forward_features`` directly would bypass it."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        net = model.module
+        _check_model(net)
+        try:
+            logits, fmap = model(x, return_features=True)
+        except TypeError as err:
+            raise ValueError(f"SpliceMix-CL under DDP needs a model whose forward takes return_features=True and "
+                             f"returns (logits, feature map), like MultiLabelNet; got {type(net).__name__}") from err
+        return fmap, logits, net
+    _check_model(model)
+    fmap = model.forward_features(x)
+    return fmap, model.forward_head(fmap), model
 
 
 # ------------------------------------------------------------------------------ SpliceMix-CL
@@ -208,26 +248,33 @@ class MosaicStep:
 class SpliceMixStep:
     """SpliceMix (``cl_weight=0``) or SpliceMix-CL (``cl_weight=1``, Eq. 7) training step.
 
-    ``loss = [sum BCE(B_hat) + cl_weight * sum_{kept cells} CE(p', p̄)] / (|B_hat| * C)``;
-    logs ``loss_regular`` / ``loss_mixed`` (mean BCE of each part) and ``loss_cl``.
+    ``cl_norm="paper"``: ``loss = [sum BCE(B_hat) + cl_weight * sum_{kept cells} CE(p', p̄)] / (|B_hat| * C)``
+    (Eqs. 5-7 are sums; one normaliser keeps their relative weight). ``cl_norm="authors"``: the authors' code,
+    ``mean BCE(B_hat) + cl_weight * sum_{kept cells} CE(p', p̄) / (M * r * c * C)`` (each term its own mean, the
+    cell term over every cell, dropped ones included). Logs ``loss_regular`` / ``loss_mixed`` (mean BCE of each
+    part) and ``loss_cl`` (the cell term as it enters the loss, before ``cl_weight``).
     """
 
     def __init__(self, splicemix: SpliceMix | None = None, cl_weight: float = 0.0, detach: bool = True,
-                 cl_form: str = "bce"):
+                 cl_form: str = "bce", cl_norm: str = "paper"):
         if cl_form not in CL_FORMS:
             raise ValueError(f"cl_form must be one of {CL_FORMS}, got {cl_form!r}")
+        if cl_norm not in CL_NORMS:
+            raise ValueError(f"cl_norm must be one of {CL_NORMS} ('paper': one normaliser for Eqs. 5 and 6; "
+                             f"'authors': a mean of each), got {cl_norm!r}")
         if cl_weight < 0:
             raise ValueError(f"cl_weight must be >= 0, got {cl_weight}")
         self.splicemix = splicemix or SpliceMix()
-        self.cl_weight, self.detach, self.cl_form = float(cl_weight), bool(detach), cl_form
+        self.cl_weight, self.detach, self.cl_form, self.cl_norm = float(cl_weight), bool(detach), cl_form, cl_norm
 
     def __call__(self, model: nn.Module, batch, device: torch.device):
-        _check_model(model)
         x, y = batch[0], batch[1]
         B = len(x)
         res = self.splicemix(x, y)
-        fmap = model.forward_features(res.x)
-        logits = model.forward_head(fmap)
+        if self.cl_weight > 0:
+            fmap, logits, net = _features_and_logits(model, res.x)
+        else:
+            logits = model(res.x)  # plain SpliceMix needs no feature map: any model, any wrapper
         parts = _bce_parts(logits, res.y)
         norm = float(parts.numel())
         loss = parts.sum() / norm
@@ -235,8 +282,10 @@ class SpliceMixStep:
         if len(parts) > B:
             logs["loss_mixed"] = parts[B:].mean().detach()
         if self.cl_weight > 0:
-            cells = cell_logits(model, fmap[B:], res.layout)
-            cl = consistency_loss(cells, logits[:B], res.layout, self.detach, self.cl_form, normaliser=norm)
+            lay = res.layout
+            cells = cell_logits(net, fmap[B:], lay)
+            cl_norm = norm if self.cl_norm == "paper" else float(lay.n_mixed * lay.n_cells * logits.shape[1])
+            cl = consistency_loss(cells, logits[:B], lay, self.detach, self.cl_form, normaliser=cl_norm)
             loss = loss + self.cl_weight * cl
             logs["loss_cl"] = cl.detach()
         return loss, logs
@@ -304,7 +353,7 @@ def check_regime_methods(settings: Mapping[str, Any]) -> None:
 
 def make_step(method: str, options: dict | None = None, boxes: Sequence[np.ndarray] | Tensor | None = None):
     """The training step of ``method`` (one of :data:`METHODS`) from a profile's ``mixing`` options
-    (``grids, p_drop, p_transpose, mixed_size, fill, alpha, cl_weight, cl_detach, cl_form``; missing = the
+    (``grids, p_drop, p_transpose, mixed_size, fill, alpha, cl_weight, cl_detach, cl_form, cl_norm``; missing = the
     paper's / authors' defaults). ``mosaic`` needs ``boxes`` (per-image ``(k, 5)`` arrays, e.g. ``SceneSet.boxes``)."""
     o = dict(options or {})
     if method not in METHODS:
@@ -326,7 +375,7 @@ def make_step(method: str, options: dict | None = None, boxes: Sequence[np.ndarr
     if method == "splicemix":
         return SpliceMixStep(splicemix())
     return SpliceMixStep(splicemix(), cl_weight=o.get("cl_weight", 1.0), detach=o.get("cl_detach", True),
-                         cl_form=o.get("cl_form", "bce"))
+                         cl_form=o.get("cl_form", "bce"), cl_norm=o.get("cl_norm", "paper"))
 
 
 def time_steps(models: Mapping[str, nn.Module], steps: Mapping[str, Callable], batch, device: torch.device,

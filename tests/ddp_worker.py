@@ -3,7 +3,8 @@
 argv[3] picks the training: ``plain`` (BCE on a Dataset, DistributedSampler, validation split between the
 ranks), ``ltml`` (LTML's two-stream loader and the branch-ensemble step, whose compensation parameters get no
 gradient), ``seeds`` (the random draws of an augmentation on each rank, uninterrupted and interrupted after
-epoch 0 then resumed) or ``nan`` (a loss that is NaN on rank 1 only).
+epoch 0 then resumed), ``nan`` (a loss that is NaN on rank 1 only) or ``splicemix`` (SpliceMix-CL's step, which
+needs the feature map as well as the logits, through the DDP wrapper).
 """
 
 import faulthandler
@@ -67,6 +68,13 @@ elif mode == "nan":  # rank 1's loss is NaN at the first step: both ranks must s
     except FloatingPointError as err:
         report["error"] = str(err)
     res = None
+elif mode == "splicemix":
+    from mlic_lib.splicemix_cl import make_step
+
+    res = fit(build_model("small_resnet", 20, widths=(8, 8, 16, 16)), train_ds, None,
+              TrainConfig(epochs=2, batch_size=16, seed=0), step=make_step("splicemix_cl"), run_dir=sys.argv[1],
+              progress=False)
+    report["loss_cl"] = [h.get("loss_cl") for h in res.history]
 elif mode == "seeds":
     draws = []
 

@@ -61,6 +61,15 @@ def test_ltml_under_torchrun_shards_the_two_streams_and_tolerates_unused_paramet
 
 
 @pytest.mark.slow
+def test_splicemix_cl_trains_under_torchrun_through_the_wrapper(tmp_path):
+    """SpliceMix-CL needs the feature map of the spliced batch: it used to call the model's forward_features,
+    which a DDP wrapper has not (a ValueError), and calling the wrapped module's would skip the gradient sync."""
+    rows = _torchrun(tmp_path, "splicemix")
+    assert all(r["same"] and r["epochs"] == 2 for r in rows), rows
+    assert all(v is not None and v > 0 for r in rows for v in r["loss_cl"]), rows
+
+
+@pytest.mark.slow
 def test_ranks_draw_different_augmentations_and_resume_their_own_streams(tmp_path):
     """Every rank used to seed its RNG alike, so random augmentations were the same on every GPU; and a resumed
     run must go on with each rank's own streams (a checkpoint holds them all), not rank 0's."""

@@ -31,6 +31,7 @@ from mlic_lib.mixing import (
 )
 from mlic_lib.models import build_model
 from mlic_lib.splicemix_cl import (
+    CL_NORMS,
     IndexedDataset,
     MixStep,
     MosaicStep,
@@ -255,6 +256,77 @@ def test_steps_train_with_finite_gradients(step, small_scenes):
     assert torch.isfinite(loss) and grads and all(torch.isfinite(g).all() for g in grads)
     if isinstance(step, SpliceMixStep):
         assert {"loss_regular", "loss_mixed"} <= set(logs) and (("loss_cl" in logs) == (step.cl_weight > 0))
+
+
+def _splicemix_cl_reference(model, x, y, lay, detach: bool, cl_norm: str):
+    """Eqs. 5-7 written out, cell by cell: the sum of the BCE over the spliced batch plus the sum over the kept cells
+    of the BCE between each cell's prediction and its regular image's, over |B_hat| C ('paper') or each term its
+    own mean, the cells' over every cell of the grids ('authors')."""
+    B, C = lay.n_regular, y.shape[1]
+    fmap = model.features(x)
+    logits = model.classifier(fmap.amax(dim=(2, 3)))
+    l_bce = F.binary_cross_entropy_with_logits(logits, y.float(), reduction="sum")
+    h, w = fmap.shape[2:]
+    l_cl = logits.new_zeros(())
+    for m in range(lay.n_mixed):
+        for k in range(lay.rows * lay.cols):
+            if not lay.keep[m, k]:
+                continue
+            i, j = divmod(k, lay.cols)
+            r0, r1 = (int(np.floor(t * h / lay.rows + 0.5)) for t in (i, i + 1))
+            c0, c1 = (int(np.floor(t * w / lay.cols + 0.5)) for t in (j, j + 1))
+            cell = model.classifier(fmap[B + m, :, r0:r1, c0:c1].amax(dim=(1, 2)))
+            target = logits[int(lay.sources[m, k])]
+            target = torch.sigmoid(target.detach() if detach else target)
+            l_cl = l_cl + F.binary_cross_entropy_with_logits(cell, target, reduction="sum")
+    n_hat = len(x)
+    if cl_norm == "paper":
+        return (l_bce + l_cl) / (n_hat * C)
+    return l_bce / (n_hat * C) + l_cl / (lay.n_mixed * lay.rows * lay.cols * C)
+
+
+@pytest.mark.parametrize("cl_norm", ["paper", "authors"])
+def test_splicemix_cl_step_is_eqs_5_to_7_written_out(cl_norm, small_scenes):
+    """The step's loss and its gradients (with and without the detached target) equal Eqs. 5-7 computed cell by
+    cell, and detaching changes the gradient (a step that ignored cl_detach would not)."""
+    train, _ = small_scenes
+    x = torch.as_tensor(train.images[:24]).float() / 127.5 - 1
+    y = torch.as_tensor(train.targets[:24])
+    grads = {}
+    for detach in (True, False):
+        torch.manual_seed(0)
+        model = build_model("small_resnet", train.world.num_classes, widths=(4, 8, 8, 8)).eval()
+        mixer = SpliceMix({"2x3": 1.0}, p_drop=1.0)  # 6 cells a mixed image, some dropped, 1.5 B cells in all
+        step = SpliceMixStep(mixer, cl_weight=1.0, detach=detach, cl_norm=cl_norm)
+        torch.manual_seed(1)
+        loss, logs = step(model, [x, y], torch.device("cpu"))
+        torch.manual_seed(1)
+        res = mixer(x, y)  # the same draw
+        ref = _splicemix_cl_reference(model, res.x, res.y, res.layout, detach, cl_norm)
+        assert res.layout.n_mixed == 6 and not res.layout.keep.all()
+        torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+        g = torch.autograd.grad(loss, list(model.parameters()))
+        g_ref = torch.autograd.grad(ref, list(model.parameters()))
+        for a, b in zip(g, g_ref, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+        grads[detach] = torch.cat([t.flatten() for t in g])
+    assert not torch.allclose(grads[True], grads[False])
+
+
+def test_splicemix_cl_norms_weigh_eq6_by_the_cells():
+    """cl_norm='authors' weighs the cell term by |B_hat| / (M r c) relative to the paper's single normaliser."""
+    torch.manual_seed(0)
+    model = build_model("small_resnet", 5, widths=(4, 8, 8, 8)).eval()
+    x, y = torch.randn(16, 3, 32, 32), (torch.rand(16, 5) > 0.5).float()
+    logs = {}
+    for norm in CL_NORMS:
+        torch.manual_seed(3)
+        logs[norm] = SpliceMixStep(SpliceMix({"2x2": 1.0}, p_drop=0.0), cl_weight=1.0, cl_norm=norm)(
+            model, [x, y], torch.device("cpu"))[1]
+    torch.testing.assert_close(logs["authors"]["loss_cl"], logs["paper"]["loss_cl"] * (16 + 4) / (4 * 4))
+    with pytest.raises(ValueError, match="cl_norm must be one of"):
+        SpliceMixStep(cl_norm="mean")
+    assert make_step("splicemix_cl", {"cl_norm": "authors"}).cl_norm == "authors"
 
 
 def test_mosaic_step_needs_indices(small_scenes):

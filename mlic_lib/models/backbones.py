@@ -67,8 +67,12 @@ class MultiLabelNet(nn.Module):
     def forward_head(self, fmap: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.dropout(self.pool(fmap)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+    def forward(self, x: torch.Tensor, return_features: bool = False):
+        """Logits ``(B, C)``; with ``return_features=True`` also the last feature map: ``(logits, fmap)`` (for a
+        step that needs both through a DDP wrapper, e.g. SpliceMix-CL)."""
+        fmap = self.forward_features(x)
+        logits = self.forward_head(fmap)
+        return (logits, fmap) if return_features else logits
 
     @property
     def cam_layer(self) -> nn.Module:
