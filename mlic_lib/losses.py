@@ -105,7 +105,9 @@ def _prepare(
 
 
 def _reduce(loss: Tensor, mask: Tensor | None, reduction: str) -> Tensor:
-    """Zero the masked entries of an elementwise loss and apply ``reduction``."""
+    """Zero the masked entries of an elementwise loss and apply ``reduction``. With a mask, ``'mean'`` divides by
+    the number of kept entries (every known label weighs the same), not the mean over images of each image's mean
+    over its kept classes; without one the two are the same."""
     if mask is not None:
         # the masked inputs were set to 0 by _prepare (so nothing non-finite is left there), but their loss is not 0
         loss = torch.where(mask, loss, torch.zeros((), dtype=loss.dtype, device=loss.device))

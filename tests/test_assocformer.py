@@ -294,6 +294,8 @@ def test_association_summary():
     assert s["pearson"] == pytest.approx(1.0) and s["spearman"] == pytest.approx(1.0)
     flat = association_summary(np.full((6, 6), 0.5), cond)
     assert flat["entropy"] == pytest.approx(1.0) and np.isnan(flat["pearson"])
+    with np.errstate(all="raise"):  # two classes: one off-diagonal entry a row, no spread (was 0 / log 1)
+        assert np.isnan(association_summary(np.full((2, 2), 0.5), np.eye(2))["entropy"])
     with pytest.raises(ValueError, match="same shape"):
         association_summary(np.ones((3, 3)), cond)
 
@@ -501,3 +503,61 @@ def test_assocformer_loss_passes_its_mask_and_clip_to_asl():
         torch.testing.assert_close(torch.as_tensor(loss(moved, y, mask=m)[1]["asl"]), want)
     assert not torch.allclose(asymmetric_loss(logits, y, gamma_neg=2.0, clip=0.05, mask=m),
                               asymmetric_loss(logits, y, gamma_neg=2.0, clip=0.0, mask=m))
+
+
+def test_the_classification_loss_trains_the_keys_through_a():
+    """Eq. 6 mixes the values with A, so a loss on O alone (no regulariser) must reach the keys of Eq. 4 through A."""
+    torch.manual_seed(0)
+    m = _head(8, 5)
+    O = m(torch.randn(4, 8))
+    O.sum().backward()
+    assert m.am.key.weight.grad is not None and m.am.key.weight.grad.abs().sum() > 0
+
+
+def test_step_is_the_loss_of_the_models_own_o_and_a_and_r_reaches_the_keys():
+    """AssocFormerStep's loss is AssocFormerLoss(O, y, A) of the model's outputs (Eq. 9), and theta R(A) moves the
+    keys of Eq. 4 (a step that detached A, or passed no A, would leave their gradient as ASL's alone)."""
+    torch.manual_seed(0)
+    model = _head(8, 5)
+    x, y = torch.randn(6, 8), (torch.rand(6, 5) > 0.5).float()
+    for norm in REGULARIZERS:
+        loss_fn = AssocFormerLoss(norm=norm, theta=0.3)
+        loss, logs = AssocFormerStep(loss_fn)(model, [x, y], "cpu")
+        O, A = model(x, return_assoc=True)
+        torch.testing.assert_close(loss, loss_fn(O, y, A)[0])
+        assert (float(logs["reg"]) > 0) == (norm != "none")
+        torch.testing.assert_close(torch.as_tensor(logs["reg"]), association_regularizer(A.detach(), norm))
+    grads = []
+    for theta in (0.0, 1.0):  # the regulariser's share of the keys' gradient: what theta R(A) adds
+        model.zero_grad()
+        AssocFormerStep(AssocFormerLoss(norm="l2", theta=theta))(model, [x, y], "cpu")[0].backward()
+        grads.append(model.am.key.weight.grad.clone())
+    assert (grads[1] - grads[0]).abs().sum() > 1e-6
+
+
+def test_train_assocformer_passes_its_regulariser_theta_and_scale_on(monkeypatch):
+    """Every Table 3 row trains with its own R (and theta when given), and the profile's scale reaches the AM (the
+    chapter's K K^T / d run): what train_assocformer hands the engine."""
+    import mlic_lib.engine as engine
+    from mlic_lib.experiments import scene_data
+    from mlic_lib.profiles import load_profile
+
+    seen = {}
+
+    def fake_fit(model, train, test, cfg, step, run_dir, progress):
+        seen.update(model=model, step=step, run_dir=run_dir)
+        return "ran"
+
+    monkeypatch.setattr(engine, "fit", fake_fit)
+    settings = load_profile("assocformer", "smoke", {"data.n_train": 16, "data.n_test": 8, "model.scale": 0.25})
+    data = scene_data(settings)
+    dirs = set()
+    for norm in REGULARIZERS:
+        for theta in (None, 0.7):
+            assert train_assocformer(settings, data, regularizer=norm, theta=theta) == "ran"
+            loss = seen["step"].loss
+            assert loss.norm == norm
+            assert loss.theta == (0.7 if theta is not None else float(settings["loss"]["theta"]))
+            assert seen["model"].am.scale == 0.25
+            dirs.add(seen["run_dir"])
+    assert len(dirs) == 2 * len(REGULARIZERS)  # each its own cache folder

@@ -273,7 +273,8 @@ def association_summary(A: np.ndarray, cond: np.ndarray, groups: np.ndarray | No
     * ``spearman``: the rank version (average ranks for ties, as ``scipy.stats.spearmanr``);
     * ``mean_offdiag``: mean off-diagonal value (how far the regulariser pushed A down);
     * ``entropy``: mean over rows of the normalised entropy of the row's off-diagonal entries taken as a
-      distribution (1 = flat, 0 = all mass on one class); ``1 - entropy`` is a sparsity number;
+      distribution (1 = flat, 0 = all mass on one class); ``1 - entropy`` is a sparsity number; NaN for
+      fewer than 3 classes (a row then has one off-diagonal entry: no spread to measure);
     * ``within_minus_across`` (with ``groups``): mean A within a super-category minus across.
     """
     from scipy.stats import rankdata
@@ -291,7 +292,7 @@ def association_summary(A: np.ndarray, cond: np.ndarray, groups: np.ndarray | No
     rows = np.where(off, A, 0.0)
     p = rows / np.maximum(rows.sum(1, keepdims=True), 1e-300)
     with np.errstate(divide="ignore", invalid="ignore"):
-        ent = -np.where(p > 0, p * np.log(p), 0.0).sum(1) / np.log(c - 1)
+        ent = -np.where(p > 0, p * np.log(p), 0.0).sum(1) / np.log(c - 1) if c > 2 else np.full(c, np.nan)
     out = {"pearson": pearson, "spearman": spearman, "mean_offdiag": float(a.mean()), "entropy": float(ent.mean())}
     if groups is not None:
         g = np.asarray(groups)
