@@ -10,14 +10,17 @@ Modelled on torchvision's ``references/classification``. What it adds for the bo
   GPU would make the host wait for the device at every step);
 * **checkpoints and resume**: with a ``run_dir`` every epoch ends with an atomic ``last.pt``
   (model, optimizer, scheduler, EMA, RNG states, history); an interrupted ``fit`` called again
-  continues where it stopped and ends with the same numbers as an uninterrupted run. A run folder is only
+  continues where it stopped and ends with the same numbers as an uninterrupted run (exactly on a CPU; on a
+  GPU only as exactly as two uninterrupted runs agree, since nothing turns on deterministic algorithms, e.g.
+  cuDNN's or atomics in backward kernels). A run folder is only
   loaded or resumed by the training config that wrote it (up to :data:`RUN_CONFIG_IGNORED`); a damaged file in
   it is moved aside (``<name>.corrupt``) with a warning and the run trained again, and the temporary files a
   killed writer left there are removed;
 * **cache**: :func:`run_dir_for` names the folder after a hash of (config, library version, library
   source), so a finished run is loaded instead of retrained (``results.json`` + ``final.pt``);
 * **GPU path**: bf16 autocast (training; evaluation runs in fp32) and channels_last on CUDA, non-blocking
-  copies, losses accumulated on the device (one host sync per logging interval, not per step); DDP under
+  copies, losses accumulated on the device (one host sync per logging interval, not per step), an EMA of the
+  weights that does not wait for the GPU (:class:`mlic_lib.ema.WeightEMA`); DDP under
   ``torchrun`` (``WORLD_SIZE > 1``) with a ``DistributedSampler``; a run folder records the number of processes
   and refuses to resume or load under another.
 
@@ -177,6 +180,14 @@ class TrainConfig:
             raise ValueError(f"onecycle_pct_start must be in (0, 1), got {self.onecycle_pct_start}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        if not (self.gamma > 0 and math.isfinite(self.gamma)):
+            raise ValueError(f"gamma must be a finite number > 0 (the factor 'step' multiplies the lr by at each "
+                             f"milestone, e.g. 0.1), got {self.gamma}")
+        if not (self.backbone_lr_mult >= 0 and math.isfinite(self.backbone_lr_mult)):
+            raise ValueError(f"backbone_lr_mult must be a finite number >= 0 (0 freezes the backbone), got "
+                             f"{self.backbone_lr_mult}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
@@ -264,17 +275,26 @@ def _broadcast_buffers(module: nn.Module) -> None:
         dist.broadcast(b, src=0)
 
 
-def _finite_on_every_rank(loss: torch.Tensor) -> bool:
-    """Whether ``loss`` is finite, on every rank under DDP (one small all-reduce): all the ranks then stop together
-    with the same error, instead of one raising while the others wait in the next gradient all-reduce."""
-    ok = torch.isfinite(loss.detach()).all()
+def _process_group():
+    """``torch.distributed`` when this process is one of several in an initialised process group (torchrun), else
+    None: the test before any collective."""
     if distributed_info()[0] > 1:
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
-            flag = (~ok).to(torch.float32).reshape(1)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            return not bool(flag.item())
+            return dist
+    return None
+
+
+def _finite_on_every_rank(loss: torch.Tensor) -> bool:
+    """Whether ``loss`` is finite, on every rank under DDP (one small all-reduce): all the ranks then stop together
+    with the same error, instead of one raising while the others wait in the next gradient all-reduce."""
+    ok = torch.isfinite(loss.detach()).all()
+    dist = _process_group()
+    if dist is not None:
+        flag = (~ok).to(torch.float32).reshape(1)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return not bool(flag.item())
     return bool(ok)
 
 
@@ -428,8 +448,10 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
                     device: torch.device, *, scheduler=None, scaler=None, autocast=None, ema=None,
                     grad_clip: float | None = None, channels_last: bool = False, progress=None,
                     log_every: int = 20) -> dict[str, float]:
-    """One pass over ``loader``; returns the mean loss and the mean of every float the step logged (under DDP,
-    averaged over the processes, so every rank returns the same means).
+    """One pass over ``loader``; returns the mean loss and, for every float the step logged, its mean over the steps
+    that logged it (a step may log a key only on some batches, e.g. SpliceMix's ``loss_mixed`` needs a mixed
+    image). Under DDP both are taken over every process's steps, on the union of the keys the ranks logged, so
+    every rank returns the same means.
 
     A non-finite loss is a :class:`FloatingPointError`: checked on the device every ``log_every`` steps (a host
     sync; under DDP on every rank at once, so they all stop together) and, for the steps in between, through the
@@ -440,6 +462,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
     autocast = autocast or contextlib.nullcontext()
     total = torch.zeros((), device=device)
     sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}  # steps that logged each key
     n = 0
     host_batch = getattr(step, "host_batch", None)
     for i, batch in enumerate(loader):
@@ -473,6 +496,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
         total += loss.detach().float()
         for k, v in logs.items():
             sums[k] = sums.get(k, torch.zeros((), device=device)) + torch.as_tensor(v, device=device).detach().float()
+            counts[k] = counts.get(k, 0) + 1
         n += 1
         if progress is not None:
             progress.update(1)
@@ -481,14 +505,19 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
     if n == 0:
         raise ValueError("the training loader yielded no batch: is the training set empty?")
     names = sorted(sums)
-    means = torch.stack([total / n] + [sums[k] / n for k in names])
-    if distributed_info()[0] > 1:  # under DDP: the mean over every process's shard, the same on every rank
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(means)
-            means /= dist.get_world_size()
-    values = means.tolist()  # the one host sync of the epoch's logs
+    dist = _process_group()
+    if dist is not None:  # the same keys on every rank, or the all-reduce below would pair different ones (or hang)
+        seen: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(seen, names)
+        names = sorted(set().union(*seen))
+    zero = torch.zeros((), device=device)
+    sums_n = torch.stack([total] + [sums.get(k, zero) for k in names]).double()
+    steps_n = torch.tensor([n] + [counts.get(k, 0) for k in names], dtype=torch.float64, device=device)
+    both = torch.cat([sums_n, steps_n])
+    if dist is not None:  # under DDP: sums and step counts over every process's shard, the same on every rank
+        dist.all_reduce(both)
+    sums_n, steps_n = both.chunk(2)
+    values = (sums_n / steps_n).tolist()  # the host sync of the epoch's logs (under DDP with the key exchange above)
     out = {"loss": values[0]}
     if not math.isfinite(out["loss"]):
         raise FloatingPointError(f"the loss was not finite at some step of this epoch (mean {out['loss']}; "
@@ -715,7 +744,11 @@ def _set_aside(path: Path, error: BaseException, rank: int, then: str) -> None:
     renames and warns (every rank reads the same file and reaches the same decision). An ``error`` that does not
     say the file is damaged (:func:`_is_damage`) is raised again instead. A rename that fails is a warning, never
     an error on rank 0 alone (the other ranks would wait for it forever): the run is trained again all the same,
-    and its new files replace the damaged one."""
+    and its new files replace the damaged one. A file that is gone since the caller saw it (``FileNotFoundError``)
+    counts as absent, with nothing to move: under torchrun, rank 0 has set it aside as damaged between another rank's
+    ``is_file()`` and its read, so that rank must decide as rank 0 did (train again), not fail alone."""
+    if isinstance(error, FileNotFoundError):
+        return
     if not _is_damage(error):
         raise error
     if rank != 0:
@@ -980,9 +1013,9 @@ def _fit(model: nn.Module, train_data: Dataset | Iterable, val_data: Dataset | I
     scheduler = build_scheduler(optimizer, cfg, n_steps)
     ema = None
     if cfg.ema_decay:
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+        from mlic_lib.ema import WeightEMA
 
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+        ema = WeightEMA(model, cfg.ema_decay)  # torch's AveragedModel would wait for the GPU at every step
     history: list[dict[str, float]] = []
     start_epoch = 0
     if ckpt is not None:
@@ -996,6 +1029,7 @@ def _fit(model: nn.Module, train_data: Dataset | Iterable, val_data: Dataset | I
         history = [dict(h) for h in ckpt["history"]]
         start_epoch = int(ckpt["epoch"]) + 1
         _set_rng_state(ckpt["rng_ranks"][rank])  # each rank goes on with its own streams (same world size)
+        ckpt = None  # its CPU copy of the weights and the optimiser's state is not needed for the rest of the run
 
     from tqdm.auto import tqdm
 

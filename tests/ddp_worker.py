@@ -4,7 +4,8 @@ argv[3] picks the training: ``plain`` (BCE on a Dataset, DistributedSampler, val
 ranks), ``ltml`` (LTML's two-stream loader and the branch-ensemble step, whose compensation parameters get no
 gradient), ``seeds`` (the random draws of an augmentation on each rank, uninterrupted and interrupted after
 epoch 0 then resumed), ``nan`` (a loss that is NaN on rank 1 only) or ``splicemix`` (SpliceMix-CL's step, which
-needs the feature map as well as the logits, through the DDP wrapper).
+needs the feature map as well as the logits, through the DDP wrapper) or ``keys`` (a step that logs a key on one
+rank only).
 """
 
 import faulthandler
@@ -75,6 +76,15 @@ elif mode == "splicemix":
               TrainConfig(epochs=2, batch_size=16, seed=0), step=make_step("splicemix_cl"), run_dir=sys.argv[1],
               progress=False)
     report["loss_cl"] = [h.get("loss_cl") for h in res.history]
+elif mode == "keys":  # rank 1 logs a key rank 0 never does: the epoch's all-reduce used to pair different keys
+    class RankKeys:
+        def __call__(self, model, batch, device):
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(model(batch[0]), batch[1])
+            return loss, ({"rank1_only": torch.ones(())} if dist.get_rank() == 1 else {})
+
+    res = fit(build_model("small_resnet", 20, widths=(8, 8, 16, 16)), train_ds, None,
+              TrainConfig(epochs=1, batch_size=16, seed=0), step=RankKeys(), run_dir=None, progress=False)
+    report["history"] = res.history
 elif mode == "seeds":
     draws = []
 

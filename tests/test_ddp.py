@@ -70,6 +70,15 @@ def test_splicemix_cl_trains_under_torchrun_through_the_wrapper(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_key_logged_on_one_rank_only_is_averaged_over_the_ranks_that_logged_it(tmp_path):
+    """The epoch's means are all-reduced as one stack: a key one rank logged and another did not used to pair
+    different keys (or hang with stacks of different lengths). Now the ranks agree on the keys first."""
+    rows = _torchrun(tmp_path, "keys")
+    logged = [{k: v for k, v in r["history"][0].items() if k != "train_seconds"} for r in rows]  # the clocks differ
+    assert logged[0] == logged[1] and logged[0]["rank1_only"] == 1.0, rows
+
+
+@pytest.mark.slow
 def test_ranks_draw_different_augmentations_and_resume_their_own_streams(tmp_path):
     """Every rank used to seed its RNG alike, so random augmentations were the same on every GPU; and a resumed
     run must go on with each rank's own streams (a checkpoint holds them all), not rank 0's."""

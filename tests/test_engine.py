@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import math
 import os
 import re
 import time
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -233,6 +236,43 @@ def test_a_damaged_file_of_a_finished_run_is_moved_aside_and_the_run_trained_aga
     assert not again.cached and again.final["mAP"] == first.final["mAP"]
     assert (run / f"{name}.corrupt").read_bytes() == bad
     assert _run(small_scenes, run_dir=run, epochs=1).cached
+
+
+@pytest.mark.parametrize("name", ["final.pt", "last.pt"])
+def test_a_run_file_that_vanishes_after_it_was_seen_counts_as_absent(small_scenes, tmp_path, monkeypatch, name):
+    """Under torchrun rank 0 may set a damaged file aside between another rank's ``is_file()`` and its read: that
+    rank got FileNotFoundError and failed alone while rank 0 trained. Now the vanished file is absent there too."""
+    import mlic_lib.engine as engine
+
+    run = tmp_path / "run"
+    if name == "final.pt":
+        first = _run(small_scenes, run_dir=run, epochs=1)
+    else:
+        class Stop(Exception):
+            pass
+
+        def stop(epoch, logs):
+            raise Stop
+
+        tr, te = _data(small_scenes)
+        with pytest.raises(Stop):
+            fit(_model(), tr, te, TrainConfig.from_dict({**CFG, "epochs": 2}), run_dir=run, progress=False,
+                on_epoch_end=stop)
+        assert (run / "last.pt").is_file()
+    real = engine.load_checkpoint
+
+    def vanish(path, *a, **k):  # what rank 0's rename does to this rank's read
+        if Path(path).name == name:
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(path))
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(engine, "load_checkpoint", vanish)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # absent, not damaged: no warning, nothing moved
+        again = _run(small_scenes, run_dir=run, epochs=1 if name == "final.pt" else 2)
+    assert not again.cached and not list(run.glob("*.corrupt"))
+    if name == "final.pt":
+        assert again.final["mAP"] == first.final["mAP"]
 
 
 @pytest.mark.parametrize("how", ["truncated", "empty", "no config entry"])
@@ -605,10 +645,14 @@ def test_bad_configs_and_inputs(small_scenes):
 @pytest.mark.parametrize(("option", "value", "match"), [
     ("grad_clip", -1.0, "grad_clip must be > 0"), ("grad_clip", 0, "grad_clip must be > 0"),
     ("log_every", 0, "log_every must be >= 1"), ("eval_batch_size", 0, "eval_batch_size"),
-    ("num_workers", -1, "num_workers >= 0")])
+    ("num_workers", -1, "num_workers >= 0"), ("gamma", -0.1, "gamma must be a finite number > 0"),
+    ("gamma", 0.0, "gamma must be"), ("backbone_lr_mult", -1.0, "backbone_lr_mult must be a finite number >= 0"),
+    ("seed", -1, "seed must be >= 0")])
 def test_options_that_would_fail_mid_run_or_train_backwards_are_refused_up_front(option, value, match):
     """A negative ``grad_clip`` used to flip every gradient (clip_grad_norm_ scales by max_norm / norm), so the
-    loss rose; ``log_every=0`` failed at the first step and ``eval_batch_size=0`` after the first epoch."""
+    loss rose, as a negative ``gamma`` or ``backbone_lr_mult`` did through a negative lr; ``log_every=0`` failed at
+    the first step, ``eval_batch_size=0`` after the first epoch, and ``seed=-1`` inside ``fit`` (under torchrun on
+    rank 0 alone: the other ranks' seeds are larger)."""
     with pytest.raises(ValueError, match=match):
         TrainConfig.from_dict({**CFG, option: value})
     from mlic_lib.engine import train_one_epoch
@@ -851,3 +895,22 @@ def test_a_steps_host_batch_hook_sees_the_cpu_batch_before_the_device_copy(small
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     train_one_epoch(model, loader, opt, Step(), torch.device("cpu"))
     assert seen[0] == ("host", "cpu", 2) and seen[1][:2] == ("step", 3) and len(seen) == 2 * len(loader)
+
+
+def test_a_key_logged_on_some_steps_is_averaged_over_those_steps():
+    """SpliceMix logs ``loss_mixed`` only when a batch has a mixed image: its epoch mean must be over the steps that
+    logged it (it was divided by every step), while the loss's is over all."""
+    from mlic_lib.engine import train_one_epoch
+
+    model = nn.Linear(3, 1)
+    calls = []
+
+    def step(m, batch, device):
+        i = len(calls)
+        calls.append(i)
+        loss = m(batch[0]).pow(2).mean() * 0 + float(i)  # the loss of step i is i
+        return loss, ({"every": float(10 * i)} | ({"odd": float(i)} if i % 2 else {}))
+
+    batches = [(torch.randn(2, 3), torch.zeros(2, 1)) for _ in range(4)]
+    out = train_one_epoch(model, batches, torch.optim.SGD(model.parameters(), lr=0.0), step, torch.device("cpu"))
+    assert out == pytest.approx({"loss": 1.5, "every": 15.0, "odd": 2.0})
