@@ -371,6 +371,23 @@ def stream_coverage(loader, epochs: int, marked) -> dict[str, dict[str, float]]:
             for stream, idx in seen.items()}
 
 
+def positive_draws(loader, epochs: int, targets) -> dict[str, np.ndarray]:
+    """How often each class is drawn as a positive by each stream of a two-stream loader over its first ``epochs``
+    epochs: ``{"uniform": (C,), "re-balanced": (C,)}`` counts, from the index sequences alone (no image loaded).
+
+    Eq. 6's gradient moves a branch's positive compensation mean at every positive label the branch sees, always
+    the same way, so how far ``mu_pos`` gets grows with these counts (Fig. 4's reading needs them): the uniform
+    stream draws a class about in proportion to its frequency, the re-balanced one evens the draws out."""
+    if int(epochs) < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    y = np.asarray(targets) > 0.5
+    out = {"uniform": np.zeros(y.shape[1], dtype=np.int64), "re-balanced": np.zeros(y.shape[1], dtype=np.int64)}
+    for e in range(int(epochs)):
+        for stream, idx in zip(out, loader.epoch_indices(e), strict=True):
+            out[stream] += y[np.asarray(idx)].sum(0)
+    return out
+
+
 def retrain_at_budgets(settings, train_ds, train_targets, test_ds, num_classes: int, groups, epochs, seeds,
                        variants=("baseline_u", "baseline_r"), metrics=("mAP", "mAP_head", "mAP_medium", "mAP_tail"),
                        progress: bool = False) -> tuple[dict[int, dict[str, np.ndarray]], float]:

@@ -49,6 +49,17 @@ if mode == "ltml":
                step=ltml.LTMLStep(**ltml.VARIANTS["baseline_u"]), run_dir=sys.argv[1] + "-baseline_u", progress=False,
                steps_per_epoch=len(loader))
     report["baseline_u_epochs"] = len(base.history)
+    # the paper's method (Eq. 3 with Eq. 6's compensation in both branches, one set shared by both in the option):
+    # every parameter gets a gradient, so DDP runs without find_unused_parameters
+    for name in ("full", "full_shared"):
+        net = build_two_branch("small_resnet", 20, widths=(8, 8, 16, 16), shared_compensation=name == "full_shared")
+        fit(net, loader, None, cfg1, step=ltml.LTMLStep(**ltml.VARIANTS["full"]), run_dir=None, progress=False,
+            steps_per_epoch=len(loader))
+        flat = torch.cat([t.detach().flatten().double() for t in (*net.parameters(), *net.buffers())])
+        both = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]
+        dist.all_gather(both, flat)
+        report[f"{name}_same"] = all(torch.equal(both[0], g) for g in both)
+        report[f"{name}_mu_moved"] = float(net.comp_u.mu_pos.detach().abs().max())
     try:  # one branch *with* Eq. 6 cannot run under DDP: a clear error, not DDP's "marked ready twice"
         fit(build_two_branch("small_resnet", 20, widths=(8, 8, 16, 16)), loader, None, cfg1,
             step=ltml.LTMLStep(branches="u", compensation=True), run_dir=None, progress=False,

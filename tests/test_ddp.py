@@ -56,6 +56,7 @@ def test_ltml_under_torchrun_shards_the_two_streams_and_tolerates_unused_paramet
     assert rows[0]["steps"] == rows[1]["steps"] == 64 // 8 // 2
     assert not set(rows[0]["uniform_epoch0"]) & set(rows[1]["uniform_epoch0"])
     assert all(r["baseline_u_epochs"] == 1 for r in rows), rows
+    assert all(r[f"{v}_same"] and r[f"{v}_mu_moved"] > 0 for r in rows for v in ("full", "full_shared")), rows
     assert all("cannot train under DDP" in (r["single_branch_compensation_error"] or "") for r in rows), rows
     assert (tmp_path / "run" / "results.json").is_file()
 

@@ -41,7 +41,8 @@ def test_class_aware_sampler_balances_classes_over_an_epoch():
     assert drawn.max() / drawn.min() < uni.max() / uni.min() / 5  # far flatter than uniform sampling
 
 
-def test_class_aware_matches_paper_probabilities():
+@pytest.mark.parametrize("per_class", [1, 3])  # 3: the full profile's ltml.samples_per_class
+def test_class_aware_matches_paper_probabilities(per_class):
     t = _longtail_targets(n=200, k=5, seed=1)
     t = np.concatenate([t, np.zeros((len(t), 1), t.dtype)], 1)  # a class without images: not among the K'
     p = sampling_probabilities(t)
@@ -50,7 +51,7 @@ def test_class_aware_matches_paper_probabilities():
     ref = np.array([sum(t[i, k] / n_k[k] for k in present) / len(present) for i in range(len(t))])
     np.testing.assert_allclose(p, ref, rtol=1e-6)  # float32 targets
     assert np.isclose(p.sum(), 1.0) and len(present) == t.shape[1] - 1
-    idx = ClassAwareSampler(t, num_samples=60000, seed=3).indices(0)
+    idx = ClassAwareSampler(t, num_samples=60000, seed=3, samples_per_class=per_class).indices(0)
     freq = np.bincount(idx, minlength=len(t)) / len(idx)
     assert np.abs(freq - p).max() < 0.004
     assert np.allclose(sampling_probabilities(t, "uniform"), 1 / len(t))
@@ -199,6 +200,15 @@ def test_two_branch_net_shapes_paths_and_copies():
     assert torch.allclose(out["r_hat"], net.branch_u(net.features(xr)), atol=1e-5)
     u, r = net(xu)
     assert u.shape == r.shape == (3, 5)
+    # the copied branches are equal, so the checks above cannot tell them apart: again with branches that differ
+    apart = build_two_branch("small_resnet", 5, widths=WIDTHS, classifier_init="independent").eval()
+    out, fu, fr = apart.forward_pair(xu, xr), apart.features(xu), apart.features(xr)
+    assert not torch.allclose(apart.branch_u(fu), apart.branch_r(fu), atol=1e-3)
+    for key, want in (("u", apart.branch_u(fu)), ("u_hat", apart.branch_r(fu)), ("r", apart.branch_r(fr)),
+                      ("r_hat", apart.branch_u(fr))):  # Eqs. 1-2: u = f(x_u), u^ = g(x_u), r = g(x_r), r^ = f(x_r)
+        assert torch.allclose(out[key], want, atol=1e-5), key
+    u, r = apart(xu)
+    assert torch.allclose(u, apart.branch_u(fu), atol=1e-5) and torch.allclose(r, apart.branch_r(fu), atol=1e-5)
     with pytest.raises(ValueError, match="splits a ResNet.s stage list"):
         build_two_branch("efficientnet_lite0", 5)
 
@@ -266,6 +276,10 @@ def test_inference_averages_branches_and_flip():
         flip = ltml.predict_fn("both", flip=True)(net, x)
         ref = (torch.sigmoid(u) + torch.sigmoid(r) + torch.sigmoid(uf) + torch.sigmoid(rf)) / 4
         assert torch.allclose(flip, ref, atol=1e-6)
+        u2f, r2f = apart(torch.flip(x, dims=[-1]))  # the averages again with branches that differ
+        assert torch.allclose(ltml.predict_fn("both")(apart, x), (torch.sigmoid(u2) + torch.sigmoid(r2)) / 2)
+        ref2 = (torch.sigmoid(u2) + torch.sigmoid(r2) + torch.sigmoid(u2f) + torch.sigmoid(r2f)) / 4
+        assert torch.allclose(ltml.predict_fn("both", flip=True)(apart, x), ref2, atol=1e-6)
     with pytest.raises(ValueError, match="branch must be"):
         ltml.predict_fn("x")
 
@@ -327,7 +341,8 @@ def test_step_value_is_eq3_with_eq6_and_eq7_written_out():
     """The whole Eq. 3 loss against a direct sum: each branch's Eq. 6 term uses its own compensation, and the
     consistency pairs u with u^ and r with r^, both weighted by lambda."""
     torch.manual_seed(0)
-    net = build_two_branch("small_resnet", 4, widths=WIDTHS).eval()  # eval: batch statistics are fixed
+    # eval: batch statistics are fixed; independent classifiers: a u/r mix-up changes the value
+    net = build_two_branch("small_resnet", 4, widths=WIDTHS, classifier_init="independent").eval()
     _randomise_compensation(net)
     g = torch.Generator().manual_seed(1)
     # different batch sizes would hide a u/r mix-up in shapes; equal ones must still give the exact value
@@ -336,7 +351,8 @@ def test_step_value_is_eq3_with_eq6_and_eq7_written_out():
     pw, nw = ltml.ltml_class_weights([10, 5, 2, 1], 20)
     lam = 0.3
     loss, _ = ltml.LTMLStep(pw, nw, lam=lam)(net, batch, torch.device("cpu"))
-    o = net.forward_pair(batch[0], batch[2])
+    fu, fr = net.features(batch[0]), net.features(batch[2])  # Eqs. 1-2 from the branches, not from forward_pair
+    o = {"u": net.branch_u(fu), "u_hat": net.branch_r(fu), "r": net.branch_r(fr), "r_hat": net.branch_u(fr)}
     assert ((o["u"] - o["u_hat"]) ** 2).mean() > 1e-3  # the consistency term is not trivially 0
     ref = (_eq6_reference(o["u"], batch[1], pw, nw, net.comp_u) + _eq6_reference(o["r"], batch[3], pw, nw, net.comp_r)
            + lam * (((o["u"] - o["u_hat"]) ** 2).mean() + ((o["r"] - o["r_hat"]) ** 2).mean()))
@@ -482,8 +498,10 @@ def test_longtail_scenes_groups():
     assert order.tolist() == [1, 2, 0, 3]
     with pytest.raises(ValueError, match="exponent must be positive"):
         longtail.longtail_scene_spec(0.0)
-    with pytest.raises(ValueError, match="empty"):
-        longtail.scene_groups(scenes.targets, head_min=10_000, tail_max=0)
+    with pytest.raises(ValueError, match=r"\['head'\] are empty"):  # a head threshold above every class
+        longtail.scene_groups(scenes.targets, head_min=10_000)
+    with pytest.raises(ValueError, match=r"\['tail'\] are empty"):  # tail_max=0 is a threshold, not "unset"
+        longtail.scene_groups(scenes.targets, tail_max=0)
 
 
 def test_inference_rows_of_each_variant():
@@ -516,6 +534,13 @@ def test_stream_coverage_against_the_index_sequences():
     assert cov["re-balanced"][share] > cov["uniform"][share]
     with pytest.raises(ValueError, match="epochs must be >= 1"):
         ltml.stream_coverage(loader, 0, marked)
+    draws = ltml.positive_draws(loader, 2, targets)
+    for k, stream in enumerate(("uniform", "re-balanced")):  # a label count over the drawn images, written out
+        want = [sum(int(targets[i, c]) for e in range(2) for i in loader.epoch_indices(e)[k]) for c in range(3)]
+        assert draws[stream].tolist() == want
+    assert draws["uniform"][0] == 48 and draws["re-balanced"][1] > draws["uniform"][1]  # class 0 is on every image
+    with pytest.raises(ValueError, match="epochs must be >= 1"):
+        ltml.positive_draws(loader, 0, targets)
 
 
 def test_retrain_at_budgets_trains_each_baseline_per_budget_and_seed():

@@ -190,7 +190,7 @@ def scene_groups(targets, head_min: int | None = None, tail_max: int | None = No
     """
     counts = stats.class_counts(targets)
     h, t = scaled_thresholds(len(np.asarray(targets)))
-    groups = stats.head_medium_tail(counts, head_min or h, tail_max or t)
+    groups = stats.head_medium_tail(counts, h if head_min is None else head_min, t if tail_max is None else tail_max)
     empty = [g for g, m in groups.items() if len(m) == 0]
     if empty:
         raise ValueError(f"group(s) {empty} are empty for class counts {sorted(counts.tolist())}: "
