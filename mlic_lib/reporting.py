@@ -271,7 +271,8 @@ def verdict_summary(comparison, label: str = "N", numbers: bool = False, decimal
     """:func:`compare_rows`' table as a sentence: where the difference is ``up``, within the seed spread and
     ``down`` (the words given to :func:`compare_rows`; ``"none"`` for an empty group), then the borderline
     columns, e.g. ``"clear gain at N=7; within the seed spread at N=2, N=3; clear loss at none; borderline
-    (within 1.5 times the spread) at N=7"``. With ``numbers`` it starts with each column's difference and spread.
+    (within 1.5 times the spread) at N=7"``; columns that got no verdict (no value, or no spread) are named too
+    (``"; no verdict at N=5"``). With ``numbers`` it starts with each column's difference and spread.
     Without a spread in any column (one seed) it lists the differences and says there is no verdict."""
     c = comparison
     up, down = c.attrs.get("up", "clear gain"), c.attrs.get("down", "clear loss")
@@ -284,6 +285,9 @@ def verdict_summary(comparison, label: str = "N", numbers: bool = False, decimal
                 + " (one seed: no spread, no verdict)")
     text = (f"{up} at {at(c['verdict'] == up)}; {WITHIN} at {at(c['verdict'] == WITHIN)}; "
             f"{down} at {at(c['verdict'] == down)}")
+    judged = c["verdict"].isin([up, WITHIN, down]).to_numpy()
+    if not judged.all():  # a column without a value or a spread: named, not silently left out
+        text += f"; no verdict at {at(~judged)}"
     if c["borderline"].any():
         text += f"; borderline (within {BORDERLINE_FACTOR:g} times the spread) at {at(c['borderline'].to_numpy())}"
     if numbers:

@@ -15,6 +15,7 @@ from mlic_lib.reporting import (
     CONTRADICTS,
     borderline_note,
     check_units,
+    compare_rows,
     correlation_signs,
     dash_missing,
     flagged_verdict,
@@ -24,11 +25,13 @@ from mlic_lib.reporting import (
     paper_verdict,
     ranking,
     seed_sd,
+    seed_spread,
     shown_path,
     spread_category,
     spread_note,
     spread_verdict,
     unit_of,
+    verdict_summary,
     write_chapter_results,
 )
 
@@ -281,8 +284,6 @@ def test_correlation_signs_bad_input(kwargs, match):
 def test_compare_rows_against_a_direct_computation_and_its_summary():
     """Per column: the difference of the means, sqrt(sd_a^2 + sd_b^2), the verdict and the borderline flag; the
     summary groups the columns by verdict (the book's wording) and can start with the numbers."""
-    from mlic_lib.reporting import compare_rows, verdict_summary
-
     cols = [2, 3, 5, 7]
     mean = pd.DataFrame([[50.0, 52.0, 60.0, 70.0], [49.0, 40.0, 61.3, 66.0]], index=["m", "base"], columns=cols)
     sd = pd.DataFrame([[1.0, 3.0, 0.6, 2.0], [1.0, 4.0, 0.8, 2.0]], index=["m", "base"], columns=cols)
@@ -306,3 +307,36 @@ def test_compare_rows_against_a_direct_computation_and_its_summary():
         compare_rows(mean, sd, "m", "other")
     with pytest.raises(ValueError, match="same rows and columns"):
         compare_rows(mean, sd.iloc[:, :2], "m", "base")
+
+
+def test_two_seeds_have_a_spread_and_one_has_none():
+    """Most default profiles train two seeds: the rule must judge them (n_seeds=2 has a spread), and the seed count a
+    caller passes must reach the spread (spread_note, ranking)."""
+    assert seed_spread(3.0, 4.0, n_seeds=2) == pytest.approx(5.0)
+    assert math.isnan(seed_spread(3.0, 4.0, n_seeds=1))
+    assert ranking({"A": 3.0, "B": 0.0}, {"A": 1.0, "B": 1.0}, n_seeds=2) == "A (3.0) > B (0.0)"
+    assert ranking({"A": 3.0, "B": 0.0}, {"A": 1.0, "B": 1.0}, n_seeds=1) == "A (3.0) ≈ B (0.0)"
+    assert spread_note(2.0, 0.0, 0.0, n_seeds=1) == "one seed: no spread to compare"
+    assert spread_note(2.0, 0.6, 0.8, n_seeds=2).startswith("larger than the seed spread of 1.0")
+
+
+def test_seed_sd_along_another_axis():
+    np.testing.assert_allclose(seed_sd(np.array([[1.0, 2.0, 4.0], [0.0, 0.0, 3.0]]), axis=1),
+                               [np.std([1.0, 2.0, 4.0], ddof=1), np.std([0.0, 0.0, 3.0], ddof=1)])
+    assert np.isnan(seed_sd(np.array([[1.0], [2.0]]), axis=1)).all()  # one seed along that axis
+
+
+def test_units_range_applies_to_negative_values_and_p_at_alpha_is_not_significant():
+    with pytest.raises(ValueError, match="outside their unit's range"):
+        check_units({"gain": -150.0}, {"gain": "points"})
+    check_units({"gain": -15.0}, {"gain": "points"})
+    assert correlation_signs([0.5], [0.05])["agrees"] == 0  # p < alpha, not <=
+    assert correlation_signs([0.5], [0.049])["agrees"] == 1
+
+
+def test_verdict_summary_names_the_columns_without_a_verdict():
+    cols = [2, 3, 5]
+    mean = pd.DataFrame([[50.0, 60.0, np.nan], [49.0, 40.0, 61.0]], index=["m", "base"], columns=cols)
+    sd = pd.DataFrame([[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]], index=["m", "base"], columns=cols)
+    text = verdict_summary(compare_rows(mean, sd, "m", "base"))
+    assert text == ("clear gain at N=3; within the seed spread at N=2; clear loss at none; no verdict at N=5")
