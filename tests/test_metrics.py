@@ -313,6 +313,20 @@ def test_masked_as_negative_matches_the_mlgcn_evaluation_and_ignore_differs():
         threshold_metrics(scores, targets, mask=mask, masked="drop")
 
 
+
+def test_a_masked_positive_counts_as_negative_under_masked_negative():
+    """voc_targets puts 0 on difficult entries, so the test above cannot see whether a masked *positive* target is
+    turned negative; here entry (1, 0) is a positive under the mask."""
+    targets = np.array([[1, 0], [1, 1], [0, 1]])
+    scores = np.array([[0.9, 0.1], [0.8, 0.9], [0.2, 0.7]])
+    mask = np.ones_like(targets, dtype=bool)
+    mask[1, 0] = False
+    got = threshold_metrics(scores, targets, mask=mask, masked="negative")
+    assert got["OR"] == pytest.approx(1.0) and got["OP"] == pytest.approx(0.75)  # 3 of 4 predictions, 3 of 3 positives
+    ignored = threshold_metrics(scores, targets, mask=mask)
+    assert ignored["OP"] == pytest.approx(1.0) and ignored["OR"] == pytest.approx(1.0)  # the entry is left out
+
+
 def test_threshold_metrics_zero_denominators():
     targets = np.array([[1, 0], [0, 0]])
     got = threshold_metrics(np.zeros((2, 2)), targets, threshold=0.5)  # nothing predicted

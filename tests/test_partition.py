@@ -198,3 +198,41 @@ def test_eq2_laplacian_is_the_printed_equation_and_recovers_blocks():
     S = P.similarity_matrix(targets=(rng.random((200, 12)) < 0.3).astype(int))
     subsets = P.partition_labels("cgp", 3, S=S, laplacian="eq2")
     P.check_partition(subsets, 12)
+
+
+def test_eq2_on_an_uneven_affinity_is_the_written_out_reference():
+    """Clean blocks (above) come out the same under D^-1/2 and D^-1: uneven class rates give unequal degrees, where
+    Eq. 2's D^-1/2 L D^-1/2 matters. The seed reaches k-means (a single restart leaves it a choice to make)."""
+    from sklearn.cluster import KMeans
+
+    rng = np.random.default_rng(0)
+    rates = rng.uniform(0.02, 0.6, 12)
+    S = P.similarity_matrix(targets=(rng.random((300, 12)) < rates).astype(int))
+    A = P.affinity(S, "cgp", tau=3.0)
+    d = A.sum(1)
+    M = np.diag(d ** -0.5) @ (np.diag(d) - A) @ np.diag(d ** -0.5)
+    vecs = np.linalg.eigh(M)[1]
+    for k in (4, 5):
+        ref = KMeans(k, n_init=20, random_state=0).fit_predict(vecs[:, :k])
+        assert P.partition_agreement(P.spectral_partition(A, k, laplacian="eq2"), ref) == 1.0
+    for seed in (0, 3, 7):
+        ref = KMeans(4, n_init=1, random_state=seed).fit_predict(vecs[:, :4])
+        assert P.partition_agreement(P.spectral_partition(A, 4, seed=seed, n_init=1), ref) == 1.0
+    before = A.copy()
+    A[0, :] = A[:, 0] = 0.0  # an isolated class: the function patches a copy, not the caller's matrix
+    isolated = A.copy()
+    with pytest.warns(UserWarning, match="no edge"):
+        P.spectral_partition(A, 3)
+    np.testing.assert_array_equal(A, isolated)
+    assert not np.array_equal(A, before)
+
+
+def test_cohesion_and_a_partition_that_misses_a_class():
+    """cohesion is the mean R_ij over pairs in the same subset, diagonal excluded; a partition without a class is
+    refused even when no class is repeated (rho would leave that class's logit column at zero)."""
+    S = np.array([[1.0, 0.25, 0.0], [0.25, 1.0, 0.5], [0.0, 0.5, 1.0]])
+    assert P.cohesion(S, [[0, 1], [2]]) == pytest.approx(0.25)
+    assert P.cohesion(S, [[0, 1, 2]]) == pytest.approx(0.25)  # (0.25 + 0 + 0.5) / 3 pairs
+    assert np.isnan(P.cohesion(S, [[0], [1], [2]]))
+    with pytest.raises(ValueError, match=r"missing \[2\], repeated \[\]"):
+        P.check_partition([[0], [1]], 3)

@@ -380,3 +380,62 @@ def test_pretrain_teachers_fills_the_cache_the_study_reads(small_scenes, monkeyp
                                                                                             (alt, ("dgp", 2, 0))]:
         psd.decomposition_teachers(settings, data, S, strategy, k, rseed=rseed)
     assert len(fits) == sum(counts) and all(r.cached for r in fits)
+
+
+def test_a_student_starts_from_its_own_seeds_weights(small_scenes, monkeypatch):
+    """Each student seed must start from build_psd_model(..., seed): students built with one seed would all start
+    alike, and the seed spread the chapter reports would shrink."""
+    from mlic_lib.data.tensors import TensorImageDataset
+    from mlic_lib.experiments import SceneData
+
+    train, test = small_scenes
+    data = SceneData(train, test, TensorImageDataset(train.images[:24, :, ::2, ::2].copy(), train.targets[:24]),
+                     TensorImageDataset(test.images[:8, :, ::2, ::2].copy(), test.targets[:8]))
+    ens = psd.TeacherEnsemble([_tiny_model(10, 0), _tiny_model(10, 1)], [np.arange(0, 10), np.arange(10, 20)], 20)
+    built = {}
+    monkeypatch.setattr(psd, "fit", lambda model, ds, val, cfg, step, **kw: built.setdefault(cfg.seed, model))
+    settings = _settings()
+    for seed in (1, 2):
+        psd.train_student(settings, data, [ens], seed=seed, name="seed-test")
+        want = psd.build_psd_model(settings["model"], 20, seed).state_dict()
+        assert all(torch.equal(a, want[k]) for k, a in built[seed].state_dict().items())
+    assert not torch.equal(built[1].classifier.weight, built[2].classifier.weight)
+
+
+def test_the_label_mask_reaches_every_classification_loss():
+    """A masked label (VOC difficult with difficult_train: ignore) must not count in ASLStep, in the student's
+    classification term, nor be lost by a sub-task view of a dataset that yields (x, y, mask)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 4))
+    x, y = torch.randn(5, 3, 2, 2), (torch.rand(5, 4) > 0.5).float()
+    mask = torch.ones(5, 4, dtype=torch.bool)
+    mask[0] = False  # one image's labels all unknown
+    asl = psd._asl(None)
+    want = asl(model(x).float(), y, mask)
+    assert not torch.allclose(want, asl(model(x).float(), y))
+    torch.testing.assert_close(psd.ASLStep()(model, [x, y, mask], "cpu")[0], want)
+    teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 4))
+    loss, logs = psd.DistillationStep(kd_weight=0.0, teachers=[teacher])(model, [x, y, mask], "cpu")
+    torch.testing.assert_close(logs["cls"], want)
+
+    class WithMask(torch.utils.data.Dataset):
+        def __len__(self):
+            return 5
+
+        def __getitem__(self, i):
+            return x[i], y[i], mask[i]
+
+    view = psd.subtask_dataset(WithMask(), y.numpy(), [2, 0], images="all")
+    item = view[0]
+    assert len(item) == 3 and torch.equal(item[1], y[0, [2, 0]]) and torch.equal(item[2], mask[0, [2, 0]])
+
+
+def test_the_profiles_asl_options_reach_the_loss():
+    """psd.asl (gamma_neg, clip, and the full profile's detach_focal_weight) must build the loss, not the defaults."""
+    g = torch.Generator().manual_seed(0)
+    logits, y = torch.randn(6, 5, generator=g) * 2, (torch.rand(6, 5, generator=g) > 0.6).float()
+    torch.testing.assert_close(psd._asl({"gamma_neg": 2.0, "clip": 0.0})(logits, y),
+                               AsymmetricLoss(gamma_pos=0.0, gamma_neg=2.0, clip=0.0)(logits, y))
+    assert not torch.allclose(psd._asl({"gamma_neg": 2.0, "clip": 0.0})(logits, y), psd._asl(None)(logits, y))
+    assert psd._asl({"detach_focal_weight": True}).detach_focal_weight is True
+    assert psd.ASLStep({"gamma_neg": 1.0}).loss.gamma_neg == 1.0
