@@ -1,7 +1,7 @@
 """INDeeD: Identical and Disparate Feature Decomposition (Adiya & Lee; ``papers/indeed.txt``).
 
-No code of the authors is public; this module implements the paper's equations as read in
-``DESIGN.md`` (INDeeD section). The pieces, in the order of the paper:
+No code of the authors is public; this module implements the paper's equations as read by this book.
+The pieces, in the order of the paper:
 
 * **partial-coco pairs** (Eqs. 1-2): :func:`partial_coco_mask` marks the pairs ``(a, b)`` of a
   mini-batch whose label sets share a class (Eq. 1) *and* differ (Eq. 2);
@@ -12,8 +12,9 @@ No code of the authors is public; this module implements the paper's equations a
 * **identical and disparate blocks** (Eq. 5): :func:`decompose` returns the six features
   ``f_a, f_b, m*f_a, m*f_b, (1-m)*f_a, (1-m)*f_b``; the blocks have no parameters.
 * **labels** (Eq. 11, with its set differences read as differences, not the intersections the
-  printed equation shows -- a typo, see ``DESIGN.md``): :func:`decomposed_labels` gives
-  ``y_a & y_b`` for both identical features, ``y_a - y_b`` and ``y_b - y_a`` for the disparate ones.
+  printed equation shows -- a typo: the intersections would make ``y_a-b`` equal ``y_a&b``):
+  :func:`decomposed_labels` gives ``y_a & y_b`` for both identical features, ``y_a - y_b`` and ``y_b - y_a``
+  for the disparate ones.
 * **loss** (Eqs. 6-10): :class:`INDeeDStep` is an engine step computing
   ``L = L_O + lambda (L_I + L_S)`` with one shared classifier (``model.classifier``); options
   ``blocks='identical'`` / ``'disparate'`` keep only ``L_I`` or ``L_S`` (the ablation of Table 4).
@@ -225,7 +226,7 @@ def decompose(f_a: Tensor, f_b: Tensor, norm: str = "l2", detach_map: bool = Fal
 def decomposed_labels(y_a: Tensor, y_b: Tensor) -> dict[str, Tensor]:
     """Eq. 11 read as set operations: ``y_a&b = y_b&a = y_a & y_b``, ``y_a-b = y_a - y_b``, ``y_b-a = y_b - y_a``.
 
-    (The printed Eq. 11 writes intersections for the differences; that is a typo, DESIGN.md.)
+    (The printed Eq. 11 writes intersections for the differences; that is a typo: ``y_a-b`` would equal ``y_a&b``.)
     """
     a = _check_targets(y_a, "y_a")
     b = _check_targets(y_b, "y_b")

@@ -29,7 +29,7 @@ exactly (the engine checkpoints the torch RNG state).
   ``r_out`` ratios of label correlations a mixing method creates that never occur in the training
   set (Table VII), for any transform with a ``mix_labels`` method.
 
-Implementation choices where the paper is silent (from the authors' code, see DESIGN.md): the grid probabilities
+Implementation choices where the paper is silent (from the authors' code): the grid probabilities
 above; downsampling is bilinear
 with ``align_corners=True`` to ``(H // r, W // c)``; when ``r * (H // r)`` differs from ``H`` the tiled image is
 resized back to ``H x W`` (so cells of a 2x3 grid on a 64-px canvas are 21/22 px); dropped cells are filled with
@@ -72,7 +72,7 @@ __all__ = [
 ]
 
 #: the grid family ``F_mg`` of Eq. 4 / Sec. IV-A, with the authors' code's probabilities (the paper says only
-#: "randomly sample"; DESIGN.md)
+#: "randomly sample")
 DEFAULT_GRIDS: dict[str, float] = {"1x2": 0.3, "2x2": 0.4, "2x3": 0.3}
 
 

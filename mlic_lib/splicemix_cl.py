@@ -8,7 +8,7 @@ asked to agree with the prediction ``p`` of its regular image (Eq. 6):
     L_cl = sum_{mixed m} sum_{cells j of m} BCE(p'_j, p̄_j),     L = L_bce + L_cl   (Eqs. 5, 7)
 
 with ``p̄`` a copy of ``p`` *without* back-propagation (the paper; ``detach=True``). The authors' VOC
-code does not detach (``detach=False``), their COCO code does (DESIGN.md). Dropped (blank) cells
+code does not detach (``detach=False``), their COCO code does. Dropped (blank) cells
 are masked out.
 
 **Cell split on the feature map.** SpliceMix resizes each source to ``(H // r, W // c)`` and the

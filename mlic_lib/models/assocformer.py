@@ -1,6 +1,6 @@
 """AssocFormer (Xing et al., BMVC 2022): a transformer backbone + an association module (AM).
 
-No code is public. The paper's Sec. 3.4 is ambiguous about shapes. The reading here (DESIGN.md's) fits all of
+No code is public. The paper's Sec. 3.4 is ambiguous about shapes. The reading here fits all of
 Eqs. 4-7 (``L in R^d``, ``{K, M} in R^{C x d}``, ``A in R^{C x C}``, ``N1 in R^C``):
 
 * Eq. 4: ``K = Conv1d(1 -> C, kernel 1)(L.unsqueeze(1))`` and likewise ``M`` (separate weights):
@@ -79,7 +79,7 @@ class AssociationModule(nn.Module):
     num_classes : C.
     scale : multiplies ``K K^T`` before the sigmoid (1.0 = the paper's Eq. 5).
     kernel_size : of Eq. 4's two convolutions over the ``d`` positions of ``L``, odd, with 'same' zero padding
-        (1 = DESIGN.md's reading; the paper gives no size).
+        (1 = the book's reading; the paper gives no size).
     """
 
     def __init__(self, embed_dim: int, num_classes: int, scale: float = 1.0, kernel_size: int = 1):
