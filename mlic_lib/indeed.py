@@ -786,6 +786,23 @@ def check_options(opts: Mapping[str, Any] | None) -> None:
             raise ValueError(f"{key} must be a number >= 0 (lambda of Eq. 6), got {v!r}")
 
 
+def _check_label_counts(values: Any, key: str) -> None:
+    if (not isinstance(values, (list, tuple)) or not values
+            or any(isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 9 for n in values)):
+        raise ValueError(f"{key} must be a non-empty list of label counts N from 1 to 9 (distinct digits in the 3x3 "
+                         f"cells of a canvas), got {values!r}")
+
+
+def check_n_labels(values: Any) -> None:
+    """The profile's ``n_labels`` (the N of ML-MNIST-N / ML-CIFAR-10-N): checked before anything trains."""
+    _check_label_counts(values, "n_labels")
+
+
+def check_ablation_n_labels(values: Any) -> None:
+    """The profile's ``ablation_n_labels`` (Table 4's N): checked before anything trains."""
+    _check_label_counts(values, "ablation_n_labels")
+
+
 def lambda_for(lam: float | Mapping[str, float], method: Mapping[str, Any]) -> float:
     """The ``lambda`` of Eq. 6 for one method spec. ``lam`` is a number, or a mapping from the
     normalisation (``'minmax'`` / ``'l2'``) to a number when each variant has its own value (the CPU

@@ -32,7 +32,8 @@ Readings where the paper is vague (stated here and in the chapter):
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -68,6 +69,52 @@ BRANCHES = ("both", "u", "r")
 #: an override may set any of them (e.g. ``-o model.shared_compensation=true``)
 MODEL_KEYS = ("backbone", "pool", "weights", "widths", "classifier_init", "frozen_stages", "norm_eval",
               "shared_compensation")
+
+
+def check_model_options(m: Any) -> None:
+    """Check a profile's ``model`` section for :func:`~mlic_lib.models.ltml.build_two_branch` before anything trains
+    (a flag given as text, ``shared_compensation: 'false'``, would otherwise count as true); raises ``ValueError``
+    naming the key."""
+    from mlic_lib.models.backbones import check_pool
+    from mlic_lib.models.ltml import CLASSIFIER_INIT, check_two_branch_backbone
+
+    if not isinstance(m, Mapping):
+        raise ValueError(f"model must be a mapping of build_two_branch's options {MODEL_KEYS}, got {m!r}")
+    if "backbone" in m:
+        check_two_branch_backbone(m["backbone"])
+    if "pool" in m:
+        check_pool(m["pool"])
+    if "classifier_init" in m and m["classifier_init"] not in CLASSIFIER_INIT:
+        raise ValueError(f"model.classifier_init must be one of {CLASSIFIER_INIT}, got {m['classifier_init']!r}")
+    for key in ("norm_eval", "shared_compensation"):
+        if key in m and not isinstance(m[key], bool):
+            raise ValueError(f"model.{key} takes true or false, got {m[key]!r}")
+    f = m.get("frozen_stages", 0)
+    if isinstance(f, bool) or not isinstance(f, int) or f < 0:
+        raise ValueError(f"model.frozen_stages must be a whole number >= 0, got {f!r}")
+    w = m.get("widths")
+    if w is not None and (not isinstance(w, (list, tuple)) or not w
+                          or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in w)):
+        raise ValueError(f"model.widths must be null or a list of whole numbers >= 1, got {w!r}")
+
+
+def check_options(lt: Any) -> None:
+    """Check a profile's ``ltml`` section (``lam``, ``samples_per_class``, ``lambda_sweep``, ``epoch_length``)
+    before anything trains; raises ``ValueError`` naming the key."""
+    if not isinstance(lt, Mapping):
+        raise ValueError(f"the ltml section must be a mapping (lam, samples_per_class, ...), got {lt!r}")
+
+    def number(v: Any) -> bool:
+        return not isinstance(v, bool) and isinstance(v, (int, float)) and v >= 0
+
+    if "lam" in lt and not number(lt["lam"]):
+        raise ValueError(f"ltml.lam must be a number >= 0 (lambda of Eq. 3), got {lt['lam']!r}")
+    spc = lt.get("samples_per_class", 1)
+    if isinstance(spc, bool) or not isinstance(spc, int) or spc < 1:
+        raise ValueError(f"ltml.samples_per_class must be a whole number >= 1, got {spc!r}")
+    sweep = lt.get("lambda_sweep")
+    if sweep is not None and (not isinstance(sweep, (list, tuple)) or not all(number(v) for v in sweep)):
+        raise ValueError(f"ltml.lambda_sweep must be null or a list of numbers >= 0, got {sweep!r}")
 
 
 def ltml_class_weights(class_counts, n_images: int) -> tuple[Tensor, Tensor]:

@@ -626,6 +626,10 @@ def check_options(p: Mapping[str, Any]) -> None:
     for key, valid in choices.items():
         if key in p and p[key] not in valid:
             raise ValueError(f"psd.{key} must be one of {valid}, got {p[key]!r}")
+    if p.get("complement") == "identity":
+        raise ValueError("psd.complement: 'identity' is Eq. 1 as printed, P- = I - R, whose off-diagonal weights are "
+                         "negative: the DGP graph has no normalised cut and spectral_partition refuses it. Use "
+                         "'ones' (P- = 1 - R, the authors' code); 'identity' is for mlic_lib.partition.affinity only")
     def at_least(low: float, whole: bool = False, strict: bool = False):
         return lambda v: (x := _number(v, whole)) is not None and (x > low if strict else x >= low)
 

@@ -494,6 +494,21 @@ def test_overrides_in_the_cli_form_are_accepted(overrides):
     ("psd", {"data.data_seed": -1}, r"data.data_seed must be a whole number >= 0, got -1"),
     ("psd", {"data.dta_seed": 1}, r"unknown parameter 'data.dta_seed' .*did you mean 'data.data_seed'"),
     ("indeed", {"data.downsample": 0}, r"data.downsample must be a whole number >= 1"),
+    ("ltml", {"model.shared_compensation": "maybe"}, r"model.shared_compensation takes true or false, got 'maybe'"),
+    ("ltml", {"model.shared_compensation": "false"}, r"model.shared_compensation takes true or false"),
+    ("ltml", {"model.classifier_init": "foo"}, r"model.classifier_init must be one of \('copy', 'independent'\)"),
+    ("ltml", {"model.pool": "sum"}, r"model.pool must be one of \('max', 'avg'\)"),
+    ("ltml", {"model.frozen_stages": -1}, r"model.frozen_stages must be a whole number >= 0"),
+    ("ltml", {"ltml.samples_per_class": 0}, r"ltml.samples_per_class must be a whole number >= 1, got 0"),
+    ("ltml", {"ltml.lam": -0.1}, r"ltml.lam must be a number >= 0"),
+    ("ltml", {"ltml.lambda_sweep": [0.1, -1]}, r"ltml.lambda_sweep must be null or a list of numbers >= 0"),
+    ("primer", {"model.pool": "foo"}, r"model.pool must be one of \('max', 'avg'\) .*got 'foo'"),
+    ("splicemix", {"model.pool": "foo"}, r"model.pool must be one of"),
+    ("indeed", {"n_labels": [10]}, r"n_labels must be a non-empty list of label counts N from 1 to 9"),
+    ("indeed", {"ablation_n_labels": [0]}, r"ablation_n_labels must be a non-empty list of label counts"),
+    ("assocformer", {"analysis.regularizers": ["l2", "foo"]}, r"analysis.regularizers must be a non-empty list of "
+                                                             r"distinct names from"),
+    ("psd", {"psd.complement": "identity"}, r"psd.complement: 'identity' is Eq. 1 as printed"),
 ])
 def test_override_values_are_checked_before_a_kernel_starts(chapter, overrides, message):
     """These passed `mlic profile` and `mlic reproduce`'s check, and failed cells later (after the data was built,
@@ -541,3 +556,20 @@ def test_real_data_options_are_checked_before_a_kernel_starts(chapter, overrides
 def test_null_turns_off_an_optional_section_only():
     assert load_profile("splicemix", "full", {"data.real": None})["data"]["real"] is None  # scenes only
     assert load_profile("indeed", "smoke", {"lambda_sweep": None})["lambda_sweep"] is None
+
+
+@pytest.mark.parametrize("profile", ["smoke", "default", "full"])
+def test_every_profile_passes_the_checks_an_override_runs(profile):
+    """Each value check (VALUE_CHECKS) accepts the shipped profiles' own values: an override that restates one must
+    load, so the checks cannot be stricter than the recipes they guard."""
+    from mlic_lib.profiles import VALUE_CHECKS, _lookup
+
+    ran = 0
+    for chapter, checks in VALUE_CHECKS.items():
+        settings = load_profile(chapter, profile)
+        for key in checks:
+            found, value = _lookup(settings, key)
+            if found and value is not None:
+                load_profile(chapter, profile, {key: value})
+                ran += 1
+    assert ran >= 20

@@ -176,6 +176,17 @@ class AssocFormer(nn.Module):
         return (O, A) if return_assoc else O
 
 
+def check_regularizers(names: object) -> None:
+    """Raise ``ValueError`` unless ``names`` (the chapter's ``analysis.regularizers``, Table 3's rows) is a non-empty
+    list of distinct regularisers of Eq. 9, so a typo is refused before the valid ones train."""
+    from mlic_lib.assoc_losses import REGULARIZERS
+
+    if (not isinstance(names, (list, tuple)) or not names or any(n not in REGULARIZERS for n in names)
+            or len(set(names)) < len(names)):
+        raise ValueError(f"analysis.regularizers must be a non-empty list of distinct names from {REGULARIZERS}, "
+                         f"got {names!r}")
+
+
 def check_transformer_name(name: object) -> None:
     """Raise ``ValueError`` unless ``name`` is one of timm's models (the chapter's ``model.backbone``)."""
     import timm

@@ -236,6 +236,13 @@ class _NCHW(nn.Module):
         return y
 
 
+def check_pool(pool: object) -> None:
+    """Raise ``ValueError`` unless ``pool`` is a global pooling :class:`GlobalPool` knows (a profile's
+    ``model.pool``), so an override is refused before a run starts."""
+    if pool not in POOLS:
+        raise ValueError(f"model.pool must be one of {POOLS} (global max or average pooling), got {pool!r}")
+
+
 def check_backbone(name: object) -> None:
     """Raise ``ValueError`` unless ``name`` is a backbone :func:`build_model` knows (see the module docstring); a
     ``timm/<model>`` name must be one of timm's models. Cheap: nothing is built, so a profile override can be

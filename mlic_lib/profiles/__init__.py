@@ -72,18 +72,22 @@ TRAIN_SECTIONS = ("train", "teacher_train")  # sections that TrainConfig checks
 #: override touches it (the method's own check, run now rather than hours into a run); imported only then, to keep
 #: the CLI light.
 _BACKBONE = ("mlic_lib.models.backbones", "check_backbone")
+_POOL = ("mlic_lib.models.backbones", "check_pool")
 VALUE_CHECKS = {
-    "primer": {"model.backbone": _BACKBONE},
-    "psd": {"psd": ("mlic_lib.psd", "check_options"), "model.backbone": _BACKBONE},
+    "primer": {"model.backbone": _BACKBONE, "model.pool": _POOL},
+    "psd": {"psd": ("mlic_lib.psd", "check_options"), "model.backbone": _BACKBONE, "model.pool": _POOL},
     "assocformer": {"model.backbone": ("mlic_lib.models.assocformer", "check_transformer_name"),
-                    "model.kernel_size": ("mlic_lib.models.assocformer", "check_kernel_size")},
-    "indeed": {"indeed": ("mlic_lib.indeed", "check_options"), "model.name": ("mlic_lib.indeed", "check_model_name")},
-    "ltml": {"model.backbone": ("mlic_lib.models.ltml", "check_two_branch_backbone")},
+                    "model.kernel_size": ("mlic_lib.models.assocformer", "check_kernel_size"),
+                    "analysis.regularizers": ("mlic_lib.models.assocformer", "check_regularizers")},
+    "indeed": {"indeed": ("mlic_lib.indeed", "check_options"), "model.name": ("mlic_lib.indeed", "check_model_name"),
+               "n_labels": ("mlic_lib.indeed", "check_n_labels"),
+               "ablation_n_labels": ("mlic_lib.indeed", "check_ablation_n_labels")},
+    "ltml": {"model": ("mlic_lib.ltml", "check_model_options"), "ltml": ("mlic_lib.ltml", "check_options")},
     "splicemix": {"methods": ("mlic_lib.splicemix_cl", "check_methods"),
                   "mixing": ("mlic_lib.splicemix_cl", "check_mixing"),
                   "regime_check": ("mlic_lib.splicemix_cl", "check_regime"),
                   "parallel": ("mlic_lib.process_pool", "check_parallel"),
-                  "model.backbone": _BACKBONE},
+                  "model.backbone": _BACKBONE, "model.pool": _POOL},
 }
 _DATA = ("mlic_lib.data.section", "check_data_section")
 for _checks in VALUE_CHECKS.values():
