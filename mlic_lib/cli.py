@@ -32,7 +32,8 @@ def _chapter_notebook(root: Path, name: str) -> tuple[str, Path]:
     from mlic_lib.book import chapter_of, notebooks
 
     if not (root / "notebooks").is_dir():
-        raise ValueError(f"no notebooks/ folder in {root}: run from the repository root or pass --root REPO")
+        raise ValueError(f"no notebooks/ folder in {root}: run from the repository root or name it before the command, "
+                         "`mlic --root REPO reproduce ...`")
     found = notebooks(root)
     by_chapter = {c: nb for nb in found if (c := chapter_of(nb)) is not None}
     if name in by_chapter:
@@ -52,7 +53,7 @@ def _cmd_book(args) -> int:
 
     if not (Path(args.root) / "_config.yml").is_file():
         raise ValueError(f"no book in {Path(args.root).resolve()} (no _config.yml): run from the repository root or "
-                         "pass --root REPO")
+                         "name it before the command, `mlic --root REPO book ...`")
     strict = not args.no_strict and not args.only
     if args.only and not args.no_strict:
         print("mlic book --only: a partial book, built without --strict (the other chapters' pages are missing)")
@@ -161,7 +162,8 @@ def _cmd_data(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mlic", description="Run the book's chapters, CPSD's teachers and the real-data preparation.")
-    parser.add_argument("--root", default=".", help="repository root (where _config.yml lives)")
+    parser.add_argument("--root", default=".", help="repository root (where _config.yml lives), given before the "
+                        "command: mlic --root REPO reproduce ... (`mlic data ... --root DIR` is the datasets' folder)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("book", help="execute every chapter and build the HTML book")
