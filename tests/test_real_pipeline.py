@@ -333,12 +333,20 @@ def test_fake_mnist_and_cifar_load(fake_root):
     assert x.shape == (50, 3, 32, 32) and set(np.unique(y)) == set(range(10))
 
 
-def test_data_check_tells_fake_files_from_real_data(fake_root):
+def test_data_check_tells_fake_files_from_real_data(fake_root, tmp_path):
     from mlic_lib.data import download
 
     states = download.check(fake_root)
     for name in ("voc2007", "voc2012", "coco2014", "coco2017", "voc_lt", "coco_lt", "mnist", "cifar10"):
         assert states[name] == "present (synthetic files from `mlic data fake`, not the real dataset)", name
+    # a synthetic dataset that uses another one still says when that one is gone (VOC-LT reads VOC2012's images)
+    import shutil
+
+    root = shutil.copytree(fake_root, tmp_path / "data")  # the fixture is shared with other tests: damage a copy
+    shutil.rmtree(root / "VOCdevkit" / "VOC2012")
+    states = download.check(root)
+    assert states["voc2012"] == "missing" and states["voc_lt"] == (
+        "present (synthetic files from `mlic data fake`, not the real dataset; needs voc2012: missing)"), states
 
 
 def test_preparing_real_data_clears_the_fake_mark(tmp_path):

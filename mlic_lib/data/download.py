@@ -367,9 +367,9 @@ def status(entry: DatasetEntry, root: Path) -> str:
     if (root / entry.marker).exists() and (not has_stamps or len(stamped) == len(entry.files)):
         from .fake import fake_names
 
-        if entry.key in fake_names(root):
-            return "present (synthetic files from `mlic data fake`, not the real dataset)"
         needs = [f"needs {n}: {st}" for n in entry.needs if not (st := status(get(n), root)).startswith("present")]
+        if entry.key in fake_names(root):
+            needs.insert(0, "synthetic files from `mlic data fake`, not the real dataset")
         return "present" + (f" ({'; '.join(needs)})" if needs else "")
     if stamped and len(stamped) < len(entry.files):
         return (f"incomplete ({len(stamped)} of {len(entry.files)} files prepared; rerun "
