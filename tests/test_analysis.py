@@ -385,6 +385,21 @@ def test_overlay_tensor_and_uint8():
         overlay(img, cam, alpha=1.5)
 
 
+
+def test_overlay_colours_the_map_as_it_is_and_resizes_it_bilinearly():
+    """The map is coloured on its own [0, 1] scale (a uniform 0.5 map is cmap(0.5), not renormalised to its max),
+    and a smaller map is resized bilinearly (half-pixel centres) before colouring."""
+    from matplotlib import colormaps
+
+    from mlic_lib.analysis import CMAP_HEAT
+
+    heat = colormaps[CMAP_HEAT]
+    flat = overlay(np.zeros((4, 4, 3)), np.full((4, 4), 0.5), alpha=1.0)
+    np.testing.assert_allclose(flat, np.broadcast_to(heat(0.5)[:3], (4, 4, 3)))
+    ramp = overlay(np.zeros((4, 4, 3)), np.array([[0.0, 1.0], [0.0, 1.0]]), alpha=1.0)
+    np.testing.assert_allclose(ramp[0], heat(np.array([0.0, 0.25, 0.75, 1.0]))[:, :3], atol=1e-6)
+
+
 def test_cam_colorbar_spans_unit_range_in_heat_map(styled):
     from mlic_lib.analysis import CMAP_HEAT
 
@@ -532,3 +547,17 @@ def test_cam_reading_peak_mass_and_leaning():
     assert np.isnan(zero.mass).all()
     with pytest.raises(ValueError, match=r"\(K, 5\)"):
         cam_reading(cam, boxes[:, 1:], 4)
+
+
+
+def test_cam_reading_on_a_wide_map_with_half_open_and_fractional_boxes():
+    """(row, column) on a non-square map; a box's right edge is outside it; a fractional box holds the peak exactly
+    when it holds its mass (both round to pixel edges, as cam_in_box)."""
+    cam = np.zeros((4, 9))
+    cam[1, 7] = 1.0
+    rd = cam_reading(cam, np.array([[1, 3, 0, 7, 4], [2, 7, 0, 9, 4]]), 2)
+    assert rd.peak == (1, 7) and rd.peak_in == [2]
+    square = np.zeros((5, 5))
+    square[2, 2] = 1.0
+    rd = cam_reading(square, np.array([[1, 2.4, 0, 5, 5]]), 1)  # x0 = 2.4 rounds to column 2: the peak's
+    assert rd.mass.tolist() == [1.0] and rd.peak_in == [1]

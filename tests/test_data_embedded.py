@@ -45,6 +45,18 @@ def test_ml_mnist_places_n_distinct_digits_in_distinct_cells(n_digits):
         assert (blocks[cells >= 0].reshape(n_digits, -1).max(1) > 0).all(), "a filled cell is blank"
 
 
+def test_ml_mnist_test_canvases_hold_only_test_digits():
+    """INDeeD evaluates on canvases of held-out digits: every digit of a split='test' canvas is one of the pool's
+    test images (a split that was ignored would leak training digits into the test set)."""
+    test_digits = {im.tobytes() for im in digit_pool("test")[0]}
+    train_digits = {im.tobytes() for im in digit_pool("train")[0]}
+    s = make_ml_mnist(30, 2, seed=0, split="test")
+    blocks = s.images[:, 0].reshape(30, 3, 28, 3, 28).transpose(0, 1, 3, 2, 4).reshape(30, 9, 28, 28)
+    for n in range(30):
+        for k in np.flatnonzero(s.cells[n] >= 0):
+            assert blocks[n, k].tobytes() in test_digits and blocks[n, k].tobytes() not in train_digits
+
+
 def test_ml_mnist_deterministic_and_bad_input():
     a, b = make_ml_mnist(10, 3, seed=5), make_ml_mnist(10, 3, seed=5)
     np.testing.assert_array_equal(a.images, b.images)

@@ -382,6 +382,32 @@ def test_read_coco_labels_unknown_ids(tmp_path: Path) -> None:
         read_coco_labels(path)
 
 
+def test_voc2012_ids_name_their_images_and_an_object_without_a_difficult_tag_counts(tmp_path: Path) -> None:
+    """VOC2012 ids look like 2008_000023 (the fixtures' 2007 ids are numbers, so zero-padding an id as a number
+    passed); an <object> without <difficult> is an ordinary positive (the fixtures always wrote the tag)."""
+    voc = tmp_path / "VOCdevkit" / "VOC2012"
+    (voc / "Annotations").mkdir(parents=True)
+    (voc / "ImageSets" / "Main").mkdir(parents=True)
+    (voc / "Annotations" / "2008_000023.xml").write_text(_voc_xml([("dog", 0)]))
+    (voc / "Annotations" / "2008_000024.xml").write_text("<annotation><object><name>cat</name></object></annotation>")
+    _jpeg(voc / "JPEGImages" / "2008_000023.jpg", (1, 2, 3))
+    _jpeg(voc / "JPEGImages" / "2008_000024.jpg", (4, 5, 6))
+    (voc / "ImageSets" / "Main" / "val.txt").write_text("2008_000023\n2008_000024\n")
+    ds = voc_dataset(tmp_path, "2012", "val")
+    assert [p.name for p in ds.paths] == ["2008_000023.jpg", "2008_000024.jpg"]
+    assert ds[0][0].size == (8, 6)  # the image loads (a PIL image without a transform)
+    _, labels = read_voc_labels(tmp_path, "2012", "val")
+    assert labels[0, VOC_CLASSES.index("dog")] == 1 and labels[1, VOC_CLASSES.index("cat")] == 1
+
+
+def test_a_one_pixel_coco_box_is_kept(tmp_path: Path) -> None:
+    """DistributionBalancedLoss drops boxes narrower than 1 px, not those of exactly 1 px (COCO-LT's labels)."""
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps({"images": [{"id": 1, "file_name": "1.jpg"}], "categories": COCO_CATEGORIES,
+                                "annotations": [{"image_id": 1, "category_id": 3, "area": 1.0, "bbox": [0, 0, 1, 1]}]}))
+    assert read_coco_labels(path, skip_degenerate=True)[2].tolist() == [[1, 0]]
+
+
 def test_read_coco_labels_skip_degenerate(tmp_path: Path) -> None:
     """DistributionBalancedLoss's COCO rule: drop ignored, zero-area and sub-pixel boxes; crowds stay."""
     anns = [

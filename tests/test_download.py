@@ -169,6 +169,20 @@ def test_a_connection_closed_early_keeps_the_partial_file_and_a_rerun_resumes(se
     assert download.check(tmp_path)["fake"] == "present"
 
 
+def test_a_resumed_download_cut_short_again_keeps_what_it_has(server, tmp_path, monkeypatch):
+    """A resume that is cut short too must count the bytes it already had (the expected total is the whole file):
+    the longer partial file is kept for the next resume, not judged wrong and moved to .bad."""
+    url, handler = server
+    handler.files["/fake.tar"] = VOC_TAR
+    handler.cut["/fake.tar"] = 2000  # of the 3,000 bytes the resume asks for
+    entry = _entry(monkeypatch, url, VOC_TAR)
+    part = tmp_path / "fake.tar.part"
+    part.write_bytes(VOC_TAR[: len(VOC_TAR) - 3000])
+    with pytest.raises(ConnectionError, match="closed after"):
+        download.download(entry.files[0], tmp_path, progress=False)
+    assert part.stat().st_size == len(VOC_TAR) - 1000 and not list(tmp_path.glob("*.bad"))
+
+
 def test_a_wrong_file_from_the_first_url_falls_back_to_the_mirror(server, tmp_path, monkeypatch):
     url, handler = server
     handler.files["/official/fake.tar"] = b"<html>moved</html>"  # an error page served with status 200

@@ -57,6 +57,13 @@ def test_class_aware_matches_paper_probabilities(per_class):
     assert np.allclose(sampling_probabilities(t, "uniform"), 1 / len(t))
 
 
+def test_class_aware_sampling_walks_each_class_list_as_a_permutation():
+    """Within a class, images are taken in a reshuffled order, each once before any twice (the frequencies of the
+    test above would not change if a list were reshuffled one image early)."""
+    idx = ClassAwareSampler(np.ones((5, 1)), num_samples=50, seed=0).indices(0)
+    assert all(sorted(block.tolist()) == [0, 1, 2, 3, 4] for block in idx.reshape(10, 5))
+
+
 def test_samplers_deterministic_and_errors():
     t = _longtail_targets()
     a, b = ClassAwareSampler(t, seed=5), ClassAwareSampler(t, seed=5)

@@ -549,6 +549,24 @@ def test_lowres_predict_downsamples_the_input_by_the_factor():
         lowres_predict(0)
 
 
+
+def test_lowres_predict_keeps_the_aspect_and_antialiases():
+    """Fig. 6's protocol on a non-square input: each side divided by the factor, bilinear with antialiasing (a
+    square input and a shape check alone passed a width taken from the height, and no antialiasing)."""
+    seen = []
+
+    class Record(torch.nn.Module):
+        def forward(self, x):
+            seen.append(x.clone())
+            return x.mean((2, 3))
+
+    x = torch.rand(1, 3, 32, 48, generator=torch.Generator().manual_seed(0))
+    lowres_predict(4)(Record(), x)
+    want = F.interpolate(x, size=(8, 12), mode="bilinear", align_corners=False, antialias=True)
+    assert seen[0].shape[2:] == (8, 12)
+    torch.testing.assert_close(seen[0], want)
+
+
 @pytest.mark.slow
 def test_train_methods_process_pool_equals_sequential(tmp_path, monkeypatch):
     """The pool trains the same runs as a sequential loop. Both use the pool workers' thread count: a run's

@@ -506,6 +506,20 @@ def test_nuswide_lists_labels_and_missing_images(tmp_path):
         read_nuswide_labels(tmp_path, "val")
 
 
+def test_nuswide_label_columns_are_the_concepts_label_files(tmp_path):
+    """Column j of the label matrix is Labels_<concept j>_<Split>.txt, value for value (no test compared them: a
+    shifted or reversed column order passed)."""
+    from mlic_lib.data.nuswide import read_nuswide_labels
+
+    write_fake("nuswide", tmp_path, n_train=30, n_test=20)
+    for split, suffix in (("train", "Train"), ("test", "Test")):
+        _, labels, concepts = read_nuswide_labels(tmp_path, split)
+        assert 0 < int(labels.any(0).sum()) < len(concepts)  # some concepts empty: a column mix-up shows
+        for j, c in enumerate(concepts):
+            f = tmp_path / "nuswide" / "Groundtruth" / "TrainTestLabels" / f"Labels_{c}_{suffix}.txt"
+            assert labels[:, j].tolist() == [int(v) for v in f.read_text().split()], (split, c)
+
+
 # ------------------------------------------------------------------------------- review follow-ups
 def test_write_fake_refuses_the_real_data_root(tmp_path, monkeypatch):
     monkeypatch.setenv("MLIC_DATA", str(tmp_path))

@@ -342,7 +342,8 @@ def cam_reading(cam: np.ndarray | torch.Tensor, boxes, cls: int) -> CamReading:
     * ``all_zero``: the map has no positive value (no evidence at that layer; the other fields are then empty
       and ``mass`` NaN);
     * ``peak``: ``(row, column)`` of the map's maximum (the first one in row-major order on a tie);
-    * ``peak_in``: the classes of the boxes that contain the peak (half-open boxes, as :func:`cam_in_box`);
+    * ``peak_in``: the classes of the boxes that contain the peak (half-open boxes with their coordinates rounded
+      to pixel edges, as :func:`cam_in_box`);
     * ``mass``: :func:`cam_in_boxes` per box (``(K,)``);
     * ``heavier``: the other classes with a box holding more of the map's mass than any box of ``cls``
       (all of them with mass > 0 when ``cls`` has no box): the map leans on another object.
@@ -356,7 +357,8 @@ def cam_reading(cam: np.ndarray | torch.Tensor, boxes, cls: int) -> CamReading:
         return CamReading(True, None, [], mass, [])
     r, col = (int(v) for v in np.unravel_index(int(np.argmax(c)), c.shape))
     classes = b[:, 0].astype(int)
-    inside = (b[:, 1] <= col) & (col < b[:, 3]) & (b[:, 2] <= r) & (r < b[:, 4])
+    e = np.rint(b[:, 1:])  # the pixel edges cam_in_boxes uses, so a box that holds the peak also holds its mass
+    inside = (e[:, 0] <= col) & (col < e[:, 2]) & (e[:, 1] <= r) & (r < e[:, 3])
     own = mass[classes == cls].max(initial=0.0)
     heavier = sorted({int(k) for k, m in zip(classes, mass, strict=True) if k != cls and m > own})
     return CamReading(False, (r, col), [int(k) for k in classes[inside]], mass, heavier)

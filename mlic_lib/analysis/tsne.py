@@ -38,7 +38,9 @@ def tsne_embed(
     x : array-like or torch.Tensor, shape (N, D)
         Feature vectors, ``N >= 4`` and ``D >= 2``.
     seed : int, default 0
-        Random state of t-SNE.
+        Random state of t-SNE. With the PCA initialisation the optimisation itself is deterministic, and the
+        PCA's randomised solver finds the same components whatever the seed on narrow features: there every seed
+        gives the same map. The seed changes it on wide features (hundreds of dimensions, e.g. a backbone's).
     perplexity : float, default 30.0
         Effective number of neighbours. If it is larger than ``(N - 1) / 3`` it is lowered to that
         value with a :class:`UserWarning` (t-SNE needs roughly ``3 * perplexity`` neighbours per
