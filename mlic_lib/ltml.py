@@ -75,6 +75,7 @@ def check_model_options(m: Any) -> None:
     """Check a profile's ``model`` section for :func:`~mlic_lib.models.ltml.build_two_branch` before anything trains
     (a flag given as text, ``shared_compensation: 'false'``, would otherwise count as true); raises ``ValueError``
     naming the key."""
+    from mlic_lib.checks import number
     from mlic_lib.models.backbones import check_pool
     from mlic_lib.models.ltml import CLASSIFIER_INIT, check_two_branch_backbone
 
@@ -89,9 +90,9 @@ def check_model_options(m: Any) -> None:
     for key in ("norm_eval", "shared_compensation"):
         if key in m and not isinstance(m[key], bool):
             raise ValueError(f"model.{key} takes true or false, got {m[key]!r}")
-    f = m.get("frozen_stages", 0)
-    if isinstance(f, bool) or not isinstance(f, int) or f < 0:
-        raise ValueError(f"model.frozen_stages must be a whole number >= 0, got {f!r}")
+    f = number(m.get("frozen_stages", 0), whole=True)
+    if f is None or f < 0:
+        raise ValueError(f"model.frozen_stages must be a whole number >= 0, got {m['frozen_stages']!r}")
     w = m.get("widths")
     if w is not None and (not isinstance(w, (list, tuple)) or not w
                           or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in w)):
@@ -99,21 +100,23 @@ def check_model_options(m: Any) -> None:
 
 
 def check_options(lt: Any) -> None:
-    """Check a profile's ``ltml`` section (``lam``, ``samples_per_class``, ``lambda_sweep``, ``epoch_length``)
-    before anything trains; raises ``ValueError`` naming the key."""
+    """Check a profile's ``ltml`` section (``lam``, ``samples_per_class``, ``lambda_sweep``) before anything trains;
+    raises ``ValueError`` naming the key."""
+    from mlic_lib.checks import number
+
     if not isinstance(lt, Mapping):
         raise ValueError(f"the ltml section must be a mapping (lam, samples_per_class, ...), got {lt!r}")
 
-    def number(v: Any) -> bool:
-        return not isinstance(v, bool) and isinstance(v, (int, float)) and v >= 0
+    def at_least_0(v: Any) -> bool:
+        return (x := number(v)) is not None and x >= 0
 
-    if "lam" in lt and not number(lt["lam"]):
+    if "lam" in lt and not at_least_0(lt["lam"]):
         raise ValueError(f"ltml.lam must be a number >= 0 (lambda of Eq. 3), got {lt['lam']!r}")
-    spc = lt.get("samples_per_class", 1)
-    if isinstance(spc, bool) or not isinstance(spc, int) or spc < 1:
-        raise ValueError(f"ltml.samples_per_class must be a whole number >= 1, got {spc!r}")
+    spc = number(lt.get("samples_per_class", 1), whole=True)
+    if spc is None or spc < 1:
+        raise ValueError(f"ltml.samples_per_class must be a whole number >= 1, got {lt['samples_per_class']!r}")
     sweep = lt.get("lambda_sweep")
-    if sweep is not None and (not isinstance(sweep, (list, tuple)) or not all(number(v) for v in sweep)):
+    if sweep is not None and (not isinstance(sweep, (list, tuple)) or not all(at_least_0(v) for v in sweep)):
         raise ValueError(f"ltml.lambda_sweep must be null or a list of numbers >= 0, got {sweep!r}")
 
 
@@ -424,7 +427,8 @@ def positive_draws(loader, epochs: int, targets) -> dict[str, np.ndarray]:
 
     Eq. 6's gradient moves a branch's positive compensation mean at every positive label the branch sees, always
     the same way, so how far ``mu_pos`` gets grows with these counts (Fig. 4's reading needs them): the uniform
-    stream draws a class about in proportion to its frequency, the re-balanced one evens the draws out."""
+    stream draws a class about in proportion to its frequency; the re-balanced one evens the draws out only in part
+    (an image drawn for a rare class brings its frequent companions along)."""
     if int(epochs) < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     y = np.asarray(targets) > 0.5

@@ -37,7 +37,6 @@ Training data: either in-memory ``uint8`` images (``(N, 3, H, W)``, fast path) o
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -598,26 +597,10 @@ def study_inputs(settings: Mapping[str, Any]):
     return data, similarity_matrix(targets=data.train_targets)
 
 
-def _number(v: Any, whole: bool = False) -> float | None:
-    """``v`` as a finite real number (Python or NumPy; a whole one if ``whole``), else ``None``."""
-    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
-        return None
-    try:
-        x = float(v)
-    except OverflowError:
-        return None
-    return x if math.isfinite(x) and (not whole or x.is_integer()) else None
-
-
-def _whole_list(v: Any, low: int) -> bool:
-    """A non-empty list of whole numbers ``>= low``."""
-    return isinstance(v, (list, tuple)) and len(v) > 0 and all(
-        (x := _number(r, whole=True)) is not None and x >= low for r in v)
-
-
 def check_options(p: Mapping[str, Any]) -> None:
     """Check a profile's ``psd`` section before anything trains (a bad value would otherwise surface only after
     the teachers, hours into a ``full`` run). Raises ``ValueError`` naming the key and its valid values."""
+    from mlic_lib.checks import number, whole_list
     from mlic_lib.partition import COMPLEMENTS, LAPLACIANS, RANDOM_SIZES
 
     choices = {"image_selection": IMAGE_SELECTIONS, "kd_images": KD_IMAGES, "parallel": PARALLEL_MODES,
@@ -631,14 +614,14 @@ def check_options(p: Mapping[str, Any]) -> None:
                          "negative: the DGP graph has no normalised cut and spectral_partition refuses it. Use "
                          "'ones' (P- = 1 - R, the authors' code); 'identity' is for mlic_lib.partition.affinity only")
     def at_least(low: float, whole: bool = False, strict: bool = False):
-        return lambda v: (x := _number(v, whole)) is not None and (x > low if strict else x >= low)
+        return lambda v: (x := number(v, whole)) is not None and (x > low if strict else x >= low)
 
     checks = {  # key: (test, what it must be)
         "cpsd_k": (at_least(1, whole=True), "a whole number >= 1"),
         "n_init": (at_least(1, whole=True), "a whole number >= 1"),
         "cluster_seed": (at_least(0, whole=True), "a whole number >= 0"),
-        "ks": (lambda v: _whole_list(v, 1), "a non-empty list of whole numbers >= 1"),
-        "random_seeds": (lambda v: _whole_list(v, 0), "a non-empty list of whole numbers >= 0"),
+        "ks": (lambda v: whole_list(v, 1), "a non-empty list of whole numbers >= 1"),
+        "random_seeds": (lambda v: whole_list(v, 0), "a non-empty list of whole numbers >= 0"),
         "tau": (at_least(0, strict=True), "a number > 0"),
         "kd_weight": (at_least(0), "a number >= 0"),
     }
