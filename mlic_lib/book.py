@@ -135,7 +135,7 @@ def preflight(chapter: str, profile: str, settings: Mapping[str, Any] | None = N
         state = status(DATASETS[name], root)
         if not state.startswith("present"):
             notes.append(f"{name} is {state} under {root}: the chapter's {name} parts will fail or be skipped; "
-                         f"run `mlic data prepare {name}` first (or `mlic data fake {name} --root DIR` and "
+                         f"run `mlic data prepare {name}` first (or `mlic data fake {name} --data-dir DIR` and "
                          "MLIC_DATA=DIR for a dry run)")
     if profile == "full":
         import torch

@@ -10,9 +10,12 @@
     mlic teachers [--profile full] [-o key=value ...]   train CPSD's teachers into the cache, e.g. under
         `torchrun --nproc_per_node=8 -m mlic_lib.cli teachers --profile full` (one teacher per GPU at a time),
         before `mlic reproduce psd --profile full` (which then trains only the students)
-    mlic data check                                    report which real datasets are present
+    mlic data check [--data-dir DIR]                   report which real datasets are present
     mlic data prepare NAME [--allow-unverified] [--force]  download (resumable), verify sha256, unpack
-    mlic data fake NAME --root DIR                     write a small synthetic dataset in NAME's real layout
+    mlic data fake NAME --data-dir DIR                 write a small synthetic dataset in NAME's real layout
+
+``mlic --root REPO COMMAND`` names the repository (where ``_config.yml`` lives); ``mlic data ... --data-dir DIR``
+names a datasets' folder other than ``$MLIC_DATA``. ``data`` refuses the first (it reads no repository).
 """
 
 from __future__ import annotations
@@ -122,11 +125,14 @@ def _cmd_data(args) -> int:
     from mlic_lib.data import download
     from mlic_lib.data.paths import data_root
 
+    if args.root != ".":
+        raise ValueError(f"`mlic --root {args.root} data ...` names a repository, which `mlic data` does not read: "
+                         f"name the datasets' folder after the command, `mlic data {args.action} ... --data-dir DIR`")
     if args.action == "fake":
         from mlic_lib.data.fake import write_fake
 
         if not args.name or not args.root_dir:
-            raise ValueError("`mlic data fake` needs a NAME and --root DIR (kept apart from real data)")
+            raise ValueError("`mlic data fake` needs a NAME and --data-dir DIR (kept apart from real data)")
         sizes = {k: v for k, v in (("n_train", args.n_train), ("n_test", args.n_test),
                                    ("image_size", args.image_size)) if v is not None}
         out = write_fake(args.name, args.root_dir, force=args.force, **sizes)
@@ -163,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mlic", description="Run the book's chapters, CPSD's teachers and the real-data preparation.")
     parser.add_argument("--root", default=".", help="repository root (where _config.yml lives), given before the "
-                        "command: mlic --root REPO reproduce ... (`mlic data ... --root DIR` is the datasets' folder)")
+                        "command: mlic --root REPO reproduce ... (`mlic data` takes --data-dir DIR instead)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("book", help="execute every chapter and build the HTML book")
@@ -206,8 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-unverified", action="store_true",
                    help="download files whose sha256 is not recorded yet (prints their digest)")
     p.add_argument("--delete-archives", action="store_true", help="remove tar/zip archives after unpacking")
-    p.add_argument("--root", dest="root_dir", help="the datasets' folder (default: $MLIC_DATA); fake: the folder to "
-                   "write into, required and kept apart from your real data")
+    p.add_argument("--data-dir", dest="root_dir", help="the datasets' folder (default: $MLIC_DATA); fake: the "
+                   "folder to write into, required and kept apart from your real data")
+    p.add_argument("--root", dest="root_dir", help=argparse.SUPPRESS)  # its name before --data-dir; still accepted
     p.add_argument("--n-train", type=int, help="fake only: training images (default 60)")
     p.add_argument("--n-test", type=int, help="fake only: test images (default 40)")
     p.add_argument("--image-size", type=int, help="fake only: image height in pixels (default 64)")

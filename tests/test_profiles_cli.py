@@ -150,18 +150,29 @@ def test_cli_data_check(capsys, tmp_path, monkeypatch):
         assert "--n-train only size `mlic data fake`" in capsys.readouterr().err
 
 
-def test_cli_data_root_is_the_datasets_folder_for_every_action(capsys, tmp_path, monkeypatch):
-    """`mlic data check --root D` used to report $MLIC_DATA (and `prepare --root D` to download there)."""
+def test_cli_data_dir_is_the_datasets_folder_for_every_action(capsys, tmp_path, monkeypatch):
+    """`mlic data check --data-dir D` used to report $MLIC_DATA (and `prepare` to download there)."""
     monkeypatch.setenv("MLIC_DATA", str(tmp_path / "elsewhere"))
     fake = tmp_path / "fake"
-    assert cli.main(["data", "fake", "voc2007", "--root", str(fake), "--n-train", "10", "--n-test", "10"]) == 0
+    assert cli.main(["data", "fake", "voc2007", "--data-dir", str(fake), "--n-train", "10", "--n-test", "10"]) == 0
     capsys.readouterr()
-    assert cli.main(["data", "check", "voc2007", "--root", str(fake)]) == 0
+    assert cli.main(["data", "check", "voc2007", "--data-dir", str(fake)]) == 0
     out = capsys.readouterr().out
     assert f"datasets under {fake}\n" in out and "voc2007   present (synthetic files" in out
+    assert cli.main(["data", "check", "voc2007", "--root", str(fake)]) == 0  # the option's former name still works
+    assert f"datasets under {fake}\n" in capsys.readouterr().out
     assert cli.main(["data", "check", "voc2007"]) == 0
     out = capsys.readouterr().out
     assert f"datasets under {tmp_path / 'elsewhere'} ($MLIC_DATA)" in out and "voc2007   missing" in out
+
+
+def test_cli_data_refuses_the_repository_root(capsys, tmp_path):
+    """`mlic --root D data ...` names a repository: it used to be ignored silently (data read $MLIC_DATA)."""
+    for action in (["check"], ["prepare", "voc2007"], ["fake", "voc2007", "--data-dir", str(tmp_path / "f")]):
+        assert cli.main(["--root", str(tmp_path), "data", *action]) == 2
+        err = capsys.readouterr().err
+        assert "names a repository" in err and f"`mlic data {action[0]} ... --data-dir DIR`" in err
+    assert not (tmp_path / "f").exists()  # nothing written
 
 
 def test_atomic_writes_leave_no_partial_file(tmp_path):

@@ -371,10 +371,10 @@ def test_write_fake_rejects_unknown(tmp_path):
 def test_cli_data_fake(tmp_path):
     from mlic_lib.cli import main
 
-    assert main(["data", "fake", "coco2017", "--root", str(tmp_path), "--n-train", "12", "--n-test", "10"]) == 0
+    assert main(["data", "fake", "coco2017", "--data-dir", str(tmp_path), "--n-train", "12", "--n-test", "10"]) == 0
     d = real_data({"dataset": "coco2017", "image_size": 16, "root": str(tmp_path)})
     assert (len(d.train_ds), len(d.test_ds)) == (12, 10)
-    assert main(["data", "fake", "coco2017"]) == 2  # no --root: a clear error, nothing written
+    assert main(["data", "fake", "coco2017"]) == 2  # no --data-dir: a clear error, nothing written
 
 
 # --------------------------------------------------------------------------------- PSD on images

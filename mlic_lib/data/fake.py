@@ -1,7 +1,7 @@
 """Small datasets written in the exact on-disk layout of the real ones, so that a ``full`` pipeline can
 be run end to end without the downloads (tests, CI, a dry run before renting a GPU).
 
-``mlic data fake NAME --root DIR`` calls :func:`write_fake`. The images are synthetic: each object is a
+``mlic data fake NAME --data-dir DIR`` calls :func:`write_fake`. The images are synthetic: each object is a
 rectangle in its class's colour on a noisy background at the annotated box, so a model can learn
 something, but no number obtained on them says anything about the papers. Layouts written:
 
