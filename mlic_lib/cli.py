@@ -212,8 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-unverified", action="store_true",
                    help="download files whose sha256 is not recorded yet (prints their digest)")
     p.add_argument("--delete-archives", action="store_true", help="remove tar/zip archives after unpacking")
-    p.add_argument("--data-dir", dest="root_dir", help="the datasets' folder (default: $MLIC_DATA); fake: the "
-                   "folder to write into, required and kept apart from your real data")
+    p.add_argument("--data-dir", dest="root_dir", metavar="DIR", help="the datasets' folder (default: $MLIC_DATA); "
+                   "fake: the folder to write into, required and kept apart from your real data")
     p.add_argument("--root", dest="root_dir", help=argparse.SUPPRESS)  # its name before --data-dir; still accepted
     p.add_argument("--n-train", type=int, help="fake only: training images (default 60)")
     p.add_argument("--n-test", type=int, help="fake only: test images (default 40)")
