@@ -490,7 +490,13 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
         else:
             optimizer.step()
         if scheduler is not None:
-            scheduler.step()
+            if scaler is not None:  # the schedule counts the steps taken, skipped ones too (torch's AMP recipe);
+                # torch warns when the scaler skipped the very first step (an overflow), as if this were misordered
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler.step\(\)` before", UserWarning)
+                    scheduler.step()
+            else:
+                scheduler.step()
         if ema is not None:
             ema.update_parameters(model)
         total += loss.detach().float()

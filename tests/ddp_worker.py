@@ -1,11 +1,11 @@
 """Worker for tests/test_ddp.py: a tiny fit under torchrun (gloo, CPU). Writes rank<r>.json into argv[2] per rank.
 
 argv[3] picks the training: ``plain`` (BCE on a Dataset, DistributedSampler, validation split between the
-ranks), ``ltml`` (LTML's two-stream loader and the branch-ensemble step, whose compensation parameters get no
-gradient), ``seeds`` (the random draws of an augmentation on each rank, uninterrupted and interrupted after
-epoch 0 then resumed), ``nan`` (a loss that is NaN on rank 1 only) or ``splicemix`` (SpliceMix-CL's step, which
-needs the feature map as well as the logits, through the DDP wrapper) or ``keys`` (a step that logs a key on one
-rank only).
+ranks, and a set of one image, which leaves rank 0 nothing to score), ``ltml`` (LTML's two-stream loader and the
+branch-ensemble step, whose compensation parameters get no gradient), ``seeds`` (the random draws of an
+augmentation on each rank, uninterrupted and interrupted after epoch 0 then resumed, with an EMA of the weights),
+``nan`` (a loss that is NaN on rank 1 only) or ``splicemix`` (SpliceMix-CL's step, which needs the feature map as
+well as the logits, through the DDP wrapper) or ``keys`` (a step that logs a key on one rank only).
 """
 
 import faulthandler
@@ -106,24 +106,29 @@ elif mode == "seeds":
     class Stop(Exception):
         pass
 
+    def net():  # the same initial weights for both runs (the first run's draws moved the global RNG on)
+        torch.manual_seed(0)
+        return build_model("small_resnet", 20, widths=(8, 8, 16, 16))
+
     def stop_after_first_epoch(epoch, logs):
         if epoch == 0:
             raise Stop
 
     aug_ds = TensorImageDataset(train.images, train.targets, transform=record)
-    cfg = TrainConfig(epochs=2, batch_size=16, seed=0)
-    res = fit(build_model("small_resnet", 20, widths=(8, 8, 16, 16)), aug_ds, None, cfg, run_dir=sys.argv[1],
-              progress=False)
+    cfg = TrainConfig(epochs=2, batch_size=16, seed=0, ema_decay=0.5)  # the EMA's weights are fit's result
+    res = fit(net(), aug_ds, None, cfg, run_dir=sys.argv[1], progress=False)
     report["draws"] = list(draws)
     draws.clear()
     try:
-        fit(build_model("small_resnet", 20, widths=(8, 8, 16, 16)), aug_ds, None, cfg,
-            run_dir=sys.argv[1] + "-interrupted", progress=False, on_epoch_end=stop_after_first_epoch)
+        fit(net(), aug_ds, None, cfg, run_dir=sys.argv[1] + "-interrupted", progress=False,
+            on_epoch_end=stop_after_first_epoch)
     except Stop:
         pass
-    fit(build_model("small_resnet", 20, widths=(8, 8, 16, 16)), aug_ds, None, cfg,
-        run_dir=sys.argv[1] + "-interrupted", progress=False)
+    resumed = fit(net(), aug_ds, None, cfg, run_dir=sys.argv[1] + "-interrupted", progress=False)
     report["draws_interrupted_and_resumed"] = list(draws)
+    report["resumed_history"] = [h["loss"] for h in resumed.history]
+    report["resumed_same_weights"] = all(torch.equal(a, b) for a, b in zip(
+        res.model.state_dict().values(), resumed.model.state_dict().values(), strict=True))
 else:
     model = build_model("small_resnet", 20, widths=(8, 8, 16, 16))
     val_ds = TensorImageDataset(test.images[:31], test.targets[:31])  # 31: the ranks' shares differ in size
@@ -142,6 +147,11 @@ else:
     report["sharded_mAP"] = multilabel_report(sharded[0], sharded[1])["mAP"]
     report["sharded_vs_single_max_diff"] = float(abs(sharded[0] - single.scores).max())
     report["sharded_targets_in_order"] = bool((sharded[1] == single.targets).all())
+    one = TensorImageDataset(test.images[:1], test.targets[:1])  # rank 0's share is empty: it scores nothing
+    one_sharded = predict_sharded(res.model, one, torch.device("cpu"), 8)
+    report["one_image_scores"] = one_sharded[0].tolist()
+    alone = evaluate(res.model, one, torch.device("cpu")).scores
+    report["one_image_max_diff"] = float(abs(one_sharded[0] - alone).max())
 report["rank"] = dist.get_rank()
 if res is not None:
     # the parameters and the buffers (BatchNorm statistics: each rank updates its own in the last step)

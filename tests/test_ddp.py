@@ -44,6 +44,9 @@ def test_fit_under_torchrun_keeps_ranks_in_sync(tmp_path):
     assert sorted(r["val_images_scored"] for r in rows) == [15, 16], rows
     assert all(r["sharded_targets_in_order"] and r["sharded_vs_single_max_diff"] < 1e-5 for r in rows), rows
     assert rows[0]["final_mAP"] == rows[1]["final_mAP"] == rows[0]["sharded_mAP"] == rows[1]["sharded_mAP"], rows
+    # one image for two ranks: rank 0's share is empty, and both still get that image's scores
+    assert rows[0]["one_image_scores"] == rows[1]["one_image_scores"] and len(rows[0]["one_image_scores"]) == 1
+    assert all(r["one_image_max_diff"] < 1e-5 for r in rows), rows
 
 
 @pytest.mark.slow
@@ -82,11 +85,14 @@ def test_a_key_logged_on_one_rank_only_is_averaged_over_the_ranks_that_logged_it
 @pytest.mark.slow
 def test_ranks_draw_different_augmentations_and_resume_their_own_streams(tmp_path):
     """Every rank used to seed its RNG alike, so random augmentations were the same on every GPU; and a resumed
-    run must go on with each rank's own streams (a checkpoint holds them all), not rank 0's."""
+    run must go on with each rank's own streams (a checkpoint holds them all), not rank 0's. The runs keep an EMA
+    of the weights: it is the same on both ranks, and the resumed run ends on the uninterrupted run's weights."""
     rows = _torchrun(tmp_path, "seeds")
     assert all(len(r["draws"]) == 2 * (64 // 16 // 2) for r in rows), rows  # 2 epochs x 2 batches per rank
     assert rows[0]["draws"] != rows[1]["draws"]
     assert all(r["draws_interrupted_and_resumed"] == r["draws"] for r in rows), rows
+    assert all(r["same"] and r["resumed_same_weights"] for r in rows), rows
+    assert all(r["resumed_history"] == r["losses"] for r in rows), rows
 
 
 @pytest.mark.slow
