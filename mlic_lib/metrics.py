@@ -26,6 +26,11 @@ at least one positive image (a class without positives has an undefined AP, repo
 **Threshold metrics** (CP, CR, CF1, OP, OR, OF1) follow the ML-GCN evaluation code (Chen et
 al., CVPR 2019); see :func:`threshold_metrics` for the exact conventions.
 
+**Example-based metrics** judge each image's predicted label *set* (:func:`example_metrics`): the Hamming
+loss is the share of wrong image-label decisions, the subset accuracy the share of images whose whole set is
+right. The MLIC papers in this book do not report them; they are the classic multi-label metrics of the
+wider literature.
+
 Ignored entries ("difficult" labels)
 ------------------------------------
 PASCAL VOC marks some objects as *difficult*; the MLIC protocol ignores them, i.e. the pair
@@ -58,6 +63,7 @@ __all__ = [
     "average_precision",
     "chance_map",
     "constant_predictor_bce",
+    "example_metrics",
     "group_map",
     "mean_average_precision",
     "multilabel_report",
@@ -519,6 +525,42 @@ def threshold_metrics(
     return _threshold_metrics(s, t, m, thr, top_k, masked)
 
 
+def _example_metrics(s: np.ndarray, t: np.ndarray, m: np.ndarray | None, threshold: float) -> dict[str, float]:
+    """Example-based metrics on validated inputs (see :func:`example_metrics`)."""
+    wrong = (s >= threshold) != t
+    if m is not None:
+        wrong &= m
+        n_entries = np.count_nonzero(m)
+    else:
+        n_entries = wrong.size
+    return {"hamming_loss": _safe_div(np.count_nonzero(wrong), n_entries),
+            "subset_accuracy": float(np.mean(~wrong.any(axis=1)))}
+
+
+def example_metrics(scores: Any, targets: Any, threshold: float = 0.5, mask: Any = None) -> dict[str, float]:
+    """Hamming loss and subset accuracy of the label sets ``scores >= threshold``.
+
+    * ``hamming_loss``: the share of the ``N x C`` image-label decisions that are wrong (a missed label or a
+      false one), as :func:`sklearn.metrics.hamming_loss` on the thresholded predictions. Frequent and rare
+      classes weigh alike per decision, and with few labels per image a model that predicts nothing scores
+      low: compare it with the label density ``targets.mean()``, the Hamming loss of predicting no label.
+    * ``subset_accuracy``: the share of images whose predicted set equals the true set exactly, as
+      :func:`sklearn.metrics.accuracy_score` on multi-label indicator matrices (one wrong label of twenty fails
+      the image).
+
+    Masked entries (VOC "difficult") are left out: they are neither right nor wrong decisions, and an image
+    needs only its unmasked decisions right.
+
+    Returns
+    -------
+    dict
+        Keys ``hamming_loss`` and ``subset_accuracy``, floats in ``[0, 1]``.
+    """
+    thr, _ = _check_threshold_args(threshold, None)
+    s, t, m = _validate(scores, targets, mask)
+    return _example_metrics(s, t, m, thr)
+
+
 # --------------------------------------------------------------------------------------------
 # Class groups and report
 # --------------------------------------------------------------------------------------------
@@ -592,8 +634,9 @@ def multilabel_report(
     dict
         ``'mAP'`` (float), ``'AP'`` (list of ``C`` floats, NaN for classes without positives),
         ``'CP', 'CR', 'CF1', 'OP', 'OR', 'OF1'`` (all predictions over the threshold), the same
-        six with the suffix ``'_top3'`` (``top_k=3``, see :func:`threshold_metrics`) and, if
-        ``groups`` is given, ``'mAP_<group>'`` for each group.
+        six with the suffix ``'_top3'`` (``top_k=3``, see :func:`threshold_metrics`),
+        ``'hamming_loss'`` and ``'subset_accuracy'`` (:func:`example_metrics`) and, if ``groups`` is given,
+        ``'mAP_<group>'`` for each group.
 
     Raises
     ------
@@ -608,6 +651,7 @@ def multilabel_report(
     report.update(_threshold_metrics(s, t, m, thr, None, masked))
     top3 = _threshold_metrics(s, t, m, thr, 3, masked)
     report.update({f"{k}_top3": v for k, v in top3.items()})
+    report.update(_example_metrics(s, t, m, thr))
     if groups is not None:
         report.update({f"mAP_{k}": v for k, v in group_map(ap, groups).items()})
     return report

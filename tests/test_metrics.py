@@ -5,12 +5,21 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import average_precision_score, f1_score, log_loss, precision_score, recall_score
+from sklearn.metrics import (
+    accuracy_score,
+    average_precision_score,
+    f1_score,
+    hamming_loss,
+    log_loss,
+    precision_score,
+    recall_score,
+)
 
 from mlic_lib.metrics import (
     THRESHOLD_KEYS,
     average_precision,
     constant_predictor_bce,
+    example_metrics,
     group_map,
     mean_average_precision,
     multilabel_report,
@@ -373,7 +382,8 @@ def test_multilabel_report_keys_and_values():
     scores, targets = _data(2, c=10)
     groups = {"head": [0, 1, 2], "medium": [3, 4, 5, 6], "tail": [7, 8, 9]}
     rep = multilabel_report(scores, targets, groups=groups)
-    expected_keys = {"mAP", "AP", *THRESHOLD_KEYS, *(f"{k}_top3" for k in THRESHOLD_KEYS)}
+    expected_keys = {"mAP", "AP", *THRESHOLD_KEYS, *(f"{k}_top3" for k in THRESHOLD_KEYS), "hamming_loss",
+                     "subset_accuracy"}
     expected_keys |= {"mAP_head", "mAP_medium", "mAP_tail"}
     assert set(rep) == expected_keys
     ap = _sklearn_ap(scores, targets)
@@ -384,6 +394,7 @@ def test_multilabel_report_keys_and_values():
     assert {k: rep[k] for k in THRESHOLD_KEYS} == pytest.approx(threshold_metrics(scores, targets))
     top3 = threshold_metrics(scores, targets, top_k=3)
     assert {k: rep[f"{k}_top3"] for k in THRESHOLD_KEYS} == pytest.approx(top3)
+    assert {k: rep[k] for k in ("hamming_loss", "subset_accuracy")} == example_metrics(scores, targets)
     assert all(0.0 <= rep[k] <= 1.0 for k in expected_keys if k != "AP")
 
 
@@ -394,6 +405,33 @@ def test_multilabel_report_with_mask():
     rep = multilabel_report(scores, targets, mask=mask)
     assert rep["mAP"] == pytest.approx(mean_average_precision(scores, targets, mask))
     assert rep["OF1"] == pytest.approx(threshold_metrics(scores, targets, mask=mask)["OF1"])
+
+
+# --------------------------------------------------------------------------------------------
+# Example-based metrics
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("threshold", [0.3, 0.5, 0.8])
+def test_example_metrics_match_sklearn(seed, threshold):
+    scores, targets = _data(seed, n=300, c=6, rate=0.3)  # few classes: some images get their whole set right
+    pred = (scores >= threshold).astype(int)
+    got = example_metrics(scores, targets, threshold)
+    assert got["hamming_loss"] == pytest.approx(hamming_loss(targets, pred), abs=1e-12)
+    assert got["subset_accuracy"] == pytest.approx(accuracy_score(targets, pred), abs=1e-12)
+    assert 0.0 < got["subset_accuracy"] < 1.0 and 0.0 < got["hamming_loss"] < 1.0  # neither trivial
+
+
+def test_example_metrics_with_a_mask_leave_masked_decisions_out():
+    targets = np.array([[1, 0, 0], [0, 1, 1]])
+    scores = np.array([[0.9, 0.8, 0.1], [0.2, 0.1, 0.7]])  # wrong: (0, 1) and (1, 1)
+    assert example_metrics(scores, targets) == pytest.approx({"hamming_loss": 2 / 6, "subset_accuracy": 0.0})
+    mask = np.array([[1, 0, 1], [1, 1, 1]], dtype=bool)  # (0, 1) masked: image 0 is right on what counts
+    assert example_metrics(scores, targets, mask=mask) == pytest.approx({"hamming_loss": 1 / 5,
+                                                                         "subset_accuracy": 0.5})
+    assert example_metrics(scores, targets, threshold=0.05) == pytest.approx({"hamming_loss": 3 / 6,
+                                                                             "subset_accuracy": 0.0})
+    with pytest.raises(ValueError, match="threshold"):
+        example_metrics(scores, targets, threshold=float("nan"))
 
 
 # --------------------------------------------------------------------------------------------
