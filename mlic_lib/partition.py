@@ -66,7 +66,7 @@ COMPLEMENTS = ("identity", "ones")
 LAPLACIANS = ("code", "eq2")
 
 
-def similarity_matrix(counts=None, nums=None, *, targets=None) -> np.ndarray:
+def similarity_matrix(counts=None, nums=None, *, targets=None, clip: bool = False) -> np.ndarray:
     """``S_ij = e_ij / n_i`` (CPSD Sec. 3.2), shape ``(C, C)``; rows of classes with no image are 0.
 
     Parameters
@@ -75,6 +75,9 @@ def similarity_matrix(counts=None, nums=None, *, targets=None) -> np.ndarray:
     nums : ``(C,)`` images per class ``n_i`` (ML-GCN ``nums``); default the diagonal of ``counts``. When given,
         it is also the diagonal of the counts (``e_ii = n_i`` by definition; ML-GCN's ``adj`` stores 0 there).
     targets : ``(N, C)`` multi-hot label matrix, instead of ``counts``/``nums``.
+    clip : cap ``e_ij`` at ``n_i`` (so ``S_ij <= 1``). Counts of one label set never exceed it, and by default a
+        count that does is an error; ML-GCN's NUS-WIDE ``adj`` has such counts (``S_ij`` up to 1.95), which
+        the authors' code takes the root of as they are.
     """
     if (counts is None) == (targets is None):
         raise ValueError("give either counts (with nums) or targets=label matrix, not both / neither")
@@ -89,6 +92,17 @@ def similarity_matrix(counts=None, nums=None, *, targets=None) -> np.ndarray:
         raise ValueError("counts has a zero diagonal (ML-GCN 'adj' format): pass nums= the per-class image counts")
     if (counts < 0).any() or (nums is not None and (np.asarray(nums) < 0).any()):
         raise ValueError("co-occurrence counts must be non-negative")
+    n_i = np.diag(counts) if nums is None else np.asarray(nums, dtype=np.float64)
+    over = counts > n_i[:, None]
+    np.fill_diagonal(over, False)
+    if clip:
+        counts = np.where(over, n_i[:, None], counts)
+    elif over.any():  # e.g. ML-GCN's NUS-WIDE adj: S_ij would exceed 1, and Eq. 1's root has no meaning there
+        i, j = np.unravel_index(int(np.argmax(np.where(over, counts / np.maximum(n_i[:, None], 1), 0))), counts.shape)
+        raise ValueError(f"{int(over.sum())} co-occurrence counts exceed their class's image count (e.g. e[{i},{j}] = "
+                         f"{counts[i, j]:g} > n[{i}] = {n_i[i]:g}): the counts and nums come from different label "
+                         "sets; recount both from one label matrix (similarity_matrix(targets=...)), or pass clip=True "
+                         "to cap each count at its class's")
     S = stats.conditional_probability(counts, nums)
     n = np.diag(counts) if nums is None else np.asarray(nums)
     np.fill_diagonal(S, n > 0)  # e_ii = n_i, so S_ii = 1 (the printed Eq. 2's degrees include it)

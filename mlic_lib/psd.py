@@ -137,9 +137,10 @@ def subtask_dataset(data, targets, subset: Sequence[int], images: str = "contain
     """The sub-task ``T_t = (X_{C_t}, Y_{C_t})``: selected images with labels restricted to ``subset`` (in the
     subset's order, the order of the teacher's outputs).
 
-    ``data``: in-memory ``uint8`` images ``(N, 3, H, W)`` (returns a :class:`TensorImageDataset`) or a
-    map-style dataset whose items start with ``(x, y)`` (returns a :class:`SubtaskDataset`); ``targets`` are
-    its labels ``(N, C)``."""
+    ``data``: a :class:`TensorImageDataset` (returns one over the selected images, with the same normalisation
+    and augmentation), in-memory ``uint8`` images ``(N, 3, H, W)`` (returns a :class:`TensorImageDataset` with
+    its default normalisation) or another map-style dataset whose items start with ``(x, y)`` (returns a
+    :class:`SubtaskDataset`); ``targets`` are its labels ``(N, C)``."""
     t = np.asarray(targets)
     s = _subset(subset, t.shape[1])
     idx = subtask_indices(t, s, images)
@@ -148,6 +149,10 @@ def subtask_dataset(data, targets, subset: Sequence[int], images: str = "contain
     if isinstance(data, Dataset):
         if len(data) != len(t):
             raise ValueError(f"{len(data)} images but {len(t)} label rows")
+        if isinstance(data, TensorImageDataset):  # batched fetches, and the student's own preprocessing
+            return TensorImageDataset(data.images[torch.as_tensor(idx)], t[idx][:, s],
+                                      mean=data.mean.flatten().tolist(), std=data.std.flatten().tolist(),
+                                      transform=data.transform)
         return SubtaskDataset(data, idx, s)
     return TensorImageDataset(np.asarray(data)[idx], t[idx][:, s])
 
@@ -581,8 +586,9 @@ def _decompose(settings: Mapping[str, Any], S: np.ndarray, strategy: str, k: int
 
 
 def _teacher_images(data):
-    """In-memory scenes: the uint8 images (fast path); real data: the training dataset itself."""
-    return data.train.images if isinstance(data.train_ds, TensorImageDataset) else data.train_ds
+    """The training dataset the student reads: the teachers see its images with its normalisation and augmentation
+    (in-memory scenes keep their batched fetches, :func:`subtask_dataset`)."""
+    return data.train_ds
 
 
 def study_inputs(settings: Mapping[str, Any]):

@@ -42,6 +42,32 @@ def test_similarity_matches_direct_formula_and_both_input_formats():
                                      P.partition_labels("cgp", 3, S=direct, laplacian=lap)) == 1.0
 
 
+def test_counts_above_their_class_count_are_an_error_or_clipped():
+    """e_ij <= n_i for counts of one label set; ML-GCN's NUS-WIDE adj breaks it (S_ij up to 1.95), which used to
+    surface only later, in root_similarity, as 'S must hold probabilities'."""
+    adj = np.array([[0, 3, 1], [3, 0, 2], [1, 2, 0]], dtype=float)
+    nums = np.array([2, 5, 4])  # e_01 = 3 > n_0 = 2
+    with pytest.raises(ValueError, match=r"1 co-occurrence counts exceed .* e\[0,1\] = 3 > n\[0\] = 2.*clip=True"):
+        P.similarity_matrix(adj, nums)
+    S = P.similarity_matrix(adj, nums, clip=True)
+    np.testing.assert_allclose(S, [[1, 1, 0.5], [0.6, 1, 0.4], [0.25, 0.5, 1]])  # e_01 capped at n_0 = 2
+    np.testing.assert_allclose(P.similarity_matrix(adj, [3, 5, 4]), P.similarity_matrix(adj, [3, 5, 4], clip=True))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_code_laplacian_ignores_the_diagonal_and_eq2_does_not(seed):
+    """scikit-learn's Laplacian (the authors' code) drops P_ii; Eq. 2 as printed counts it in the degrees, so only
+    the 'eq2' partition of an unstructured affinity changes with the diagonal."""
+    rng = np.random.default_rng(seed)
+    A = rng.uniform(0, 1, (12, 12))
+    A = (A + A.T) / 2
+    np.fill_diagonal(A, 1.0)
+    B = A.copy()
+    np.fill_diagonal(B, rng.uniform(0, 5, 12))  # another diagonal only
+    assert (P.spectral_partition(A, 3, laplacian="code") == P.spectral_partition(B, 3, laplacian="code")).all()
+    assert (P.spectral_partition(A, 3, laplacian="eq2") != P.spectral_partition(B, 3, laplacian="eq2")).any()
+
+
 def test_tau_root_changes_S_as_specified():
     S = np.array([[1.0, 0.25, 0.0], [0.5, 1.0, 0.125], [0.0, 0.064, 1.0]])
     assert np.allclose(P.root_similarity(S, 1.0), S)

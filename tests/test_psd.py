@@ -164,6 +164,28 @@ def test_subtask_datasets_restrict_labels_and_select_images():
         psd.subtask_dataset(images, np.zeros_like(targets), [0])
 
 
+def test_a_teachers_images_are_preprocessed_as_the_students():
+    """Built from the student's TensorImageDataset, a sub-task keeps its normalisation and augmentation: it used to
+    get the uint8 images alone, and with them the default normalisation and no augmentation."""
+    from mlic_lib.data.tensors import TensorImageDataset
+
+    targets = np.array([[1, 0, 0], [0, 1, 1], [0, 0, 1], [1, 0, 1]])
+    images = np.random.default_rng(0).integers(0, 256, size=(4, 3, 4, 4), dtype=np.uint8)
+    student = TensorImageDataset(images, targets, mean=[0.1, 0.2, 0.3], std=[0.9, 0.8, 0.7],
+                                 transform=lambda x: x.flip(-1))
+    ds = psd.subtask_dataset(student, targets, [1, 0])
+    assert isinstance(ds, TensorImageDataset) and len(ds) == 3  # images 0, 1 and 3 contain class 1 or 0
+    for j, i in enumerate([0, 1, 3]):
+        x, y = ds[j]
+        torch.testing.assert_close(x, student[i][0], rtol=0, atol=0)
+        assert y.tolist() == [float(targets[i, 1]), float(targets[i, 0])]
+    with pytest.raises(ValueError, match="4 images but 3 label rows"):
+        psd.subtask_dataset(student, targets[:3], [0])
+    from types import SimpleNamespace  # what the chapter's teachers are built from: the student's dataset
+
+    assert psd._teacher_images(SimpleNamespace(train=SimpleNamespace(images=images), train_ds=student)) is student
+
+
 def test_teacher_ensemble_routes_classes_and_distill_dataset():
     ens = psd.TeacherEnsemble([_tiny_model(len(s), i) for i, s in enumerate(SUBSETS)], SUBSETS, 6)
     teacher, local = ens.teacher_for(3)
@@ -331,8 +353,8 @@ def test_a_bad_decomposition_is_refused_before_anything_trains(small_scenes, mon
 
 
 def test_the_paper_defaults_are_pinned():
-    """Eq. 1's root tau = 3, Eq. 2's Laplacian as printed, Eq. 5's sub-task images: the library's defaults and
-    every profile of the chapter (the authors' code differs on tau and the Laplacian: options, not defaults)."""
+    """Eq. 1's root tau = 3, Eq. 2's Laplacian as printed, Eq. 5's sub-task images, Eq. 6's weights: the library's
+    defaults and every profile of the chapter (the authors' code differs on tau and the Laplacian: options, not defaults)."""
     import inspect
 
     from mlic_lib import partition as P
@@ -346,6 +368,8 @@ def test_the_paper_defaults_are_pinned():
         p = load_profile("psd", profile)["psd"]
         assert (p["tau"], p["laplacian"], p["image_selection"], p["kd_images"]) == (3.0, "eq2", "containing",
                                                                                      "subtask"), profile
+        # Eq. 6 as printed: ASL plus the summed MSEs at weight 1; DGP on 1 - R (I - R has no normalised cut)
+        assert (p["kd_weight"], p["kd_reduction"], p["complement"]) == (1.0, "sum", "ones"), profile
 
 
 def test_pretrain_teachers_fills_the_cache_the_study_reads(small_scenes, monkeypatch):
