@@ -537,6 +537,7 @@ def test_cam_reading_peak_mass_and_leaning():
     assert rd.peak_in == [7, 2]
     np.testing.assert_allclose(rd.mass, cam_in_boxes(cam, boxes[:, 1:]))
     assert rd.heavier == [2, 7]  # both hold more of the map than class 4's own box
+    np.testing.assert_allclose(rd.uniform, [16 / 100, 25 / 100, 9 / 100])  # each box's share of the 10x10 map
     assert cam_reading(cam, boxes, 7).heavier == []  # its own box has the most mass
     assert cam_reading(cam, boxes, 9).heavier == [2, 4, 7]  # no box of its own: every box with mass
     # a class with two boxes is judged by its heavier one
@@ -545,6 +546,7 @@ def test_cam_reading_peak_mass_and_leaning():
     zero = cam_reading(np.zeros((10, 10)), boxes, 4)
     assert zero.all_zero and zero.peak is None and zero.peak_in == [] and zero.heavier == []
     assert np.isnan(zero.mass).all()
+    np.testing.assert_allclose(zero.uniform, rd.uniform)  # a property of the boxes, defined for a blank map too
     with pytest.raises(ValueError, match=r"\(K, 5\)"):
         cam_reading(cam, boxes[:, 1:], 4)
 

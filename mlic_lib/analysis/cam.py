@@ -331,6 +331,7 @@ class CamReading(NamedTuple):
     peak_in: list[int]
     mass: np.ndarray
     heavier: list[int]
+    uniform: np.ndarray  # what a uniform map puts in each box (the box's share of the image): mass's reference
 
 
 def cam_reading(cam: np.ndarray | torch.Tensor, boxes, cls: int) -> CamReading:
@@ -346,22 +347,25 @@ def cam_reading(cam: np.ndarray | torch.Tensor, boxes, cls: int) -> CamReading:
       to pixel edges, as :func:`cam_in_box`);
     * ``mass``: :func:`cam_in_boxes` per box (``(K,)``);
     * ``heavier``: the other classes with a box holding more of the map's mass than any box of ``cls``
-      (all of them with mass > 0 when ``cls`` has no box): the map leans on another object.
+      (all of them with mass > 0 when ``cls`` has no box): the map leans on another object;
+    * ``uniform``: ``mass`` of a uniform map, the box's share of the image (``(K,)``): a box holding
+      more than this draws the map's mass, whatever its size.
     """
     b = np.asarray(boxes.detach().cpu().numpy() if isinstance(boxes, torch.Tensor) else boxes, dtype=np.float64)
     if b.ndim != 2 or b.shape[1] != 5:
         raise ValueError(f"boxes must be (K, 5) rows of (class, x0, y0, x1, y1), got shape {b.shape}")
     c = _as_map(cam)
     mass = cam_in_boxes(c, b[:, 1:]) if len(b) else np.zeros(0)
+    uniform = cam_in_boxes(np.ones_like(c), b[:, 1:]) if len(b) else np.zeros(0)
     if c.max(initial=0.0) <= 0:
-        return CamReading(True, None, [], mass, [])
+        return CamReading(True, None, [], mass, [], uniform)
     r, col = (int(v) for v in np.unravel_index(int(np.argmax(c)), c.shape))
     classes = b[:, 0].astype(int)
     e = np.rint(b[:, 1:])  # the pixel edges cam_in_boxes uses, so a box that holds the peak also holds its mass
     inside = (e[:, 0] <= col) & (col < e[:, 2]) & (e[:, 1] <= r) & (r < e[:, 3])
     own = mass[classes == cls].max(initial=0.0)
     heavier = sorted({int(k) for k, m in zip(classes, mass, strict=True) if k != cls and m > own})
-    return CamReading(False, (r, col), [int(k) for k in classes[inside]], mass, heavier)
+    return CamReading(False, (r, col), [int(k) for k in classes[inside]], mass, heavier, uniform)
 
 
 class ObjectCams(NamedTuple):
