@@ -353,8 +353,9 @@ def test_a_bad_decomposition_is_refused_before_anything_trains(small_scenes, mon
 
 
 def test_the_paper_defaults_are_pinned():
-    """Eq. 1's root tau = 3, Eq. 2's Laplacian as printed, Eq. 5's sub-task images, Eq. 6's weights: the library's
-    defaults and every profile of the chapter (the authors' code differs on tau and the Laplacian: options, not defaults)."""
+    """Eq. 1's root tau = 3, Eq. 2's Laplacian as printed, Eq. 5's sub-task images, Eq. 6's weights: the
+    library's defaults and every profile of the chapter (the authors' code differs on tau and the Laplacian:
+    options, not defaults)."""
     import inspect
 
     from mlic_lib import partition as P
