@@ -389,7 +389,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_pe
     if cfg.scheduler == "onecycle":  # at least 2 warm-up steps (a tiny run would divide by 0)
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total,
-            pct_start=min(0.5, max(cfg.onecycle_pct_start, 2.0 / total)))
+            pct_start=max(cfg.onecycle_pct_start, 2.0 / total))  # total >= 4: 2 / total <= 0.5
     if cfg.scheduler == "none":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     milestones = [m * steps_per_epoch for m in cfg.milestones]

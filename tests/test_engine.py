@@ -745,7 +745,7 @@ def test_onecycle_survives_tiny_runs(total_steps):
     assert all(np.isfinite(g["lr"]) for g in opt.param_groups)
 
 
-@pytest.mark.parametrize("pct", [0.1, 0.2, 0.3])
+@pytest.mark.parametrize("pct", [0.1, 0.2, 0.3, 0.7])  # 0.7: it used to be capped at 0.5
 def test_onecycle_peaks_after_its_warm_up_share(pct):
     from mlic_lib.engine import build_scheduler
 
@@ -945,3 +945,95 @@ def test_a_key_logged_on_some_steps_is_averaged_over_those_steps():
     batches = [(torch.randn(2, 3), torch.zeros(2, 1)) for _ in range(4)]
     out = train_one_epoch(model, batches, torch.optim.SGD(model.parameters(), lr=0.0), step, torch.device("cpu"))
     assert out == pytest.approx({"loss": 1.5, "every": 15.0, "odd": 2.0})
+
+
+# ---------------------------------------------- behaviour a mutation review found untested: generators, modes, clip
+class _RandomBCE:
+    """BCE plus draws from torch's, NumPy's and Python's global generators (what dropout and augmentations use),
+    logged so that a history shows which numbers a run drew."""
+
+    def __call__(self, model, batch, device):
+        import random
+
+        x, y = (t.to(device) for t in batch)
+        draws = {"torch": torch.rand(()), "numpy": float(np.random.rand()), "python": random.random()}
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x), y) + 0.0 * draws["torch"]
+        return loss, draws
+
+
+def test_a_resumed_run_goes_on_with_every_global_generators_stream(small_scenes, tmp_path):
+    tr, te = _data(small_scenes)
+    cfg = TrainConfig.from_dict({**CFG, "epochs": 2})
+    full = fit(_model(), tr, te, cfg, step=_RandomBCE(), run_dir=tmp_path / "full", progress=False)
+
+    def interrupt(epoch, logs):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(_model(), tr, te, cfg, step=_RandomBCE(), run_dir=tmp_path / "cut", progress=False, on_epoch_end=interrupt)
+    torch.manual_seed(99)  # the caller's generators moved on: the checkpoint's streams must win
+    np.random.seed(99)
+    resumed = fit(_model(), tr, te, cfg, step=_RandomBCE(), run_dir=tmp_path / "cut", progress=False)
+    keys = ("loss", "torch", "numpy", "python")
+    assert [[h[k] for k in keys] for h in resumed.history] == [[h[k] for k in keys] for h in full.history]
+    # and fit seeds the generators itself: the caller's state before a fresh run does not matter
+    model = _model()
+    torch.manual_seed(7)
+    again = fit(model, tr, te, cfg, step=_RandomBCE(), run_dir=None, progress=False)
+    assert [h["torch"] for h in again.history] == [h["torch"] for h in full.history]
+
+
+def test_evaluate_scores_in_eval_mode_and_restores_the_models_mode(small_scenes):
+    _, te = _data(small_scenes)
+    model = _model().train()
+    buffers = [b.clone() for b in model.buffers()]
+    small = evaluate(model, te, batch_size=7).scores
+    assert model.training  # the mode it had
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers(), strict=True))  # BatchNorm untouched
+    model.eval()
+    np.testing.assert_allclose(evaluate(model, te, batch_size=64).scores, small, atol=1e-5)  # batch-independent
+    assert not model.training
+
+
+def test_grad_clip_bounds_the_step_and_the_ema_averages_the_stepped_weights():
+    from mlic_lib.ema import WeightEMA
+    from mlic_lib.engine import train_one_epoch
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    x, y = torch.randn(8, 4) * 100, torch.ones(8, 3)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    ema = WeightEMA(model, 0.5)
+
+    def step(m, batch, device):
+        return torch.nn.functional.binary_cross_entropy_with_logits(m(batch[0]), batch[1]), {}
+
+    train_one_epoch(model, [(x, y)], opt, step, torch.device("cpu"), grad_clip=1e-3, ema=ema)
+    moved = torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(model.parameters(), before, strict=True)))
+    assert 0 < float(moved) <= 1e-3 + 1e-7  # SGD at lr 1 moves by the clipped gradient's norm
+    for e, p in zip(ema.module.parameters(), model.parameters(), strict=True):
+        assert torch.equal(e, p)  # its first update copies the weights *after* the step
+
+
+def test_loader_order_changes_with_the_epoch_and_sgd_keeps_its_momentum():
+    from mlic_lib.engine import build_optimizer, make_loader
+
+    images = np.arange(32, dtype=np.uint8).reshape(32, 1, 1, 1).repeat(3, 1)  # each image's pixels are its index
+    ds = TensorImageDataset(images, np.zeros((32, 1)))
+
+    def order(epoch):
+        batches = make_loader(ds, 8, True, 0, epoch)
+        return [round(float(v)) for b in batches for v in ds.unnormalise(b[0])[:, 0, 0, 0] * 255]
+
+    assert sorted(order(0)) == list(range(32)) and order(0) == order(0) != order(1)
+    opt = build_optimizer(_model(), TrainConfig(optimizer="sgd", momentum=0.5))
+    assert opt.param_groups[0]["momentum"] == 0.5
+
+
+def test_a_fractional_warm_up_and_a_zero_ema_decay():
+    trace = _lr_trace(TrainConfig(epochs=2, lr=1.0, scheduler="cosine", warmup_epochs=0.5, warmup_start=0.0), 4)
+    # 2 warm-up steps (half an epoch of 4), times the cosine over the 8 steps
+    assert trace[0] == pytest.approx(0.5) and trace[1] == pytest.approx(0.5 * (1 + math.cos(math.pi / 8)))
+    with pytest.raises(ValueError, match="ema_decay"):
+        TrainConfig(ema_decay=0.0)
