@@ -444,6 +444,15 @@ def _set_rng_state(state: Mapping) -> None:
 
 
 # ------------------------------------------------------------------------------- train / eval
+@contextlib.contextmanager
+def _skipped_steps_count():
+    """The schedule counts the steps taken, those the fp16 scaler skipped too (torch's AMP recipe); torch warns
+    when the scaler skipped the very first step (an overflow) as if the two calls were misordered."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler.step\(\)` before", UserWarning)
+        yield
+
+
 def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, step: Callable,
                     device: torch.device, *, scheduler=None, scaler=None, autocast=None, ema=None,
                     grad_clip: float | None = None, channels_last: bool = False, progress=None,
@@ -490,12 +499,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
         else:
             optimizer.step()
         if scheduler is not None:
-            if scaler is not None:  # the schedule counts the steps taken, skipped ones too (torch's AMP recipe);
-                # torch warns when the scaler skipped the very first step (an overflow), as if this were misordered
-                with warnings.catch_warnings():
-                    warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler.step\(\)` before", UserWarning)
-                    scheduler.step()
-            else:
+            with _skipped_steps_count() if scaler is not None else contextlib.nullcontext():
                 scheduler.step()
         if ema is not None:
             ema.update_parameters(model)
