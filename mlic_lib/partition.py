@@ -104,8 +104,7 @@ def similarity_matrix(counts=None, nums=None, *, targets=None, clip: bool = Fals
                          "sets; recount both from one label matrix (similarity_matrix(targets=...)), or pass clip=True "
                          "to cap each count at its class's")
     S = stats.conditional_probability(counts, nums)
-    n = np.diag(counts) if nums is None else np.asarray(nums)
-    np.fill_diagonal(S, n > 0)  # e_ii = n_i, so S_ii = 1 (the printed Eq. 2's degrees include it)
+    np.fill_diagonal(S, n_i > 0)  # e_ii = n_i, so S_ii = 1 (the printed Eq. 2's degrees include it)
     return S
 
 
