@@ -761,6 +761,13 @@ def test_onecycle_peaks_after_its_warm_up_share(pct):
         TrainConfig(onecycle_pct_start=1.0)
 
 
+def test_onecycle_warms_up_over_a_fifth_of_the_steps_unless_told_otherwise():
+    """Every profile but CPSD's full one leaves ``onecycle_pct_start`` at its default, ASL's 20% warm-up: a
+    changed default would move every chapter's numbers."""
+    lrs = _lr_trace(TrainConfig(epochs=10, scheduler="onecycle", lr=0.1), steps_per_epoch=100)
+    assert int(np.argmax(lrs)) == 199
+
+
 def test_progress_bars_honour_tqdm_disable(monkeypatch):
     """The book sets TQDM_DISABLE=1: bars asked for by a chapter stay off there (no frozen bars in the HTML)."""
     from mlic_lib.utils import bar_disabled
@@ -1037,3 +1044,43 @@ def test_a_fractional_warm_up_and_a_zero_ema_decay():
     assert trace[0] == pytest.approx(0.5) and trace[1] == pytest.approx(0.5 * (1 + math.cos(math.pi / 8)))
     with pytest.raises(ValueError, match="ema_decay"):
         TrainConfig(ema_decay=0.0)
+
+
+def test_a_writer_killed_while_saving_a_checkpoint_leaves_the_previous_one_whole(small_scenes, tmp_path, monkeypatch):
+    """Every epoch's ``last.pt`` is written to a temporary file and renamed: a process killed half-way through
+    the next save leaves the previous checkpoint readable, not a truncated file (a plain ``torch.save`` to the
+    path passed every other test)."""
+    real_save, calls = torch.save, []
+
+    def dies_half_way(obj, f, *a, **kw):
+        calls.append(1)
+        if len(calls) == 2:  # epoch 1's checkpoint: some bytes reach the file, then the process "dies"
+            fh = open(f, "wb") if isinstance(f, str | os.PathLike) else f  # noqa: SIM115
+            fh.write(b"PK\x03\x04 half a zip")
+            fh.flush()
+            raise _Stop
+        return real_save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    tr, te = _data(small_scenes)
+    with pytest.raises(_Stop):
+        fit(_model(), tr, te, TrainConfig.from_dict(CFG), run_dir=tmp_path, progress=False)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 0
+    assert [p.name for p in tmp_path.iterdir() if p.name != "last.pt" and not p.name.startswith(".lock")] == []
+
+
+def test_a_resumed_runs_seconds_add_the_epochs_trained_before_the_interruption(small_scenes, tmp_path):
+    """``FitResult.seconds`` (and results.json's) is the whole run's time: the resumed process's own time plus
+    the ``train_seconds`` of the epochs its checkpoint holds."""
+    cfg = TrainConfig.from_dict(CFG)
+    _interrupted(small_scenes, tmp_path, cfg)
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    ckpt["history"][0]["train_seconds"] = 1000.0  # as if epoch 0 had taken 1000 s
+    torch.save(ckpt, tmp_path / "last.pt")
+    tr, te = _data(small_scenes)
+    t0 = time.perf_counter()
+    res = fit(_model(), tr, te, cfg, run_dir=tmp_path, progress=False)
+    wall = time.perf_counter() - t0
+    assert 1000.0 + sum(h["train_seconds"] for h in res.history[1:]) <= res.seconds <= 1000.0 + wall
+    assert json.loads((tmp_path / "results.json").read_text())["seconds"] == pytest.approx(res.seconds)

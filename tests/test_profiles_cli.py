@@ -637,3 +637,69 @@ def test_train_scene_model_trains_what_its_arguments_say(monkeypatch, tmp_path):
     assert not all(torch.equal(a, b) for a, b in zip(m0.parameters(), m1.parameters(), strict=True))
     assert len({d0, d1, d2, d3}) == 4  # seed and extra_key each change the run folder
     assert m0.pool.kind == "avg"
+
+
+def test_the_scene_cache_keeps_each_mode_apart(tmp_path):
+    """The scenes' cache key holds the mode: a cached natural draw is never returned for the exclusive or
+    co-occurring test sets of the same seed (the robustness figures read those)."""
+    from mlic_lib.data.scenes import make_scenes
+    from mlic_lib.experiments import cached_scenes
+
+    spec = SceneSpec()
+    cached_scenes(12, spec, seed=3, split="test", mode="natural")
+    for mode in ("exclusive", "cooccur"):
+        got = cached_scenes(12, spec, seed=3, split="test", mode=mode)
+        np.testing.assert_array_equal(got.targets, make_scenes(12, spec, seed=3, split="test", mode=mode).targets)
+    assert len(list((tmp_path / "cache" / "data").glob("scenes-*.npz"))) == 3
+
+
+def test_a_scene_runs_key_holds_the_normalised_settings_and_the_code_of_its_step_and_model(monkeypatch, tmp_path):
+    """``train_scene_model`` keys a run by the *normalised* train settings (``lr: 1`` is ``lr: 1.0``; data
+    workers change nothing) and by the source of the step's and the model's modules."""
+    from mlic_lib import experiments
+    from mlic_lib.engine import SupervisedStep
+
+    monkeypatch.setenv("MLIC_CACHE", str(tmp_path))
+    seen = []
+    monkeypatch.setattr(experiments, "fit", lambda model, tr, te, cfg, **kw: seen.append(kw["run_dir"]))
+    real_run_dir_for, codes = experiments.run_dir_for, []
+    monkeypatch.setattr(experiments, "run_dir_for",
+                        lambda name, key, code=(): codes.append(set(code)) or real_run_dir_for(name, key, code))
+    settings = load_profile("primer", "smoke", {"train.lr": 1})
+    data = experiments.scene_data(settings)
+    experiments.train_scene_model(settings, data, step=SupervisedStep())
+    for train in ({"lr": 1.0}, {"lr": 1.0, "num_workers": 3}):
+        experiments.train_scene_model({**settings, "train": {**settings["train"], **train}}, data,
+                                      step=SupervisedStep())
+    assert len(set(seen)) == 1
+    assert {"mlic_lib.engine", "mlic_lib.models.backbones"} <= codes[0]
+
+
+def test_cli_teachers_trains_with_the_chapters_seed(monkeypatch, tmp_path):
+    """`mlic teachers` trains the teachers of the chapter's seed, the first of ``seeds``: others would be
+    cached under keys the chapter never reads."""
+    from mlic_lib import psd
+
+    monkeypatch.setenv("MLIC_CACHE", str(tmp_path))
+    seen = {}
+    monkeypatch.setattr(psd, "study_inputs", lambda settings: (None, None))
+    monkeypatch.setattr(psd, "pretrain_teachers", lambda settings, data, S, seed: seen.setdefault("seed", seed) and 0)
+    assert cli.main(["teachers", "--profile", "smoke", "-o", "seeds=[5, 6]"]) == 0
+    assert seen["seed"] == 5
+
+
+def test_cli_turns_an_os_error_into_a_message_and_exit_status_2(monkeypatch, capsys):
+    from mlic_lib.data import download
+
+    def full_disk(root):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(download, "check", full_disk)
+    assert cli.main(["data", "check"]) == 2
+    assert capsys.readouterr().err == "mlic: error: [Errno 28] No space left on device\n"
+
+
+def test_cli_data_check_of_one_dataset_reports_only_that_one(capsys, tmp_path):
+    assert cli.main(["data", "check", "coco2014", "--data-dir", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1:] == ["  coco2014  missing"]
