@@ -64,6 +64,27 @@ def test_class_aware_sampling_walks_each_class_list_as_a_permutation():
     assert all(sorted(block.tolist()) == [0, 1, 2, 3, 4] for block in idx.reshape(10, 5))
 
 
+def test_class_aware_sampling_cycles_the_classes_in_a_fresh_shuffled_order():
+    """Each visit cycle takes every class once, in a shuffled order that is reshuffled when the cycle runs out
+    (DistributionBalancedLoss's ``RandomCycleIter`` over the classes)."""
+    t = np.repeat(np.eye(6, dtype=np.float32), 3, axis=0)  # single-label: the index says the class visited
+    visits = t[ClassAwareSampler(t, num_samples=6 * 40, seed=0).indices(0)].argmax(1).reshape(40, 6)
+    assert all(sorted(cycle.tolist()) == list(range(6)) for cycle in visits)
+    assert len({tuple(cycle) for cycle in visits}) > 20  # reshuffled per cycle, not one order repeated
+    firsts = {tuple(t[ClassAwareSampler(t, num_samples=6, seed=s).indices(0)].argmax(1)) for s in range(10)}
+    assert len(firsts) > 5  # the first cycle is shuffled too
+
+
+def test_the_uniform_and_re_balanced_streams_draw_independently():
+    """The two samplers of one (seed, epoch) use separate random streams: with one image per class, a shared
+    stream would make the class cycle the very permutation the uniform sampler draws."""
+    t = np.eye(20, dtype=np.float32)
+    for epoch in range(3):
+        u = UniformSampler(20, 20, seed=4).indices(epoch)
+        r = ClassAwareSampler(t, seed=4).indices(epoch)
+        assert sorted(r.tolist()) == list(range(20)) and not np.array_equal(u, r)
+
+
 def test_samplers_deterministic_and_errors():
     t = _longtail_targets()
     a, b = ClassAwareSampler(t, seed=5), ClassAwareSampler(t, seed=5)
@@ -409,14 +430,15 @@ def test_single_branch_baselines_train_with_eq4():
     _randomise_compensation(net)
     x, y = torch.randn(3, 3, 32, 32), (torch.rand(3, 4) < 0.5).float()
     pw, nw = ltml.ltml_class_weights([10, 5, 2, 1], 20)
-    for branch, comp in (("u", net.comp_u), ("r", net.comp_r)):
-        batch = [x, y, x, y]
+    x2, y2 = torch.randn(3, 3, 32, 32), 1 - y  # the re-balanced stream differs from the uniform one
+    batch = [x, y, x2, y2]
+    for branch, comp, xb, yb in (("u", net.comp_u, x, y), ("r", net.comp_r, x2, y2)):
         step = ltml.LTMLStep(pw, nw, branches=branch)
         assert not step.compensation and step.find_unused_parameters
         loss, _ = step(net, batch, torch.device("cpu"))
-        assert torch.allclose(loss, ltml.weighted_bce_eq4(net(x, branch=branch), y, pw, nw), atol=1e-6)
+        assert torch.allclose(loss, ltml.weighted_bce_eq4(net(xb, branch=branch), yb, pw, nw), atol=1e-6)
         with_comp, _ = ltml.LTMLStep(pw, nw, branches=branch, compensation=True)(net, batch, torch.device("cpu"))
-        assert torch.allclose(with_comp, _eq6_reference(net(x, branch=branch), y, pw, nw, comp), atol=1e-6)
+        assert torch.allclose(with_comp, _eq6_reference(net(xb, branch=branch), yb, pw, nw, comp), atol=1e-6)
     assert ltml.LTMLStep(pw, nw).compensation  # the two-branch method uses Eq. 6
     assert ltml.variant_options({}, "baseline_r")["branches"] == "r"
 
@@ -429,6 +451,50 @@ def test_variant_options_take_lambda_from_the_profile():
     assert ltml.variant_options(settings, "full", lam=1.0)["lam"] == 1.0
     with pytest.raises(ValueError, match="unknown variant"):
         ltml.variant_options(settings, "nope")
+
+
+#: Table 2's rows that train a model of their own: (branches trained, consistency, compensation) — the two
+#: baselines are Table 1's; aug-test is an inference row.
+TABLE2 = {"baseline_u": ("u", "none", False), "baseline_r": ("r", "none", False),
+          "ensemble": ("both", "none", False), "consistency": ("both", "logit", False),
+          "full": ("both", "logit", True)}
+
+
+def test_train_ltml_trains_each_table_2_row_with_its_components_the_eq4_weights_and_the_profiles_model(
+        monkeypatch, tmp_path):
+    """What ``train_ltml`` hands the engine: the step of each Table 2 row (its branches, consistency and
+    compensation, lambda from the profile), Eq. 4's class weights of the training labels, and the profile's
+    model options (a mutation review found each could be dropped with every other test green)."""
+    import mlic_lib.engine
+    from mlic_lib.profiles import load_profile
+
+    monkeypatch.setenv("MLIC_CACHE", str(tmp_path))
+    seen = {}
+    monkeypatch.setattr(mlic_lib.engine, "fit", lambda model, loader, val, cfg, step, **kw: seen.update(
+        model=model, step=step, loader=loader))
+    t = _longtail_targets(n=64, k=4)
+    ds = TensorImageDataset(np.zeros((64, 3, 16, 16), np.uint8), t)
+    settings = load_profile("ltml", "smoke", {"ltml.lam": 0.3})
+    pw, nw = ltml.ltml_class_weights(stats.class_counts(t), len(t))
+    for name, (branches, consistency, compensation) in TABLE2.items():
+        ltml.train_ltml(settings, ds, t, ds, 4, name=name)
+        step = seen["step"]
+        assert (step.branches, step.consistency, step.compensation) == (branches, consistency, compensation), name
+        assert step.lam == (0.3 if consistency != "none" else 0.0), name
+        torch.testing.assert_close(step.pos_weight, pw)
+        torch.testing.assert_close(step.neg_weight, nw)
+    assert seen["loader"].batch_size == settings["train"]["batch_size"]
+    options = {"model.backbone": "resnet18", "model.frozen_stages": 1, "model.norm_eval": True}
+    for shared, init in ((False, "copy"), (True, "independent")):
+        s = load_profile("ltml", "smoke", {**options, "model.shared_compensation": shared,
+                                           "model.classifier_init": init})
+        ltml.train_ltml(s, ds, t, ds, 4)
+        net = seen["model"].train()
+        assert not any(p.requires_grad for p in net.features[:5].parameters())  # frozen_stages 1: stem + layer1
+        assert not any(m.training for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))  # norm_eval
+        assert (net.comp_u is net.comp_r) is shared
+        same = torch.equal(net.branch_u.classifier.weight, net.branch_r.classifier.weight)
+        assert same is (init == "copy")
 
 
 def test_train_and_evaluate_rows_deterministic(tmp_path):

@@ -41,6 +41,19 @@ def test_cooccurring_classes_counts_other_classes_seen_together():
     assert expected == [2, 2, 2, 0, 0]  # class 3 is only ever alone (its own diagonal is not counted)
 
 
+def test_mean_other_labels_is_the_mean_over_each_class_images_written_out():
+    expected = [np.mean([row.sum() - 1 for row in T if row[k]]) if T[:, k].any() else np.nan
+                for k in range(T.shape[1])]
+    np.testing.assert_allclose(stats.mean_other_labels(T), expected)
+    assert np.isnan(stats.mean_other_labels(np.array([[1, 0], [1, 0]]))[1])  # a class without images
+    rng = np.random.default_rng(0)
+    t = (rng.random((40, 5)) < 0.4).astype(int)
+    null = stats.shuffled_cooccurring_classes(t, 3, seed=2, keep="both", statistic=stats.mean_other_labels)
+    g = np.random.default_rng(2)  # the same shuffles as the default statistic's
+    for k in range(3):
+        np.testing.assert_allclose(null[k], stats.mean_other_labels(stats.curveball_shuffle(t, 50, g)))
+
+
 def test_shuffled_cooccurring_classes_is_the_count_on_independently_shuffled_columns():
     rng = np.random.default_rng(0)
     t = (rng.random((60, 6)) < np.linspace(0.05, 0.6, 6)).astype(int)

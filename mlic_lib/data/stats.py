@@ -8,6 +8,8 @@ frequencies and head/medium/tail groups (LTML).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 
@@ -70,6 +72,16 @@ def cooccurring_classes(targets) -> np.ndarray:
     return (e > 0).sum(1)
 
 
+def mean_other_labels(targets) -> np.ndarray:
+    """For each class, the mean number of *other* labels on the images that hold it, shape (C,); NaN for a class
+    without images. The second reading of LTML Fig. 5's "number of co-occurred classes on the same image"
+    (:func:`cooccurring_classes` is the first: distinct partners over the whole set)."""
+    t = _as_binary(targets).astype(np.float64)
+    counts = t.sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, t.T @ (t.sum(1) - 1.0) / counts, np.nan)
+
+
 def curveball_shuffle(targets, steps: int = 50, rng: np.random.Generator | int | None = None) -> np.ndarray:
     """A random binary label matrix with the same labels per image *and* images per class as ``targets``:
     ``steps`` rounds of the global curveball algorithm (Carstens, Berger & Strona 2016; Strona et al. 2014's
@@ -100,10 +112,13 @@ NULL_MARGINS = ("classes", "both")
 
 
 def shuffled_cooccurring_classes(targets, n_shuffles: int = 20, seed: int = 0, keep: str = "classes",
-                                 steps: int = 50) -> np.ndarray:
+                                 steps: int = 50, statistic: Callable[[np.ndarray], np.ndarray] | None = None
+                                 ) -> np.ndarray:
     """A null reference for :func:`cooccurring_classes`: the same counts on label matrices in which which classes
     meet is chance. Shape ``(n_shuffles, C)``; the shuffles come from one ``np.random.default_rng(seed)``, so a
     call is reproducible. A frequent class meets more classes by chance alone; this says how many.
+    ``statistic`` (default :func:`cooccurring_classes`) is what is computed per shuffle, e.g.
+    :func:`mean_other_labels`; the same ``seed`` gives the same shuffles whatever it is.
 
     ``keep='classes'``: each class's column is shuffled across the images on its own; every class keeps its number
     of images, but the number of labels per image changes (some images get more labels than any real one, some
@@ -114,13 +129,14 @@ def shuffled_cooccurring_classes(targets, n_shuffles: int = 20, seed: int = 0, k
         raise ValueError(f"n_shuffles must be >= 1, got {n_shuffles}")
     if keep not in NULL_MARGINS:
         raise ValueError(f"keep must be one of {NULL_MARGINS}, got {keep!r}")
+    statistic = statistic or cooccurring_classes
     rng = np.random.default_rng(seed)
-    out = np.empty((n_shuffles, t.shape[1]), dtype=np.int64)
-    for k in range(n_shuffles):
+    out = []
+    for _ in range(n_shuffles):
         shuffled = (np.stack([rng.permutation(col) for col in t.T], axis=1) if keep == "classes"
                     else curveball_shuffle(t, steps, rng))
-        out[k] = cooccurring_classes(shuffled)
-    return out
+        out.append(statistic(shuffled))
+    return np.stack(out)
 
 
 def head_medium_tail(counts, head_min: int, tail_max: int) -> dict[str, np.ndarray]:
