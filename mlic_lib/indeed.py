@@ -195,19 +195,22 @@ def identical_map(f_a: Tensor, f_b: Tensor, norm: str = "l2", eps: float = 1e-12
     Eq. 3 (``norm='l2'``): ``m = (f_a * f_b) / ||f_a * f_b||_2``.
     Eq. 4 (``norm='minmax'``): ``m = (p - min p) / (max p - min p)`` with ``p = f_a * f_b``.
     For non-negative features (after ReLU) both lie in ``[0, 1]``. ``eps`` guards an all-zero
-    product (L2) or a constant one (min-max): ``m`` is then 0.
+    product (L2) or a constant one (min-max): ``m`` is then 0. Computed in fp32 whatever the features' dtype
+    (fp16 would round ``eps`` to 0), and returned in that dtype.
     """
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS} (Eq. 3 'l2' or Eq. 4 'minmax'), got {norm!r}")
     if f_a.shape != f_b.shape or f_a.ndim != 2:
         raise ValueError(f"f_a and f_b must both be (P, D) feature rows; got {tuple(f_a.shape)} and "
                          f"{tuple(f_b.shape)}")
-    p = f_a * f_b
+    p = f_a.float() * f_b.float()  # fp32: in fp16 eps rounds to 0 (0/0 on a constant row) and the product overflows
     if norm == "l2":
-        return p / p.norm(dim=1, keepdim=True).clamp_min(eps)
-    lo = p.min(dim=1, keepdim=True).values
-    hi = p.max(dim=1, keepdim=True).values
-    return (p - lo) / (hi - lo).clamp_min(eps)
+        m = p / p.norm(dim=1, keepdim=True).clamp_min(eps)
+    else:
+        lo = p.min(dim=1, keepdim=True).values
+        hi = p.max(dim=1, keepdim=True).values
+        m = (p - lo) / (hi - lo).clamp_min(eps)
+    return m.to(f_a.dtype)
 
 
 def decompose(f_a: Tensor, f_b: Tensor, norm: str = "l2", detach_map: bool = False) -> dict[str, Tensor]:
@@ -885,7 +888,9 @@ def loss_on_originals(record: Mapping[str, Any]) -> np.ndarray:
     ``record`` is a run of :func:`run_methods` (only its ``history`` is read: the engine's per-epoch means).
     An INDeeD run logs ``L_O`` (Eq. 7), which *sums* the BCE of the two canvases of a pair,
     ``L_O = BCE(p_a, y_a) + BCE(p_b, y_b)``; it gives ``L_O / 2``, on the scale of the baseline's per-canvas
-    BCE. A baseline run (no ``L_O`` in its history) gives its ``loss``. Shape ``(epochs,)``.
+    BCE. It equals the per-canvas mean BCE when every canvas has a partner; a default pair ``(a, a)`` counts its
+    canvas in both terms, so such a canvas weighs twice as much as a paired one. A baseline run (no ``L_O`` in its
+    history) gives its ``loss``. Shape ``(epochs,)``.
     """
     history = record["history"]
     if not history:

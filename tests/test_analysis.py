@@ -29,6 +29,7 @@ from mlic_lib.analysis import (  # noqa: E402
     heatmap,
     label_axes,
     overlay,
+    paired_class_activation_maps,
     tsne_embed,
     use_style,
 )
@@ -183,6 +184,28 @@ def test_cam_batched_equals_single_and_accepts_4d(tiny):
     np.testing.assert_allclose(chunked[:2], maps, atol=1e-5)
     with pytest.raises(ValueError, match="batch_size"):
         class_activation_maps(tiny, layer, img, [0], batch_size=0)
+
+
+def test_paired_cams_are_the_single_image_maps_of_each_pair(tiny):
+    """Map i explains class i on image i, whatever the chunking, and equals the single-image call."""
+    images = torch.rand(5, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    classes = [2, 0, 1, 1, 0]
+    layer = tiny.features[3]
+    tiny.train()
+    paired = paired_class_activation_maps(tiny, layer, images, classes, batch_size=2)
+    assert paired.shape == (5, 16, 16) and paired.dtype == np.float32 and tiny.training
+    assert all(len(m._forward_hooks) == 0 for m in tiny.modules()) and all(p.grad is None for p in tiny.parameters())
+    for i, c in enumerate(classes):
+        np.testing.assert_allclose(paired[i], class_activation_maps(tiny, layer, images[i], [c])[0], atol=1e-5)
+    np.testing.assert_allclose(paired_class_activation_maps(tiny, layer, images, classes, batch_size=None), paired,
+                               atol=1e-5)
+    with pytest.raises(ValueError, match="one class per image: got 2 class indices for 5 images"):
+        paired_class_activation_maps(tiny, layer, images, [0, 1])
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+        paired_class_activation_maps(tiny, layer, images[0], [0, 1, 2])
+    with pytest.raises(ValueError, match="out of range"):
+        paired_class_activation_maps(tiny, layer, images, [0, 1, 2, 3, 0])
+    assert all(len(m._forward_hooks) == 0 for m in tiny.modules())
 
 
 def test_cam_errors_release_hooks(tiny):

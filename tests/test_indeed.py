@@ -96,10 +96,15 @@ def test_identical_map_reference_formulas_and_range():
 
 
 def test_identical_map_degenerate_rows_are_finite():
-    z = torch.zeros(2, 8)
-    for norm in indeed.NORMS:
-        m = indeed.identical_map(z, z, norm)
-        assert torch.isfinite(m).all() and (m == 0).all()
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):  # fp16 rounds the 1e-12 guard to 0
+        z = torch.zeros(2, 8, dtype=dtype)
+        for norm in indeed.NORMS:
+            m = indeed.identical_map(z, z, norm)
+            assert m.dtype == dtype and torch.isfinite(m).all() and (m == 0).all(), (dtype, norm)
+    big = torch.full((1, 4), 300.0, dtype=torch.float16)  # 300 * 300 overflows fp16's 65504
+    big[0, 0] = 100.0
+    m = indeed.identical_map(big, big, "l2")
+    assert torch.isfinite(m).all() and m[0, 1] > m[0, 0] > 0
 
 
 def test_decompose_blocks_and_labels():
@@ -207,6 +212,27 @@ def test_step_matches_reference_and_has_gradients(norm, blocks, pairing):
         assert logs["L_I"] == 0
 
 
+@pytest.mark.parametrize("norm,blocks", [("l2", "both"), ("minmax", "both"), ("minmax", "identical"),
+                                         ("l2", "disparate")])
+def test_step_gradients_are_the_reference_losss_gradients(norm, blocks):
+    """Every parameter's gradient equals that of Eqs. 3-11 written out: L_O trains the features and the shared
+    classifier, L_I / L_S train both too, and the gradient flows through the identical map m (a detached map or
+    feature, or a classifier frozen for one term, gives the same loss value but another gradient)."""
+    model = _Tiny()
+    x = torch.randn(8, 3, 4)
+    y = _multihot([{0, 1}, {0, 2}, {1, 2}, {3}, {3, 4}, {4, 5}, {0, 5}, {2}])
+    step = indeed.method_step({"kind": "indeed", "norm": norm, "blocks": blocks}, lam=0.7)
+    assert step.detach_map is False  # the paper's Eqs.: m is part of the graph
+    torch.manual_seed(5)
+    loss, _ = step(model, [x, y], torch.device("cpu"))
+    got = torch.autograd.grad(loss, list(model.parameters()))
+    torch.manual_seed(5)
+    a, b = indeed.partial_coco_pairs(y, "disjoint")
+    want = torch.autograd.grad(_reference_loss(model, x, y, a, b, norm, 0.7, blocks), list(model.parameters()))
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("pairing", ["disjoint", "each"])
 def test_pairs_drawn_on_the_host_give_the_same_draws_and_loss_as_pairs_drawn_in_the_step(pairing):
     model = _Tiny()
@@ -285,6 +311,24 @@ def test_step_with_simple_cnn_and_engine_is_deterministic(tmp_path, monkeypatch)
     # cached unless another process edited the library in between (the cache key covers its source)
     assert again.final["mAP"] == a.final["mAP"]
     assert 0 < a.history[0]["partial_coco_fraction"] <= 1
+
+
+def test_a_runs_setup_follows_the_profiles_lambda_pairing_and_the_seed(tmp_path, monkeypatch):
+    """``_run_setup``: the step takes the profile's lambda and pairing, the training config the run's seed (the
+    loader order and the pair draws, not only the initial weights), and the cache folder changes with lambda
+    (else the lambda swap and sweep would load the runs they compare against)."""
+    from mlic_lib.profiles import load_profile
+
+    monkeypatch.setenv("MLIC_CACHE", str(tmp_path))
+    spec = indeed.MAIN_METHODS["INDeeD-min-max"]
+    dirs = set()
+    for lam, pairing, seed in ((0.3, "disjoint", 0), (0.7, "disjoint", 0), (0.3, "each", 0), (0.3, "disjoint", 4)):
+        s = load_profile("indeed", "smoke", {"data.n_train": 16, "data.n_test": 8, "indeed.lam": lam,
+                                             "indeed.pairing": pairing})
+        step, cfg, run_dir = indeed._run_setup(s, indeed.indeed_data(s["data"], 2), spec, seed)
+        assert (step.lam, step.pairing, cfg.seed) == (lam, pairing, seed)
+        dirs.add(run_dir)
+    assert len(dirs) == 4
 
 
 def test_cache_key_tells_data_draws_apart():
@@ -639,6 +683,11 @@ def test_l_o_over_two_is_the_per_canvas_bce_under_disjoint_pairs():
     _, logs = indeed.INDeeDStep("l2")(model, [x, y, pairs], torch.device("cpu"))
     ref = F.binary_cross_entropy_with_logits(model(x), y).detach()
     assert float(logs["L_O"]) / 2 == pytest.approx(ref.item(), rel=1e-5)
+    # default pairs (2, 2) and (3, 3): each of those canvases weighs twice as much as a paired one
+    _, logs = indeed.INDeeDStep("l2")(model, [x, y, torch.tensor([[0, 5, 2, 3], [1, 4, 2, 3]])], torch.device("cpu"))
+    per_canvas = F.binary_cross_entropy_with_logits(model(x), y, reduction="none").mean(1).detach()
+    weights = torch.tensor([1.0, 1.0, 2.0, 2.0, 1.0, 1.0])
+    assert float(logs["L_O"]) / 2 == pytest.approx(float((weights * per_canvas).sum() / weights.sum()), rel=1e-5)
 
 
 def test_load_cifar10_binary_layout(tmp_path):

@@ -3,7 +3,8 @@
 * :mod:`~mlic_lib.analysis.style` -- :func:`use_style`, :func:`label_axes`,
   :func:`annotate_provenance` and the colour constants.
 * :mod:`~mlic_lib.analysis.cam` -- per-class CAMs via pytorch-grad-cam
-  (:func:`class_activation_maps`), box-mass scores (:func:`cam_in_box`, :func:`cam_in_boxes`, :func:`cam_reading`,
+  (:func:`class_activation_maps`; :func:`paired_class_activation_maps` for many images), box-mass scores
+  (:func:`cam_in_box`, :func:`cam_in_boxes`, :func:`cam_reading`,
   :func:`cam_in_own_boxes`),
   :func:`overlay` and its scale, :func:`cam_colorbar`.
 * :mod:`~mlic_lib.analysis.plots` -- scenes with boxes, heat maps, per-class bars.
@@ -26,6 +27,7 @@ from .cam import (
     cam_reading,
     class_activation_maps,
     overlay,
+    paired_class_activation_maps,
 )
 from .plots import class_bars, group_order, heatmap, show_scene
 from .style import (
@@ -58,6 +60,7 @@ __all__ = [
     "cam_in_own_boxes",
     "cam_reading",
     "class_activation_maps",
+    "paired_class_activation_maps",
     "class_bars",
     "group_order",
     "heatmap",

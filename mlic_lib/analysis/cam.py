@@ -37,7 +37,7 @@ from torch import nn
 from mlic_lib.utils import model_device
 
 __all__ = ["CAM_METHODS", "CamReading", "ObjectCams", "cam_in_box", "cam_in_boxes", "cam_in_own_boxes", "cam_reading",
-           "class_activation_maps", "overlay"]
+           "class_activation_maps", "overlay", "paired_class_activation_maps"]
 
 #: Method names accepted by :func:`class_activation_maps` and the pytorch-grad-cam class used.
 CAM_METHODS: dict[str, str] = {
@@ -160,21 +160,56 @@ def class_activation_maps(
         if x.shape[0] != 1:
             raise ValueError(
                 f"class_activation_maps explains one image at a time; got a batch of {x.shape[0]}. "
-                "Loop over the images (each call can explain many classes)."
+                "Loop over the images (each call can explain many classes), or pair each image with one class "
+                "in paired_class_activation_maps."
             )
         x = x[0]
     if x.dim() != 3:
         raise ValueError(f"images must have shape (C, H, W) or (1, C, H, W), got {tuple(images.shape)}")
+    classes = _class_list(class_indices)
+    return _maps(model, target_layer, x.unsqueeze(0), classes, cam_cls, device, reshape_transform, batch_size)
 
-    if isinstance(class_indices, (int, np.integer)):
-        classes = [int(class_indices)]
-    else:
-        classes = [int(c) for c in class_indices]
+
+def paired_class_activation_maps(
+    model: nn.Module,
+    target_layer: nn.Module | Sequence[nn.Module],
+    images: torch.Tensor,
+    class_indices: Sequence[int],
+    method: str = "gradcam",
+    device: str | torch.device | None = None,
+    reshape_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    batch_size: int | None = 64,
+) -> np.ndarray:
+    """One class-activation map per ``(image, class)`` pair: map ``i`` explains class ``class_indices[i]`` on
+    ``images[i]``. ``images`` is a ``(B, C, H, W)`` batch, normalised as the model expects.
+
+    Images go through the model ``batch_size`` at a time (``None``: all at once), so scoring hundreds of test images
+    costs a few passes instead of one call each. The model runs in eval mode, so the images do not interact: map
+    ``i`` is the map :func:`class_activation_maps` gives for ``images[i]`` and that class alone (up to the rounding
+    of batched convolutions). Arguments, side effects and errors are those of :func:`class_activation_maps`; returns
+    a ``float32`` array ``(B, H, W)``."""
+    cam_cls = _cam_class(method)
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        raise ValueError(f"images must be a (B, C, H, W) torch.Tensor, got "
+                         f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
+    classes = _class_list(class_indices)
+    if len(classes) != len(images):
+        raise ValueError(f"one class per image: got {len(classes)} class indices for {len(images)} images")
+    return _maps(model, target_layer, images, classes, cam_cls, device, reshape_transform, batch_size)
+
+
+def _class_list(class_indices: int | Sequence[int]) -> list[int]:
+    classes = [int(class_indices)] if isinstance(class_indices, (int, np.integer)) else [int(c) for c in class_indices]
     if not classes:
         raise ValueError("class_indices is empty")
     if min(classes) < 0:
         raise ValueError(f"class indices must be non-negative, got {classes}")
+    return classes
 
+
+def _maps(model: nn.Module, target_layer, images: torch.Tensor, classes: list[int], cam_cls: type, device,
+          reshape_transform, batch_size: int | None) -> np.ndarray:
+    """The maps of ``classes[i]`` on ``images[i]`` (``images`` of one image: that image for every class)."""
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     step = len(classes) if batch_size is None else int(batch_size)
@@ -201,10 +236,10 @@ def class_activation_maps(
         # activations (on the CPU pytorch-grad-cam's ``.cpu()`` does not copy: the map would mix the activations
         # after that op with the gradients before it, and differ from the same call on a GPU)
         copies = [layer.register_forward_hook(_copy_output) for layer in layers]
-        image = x.detach().to(run_device, dtype=dtype).unsqueeze(0)
         for start in range(0, len(classes), step):
             chunk = classes[start : start + step]
-            batch = image.repeat(len(chunk), 1, 1, 1).requires_grad_(True)
+            part = images[start : start + step] if len(images) > 1 else images.expand(len(chunk), -1, -1, -1)
+            batch = part.detach().to(run_device, dtype=dtype).clone().requires_grad_(True)
             with torch.enable_grad():
                 maps.append(cam(input_tensor=batch, targets=[target_cls(c) for c in chunk]))
             n_out = int(cam.outputs.shape[-1])  # class-agnostic methods never call the targets
