@@ -110,12 +110,14 @@ def execution_failure(nb: Path, dst: Path, err: Exception) -> RuntimeError:
         + (f"\n  (the last complete run stays in {dst})" if dst.exists() else ""))
 
 
-def preflight(chapter: str, profile: str, settings: Mapping[str, Any] | None = None) -> list[str]:
+def preflight(chapter: str, profile: str, settings: Mapping[str, Any] | None = None,
+              run_dir: str | os.PathLike | None = None) -> list[str]:
     """Notes on what a run of ``chapter`` with ``profile`` will lack, printed before it starts (a ``full`` run
     finds a missing dataset only at the cell that reads it, possibly hours in): each real dataset the settings
     name (``dataset`` / ``source`` keys, with the datasets those need) that ``mlic data check`` does not report
     present under the section's ``root`` (default ``$MLIC_DATA``), and, for ``full``, the absence of a CUDA GPU.
-    Empty when nothing is missing."""
+    A relative ``root`` is resolved against ``run_dir``, the folder the chapter's kernel runs in (the repository's
+    ``notebooks/``), as the chapter resolves it; default: the current folder. Empty when nothing is missing."""
     from mlic_lib.data.download import status
     from mlic_lib.data.paths import data_root
     from mlic_lib.data.registry import DATASETS
@@ -128,6 +130,8 @@ def preflight(chapter: str, profile: str, settings: Mapping[str, Any] | None = N
         if key.rsplit(".", 1)[-1] in ("dataset", "source") and isinstance(value, str) and value in DATASETS:
             own = flat.get(f"{key.rsplit('.', 1)[0]}.root") if "." in key else settings.get("root")
             root = Path(own).expanduser() if own else data_root()
+            if own and run_dir is not None and not root.is_absolute():
+                root = Path(run_dir) / root
             for name in (value, *DATASETS[value].needs):  # VOC-LT reads VOC2012's and VOC2007's images
                 needed.setdefault(name, root)
     notes = []
@@ -323,7 +327,7 @@ def build_book(root: str | Path = ".", profile: str = "default", only: Sequence[
 
         for nb in notebooks(root, only):
             chapter = chapter_of(nb)
-            for note in preflight(chapter, profile) if chapter else []:
+            for note in preflight(chapter, profile, run_dir=root / "notebooks") if chapter else []:
                 print(f"[book] note: {note}", flush=True)
             print(f"[book] executing {nb.name} (profile={profile}) ...", flush=True)
             dst = executed / "notebooks" / nb.name

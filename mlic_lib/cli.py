@@ -73,7 +73,7 @@ def _cmd_reproduce(args) -> int:
     chapter, nb = _chapter_notebook(root, args.chapter)
     overrides = parse_overrides(args.override)
     settings = load_profile(chapter, args.profile, overrides)  # bad overrides fail here, before a kernel starts
-    for note in preflight(chapter, args.profile, settings):
+    for note in preflight(chapter, args.profile, settings, run_dir=root / "notebooks"):  # the kernel's folder
         print(f"note: {note}", file=sys.stderr, flush=True)
     if args.out:
         out = Path(args.out).expanduser().resolve()

@@ -446,6 +446,13 @@ def test_preflight_names_the_missing_datasets_and_gpu_of_a_full_run(tmp_path, mo
     assert preflight("assocformer", "full", elsewhere)[0].startswith(f"voc2007 is missing under {tmp_path / 'nothing'}")
     here = load_profile("assocformer", "full", {"data.root": str(tmp_path / "data")})
     assert [n[:11] for n in preflight("assocformer", "full", here)] == ["no CUDA GPU"]
+    # a relative root is the kernel's: relative to notebooks/, not to where the command runs
+    (tmp_path / "repo" / "notebooks").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "repo")
+    relative = load_profile("assocformer", "full", {"data.root": "../../data"})  # tmp_path/data from notebooks/
+    nbs = tmp_path / "repo" / "notebooks"
+    assert [n[:11] for n in preflight("assocformer", "full", relative, run_dir=nbs)] == ["no CUDA GPU"]
+    assert preflight("assocformer", "full", relative)[0].startswith("voc2007 is missing under ../../data")
     assert preflight("splicemix", "default") == [] and preflight("ltml", "smoke") == []  # embedded data, a CPU book
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert preflight("splicemix", "full") == []

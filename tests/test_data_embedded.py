@@ -183,6 +183,8 @@ def test_tensor_dataset_items_and_errors(small_scenes):
     voc_style = train.targets * 2 - 1  # 1 / -1 labels, as VOC's files
     with pytest.raises(ValueError, match="voc_targets"):
         TensorImageDataset(train.images, voc_style)
+    with pytest.raises(ValueError, match=r"multi-hot \(or soft\) labels in \[0, 1\]"):
+        TensorImageDataset(train.images, train.targets * 2)  # counts, not labels
     TensorImageDataset(train.images, train.targets * 0.9)  # soft labels are fine
 
 

@@ -639,3 +639,67 @@ def test_stamped_files_whose_content_was_deleted_are_unpacked_again(server, tmp_
     del handler.cut["/b.tar"]
     download.prepare("fake", tmp_path, progress=False)
     assert (tmp_path / "VOCdevkit/VOC2007/JPEGImages/000001.jpg").is_file()
+
+
+def test_an_extraction_that_fails_part_way_writes_nothing_to_the_dataset_folder(tmp_path):
+    """Members go to a temporary folder first: a member refused after others were unpacked leaves the dataset
+    folder as it was, as the error says ("Nothing was written")."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as t:
+        info = tarfile.TarInfo("VOCdevkit/a.txt")
+        info.size = 1
+        t.addfile(info, io.BytesIO(b"a"))
+        dev = tarfile.TarInfo("VOCdevkit/dev")
+        dev.type = tarfile.CHRTYPE  # a device file: the "data" filter refuses it, after a.txt was written
+        t.addfile(dev)
+    archive = tmp_path / "dev.tar"
+    archive.write_bytes(buf.getvalue())
+    if not hasattr(tarfile, "data_filter"):
+        pytest.skip("this Python's tarfile has no data filter")
+    with pytest.raises(RuntimeError, match="Nothing was written"):
+        download.unpack(archive, tmp_path / "dest")
+    assert not (tmp_path / "dest" / "VOCdevkit").exists()
+
+
+def test_a_member_that_climbs_out_in_the_middle_of_its_path_is_refused_without_the_data_filter(tmp_path, monkeypatch):
+    evil = tmp_path / "evil.tar"
+    evil.write_bytes(_tar({"VOCdevkit/../../outside.txt": b"x"}))
+    monkeypatch.delattr(tarfile, "data_filter", raising=False)
+    with pytest.raises(RuntimeError, match="refusing"):
+        download.unpack(evil, tmp_path / "a" / "dest")
+    assert not (tmp_path / "outside.txt").exists() and not (tmp_path / "a" / "outside.txt").exists()
+
+
+def test_a_part_file_that_is_already_whole_is_not_requested_again(server, tmp_path, monkeypatch):
+    """A run killed after the last byte arrived but before the check: the rerun verifies the kept file, with no
+    request (a Range request past the end would get a 416 and start the whole download over: 19 GB for COCO)."""
+    url, handler = server
+    handler.files["/fake.tar"] = VOC_TAR
+    entry = _entry(monkeypatch, url, VOC_TAR)
+    downloads = tmp_path / "downloads" / "fake"
+    downloads.mkdir(parents=True)
+    (downloads / "fake.tar.part").write_bytes(VOC_TAR)
+    assert download.download(entry.files[0], downloads, progress=False).read_bytes() == VOC_TAR
+    assert handler.log == []
+
+
+def test_a_marker_deleted_by_hand_is_restored_when_it_is_not_the_archives_first_file(server, tmp_path, monkeypatch):
+    url, handler = server
+    body = _tar({"VOCdevkit/VOC2007/Annotations/000001.xml": b"<annotation/>",
+                 "VOCdevkit/VOC2007/ImageSets/Main/test.txt": b"000001\n"})
+    handler.files["/fake.tar"] = body
+    _entry(monkeypatch, url, body)
+    marker = download.prepare("fake", tmp_path, progress=False)
+    marker.unlink()
+    assert download.prepare("fake", tmp_path, progress=False).read_text() == "000001\n"
+
+
+def test_deleting_archives_keeps_the_files_that_are_copied_not_unpacked(server, tmp_path, monkeypatch):
+    """``--delete-archives`` removes unpacked archives only: a copied file (the long-tail split files) stays in
+    ``downloads/``, so a later ``--force`` does not fetch it again."""
+    url, handler = server
+    handler.files["/split.txt"] = b"1\n2\n"
+    _entry(monkeypatch, url, b"1\n2\n", name="split.txt", marker="fake_lt/split.txt", action="copy", dest="fake_lt")
+    download.prepare("fake", tmp_path, progress=False, keep_archives=False)
+    assert (tmp_path / "fake_lt" / "split.txt").read_bytes() == b"1\n2\n"
+    assert (tmp_path / "downloads" / "fake" / "split.txt").read_bytes() == b"1\n2\n"

@@ -558,6 +558,10 @@ def test_data_overrides_that_are_valid_pass_the_data_check():
     ("splicemix", {"data.real.difficult_train": "maybe"}, r"^data.real: difficult_train must be one of"),
     ("psd", {"data.image_size": 0}, r"^data: image_size must be a whole number of pixels >= 1, got 0"),
     ("psd", {"data.normalize": "bgr"}, r"^data: normalize must be one of \('imagenet', 'none'\)"),
+    # null used to pass this check and fail in the kernel
+    ("psd", {"data.normalize": None}, r"normalize must be one of .* got None \(leave the key out for its default\)"),
+    ("psd", {"data.resize": None}, r"^data: resize must be one of"),
+    ("splicemix", {"data.real.difficult_eval": None}, r"^data.real: difficult_eval must be one of"),
 ])
 def test_real_data_options_are_checked_before_a_kernel_starts(chapter, overrides, message):
     with pytest.raises(ValueError, match=message):

@@ -252,6 +252,11 @@ def test_real_data_subset_is_seeded(fake_root):
     assert a.train_ds.ids == b.train_ds.ids
     c = real_data({**spec, "subset_seed": 1})
     assert c.train_ds.ids != a.train_ds.ids
+    # the subset keeps the test set's "difficult" mask of the images it picks (else those labels count as negatives)
+    whole = real_data({**spec, "n_test": None}).test_ds
+    assert whole.mask is not None and not bool(whole.mask.all())
+    pick = [whole.ids.index(i) for i in a.test_ds.ids]
+    np.testing.assert_array_equal(np.asarray(a.test_ds.mask), np.asarray(whole.mask)[pick])
     assert subset(a.train_ds, None) is a.train_ds
     with pytest.raises(ValueError, match="at least one"):
         subset(a.train_ds, 0)
@@ -633,3 +638,29 @@ def test_pretraining_note():
     assert "from scratch" in pretraining_note({"backbone": "resnet101", "weights": None})
     assert pretraining_note({"backbone": "resnet101", "weights": "/w/resnet101.pth"}) == ""
     assert pretraining_note({"backbone": "small_resnet"}) == ""  # the CPU model is meant to train from scratch
+
+
+def test_coco_lt_leaves_ignored_and_zero_area_annotations_out_of_its_train_and_test_labels(tmp_path):
+    """DistributionBalancedLoss's COCO loader drops annotations flagged ``ignore`` or of zero area; so do COCO-LT's
+    training labels and its val2017 test labels (the fake files have none of them, so they are added here)."""
+    from mlic_lib.data.longtail import lt_datasets
+
+    write_fake("coco_lt", tmp_path, n_train=30, n_test=20, image_size=32)
+    ann_dir = tmp_path / "coco" / "annotations"
+    before = lt_datasets("coco_lt", root=tmp_path, image_size=16)
+    for split, ds in (("train2017", before[0]), ("val2017", before[2])):
+        path = ann_dir / f"instances_{split}.json"
+        payload = json.loads(path.read_text())
+        cat_ids = [c["id"] for c in payload["categories"]]
+        image_id = int(ds.ids[0]) if split == "train2017" else payload["images"][0]["id"]
+        have = {a["category_id"] for a in payload["annotations"] if a["image_id"] == image_id}
+        free = [c for c in cat_ids if c not in have][:2]
+        for k, (cat, extra) in enumerate(zip(free, ({"ignore": 1, "area": 25.0}, {"area": 0.0}), strict=True)):
+            payload["annotations"].append({"id": 10**6 + k, "image_id": image_id, "category_id": cat, "iscrowd": 0,
+                                           "bbox": [1, 1, 5, 5], **extra})
+        path.write_text(json.dumps(payload))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the labels still agree with the split file's gt_labels
+        after = lt_datasets("coco_lt", root=tmp_path, image_size=16)
+    for i in (0, 2):
+        np.testing.assert_array_equal(np.asarray(after[i].targets), np.asarray(before[i].targets))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pandas as pd
@@ -188,6 +189,22 @@ def test_results_with_a_missing_unknown_or_implausible_unit_are_refused_before_w
     assert not list(tmp_path.iterdir())  # nothing half-written
 
 
+def test_a_results_file_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A write that fails before its data are on disk (a full disk reported at fsync, a killed kernel) leaves the
+    previous results file as it was, and no temporary file: the reproduction page reads it."""
+    monkeypatch.setenv("MLIC_RESULTS", str(tmp_path))
+    first = write_chapter_results("demo", {"profile": "smoke"}, {"mAP": 0.5}, units={"mAP": "fraction"})
+    before = first.read_text()
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        write_chapter_results("demo", {"profile": "smoke"}, {"mAP": 0.7}, units={"mAP": "fraction"})
+    assert first.read_text() == before and [p.name for p in tmp_path.iterdir()] == ["demo.json"]
+
+
 def test_results_json_keeps_the_units_in_order_with_their_meanings(tmp_path, monkeypatch):
     import json
 
@@ -340,3 +357,8 @@ def test_verdict_summary_names_the_columns_without_a_verdict():
     sd = pd.DataFrame([[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]], index=["m", "base"], columns=cols)
     text = verdict_summary(compare_rows(mean, sd, "m", "base"))
     assert text == ("clear gain at N=3; within the seed spread at N=2; clear loss at none; no verdict at N=5")
+    sd_gap = sd.astype(float).copy()
+    sd_gap.loc["m", 5] = np.nan  # one column without a spread leaves the others' verdicts standing
+    mean_all = mean.fillna(70.0)
+    assert verdict_summary(compare_rows(mean_all, sd_gap, "m", "base")) == (
+        "clear gain at N=3; within the seed spread at N=2; clear loss at none; no verdict at N=5")

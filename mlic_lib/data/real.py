@@ -108,8 +108,9 @@ def check_options(data: Mapping[str, Any]) -> None:
         raise ValueError(f"image_size must be a whole number of pixels >= 1, got {size!r}")
     for key, allowed in (("normalize", NORMALIZE), ("resize", RESIZES), ("difficult_train", _DIFFICULT_POLICIES),
                          ("difficult_eval", _DIFFICULT_POLICIES)):
-        if data.get(key) is not None and data[key] not in allowed:
-            raise ValueError(f"{key} must be one of {allowed}, got {data[key]!r}")
+        if key in data and data[key] not in allowed:  # null too: real_data would refuse it after a kernel started
+            raise ValueError(f"{key} must be one of {allowed}, got {data[key]!r}"
+                             + (" (leave the key out for its default)" if data[key] is None else ""))
 
 
 def real_data(data: Mapping[str, Any]) -> RealData:
