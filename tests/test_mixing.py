@@ -366,6 +366,41 @@ def test_make_step_from_profile_options():
         make_step("fmix", opts)
 
 
+def test_every_mixing_option_reaches_the_step_and_the_mixer():
+    """A profile's (or an override's) mixing options, each set away from its default, arrive where they act: a
+    dropped one used to pass every test, and Table II's timing row builds its step with ``mixed_size``."""
+    opts = {"grids": {"2x3": 1.0}, "p_drop": 0.7, "p_transpose": 0.1, "mixed_size": 0.5, "fill": 0.25, "alpha": 0.8,
+            "cl_weight": 0.3, "cl_detach": False, "cl_form": "kl", "cl_norm": "authors"}
+    cl = make_step("splicemix_cl", opts)
+    sm = cl.splicemix
+    assert (sm.p_drop, sm.p_transpose, sm.mixed_size, sm.fill) == (0.7, 0.1, 0.5, 0.25)
+    assert [tuple(g) for g in sm.grids] == [(2, 3)]
+    assert (cl.cl_weight, cl.detach, cl.cl_form, cl.cl_norm) == (0.3, False, "kl", "authors")
+    assert make_step("mixup", opts).mixer.alpha == 0.8 and make_step("cutmix", opts).mixer.alpha == 0.8
+    assert make_step("splicemix", opts).splicemix.mixed_size == 0.5
+
+
+def test_the_dropped_cells_are_drawn_for_each_mixed_image():
+    """One number of dropped cells per batch, but which cells for each mixed image (Sec. III-B; the authors'
+    ``random.sample`` per image)."""
+    sm = SpliceMix({"2x3": 1.0}, p_drop=1.0, p_transpose=0.0, mixed_size=8)
+    g = torch.Generator().manual_seed(0)
+    layouts = [sm.sample_layout(16, g) for _ in range(5)]
+    for lay in layouts:
+        assert len(set((~lay.keep).sum(1).tolist())) == 1  # the same count in every mixed image
+    assert any(len({tuple(row) for row in lay.keep.tolist()}) > 1 for lay in layouts)
+
+
+def test_the_run_key_holds_the_mixing_options_of_a_mixing_method():
+    from mlic_lib.profiles import load_profile
+    from mlic_lib.splicemix_cl import method_run_dir
+
+    s = load_profile("splicemix", "smoke")
+    other = {**s, "mixing": {**s["mixing"], "p_drop": 0.5}}
+    assert method_run_dir(s, "splicemix") != method_run_dir(other, "splicemix")
+    assert method_run_dir(s, "baseline") == method_run_dir(other, "baseline")  # no mixing: the same run
+
+
 def test_indexed_dataset_yields_index(small_scenes):
     from mlic_lib.data.tensors import TensorImageDataset
 
