@@ -561,3 +561,34 @@ def test_train_assocformer_passes_its_regulariser_theta_and_scale_on(monkeypatch
             assert seen["model"].am.scale == 0.25
             dirs.add(seen["run_dir"])
     assert len(dirs) == 2 * len(REGULARIZERS)  # each its own cache folder
+
+
+def test_train_assocformer_passes_the_loss_options_fusion_seed_and_pretrained_weights_on(monkeypatch):
+    """The rest of what train_assocformer hands the engine (a mutation review found each could be dropped with
+    every test green): the profile's ASL options, the fusion (Table 5's rows), the run's seed (data order, not only
+    the initial weights), model.pretrained (full: Swin-L's ImageNet weights), and the model section in the key
+    (the chapter's K K^T / d run has the L2 run's name)."""
+    import mlic_lib.engine as engine
+    import mlic_lib.models.assocformer as af
+    from mlic_lib.experiments import scene_data
+    from mlic_lib.profiles import load_profile
+
+    seen = {}
+    monkeypatch.setattr(engine, "fit", lambda model, train, test, cfg, step, run_dir, progress: seen.update(
+        model=model, step=step, cfg=cfg, run_dir=run_dir))
+    real_build = af.build_assocformer
+    monkeypatch.setattr(af, "build_assocformer", lambda *a, **kw: seen.update(build=a) or real_build(*a[:3]))
+    settings = load_profile("assocformer", "smoke", {
+        "data.n_train": 16, "data.n_test": 8, "loss.gamma_pos": 1.0, "loss.gamma_neg": 3.0, "loss.clip": 0.05,
+        "loss.reduction": "sum", "model.pretrained": True})
+    data = scene_data(settings)
+    for fusion in FUSIONS:
+        train_assocformer(settings, data, seed=3, fusion=fusion)
+        loss = seen["step"].loss
+        assert (loss.gamma_pos, loss.gamma_neg, loss.clip, loss.reduction) == (1.0, 3.0, 0.05, "sum")
+        assert seen["model"].fusion == fusion and seen["cfg"].seed == 3
+        assert seen["build"][4] is True  # build_assocformer's pretrained argument
+    train_assocformer(settings, data)
+    plain = seen["run_dir"]
+    train_assocformer({**settings, "model": {**settings["model"], "scale": 0.5}}, data)
+    assert seen["run_dir"] != plain

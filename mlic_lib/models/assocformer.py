@@ -177,14 +177,20 @@ class AssocFormer(nn.Module):
 
 
 def check_regularizers(names: object) -> None:
-    """Raise ``ValueError`` unless ``names`` (the chapter's ``analysis.regularizers``, Table 3's rows) is a non-empty
-    list of distinct regularisers of Eq. 9, so a typo is refused before the valid ones train."""
+    """Raise ``ValueError`` unless ``names`` (the chapter's ``analysis.regularizers``, Table 3's rows) is a list of
+    distinct regularisers of Eq. 9 that holds ``none`` and ``l2`` (the chapter compares every row with no
+    regulariser and builds its fusion and scale runs on L2), so a typo or a short list is refused before anything
+    trains, not after hours of it."""
     from mlic_lib.assoc_losses import REGULARIZERS
 
     if (not isinstance(names, (list, tuple)) or not names or any(n not in REGULARIZERS for n in names)
             or len(set(names)) < len(names)):
         raise ValueError(f"analysis.regularizers must be a non-empty list of distinct names from {REGULARIZERS}, "
                          f"got {names!r}")
+    missing = [n for n in ("none", "l2") if n not in names]
+    if missing:
+        raise ValueError(f"analysis.regularizers must include {missing} (the chapter compares every regulariser "
+                         f"with none and builds on l2), got {names!r}; e.g. {[*missing, *names]}")
 
 
 def check_transformer_name(name: object) -> None:
