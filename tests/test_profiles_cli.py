@@ -520,7 +520,8 @@ def test_overrides_in_the_cli_form_are_accepted(overrides):
     ("assocformer", {"analysis.regularizers": ["l2", "foo"]}, r"analysis.regularizers must be a non-empty list of "
                                                              r"distinct names from"),
     # the chapter compares with none and builds on l2: without them it used to fail after every run had trained
-    ("assocformer", {"analysis.regularizers": ["none", "l1"]}, r"must include \['l2'\] .* e\.g\. \['l2', 'none', 'l1'\]"),
+    ("assocformer", {"analysis.regularizers": ["none", "l1"]},
+     r"must include \['l2'\] .* e\.g\. \['l2', 'none', 'l1'\]"),
     ("assocformer", {"analysis.regularizers": ["l2"]}, r"must include \['none'\]"),
     ("psd", {"psd.complement": "identity"}, r"psd.complement: 'identity' is Eq. 1 as printed"),
 ])
