@@ -335,6 +335,11 @@ def test_cam_in_own_boxes_scores_every_object_against_a_loop(square_image):
             assert got.prob[k] == pytest.approx(float(torch.sigmoid(model(images[j][None]))[0, int(row[0])]))
     assert got.inside[0] > 0.5 and got.inside[2] > 0.5  # the bright square, also mirrored
     assert len(cam_in_own_boxes(model, model.act, dataset, boxes, n=1).image) == 2
+    one_by_one = cam_in_own_boxes(model, model.act, dataset, boxes, chunk=1)  # a pass per image: the same rows
+    for a, b in zip(one_by_one, got, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="chunk must be >= 1"):
+        cam_in_own_boxes(model, model.act, dataset, boxes, chunk=0)
     with torch.no_grad():
         model.head.weight.zero_()  # every logit constant: no gradient, all-zero maps
     assert np.isnan(cam_in_own_boxes(model, model.act, dataset, boxes, n=1).inside).all()

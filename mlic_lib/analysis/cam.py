@@ -414,37 +414,43 @@ class ObjectCams(NamedTuple):
 
 
 def cam_in_own_boxes(model: nn.Module, target_layer: nn.Module, dataset, boxes, n: int | None = None,
-                     method: str = "gradcam") -> ObjectCams:
+                     method: str = "gradcam", chunk: int = 16) -> ObjectCams:
     """How much of each labelled object's class map falls in the object's own box, over the first ``n`` images.
 
     ``dataset[j]`` is ``(image tensor, targets)`` as the model takes it and ``boxes[j]`` the ``(K, 5)`` rows
-    ``(class, x0, y0, x1, y1)`` of image ``j`` in the map's pixel coordinates (the embedded scenes' format). Each
-    image gets one :func:`class_activation_maps` call for its objects' classes; every object is scored, whatever
-    the model's probability for it (``prob`` lets a caller keep the recognised ones). An all-zero map scores NaN
-    (:func:`cam_in_box`): leave those out of means and count them."""
+    ``(class, x0, y0, x1, y1)`` of image ``j`` in the map's pixel coordinates (the embedded scenes' format). The
+    objects of ``chunk`` images at a time go through one :func:`paired_class_activation_maps` call (one map per
+    object: its class on its image); every object is scored, whatever the model's probability for it (``prob`` lets
+    a caller keep the recognised ones). An all-zero map scores NaN (:func:`cam_in_box`): leave those out of means
+    and count them."""
     from mlic_lib.engine import probabilities
 
     n = len(boxes) if n is None else min(int(n), len(boxes))
     if n < 1:
         raise ValueError(f"no image to score: n={n} with {len(boxes)} boxed images")
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1 (images per batched pass), got {chunk}")
     rows: dict[str, list] = {k: [] for k in ObjectCams._fields}
     modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
-        for j in range(n):
-            b = np.asarray(boxes[j], dtype=np.float64)
-            if len(b) == 0:
-                continue
-            x = dataset[j][0]
-            classes = [int(c) for c in b[:, 0]]
-            maps = class_activation_maps(model, target_layer, x, classes, method=method)
+        boxed = [(j, np.asarray(boxes[j], dtype=np.float64)) for j in range(n)]
+        boxed = [(j, b) for j, b in boxed if len(b)]
+        for start in range(0, len(boxed), chunk):
+            part = boxed[start : start + chunk]
+            images = torch.stack([dataset[j][0] for j, _ in part])
+            per_object = torch.repeat_interleave(images, torch.tensor([len(b) for _, b in part]), dim=0)
+            b_all = np.concatenate([b for _, b in part])
+            classes = [int(c) for c in b_all[:, 0]]
+            maps = paired_class_activation_maps(model, target_layer, per_object, classes, method=method,
+                                                batch_size=None)
             with torch.no_grad():
-                p = probabilities(model, x)
-            rows["image"] += [j] * len(b)
+                p = probabilities(model, images)
+            rows["image"] += [j for j, b in part for _ in b]
             rows["cls"] += classes
-            rows["prob"] += [float(p[c]) for c in classes]
-            rows["inside"] += [cam_in_box(cam, row[1:]) for cam, row in zip(maps, b, strict=True)]
-            rows["uniform"] += cam_in_boxes(np.ones(maps.shape[1:]), b[:, 1:]).tolist()
+            rows["prob"] += [float(p[i, int(c)]) for i, (_, b) in enumerate(part) for c in b[:, 0]]
+            rows["inside"] += [cam_in_box(cam, row[1:]) for cam, row in zip(maps, b_all, strict=True)]
+            rows["uniform"] += cam_in_boxes(np.ones(maps.shape[1:]), b_all[:, 1:]).tolist()
     finally:
         for m, was_training in modes.items():
             m.training = was_training
