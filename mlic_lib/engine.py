@@ -234,6 +234,11 @@ def _setup_distributed(device: torch.device) -> torch.device:
     import torch.distributed as dist
 
     if device.type == "cuda":
+        if local >= torch.cuda.device_count():  # else CUDA's bare "invalid device ordinal"
+            raise RuntimeError(
+                f"torchrun started process {local} on this node, but it has {torch.cuda.device_count()} CUDA "
+                "device(s), one per process: launch with --nproc_per_node at most the number of GPUs, or train "
+                "on the CPU (train.device: cpu, gloo)")
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     if not dist.is_initialized():

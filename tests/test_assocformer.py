@@ -456,7 +456,7 @@ def test_step_and_smoke_training(tmp_path, monkeypatch):
 
     monkeypatch.setenv("MLIC_CACHE", str(tmp_path))
     settings = load_profile("assocformer", "smoke", {"data.n_train": 64, "data.n_test": 32,
-                                                     "train.batch_size": 16})
+                                                     "train.batch_size": 16, "train.device": "cpu"})
     data = scene_data(settings)
     run = train_assocformer(settings, data, seed=0, regularizer="nuclear", fusion="learnable")
     assert 0.0 <= run.final["mAP"] <= 1.0 and "reg" in run.history[0] and "alpha" in run.history[0]

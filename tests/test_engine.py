@@ -142,8 +142,8 @@ def test_a_run_stopped_after_its_last_checkpoint_resumes_with_its_final_metrics(
 
 
 def test_cache_reuses_finished_run(small_scenes, tmp_path):
-    first = _run(small_scenes, run_dir=tmp_path / "run", epochs=1)
-    again = _run(small_scenes, run_dir=tmp_path / "run", epochs=1)
+    first = _run(small_scenes, run_dir=tmp_path / "run", epochs=1, device="cpu")  # called on a CPU batch below
+    again = _run(small_scenes, run_dir=tmp_path / "run", epochs=1, device="cpu")
     assert again.cached and again.final["mAP"] == first.final["mAP"]
     x = torch.from_numpy(small_scenes[1].images[:4]).float() / 127.5 - 1
     torch.testing.assert_close(again.model.eval()(x), first.model.eval()(x))
@@ -631,8 +631,8 @@ def test_fit_returns_and_evaluates_the_ema_weights(small_scenes):
     starts from the weights after the first step. With ``d`` near 1 it stays there; with EMA off the returned
     weights are the trained ones."""
     init = [p.detach().clone() for p in _model().parameters()]
-    slow = _run(small_scenes, epochs=2, ema_decay=1 - 1e-6)
-    plain = _run(small_scenes, epochs=2)
+    slow = _run(small_scenes, epochs=2, ema_decay=1 - 1e-6, device="cpu")  # compared with `init`, on the CPU
+    plain = _run(small_scenes, epochs=2, device="cpu")
     moved = max((p - q).abs().max().item() for p, q in zip(plain.model.parameters(), init, strict=True))
     stayed = max((p - q).abs().max().item() for p, q in zip(slow.model.parameters(), init, strict=True))
     assert moved > 1e-3 and stayed < 0.1 * moved, (moved, stayed)
@@ -1084,3 +1084,17 @@ def test_a_resumed_runs_seconds_add_the_epochs_trained_before_the_interruption(s
     wall = time.perf_counter() - t0
     assert 1000.0 + sum(h["train_seconds"] for h in res.history[1:]) <= res.seconds <= 1000.0 + wall
     assert json.loads((tmp_path / "results.json").read_text())["seconds"] == pytest.approx(res.seconds)
+
+
+def test_more_local_ranks_than_gpus_is_a_clear_error(monkeypatch):
+    """torchrun with two processes on a one-GPU machine: the second rank names the problem and the fix instead of
+    CUDA's "invalid device ordinal" (seen on a lent H100), and nothing is initialised."""
+    from mlic_lib.engine import _setup_distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: pytest.fail("set_device called"))
+    with pytest.raises(RuntimeError, match=r"process 1 on this node, but it has 1 CUDA device.*--nproc_per_node"):
+        _setup_distributed(torch.device("cuda"))

@@ -500,7 +500,7 @@ def test_train_ltml_trains_each_table_2_row_with_its_components_the_eq4_weights_
 def test_train_and_evaluate_rows_deterministic(tmp_path):
     from mlic_lib.profiles import load_profile
 
-    settings = load_profile("ltml", "smoke", {"train.epochs": 1, "train.batch_size": 16})
+    settings = load_profile("ltml", "smoke", {"train.epochs": 1, "train.batch_size": 16, "train.device": "cpu"})
     settings["model"]["widths"] = list(WIDTHS)
     t = _longtail_targets(n=64, k=4)
     imgs = np.random.default_rng(0).integers(0, 255, (64, 3, 16, 16), dtype=np.uint8)

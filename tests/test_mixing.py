@@ -611,7 +611,7 @@ def test_train_methods_process_pool_equals_sequential(tmp_path, monkeypatch):
     from mlic_lib.profiles import load_profile
     from mlic_lib.splicemix_cl import train_methods
 
-    s = load_profile("splicemix", "smoke", {"data.n_train": 48, "data.n_test": 16})
+    s = load_profile("splicemix", "smoke", {"data.n_train": 48, "data.n_test": 16, "train.device": "cpu"})
     data = scene_data(s, use_cache=False)
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, available_cpus() // min(2, available_cpus())))  # as map_in_processes, 2 tasks

@@ -213,7 +213,7 @@ def test_teacher_ensemble_routes_classes_and_distill_dataset():
 def _settings(**psd_over):
     return {"chapter": "psd-test", "data": {"n_train": 40},
             "model": {"backbone": "small_resnet", "pool": "max", "widths": [4, 8]},
-            "train": {"epochs": 1, "batch_size": 16, "lr": 0.003, "optimizer": "adam", "seed": 0},
+            "train": {"epochs": 1, "batch_size": 16, "lr": 0.003, "optimizer": "adam", "seed": 0, "device": "cpu"},
             "teacher_train": {"epochs": 1}, "psd": {"tau": 3.0, **psd_over}}
 
 

@@ -19,6 +19,10 @@ def _run(code: str) -> str:
     return out.stdout.strip()
 
 
+def _hook_installed() -> bool:
+    return (Path(sysconfig.get_paths()["purelib"]) / compat.PTH_NAME).is_file()
+
+
 def test_pth_hook_is_installed_in_this_environment():
     pth = Path(sysconfig.get_paths()["purelib"]) / compat.PTH_NAME
     if not pth.is_file():
@@ -34,7 +38,8 @@ def test_torchvision_timm_and_gradcam_import():
         "timm.create_model('resnet10t', pretrained=False)\n"
         "print(c.STATE)"
     )
-    assert state in {"fallback", "real-ops"}
+    # without the .pth (a plain `pip install -e .`, e.g. on a CUDA machine) the hook never runs, and need not
+    assert state in ({"fallback", "real-ops"} if _hook_installed() else {"not-triggered"})
 
 
 def test_hook_stays_inactive_when_real_ops_load():
@@ -47,6 +52,9 @@ def test_hook_stays_inactive_when_real_ops_load():
 
 
 def test_fallback_registers_working_ops_when_real_ops_fail():
+    if _run("import mlic_lib._torchvision_compat as c\nprint(c.patch_now())") == "real-ops":
+        # faking a failure here would register the ops twice when torchvision then loads its own
+        pytest.skip("torchvision's compiled ops load here; the fallback is for builds where they cannot")
     out = _run(
         "import torch, mlic_lib._torchvision_compat as c\n"
         "c._real_ops_load = lambda origin: False\n"
