@@ -102,6 +102,8 @@ def test_indeed_step_times_each_method_and_counts_ops_per_step(tmp_path, monkeyp
         assert r["epochs_timed"] == 1 and r["steps"] == 2 and r["step_ms"] > 0  # 64 canvases, batch 32
     base, ind = res["profiles"]
     assert set(base["syncs_per_step"]) == set(bench.SYNC_EVENTS)
+    assert all(v == 0 for v in base["syncs_per_step"].values())  # no CUDA on the CPU
+    assert base["scalar_reads_per_step"] > 0 and base["device_ms_per_step"] == 0  # reads of CPU tensors, no device
     assert ind["aten_ops_per_step"] > base["aten_ops_per_step"] > 0  # the pairs and the two extra classifier calls
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("results.json"))
 
