@@ -117,3 +117,32 @@ def test_data_throughput_builds_indeed_cifar_canvases_with_the_full_profiles_aug
     assert bench.measure(ds, workers=0, batch=8, batches=2) > 0
     x, y = ds[0]
     assert x.shape == (3, 96, 96) and int(y.sum()) == 7
+
+
+def test_data_throughput_times_only_batches_made_after_the_prefetched_ones(monkeypatch):
+    """With workers, the batches prefetched while the first one was awaited are read before the clock starts
+    (timing them overstated the rate), and the timed window has at least 4 batches per worker."""
+    bench = _script("data_throughput")
+    seen, reads = [], []
+    ds = torch.utils.data.TensorDataset(torch.zeros(10, 1))
+
+    class Loader:
+        def __init__(self, dataset, batch_size, sampler, num_workers):
+            seen.append((batch_size, len(sampler), num_workers))
+
+        def __iter__(self):
+            for i in range(seen[-1][1] // seen[-1][0]):
+                seen.append(("batch", i))
+                yield (torch.zeros(seen[0][0], 1),)
+
+    monkeypatch.setattr(torch.utils.data, "DataLoader", Loader)
+
+    def clock():
+        reads.append(sum(1 for e in seen if e[0] == "batch"))
+        return float(len(reads) - 1)
+
+    monkeypatch.setattr(bench.time, "perf_counter", clock)
+    rate = bench.measure(ds, workers=3, batch=4, batches=2)
+    assert seen[0] == (4, 4 * (1 + 2 * 3 + 4 * 3), 3)  # 7 untimed batches, then max(2, 12) timed ones
+    assert rate == 12 * 4 / 1.0  # one tick of the fake clock between the start and the end
+    assert reads == [7, 19]  # the clock is read after the 7 untimed batches and after all 19
