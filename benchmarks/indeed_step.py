@@ -89,14 +89,23 @@ def profile_method(name: str, settings: dict, data, rows: int) -> dict:
     print(f"\n{name}: one epoch of {steps} steps on {device.type}, top {rows} operators by host time")
     print(events.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=48))
     counts = {e.key: e.count for e in events}
-    # the device's busy time: the kernels' own time (the attribute was renamed from self_cuda_time_total)
-    device_us = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in events)
+    device_us = device_time_us(events)
     return {"method": name, "syncs_per_step": {k: counts.get(k, 0) / steps for k in SYNC_EVENTS},
             "scalar_reads_per_step": counts.get(SCALAR_READ, 0) / steps,
             "device_ms_per_step": device_us / 1e3 / steps,
             "aten_ops_per_step": sum(c for k, c in counts.items() if k.startswith("aten::")) / steps,
             "launches_per_step": sum(c for k, c in counts.items() if "LaunchKernel" in k) / steps,
             "host_ms_per_step": sum(e.self_cpu_time_total for e in events) / 1e3 / steps}
+
+
+def device_time_us(events) -> float:
+    """The device's busy time in ``events`` (``prof.key_averages()``): the kernels' own rows. The row of the
+    operator that launched a kernel carries the kernel's time too, so summing every row counts it twice; this
+    sums the device rows only, as the total under torch's profiler table does."""
+    from torch.autograd import DeviceType
+
+    return float(sum(e.self_device_time_total for e in events
+                     if e.device_type != DeviceType.CPU and not getattr(e, "is_user_annotation", False)))
 
 
 def main(argv=None) -> int:

@@ -234,6 +234,9 @@ def _setup_distributed(device: torch.device) -> torch.device:
     import torch.distributed as dist
 
     if device.type == "cuda":
+        if torch.cuda.device_count() == 0:
+            raise RuntimeError("train.device asks for CUDA, but this machine has no CUDA device: under torchrun "
+                               "train on the CPU instead (train.device: cpu, gloo)")
         if local >= torch.cuda.device_count():  # else CUDA's bare "invalid device ordinal"
             raise RuntimeError(
                 f"torchrun started process {local} on this node, but it has {torch.cuda.device_count()} CUDA "

@@ -108,6 +108,20 @@ def test_indeed_step_times_each_method_and_counts_ops_per_step(tmp_path, monkeyp
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("results.json"))
 
 
+def test_indeed_step_counts_a_kernels_time_once():
+    """An operator's row carries the time of the kernels it launched, which also have rows of their own: the
+    device's busy time sums the device rows only (summing all rows doubled it)."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    bench = _script("indeed_step")
+    op = SimpleNamespace(device_type=DeviceType.CPU, self_device_time_total=100.0, is_user_annotation=False)
+    kernel = SimpleNamespace(device_type=DeviceType.CUDA, self_device_time_total=100.0, is_user_annotation=False)
+    mark = SimpleNamespace(device_type=DeviceType.CUDA, self_device_time_total=100.0, is_user_annotation=True)
+    assert bench.device_time_us([op, kernel, mark]) == 100.0
+
+
 def test_data_throughput_builds_indeed_cifar_canvases_with_the_full_profiles_augmentation(tmp_path):
     from mlic_lib.data.canvas_augment import CellAugment
 

@@ -1098,3 +1098,6 @@ def test_more_local_ranks_than_gpus_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: pytest.fail("set_device called"))
     with pytest.raises(RuntimeError, match=r"process 1 on this node, but it has 1 CUDA device.*--nproc_per_node"):
         _setup_distributed(torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # train.device: cuda on a machine without one
+    with pytest.raises(RuntimeError, match=r"no CUDA device.*train.device: cpu"):
+        _setup_distributed(torch.device("cuda"))
