@@ -8,9 +8,10 @@ and the distilled student.
 * **Teachers** ``F_{C_t}`` (Eq. 3) are trained on their sub-task with the Asymmetric Loss (Eq. 4,
   :class:`ASLStep`; ``gamma_- = 4, gamma_+ = 0, clip mu = 0.05``, the values of the CPSD authors' code and
   ASL's recommended setting). They are independent, so
-  :func:`train_teachers` runs them sequentially, in a spawn-based process pool, or one per rank under
-  ``torchrun``; a finished teacher is cached and reused (e.g. the CGP teachers of a ``k`` serve both the
-  CGPD and the CPSD students).
+  :func:`train_teachers` / :func:`pretrain_teachers` run them sequentially, in a spawn-based process pool, or
+  one per rank under ``torchrun``; a finished teacher is cached and reused (e.g. the CGP teachers of a ``k``
+  serve both the CGPD and the CPSD students). Students and baselines of fixed teachers are independent too:
+  :func:`train_runs` trains a list of them, in a pool where ``parallel`` says so.
 * **Label merging** ``rho`` (Eq. 5, :func:`merge_logits`) scatters each teacher's logits back to the global
   class order; :func:`split_logits` is its inverse; :class:`TeacherEnsemble` is ``rho`` over all teachers
   of one decomposition.
@@ -37,6 +38,7 @@ Training data: either in-memory ``uint8`` images (``(N, 3, H, W)``, fast path) o
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -78,6 +80,9 @@ __all__ = [
     "train_teacher",
     "train_teachers",
     "pretrain_teachers",
+    "RunRequest",
+    "train_runs",
+    "resolve_mode",
     "study_decompositions",
     "study_inputs",
     "PSDStudy",
@@ -208,16 +213,22 @@ def _teacher_masks(teachers: Sequence[nn.Module], targets: Tensor) -> Tensor:
 class TeacherEnsemble(nn.Module):
     """The teachers of one decomposition and ``rho``: ``forward(x)`` gives merged logits ``(B, C)``."""
 
-    def __init__(self, teachers: Sequence[nn.Module], subsets: Sequence[Sequence[int]], num_classes: int):
+    def __init__(self, teachers: Sequence[nn.Module], subsets: Sequence[Sequence[int]], num_classes: int,
+                 specs: Sequence[TeacherSpec] | None = None):
+        """``specs``: the teachers' :class:`TeacherSpec` when they come from the run cache (:func:`train_teachers`
+        sets them), so that a pool worker of :func:`train_runs` can load the same teachers from there."""
         super().__init__()
         from mlic_lib.partition import check_partition
 
         if len(teachers) != len(subsets):
             raise ValueError(f"{len(teachers)} teachers for {len(subsets)} subsets")
+        if specs is not None and len(specs) != len(teachers):
+            raise ValueError(f"{len(specs)} teacher specs for {len(teachers)} teachers")
         check_partition(subsets, num_classes)
         self.teachers = nn.ModuleList(teachers)
         self.subsets = [np.asarray(s, dtype=np.int64) for s in subsets]
         self.num_classes = num_classes
+        self.specs = list(specs) if specs is not None else None
 
     def forward(self, x: Tensor) -> Tensor:
         return merge_logits([t(x) for t in self.teachers], self.subsets, self.num_classes)
@@ -458,6 +469,24 @@ def _is_done(spec: TeacherSpec) -> bool:
     return (d / "results.json").is_file() and (d / "final.pt").is_file()
 
 
+def resolve_mode(settings: Mapping[str, Any], parallel: str | None = None) -> str:
+    """``'sequential'``, ``'process'`` or ``'torchrun'`` for ``parallel`` (default ``settings['psd']['parallel']``,
+    else ``'auto'``). ``'auto'`` is ``'torchrun'`` under ``torchrun`` (``WORLD_SIZE > 1``), else
+    :func:`mlic_lib.process_pool.resolve_parallel`'s choice: a process pool on a multi-core CPU (on 2 cores, two
+    one-thread workers train the `default` profile's 27 teachers in 28 s instead of 50 s), one run after another on
+    a GPU."""
+    from mlic_lib.process_pool import resolve_parallel
+
+    mode = parallel or settings.get("psd", {}).get("parallel") or "auto"
+    if mode not in PARALLEL_MODES:
+        raise ValueError(f"parallel must be one of {PARALLEL_MODES}, got {mode!r}")
+    if mode == "auto":
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            return "torchrun"
+        return resolve_parallel("auto", settings.get("train", {}).get("device"), option="psd.parallel")
+    return mode
+
+
 def train_teachers(settings: Mapping[str, Any], train_data, targets, subsets: Sequence[Sequence[int]], *,
                    seed: int = 0, parallel: str | None = None, max_workers: int | None = None,
                    timeout_s: float = 24 * 3600) -> tuple[TeacherEnsemble, list[FitResult]]:
@@ -468,22 +497,18 @@ def train_teachers(settings: Mapping[str, Any], train_data, targets, subsets: Se
     ``parallel`` (default ``settings['psd']['parallel']`` or ``'auto'``):
 
     * ``'sequential'``: one after the other in this process;
-    * ``'process'``: :func:`mlic_lib.process_pool.map_in_processes` (``max_workers``, default half the
-      CPUs), each worker with ``cpus // workers`` threads, training the teachers not yet cached;
+    * ``'process'``: :func:`mlic_lib.process_pool.map_in_processes` (``max_workers``, default one per CPU,
+      at most one per teacher), each worker with ``cpus // workers`` threads, training the teachers not yet cached;
     * ``'torchrun'``: under ``torchrun`` (``WORLD_SIZE > 1``) rank ``r`` trains teachers ``r, r + W, ...``
       on ``cuda:LOCAL_RANK`` (no DDP), then waits until every teacher is in the cache;
-    * ``'auto'``: ``'torchrun'`` when ``WORLD_SIZE > 1``, else sequential (a process pool on a 2-core CPU
-      only adds start-up cost).
+    * ``'auto'``: see :func:`resolve_mode`.
 
     Every teacher is cached under a hash of its spec, so all modes end by loading the same files, and a
-    teacher shared by two studies (CGPD and CPSD) is trained once.
+    teacher shared by two studies (CGPD and CPSD) is trained once. A pool started for one decomposition has only
+    ``k`` tasks; to train many decompositions, :func:`pretrain_teachers` puts all their teachers in one pool.
     """
-    mode = parallel or settings.get("psd", {}).get("parallel", "auto")
-    if mode not in PARALLEL_MODES:
-        raise ValueError(f"parallel must be one of {PARALLEL_MODES}, got {mode!r}")
+    mode = resolve_mode(settings, parallel)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if mode == "auto":
-        mode = "torchrun" if world > 1 else "sequential"
     if not isinstance(train_data, Dataset):
         train_data = np.asarray(train_data)
     targets = np.asarray(targets)
@@ -495,11 +520,11 @@ def train_teachers(settings: Mapping[str, Any], train_data, targets, subsets: Se
     todo = [i for i, s in enumerate(specs) if not _is_done(s)]
     pooled: dict[int, tuple[str, bool]] = {}  # {teacher: (run folder, cached)} from the workers
     if mode == "process" and len(todo) > 1:
-        from mlic_lib.process_pool import available_cpus, run_missing
+        from mlic_lib.process_pool import run_missing
 
-        workers = max_workers or max(1, min(len(todo), available_cpus() // 2))
+        # loaded below, as the workers wrote them
         pooled = run_missing(_pool_worker, {i: (s, train_data, targets) for i, s in enumerate(specs)},
-                           lambda i: i not in todo, max_workers=workers)  # loaded below, as the workers wrote them
+                             lambda i: i not in todo, max_workers=max_workers)
     elif mode == "torchrun" and world > 1:
         rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
         device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
@@ -517,7 +542,7 @@ def train_teachers(settings: Mapping[str, Any], train_data, targets, subsets: Se
                for i, s in enumerate(specs)]
     for i, (_, cached) in pooled.items():  # loaded here from a worker's folder: a cache hit only if it was one there
         results[i].cached = cached
-    ensemble = TeacherEnsemble([r.model for r in results], subsets, C).eval()
+    ensemble = TeacherEnsemble([r.model for r in results], subsets, C, specs=specs).eval()
     return ensemble, results
 
 
@@ -527,9 +552,30 @@ def train_baseline(settings: Mapping[str, Any], data, *, seed: int = 0) -> FitRe
     spec = _teacher_spec(settings, range(data.num_classes), seed=seed, train={}, images="all")
     cfg = TrainConfig.from_dict(spec.train)
     model = build_psd_model(spec.model, data.num_classes, seed)
-    key = {**spec.key(), "role": "baseline"}
     return fit(model, data.train_ds, data.test_ds, cfg, step=ASLStep(spec.asl),
-               run_dir=run_dir_for(f"psd-baseline-s{seed}", key, code=(__name__,)), progress=False)
+               run_dir=_baseline_run_dir(settings, data.num_classes, seed), progress=False)
+
+
+def _baseline_run_dir(settings: Mapping[str, Any], num_classes: int, seed: int) -> Path:
+    spec = _teacher_spec(settings, range(num_classes), seed=seed, train={}, images="all")
+    return run_dir_for(f"psd-baseline-s{seed}", {**spec.key(), "role": "baseline"}, code=(__name__,))
+
+
+def _kd_subtask_only(p: Mapping[str, Any]) -> bool:
+    kd_images = p.get("kd_images", "subtask")
+    if kd_images not in KD_IMAGES:
+        raise ValueError(f"psd.kd_images must be one of {KD_IMAGES} ('subtask' = Eq. 5), got {kd_images!r}")
+    return kd_images == "subtask" and p.get("image_selection", "containing") == "containing"
+
+
+def _student_run_dir(settings: Mapping[str, Any], seed: int, name: str, teacher_key: Any) -> Path:
+    p = settings.get("psd", {})
+    cfg = TrainConfig.from_dict({**settings["train"], "seed": seed})
+    key = {"role": "student", "name": name, "model": dict(settings["model"]), "train": cfg.key_dict(),
+           "asl": dict(p.get("asl", {})), "kd_weight": p.get("kd_weight", 1.0),
+           "kd_reduction": p.get("kd_reduction", "sum"), "teachers": teacher_key, "seed": seed,
+           "kd_subtask_only": _kd_subtask_only(p), "data": settings.get("data"), "chapter": settings.get("chapter")}
+    return run_dir_for(f"psd-{name}-s{seed}", key, code=(__name__,))
 
 
 def train_student(settings: Mapping[str, Any], data, teachers: Sequence[nn.Module], *, seed: int = 0,
@@ -542,16 +588,9 @@ def train_student(settings: Mapping[str, Any], data, teachers: Sequence[nn.Modul
     ``psd.kd_images`` (``'subtask'``, default, Eq. 5; or ``'all'``) says where each teacher's KD term applies;
     it only matters when the teachers were trained on ``image_selection: containing``."""
     p = settings.get("psd", {})
-    kd_images = p.get("kd_images", "subtask")
-    if kd_images not in KD_IMAGES:
-        raise ValueError(f"psd.kd_images must be one of {KD_IMAGES} ('subtask' = Eq. 5), got {kd_images!r}")
-    subtask_only = kd_images == "subtask" and p.get("image_selection", "containing") == "containing"
+    subtask_only = _kd_subtask_only(p)
     cfg = TrainConfig.from_dict({**settings["train"], "seed": seed})
-    key = {"role": "student", "name": name, "model": dict(settings["model"]), "train": cfg.key_dict(),
-           "asl": dict(p.get("asl", {})), "kd_weight": p.get("kd_weight", 1.0),
-           "kd_reduction": p.get("kd_reduction", "sum"), "teachers": teacher_key, "seed": seed,
-           "kd_subtask_only": subtask_only, "data": settings.get("data"), "chapter": settings.get("chapter")}
-    run_dir = run_dir_for(f"psd-{name}-s{seed}", key, code=(__name__,))
+    run_dir = _student_run_dir(settings, seed, name, teacher_key)
     model = build_psd_model(settings["model"], data.num_classes, seed)
     on_the_fly = not isinstance(data.train_ds, TensorImageDataset) or data.train_ds.transform is not None
     if on_the_fly or is_finished(run_dir):
@@ -568,6 +607,72 @@ def train_student(settings: Mapping[str, Any], data, teachers: Sequence[nn.Modul
 def teacher_key(results: Sequence[FitResult]) -> list[str]:
     """A cache-key fragment naming a set of teachers by their run directories."""
     return [Path(r.run_dir).name if r.run_dir is not None else "uncached" for r in results]
+
+
+@dataclass
+class RunRequest:
+    """One run for :func:`train_runs`: a student of ``teachers`` (:func:`train_student`, Eq. 7), or, with no
+    teachers, the baseline (:func:`train_baseline`). ``teacher_key`` enters the student's cache key as in
+    :func:`train_student`."""
+
+    settings: Mapping[str, Any]
+    seed: int = 0
+    name: str = "student"
+    teachers: Sequence[TeacherEnsemble] = ()
+    teacher_key: Any = None
+
+    def run_dir(self, num_classes: int) -> Path:
+        if not self.teachers:
+            return _baseline_run_dir(self.settings, num_classes, self.seed)
+        return _student_run_dir(self.settings, self.seed, self.name, self.teacher_key)
+
+
+def _run_request(req: RunRequest, data) -> FitResult:
+    if not req.teachers:
+        return train_baseline(req.settings, data, seed=req.seed)
+    return train_student(req.settings, data, req.teachers, seed=req.seed, name=req.name, teacher_key=req.teacher_key)
+
+
+def _pool_request(req: RunRequest, specs: list[list[TeacherSpec]], data) -> tuple[str, bool]:
+    """A pool worker's run: the teachers are loaded from the cache (their specs), not sent pickled."""
+    ensembles = [TeacherEnsemble([_fit_teacher(s, _teacher_images(data), data.train_targets).model for s in group],
+                                 [s.subset for s in group], data.num_classes, specs=group).eval() for group in specs]
+    run = _run_request(dataclasses.replace(req, teachers=ensembles), data)
+    return str(run.run_dir), run.cached
+
+
+def train_runs(requests: Sequence[RunRequest], data, *, parallel: str | None = None,
+               max_workers: int | None = None) -> list[FitResult]:
+    """Train (or load) independent students and baselines: ``[_run(r) for r in requests]``, in order.
+
+    ``parallel`` (default the first request's ``psd.parallel``, see :func:`resolve_mode`): ``'process'`` trains the
+    runs not yet cached in one process pool (:func:`mlic_lib.process_pool.run_missing`; its workers load each
+    student's teachers from the run cache, so every teacher needs its :class:`TeacherSpec`, as those of
+    :func:`train_teachers` have), then loads them all here; any other mode trains them one after another in this
+    process (under ``torchrun`` every rank takes part in each run, as in :func:`train_student`). The results are
+    the same files either way."""
+    requests = list(requests)
+    if not requests:
+        return []
+    mode = resolve_mode(requests[0].settings, parallel)
+    if mode == "process":
+        from mlic_lib.process_pool import run_missing
+
+        unspecced = [r.name for r in requests if any(e.specs is None for e in r.teachers)]
+        if unspecced:
+            raise ValueError(f"parallel='process' loads each student's teachers from the run cache, but the teachers "
+                             f"of {unspecced} have no TeacherSpec (they were not made by train_teachers): train them "
+                             "with train_teachers / decomposition_teachers, or use parallel='sequential'")
+        jobs = {i: (dataclasses.replace(r, teachers=()), [list(e.specs) for e in r.teachers], data)
+                for i, r in enumerate(requests)}
+        pooled = run_missing(_pool_request, jobs, lambda i: is_finished(requests[i].run_dir(data.num_classes)),
+                             max_workers=max_workers, desc="students and baselines")
+    else:
+        pooled = {}
+    results = [_run_request(r, data) for r in requests]  # trains what is left, else loads what the workers wrote
+    for i, (_, cached) in pooled.items():  # a cache hit only if it was one in the worker
+        results[i].cached = cached
+    return results
 
 
 
@@ -672,21 +777,24 @@ def planned_decompositions(settings: Mapping[str, Any], data, S: np.ndarray) -> 
 
 
 def pretrain_teachers(settings: Mapping[str, Any], data, S: np.ndarray, *, seed: int = 0,
-                      other_selection: bool = True, progress: bool = True) -> int:
-    """Train every teacher the chapter needs into the cache, the ranks of ``torchrun`` sharing them.
+                      other_selection: bool = True, progress: bool = True, parallel: str | None = None) -> int:
+    """Train every teacher the chapter needs into the cache, in one process pool or the ranks of ``torchrun``
+    sharing them.
 
     The teachers are those of :func:`study_decompositions` and, with ``other_selection``, the CGP and DGP teachers
     at ``cpsd_k`` under the other ``image_selection`` (the chapter's section 3b). Under ``torchrun``
     (``WORLD_SIZE > 1``) rank ``r`` trains teachers ``r, r + W, ...`` of the whole list on ``cuda:LOCAL_RANK``,
-    without DDP and without waiting for the other ranks between decompositions; in one process it trains them
-    all. A teacher already in the cache is skipped, so an interrupted run resumes. Afterwards the chapter
-    (``mlic reproduce psd``) finds every teacher cached and trains only the students. Returns the number of
-    teachers this process trained.
+    without DDP and without waiting for the other ranks between decompositions. In one process, ``parallel``
+    (default ``psd.parallel``, see :func:`resolve_mode`) ``'process'`` trains them all in one process pool, else
+    one after another. A teacher already in the cache is skipped, so an interrupted run resumes. Afterwards the
+    chapter (``mlic reproduce psd``) finds every teacher cached and trains only the students. Returns the number
+    of teachers this process (or its pool) trained.
     """
     from tqdm.auto import tqdm
 
     from mlic_lib.utils import distributed_info
 
+    mode = resolve_mode(settings, parallel)
     p = settings.get("psd", {})
     jobs = [(settings, sub) for subsets in planned_decompositions(settings, data, S).values() for sub in subsets]
     if other_selection:
@@ -696,6 +804,13 @@ def pretrain_teachers(settings: Mapping[str, Any], data, S: np.ndarray, *, seed:
                  for sub in _decompose(alt, S, strat, int(p.get("cpsd_k", 5)), data.num_classes)]
     specs = list({spec.run_dir(): spec for spec in (_teacher_spec(st, sub, seed=seed) for st, sub in jobs)}.values())
     world, rank, local = distributed_info()
+    if world == 1 and mode == "process":
+        from mlic_lib.process_pool import run_missing
+
+        images = _teacher_images(data)
+        jobs = {i: (spec, images, data.train_targets) for i, spec in enumerate(specs)}
+        return len(run_missing(_pool_worker, jobs, lambda i: _is_done(specs[i]),
+                               desc="teachers" if progress else None))
     device = f"cuda:{local}" if torch.cuda.is_available() else None
     mine = [s for i, s in enumerate(specs) if i % world == rank and not _is_done(s)]
     with _single_process_env():
@@ -743,49 +858,49 @@ class PSDStudy:
         return float(self.students[name].final["mAP"])
 
 
-def run_study(settings: Mapping[str, Any], data, S: np.ndarray, *, seed: int = 0) -> PSDStudy:
+def run_study(settings: Mapping[str, Any], data, S: np.ndarray, *, seed: int = 0,
+              parallel: str | None = None) -> PSDStudy:
     """Fig. 3 and Table 3 of the paper on ``data``: baseline, SD, CGPD / DGPD / random students for every
     ``k`` in ``settings['psd']['ks']`` and the CPSD student at ``settings['psd']['cpsd_k']``.
 
     Decompositions come from ``S`` (:func:`mlic_lib.partition.similarity_matrix` of the training labels) with
     the profile's ``tau`` and ``complement``. Teachers are shared: the CGP and DGP teachers of ``cpsd_k`` serve
-    the CGPD, DGPD and CPSD students; the ``k = 1`` teacher (the whole task) is the SD teacher."""
+    the CGPD, DGPD and CPSD students; the ``k = 1`` teacher (the whole task) is the SD teacher.
+
+    The teachers train first, then the baseline and the students (:func:`train_runs`). ``parallel`` (default
+    ``psd.parallel``, see :func:`resolve_mode`) ``'process'`` trains all teachers in one process pool
+    (:func:`pretrain_teachers`) and then the baseline and all students in another: two pool start-ups instead of
+    one per decomposition."""
     t0 = time.perf_counter()
     p = settings.get("psd", {})
     ks = [int(k) for k in p.get("ks", [1, 2, 3, 5])]
     cpsd_k = int(p.get("cpsd_k", 5))
     random_seeds = [int(s) for s in p.get("random_seeds", [0])]
+    mode = resolve_mode(settings, parallel)
+    plan = planned_decompositions(settings, data, S)  # all of them checked before the first run trains
+    if mode == "process":
+        pretrain_teachers(settings, data, S, seed=seed, other_selection=False, progress=False, parallel=mode)
     subsets: dict = {}
     ensembles: dict = {}
     emap: dict = {}
-    students: dict[str, FitResult] = {}
+    for key, subs in plan.items():  # trains what no pool did, else loads
+        subsets[key], ensembles[key], emap[key] = decomposition_teachers(settings, data, S, key[0], key[1], seed=seed,
+                                                                         rseed=key[2], subsets=subs)
 
-    plan = planned_decompositions(settings, data, S)  # all of them checked before the first run trains
+    def student(run_name: str, *keys: tuple[str, int, int]) -> RunRequest:
+        ens = [ensembles[k] for k in keys]
+        tkey = ens[0].run_key if len(ens) == 1 else [e.run_key for e in ens]
+        return RunRequest(settings, seed, run_name, ens, tkey)
 
-    def teachers(strategy: str, k: int, rseed: int = 0):
-        key = (strategy, k, rseed)
-        assert key in plan, f"{key} is missing from study_decompositions (which pretrain_teachers follows)"
-        if key not in ensembles:
-            subsets[key], ensembles[key], emap[key] = decomposition_teachers(settings, data, S, strategy, k,
-                                                                             seed=seed, rseed=rseed,
-                                                                             subsets=plan[key])
-        return ensembles[key]
-
-    baseline = train_baseline(settings, data, seed=seed)
-    sd = teachers("cgp", 1)
-    students["sd"] = train_student(settings, data, [sd], seed=seed, name="sd", teacher_key=sd.run_key)
+    requests = {"baseline": RunRequest(settings, seed, "baseline"), "sd": student("sd", ("cgp", 1, 0))}
     for k in ks:
         if k == 1:
             continue
         for strategy in ("cgp", "dgp"):
-            ens = teachers(strategy, k)
-            students[f"{strategy}d-{k}"] = train_student(settings, data, [ens], seed=seed, name=f"{strategy}d-{k}",
-                                                         teacher_key=ens.run_key)
+            requests[f"{strategy}d-{k}"] = student(f"{strategy}d-{k}", (strategy, k, 0))
         for rs in random_seeds:
-            ens = teachers("random", k, rs)
-            students[f"random-{k}-s{rs}"] = train_student(settings, data, [ens], seed=seed, name=f"random-{k}",
-                                                          teacher_key=ens.run_key)
-    pos, neg = teachers("cgp", cpsd_k), teachers("dgp", cpsd_k)
-    students[f"cpsd-{cpsd_k}"] = train_student(settings, data, [pos, neg], seed=seed, name=f"cpsd-{cpsd_k}",
-                                               teacher_key=[pos.run_key, neg.run_key])
-    return PSDStudy(subsets, ensembles, emap, students, baseline, time.perf_counter() - t0)
+            requests[f"random-{k}-s{rs}"] = student(f"random-{k}", ("random", k, rs))
+    requests[f"cpsd-{cpsd_k}"] = student(f"cpsd-{cpsd_k}", ("cgp", cpsd_k, 0), ("dgp", cpsd_k, 0))
+    runs = dict(zip(requests, train_runs(list(requests.values()), data, parallel=mode), strict=True))
+    baseline = runs.pop("baseline")
+    return PSDStudy(subsets, ensembles, emap, runs, baseline, time.perf_counter() - t0)

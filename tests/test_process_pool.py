@@ -178,3 +178,19 @@ def test_explicit_modes_are_kept_and_bad_ones_name_the_option(alone_on_cpu, monk
         resolve_parallel("threads", "cpu", option="indeed.parallel")
     with pytest.raises(ValueError, match=r"^parallel must be one of"):
         resolve_parallel("Process")
+
+
+def test_psd_auto_follows_the_library_rule_and_torchrun(alone_on_cpu, monkeypatch):
+    """CPSD's psd.parallel 'auto': torchrun's ranks under torchrun, else the rule above (a pool on a multi-core CPU,
+    one run after another on a GPU); an explicit mode is kept, a bad one named."""
+    from mlic_lib import psd
+
+    s = {"train": {"device": "auto"}, "psd": {"parallel": "auto"}}
+    assert psd.resolve_mode(s) == "process" and psd.resolve_mode({"train": {}}) == "process"
+    assert psd.resolve_mode(s, "sequential") == "sequential"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert psd.resolve_mode(s) == "sequential"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert psd.resolve_mode(s) == "torchrun"
+    with pytest.raises(ValueError, match="parallel must be one of"):
+        psd.resolve_mode({"psd": {"parallel": "threads"}})

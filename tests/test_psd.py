@@ -214,7 +214,7 @@ def _settings(**psd_over):
     return {"chapter": "psd-test", "data": {"n_train": 40},
             "model": {"backbone": "small_resnet", "pool": "max", "widths": [4, 8]},
             "train": {"epochs": 1, "batch_size": 16, "lr": 0.003, "optimizer": "adam", "seed": 0, "device": "cpu"},
-            "teacher_train": {"epochs": 1}, "psd": {"tau": 3.0, **psd_over}}
+            "teacher_train": {"epochs": 1}, "psd": {"tau": 3.0, "parallel": "sequential", **psd_over}}
 
 
 def _teacher_task(small_scenes, n: int):
@@ -250,6 +250,74 @@ def test_process_pool_gives_the_same_teachers_as_sequential(small_scenes):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(seq(x), par(x), atol=1e-5)
+
+
+def _inline_pools(monkeypatch) -> list[int]:
+    """Run the library's process pools inline (no spawned interpreters); returns the list of pool sizes started."""
+    from mlic_lib import process_pool
+
+    started = []
+
+    def inline(fn, tasks, *, max_workers=None, desc=None):
+        tasks = [tuple(t) for t in tasks]
+        if tasks:
+            started.append(len(tasks))
+        return [fn(*t) for t in tasks]
+
+    monkeypatch.setattr(process_pool, "map_in_processes", inline)
+    return started
+
+
+def _half_res_scenes(small_scenes):
+    from mlic_lib.data.tensors import TensorImageDataset
+    from mlic_lib.experiments import SceneData
+
+    full_train, test = small_scenes
+    train = dataclasses.replace(full_train, images=full_train.images[:, :, ::2, ::2].copy())  # the fixture stays intact
+    return SceneData(train, test, TensorImageDataset(train.images, train.targets),
+                     TensorImageDataset(test.images[:, :, ::2, ::2].copy(), test.targets))
+
+
+def test_a_pooled_study_starts_two_pools(small_scenes, monkeypatch):
+    """psd.parallel 'process': every teacher of the study in one pool, then the baseline and every student in
+    another (one pool per decomposition made CPSD slower pooled than sequential on a 16-core GPU machine); a rerun
+    finds everything cached and starts none."""
+    from mlic_lib.partition import similarity_matrix
+
+    data = _half_res_scenes(small_scenes)
+    S = similarity_matrix(targets=data.train_targets)
+    s = _settings(ks=[1, 2], cpsd_k=2, n_init=4, parallel="process")
+    started = _inline_pools(monkeypatch)
+    study = psd.run_study(s, data, S)
+    n_teachers = sum(len(v) for v in study.subsets.values())
+    assert started == [n_teachers, 1 + len(study.students)] == [7, 6]  # k=1: 1, k=2: CGP, DGP, random 2 each
+    assert psd.run_study(s, data, S).students["cpsd-2"].cached and started == [7, 6]
+
+
+def test_train_runs_in_a_pool_match_one_process(small_scenes, monkeypatch):
+    """train_runs: the students and baseline a pool trains (its workers load the teachers from the cache by their
+    specs) are the runs one process trains, in the requests' order; teachers without specs are refused."""
+    data = _half_res_scenes(small_scenes)
+    torch.set_num_threads(1)
+    s = _settings()
+    ens, _ = psd.train_teachers(s, data.train_ds, data.train_targets, [np.arange(0, 10), np.arange(10, 20)])
+    ens.run_key = ["t"]
+
+    def requests(settings):
+        return [psd.RunRequest(settings, 0, "cgpd-2", [ens], ens.run_key), psd.RunRequest(settings, 1, "baseline")]
+
+    seq = psd.train_runs(requests(s), data)
+    started = _inline_pools(monkeypatch)
+    pooled_settings = {**s, "chapter": "psd-pool", "psd": {**s["psd"], "parallel": "process"}}
+    par = psd.train_runs(requests(pooled_settings), data)
+    assert started == [2] and not any(r.cached for r in par)
+    for a, b in zip(seq, par, strict=True):
+        assert a.run_dir != b.run_dir and a.final["mAP"] == pytest.approx(b.final["mAP"], abs=1e-6)
+    assert "kd" in par[0].history[-1] and "kd" not in par[1].history[-1]  # a student, then the baseline
+    assert all(r.cached for r in psd.train_runs(requests(pooled_settings), data)) and started == [2]
+    bare = psd.TeacherEnsemble([_tiny_model(10, 0), _tiny_model(10, 1)], [np.arange(0, 10), np.arange(10, 20)], 20)
+    with pytest.raises(ValueError, match="no TeacherSpec.*parallel='sequential'"):
+        psd.train_runs([psd.RunRequest(pooled_settings, 0, "x", [bare], ["bare"])], data)
 
 
 def test_bad_parallel_mode():

@@ -395,7 +395,7 @@ def test_psd_subtask_view_and_on_the_fly_student(fake_root):
     settings = {"chapter": "psd-real-test", "data": {"dataset": "coco2014"},
                 "model": {"backbone": "small_resnet", "pool": "max", "widths": [4, 8, 8, 8]},
                 "train": {"epochs": 1, "batch_size": 8, "lr": 0.01, "optimizer": "adam", "scheduler": "none"},
-                "teacher_train": {"epochs": 1}, "psd": {"image_selection": "all"}}
+                "teacher_train": {"epochs": 1}, "psd": {"image_selection": "all", "parallel": "sequential"}}
     ens, runs = psd.train_teachers(settings, d.train_ds, d.train_targets, [np.arange(6), np.arange(6, 12)])
     assert len(runs) == 2
     student = psd.train_student(settings, d, [ens], name="cgpd-2", teacher_key=psd.teacher_key(runs))
