@@ -80,6 +80,8 @@ __all__ = [
     "train_teacher",
     "train_teachers",
     "pretrain_teachers",
+    "matched_epochs",
+    "selection_variants",
     "RunRequest",
     "train_runs",
     "resolve_mode",
@@ -94,6 +96,9 @@ __all__ = [
 IMAGE_SELECTIONS = ("containing", "all")
 KD_IMAGES = ("subtask", "all")
 KD_REDUCTIONS = ("sum", "mean")
+#: psd.teacher_epochs: 'fixed' = every teacher trains teacher_train.epochs over its own images (the paper's 20);
+#: 'matched_steps' = a teacher on the images containing its classes trains as many optimiser steps as one on all
+TEACHER_EPOCHS = ("fixed", "matched_steps")
 PARALLEL_MODES = ("auto", "sequential", "process", "torchrun")
 
 
@@ -415,13 +420,35 @@ class TeacherSpec:
         return run_dir_for(f"psd-asl-{len(self.subset)}c-s{self.seed}", self.key(), code=(__name__,))
 
 
+def matched_epochs(epochs: int, batch_size: int, n_images: int, n_all: int) -> int:
+    """The epochs over ``n_images`` whose optimiser steps come closest to ``epochs`` epochs over ``n_all`` images
+    (batches of ``batch_size``, the last one kept), never fewer than ``epochs``: ``psd.teacher_epochs:
+    matched_steps``, which gives a teacher on the images containing its classes the training length of a teacher
+    on all images."""
+    if not 0 < n_images <= n_all or epochs < 1 or batch_size < 1:
+        raise ValueError(f"need 0 < n_images <= n_all and epochs, batch_size >= 1, got {n_images}, {n_all}, {epochs}, "
+                         f"{batch_size}")
+    per_epoch, target = -(-n_images // batch_size), epochs * -(-n_all // batch_size)
+    return max(epochs, round(target / per_epoch))
+
+
 def _teacher_spec(settings: Mapping[str, Any], subset, *, seed: int, train: Mapping | None = None,
-                  images: str | None = None) -> TeacherSpec:
+                  images: str | None = None, targets=None) -> TeacherSpec:
+    """``targets`` (the training labels) are needed only under ``psd.teacher_epochs: matched_steps``."""
     p = settings.get("psd", {})
     overrides = dict(train if train is not None else settings.get("teacher_train", {}))
-    return TeacherSpec(model=dict(settings["model"]), train={**settings["train"], **overrides, "seed": seed},
+    spec_train = {**settings["train"], **overrides, "seed": seed}
+    images = images or p.get("image_selection", "containing")
+    if p.get("teacher_epochs", "fixed") == "matched_steps" and images == "containing":
+        if targets is None:
+            raise ValueError("psd.teacher_epochs: matched_steps sets each teacher's epochs from its number of images: "
+                             "pass the training labels (targets=)")
+        targets = np.asarray(targets)
+        spec_train["epochs"] = matched_epochs(int(spec_train.get("epochs", 10)), int(spec_train.get("batch_size", 64)),
+                                              len(subtask_indices(targets, subset)), len(targets))
+    return TeacherSpec(model=dict(settings["model"]), train=spec_train,
                        asl=dict(p.get("asl", {})), subset=[int(c) for c in subset],
-                       images=images or p.get("image_selection", "containing"), seed=seed,
+                       images=images, seed=seed,
                        data_key={"data": settings.get("data"), "chapter": settings.get("chapter")})
 
 
@@ -440,7 +467,8 @@ def train_teacher(settings: Mapping[str, Any], train_data, targets, subset: Sequ
     ``train_data``: ``uint8`` images or a dataset (see :func:`subtask_dataset`). ``train`` overrides
     ``settings['train']`` (default ``settings['teacher_train']``); ``images`` overrides
     ``settings['psd']['image_selection']``."""
-    return _fit_teacher(_teacher_spec(settings, subset, seed=seed, train=train, images=images), train_data, targets,
+    return _fit_teacher(_teacher_spec(settings, subset, seed=seed, train=train, images=images, targets=targets),
+                        train_data, targets,
                         progress=progress)
 
 
@@ -516,7 +544,7 @@ def train_teachers(settings: Mapping[str, Any], train_data, targets, subsets: Se
     from mlic_lib.partition import check_partition
 
     check_partition(subsets, C)
-    specs = [_teacher_spec(settings, s, seed=seed) for s in subsets]
+    specs = [_teacher_spec(settings, s, seed=seed, targets=targets) for s in subsets]
     todo = [i for i, s in enumerate(specs) if not _is_done(s)]
     pooled: dict[int, tuple[str, bool]] = {}  # {teacher: (run folder, cached)} from the workers
     if mode == "process" and len(todo) > 1:
@@ -715,6 +743,7 @@ def check_options(p: Mapping[str, Any]) -> None:
     from mlic_lib.partition import COMPLEMENTS, LAPLACIANS, RANDOM_SIZES
 
     choices = {"image_selection": IMAGE_SELECTIONS, "kd_images": KD_IMAGES, "parallel": PARALLEL_MODES,
+               "teacher_epochs": TEACHER_EPOCHS,
                "laplacian": LAPLACIANS, "complement": COMPLEMENTS, "kd_reduction": KD_REDUCTIONS,
                "random_sizes": RANDOM_SIZES}
     for key, valid in choices.items():
@@ -736,6 +765,7 @@ def check_options(p: Mapping[str, Any]) -> None:
         "tau": (at_least(0, strict=True), "a number > 0"),
         "kd_weight": (at_least(0), "a number >= 0"),
     }
+    checks["matched_steps_check"] = (lambda v: isinstance(v, bool), "true or false")
     for key, (ok, what) in checks.items():
         if key in p and not ok(p[key]):
             raise ValueError(f"psd.{key} must be {what}, got {p[key]!r}")
@@ -776,13 +806,28 @@ def planned_decompositions(settings: Mapping[str, Any], data, S: np.ndarray) -> 
     return out
 
 
+def selection_variants(settings: Mapping[str, Any]) -> dict[str, dict]:
+    """The teacher settings the chapter's section 3b sets beside the profile's own, by column name: the other
+    ``image_selection``; and, when the profile's teachers see only the images containing their classes for a fixed
+    number of epochs and ``psd.matched_steps_check`` is on (the default), those teachers trained for as many
+    optimiser steps as teachers on all images (``'containing, matched steps'``, ``teacher_epochs: matched_steps``),
+    which separates the training length from the images in the difference between the two selections."""
+    p = settings.get("psd", {})
+    sel = p.get("image_selection", "containing")
+    alt = "all" if sel == "containing" else "containing"
+    out = {alt: {**settings, "psd": {**p, "image_selection": alt}}}
+    if sel == "containing" and p.get("teacher_epochs", "fixed") == "fixed" and p.get("matched_steps_check", True):
+        out["containing, matched steps"] = {**settings, "psd": {**p, "teacher_epochs": "matched_steps"}}
+    return out
+
+
 def pretrain_teachers(settings: Mapping[str, Any], data, S: np.ndarray, *, seed: int = 0,
                       other_selection: bool = True, progress: bool = True, parallel: str | None = None) -> int:
     """Train every teacher the chapter needs into the cache, in one process pool or the ranks of ``torchrun``
     sharing them.
 
     The teachers are those of :func:`study_decompositions` and, with ``other_selection``, the CGP and DGP teachers
-    at ``cpsd_k`` under the other ``image_selection`` (the chapter's section 3b). Under ``torchrun``
+    at ``cpsd_k`` of each :func:`selection_variants` (the chapter's section 3b). Under ``torchrun``
     (``WORLD_SIZE > 1``) rank ``r`` trains teachers ``r, r + W, ...`` of the whole list on ``cuda:LOCAL_RANK``,
     without DDP and without waiting for the other ranks between decompositions. In one process, ``parallel``
     (default ``psd.parallel``, see :func:`resolve_mode`) ``'process'`` trains them all in one process pool, else
@@ -798,11 +843,10 @@ def pretrain_teachers(settings: Mapping[str, Any], data, S: np.ndarray, *, seed:
     p = settings.get("psd", {})
     jobs = [(settings, sub) for subsets in planned_decompositions(settings, data, S).values() for sub in subsets]
     if other_selection:
-        alt = {**settings, "psd": {**p, "image_selection": "all" if p.get("image_selection", "containing")
-                                   == "containing" else "containing"}}
-        jobs += [(alt, sub) for strat in ("cgp", "dgp")
-                 for sub in _decompose(alt, S, strat, int(p.get("cpsd_k", 5)), data.num_classes)]
-    specs = list({spec.run_dir(): spec for spec in (_teacher_spec(st, sub, seed=seed) for st, sub in jobs)}.values())
+        jobs += [(v, sub) for v in selection_variants(settings).values() for strat in ("cgp", "dgp")
+                 for sub in _decompose(v, S, strat, int(p.get("cpsd_k", 5)), data.num_classes)]
+    specs = list({spec.run_dir(): spec for spec in (_teacher_spec(st, sub, seed=seed, targets=data.train_targets)
+                                                    for st, sub in jobs)}.values())
     world, rank, local = distributed_info()
     if world == 1 and mode == "process":
         from mlic_lib.process_pool import run_missing

@@ -468,11 +468,52 @@ def test_pretrain_teachers_fills_the_cache_the_study_reads(small_scenes, monkeyp
     fits = []
     real_fit = psd._fit_teacher
     monkeypatch.setattr(psd, "_fit_teacher", lambda *a, **k: fits.append(real_fit(*a, **k)) or fits[-1])
-    alt = {**s, "psd": {**s["psd"], "image_selection": "all"}}
-    for settings, (strategy, k, rseed) in [(s, d) for d in psd.study_decompositions(s)] + [(alt, ("cgp", 2, 0)),
-                                                                                            (alt, ("dgp", 2, 0))]:
+    variants = psd.selection_variants(s)
+    assert list(variants) == ["all", "containing, matched steps"]
+    for settings, (strategy, k, rseed) in [(s, d) for d in psd.study_decompositions(s)] + [
+            (v, (g, 2, 0)) for v in variants.values() for g in ("cgp", "dgp")]:
         psd.decomposition_teachers(settings, data, S, strategy, k, rseed=rseed)
-    assert len(fits) == sum(counts) and all(r.cached for r in fits)
+    assert len({f.run_dir for f in fits}) == sum(counts) and all(r.cached for r in fits)
+
+
+def test_matched_epochs_matches_the_steps_of_a_teacher_on_all_images():
+    """psd.teacher_epochs: matched_steps: the epochs over a sub-task's images whose optimiser steps (the last batch
+    kept) come closest to those of the same epochs over every image, and never fewer epochs than that."""
+    import math
+
+    for epochs, batch, n, n_all in [(4, 64, 300, 1500), (20, 32, 41, 1000), (1, 16, 7, 8), (3, 64, 1500, 1500)]:
+        e = psd.matched_epochs(epochs, batch, n, n_all)
+        per_epoch, target = math.ceil(n / batch), epochs * math.ceil(n_all / batch)
+        assert e >= epochs and abs(e * per_epoch - target) <= per_epoch / 2, (epochs, batch, n, n_all, e)
+    assert psd.matched_epochs(4, 64, 300, 1500) == 19  # 5 batches an epoch: 95 steps against 4 x 24 = 96
+    assert psd.matched_epochs(3, 64, 1500, 1500) == 3
+    for bad in [(4, 64, 0, 10), (4, 64, 11, 10), (0, 64, 5, 10), (4, 0, 5, 10)]:
+        with pytest.raises(ValueError, match="n_images <= n_all"):
+            psd.matched_epochs(*bad)
+
+
+def test_matched_steps_teachers_train_longer_on_their_images_only():
+    """Under teacher_epochs: matched_steps a teacher on the images containing its classes gets matched_epochs; one on
+    all images (or the baseline) keeps the profile's epochs; without the labels the epochs cannot be set."""
+    targets = np.zeros((100, 4), np.float32)
+    targets[:20, 0] = 1  # class 0 in 20 images, class 1..3 in all of them
+    targets[:, 1:] = 1
+    s = _settings(teacher_epochs="matched_steps")
+    s["teacher_train"] = {"epochs": 2, "batch_size": 10}
+    spec = psd._teacher_spec(s, [0], seed=0, targets=targets)
+    assert spec.train["epochs"] == psd.matched_epochs(2, 10, 20, 100) == 10
+    assert psd._teacher_spec(s, [1, 2], seed=0, targets=targets).train["epochs"] == 2  # every image has them
+    assert psd._teacher_spec({**s, "psd": {**s["psd"], "image_selection": "all"}}, [0], seed=0).train["epochs"] == 2
+    assert psd._teacher_spec(_settings(), [0], seed=0, targets=targets).train["epochs"] == 1  # 'fixed' (default)
+    with pytest.raises(ValueError, match="matched_steps.*targets="):
+        psd._teacher_spec(s, [0], seed=0)
+    with pytest.raises(ValueError, match="psd.teacher_epochs must be one of"):
+        psd.check_options({"teacher_epochs": "long"})
+    assert list(psd.selection_variants({**s, "psd": {"image_selection": "all"}})) == ["containing"]
+    assert list(psd.selection_variants(s)) == ["all"]  # matched already: no extra column
+    assert list(psd.selection_variants(_settings(matched_steps_check=False))) == ["all"]  # the full recipe's choice
+    with pytest.raises(ValueError, match="matched_steps_check must be true or false"):
+        psd.check_options({"matched_steps_check": "yes"})
 
 
 def test_a_student_starts_from_its_own_seeds_weights(small_scenes, monkeypatch):
