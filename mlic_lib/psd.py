@@ -81,6 +81,7 @@ __all__ = [
     "train_teachers",
     "pretrain_teachers",
     "matched_epochs",
+    "teacher_steps",
     "selection_variants",
     "RunRequest",
     "train_runs",
@@ -444,8 +445,9 @@ def _teacher_spec(settings: Mapping[str, Any], subset, *, seed: int, train: Mapp
             raise ValueError("psd.teacher_epochs: matched_steps sets each teacher's epochs from its number of images: "
                              "pass the training labels (targets=)")
         targets = np.asarray(targets)
-        spec_train["epochs"] = matched_epochs(int(spec_train.get("epochs", 10)), int(spec_train.get("batch_size", 64)),
-                                              len(subtask_indices(targets, subset)), len(targets))
+        cfg = TrainConfig.from_dict(spec_train)
+        spec_train["epochs"] = matched_epochs(cfg.epochs, cfg.batch_size, len(subtask_indices(targets, subset)),
+                                              len(targets))
     return TeacherSpec(model=dict(settings["model"]), train=spec_train,
                        asl=dict(p.get("asl", {})), subset=[int(c) for c in subset],
                        images=images, seed=seed,
@@ -508,8 +510,13 @@ def resolve_mode(settings: Mapping[str, Any], parallel: str | None = None) -> st
     mode = parallel or settings.get("psd", {}).get("parallel") or "auto"
     if mode not in PARALLEL_MODES:
         raise ValueError(f"parallel must be one of {PARALLEL_MODES}, got {mode!r}")
+    under_torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if mode == "process" and under_torchrun:
+        raise ValueError("psd.parallel: process under torchrun would start a process pool in every rank, whose "
+                         "workers inherit the rank's torchrun variables: use psd.parallel: torchrun (or auto), which "
+                         "shares the teachers among the ranks, or run without torchrun")
     if mode == "auto":
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if under_torchrun:
             return "torchrun"
         return resolve_parallel("auto", settings.get("train", {}).get("device"), option="psd.parallel")
     return mode
@@ -662,7 +669,12 @@ def _run_request(req: RunRequest, data) -> FitResult:
 
 
 def _pool_request(req: RunRequest, specs: list[list[TeacherSpec]], data) -> tuple[str, bool]:
-    """A pool worker's run: the teachers are loaded from the cache (their specs), not sent pickled."""
+    """A pool worker's run: the teachers are loaded from the cache (their specs), not sent pickled; one missing
+    there (a cleaned cache, another ``MLIC_CACHE``) is an error, not a silent retraining."""
+    missing = [str(s.run_dir()) for group in specs for s in group if not _is_done(s)]
+    if missing:
+        raise RuntimeError(f"a student's teachers are not in the run cache ({missing}); train_runs' pool workers load "
+                           "them from there: train them first (train_teachers) with the same MLIC_CACHE")
     ensembles = [TeacherEnsemble([_fit_teacher(s, _teacher_images(data), data.train_targets).model for s in group],
                                  [s.subset for s in group], data.num_classes, specs=group).eval() for group in specs]
     run = _run_request(dataclasses.replace(req, teachers=ensembles), data)
@@ -691,10 +703,11 @@ def train_runs(requests: Sequence[RunRequest], data, *, parallel: str | None = N
             raise ValueError(f"parallel='process' loads each student's teachers from the run cache, but the teachers "
                              f"of {unspecced} have no TeacherSpec (they were not made by train_teachers): train them "
                              "with train_teachers / decomposition_teachers, or use parallel='sequential'")
+        done = [is_finished(r.run_dir(data.num_classes)) for r in requests]
         jobs = {i: (dataclasses.replace(r, teachers=()), [list(e.specs) for e in r.teachers], data)
                 for i, r in enumerate(requests)}
-        pooled = run_missing(_pool_request, jobs, lambda i: is_finished(requests[i].run_dir(data.num_classes)),
-                             max_workers=max_workers, desc="students and baselines")
+        pooled = {} if len(done) - sum(done) < 2 else run_missing(
+            _pool_request, jobs, lambda i: done[i], max_workers=max_workers, desc="students and baselines")
     else:
         pooled = {}
     results = [_run_request(r, data) for r in requests]  # trains what is left, else loads what the workers wrote
@@ -806,6 +819,19 @@ def planned_decompositions(settings: Mapping[str, Any], data, S: np.ndarray) -> 
     return out
 
 
+def teacher_steps(settings: Mapping[str, Any], subsets: Sequence[Sequence[int]], targets) -> list[int]:
+    """The optimiser steps each teacher of ``subsets`` takes under ``settings`` (its images, epochs and batch size,
+    ``psd.teacher_epochs`` included; one process, the last batch of an epoch kept, as :func:`train_teachers`)."""
+    targets = np.asarray(targets)
+    out = []
+    for sub in subsets:
+        spec = _teacher_spec(settings, sub, seed=0, targets=targets)
+        n = len(subtask_indices(targets, sub, spec.images))
+        cfg = TrainConfig.from_dict(spec.train)
+        out.append(cfg.epochs * -(-n // cfg.batch_size))
+    return out
+
+
 def selection_variants(settings: Mapping[str, Any]) -> dict[str, dict]:
     """The teacher settings the chapter's section 3b sets beside the profile's own, by column name: the other
     ``image_selection``; and, when the profile's teachers see only the images containing their classes for a fixed
@@ -815,7 +841,7 @@ def selection_variants(settings: Mapping[str, Any]) -> dict[str, dict]:
     p = settings.get("psd", {})
     sel = p.get("image_selection", "containing")
     alt = "all" if sel == "containing" else "containing"
-    out = {alt: {**settings, "psd": {**p, "image_selection": alt}}}
+    out = {alt: {**settings, "psd": {**p, "image_selection": alt, "teacher_epochs": "fixed"}}}
     if sel == "containing" and p.get("teacher_epochs", "fixed") == "fixed" and p.get("matched_steps_check", True):
         out["containing, matched steps"] = {**settings, "psd": {**p, "teacher_epochs": "matched_steps"}}
     return out
@@ -848,13 +874,13 @@ def pretrain_teachers(settings: Mapping[str, Any], data, S: np.ndarray, *, seed:
     specs = list({spec.run_dir(): spec for spec in (_teacher_spec(st, sub, seed=seed, targets=data.train_targets)
                                                     for st, sub in jobs)}.values())
     world, rank, local = distributed_info()
-    if world == 1 and mode == "process":
+    if world == 1 and mode == "process" and sum(not _is_done(s) for s in specs) > 1:
         from mlic_lib.process_pool import run_missing
 
         images = _teacher_images(data)
         jobs = {i: (spec, images, data.train_targets) for i, spec in enumerate(specs)}
-        return len(run_missing(_pool_worker, jobs, lambda i: _is_done(specs[i]),
-                               desc="teachers" if progress else None))
+        out = run_missing(_pool_worker, jobs, lambda i: _is_done(specs[i]), desc="teachers" if progress else None)
+        return sum(not cached for _, cached in out.values())  # another process may have finished one meanwhile
     device = f"cuda:{local}" if torch.cuda.is_available() else None
     mine = [s for i, s in enumerate(specs) if i % world == rank and not _is_done(s)]
     with _single_process_env():
@@ -864,20 +890,21 @@ def pretrain_teachers(settings: Mapping[str, Any], data, S: np.ndarray, *, seed:
 
 
 def decomposition_teachers(settings: Mapping[str, Any], data, S: np.ndarray, strategy: str, k: int, *,
-                           seed: int = 0, rseed: int = 0,
-                           subsets: list[np.ndarray] | None = None) -> tuple[list[np.ndarray], TeacherEnsemble, float]:
+                           seed: int = 0, rseed: int = 0, subsets: list[np.ndarray] | None = None,
+                           parallel: str | None = None) -> tuple[list[np.ndarray], TeacherEnsemble, float]:
     """One task decomposition and its teachers: ``(subsets, rho-merged ensemble, ensemble test mAP)``.
 
     ``strategy`` is ``'cgp'``, ``'dgp'`` or ``'random'`` (seeded by ``rseed``); the partition uses the profile's
     ``tau``, ``complement``, ``cluster_seed`` and ``n_init``, the teachers ``teacher_train`` and
     ``image_selection``. ``data`` is a ``SceneData`` (uint8 fast path) or a ``RealData`` (image files). The
     ensemble carries ``run_key`` (its teachers' run directories) for the student's cache key. ``subsets``: the
-    decomposition when already computed (:func:`planned_decompositions`)."""
+    decomposition when already computed (:func:`planned_decompositions`). ``parallel``: as :func:`train_teachers`."""
     from mlic_lib.engine import evaluate
 
     if subsets is None:
         subsets = _decompose(settings, S, strategy, k, data.num_classes, rseed)
-    ens, runs = train_teachers(settings, _teacher_images(data), data.train_targets, subsets, seed=seed)
+    ens, runs = train_teachers(settings, _teacher_images(data), data.train_targets, subsets, seed=seed,
+                               parallel=parallel)
     ens.run_key = teacher_key(runs)  # type: ignore[attr-defined]
     workers = int(settings["train"].get("num_workers", 0))
     emap = float(evaluate(ens, data.test_ds, num_workers=workers).metrics["mAP"])
@@ -929,7 +956,7 @@ def run_study(settings: Mapping[str, Any], data, S: np.ndarray, *, seed: int = 0
     emap: dict = {}
     for key, subs in plan.items():  # trains what no pool did, else loads
         subsets[key], ensembles[key], emap[key] = decomposition_teachers(settings, data, S, key[0], key[1], seed=seed,
-                                                                         rseed=key[2], subsets=subs)
+                                                                         rseed=key[2], subsets=subs, parallel=mode)
 
     def student(run_name: str, *keys: tuple[str, int, int]) -> RunRequest:
         ens = [ensembles[k] for k in keys]

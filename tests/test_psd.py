@@ -320,6 +320,42 @@ def test_train_runs_in_a_pool_match_one_process(small_scenes, monkeypatch):
         psd.train_runs([psd.RunRequest(pooled_settings, 0, "x", [bare], ["bare"])], data)
 
 
+@pytest.mark.slow
+def test_train_runs_in_a_real_pool(small_scenes):
+    """The spawned path: workers receive the data pickled, load the teachers from the cache by their specs and train
+    the student and the baseline, which this process then loads; a teacher missing from the cache is an error in the
+    worker, not a silent retraining."""
+    data = _half_res_scenes(small_scenes)
+    s = _settings(parallel="process")
+    ens, _ = psd.train_teachers(s, data.train_ds, data.train_targets, [np.arange(0, 10), np.arange(10, 20)],
+                                parallel="sequential")
+    reqs = [psd.RunRequest(s, 0, "cgpd-2", [ens], ["t"]), psd.RunRequest(s, 0, "baseline")]
+    runs = psd.train_runs(reqs, data, max_workers=2)
+    assert not any(r.cached for r in runs) and all(0 <= r.final["mAP"] <= 1 for r in runs)
+    import shutil
+
+    shutil.rmtree(ens.specs[0].run_dir())
+    with pytest.raises(RuntimeError, match="not in the run cache"):
+        psd.train_runs([psd.RunRequest(s, 1, "cgpd-2", [ens], ["t"]), psd.RunRequest(s, 1, "baseline")], data,
+                       max_workers=2)
+
+
+def test_process_mode_under_torchrun_and_the_study_override(small_scenes, monkeypatch):
+    """psd.parallel: process under torchrun is refused (each rank would start a pool whose workers inherit its
+    torchrun variables); run_study's parallel= reaches the teachers too (no pool per decomposition)."""
+    from mlic_lib.partition import similarity_matrix
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="process under torchrun.*psd.parallel: torchrun"):
+        psd.resolve_mode(_settings(parallel="process"))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    started = _inline_pools(monkeypatch)
+    data = _half_res_scenes(small_scenes)
+    psd.run_study(_settings(ks=[1, 2], cpsd_k=2, n_init=4, parallel="process"), data,
+                  similarity_matrix(targets=data.train_targets), parallel="sequential")
+    assert started == []
+
+
 def test_bad_parallel_mode():
     with pytest.raises(ValueError, match="parallel must be one of"):
         psd.train_teachers(_settings(), np.zeros((2, 3, 8, 8), np.uint8), np.eye(2), [[0], [1]], parallel="gpu")
@@ -479,17 +515,36 @@ def test_pretrain_teachers_fills_the_cache_the_study_reads(small_scenes, monkeyp
 def test_matched_epochs_matches_the_steps_of_a_teacher_on_all_images():
     """psd.teacher_epochs: matched_steps: the epochs over a sub-task's images whose optimiser steps (the last batch
     kept) come closest to those of the same epochs over every image, and never fewer epochs than that."""
-    import math
-
-    for epochs, batch, n, n_all in [(4, 64, 300, 1500), (20, 32, 41, 1000), (1, 16, 7, 8), (3, 64, 1500, 1500)]:
-        e = psd.matched_epochs(epochs, batch, n, n_all)
-        per_epoch, target = math.ceil(n / batch), epochs * math.ceil(n_all / batch)
-        assert e >= epochs and abs(e * per_epoch - target) <= per_epoch / 2, (epochs, batch, n, n_all, e)
     assert psd.matched_epochs(4, 64, 300, 1500) == 19  # 5 batches an epoch: 95 steps against 4 x 24 = 96
+    assert psd.matched_epochs(20, 32, 41, 1000) == 320  # 2 batches an epoch: 640 steps against 20 x 32
+    assert psd.matched_epochs(1, 16, 7, 8) == 1  # 1 batch an epoch either way
     assert psd.matched_epochs(3, 64, 1500, 1500) == 3
+    assert psd.matched_epochs(2, 10, 12, 31) == 4  # 2 batches an epoch (the last one kept): 8 steps for 2 x 4
     for bad in [(4, 64, 0, 10), (4, 64, 11, 10), (0, 64, 5, 10), (4, 0, 5, 10)]:
         with pytest.raises(ValueError, match="n_images <= n_all"):
             psd.matched_epochs(*bad)
+
+
+def test_teacher_steps_are_the_training_loaders_batches(small_scenes):
+    """teacher_steps (the chapter's step counts, and what matched_steps matches) equals epochs x the batches of the
+    loader fit trains a teacher with, for the profile's and the matched-steps teachers."""
+    from mlic_lib.engine import make_loader
+
+    imgs, tg, _ = _teacher_task(small_scenes, 40)
+    subsets = [[0, 1], [2, 3, 4], list(range(5, 20))]
+    for s in (_settings(), _settings(teacher_epochs="matched_steps")):
+        s["teacher_train"] = {"epochs": 2, "batch_size": 6}
+        expected = []
+        for sub in subsets:
+            spec = psd._teacher_spec(s, sub, seed=0, targets=tg)
+            loader = make_loader(psd.subtask_dataset(imgs, tg, sub, spec.images), 6, shuffle=True)
+            expected.append(spec.train["epochs"] * len(loader))
+        assert psd.teacher_steps(s, subsets, tg) == expected
+    fixed, matched = (psd.teacher_steps(_settings(teacher_epochs=t), subsets, tg) for t in ("fixed", "matched_steps"))
+    on_all = psd.teacher_steps(_settings(image_selection="all"), subsets, tg)
+    assert all(f <= a for f, a in zip(fixed, on_all, strict=True)) and fixed != on_all
+    # one teacher epoch in _settings: the fixed counts are the batches of an epoch, matched is within half of one
+    assert all(abs(m - a) <= f / 2 for m, a, f in zip(matched, on_all, fixed, strict=True)), (fixed, matched, on_all)
 
 
 def test_matched_steps_teachers_train_longer_on_their_images_only():
