@@ -683,7 +683,8 @@ def _pool_request(req: RunRequest, specs: list[list[TeacherSpec]], data) -> tupl
 
 def train_runs(requests: Sequence[RunRequest], data, *, parallel: str | None = None,
                max_workers: int | None = None) -> list[FitResult]:
-    """Train (or load) independent students and baselines: ``[_run(r) for r in requests]``, in order.
+    """Train (or load) independent students and baselines, one :class:`~mlic_lib.engine.FitResult` per request, in
+    the requests' order (:func:`train_student` or :func:`train_baseline` each).
 
     ``parallel`` (default the first request's ``psd.parallel``, see :func:`resolve_mode`): ``'process'`` trains the
     runs not yet cached in one process pool (:func:`mlic_lib.process_pool.run_missing`; its workers load each
@@ -714,7 +715,6 @@ def train_runs(requests: Sequence[RunRequest], data, *, parallel: str | None = N
     for i, (_, cached) in pooled.items():  # a cache hit only if it was one in the worker
         results[i].cached = cached
     return results
-
 
 
 # ------------------------------------------------------------------------------------ the study
