@@ -848,7 +848,8 @@ def selection_variants(settings: Mapping[str, Any]) -> dict[str, dict]:
 
 
 def pretrain_teachers(settings: Mapping[str, Any], data, S: np.ndarray, *, seed: int = 0,
-                      other_selection: bool = True, progress: bool = True, parallel: str | None = None) -> int:
+                      other_selection: bool = True, progress: bool = True, parallel: str | None = None,
+                      max_workers: int | None = None) -> int:
     """Train every teacher the chapter needs into the cache, in one process pool or the ranks of ``torchrun``
     sharing them.
 
@@ -857,7 +858,8 @@ def pretrain_teachers(settings: Mapping[str, Any], data, S: np.ndarray, *, seed:
     (``WORLD_SIZE > 1``) rank ``r`` trains teachers ``r, r + W, ...`` of the whole list on ``cuda:LOCAL_RANK``,
     without DDP and without waiting for the other ranks between decompositions. In one process, ``parallel``
     (default ``psd.parallel``, see :func:`resolve_mode`) ``'process'`` trains them all in one process pool, else
-    one after another. A teacher already in the cache is skipped, so an interrupted run resumes. Afterwards the
+    one after another (``max_workers``: the pool's size, default one per CPU). A teacher already in the cache is
+    skipped, so an interrupted run resumes. Afterwards the
     chapter (``mlic reproduce psd``) finds every teacher cached and trains only the students. Returns the number
     of teachers this process (or its pool) trained.
     """
@@ -879,7 +881,8 @@ def pretrain_teachers(settings: Mapping[str, Any], data, S: np.ndarray, *, seed:
 
         images = _teacher_images(data)
         jobs = {i: (spec, images, data.train_targets) for i, spec in enumerate(specs)}
-        out = run_missing(_pool_worker, jobs, lambda i: _is_done(specs[i]), desc="teachers" if progress else None)
+        out = run_missing(_pool_worker, jobs, lambda i: _is_done(specs[i]), max_workers=max_workers,
+                          desc="teachers" if progress else None)
         return sum(not cached for _, cached in out.values())  # another process may have finished one meanwhile
     device = f"cuda:{local}" if torch.cuda.is_available() else None
     mine = [s for i, s in enumerate(specs) if i % world == rank and not _is_done(s)]
@@ -930,7 +933,7 @@ class PSDStudy:
 
 
 def run_study(settings: Mapping[str, Any], data, S: np.ndarray, *, seed: int = 0,
-              parallel: str | None = None) -> PSDStudy:
+              parallel: str | None = None, max_workers: int | None = None) -> PSDStudy:
     """Fig. 3 and Table 3 of the paper on ``data``: baseline, SD, CGPD / DGPD / random students for every
     ``k`` in ``settings['psd']['ks']`` and the CPSD student at ``settings['psd']['cpsd_k']``.
 
@@ -941,7 +944,7 @@ def run_study(settings: Mapping[str, Any], data, S: np.ndarray, *, seed: int = 0
     The teachers train first, then the baseline and the students (:func:`train_runs`). ``parallel`` (default
     ``psd.parallel``, see :func:`resolve_mode`) ``'process'`` trains all teachers in one process pool
     (:func:`pretrain_teachers`) and then the baseline and all students in another: two pool start-ups instead of
-    one per decomposition."""
+    one per decomposition (``max_workers``: their size, default one per CPU)."""
     t0 = time.perf_counter()
     p = settings.get("psd", {})
     ks = [int(k) for k in p.get("ks", [1, 2, 3, 5])]
@@ -950,7 +953,8 @@ def run_study(settings: Mapping[str, Any], data, S: np.ndarray, *, seed: int = 0
     mode = resolve_mode(settings, parallel)
     plan = planned_decompositions(settings, data, S)  # all of them checked before the first run trains
     if mode == "process":
-        pretrain_teachers(settings, data, S, seed=seed, other_selection=False, progress=False, parallel=mode)
+        pretrain_teachers(settings, data, S, seed=seed, other_selection=False, progress=False, parallel=mode,
+                          max_workers=max_workers)
     subsets: dict = {}
     ensembles: dict = {}
     emap: dict = {}
@@ -972,6 +976,7 @@ def run_study(settings: Mapping[str, Any], data, S: np.ndarray, *, seed: int = 0
         for rs in random_seeds:
             requests[f"random-{k}-s{rs}"] = student(f"random-{k}", ("random", k, rs))
     requests[f"cpsd-{cpsd_k}"] = student(f"cpsd-{cpsd_k}", ("cgp", cpsd_k, 0), ("dgp", cpsd_k, 0))
-    runs = dict(zip(requests, train_runs(list(requests.values()), data, parallel=mode), strict=True))
+    runs = dict(zip(requests, train_runs(list(requests.values()), data, parallel=mode, max_workers=max_workers),
+                    strict=True))
     baseline = runs.pop("baseline")
     return PSDStudy(subsets, ensembles, emap, runs, baseline, time.perf_counter() - t0)

@@ -6,6 +6,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -160,3 +161,20 @@ def test_data_throughput_times_only_batches_made_after_the_prefetched_ones(monke
     assert seen[0] == (4, 4 * (1 + 2 * 3 + 4 * 3), 3)  # 7 untimed batches, then max(2, 12) timed ones
     assert rate == 12 * 4 / 1.0  # one tick of the fake clock between the start and the end
     assert reads == [7, 19]  # the clock is read after the 7 untimed batches and after all 19
+
+
+@pytest.mark.slow
+def test_psd_pool_times_the_same_teachers_in_both_modes(tmp_path):
+    """benchmarks/psd_pool.py: each mode trains the chapter's teachers from a cold cache of its own (the same count),
+    and the caller's MLIC_CACHE is left as it was."""
+    import os
+
+    bench = _script("psd_pool")
+    before = os.environ.get("MLIC_CACHE")
+    out = tmp_path / "pool.json"
+    assert bench.main(["--profile", "smoke", "--max-workers", "2", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    seq, pool = res["rows"]
+    assert (seq["mode"], pool["mode"]) == ("sequential", "process") and seq["workers"] == 1 and pool["workers"] == 2
+    assert seq["teachers"] == pool["teachers"] > 1 and seq["teachers_s"] > 0 and pool["teachers_s"] > 0
+    assert os.environ.get("MLIC_CACHE") == before and not any(Path(before).rglob("results.json"))
