@@ -584,15 +584,19 @@ def train_teachers(settings: Mapping[str, Any], train_data, targets, subsets: Se
 def train_baseline(settings: Mapping[str, Any], data, *, seed: int = 0) -> FitResult:
     """The plain model: the full label set, ASL, the student's recipe (``settings['train']``), evaluated
     on the test set. Its run is the same as a full-label teacher trained with that recipe."""
-    spec = _teacher_spec(settings, range(data.num_classes), seed=seed, train={}, images="all")
-    cfg = TrainConfig.from_dict(spec.train)
+    spec = _baseline_spec(settings, data.num_classes, seed)
     model = build_psd_model(spec.model, data.num_classes, seed)
-    return fit(model, data.train_ds, data.test_ds, cfg, step=ASLStep(spec.asl),
-               run_dir=_baseline_run_dir(settings, data.num_classes, seed), progress=False)
+    return fit(model, data.train_ds, data.test_ds, TrainConfig.from_dict(spec.train), step=ASLStep(spec.asl),
+               run_dir=_baseline_run_dir(settings, data.num_classes, seed, spec), progress=False)
 
 
-def _baseline_run_dir(settings: Mapping[str, Any], num_classes: int, seed: int) -> Path:
-    spec = _teacher_spec(settings, range(num_classes), seed=seed, train={}, images="all")
+def _baseline_spec(settings: Mapping[str, Any], num_classes: int, seed: int) -> TeacherSpec:
+    return _teacher_spec(settings, range(num_classes), seed=seed, train={}, images="all")
+
+
+def _baseline_run_dir(settings: Mapping[str, Any], num_classes: int, seed: int,
+                      spec: TeacherSpec | None = None) -> Path:
+    spec = spec or _baseline_spec(settings, num_classes, seed)
     return run_dir_for(f"psd-baseline-s{seed}", {**spec.key(), "role": "baseline"}, code=(__name__,))
 
 
