@@ -143,7 +143,10 @@ def run_missing(fn: Callable, jobs: Mapping[Hashable, Sequence[Any]], done: Call
                 max_workers: int | None = None, desc: str | None = None) -> dict[Hashable, Any]:
     """:func:`map_in_processes` over the ``jobs`` (``{key: args}``) for which ``done(key)`` is false;
     returns ``{key: fn(*args)}`` for those (in this library ``(run folder, cached)``: the caller loads the
-    folder each worker wrote and reports the run as cached only if the worker found it so)."""
+    folder each worker wrote and reports the run as cached only if the worker found it so). A single missing job
+    runs in this process: a pool of one worker would only add its start-up."""
     todo = [k for k in jobs if not done(k)]
+    if len(todo) == 1:
+        return {todo[0]: fn(*jobs[todo[0]])}
     out = map_in_processes(fn, [jobs[k] for k in todo], max_workers=max_workers, desc=desc)
     return dict(zip(todo, out, strict=True))

@@ -554,7 +554,7 @@ def train_teachers(settings: Mapping[str, Any], train_data, targets, subsets: Se
     specs = [_teacher_spec(settings, s, seed=seed, targets=targets) for s in subsets]
     todo = [i for i, s in enumerate(specs) if not _is_done(s)]
     pooled: dict[int, tuple[str, bool]] = {}  # {teacher: (run folder, cached)} from the workers
-    if mode == "process" and len(todo) > 1:
+    if mode == "process" and todo:
         from mlic_lib.process_pool import run_missing
 
         # loaded below, as the workers wrote them
@@ -708,11 +708,10 @@ def train_runs(requests: Sequence[RunRequest], data, *, parallel: str | None = N
             raise ValueError(f"parallel='process' loads each student's teachers from the run cache, but the teachers "
                              f"of {unspecced} have no TeacherSpec (they were not made by train_teachers): train them "
                              "with train_teachers / decomposition_teachers, or use parallel='sequential'")
-        done = [is_finished(r.run_dir(data.num_classes)) for r in requests]
         jobs = {i: (dataclasses.replace(r, teachers=()), [list(e.specs) for e in r.teachers], data)
                 for i, r in enumerate(requests)}
-        pooled = {} if len(done) - sum(done) < 2 else run_missing(
-            _pool_request, jobs, lambda i: done[i], max_workers=max_workers, desc="students and baselines")
+        pooled = run_missing(_pool_request, jobs, lambda i: is_finished(requests[i].run_dir(data.num_classes)),
+                             max_workers=max_workers, desc="students and baselines")
     else:
         pooled = {}
     results = [_run_request(r, data) for r in requests]  # trains what is left, else loads what the workers wrote
@@ -880,7 +879,7 @@ def pretrain_teachers(settings: Mapping[str, Any], data, S: np.ndarray, *, seed:
     specs = list({spec.run_dir(): spec for spec in (_teacher_spec(st, sub, seed=seed, targets=data.train_targets)
                                                     for st, sub in jobs)}.values())
     world, rank, local = distributed_info()
-    if world == 1 and mode == "process" and sum(not _is_done(s) for s in specs) > 1:
+    if world == 1 and mode == "process":
         from mlic_lib.process_pool import run_missing
 
         images = _teacher_images(data)

@@ -1,6 +1,8 @@
-"""The spawn-based process pool used for independent CPU runs (INDeeD, CPSD teachers)."""
+"""The spawn-based process pool used for independent CPU runs (SpliceMix, INDeeD, CPSD)."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -34,6 +36,7 @@ def test_run_missing_skips_what_is_done():
     jobs = {"a": (2, 3), "b": (3, 3), "c": (4, 3)}
     assert run_missing(pow, jobs, lambda k: k == "b", max_workers=2) == {"a": 8, "c": 64}
     assert run_missing(pow, jobs, lambda k: True) == {}
+    assert run_missing(os.getpid, {"a": ()}, lambda k: False) == {"a": os.getpid()}  # one missing job: no pool
 
 
 def _run_script(path, cwd, *args):
