@@ -22,6 +22,7 @@ import json
 import os
 import tempfile
 import time
+from unittest import mock
 
 import torch
 
@@ -32,25 +33,16 @@ from mlic_lib.profiles import load_profile, parse_overrides
 
 def run_mode(settings: dict, mode: str, study: bool, max_workers: int | None) -> dict:
     """Seconds to train the chapter's teachers (and the study) with ``mode`` into a fresh cache."""
-    with tempfile.TemporaryDirectory() as cache:
-        saved = os.environ.get("MLIC_CACHE")
-        os.environ["MLIC_CACHE"] = cache  # spawned workers inherit it
-        try:
-            data, S = psd.study_inputs(settings)
-            seed = settings["seeds"][0]
-            t0 = time.perf_counter()
-            n = psd.pretrain_teachers(settings, data, S, seed=seed, progress=False, parallel=mode,
-                                      max_workers=max_workers)
-            t_teachers = time.perf_counter() - t0
-            t_study = None
-            if study:
-                psd.run_study(settings, data, S, seed=seed, parallel=mode, max_workers=max_workers)
-                t_study = time.perf_counter() - t0
-        finally:
-            if saved is None:
-                os.environ.pop("MLIC_CACHE", None)
-            else:
-                os.environ["MLIC_CACHE"] = saved
+    with tempfile.TemporaryDirectory() as cache, mock.patch.dict(os.environ, MLIC_CACHE=cache):  # workers inherit it
+        data, S = psd.study_inputs(settings)
+        seed = settings["seeds"][0]
+        t0 = time.perf_counter()
+        n = psd.pretrain_teachers(settings, data, S, seed=seed, progress=False, parallel=mode, max_workers=max_workers)
+        t_teachers = time.perf_counter() - t0
+        t_study = None
+        if study:
+            psd.run_study(settings, data, S, seed=seed, parallel=mode, max_workers=max_workers)
+            t_study = time.perf_counter() - t0
     return {"mode": mode, "teachers": n, "teachers_s": round(t_teachers, 2),
             "workers": pool_size(n, max_workers) if mode == "process" else 1,
             "study_s": None if t_study is None else round(t_study, 2)}
