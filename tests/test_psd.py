@@ -363,14 +363,10 @@ def test_bad_parallel_mode():
 
 def test_smoke_study(small_scenes, monkeypatch):
     """A tiny end-to-end run of the chapter's study: baseline, SD, CGPD/DGPD/random at k=2, CPSD."""
-    from mlic_lib.data.tensors import TensorImageDataset
-    from mlic_lib.experiments import SceneData
     from mlic_lib.partition import similarity_matrix
 
-    full_train, test = small_scenes
-    train = dataclasses.replace(full_train, images=full_train.images[:, :, ::2, ::2].copy())  # the fixture stays intact
-    data = SceneData(train, test, TensorImageDataset(train.images, train.targets),
-                     TensorImageDataset(test.images[:, :, ::2, ::2].copy(), test.targets))
+    data = _half_res_scenes(small_scenes)
+    train = data.train
     s = _settings(ks=[1, 2], cpsd_k=2, n_init=4)
     handed = {}  # student name -> the teachers run_study distils into it
     real_train_student = psd.train_student
@@ -480,16 +476,11 @@ def test_the_paper_defaults_are_pinned():
 def test_pretrain_teachers_fills_the_cache_the_study_reads(small_scenes, monkeypatch):
     """``mlic teachers`` (pretrain_teachers), split over two simulated torchrun ranks, trains every teacher of the
     chapter once; the study's decompositions (and section 3b's other image selection) then only load them."""
-    from mlic_lib.data.tensors import TensorImageDataset
-    from mlic_lib.experiments import SceneData
     from mlic_lib.partition import similarity_matrix
 
-    full_train, test = small_scenes
-    train = dataclasses.replace(full_train, images=full_train.images[:, :, ::2, ::2].copy())
-    data = SceneData(train, test, TensorImageDataset(train.images, train.targets),
-                     TensorImageDataset(test.images[:, :, ::2, ::2].copy(), test.targets))
+    data = _half_res_scenes(small_scenes)
     s = _settings(ks=[1, 2], cpsd_k=2, n_init=4)
-    S = similarity_matrix(targets=train.targets)
+    S = similarity_matrix(targets=data.train_targets)
     assert psd.study_decompositions(s) == [("cgp", 1, 0), ("cgp", 2, 0), ("dgp", 2, 0), ("random", 2, 0)]
     monkeypatch.setenv("WORLD_SIZE", "2")
     counts = []
