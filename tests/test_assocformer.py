@@ -435,18 +435,29 @@ def test_backbone_weights_from_a_local_file(tmp_path):
         transformer_backbone("vit_tiny_patch16_224", str(tmp_path / "missing.pth"), **kw)
 
 
-def test_backbone_weights_in_the_original_swin_layout(tmp_path):
-    """An original Swin checkpoint ({'model': ...} with the relative_position_index buffers timm does not
-    persist) loads through timm's checkpoint filter instead of being refused."""
-    kw = {"img_size": 32, "patch_size": 4, "window_size": 2, "embed_dim": 16, "depths": (1, 1), "num_heads": (1, 1)}
+def test_backbone_weights_in_timm_and_in_the_original_swin_layout(tmp_path):
+    """A Swin backbone loads from a file in timm's own layout (headless, as this library saves it; or with the
+    relative_position_index buffers older code persisted) and from one in the original layout (Microsoft's:
+    {'model': ...}, downsampling at the end of a stage, a 'head' classifier), which goes through timm's
+    checkpoint filter. Before the library decided the layout itself, timm < 1.0.31 took the headless
+    timm-layout file for an original one and shifted its downsampling layers."""
+    kw = {"img_size": 32, "patch_size": 4, "window_size": 2, "embed_dim": 16, "depths": (1, 1, 1),
+          "num_heads": (1, 1, 1)}
     torch.manual_seed(3)
-    src, _ = transformer_backbone("swin_tiny_patch4_window7_224", False, **kw)
-    state = dict(src.state_dict())
-    state["layers.0.blocks.0.attn.relative_position_index"] = torch.zeros(4, 4, dtype=torch.long)
-    torch.save({"model": state}, tmp_path / "swin.pth")
-    net, _ = transformer_backbone("swin_tiny_patch4_window7_224", str(tmp_path / "swin.pth"), **kw)
-    for (k, a), b in zip(src.state_dict().items(), net.state_dict().values(), strict=True):
-        assert torch.equal(a, b), k
+    src, d = transformer_backbone("swin_tiny_patch4_window7_224", False, **kw)
+    timm_layout = dict(src.state_dict())
+    assert "layers.1.downsample.reduction.weight" in timm_layout  # timm: stage i > 0 starts by downsampling
+    with_buffers = {**timm_layout, "layers.0.blocks.0.attn.relative_position_index": torch.zeros(4, 4).long()}
+    original = {re.sub(r"layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) - 1}.downsample", k): v
+                for k, v in with_buffers.items()}
+    original |= {"head.weight": torch.zeros(10, d), "head.bias": torch.zeros(10)}
+    assert "layers.0.downsample.reduction.weight" in original and "layers.2.downsample.norm.weight" not in original
+    for i, payload in enumerate((timm_layout, with_buffers, {"model": original})):
+        torch.save(payload, tmp_path / f"swin{i}.pth")
+        torch.manual_seed(4)
+        net, _ = transformer_backbone("swin_tiny_patch4_window7_224", str(tmp_path / f"swin{i}.pth"), **kw)
+        for (k, a), b in zip(src.state_dict().items(), net.state_dict().values(), strict=True):
+            assert torch.equal(a, b), (i, k)
 
 
 def test_step_and_smoke_training(tmp_path, monkeypatch):

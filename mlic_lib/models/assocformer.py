@@ -202,6 +202,17 @@ def check_transformer_name(name: object) -> None:
         raise ValueError(f"timm has no model {name!r}{hint}; see timm.list_models('*swin*') / ('vit_*')")
 
 
+def _in_own_layout(state: Mapping[str, Any], net: nn.Module) -> dict | None:
+    """``state`` without its classifier (``head.*``) and the buffers ``net`` keeps but does not save (Swin's
+    ``relative_position_index``, ``attn_mask``), if what remains has exactly ``net``'s keys and shapes; else
+    ``None``."""
+    saved = net.state_dict()
+    transient = {name for name, _ in net.named_buffers()} - set(saved)
+    kept = {k: v for k, v in state.items() if not k.startswith("head.") and k not in transient}
+    own = {k: tuple(v.shape) for k, v in saved.items() if not k.startswith("head.")}
+    return kept if own == {k: tuple(getattr(v, "shape", ())) for k, v in kept.items()} else None
+
+
 def transformer_backbone(name: str = "vit_tiny_patch16_224", pretrained: bool | str = False,
                          **kwargs: Any) -> tuple[nn.Module, int]:
     """A timm transformer as a pooled-embedding extractor: ``(module, d)``.
@@ -216,10 +227,17 @@ def transformer_backbone(name: str = "vit_tiny_patch16_224", pretrained: bool | 
     net = timm.create_model(name, pretrained=pretrained is True, num_classes=0, **kwargs)
     if isinstance(pretrained, str):
         state = load_weights_file(pretrained)
-        # timm's own conversion of the original checkpoints (e.g. Microsoft's Swin: old key layout, buffers
-        # such as relative_position_index that timm does not persist), as timm applies it to hub weights
+        # A file in timm's own layout (e.g. this function's module, saved) loads as it is. Any other goes
+        # through timm's conversion of the original checkpoints, as timm applies it to hub weights (e.g.
+        # Microsoft's Swin: downsampling at the end of a stage instead of the start of the next, buffers such
+        # as relative_position_index that timm does not persist). Deciding here, not in timm, keeps a headless
+        # timm-layout Swin file from being "converted" by timm < 1.0.31, which took any file without
+        # head.fc.weight for an original one.
         convert = getattr(sys.modules.get(type(net).__module__), "checkpoint_filter_fn", None)
-        if convert is not None:
+        own = _in_own_layout(state, net)
+        if own is not None:
+            state = own
+        elif convert is not None:
             state = convert(state, net)
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
         missing, unexpected = net.load_state_dict(state, strict=False)
