@@ -113,10 +113,13 @@ def _reduce(loss: Tensor, mask: Tensor | None, reduction: str) -> Tensor:
         loss = torch.where(mask, loss, torch.zeros((), dtype=loss.dtype, device=loss.device))
     if reduction == "none":
         return loss
+    # half-precision losses are summed (and returned) in float32: a float16 sum passes 65504 at a batch of
+    # 4096 x 80 entries of ln 2, where torch's own mean stays finite
+    total = loss.sum(dtype=torch.float32 if loss.dtype in (torch.float16, torch.bfloat16) else None)
     if reduction == "sum":
-        return loss.sum()
+        return total
     count = loss.numel() if mask is None else mask.sum().clamp(min=1)
-    return loss.sum() / count
+    return total / count
 
 
 # --------------------------------------------------------------------------------------------
@@ -268,9 +271,17 @@ def asymmetric_loss(
         log_neg = F.logsigmoid(-logits).clamp(min=log_eps)  # log(1 - p), without cancellation
 
     if gamma_pos or gamma_neg:
+        # The weights from log-probabilities, (1 - p)^γ = exp(γ log σ(-z)): a 0 < γ < 1 has an infinite slope at
+        # 0, so pow(1 - p, γ) on a saturated sigmoid (1 - p == 0 in float32 from z ≈ 17) gave a NaN gradient.
+        # Where the margin shifts p_m to exactly 0, clamp's backward already passes no gradient.
         with torch.set_grad_enabled(torch.is_grad_enabled() and not detach_focal_weight):
-            w_pos = torch.pow(1 - prob, gamma_pos) if gamma_pos else None
-            w_neg = torch.pow(prob_m, gamma_neg) if gamma_neg else None
+            w_pos = torch.exp(gamma_pos * F.logsigmoid(-logits)) if gamma_pos else None
+            if not gamma_neg:
+                w_neg = None
+            elif clip:
+                w_neg = torch.pow(prob_m, gamma_neg)
+            else:
+                w_neg = torch.exp(gamma_neg * F.logsigmoid(logits))
         if w_pos is not None:
             log_pos = w_pos * log_pos
         if w_neg is not None:

@@ -173,6 +173,26 @@ def test_asl_gradcheck():
     )
 
 
+@pytest.mark.parametrize("clip", [0.0, 0.05])
+def test_asl_fractional_gammas_keep_a_finite_gradient_on_saturated_logits(clip):
+    """0 < γ < 1 has an infinite slope at 0: the focusing weights of saturated logits (float32 sigmoid exactly 0
+    or 1 from |z| ≈ 17) must still give a finite gradient, equal to the float64 one where float64 resolves it."""
+    z64 = torch.tensor([[30.0, -30.0, 120.0, -120.0, 3.0, -3.0]] * 2, dtype=torch.float64)
+    targets = torch.tensor([[1.0] * 6, [0.0] * 6], dtype=torch.float64)
+    grads = {}
+    for dtype in (torch.float32, torch.float64):
+        z = z64.to(dtype).requires_grad_(True)
+        loss = asymmetric_loss(z, targets.to(dtype), gamma_pos=0.5, gamma_neg=0.5, clip=clip)
+        (grads[dtype],) = torch.autograd.grad(loss, z)
+        assert torch.isfinite(grads[dtype]).all(), (dtype, grads[dtype])
+    resolved = torch.tensor([[True, True, False, False, True, True]] * 2)  # float64: 1 - σ(120) == 0 too
+    torch.testing.assert_close(grads[torch.float32].double()[resolved], grads[torch.float64][resolved],
+                               rtol=1e-4, atol=1e-10)
+    reference = _naive_asl(z64, targets, 0.5, 0.5, clip)
+    torch.testing.assert_close(asymmetric_loss(z64, targets, 0.5, 0.5, clip, reduction="none"), reference,
+                               atol=ATOL, rtol=0)
+
+
 @pytest.mark.parametrize("detach", [False, True])
 def test_asl_gradients_finite_and_nonzero(detach):
     logits, targets, _ = _data(8, scale=4.0)
@@ -387,3 +407,14 @@ def test_masked_entries_cannot_leak_a_non_finite_value(loss_fn, reduction):
     torch.testing.assert_close(got, want)
     got.sum().backward()
     assert torch.isfinite(dirty.grad).all() and (dirty.grad[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_losses_reduce_in_float32(dtype):
+    """A float16 sum of 4096 x 80 entries of ln 2 passes 65504: the reductions sum in float32 (and return it)."""
+    logits, targets = torch.zeros(4096, 80, dtype=dtype), torch.zeros(4096, 80, dtype=dtype)
+    for fn in (bce_with_logits, lambda z, y, **kw: asymmetric_loss(z, y, 0.0, 0.0, 0.0, **kw), weighted_bce):
+        for reduction, expected in (("mean", math.log(2)), ("sum", 4096 * 80 * math.log(2))):
+            got = fn(logits, targets, reduction=reduction)
+            assert got.dtype == torch.float32 and torch.isfinite(got)
+            assert got.item() == pytest.approx(expected, rel=1e-2)
