@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mlic_lib.engine import sigmoid_scores
 from mlic_lib.losses import _prepare, weighted_bce
 from mlic_lib.utils import model_device
 
@@ -256,7 +257,7 @@ def predict_fn(branch: str = "both", flip: bool = False) -> Callable[[nn.Module,
 
     def _scores(model: nn.Module, x: Tensor) -> Tensor:
         u, r = model(x)
-        pu, pr = torch.sigmoid(u.float()), torch.sigmoid(r.float())
+        pu, pr = sigmoid_scores(u), sigmoid_scores(r)
         return {"both": 0.5 * (pu + pr), "u": pu, "r": pr}[branch]
 
     def fn(model: nn.Module, x: Tensor) -> Tensor:
@@ -364,7 +365,7 @@ def _all_scores(model: nn.Module, x: Tensor) -> Tensor:
     """``[s(u), s(r), s(u_flip), s(r_flip)]`` concatenated along the class axis (one pass for every row)."""
     u, r = model(x)
     uf, rf = model(torch.flip(x, dims=[-1]))
-    return torch.sigmoid(torch.cat([u, r, uf, rf], dim=1).float())
+    return sigmoid_scores(torch.cat([u, r, uf, rf], dim=1))
 
 
 def inference_rows(variant: str) -> list[str]:

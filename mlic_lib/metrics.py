@@ -286,7 +286,8 @@ def average_precision(scores: Any, targets: Any, mask: Any = None) -> np.ndarray
     over the distinct scores of class ``c`` in decreasing order (``R_0 = 0``). Tied scores form
     one threshold, so the precision used for a tie group is the one at its end. The result does
     not depend on the order of tied entries nor on any strictly increasing transform of the
-    scores (logits or sigmoid probabilities give the same AP).
+    scores (logits or sigmoid probabilities give the same AP, as long as the sigmoid keeps them apart: in
+    float32 it is exactly 1.0 from a logit of about 16.7, hence the float64 scores of ``engine.evaluate``).
 
     Parameters
     ----------

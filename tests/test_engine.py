@@ -1101,3 +1101,27 @@ def test_more_local_ranks_than_gpus_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # train.device: cuda on a machine without one
     with pytest.raises(RuntimeError, match=r"no CUDA device.*train.device: cpu"):
         _setup_distributed(torch.device("cuda"))
+
+
+def test_evaluate_ranks_confident_scores_without_float32_ties():
+    """A float32 sigmoid is exactly 1.0 from a logit of about 16.7: confident positives and hard negatives would
+    tie there. evaluate's scores (float64 sigmoids) keep the logits' order, so mAP equals sklearn's AP of the
+    logits, where the float32 sigmoids lose several points."""
+    from sklearn.metrics import average_precision_score
+    from torch.utils.data import TensorDataset
+
+    from mlic_lib.analysis.robustness import lowres_predict
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.cat([20 + 3 * torch.randn(60, generator=g), -5 + torch.randn(1000, generator=g),
+                        19 + 2 * torch.randn(15, generator=g)])[:, None]
+    targets = torch.cat([torch.ones(60), torch.zeros(1015)])[:, None]
+    expected = average_precision_score(targets[:, 0], logits[:, 0].double())
+    tied = average_precision_score(targets[:, 0], torch.sigmoid(logits[:, 0]))  # float32: the ties at 1.0
+    assert expected - tied > 0.03
+    data = TensorDataset(logits[:, :, None, None], targets)  # "images" of shape (1, 1, 1)
+    model = nn.Flatten()
+    res = evaluate(model, data, "cpu")
+    assert res.scores.dtype == np.float64
+    assert res.metrics["mAP"] == pytest.approx(expected, abs=1e-12)
+    assert evaluate(model, data, "cpu", predict_fn=lowres_predict(1)).metrics["mAP"] == pytest.approx(expected)

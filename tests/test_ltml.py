@@ -290,23 +290,24 @@ def test_inference_averages_branches_and_flip():
     torch.manual_seed(0)
     net = build_two_branch("small_resnet", 4, widths=WIDTHS).eval()
     x = torch.randn(2, 3, 32, 32)
+    sig = lambda t: torch.sigmoid(t.double())  # noqa: E731  (the scores are float64 sigmoids: engine.sigmoid_scores)
     with torch.no_grad():
         u, r = net(x)
         uf, rf = net(torch.flip(x, dims=[-1]))
         both = ltml.predict_fn("both")(net, x)
-        assert torch.allclose(both, (torch.sigmoid(u) + torch.sigmoid(r)) / 2)
-        assert torch.allclose(ltml.predict_fn("u")(net, x), torch.sigmoid(u))
+        assert torch.allclose(both, (sig(u) + sig(r)) / 2)
+        assert torch.allclose(ltml.predict_fn("u")(net, x), sig(u))
         apart = build_two_branch("small_resnet", 4, widths=WIDTHS, classifier_init="independent").eval()
         u2, r2 = apart(x)  # the copied branches start equal: these are not, so "u" and "r" are told apart
         assert not torch.allclose(u2, r2)
-        assert torch.allclose(ltml.predict_fn("r")(apart, x), torch.sigmoid(r2))
-        assert torch.allclose(ltml.predict_fn("u")(apart, x), torch.sigmoid(u2))
+        assert torch.allclose(ltml.predict_fn("r")(apart, x), sig(r2))
+        assert torch.allclose(ltml.predict_fn("u")(apart, x), sig(u2))
         flip = ltml.predict_fn("both", flip=True)(net, x)
-        ref = (torch.sigmoid(u) + torch.sigmoid(r) + torch.sigmoid(uf) + torch.sigmoid(rf)) / 4
+        ref = (sig(u) + sig(r) + sig(uf) + sig(rf)) / 4
         assert torch.allclose(flip, ref, atol=1e-6)
         u2f, r2f = apart(torch.flip(x, dims=[-1]))  # the averages again with branches that differ
-        assert torch.allclose(ltml.predict_fn("both")(apart, x), (torch.sigmoid(u2) + torch.sigmoid(r2)) / 2)
-        ref2 = (torch.sigmoid(u2) + torch.sigmoid(r2) + torch.sigmoid(u2f) + torch.sigmoid(r2f)) / 4
+        assert torch.allclose(ltml.predict_fn("both")(apart, x), (sig(u2) + sig(r2)) / 2)
+        ref2 = (sig(u2) + sig(r2) + sig(u2f) + sig(r2f)) / 4
         assert torch.allclose(ltml.predict_fn("both", flip=True)(apart, x), ref2, atol=1e-6)
     with pytest.raises(ValueError, match="branch must be"):
         ltml.predict_fn("x")

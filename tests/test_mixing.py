@@ -578,8 +578,8 @@ def test_lowres_predict_downsamples_the_input_by_the_factor():
         out = lowres_predict(f)(model, x)
         assert out.shape == (2, 4) and ((out >= 0) & (out <= 1)).all()
     assert sizes == [(64, 64), (32, 32), (16, 16), (8, 8)]
-    with torch.no_grad():  # f = 1 is the plain sigmoid of the model
-        torch.testing.assert_close(lowres_predict(1)(model, x), torch.sigmoid(model(x)))
+    with torch.no_grad():  # f = 1 is the plain (float64) sigmoid of the model
+        torch.testing.assert_close(lowres_predict(1)(model, x), torch.sigmoid(model(x).double()))
     with pytest.raises(ValueError, match="factor must be >= 1"):
         lowres_predict(0)
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mlic_lib.engine import sigmoid_scores
 from mlic_lib.metrics import average_precision
 
 __all__ = ["biased_pair_map", "lowres_predict"]
@@ -27,7 +27,7 @@ def lowres_predict(factor: int) -> Callable[[nn.Module, Tensor], Tensor]:
         if factor > 1:
             x = F.interpolate(x, size=(x.shape[2] // factor, x.shape[3] // factor), mode="bilinear",
                               align_corners=False, antialias=True)
-        return torch.sigmoid(model(x).float())
+        return sigmoid_scores(model(x))
 
     return predict
 
