@@ -170,12 +170,25 @@ def consistency_loss(cells: Tensor, regular_logits: Tensor, layout: GridLayout, 
 
 
 # ------------------------------------------------------------------------------------ datasets
+_NO_MASK = ("the SpliceMix chapter's steps train on (image, labels) only and have no label mask, but the data "
+            "carry one (VOC with difficult_train: ignore): use difficult_train: negative (the papers') or positive")
+
+
+def _refuse_mask(batch) -> None:
+    """Raise ``ValueError`` when a batch's third element is a label mask (bool, the shape of the labels): the mixing
+    steps would train its unknown entries as negatives without a word (their third element is an index)."""
+    if len(batch) > 2 and batch[2].dtype == torch.bool and batch[2].shape == batch[1].shape:
+        raise ValueError(_NO_MASK)
+
+
 class IndexedDataset(Dataset):
     """Wraps a dataset of ``(x, y)`` to yield ``(x, y, index)``, so a step can look per-image data
     (Mosaic's boxes) up by index. Use it for *training* only: ``engine.evaluate`` reads a third
-    element as a label mask."""
+    element as a label mask. A dataset with a label mask (``base.mask``) is refused: it would be dropped."""
 
     def __init__(self, base: Dataset):
+        if getattr(base, "mask", None) is not None:
+            raise ValueError(_NO_MASK)
         self.base = base
 
     def __len__(self) -> int:
@@ -206,6 +219,7 @@ class MixStep:
         self.mixer = mixer
 
     def __call__(self, model: nn.Module, batch, device: torch.device):
+        _refuse_mask(batch)
         x, y = batch[0], batch[1]
         if self.mixer is not None:
             res = self.mixer(x, y)
@@ -226,6 +240,7 @@ class MosaicStep:
     def _check(batch) -> None:
         if len(batch) < 3:
             raise ValueError("MosaicStep needs batches (x, y, index): wrap the training set in IndexedDataset")
+        _refuse_mask(batch)
 
     def host_batch(self, batch):
         """Engine hook: look the boxes up on the host, where the loader's indices are, before the batch goes to
@@ -268,6 +283,7 @@ class SpliceMixStep:
         self.cl_weight, self.detach, self.cl_form, self.cl_norm = float(cl_weight), bool(detach), cl_form, cl_norm
 
     def __call__(self, model: nn.Module, batch, device: torch.device):
+        _refuse_mask(batch)
         x, y = batch[0], batch[1]
         B = len(x)
         res = self.splicemix(x, y)
@@ -339,6 +355,15 @@ def check_regime(rc: Any) -> None:
     if not {"baseline", "splicemix"} <= set(rc["methods"]):
         raise ValueError(f"regime_check.methods must include baseline and splicemix (the chapter compares them), "
                          f"got {rc['methods']!r}")
+
+
+def check_no_label_mask(settings: Mapping[str, Any]) -> None:
+    """The chapter's steps have no label mask: refuse ``data.real.difficult_train: ignore`` when the profile is
+    loaded (:class:`IndexedDataset` refuses a masked dataset too, for code that builds its own data)."""
+    data = settings.get("data")
+    real = data.get("real") if isinstance(data, Mapping) else None
+    if isinstance(real, Mapping) and real.get("difficult_train") == "ignore":
+        raise ValueError(f"data.real: {_NO_MASK}")
 
 
 def check_regime_methods(settings: Mapping[str, Any]) -> None:

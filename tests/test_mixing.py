@@ -411,6 +411,26 @@ def test_indexed_dataset_yields_index(small_scenes):
     assert [int(t[2]) for t in ds.__getitems__([3, 1])] == [3, 1]
 
 
+def test_a_label_mask_is_refused_not_dropped(small_scenes):
+    """The mixing steps train on (x, y): a label mask (VOC's difficult labels, ignored) would be dropped and its
+    entries trained as negatives, so the dataset wrapper and every step refuse it, naming the fix."""
+    from mlic_lib.data.tensors import TensorImageDataset
+
+    train, _ = small_scenes
+    masked = TensorImageDataset(train.images[:4], train.targets[:4])
+    masked.mask = torch.ones(masked.targets.shape, dtype=torch.bool)  # what ImageListDataset carries under ignore
+    with pytest.raises(ValueError, match="no label mask.*difficult_train: negative"):
+        IndexedDataset(masked)
+    x, y = _batch(4)
+    model = build_model("small_resnet", y.shape[1], widths=(4, 8, 8, 8))
+    batch = [x, y, torch.ones(y.shape, dtype=torch.bool)]
+    for step in (MixStep(), MixStep(Mixup()), SpliceMixStep(), MosaicStep(torch.zeros(4, 1, 5))):
+        with pytest.raises(ValueError, match="no label mask"):
+            step(model, batch, torch.device("cpu"))
+    loss, _ = MixStep()(model, [x, y, torch.arange(4)], torch.device("cpu"))  # an index is no mask
+    assert torch.isfinite(loss)
+
+
 # ---------------------------------------------------------------------- Mixup / CutMix / ...
 def test_mixup_label_semantics():
     x, y = _batch(8)

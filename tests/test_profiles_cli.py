@@ -566,6 +566,9 @@ def test_data_overrides_that_are_valid_pass_the_data_check():
     ("psd", {"data.normalize": None}, r"normalize must be one of .* got None \(leave the key out for its default\)"),
     ("psd", {"data.resize": None}, r"^data: resize must be one of"),
     ("splicemix", {"data.real.difficult_eval": None}, r"^data.real: difficult_eval must be one of"),
+    # valid VOC, but the mixing steps have no label mask: they would train the difficult labels as negatives
+    ("splicemix", {"data.real.difficult_train": "ignore"}, r"^data.real: the SpliceMix chapter's steps .* no label "
+                                                           r"mask.*use difficult_train: negative"),
 ])
 def test_real_data_options_are_checked_before_a_kernel_starts(chapter, overrides, message):
     with pytest.raises(ValueError, match=message):

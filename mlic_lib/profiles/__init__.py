@@ -93,9 +93,10 @@ _DATA = ("mlic_lib.data.section", "check_data_section")
 for _checks in VALUE_CHECKS.values():
     _checks["data"] = _DATA
 #: chapter -> {key: (module, function)} like :data:`VALUE_CHECKS`, for checks that need the whole settings
-#: (SpliceMix's regime check compares methods that section 3 trained too).
+#: (SpliceMix: the regime check compares methods that section 3 trained too; its steps have no label mask).
 SETTINGS_CHECKS = {"splicemix": {"regime_check": ("mlic_lib.splicemix_cl", "check_regime_methods"),
-                                 "methods": ("mlic_lib.splicemix_cl", "check_regime_methods")}}
+                                 "methods": ("mlic_lib.splicemix_cl", "check_regime_methods"),
+                                 "data": ("mlic_lib.splicemix_cl", "check_no_label_mask")}}
 
 
 def parse_overrides(items: str | list[str] | tuple[str, ...]) -> dict[str, Any]:
