@@ -213,7 +213,8 @@ def voc_targets(labels: Any) -> tuple[np.ndarray, np.ndarray]:
     Raises
     ------
     ValueError
-        If ``labels`` holds any value other than 1, 0 and -1.
+        If ``labels`` holds any value other than 1, 0 and -1, or (non-empty) no -1 at all: 0/1 labels need no
+        conversion, and this one would take every 0 for a difficult label and hide it from the evaluation.
 
     Examples
     --------
@@ -222,8 +223,9 @@ def voc_targets(labels: Any) -> tuple[np.ndarray, np.ndarray]:
     ([[1, 0, 0]], [[True, False, True]])
     """
     lab = _to_numpy(labels, "labels")
-    if not (lab.dtype == np.bool_ or np.issubdtype(lab.dtype, np.number)):
-        raise ValueError(f"labels must be numeric with values in {{1, 0, -1}}; got dtype {lab.dtype}.")
+    if lab.dtype == np.bool_ or not np.issubdtype(lab.dtype, np.number):
+        raise ValueError(f"labels must be numeric with values in {{1, 0, -1}}; got dtype {lab.dtype} "
+                         "(0/1 or boolean labels need no conversion: pass them to the metrics as they are)")
     present = lab == 1
     difficult = lab == 0
     bad = ~(present | difficult | (lab == -1))
@@ -234,6 +236,10 @@ def voc_targets(labels: Any) -> tuple[np.ndarray, np.ndarray]:
             f"VOC labels must take values in {{1, 0, -1}} (present, difficult, absent); found {n_bad} "
             f"entries with other values (e.g. {examples}). Labels that are already 0/1 need no conversion."
         )
+    if lab.size and not np.any(lab == -1):
+        raise ValueError("VOC labels hold -1 for every absent class, but these have no -1: they look like 0/1 "
+                         "labels, which need no conversion (voc_targets would take every 0 for a difficult label "
+                         "and hide it from the evaluation); pass them to the metrics as they are")
     return present.astype(np.int64), ~difficult
 
 

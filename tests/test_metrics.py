@@ -179,6 +179,17 @@ def test_voc_targets_rejects_other_values():
         voc_targets(np.array([[1, 2, -1]]))
 
 
+def test_voc_targets_refuses_01_labels_it_would_mask():
+    """0/1 labels are valid VOC values but no VOC matrix: converting them would hide every negative (mAP 1.0 on
+    random scores), so they are refused, as are booleans; an empty matrix converts to empty arrays."""
+    with pytest.raises(ValueError, match="no -1: they look like 0/1 labels, which need no conversion"):
+        voc_targets(np.array([[1, 0, 0], [0, 1, 0]]))
+    with pytest.raises(ValueError, match="boolean labels need no conversion"):
+        voc_targets(np.array([[True, False]]))
+    targets, mask = voc_targets(np.zeros((0, 3), dtype=np.int64))
+    assert targets.shape == mask.shape == (0, 3)
+
+
 def test_voc_difficult_ignored_in_ap():
     rng = np.random.default_rng(11)
     labels = rng.choice([1, 0, -1], size=(200, 4), p=[0.3, 0.1, 0.6])
