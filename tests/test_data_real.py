@@ -329,6 +329,13 @@ def test_image_list_dataset_validation(tmp_path: Path) -> None:
         ImageListDataset([tmp_path / "a.jpg"], np.zeros((2, 3)))
     with pytest.raises(ValueError, match=r"mask shape \(1, 2\) differs from targets shape \(1, 3\)"):
         ImageListDataset([tmp_path / "a.jpg"], np.zeros((1, 3)), mask=np.ones((1, 2), dtype=bool))
+    # labels outside [0, 1] ({-1, 1}, NaN) are refused when the dataset is built: on an accelerator the losses check
+    # none, so they would train silently; an entry the mask hides may hold anything
+    for bad in ([[1.0, -1.0, -1.0]], [[1.0, float("nan"), 0.0]]):
+        with pytest.raises(ValueError, match=r"labels in \[0, 1\].*\(y \+ 1\) / 2"):
+            ImageListDataset([tmp_path / "a.jpg"], np.array(bad))
+    ok = ImageListDataset([tmp_path / "a.jpg"], np.array([[1.0, -1.0, 0.5]]), mask=np.array([[True, False, True]]))
+    assert ok.targets.shape == (1, 3)
 
 
 def test_default_transform_train_flip(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from .errors import CorruptImageError, DatasetNotFoundError, repair_hint
+from .tensors import check_label_range
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ImageListDataset", "default_transform"]
 
@@ -54,7 +55,8 @@ class ImageListDataset(Dataset):
     Raises
     ------
     ValueError
-        If the lengths or shapes of ``paths``, ``targets`` and ``mask`` disagree.
+        If the lengths or shapes of ``paths``, ``targets`` and ``mask`` disagree, or a known target is not a
+        label in [0, 1].
 
     Notes
     -----
@@ -87,6 +89,7 @@ class ImageListDataset(Dataset):
             self.mask: torch.Tensor | None = torch.from_numpy(np.ascontiguousarray(m))
         else:
             self.mask = None
+        check_label_range(self.targets, self.mask)  # once here: the losses check no labels on an accelerator
         self.transform = transform
         self.name = name
         self.source = source

@@ -13,6 +13,17 @@ import torch
 from torch.utils.data import Dataset
 
 
+def check_label_range(targets: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+    """Raise ``ValueError`` unless every known entry of ``targets`` (``mask`` True, or all) is a label in [0, 1]
+    (multi-hot or soft). Datasets check once when built, so the losses can skip their per-call check on an
+    accelerator, where it would cost a host sync."""
+    known = targets if mask is None else targets[mask]
+    if known.numel() and not bool(((known >= 0) & (known <= 1)).all()):  # NaN fails both comparisons
+        raise ValueError("targets must be multi-hot (or soft) labels in [0, 1]; for VOC-style labels with "
+                         "1 / 0 (difficult) / -1 use mlic_lib.metrics.voc_targets(labels) to get (targets, mask), "
+                         "and map {-1, 1} labels to {0, 1} with (y + 1) / 2")
+
+
 class TensorImageDataset(Dataset):
     """``(image float (C, H, W), target float (K,))`` pairs from uint8 arrays.
 
@@ -35,9 +46,7 @@ class TensorImageDataset(Dataset):
             raise ValueError(
                 f"targets must be (N, K) with N = {len(images)} images, got shape {tuple(targets.shape)}"
             )
-        if len(targets) and not bool(((targets >= 0) & (targets <= 1)).all()):  # once here, not at every loss call
-            raise ValueError("targets must be multi-hot (or soft) labels in [0, 1]; for VOC-style labels with "
-                             "1 / 0 (difficult) / -1 use mlic_lib.metrics.voc_targets(labels) to get (targets, mask)")
+        check_label_range(targets)  # once here, not at every loss call
         channels = images.shape[1]
         self.images = images
         self.targets = targets
