@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from mlic_lib.engine import sigmoid_scores
 from mlic_lib.losses import _prepare, weighted_bce
-from mlic_lib.utils import model_device
+from mlic_lib.utils import host_to_device, model_device, pick_device
 
 __all__ = [
     "CONSISTENCY",
@@ -202,6 +202,7 @@ class LTMLStep:
         if lam < 0:
             raise ValueError(f"lam (lambda of Eq. 3) must be >= 0, got {lam}")
         self.pos_weight, self.neg_weight = pos_weight, neg_weight
+        self._moved: tuple | None = None  # (device, w+, w-) once the first step has run (see _weights)
         self.lam = float(lam)
         self.consistency = consistency if lam > 0 and branches == "both" else "none"
         self.compensation = (branches == "both") if compensation is None else bool(compensation)
@@ -209,10 +210,16 @@ class LTMLStep:
         self.detach_cross = detach_cross
         self.find_unused_parameters = not self.compensation or branches != "both"
 
+    def _weights(self, logits: Tensor) -> tuple[Tensor, Tensor]:
+        """``(w+, w-)`` on the logits' device, moved there once (a copy per step would be a host sync per step)."""
+        if self._moved is None or self._moved[0] != logits.device:
+            ones = logits.new_ones(logits.shape[-1])
+            self._moved = (logits.device, *(ones if w is None else host_to_device(w, logits.device)
+                                             for w in (self.pos_weight, self.neg_weight)))
+        return self._moved[1], self._moved[2]
+
     def classification(self, logits: Tensor, targets: Tensor, comp: nn.Module) -> Tensor:
-        k = logits.shape[-1]
-        pw = self.pos_weight.to(logits.device) if self.pos_weight is not None else logits.new_ones(k)
-        nw = self.neg_weight.to(logits.device) if self.neg_weight is not None else logits.new_ones(k)
+        pw, nw = self._weights(logits)
         if self.compensation:
             return compensated_bce(logits, targets, pw, nw, comp.mu_pos, comp.sigma_pos, comp.mu_neg, comp.sigma_neg)
         return weighted_bce_eq4(logits, targets, pw, nw)
@@ -315,7 +322,7 @@ def two_stream_loader(settings, train_ds, train_targets, seed: int = 0):
     lt, cfg = settings.get("ltml", {}), TrainConfig.from_dict(settings["train"])
     return TwoStreamLoader(train_ds, np.asarray(train_targets), cfg.batch_size, seed=seed,
                            samples_per_class=int(lt.get("samples_per_class", 1)), num_workers=cfg.num_workers,
-                           steps=lt.get("epoch_length"))
+                           steps=lt.get("epoch_length"), pin_memory=pick_device(cfg.device).type == "cuda")
 
 
 def train_ltml(settings, train_ds, train_targets, test_ds, num_classes: int, seed: int = 0, name: str = "full",

@@ -52,6 +52,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mlic_lib.utils import host_to_device
+
 __all__ = [
     "DEFAULT_GRIDS",
     "BatchAugmentation",
@@ -172,7 +174,8 @@ class GridLayout:
         return [(slice(rb[i], rb[i + 1]), slice(cb[j], cb[j + 1])) for i in range(self.rows) for j in range(self.cols)]
 
     def to(self, device: torch.device | str) -> GridLayout:
-        return GridLayout(self.rows, self.cols, self.sources.to(device), self.keep.to(device), self.n_regular)
+        return GridLayout(self.rows, self.cols, host_to_device(self.sources, device), host_to_device(self.keep, device),
+                          self.n_regular)
 
 
 # --------------------------------------------------------------------------------- SpliceMix
@@ -256,9 +259,9 @@ class SpliceMix:
             raise ValueError(f"a {r}x{c} grid needs images of at least {r}x{c} pixels, got {H}x{W}")
         if m == 0:
             return x.new_zeros((0, C, H, W))
-        src = x[layout.sources.reshape(-1).to(x.device)]
+        src = x[host_to_device(layout.sources.reshape(-1), x.device)]
         small = F.interpolate(src, size=(h, w), mode="bilinear", align_corners=self.align_corners)
-        drop = ~layout.keep.reshape(-1).to(x.device)
+        drop = ~host_to_device(layout.keep.reshape(-1), x.device)
         small = torch.where(drop[:, None, None, None], torch.full_like(small, self.fill), small)
         tiled = small.view(m, r, c, C, h, w).permute(0, 3, 1, 4, 2, 5).reshape(m, C, r * h, c * w)
         if (r * h, c * w) != (H, W):
@@ -270,8 +273,8 @@ class SpliceMix:
         """Eq. 3: ``y' = ∪_{i in Omega} y_i`` over the *kept* cells (max for soft labels)."""
         if layout.n_mixed == 0:
             return y.new_zeros((0, y.shape[1]))
-        ys = y[layout.sources.to(y.device)]  # (M, n, C)
-        ys = ys * layout.keep.to(y.device)[..., None].to(y.dtype)
+        ys = y[host_to_device(layout.sources, y.device)]  # (M, n, C)
+        ys = ys * host_to_device(layout.keep, y.device)[..., None].to(y.dtype)
         return ys.amax(dim=1)
 
     def mix_labels(self, y: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -281,10 +284,11 @@ class SpliceMix:
 
     def __call__(self, x: Tensor, y: Tensor, generator: torch.Generator | None = None) -> MixResult:
         _check_batch(x, y)
-        layout = self.sample_layout(len(x), generator)
-        xm = self.mix_images(x, layout)
-        ym = self.mix_labels_for(y, layout)
-        return MixResult(torch.cat([x, xm]), torch.cat([y, ym.to(y.dtype)]), layout.to(x.device),
+        layout = self.sample_layout(len(x), generator)  # drawn on the host, moved to the device once
+        on_device = layout.to(x.device)
+        xm = self.mix_images(x, on_device)
+        ym = self.mix_labels_for(y, on_device)
+        return MixResult(torch.cat([x, xm]), torch.cat([y, ym.to(y.dtype)]), on_device,
                          {"grid": layout.grid, "n_dropped": int((~layout.keep[0]).sum()) if layout.n_mixed else 0})
 
 
@@ -310,7 +314,7 @@ class Mixup:
 
     @staticmethod
     def _labels(y: Tensor, params: Mapping[str, Any]) -> Tensor:
-        lam, perm = params["lam"], params["perm"].to(y.device)
+        lam, perm = params["lam"], host_to_device(params["perm"], y.device)
         return lam * y + (1.0 - lam) * y[perm]
 
     def mix_labels(self, y: Tensor, generator: torch.Generator | None = None, image_size=(1, 1)) -> Tensor:
@@ -319,7 +323,7 @@ class Mixup:
     def __call__(self, x: Tensor, y: Tensor, generator: torch.Generator | None = None) -> MixResult:
         _check_batch(x, y)
         p = self.sample(len(x), x.shape[2], x.shape[3], generator)
-        lam, perm = p["lam"], p["perm"].to(x.device)
+        lam, perm = p["lam"], host_to_device(p["perm"], x.device)
         return MixResult(lam * x + (1.0 - lam) * x[perm], self._labels(y, p), None, p)
 
 
@@ -352,7 +356,7 @@ class CutMix(Mixup):
         p = self.sample(len(x), x.shape[2], x.shape[3], generator)
         x0, y0, x1, y1 = p["box"]
         out = x.clone()
-        out[:, :, y0:y1, x0:x1] = x[p["perm"].to(x.device)][:, :, y0:y1, x0:x1]
+        out[:, :, y0:y1, x0:x1] = x[host_to_device(p["perm"], x.device)][:, :, y0:y1, x0:x1]
         return MixResult(out, self._labels(y, p), None, p)
 
 
@@ -416,9 +420,9 @@ class Mosaic:
                  ((cy, H), (0, cx), (0, H - cy), (W - cx, W)), ((cy, H), (cx, W), (0, H - cy), (0, W - cx))]
         y_out = torch.zeros_like(y)
         y_seen = torch.zeros_like(y)  # classes with any part of a box in a crop, whatever the area rule
-        boxes = boxes.to(x.device)
+        boxes, srcs_on_device = host_to_device(boxes, x.device), host_to_device(srcs, x.device)
         for k, ((a0, a1), (b0, b1), (s0, s1), (t0, t1)) in enumerate(quads):
-            idx = srcs[k].to(x.device)
+            idx = srcs_on_device[k]
             out[:, :, a0:a1, b0:b1] = x[idx, :, s0:s1, t0:t1]
             bx = boxes[idx]  # (B, K, 5)
             cls = bx[..., 0].long()  # whole numbers (checked above on the CPU), of any dtype

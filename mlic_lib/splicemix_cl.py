@@ -70,6 +70,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from mlic_lib.mixing import BatchAugmentation, CutMix, GridLayout, Mixup, Mosaic, SpliceMix, pad_boxes
+from mlic_lib.utils import host_to_device
 
 __all__ = [
     "CL_FORMS",
@@ -154,7 +155,7 @@ def consistency_loss(cells: Tensor, regular_logits: Tensor, layout: GridLayout, 
         raise ValueError(f"regular_logits must be (B={layout.n_regular}, C), got {tuple(regular_logits.shape)}")
     if m == 0:
         return cells.sum() * 0.0
-    src = layout.sources.to(cells.device)
+    src = host_to_device(layout.sources, cells.device)
     tgt_logits = regular_logits.float()[src]  # (M, n, C)
     if detach:
         tgt_logits = tgt_logits.detach()
@@ -162,7 +163,7 @@ def consistency_loss(cells: Tensor, regular_logits: Tensor, layout: GridLayout, 
     loss = F.binary_cross_entropy_with_logits(cells.float(), target, reduction="none")
     if form == "kl":
         loss = loss - F.binary_cross_entropy_with_logits(tgt_logits, target, reduction="none")
-    keep = layout.keep.to(cells.device)[..., None].float()
+    keep = host_to_device(layout.keep, cells.device)[..., None].float()
     total = (loss * keep).sum()
     if normaliser is None:
         normaliser = float(keep.sum()) * cells.shape[2]
@@ -255,7 +256,7 @@ class MosaicStep:
         if len(batch) == 3:  # called without the engine's hook: look the boxes up here, the same way
             batch = self.host_batch(batch)
         x, y, boxes = batch[0], batch[1], batch[3]
-        res = self.mosaic(x, y, boxes.to(x.device))
+        res = self.mosaic(x, y, boxes)
         loss = _bce_parts(model(res.x), res.y).mean()
         return loss, {}
 

@@ -58,6 +58,18 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
     return torch.device(device)
 
 
+def host_to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``t`` on ``device``, for small tensors drawn on the host during a step (a permutation, a grid layout). A
+    plain ``.to("cuda")`` of ordinary host memory waits for every kernel already queued, a host sync per step; a
+    pinned copy goes out without waiting (the pinned buffer is not reused before the copy is done)."""
+    device = torch.device(device)
+    if t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 def model_device(model: torch.nn.Module) -> torch.device:
     """Where a model lives: the device of its first parameter (or buffer); the CPU for a model with neither."""
     for t in model.parameters():

@@ -1,0 +1,74 @@
+"""The training steps that draw on the host (mixing permutations and grid layouts, LTML's class weights) send what
+they draw to the device without a blocking copy: on CUDA a plain ``.to(device)`` of ordinary host memory waits for
+every queued kernel, a host sync per step. The ``meta`` device stands in for a GPU here; on CUDA
+:func:`~mlic_lib.utils.host_to_device` also pins the buffer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from mlic_lib.ltml import LTMLStep, ltml_class_weights
+from mlic_lib.models import build_model
+from mlic_lib.models.ltml import build_two_branch
+from mlic_lib.splicemix_cl import MosaicStep, make_step
+from mlic_lib.utils import host_to_device
+
+META = torch.device("meta")
+
+
+class BlockingCopies(TorchDispatchMode):
+    """Counts copies from the CPU to another device made without ``non_blocking``."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._to_copy.default:
+            src, dst = args[0], kwargs.get("device")
+        elif func is torch.ops.aten.copy_.default:
+            src, dst = args[1], args[0].device
+        else:
+            src = dst = None
+        if (isinstance(src, torch.Tensor) and src.device.type == "cpu" and dst is not None
+                and torch.device(dst).type != "cpu" and not kwargs.get("non_blocking", False)):
+            self.count += 1
+        return func(*args, **kwargs)
+
+
+def _blocking_copies(step, model, batch) -> int:
+    with BlockingCopies() as mode:
+        for _ in range(2):  # the first step may move state once (LTML's weights): count both
+            loss, _ = step(model, batch, META)
+    assert loss.device == META
+    return mode.count
+
+
+@pytest.mark.parametrize("method", ["mixup", "cutmix", "splicemix", "splicemix_cl"])
+def test_mixing_steps_make_no_blocking_host_copy(method):
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 3, 32, 32, device=META), torch.zeros(8, 5, device=META)
+    model = build_model("small_resnet", 5, widths=(4, 8, 8, 8)).to(META)
+    assert _blocking_copies(make_step(method), model, [x, y]) == 0
+
+
+def test_mosaic_and_ltml_steps_make_no_blocking_host_copy():
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 3, 32, 32, device=META), torch.zeros(8, 5, device=META)
+    boxes = torch.zeros(8, 1, 5, dtype=torch.long, device=META)  # after the engine's host_batch hook
+    model = build_model("small_resnet", 5, widths=(4, 8, 8, 8)).to(META)
+    assert _blocking_copies(MosaicStep(torch.zeros(8, 1, 5)), model, [x, y, torch.arange(8, device=META), boxes]) == 0
+    pos_weight, neg_weight = ltml_class_weights([3, 5, 1, 2, 4], 10)
+    two = build_two_branch("small_resnet", 5, widths=(4, 8, 8, 8)).to(META)
+    assert _blocking_copies(LTMLStep(pos_weight, neg_weight), two, [x, y, x, y]) == 0
+
+
+def test_host_to_device_keeps_values_and_skips_a_tensor_already_there():
+    t = torch.arange(6).view(2, 3)
+    assert host_to_device(t, "cpu") is t
+    if torch.cuda.is_available():  # the pinned, non-blocking path
+        out = host_to_device(t, "cuda")
+        assert out.device.type == "cuda" and torch.equal(out.cpu(), t)
