@@ -173,7 +173,10 @@ def _jsonable(obj: Any) -> Any:
 
 
 def atomic_write_json(obj: Any, path: str | os.PathLike) -> Path:
-    """Write ``obj`` as pretty JSON atomically (NumPy/torch values converted to plain Python)."""
+    """Write ``obj`` as pretty JSON atomically (NumPy/torch values converted to plain Python). A NaN or infinite
+    number is written ``NaN`` / ``Infinity`` as Python's ``json`` does (read back as such by Python and pandas; not
+    strict JSON, which has no such value: a missing number there would be indistinguishable from a ``null``
+    setting)."""
     return atomic_write_text(json.dumps(_jsonable(obj), indent=2, sort_keys=True, allow_nan=True) + "\n", path)
 
 
