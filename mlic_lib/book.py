@@ -224,8 +224,9 @@ def _scale(key: str, units: Mapping[str, str], shown: str) -> float | None:
 
 
 def _fmt(x: float, unit: str) -> str:
-    """Two decimals for percentages and points (the papers' precision), four significant digits otherwise."""
-    return f"{x:.2f}" if unit in ("%", "points") else f"{x:.4g}"
+    """Two decimals for percentages, points (the papers' precision) and adjusted Rand indices (as the chapter
+    prints them), four significant digits otherwise."""
+    return f"{x:.2f}" if unit in ("%", "points", "ARI") else f"{x:.4g}"
 
 
 def reproduction_page(results: Path, published: Path) -> str:
@@ -248,7 +249,8 @@ def reproduction_page(results: Path, published: Path) -> str:
         "what scale. Under the `default` profile the data is the book's embedded data, not the paper's",
         "dataset, so compare directions (which method wins, by how much relative to the spread), not",
         "absolute values. Both columns are in the row's unit; *± x* is the standard deviation over the",
-        "chapter's seeds where it ran more than one. Published values are quoted from the papers (table",
+        "chapter's seeds where it ran more than one, except on a row of a difference whose label says its ± is",
+        "the seed spread of the difference. Published values are quoted from the papers (table",
         "given per chapter). Each chapter writes more numbers than these headline rows to",
         "`_build/results/<chapter>.json`, whose `units` field gives the unit of every number in it.",
         "",

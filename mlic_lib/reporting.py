@@ -400,6 +400,12 @@ def paired_bootstrap(a, b, n_boot: int = 2000, level: float = 0.95, seed: int = 
 
 
 def dash_missing(df, decimals: int = 1):
-    """A table for display: values rounded to ``decimals`` and every missing value (NaN: not reported, or no
-    spread with one seed) shown as "—"."""
-    return df.round(decimals).astype(object).where(df.notna(), "—")
+    """A table for display: every float written with ``decimals`` decimals (``2.0`` shows as ``2.00`` beside
+    ``80.71``, so a column reads evenly), every missing value (NaN: not reported, or no spread with one seed) as
+    "—"; integers and text stay as they are."""
+    def cell(v):
+        if v is None or (isinstance(v, float | np.floating) and np.isnan(v)):
+            return "—"
+        return f"{v:.{decimals}f}" if isinstance(v, float | np.floating) else v
+
+    return df.astype(object).map(cell)

@@ -109,10 +109,13 @@ def test_paired_bootstrap_matches_a_direct_resampling_and_is_reproducible():
 
 
 def test_dash_missing_rounds_and_marks_missing_values():
-    df = pd.DataFrame({"ours": [1.234, np.nan], "paper": [np.nan, 95.4]})
+    df = pd.DataFrame({"ours": [1.234, np.nan], "paper": [np.nan, 95.4], "sd": [2.0, 0.6], "n": [3, 4],
+                       "name": ["a", None]})
     out = dash_missing(df)
-    assert out.loc[0, "ours"] == 1.2 and out.loc[1, "ours"] == "—" and out.loc[0, "paper"] == "—"
-    assert out.loc[1, "paper"] == 95.4
+    assert out.loc[0, "ours"] == "1.2" and out.loc[1, "ours"] == "—" and out.loc[0, "paper"] == "—"
+    assert out.loc[1, "paper"] == "95.4"
+    assert list(dash_missing(df, 2)["sd"]) == ["2.00", "0.60"]  # fixed decimals: a column reads evenly
+    assert list(out["n"]) == [3, 4] and list(out["name"]) == ["a", "—"]  # integers and text as they are
 
 
 def test_provenance_names_library_chapter_profile_seeds_data_and_device(monkeypatch):
