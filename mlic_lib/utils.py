@@ -67,7 +67,8 @@ def host_to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
         return t
     if device.type == "cuda" and t.device.type == "cpu":
         t = t.pin_memory()
-    return t.to(device, non_blocking=True)
+    # MPS: a plain copy (non-blocking copies of ordinary host memory have given wrong values there)
+    return t.to(device, non_blocking=device.type != "mps")
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
