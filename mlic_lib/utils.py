@@ -67,7 +67,8 @@ def host_to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
         return t
     if device.type == "cuda" and t.device.type == "cpu":
         t = t.pin_memory()
-    # MPS: a plain copy (non-blocking copies of ordinary host memory have given wrong values there)
+    # MPS: a plain copy; a non-blocking one of ordinary host memory can read the source after it is freed and
+    # silently give wrong values (pytorch/pytorch#139550, #189690)
     return t.to(device, non_blocking=device.type != "mps")
 
 
