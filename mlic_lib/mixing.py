@@ -323,8 +323,8 @@ class Mixup:
     def __call__(self, x: Tensor, y: Tensor, generator: torch.Generator | None = None) -> MixResult:
         _check_batch(x, y)
         p = self.sample(len(x), x.shape[2], x.shape[3], generator)
-        lam, perm = p["lam"], host_to_device(p["perm"], x.device)
-        return MixResult(lam * x + (1.0 - lam) * x[perm], self._labels(y, p), None, p)
+        lam, perm = p["lam"], host_to_device(p["perm"], x.device)  # one copy for the images and the labels
+        return MixResult(lam * x + (1.0 - lam) * x[perm], self._labels(y, {**p, "perm": perm}), None, p)
 
 
 class CutMix(Mixup):
@@ -355,9 +355,10 @@ class CutMix(Mixup):
         _check_batch(x, y)
         p = self.sample(len(x), x.shape[2], x.shape[3], generator)
         x0, y0, x1, y1 = p["box"]
+        perm = host_to_device(p["perm"], x.device)  # one copy for the images and the labels
         out = x.clone()
-        out[:, :, y0:y1, x0:x1] = x[host_to_device(p["perm"], x.device)][:, :, y0:y1, x0:x1]
-        return MixResult(out, self._labels(y, p), None, p)
+        out[:, :, y0:y1, x0:x1] = x[perm][:, :, y0:y1, x0:x1]
+        return MixResult(out, self._labels(y, {**p, "perm": perm}), None, p)
 
 
 # ------------------------------------------------------------------------------------ Mosaic
