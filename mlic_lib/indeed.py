@@ -195,15 +195,16 @@ def identical_map(f_a: Tensor, f_b: Tensor, norm: str = "l2", eps: float = 1e-12
     Eq. 3 (``norm='l2'``): ``m = (f_a * f_b) / ||f_a * f_b||_2``.
     Eq. 4 (``norm='minmax'``): ``m = (p - min p) / (max p - min p)`` with ``p = f_a * f_b``.
     For non-negative features (after ReLU) both lie in ``[0, 1]``. ``eps`` guards an all-zero
-    product (L2) or a constant one (min-max): ``m`` is then 0. Computed in fp32 whatever the features' dtype
-    (fp16 would round ``eps`` to 0), and returned in that dtype.
+    product (L2) or a constant one (min-max): ``m`` is then 0. Computed in at least fp32 (fp16 would round ``eps``
+    to 0; fp64 features stay fp64), and returned in the features' dtype.
     """
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS} (Eq. 3 'l2' or Eq. 4 'minmax'), got {norm!r}")
     if f_a.shape != f_b.shape or f_a.ndim != 2:
         raise ValueError(f"f_a and f_b must both be (P, D) feature rows; got {tuple(f_a.shape)} and "
                          f"{tuple(f_b.shape)}")
-    p = f_a.float() * f_b.float()  # fp32: in fp16 eps rounds to 0 (0/0 on a constant row) and the product overflows
+    wide = torch.promote_types(f_a.dtype, torch.float32)  # in fp16 eps rounds to 0 (0/0 on a constant row)
+    p = f_a.to(wide) * f_b.to(wide)  # and the product overflows
     if norm == "l2":
         m = p / p.norm(dim=1, keepdim=True).clamp_min(eps)
     else:
@@ -279,7 +280,10 @@ class INDeeDStep:
     detach_map : stop the gradient through the identical map ``m``.
     default_pairs_disparate : whether default pairs ``(a, a)`` enter ``L_S`` (default, Eq. 11's labels as printed:
         their disparate features learn the empty label set) or are left out of it (``False``: the paper's remark
-        that the disparate block is meaningful only for pairs that meet Eqs. 1 and 2, read as a rule).
+        that the disparate block is meaningful only for pairs that meet Eqs. 1 and 2, read as a rule). With
+        ``False``, ``L_S`` is the mean over the ``P'`` partial-coco pairs it keeps, while ``L_O`` and ``L_I`` are
+        means over all ``P`` pairs: per pair, ``L_S`` then weighs ``P / P'`` times as much as with ``True`` (the
+        paper gives no batch reduction; a batch without partial-coco pairs gives ``L_S = 0``).
     """
 
     def __init__(self, norm: str = "l2", lam: float = 1.0, blocks: str = "both", pairing: str = "disjoint",

@@ -483,7 +483,9 @@ def threshold_metrics(
 ) -> dict[str, float]:
     """Per-class and overall precision, recall and F1 at a fixed threshold (ML-GCN protocol).
 
-    An entry is *predicted positive* when ``score >= threshold``. With ``top_k`` given, an
+    An entry is *predicted positive* when ``score >= threshold``, as in the ML-GCN evaluation code
+    (SpliceMix's Sec. IV-A says "larger than 0.5"; the two differ only for a score of exactly 0.5,
+    a logit of exactly 0). With ``top_k`` given, an
     entry is predicted positive when it is among the ``top_k`` highest scores of its row
     **and** ``score >= threshold`` -- the convention of the ML-GCN evaluation code (Chen et
     al., CVPR 2019) for the "top-3" numbers. The top-k ranking uses all entries of the row

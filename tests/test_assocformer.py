@@ -187,6 +187,16 @@ def test_association_module_runs_in_float32_under_autocast():
     assert torch.allclose(A, A_ref, atol=1e-2) and torch.allclose(N1, N1_ref, atol=5e-2)
 
 
+def test_association_module_in_float64_passes_gradcheck():
+    """A float64 module computes in float64 (it was cast to float32, which clashed with its float64 weights)."""
+    torch.manual_seed(0)
+    am = AssociationModule(8, 4, scale=0.5).double()
+    L = torch.randn(2, 8, dtype=torch.float64, requires_grad=True)
+    N1, A = am(L)
+    assert N1.dtype == A.dtype == torch.float64
+    assert torch.autograd.gradcheck(lambda x: am(x)[0], (L,))
+
+
 def test_regularizer_bad_inputs():
     with pytest.raises(ValueError, match="regularizer"):
         association_regularizer(torch.rand(2, 3, 3), "l3")

@@ -107,6 +107,20 @@ def test_identical_map_degenerate_rows_are_finite():
     assert torch.isfinite(m).all() and m[0, 1] > m[0, 0] > 0
 
 
+def test_identical_map_keeps_float64_and_passes_gradcheck():
+    """fp64 features are not narrowed to fp32 (a float64 gradient check of the step would see fp32 rounding)."""
+    g = torch.Generator().manual_seed(1)
+    fa = torch.rand(3, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    fb = torch.rand(3, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    for norm in indeed.NORMS:
+        m = indeed.identical_map(fa, fb, norm)
+        p = (fa * fb).detach()
+        ref = (p / p.norm(dim=1, keepdim=True) if norm == "l2" else
+               (p - p.min(1, keepdim=True).values) / (p.max(1, keepdim=True).values - p.min(1, keepdim=True).values))
+        assert m.dtype == torch.float64 and torch.allclose(m, ref, rtol=0, atol=1e-14), norm
+        assert torch.autograd.gradcheck(lambda a, b, n=norm: indeed.identical_map(a, b, n), (fa, fb)), norm
+
+
 def test_decompose_blocks_and_labels():
     fa, fb = torch.rand(3, 8), torch.rand(3, 8)
     out = indeed.decompose(fa, fb, "minmax")

@@ -111,13 +111,13 @@ class AssociationModule(nn.Module):
         return torch.sigmoid(self.association_logits(L))
 
     def forward(self, L: Tensor) -> tuple[Tensor, Tensor]:
-        """``(N1, A)``, always in float32: under bf16 autocast ``K K^T`` would be rounded before the sigmoid
-        (which saturates for large ``d``), so the ``A`` trained with would differ from the ``A`` analysed
-        (:func:`mean_association`). The head is a small share of the model's FLOPs."""
+        """``(N1, A)``, in float32 (float64 for a float64 module): under bf16 autocast ``K K^T`` would be rounded
+        before the sigmoid (which saturates for large ``d``), so the ``A`` trained with would differ from the ``A``
+        analysed (:func:`mean_association`). The head is a small share of the model's FLOPs."""
         if L.ndim != 2 or L.shape[1] != self.embed_dim:
             raise ValueError(f"AssociationModule expects embeddings (B, {self.embed_dim}); got {tuple(L.shape)}")
         with torch.autocast(L.device.type, enabled=False):
-            L = L.float()
+            L = L.to(torch.promote_types(self.key.weight.dtype, torch.float32))
             A = self.association(L)
             M = self.value(L.unsqueeze(1))  # (B, C, d)
             N1 = self.out(M.transpose(1, 2) @ A).squeeze(1)  # Eq. 6: (B, d, C) -> (B, C)
