@@ -38,6 +38,8 @@ def test_overrides_and_errors():
     assert s["train"]["epochs"] == 5 and s["data"]["scenes"]["n_groups"] == 4
     with pytest.raises(ValueError, match="unknown profile 'fast'"):
         load_profile("primer", "fast")
+    with pytest.raises(ValueError, match="unknown profile 'smok'.*did you mean 'smoke'"):
+        load_profile("primer", "smok")
     with pytest.raises(ValueError, match="unknown parameter 'trian.epochs'"):
         load_profile("primer", "smoke", {"trian.epochs": 1})
     with pytest.raises(ValueError, match="no profiles for chapter"):

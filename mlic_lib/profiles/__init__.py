@@ -209,7 +209,9 @@ def load_profile(chapter: str, profile: str = "default",
     """
     data = _read(chapter)
     if profile not in data:
-        raise ValueError(f"unknown profile {profile!r} for chapter {chapter!r}; choose one of {sorted(data)}")
+        close = difflib.get_close_matches(str(profile), sorted(data), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown profile {profile!r} for chapter {chapter!r}{hint}; choose one of {sorted(data)}")
     settings = copy.deepcopy(data[profile])
     valid: set[str] = set()
     open_maps: set[str] = set()  # mappings that are empty in some profile: any key goes (e.g. backbone_kwargs)
