@@ -14,6 +14,7 @@ The book's pages read these JSONs, so every number shown comes from the build th
 from __future__ import annotations
 
 import platform
+import textwrap
 import time
 from collections.abc import Mapping, Sequence
 from fnmatch import fnmatchcase
@@ -377,6 +378,73 @@ def paper_verdict(diff: float, spread: float, paper_sign: int) -> str:
         raise ValueError(f"paper_sign must be +1 (the paper finds the difference positive) or -1, got {paper_sign!r}")
     up, down = (AGREES, CONTRADICTS) if paper_sign == 1 else (CONTRADICTS, AGREES)
     return spread_verdict(diff, spread, up=up, down=down, within=WITHIN, none=NO_SPREAD, undefined=NO_VALUE)
+
+
+def claim_verdict(diff: float, spread: float, paper_sign: int, unit: str = "mAP points", decimals: int = 1,
+                  basis: str = "") -> str:
+    """A paper's claim about the sign of ``diff`` judged by the book's rule (:func:`paper_verdict`), as the phrase
+    a chapter's checklist prints: the difference with its ``unit``, the spread it was judged against (``basis``
+    says of what, e.g. ``" over 3 seeds"``) and the verdict, e.g. ``"+2.1 mAP points, beyond the seed spread of
+    1.4 over 3 seeds: agrees with the paper"`` or ``"-0.3 mAP points, within the seed spread of 1.4: no verdict
+    (opposite to the paper)"``; with one seed ``"+0.4 mAP points (same direction as the paper); one seed: no
+    spread, so no verdict"``. A borderline difference carries :func:`borderline_note`."""
+    v = paper_verdict(diff, spread, paper_sign)
+    head = f"{diff:+.{decimals}f} {unit}" if np.isfinite(diff) else "no value"
+    if v in (AGREES, CONTRADICTS):
+        return f"{head}, beyond the seed spread of {spread:.{decimals}f}{basis}: {v}{borderline_note(diff, spread)}"
+    if v == NO_VALUE:
+        return f"{head}: no verdict"
+    side = ("same direction as the paper" if np.sign(diff) == paper_sign else "a zero difference" if diff == 0
+            else "opposite to the paper")
+    if v == NO_SPREAD:
+        return f"{head} ({side}); {v}, so no verdict"
+    return f"{head}, {v} of {spread:.{decimals}f}{basis}: no verdict ({side})"
+
+
+def claim_over(diffs: Mapping[Any, float], spread: float, paper_sign: int, label: str = "",
+               unit: str = "mAP points", decimals: int = 1, basis: str = "") -> str:
+    """A paper's claim that should hold at each of several points (e.g. at every ``k``), judged at each by
+    :func:`paper_verdict` against one ``spread``: the differences (``label`` prefixes each key, e.g. ``"k="``;
+    a borderline one carries ``" (borderline)"``), the spread, and one verdict. It :data:`AGREES` when every
+    difference does, :data:`CONTRADICTS` the paper when any difference does (naming where), and otherwise gives
+    no verdict, naming where the paper's direction holds beyond the spread."""
+    if not diffs:
+        raise ValueError("diffs is empty: pass at least one (point, difference) pair")
+    verdicts = {k: paper_verdict(v, spread, paper_sign) for k, v in diffs.items()}
+    values = "; ".join(f"{label}{k}: " + (f"{v:+.{decimals}f}" if np.isfinite(v) else "no value")
+                       + (" (borderline)" if borderline_flag(v, spread) else "") for k, v in diffs.items()) + f" {unit}"
+    if not np.isfinite(spread):
+        return f"{values}; {NO_SPREAD}, so no verdict"
+
+    def where(keys):
+        return ", ".join(f"{label}{k}" for k in keys)
+
+    against = [k for k, v in verdicts.items() if v == CONTRADICTS]
+    agree = [k for k, v in verdicts.items() if v == AGREES]
+    if against:
+        verdict = f"{CONTRADICTS} at {where(against)}"
+    elif len(agree) == len(diffs):
+        verdict = AGREES
+    elif agree:
+        verdict = f"no verdict: beyond the spread in the paper's direction at {where(agree)} only"
+    else:
+        verdict = "no verdict: none beyond the spread"
+    return f"{values} (seed spread {spread:.{decimals}f}{basis}): {verdict}"
+
+
+def checklist_text(items: Sequence[tuple[str, str]], title: str = "Checklist (paper claim -> this run's verdict):",
+                   width: int = 118) -> str:
+    """A chapter's checklist as printed text: ``title``, then one ``- claim -> verdict`` line per item of
+    ``items`` (``(claim, verdict)`` pairs), wrapped at ``width`` with continuation lines indented."""
+    if width < 40:
+        raise ValueError(f"width must be at least 40 characters, got {width}")
+    lines = [title] if title else []
+    for item in items:
+        if len(item) != 2:
+            raise ValueError(f"each checklist item must be a (claim, verdict) pair, got {item!r}")
+        claim, verdict = item
+        lines.append(textwrap.fill(f"- {claim} -> {verdict}", width, subsequent_indent="    "))
+    return "\n".join(lines)
 
 
 def paired_bootstrap(a, b, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:

@@ -16,6 +16,9 @@ from mlic_lib.reporting import (
     CONTRADICTS,
     borderline_note,
     check_units,
+    checklist_text,
+    claim_over,
+    claim_verdict,
     compare_rows,
     correlation_signs,
     dash_missing,
@@ -45,6 +48,51 @@ def test_seed_sd_is_the_sample_std_and_nan_with_one_seed():
     assert np.isnan(seed_sd(table[:1])).all() and seed_sd(table[:1]).shape == (2,)
     with pytest.raises(ValueError, match="one value per seed"):
         seed_sd(1.0)
+
+
+def test_claim_verdict_states_the_difference_the_spread_and_the_papers_verdict():
+    assert claim_verdict(2.1, 1.4, +1, basis=" over 3 seeds") == (
+        "+2.1 mAP points, beyond the seed spread of 1.4 over 3 seeds: agrees with the paper")
+    assert claim_verdict(2.0, 1.4, -1, unit="points", decimals=2) == (
+        "+2.00 points, beyond the seed spread of 1.40: CONTRADICTS the paper (borderline: within 1.5 times the spread)")
+    assert claim_verdict(-0.3, 1.4, +1) == (
+        "-0.3 mAP points, within the seed spread of 1.4: no verdict (opposite to the paper)")
+    assert claim_verdict(0.0, 1.4, +1).endswith("no verdict (a zero difference)")
+    assert claim_verdict(0.4, float("nan"), +1) == (
+        "+0.4 mAP points (same direction as the paper); one seed: no spread, so no verdict")
+    assert claim_verdict(float("nan"), 1.0, +1) == "no value: no verdict"
+    with pytest.raises(ValueError, match="paper_sign"):
+        claim_verdict(1.0, 0.5, 0)
+
+
+def test_claim_over_agrees_only_where_every_point_does_and_names_where_it_fails():
+    assert claim_over({2: 2.5, 3: 3.0}, 1.0, +1, "k=") == (
+        "k=2: +2.5; k=3: +3.0 mAP points (seed spread 1.0): agrees with the paper")
+    v = claim_over({2: 1.2, 3: 0.5, 5: -2.0}, 1.0, +1, "k=")
+    assert v.startswith("k=2: +1.2 (borderline); k=3: +0.5; k=5: -2.0 mAP points") and v.endswith(
+        "CONTRADICTS the paper at k=5")
+    assert claim_over({2: 2.0, 3: 0.5}, 1.0, +1, "k=").endswith(
+        "no verdict: beyond the spread in the paper's direction at k=2 only")
+    assert claim_over({"a": 0.5, "b": -0.5}, 1.0, -1).endswith("no verdict: none beyond the spread")
+    assert claim_over({"a": -3.0}, 1.0, -1).endswith(AGREES)  # the paper's direction is down
+    assert claim_over({"a": 3.0}, float("nan"), +1) == "a: +3.0 mAP points; one seed: no spread, so no verdict"
+    assert claim_over({"a": float("nan"), "b": 3.0}, 1.0, +1).endswith(
+        "beyond the spread in the paper's direction at b only")
+    with pytest.raises(ValueError, match="empty"):
+        claim_over({}, 1.0, +1)
+
+
+def test_checklist_text_wraps_each_claim_and_refuses_malformed_items():
+    text = checklist_text([("claim " * 20, "verdict " * 20), ("c", "v")], title="T:", width=60)
+    lines = text.splitlines()
+    assert lines[0] == "T:" and lines[1].startswith("- claim claim") and lines[-1] == "- c -> v"
+    assert all(len(line) <= 60 for line in lines) and any(line.startswith("    ") for line in lines)
+    assert " -> verdict" in " ".join(line.strip() for line in lines)
+    assert checklist_text([], title="") == ""
+    with pytest.raises(ValueError, match="pair"):
+        checklist_text([("only a claim",)])
+    with pytest.raises(ValueError, match="width"):
+        checklist_text([("a", "b")], width=10)
 
 
 def test_paper_verdict_follows_the_papers_sign_and_the_spread_rule():
