@@ -617,19 +617,40 @@ def _student_run_dir(settings: Mapping[str, Any], seed: int, name: str, teacher_
     return run_dir_for(f"psd-{name}-s{seed}", key, code=(__name__,))
 
 
+def _teachers_key(teachers: Sequence[nn.Module], teacher_key: Any) -> Any:
+    """The cache-key fragment naming a student's teachers: ``teacher_key`` when given, else each teacher's own
+    (an ensemble's ``run_key`` from :func:`decomposition_teachers`, or its teachers' :class:`TeacherSpec` run
+    folders). Teachers that cannot name themselves are refused: a student keyed on ``None`` would be loaded back
+    for any other teachers."""
+    if teacher_key is not None:
+        return teacher_key
+    keys = []
+    for t in teachers:
+        if getattr(t, "run_key", None) is not None:
+            keys.append(t.run_key)
+        elif getattr(t, "specs", None) is not None:
+            keys.append([spec.run_dir().name for spec in t.specs])
+        else:
+            raise ValueError(f"teacher_key is needed: a teacher ({type(t).__name__}) has no run_key or TeacherSpec "
+                             "to name it in the student's cache key, so another set of teachers would load this "
+                             "student back. Pass teacher_key= (e.g. psd.teacher_key(runs) of the teachers' FitResults)")
+    return keys[0] if len(keys) == 1 else keys
+
+
 def train_student(settings: Mapping[str, Any], data, teachers: Sequence[nn.Module], *, seed: int = 0,
                   name: str = "student", teacher_key: Any = None) -> FitResult:
     """Eq. 7: distil ``teachers`` (global-order logit models, e.g. :class:`TeacherEnsemble`) into a student of
     the same architecture on the full task. ``teacher_key`` (e.g. the teachers' run dirs) enters the cache
-    key. On an in-memory :class:`TensorImageDataset` without a transform the teacher logits of the training set
-    are computed once; on any other dataset (real images, or any augmentation) the teachers run on each training
-    batch, so they see the very images the student sees (as in the authors' code).
+    key; by default each teacher's own (an ensemble's ``run_key`` or its specs' run folders; a teacher with
+    neither is refused). On an in-memory :class:`TensorImageDataset` without a transform the teacher logits of the
+    training set are computed once; on any other dataset (real images, or any augmentation) the teachers run on each
+    training batch, so they see the very images the student sees (as in the authors' code).
     ``psd.kd_images`` (``'subtask'``, default, Eq. 5; or ``'all'``) says where each teacher's KD term applies;
     it only matters when the teachers were trained on ``image_selection: containing``."""
     p = settings.get("psd", {})
     subtask_only = _kd_subtask_only(p)
     cfg = TrainConfig.from_dict({**settings["train"], "seed": seed})
-    run_dir = _student_run_dir(settings, seed, name, teacher_key)
+    run_dir = _student_run_dir(settings, seed, name, _teachers_key(teachers, teacher_key))
     model = build_psd_model(settings["model"], data.num_classes, seed)
     on_the_fly = not isinstance(data.train_ds, TensorImageDataset) or data.train_ds.transform is not None
     if on_the_fly or is_finished(run_dir):
@@ -652,7 +673,7 @@ def teacher_key(results: Sequence[FitResult]) -> list[str]:
 class RunRequest:
     """One run for :func:`train_runs`: a student of ``teachers`` (:func:`train_student`, Eq. 7), or, with no
     teachers, the baseline (:func:`train_baseline`). ``teacher_key`` enters the student's cache key as in
-    :func:`train_student`."""
+    :func:`train_student` (default: the teachers' own)."""
 
     settings: Mapping[str, Any]
     seed: int = 0
@@ -663,7 +684,7 @@ class RunRequest:
     def run_dir(self, num_classes: int) -> Path:
         if not self.teachers:
             return _baseline_run_dir(self.settings, num_classes, self.seed)
-        return _student_run_dir(self.settings, self.seed, self.name, self.teacher_key)
+        return _student_run_dir(self.settings, self.seed, self.name, _teachers_key(self.teachers, self.teacher_key))
 
 
 def _run_request(req: RunRequest, data) -> FitResult:

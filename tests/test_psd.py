@@ -406,6 +406,7 @@ def test_train_student_hands_fit_the_eq5_mask_by_default(small_scenes, monkeypat
     data = SceneData(train, test, TensorImageDataset(imgs, train.targets[:24]),
                      TensorImageDataset(test.images[:8, :, ::2, ::2].copy(), test.targets[:8]))
     ens = psd.TeacherEnsemble([_tiny_model(10, 0), _tiny_model(10, 1)], [np.arange(0, 10), np.arange(10, 20)], 20)
+    ens.run_key = ["tiny-0", "tiny-1"]  # what decomposition_teachers sets: the student's cache key names its teachers
     calls = []
     monkeypatch.setattr(psd, "fit", lambda model, ds, val, cfg, step, **kw: calls.append((ds, step)))
     psd.train_student(_settings(**psd_over), data, [ens], name="mask-test")
@@ -562,6 +563,40 @@ def test_matched_steps_teachers_train_longer_on_their_images_only():
         psd.check_options({"matched_steps_check": "yes"})
 
 
+def test_a_students_cache_key_names_its_teachers(small_scenes, monkeypatch):
+    """Two sets of teachers give two students, with or without teacher_key: the key comes from each ensemble's
+    run_key (or its specs); teachers that cannot name themselves are refused instead of keyed on None (a student
+    of the CGP teachers was loaded back for the DGP ones)."""
+    from mlic_lib.data.tensors import TensorImageDataset
+    from mlic_lib.experiments import SceneData
+
+    train, test = small_scenes
+    data = SceneData(train, test, TensorImageDataset(train.images[:24, :, ::2, ::2].copy(), train.targets[:24]),
+                     TensorImageDataset(test.images[:8, :, ::2, ::2].copy(), test.targets[:8]))
+    subsets = [np.arange(0, 10), np.arange(10, 20)]
+    a = psd.TeacherEnsemble([_tiny_model(10, 0), _tiny_model(10, 1)], subsets, 20)
+    b = psd.TeacherEnsemble([_tiny_model(10, 2), _tiny_model(10, 3)], subsets, 20)
+    dirs = []
+    monkeypatch.setattr(psd, "fit", lambda model, ds, val, cfg, step, run_dir, **kw: dirs.append(run_dir))
+    for bare in (a, b):
+        with pytest.raises(ValueError, match="teacher_key is needed"):
+            psd.train_student(_settings(), data, [bare], name="key-test")
+        with pytest.raises(ValueError, match="teacher_key is needed"):
+            psd.RunRequest(_settings(), 0, "key-test", [bare]).run_dir(20)
+    assert not dirs
+    a.run_key, b.run_key = ["cgp-0", "cgp-1"], ["dgp-0", "dgp-1"]
+    for ens in (a, b):
+        psd.train_student(_settings(), data, [ens], name="key-test")
+        assert dirs[-1] == psd.RunRequest(_settings(), 0, "key-test", [ens]).run_dir(20)
+    assert dirs[0] != dirs[1]
+    psd.train_student(_settings(), data, [a], name="key-test", teacher_key=a.run_key)  # the explicit key: the same run
+    assert dirs[-1] == dirs[0]
+    specs = [psd._teacher_spec(_settings(), sub, seed=0) for sub in subsets]  # teachers from the run cache
+    c = psd.TeacherEnsemble([_tiny_model(10, 4), _tiny_model(10, 5)], subsets, 20, specs=specs)
+    psd.train_student(_settings(), data, [c], name="key-test")
+    assert dirs[-1] not in dirs[:2]
+
+
 def test_a_student_starts_from_its_own_seeds_weights(small_scenes, monkeypatch):
     """Each student seed must start from build_psd_model(..., seed): students built with one seed would all start
     alike, and the seed spread the chapter reports would shrink."""
@@ -572,6 +607,7 @@ def test_a_student_starts_from_its_own_seeds_weights(small_scenes, monkeypatch):
     data = SceneData(train, test, TensorImageDataset(train.images[:24, :, ::2, ::2].copy(), train.targets[:24]),
                      TensorImageDataset(test.images[:8, :, ::2, ::2].copy(), test.targets[:8]))
     ens = psd.TeacherEnsemble([_tiny_model(10, 0), _tiny_model(10, 1)], [np.arange(0, 10), np.arange(10, 20)], 20)
+    ens.run_key = ["tiny-0", "tiny-1"]  # what decomposition_teachers sets: the student's cache key names its teachers
     built = {}
     monkeypatch.setattr(psd, "fit", lambda model, ds, val, cfg, step, **kw: built.setdefault(cfg.seed, model))
     settings = _settings()
