@@ -20,7 +20,7 @@ from mlic_lib.data.scenes import SceneSet, SceneSpec, make_scenes, make_world
 from mlic_lib.data.tensors import TensorImageDataset
 from mlic_lib.engine import FitResult, TrainConfig, cache_root, fit, run_dir_for
 from mlic_lib.models import build_model
-from mlic_lib.utils import atomic_open, config_hash, seed_everything
+from mlic_lib.utils import atomic_open, config_hash, object_key, seed_everything
 
 
 @dataclass
@@ -107,15 +107,16 @@ def train_scene_model(settings: Mapping[str, Any], data: SceneData, seed: int = 
                       progress: bool = True) -> FitResult:
     """Train (or load from the cache) a model on ``data`` with the profile's ``model``/``train`` settings.
 
-    The cache key is the chapter, ``name``, the data/model/train settings, ``seed`` and ``extra_key``
-    (e.g. a method's own options), plus the library version and source (see :func:`engine.run_dir_for`).
+    The cache key is the chapter, ``name``, the data/model/train settings, ``seed``, ``step`` (its class and
+    options, :func:`mlic_lib.utils.object_key`) and ``extra_key`` (anything else the run depends on), plus the
+    library version and source (see :func:`engine.run_dir_for`).
     """
     cfg = TrainConfig.from_dict({**settings["train"], "seed": seed})
     m = settings["model"]
     if model is None:
         model = build_scene_model(m, data.num_classes, seed)
     key = {"chapter": settings.get("chapter"), "name": name, "data": settings["data"], "model": m,
-           "train": cfg.key_dict(), "extra": dict(extra_key or {})}
+           "train": cfg.key_dict(), "step": object_key(step), "extra": dict(extra_key or {})}
     # a caller's step (a class or a function) and model (its parts may come from several modules)
     code = {getattr(step, "__module__", None) or type(step).__module__} if step is not None else set()
     code |= {type(part).__module__ for part in model.modules()}

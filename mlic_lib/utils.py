@@ -175,6 +175,49 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
+def _digest(arr: np.ndarray) -> dict[str, Any]:
+    arr = np.ascontiguousarray(arr)
+    return {"sha256": hashlib.sha256(arr.tobytes()).hexdigest(), "shape": list(arr.shape), "dtype": str(arr.dtype)}
+
+
+def object_key(obj: Any, _depth: int = 0) -> Any:
+    """A JSON-able description of what ``obj`` (e.g. a training step) computes with, for a run's cache key: plain
+    values as they are; a function by its qualified name; an array or tensor by a digest of its values; a module by
+    its class and a digest of its state; any other object by its class and its public attributes (those not
+    starting with ``_``: caches such as a per-device copy stay out), recursively. Two steps of one class with other
+    options (``Mixup(alpha=0.2)`` and ``Mixup(alpha=4.0)``) get other keys."""
+    if obj is None or isinstance(obj, bool | int | float | str):
+        return obj
+    if _depth > 8:
+        return f"{type(obj).__module__}.{type(obj).__qualname__}"
+    if isinstance(obj, Mapping):
+        return {str(k): object_key(v, _depth + 1) for k, v in obj.items()}
+    if isinstance(obj, list | tuple | set | frozenset):
+        items = sorted(obj, key=repr) if isinstance(obj, set | frozenset) else obj
+        return [object_key(v, _depth + 1) for v in items]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, np.ndarray):
+        return _digest(obj)
+    if isinstance(obj, torch.Tensor):
+        return _digest(obj.detach().cpu().numpy())
+    if isinstance(obj, torch.nn.Module):
+        return {"module": f"{type(obj).__module__}.{type(obj).__qualname__}",
+                "state": {k: _digest(v.detach().cpu().numpy()) for k, v in obj.state_dict().items()}}
+    if isinstance(obj, functools.partial):
+        return {"partial": object_key(obj.func, _depth + 1), "args": object_key(obj.args, _depth + 1),
+                "keywords": object_key(obj.keywords, _depth + 1)}
+    if callable(obj) and hasattr(obj, "__qualname__"):  # a function, method or class
+        return f"{getattr(obj, '__module__', '')}.{obj.__qualname__}"
+    attrs = getattr(obj, "__dict__", None)
+    name = f"{type(obj).__module__}.{type(obj).__qualname__}"
+    if attrs is None:
+        return name
+    return {"class": name, **{k: object_key(v, _depth + 1) for k, v in sorted(attrs.items()) if not k.startswith("_")}}
+
+
 def atomic_write_json(obj: Any, path: str | os.PathLike) -> Path:
     """Write ``obj`` as pretty JSON atomically (NumPy/torch values converted to plain Python). A NaN or infinite
     number is written ``NaN`` / ``Infinity`` as Python's ``json`` does (read back as such by Python and pandas; not

@@ -688,6 +688,48 @@ def test_a_scene_runs_key_holds_the_normalised_settings_and_the_code_of_its_step
     assert {"mlic_lib.engine", "mlic_lib.models.backbones"} <= codes[0]
 
 
+def test_a_scene_runs_key_holds_its_steps_options(monkeypatch, tmp_path):
+    """Two steps of one class with other options train two runs (Mixup's alpha 0.2 and 4.0 loaded one run); the
+    same options, built again, load the same run."""
+    from mlic_lib import experiments
+    from mlic_lib.splicemix_cl import make_step
+
+    monkeypatch.setenv("MLIC_CACHE", str(tmp_path))
+    seen = []
+    monkeypatch.setattr(experiments, "fit", lambda model, tr, te, cfg, **kw: seen.append(kw["run_dir"]))
+    settings = load_profile("primer", "smoke")
+    data = experiments.scene_data(settings)
+    for alpha in (0.2, 4.0, 0.2):
+        experiments.train_scene_model(settings, data, name="mix", step=make_step("mixup", {"alpha": alpha}))
+    assert seen[0] != seen[1] and seen[0] == seen[2]
+
+
+def test_object_key_describes_what_an_object_computes_with():
+    import functools
+
+    from mlic_lib.utils import object_key
+
+    class Step:
+        def __init__(self, w, alpha):
+            self.weights, self.alpha, self._cache = w, alpha, {"cpu": w}
+
+    a, b = object_key(Step(torch.ones(3), 0.5)), object_key(Step(torch.ones(3), 0.5))
+    assert a == b and "_cache" not in a and a["alpha"] == 0.5 and a["class"].endswith("Step")
+    assert object_key(Step(torch.tensor([1.0, 1.0, 2.0]), 0.5)) != a  # a tensor's values count
+    assert object_key(Step(torch.ones(3), 0.6)) != a
+    assert object_key(np.arange(3))["sha256"] != object_key(np.arange(3.0))["sha256"] or (
+        object_key(np.arange(3))["dtype"] != object_key(np.arange(3.0))["dtype"])
+    lin = torch.nn.Linear(2, 2)
+    k = object_key(lin)
+    with torch.no_grad():
+        lin.weight.add_(1)
+    assert object_key(lin) != k and k["module"].endswith("Linear")
+    assert object_key(len) == "builtins.len" and object_key(None) is None
+    assert object_key(functools.partial(max, 1)) != object_key(functools.partial(max, 2))
+    assert object_key({"a": (1, 2), "b": {3, 1}}) == {"a": [1, 2], "b": [1, 3]}
+    assert json.dumps(object_key(Step(np.ones(2), {"x": Path("/p")})))  # JSON-able
+
+
 def test_cli_teachers_trains_with_the_chapters_seed(monkeypatch, tmp_path):
     """`mlic teachers` trains the teachers of the chapter's seed, the first of ``seeds``: others would be
     cached under keys the chapter never reads."""
