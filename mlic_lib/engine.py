@@ -710,9 +710,10 @@ RUN_CONFIG_IGNORED: tuple[str, ...] = ("device", "channels_last", "num_workers",
 #: for with another cadence is trained again rather than loaded without its curve.
 RUN_KEY_IGNORED: tuple[str, ...] = tuple(f for f in RUN_CONFIG_IGNORED if f != "eval_every")
 
-#: What reading a damaged checkpoint / ``results.json`` raises: ``torch.load`` of a truncated, empty or bit-flipped
-#: file raises any of these (``ValueError`` covers ``JSONDecodeError`` and ``UnicodeDecodeError``); ``KeyError``: an
-#: entry ``fit`` writes is missing. :func:`_is_damage` tells those that say nothing about the file.
+#: What reading a damaged checkpoint / ``results.json`` raises: ``torch.load`` of a truncated or empty file, or of
+#: one whose pickle or zip structure is damaged, raises any of these (``ValueError`` covers ``JSONDecodeError`` and
+#: ``UnicodeDecodeError``); ``KeyError``: an entry ``fit`` writes is missing. A flipped bit inside the tensor data
+#: is not detected: the files carry no checksum. :func:`_is_damage` tells those that say nothing about the file.
 _UNREADABLE = (pickle.UnpicklingError, EOFError, OSError, RuntimeError, ValueError, KeyError, IndexError)
 #: A full GPU (``map_location``) and a file of another user's are errors of their own, never a reason to retrain.
 _NOT_DAMAGE = (torch.OutOfMemoryError, PermissionError)
@@ -850,20 +851,20 @@ def _check_config(saved: Mapping[str, Any], cfg: TrainConfig, path: Path, what: 
 
 
 def is_finished(run_dir: str | Path) -> bool:
-    """Whether ``fit`` will load ``run_dir`` instead of training: a readable ``results.json`` and a ``final.pt``
-    that is a whole checkpoint file (a zip archive: one cut short or empty is not). For a caller that prepares
-    costly training inputs only when a run will train (CPSD's teacher logits); the config is checked by ``fit``."""
-    import zipfile
-
+    """Whether ``fit`` will load ``run_dir`` instead of training: a readable ``results.json`` and a readable
+    ``final.pt`` (read as ``fit`` reads it, onto the CPU: one cut short, empty or with a damaged pickle is not). For a
+    caller that prepares costly training inputs only when a run will train (CPSD's teacher logits); the config is
+    checked by ``fit``."""
     run_dir = Path(run_dir)
     results, final = run_dir / "results.json", run_dir / "final.pt"
     if not (results.is_file() and final.is_file()):
         return False
     try:
         _read_results(results)
+        _read_checkpoint(final, torch.device("cpu"), ("model",))
     except _UNREADABLE:
-        return False
-    return zipfile.is_zipfile(final)
+        return False  # damaged (fit trains again) or unreadable for now: either way, prepare the inputs
+    return True
 
 
 def _load_finished(run_dir: Path, model: nn.Module, cfg: TrainConfig, device: torch.device,

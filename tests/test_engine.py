@@ -237,6 +237,17 @@ def _damage(path, how: str) -> bytes:
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     elif how == "empty":
         path.write_bytes(b"")
+    elif how == "pickle":  # a damaged pickle inside an intact zip archive (zipfile.is_zipfile still says yes)
+        import struct
+        import zipfile
+
+        data = bytearray(path.read_bytes())
+        with zipfile.ZipFile(path) as z:
+            info = next(i for i in z.infolist() if i.filename.endswith("data.pkl"))
+        name_len, extra_len = struct.unpack("<HH", bytes(data[info.header_offset + 26:info.header_offset + 30]))
+        data[info.header_offset + 30 + name_len + extra_len] ^= 0xFF  # the pickle's first byte (its protocol opcode)
+        path.write_bytes(bytes(data))
+        assert zipfile.is_zipfile(path)
     elif how == "no config entry":  # a file fit never writes: every version stored the config
         if path.suffix == ".json":
             saved = json.loads(path.read_text())
@@ -370,7 +381,7 @@ def test_a_damaged_file_that_cannot_be_moved_aside_is_a_warning_and_the_run_trai
     assert _run(small_scenes, run_dir=run, epochs=1).cached  # the new results.json replaced the damaged one
 
 
-@pytest.mark.parametrize("how", ["truncated", "empty"])
+@pytest.mark.parametrize("how", ["truncated", "empty", "pickle"])
 def test_is_finished_says_whether_fit_will_load_the_folder(small_scenes, tmp_path, how):
     """CPSD prepares its teachers' logits only for a student that will train: a damaged final.pt must count as
     not finished (fit trains it again), not as cached (the student would then train without its teachers)."""
@@ -382,6 +393,10 @@ def test_is_finished_says_whether_fit_will_load_the_folder(small_scenes, tmp_pat
     assert is_finished(run)
     _damage(run / "final.pt", how)
     assert not is_finished(run)
+    with pytest.warns(RuntimeWarning, match="final.pt is damaged"):
+        assert not _run(small_scenes, run_dir=run, epochs=1).cached  # as fit decides
+    if how == "pickle":
+        return  # results.json is no zip archive
     _run(small_scenes, run_dir=tmp_path / "other", epochs=1)
     _damage(tmp_path / "other" / "results.json", how)
     assert not is_finished(tmp_path / "other")
