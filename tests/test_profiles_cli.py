@@ -40,6 +40,11 @@ def test_overrides_and_errors():
         load_profile("primer", "fast")
     with pytest.raises(ValueError, match="unknown profile 'smok'.*did you mean 'smoke'"):
         load_profile("primer", "smok")
+    # a whole number for a decimal setting is that decimal (4 for 4.0: the same run, not another cache key)
+    for over in (["psd.asl.gamma_neg=4"], {"psd.asl.gamma_neg": 4}):
+        got = load_profile("psd", "smoke", over)["psd"]["asl"]["gamma_neg"]
+        assert got == 4.0 and isinstance(got, float)
+    assert isinstance(load_profile("primer", "smoke", ["train.epochs=3"])["train"]["epochs"], int)
     with pytest.raises(ValueError, match="unknown parameter 'trian.epochs'"):
         load_profile("primer", "smoke", {"trian.epochs": 1})
     with pytest.raises(ValueError, match="no profiles for chapter"):

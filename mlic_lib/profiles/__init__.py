@@ -190,6 +190,8 @@ def _coerce(key: str, value: Any, ref: Any) -> Any:
             value = int(number) if isinstance(ref, int) and number.is_integer() and "." not in value else number
         if isinstance(value, (bool, str)) or not isinstance(value, (int, float)):
             raise ValueError(f"parameter {key!r} takes a number (like {ref!r}), got {value!r}")
+        if isinstance(ref, float) and isinstance(value, int):
+            value = float(value)  # 4 for 4.0: the same setting, so the same run's cache key
     elif isinstance(ref, list) and not isinstance(value, list):
         raise ValueError(f"parameter {key!r} takes a list (like {ref!r}), got {value!r}; write it in brackets, "
                          f"e.g. -o {key}=[{value}]")
