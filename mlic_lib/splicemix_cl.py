@@ -444,14 +444,25 @@ def time_steps(models: Mapping[str, nn.Module], steps: Mapping[str, Callable], b
     return times
 
 
+def _mixing_key(method: str, options: Mapping[str, Any]) -> Any:
+    """What of the ``mixing`` options ``method``'s step computes with (:func:`mlic_lib.utils.object_key` of its
+    :func:`make_step`): another method's options leave its runs alone (SpliceMix's grids do not retrain Mixup).
+    Mosaic reads only its images' boxes, which the data settings fix."""
+    from mlic_lib.utils import object_key
+
+    if method in ("baseline", "mosaic"):
+        return {}
+    return object_key(make_step(method, dict(options)))
+
+
 def method_run_dir(settings, method: str, seed: int = 0, tag: str = ""):
     """The cache folder of :func:`train_method`'s run (the key: chapter, method, data/model/train settings,
-    the seed, the mixing options of a mixing method, and the library's version and source)."""
+    the seed, the mixing options the method's step reads, and the library's version and source)."""
     from mlic_lib.engine import TrainConfig, run_dir_for
 
     cfg = TrainConfig.from_dict({**settings["train"], "seed": seed})
     key = {"chapter": settings.get("chapter"), "name": method, "data": settings["data"], "model": settings["model"],
-           "train": cfg.key_dict(), "mixing": settings["mixing"] if method != "baseline" else {}}
+           "train": cfg.key_dict(), "mixing": _mixing_key(method, settings["mixing"])}
     return run_dir_for(f"splicemix-{method}{tag}-s{seed}", key, code=(__name__,))
 
 

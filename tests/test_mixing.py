@@ -399,6 +399,16 @@ def test_the_run_key_holds_the_mixing_options_of_a_mixing_method():
     other = {**s, "mixing": {**s["mixing"], "p_drop": 0.5}}
     assert method_run_dir(s, "splicemix") != method_run_dir(other, "splicemix")
     assert method_run_dir(s, "baseline") == method_run_dir(other, "baseline")  # no mixing: the same run
+    # each method is keyed on the options its step reads: SpliceMix's p_drop leaves Mixup, CutMix and Mosaic alone
+    for method in ("mixup", "cutmix", "mosaic"):
+        assert method_run_dir(s, method) == method_run_dir(other, method), method
+    alpha = {**s, "mixing": {**s["mixing"], "alpha": 1.0}}
+    assert method_run_dir(s, "mixup") != method_run_dir(alpha, "mixup")
+    assert method_run_dir(s, "splicemix") == method_run_dir(alpha, "splicemix")
+    for key, value in (("cl_weight", 0.5), ("cl_norm", "authors"), ("cl_detach", False), ("fill", 0.0)):
+        changed = {**s, "mixing": {**s["mixing"], key: value}}
+        assert method_run_dir(s, "splicemix_cl") != method_run_dir(changed, "splicemix_cl"), key
+        assert (method_run_dir(s, "splicemix") != method_run_dir(changed, "splicemix")) == (key == "fill"), key
 
 
 def test_indexed_dataset_yields_index(small_scenes):
