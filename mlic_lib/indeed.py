@@ -754,16 +754,18 @@ def check_model_name(name: object) -> None:
 
 
 def _run_setup(settings: Mapping[str, Any], data: IndeedData, method: Mapping[str, Any], seed: int):
-    """The step, training config and cache folder of one run (the key leaves out ``indeed.parallel``,
-    which only says where the run is computed)."""
+    """The step, training config and cache folder of one run. The key holds the step's own options
+    (:func:`mlic_lib.utils.object_key`: its λ and pairing, none for the baseline), not the whole ``indeed`` section:
+    the other variant's λ, or ``indeed.parallel`` (where the run is computed), does not retrain a run."""
     from mlic_lib.engine import TrainConfig, run_dir_for
+    from mlic_lib.utils import object_key
 
     opts = {k: v for k, v in dict(settings.get("indeed", {})).items() if k != "parallel"}
     step = method_step(method, lam=lambda_for(opts.get("lam", 1.0), method), pairing=opts.get("pairing", "disjoint"))
     cfg = TrainConfig.from_dict({**settings["train"], "seed": seed})
     key = {"chapter": settings.get("chapter"), "data": dict(settings["data"]), "n_labels": data.n_labels,
            "data_seed": data.data_seed, "data_sha256": data.fingerprint(),
-           "model": dict(settings["model"]), "train": cfg.key_dict(), "method": dict(method), "indeed": opts}
+           "model": dict(settings["model"]), "train": cfg.key_dict(), "method": dict(method), "step": object_key(step)}
     tag = "-".join(str(v) for v in method.values())
     return step, cfg, run_dir_for(f"{settings.get('chapter')}-{data.name}-{tag}-s{seed}", key, code=(__name__,))
 

@@ -343,6 +343,18 @@ def test_a_runs_setup_follows_the_profiles_lambda_pairing_and_the_seed(tmp_path,
         assert (step.lam, step.pairing, cfg.seed) == (lam, pairing, seed)
         dirs.add(run_dir)
     assert len(dirs) == 4
+    # the key holds what the run's step reads: the other variant's lambda and the pool mode leave a run alone, and the
+    # baseline (no step) is the same run under any lambda or pairing
+    data = indeed.indeed_data(s["data"], 2)
+    runs = {}
+    for name, over in (("a", {"indeed.lam": {"minmax": 0.3, "l2": 1.0}}),
+                       ("b", {"indeed.lam": {"minmax": 0.3, "l2": 0.1}}),
+                       ("c", {"indeed.lam": 0.7, "indeed.pairing": "each", "indeed.parallel": "sequential"})):
+        s = load_profile("indeed", "smoke", {"data.n_train": 16, "data.n_test": 8, **over})
+        runs[name] = {m: indeed._run_setup(s, data, indeed.MAIN_METHODS[m], 0)[2] for m in indeed.MAIN_METHODS}
+    assert runs["a"]["INDeeD-min-max"] == runs["b"]["INDeeD-min-max"] != runs["c"]["INDeeD-min-max"]
+    assert runs["a"]["INDeeD-L2"] != runs["b"]["INDeeD-L2"]
+    assert runs["a"]["Baseline"] == runs["b"]["Baseline"] == runs["c"]["Baseline"]
 
 
 def test_cache_key_tells_data_draws_apart():
