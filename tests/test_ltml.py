@@ -461,6 +461,23 @@ TABLE2 = {"baseline_u": ("u", "none", False), "baseline_r": ("r", "none", False)
           "full": ("both", "logit", True)}
 
 
+def test_a_runs_key_leaves_out_the_test_set_settings(monkeypatch, tmp_path):
+    """A run trains without test data: the test set's size and the head/tail thresholds load the same run, the
+    training set's size does not."""
+    import mlic_lib.engine
+    from mlic_lib.profiles import load_profile
+
+    monkeypatch.setenv("MLIC_CACHE", str(tmp_path))
+    dirs = []
+    monkeypatch.setattr(mlic_lib.engine, "fit",
+                        lambda model, loader, val, cfg, step, run_dir, **kw: dirs.append(run_dir))
+    t = _longtail_targets(n=64, k=4)
+    ds = TensorImageDataset(np.zeros((64, 3, 16, 16), np.uint8), t)
+    for over in ({}, {"data.n_test": 50, "data.head_min": 30, "data.tail_max": 5}, {"data.n_train": 100}):
+        ltml.train_ltml(load_profile("ltml", "smoke", over), ds, t, ds, 4)
+    assert dirs[0] == dirs[1] != dirs[2]
+
+
 def test_train_ltml_trains_each_table_2_row_with_its_components_the_eq4_weights_and_the_profiles_model(
         monkeypatch, tmp_path):
     """What ``train_ltml`` hands the engine: the step of each Table 2 row (its branches, consistency and
