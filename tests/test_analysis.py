@@ -501,6 +501,11 @@ def test_heatmap_draws_the_reordered_matrix_with_group_lines(styled):
     plain = heatmap(ax2, S, list("abcdef"))  # no order: the matrix as given, no lines
     np.testing.assert_array_equal(np.asarray(plain.get_array()), S)
     assert len(ax2.lines) == 0 and [t.get_text() for t in ax2.get_xticklabels()] == list("abcdef")
+    fig3, ax3 = plt.subplots()
+    bare = heatmap(ax3, S, list("abcdef"), tick_labels=False, colorbar=False)  # a panel beside a labelled one
+    np.testing.assert_array_equal(np.asarray(bare.get_array()), S)
+    assert bare.colorbar is None and len(fig3.axes) == 1  # no colour bar axes added
+    assert not ax3.get_xticks().size and not ax3.get_yticks().size
     plt.close("all")
 
 

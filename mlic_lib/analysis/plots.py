@@ -36,22 +36,32 @@ def group_order(groups: np.ndarray) -> np.ndarray:
 
 def heatmap(ax, matrix: np.ndarray, labels: Sequence[str], order: np.ndarray | None = None,
             cbar_label: str = "", vmin: float | None = 0.0, vmax: float | None = None, cmap: str = CMAP_SEQ,
-            groups: np.ndarray | None = None):
-    """A labelled C x C heat map, optionally reordered and with lines between super-categories."""
+            groups: np.ndarray | None = None, tick_labels: bool = True, colorbar: bool = True,
+            fontsize: float = 8):
+    """A labelled C x C heat map, optionally reordered and with lines between super-categories.
+
+    ``tick_labels=False`` leaves the class names off (panels beside one that has them); ``colorbar=False`` leaves
+    the colour bar off, for a figure whose panels share one (pass the returned image to ``fig.colorbar``; give
+    the panels the same ``vmin`` / ``vmax``)."""
     order = np.arange(len(labels)) if order is None else np.asarray(order)
     m = np.asarray(matrix)[np.ix_(order, order)]
     im = ax.imshow(m, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
     ax.grid(False)
     names = [labels[i] for i in order]
-    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
-    ax.set_yticks(range(len(names)), names, fontsize=7)
+    if tick_labels:
+        ax.set_xticks(range(len(names)), names, rotation=90, fontsize=fontsize)
+        ax.set_yticks(range(len(names)), names, fontsize=fontsize)
+    else:
+        ax.set_xticks([])
+        ax.set_yticks([])
     if groups is not None:
         g = np.asarray(groups)[order]
         for edge in np.flatnonzero(np.diff(g)) + 0.5:
             ax.axhline(edge, color="white", lw=1.0)
             ax.axvline(edge, color="white", lw=1.0)
-    cb = ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
-    cb.set_label(cbar_label)
+    if colorbar:
+        cb = ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+        cb.set_label(cbar_label)
     return im
 
 
