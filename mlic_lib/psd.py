@@ -794,7 +794,7 @@ def check_options(p: Mapping[str, Any]) -> None:
         return lambda v: (x := number(v, whole)) is not None and (x > low if strict else x >= low)
 
     checks = {  # key: (test, what it must be)
-        "cpsd_k": (at_least(1, whole=True), "a whole number >= 1"),
+        "cpsd_k": (at_least(2, whole=True), "a whole number >= 2 (k = 1 is self-distillation, one teacher)"),
         "n_init": (at_least(1, whole=True), "a whole number >= 1"),
         "cluster_seed": (at_least(0, whole=True), "a whole number >= 0"),
         "ks": (lambda v: whole_list(v, 1), "a non-empty list of whole numbers >= 1"),
@@ -806,6 +806,10 @@ def check_options(p: Mapping[str, Any]) -> None:
     for key, (ok, what) in checks.items():
         if key in p and not ok(p[key]):
             raise ValueError(f"psd.{key} must be {what}, got {p[key]!r}")
+    if "ks" in p and int(p.get("cpsd_k", 5)) not in [int(k) for k in p["ks"]]:
+        raise ValueError(f"psd.cpsd_k ({p.get('cpsd_k', 5)}) must be one of psd.ks ({list(p['ks'])}): Table 3 compares "
+                         "the CPSD student with the CGPD and DGPD students of that k, which are trained for each k "
+                         "of psd.ks (add it to ks, or pick a cpsd_k from them)")
 
 
 def study_decompositions(settings: Mapping[str, Any]) -> list[tuple[str, int, int]]:

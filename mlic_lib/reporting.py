@@ -380,6 +380,17 @@ def paper_verdict(diff: float, spread: float, paper_sign: int) -> str:
     return spread_verdict(diff, spread, up=up, down=down, within=WITHIN, none=NO_SPREAD, undefined=NO_VALUE)
 
 
+def _telling_decimals(diff: float, spread: float, decimals: int) -> int:
+    """``decimals``, or up to three more, so that ``|diff|`` and ``spread`` do not print as the same number when
+    they differ (a verdict "beyond the spread of 1.4" on a difference printed as 1.4 reads as a contradiction)."""
+    if not (np.isfinite(diff) and np.isfinite(spread)) or abs(diff) == spread:
+        return decimals
+    for extra in range(4):
+        if round(abs(diff), decimals + extra) != round(spread, decimals + extra):
+            return decimals + extra
+    return decimals + 3
+
+
 def claim_verdict(diff: float, spread: float, paper_sign: int, unit: str = "mAP points", decimals: int = 1,
                   basis: str = "") -> str:
     """A paper's claim about the sign of ``diff`` judged by the book's rule (:func:`paper_verdict`), as the phrase
@@ -389,6 +400,7 @@ def claim_verdict(diff: float, spread: float, paper_sign: int, unit: str = "mAP 
     (opposite to the paper)"``; with one seed ``"+0.4 mAP points (same direction as the paper); one seed: no
     spread, so no verdict"``. A borderline difference carries :func:`borderline_note`."""
     v = paper_verdict(diff, spread, paper_sign)
+    decimals = _telling_decimals(diff, spread, decimals)
     head = f"{diff:+.{decimals}f} {unit}" if np.isfinite(diff) else "no value"
     if v in (AGREES, CONTRADICTS):
         return f"{head}, beyond the seed spread of {spread:.{decimals}f}{basis}: {v}{borderline_note(diff, spread)}"
@@ -410,6 +422,8 @@ def claim_over(diffs: Mapping[Any, float], spread: float, paper_sign: int, label
     no verdict, naming where the paper's direction holds beyond the spread."""
     if not diffs:
         raise ValueError("diffs is empty: pass at least one (point, difference) pair")
+    if not any(np.isfinite(v) for v in diffs.values()):
+        return "; ".join(f"{label}{k}: no value" for k in diffs) + f": {NO_VALUE}, so no verdict"
     verdicts = {k: paper_verdict(v, spread, paper_sign) for k, v in diffs.items()}
     values = "; ".join(f"{label}{k}: " + (f"{v:+.{decimals}f}" if np.isfinite(v) else "no value")
                        + (" (borderline)" if borderline_flag(v, spread) else "") for k, v in diffs.items()) + f" {unit}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import inspect
 import json
 import os
 import random
@@ -180,21 +181,39 @@ def _digest(arr: np.ndarray) -> dict[str, Any]:
     return {"sha256": hashlib.sha256(arr.tobytes()).hexdigest(), "shape": list(arr.shape), "dtype": str(arr.dtype)}
 
 
+def _tensor_digest(t: torch.Tensor) -> dict[str, Any]:
+    t = t.detach().cpu()
+    out = _digest((t.float() if t.dtype == torch.bfloat16 else t).numpy())  # NumPy has no bfloat16
+    out["dtype"] = str(t.dtype)
+    return out
+
+
+def _code_key(code, depth: int) -> dict[str, Any]:
+    """A function's compiled code, without memory addresses: its bytecode, names and constants (nested code
+    objects, e.g. of an inner lambda, recursively)."""
+    consts = [_code_key(c, depth + 1) if hasattr(c, "co_code") else object_key(c, depth + 1) for c in code.co_consts]
+    return {"bytecode": hashlib.sha256(code.co_code).hexdigest(), "names": list(code.co_names), "consts": consts}
+
+
 def object_key(obj: Any, _depth: int = 0) -> Any:
-    """A JSON-able description of what ``obj`` (e.g. a training step) computes with, for a run's cache key: plain
-    values as they are; a function by its qualified name; an array or tensor by a digest of its values; a module by
-    its class and a digest of its state; any other object by its class and its public attributes (those not
-    starting with ``_``: caches such as a per-device copy stay out), recursively. Two steps of one class with other
-    options (``Mixup(alpha=0.2)`` and ``Mixup(alpha=4.0)``) get other keys."""
+    """A JSON-able description of what ``obj`` (e.g. a training step) computes with, for a run's cache key, the same
+    in every process: plain values as they are; an array or tensor by a digest of its values; a module by its class,
+    its options (public attributes, e.g. a loss's ``gamma_neg``), its submodules and a digest of its state; a
+    function by its name, code, defaults and closure (a bound method with its object); any other object by its
+    class and its public attributes or slots (those not starting with ``_``: caches such as a per-device copy stay
+    out), recursively. Two steps of one class with other options (``Mixup(alpha=0.2)`` and ``Mixup(alpha=4.0)``)
+    get other keys. An object it cannot look into (no attributes, and a ``repr`` holding a memory address) is a
+    ``TypeError``: key the run on its settings yourself (e.g. ``train_scene_model``'s ``extra_key``)."""
     if obj is None or isinstance(obj, bool | int | float | str):
         return obj
-    if _depth > 8:
-        return f"{type(obj).__module__}.{type(obj).__qualname__}"
+    if _depth > 12:
+        raise TypeError(f"object_key: {type(obj).__qualname__} is nested too deeply to key; pass its settings instead")
+    d = _depth + 1
     if isinstance(obj, Mapping):
-        return {str(k): object_key(v, _depth + 1) for k, v in obj.items()}
+        return {str(k): object_key(v, d) for k, v in obj.items()}
     if isinstance(obj, list | tuple | set | frozenset):
         items = sorted(obj, key=repr) if isinstance(obj, set | frozenset) else obj
-        return [object_key(v, _depth + 1) for v in items]
+        return [object_key(v, d) for v in items]
     if isinstance(obj, np.generic):
         return obj.item()
     if isinstance(obj, Path):
@@ -202,20 +221,38 @@ def object_key(obj: Any, _depth: int = 0) -> Any:
     if isinstance(obj, np.ndarray):
         return _digest(obj)
     if isinstance(obj, torch.Tensor):
-        return _digest(obj.detach().cpu().numpy())
+        return _tensor_digest(obj)
+    if isinstance(obj, torch.dtype | torch.device | np.dtype):
+        return str(obj)
+    name = f"{type(obj).__module__}.{type(obj).__qualname__}"
     if isinstance(obj, torch.nn.Module):
-        return {"module": f"{type(obj).__module__}.{type(obj).__qualname__}",
-                "state": {k: _digest(v.detach().cpu().numpy()) for k, v in obj.state_dict().items()}}
+        attrs = {k: object_key(v, d) for k, v in sorted(vars(obj).items()) if not k.startswith("_") and k != "training"}
+        return {"module": name, "options": attrs,
+                "children": {k: object_key(m, d) for k, m in obj.named_children()},
+                "state": {k: _tensor_digest(v) for k, v in obj.state_dict().items()}}
     if isinstance(obj, functools.partial):
-        return {"partial": object_key(obj.func, _depth + 1), "args": object_key(obj.args, _depth + 1),
-                "keywords": object_key(obj.keywords, _depth + 1)}
-    if callable(obj) and hasattr(obj, "__qualname__"):  # a function, method or class
+        return {"partial": object_key(obj.func, d), "args": object_key(obj.args, d),
+                "keywords": object_key(obj.keywords, d)}
+    if inspect.ismethod(obj):
+        return {"method": object_key(obj.__func__, d), "self": object_key(obj.__self__, d)}
+    if inspect.isfunction(obj):
+        cells = [c.cell_contents for c in (obj.__closure__ or ())]
+        return {"function": f"{obj.__module__}.{obj.__qualname__}", "code": _code_key(obj.__code__, d),
+                "defaults": object_key(obj.__defaults__, d), "kwdefaults": object_key(obj.__kwdefaults__, d),
+                "closure": object_key(cells, d)}
+    if isinstance(obj, type) or inspect.isbuiltin(obj):  # a class or a built-in function: its name says what it is
         return f"{getattr(obj, '__module__', '')}.{obj.__qualname__}"
     attrs = getattr(obj, "__dict__", None)
-    name = f"{type(obj).__module__}.{type(obj).__qualname__}"
-    if attrs is None:
-        return name
-    return {"class": name, **{k: object_key(v, _depth + 1) for k, v in sorted(attrs.items()) if not k.startswith("_")}}
+    slots = [s for c in type(obj).__mro__ for s in getattr(c, "__slots__", ()) if isinstance(s, str)]
+    if attrs is None and not slots:
+        text = repr(obj)
+        if " at 0x" in text or " object at " in text:
+            raise TypeError(f"object_key cannot look into {name} (no attributes, and its repr holds a memory "
+                            "address): key the run on its settings instead (e.g. train_scene_model's extra_key)")
+        return {"class": name, "repr": text}
+    values = dict(attrs or {})
+    values.update({s: getattr(obj, s) for s in slots if hasattr(obj, s)})
+    return {"class": name, **{k: object_key(v, d) for k, v in sorted(values.items()) if not k.startswith("_")}}
 
 
 def atomic_write_json(obj: Any, path: str | os.PathLike) -> Path:

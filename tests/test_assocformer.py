@@ -195,6 +195,10 @@ def test_association_module_in_float64_passes_gradcheck():
     N1, A = am(L)
     assert N1.dtype == A.dtype == torch.float64
     assert torch.autograd.gradcheck(lambda x: am(x)[0], (L,))
+    model = AssocFormer(nn.Flatten(), 8, 4).double()  # and the mean A of a float64 model
+    data = torch.utils.data.TensorDataset(torch.randn(5, 8, dtype=torch.float64), torch.zeros(5, 4))
+    mean_A = mean_association(model, data, device="cpu")
+    assert mean_A.shape == (4, 4) and np.isfinite(mean_A).all()
 
 
 def test_regularizer_bad_inputs():

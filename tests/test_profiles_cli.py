@@ -45,6 +45,9 @@ def test_overrides_and_errors():
         got = load_profile("psd", "smoke", over)["psd"]["asl"]["gamma_neg"]
         assert got == 4.0 and isinstance(got, float)
     assert isinstance(load_profile("primer", "smoke", ["train.epochs=3"])["train"]["epochs"], int)
+    for over in (["mixing.mixed_size=4"], {"mixing.mixed_size": 4}):  # a count of mixed images, not 4x the batch
+        got = load_profile("splicemix", "smoke", over)["mixing"]["mixed_size"]
+        assert got == 4 and isinstance(got, int)
     with pytest.raises(ValueError, match="unknown parameter 'trian.epochs'"):
         load_profile("primer", "smoke", {"trian.epochs": 1})
     with pytest.raises(ValueError, match="no profiles for chapter"):
@@ -382,6 +385,8 @@ def test_cli_teachers_trains_once_then_finds_them_cached(capsys, tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("psd.kd_images=bogus", r"psd.kd_images must be one of \('subtask', 'all'\)"),
     ("psd.cpsd_k=2.5", "psd.cpsd_k must be a whole number"),
+    ("psd.cpsd_k=3", r"psd.cpsd_k \(3\) must be one of psd.ks"),
+    ("psd.ks=[1]", r"psd.cpsd_k \(2\) must be one of psd.ks"),
     ("psd.parallel=gpu", "psd.parallel must be one of"),
     ("psd.ks=[1, 0]", "psd.ks must be a non-empty list"),
     ("psd.tau=0", r"psd.tau must be a number > 0"),
@@ -722,8 +727,9 @@ def test_object_key_describes_what_an_object_computes_with():
     assert a == b and "_cache" not in a and a["alpha"] == 0.5 and a["class"].endswith("Step")
     assert object_key(Step(torch.tensor([1.0, 1.0, 2.0]), 0.5)) != a  # a tensor's values count
     assert object_key(Step(torch.ones(3), 0.6)) != a
-    assert object_key(np.arange(3))["sha256"] != object_key(np.arange(3.0))["sha256"] or (
-        object_key(np.arange(3))["dtype"] != object_key(np.arange(3.0))["dtype"])
+    assert object_key(np.arange(3)) != object_key(np.arange(3.0))  # the same values in another dtype
+    bf = torch.ones(2, dtype=torch.bfloat16)
+    assert object_key(bf)["dtype"] == "torch.bfloat16" and object_key(bf) != object_key(bf.float())
     lin = torch.nn.Linear(2, 2)
     k = object_key(lin)
     with torch.no_grad():
@@ -731,6 +737,33 @@ def test_object_key_describes_what_an_object_computes_with():
     assert object_key(lin) != k and k["module"].endswith("Linear")
     assert object_key(len) == "builtins.len" and object_key(None) is None
     assert object_key(functools.partial(max, 1)) != object_key(functools.partial(max, 2))
+    # a module's options (a loss's focusing parameter), a closure's values, a lambda's code, a bound method's
+    # object and a slotted object's fields all count (each gave one key for two trainings)
+    from mlic_lib.losses import AsymmetricLoss
+    from mlic_lib.psd import ASLStep
+
+    assert object_key(ASLStep({"gamma_neg": 4.0})) != object_key(ASLStep({"gamma_neg": 1.0}))
+    assert object_key(AsymmetricLoss(gamma_neg=4.0)) != object_key(AsymmetricLoss(gamma_neg=1.0))
+
+    def scaled(w):
+        def loss(x):
+            return w * x
+        return loss
+
+    assert object_key(scaled(1.0)) != object_key(scaled(9.0)) and object_key(scaled(2.0)) == object_key(scaled(2.0))
+    assert object_key(lambda x: x + 1) != object_key(lambda x: x + 2)
+    assert object_key(Step(torch.ones(1), 1).__init__) != object_key(Step(torch.ones(1), 2).__init__)
+
+    class Slotted:
+        __slots__ = ("weight",)
+
+        def __init__(self, weight):
+            self.weight = weight
+
+    assert object_key(Slotted(1.0)) != object_key(Slotted(10.0))
+    assert object_key(torch.float16) != object_key(torch.float32)
+    with pytest.raises(TypeError, match="extra_key"):
+        object_key(np.random.default_rng(0))  # nothing to look into: refused, not keyed by its class name
     assert object_key({"a": (1, 2), "b": {3, 1}}) == {"a": [1, 2], "b": [1, 3]}
     assert json.dumps(object_key(Step(np.ones(2), {"x": Path("/p")})))  # JSON-able
 

@@ -447,7 +447,7 @@ def test_a_bad_decomposition_is_refused_before_anything_trains(small_scenes, mon
     S = similarity_matrix(targets=targets)
     for run in (psd.run_study, psd.pretrain_teachers):
         with pytest.raises(ValueError, match="k must be between"):
-            run(_settings(ks=[1, 500], cpsd_k=2, n_init=2), data, S)
+            run(_settings(ks=[1, 500], cpsd_k=500, n_init=2), data, S)
         with pytest.raises(ValueError, match=r"no training image contains.*\[19\]|\[19\].*no training image"):
             run(_settings(ks=[1, 2], cpsd_k=2, n_init=2), data, S)
     assert psd.planned_decompositions(_settings(ks=[1, 2], cpsd_k=2, n_init=2, image_selection="all"), data, S)

@@ -61,6 +61,9 @@ def test_claim_verdict_states_the_difference_the_spread_and_the_papers_verdict()
     assert claim_verdict(0.4, float("nan"), +1) == (
         "+0.4 mAP points (same direction as the paper); one seed: no spread, so no verdict")
     assert claim_verdict(float("nan"), 1.0, +1) == "no value: no verdict"
+    # a difference just beyond the spread is printed with the decimals that tell them apart
+    assert claim_verdict(1.44, 1.40, +1).startswith("+1.44 mAP points, beyond the seed spread of 1.40: agrees")
+    assert claim_verdict(0.04, 0.0, +1).startswith("+0.04 mAP points, beyond the seed spread of 0.00")
     with pytest.raises(ValueError, match="paper_sign"):
         claim_verdict(1.0, 0.5, 0)
 
@@ -78,6 +81,8 @@ def test_claim_over_agrees_only_where_every_point_does_and_names_where_it_fails(
     assert claim_over({"a": 3.0}, float("nan"), +1) == "a: +3.0 mAP points; one seed: no spread, so no verdict"
     assert claim_over({"a": float("nan"), "b": 3.0}, 1.0, +1).endswith(
         "beyond the spread in the paper's direction at b only")
+    assert claim_over({2: float("nan"), 3: float("nan")}, 1.0, +1, "k=") == (
+        "k=2: no value; k=3: no value: no value to judge, so no verdict")
     with pytest.raises(ValueError, match="empty"):
         claim_over({}, 1.0, +1)
 

@@ -293,7 +293,7 @@ def mean_association(model: AssocFormer, data, batch_size: int = 64, device: str
             x = batch[0].to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 L = model.forward_features(x)
-            A = model.am.association(L.float()).double()
+            A = model.am.association(L.to(torch.promote_types(model.am.key.weight.dtype, torch.float32))).double()
             total = A.sum(0) if total is None else total + A.sum(0)
             n += A.shape[0]
     if n == 0:

@@ -67,6 +67,9 @@ def _train_field_kinds() -> dict[str, str]:
 # into): INDeeD's lam (a number or {minmax: .., l2: ..}), the presets' randaugment (true/false or a policy name),
 # SpliceMix's grids (a table {RxC: probability} or a list of grids); only a number written as text is converted
 MIXED_TYPE_KEYS = frozenset({"lam", "randaugment", "grids"})
+#: Keys whose value means a count when it is a whole number and a fraction when it is a decimal (SpliceMix's
+#: ``mixed_size``: 4 mixed images, or 0.25 of the batch): a whole number given there stays a whole number.
+COUNT_OR_FRACTION_KEYS = frozenset({"mixed_size"})
 TRAIN_SECTIONS = ("train", "teacher_train")  # sections that TrainConfig checks
 #: chapter -> {key: (module, function)} checking the value at that dotted key (a section or a list) when an
 #: override touches it (the method's own check, run now rather than hours into a run); imported only then, to keep
@@ -190,7 +193,7 @@ def _coerce(key: str, value: Any, ref: Any) -> Any:
             value = int(number) if isinstance(ref, int) and number.is_integer() and "." not in value else number
         if isinstance(value, (bool, str)) or not isinstance(value, (int, float)):
             raise ValueError(f"parameter {key!r} takes a number (like {ref!r}), got {value!r}")
-        if isinstance(ref, float) and isinstance(value, int):
+        if isinstance(ref, float) and isinstance(value, int) and key.rsplit(".", 1)[-1] not in COUNT_OR_FRACTION_KEYS:
             value = float(value)  # 4 for 4.0: the same setting, so the same run's cache key
     elif isinstance(ref, list) and not isinstance(value, list):
         raise ValueError(f"parameter {key!r} takes a list (like {ref!r}), got {value!r}; write it in brackets, "
