@@ -852,16 +852,16 @@ def _check_config(saved: Mapping[str, Any], cfg: TrainConfig, path: Path, what: 
 
 def is_finished(run_dir: str | Path) -> bool:
     """Whether ``fit`` will load ``run_dir`` instead of training: a readable ``results.json`` and a readable
-    ``final.pt`` (read as ``fit`` reads it, onto the CPU: one cut short, empty or with a damaged pickle is not). For a
-    caller that prepares costly training inputs only when a run will train (CPSD's teacher logits); the config is
-    checked by ``fit``."""
+    ``final.pt`` (its pickle read as ``fit`` reads it, the tensors memory-mapped rather than read: one cut short,
+    empty or with a damaged pickle is not). For a caller that prepares costly training inputs only when a run will
+    train (CPSD's teacher logits); the config is checked by ``fit``."""
     run_dir = Path(run_dir)
     results, final = run_dir / "results.json", run_dir / "final.pt"
     if not (results.is_file() and final.is_file()):
         return False
     try:
         _read_results(results)
-        _read_checkpoint(final, torch.device("cpu"), ("model",))
+        _checked_entries(torch.load(final, map_location="cpu", weights_only=True, mmap=True), ("model",))
     except _UNREADABLE:
         return False  # damaged (fit trains again) or unreadable for now: either way, prepare the inputs
     return True

@@ -991,9 +991,7 @@ def run_study(settings: Mapping[str, Any], data, S: np.ndarray, *, seed: int = 0
                                                                          rseed=key[2], subsets=subs, parallel=mode)
 
     def student(run_name: str, *keys: tuple[str, int, int]) -> RunRequest:
-        ens = [ensembles[k] for k in keys]
-        tkey = ens[0].run_key if len(ens) == 1 else [e.run_key for e in ens]
-        return RunRequest(settings, seed, run_name, ens, tkey)
+        return RunRequest(settings, seed, run_name, [ensembles[k] for k in keys])  # keyed on their run_keys
 
     requests = {"baseline": RunRequest(settings, seed, "baseline"), "sd": student("sd", ("cgp", 1, 0))}
     for k in ks:
