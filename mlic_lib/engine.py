@@ -24,7 +24,8 @@ Modelled on torchvision's ``references/classification``. What it adds for the bo
   ``torchrun`` (``WORLD_SIZE > 1``) with a ``DistributedSampler``; a run folder records the number of processes
   and refuses to resume or load under another.
 
-Checkpoints are read with ``torch.load(weights_only=True)``.
+Checkpoints are read with ``torch.load(weights_only=True)``, after their records are checked against the CRC-32s of
+the zip archive (:func:`mlic_lib.utils.verify_checkpoint`: ``torch.load`` does not notice a flipped bit in the weights).
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ from mlic_lib.utils import (
     model_device,
     pick_device,
     seed_everything,
+    verify_checkpoint,
 )
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -712,8 +714,9 @@ RUN_KEY_IGNORED: tuple[str, ...] = tuple(f for f in RUN_CONFIG_IGNORED if f != "
 
 #: What reading a damaged checkpoint / ``results.json`` raises: ``torch.load`` of a truncated or empty file, or of
 #: one whose pickle or zip structure is damaged, raises any of these (``ValueError`` covers ``JSONDecodeError`` and
-#: ``UnicodeDecodeError``); ``KeyError``: an entry ``fit`` writes is missing. A flipped bit inside the tensor data
-#: is not detected: the files carry no checksum. :func:`_is_damage` tells those that say nothing about the file.
+#: ``UnicodeDecodeError``; and :class:`~mlic_lib.utils.CorruptCheckpointError`, a record of the zip archive that fails
+#: its CRC-32, such as a flipped bit inside the tensor data); ``KeyError``: an entry ``fit`` writes is missing.
+#: :func:`_is_damage` tells those that say nothing about the file.
 _UNREADABLE = (pickle.UnpicklingError, EOFError, OSError, RuntimeError, ValueError, KeyError, IndexError)
 #: A full GPU (``map_location``) and a file of another user's are errors of their own, never a reason to retrain.
 _NOT_DAMAGE = (torch.OutOfMemoryError, PermissionError)
@@ -852,15 +855,17 @@ def _check_config(saved: Mapping[str, Any], cfg: TrainConfig, path: Path, what: 
 
 def is_finished(run_dir: str | Path) -> bool:
     """Whether ``fit`` will load ``run_dir`` instead of training: a readable ``results.json`` and a readable
-    ``final.pt`` (its pickle read as ``fit`` reads it, the tensors memory-mapped rather than read: one cut short,
-    empty or with a damaged pickle is not). For a caller that prepares costly training inputs only when a run will
-    train (CPSD's teacher logits); the config is checked by ``fit``."""
+    ``final.pt`` (its records checked against their CRC-32s and its pickle read as ``fit`` reads it, the tensors
+    memory-mapped rather than loaded: one cut short, empty, with a damaged pickle or a flipped bit is not). For a
+    caller that prepares costly training inputs only when a run will train (CPSD's teacher logits); the config is
+    checked by ``fit``."""
     run_dir = Path(run_dir)
     results, final = run_dir / "results.json", run_dir / "final.pt"
     if not (results.is_file() and final.is_file()):
         return False
     try:
         _read_results(results)
+        verify_checkpoint(final)
         _checked_entries(torch.load(final, map_location="cpu", weights_only=True, mmap=True), ("model",))
     except _UNREADABLE:
         return False  # damaged (fit trains again) or unreadable for now: either way, prepare the inputs

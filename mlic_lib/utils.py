@@ -10,6 +10,7 @@ import json
 import os
 import random
 import tempfile
+import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -263,8 +264,39 @@ def atomic_write_json(obj: Any, path: str | os.PathLike) -> Path:
     return atomic_write_text(json.dumps(_jsonable(obj), indent=2, sort_keys=True, allow_nan=True) + "\n", path)
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
-    """``torch.load`` with ``weights_only=True`` (tensors, plain containers and numbers only)."""
+class CorruptCheckpointError(ValueError):
+    """A checkpoint whose stored data fail their CRC-32 (:func:`verify_checkpoint`): the file is damaged."""
+
+
+def verify_checkpoint(path: str | os.PathLike) -> None:
+    """Check every record of the ``torch.save`` archive ``path`` against the CRC-32 the zip format stores for it;
+    raise :class:`CorruptCheckpointError` naming the first record that fails (a flipped bit in the weights, which
+    ``torch.load`` itself does not notice).
+
+    A file that is not a zip archive (a truncated one, or torch's legacy format) is left to ``torch.load``, which
+    raises for a damaged one; so is an archive written with ``torch.serialization.set_crc32_options(False)``, whose
+    records carry no CRC-32 (all zero). Reads the whole file once (about 1.5 GB/s, so 0.1 s for ResNet-101's
+    weights)."""
+    path = Path(path)
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            records = archive.infolist()
+            if not any(r.CRC for r in records if r.file_size):
+                return  # written without CRC-32s: nothing to compare
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, EOFError) as e:
+        raise CorruptCheckpointError(f"{path.name}'s zip structure is damaged ({e})") from e
+    if bad is not None:
+        raise CorruptCheckpointError(f"{path.name}'s record {bad} fails its CRC-32: the file is damaged")
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", verify: bool = True) -> Any:
+    """``torch.load`` with ``weights_only=True`` (tensors, plain containers and numbers only), after
+    :func:`verify_checkpoint` (``verify=False`` skips it)."""
+    if verify:
+        verify_checkpoint(path)
     return torch.load(path, map_location=map_location, weights_only=True)
 
 

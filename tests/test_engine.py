@@ -237,15 +237,19 @@ def _damage(path, how: str) -> bytes:
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     elif how == "empty":
         path.write_bytes(b"")
-    elif how == "pickle":  # a damaged pickle inside an intact zip archive (zipfile.is_zipfile still says yes)
+    elif how in ("pickle", "bit"):  # inside an intact zip archive (zipfile.is_zipfile still says yes)
         import struct
         import zipfile
 
         data = bytearray(path.read_bytes())
         with zipfile.ZipFile(path) as z:
-            info = next(i for i in z.infolist() if i.filename.endswith("data.pkl"))
+            if how == "pickle":  # the pickle's first byte (its protocol opcode)
+                info, offset, flip = next(i for i in z.infolist() if i.filename.endswith("data.pkl")), 0, 0xFF
+            else:  # one bit in the middle of the largest tensor's data: the pickle and every other record are intact
+                info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+                offset, flip = info.file_size // 2, 0x01
         name_len, extra_len = struct.unpack("<HH", bytes(data[info.header_offset + 26:info.header_offset + 30]))
-        data[info.header_offset + 30 + name_len + extra_len] ^= 0xFF  # the pickle's first byte (its protocol opcode)
+        data[info.header_offset + 30 + name_len + extra_len + offset] ^= flip
         path.write_bytes(bytes(data))
         assert zipfile.is_zipfile(path)
     elif how == "no config entry":  # a file fit never writes: every version stored the config
@@ -260,7 +264,7 @@ def _damage(path, how: str) -> bytes:
     return path.read_bytes()
 
 
-@pytest.mark.parametrize(("name", "how"), [("final.pt", "truncated"), ("final.pt", "empty"),
+@pytest.mark.parametrize(("name", "how"), [("final.pt", "truncated"), ("final.pt", "empty"), ("final.pt", "bit"),
                                            ("results.json", "truncated"), ("results.json", "empty"),
                                            ("results.json", "no config entry")])
 def test_a_damaged_file_of_a_finished_run_is_moved_aside_and_the_run_trained_again(small_scenes, tmp_path, name,
@@ -317,7 +321,7 @@ def test_a_run_file_that_vanishes_after_it_was_seen_counts_as_absent(small_scene
         assert again.final["mAP"] == first.final["mAP"]
 
 
-@pytest.mark.parametrize("how", ["truncated", "empty", "no config entry"])
+@pytest.mark.parametrize("how", ["truncated", "empty", "bit", "no config entry"])
 def test_a_damaged_last_checkpoint_is_moved_aside_and_training_starts_from_scratch(small_scenes, tmp_path, how):
     """A damaged ``last.pt`` used to make every resume fail (or, without its config, resume unchecked); now it
     goes to ``last.pt.corrupt`` with a warning and every epoch is trained again."""
@@ -381,7 +385,7 @@ def test_a_damaged_file_that_cannot_be_moved_aside_is_a_warning_and_the_run_trai
     assert _run(small_scenes, run_dir=run, epochs=1).cached  # the new results.json replaced the damaged one
 
 
-@pytest.mark.parametrize("how", ["truncated", "empty", "pickle"])
+@pytest.mark.parametrize("how", ["truncated", "empty", "pickle", "bit"])
 def test_is_finished_says_whether_fit_will_load_the_folder(small_scenes, tmp_path, how):
     """CPSD prepares its teachers' logits only for a student that will train: a damaged final.pt must count as
     not finished (fit trains it again), not as cached (the student would then train without its teachers)."""
@@ -395,7 +399,7 @@ def test_is_finished_says_whether_fit_will_load_the_folder(small_scenes, tmp_pat
     assert not is_finished(run)
     with pytest.warns(RuntimeWarning, match="final.pt is damaged"):
         assert not _run(small_scenes, run_dir=run, epochs=1).cached  # as fit decides
-    if how == "pickle":
+    if how in ("pickle", "bit"):
         return  # results.json is no zip archive
     _run(small_scenes, run_dir=tmp_path / "other", epochs=1)
     _damage(tmp_path / "other" / "results.json", how)
@@ -566,6 +570,32 @@ def test_checkpoints_load_with_weights_only(small_scenes, tmp_path):
     _run(small_scenes, run_dir=tmp_path / "r", epochs=1)
     state = torch.load(tmp_path / "r" / "final.pt", weights_only=True)
     assert "model" in state
+
+
+def test_load_checkpoint_checks_the_archive_crcs(tmp_path):
+    """torch.load does not notice a flipped bit in the tensor data (checked here, so that the test fails should it
+    start to): load_checkpoint compares every record with the CRC-32 the zip archive stores, and names the record.
+    Files it cannot check (no zip archive, CRC-32s not written) are left to torch.load."""
+    from mlic_lib.utils import CorruptCheckpointError, load_checkpoint, verify_checkpoint
+
+    path = tmp_path / "c.pt"
+    torch.save({"w": torch.arange(1000, dtype=torch.float32)}, path)
+    verify_checkpoint(path)
+    _damage(path, "bit")
+    assert torch.load(path, weights_only=True)["w"][500] != 500  # read without a word
+    with pytest.raises(CorruptCheckpointError, match=r"c\.pt's record .*/data/0 fails its CRC-32"):
+        load_checkpoint(path)
+    assert load_checkpoint(path, verify=False)["w"][500] != 500
+    legacy = tmp_path / "legacy.pt"
+    torch.save({"w": torch.ones(3)}, legacy, _use_new_zipfile_serialization=False)
+    verify_checkpoint(legacy)
+    assert load_checkpoint(legacy)["w"].sum() == 3
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save({"w": torch.ones(3)}, tmp_path / "nocrc.pt")
+    finally:
+        torch.serialization.set_crc32_options(True)
+    verify_checkpoint(tmp_path / "nocrc.pt")
 
 
 def test_run_dir_hash_depends_on_config():
