@@ -55,7 +55,7 @@ from mlic_lib.data.tensors import TensorImageDataset
 from mlic_lib.engine import FitResult, TrainConfig, fit, is_finished, run_dir_for
 from mlic_lib.experiments import build_scene_model
 from mlic_lib.losses import AsymmetricLoss
-from mlic_lib.utils import pick_device
+from mlic_lib.utils import host_to_device, pick_device
 
 __all__ = [
     "IMAGE_SELECTIONS",
@@ -185,9 +185,13 @@ def merge_logits(parts: Sequence[Tensor], subsets: Sequence[Sequence[int]], num_
             raise ValueError(f"teacher logits of shape {tuple(p.shape)} do not fit a subset of {len(s)} classes "
                              f"and batch {B}")
     cat = torch.cat(list(parts), dim=1)
-    index = torch.as_tensor(np.concatenate([np.asarray(s, dtype=np.int64) for s in subsets]), device=cat.device)
-    out = cat.new_zeros(B, C)
-    return out.index_copy(1, index, cat)
+    index = torch.from_numpy(np.concatenate([np.asarray(s, dtype=np.int64) for s in subsets]))
+    return _place(cat, host_to_device(index, cat.device), C)
+
+
+def _place(cat: Tensor, index: Tensor, num_classes: int) -> Tensor:
+    """Columns ``j`` of ``cat`` at columns ``index[j]`` of a ``(B, num_classes)`` zero tensor (``rho``)."""
+    return cat.new_zeros(cat.shape[0], num_classes).index_copy(1, index, cat)
 
 
 def split_logits(logits: Tensor, subsets: Sequence[Sequence[int]]) -> list[Tensor]:
@@ -195,25 +199,43 @@ def split_logits(logits: Tensor, subsets: Sequence[Sequence[int]]) -> list[Tenso
     return [logits[:, torch.as_tensor(np.asarray(s, dtype=np.int64), device=logits.device)] for s in subsets]
 
 
+def class_subsets(subsets: Sequence[Sequence[int]], num_classes: int) -> np.ndarray:
+    """``(num_classes,)`` int64: the index of the subset that holds each class, ``len(subsets)`` for a class in
+    none."""
+    out = np.full(num_classes, len(subsets), dtype=np.int64)
+    for i, sub in enumerate(subsets):
+        out[np.asarray(sub, dtype=np.int64)] = i
+    return out
+
+
 def kd_domain_mask(targets: Tensor, subsets: Sequence[Sequence[int]] | None) -> Tensor:
     """``(B, C)`` float mask of Eq. 5's domain: entry ``(i, c)`` is 1 when image ``i`` contains a class of the
-    subset that holds ``c`` (``x_i in X_{C_t}``), else 0. ``subsets=None`` (a teacher over the whole label
-    set without a decomposition) gives all ones."""
+    subset that holds ``c`` (``x_i in X_{C_t}``), else 0 (also for a class in no subset). ``subsets=None`` (a
+    teacher over the whole label set without a decomposition) gives all ones."""
     y = torch.as_tensor(targets) > 0.5
     if y.ndim != 2:
         raise ValueError(f"targets must be (B, C) multi-hot labels, got shape {tuple(y.shape)}")
     if subsets is None:
         return torch.ones(y.shape, dtype=torch.float32, device=y.device)
-    out = torch.zeros(y.shape, dtype=torch.float32, device=y.device)
-    for sub in subsets:
-        idx = torch.as_tensor(np.asarray(sub, dtype=np.int64), device=y.device)
-        out[:, idx] = y[:, idx].any(dim=1, keepdim=True).float()
-    return out
+    owner = host_to_device(torch.from_numpy(class_subsets(subsets, y.shape[1])), y.device)
+    return _domain_mask(y, owner, len(subsets))
+
+
+def _domain_mask(y: Tensor, owner: Tensor, n_subsets: int) -> Tensor:
+    """:func:`kd_domain_mask` from boolean targets ``y`` and :func:`class_subsets` ``owner`` (on ``y``'s device):
+    whether image ``i`` has a positive in each subset (a scatter-max over the classes; the slot ``n_subsets``
+    collects the classes in no subset and is never set), read back at each class's subset. No host sync."""
+    owner = owner.expand(y.shape[0], -1)
+    present = torch.zeros(y.shape[0], n_subsets + 1, dtype=torch.float32, device=y.device)
+    present = present.scatter_reduce(1, owner, y.float() * (owner < n_subsets), "amax")
+    return present.gather(1, owner)
 
 
 def _teacher_masks(teachers: Sequence[nn.Module], targets: Tensor) -> Tensor:
-    """``(B, T, C)``: :func:`kd_domain_mask` of each teacher (its ``subsets`` if it is a decomposition)."""
-    return torch.stack([kd_domain_mask(targets, getattr(t, "subsets", None)) for t in teachers], dim=1)
+    """``(B, T, C)``: :func:`kd_domain_mask` of each teacher (its ``subsets`` if it is a decomposition; a
+    :class:`TeacherEnsemble`'s from its own device-resident class map)."""
+    return torch.stack([t.domain_mask(targets) if isinstance(t, TeacherEnsemble)
+                        else kd_domain_mask(targets, getattr(t, "subsets", None)) for t in teachers], dim=1)
 
 
 class TeacherEnsemble(nn.Module):
@@ -235,9 +257,24 @@ class TeacherEnsemble(nn.Module):
         self.subsets = [np.asarray(s, dtype=np.int64) for s in subsets]
         self.num_classes = num_classes
         self.specs = list(specs) if specs is not None else None
+        # rho's column index and the class -> subset map, as buffers (not saved) that move with the module: a step
+        # that calls the teachers on each batch then sends nothing from the host (no host sync per step on CUDA)
+        self.register_buffer("merge_index", torch.from_numpy(np.concatenate(self.subsets)), persistent=False)
+        self.register_buffer("owner", torch.from_numpy(class_subsets(self.subsets, num_classes)), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return merge_logits([t(x) for t in self.teachers], self.subsets, self.num_classes)
+        """Merged logits ``(B, C)`` (:func:`merge_logits`; the partition was checked when the ensemble was
+        built). In float32 whatever each teacher's output dtype: under the engine's bf16 autocast the teachers
+        compute in bf16, as the student does."""
+        cat = torch.cat([t(x).float() for t in self.teachers], dim=1)
+        return _place(cat, self.merge_index, self.num_classes)
+
+    def domain_mask(self, targets: Tensor) -> Tensor:
+        """:func:`kd_domain_mask` of this ensemble's subsets, from the buffer on the module's device."""
+        y = torch.as_tensor(targets) > 0.5
+        if y.ndim != 2 or y.shape[1] != self.num_classes:
+            raise ValueError(f"targets must be (B, {self.num_classes}) multi-hot labels, got shape {tuple(y.shape)}")
+        return _domain_mask(y, self.owner.to(y.device), len(self.subsets))
 
     def teacher_for(self, cls: int) -> tuple[nn.Module, int]:
         """``(teacher, local output index)`` of the teacher whose subset holds global class ``cls``."""
@@ -308,7 +345,11 @@ class DistillationStep:
     (VOC difficult labels) applies to the classification term only. ``kd_subtask_only`` (with ``teachers``;
     default True, Eq. 5) restricts each teacher's KD term to its sub-task's images (:func:`kd_domain_mask`; a
     teacher without ``subsets``, i.e. a full-label one, gives targets everywhere); False distils every teacher on
-    every image, as the authors' code does (there the teachers were trained on all images)."""
+    every image, as the authors' code does (there the teachers were trained on all images).
+
+    Under the engine's autocast (bf16 on CUDA) the teachers run in bf16, as the student does, and their logits
+    are cast to float32 for the loss; the precomputed targets of a :class:`DistillDataset`
+    (:func:`predict_logits`) are computed in float32, as evaluation is."""
 
     def __init__(self, asl: Mapping[str, Any] | None = None, kd_weight: float = 1.0, reduction: str = "sum",
                  teachers: Sequence[nn.Module] | None = None, kd_subtask_only: bool = True):
@@ -522,6 +563,19 @@ def resolve_mode(settings: Mapping[str, Any], parallel: str | None = None) -> st
     return mode
 
 
+def _rank_device(local: int) -> str | None:
+    """``cuda:local`` for a torchrun process that trains whole runs on its own GPU, made the current CUDA device
+    (the loader's pinned-memory thread and device-less CUDA calls use the current one: without it every process
+    would also open a context on GPU 0); ``None`` without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    if local >= torch.cuda.device_count():
+        raise RuntimeError(f"torchrun started process {local} on this node, but it has {torch.cuda.device_count()} "
+                           "CUDA device(s), one per process: launch with --nproc_per_node at most the number of GPUs")
+    torch.cuda.set_device(local)
+    return f"cuda:{local}"
+
+
 def train_teachers(settings: Mapping[str, Any], train_data, targets, subsets: Sequence[Sequence[int]], *,
                    seed: int = 0, parallel: str | None = None, max_workers: int | None = None,
                    timeout_s: float = 24 * 3600) -> tuple[TeacherEnsemble, list[FitResult]]:
@@ -562,7 +616,7 @@ def train_teachers(settings: Mapping[str, Any], train_data, targets, subsets: Se
                              lambda i: i not in todo, max_workers=max_workers)
     elif mode == "torchrun" and world > 1:
         rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+        device = _rank_device(local) or "cpu"
         with _single_process_env():
             for i, s in enumerate(specs):
                 if i % world == rank and not _is_done(s):
@@ -912,7 +966,7 @@ def pretrain_teachers(settings: Mapping[str, Any], data, S: np.ndarray, *, seed:
         out = run_missing(_pool_worker, jobs, lambda i: _is_done(specs[i]), max_workers=max_workers,
                           desc="teachers" if progress else None)
         return sum(not cached for _, cached in out.values())  # another process may have finished one meanwhile
-    device = f"cuda:{local}" if torch.cuda.is_available() else None
+    device = _rank_device(local)
     mine = [s for i, s in enumerate(specs) if i % world == rank and not _is_done(s)]
     with _single_process_env():
         for spec in tqdm(mine, desc=f"teachers (rank {rank} of {world})", disable=not progress):

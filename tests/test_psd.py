@@ -110,6 +110,39 @@ def test_kd_domain_mask_is_eq5_membership():
     assert torch.equal(psd.kd_domain_mask(y, None), torch.ones(3, 6))
 
 
+def _domain_mask_by_loops(y, subsets):
+    ref = torch.zeros(y.shape)
+    for i in range(y.shape[0]):
+        for sub in subsets:
+            if (y[i, list(sub)] > 0.5).any():
+                ref[i, list(sub)] = 1
+    return ref
+
+
+def test_domain_masks_match_loops_on_random_partitions():
+    """kd_domain_mask (a scatter-max on the device) and a TeacherEnsemble's own (its buffers) against the loops of
+    Eq. 5's membership, on random partitions and soft labels; a class in no subset gets 0."""
+    rng = np.random.default_rng(3)
+    for trial in range(20):
+        C = int(rng.integers(2, 12))
+        k = int(rng.integers(1, C + 1))
+        owner = np.concatenate([np.arange(k), rng.integers(0, k, C - k)])
+        rng.shuffle(owner)
+        subsets = [np.flatnonzero(owner == i) for i in range(k)]
+        y = torch.from_numpy(rng.choice([0.0, 0.4, 0.6, 1.0], size=(9, C), p=[0.6, 0.1, 0.1, 0.2]).astype(np.float32))
+        ref = _domain_mask_by_loops(y, subsets)
+        assert torch.equal(psd.kd_domain_mask(y, subsets), ref), trial
+        ens = psd.TeacherEnsemble([_tiny_model(len(s), i) for i, s in enumerate(subsets)], subsets, C)
+        assert torch.equal(ens.domain_mask(y), ref), trial
+        x = torch.randn(4, 3, 16, 16)
+        with torch.no_grad():
+            assert torch.equal(ens(x), psd.merge_logits([t(x) for t in ens.teachers], subsets, C)), trial
+        if k > 1:  # a subset left out: its classes are in no teacher's domain
+            assert torch.equal(psd.kd_domain_mask(y, subsets[1:]), _domain_mask_by_loops(y, subsets[1:]))
+    with pytest.raises(ValueError, match=r"\(B, 6\) multi-hot"):
+        psd.TeacherEnsemble([_tiny_model(len(s), i) for i, s in enumerate(SUBSETS)], SUBSETS, 6).domain_mask(y)
+
+
 def test_masked_kd_and_step_follow_eq5():
     """With kd_subtask_only, teacher t's KD term counts only on the images of its sub-task; both teacher modes
     (precomputed logits + mask in the batch, teachers run on the batch) give the same loss."""
