@@ -20,6 +20,9 @@ compares L1, L2, elastic net (L1 + L2) and the nuclear norm. Our reading (stated
   Eq. 9 (matrix 2-norm), offered as an option only;
 * ``'none'``: no regulariser.
 
+The two singular-value norms go through an SVD, which on CUDA waits for the host (PyTorch's ``svdvals``: it
+"synchronizes that device with the CPU"): one host sync per step, the only one the book's training steps make.
+
 ``A`` has shape ``(B, C, C)`` (one matrix per image): the norm is taken per image and averaged over
 the batch, so that both terms of Eq. 9 are per-image quantities (Eq. 8 is the mean over the C classes
 of one image; we average it over the batch too, ``asymmetric_loss(reduction='mean')``). Eq. 8 has

@@ -316,11 +316,13 @@ def _finite_on_every_rank(loss: torch.Tensor) -> bool:
 
 
 def _to_device(batch, device: torch.device, channels_last: bool):
+    """The batch's tensors on ``device``; with ``channels_last``, every floating-point 4-D one (the images, and
+    LTML's second view) in that layout."""
     out = []
-    for i, t in enumerate(batch):
+    for t in batch:
         if isinstance(t, torch.Tensor):
             t = t.to(device, non_blocking=True)
-            if i == 0 and channels_last and t.ndim == 4:
+            if channels_last and t.ndim == 4 and t.is_floating_point():
                 t = t.contiguous(memory_format=torch.channels_last)
         out.append(t)
     return out

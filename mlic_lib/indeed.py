@@ -337,12 +337,15 @@ class INDeeDStep:
             p = model.classifier(torch.cat([parts["f_ab"], parts["f_ba"]])).float()
             l_i = F.binary_cross_entropy_with_logits(p, torch.cat([labels["y_ab"], labels["y_ba"]])) * 2
         if self.blocks in ("both", "disparate"):
-            keep = slice(None) if self.default_pairs_disparate else a_idx != b_idx  # the partial-coco pairs only
-            f_s = torch.cat([parts["f_a_minus_b"][keep], parts["f_b_minus_a"][keep]])
-            if len(f_s):  # (none when every pair is a default one and those are left out)
-                l_s = F.binary_cross_entropy_with_logits(
-                    model.classifier(f_s).float(),
-                    torch.cat([labels["y_a_minus_b"][keep], labels["y_b_minus_a"][keep]])) * 2
+            f_s = torch.cat([parts["f_a_minus_b"], parts["f_b_minus_a"]])
+            y_s = torch.cat([labels["y_a_minus_b"], labels["y_b_minus_a"]])
+            if self.default_pairs_disparate:
+                l_s = F.binary_cross_entropy_with_logits(model.classifier(f_s).float(), y_s) * 2
+            else:  # the mean over the partial-coco pairs only, as weights (a boolean index would sync the host)
+                w = (a_idx != b_idx).repeat(2).float()
+                per_row = F.binary_cross_entropy_with_logits(model.classifier(f_s).float(), y_s,
+                                                             reduction="none").mean(dim=1)
+                l_s = (per_row * w).sum() / w.sum().clamp_min(1.0) * 2  # 0 when every pair is a default one
         return {"L_O": l_o, "L_I": l_i, "L_S": l_s,
                 "pairs": (a_idx != b_idx).float().sum(), "n_pairs": torch.tensor(float(len(a_idx)))}
 

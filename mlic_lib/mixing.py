@@ -490,7 +490,7 @@ class BatchAugmentation:
         sx = s * (torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0) if self.flip else 1.0)
         theta = torch.zeros(n, 2, 3)
         theta[:, 0, 0], theta[:, 1, 1], theta[:, :, 2] = sx, s, t
-        grid = F.affine_grid(theta.to(x.device, x.dtype), list(xs.shape), align_corners=False)
+        grid = F.affine_grid(host_to_device(theta, x.device).to(x.dtype), list(xs.shape), align_corners=False)
         out = F.grid_sample(xs, grid, mode="bilinear", padding_mode="border", align_corners=False)
         return MixResult(out, y.repeat(self.m, 1), None, {"m": self.m})
 

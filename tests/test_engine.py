@@ -879,6 +879,20 @@ def test_decay_groups_keep_the_backbone_lr_and_onecycle_peaks():
     assert sorted({round(g["max_lr"], 6) for g in opt.param_groups}) == [0.1, 1.0]
 
 
+def test_every_floating_point_image_batch_goes_channels_last():
+    """With channels_last, LTML's second view went to the model in NCHW (only the first batch item was converted),
+    so the two-branch model's concatenated batch was NCHW; integer and lower-rank items are left as they are."""
+    from mlic_lib.engine import _to_device
+
+    batch = [torch.randn(2, 3, 4, 4), torch.ones(2, 5), torch.randn(2, 3, 4, 4),
+             torch.zeros(2, 1, 5, 5, dtype=torch.long)]
+    out = _to_device(batch, torch.device("cpu"), channels_last=True)
+    assert out[0].is_contiguous(memory_format=torch.channels_last)
+    assert out[2].is_contiguous(memory_format=torch.channels_last) and torch.equal(out[2], batch[2])
+    assert out[3] is batch[3] and out[1] is batch[1]
+    assert all(t is b for t, b in zip(_to_device(batch, torch.device("cpu"), channels_last=False), batch, strict=True))
+
+
 def test_channels_last_on_cpu_warns_only_about_torch_strided_1x1_convolutions(monkeypatch):
     """A CPU channels_last run warns when the model has nn.Conv2d 1x1 stride-2 layers (torchvision ResNet shortcuts),
     not for small_resnet, whose shortcut is a StridedPointwiseConv."""

@@ -47,7 +47,7 @@ def _blocking_copies(step, model, batch) -> int:
     return mode.count
 
 
-@pytest.mark.parametrize("method", ["mixup", "cutmix", "splicemix", "splicemix_cl"])
+@pytest.mark.parametrize("method", ["mixup", "cutmix", "batch_aug", "splicemix", "splicemix_cl"])
 def test_mixing_steps_make_no_blocking_host_copy(method):
     torch.manual_seed(0)
     x, y = torch.randn(8, 3, 32, 32, device=META), torch.zeros(8, 5, device=META)
@@ -64,6 +64,38 @@ def test_mosaic_and_ltml_steps_make_no_blocking_host_copy():
     pos_weight, neg_weight = ltml_class_weights([3, 5, 1, 2, 4], 10)
     two = build_two_branch("small_resnet", 5, widths=(4, 8, 8, 8)).to(META)
     assert _blocking_copies(LTMLStep(pos_weight, neg_weight), two, [x, y, x, y]) == 0
+
+
+@pytest.mark.parametrize("kd_subtask_only", [True, False])
+def test_distillation_with_teachers_on_each_batch_makes_no_blocking_host_copy(kd_subtask_only):
+    """CPSD's student on augmented images runs its teacher ensembles on every batch (the ``full`` recipe): their
+    rho index and Eq. 5's class -> subset map used to go to the device once per step and per subset."""
+    from mlic_lib.psd import DistillationStep, TeacherEnsemble
+
+    torch.manual_seed(0)
+    subsets = [[0, 2], [1, 3, 4]]
+    x, y = torch.randn(8, 3, 32, 32, device=META), torch.zeros(8, 5, device=META)
+    ensembles = [TeacherEnsemble([build_model("small_resnet", len(s), widths=(4, 8, 8, 8)) for s in subsets],
+                                 subsets, 5).to(META) for _ in range(2)]
+    model = build_model("small_resnet", 5, widths=(4, 8, 8, 8)).to(META)
+    step = DistillationStep(teachers=ensembles, kd_subtask_only=kd_subtask_only)
+    assert _blocking_copies(step, model, [x, y]) == 0
+
+
+@pytest.mark.parametrize("options", [{}, {"norm": "minmax"}, {"pairing": "each"}, {"default_pairs_disparate": False}])
+def test_indeed_steps_make_no_blocking_host_copy_and_no_data_dependent_op(options):
+    """INDeeD's pairs come from its host_batch hook (the engine sends them with the batch). Leaving the default
+    pairs out of L_S used a boolean index and ``len()`` of its result: a host sync per step (on ``meta`` it raises)."""
+    from mlic_lib.indeed import INDeeDStep, build_indeed_model
+
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 1, 42, 42), torch.zeros(8, 10)
+    for i in range(8):
+        y[i, torch.randperm(10)[:3]] = 1
+    step = INDeeDStep(**options)
+    batch = [t.to(META) for t in step.host_batch([x, y])]
+    model = build_indeed_model({"name": "simple_cnn", "widths": [8, 16, 16], "hidden": 32}, 10, 1, 42).to(META)
+    assert _blocking_copies(step, model, batch) == 0
 
 
 def test_host_to_device_keeps_values_and_skips_a_tensor_already_there():
