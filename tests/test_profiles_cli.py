@@ -536,6 +536,15 @@ def test_overrides_in_the_cli_form_are_accepted(overrides):
      r"must include \['l2'\] .* e\.g\. \['l2', 'none', 'l1'\]"),
     ("assocformer", {"analysis.regularizers": ["l2"]}, r"must include \['none'\]"),
     ("psd", {"psd.complement": "identity"}, r"psd.complement: 'identity' is Eq. 1 as printed"),
+    # a repeated seed loaded one run twice: a spread of 0, and verdicts "beyond the seed spread" from one run
+    ("assocformer", {"seeds": [0, 0]}, r"'seeds' repeats a seed \(\[0, 0\]\).*give distinct seeds"),
+    ("psd", {"psd.random_seeds": [1, 1]}, r"'psd.random_seeds' repeats a seed"),
+    ("indeed", {"lambda_sweep.seeds": [0, 0]}, r"'lambda_sweep.seeds' repeats a seed"),
+    ("primer", {"seeds": []}, r"'seeds' must be a non-empty list of seeds, e\.g\. -o seeds=\[0,1\]"),
+    ("ltml", {"seeds": None}, r"'seeds' must be a non-empty list of seeds"),
+    ("splicemix", {"analysis.ratio_seeds": [0.5]}, r"'analysis.ratio_seeds' takes whole numbers"),
+    # failed only after training (no image to score: n=-3)
+    ("splicemix", {"analysis.cam_images": -3}, r"'analysis.cam_images' cannot be negative .*got -3"),
 ])
 def test_override_values_are_checked_before_a_kernel_starts(chapter, overrides, message):
     """These passed `mlic profile` and `mlic reproduce`'s check, and failed cells later (after the data was built,

@@ -204,6 +204,35 @@ def _coerce(key: str, value: Any, ref: Any) -> Any:
     return value
 
 
+def _is_seed_list(key: str) -> bool:
+    leaf = key.rsplit(".", 1)[-1]
+    return leaf == "seeds" or leaf.endswith("_seeds")
+
+
+def _check_general(key: str, value: Any, in_profiles: list[tuple[bool, Any]]) -> None:
+    """The checks every chapter's settings share, on an overridden ``key``: a seed list (``seeds``,
+    ``*_seeds``) is a non-empty list of distinct whole numbers (a repeated seed would load one run twice and
+    report a spread of 0); a number that no profile gives below 0 (a count, a size, a rate; seeds aside) is not
+    negative. ``in_profiles``: ``(found, value)`` of ``key`` in each of the chapter's profiles."""
+    if _is_seed_list(key) and (value is not None or not any(found and v is None for found, v in in_profiles)):
+        if not isinstance(value, list) or not value:
+            raise ValueError(f"{key!r} must be a non-empty list of seeds, e.g. -o {key}=[0,1]; got {value!r}")
+        if any(isinstance(v, bool) or not isinstance(v, int) for v in value):
+            raise ValueError(f"{key!r} takes whole numbers, e.g. -o {key}=[0,1]; got {value!r}")
+        if len(set(value)) != len(value):
+            raise ValueError(f"{key!r} repeats a seed ({value!r}): each seed is one run, and a repeat would load the "
+                             "same run twice and report a seed spread of 0; give distinct seeds")
+        return
+    leaf = key.rsplit(".", 1)[-1]
+    if (isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0
+            and not (leaf == "seed" or leaf.endswith("_seed"))):
+        given = [v for found, v in in_profiles if found and isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if given and min(given) >= 0:
+            span = f"{min(given)!r}" if min(given) == max(given) else f"{min(given)!r} to {max(given)!r}"
+            raise ValueError(f"parameter {key!r} cannot be negative (a count, size or rate; the profiles give "
+                             f"{span}); got {value!r}")
+
+
 def load_profile(chapter: str, profile: str = "default",
                  overrides: Mapping[str, Any] | str | list[str] | None = None) -> dict:
     """Return the settings of ``chapter`` under ``profile``, with dotted-key ``overrides`` applied.
@@ -312,6 +341,8 @@ def load_profile(chapter: str, profile: str = "default",
                 TrainConfig.from_dict(value)
             except (ValueError, TypeError) as err:
                 raise ValueError(f"{section}: {err}") from None
+    for key in touched:  # after the sections' own checks, whose messages say more
+        _check_general(key, _lookup(settings, key)[1], [_lookup(prof, key) for prof in data.values()])
     settings["profile"] = profile
     settings["chapter"] = chapter
     return settings
