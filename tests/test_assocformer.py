@@ -617,3 +617,25 @@ def test_train_assocformer_passes_the_loss_options_fusion_seed_and_pretrained_we
     plain = seen["run_dir"]
     train_assocformer({**settings, "model": {**settings["model"], "scale": 0.5}}, data)
     assert seen["run_dir"] != plain
+
+
+def test_mlgcn_adjacency_binarises_at_p_greater_or_equal_tau_written_out():
+    """ML-GCN Eq. 7 keeps a neighbour when ``P(j|i) >= tau``: an entry exactly at ``tau`` (2 of 5 images = 0.4) is
+    an edge. Checked against a loop over the entries of a count-based ``cond``, boundary values included."""
+    rng = np.random.default_rng(0)
+    n = rng.integers(1, 6, size=6)  # images per class
+    cond = np.array([[rng.integers(0, n[i] + 1) / n[i] for _ in range(6)] for i in range(6)])
+    cond[0, 1], cond[2, 3], cond[4, 0] = 2 / 5, 2 / 5, 0.39
+    np.fill_diagonal(cond, 1.0)
+    tau, p = 0.4, 0.2
+    ref = np.zeros((6, 6))
+    for i in range(6):
+        nb = [j for j in range(6) if j != i and cond[i, j] >= tau]
+        ref[i, i] = 1.0 - p if nb else 1.0
+        for j in nb:
+            ref[i, j] = p / len(nb)
+    d = ref.sum(1)
+    ref = ref / np.sqrt(d)[:, None] / np.sqrt(d)[None, :]
+    adj = mlgcn_adjacency(cond, tau=tau, p=p)
+    assert adj[0, 1] > 0 and adj[2, 3] > 0 and adj[4, 0] == 0
+    np.testing.assert_allclose(adj, ref, rtol=1e-6, atol=1e-7)

@@ -1184,3 +1184,25 @@ def test_evaluate_ranks_confident_scores_without_float32_ties():
     assert res.scores.dtype == np.float64
     assert res.metrics["mAP"] == pytest.approx(expected, abs=1e-12)
     assert evaluate(model, data, "cpu", predict_fn=lowres_predict(1)).metrics["mAP"] == pytest.approx(expected)
+
+
+def test_supervised_step_passes_the_label_mask_to_its_loss():
+    """A batch ``(x, y, mask)`` (VOC difficult labels, ``difficult_train: ignore``) trains on the kept entries only:
+    the step's loss is the masked mean BCE written out, and a masked entry gets no gradient."""
+    from mlic_lib.engine import SupervisedStep
+
+    g = torch.Generator().manual_seed(0)
+    model = nn.Linear(5, 4).double()
+    x = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    y = (torch.rand(6, 4, generator=g) < 0.4).double()
+    mask = torch.rand(6, 4, generator=g) < 0.7
+    mask[0, 0] = False
+    loss, _ = SupervisedStep()(model, (x, y, mask), torch.device("cpu"))
+    z = model(x).float()
+    p = torch.sigmoid(z.double())
+    ref = sum(-(y[i, c] * torch.log(p[i, c]) + (1 - y[i, c]) * torch.log(1 - p[i, c]))
+              for i in range(6) for c in range(4) if mask[i, c]) / int(mask.sum())
+    assert torch.allclose(loss.double(), ref, atol=1e-5)
+    logits = model(x).detach().requires_grad_(True)
+    SupervisedStep()(lambda _: logits, (x, y, mask), torch.device("cpu"))[0].backward()
+    assert logits.grad[0, 0] == 0 and (logits.grad[mask] != 0).all()

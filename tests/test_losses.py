@@ -418,3 +418,15 @@ def test_half_precision_losses_reduce_in_float32(dtype):
             got = fn(logits, targets, reduction=reduction)
             assert got.dtype == torch.float32 and torch.isfinite(got)
             assert got.item() == pytest.approx(expected, rel=1e-2)
+
+
+def test_asl_without_clip_keeps_the_negative_log_accurate_in_float32():
+    """With ``clip = 0`` (no probability shift) ``log(1 - p)`` is ``logsigmoid(-z)``: in float32 ``1 - sigmoid(z)``
+    keeps only a few digits for z around 10-16, so the negative term is checked against float64 BCE."""
+    z = torch.linspace(8.0, 16.0, 17, dtype=torch.float32)[None]
+    y = torch.zeros_like(z)
+    got = asymmetric_loss(z, y, gamma_pos=0.0, gamma_neg=0.0, clip=0.0, reduction="none")
+    ref = -torch.nn.functional.logsigmoid(-z.double())
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=0.0)
+    got = asymmetric_loss(z, y, gamma_pos=0.0, gamma_neg=2.0, clip=None, reduction="none")
+    torch.testing.assert_close(got.double(), torch.sigmoid(z.double()) ** 2 * ref, rtol=1e-5, atol=0.0)

@@ -544,3 +544,15 @@ def test_bad_threshold_columns_and_dtype_raise():
         average_precision(np.zeros((10, 0)), np.zeros((10, 0)))
     with pytest.raises(ValueError, match="scores must be a real numeric array; got dtype <U1"):
         average_precision(np.full((10, 3), "a"), targets)
+
+
+def test_group_map_of_the_report_skips_classes_without_test_positives():
+    """A class without a positive has no AP (NaN); a group's mAP is the mean over its classes that have one, in
+    :func:`multilabel_report` as in :func:`group_map` (a NaN read as 0 would pull the tail's mAP down)."""
+    scores, targets = _data(4, c=6)
+    targets[:, 5] = 0
+    rep = multilabel_report(scores, targets, groups={"head": [0, 1], "tail": [4, 5]})
+    ap = average_precision(scores, targets)
+    assert np.isnan(ap[5]) and np.isnan(rep["AP"][5])
+    assert rep["mAP_tail"] == pytest.approx(ap[4], abs=1e-12)
+    assert rep["mAP_head"] == pytest.approx((ap[0] + ap[1]) / 2, abs=1e-12)

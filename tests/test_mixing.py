@@ -806,3 +806,49 @@ def test_mosaic_centre_of_a_wide_batch_follows_the_width():
     cx, cy = res.info["center"]
     assert (cx, cy) == (48, 12)
     torch.testing.assert_close(res.x[0, :, :12, :48], x[0, :, 16 - 12:, 64 - 48:])
+
+
+def test_mosaic_keeps_a_box_with_exactly_half_its_area_in_the_crop():
+    """Sec. IV-C-1: a class stays when *at least* half of its box area survives; a box cut exactly in half by
+    the centre is kept (and one with less than half is dropped)."""
+    H = 8
+    x = torch.zeros(1, 1, H, H)
+    y = torch.zeros(1, 3)
+    y[0] = 1
+    # centre (4, 4); the TL quadrant shows source rows/cols 4..8, TR rows 4..8 / cols 0..4, BL rows 0..4 / cols 4..8,
+    # BR rows 0..4 / cols 0..4. Class 0: x 2..6, y 4..8 (area 16), 8 in TL and 8 in TR: exactly half in each.
+    # Class 1: x 1..8, y 0..8 (area 56), at most 16 of it in any crop (< 28) -> dropped.
+    # Class 2: x 4..8, y 4..8, entirely in TL's crop -> kept.
+    boxes = pad_boxes([np.array([[0, 2, 4, 6, 8], [1, 1, 0, 8, 8], [2, 4, 4, 8, 8]])])
+    res = Mosaic(center_range=(0.5, 0.5))(x, y, boxes, generator=torch.Generator().manual_seed(0))
+    assert res.info["center"] == (4, 4)
+    assert res.y[0].tolist() == [1.0, 0.0, 1.0]
+    lo = Mosaic(min_area_ratio=0.51, center_range=(0.5, 0.5))(x, y, boxes, generator=torch.Generator().manual_seed(0))
+    assert lo.y[0].tolist() == [0.0, 0.0, 1.0]
+
+
+def test_batch_augmentation_shift_reaches_max_shift_of_the_side():
+    """The shift of each copy's window is uniform up to ``max_shift`` of the side, i.e. ``2 * max_shift`` in the
+    normalised [-1, 1] coordinates of ``affine_grid`` (capped at ``1 - scale`` so the window stays inside). On a
+    linear ramp in normalised x the mean of a sampled row is the window's centre, i.e. the shift itself."""
+    W = 64
+    coords = (torch.arange(W, dtype=torch.float64) * 2 + 1) / W - 1  # pixel centres, align_corners=False
+    ramp = coords.expand(200, 1, 8, W).contiguous()
+    aug = BatchAugmentation(m=1, max_shift=0.125, scale=(0.5, 0.5))
+    res = aug(ramp, torch.zeros(200, 2, dtype=torch.float64), generator=torch.Generator().manual_seed(0))
+    shift = res.x.mean(dim=(1, 2, 3))  # = t_x, uniform on [-room, room], room = min(1 - s, 2 max_shift) = 0.25
+    assert shift.abs().max() <= 0.25 + 1e-9
+    assert shift.abs().max() > 0.2  # 200 uniform draws on [-0.25, 0.25]: the largest |t| is above 0.2
+    assert 0.25 / 2 - 0.03 < shift.abs().mean() < 0.25 / 2 + 0.03  # E|t| = room / 2
+
+
+def test_mixup_and_cutmix_default_to_the_papers_alpha():
+    """alpha = 0.5 is the paper's grid-searched value (Sec. IV-C-1), the default of both transforms (used as they
+    are by e.g. noisy_correlation_ratios); the default Mixup draws lam from Beta(0.5, 0.5), not the uniform."""
+    from scipy import stats
+
+    assert Mixup().alpha == CutMix().alpha == 0.5
+    assert repr(Mixup()) == "Mixup(alpha=0.5)" and repr(CutMix()) == "CutMix(alpha=0.5)"
+    g = torch.Generator().manual_seed(0)
+    lams = [Mixup().sample(2, generator=g)["lam"] for _ in range(1000)]
+    assert stats.kstest(lams, stats.uniform().cdf).pvalue < 1e-3

@@ -688,3 +688,17 @@ def test_the_profiles_asl_options_reach_the_loss():
     assert not torch.allclose(psd._asl({"gamma_neg": 2.0, "clip": 0.0})(logits, y), psd._asl(None)(logits, y))
     assert psd._asl({"detach_focal_weight": True}).detach_focal_weight is True
     assert psd.ASLStep({"gamma_neg": 1.0}).loss.gamma_neg == 1.0
+
+
+def test_matched_epochs_is_the_closest_step_count_written_out():
+    """The epochs whose step count is *closest* to the target (rounded, not truncated), never fewer than ``epochs``;
+    checked against a direct search over the candidates (tie cases skipped: either neighbour is as close)."""
+    assert psd.matched_epochs(5, 10, 35, 70) == 9  # 4 batches an epoch: 36 steps against 5 x 7 = 35 (8 gives 32)
+    for epochs, bs, n_img, n_all in [(e, b, i, a) for e in (1, 2, 5) for b in (8, 10, 32)
+                                     for a in (50, 97, 200) for i in range(1, a + 1, 7)]:
+        per, target = -(-n_img // bs), epochs * -(-n_all // bs)
+        gaps = {e: abs(e * per - target) for e in range(epochs, target + 2)}
+        best = min(gaps.values())
+        winners = [e for e, g in gaps.items() if g == best]
+        if len(winners) == 1:
+            assert psd.matched_epochs(epochs, bs, n_img, n_all) == winners[0], (epochs, bs, n_img, n_all)
