@@ -12,8 +12,9 @@ Only if that fails does it define the two operator schemas with a pure-PyTorch C
 (greedy NMS), so the registration succeeds. Where the real ops load (a CUDA machine, a matching
 CPU build) nothing is defined: :data:`STATE` then reads ``"real-ops"``.
 
-The set-up (``make``) installs a ``.pth`` file that calls :func:`install` at interpreter start.
-It costs nothing until torchvision is imported. ``torchvision.io.decode_jpeg/read_image`` stay
+The set-up (``make``) installs a ``.pth`` file that, at interpreter start, loads this file by its path as the
+top-level module :data:`HOOK_MODULE` (not through the ``mlic_lib`` package, which it leaves unimported) and calls
+:func:`install`. It costs nothing more until torchvision is imported. ``torchvision.io.decode_jpeg/read_image`` stay
 unavailable with the fallback: decode images with PIL.
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import importlib.abc
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -130,10 +132,23 @@ def uninstall() -> None:
 
 
 PTH_NAME = "mlic_torchvision_compat.pth"
-PTH_LINE = (
-    'import sys; exec("try:\\n import mlic_lib._torchvision_compat as _m; _m.install()\\n'
-    'except ImportError:\\n pass")\n'
-)
+#: The name the ``.pth`` file loads this file under at interpreter start: a top-level one, so that the hook does not
+#: import the ``mlic_lib`` package (which would pin it to the installed checkout before the working directory is on
+#: ``sys.path``: ``python -m pytest`` in another clone would then test the installed clone's code).
+HOOK_MODULE = "_mlic_torchvision_hook"
+
+
+def pth_line(source: str | os.PathLike | None = None) -> str:
+    """The ``.pth`` line that loads ``source`` (default: this file) as :data:`HOOK_MODULE` and calls
+    :func:`install`; a missing or broken file is skipped (torchvision then imports without the hook)."""
+    code = ("try:\n"
+            " import importlib.util as u\n"
+            f" if {HOOK_MODULE!r} not in sys.modules:\n"  # a venv's lib64 -> lib link reads the .pth twice
+            f"  s = u.spec_from_file_location({HOOK_MODULE!r}, {str(source or Path(__file__).resolve())!r})\n"
+            "  m = u.module_from_spec(s); sys.modules[s.name] = m; s.loader.exec_module(m); m.install()\n"
+            "except Exception:\n"
+            f" sys.modules.pop({HOOK_MODULE!r}, None)\n")
+    return f"import sys; exec({code!r})\n"
 
 
 def write_pth(site_dir: str | None = None) -> Path:
@@ -141,9 +156,16 @@ def write_pth(site_dir: str | None = None) -> Path:
     import sysconfig
 
     target = Path(site_dir or sysconfig.get_paths()["purelib"]) / PTH_NAME
-    if not target.is_file() or target.read_text() != PTH_LINE:
-        target.write_text(PTH_LINE)
+    line = pth_line()
+    if not target.is_file() or target.read_text() != line:
+        target.write_text(line)
     return target
+
+
+if __name__ != HOOK_MODULE and isinstance(sys.modules.get(HOOK_MODULE), type(sys)):
+    # The interpreter-start copy is the one that watched torchvision's import: ``mlic_lib._torchvision_compat``
+    # is that module (its STATE), not a second, untriggered one. The import system returns what sys.modules holds.
+    sys.modules[__name__] = sys.modules[HOOK_MODULE]
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ def test_pth_hook_is_installed_in_this_environment():
     pth = Path(sysconfig.get_paths()["purelib"]) / compat.PTH_NAME
     if not pth.is_file():
         pytest.skip("not running inside the project's .venv (make test installs the hook)")
-    assert pth.read_text() == compat.PTH_LINE
+    assert pth.read_text() == compat.pth_line()
 
 
 def test_torchvision_timm_and_gradcam_import():
@@ -85,3 +85,17 @@ def test_nms_reference_matches_brute_force():
             expected.append(i)
     assert keep == expected
     assert compat.nms_reference(torch.zeros(0, 4), torch.zeros(0), 0.5).numel() == 0
+
+
+def test_the_start_up_hook_leaves_the_package_unimported(tmp_path):
+    """The .pth used to import ``mlic_lib._torchvision_compat`` at interpreter start, which pinned ``mlic_lib`` to the
+    installed checkout: ``python -m pytest`` in another clone then tested the installed one's code. The hook now
+    loads its file as a top-level module, so a ``mlic_lib`` in the working directory is the one imported."""
+    other = tmp_path / "mlic_lib"
+    other.mkdir()
+    (other / "__init__.py").write_text("OTHER = True\n")
+    out = subprocess.run([sys.executable, "-c", "import sys; print('mlic_lib' in sys.modules); import mlic_lib; "
+                          "print(getattr(mlic_lib, 'OTHER', False))"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["False", "True"]
