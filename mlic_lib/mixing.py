@@ -184,8 +184,8 @@ class SpliceMix:
 
     Parameters
     ----------
-    grids : mapping ``{"RxC": probability}`` (or a sequence of grids, equally likely): the grid family
-        ``F_mg`` of Eq. 4. Default :data:`DEFAULT_GRIDS` = ``{"1x2": .3, "2x2": .4, "2x3": .3}`` (the
+    grids : mapping ``{"RxC": probability}`` (or a sequence of grids, equally likely, or one grid ``"RxC"``): the
+        grid family ``F_mg`` of Eq. 4. Default :data:`DEFAULT_GRIDS` = ``{"1x2": .3, "2x2": .4, "2x3": .3}`` (the
         authors' code; a sequence such as ``["1x2", "2x2", "2x3"]`` samples the paper's family uniformly).
         One grid per batch.
     p_drop : probability that a batch uses grid dropout (0.3); then ``d ~ U{1..r*c-1}`` cells of
@@ -201,6 +201,8 @@ class SpliceMix:
                  p_drop: float = 0.3, p_transpose: float = 0.5, mixed_size: float | int = 0.25,
                  fill: float = 0.0, align_corners: bool = True):
         grids = DEFAULT_GRIDS if grids is None else grids
+        if isinstance(grids, str):  # one grid ("2x2"), not a sequence of one-character grids
+            grids = [grids]
         if isinstance(grids, Mapping):
             items = [(parse_grid(k), float(v)) for k, v in grids.items()]
         else:

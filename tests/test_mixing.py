@@ -852,3 +852,13 @@ def test_mixup_and_cutmix_default_to_the_papers_alpha():
     g = torch.Generator().manual_seed(0)
     lams = [Mixup().sample(2, generator=g)["lam"] for _ in range(1000)]
     assert stats.kstest(lams, stats.uniform().cdf).pvalue < 1e-3
+
+
+def test_one_grid_may_be_given_as_a_string():
+    """``grids="2x2"`` (and ``-o mixing.grids=2x2``) was split into the one-character grids '2', 'x', '2'."""
+    from mlic_lib.profiles import load_profile
+    from mlic_lib.splicemix_cl import make_step
+
+    assert SpliceMix(grids="2x2").grids == SpliceMix(grids=["2x2"]).grids == SpliceMix(grids={"2x2": 1.0}).grids
+    mixing = load_profile("splicemix", "smoke", ["mixing.grids=2x2"])["mixing"]
+    assert make_step("splicemix", mixing).splicemix.grids == [(2, 2)]
