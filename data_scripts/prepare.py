@@ -20,7 +20,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("names", nargs="*", metavar="NAME",
                         help=f"one or more of: {', '.join(DATASETS)}")
-    parser.add_argument("--check", action="store_true", help="report what is present and exit")
+    parser.add_argument("--check", action="store_true",
+                        help="report what is present and exit (status 1 when a named dataset is not)")
     parser.add_argument("--allow-unverified", action="store_true",
                         help="download files whose sha256 is not recorded yet (prints their digest)")
     parser.add_argument("--delete-archives", action="store_true", help="remove tar/zip archives after unpacking")
@@ -39,10 +40,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prepare.py: error: {err}", file=sys.stderr)
         return 2
     if args.check or not args.names:
-        for key, state in download.check().items():
+        states = download.check()
+        for key, state in states.items():
             if not args.names or key in args.names:
                 print(f"{key:9s} {state}")
-        return 0
+        return 1 if any(not states[n].startswith("present") for n in args.names) else 0  # a named one is missing
     try:
         for name in args.names:
             marker = download.prepare(name, allow_unverified=args.allow_unverified,

@@ -158,6 +158,42 @@ def _env_defaults(build: Path) -> None:
         if os.environ.get(name):
             os.environ[name] = str(Path(os.environ[name]).expanduser().resolve())
     os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars help in JupyterLab, not in the HTML book
+    check_folders()
+
+
+def _writable(folder: Path) -> str | None:
+    """Why ``folder`` cannot be written (created if missing), or ``None`` when it can."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except FileExistsError:
+        return "it is a file, not a folder"
+    except OSError as e:
+        return e.strerror or type(e).__name__
+    return None
+
+
+def check_folders() -> None:
+    """Check the folders the chapters write to and read from before a kernel starts, naming the variable: a
+    ``$MLIC_RESULTS`` that cannot be written (the chapters write their results there in their last cell, after all
+    the training), a ``$MLIC_CACHE`` or ``$MLIC_DATA`` that is a file are a ``ValueError``. A cache that cannot be
+    written is a note on stderr: the runs already in it load (a shared, read-only cache), any other fails when saved."""
+    from mlic_lib.data.paths import data_root
+
+    results = os.environ.get("MLIC_RESULTS")
+    problem = _writable(Path(results)) if results else None
+    if problem:
+        raise ValueError(f"MLIC_RESULTS={results} cannot be written ({problem}): the chapters save their results "
+                         "there; set MLIC_RESULTS to a folder you can write, or unset it for the default")
+    cache = os.environ.get("MLIC_CACHE")
+    if cache and Path(cache).exists() and not Path(cache).is_dir():
+        raise ValueError(f"MLIC_CACHE={cache} is a file, not a folder: set MLIC_CACHE to a folder (the run cache), "
+                         "or unset it for the default")
+    if cache and _writable(Path(cache)):
+        print(f"note: MLIC_CACHE={cache} cannot be written ({_writable(Path(cache))}): the runs already in it load, "
+              "any other fails when it is saved", file=sys.stderr, flush=True)
+    data_root()  # a file there is an error naming MLIC_DATA
 
 
 def stage_sources(root: Path, build: Path, executed: Path) -> Path:

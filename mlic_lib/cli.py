@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import yaml
@@ -140,8 +142,8 @@ def _cmd_data(args) -> int:
         return 0
     given = [f"--{k.replace('_', '-')}" for k in ("n_train", "n_test", "image_size") if getattr(args, k) is not None]
     if given:
-        raise ValueError(f"{', '.join(given)} only size `mlic data fake`; `mlic data {args.action}` handles the real "
-                         "dataset as published (the chapters' profiles choose how much of it to use)")
+        raise ValueError(f"{', '.join(given)} only set the sizes of `mlic data fake`; `mlic data {args.action}` "
+                         "handles the real dataset as published (the chapters' profiles choose how much of it to use)")
     if args.name:
         from mlic_lib.data.registry import get
 
@@ -153,10 +155,12 @@ def _cmd_data(args) -> int:
         if ignored:
             raise ValueError(f"{', '.join(ignored)} only apply to `mlic data prepare NAME`; a check changes nothing")
         print(f"datasets under {root}" + ("" if args.root_dir else " ($MLIC_DATA)"))
-        for key, state in download.check(root).items():
+        states = download.check(root)
+        for key, state in states.items():
             if args.name in (None, key):
                 print(f"  {key:9s} {state}")
-        return 0
+        # a named dataset that is not there is exit status 1, so that a script can branch on it
+        return 1 if args.name and not states[args.name].startswith("present") else 0
     if not args.name:
         raise ValueError("name the dataset to prepare, e.g. `mlic data prepare voc2007`")
     marker = download.prepare(args.name, root, allow_unverified=args.allow_unverified,
@@ -205,10 +209,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--override", action="append", default=[], help="key=value, as for `mlic reproduce psd`")
     p.set_defaults(func=_cmd_teachers)
 
-    p = sub.add_parser("data", help="real datasets under $MLIC_DATA")
-    p.add_argument("action", choices=("check", "prepare", "fake"))
+    p = sub.add_parser("data", help="real datasets under $MLIC_DATA",
+                       description="check: report which datasets are present (exit status 1 when a named one is not); "
+                       "prepare NAME: download (resumable, sha256-verified) and unpack a dataset; fake NAME --data-dir "
+                       "DIR: write small synthetic files in the dataset's real layout, for a dry run of a chapter's "
+                       "full path")
+    p.add_argument("action", choices=("check", "prepare", "fake"), help="check, prepare or fake (see above)")
     p.add_argument("name", nargs="?", help="dataset, e.g. voc2007, coco2014, mnist, cifar10, voc_lt, coco_lt")
-    p.add_argument("--check", action="store_true", help="only report whether the dataset is present")
+    p.add_argument("--check", action="store_true", help="only report whether the dataset is present (exit status 1 "
+                   "when it is not)")
     p.add_argument("--allow-unverified", action="store_true",
                    help="download files whose sha256 is not recorded yet (prints their digest)")
     p.add_argument("--delete-archives", action="store_true", help="remove tar/zip archives after unpacking")
@@ -224,13 +233,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminated(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM (a job scheduler, `kill`) unwinds as Ctrl-C does, so that a notebook being executed is kept as
+        # <name>.failed.ipynb and its kernel shut down, not left as <name>.running.ipynb
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         return args.func(args)
     except (ValueError, RuntimeError, OSError) as err:  # OSError: missing data, unwritable folders, network
         print(f"mlic: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("mlic: interrupted; a notebook being executed is kept as <name>.failed.ipynb, and a rerun loads the "
+              "runs that finished (an interrupted one resumes from its last epoch)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -509,10 +509,34 @@ def test_prepare_script_matches_the_cli_options(tmp_path, monkeypatch, capsys):
     assert script.main(["imagenet"]) == 2 and "known datasets" in capsys.readouterr().err
     monkeypatch.setenv("MLIC_DATA", str(tmp_path))
     assert script.main(["--check"]) == 0 and "voc2007   missing" in capsys.readouterr().out
-    assert script.main(["--check", "mnist"]) == 0 and capsys.readouterr().out.strip() == "mnist     missing"
+    assert script.main(["--check", "mnist"]) == 1 and capsys.readouterr().out.strip() == "mnist     missing"
     assert script.main(["--check", "bogus"]) == 2 and "known datasets" in capsys.readouterr().err
     assert script.main(["--check", "--force"]) == 2 and "--force only apply" in capsys.readouterr().err
     assert script.main(["--delete-archives"]) == 2 and "name them" in capsys.readouterr().err
+
+
+def test_a_check_of_a_missing_named_dataset_exits_with_status_1(tmp_path, monkeypatch, capsys):
+    """So that a script can branch on it (it exited 0 whatever it found); a check of every dataset lists them."""
+    from mlic_lib.data.fake import write_fake
+
+    monkeypatch.setenv("MLIC_DATA", str(tmp_path))
+    assert cli.main(["data", "prepare", "mnist", "--check"]) == 1 and "mnist     missing" in capsys.readouterr().out
+    assert cli.main(["data", "check", "mnist"]) == 1
+    assert cli.main(["data", "check"]) == 0
+    write_fake("mnist", tmp_path, force=True)
+    assert cli.main(["data", "check", "mnist"]) == 0 and "mnist     present" in capsys.readouterr().out
+
+
+def test_a_data_root_that_is_a_file_is_an_error_naming_mlic_data(tmp_path, monkeypatch, capsys):
+    """Every dataset read as missing, and preparing one failed with a bare "Not a directory"."""
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setenv("MLIC_DATA", str(tmp_path / "afile"))
+    assert cli.main(["data", "check"]) == 2
+    assert re.search(r"MLIC_DATA .*afile is a file, not a folder", capsys.readouterr().err)
+    from mlic_lib.data.paths import data_root
+
+    with pytest.raises(ValueError, match=r"MLIC_DATA .*afile is a file, not a folder"):
+        data_root()
 
 
 def test_cli_check_refuses_the_options_of_prepare(tmp_path, monkeypatch, capsys):

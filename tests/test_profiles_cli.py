@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -127,6 +128,27 @@ def test_cli_reproduce_names_one_chapter_and_checks_overrides_first(capsys):
     assert "known datasets: voc2007" in capsys.readouterr().err
 
 
+def test_cli_reproduce_checks_the_folders_it_writes_before_a_kernel_starts(tmp_path, monkeypatch, capsys):
+    """A results folder that is a file failed in the chapter's last cell, after all its training, with a bare
+    FileExistsError; the message now names the variable. A read-only cache is only a note (its runs still load)."""
+    import mlic_lib.book as book
+
+    started = []
+    monkeypatch.setattr(book, "execute_notebook", lambda *a, **k: started.append(a) or 0.0)
+    (tmp_path / "afile").write_text("")
+    for var in ("MLIC_RESULTS", "MLIC_CACHE"):
+        monkeypatch.setenv("MLIC_RESULTS", str(tmp_path / "results"))
+        monkeypatch.setenv("MLIC_CACHE", str(tmp_path / "cache"))
+        monkeypatch.setenv(var, str(tmp_path / "afile"))
+        assert cli.main(["reproduce", "primer", "--profile", "smoke", "--out", str(tmp_path / "o" / "x.ipynb")]) == 2
+        assert re.search(rf"{var}=.*afile .*(is a file|cannot be written)", capsys.readouterr().err)
+    assert not started
+    monkeypatch.setenv("MLIC_RESULTS", str(tmp_path / "results"))
+    monkeypatch.setenv("MLIC_CACHE", str(tmp_path / "cache"))
+    assert cli.main(["reproduce", "primer", "--profile", "smoke", "--out", str(tmp_path / "o" / "x.ipynb")]) == 0
+    assert len(started) == 1
+
+
 def test_cli_profile_and_errors(capsys):
     assert cli.main(["profile", "primer", "--profile", "smoke", "-o", "train.epochs=2"]) == 0
     out = capsys.readouterr().out
@@ -157,7 +179,7 @@ def test_cli_data_check(capsys, tmp_path, monkeypatch):
     assert "name the dataset" in capsys.readouterr().err
     for action in ("check", "prepare"):  # the fake-only sizes were silently ignored here
         assert cli.main(["data", action, "voc2007", "--n-train", "100"]) == 2
-        assert "--n-train only size `mlic data fake`" in capsys.readouterr().err
+        assert "--n-train only set the sizes of `mlic data fake`" in capsys.readouterr().err
 
 
 def test_cli_data_dir_is_the_datasets_folder_for_every_action(capsys, tmp_path, monkeypatch):
@@ -171,7 +193,7 @@ def test_cli_data_dir_is_the_datasets_folder_for_every_action(capsys, tmp_path, 
     assert f"datasets under {fake}\n" in out and "voc2007   present (synthetic files" in out
     assert cli.main(["data", "check", "voc2007", "--root", str(fake)]) == 0  # the option's former name still works
     assert f"datasets under {fake}\n" in capsys.readouterr().out
-    assert cli.main(["data", "check", "voc2007"]) == 0
+    assert cli.main(["data", "check", "voc2007"]) == 1  # missing there
     out = capsys.readouterr().out
     assert f"datasets under {tmp_path / 'elsewhere'} ($MLIC_DATA)" in out and "voc2007   missing" in out
 
@@ -802,6 +824,6 @@ def test_cli_turns_an_os_error_into_a_message_and_exit_status_2(monkeypatch, cap
 
 
 def test_cli_data_check_of_one_dataset_reports_only_that_one(capsys, tmp_path):
-    assert cli.main(["data", "check", "coco2014", "--data-dir", str(tmp_path)]) == 0
+    assert cli.main(["data", "check", "coco2014", "--data-dir", str(tmp_path)]) == 1  # missing: status 1
     lines = capsys.readouterr().out.splitlines()
     assert lines[1:] == ["  coco2014  missing"]

@@ -265,7 +265,7 @@ def write_fake(name: str, root: str | Path, n_train: int = 60, n_test: int = 40,
                          f"{image_size})")
     if not force and root.resolve() == data_root().resolve():
         raise ValueError(f"{root} is the real data root ($MLIC_DATA): fake files would overwrite real ones; "
-                         "write them to another folder (or pass force=True / --force)")
+                         "write them to another folder (or pass --force, force=True in Python)")
     if name == "voc2007":
         write_voc(root, "2007", {"trainval": n_train, "test": n_test}, image_size, seed)
     elif name == "voc2012":

@@ -20,10 +20,21 @@ def data_root() -> Path:
         ``$MLIC_DATA`` if set and not empty, else ``~/.cache/mlic/data``, with ``~`` expanded. The folder is
         not created and may not exist. Loaders expect ``<root>/VOCdevkit/VOC2007``,
         ``<root>/coco/annotations``, ... below it.
+
+    Raises
+    ------
+    ValueError
+        When the path is an existing file (else every dataset would read as missing, and preparing one would
+        fail with a bare "Not a directory").
     """
     from mlic_lib.utils import env_path
 
-    return env_path("MLIC_DATA", DEFAULT_DATA_ROOT)
+    root = env_path("MLIC_DATA", DEFAULT_DATA_ROOT)
+    if root.exists() and not root.is_dir():
+        name = "MLIC_DATA" if os.environ.get("MLIC_DATA") else "the default data root"
+        raise ValueError(f"{name} {root} is a file, not a folder: set MLIC_DATA to the folder that holds (or will "
+                         "hold) the datasets")
+    return root
 
 
 def reference_data_dir() -> Path:
