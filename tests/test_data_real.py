@@ -294,6 +294,24 @@ def test_missing_files_of_a_prepared_dataset_point_to_force(voc_root: Path, monk
         read_voc_labels(voc_root, "2007", "trainval")
 
 
+def test_a_malformed_annotation_names_the_fix_and_a_fake_root_its_own(voc_root: Path, tmp_path: Path) -> None:
+    """A truncated annotation named the file but no fix; on `mlic data fake`'s files the fix is to write them again
+    (not to download the real dataset)."""
+    from mlic_lib.data.fake import write_fake
+
+    ann = sorted((voc_root / "VOCdevkit" / "VOC2007" / "Annotations").glob("*.xml"))[0]
+    ann.write_text(ann.read_text()[:40])
+    with pytest.raises(ValueError, match=r"malformed XML annotation .*mlic data prepare voc2007 --force"):
+        read_voc_labels(voc_root, "2007", "trainval")
+    fake = tmp_path / "fake"
+    write_fake("voc2007", fake, n_train=10, n_test=10)
+    ann = sorted((fake / "VOCdevkit" / "VOC2007" / "Annotations").glob("*.xml"))[0]
+    ann.write_text(ann.read_text()[:40])
+    with pytest.raises(ValueError, match=rf"synthetic files .*mlic data fake voc2007 --data-dir {fake} --force"):
+        for split in ("trainval", "test"):
+            read_voc_labels(fake, "2007", split)
+
+
 def test_the_hint_looks_for_the_marker_under_the_given_root(voc_root: Path, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """A root passed to the loader decides, not $MLIC_DATA: a prepared dataset elsewhere says nothing about it."""

@@ -52,7 +52,8 @@ class CorruptImageError(RuntimeError):
 def repair_hint(key: str | None, damaged: bool | None = None, root: str | Path | None = None) -> str:
     """How to get dataset ``key``'s files (back): ``damaged`` when the dataset was prepared and a file of it is
     missing or corrupt (a plain ``prepare`` would skip it, ``--force`` unpacks again), else when it is absent;
-    ``None`` decides from whether the dataset's marker file exists under ``root`` (default ``$MLIC_DATA``)."""
+    ``None`` decides from whether the dataset's marker file exists under ``root`` (default ``$MLIC_DATA``). Where
+    ``mlic data fake`` wrote the dataset under ``root``, the fix is to write the synthetic files again."""
     from .paths import data_root
     from .registry import DATASETS
 
@@ -61,8 +62,14 @@ def repair_hint(key: str | None, damaged: bool | None = None, root: str | Path |
         return "Put the file back (or rebuild the file list without it)."
     if not entry.files:  # user-supplied data (NUS-WIDE): nothing to fetch
         return entry.notes
+    from .fake import fake_names
+
+    base = Path(root if root is not None else data_root())
+    if key in fake_names(base):  # a dry run's synthetic files: preparing the real dataset is not the fix
+        return (f"These are synthetic files from `mlic data fake`: write them again with "
+                f"`mlic data fake {key} --data-dir {base} --force`.")
     if damaged is None:
-        damaged = (Path(root if root is not None else data_root()) / entry.marker).exists()
+        damaged = (base / entry.marker).exists()
     if damaged:
         return (f"Unpack the dataset again with `mlic data prepare {key} --force` (a kept archive is checked against "
                 "its sha256 and reused; a deleted one is downloaded again).")

@@ -142,7 +142,8 @@ def read_voc_labels(
         except FileNotFoundError as exc:
             raise missing_dataset(f"VOC{year}", xml_path, "missing annotation") from exc
         except ET.ParseError as exc:
-            raise ValueError(f"{xml_path}: malformed XML annotation ({exc})") from exc
+            raise ValueError(f"{xml_path}: malformed XML annotation ({exc}). "
+                             f"{repair_hint(f'voc{year}', damaged=True, root=root)}") from exc
     return ids, labels
 
 
