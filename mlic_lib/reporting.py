@@ -408,6 +408,8 @@ def claim_verdict(diff: float, spread: float, paper_sign: int, unit: str = "mAP 
         return f"{head}: no verdict"
     side = ("same direction as the paper" if np.sign(diff) == paper_sign else "a zero difference" if diff == 0
             else "opposite to the paper")
+    if diff != 0 and round(abs(diff), decimals) == 0:  # "-0.00 ... same direction" reads as a contradiction
+        side += f", by less than {0.5 * 10 ** -decimals:g}"
     if v == NO_SPREAD:
         return f"{head} ({side}); {v}, so no verdict"
     return f"{head}, {v} of {spread:.{decimals}f}{basis}: no verdict ({side})"

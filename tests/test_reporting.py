@@ -61,6 +61,9 @@ def test_claim_verdict_states_the_difference_the_spread_and_the_papers_verdict()
     assert claim_verdict(0.4, float("nan"), +1) == (
         "+0.4 mAP points (same direction as the paper); one seed: no spread, so no verdict")
     assert claim_verdict(float("nan"), 1.0, +1) == "no value: no verdict"
+    # a difference that prints as zero says that its sign is below the printed precision
+    assert claim_verdict(-0.004, 0.5, -1, decimals=2) == ("-0.00 mAP points, within the seed spread of 0.50: no "
+                                                          "verdict (same direction as the paper, by less than 0.005)")
     # a difference just beyond the spread is printed with the decimals that tell them apart
     assert claim_verdict(1.44, 1.40, +1).startswith("+1.44 mAP points, beyond the seed spread of 1.40: agrees")
     assert claim_verdict(0.04, 0.0, +1).startswith("+0.04 mAP points, beyond the seed spread of 0.00")
