@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         for key, state in states.items():
             if not args.names or key in args.names:
                 print(f"{key:9s} {state}")
-        return 1 if any(not states[n].startswith("present") for n in args.names) else 0  # a named one is missing
+        return 1 if any(not download.usable(states[n]) for n in args.names) else 0  # a named one is not there
     try:
         for name in args.names:
             marker = download.prepare(name, allow_unverified=args.allow_unverified,

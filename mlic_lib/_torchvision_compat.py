@@ -162,10 +162,25 @@ def write_pth(site_dir: str | None = None) -> Path:
     return target
 
 
-if __name__ != HOOK_MODULE and isinstance(sys.modules.get(HOOK_MODULE), type(sys)):
-    # The interpreter-start copy is the one that watched torchvision's import: ``mlic_lib._torchvision_compat``
-    # is that module (its STATE), not a second, untriggered one. The import system returns what sys.modules holds.
-    sys.modules[__name__] = sys.modules[HOOK_MODULE]
+def _adopt_start_up_hook() -> None:
+    """Imported as ``mlic_lib._torchvision_compat`` after the ``.pth`` loaded :data:`HOOK_MODULE`: when that is this
+    very file, become it (one STATE: the import system returns what ``sys.modules`` holds); when it is another
+    checkout's copy (two clones sharing one environment), this checkout's module takes the hook over if torchvision
+    has not been imported yet, else keeps the state the other copy reached."""
+    global STATE
+    hook = sys.modules.get(HOOK_MODULE)
+    if __name__ == HOOK_MODULE or not isinstance(hook, type(sys)):
+        return
+    if Path(getattr(hook, "__file__", "") or "").resolve() == Path(__file__).resolve():
+        sys.modules[__name__] = hook
+    elif getattr(hook, "STATE", None) == "not-triggered":
+        hook.uninstall()
+        install()
+    else:
+        STATE = hook.STATE
+
+
+_adopt_start_up_hook()
 
 
 if __name__ == "__main__":

@@ -160,7 +160,7 @@ def _cmd_data(args) -> int:
             if args.name in (None, key):
                 print(f"  {key:9s} {state}")
         # a named dataset that is not there is exit status 1, so that a script can branch on it
-        return 1 if args.name and not states[args.name].startswith("present") else 0
+        return 1 if args.name and not download.usable(states[args.name]) else 0
     if not args.name:
         raise ValueError("name the dataset to prepare, e.g. `mlic data prepare voc2007`")
     marker = download.prepare(args.name, root, allow_unverified=args.allow_unverified,
@@ -217,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=("check", "prepare", "fake"), help="check, prepare or fake (see above)")
     p.add_argument("name", nargs="?", help="dataset, e.g. voc2007, coco2014, mnist, cifar10, voc_lt, coco_lt")
     p.add_argument("--check", action="store_true", help="only report whether the dataset is present (exit status 1 "
-                   "when it is not)")
+                   "when it, or a dataset it needs, is not)")
     p.add_argument("--allow-unverified", action="store_true",
                    help="download files whose sha256 is not recorded yet (prints their digest)")
     p.add_argument("--delete-archives", action="store_true", help="remove tar/zip archives after unpacking")
@@ -233,25 +233,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread while :func:`main` runs, so that it unwinds as Ctrl-C does."""
+
+
 def _terminated(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
+    raise _Terminated(f"signal {signum}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    previous = None
     if threading.current_thread() is threading.main_thread():
         # SIGTERM (a job scheduler, `kill`) unwinds as Ctrl-C does, so that a notebook being executed is kept as
-        # <name>.failed.ipynb and its kernel shut down, not left as <name>.running.ipynb
-        signal.signal(signal.SIGTERM, _terminated)
+        # <name>.failed.ipynb and its kernel shut down, not left as <name>.running.ipynb; the caller's handler
+        # is put back on return
+        previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         return args.func(args)
     except (ValueError, RuntimeError, OSError) as err:  # OSError: missing data, unwritable folders, network
         print(f"mlic: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("mlic: interrupted; a notebook being executed is kept as <name>.failed.ipynb, and a rerun loads the "
+    except KeyboardInterrupt as err:
+        kept = (" a notebook being executed is kept as <name>.failed.ipynb, and" if args.func in (_cmd_reproduce,
+                                                                                               _cmd_book) else "")
+        print(f"mlic: {'terminated' if isinstance(err, _Terminated) else 'interrupted'};{kept} a rerun loads the "
               "runs that finished (an interrupted one resumes from its last epoch)", file=sys.stderr)
-        return 130
+        return 143 if isinstance(err, _Terminated) else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

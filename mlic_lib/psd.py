@@ -572,7 +572,8 @@ def _rank_device(local: int) -> str | None:
     if local >= torch.cuda.device_count():
         raise RuntimeError(f"torchrun started process {local} on this node, but it has {torch.cuda.device_count()} "
                            "CUDA device(s), one per process: launch with --nproc_per_node at most the number of GPUs")
-    torch.cuda.set_device(local)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one process alone keeps its caller's current device
+        torch.cuda.set_device(local)
     return f"cuda:{local}"
 
 

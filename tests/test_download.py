@@ -525,6 +525,7 @@ def test_a_check_of_a_missing_named_dataset_exits_with_status_1(tmp_path, monkey
     assert cli.main(["data", "check"]) == 0
     write_fake("mnist", tmp_path, force=True)
     assert cli.main(["data", "check", "mnist"]) == 0 and "mnist     present" in capsys.readouterr().out
+    assert not download.usable("present (needs voc2012: missing)") and download.usable("present")
 
 
 def test_a_data_root_that_is_a_file_is_an_error_naming_mlic_data(tmp_path, monkeypatch, capsys):

@@ -586,10 +586,16 @@ def test_load_checkpoint_checks_the_archive_crcs(tmp_path):
     with pytest.raises(CorruptCheckpointError, match=r"c\.pt's record .*/data/0 fails its CRC-32"):
         load_checkpoint(path)
     assert load_checkpoint(path, verify=False)["w"][500] != 500
-    legacy = tmp_path / "legacy.pt"
-    torch.save({"w": torch.ones(3)}, legacy, _use_new_zipfile_serialization=False)
+    legacy = tmp_path / "legacy.pt"  # torch's legacy format, with a zip end-of-directory signature in its data
+    w = torch.full((64,), 7, dtype=torch.uint8)
+    w[20:24] = torch.tensor(list(b"PK\x05\x06"), dtype=torch.uint8)
+    torch.save({"w": w}, legacy, _use_new_zipfile_serialization=False)
     verify_checkpoint(legacy)
-    assert load_checkpoint(legacy)["w"].sum() == 3
+    assert torch.equal(load_checkpoint(legacy)["w"], w)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes((tmp_path / "c.pt").read_bytes()[:200])
+    with pytest.raises(CorruptCheckpointError, match="zip structure is damaged"):
+        verify_checkpoint(truncated)
     torch.serialization.set_crc32_options(False)
     try:
         torch.save({"w": torch.ones(3)}, tmp_path / "nocrc.pt")

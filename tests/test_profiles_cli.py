@@ -149,6 +149,23 @@ def test_cli_reproduce_checks_the_folders_it_writes_before_a_kernel_starts(tmp_p
     assert len(started) == 1
 
 
+def test_cli_sigterm_unwinds_the_command_and_the_callers_handler_comes_back(monkeypatch, capsys):
+    """SIGTERM during a command ends it like Ctrl-C (status 143, one line); the handler is the caller's again after
+    main returns (it stayed installed, so a later SIGTERM raised KeyboardInterrupt in the caller)."""
+    import signal
+
+    def killed(args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("the signal did not interrupt the command")
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(cli, "_cmd_profile", killed)
+    assert cli.main(["profile", "primer"]) == 143
+    err = capsys.readouterr().err
+    assert err.startswith("mlic: terminated; a rerun loads") and "failed.ipynb" not in err
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_cli_profile_and_errors(capsys):
     assert cli.main(["profile", "primer", "--profile", "smoke", "-o", "train.epochs=2"]) == 0
     out = capsys.readouterr().out
@@ -566,13 +583,27 @@ def test_overrides_in_the_cli_form_are_accepted(overrides):
     ("ltml", {"seeds": None}, r"'seeds' must be a non-empty list of seeds"),
     ("splicemix", {"analysis.ratio_seeds": [0.5]}, r"'analysis.ratio_seeds' takes whole numbers"),
     # failed only after training (no image to score: n=-3)
-    ("splicemix", {"analysis.cam_images": -3}, r"'analysis.cam_images' cannot be negative .*got -3"),
+    ("splicemix", {"analysis.cam_images": -3}, r"'analysis.cam_images' is a count: give a whole number >= 1 .*got -3"),
+    ("primer", {"analysis.cam_images": 0}, r"'analysis.cam_images' is a count"),
+    ("ltml", {"seeds": [-1]}, r"'seeds' takes whole numbers >= 0"),
 ])
 def test_override_values_are_checked_before_a_kernel_starts(chapter, overrides, message):
     """These passed `mlic profile` and `mlic reproduce`'s check, and failed cells later (after the data was built,
     or 30 s into a run), with messages that did not name the key."""
     with pytest.raises(ValueError, match=message):
         load_profile(chapter, "smoke", overrides)
+
+
+def test_the_shared_checks_leave_legitimate_values_alone():
+    """Negative numbers that are not counts, numpy seeds, an empty student_seeds (the study's seed only) and a
+    count turned off with null pass."""
+    assert load_profile("ltml", "smoke", {"data.scenes.long_tail_exponent": -0.5})["data"]["scenes"][
+        "long_tail_exponent"] == -0.5
+    assert load_profile("assocformer", "smoke", {"model.alpha_init": -0.5})["model"]["alpha_init"] == -0.5
+    assert load_profile("splicemix", "smoke", {"mixing.fill": -1.0})["mixing"]["fill"] == -1.0
+    assert load_profile("primer", "smoke", {"seeds": list(np.arange(2))})["seeds"] == [0, 1]
+    assert load_profile("psd", "smoke", {"student_seeds": []})["student_seeds"] == []
+    assert load_profile("splicemix", "smoke", {"analysis.cam_images": None})["analysis"]["cam_images"] is None
 
 
 def test_a_timm_backbone_may_carry_a_weights_tag_but_not_a_wildcard():

@@ -378,6 +378,12 @@ def status(entry: DatasetEntry, root: Path) -> str:
     return f"partial download ({', '.join(partial)})" if partial else "missing"
 
 
+def usable(state: str) -> bool:
+    """Whether a :func:`status` says the dataset can be read: present, and so is every dataset it needs
+    (``present (needs voc2012: missing)`` is not)."""
+    return state.startswith("present") and "needs " not in state
+
+
 def check(root: Path | None = None) -> dict[str, str]:
     """``{dataset: 'present' | 'missing' | 'partial download (...)' | 'incomplete (...)'}`` per registry entry."""
     root = Path(root) if root is not None else data_root()
