@@ -178,3 +178,14 @@ def test_psd_pool_times_the_same_teachers_in_both_modes(tmp_path):
     assert (seq["mode"], pool["mode"]) == ("sequential", "process") and seq["workers"] == 1 and pool["workers"] == 2
     assert seq["teachers"] == pool["teachers"] > 1 and seq["teachers_s"] > 0 and pool["teachers_s"] > 0
     assert os.environ.get("MLIC_CACHE") == before and not any(Path(before).rglob("results.json"))
+
+
+def test_host_syncs_counts_no_blocking_copy_in_any_chapters_step_on_meta(tmp_path):
+    """The meta device stands in for a GPU: no step sends host memory to the device with a blocking copy, and none
+    makes a data-dependent call (which fails there). On CUDA the script counts real synchronisations."""
+    bench = _script("host_syncs")
+    out = tmp_path / "syncs.json"
+    assert bench.main(["--device", "meta", "--steps", "1", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == len(bench.cases()) >= 18
+    assert {r["step"]: r["per_step"] for r in rows} == {r["step"]: 0.0 for r in rows}

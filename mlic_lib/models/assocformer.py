@@ -30,6 +30,7 @@ backbone) is not in timm 1.0.31; it is not provided here.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from collections.abc import Mapping
@@ -116,7 +117,9 @@ class AssociationModule(nn.Module):
         analysed (:func:`mean_association`). The head is a small share of the model's FLOPs."""
         if L.ndim != 2 or L.shape[1] != self.embed_dim:
             raise ValueError(f"AssociationModule expects embeddings (B, {self.embed_dim}); got {tuple(L.shape)}")
-        with torch.autocast(L.device.type, enabled=False):
+        no_autocast = (torch.autocast(L.device.type, enabled=False) if torch.amp.is_autocast_available(L.device.type)
+                       else contextlib.nullcontext())  # a device without autocast (meta) has nothing to turn off
+        with no_autocast:
             L = L.to(torch.promote_types(self.key.weight.dtype, torch.float32))
             A = self.association(L)
             M = self.value(L.unsqueeze(1))  # (B, C, d)
