@@ -594,6 +594,13 @@ def test_override_values_are_checked_before_a_kernel_starts(chapter, overrides, 
         load_profile(chapter, "smoke", overrides)
 
 
+def test_an_unknown_key_lists_the_keys_the_sections_validators_accept():
+    """The list left out keys a section's validator accepts though no profile gives them (data.scenes.p_bias)."""
+    with pytest.raises(ValueError, match=r"did you mean 'data\.scenes\.p_bias'") as err:
+        load_profile("primer", "smoke", {"data.scens.p_bias": 0.5})
+    assert all(f"'{k}'" in str(err.value) for k in ("data.scenes.p_bias", "data.data_seed", "train.ema_decay"))
+
+
 def test_the_shared_checks_leave_legitimate_values_alone():
     """Negative numbers that are not counts, numpy seeds, an empty student_seeds (the study's seed only) and a
     count turned off with null pass."""

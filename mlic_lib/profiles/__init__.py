@@ -163,6 +163,17 @@ def _validator_keys(chapter: str, section: str, node: Any) -> set[str] | None:
     return None
 
 
+def _every_key(chapter: str, settings: Mapping[str, Any], valid: set[str]) -> set[str]:
+    """The keys the chapter's profiles give (``valid``) and those their sections' validators accept besides
+    (``data.scenes.p_bias``, ``data.data_seed``, ...): what an unknown-parameter error lists."""
+    out = set(valid)
+    for section in {k.rsplit(".", 1)[0] for k in valid if "." in k} | {k for k in valid if "." not in k}:
+        found, node = _lookup(settings, section)
+        allowed = _validator_keys(chapter, section, node if found else None)
+        out |= {f"{section}.{a}" for a in allowed or ()}
+    return out
+
+
 def _is_number(text: str) -> bool:
     try:
         float(text)
@@ -299,9 +310,10 @@ def load_profile(chapter: str, profile: str = "default",
                                      f"{parent!r}: {sorted(allowed)}")
             known = known or parent in open_maps
         if not known:
-            close = difflib.get_close_matches(key, sorted(valid), n=3)
+            every = _every_key(chapter, settings, valid)
+            close = difflib.get_close_matches(key, sorted(every), n=3)
             hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
-            raise ValueError(f"unknown parameter {key!r} for chapter {chapter!r}{hint}; valid keys: {sorted(valid)}")
+            raise ValueError(f"unknown parameter {key!r} for chapter {chapter!r}{hint}; valid keys: {sorted(every)}")
         kind = _train_field_kinds().get(leaf) if parent.rsplit(".", 1)[-1] in TRAIN_SECTIONS else None
         if kind is not None:  # TrainConfig's own check, now rather than when a run starts
             from mlic_lib.engine import _typed
