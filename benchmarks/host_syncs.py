@@ -25,7 +25,6 @@ import warnings
 
 import numpy as np
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from mlic_lib import psd
 from mlic_lib.assoc_losses import AssocFormerLoss
@@ -37,30 +36,10 @@ from mlic_lib.models import build_model
 from mlic_lib.models.assocformer import AssocFormerStep, build_assocformer
 from mlic_lib.models.ltml import build_two_branch
 from mlic_lib.splicemix_cl import MosaicStep, make_step
+from mlic_lib.utils import BlockingCopies
 
 C, B, SIDE = 20, 8, 32
 WIDTHS = (4, 8, 8, 8)
-
-
-class BlockingCopies(TorchDispatchMode):
-    """Counts copies from the CPU to another device made without ``non_blocking``."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.ops.aten._to_copy.default:
-            src, dst = args[0], kwargs.get("device")
-        elif func is torch.ops.aten.copy_.default:
-            src, dst = args[1], args[0].device
-        else:
-            src = dst = None
-        if (isinstance(src, torch.Tensor) and src.device.type == "cpu" and dst is not None
-                and torch.device(dst).type != "cpu" and not kwargs.get("non_blocking", False)):
-            self.count += 1
-        return func(*args, **kwargs)
 
 
 def _net():

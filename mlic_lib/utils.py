@@ -75,6 +75,42 @@ def host_to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     return t.to(device, non_blocking=device.type == "meta")
 
 
+class BlockingCopies:
+    """A context that counts the copies from the CPU to another device made without ``non_blocking`` (what
+    :func:`host_to_device` avoids): ``with BlockingCopies() as copies: step(...)``, then ``copies.count``. On the
+    ``meta`` device, which stands in for a GPU in tests, each such copy would be a host sync on CUDA."""
+
+    def __init__(self):
+        self.count = 0
+        self._mode = None
+
+    def __enter__(self) -> BlockingCopies:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        outer = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                if func is torch.ops.aten._to_copy.default:
+                    src, dst = args[0], kwargs.get("device")
+                elif func is torch.ops.aten.copy_.default:
+                    src, dst = args[1], args[0].device
+                else:
+                    src = dst = None
+                if (isinstance(src, torch.Tensor) and src.device.type == "cpu" and dst is not None
+                        and torch.device(dst).type != "cpu" and not kwargs.get("non_blocking", False)):
+                    outer.count += 1
+                return func(*args, **kwargs)
+
+        self._mode = _Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._mode.__exit__(*exc)
+
+
 def model_device(model: torch.nn.Module) -> torch.device:
     """Where a model lives: the device of its first parameter (or buffer); the CPU for a model with neither."""
     for t in model.parameters():

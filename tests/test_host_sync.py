@@ -7,36 +7,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from mlic_lib.ltml import LTMLStep, ltml_class_weights
 from mlic_lib.models import build_model
 from mlic_lib.models.ltml import build_two_branch
 from mlic_lib.splicemix_cl import MosaicStep, make_step
-from mlic_lib.utils import host_to_device
+from mlic_lib.utils import BlockingCopies, host_to_device
 
 META = torch.device("meta")
-
-
-class BlockingCopies(TorchDispatchMode):
-    """Counts copies from the CPU to another device made without ``non_blocking``."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.ops.aten._to_copy.default:
-            src, dst = args[0], kwargs.get("device")
-        elif func is torch.ops.aten.copy_.default:
-            src, dst = args[1], args[0].device
-        else:
-            src = dst = None
-        if (isinstance(src, torch.Tensor) and src.device.type == "cpu" and dst is not None
-                and torch.device(dst).type != "cpu" and not kwargs.get("non_blocking", False)):
-            self.count += 1
-        return func(*args, **kwargs)
 
 
 def _blocking_copies(step, model, batch) -> int:
@@ -104,3 +82,12 @@ def test_host_to_device_keeps_values_and_skips_a_tensor_already_there():
     if torch.cuda.is_available():  # the pinned, non-blocking path
         out = host_to_device(t, "cuda")
         assert out.device.type == "cuda" and torch.equal(out.cpu(), t)
+
+
+def test_blocking_copies_counts_a_plain_copy_to_the_device_and_not_a_non_blocking_one():
+    with BlockingCopies() as copies:
+        torch.ones(3).to(META)
+        torch.ones(3).to(META, non_blocking=True)
+        torch.ones(3).to("cpu")
+        host_to_device(torch.ones(3), META)
+    assert copies.count == 1
