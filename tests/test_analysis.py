@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -596,3 +598,54 @@ def test_cam_reading_on_a_wide_map_with_half_open_and_fractional_boxes():
     square[2, 2] = 1.0
     rd = cam_reading(square, np.array([[1, 2.4, 0, 5, 5]]), 1)  # x0 = 2.4 rounds to column 2: the peak's
     assert rd.mass.tolist() == [1.0] and rd.peak_in == [1]
+
+
+def test_cam_in_own_boxes_gives_each_object_its_own_images_probability(square_image):
+    from mlic_lib.analysis import cam_in_own_boxes
+
+    model = PlantedCNN().eval()
+    images = [square_image, 0.3 * square_image]  # different probabilities (a mirror image has the same)
+    boxes = [np.array([[0, *BOX]]), np.array([[0, *BOX], [2, *BOX]])]
+    got = cam_in_own_boxes(model, model.act, [(x, None) for x in images], boxes)
+    with torch.no_grad():
+        p = [torch.sigmoid(model(x[None]))[0] for x in images]
+    want = [float(p[0][0]), float(p[1][0]), float(p[1][2])]
+    assert want[0] != pytest.approx(want[1])
+    np.testing.assert_allclose(got.prob, want, rtol=1e-5)
+
+
+def test_tsne_perplexity_is_clamped_at_a_third_of_the_other_points():
+    x = np.random.default_rng(1).normal(size=(10, 5))
+    with pytest.warns(UserWarning, match=r"using \(N - 1\) / 3 = 3$"):
+        tsne_embed(x, perplexity=3.2)  # 10 points: at most 9 / 3 = 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tsne_embed(x, perplexity=3.0)
+
+
+def test_tsne_is_sklearns_pca_initialised_tsne_with_the_seed():
+    """On wide features (here 600) the PCA's randomised solver, hence the map, depends on the seed."""
+    from sklearn.manifold import TSNE
+    from threadpoolctl import threadpool_limits
+
+    x = np.random.default_rng(2).normal(size=(40, 600))
+    with threadpool_limits(limits=1, user_api="openmp"):
+        want = TSNE(n_components=2, perplexity=5.0, init="pca", random_state=3).fit_transform(x)
+    got = tsne_embed(x, seed=3, perplexity=5.0)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    assert np.abs(got - tsne_embed(x, seed=0, perplexity=5.0)).max() > 1.0
+
+
+def test_cluster_quality_is_the_euclidean_silhouette_of_a_loop():
+    rng = np.random.default_rng(4)
+    e, lab = rng.normal(size=(15, 3)), np.repeat([0, 1, 2], 5)
+    e[lab == 1] += 1.5
+    d = np.sqrt(((e[:, None] - e[None]) ** 2).sum(-1))
+    s = []
+    for i in range(len(e)):
+        own = lab == lab[i]
+        own[i] = False
+        a = d[i, own].mean()
+        b = min(d[i, lab == g].mean() for g in set(lab.tolist()) - {lab[i]})
+        s.append((b - a) / max(a, b))
+    assert cluster_quality(e, lab) == pytest.approx(np.mean(s))

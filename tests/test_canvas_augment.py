@@ -137,3 +137,29 @@ def test_randaugment_draws_every_op_with_both_signs(monkeypatch):
     counts = np.array([names.count(op) for op in canvas_augment.RANDAUGMENT_OPS]) / len(names)
     assert np.abs(counts - 1 / 14).max() < 0.02
     assert 0.4 < np.mean([pos for name, pos in seen if name == "Rotate"]) < 0.6
+
+
+def test_cutout_holes_are_centred_on_a_uniform_pixel_of_the_cell():
+    """A 16 px hole centred at a uniform pixel of a 32 px cell reaches each border of the cell about 8 or 9 times in
+    32; a hole whose corner were drawn instead would almost never touch the top or the left border."""
+    cs = _canvases(n=60, k=7)
+    torch.manual_seed(1)
+    out = CellAugment(randaugment=False, cutout=16, fill=(10, 20, 30))(torch.from_numpy(cs.images))
+    fill = torch.tensor([10, 20, 30]).view(3, 1)
+    hole = (_cells(out).flatten(0, 1) == fill).all(1).view(-1, 32, 32)[torch.from_numpy(cs.cells.ravel() >= 0)]
+    touches = torch.stack([hole[:, 0].any(1), hole[:, -1].any(1), hole[:, :, 0].any(1), hole[:, :, -1].any(1)])
+    frac = touches.float().mean(1)  # top, bottom, left, right
+    assert ((frac > 0.18) & (frac < 0.4)).all(), frac
+
+
+def test_a_cell_with_black_pixels_is_occupied():
+    """Only an all-zero cell is empty: an image with some black pixels (CIFAR has them) is augmented too."""
+    cs = _canvases(n=4)
+    x = torch.from_numpy(cs.images).clone()
+    for n, k in zip(*np.nonzero(cs.cells >= 0), strict=True):
+        r, c = divmod(int(k), 3)
+        x[n, :, 32 * r, 32 * c] = 0  # one black pixel in every occupied cell
+    torch.manual_seed(0)
+    out = CellAugment(randaugment=False, cutout=16, fill=(10, 20, 30))(x)
+    changed = (_cells(x) != _cells(out)).flatten(2).any(2).flatten()
+    np.testing.assert_array_equal(changed.numpy(), cs.cells.ravel() >= 0)

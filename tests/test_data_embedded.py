@@ -198,3 +198,28 @@ def test_tensor_dataset_checks_mean_and_std_against_the_channels(small_scenes):
     with pytest.raises(ValueError, match="std must be positive"):
         TensorImageDataset(gray, np.zeros((2, 3)), std=[0.0])
     assert TensorImageDataset(gray, np.zeros((2, 3)), mean=[0.1307], std=[0.3081])[0][0].shape == (1, 8, 8)
+
+
+def test_ml_mnist_cells_hold_digits_of_their_class():
+    images, labels = digit_pool("train")
+    label_of = {im.tobytes(): int(lab) for im, lab in zip(images, labels, strict=True)}
+    s = make_ml_mnist(20, 3, seed=1)
+    blocks = s.images[:, 0].reshape(20, 3, 28, 3, 28).transpose(0, 1, 3, 2, 4).reshape(20, 9, 28, 28)
+    for n in range(20):
+        for k in np.flatnonzero(s.cells[n] >= 0):
+            assert label_of[blocks[n, k].tobytes()] == s.cells[n, k]
+
+
+def test_long_tailed_scenes_draw_each_class_with_its_weight():
+    """One object per scene, always from the scene's super-category: class ``c`` comes with probability
+    ``P(group of c) * w_c / W_group``, which is the class weight ``w_c`` only when a group is drawn in proportion
+    to its total weight ``W_group``."""
+    from mlic_lib.data.scenes import _sample_classes
+
+    world = make_world(SceneSpec(n_biased_pairs=0, long_tail_exponent=1.5, min_objects=1, max_objects=1,
+                                 p_in_group=1.0))
+    rng = np.random.default_rng(0)
+    draws = [_sample_classes(world, rng, "natural") for _ in range(6000)]
+    freq = np.bincount([d[0] for d in draws], minlength=world.num_classes) / len(draws)
+    assert world.class_weights.max() > 0.4  # a long tail: uniform group draws would move the head class a lot
+    np.testing.assert_allclose(freq, world.class_weights, atol=0.02)

@@ -1212,3 +1212,51 @@ def test_supervised_step_passes_the_label_mask_to_its_loss():
     logits = model(x).detach().requires_grad_(True)
     SupervisedStep()(lambda _: logits, (x, y, mask), torch.device("cpu"))[0].backward()
     assert logits.grad[0, 0] == 0 and (logits.grad[mask] != 0).all()
+
+
+def test_onecycle_with_fewer_than_four_steps_keeps_the_lr():
+    for steps in (1, 2, 3):
+        assert _lr_trace(TrainConfig(epochs=1, lr=0.1, scheduler="onecycle"), steps) == pytest.approx([0.1] * steps)
+
+
+def test_adam_is_adam_and_adamw_is_adamw():
+    """``adam`` adds the weight decay to the gradient (L2), ``adamw`` decouples it: not the same optimiser."""
+    from mlic_lib.engine import build_optimizer
+
+    for name, cls in (("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW), ("sgd", torch.optim.SGD)):
+        assert type(build_optimizer(_model(), TrainConfig(optimizer=name, weight_decay=0.01))) is cls, name
+
+
+def test_loader_orders_of_different_seeds_and_epochs_do_not_coincide():
+    """The order of ``(seed, epoch)`` must not be that of ``(seed + 1, epoch - 1)``: runs of neighbouring seeds
+    would otherwise see the same batches one epoch apart."""
+    from mlic_lib.engine import make_loader
+
+    ds = TensorImageDataset(np.arange(32, dtype=np.uint8).reshape(32, 1, 1, 1).repeat(3, 1), np.zeros((32, 1)))
+
+    def order(seed, epoch):
+        batches = make_loader(ds, 8, True, seed, epoch)
+        return [round(float(v)) for b in batches for v in ds.unnormalise(b[0])[:, 0, 0, 0] * 255]
+
+    assert order(1, 0) != order(0, 1) and order(2, 0) != order(1, 1) != order(0, 2)
+    assert order(1, 0) == order(1, 0)
+
+
+def test_rank_seed_is_the_seed_itself_on_rank_zero():
+    from mlic_lib.engine import rank_seed
+
+    assert rank_seed(7, 0) == 7  # one process draws what a run without torchrun draws
+    assert len({rank_seed(7, r) for r in range(4)} | {rank_seed(8, r) for r in range(4)}) == 8
+
+
+def test_make_loader_sets_the_epoch_of_a_chapters_own_loader():
+    from mlic_lib.engine import make_loader
+
+    class Own:
+        epoch = None
+
+        def set_epoch(self, epoch):
+            self.epoch = epoch
+
+    own = Own()
+    assert make_loader(own, 8, True, seed=0, epoch=5) is own and own.epoch == 5

@@ -714,3 +714,49 @@ def test_probability_consistency_gradient_reaches_both_branches():
 def test_a_single_branch_with_compensation_declares_its_unused_parameters():
     """The other branch gets no gradient: DDP must be told (the engine reads find_unused_parameters)."""
     assert ltml.LTMLStep(branches="u", compensation=True).find_unused_parameters is True
+
+
+# ------------------------------------------------------------------------------------- mutation follow-ups
+def test_uniform_sampler_cycles_fresh_permutations_for_a_longer_epoch():
+    """``num_samples`` beyond ``n``: whole permutations back to back, then the start of one more (rounding the
+    length down to whole permutations lost the last, partial one)."""
+    idx = UniformSampler(10, 25, seed=2).indices(0)
+    assert len(idx) == 25
+    assert sorted(idx[:10].tolist()) == sorted(idx[10:20].tolist()) == list(range(10))
+    assert len(set(idx[20:].tolist())) == 5
+
+
+def test_class_aware_sampler_cuts_the_last_class_visit_at_num_samples():
+    """Several images per class visit: consecutive runs of one class, the last run cut where the epoch ends."""
+    t = np.repeat(np.eye(4, dtype=np.float32), 5, axis=0)  # single-label: the index says the class
+    for n in (1, 10, 11, 13):
+        idx = ClassAwareSampler(t, num_samples=n, samples_per_class=3, seed=1).indices(0)
+        visits = t[idx].argmax(1)
+        assert len(idx) == n
+        assert all(len(set(visits[v:v + 3].tolist())) == 1 for v in range(0, n, 3))
+
+
+def test_db_epoch_length_counts_every_class_of_the_label_matrix():
+    """``max_k N_k * K / reduce`` with ``K`` the label matrix's classes, an empty one included (as the docstring and
+    DistributionBalancedLoss's sampler count them), not only the classes in the visit cycle."""
+    t = _longtail_targets(n=200, k=5, seed=1)
+    t = np.concatenate([t, np.zeros((len(t), 1), t.dtype)], 1)
+    assert len(ClassAwareSampler(t, num_samples="db")) == int(t.sum(0).max() * 6 / 4)
+    assert len(ClassAwareSampler(t, num_samples="db", reduce=2)) == int(t.sum(0).max() * 6 / 2)
+
+
+def test_two_stream_loader_drops_the_last_partial_batch():
+    t = _longtail_targets(n=70, k=4)
+    ds = TensorImageDataset(np.zeros((70, 3, 4, 4), dtype=np.uint8), t)
+    loader = TwoStreamLoader(ds, t, batch_size=16, seed=0)
+    assert loader.steps == len(loader) == 4 and len(list(loader)) == 4
+    iu, ir = loader.epoch_indices(0)
+    assert len(iu) == len(ir) == 64 and len(set(iu.tolist())) == 64  # one uniform pass: no image twice
+
+
+def test_scaled_thresholds_round_voc_lts_to_the_nearest_image():
+    # 600 of 1,142 images: 100 -> 52.5 -> 53 and 19 -> 9.98 -> 10 (truncating gives 52 and 9)
+    assert longtail.scaled_thresholds(600) == (53, 10)
+    assert longtail.scaled_thresholds(2284) == (200, 38)
+    assert longtail.scaled_thresholds(40) == (4, 1)  # 3.5 -> 4, 0.67 -> 1
+    assert longtail.scaled_thresholds(5) == (3, 1)  # floors: head >= 3 images, tail >= 1

@@ -862,3 +862,14 @@ def test_one_grid_may_be_given_as_a_string():
     assert SpliceMix(grids="2x2").grids == SpliceMix(grids=["2x2"]).grids == SpliceMix(grids={"2x2": 1.0}).grids
     mixing = load_profile("splicemix", "smoke", ["mixing.grids=2x2"])["mixing"]
     assert make_step("splicemix", mixing).splicemix.grids == [(2, 2)]
+
+
+def test_biased_pair_map_averages_over_the_pairs_it_can_score():
+    """A pair without any exclusive image has no exclusive AP (NaN); the mean is over the other pairs."""
+    nat_t = np.array([[0, 0, 1, 0], [0, 0, 0, 1], [0, 1, 0, 0]])
+    exc_t = np.array([[1, 0, 0, 0], [0, 0, 1, 1]])  # pair (2, 3): its only row with 2 also has 3
+    co_t = np.array([[1, 1, 0, 0], [0, 0, 1, 1]])
+    got = biased_pair_map([(0, 1), (2, 3)], (nat_t.astype(float), nat_t), (exc_t.astype(float), exc_t),
+                          (co_t.astype(float), co_t))
+    assert np.isnan(got["per_pair"]["exclusive"][1]) and got["exclusive_mAP"] == 1.0
+    assert got["cooccur_mAP"] == 1.0

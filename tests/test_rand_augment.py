@@ -145,3 +145,34 @@ def test_presets_accept_uda_and_unnormalised_and_reject_bad_values():
         apply_op(_photo(), "Rotate", 10)
     with pytest.raises(ValueError, match="p must"):
         UDARandAugment(p=1.5)
+
+
+def test_posterize_keeps_the_rounded_number_of_bits_at_every_level():
+    img = _photo()
+    for level in range(10):
+        bits = round(8 - 4 * level / 9)  # level 1: 7.56 -> 8 bits (nothing changes); truncating gave 7
+        assert np.array_equal(_arr(apply_op(img, "Posterize", level)), _arr(ImageOps.posterize(img, bits))), level
+
+
+def test_cutout_centred_on_the_last_pixel_reaches_the_border():
+    img = Image.new("RGB", (50, 40), (0, 0, 0))
+    rng = random.Random(0)
+    rng.randrange = lambda n: n - 1  # centre on the bottom-right pixel
+    hole = (_arr(apply_op(img, "Cutout", 9, rng)) == (125, 122, 113)).all(-1)
+    # side 20: 10 px before the centre, the centre itself, and nothing beyond the image
+    assert hole.sum() == 11 * 11 and hole[29:, 39:].all()
+
+
+def test_policy_applies_each_drawn_op_with_probability_p(monkeypatch):
+    calls = []
+    monkeypatch.setattr(rand_augment, "apply_op", lambda img, name, level, rng=None: calls.append(name) or img)
+    rng, img = random.Random(1), _photo(8, 8)
+    for p, want in ((0.0, 0), (1.0, 2)):
+        calls.clear()
+        UDARandAugment(p=p)(img, rng)
+        assert len(calls) == want, p
+    calls.clear()
+    aug = UDARandAugment(p=0.2)
+    for _ in range(3000):
+        aug(img, rng)
+    assert abs(len(calls) / 6000 - 0.2) < 0.02

@@ -664,3 +664,41 @@ def test_coco_lt_leaves_ignored_and_zero_area_annotations_out_of_its_train_and_t
         after = lt_datasets("coco_lt", root=tmp_path, image_size=16)
     for i in (0, 2):
         np.testing.assert_array_equal(np.asarray(after[i].targets), np.asarray(before[i].targets))
+
+
+def test_multiscale_crop_snaps_only_sides_strictly_within_snap_pixels():
+    rng = random.Random(0)
+    assert MultiScaleCrop(448, (0.875,)).params(509, 509, rng)[2:] == (445, 445)  # 3 px off: kept (the code's < 3)
+    assert MultiScaleCrop(448, (0.875,)).params(510, 510, rng)[2:] == (448, 448)  # 2 px off: snapped
+
+
+def test_train_preset_steps_in_the_recipes_order_with_flips_by_default():
+    """Cutout before RandAugment (the ASL recipe), a horizontal flip unless ``hflip: false``, the photometric
+    distortion on the tensor."""
+    from torchvision import transforms as T
+
+    from mlic_lib.data.rand_augment import UDARandAugment
+
+    kinds = [type(t) for t in train_preset(32, {"cutout": 0.5, "randaugment": True}).transforms]
+    assert kinds == [T.Resize, T.RandomHorizontalFlip, Cutout, T.RandAugment, T.ToTensor, T.Normalize]
+    kinds = [type(t) for t in train_preset(32, {"crop": "random_patch", "photometric": True, "hflip": False,
+                                                "randaugment": "uda"}, normalize="none").transforms]
+    assert kinds == [RandomPatchCrop, T.Resize, UDARandAugment, T.ToTensor, PhotoMetricDistortion]
+
+
+def test_nuswide_counts_only_the_missing_images_it_would_have_kept(tmp_path):
+    """With ``drop_empty``, a listed image without any label is left out anyway: its absence is not 'missing'."""
+    from mlic_lib.data.nuswide import nuswide_dataset, read_nuswide_labels
+
+    write_fake("nuswide", tmp_path, n_train=30, n_test=20)
+    paths, labels, concepts = read_nuswide_labels(tmp_path, "train")
+    base = tmp_path / "nuswide"
+    for c in concepts:  # image 0 loses its labels, and its file
+        f = base / "Groundtruth" / "TrainTestLabels" / f"Labels_{c}_Train.txt"
+        f.write_text("\n".join(["0", *f.read_text().split()[1:]]) + "\n")
+    (base / "Flickr" / paths[0]).unlink()
+    last = int(labels[-1].any())  # the fake's last listed image is missing too
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert nuswide_dataset(tmp_path, "train").n_missing == last
+        assert nuswide_dataset(tmp_path, "train", drop_empty=False).n_missing == 2
