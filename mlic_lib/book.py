@@ -190,9 +190,10 @@ def check_folders() -> None:
     if cache and Path(cache).exists() and not Path(cache).is_dir():
         raise ValueError(f"MLIC_CACHE={cache} is a file, not a folder: set MLIC_CACHE to a folder (the run cache), "
                          "or unset it for the default")
-    if cache and _writable(Path(cache)):
-        print(f"note: MLIC_CACHE={cache} cannot be written ({_writable(Path(cache))}): the runs already in it load, "
-              "any other fails when it is saved", file=sys.stderr, flush=True)
+    problem = _writable(Path(cache)) if cache else None
+    if problem:
+        print(f"note: MLIC_CACHE={cache} cannot be written ({problem}): the runs already in it load, any other fails "
+              "when it is saved", file=sys.stderr, flush=True)
     data_root()  # a file there is an error naming MLIC_DATA
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -75,40 +76,27 @@ def host_to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     return t.to(device, non_blocking=device.type == "meta")
 
 
-class BlockingCopies:
+class BlockingCopies(TorchDispatchMode):
     """A context that counts the copies from the CPU to another device made without ``non_blocking`` (what
     :func:`host_to_device` avoids): ``with BlockingCopies() as copies: step(...)``, then ``copies.count``. On the
     ``meta`` device, which stands in for a GPU in tests, each such copy would be a host sync on CUDA."""
 
     def __init__(self):
+        super().__init__()
         self.count = 0
-        self._mode = None
 
-    def __enter__(self) -> BlockingCopies:
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        outer = self
-
-        class _Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                kwargs = kwargs or {}
-                if func is torch.ops.aten._to_copy.default:
-                    src, dst = args[0], kwargs.get("device")
-                elif func is torch.ops.aten.copy_.default:
-                    src, dst = args[1], args[0].device
-                else:
-                    src = dst = None
-                if (isinstance(src, torch.Tensor) and src.device.type == "cpu" and dst is not None
-                        and torch.device(dst).type != "cpu" and not kwargs.get("non_blocking", False)):
-                    outer.count += 1
-                return func(*args, **kwargs)
-
-        self._mode = _Mode()
-        self._mode.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._mode.__exit__(*exc)
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._to_copy.default:
+            src, dst = args[0], kwargs.get("device")
+        elif func is torch.ops.aten.copy_.default:
+            src, dst = args[1], args[0].device
+        else:
+            src = dst = None
+        if (isinstance(src, torch.Tensor) and src.device.type == "cpu" and dst is not None
+                and torch.device(dst).type != "cpu" and not kwargs.get("non_blocking", False)):
+            self.count += 1
+        return func(*args, **kwargs)
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
