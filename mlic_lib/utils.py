@@ -253,8 +253,8 @@ def object_key(obj: Any, _depth: int = 0) -> Any:
     if isinstance(obj, torch.nn.Module):
         attrs = {k: object_key(v, d) for k, v in sorted(vars(obj).items()) if not k.startswith("_") and k != "training"}
         return {"module": name, "options": attrs,
-                "children": {k: object_key(m, d) for k, m in obj.named_children()},
-                "state": {k: _tensor_digest(v) for k, v in obj.state_dict().items()}}
+                "children": {k: object_key(m, d) for k, m in obj.named_children()},  # each with its own state
+                "state": {k: _tensor_digest(v) for k, v in obj.state_dict().items() if "." not in k}}
     if isinstance(obj, functools.partial):
         return {"partial": object_key(obj.func, d), "args": object_key(obj.args, d),
                 "keywords": object_key(obj.keywords, d)}
@@ -305,14 +305,13 @@ def verify_checkpoint(path: str | os.PathLike) -> None:
     with open(path, "rb") as fh:
         if fh.read(4) != b"PK\x03\x04":  # what torch.save's archives start with (a legacy file may hold PK\5\6)
             return
-    try:
-        with zipfile.ZipFile(path) as archive:
-            records = archive.infolist()
-            if not any(r.CRC for r in records if r.file_size):
-                return  # written without CRC-32s: nothing to compare
-            bad = archive.testzip()
-    except (zipfile.BadZipFile, EOFError) as e:
-        raise CorruptCheckpointError(f"{path.name}'s zip structure is damaged ({e})") from e
+        try:
+            with zipfile.ZipFile(fh) as archive:
+                if not any(r.CRC for r in archive.infolist() if r.file_size):
+                    return  # written without CRC-32s: nothing to compare
+                bad = archive.testzip()
+        except (zipfile.BadZipFile, EOFError) as e:
+            raise CorruptCheckpointError(f"{path.name}'s zip structure is damaged ({e})") from e
     if bad is not None:
         raise CorruptCheckpointError(f"{path.name}'s record {bad} fails its CRC-32: the file is damaged")
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-import numbers
 from collections.abc import Mapping
 from importlib import resources
 from typing import Any
@@ -228,29 +227,27 @@ def _is_count(key: str) -> bool:
                                                                        "_repeats"))
 
 
-def _whole(v: Any) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
 def _check_general(key: str, value: Any, in_profiles: list[tuple[bool, Any]]) -> None:
     """The checks every chapter's settings share, on an overridden ``key``: a seed list (``seeds``,
     ``*_seeds``) holds distinct whole numbers >= 0 (a repeated seed would load one run twice and report a spread
     of 0), and ``seeds`` at least one; a count (:func:`_is_count`) that every profile gives as a whole number
     >= 1 is one too (``cam_images=-3`` failed only after the training). ``in_profiles``: ``(found, value)`` of
     ``key`` in each of the chapter's profiles."""
+    from mlic_lib.checks import whole_list
+
     nullable = any(found and v is None for found, v in in_profiles)
     if _is_seed_list(key) and (value is not None or not nullable):
         if not isinstance(value, list) or (not value and key.rsplit(".", 1)[-1] == "seeds"):
             raise ValueError(f"{key!r} must be a non-empty list of seeds, e.g. -o {key}=[0,1]; got {value!r}")
-        if not all(_whole(v) and v >= 0 for v in value):
+        if value and not whole_list(value, 0):  # the check psd's options use for its random_seeds
             raise ValueError(f"{key!r} takes whole numbers >= 0, e.g. -o {key}=[0,1]; got {value!r}")
         if len(set(value)) != len(value):
             raise ValueError(f"{key!r} repeats a seed ({value!r}): each seed is one run, and a repeat would load the "
                              "same run twice and report a seed spread of 0; give distinct seeds")
         return
     given = [v for found, v in in_profiles if found and v is not None]
-    if _is_count(key) and given and all(_whole(v) and v >= 1 for v in given) and not (value is None and nullable):
-        if not (_whole(value) and value >= 1):
+    if _is_count(key) and given and whole_list(given, 1) and not (value is None and nullable):
+        if not whole_list([value], 1):
             raise ValueError(f"parameter {key!r} is a count: give a whole number >= 1 (the profiles give "
                              f"{', '.join(map(str, sorted(set(given))))}); got {value!r}")
 
