@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, RuntimeError, OSError) as err:  # as `mlic data prepare`: a message, not a traceback
         print(f"prepare.py: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("prepare.py: interrupted; a rerun resumes the partial download", file=sys.stderr)
+        return 130
     return 0
 
 

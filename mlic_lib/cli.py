@@ -255,10 +255,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mlic: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:
-        kept = (" a notebook being executed is kept as <name>.failed.ipynb, and" if args.func in (_cmd_reproduce,
-                                                                                               _cmd_book) else "")
-        print(f"mlic: {'terminated' if isinstance(err, _Terminated) else 'interrupted'};{kept} a rerun loads the "
-              "runs that finished (an interrupted one resumes from its last epoch)", file=sys.stderr)
+        if args.func is _cmd_data:
+            after = " a rerun of `mlic data prepare` resumes the partial download"
+        else:
+            kept = (" a notebook being executed is kept as <name>.failed.ipynb, and" if args.func in (
+                _cmd_reproduce, _cmd_book) else "")
+            after = f"{kept} a rerun loads the runs that finished (an interrupted one resumes from its last epoch)"
+        print(f"mlic: {'terminated' if isinstance(err, _Terminated) else 'interrupted'};{after}", file=sys.stderr)
         return 143 if isinstance(err, _Terminated) else 130
     finally:
         if previous is not None:

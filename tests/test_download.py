@@ -31,12 +31,20 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     chunked_cut: dict[str, int] = {}  # path -> bytes sent in one chunk of a chunked answer that then closes
     wrong_start: set[str] = set()  # paths that answer a Range request with 206 from byte 0
     no_satisfy: set[str] = set()  # paths that answer a Range request with 416
+    piece: dict[str, int] = {}  # path -> the most bytes one answer to a Range request holds (a legal short 206)
+    chunked_whole: set[str] = set()  # paths answered with status 200 and the whole body chunked (no length)
 
     def do_GET(self):  # noqa: N802
         body = self.files.get(self.path)
         self.log.append((self.path, self.headers.get("Range")))
         if body is None:
             self.send_error(404)
+            return
+        if self.path in self.chunked_whole:
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.wfile.write(f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n")
             return
         if self.path in self.chunked_cut:
             self.send_response(200)
@@ -55,9 +63,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         if rng and self.path not in self.no_range:
             start = 0 if self.path in self.wrong_start else int(re.match(r"bytes=(\d+)-", rng).group(1))
+            end = min(len(body), start + self.piece.get(self.path, len(body)))
             self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
-            body = body[start:]
+            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(body)}")
+            body = body[start:end]
         else:
             self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
@@ -71,13 +80,20 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def server():
     _Handler.files, _Handler.log, _Handler.cut, _Handler.no_range, _Handler.chunked_cut = {}, [], {}, set(), {}
-    _Handler.wrong_start, _Handler.no_satisfy = set(), set()
+    _Handler.wrong_start, _Handler.no_satisfy, _Handler.piece, _Handler.chunked_whole = set(), set(), {}, set()
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}", _Handler
     httpd.shutdown()
     httpd.server_close()
+
+
+@pytest.fixture(autouse=True)
+def _no_automatic_resumes(monkeypatch):
+    """A connection cut early is not resumed within the run here (tests that check the resumes turn them on)."""
+    monkeypatch.setattr(download, "RESUMES", 0)
+    monkeypatch.setattr(download, "RESUME_WAIT", 0.0)
 
 
 def _tar(members: dict[str, bytes]) -> bytes:
@@ -183,6 +199,128 @@ def test_a_resumed_download_cut_short_again_keeps_what_it_has(server, tmp_path, 
     assert part.stat().st_size == len(VOC_TAR) - 1000 and not list(tmp_path.glob("*.bad"))
 
 
+def test_a_connection_cut_early_is_resumed_within_the_run_while_bytes_arrive(server, tmp_path, monkeypatch, capsys):
+    """One dropped connection used to end the run (COCO's files have one URL each: an overnight download stopped at
+    the first network blip); each cut that brought bytes is now resumed, up to ``RESUMES`` times."""
+    url, handler = server
+    handler.files["/fake.tar"] = VOC_TAR
+    handler.cut["/fake.tar"] = 3000  # every answer, the resumes' too, closes after 3,000 bytes
+    entry = _entry(monkeypatch, url, VOC_TAR)
+    monkeypatch.setattr(download, "RESUMES", 3)
+    assert download.download(entry.files[0], tmp_path, progress=False).read_bytes() == VOC_TAR
+    assert handler.log == [("/fake.tar", None), ("/fake.tar", "bytes=3000-"), ("/fake.tar", "bytes=6000-"),
+                           ("/fake.tar", "bytes=9000-")]
+    assert "closed after 3,000 of 10,240 bytes; resuming in 0 s (1 of 3)" in capsys.readouterr().err
+    (tmp_path / "fake.tar").unlink()
+    handler.log.clear()
+    monkeypatch.setattr(download, "RESUMES", 1)  # too few: the partial file is kept for a rerun
+    with pytest.raises(ConnectionError, match="closed after 6,000 of 10,240 bytes"):
+        download.download(entry.files[0], tmp_path, progress=False)
+    assert (tmp_path / "fake.tar.part").stat().st_size == 6000 and len(handler.log) == 2
+
+
+def test_a_server_sending_the_file_in_short_partial_answers_is_asked_for_the_rest(server, tmp_path, monkeypatch):
+    """A 206 for ``bytes 500-4499/10240`` is a legal answer to ``Range: bytes=500-``: it was taken for the whole
+    rest (its length plus the kept bytes as the file's size), so a good partial file ended as a wrong one."""
+    url, handler = server
+    handler.files["/fake.tar"] = VOC_TAR
+    handler.piece["/fake.tar"] = 4000
+    entry = _entry(monkeypatch, url, VOC_TAR)
+    (tmp_path / "fake.tar.part").write_bytes(VOC_TAR[:500])
+    assert download.download(entry.files[0], tmp_path, progress=False).read_bytes() == VOC_TAR
+    assert [r for _, r in handler.log] == ["bytes=500-", "bytes=4500-", "bytes=8500-"]
+    assert not list(tmp_path.glob("*.bad"))
+
+
+@pytest.mark.parametrize("body_ok", [True, False])
+def test_a_whole_file_of_unknown_length_answering_a_resume_is_kept_aside_until_it_proves_whole(
+        server, tmp_path, monkeypatch, body_ok):
+    """A server that ignores Range and sends the file chunked (no length) left a kept partial file stuck: every rerun
+    refused the answer ("rerun to resume" could never succeed). The answer now goes to a side file that replaces the
+    partial file only if it has the file's size; an error page of unknown length leaves the partial file as it was."""
+    url, handler = server
+    handler.files["/fake.tar"] = VOC_TAR if body_ok else b"<html>busy</html>"
+    handler.chunked_whole.add("/fake.tar")
+    entry = _entry(monkeypatch, url, VOC_TAR)
+    part = tmp_path / "fake.tar.part"
+    part.write_bytes(VOC_TAR[:4000])
+    if body_ok:
+        assert download.download(entry.files[0], tmp_path, progress=False).read_bytes() == VOC_TAR
+    else:
+        with pytest.raises(ConnectionError, match="(?s)status 200 with 17 bytes.*partial file is kept"):
+            download.download(entry.files[0], tmp_path, progress=False)
+        assert part.read_bytes() == VOC_TAR[:4000]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fake.tar" if body_ok else "fake.tar.part"]
+
+
+def test_a_local_write_error_stops_at_once_naming_the_folder_and_its_free_space(server, tmp_path, monkeypatch):
+    """A full disk was reported as a failed URL, the mirror tried next (and failing the same way), and the message
+    blamed the download."""
+    import errno
+
+    url, handler = server
+    handler.files["/a/fake.tar"] = handler.files["/b/fake.tar"] = VOC_TAR
+    f = RemoteFile("fake.tar", (f"{url}/a/fake.tar", f"{url}/b/fake.tar"), len(VOC_TAR),
+                   hashlib.sha256(VOC_TAR).hexdigest())
+
+    def full_disk(response, out, bar):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(download, "_copy", full_disk)
+    with pytest.raises(download.LocalWriteError, match=r"(?s)could not write .*fake.tar.part: No space left on "
+                       r"device \(.* GiB free in .*\).*MLIC_DATA"):
+        download.download(f, tmp_path, progress=False)
+    assert len(handler.log) == 1  # the mirror was not tried
+
+
+def test_a_second_prepare_on_the_same_data_folder_fails_at_once(server, tmp_path, monkeypatch):
+    """Two runs at once used to append to one .part file (and damage an archive the first had verified)."""
+    import fcntl
+
+    url, handler = server
+    handler.files["/fake.tar"] = VOC_TAR
+    _entry(monkeypatch, url, VOC_TAR)
+    lock = tmp_path / "downloads" / ".lock"
+    lock.parent.mkdir(parents=True)
+    with open(lock, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as another process's prepare holds it
+        with pytest.raises(RuntimeError, match="another `mlic data prepare` is running on .*: wait for it"):
+            download.prepare("fake", tmp_path, progress=False)
+        assert handler.log == []
+    download.prepare("fake", tmp_path, progress=False)  # released: it runs
+    assert download.check(tmp_path)["fake"] == "present"
+
+
+@pytest.mark.parametrize("other_file_system", [False, True])
+def test_a_linked_top_folder_is_merged_into_and_kept(tmp_path, monkeypatch, other_file_system):
+    """``VOCdevkit`` linked to a larger disk: preparing VOC2012 replaced the link by a folder of its own, so VOC2007
+    (behind the link) was no longer found."""
+    import errno
+    from pathlib import Path as P
+
+    big = tmp_path / "big" / "VOCdevkit"
+    (big / "VOC2007").mkdir(parents=True)
+    (big / "VOC2007" / "a.txt").write_text("2007")
+    dest = tmp_path / "data"
+    dest.mkdir()
+    (dest / "VOCdevkit").symlink_to(big)
+    if other_file_system:  # a rename into the link's folder crosses file systems
+        replace = P.replace
+
+        def cross(self, target):
+            if str(P(target).resolve()).startswith(str(big)):
+                raise OSError(errno.EXDEV, "Invalid cross-device link")
+            return replace(self, target)
+
+        monkeypatch.setattr(P, "replace", cross)
+    archive = tmp_path / "b.tar"
+    archive.write_bytes(_tar({"VOCdevkit/VOC2012/b.txt": b"2012"}))
+    download.unpack(archive, dest)
+    assert (dest / "VOCdevkit").is_symlink()
+    assert (big / "VOC2007" / "a.txt").read_text() == "2007" and (big / "VOC2012" / "b.txt").read_text() == "2012"
+    assert not list(dest.glob(".extract-*"))
+
+
 def test_a_wrong_file_from_the_first_url_falls_back_to_the_mirror(server, tmp_path, monkeypatch):
     url, handler = server
     handler.files["/official/fake.tar"] = b"<html>moved</html>"  # an error page served with status 200
@@ -256,8 +394,9 @@ def test_an_archive_cut_short_in_the_downloads_folder_is_downloaded_again(server
     (downloads / "fake.tar").write_bytes(VOC_TAR[:1024])
     download.prepare("fake", tmp_path, progress=False)
     assert (downloads / "fake.tar").read_bytes() == VOC_TAR
-    assert (downloads / "fake.tar.bad").read_bytes() == VOC_TAR[:1024]
-    assert "no longer matches its size" in capsys.readouterr().err
+    assert not (downloads / "fake.tar.bad").exists()  # moved aside, then removed once the new download verified
+    err = capsys.readouterr().err
+    assert "no longer matches its size" in err and "removed" in err
     assert len(handler.log) == 1
 
 
@@ -306,7 +445,7 @@ def test_prepare_force_repairs_a_deleted_file_and_reverifies_the_archive(server,
     ann.unlink()
     download.prepare("fake", tmp_path, progress=False, force=True)
     assert ann.is_file() and archive.read_bytes() == VOC_TAR and len(handler.log) == hits + 1
-    assert archive.with_name("fake.tar.bad").is_file()  # the name a wrong fresh download gets too
+    assert not archive.with_name("fake.tar.bad").exists()  # removed once the new download verified
     assert "no longer matches its sha256" in capsys.readouterr().err
 
 
@@ -357,8 +496,11 @@ def test_zip_and_unreachable_url(server, tmp_path, monkeypatch):
     _entry(monkeypatch, url, body, name="ann.zip", marker="coco/annotations/instances_val2014.json", dest="coco")
     assert download.prepare("fake", tmp_path, progress=False).read_text() == "{}"
     _entry(monkeypatch, url, b"x", name="missing.zip", marker="nothing")
-    with pytest.raises(ConnectionError, match="nothing was downloaded: check the network"):  # a 404: no partial file
-        download.prepare("fake", tmp_path / "other", progress=False)
+    with pytest.raises(ConnectionError, match="every server answered with an error status: the file may have moved"):
+        download.prepare("fake", tmp_path / "other", progress=False)  # a 404
+    f = RemoteFile("x.zip", ("http://127.0.0.1:9/x.zip",), 1, "0" * 64)  # nothing listens on port 9 (discard)
+    with pytest.raises(ConnectionError, match="nothing was downloaded: check the network"):
+        download.download(f, tmp_path / "third", progress=False)
 
 
 def test_archives_that_escape_the_target_are_refused(tmp_path):
@@ -492,6 +634,26 @@ def test_cli_prepare_errors(capsys, tmp_path, monkeypatch):
     assert "known datasets" in capsys.readouterr().err
     assert cli.main(["data", "prepare", "nuswide"]) == 2
     assert "place the 'Flickr' image folder" in capsys.readouterr().err
+
+
+def test_an_interrupted_prepare_says_a_rerun_resumes_the_download(tmp_path, monkeypatch, capsys):
+    """The message was the training one ("a rerun loads the runs that finished"), and prepare.py printed a
+    traceback."""
+    import importlib.util
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(download, "prepare", interrupted)
+    monkeypatch.setenv("MLIC_DATA", str(tmp_path))
+    assert cli.main(["data", "prepare", "voc2007"]) == 130
+    assert capsys.readouterr().err.strip() == ("mlic: interrupted; a rerun of `mlic data prepare` resumes the partial "
+                                               "download")
+    script_path = Path(__file__).resolve().parents[1] / "data_scripts" / "prepare.py"
+    spec = importlib.util.spec_from_file_location("prepare_script", script_path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["voc2007"]) == 130 and "a rerun resumes" in capsys.readouterr().err
 
 
 def test_prepare_script_matches_the_cli_options(tmp_path, monkeypatch, capsys):

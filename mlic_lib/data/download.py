@@ -2,23 +2,28 @@
 
 ``prepare("voc2007")`` downloads every file of the registry entry into ``$MLIC_DATA/downloads/voc2007``
 (one folder per dataset, since VOC-LT and COCO-LT both have a ``class_freq.pkl``), continuing a partial
-``.part`` file with an HTTP ``Range`` request; it checks each file's size and sha256,
-and unpacks it. A checksum mismatch is an error: the bad file is moved aside to ``*.bad`` and never
-extracted. Extraction goes to a temporary folder first and is moved into place at the end, so an
-interrupted run never leaves a half-unpacked dataset looking complete; a ``.prepared`` stamp per
-file makes a rerun skip finished work, and ``check()`` reports a dataset as present only when every
-one of its files was prepared.
+``.part`` file with an HTTP ``Range`` request (within the run too: a connection that drops after bringing bytes is
+resumed up to :data:`RESUMES` times); it checks each file's size and sha256, and unpacks it. One ``prepare`` runs on
+a data folder at a time (a lock in ``downloads/``). A checksum mismatch is an error: the bad file is moved aside to
+``*.bad`` and never extracted (and removed once a later download is verified). Extraction goes to a temporary
+folder first and is moved into place at the end, so an interrupted run never leaves a half-unpacked dataset looking
+complete; a ``.prepared`` stamp per file makes a rerun skip finished work, and ``check()`` reports a dataset as
+present only when every one of its files was prepared.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import http.client
 import json
 import os
+import re
 import shutil
 import sys
 import tarfile
+import time
 import urllib.error
 import urllib.request
 import zipfile
@@ -30,8 +35,25 @@ from mlic_lib.data.registry import DATASETS, DatasetEntry, RemoteFile, get
 CHUNK = 1 << 20
 
 
+RESUMES = 10  # automatic resumes of one URL, each after a connection that closed early having brought bytes
+RESUME_WAIT = 2.0  # seconds before each automatic resume
+
+
 class ChecksumError(RuntimeError):
     """A downloaded file does not have the registry's sha256 (or size)."""
+
+
+class LocalWriteError(RuntimeError):
+    """A download could not be written on this machine (a full disk, a file-size limit, no permission): unlike a
+    network error, another URL would not help, so :func:`download` stops at once."""
+
+
+class _Cut(ConnectionError):
+    """The connection closed (or failed) before the end of the answer, after ``received`` bytes of it were kept."""
+
+    def __init__(self, message: str, received: int):
+        super().__init__(message)
+        self.received = received
 
 
 def sha256_of(path: Path) -> str:
@@ -42,24 +64,70 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def _range_start(content_range: str | None) -> int | None:
-    """The first byte of a ``Content-Range: bytes START-END/TOTAL`` header, or ``None``."""
-    try:
-        unit, spec = (content_range or "").split(None, 1)
-        return int(spec.split("-", 1)[0]) if unit == "bytes" else None
-    except ValueError:
+def _content_range(header: str | None) -> tuple[int, int, int | None] | None:
+    """``(start, end, total)`` of a ``Content-Range: bytes START-END/TOTAL`` header (``total`` is ``None`` for
+    ``*``, an unknown length), or ``None`` when the header is missing or malformed."""
+    match = re.fullmatch(r"\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*", header or "")
+    if match is None:
         return None
+    return int(match[1]), int(match[2]), None if match[3] == "*" else int(match[3])
+
+
+def _write_error(path: Path, err: OSError) -> str:
+    """The message of a :class:`LocalWriteError`: what failed, the free space, and the fix."""
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 2**30:.1f} GiB free in {path.parent}"
+    except OSError:
+        free = f"{path.parent} cannot be read"
+    return (f"could not write {path}: {err.strerror or err} ({free}). Free some space (or lift the limit), or set "
+            "MLIC_DATA to a folder on a larger disk; a rerun resumes the partial file")
+
+
+def _copy(response, out, bar) -> int:
+    """Copy ``response`` into ``out`` and return the bytes copied; a failed read raises :class:`_Cut` with them."""
+    received = 0
+    while True:
+        try:
+            block = response.read(CHUNK)
+        except (OSError, http.client.HTTPException) as err:  # a reset, a timeout, a chunk cut short
+            raise _Cut(repr(err), received) from err
+        if not block:
+            return received
+        out.write(block)
+        received += len(block)
+        bar.update(len(block))
 
 
 def _fetch(url: str, part: Path, expected_size: int | None, progress: bool) -> None:
     """Download ``url`` into ``part``, resuming from its current length when the server allows it.
 
-    A connection that closes before the announced length raises ``ConnectionError`` and keeps ``part``
-    (``http.client`` returns a short read there instead of raising), so a rerun resumes it. A server that answers
-    a resume request with something else than the rest of the file (status 200 with an error page, say) leaves
-    ``part`` untouched too: it starts over only when the answer has the file's full size (it ignored ``Range``).
-    A partial answer (206) for another range than the rest of ``part``, or a 416 (the server cannot serve that
-    range: its file is not longer than ``part``), discards ``part`` and starts over.
+    A connection that closes early after bringing bytes is resumed automatically, up to :data:`RESUMES` times, after
+    :data:`RESUME_WAIT` seconds; one that brings nothing raises ``ConnectionError`` and keeps ``part`` for a rerun
+    (or the next URL) to resume. A server that sends the file in several partial answers is asked for the rest until
+    it is whole.
+    """
+    resumes = 0
+    while True:
+        try:
+            if _fetch_once(url, part, expected_size, progress):
+                return
+        except _Cut as err:
+            if not err.received or resumes >= RESUMES:
+                raise
+            resumes += 1
+            print(f"{part.name.removesuffix('.part')}: {err}; resuming in {RESUME_WAIT:g} s ({resumes} of "
+                  f"{RESUMES})", file=sys.stderr)
+            time.sleep(RESUME_WAIT)
+
+
+def _fetch_once(url: str, part: Path, expected_size: int | None, progress: bool) -> bool:
+    """One request of :func:`_fetch`; ``True`` once ``part`` holds the whole file (as far as sizes tell).
+
+    A server that answers a resume request with the whole file (status 200: it ignores ``Range``) has it written to
+    a side file, which replaces ``part`` only if it has the file's size: an error page served with status 200, with
+    or without a length, never overwrites a partial download (COCO's single URLs would lose gigabytes). A partial
+    answer (206) for another range than the rest of ``part``, or a 416 (the server cannot serve that range: its
+    file is not longer than ``part``), discards ``part``; the caller then starts over.
     """
     from tqdm.auto import tqdm
 
@@ -70,7 +138,7 @@ def _fetch(url: str, part: Path, expected_size: int | None, progress: bool) -> N
         part.unlink()  # longer than the file itself: it cannot be resumed (the server would answer 416)
         have = 0
     if expected_size is not None and have == expected_size:
-        return
+        return True
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
     try:
         response_cm = urllib.request.urlopen(request, timeout=60)
@@ -79,37 +147,62 @@ def _fetch(url: str, part: Path, expected_size: int | None, progress: bool) -> N
             part.unlink()
             print(f"{part.name}: the server cannot resume from byte {have:,} (status 416); starting over",
                   file=sys.stderr)
-            return _fetch(url, part, expected_size, progress)
+            return False
         raise
     with response_cm as response:
         status = getattr(response, "status", 200)
-        resumed = have > 0 and status == 206
-        if resumed and _range_start(response.headers.get("Content-Range")) != have:
-            # a 206 that does not continue the kept part (another range, or none named): appending it would
-            # corrupt the file, so start over
-            response.close()
-            part.unlink()
-            print(f"{part.name}: the server answered another range than bytes {have:,}- "
-                  f"({response.headers.get('Content-Range')!r}); starting over", file=sys.stderr)
-            return _fetch(url, part, expected_size, progress)
-        if have and not resumed:
-            if expected_size is not None and response.length != expected_size:
+        target, start, end = part, 0, response.length
+        total = response.length if response.length is not None else expected_size
+        if have and status == 206:
+            answered = _content_range(response.headers.get("Content-Range"))
+            if answered is None or answered[0] != have or answered[1] < have:
+                # a 206 that does not continue the kept part (another range, or none named): appending it would
+                # corrupt the file, so start over
+                part.unlink()
+                print(f"{part.name}: the server answered another range than bytes {have:,}- "
+                      f"({response.headers.get('Content-Range')!r}); starting over", file=sys.stderr)
+                return False
+            start, end = have, answered[1] + 1
+            total = answered[2] if answered[2] is not None else expected_size
+        elif have:
+            if expected_size is not None and response.length is not None and response.length != expected_size:
                 raise ConnectionError(
                     f"asked for the rest of {part.name} ({have:,} bytes kept), the server answered status {status} "
-                    f"with {response.length if response.length is not None else 'an unknown number of'} bytes, "
-                    f"not the {expected_size:,}-byte file; the partial file is kept (delete it to start over)")
-            have = 0  # the server ignored Range and sends the whole file: start over
-        total = response.length + have if response.length is not None else expected_size
-        with open(part, "ab" if resumed else "wb") as out, tqdm(
-            total=total, initial=have, unit="B", unit_scale=True, desc=part.name.removesuffix(".part"),
-            disable=bar_disabled(progress), leave=False,
-        ) as bar:
-            for block in iter(lambda: response.read(CHUNK), b""):
-                out.write(block)
-                bar.update(len(block))
-    got = part.stat().st_size
-    if total is not None and got < total:
-        raise ConnectionError(f"the connection closed after {got:,} of {total:,} bytes")
+                    f"with {response.length:,} bytes, not the {expected_size:,}-byte file; the partial file is kept")
+            target = part.with_name(part.name + ".whole")  # the server ignored Range: the whole file, kept aside
+        try:
+            with open(target, "ab" if start else "wb") as out, tqdm(
+                total=total, initial=start, unit="B", unit_scale=True, desc=part.name.removesuffix(".part"),
+                disable=bar_disabled(progress), leave=False,
+            ) as bar:
+                received = _copy(response, out, bar)
+        except _Cut as err:
+            if target != part:
+                _keep_longer(target, part)
+            raise _Cut(f"the connection failed after {start + err.received:,} bytes: {err}", err.received) from err
+        except OSError as err:
+            raise LocalWriteError(_write_error(target, err)) from err
+    got = start + received
+    if target != part:
+        if expected_size is not None and got != expected_size:
+            target.unlink()
+            raise ConnectionError(
+                f"asked for the rest of {part.name} ({have:,} bytes kept), the server answered status {status} "
+                f"with {got:,} bytes, not the {expected_size:,}-byte file; the partial file is kept")
+        target.replace(part)
+        return True
+    expected = end if end is not None else total  # the end of this answer, or of the file when it gives none
+    if expected is not None and got < expected:
+        raise _Cut(f"the connection closed after {got:,} of {expected:,} bytes", received)
+    return total is None or got >= total  # a partial answer short of the file's end: the caller asks for the rest
+
+
+def _keep_longer(whole: Path, part: Path) -> None:
+    """After a whole-file answer was cut: keep the longer of the two starts of the file as ``part``."""
+    if whole.stat().st_size > part.stat().st_size:
+        whole.replace(part)
+    else:
+        whole.unlink()
 
 
 def _matches(file: RemoteFile, path: Path) -> tuple[bool, int, str]:
@@ -128,7 +221,8 @@ def download(file: RemoteFile, folder: Path, progress: bool = True, allow_unveri
     never used; an interrupted one stays as ``*.part`` for the next run to resume. A file already downloaded
     is returned after a size check (its sha256 was verified when it was renamed into place; a file copied
     there by hand and cut short is caught by its size), or, with ``reverify``, after a sha256 check too; one
-    that fails is moved aside and downloaded anew.
+    that fails is moved aside and downloaded anew. A file that cannot be written here (a full disk) raises
+    :class:`LocalWriteError` at once, without trying the other URLs.
     """
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / file.name
@@ -146,11 +240,12 @@ def download(file: RemoteFile, folder: Path, progress: bool = True, allow_unveri
             "to download it anyway (the computed digest is printed so it can be recorded)."
         )
     part = folder / (file.name + ".part")
-    errors, bad = [], None
+    errors, bad, answered = [], None, 0
     for url in file.urls:
         try:
             _fetch(url, part, file.size, progress)
         except (urllib.error.URLError, OSError, http.client.HTTPException) as err:  # IncompleteRead is neither
+            answered += isinstance(err, urllib.error.HTTPError)  # the server answered, with an error status
             errors.append(f"{url}: {err!r}" if isinstance(err, http.client.HTTPException) else f"{url}: {err}")
             continue
         ok, size, digest = _matches(file, part)
@@ -163,14 +258,24 @@ def download(file: RemoteFile, folder: Path, progress: bool = True, allow_unveri
         if file.sha256 is None:
             print(f"{file.name}: sha256 {digest} (not verified: record it in the registry)", file=sys.stderr)
         part.replace(final)
+        earlier = folder / (file.name + ".bad")  # a wrong download of an earlier attempt, no longer needed
+        if earlier.is_file():
+            earlier.unlink()
+            print(f"{file.name} is verified: removed {earlier}, the wrong download of an earlier attempt",
+                  file=sys.stderr)
         return final
     if bad is not None:
         raise ChecksumError(
-            f"{file.name}: no URL gave the expected file. The last wrong download was moved to {bad} and not "
-            "used; delete it and rerun to download again.\n  " + "\n  ".join(errors)
+            f"{file.name}: no URL gave the expected file. The last wrong download was moved to {bad} and not used "
+            "(a rerun tries again; the .bad file is removed once a download is verified).\n  " + "\n  ".join(errors)
         )
-    kept = (f"the partial file {part} is kept; rerun to resume" if part.exists() and part.stat().st_size else
-            "nothing was downloaded: check the network, or use `mlic data fake` for an offline dry run")
+    if part.exists() and part.stat().st_size:
+        kept = f"the partial file {part} is kept; rerun to resume"
+    elif answered == len(file.urls):
+        kept = ("every server answered with an error status: the file may have moved; its URLs are in "
+                "mlic_lib/data/registry.py")
+    else:
+        kept = "nothing was downloaded: check the network, or use `mlic data fake` for an offline dry run"
     raise ConnectionError(f"could not download {file.name} ({kept}):\n  " + "\n  ".join(errors))
 
 
@@ -193,8 +298,11 @@ def _safe_members(names: list[str], links: dict[str, str] | None = None) -> None
 
 
 def _merge(src: Path, dst: Path) -> None:
-    """Move ``src`` to ``dst`` by renames: a folder both have is merged entry by entry, anything else replaced."""
-    if src.is_dir() and not src.is_symlink() and dst.is_dir() and not dst.is_symlink():
+    """Move ``src`` to ``dst`` by renames: a folder both have is merged entry by entry, anything else replaced.
+
+    A ``dst`` that is a link to a folder (``VOCdevkit`` linked to a larger disk, say) is merged into and kept; a move
+    into it from another file system is a copy (``shutil.move``)."""
+    if src.is_dir() and not src.is_symlink() and dst.is_dir():
         for item in src.iterdir():
             _merge(item, dst / item.name)
         src.rmdir()
@@ -203,7 +311,12 @@ def _merge(src: Path, dst: Path) -> None:
         shutil.rmtree(dst)
     elif dst.exists() or dst.is_symlink():
         dst.unlink()
-    src.replace(dst)
+    try:
+        src.replace(dst)
+    except OSError as err:
+        if err.errno != errno.EXDEV:
+            raise
+        shutil.move(src, dst)
 
 
 def unpack(archive: Path, dest: Path) -> Path | None:
@@ -281,6 +394,32 @@ def _done(root: Path, entry: DatasetEntry, file: RemoteFile) -> bool:
     return produced is None or (root / produced).exists()
 
 
+@contextlib.contextmanager
+def _one_prepare_at_a_time(root: Path, key: str):
+    """Hold ``root``'s download lock (``downloads/.lock``) while ``key`` is prepared, or fail at once.
+
+    Two runs on one data folder would append to the same ``.part`` file and damage an archive already verified, or
+    one would remove the other's extraction; the VOC datasets also share ``VOCdevkit/``, so the lock covers the
+    whole folder. It is released when the process ends, however it ends. Where ``fcntl`` is missing (Windows) there
+    is no lock.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    lock = root / "downloads" / ".lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"another `mlic data prepare` is running on {root}: wait for it to finish, then "
+                               f"rerun `mlic data prepare {key}` (datasets in one data folder are prepared one at "
+                               "a time)") from None
+        yield
+
+
 def prepare(key: str, root: Path | None = None, progress: bool = True, allow_unverified: bool = False,
             keep_archives: bool = True, force: bool = False) -> Path:
     """Download, verify and unpack dataset ``key`` under ``root`` (default ``$MLIC_DATA``).
@@ -310,9 +449,10 @@ def prepare(key: str, root: Path | None = None, progress: bool = True, allow_unv
         print(f"{entry.title} is already present under {root} ({entry.marker}); use --force to download and unpack "
               "it again", file=sys.stderr)
         return marker
-    _prepare_files(root, entry, progress, allow_unverified, keep_archives, force)
-    if not marker.exists() and not force:  # the marker alone was deleted by hand: redo every file
-        _prepare_files(root, entry, progress, allow_unverified, keep_archives, True)
+    with _one_prepare_at_a_time(root, key):
+        _prepare_files(root, entry, progress, allow_unverified, keep_archives, force)
+        if not marker.exists() and not force:  # the marker alone was deleted by hand: redo every file
+            _prepare_files(root, entry, progress, allow_unverified, keep_archives, True)
     if not marker.exists():
         raise RuntimeError(f"{entry.title}: every file was downloaded, verified and unpacked, but {marker} is "
                            "missing: the archives do not hold what mlic_lib/data/registry.py expects")
