@@ -13,9 +13,9 @@ import importlib
 __version__ = "0.1.0"
 
 #: every module and package of the library (``mlic_lib.psd`` etc. after a bare ``import mlic_lib``)
-_SUBMODULES = {"analysis", "assoc_losses", "book", "checks", "cli", "data", "ema", "engine", "experiments", "indeed",
-               "losses", "ltml", "metrics", "mixing", "models", "partition", "process_pool", "profiles", "psd",
-               "reporting", "splicemix_cl", "utils"}
+_SUBMODULES = {"analysis", "assoc_losses", "book", "checks", "cli", "data", "ema", "engine", "experiments",
+               "file_lock", "indeed", "losses", "ltml", "metrics", "mixing", "models", "partition", "process_pool",
+               "profiles", "psd", "reporting", "splicemix_cl", "utils"}
 
 
 def __getattr__(name: str):

@@ -8,11 +8,13 @@
    notebooks), so the committed notebooks stay output-free;
 3. Jupyter Book 1 builds ``_build/html`` from it with ``execute_notebooks: off`` and warnings as errors.
 
-Chapters write their headline numbers to ``$MLIC_RESULTS`` (set here to ``_build/results``).
+Chapters write their headline numbers to ``$MLIC_RESULTS`` (``_build/results`` unless it is set). One build runs
+on a checkout at a time (a lock in ``_build``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -50,15 +52,7 @@ def execute_notebook(src: Path, dst: Path, profile: str, parameters: dict | None
     import logging
 
     import papermill as pm
-    from traitlets.config import Config
 
-    # the kernel talks over Unix sockets where there are some (no TCP ports on localhost, no "TCP without
-    # encryption" warning from ipykernel), in a private folder: by default jupyter_client would make them in the
-    # working directory (notebooks/), where a killed run leaves them and two runs may take each other's; Windows
-    # keeps jupyter_client's TCP default
-    ipc_dir = tempfile.mkdtemp(prefix="mlic-kernel-") if os.name == "posix" else None
-    transport = Config({"KernelManager": {"transport": "ipc", "ip": os.path.join(ipc_dir, "kernel")}}) if ipc_dir \
-        else Config()
     logger, handler, level = logging.getLogger("papermill"), None, None
     if log_output:  # papermill logs the cells' output at INFO; shown for this run only
         handler, level = logging.StreamHandler(sys.stderr), logger.level
@@ -69,11 +63,12 @@ def execute_notebook(src: Path, dst: Path, profile: str, parameters: dict | None
     running, failed = dst.with_name(f"{dst.stem}.running{dst.suffix}"), failed_copy(dst)
     t0 = time.perf_counter()
     try:
-        pm.execute_notebook(  # progress: an explicit disable=False, which wins over the book's TQDM_DISABLE
-            str(src), str(running), parameters={"profile": profile, **(parameters or {})}, kernel_name=kernel,
-            cwd=str(src.parent), progress_bar={"disable": False} if progress else False, log_output=log_output,
-            execution_timeout=timeout, report_mode=False, config=transport,
-        )
+        with _kernel_transport() as transport:
+            pm.execute_notebook(  # progress: an explicit disable=False, which wins over the book's TQDM_DISABLE
+                str(src), str(running), parameters={"profile": profile, **(parameters or {})}, kernel_name=kernel,
+                cwd=str(src.parent), progress_bar={"disable": False} if progress else False, log_output=log_output,
+                execution_timeout=timeout, report_mode=False, config=transport,
+            )
     except BaseException:
         if running.exists():
             running.replace(failed)
@@ -82,11 +77,55 @@ def execute_notebook(src: Path, dst: Path, profile: str, parameters: dict | None
         if handler is not None:
             logger.removeHandler(handler)
             logger.setLevel(level)
-        if ipc_dir is not None:
-            shutil.rmtree(ipc_dir, ignore_errors=True)
     running.replace(dst)
     failed.unlink(missing_ok=True)  # a stale failure of an earlier run
     return time.perf_counter() - t0
+
+
+@contextlib.contextmanager
+def _kernel_transport():
+    """The ``KernelManager`` configuration for one kernel, with its socket folder removed afterwards.
+
+    The kernel talks over Unix sockets where there are some (no TCP ports on localhost, no "TCP without encryption"
+    warning from ipykernel), in a private folder: by default jupyter_client would make them in the working directory
+    (notebooks/), where a killed run leaves them and two runs may take each other's. A socket path is limited to
+    ``zmq.IPC_PATH_MAX_LEN`` characters (107 on Linux): under a long ``$TMPDIR`` the folder is made in ``/tmp``
+    instead, and where that is too long as well (or on Windows) the kernel keeps jupyter_client's TCP default.
+    """
+    from traitlets.config import Config
+
+    ipc_dir = None
+    if os.name == "posix":
+        import zmq
+
+        limit = getattr(zmq, "IPC_PATH_MAX_LEN", 0) or 107
+        for parent in (None, "/tmp"):  # $TMPDIR, then /tmp
+            folder = tempfile.mkdtemp(prefix="mlic-kernel-", dir=parent)
+            if len(os.path.join(folder, "kernel-99999")) <= limit:
+                ipc_dir = folder
+                break
+            os.rmdir(folder)
+    try:
+        yield Config({"KernelManager": {"transport": "ipc", "ip": os.path.join(ipc_dir, "kernel")}}) if ipc_dir \
+            else Config()
+    finally:
+        if ipc_dir is not None:
+            shutil.rmtree(ipc_dir, ignore_errors=True)
+
+
+def run_chapter(nb: Path, dst: Path, profile: str, parameters: dict | None = None, **options) -> float:
+    """:func:`execute_notebook` of chapter ``nb`` into ``dst``, with any failure turned into
+    :func:`execution_failure`'s error naming the chapter, the cell where there is one, and the partly executed copy.
+    ``mlic book`` and ``mlic reproduce`` run their chapters through it."""
+    import zmq
+    from papermill.exceptions import PapermillExecutionError
+
+    try:
+        return execute_notebook(nb, dst, profile, parameters, **options)
+    except PapermillExecutionError as err:  # a failing cell: its error holds the traceback, not chained again
+        raise execution_failure(nb, dst, err) from None
+    except (RuntimeError, TimeoutError, zmq.ZMQError) as err:  # a kernel that died, never started, or timed out
+        raise execution_failure(nb, dst, err) from err
 
 
 def chapter_of(nb: Path) -> str | None:
@@ -102,12 +141,35 @@ def failed_copy(dst: Path) -> Path:
 
 
 def execution_failure(nb: Path, dst: Path, err: Exception) -> RuntimeError:
-    """The error for a chapter ``nb`` whose run into ``dst`` failed with papermill's ``err``: the cell, the error,
-    and where the partly executed notebook (with the full traceback) and the last complete run are."""
-    return RuntimeError(
-        f"{nb.name} failed in cell {getattr(err, 'exec_count', '?')} with {getattr(err, 'ename', type(err).__name__)}: "
-        f"{getattr(err, 'evalue', err)}\n  the partly executed notebook, with the full traceback, is {failed_copy(dst)}"
-        + (f"\n  (the last complete run stays in {dst})" if dst.exists() else ""))
+    """The error for a chapter ``nb`` whose run into ``dst`` failed with ``err``: for a failing cell (papermill's
+    error) the cell and its error, otherwise (a kernel that died, out of memory say, or could not start) the error;
+    then where the partly executed notebook and the last complete run are."""
+    from papermill.exceptions import PapermillExecutionError
+
+    failed = failed_copy(dst)
+    if isinstance(err, PapermillExecutionError):
+        what = (f"{nb.name} failed in cell {err.exec_count} with {err.ename}: {err.evalue}\n  the partly executed "
+                f"notebook, with the full traceback, is {failed}")
+    else:
+        from nbclient.exceptions import DeadKernelError
+
+        hint = " (a kernel that dies was often killed for lack of memory)" if isinstance(err, DeadKernelError) else ""
+        what = (f"{nb.name}: the run stopped with {type(err).__name__}: {err}{hint}"
+                + (f"\n  the partly executed notebook is {failed}" if failed.exists() else ""))
+    return RuntimeError(what + (f"\n  (the last complete run stays in {dst})" if dst.exists() else ""))
+
+
+def check_device(profile: str, allow_cpu: bool = False) -> None:
+    """``ValueError`` for a ``full`` run on a machine without a CUDA GPU, unless ``allow_cpu``: the papers' recipes
+    take hours on a GPU and days on a CPU, which a one-line note scrolling away did not make clear."""
+    if profile != "full" or allow_cpu:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ValueError("profile full runs the papers' recipes (hours on a GPU, days on a CPU) and this machine has "
+                         "no CUDA GPU: run it on one, or pass --allow-cpu to run it here anyway (e.g. shrunk with "
+                         "-o overrides)")
 
 
 def preflight(chapter: str, profile: str, settings: Mapping[str, Any] | None = None,
@@ -149,7 +211,10 @@ def preflight(chapter: str, profile: str, settings: Mapping[str, Any] | None = N
     return notes
 
 
-def _env_defaults(build: Path) -> None:
+def env_defaults(build: Path) -> None:
+    """Prepare the environment the chapters' kernels inherit: ``$MLIC_RESULTS`` and ``$MLIC_CACHE`` default to
+    ``build/results`` and ``build/cache``, the ``MLIC_*`` folders become absolute (the kernels run in
+    ``notebooks/``), progress bars are off unless ``TQDM_DISABLE`` says otherwise, and :func:`check_folders` runs."""
     for name, sub in (("MLIC_RESULTS", "results"), ("MLIC_CACHE", "cache")):
         if not os.environ.get(name):  # unset or empty
             os.environ[name] = str((build / sub).resolve())
@@ -282,8 +347,9 @@ def reproduction_page(results: Path, published: Path) -> str:
     lines = [
         "# Reproduction matrix",
         "",
-        "Every value in the *ours* column was computed when this book was built; the profile says at",
-        "what scale. Under the `default` profile the data is the book's embedded data, not the paper's",
+        "Every value in the *ours* column was computed by the chapter's executed copy shown in this book (its",
+        "profile and the time it was written are under each heading); the profile says at what scale.",
+        "Under the `default` profile the data is the book's embedded data, not the paper's",
         "dataset, so compare directions (which method wins, by how much relative to the spread), not",
         "absolute values. Both columns are in the row's unit; *± x* is the standard deviation over the",
         "chapter's seeds where it ran more than one, except on a row of a difference whose label says its ± is",
@@ -353,37 +419,80 @@ def build_html(src: Path, out_root: Path, strict: bool = True) -> Path:
     return out_root / "_build" / "html"
 
 
+def executed_profiles(folder: Path) -> dict[str, str | None]:
+    """``{notebook name: the profile papermill ran it with}`` for the executed copies in ``folder`` (``None`` where a
+    copy does not say)."""
+    import json
+
+    found = {}
+    for nb in sorted(folder.glob("*.ipynb")):
+        if nb.name.endswith((".failed.ipynb", ".running.ipynb")):
+            continue
+        try:
+            meta = json.loads(nb.read_text()).get("metadata", {})
+        except ValueError:
+            meta = {}
+        found[nb.name] = ((meta.get("papermill") or {}).get("parameters") or {}).get("profile")
+    return found
+
+
+def _record_timings(path: Path, profile: str, timings: dict[str, float]) -> None:
+    """Write the chapters' execution seconds to ``path``: merged with those already there when they are of the same
+    profile (a partial build, ``--only``, updates its chapters), replacing them otherwise."""
+    import json
+
+    seconds = {}
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+            seconds = dict(old.get("seconds", {})) if old.get("profile") == profile else {}
+        except (ValueError, AttributeError):
+            seconds = {}
+    seconds.update(timings)
+    atomic_write_json({"profile": profile, "seconds": seconds, "total_seconds": round(sum(seconds.values()), 1)},
+                      path)
+
+
 def build_book(root: str | Path = ".", profile: str = "default", only: Sequence[str] | None = None,
-               strict: bool = True, skip_execute: bool = False) -> Path:
-    """Execute every chapter with ``profile`` and build the HTML book; returns the ``index.html`` path."""
+               strict: bool = True, skip_execute: bool = False, allow_cpu: bool = False) -> Path:
+    """Execute the chapters with ``profile`` (those matching ``only``; none with ``skip_execute``) and build the
+    HTML book from the executed copies; returns the ``index.html`` path.
+
+    A chapter not executed in this build is shown from its last executed copy; a copy run with another profile than
+    ``profile`` is named in a note. ``profile="full"`` on a machine without a CUDA GPU is refused unless
+    ``allow_cpu`` (:func:`check_device`). Another build of the same checkout running at the time is an error.
+    """
+    from mlic_lib.file_lock import exclusive
+
     root = Path(root).resolve()
     build = root / "_build"
     executed = build / "executed"
-    _env_defaults(build)
-    timings: dict[str, float] = {}
     if not skip_execute:
-        from papermill.exceptions import PapermillExecutionError
-
-        for nb in notebooks(root, only):
-            chapter = chapter_of(nb)
-            for note in preflight(chapter, profile, run_dir=root / "notebooks") if chapter else []:
-                print(f"[book] note: {note}", flush=True)
-            print(f"[book] executing {nb.name} (profile={profile}) ...", flush=True)
-            dst = executed / "notebooks" / nb.name
-            try:
-                seconds = execute_notebook(nb, dst, profile)
-            except PapermillExecutionError as err:
-                raise execution_failure(nb, dst, err) from None
-            timings[nb.stem] = round(seconds, 1)
-            print(f"[book] {nb.name} done in {seconds:.1f} s", flush=True)
-        atomic_write_json({"profile": profile, "seconds": timings, "total_seconds": round(sum(timings.values()), 1)},
-                          executed / "timings.json")
-    elif not (executed / "notebooks").is_dir():
-        raise ValueError(f"no executed chapters in {executed / 'notebooks'}: run `mlic book` (or `make book`) once "
-                         "without --skip-execute (`mlic reproduce` keeps its copies apart, in "
-                         "_build/executed/<profile>/)")
-    src = stage_sources(root, build, executed)
-    html = build_html(src, root, strict=strict)
+        check_device(profile, allow_cpu)
+    env_defaults(build)
+    with exclusive(build / ".lock", f"another `mlic book` is building {build}: wait for it to finish (one build "
+                                    "per checkout at a time)"):
+        if not skip_execute:
+            timings: dict[str, float] = {}
+            for nb in notebooks(root, only):
+                chapter = chapter_of(nb)
+                for note in preflight(chapter, profile, run_dir=root / "notebooks") if chapter else []:
+                    print(f"[book] note: {note}", flush=True)
+                print(f"[book] executing {nb.name} (profile={profile}) ...", flush=True)
+                seconds = run_chapter(nb, executed / "notebooks" / nb.name, profile)
+                timings[nb.stem] = round(seconds, 1)
+                print(f"[book] {nb.name} done in {seconds:.1f} s", flush=True)
+            _record_timings(executed / "timings.json", profile, timings)
+        elif not (executed / "notebooks").is_dir():
+            raise ValueError(f"no executed chapters in {executed / 'notebooks'}: run `mlic book` (or `make book`) once "
+                             "without --skip-execute (`mlic reproduce` keeps its copies apart, in "
+                             "_build/executed/<profile>/)")
+        other = {nb: p for nb, p in executed_profiles(executed / "notebooks").items() if p != profile}
+        if other:
+            print(f"[book] note: shown as last executed, with another profile than {profile}: "
+                  + ", ".join(f"{nb} ({p or 'profile unknown'})" for nb, p in other.items()), flush=True)
+        src = stage_sources(root, build, executed)
+        html = build_html(src, root, strict=strict)
     index = html / "index.html"
     if not index.is_file():
         raise RuntimeError(f"jupyter-book finished but {index} is missing")

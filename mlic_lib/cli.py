@@ -21,6 +21,7 @@ names a datasets' folder other than ``$MLIC_DATA``. ``data`` refuses the first (
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -61,20 +62,21 @@ def _cmd_book(args) -> int:
                          "name it before the command, `mlic --root REPO book ...`")
     strict = not args.no_strict and not args.only
     if args.only and not args.no_strict:
-        print("mlic book --only: a partial book, built without --strict (the other chapters' pages are missing)")
-    build_book(args.root, args.profile, args.only, strict=strict, skip_execute=args.skip_execute)
+        print("mlic book --only: a partial book, built without --strict (the other chapters are shown as last "
+              "executed, if they were)")
+    build_book(args.root, args.profile, args.only, strict=strict, skip_execute=args.skip_execute,
+               allow_cpu=args.allow_cpu)
     return 0
 
 
 def _cmd_reproduce(args) -> int:
-    from papermill.exceptions import PapermillExecutionError
-
-    from mlic_lib.book import _env_defaults, execute_notebook, execution_failure, preflight
+    from mlic_lib.book import check_device, env_defaults, preflight, run_chapter
 
     root = Path(args.root).resolve()
     chapter, nb = _chapter_notebook(root, args.chapter)
     overrides = parse_overrides(args.override)
     settings = load_profile(chapter, args.profile, overrides)  # bad overrides fail here, before a kernel starts
+    check_device(args.profile, args.allow_cpu)
     for note in preflight(chapter, args.profile, settings, run_dir=root / "notebooks"):  # the kernel's folder
         print(f"note: {note}", file=sys.stderr, flush=True)
     if args.out:
@@ -86,24 +88,22 @@ def _cmd_reproduce(args) -> int:
         out = root / "_build" / "executed" / args.profile / nb.name
     if not os.environ.get("MLIC_RESULTS"):  # the results file goes beside the executed copy, not into the book's
         os.environ["MLIC_RESULTS"] = str(out.parent / "results")  # _build/results (its reproduction page)
-    _env_defaults(root / "_build")  # the run cache is the book's: a chapter the book trained loads here
+    env_defaults(root / "_build")  # the run cache is the book's: a chapter the book trained loads here
     print(f"executing {nb.name} with profile={args.profile}" + (f" and {overrides}" if overrides else "")
           + f" -> {out} ...", flush=True)
-    try:
-        seconds = execute_notebook(nb, out, args.profile, {"overrides": overrides} if overrides else None,
-                                   progress=not args.no_progress, log_output=args.log_output)
-    except PapermillExecutionError as err:
-        raise execution_failure(nb, out, err) from None
+    seconds = run_chapter(nb, out, args.profile, {"overrides": overrides} if overrides else None,
+                          progress=not args.no_progress, log_output=args.log_output)
     print(f"{nb.name}: executed with profile={args.profile} in {seconds:.1f} s -> {out}")
     return 0
 
 
 def _cmd_teachers(args) -> int:
     from mlic_lib import psd
-    from mlic_lib.book import _env_defaults
+    from mlic_lib.book import check_device, env_defaults
     from mlic_lib.utils import distributed_info
 
-    _env_defaults(Path(args.root).resolve() / "_build")  # the run cache the chapter reads
+    check_device(args.profile, args.allow_cpu)
+    env_defaults(Path(args.root).resolve() / "_build")  # the run cache the chapter reads
     settings = load_profile("psd", args.profile, parse_overrides(args.override))
     data, S = psd.study_inputs(settings)  # as the chapter builds them
     n = psd.pretrain_teachers(settings, data, S, seed=settings["seeds"][0])
@@ -179,9 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("book", help="execute every chapter and build the HTML book")
     p.add_argument("--profile", default="default", choices=PROFILES, help="default: %(default)s")
     p.add_argument("--only", nargs="*", help="execute only chapters whose file name contains these (a partial book: "
-                   "the other chapters' pages are missing, so Sphinx warnings are not errors)")
+                   "the other chapters are shown as last executed, or missing, so Sphinx warnings are not errors)")
     p.add_argument("--no-strict", action="store_true", help="do not turn Sphinx warnings into errors")
-    p.add_argument("--skip-execute", action="store_true", help="rebuild HTML from the last executed copies")
+    p.add_argument("--skip-execute", action="store_true", help="rebuild HTML from the last executed copies (a note "
+                   "names any executed with another profile than --profile)")
+    p.add_argument("--allow-cpu", action="store_true", help="run profile full without a CUDA GPU (refused "
+                   "otherwise: the papers' recipes take days on a CPU)")
     p.set_defaults(func=_cmd_book)
 
     p = sub.add_parser("reproduce", help="execute one chapter with a profile")
@@ -195,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-output", action="store_true", help="print the cells' output (training progress, "
                    "verdicts) to stderr as they run")
     p.add_argument("--no-progress", action="store_true", help="no progress bar over the notebook's cells")
+    p.add_argument("--allow-cpu", action="store_true", help="run profile full without a CUDA GPU (refused "
+                   "otherwise: the papers' recipes take days on a CPU)")
     p.set_defaults(func=_cmd_reproduce)
 
     p = sub.add_parser("profile", help="print a chapter's resolved settings")
@@ -207,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default="full", choices=PROFILES,
                    help="default: %(default)s (COCO-2014 under $MLIC_DATA, a GPU)")
     p.add_argument("-o", "--override", action="append", default=[], help="key=value, as for `mlic reproduce psd`")
+    p.add_argument("--allow-cpu", action="store_true", help="run profile full without a CUDA GPU (refused "
+                   "otherwise: the papers' recipes take days on a CPU)")
     p.set_defaults(func=_cmd_teachers)
 
     p = sub.add_parser("data", help="real datasets under $MLIC_DATA",
@@ -234,27 +241,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class _Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread while :func:`main` runs, so that it unwinds as Ctrl-C does."""
+    """SIGTERM or SIGHUP, raised in the main thread while :func:`main` runs, so that it unwinds as Ctrl-C does."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"signal {signum}")
+        self.signum = signum
 
 
 def _terminated(signum, frame):
-    raise _Terminated(f"signal {signum}")
+    raise _Terminated(signum)
+
+
+#: Signals that end a command as Ctrl-C does: a job scheduler or `kill` (SIGTERM), a closed terminal or SSH
+#: session (SIGHUP, where the platform has it)
+_ENDING_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    previous = None
+    previous = {}
     if threading.current_thread() is threading.main_thread():
-        # SIGTERM (a job scheduler, `kill`) unwinds as Ctrl-C does, so that a notebook being executed is kept as
-        # <name>.failed.ipynb and its kernel shut down, not left as <name>.running.ipynb; the caller's handler
-        # is put back on return
-        previous = signal.signal(signal.SIGTERM, _terminated)
+        # SIGTERM and SIGHUP unwind as Ctrl-C does, so that a notebook being executed is kept as <name>.failed.ipynb
+        # and its kernel shut down (with its pool of training processes), not left as <name>.running.ipynb; the
+        # caller's handlers are put back on return
+        previous = {sig: signal.signal(sig, _terminated) for sig in _ENDING_SIGNALS}
     try:
         return args.func(args)
     except (ValueError, RuntimeError, OSError) as err:  # OSError: missing data, unwritable folders, network
         print(f"mlic: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:
+        # the kernel client's pending asyncio tasks end with the interrupt: without this, asyncio logs each one's
+        # traceback ("Task exception was never retrieved") below the message
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
         if args.func is _cmd_data:
             after = " a rerun of `mlic data prepare` resumes the partial download"
         else:
@@ -262,10 +281,10 @@ def main(argv: list[str] | None = None) -> int:
                 _cmd_reproduce, _cmd_book) else "")
             after = f"{kept} a rerun loads the runs that finished (an interrupted one resumes from its last epoch)"
         print(f"mlic: {'terminated' if isinstance(err, _Terminated) else 'interrupted'};{after}", file=sys.stderr)
-        return 143 if isinstance(err, _Terminated) else 130
+        return 128 + (err.signum if isinstance(err, _Terminated) else signal.SIGINT)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

@@ -71,6 +71,24 @@ _BROKEN_POOL_HELP = (
     "profile option parallel: sequential (e.g. -o indeed.parallel=sequential).")
 
 
+def _exit_with_parent(parent: int) -> None:
+    """Pool initializer: end this worker once the process that started the pool is gone.
+
+    A pool stops its workers when it raises or is interrupted (:func:`_stop`), but a process killed outright (the
+    out-of-memory killer, ``kill -9``, a closed terminal) runs no clean-up: its spawned workers would go on training,
+    then wait on the dead pool's pipe for ever, holding the cores and memory a rerun needs. A daemon thread checks
+    once a second that the worker's parent is still ``parent``."""
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="mlic-exit-with-parent", daemon=True).start()
+
+
 def _call_with_threads(threads: int, fn: Callable, args: Sequence[Any]) -> Any:
     torch.set_num_threads(max(1, threads))
     return fn(*args)
@@ -101,7 +119,8 @@ def map_in_processes(fn: Callable, tasks: Iterable[Sequence[Any]], *, max_worker
     uses ``available_cpus() // workers`` torch threads. ``desc`` shows a progress bar over finished
     tasks. The first exception raised by a task is re-raised here, and an interrupt (a notebook's "interrupt
     kernel", Ctrl-C) stops the pool too: in both cases the workers are terminated at once, the tasks still
-    running included, instead of training every remaining run first.
+    running included, instead of training every remaining run first. A worker whose parent dies without that
+    clean-up (killed outright) ends within a second or so.
     """
     import multiprocessing as mp
     from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
@@ -118,7 +137,8 @@ def map_in_processes(fn: Callable, tasks: Iterable[Sequence[Any]], *, max_worker
         raise ValueError(f"max_workers must be >= 1 (or None for one per CPU), got {max_workers}")
     workers = pool_size(len(tasks), max_workers)
     threads = max(1, available_cpus() // workers)
-    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))
+    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_exit_with_parent,
+                               initargs=(os.getpid(),))
     try:
         with tqdm(total=len(tasks), desc=desc, disable=bar_disabled(desc is not None), leave=False) as bar:
             futures = [pool.submit(_call_with_threads, threads, fn, args) for args in tasks]

@@ -302,11 +302,12 @@ def _fake_execute_and_html(monkeypatch, executed_log, html_log, make_index=True)
 
     import mlic_lib.book
 
-    def execute(src, dst, profile):
+    def execute(src, dst, profile, parameters=None):
         executed_log.append((src.name, dst, profile))
         nb = json.loads(src.read_text())
         nb["cells"].insert(1, {"cell_type": "code", "metadata": {"tags": ["injected-parameters"]},
                                "source": f"profile = {profile!r}", "outputs": [], "execution_count": None})
+        nb.setdefault("metadata", {})["papermill"] = {"parameters": {"profile": profile}}  # as papermill records it
         dst.parent.mkdir(parents=True, exist_ok=True)
         dst.write_text(json.dumps(nb))
         if src.stem == "00_first":
@@ -327,7 +328,7 @@ def _fake_execute_and_html(monkeypatch, executed_log, html_log, make_index=True)
     monkeypatch.setattr(mlic_lib.book, "build_html", html)
 
 
-def test_build_book_executes_every_chapter_stages_and_builds(tmp_path, monkeypatch):
+def test_build_book_executes_every_chapter_stages_and_builds(tmp_path, monkeypatch, capsys):
     import os
 
     from mlic_lib.book import build_book
@@ -355,15 +356,115 @@ def test_build_book_executes_every_chapter_stages_and_builds(tmp_path, monkeypat
     assert "| headline mAP | % | 55.00 | 90.0 |" in (build / "src" / "book" / "reproduction.md").read_text()
 
     executed.clear()
+    capsys.readouterr()
     build_book(root, "smoke", only=["second"], strict=False)
     assert [e[0] for e in executed] == ["01_second.ipynb"] and html[-1][2] is False
-    assert json.loads((build / "executed" / "timings.json").read_text())["seconds"] == {"01_second": 2.5}
+    # a partial build updates its chapters' timings (it replaced the whole record with its own)
+    assert json.loads((build / "executed" / "timings.json").read_text())["seconds"] == {"00_first": 1.0,
+                                                                                         "01_second": 2.5}
     assert sorted(p.name for p in staged.iterdir()) == ["00_first.ipynb", "01_second.ipynb"]  # earlier run kept
+    assert "another profile" not in capsys.readouterr().out
 
     executed.clear()
-    build_book(root, "default", skip_execute=True)
-    assert executed == [] and len(html) == 3
-    assert json.loads((build / "executed" / "timings.json").read_text())["profile"] == "smoke"  # untouched
+    build_book(root, "default", only=["second"], strict=False)
+    assert json.loads((build / "executed" / "timings.json").read_text()) == {  # another profile: replaced
+        "profile": "default", "seconds": {"01_second": 2.5}, "total_seconds": 2.5}
+    assert "with another profile than default: 00_first.ipynb (smoke)" in capsys.readouterr().out
+
+    executed.clear()
+    build_book(root, "smoke", skip_execute=True)
+    assert executed == [] and len(html) == 4
+    assert json.loads((build / "executed" / "timings.json").read_text())["profile"] == "default"  # untouched
+    assert "with another profile than smoke: 01_second.ipynb (default)" in capsys.readouterr().out
+
+
+def test_a_second_build_of_the_same_checkout_is_refused_at_once(tmp_path, monkeypatch):
+    """Two builds at once executed into the same notebook copies and restaged _build/src under each other."""
+    import fcntl
+
+    from mlic_lib.book import build_book
+    from mlic_lib.file_lock import Busy
+
+    root = _book_root(tmp_path / "repo")
+    monkeypatch.setenv("TQDM_DISABLE", "")
+    executed, html = [], []
+    _fake_execute_and_html(monkeypatch, executed, html)
+    (root / "_build").mkdir()
+    with open(root / "_build" / ".lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as another build holds it
+        with pytest.raises(Busy, match="another `mlic book` is building .*_build: wait for it"):
+            build_book(root, "smoke")
+    assert executed == [] and html == []
+    build_book(root, "smoke")  # released
+    assert len(executed) == 2
+
+
+def test_the_full_profile_without_a_gpu_is_refused_unless_asked_for(tmp_path, monkeypatch, capsys):
+    """`make full` on a machine without a GPU started the papers' recipes (days on a CPU) after a one-line note."""
+    import torch
+
+    from mlic_lib import cli
+    from mlic_lib.book import build_book, check_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    root = _book_root(tmp_path / "repo")
+    monkeypatch.setenv("TQDM_DISABLE", "")
+    executed, html = [], []
+    _fake_execute_and_html(monkeypatch, executed, html)
+    with pytest.raises(ValueError, match="no CUDA GPU: run it on one, or pass --allow-cpu"):
+        build_book(root, "full")
+    assert executed == [] and not (root / "_build").exists()
+    build_book(root, "full", allow_cpu=True)
+    assert [e[2] for e in executed] == ["full", "full"]
+    check_device("default")  # the CPU profiles need no GPU
+    repo = Path(__file__).resolve().parents[1]
+    for argv in (["reproduce", "primer", "--profile", "full"], ["teachers"]):
+        assert cli.main(["--root", str(repo), *argv]) == 2
+        assert "pass --allow-cpu" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    check_device("full")
+
+
+def test_a_kernel_that_dies_is_reported_with_the_chapter_and_its_partly_executed_copy(tmp_path, monkeypatch):
+    """A kernel killed for lack of memory ended the book with a bare "mlic: error: Kernel died"."""
+    from nbclient.exceptions import DeadKernelError
+
+    import mlic_lib.book
+    from mlic_lib.book import build_book, failed_copy
+
+    root = _book_root(tmp_path / "repo")
+    monkeypatch.setenv("TQDM_DISABLE", "")
+
+    def execute(src, dst, profile, parameters=None):
+        failed_copy(dst).parent.mkdir(parents=True, exist_ok=True)
+        failed_copy(dst).write_text("{}")  # what execute_notebook keeps of the run
+        raise DeadKernelError("Kernel died")
+
+    monkeypatch.setattr(mlic_lib.book, "execute_notebook", execute)
+    with pytest.raises(RuntimeError, match=r"(?s)^00_first.ipynb: the run stopped with DeadKernelError: Kernel died "
+                       r"\(a kernel that dies was often killed for lack of memory\)\n  the partly executed notebook "
+                       r"is .*00_first.failed.ipynb"):
+        build_book(root, "smoke")
+
+
+def test_a_long_tmpdir_does_not_break_the_kernel_sockets(tmp_path, monkeypatch):
+    """A Unix socket path has at most 107 characters: under a long $TMPDIR every kernel failed to start with a raw
+    ZMQError; the sockets' folder is then made in /tmp."""
+    import tempfile
+
+    from mlic_lib.book import _kernel_transport
+
+    long = tmp_path / ("x" * 90)
+    long.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(long))
+    with _kernel_transport() as config:
+        ip = config.KernelManager.ip
+        assert len(ip + "-99999") <= 107 and ip.startswith("/tmp/mlic-kernel-")
+        assert Path(ip).parent.is_dir()
+    assert not Path(ip).parent.exists()  # removed afterwards
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    with _kernel_transport() as config:
+        assert Path(config.KernelManager.ip).parent.parent == Path(tempfile.gettempdir())
 
 
 def test_build_book_errors(tmp_path, monkeypatch):

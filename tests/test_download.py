@@ -726,14 +726,14 @@ def test_check_needs_every_path_of_a_hand_placed_dataset_and_names_a_missing_dep
 
 
 def test_a_relative_data_folder_is_made_absolute_for_the_kernels(tmp_path, monkeypatch):
-    from mlic_lib.book import _env_defaults
+    from mlic_lib.book import env_defaults
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLIC_DATA", "rel")
     monkeypatch.setenv("MLIC_REFERENCE_DATA", "~/ref")
     monkeypatch.setenv("MLIC_RESULTS", str(tmp_path / "r"))
     monkeypatch.setenv("MLIC_CACHE", "c")
-    _env_defaults(tmp_path / "_build")
+    env_defaults(tmp_path / "_build")
     assert os.environ["MLIC_DATA"] == str(tmp_path / "rel")  # the kernels run in notebooks/, not here
     assert os.environ["MLIC_CACHE"] == str(tmp_path / "c")
     assert os.environ["MLIC_REFERENCE_DATA"] == str(Path("~/ref").expanduser())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -122,6 +123,65 @@ def test_a_failure_or_an_interrupt_stops_the_running_tasks(tmp_path, how):
     expected = "stopped: ValueError task 0 failed" if how == "failure" else "stopped: KeyboardInterrupt"
     assert expected in out
     assert "done: []" in out, out
+
+
+_ORPHAN_SCRIPT = """
+import os, sys, time
+from pathlib import Path
+from mlic_lib.process_pool import map_in_processes
+
+def task(i, marks):
+    Path(marks, f"worker-{i}").write_text(str(os.getpid()))
+    time.sleep(60.0)
+
+if __name__ == "__main__":
+    map_in_processes(task, [(i, sys.argv[1]) for i in range(2)], max_workers=2)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (exited, not yet reaped) counts as gone
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.name != "posix", reason="kills with SIGKILL")
+def test_workers_end_when_the_process_that_started_the_pool_is_killed(tmp_path):
+    """A kernel killed by the out-of-memory killer (or ``kill -9``) runs no clean-up: its workers used to go on
+    for ever, holding the CPUs and memory a rerun needs."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "orphans.py"
+    script.write_text(_ORPHAN_SCRIPT)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    proc = subprocess.Popen([sys.executable, str(script), str(marks)], cwd=tmp_path, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while len(list(marks.glob("worker-*"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        pids = [int(p.read_text()) for p in marks.glob("worker-*")]
+        assert len(pids) == 2, "the workers did not start"
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 15
+        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(p) for p in pids), "a worker outlived the killed process that started the pool"
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 @pytest.fixture

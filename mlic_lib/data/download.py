@@ -13,7 +13,6 @@ present only when every one of its files was prepared.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import http.client
@@ -31,6 +30,7 @@ from pathlib import Path
 
 from mlic_lib.data.paths import data_root
 from mlic_lib.data.registry import DATASETS, DatasetEntry, RemoteFile, get
+from mlic_lib.file_lock import exclusive
 
 CHUNK = 1 << 20
 
@@ -394,32 +394,6 @@ def _done(root: Path, entry: DatasetEntry, file: RemoteFile) -> bool:
     return produced is None or (root / produced).exists()
 
 
-@contextlib.contextmanager
-def _one_prepare_at_a_time(root: Path, key: str):
-    """Hold ``root``'s download lock (``downloads/.lock``) while ``key`` is prepared, or fail at once.
-
-    Two runs on one data folder would append to the same ``.part`` file and damage an archive already verified, or
-    one would remove the other's extraction; the VOC datasets also share ``VOCdevkit/``, so the lock covers the
-    whole folder. It is released when the process ends, however it ends. Where ``fcntl`` is missing (Windows) there
-    is no lock.
-    """
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
-        yield
-        return
-    lock = root / "downloads" / ".lock"
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RuntimeError(f"another `mlic data prepare` is running on {root}: wait for it to finish, then "
-                               f"rerun `mlic data prepare {key}` (datasets in one data folder are prepared one at "
-                               "a time)") from None
-        yield
-
-
 def prepare(key: str, root: Path | None = None, progress: bool = True, allow_unverified: bool = False,
             keep_archives: bool = True, force: bool = False) -> Path:
     """Download, verify and unpack dataset ``key`` under ``root`` (default ``$MLIC_DATA``).
@@ -449,7 +423,11 @@ def prepare(key: str, root: Path | None = None, progress: bool = True, allow_unv
         print(f"{entry.title} is already present under {root} ({entry.marker}); use --force to download and unpack "
               "it again", file=sys.stderr)
         return marker
-    with _one_prepare_at_a_time(root, key):
+    # two runs on one data folder would append to one .part file (damaging an archive the other had verified) or
+    # remove each other's extraction; the VOC datasets share VOCdevkit/, so the lock is the whole folder's
+    busy = (f"another `mlic data prepare` is running on {root}: wait for it to finish, then rerun `mlic data prepare "
+            f"{key}` (datasets in one data folder are prepared one at a time)")
+    with exclusive(root / "downloads" / ".lock", busy):
         _prepare_files(root, entry, progress, allow_unverified, keep_archives, force)
         if not marker.exists() and not force:  # the marker alone was deleted by hand: redo every file
             _prepare_files(root, entry, progress, allow_unverified, keep_archives, True)
