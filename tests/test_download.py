@@ -253,6 +253,25 @@ def test_a_whole_file_of_unknown_length_answering_a_resume_is_kept_aside_until_i
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fake.tar" if body_ok else "fake.tar.part"]
 
 
+def test_a_whole_file_answer_to_a_resume_that_is_cut_keeps_the_longer_start(server, tmp_path, monkeypatch):
+    """A server that ignores Range and is cut after more bytes than the kept part: that start of the file becomes the
+    part (and the run resumes it); it was called "not the file" and thrown away."""
+    url, handler = server
+    handler.files["/fake.tar"] = VOC_TAR
+    handler.no_range.add("/fake.tar")
+    handler.cut["/fake.tar"] = 6000
+    entry = _entry(monkeypatch, url, VOC_TAR)
+    part = tmp_path / "fake.tar.part"
+    part.write_bytes(VOC_TAR[:4000])
+    with pytest.raises(ConnectionError, match="closed after 6,000 of 10,240 bytes"):
+        download.download(entry.files[0], tmp_path, progress=False)
+    assert part.read_bytes() == VOC_TAR[:6000] and sorted(p.name for p in tmp_path.iterdir()) == ["fake.tar.part"]
+    handler.cut["/fake.tar"] = 3000  # shorter than the part now: the part stays as it was
+    with pytest.raises(ConnectionError, match="closed after 3,000 of 10,240 bytes"):
+        download.download(entry.files[0], tmp_path, progress=False)
+    assert part.read_bytes() == VOC_TAR[:6000] and sorted(p.name for p in tmp_path.iterdir()) == ["fake.tar.part"]
+
+
 def test_a_local_write_error_stops_at_once_naming_the_folder_and_its_free_space(server, tmp_path, monkeypatch):
     """A full disk was reported as a failed URL, the mirror tried next (and failing the same way), and the message
     blamed the download."""

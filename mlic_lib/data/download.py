@@ -176,14 +176,20 @@ def _fetch_once(url: str, part: Path, expected_size: int | None, progress: bool)
                 disable=bar_disabled(progress), leave=False,
             ) as bar:
                 received = _copy(response, out, bar)
-        except _Cut as err:
+        except BaseException as err:  # a cut, a local write error, an interrupt
             if target != part:
                 _keep_longer(target, part)
-            raise _Cut(f"the connection failed after {start + err.received:,} bytes: {err}", err.received) from err
-        except OSError as err:
-            raise LocalWriteError(_write_error(target, err)) from err
+            if isinstance(err, _Cut):
+                raise _Cut(f"the connection failed after {start + err.received:,} bytes: {err}",
+                           err.received) from err
+            if isinstance(err, OSError):
+                raise LocalWriteError(_write_error(target, err)) from err
+            raise
     got = start + received
     if target != part:
+        if end is not None and got < end:  # the whole file, cut short
+            _keep_longer(target, part)
+            raise _Cut(f"the connection closed after {got:,} of {end:,} bytes", received)
         if expected_size is not None and got != expected_size:
             target.unlink()
             raise ConnectionError(
