@@ -244,7 +244,7 @@ def paired_differences(a, b, up: str = "higher", down: str = "lower") -> PairedC
     return PairedComparison(d, mean, sd, [flagged_verdict(m, s, up, down) for m, s in zip(mean, sd, strict=True)])
 
 
-def compare_rows(mean, sd, a: Any, b: Any, up: str = "clear gain", down: str = "clear loss"):
+def compare_rows(mean, sd, a: Any, b: Any, up: str = "gain beyond the spread", down: str = "loss beyond the spread"):
     """Row ``a`` minus row ``b`` of a table of means, column by column, judged by the book's rule.
 
     ``mean`` and ``sd`` are ``pandas.DataFrame`` of the same shape (e.g. method x N: the mean over the seeds and
@@ -271,12 +271,12 @@ def compare_rows(mean, sd, a: Any, b: Any, up: str = "clear gain", down: str = "
 def verdict_summary(comparison, label: str = "N", numbers: bool = False, decimals: int = 1) -> str:
     """:func:`compare_rows`' table as a sentence: where the difference is ``up``, within the seed spread and
     ``down`` (the words given to :func:`compare_rows`; ``"none"`` for an empty group), then the borderline
-    columns, e.g. ``"clear gain at N=7; within the seed spread at N=2, N=3; clear loss at none; borderline
-    (within 1.5 times the spread) at N=7"``; columns that got no verdict (no value, or no spread) are named too
-    (``"; no verdict at N=5"``). With ``numbers`` it starts with each column's difference and spread.
+    columns, e.g. ``"gain beyond the spread at N=7; within the seed spread at N=2, N=3; loss beyond the spread at
+    none; borderline (within 1.5 times the spread) at N=7"``; columns that got no verdict (no value, or no spread)
+    are named too (``"; no verdict at N=5"``). With ``numbers`` it starts with each column's difference and spread.
     Without a spread in any column (one seed) it lists the differences and says there is no verdict."""
     c = comparison
-    up, down = c.attrs.get("up", "clear gain"), c.attrs.get("down", "clear loss")
+    up, down = c.attrs.get("up", "gain beyond the spread"), c.attrs.get("down", "loss beyond the spread")
 
     def at(mask) -> str:
         return ", ".join(f"{label}={k}" for k in c.index[mask]) or "none"

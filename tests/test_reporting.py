@@ -369,12 +369,14 @@ def test_compare_rows_against_a_direct_computation_and_its_summary():
         assert c.loc[n, "difference"] == d and np.isclose(c.loc[n, "spread"], s)
     # N=2: +1 within 1.41; N=3: +12 beyond 5 (> 7.5); N=5: -1.3 beyond 1.0, within 1.5: borderline;
     # N=7: +4 beyond 2.83, within 4.24: borderline
-    assert list(c["verdict"]) == ["within the seed spread", "clear gain", "clear loss", "clear gain"]
+    assert list(c["verdict"]) == ["within the seed spread", "gain beyond the spread", "loss beyond the spread",
+                                  "gain beyond the spread"]
     assert list(c["borderline"]) == [False, False, True, True]
-    assert verdict_summary(c) == ("clear gain at N=3, N=7; within the seed spread at N=2; clear loss at N=5; "
-                                  "borderline (within 1.5 times the spread) at N=5, N=7")
+    assert verdict_summary(c) == ("gain beyond the spread at N=3, N=7; within the seed spread at N=2; loss beyond the "
+                                  "spread at N=5; borderline (within 1.5 times the spread) at N=5, N=7")
     assert verdict_summary(c, numbers=True).startswith("N=2: +1.0 (spread 1.4), N=3: +12.0 (spread 5.0), "
-                                                       "N=5: -1.3 (spread 1.0), N=7: +4.0 (spread 2.8). Clear gain at")
+                                                       "N=5: -1.3 (spread 1.0), N=7: +4.0 (spread 2.8). Gain beyond "
+                                                       "the spread at")
     flipped = compare_rows(mean, sd, "base", "m", up="base higher", down="m higher")
     assert verdict_summary(flipped).startswith("base higher at N=5; within")  # compare_rows' words
     one_seed = compare_rows(mean, sd * np.nan, "m", "base")
@@ -415,9 +417,11 @@ def test_verdict_summary_names_the_columns_without_a_verdict():
     mean = pd.DataFrame([[50.0, 60.0, np.nan], [49.0, 40.0, 61.0]], index=["m", "base"], columns=cols)
     sd = pd.DataFrame([[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]], index=["m", "base"], columns=cols)
     text = verdict_summary(compare_rows(mean, sd, "m", "base"))
-    assert text == ("clear gain at N=3; within the seed spread at N=2; clear loss at none; no verdict at N=5")
+    assert text == ("gain beyond the spread at N=3; within the seed spread at N=2; loss beyond the spread at none; "
+                    "no verdict at N=5")
     sd_gap = sd.astype(float).copy()
     sd_gap.loc["m", 5] = np.nan  # one column without a spread leaves the others' verdicts standing
     mean_all = mean.fillna(70.0)
     assert verdict_summary(compare_rows(mean_all, sd_gap, "m", "base")) == (
-        "clear gain at N=3; within the seed spread at N=2; clear loss at none; no verdict at N=5")
+        "gain beyond the spread at N=3; within the seed spread at N=2; loss beyond the spread at none; no verdict at "
+        "N=5")
