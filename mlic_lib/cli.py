@@ -264,7 +264,9 @@ def main(argv: list[str] | None = None) -> int:
         # SIGTERM and SIGHUP unwind as Ctrl-C does, so that a notebook being executed is kept as <name>.failed.ipynb
         # and its kernel shut down (with its pool of training processes), not left as <name>.running.ipynb; the
         # caller's handlers are put back on return
-        previous = {sig: signal.signal(sig, _terminated) for sig in _ENDING_SIGNALS}
+        # a signal ignored on entry stays ignored: `nohup mlic book ...` must survive its terminal closing
+        previous = {sig: signal.signal(sig, _terminated) for sig in _ENDING_SIGNALS
+                    if signal.getsignal(sig) is not signal.SIG_IGN}
     try:
         return args.func(args)
     except (ValueError, RuntimeError, OSError) as err:  # OSError: missing data, unwritable folders, network
@@ -274,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         # the kernel client's pending asyncio tasks end with the interrupt: without this, asyncio logs each one's
         # traceback ("Task exception was never retrieved") below the message
         logging.getLogger("asyncio").setLevel(logging.CRITICAL)
-        if args.func is _cmd_data:
+        if args.func is _cmd_data and args.action == "prepare" and not args.check:
             after = " a rerun of `mlic data prepare` resumes the partial download"
         else:
             kept = (" a notebook being executed is kept as <name>.failed.ipynb, and" if args.func in (

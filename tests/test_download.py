@@ -33,10 +33,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     no_satisfy: set[str] = set()  # paths that answer a Range request with 416
     piece: dict[str, int] = {}  # path -> the most bytes one answer to a Range request holds (a legal short 206)
     chunked_whole: set[str] = set()  # paths answered with status 200 and the whole body chunked (no length)
+    status: dict[str, int] = {}  # path -> the error status it answers with (503: busy)
 
     def do_GET(self):  # noqa: N802
         body = self.files.get(self.path)
         self.log.append((self.path, self.headers.get("Range")))
+        if self.path in self.status:
+            self.send_error(self.status[self.path])
+            return
         if body is None:
             self.send_error(404)
             return
@@ -81,6 +85,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 def server():
     _Handler.files, _Handler.log, _Handler.cut, _Handler.no_range, _Handler.chunked_cut = {}, [], {}, set(), {}
     _Handler.wrong_start, _Handler.no_satisfy, _Handler.piece, _Handler.chunked_whole = set(), set(), {}, set()
+    _Handler.status = {}
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -290,6 +295,48 @@ def test_a_local_write_error_stops_at_once_naming_the_folder_and_its_free_space(
                        r"device \(.* GiB free in .*\).*MLIC_DATA"):
         download.download(f, tmp_path, progress=False)
     assert len(handler.log) == 1  # the mirror was not tried
+
+
+def test_a_write_error_opening_the_side_file_is_a_local_write_error(server, tmp_path, monkeypatch):
+    """The side file of a whole-file answer could not be opened (a quota): the clean-up's FileNotFoundError hid the
+    LocalWriteError and the mirror was tried."""
+    import builtins
+    import errno
+
+    url, handler = server
+    handler.files["/a/fake.tar"] = handler.files["/b/fake.tar"] = VOC_TAR
+    handler.no_range.update({"/a/fake.tar", "/b/fake.tar"})
+    f = RemoteFile("fake.tar", (f"{url}/a/fake.tar", f"{url}/b/fake.tar"), len(VOC_TAR),
+                   hashlib.sha256(VOC_TAR).hexdigest())
+    (tmp_path / "fake.tar.part").write_bytes(VOC_TAR[:1000])
+
+    def quota(path, *args, **kwargs):
+        if str(path).endswith(".whole"):
+            raise OSError(errno.EDQUOT, "Disk quota exceeded")
+        return builtins.open(path, *args, **kwargs)
+
+    monkeypatch.setattr(download, "open", quota, raising=False)  # the module's name lookup comes before builtins
+    with pytest.raises(download.LocalWriteError, match="Disk quota exceeded"):
+        download.download(f, tmp_path, progress=False)
+    assert len(handler.log) == 1 and (tmp_path / "fake.tar.part").read_bytes() == VOC_TAR[:1000]
+
+
+def test_a_prepared_dataset_is_not_locked_again(server, tmp_path, monkeypatch):
+    """A rerun of prepare on a prepared (possibly read-only, shared) data folder writes nothing, so it takes no lock:
+    opening the lock file there failed with "Read-only file system"."""
+    url, handler = server
+    handler.files["/fake.tar"] = VOC_TAR
+    _entry(monkeypatch, url, VOC_TAR)
+    marker = download.prepare("fake", tmp_path, progress=False)
+
+    def no_lock(*args, **kwargs):
+        raise PermissionError("Read-only file system")
+
+    monkeypatch.setattr(download, "exclusive", no_lock)
+    assert download.prepare("fake", tmp_path, progress=False) == marker
+    marker.unlink()  # something to redo: the lock is needed again
+    with pytest.raises(PermissionError):
+        download.prepare("fake", tmp_path, progress=False)
 
 
 def test_a_second_prepare_on_the_same_data_folder_fails_at_once(server, tmp_path, monkeypatch):
@@ -515,8 +562,12 @@ def test_zip_and_unreachable_url(server, tmp_path, monkeypatch):
     _entry(monkeypatch, url, body, name="ann.zip", marker="coco/annotations/instances_val2014.json", dest="coco")
     assert download.prepare("fake", tmp_path, progress=False).read_text() == "{}"
     _entry(monkeypatch, url, b"x", name="missing.zip", marker="nothing")
-    with pytest.raises(ConnectionError, match="every server answered with an error status: the file may have moved"):
+    with pytest.raises(ConnectionError, match="every server answered that it has no such file: it may have moved"):
         download.prepare("fake", tmp_path / "other", progress=False)  # a 404
+    handler.status["/busy.zip"] = 503
+    f_busy = RemoteFile("busy.zip", (f"{url}/busy.zip",), 1, "0" * 64)
+    with pytest.raises(ConnectionError, match="if it is 429 or 5xx the server is busy or failing, retry later"):
+        download.download(f_busy, tmp_path / "busy", progress=False)
     f = RemoteFile("x.zip", ("http://127.0.0.1:9/x.zip",), 1, "0" * 64)  # nothing listens on port 9 (discard)
     with pytest.raises(ConnectionError, match="nothing was downloaded: check the network"):
         download.download(f, tmp_path / "third", progress=False)
@@ -668,6 +719,9 @@ def test_an_interrupted_prepare_says_a_rerun_resumes_the_download(tmp_path, monk
     assert cli.main(["data", "prepare", "voc2007"]) == 130
     assert capsys.readouterr().err.strip() == ("mlic: interrupted; a rerun of `mlic data prepare` resumes the partial "
                                                "download")
+    monkeypatch.setattr(download, "check", interrupted)
+    assert cli.main(["data", "check"]) == 130
+    assert "mlic data prepare" not in capsys.readouterr().err  # nothing was being downloaded
     script_path = Path(__file__).resolve().parents[1] / "data_scripts" / "prepare.py"
     spec = importlib.util.spec_from_file_location("prepare_script", script_path)
     script = importlib.util.module_from_spec(spec)

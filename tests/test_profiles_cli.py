@@ -172,6 +172,25 @@ def test_cli_sigterm_unwinds_the_command_and_the_callers_handler_comes_back(monk
     assert signal.getsignal(sig) is before
 
 
+@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGHUP"), reason="no SIGHUP here")
+def test_cli_keeps_an_ignored_sighup_ignored(monkeypatch, capsys):
+    """`nohup mlic book ...` ignores SIGHUP so that the run survives its terminal closing: main must not install its
+    handler over that."""
+    import signal
+
+    def hung_up(args):
+        os.kill(os.getpid(), signal.SIGHUP)
+        return 0
+
+    monkeypatch.setattr(cli, "_cmd_profile", hung_up)
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        assert cli.main(["profile", "primer"]) == 0
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before)
+
+
 def test_cli_profile_and_errors(capsys):
     assert cli.main(["profile", "primer", "--profile", "smoke", "-o", "train.epochs=2"]) == 0
     out = capsys.readouterr().out

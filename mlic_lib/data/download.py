@@ -177,7 +177,7 @@ def _fetch_once(url: str, part: Path, expected_size: int | None, progress: bool)
             ) as bar:
                 received = _copy(response, out, bar)
         except BaseException as err:  # a cut, a local write error, an interrupt
-            if target != part:
+            if target != part and target.exists():  # (opening it may be what failed)
                 _keep_longer(target, part)
             if isinstance(err, _Cut):
                 raise _Cut(f"the connection failed after {start + err.received:,} bytes: {err}",
@@ -246,12 +246,12 @@ def download(file: RemoteFile, folder: Path, progress: bool = True, allow_unveri
             "to download it anyway (the computed digest is printed so it can be recorded)."
         )
     part = folder / (file.name + ".part")
-    errors, bad, answered = [], None, 0
+    errors, bad, codes = [], None, []
     for url in file.urls:
         try:
             _fetch(url, part, file.size, progress)
         except (urllib.error.URLError, OSError, http.client.HTTPException) as err:  # IncompleteRead is neither
-            answered += isinstance(err, urllib.error.HTTPError)  # the server answered, with an error status
+            codes.append(err.code if isinstance(err, urllib.error.HTTPError) else None)  # the server's error status
             errors.append(f"{url}: {err!r}" if isinstance(err, http.client.HTTPException) else f"{url}: {err}")
             continue
         ok, size, digest = _matches(file, part)
@@ -277,9 +277,12 @@ def download(file: RemoteFile, folder: Path, progress: bool = True, allow_unveri
         )
     if part.exists() and part.stat().st_size:
         kept = f"the partial file {part} is kept; rerun to resume"
-    elif answered == len(file.urls):
-        kept = ("every server answered with an error status: the file may have moved; its URLs are in "
+    elif codes and all(c in (404, 410) for c in codes):
+        kept = ("every server answered that it has no such file: it may have moved; its URLs are in "
                 "mlic_lib/data/registry.py")
+    elif codes and all(c is not None for c in codes):
+        kept = ("every server answered with an error status: if it is 429 or 5xx the server is busy or failing, "
+                "retry later")
     else:
         kept = "nothing was downloaded: check the network, or use `mlic data fake` for an offline dry run"
     raise ConnectionError(f"could not download {file.name} ({kept}):\n  " + "\n  ".join(errors))
@@ -433,10 +436,11 @@ def prepare(key: str, root: Path | None = None, progress: bool = True, allow_unv
     # remove each other's extraction; the VOC datasets share VOCdevkit/, so the lock is the whole folder's
     busy = (f"another `mlic data prepare` is running on {root}: wait for it to finish, then rerun `mlic data prepare "
             f"{key}` (datasets in one data folder are prepared one at a time)")
-    with exclusive(root / "downloads" / ".lock", busy):
-        _prepare_files(root, entry, progress, allow_unverified, keep_archives, force)
-        if not marker.exists() and not force:  # the marker alone was deleted by hand: redo every file
-            _prepare_files(root, entry, progress, allow_unverified, keep_archives, True)
+    if force or not marker.exists() or not all(_done(root, entry, f) for f in entry.files):  # else nothing to write:
+        with exclusive(root / "downloads" / ".lock", busy):  # a prepared, read-only data folder needs no lock
+            _prepare_files(root, entry, progress, allow_unverified, keep_archives, force)
+            if not marker.exists() and not force:  # the marker alone was deleted by hand: redo every file
+                _prepare_files(root, entry, progress, allow_unverified, keep_archives, True)
     if not marker.exists():
         raise RuntimeError(f"{entry.title}: every file was downloaded, verified and unpacked, but {marker} is "
                            "missing: the archives do not hold what mlic_lib/data/registry.py expects")
