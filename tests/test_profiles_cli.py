@@ -164,12 +164,18 @@ def test_cli_sigterm_unwinds_the_command_and_the_callers_handler_comes_back(monk
         os.kill(os.getpid(), sig)
         raise AssertionError("the signal did not interrupt the command")
 
-    before = signal.getsignal(sig)
-    monkeypatch.setattr(cli, "_cmd_profile", killed)
-    assert cli.main(["profile", "primer"]) == status
-    err = capsys.readouterr().err
-    assert err.startswith("mlic: terminated; a rerun loads") and "failed.ipynb" not in err
-    assert signal.getsignal(sig) is before
+    def callers(signum, frame):  # the caller's own handler (not SIG_IGN: under nohup main leaves SIGHUP ignored)
+        raise AssertionError("the caller's handler ran instead of main's")
+
+    original = signal.signal(sig, callers)
+    try:
+        monkeypatch.setattr(cli, "_cmd_profile", killed)
+        assert cli.main(["profile", "primer"]) == status
+        err = capsys.readouterr().err
+        assert err.startswith("mlic: terminated; a rerun loads") and "failed.ipynb" not in err
+        assert signal.getsignal(sig) is callers
+    finally:
+        signal.signal(sig, original)
 
 
 @pytest.mark.skipif(not hasattr(__import__("signal"), "SIGHUP"), reason="no SIGHUP here")
