@@ -321,6 +321,27 @@ def test_a_write_error_opening_the_side_file_is_a_local_write_error(server, tmp_
     assert len(handler.log) == 1 and (tmp_path / "fake.tar.part").read_bytes() == VOC_TAR[:1000]
 
 
+def test_a_disk_without_room_is_an_error_before_the_download_or_the_unpacking_starts(server, tmp_path, monkeypatch):
+    """COCO's 19 GB train2017 archive on a disk with 10 GB free failed hours in; now before the first byte."""
+    import collections
+
+    url, handler = server
+    handler.files["/fake.tar"] = VOC_TAR
+    _entry(monkeypatch, url, VOC_TAR)
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(download.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 100, 100))
+    with pytest.raises(download.LocalWriteError, match=r"downloading fake.tar needs about 0.0 GiB in .*, which has "
+                       r"0.0 GiB free: free some space, or set MLIC_DATA"):
+        download.prepare("fake", tmp_path, progress=False)
+    assert handler.log == []
+    archive = tmp_path / "downloads" / "fake" / "fake.tar"  # a disk with room for one copy of it, a little more
+    monkeypatch.setattr(download.shutil, "disk_usage", lambda path: usage(
+        10**9, 0, len(VOC_TAR) + 10 - (archive.stat().st_size if archive.exists() else 0)))
+    with pytest.raises(download.LocalWriteError, match="unpacking fake.tar needs about"):
+        download.prepare("fake", tmp_path, progress=False)  # downloaded; the unpacking would not fit beside it
+    assert len(handler.log) == 1 and not (tmp_path / "VOCdevkit").exists()
+
+
 def test_a_prepared_dataset_is_not_locked_again(server, tmp_path, monkeypatch):
     """A rerun of prepare on a prepared (possibly read-only, shared) data folder writes nothing, so it takes no lock:
     opening the lock file there failed with "Read-only file system"."""

@@ -83,6 +83,16 @@ def _write_error(path: Path, err: OSError) -> str:
             "MLIC_DATA to a folder on a larger disk; a rerun resumes the partial file")
 
 
+def _need_space(folder: Path, needed: int, what: str) -> None:
+    """:class:`LocalWriteError` before ``what`` starts when ``folder``'s disk has fewer than ``needed`` bytes free
+    (COCO's archives are 13-19 GB, and unpacking one needs about its size again), instead of failing part-way."""
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise LocalWriteError(f"{what} needs about {needed / 2**30:.1f} GiB in {folder}, which has "
+                              f"{free / 2**30:.1f} GiB free: free some space, or set MLIC_DATA to a folder on a larger "
+                              "disk")
+
+
 def _copy(response, out, bar) -> int:
     """Copy ``response`` into ``out`` and return the bytes copied; a failed read raises :class:`_Cut` with them."""
     received = 0
@@ -228,7 +238,8 @@ def download(file: RemoteFile, folder: Path, progress: bool = True, allow_unveri
     is returned after a size check (its sha256 was verified when it was renamed into place; a file copied
     there by hand and cut short is caught by its size), or, with ``reverify``, after a sha256 check too; one
     that fails is moved aside and downloaded anew. A file that cannot be written here (a full disk) raises
-    :class:`LocalWriteError` at once, without trying the other URLs.
+    :class:`LocalWriteError` at once, without trying the other URLs, and so does a disk without room for the rest of
+    the file before the download starts.
     """
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / file.name
@@ -246,6 +257,8 @@ def download(file: RemoteFile, folder: Path, progress: bool = True, allow_unveri
             "to download it anyway (the computed digest is printed so it can be recorded)."
         )
     part = folder / (file.name + ".part")
+    if file.size is not None:
+        _need_space(folder, file.size - (part.stat().st_size if part.exists() else 0), f"downloading {file.name}")
     errors, bad, codes = [], None, []
     for url in file.urls:
         try:
@@ -464,6 +477,8 @@ def _prepare_files(root: Path, entry: DatasetEntry, progress: bool, allow_unveri
         path = download(file, downloads, progress, allow_unverified, reverify=redo)
         dest = root / file.dest
         if file.action == "extract":
+            dest.mkdir(parents=True, exist_ok=True)
+            _need_space(dest, path.stat().st_size, f"unpacking {file.name}")  # about the archive's size again
             produced = unpack(path, dest)
         else:
             dest.mkdir(parents=True, exist_ok=True)
