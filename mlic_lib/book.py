@@ -116,16 +116,23 @@ def _kernel_transport():
 def run_chapter(nb: Path, dst: Path, profile: str, parameters: dict | None = None, **options) -> float:
     """:func:`execute_notebook` of chapter ``nb`` into ``dst``, with any failure turned into
     :func:`execution_failure`'s error naming the chapter, the cell where there is one, and the partly executed copy.
-    ``mlic book`` and ``mlic reproduce`` run their chapters through it."""
+    ``mlic book`` and ``mlic reproduce`` run their chapters through it. Another run executing into the same ``dst``
+    at the time (two ``mlic reproduce`` of one chapter and profile) is an error: they would share ``.running`` and
+    ``.failed`` copies."""
     import zmq
     from papermill.exceptions import PapermillExecutionError
 
-    try:
-        return execute_notebook(nb, dst, profile, parameters, **options)
-    except PapermillExecutionError as err:  # a failing cell: its error holds the traceback, not chained again
-        raise execution_failure(nb, dst, err) from None
-    except (RuntimeError, TimeoutError, zmq.ZMQError) as err:  # a kernel that died, never started, or timed out
-        raise execution_failure(nb, dst, err) from err
+    from mlic_lib.file_lock import exclusive
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive(dst.with_name(f".{dst.name}.lock"), f"another run is executing {nb.name} into {dst}: wait for it "
+                                                      "to finish, or give this one another --out"):
+        try:
+            return execute_notebook(nb, dst, profile, parameters, **options)
+        except PapermillExecutionError as err:  # a failing cell: its error holds the traceback, not chained again
+            raise execution_failure(nb, dst, err) from None
+        except (RuntimeError, TimeoutError, zmq.ZMQError) as err:  # a kernel that died, never started, or timed out
+            raise execution_failure(nb, dst, err) from err
 
 
 def chapter_of(nb: Path) -> str | None:
@@ -271,8 +278,8 @@ def stage_sources(root: Path, build: Path, executed: Path) -> Path:
     for name in ("_config.yml", "_toc.yml"):
         shutil.copy2(root / name, src / name)
     shutil.copytree(root / "book", src / "book")
-    shutil.copytree(executed / "notebooks", src / "notebooks",
-                    ignore=shutil.ignore_patterns("*.failed.ipynb", "*.running.ipynb"))
+    shutil.copytree(executed / "notebooks", src / "notebooks",  # ".*": run_chapter's lock files
+                    ignore=shutil.ignore_patterns("*.failed.ipynb", "*.running.ipynb", ".*"))
     for nb in (src / "notebooks").glob("*.ipynb"):
         _hide_default_parameters(nb)
     results = env_path("MLIC_RESULTS", build / "results")

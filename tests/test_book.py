@@ -399,6 +399,28 @@ def test_a_second_build_of_the_same_checkout_is_refused_at_once(tmp_path, monkey
     assert len(executed) == 2
 
 
+def test_two_runs_of_one_chapter_into_one_copy_are_refused(tmp_path, monkeypatch):
+    """Two `mlic reproduce` of one chapter and profile shared the .running copy (the second's rename failed, or the
+    first's result was replaced by a half-run)."""
+    import fcntl
+
+    import mlic_lib.book
+    from mlic_lib.book import run_chapter
+    from mlic_lib.file_lock import Busy
+
+    ran = []
+    monkeypatch.setattr(mlic_lib.book, "execute_notebook", lambda nb, dst, *a, **k: ran.append(dst) or 1.0)
+    nb, dst = tmp_path / "00_first.ipynb", tmp_path / "out" / "00_first.ipynb"
+    dst.parent.mkdir()
+    with open(dst.parent / ".00_first.ipynb.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(Busy, match="another run is executing 00_first.ipynb into .*out/00_first.ipynb"):
+            run_chapter(nb, dst, "smoke")
+    assert ran == []
+    assert run_chapter(nb, dst, "smoke") == 1.0 and ran == [dst]
+    assert run_chapter(nb, tmp_path / "other" / "00_first.ipynb", "smoke") == 1.0  # another copy: no conflict
+
+
 def test_the_full_profile_without_a_gpu_is_refused_unless_asked_for(tmp_path, monkeypatch, capsys):
     """`make full` on a machine without a GPU started the papers' recipes (days on a CPU) after a one-line note."""
     import torch
