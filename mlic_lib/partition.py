@@ -5,7 +5,9 @@ The label set is split into ``k`` disjoint category subsets by spectral clusteri
 * the similarity ``S_ij = e_ij / n_i`` (``e_ij`` = images with both ``c_i`` and ``c_j``, ``n_i`` = images
   with ``c_i``), i.e. the conditional probability ``P(c_j | c_i)``;
 * smoothed by the ``tau``-th root (Eq. 1: ``S^(1/tau)``, the paper's ``\\sqrt[tau]{S}``; the paper sets
-  ``tau = 3``, the authors' code uses the square root, ``tau = 2``) and symmetrised,
+  ``tau = 3``; the authors' partition script uses the square root, ``tau = 2``, which reproduces their
+  published CGP partitions, while their published DGP partition is reproduced with ``tau = 3``, see below)
+  and symmetrised,
   ``R = (S^(1/tau) + S^(1/tau)^T) / 2``;
 * the **co-occurrence graph** (CGP) has affinity ``P+ = R``; the **dis-occurrence graph** (DGP) has
   ``P- = I - R`` in the paper's Eq. 1 and ``P- = 1 - R`` (all-ones matrix) in the authors' code
