@@ -49,21 +49,13 @@ def execute_notebook(src: Path, dst: Path, profile: str, parameters: dict | None
     ``progress``: papermill's bar over the cells (on stderr); ``log_output``: the cells' output as they run, on
     stderr.
     """
-    import logging
-
     import papermill as pm
 
-    logger, handler, level = logging.getLogger("papermill"), None, None
-    if log_output:  # papermill logs the cells' output at INFO; shown for this run only
-        handler, level = logging.StreamHandler(sys.stderr), logger.level
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
     dst.parent.mkdir(parents=True, exist_ok=True)
     running, failed = dst.with_name(f"{dst.stem}.running{dst.suffix}"), failed_copy(dst)
     t0 = time.perf_counter()
     try:
-        with _kernel_transport() as transport:
+        with _kernel_transport() as transport, _cell_output_on_stderr(log_output):
             pm.execute_notebook(  # progress: an explicit disable=False, which wins over the book's TQDM_DISABLE
                 str(src), str(running), parameters={"profile": profile, **(parameters or {})}, kernel_name=kernel,
                 cwd=str(src.parent), progress_bar={"disable": False} if progress else False, log_output=log_output,
@@ -73,13 +65,30 @@ def execute_notebook(src: Path, dst: Path, profile: str, parameters: dict | None
         if running.exists():
             running.replace(failed)
         raise
-    finally:
-        if handler is not None:
-            logger.removeHandler(handler)
-            logger.setLevel(level)
     running.replace(dst)
     failed.unlink(missing_ok=True)  # a stale failure of an earlier run
     return time.perf_counter() - t0
+
+
+@contextlib.contextmanager
+def _cell_output_on_stderr(enabled: bool):
+    """Within the block, show papermill's log of the cells' output (INFO) on stderr, when ``enabled``; the
+    logger's handlers and level are as before afterwards."""
+    import logging
+
+    if not enabled:
+        yield
+        return
+    logger = logging.getLogger("papermill")
+    handler, level = logging.StreamHandler(sys.stderr), logger.level
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 @contextlib.contextmanager
