@@ -146,6 +146,16 @@ def test_hsv_conversions_match_opencv():
     ref[..., 0] = (ref[..., 0] + 17) % 360
     back = hsv_to_rgb(*(torch.from_numpy(np.ascontiguousarray(ref[..., i])) for i in range(3))).permute(1, 2, 0)
     np.testing.assert_allclose(back.numpy(), cv2.cvtColor(ref, cv2.COLOR_HSV2RGB), atol=1e-2)
+    # after a negative brightness shift: pixels with every channel below 0 (OpenCV divides by |v|, which reflects
+    # them on the way back; dividing by v left them unchanged)
+    dark = rgb - 32.0
+    dark[4, :3] = (-31, -1, -30)
+    assert (dark.max(-1) < 0).sum() >= 3
+    ref = cv2.cvtColor(dark, cv2.COLOR_RGB2HSV)
+    mine = torch.stack(rgb_to_hsv(torch.from_numpy(dark).permute(2, 0, 1)), -1).numpy()
+    np.testing.assert_allclose(mine, ref, atol=1e-3)
+    back = hsv_to_rgb(*(torch.from_numpy(np.ascontiguousarray(ref[..., i])) for i in range(3))).permute(1, 2, 0)
+    np.testing.assert_allclose(back.numpy(), cv2.cvtColor(ref, cv2.COLOR_HSV2RGB), atol=1e-2)
 
 
 class _Draws:

@@ -180,7 +180,10 @@ class RandomPatchCrop:
 
 
 def rgb_to_hsv(img):
-    """``(3, H, W)`` RGB (any scale) -> hue in degrees ``[0, 360)``, saturation, value (OpenCV's float rule)."""
+    """``(3, H, W)`` RGB (any scale) -> hue in degrees ``[0, 360)``, saturation, value (OpenCV's float rule:
+    ``s = (v - min) / (|v| + FLT_EPSILON)``, so a pixel whose channels are all negative, after a negative brightness
+    shift, has a negative ``s`` and comes back from :func:`hsv_to_rgb` reflected, as in DistributionBalancedLoss's
+    ``mmcv.bgr2hsv`` / ``hsv2bgr``)."""
     r, g, b = img.unbind(0)
     v, mn = img.amax(0), img.amin(0)
     delta = v - mn
@@ -189,7 +192,7 @@ def rgb_to_hsv(img):
                     torch.where(v == g, 120 + 60 * (b - r) / safe, 240 + 60 * (r - g) / safe))
     h = torch.where(delta == 0, torch.zeros_like(h), h)
     h = torch.where(h < 0, h + 360, h)
-    s = torch.where(v != 0, delta / torch.where(v != 0, v, torch.ones_like(v)), torch.zeros_like(v))
+    s = delta / (v.abs() + 1.1920929e-07)  # OpenCV's FLT_EPSILON
     return h, s, v
 
 
@@ -268,7 +271,7 @@ def _check(augment: Mapping[str, Any]) -> dict[str, Any]:
 class CV2Resize:
     """Resize a PIL image to ``size x size`` with OpenCV's bilinear filter, without antialiasing: ``mmcv.imresize``,
     as DistributionBalancedLoss (and so LTML) resizes. torchvision's ``Resize`` on a PIL image antialiases, which
-    on a 600x512 -> 224 resize differs by 3.7/255 per pixel on average."""
+    on a 600x512 -> 224 resize differs by a few 1/255 per pixel on average (1.4 to 5.7 on photographs tried)."""
 
     def __init__(self, size: int):
         self.size = int(size)
