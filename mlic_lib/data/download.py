@@ -73,14 +73,17 @@ def _content_range(header: str | None) -> tuple[int, int, int | None] | None:
     return int(match[1]), int(match[2]), None if match[3] == "*" else int(match[3])
 
 
+#: the end of every :class:`LocalWriteError` message
+_MORE_SPACE = "free some space, or set MLIC_DATA to a folder on a larger disk"
+
+
 def _write_error(path: Path, err: OSError) -> str:
     """The message of a :class:`LocalWriteError`: what failed, the free space, and the fix."""
     try:
         free = f"{shutil.disk_usage(path.parent).free / 2**30:.1f} GiB free in {path.parent}"
     except OSError:
         free = f"{path.parent} cannot be read"
-    return (f"could not write {path}: {err.strerror or err} ({free}). Free some space (or lift the limit), or set "
-            "MLIC_DATA to a folder on a larger disk; a rerun resumes the partial file")
+    return f"could not write {path}: {err.strerror or err} ({free}): {_MORE_SPACE}; a rerun resumes the partial file"
 
 
 def _need_space(folder: Path, needed: int, what: str) -> None:
@@ -89,8 +92,7 @@ def _need_space(folder: Path, needed: int, what: str) -> None:
     free = shutil.disk_usage(folder).free
     if needed > free:
         raise LocalWriteError(f"{what} needs about {needed / 2**30:.1f} GiB in {folder}, which has "
-                              f"{free / 2**30:.1f} GiB free: free some space, or set MLIC_DATA to a folder on a larger "
-                              "disk")
+                              f"{free / 2**30:.1f} GiB free: {_MORE_SPACE}")
 
 
 def _copy(response, out, bar) -> int:
@@ -344,6 +346,7 @@ def _merge(src: Path, dst: Path) -> None:
 def unpack(archive: Path, dest: Path) -> Path | None:
     """Extract a tar/tar.gz/zip archive into ``dest`` via a temporary folder (no partial results).
 
+    A disk without about the archive's size free is a :class:`LocalWriteError` before anything is written.
     The temporary folder is ``dest/.extract-<archive name>``, emptied first (a killed extraction's leftovers) and
     removed afterwards. The extracted entries are then moved into ``dest`` by renames, merged with what is there
     (the VOC tars share ``VOCdevkit/``), so a second archive costs no copy of the first. Returns the path of the
@@ -351,6 +354,7 @@ def unpack(archive: Path, dest: Path) -> Path | None:
     that the archive's content is still there.
     """
     dest.mkdir(parents=True, exist_ok=True)
+    _need_space(dest, archive.stat().st_size, f"unpacking {archive.name}")  # about the archive's size again
     # one fixed folder per archive: what a killed extraction (SIGTERM/SIGKILL skip the cleanup below) left there
     # is removed by the next attempt, not left behind under a new random name each time (GBs for COCO)
     tmp = dest / f".extract-{archive.name}"
@@ -477,8 +481,6 @@ def _prepare_files(root: Path, entry: DatasetEntry, progress: bool, allow_unveri
         path = download(file, downloads, progress, allow_unverified, reverify=redo)
         dest = root / file.dest
         if file.action == "extract":
-            dest.mkdir(parents=True, exist_ok=True)
-            _need_space(dest, path.stat().st_size, f"unpacking {file.name}")  # about the archive's size again
             produced = unpack(path, dest)
         else:
             dest.mkdir(parents=True, exist_ok=True)
