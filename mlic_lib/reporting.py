@@ -291,8 +291,9 @@ def verdict_summary(comparison, label: str = "N", numbers: bool = False, decimal
         text += f"; no verdict at {at(~judged)}"
     if c["borderline"].any():
         text += f"; borderline (within {BORDERLINE_FACTOR:g} times the spread) at {at(c['borderline'].to_numpy())}"
-    if numbers:
-        text = (", ".join(f"{label}={k}: {r.difference:+.{decimals}f} (spread {r.spread:.{decimals}f})"
+    if numbers:  # per column, enough decimals that the difference and its spread do not print as the same number
+        text = (", ".join(f"{label}={k}: {r.difference:+.{_telling_decimals(r.difference, r.spread, decimals)}f} "
+                          f"(spread {r.spread:.{_telling_decimals(r.difference, r.spread, decimals)}f})"
                           for k, r in c.iterrows()) + ". " + text[0].upper() + text[1:])
     return text
 
@@ -340,6 +341,7 @@ def spread_note(diff: float, *stds: float, n_seeds: int | None = None, decimals:
     ``"within the seed spread of 1.4, so not a measurable difference"`` or ``"larger than the seed spread of
     1.4 (borderline: within 1.5 times the spread)"``."""
     s = seed_spread(*stds, n_seeds=n_seeds)
+    decimals = _telling_decimals(diff, s, decimals)  # the spread must not print as |diff| does (up to 3 more digits)
     return spread_verdict(diff, s, up=f"larger than the seed spread of {s:.{decimals}f}{borderline_note(diff, s)}",
                           within=f"within the seed spread of {s:.{decimals}f}, so not a measurable difference",
                           none="one seed: no spread to compare")
@@ -382,11 +384,16 @@ def paper_verdict(diff: float, spread: float, paper_sign: int) -> str:
 
 def _telling_decimals(diff: float, spread: float, decimals: int) -> int:
     """``decimals``, or up to three more, so that ``|diff|`` and ``spread`` do not print as the same number when
-    they differ (a verdict "beyond the spread of 1.4" on a difference printed as 1.4 reads as a contradiction)."""
+    they differ (a verdict "beyond the spread of 1.4" on a difference printed as 1.4 reads as a contradiction), and
+    the printed numbers fall in the verdict's category, borderline band included (+2.2 against a spread printed as
+    1.5 is within 1.5 times it, whatever the unrounded values say)."""
     if not (np.isfinite(diff) and np.isfinite(spread)) or abs(diff) == spread:
         return decimals
+    truth = spread_category(diff, spread)
     for extra in range(4):
-        if round(abs(diff), decimals + extra) != round(spread, decimals + extra):
+        d, s = round(abs(diff), decimals + extra), round(spread, decimals + extra)
+        # also the borderline band: the printed numbers must fall in the category the verdict states
+        if d != s and spread_category(d, s) == truth:
             return decimals + extra
     return decimals + 3
 
@@ -427,6 +434,7 @@ def claim_over(diffs: Mapping[Any, float], spread: float, paper_sign: int, label
     if not any(np.isfinite(v) for v in diffs.values()):
         return "; ".join(f"{label}{k}: no value" for k in diffs) + f": {NO_VALUE}, so no verdict"
     verdicts = {k: paper_verdict(v, spread, paper_sign) for k, v in diffs.items()}
+    decimals = max(_telling_decimals(v, spread, decimals) for v in diffs.values())  # no |diff| printed as the spread
     values = "; ".join(f"{label}{k}: " + (f"{v:+.{decimals}f}" if np.isfinite(v) else "no value")
                        + (" (borderline)" if borderline_flag(v, spread) else "") for k, v in diffs.items()) + f" {unit}"
     if not np.isfinite(spread):

@@ -383,6 +383,18 @@ def test_cam_in_box_outside_zero_map_and_errors():
         cam_in_box(np.ones((2, 5, 5)), (0, 0, 2, 2))
 
 
+def test_cam_in_box_rounds_half_pixel_edges_up_so_a_shifted_box_keeps_its_width():
+    """Boxes rescaled onto a map land on half pixels: half-to-even rounding made a 1-px box alternately empty and
+    2 px wide as it moved by whole pixels."""
+    u = np.ones((8, 8))
+    for w in (1, 2):
+        assert np.allclose([cam_in_box(u, (x0, 0, x0 + w, 8)) for x0 in (0.5, 1.5, 2.5, 3.5)], w / 8)
+    cam = np.zeros((8, 8))
+    cam[:, 2] = 1.0
+    r = cam_reading(cam, np.array([[0, 1.5, 0, 2.5, 8]]), 0)  # the same edges: columns 2 .. 2
+    assert r.peak_in == [0] and r.mass[0] == pytest.approx(1.0)
+
+
 def test_cam_in_boxes_matches_loop():
     rng = np.random.default_rng(0)
     cam = rng.random((17, 23))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 
 import numpy as np
 import pandas as pd
@@ -69,6 +70,31 @@ def test_claim_verdict_states_the_difference_the_spread_and_the_papers_verdict()
     assert claim_verdict(0.04, 0.0, +1).startswith("+0.04 mAP points, beyond the seed spread of 0.00")
     with pytest.raises(ValueError, match="paper_sign"):
         claim_verdict(1.0, 0.5, 0)
+
+
+def _printed_category(text: str) -> str:
+    """The category a reader gets from the first '+d ... spread s' pair printed in ``text``."""
+    d, s = (float(v) for v in re.search(r"([-+]\d+\.\d+)\D*?spread (?:of )?(\d+\.\d+)", text).groups())
+    return spread_category(d, s)
+
+
+@pytest.mark.parametrize("diff, spread", [(1.44, 2 ** 0.5), (1.43, 1.4361), (2.24, 1.46), (2.16, 1.46),
+                                          (0.054, 0.0504), (-1.414, 1.4142), (2.1, 1.4), (0.3, 1.0)])
+def test_printed_numbers_fall_in_the_category_the_verdict_states(diff, spread):
+    """A difference and a spread printed as the same number, or as numbers in another band than the verdict's
+    (beyond / borderline / within), read as a contradiction: every verdict printer adds decimals until they agree."""
+    truth = spread_category(diff, spread)
+    for text in (claim_verdict(diff, spread, +1), claim_over({"a": diff}, spread, +1, decimals=1),
+                 spread_note(diff, spread), verdict_summary(
+                     compare_rows(pd.DataFrame({2: [diff, 0.0]}, index=["m", "b"]),
+                                  pd.DataFrame({2: [spread / 2 ** 0.5] * 2}, index=["m", "b"]), "m", "b"),
+                     numbers=True)):
+        if text.startswith(("within", "larger")):  # spread_note prints the spread only
+            assert spread_category(diff, float(re.search(r"spread of (\d+\.\d+)", text).group(1))) == truth, text
+        else:
+            assert _printed_category(text) == truth, text
+    # the check can fail: two decimals print 1.43 against 1.44, beyond, where the numbers are within
+    assert spread_category(1.43, round(1.4361, 1)) != spread_category(1.43, 1.4361)
 
 
 def test_claim_over_agrees_only_where_every_point_does_and_names_where_it_fails():

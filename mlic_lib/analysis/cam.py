@@ -317,7 +317,7 @@ def cam_in_boxes(
     # summed-area table with a zero row/column in front: S[y, x] = sum(c[:y, :x])
     sat = np.zeros((h + 1, w + 1), dtype=np.float64)
     sat[1:, 1:] = c.cumsum(axis=0).cumsum(axis=1)
-    edges = np.rint(b).astype(np.int64)
+    edges = np.floor(b + 0.5).astype(np.int64)  # halves up (not np.rint's half to even): a shift keeps the width
     x0 = np.clip(edges[:, 0], 0, w)
     x1 = np.clip(edges[:, 2], 0, w)
     y0 = np.clip(edges[:, 1], 0, h)
@@ -338,7 +338,8 @@ def cam_in_box(cam: np.ndarray | torch.Tensor, box: Sequence[float] | np.ndarray
     box : sequence of 4 numbers
         ``(x0, y0, x1, y1)`` in pixel coordinates of the map (x = column, y = row). The box is
         half-open, covering columns ``x0 .. x1-1`` and rows ``y0 .. y1-1``, and is clipped to the
-        map. Non-integer coordinates are rounded to the nearest pixel edge. Boxes given in the
+        map. Non-integer coordinates are rounded to the nearest pixel edge, halves up (so a box moved by whole
+        pixels keeps its width). Boxes given in the
         coordinates of an image of another size must be rescaled first.
 
     Returns
@@ -396,7 +397,7 @@ def cam_reading(cam: np.ndarray | torch.Tensor, boxes, cls: int) -> CamReading:
         return CamReading(True, None, [], mass, [], uniform)
     r, col = (int(v) for v in np.unravel_index(int(np.argmax(c)), c.shape))
     classes = b[:, 0].astype(int)
-    e = np.rint(b[:, 1:])  # the pixel edges cam_in_boxes uses, so a box that holds the peak also holds its mass
+    e = np.floor(b[:, 1:] + 0.5)  # the pixel edges cam_in_boxes uses, so a box that holds the peak also holds its mass
     inside = (e[:, 0] <= col) & (col < e[:, 2]) & (e[:, 1] <= r) & (r < e[:, 3])
     own = mass[classes == cls].max(initial=0.0)
     heavier = sorted({int(k) for k, m in zip(classes, mass, strict=True) if k != cls and m > own})
