@@ -42,7 +42,7 @@ import stat
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -427,20 +427,38 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_pe
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _rng_state() -> dict:
+def _loader_generators(data: Any) -> list[torch.Generator]:
+    """The ``torch.Generator`` s a caller's own loader draws its order from (a ``DataLoader``'s ``generator`` and its
+    sampler's), when it has no ``set_epoch`` to say the order: :func:`fit` keeps their states in its checkpoints, or
+    a resumed run would start them again from their seed and replay the first epoch's order."""
+    if isinstance(data, Dataset) or hasattr(data, "set_epoch"):
+        return []
+    found: dict[int, torch.Generator] = {}
+    batch_sampler = getattr(data, "batch_sampler", None)
+    for obj in (data, getattr(data, "sampler", None), getattr(batch_sampler, "sampler", None)):
+        g = getattr(obj, "generator", None)
+        if isinstance(g, torch.Generator):
+            found.setdefault(id(g), g)
+    return list(found.values())
+
+
+def _rng_state(loader_generators: Iterable[torch.Generator] = ()) -> dict:
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
              "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                        "has_gauss": int(has_gauss), "gauss": float(gauss)}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    loaders = [g.get_state() for g in loader_generators]
+    if loaders:
+        state["loader"] = loaders
     return state
 
 
-def _rng_states_of_all_ranks() -> list[dict] | None:
+def _rng_states_of_all_ranks(loader_generators: Iterable[torch.Generator] = ()) -> list[dict] | None:
     """Every rank's :func:`_rng_state` in rank order, on rank 0 (``None`` elsewhere). Under DDP a collective:
     every rank must call it (``fit`` does, at each checkpoint; ``run_dir`` is the same on every rank)."""
-    state = _rng_state()
+    state = _rng_state(loader_generators)
     world, rank, _ = distributed_info()
     if world <= 1:
         return [state]
@@ -451,8 +469,15 @@ def _rng_states_of_all_ranks() -> list[dict] | None:
     return states
 
 
-def _set_rng_state(state: Mapping) -> None:
+def _set_rng_state(state: Mapping, loader_generators: list[torch.Generator] | None = None) -> None:
     """Restore :func:`_rng_state`'s states (CPU tensors, as :func:`_read_last` reads them)."""
+    saved = state.get("loader", [])
+    if len(saved) != len(loader_generators or []):
+        raise ValueError(f"the checkpoint holds the states of {len(saved)} generator(s) of the training loader, but "
+                         f"the loader passed now has {len(loader_generators or [])}: resume with a loader built as "
+                         "the interrupted run's was (with or without its generator), or delete the run folder")
+    for g, s in zip(loader_generators or [], saved, strict=True):
+        g.set_state(s)
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
@@ -746,17 +771,19 @@ _TEMP_NAME = re.compile(r"\.(?:last\.pt|final\.pt|results\.json)\.[a-z0-9_]{8}\.
 STALE_TEMP_SECONDS = 300.0
 
 
-def remove_stale_temp_files(run_dir: str | Path, older_than: float = STALE_TEMP_SECONDS) -> list[Path]:
+def remove_stale_temp_files(run_dir: str | Path, older_than: float = STALE_TEMP_SECONDS,
+                            names: re.Pattern = _TEMP_NAME) -> list[Path]:
     """Delete the temporary files of ``fit``'s atomic writes (``.last.pt.XXXXXXXX.tmp``, ...) in ``run_dir`` that
     were last modified more than ``older_than`` seconds ago: leftovers of a killed writer. Returns what it
-    deleted. Files of another name are never touched."""
+    deleted. Files of another name are never touched (``names``: the pattern of the temporary files' names, by
+    default those of ``fit``'s files)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
     removed, now = [], time.time()
     with contextlib.suppress(OSError):  # a tidy-up: a folder or file it may not touch never stops a run
         for f in run_dir.iterdir():
-            if not _TEMP_NAME.fullmatch(f.name):
+            if not names.fullmatch(f.name):
                 continue
             with contextlib.suppress(OSError):  # gone (its writer renamed it), or not ours to delete
                 st = f.lstat()
@@ -1007,6 +1034,10 @@ def _fit(model: nn.Module, train_data: Dataset | Iterable, val_data: Dataset | I
          predict_fn: Callable, groups: Mapping | None, on_epoch_end: Callable[[int, dict], None] | None,
          steps_per_epoch: int | None) -> FitResult:
     """:func:`fit`'s work (under :func:`run_lock` when it has a run folder)."""
+    if isinstance(train_data, Iterator) and not hasattr(train_data, "set_epoch") and cfg.epochs > 1:
+        raise ValueError(f"train_data is a one-shot iterator ({type(train_data).__name__}): it would be used up by "
+                         f"the first of the {cfg.epochs} epochs. Pass a Dataset, a DataLoader, a list of batches or an "
+                         "object whose __iter__ starts a new pass each time")
     step = step or SupervisedStep()
     device = _setup_distributed(pick_device(cfg.device))
     channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
@@ -1041,8 +1072,13 @@ def _fit(model: nn.Module, train_data: Dataset | Iterable, val_data: Dataset | I
             model, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=bool(getattr(step, "find_unused_parameters", False)))
     optimizer = build_optimizer(model, cfg)
+    loader_generators = _loader_generators(train_data)
     first_loader = make_loader(train_data, cfg.batch_size, True, cfg.seed, 0, cfg.num_workers, device=device)
-    n_steps = steps_per_epoch or len(first_loader)
+    try:
+        n_steps = steps_per_epoch or len(first_loader)
+    except TypeError:
+        raise TypeError(f"train_data ({type(train_data).__name__}) has no len(), which the LR schedule needs: pass "
+                        "fit(..., steps_per_epoch=<the number of batches it yields per epoch>)") from None
     scheduler = build_scheduler(optimizer, cfg, n_steps)
     ema = None
     if cfg.ema_decay:
@@ -1050,6 +1086,7 @@ def _fit(model: nn.Module, train_data: Dataset | Iterable, val_data: Dataset | I
 
         ema = WeightEMA(model, cfg.ema_decay)  # torch's AveragedModel would wait for the GPU at every step
     history: list[dict[str, float]] = []
+    final: dict[str, Any] = {}
     start_epoch = 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -1060,8 +1097,9 @@ def _fit(model: nn.Module, train_data: Dataset | Iterable, val_data: Dataset | I
         if scaler is not None and "scaler" in ckpt:
             scaler.load_state_dict(ckpt["scaler"])
         history = [dict(h) for h in ckpt["history"]]
+        final = dict(ckpt.get("final") or {})  # the latest evaluation (older checkpoints: none, evaluated again below)
         start_epoch = int(ckpt["epoch"]) + 1
-        _set_rng_state(ckpt["rng_ranks"][rank])  # each rank goes on with its own streams (same world size)
+        _set_rng_state(ckpt["rng_ranks"][rank], loader_generators)  # each rank goes on with its own streams
         ckpt = None  # its CPU copy of the weights and the optimiser's state is not needed for the rest of the run
 
     from tqdm.auto import tqdm
@@ -1080,7 +1118,6 @@ def _fit(model: nn.Module, train_data: Dataset | Iterable, val_data: Dataset | I
         return evaluate(eval_model, loader, device, predict_fn=predict_fn, groups=groups,
                         channels_last=channels_last).metrics
 
-    final: dict[str, Any] = {}
     bar = tqdm(total=cfg.epochs * n_steps, initial=start_epoch * n_steps, desc="train", unit="step",
                disable=bar_disabled(progress and rank == 0), leave=False, mininterval=1.0)
     try:
@@ -1097,11 +1134,12 @@ def _fit(model: nn.Module, train_data: Dataset | Iterable, val_data: Dataset | I
                 final = validate()
                 logs.update({k: v for k, v in final.items() if isinstance(v, float)})
             history.append(logs)
-            rng = _rng_states_of_all_ranks() if run_dir is not None else []  # collective: every rank calls it
+            # a collective: every rank calls it
+            rng = _rng_states_of_all_ranks(loader_generators) if run_dir is not None else []
             if run_dir is not None and rank == 0:
                 ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history,
-                        "rng_ranks": rng, "config": _saved_config(cfg, world)}
+                        "rng_ranks": rng, "config": _saved_config(cfg, world), "final": final}
                 if ema is not None:
                     ckpt["ema"] = ema.state_dict()
                 if scaler is not None:

@@ -9,6 +9,11 @@ A chapter's notebook stays narrative + calls::
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
+import warnings
+import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +23,7 @@ from torch import nn
 
 from mlic_lib.data.scenes import SceneSet, SceneSpec, make_scenes, make_world
 from mlic_lib.data.tensors import TensorImageDataset
-from mlic_lib.engine import FitResult, TrainConfig, cache_root, fit, run_dir_for
+from mlic_lib.engine import FitResult, TrainConfig, cache_root, fit, remove_stale_temp_files, run_dir_for
 from mlic_lib.models import build_model
 from mlic_lib.utils import atomic_open, config_hash, object_key, seed_everything
 
@@ -53,17 +58,31 @@ def cached_scenes(n_images: int, spec: SceneSpec, seed: int, split: str = "train
     key = config_hash({"n": n_images, "spec": spec.to_dict(), "seed": seed, "split": split, "mode": mode},
                       code=("mlic_lib.data.scenes",))
     path = cache_root() / "data" / f"scenes-{key}.npz"
+    remove_stale_temp_files(path.parent, names=_SCENES_TEMP_NAME)  # left by a writer killed mid-write
     if path.is_file():
-        with np.load(path, allow_pickle=False) as z:
-            boxes = np.split(z["boxes"], z["box_offsets"][1:-1])
-            return SceneSet(z["images"], z["targets"], boxes, make_world(spec), mode,
-                            {"seed": seed, "split": split, "cache": str(path)})
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                boxes = np.split(z["boxes"], z["box_offsets"][1:-1])
+                return SceneSet(z["images"], z["targets"], boxes, make_world(spec), mode,
+                                {"seed": seed, "split": split, "cache": str(path)})
+        except (zipfile.BadZipFile, EOFError, ValueError, KeyError, OSError) as e:
+            if isinstance(e, OSError) and e.errno is not None:
+                raise  # a read that failed (EIO, ESTALE, EACCES, ...), not a damaged file
+            aside = path.with_name(path.name + ".corrupt")
+            with contextlib.suppress(OSError):  # else the new file below replaces it
+                os.replace(path, aside)
+            warnings.warn(f"{path} is damaged or unreadable ({type(e).__name__}: {e}); moved it to {aside.name} and "
+                          "generating the scenes again", RuntimeWarning, stacklevel=2)
     scenes = make_scenes(n_images, spec, seed=seed, split=split, mode=mode)
     offsets = np.concatenate([[0], np.cumsum([len(b) for b in scenes.boxes])])
     with atomic_open(path, "wb") as fh:
         np.savez(fh, images=scenes.images, targets=scenes.targets, boxes=np.concatenate(scenes.boxes),
                  box_offsets=offsets)
     return scenes
+
+
+#: The temporary files of :func:`cached_scenes`' atomic writes (``.scenes-<hash>.npz.XXXXXXXX.tmp``).
+_SCENES_TEMP_NAME = re.compile(r"\.scenes-[0-9a-f]+\.npz\.[a-z0-9_]{8}\.tmp")
 
 
 def scene_data(settings: Mapping[str, Any], use_cache: bool = True) -> SceneData:
@@ -108,15 +127,19 @@ def train_scene_model(settings: Mapping[str, Any], data: SceneData, seed: int = 
     """Train (or load from the cache) a model on ``data`` with the profile's ``model``/``train`` settings.
 
     The cache key is the chapter, ``name``, the data/model/train settings, ``seed``, ``step`` (its class and
-    options, :func:`mlic_lib.utils.object_key`) and ``extra_key`` (anything else the run depends on), plus the
+    options, :func:`mlic_lib.utils.object_key`), a caller's ``model`` (its modules' options and initial weights, by
+    the same function) and ``extra_key`` (anything else the run depends on), plus the
     library version and source (see :func:`engine.run_dir_for`).
     """
     cfg = TrainConfig.from_dict({**settings["train"], "seed": seed})
     m = settings["model"]
+    own_model = model is not None
     if model is None:
         model = build_scene_model(m, data.num_classes, seed)
     key = {"chapter": settings.get("chapter"), "name": name, "data": settings["data"], "model": m,
            "train": cfg.key_dict(), "step": object_key(step), "extra": dict(extra_key or {})}
+    if own_model:  # a caller's model is not described by the profile's model section: key it by what it is
+        key["own_model"] = object_key(model)  # its modules' classes and options, and its initial weights
     # a caller's step (a class or a function) and model (its parts may come from several modules)
     code = {getattr(step, "__module__", None) or type(step).__module__} if step is not None else set()
     code |= {type(part).__module__ for part in model.modules()}

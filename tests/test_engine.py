@@ -1055,6 +1055,98 @@ def test_a_resumed_run_goes_on_with_every_global_generators_stream(small_scenes,
     assert [h["torch"] for h in again.history] == [h["torch"] for h in full.history]
 
 
+def _tiny_loader_data(n=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.utils.data.TensorDataset(torch.randn(n, 8, generator=g), (torch.rand(n, 5, generator=g) > .5).float())
+
+
+def _linear():
+    seed_everything(0)
+    return nn.Linear(8, 5)
+
+
+def test_a_resumed_run_goes_on_with_the_order_of_a_callers_seeded_data_loader(tmp_path):
+    """A ``DataLoader`` with its own seeded generator (the usual reproducible loader) draws its order from that
+    generator, which ``last.pt`` keeps: without it a resumed run replayed the first epoch's order."""
+    from torch.utils.data import DataLoader
+
+    ds, cfg = _tiny_loader_data(), TrainConfig(epochs=3, batch_size=8, scheduler="none", device="cpu")
+
+    def loader():
+        return DataLoader(ds, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0))
+
+    def interrupt(epoch, logs):
+        raise KeyboardInterrupt
+
+    full = fit(_linear(), loader(), None, cfg, run_dir=tmp_path / "full", progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        fit(_linear(), loader(), None, cfg, run_dir=tmp_path / "cut", progress=False, on_epoch_end=interrupt)
+    resumed = fit(_linear(), loader(), None, cfg, run_dir=tmp_path / "cut", progress=False)
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
+    assert all(torch.equal(a, b) for a, b in zip(full.model.state_dict().values(),
+                                                 resumed.model.state_dict().values(), strict=True))
+    with pytest.raises(KeyboardInterrupt):
+        fit(_linear(), loader(), None, cfg, run_dir=tmp_path / "cut2", progress=False, on_epoch_end=interrupt)
+    with pytest.raises(ValueError, match="generator.*built as the interrupted run's"):  # the loader changed
+        fit(_linear(), DataLoader(ds, batch_size=8, shuffle=True), None, cfg, run_dir=tmp_path / "cut2",
+            progress=False)
+
+
+def test_a_one_shot_iterator_or_an_unsized_loader_is_refused_with_the_fix():
+    """A generator of batches is used up by the first epoch: it used to train epoch 0 and then fail with 'is the
+    training set empty?'. An iterable without ``len()`` names ``steps_per_epoch``."""
+    ds = _tiny_loader_data()
+
+    def batches():
+        yield from ((ds.tensors[0][i:i + 8], ds.tensors[1][i:i + 8]) for i in range(0, 48, 8))
+
+    class Unsized:
+        def __iter__(self):
+            return batches()
+
+    cfg = TrainConfig(epochs=2, batch_size=8, scheduler="none", device="cpu")
+    trained = []
+    with pytest.raises(ValueError, match="one-shot iterator.*Pass a Dataset, a DataLoader"):
+        fit(_linear(), batches(), None, cfg, progress=False, steps_per_epoch=6,
+            on_epoch_end=lambda e, _: trained.append(e))
+    assert trained == []
+    with pytest.raises(TypeError, match=r"has no len\(\).*steps_per_epoch="):
+        fit(_linear(), Unsized(), None, cfg, progress=False)
+    assert len(fit(_linear(), Unsized(), None, cfg, progress=False, steps_per_epoch=6).history) == 2
+    one = TrainConfig(epochs=1, batch_size=8, scheduler="none", device="cpu")
+    assert len(fit(_linear(), batches(), None, one, progress=False, steps_per_epoch=6).history) == 1
+
+
+class _NoisyEval(torch.utils.data.Dataset):
+    """Test-time noise from torch's global generator, as a random test-time augmentation draws it."""
+
+    def __init__(self, n):
+        self.x, self.y = _tiny_loader_data(n, seed=n).tensors
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i] + 0.5 * torch.randn(8), self.y[i]
+
+
+def test_a_run_stopped_after_its_last_checkpoint_keeps_the_final_metrics_it_computed(tmp_path):
+    """With a stochastic evaluation, evaluating again on resume (with the random state of after the evaluation)
+    gave other final metrics than the uninterrupted run's and than its own last history entry."""
+    cfg = TrainConfig(epochs=2, batch_size=8, scheduler="none", device="cpu")
+
+    def interrupt(epoch, logs):
+        if epoch == cfg.epochs - 1:
+            raise KeyboardInterrupt
+
+    tr = _tiny_loader_data()
+    full = fit(_linear(), tr, _NoisyEval(32), cfg, run_dir=tmp_path / "full", progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        fit(_linear(), tr, _NoisyEval(32), cfg, run_dir=tmp_path / "cut", progress=False, on_epoch_end=interrupt)
+    resumed = fit(_linear(), tr, _NoisyEval(32), cfg, run_dir=tmp_path / "cut", progress=False)
+    assert resumed.final["mAP"] == full.final["mAP"] == resumed.history[-1]["mAP"]
+
+
 def test_evaluate_scores_in_eval_mode_and_restores_the_models_mode(small_scenes):
     _, te = _data(small_scenes)
     model = _model().train()
