@@ -46,8 +46,12 @@ def _chapter_notebook(root: Path, name: str) -> tuple[str, Path]:
         return name, by_chapter[name]
     hits = [nb for nb in found if name in nb.stem]
     if len(hits) != 1:
+        import difflib
+
         what = "no chapter" if not hits else f"{len(hits)} chapters ({', '.join(nb.stem for nb in hits)})"
-        raise ValueError(f"{name!r} matches {what}; name one of: {', '.join(by_chapter)}")
+        close = difflib.get_close_matches(name, list(by_chapter), n=1) if not hits else []
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"{name!r} matches {what}{hint}; name one of: {', '.join(by_chapter)}")
     chapter = chapter_of(hits[0])
     if chapter is None:
         raise ValueError(f"{hits[0].name} has no profile file in mlic_lib/profiles")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +15,9 @@ import torch
 from mlic_lib import cli
 from mlic_lib.data import SceneSpec
 from mlic_lib.engine import TrainConfig
+from mlic_lib.models import build_model
 from mlic_lib.profiles import PROFILES, chapters, load_profile, parse_overrides
-from mlic_lib.utils import atomic_torch_save, atomic_write_json, config_hash
+from mlic_lib.utils import atomic_torch_save, atomic_write_json, config_hash, seed_everything
 
 
 @pytest.mark.parametrize("chapter", chapters())
@@ -625,6 +627,58 @@ def test_override_values_are_checked_before_a_kernel_starts(chapter, overrides, 
         load_profile(chapter, "smoke", overrides)
 
 
+@pytest.mark.parametrize("chapter, profile, overrides, message", [
+    # every chapter trains {**train, "seed": s} for each s of its seed list: train.seed=5 trained seed 0 again
+    ("primer", "smoke", {"train.seed": 5}, r"'train.seed' is not read: .* e\.g\. -o seeds=\[5\]"),
+    ("psd", "smoke", {"teacher_train.seed": 3}, r"'teacher_train.seed' is not read"),
+    # full's lambda_sweep is null: a partial section failed with a KeyError after the chapter's training
+    ("indeed", "full", {"lambda_sweep.lams": [0.1, 0.3]}, r"lambda_sweep must be null or a mapping .*missing "
+                                                         r"\['data_seed', 'n_labels', 'seeds'\]"),
+    ("indeed", "smoke", {"lambda_sweep.lams": [-1]}, r"lambda_sweep.lams must be a non-empty list of numbers >= 0"),
+    ("indeed", "smoke", {"lambda_sweep.data_seed": 0.5}, r"lambda_sweep.data_seed must be a whole number >= 0"),
+    ("indeed", "smoke", {"lambda_sweep.n_labels": [12]}, r"lambda_sweep.n_labels must be a non-empty list"),
+    # model.weights failed at the first model build, after the data had loaded (on full, COCO/VOC)
+    ("primer", "full", {"model.weights": "imagnet"}, r"model.weights must be null .*did you mean 'imagenet'"),
+    ("splicemix", "full", {"model.weights": "none"}, r"model.weights must be null .*-o model.weights=null"),
+    ("psd", "full", {"model.backbone": "small_resnet"}, r"small_resnet has no pretrained weights"),
+    # scene options no profile sets had no reference type: raw strings and fractions reached SceneSpec
+    ("primer", "smoke", {"data.scenes.world_seed": "abc"}, r"'data.scenes.world_seed' takes a number"),
+    ("primer", "smoke", {"data.scenes.world_seed": -1}, r"'data.scenes.world_seed' takes a whole number >= 0"),
+    ("primer", "smoke", {"data.scenes.n_digits": 5.5}, r"'data.scenes.n_digits' takes a whole number"),
+    # lists of counts: 2.5 epochs trained 2, lowres 1.5 failed after section 3's training
+    ("ltml", "smoke", {"budget_check.epochs": [2.5]}, r"'budget_check.epochs' is a list of counts: give whole"),
+    ("ltml", "smoke", {"budget_check.epochs": [0]}, r"'budget_check.epochs' is a list of counts"),
+    ("splicemix", "smoke", {"analysis.lowres": [1.5]}, r"'analysis.lowres' is a list of counts"),
+    ("assocformer", "smoke", {"analysis.cost_classes": [0]}, r"'analysis.cost_classes' is a list of counts"),
+    ("assocformer", "smoke", {"analysis.cost_dim": 0}, r"'analysis.cost_dim' is a count"),
+    # a real dataset asked of a scenes profile blamed data.scenes, which the user did not give
+    ("ltml", "default", {"data.dataset": "coco_lt"}, r"profile 'default' runs on the embedded scenes.*use --profile "
+                                                      r"full -o data.dataset=coco_lt"),
+])
+def test_overrides_that_were_ignored_or_failed_after_training_are_refused(chapter, profile, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        load_profile(chapter, profile, overrides)
+
+
+def test_the_new_checks_leave_legitimate_values_alone(tmp_path):
+    assert load_profile("primer", "smoke", {"train.seed": 0})["train"]["seed"] == 0  # restating it is harmless
+    assert load_profile("primer", "smoke", {"data.scenes.world_seed": 7.0})["data"]["scenes"]["world_seed"] == 7
+    assert load_profile("primer", "smoke", {"data.scenes.p_bias": "1e-1"})["data"]["scenes"]["p_bias"] == 0.1
+    sweep = {"lams": [0.1, 1], "n_labels": [2, 7], "seeds": [0], "data_seed": 1}
+    assert load_profile("indeed", "full", {"lambda_sweep": sweep})["lambda_sweep"] == sweep
+    assert load_profile("indeed", "smoke", {"lambda_sweep": None})["lambda_sweep"] is None
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"")
+    for w in ("imagenet", None, str(weights)):
+        assert load_profile("primer", "full", {"model.weights": w})["model"]["weights"] == w
+    assert load_profile("ltml", "smoke", {"budget_check.epochs": [2.0, 3]})["budget_check"]["epochs"] == [2.0, 3]
+
+
+def test_a_mistyped_chapter_gets_a_close_match(capsys):
+    assert cli.main(["reproduce", "psdd"]) == 2
+    assert "'psdd' matches no chapter (did you mean 'psd'?)" in capsys.readouterr().err
+
+
 def test_an_unknown_key_lists_the_keys_the_sections_validators_accept():
     """The list left out keys a section's validator accepts though no profile gives them (data.scenes.p_bias)."""
     with pytest.raises(ValueError, match=r"did you mean 'data\.scenes\.p_bias'") as err:
@@ -760,6 +814,44 @@ def test_train_scene_model_trains_what_its_arguments_say(monkeypatch, tmp_path):
     assert not all(torch.equal(a, b) for a, b in zip(m0.parameters(), m1.parameters(), strict=True))
     assert len({d0, d1, d2, d3}) == 4  # seed and extra_key each change the run folder
     assert m0.pool.kind == "avg"
+
+
+def test_a_callers_own_model_enters_the_scene_runs_key(monkeypatch, tmp_path):
+    """A model passed to ``train_scene_model`` is not described by the profile's model settings: two models of the
+    same parameter shapes (max- and average-pooled) must not share a cached run."""
+    from mlic_lib import experiments
+
+    monkeypatch.setenv("MLIC_CACHE", str(tmp_path))
+    seen = []
+    monkeypatch.setattr(experiments, "fit", lambda model, tr, te, cfg, **kw: seen.append(kw["run_dir"]))
+    settings = load_profile("primer", "smoke")
+    data = experiments.scene_data(settings)
+    for pool in ("max", "avg", "avg"):
+        seed_everything(0)
+        experiments.train_scene_model(settings, data, model=build_model("small_resnet", data.num_classes, pool=pool))
+    assert seen[0] != seen[1] and seen[1] == seen[2]
+
+
+def test_a_killed_writers_scene_file_is_removed_and_a_damaged_one_regenerated(tmp_path):
+    """``cached_scenes`` tidies the temporary files of a writer killed mid-write once they are stale, and a
+    damaged cache file is moved aside with a warning and drawn again, not a bare zip error."""
+    from mlic_lib.experiments import cached_scenes
+
+    spec = SceneSpec()
+    first = cached_scenes(12, spec, seed=3)
+    folder = tmp_path / "cache" / "data"
+    (npz,) = folder.glob("scenes-*.npz")
+    stale, fresh = folder / f".{npz.name}.abcd1234.tmp", folder / f".{npz.name}.efgh5678.tmp"
+    stale.write_bytes(b"half")
+    fresh.write_bytes(b"half")
+    os.utime(stale, (time.time() - 3600,) * 2)
+    npz.write_bytes(npz.read_bytes()[: npz.stat().st_size // 2])
+    with pytest.warns(RuntimeWarning, match="damaged or unreadable.*generating the scenes again"):
+        again = cached_scenes(12, spec, seed=3)
+    np.testing.assert_array_equal(again.images, first.images)
+    assert not stale.exists() and fresh.exists()  # a temporary file being written now is left alone
+    assert (folder / (npz.name + ".corrupt")).is_file()
+    np.testing.assert_array_equal(cached_scenes(12, spec, seed=3).images, first.images)  # the new file loads
 
 
 def test_the_scene_cache_keeps_each_mode_apart(tmp_path):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 from collections.abc import Mapping
 from importlib import resources
 from typing import Any
@@ -84,7 +85,8 @@ VALUE_CHECKS = {
                     "analysis.regularizers": ("mlic_lib.models.assocformer", "check_regularizers")},
     "indeed": {"indeed": ("mlic_lib.indeed", "check_options"), "model.name": ("mlic_lib.indeed", "check_model_name"),
                "n_labels": ("mlic_lib.indeed", "check_n_labels"),
-               "ablation_n_labels": ("mlic_lib.indeed", "check_ablation_n_labels")},
+               "ablation_n_labels": ("mlic_lib.indeed", "check_ablation_n_labels"),
+               "lambda_sweep": ("mlic_lib.profiles", "check_lambda_sweep")},
     "ltml": {"model": ("mlic_lib.ltml", "check_model_options"), "ltml": ("mlic_lib.ltml", "check_options")},
     "splicemix": {"methods": ("mlic_lib.splicemix_cl", "check_methods"),
                   "mixing": ("mlic_lib.splicemix_cl", "check_mixing"),
@@ -100,6 +102,62 @@ for _checks in VALUE_CHECKS.values():
 SETTINGS_CHECKS = {"splicemix": {"regime_check": ("mlic_lib.splicemix_cl", "check_regime_methods"),
                                  "methods": ("mlic_lib.splicemix_cl", "check_regime_methods"),
                                  "data": ("mlic_lib.splicemix_cl", "check_no_label_mask")}}
+_WEIGHTS = ("mlic_lib.profiles", "check_model_weights")
+for _chapter in ("primer", "psd", "splicemix", "ltml"):  # the chapters whose model goes to build_model(weights=...)
+    SETTINGS_CHECKS.setdefault(_chapter, {})["model"] = _WEIGHTS
+
+
+def check_model_weights(settings: Mapping[str, Any]) -> None:
+    """``model.weights`` as :func:`mlic_lib.models.backbones.build_model` takes it, checked when an override touches
+    ``model``: null (random init), ``imagenet``, or the path of an existing state-dict file; small_resnet has none.
+    Otherwise a typo (``imagnet``) or ``none`` failed at the chapter's first model build, after its data was loaded
+    (on ``full``, after COCO/VOC), or in ``mlic teachers``' workers. Kept here: the backbones module is part of every
+    run's cache key."""
+    from pathlib import Path
+
+    model = settings.get("model")
+    if not isinstance(model, Mapping):
+        return
+    weights, backbone = model.get("weights"), model.get("backbone")
+    if weights is None:
+        return
+    if backbone == "small_resnet":
+        raise ValueError(f"model.weights is {weights!r}, but small_resnet has no pretrained weights: give "
+                         "-o model.weights=null (random init), or a backbone with weights (resnet18/34/50/101)")
+    if weights == "imagenet":
+        return
+    if not isinstance(weights, (str, Path)) or not Path(weights).expanduser().is_file():
+        close = difflib.get_close_matches(str(weights), ["imagenet"], n=1)
+        hint = (" (did you mean 'imagenet'?)" if close else
+                " (no pretrained weights is null: -o model.weights=null)"
+                if str(weights).lower() in ("none", "false", "no", "off", "scratch", "random") else "")
+        raise ValueError(f"model.weights must be null (random init), imagenet or the path of an existing .pth "
+                         f"file, got {weights!r}{hint}")
+
+
+LAMBDA_SWEEP_KEYS = ("lams", "n_labels", "seeds", "data_seed")  # INDeeD's lambda_sweep, as the chapter reads it
+
+
+def check_lambda_sweep(sweep: Any) -> None:
+    """INDeeD's ``lambda_sweep``: null/false (skipped) or ``{lams, n_labels, seeds, data_seed}``, every key given (the
+    chapter reads all four after its main training: a partial section given where the profile has null failed there
+    with a KeyError). Kept here, not in :mod:`mlic_lib.indeed`, whose source is part of its runs' cache keys."""
+    if not sweep:
+        return
+    example = "-o 'lambda_sweep={lams: [0.1, 0.3, 1.0], n_labels: [2, 7], seeds: [0], data_seed: 1}'"
+    if not isinstance(sweep, Mapping) or set(sweep) != set(LAMBDA_SWEEP_KEYS):
+        missing = sorted(set(LAMBDA_SWEEP_KEYS) - set(sweep)) if isinstance(sweep, Mapping) else []
+        raise ValueError(f"lambda_sweep must be null or a mapping with the keys {list(LAMBDA_SWEEP_KEYS)}"
+                         + (f" (missing {missing})" if missing else "") + f", got {sweep!r}; e.g. {example}")
+    from mlic_lib.checks import number, whole_list
+    from mlic_lib.indeed import _check_label_counts
+
+    lams = sweep["lams"]
+    if not isinstance(lams, (list, tuple)) or not lams or any((x := number(v)) is None or x < 0 for v in lams):
+        raise ValueError(f"lambda_sweep.lams must be a non-empty list of numbers >= 0 (lambda of Eq. 6), got {lams!r}")
+    _check_label_counts(sweep["n_labels"], "lambda_sweep.n_labels")
+    if not whole_list([sweep["data_seed"]], 0):
+        raise ValueError(f"lambda_sweep.data_seed must be a whole number >= 0, got {sweep['data_seed']!r}")
 
 
 def parse_overrides(items: str | list[str] | tuple[str, ...]) -> dict[str, Any]:
@@ -173,6 +231,19 @@ def _every_key(chapter: str, settings: Mapping[str, Any], valid: set[str]) -> se
     return out
 
 
+def _scene_default(parent: str, leaf: str) -> Any:
+    """The default of :class:`~mlic_lib.data.scenes.SceneSpec`'s field ``leaf`` when ``parent`` is a ``scenes``
+    section (``None`` otherwise): the kind of value an override of a field that no profile sets must have."""
+    if parent.rsplit(".", 1)[-1] != "scenes":
+        return None
+    from dataclasses import MISSING, fields
+
+    from mlic_lib.data.scenes import SceneSpec
+
+    f = next((f for f in fields(SceneSpec) if f.name == leaf), None)
+    return None if f is None or f.default is MISSING else f.default
+
+
 def _is_number(text: str) -> bool:
     try:
         float(text)
@@ -223,8 +294,8 @@ def _is_seed_list(key: str) -> bool:
 def _is_count(key: str) -> bool:
     """A number of images, epochs, repeats or inits (``cam_images``, ``ratio_epochs``, ``n_init``, ...)."""
     leaf = key.rsplit(".", 1)[-1]
-    return leaf == "epochs" or leaf.startswith("n_") or leaf.endswith(("_images", "_epochs", "_batch", "_batch_size",
-                                                                       "_repeats"))
+    return leaf in ("epochs", "lowres") or leaf.startswith("n_") or leaf.endswith((
+        "_images", "_epochs", "_batch", "_batch_size", "_repeats", "_dim", "_classes"))
 
 
 def _check_general(key: str, value: Any, in_profiles: list[tuple[bool, Any]]) -> None:
@@ -250,6 +321,12 @@ def _check_general(key: str, value: Any, in_profiles: list[tuple[bool, Any]]) ->
         if not whole_list([value], 1):
             raise ValueError(f"parameter {key!r} is a count: give a whole number >= 1 (the profiles give "
                              f"{', '.join(map(str, sorted(set(given))))}); got {value!r}")
+    # a list of counts (budget_check.epochs, analysis.lowres, analysis.cost_classes): the notebooks int() each
+    # entry (2.5 epochs trained 2) or fail on it after the chapter's training
+    if _is_count(key) and given and all(whole_list(v, 1) for v in given) and not (value is None and nullable):
+        if not whole_list(value, 1):
+            raise ValueError(f"parameter {key!r} is a list of counts: give whole numbers >= 1, e.g. -o {key}="
+                             f"[{','.join(map(str, given[0]))}]; got {value!r}")
 
 
 def load_profile(chapter: str, profile: str = "default",
@@ -266,6 +343,7 @@ def load_profile(chapter: str, profile: str = "default",
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ValueError(f"unknown profile {profile!r} for chapter {chapter!r}{hint}; choose one of {sorted(data)}")
     settings = copy.deepcopy(data[profile])
+    data_profiles = {p: v.get("data") for p, v in data.items() if isinstance(v, Mapping)}
     valid: set[str] = set()
     open_maps: set[str] = set()  # mappings that are empty in some profile: any key goes (e.g. backbone_kwargs)
     nullable: set[str] = set()  # keys that are null in some profile (a part turned off): null may be given
@@ -311,6 +389,10 @@ def load_profile(chapter: str, profile: str = "default",
             close = difflib.get_close_matches(key, sorted(every), n=3)
             hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
             raise ValueError(f"unknown parameter {key!r} for chapter {chapter!r}{hint}; valid keys: {sorted(every)}")
+        if leaf == "seed" and parent.rsplit(".", 1)[-1] in TRAIN_SECTIONS and value != _lookup(settings, key)[1]:
+            # every chapter trains with {**train, "seed": s} for each seed s of its seed lists: the value is never read
+            raise ValueError(f"{key!r} is not read: the chapters train one run per seed of 'seeds' (each run's seed "
+                             f"replaces {key}); give the seeds instead, e.g. -o seeds=[{value}]")
         kind = _train_field_kinds().get(leaf) if parent.rsplit(".", 1)[-1] in TRAIN_SECTIONS else None
         if kind is not None:  # TrainConfig's own check, now rather than when a run starts
             from mlic_lib.engine import _typed
@@ -320,6 +402,9 @@ def load_profile(chapter: str, profile: str = "default",
             found, ref = _lookup(settings, key)
             if not found or ref is None:  # absent, or off in this profile: the kind of value another profile gives
                 ref = reference(key)
+            scene_default = _scene_default(parent, leaf)
+            if ref is None and scene_default is not None:  # a SceneSpec field no profile sets: its default's kind
+                ref = scene_default
             optional = key in nullable or not all(_lookup(prof, key)[0] for prof in data.values())
             if value is None and isinstance(ref, Mapping) and ref and not optional:
                 raise ValueError(f"{key!r} is a section that no profile turns off: null is not accepted; override "
@@ -328,6 +413,14 @@ def load_profile(chapter: str, profile: str = "default",
                 raise ValueError(f"parameter {key!r} cannot be null (no profile turns it off); give a value like "
                                  f"{ref!r}")  # names and lists may be null (model.weights=null: from scratch)
             value = _coerce(key, value, ref)
+            if isinstance(scene_default, int) and not isinstance(scene_default, bool):  # SceneSpec's int fields
+                from mlic_lib.checks import number  # (their ranges are SceneSpec's own check, below)
+
+                low = 0 if leaf == "world_seed" else -math.inf  # numpy seeds are >= 0
+                if (x := number(value, whole=True)) is None or x < low:
+                    raise ValueError(f"parameter {key!r} takes a whole number{' >= 0' if low == 0 else ''} (like "
+                                     f"{scene_default}), got {value!r}")
+                value = int(value)  # 2.0 is 2: the same scenes, so the same cache key
         node = settings
         *parents, leaf = key.split(".")
         for p in parents:
@@ -340,6 +433,14 @@ def load_profile(chapter: str, profile: str = "default",
     def touches(key: str) -> bool:
         return any(k == key or k.startswith(f"{key}.") for k in touched)
 
+    dsec = settings.get("data")
+    if touches("data.dataset") and isinstance(dsec, Mapping) and dsec.get("dataset") not in (None, "scenes") and (
+            "scenes" in dsec):  # the section's own check would name data.scenes, which the user did not give
+        real = [p for p, d in data_profiles.items() if isinstance(d, Mapping) and "scenes" not in d
+                and d.get("dataset") not in (None, "scenes")]
+        raise ValueError(f"data.dataset={dsec['dataset']}: profile {profile!r} runs on the embedded scenes "
+                         "(its data section has scenes options), not a real dataset"
+                         + (f"; use --profile {real[0]} -o data.dataset={dsec['dataset']}" if real else ""))
     for section, (module, function) in VALUE_CHECKS.get(chapter, {}).items():
         if touches(section):
             import importlib
