@@ -803,6 +803,9 @@ def _check_label_counts(values: Any, key: str) -> None:
             or any(isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 9 for n in values)):
         raise ValueError(f"{key} must be a non-empty list of label counts N from 1 to 9 (distinct digits in the 3x3 "
                          f"cells of a canvas), got {values!r}")
+    if len(set(values)) != len(values):  # one N twice: the same runs twice, and a table with a repeated column
+        raise ValueError(f"{key} repeats a label count ({list(values)!r}): give each N once, e.g. "
+                         f"{sorted(set(values))!r}")
 
 
 def check_n_labels(values: Any) -> None:

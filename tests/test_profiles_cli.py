@@ -637,6 +637,11 @@ def test_override_values_are_checked_before_a_kernel_starts(chapter, overrides, 
     ("indeed", "smoke", {"lambda_sweep.lams": [-1]}, r"lambda_sweep.lams must be a non-empty list of numbers >= 0"),
     ("indeed", "smoke", {"lambda_sweep.data_seed": 0.5}, r"lambda_sweep.data_seed must be a whole number >= 0"),
     ("indeed", "smoke", {"lambda_sweep.n_labels": [12]}, r"lambda_sweep.n_labels must be a non-empty list"),
+    ("indeed", "smoke", {"data.source": "mnsit"}, r"data.source must be one of .*did you mean 'mnist'"),
+    ("indeed", "smoke", {"data.downsample": 3}, r"data.downsample=3 does not divide the 28-pixel cells .*\[1, 2, 4, "
+                                                r"7, 14, 28\]"),
+    ("indeed", "full", {"data.downsample": 3}, r"does not divide the 28-pixel cells of the mnist canvases"),
+    ("indeed", "smoke", {"n_labels": [2, 2]}, r"n_labels repeats a label count \(\[2, 2\]\).*\[2\]"),
     # model.weights failed at the first model build, after the data had loaded (on full, COCO/VOC)
     ("primer", "full", {"model.weights": "imagnet"}, r"model.weights must be null .*did you mean 'imagenet'"),
     ("splicemix", "full", {"model.weights": "none"}, r"model.weights must be null .*-o model.weights=null"),
@@ -667,6 +672,7 @@ def test_the_new_checks_leave_legitimate_values_alone(tmp_path):
     sweep = {"lams": [0.1, 1], "n_labels": [2, 7], "seeds": [0], "data_seed": 1}
     assert load_profile("indeed", "full", {"lambda_sweep": sweep})["lambda_sweep"] == sweep
     assert load_profile("indeed", "smoke", {"lambda_sweep": None})["lambda_sweep"] is None
+    assert load_profile("indeed", "smoke", {"data.downsample": 4})["data"]["downsample"] == 4
     weights = tmp_path / "w.pth"
     weights.write_bytes(b"")
     for w in ("imagenet", None, str(weights)):

@@ -102,6 +102,7 @@ for _checks in VALUE_CHECKS.values():
 SETTINGS_CHECKS = {"splicemix": {"regime_check": ("mlic_lib.splicemix_cl", "check_regime_methods"),
                                  "methods": ("mlic_lib.splicemix_cl", "check_regime_methods"),
                                  "data": ("mlic_lib.splicemix_cl", "check_no_label_mask")}}
+SETTINGS_CHECKS["indeed"] = {"data": ("mlic_lib.profiles", "check_indeed_data")}
 _WEIGHTS = ("mlic_lib.profiles", "check_model_weights")
 for _chapter in ("primer", "psd", "splicemix", "ltml"):  # the chapters whose model goes to build_model(weights=...)
     SETTINGS_CHECKS.setdefault(_chapter, {})["model"] = _WEIGHTS
@@ -133,6 +134,31 @@ def check_model_weights(settings: Mapping[str, Any]) -> None:
                 if str(weights).lower() in ("none", "false", "no", "off", "scratch", "random") else "")
         raise ValueError(f"model.weights must be null (random init), imagenet or the path of an existing .pth "
                          f"file, got {weights!r}{hint}")
+
+
+#: INDeeD's canvas sources and the side of one of their 3x3 cells in pixels (MNIST digits 28, CIFAR-10 images 32).
+INDEED_CELL_SIDE = {"embedded": 28, "mnist": 28, "cifar10": 32}
+
+
+def check_indeed_data(settings: Mapping[str, Any]) -> None:
+    """INDeeD's ``data.source`` (``embedded``, ``mnist`` or ``cifar10``) and ``data.downsample``, which must divide
+    the side of a canvas cell: a factor that only divides the canvas (3 of 84) pools across the cells' borders, and
+    the chapter's cell boxes (``cell side // downsample``) drift off the cells. Otherwise an unknown source failed in
+    the chapter's first cell with a bare error. Kept here, not in :mod:`mlic_lib.indeed`, whose source is part of
+    its runs' cache keys."""
+    data = settings.get("data")
+    if not isinstance(data, Mapping):
+        return
+    source = data.get("source", "embedded")
+    if source not in INDEED_CELL_SIDE:
+        close = difflib.get_close_matches(str(source), list(INDEED_CELL_SIDE), n=1)
+        raise ValueError(f"data.source must be one of {list(INDEED_CELL_SIDE)}, got {source!r}"
+                         + (f" (did you mean {close[0]!r}?)" if close else ""))
+    side, ds = INDEED_CELL_SIDE[source], data.get("downsample", 1)
+    if isinstance(ds, int) and not isinstance(ds, bool) and ds >= 1 and side % ds:
+        ok = [f for f in range(1, side + 1) if side % f == 0]
+        raise ValueError(f"data.downsample={ds} does not divide the {side}-pixel cells of the {source} canvases (the "
+                         f"pooled cells would mix neighbouring cells); give one of {ok}")
 
 
 LAMBDA_SWEEP_KEYS = ("lams", "n_labels", "seeds", "data_seed")  # INDeeD's lambda_sweep, as the chapter reads it
