@@ -296,18 +296,58 @@ def stage_sources(root: Path, build: Path, executed: Path) -> Path:
     return src
 
 
+def _assignments(source: str) -> dict[str, Any] | None:
+    """The ``name = literal`` assignments of a parameters cell, or ``None`` if it holds anything else."""
+    import ast
+
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return None
+    out: dict[str, Any] = {}
+    for node in tree.body:
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+            return None
+        try:
+            out[node.targets[0].id] = ast.literal_eval(node.value)
+        except ValueError:
+            return None
+    return out
+
+
 def _hide_default_parameters(path: Path) -> None:
-    """In the book's copy, hide the notebook's own ``parameters`` cell when papermill injected the
-    values actually used (its ``injected-parameters`` cell stays visible)."""
+    """In the book's copy, show one parameters cell where papermill injected the values used: the notebook's own
+    cell (with every parameter and its comments, e.g. ``overrides``, which papermill injects only when given) when
+    the injected values are its defaults, else the injected cell, headed by the notebook's own cell as a comment so
+    the reader still sees every parameter."""
     import json
 
     nb = json.loads(path.read_text())
-    tags = [c.get("metadata", {}).get("tags", []) for c in nb["cells"]]
-    if not any("injected-parameters" in t for t in tags):
+    cells = nb["cells"]
+    tags = [c.get("metadata", {}).get("tags", []) for c in cells]
+    injected = [c for c, t in zip(cells, tags, strict=True) if "injected-parameters" in t]
+    own = [c for c, t in zip(cells, tags, strict=True) if "parameters" in t and "remove-cell" not in t]
+    if not injected:
         return
-    for cell, t in zip(nb["cells"], tags, strict=True):
-        if "parameters" in t and "remove-cell" not in t:
-            cell.setdefault("metadata", {})["tags"] = [*t, "remove-cell"]
+
+    def text(cell: dict) -> str:
+        return "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
+
+    def hide(cell: dict) -> None:
+        cell.setdefault("metadata", {})["tags"] = [*cell["metadata"].get("tags", []), "remove-cell"]
+
+    defaults = _assignments(text(own[0])) if len(own) == 1 else None
+    given = _assignments(text(injected[0])) if len(injected) == 1 else None
+    if defaults is not None and given is not None and all(k in defaults and defaults[k] == v for k, v in given.items()):
+        for cell in injected:
+            hide(cell)
+    else:
+        for cell in own:
+            hide(cell)
+        if len(own) == 1 and len(injected) == 1:
+            head = "".join(f"# {line}\n" if line else "#\n" for line in text(own[0]).splitlines())
+            injected[0]["source"] = (f"# The notebook's parameters:\n{head}# The values this build ran with:\n"
+                                     + text(injected[0]).replace("# Parameters\n", "", 1))
     path.write_text(json.dumps(nb, indent=1))
 
 

@@ -68,20 +68,39 @@ def test_published_rows_name_keys_the_chapters_write():
             assert isinstance(row.get("published", 0.0), int | float), (chapter, row)
 
 
-def test_default_parameters_hidden_only_when_injected(tmp_path):
-    def nb(*tag_lists):
-        cells = [{"cell_type": "code", "metadata": {"tags": list(t)}, "source": "", "outputs": []}
-                 for t in tag_lists]
-        return {"cells": cells, "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+OWN = 'profile = "default"  # smoke | default | full\noverrides = {}  # dotted keys, e.g. {"train.epochs": 3}'
 
+
+def _parameters_nb(injected: str | None) -> dict:
+    cells = [{"cell_type": "code", "metadata": {"tags": ["parameters"]}, "source": OWN, "outputs": []}]
+    if injected is not None:
+        cells.append({"cell_type": "code", "metadata": {"tags": ["injected-parameters"]}, "source": injected,
+                      "outputs": []})
+    cells.append({"cell_type": "code", "metadata": {"tags": []}, "source": "x = 1", "outputs": []})
+    return {"cells": cells, "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+
+
+def test_the_book_shows_one_parameters_cell_with_every_parameter(tmp_path):
+    """The book showed papermill's injected cell (``profile = "default"``) and hid the notebook's own, so the
+    ``overrides`` the text points at appeared nowhere: with the default values the own cell is shown; with other
+    values the injected cell, headed by the own cell as a comment."""
     path = tmp_path / "a.ipynb"
-    path.write_text(json.dumps(nb(["parameters"], ["injected-parameters"], [])))
+    path.write_text(json.dumps(_parameters_nb('# Parameters\nprofile = "default"\n')))
     _hide_default_parameters(path)
-    tags = [c["metadata"]["tags"] for c in json.loads(path.read_text())["cells"]]
-    assert tags == [["parameters", "remove-cell"], ["injected-parameters"], []]
-    path.write_text(json.dumps(nb(["parameters"], [])))
+    cells = json.loads(path.read_text())["cells"]
+    assert [c["metadata"]["tags"] for c in cells] == [["parameters"], ["injected-parameters", "remove-cell"], []]
+    assert cells[0]["source"] == OWN
+    path.write_text(json.dumps(_parameters_nb('# Parameters\nprofile = "smoke"\noverrides = {"train.epochs": 1}\n')))
     _hide_default_parameters(path)
-    assert json.loads(path.read_text())["cells"][0]["metadata"]["tags"] == ["parameters"]
+    cells = json.loads(path.read_text())["cells"]
+    assert [c["metadata"]["tags"] for c in cells] == [["parameters", "remove-cell"], ["injected-parameters"], []]
+    assert cells[1]["source"] == (
+        "# The notebook's parameters:\n# profile = \"default\"  # smoke | default | full\n# overrides = {}  # dotted "
+        "keys, e.g. {\"train.epochs\": 3}\n# The values this build ran with:\nprofile = \"smoke\"\n"
+        "overrides = {\"train.epochs\": 1}\n")
+    path.write_text(json.dumps(_parameters_nb(None)))  # not run by papermill: nothing to hide
+    _hide_default_parameters(path)
+    assert [c["metadata"]["tags"] for c in json.loads(path.read_text())["cells"]] == [["parameters"], []]
 
 
 def test_seed_spread_and_verdicts():
