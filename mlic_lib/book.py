@@ -440,8 +440,9 @@ def reproduction_page(results: Path, published: Path) -> str:
             value, std = flat.get(row["key"]), flat.get(row.get("std"))
             scale = {k: _scale(k, units, unit) for k in (row["key"], row.get("std")) if k in flat}
             misfit = [k for k, f in scale.items() if f is None]
-            if value is None:
-                ours = "not computed in this build"
+            if value is None:  # an optional row needs reference files or settings this build did not have
+                ours = ("not computed in this build" + (f" ({row['needs']})" if row.get("needs") else "")
+                        if row.get("optional") else "not computed in this build")
             elif not units:
                 ours = "the results file declares no units (written by an older mlic_lib): rerun the chapter"
             elif misfit:

@@ -32,7 +32,8 @@ def test_reproduction_page_puts_ours_next_to_published(tmp_path, monkeypatch):
         "    - {label: an index, key: ari, unit: ARI}\n"
         "    - {label: wrong unit, key: secs, unit: '%'}\n"
         "    - {label: wrong std, key: mAP_x, std: secs, unit: '%'}\n"
-        "    - {label: absent, key: nope, unit: '%', published: 1.0}\n")
+        "    - {label: absent, key: nope, unit: '%', published: 1.0}\n"
+        "    - {label: needs files, key: nope, unit: '%', optional: true, needs: the label files}\n")
     page = reproduction_page(tmp_path / "res", published)
     assert "## Demo paper" in page and "Profile `smoke`" in page and "Published: Table 1." in page
     assert "| Baseline mAP | % | 61.50 | 93.3 |" in page  # stored in %: shown as is
@@ -44,6 +45,7 @@ def test_reproduction_page_puts_ours_next_to_published(tmp_path, monkeypatch):
     assert "| wrong unit | % | secs is stored in unit 's', not '%' | - |" in page  # never a number on the wrong scale
     assert "| wrong std | % | secs is stored in unit 's', not '%' | - |" in page  # nor a spread
     assert "| absent | % | not computed in this build | 1.0 |" in page
+    assert "| needs files | % | not computed in this build (the label files) | - |" in page  # an optional row says why
     assert "cached" not in page and "note" not in page  # only the listed rows
     other = tmp_path / "other.yaml"
     other.write_text("demo:\n  paper: Demo paper\n")
