@@ -449,9 +449,7 @@ def _rng_state(loader_generators: Iterable[torch.Generator] = ()) -> dict:
                        "has_gauss": int(has_gauss), "gauss": float(gauss)}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
-    loaders = [g.get_state() for g in loader_generators]
-    if loaders:
-        state["loader"] = loaders
+    state["loader"] = [g.get_state() for g in loader_generators]  # [] too: tells a checkpoint of older code apart
     return state
 
 
@@ -471,12 +469,15 @@ def _rng_states_of_all_ranks(loader_generators: Iterable[torch.Generator] = ()) 
 
 def _set_rng_state(state: Mapping, loader_generators: list[torch.Generator] | None = None) -> None:
     """Restore :func:`_rng_state`'s states (CPU tensors, as :func:`_read_last` reads them)."""
+    if "loader" not in state and loader_generators:  # written before the loaders' generators were kept
+        warnings.warn("the checkpoint predates the saving of the training loader's generator states: the resumed "
+                      "run restarts them from their seed (the first epoch's order)", RuntimeWarning, stacklevel=3)
     saved = state.get("loader", [])
-    if len(saved) != len(loader_generators or []):
+    if "loader" in state and len(saved) != len(loader_generators or []):
         raise ValueError(f"the checkpoint holds the states of {len(saved)} generator(s) of the training loader, but "
                          f"the loader passed now has {len(loader_generators or [])}: resume with a loader built as "
                          "the interrupted run's was (with or without its generator), or delete the run folder")
-    for g, s in zip(loader_generators or [], saved, strict=True):
+    for g, s in zip(loader_generators or [] if "loader" in state else [], saved, strict=True):
         g.set_state(s)
     torch.set_rng_state(state["torch"])
     n = state["numpy"]

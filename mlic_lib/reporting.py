@@ -339,11 +339,17 @@ def correlation_signs(r, p, paper_sign: int = 1, alpha: float = 0.05) -> dict[st
 def spread_note(diff: float, *stds: float, n_seeds: int | None = None, decimals: int = 1) -> str:
     """:func:`spread_verdict` as a phrase with the spread's value, for printed sentences, e.g.
     ``"within the seed spread of 1.4, so not a measurable difference"`` or ``"larger than the seed spread of
-    1.4 (borderline: within 1.5 times the spread)"``."""
+    1.4 (borderline: within 1.5 times the spread)"``.
+
+    ``decimals`` are those the caller prints ``diff`` with. Where the difference and the spread at those decimals
+    would read as another band than the verdict's (+1.4 "larger than" a spread of 1.4, or +2.2 beyond a spread of
+    1.5 and yet borderline), the phrase starts with the difference to the decimals that tell them apart:
+    ``"+1.44, larger than the seed spread of 1.41 (borderline: ...)"``."""
     s = seed_spread(*stds, n_seeds=n_seeds)
-    decimals = _telling_decimals(diff, s, decimals)  # the spread must not print as |diff| does (up to 3 more digits)
-    return spread_verdict(diff, s, up=f"larger than the seed spread of {s:.{decimals}f}{borderline_note(diff, s)}",
-                          within=f"within the seed spread of {s:.{decimals}f}, so not a measurable difference",
+    k = _telling_decimals(diff, s, decimals)
+    lead = f"{diff:+.{k}f}, " if k > decimals else ""
+    return spread_verdict(diff, s, up=f"{lead}larger than the seed spread of {s:.{k}f}{borderline_note(diff, s)}",
+                          within=f"{lead}within the seed spread of {s:.{k}f}, so not a measurable difference",
                           none="one seed: no spread to compare")
 
 
@@ -434,7 +440,10 @@ def claim_over(diffs: Mapping[Any, float], spread: float, paper_sign: int, label
     if not any(np.isfinite(v) for v in diffs.values()):
         return "; ".join(f"{label}{k}: no value" for k in diffs) + f": {NO_VALUE}, so no verdict"
     verdicts = {k: paper_verdict(v, spread, paper_sign) for k, v in diffs.items()}
-    decimals = max(_telling_decimals(v, spread, decimals) for v in diffs.values())  # no |diff| printed as the spread
+    # the fewest decimals telling for every difference at once (the max of each one's own need is not: more digits
+    # can move another difference's printed value across a band edge)
+    decimals = next((k for k in range(decimals, decimals + 4)
+                     if all(_telling_decimals(v, spread, k) == k for v in diffs.values())), decimals + 3)
     values = "; ".join(f"{label}{k}: " + (f"{v:+.{decimals}f}" if np.isfinite(v) else "no value")
                        + (" (borderline)" if borderline_flag(v, spread) else "") for k, v in diffs.items()) + f" {unit}"
     if not np.isfinite(spread):

@@ -1092,6 +1092,31 @@ def test_a_resumed_run_goes_on_with_the_order_of_a_callers_seeded_data_loader(tm
             progress=False)
 
 
+def test_a_checkpoint_of_older_code_without_loader_states_resumes_with_a_warning(tmp_path):
+    """``last.pt`` written before the loaders' generator states were kept has no ``loader`` entry: it resumes (the
+    generator restarts from its seed, as it did then) with a warning, not an error about the loader."""
+    from torch.utils.data import DataLoader
+
+    from mlic_lib.utils import atomic_torch_save
+
+    ds, cfg = _tiny_loader_data(), TrainConfig(epochs=3, batch_size=8, scheduler="none", device="cpu")
+
+    def loader():
+        return DataLoader(ds, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0))
+
+    def interrupt(epoch, logs):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(_linear(), loader(), None, cfg, run_dir=tmp_path, progress=False, on_epoch_end=interrupt)
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    for state in ckpt["rng_ranks"]:
+        del state["loader"]
+    atomic_torch_save(ckpt, tmp_path / "last.pt")
+    with pytest.warns(RuntimeWarning, match="predates the saving of the training loader's generator"):
+        assert len(fit(_linear(), loader(), None, cfg, run_dir=tmp_path, progress=False).history) == 3
+
+
 def test_a_one_shot_iterator_or_an_unsized_loader_is_refused_with_the_fix():
     """A generator of batches is used up by the first epoch: it used to train epoch 0 and then fail with 'is the
     training set empty?'. An iterable without ``len()`` names ``steps_per_epoch``."""

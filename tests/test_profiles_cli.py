@@ -641,6 +641,8 @@ def test_override_values_are_checked_before_a_kernel_starts(chapter, overrides, 
     ("indeed", "smoke", {"data.downsample": 3}, r"data.downsample=3 does not divide the 28-pixel cells .*\[1, 2, 4, "
                                                 r"7, 14, 28\]"),
     ("indeed", "full", {"data.downsample": 3}, r"does not divide the 28-pixel cells of the mnist canvases"),
+    ("indeed", "full", {"cifar.data.downsample": 3}, r"cifar.data.downsample=3 does not divide the 32-pixel cells"),
+    ("indeed", "full", {"cifar.data.source": "cifar100"}, r"cifar.data.source must be one of .*did you mean 'cifar10'"),
     ("indeed", "smoke", {"n_labels": [2, 2]}, r"n_labels repeats a label count \(\[2, 2\]\).*\[2\]"),
     # model.weights failed at the first model build, after the data had loaded (on full, COCO/VOC)
     ("primer", "full", {"model.weights": "imagnet"}, r"model.weights must be null .*did you mean 'imagenet'"),
@@ -678,6 +680,15 @@ def test_the_new_checks_leave_legitimate_values_alone(tmp_path):
     for w in ("imagenet", None, str(weights)):
         assert load_profile("primer", "full", {"model.weights": w})["model"]["weights"] == w
     assert load_profile("ltml", "smoke", {"budget_check.epochs": [2.0, 3]})["budget_check"]["epochs"] == [2.0, 3]
+    # a relative weights file is read by the kernel in notebooks/, not where `mlic reproduce` checks: not refused
+    assert load_profile("primer", "full", {"model.weights": "r50.pth"})["model"]["weights"] == "r50.pth"
+    # the full profile's ML-CIFAR-10 section given to a CPU profile restates its seed: not a seed override
+    import copy
+
+    from mlic_lib.profiles import _read
+
+    cifar = copy.deepcopy(_read("indeed")["full"]["cifar"])
+    assert load_profile("indeed", "default", {"cifar": cifar})["cifar"]["train"]["seed"] == cifar["train"]["seed"]
 
 
 def test_a_mistyped_chapter_gets_a_close_match(capsys):

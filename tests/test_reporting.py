@@ -89,10 +89,17 @@ def test_printed_numbers_fall_in_the_category_the_verdict_states(diff, spread):
                      compare_rows(pd.DataFrame({2: [diff, 0.0]}, index=["m", "b"]),
                                   pd.DataFrame({2: [spread / 2 ** 0.5] * 2}, index=["m", "b"]), "m", "b"),
                      numbers=True)):
-        if text.startswith(("within", "larger")):  # spread_note prints the spread only
-            assert spread_category(diff, float(re.search(r"spread of (\d+\.\d+)", text).group(1))) == truth, text
+        if text.startswith(("within", "larger")):  # spread_note: the caller prints the difference (1 decimal here)
+            printed = float(re.search(r"spread of (\d+\.\d+)", text).group(1))
+            assert spread_category(round(diff, 1), printed) == truth, text
         else:
             assert _printed_category(text) == truth, text
+    # several differences against one spread: the decimals must tell every one of them (4.41 alone needed 1)
+    text = claim_over({0: 4.413, 1: -2.88, 2: -2.66}, 2.94, +1, "k=", decimals=1)
+    values = dict(re.findall(r"k=(\d): ([-+]\d+\.\d+)", text))
+    spread = float(re.search(r"seed spread (\d+\.\d+)", text).group(1))
+    for k, v in {0: 4.413, 1: -2.88, 2: -2.66}.items():
+        assert spread_category(float(values[str(k)]), spread) == spread_category(v, 2.94), text
     # the check can fail: two decimals print 1.43 against 1.44, beyond, where the numbers are within
     assert spread_category(1.43, round(1.4361, 1)) != spread_category(1.43, 1.4361)
 

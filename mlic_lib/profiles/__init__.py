@@ -102,7 +102,8 @@ for _checks in VALUE_CHECKS.values():
 SETTINGS_CHECKS = {"splicemix": {"regime_check": ("mlic_lib.splicemix_cl", "check_regime_methods"),
                                  "methods": ("mlic_lib.splicemix_cl", "check_regime_methods"),
                                  "data": ("mlic_lib.splicemix_cl", "check_no_label_mask")}}
-SETTINGS_CHECKS["indeed"] = {"data": ("mlic_lib.profiles", "check_indeed_data")}
+SETTINGS_CHECKS["indeed"] = {"data": ("mlic_lib.profiles", "check_indeed_data"),
+                              "cifar": ("mlic_lib.profiles", "check_indeed_data")}
 _WEIGHTS = ("mlic_lib.profiles", "check_model_weights")
 for _chapter in ("primer", "psd", "splicemix", "ltml"):  # the chapters whose model goes to build_model(weights=...)
     SETTINGS_CHECKS.setdefault(_chapter, {})["model"] = _WEIGHTS
@@ -127,7 +128,10 @@ def check_model_weights(settings: Mapping[str, Any]) -> None:
                          "-o model.weights=null (random init), or a backbone with weights (resnet18/34/50/101)")
     if weights == "imagenet":
         return
-    if not isinstance(weights, (str, Path)) or not Path(weights).expanduser().is_file():
+    path = Path(weights).expanduser() if isinstance(weights, (str, Path)) else None
+    # a relative path is read by the chapter's kernel, in notebooks/, not in the folder `mlic reproduce` runs in:
+    # only an absolute one can be checked here (load_weights_file names a missing relative one)
+    if path is None or not (path.is_file() or (not path.is_absolute() and path.suffix in (".pth", ".pt"))):
         close = difflib.get_close_matches(str(weights), ["imagenet"], n=1)
         hint = (" (did you mean 'imagenet'?)" if close else
                 " (no pretrained weights is null: -o model.weights=null)"
@@ -146,19 +150,21 @@ def check_indeed_data(settings: Mapping[str, Any]) -> None:
     the chapter's cell boxes (``cell side // downsample``) drift off the cells. Otherwise an unknown source failed in
     the chapter's first cell with a bare error. Kept here, not in :mod:`mlic_lib.indeed`, whose source is part of
     its runs' cache keys."""
-    data = settings.get("data")
-    if not isinstance(data, Mapping):
-        return
-    source = data.get("source", "embedded")
-    if source not in INDEED_CELL_SIDE:
-        close = difflib.get_close_matches(str(source), list(INDEED_CELL_SIDE), n=1)
-        raise ValueError(f"data.source must be one of {list(INDEED_CELL_SIDE)}, got {source!r}"
-                         + (f" (did you mean {close[0]!r}?)" if close else ""))
-    side, ds = INDEED_CELL_SIDE[source], data.get("downsample", 1)
-    if isinstance(ds, int) and not isinstance(ds, bool) and ds >= 1 and side % ds:
-        ok = [f for f in range(1, side + 1) if side % f == 0]
-        raise ValueError(f"data.downsample={ds} does not divide the {side}-pixel cells of the {source} canvases (the "
-                         f"pooled cells would mix neighbouring cells); give one of {ok}")
+    cifar = settings.get("cifar")
+    sections = {"data": settings.get("data"), "cifar.data": cifar.get("data") if isinstance(cifar, Mapping) else None}
+    for where, data in sections.items():  # the full profile's ML-CIFAR-10 section builds its canvases the same way
+        if not isinstance(data, Mapping):
+            continue
+        source = data.get("source", "embedded")
+        if source not in INDEED_CELL_SIDE:
+            close = difflib.get_close_matches(str(source), list(INDEED_CELL_SIDE), n=1)
+            raise ValueError(f"{where}.source must be one of {list(INDEED_CELL_SIDE)}, got {source!r}"
+                             + (f" (did you mean {close[0]!r}?)" if close else ""))
+        side, ds = INDEED_CELL_SIDE[source], data.get("downsample", 1)
+        if isinstance(ds, int) and not isinstance(ds, bool) and ds >= 1 and side % ds:
+            ok = [f for f in range(1, side + 1) if side % f == 0]
+            raise ValueError(f"{where}.downsample={ds} does not divide the {side}-pixel cells of the {source} "
+                             f"canvases (the pooled cells would mix neighbouring cells); give one of {ok}")
 
 
 LAMBDA_SWEEP_KEYS = ("lams", "n_labels", "seeds", "data_seed")  # INDeeD's lambda_sweep, as the chapter reads it
@@ -415,7 +421,7 @@ def load_profile(chapter: str, profile: str = "default",
             close = difflib.get_close_matches(key, sorted(every), n=3)
             hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
             raise ValueError(f"unknown parameter {key!r} for chapter {chapter!r}{hint}; valid keys: {sorted(every)}")
-        if leaf == "seed" and parent.rsplit(".", 1)[-1] in TRAIN_SECTIONS and value != _lookup(settings, key)[1]:
+        if leaf == "seed" and parent.rsplit(".", 1)[-1] in TRAIN_SECTIONS and value != reference(key, lambda r: True):
             # every chapter trains with {**train, "seed": s} for each seed s of its seed lists: the value is never read
             raise ValueError(f"{key!r} is not read: the chapters train one run per seed of 'seeds' (each run's seed "
                              f"replaces {key}); give the seeds instead, e.g. -o seeds=[{value}]")
