@@ -451,6 +451,10 @@ def reproduction_page(results: Path, published: Path) -> str:
                 ours = _fmt(scale[row["key"]] * value, unit)
                 if std is not None and std == std:  # NaN (one seed) shows no spread
                     ours += f" ± {_fmt(scale[row['std']] * std, unit)}"
+                caveat = row.get("caveat") or {}  # {key, text}: a count the chapter flags, e.g. runs on a plateau
+                n_flagged = flat.get(caveat.get("key"))
+                if isinstance(n_flagged, int | float) and n_flagged > 0:
+                    ours += f" ({n_flagged:g} {caveat.get('text', 'flagged in the chapter')})"
             paper = row.get("published")
             lines.append(f"| {row['label']} | {row.get('unit', '')} | {ours} | {'-' if paper is None else paper} |")
         lines.append("")

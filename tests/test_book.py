@@ -33,7 +33,9 @@ def test_reproduction_page_puts_ours_next_to_published(tmp_path, monkeypatch):
         "    - {label: wrong unit, key: secs, unit: '%'}\n"
         "    - {label: wrong std, key: mAP_x, std: secs, unit: '%'}\n"
         "    - {label: absent, key: nope, unit: '%', published: 1.0}\n"
-        "    - {label: needs files, key: nope, unit: '%', optional: true, needs: the label files}\n")
+        "    - {label: needs files, key: nope, unit: '%', optional: true, needs: the label files}\n"
+        "    - {label: flagged, key: ari, unit: ARI, caveat: {key: n, text: run(s) on a plateau}}\n"
+        "    - {label: not flagged, key: ari, unit: ARI, caveat: {key: secs2, text: run(s) on a plateau}}\n")
     page = reproduction_page(tmp_path / "res", published)
     assert "## Demo paper" in page and "Profile `smoke`" in page and "Published: Table 1." in page
     assert "| Baseline mAP | % | 61.50 | 93.3 |" in page  # stored in %: shown as is
@@ -46,6 +48,8 @@ def test_reproduction_page_puts_ours_next_to_published(tmp_path, monkeypatch):
     assert "| wrong std | % | secs is stored in unit 's', not '%' | - |" in page  # nor a spread
     assert "| absent | % | not computed in this build | 1.0 |" in page
     assert "| needs files | % | not computed in this build (the label files) | - |" in page  # an optional row says why
+    assert "| flagged | ARI | 0.25 (3 run(s) on a plateau) | - |" in page  # a count the chapter flags, when above 0
+    assert "| not flagged | ARI | 0.25 | - |" in page
     assert "cached" not in page and "note" not in page  # only the listed rows
     other = tmp_path / "other.yaml"
     other.write_text("demo:\n  paper: Demo paper\n")

@@ -59,3 +59,6 @@ def test_notebook_smoke_run(nb, tmp_path):
                 if not row.get("optional"):
                     assert key in flat, f"book/published.yaml: {res['chapter']} writes no {key!r}"
                 row_scale(unit_of(key, units), row["unit"])  # raises when the row's unit does not fit the stored one
+            caveat = (row.get("caveat") or {}).get("key")
+            if caveat is not None and not row.get("optional"):  # a row's flag count is written too, as a count
+                assert caveat in flat and unit_of(caveat, units) == "count", (res["chapter"], caveat)
