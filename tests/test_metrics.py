@@ -445,6 +445,23 @@ def test_example_metrics_with_a_mask_leave_masked_decisions_out():
         example_metrics(scores, targets, threshold=float("nan"))
 
 
+@pytest.mark.parametrize("threshold", [0.5, 0.0])
+def test_example_metrics_count_a_score_at_the_threshold_as_predicted(threshold):
+    """A score exactly at the threshold is a predicted label (``>=``, as in threshold_metrics, so that one report
+    calls the same entries positive): a sigmoid of a zero logit is exactly 0.5. Scores rounded to one decimal put
+    many entries on the threshold."""
+    scores, targets = _data(0, n=300, c=6, rate=0.3)
+    scores = np.round(scores - 0.5 + threshold, 1)
+    assert np.count_nonzero(scores == threshold) > 50  # the case under test occurs
+    pred = (scores >= threshold).astype(int)
+    got = example_metrics(scores, targets, threshold)
+    assert got["hamming_loss"] == pytest.approx(hamming_loss(targets, pred), abs=1e-12)
+    assert got["subset_accuracy"] == pytest.approx(accuracy_score(targets, pred), abs=1e-12)
+    at = np.array([[threshold, threshold - 0.3]])  # by hand: the label on the threshold is predicted, and right
+    assert example_metrics(at, np.array([[1, 0]]), threshold) == pytest.approx({"hamming_loss": 0.0,
+                                                                              "subset_accuracy": 1.0})
+
+
 # --------------------------------------------------------------------------------------------
 # Constant-predictor BCE
 # --------------------------------------------------------------------------------------------
