@@ -469,16 +469,19 @@ def _rng_states_of_all_ranks(loader_generators: Iterable[torch.Generator] = ()) 
 
 def _set_rng_state(state: Mapping, loader_generators: list[torch.Generator] | None = None) -> None:
     """Restore :func:`_rng_state`'s states (CPU tensors, as :func:`_read_last` reads them)."""
-    if "loader" not in state and loader_generators:  # written before the loaders' generators were kept
-        warnings.warn("the checkpoint predates the saving of the training loader's generator states: the resumed "
-                      "run restarts them from their seed (the first epoch's order)", RuntimeWarning, stacklevel=3)
-    saved = state.get("loader", [])
-    if "loader" in state and len(saved) != len(loader_generators or []):
-        raise ValueError(f"the checkpoint holds the states of {len(saved)} generator(s) of the training loader, but "
-                         f"the loader passed now has {len(loader_generators or [])}: resume with a loader built as "
+    generators = loader_generators or []
+    if "loader" not in state:  # written before the loaders' generators were kept
+        if generators:
+            warnings.warn("the checkpoint predates the saving of the training loader's generator states: the "
+                          "resumed run restarts them from their seed (the first epoch's order)", RuntimeWarning,
+                          stacklevel=3)
+    elif len(state["loader"]) != len(generators):
+        raise ValueError(f"the checkpoint holds the states of {len(state['loader'])} generator(s) of the training "
+                         f"loader, but the loader passed now has {len(generators)}: resume with a loader built as "
                          "the interrupted run's was (with or without its generator), or delete the run folder")
-    for g, s in zip(loader_generators or [] if "loader" in state else [], saved, strict=True):
-        g.set_state(s)
+    else:
+        for g, saved in zip(generators, state["loader"], strict=True):
+            g.set_state(saved)
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
@@ -745,13 +748,13 @@ RUN_KEY_IGNORED: tuple[str, ...] = tuple(f for f in RUN_CONFIG_IGNORED if f != "
 #: ``UnicodeDecodeError``; and :class:`~mlic_lib.utils.CorruptCheckpointError`, a record of the zip archive that fails
 #: its CRC-32, such as a flipped bit inside the tensor data); ``KeyError``: an entry ``fit`` writes is missing.
 #: :func:`_is_damage` tells those that say nothing about the file.
-_UNREADABLE = (pickle.UnpicklingError, EOFError, OSError, RuntimeError, ValueError, KeyError, IndexError)
+UNREADABLE = (pickle.UnpicklingError, EOFError, OSError, RuntimeError, ValueError, KeyError, IndexError)
 #: A full GPU (``map_location``) and a file of another user's are errors of their own, never a reason to retrain.
 _NOT_DAMAGE = (torch.OutOfMemoryError, PermissionError)
 
 
 def _is_damage(error: BaseException) -> bool:
-    """Whether an error of :data:`_UNREADABLE` says the file is damaged, not that reading it failed for another
+    """Whether an error of :data:`UNREADABLE` says the file is damaged, not that reading it failed for another
     reason: an ``OSError`` counts only without an errno or with ``EINVAL`` (what torch's zip reader raises for a
     truncated file), not a transient one (``EIO``, ``ESTALE``, too many open files); a CUDA error is not damage."""
     if isinstance(error, _NOT_DAMAGE):
@@ -798,7 +801,7 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
 
-def _set_aside(path: Path, error: BaseException, rank: int, then: str) -> None:
+def set_aside_damaged(path: Path, error: BaseException, rank: int, then: str) -> None:
     """Rename the damaged ``path`` to ``<name>.corrupt`` (replacing an older one) and warn; under DDP only rank 0
     renames and warns (every rank reads the same file and reaches the same decision). An ``error`` that does not
     say the file is damaged (:func:`_is_damage`) is raised again instead. A rename that fails is a warning, never
@@ -897,7 +900,7 @@ def is_finished(run_dir: str | Path) -> bool:
         _read_results(results)
         verify_checkpoint(final)
         _checked_entries(torch.load(final, map_location="cpu", weights_only=True, mmap=True), ("model",))
-    except _UNREADABLE:
+    except UNREADABLE:
         return False  # damaged (fit trains again) or unreadable for now: either way, prepare the inputs
     return True
 
@@ -912,14 +915,14 @@ def _load_finished(run_dir: Path, model: nn.Module, cfg: TrainConfig, device: to
     then = "so the run is trained again (or resumed from last.pt)"
     try:
         saved = _read_results(results)
-    except _UNREADABLE as e:
-        _set_aside(results, e, rank, then)
+    except UNREADABLE as e:
+        set_aside_damaged(results, e, rank, then)
         return None
     _check_config(saved["config"], cfg, results, "a finished run")
     try:
         state = _read_checkpoint(final, device, ("model",))
-    except _UNREADABLE as e:
-        _set_aside(final, e, rank, then)
+    except UNREADABLE as e:
+        set_aside_damaged(final, e, rank, then)
         return None
     model.load_state_dict(state["model"])
     return FitResult(model, saved["history"], saved["final"], run_dir, True, saved.get("seconds", 0.0),
@@ -938,8 +941,8 @@ def _read_last(run_dir: Path, cfg: TrainConfig, rank: int) -> dict | None:
         return None
     try:
         ckpt = _read_checkpoint(path, torch.device("cpu"), _CHECKPOINT_KEYS)
-    except _UNREADABLE as e:
-        _set_aside(path, e, rank, "so training starts from scratch")
+    except UNREADABLE as e:
+        set_aside_damaged(path, e, rank, "so training starts from scratch")
         return None
     _check_config(ckpt["config"], cfg, path, "the checkpoint of an interrupted run")
     return ckpt

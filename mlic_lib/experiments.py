@@ -9,10 +9,7 @@ A chapter's notebook stays narrative + calls::
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
-import warnings
 import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -23,7 +20,16 @@ from torch import nn
 
 from mlic_lib.data.scenes import SceneSet, SceneSpec, make_scenes, make_world
 from mlic_lib.data.tensors import TensorImageDataset
-from mlic_lib.engine import FitResult, TrainConfig, cache_root, fit, remove_stale_temp_files, run_dir_for
+from mlic_lib.engine import (
+    UNREADABLE,
+    FitResult,
+    TrainConfig,
+    cache_root,
+    fit,
+    remove_stale_temp_files,
+    run_dir_for,
+    set_aside_damaged,
+)
 from mlic_lib.models import build_model
 from mlic_lib.utils import atomic_open, config_hash, object_key, seed_everything
 
@@ -65,14 +71,8 @@ def cached_scenes(n_images: int, spec: SceneSpec, seed: int, split: str = "train
                 boxes = np.split(z["boxes"], z["box_offsets"][1:-1])
                 return SceneSet(z["images"], z["targets"], boxes, make_world(spec), mode,
                                 {"seed": seed, "split": split, "cache": str(path)})
-        except (zipfile.BadZipFile, EOFError, ValueError, KeyError, OSError) as e:
-            if isinstance(e, OSError) and e.errno is not None:
-                raise  # a read that failed (EIO, ESTALE, EACCES, ...), not a damaged file
-            aside = path.with_name(path.name + ".corrupt")
-            with contextlib.suppress(OSError):  # else the new file below replaces it
-                os.replace(path, aside)
-            warnings.warn(f"{path} is damaged or unreadable ({type(e).__name__}: {e}); moved it to {aside.name} and "
-                          "generating the scenes again", RuntimeWarning, stacklevel=2)
+        except (zipfile.BadZipFile, *UNREADABLE) as e:  # damage is set aside; a failed read (EIO, EACCES) raised
+            set_aside_damaged(path, e, rank=0, then="generating the scenes again")
     scenes = make_scenes(n_images, spec, seed=seed, split=split, mode=mode)
     offsets = np.concatenate([[0], np.cumsum([len(b) for b in scenes.boxes])])
     with atomic_open(path, "wb") as fh:
