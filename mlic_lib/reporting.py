@@ -291,9 +291,9 @@ def verdict_summary(comparison, label: str = "N", numbers: bool = False, decimal
         text += f"; no verdict at {at(~judged)}"
     if c["borderline"].any():
         text += f"; borderline (within {BORDERLINE_FACTOR:g} times the spread) at {at(c['borderline'].to_numpy())}"
-    if numbers:  # per column, enough decimals that the difference and its spread do not print as the same number
-        text = (", ".join(f"{label}={k}: {r.difference:+.{_telling_decimals(r.difference, r.spread, decimals)}f} "
-                          f"(spread {r.spread:.{_telling_decimals(r.difference, r.spread, decimals)}f})"
+    if numbers:  # per column, the decimals at which the difference and its spread read as the verdict's band
+        places = {k: _telling_decimals(r.difference, r.spread, decimals) for k, r in c.iterrows()}
+        text = (", ".join(f"{label}={k}: {r.difference:+.{places[k]}f} (spread {r.spread:.{places[k]}f})"
                           for k, r in c.iterrows()) + ". " + text[0].upper() + text[1:])
     return text
 
