@@ -298,6 +298,27 @@ def verdict_summary(comparison, label: str = "N", numbers: bool = False, decimal
     return text
 
 
+def comparison_table(comparison, decimals: int = 2):
+    """:func:`compare_rows`' table for display: each row's ``difference`` and ``spread`` written with the decimals
+    at which the two read as that row's verdict (``decimals``, or more where two numbers would round alike, as in
+    :func:`verdict_summary`), a missing value as "—", and " (borderline)" after a borderline verdict; the
+    ``borderline`` column is folded into ``verdict``."""
+    import pandas as pd
+
+    def num(v: float, k: int) -> str:
+        return f"{v:+.{k}f}" if np.isfinite(v) else "—"
+
+    rows = {}
+    for key, r in comparison.iterrows():
+        k = _telling_decimals(r.difference, r.spread, decimals)
+        rows[key] = {"difference": num(r.difference, k),
+                     "spread": f"{r.spread:.{k}f}" if np.isfinite(r.spread) else "—",
+                     "verdict": r.verdict + (" (borderline)" if r.borderline else "")}
+    out = pd.DataFrame.from_dict(rows, orient="index", columns=["difference", "spread", "verdict"])
+    out.index.name = comparison.index.name
+    return out
+
+
 def correlation_signs(r, p, paper_sign: int = 1, alpha: float = 0.05) -> dict[str, Any]:
     """Tally several correlation tests against the sign a paper describes.
 

@@ -21,6 +21,7 @@ from mlic_lib.reporting import (
     claim_over,
     claim_verdict,
     compare_rows,
+    comparison_table,
     correlation_signs,
     dash_missing,
     flagged_verdict,
@@ -443,6 +444,27 @@ def test_units_range_applies_to_negative_values_and_p_at_alpha_is_not_significan
     check_units({"gain": -15.0}, {"gain": "points"})
     assert correlation_signs([0.5], [0.05])["agrees"] == 0  # p < alpha, not <=
     assert correlation_signs([0.5], [0.049])["agrees"] == 1
+
+
+def test_comparison_table_prints_each_row_with_decimals_that_agree_with_its_verdict():
+    cols = pd.Index([2, 7, 9, 11], name="N")
+    # N=2: 1.414 against a spread of sqrt(2) = 1.41421 would read "1.41 (spread 1.41)" at two decimals
+    # N=11: 2.0 against sqrt(2): beyond it, and within 1.5 times it (borderline)
+    mean = pd.DataFrame([[81.414, 75.0, np.nan, 82.0], [80.0, 70.0, 60.0, 80.0]], index=["m", "base"],
+                        columns=cols)
+    sd = pd.DataFrame(1.0, index=["m", "base"], columns=cols)
+    c = compare_rows(mean, sd, "m", "base")
+    t = comparison_table(c)
+    assert list(t.columns) == ["difference", "spread", "verdict"] and t.index.name == "N"
+    assert t.loc[2].tolist() == ["+1.4140", "1.4142", "within the seed spread"]
+    assert t.loc[7].tolist() == ["+5.00", "1.41", "gain beyond the spread"]
+    assert t.loc[9, "difference"] == "—" and t.loc[9, "spread"] == "1.41"
+    assert t.loc[11, "verdict"] == "gain beyond the spread (borderline)"
+    for key, row in t.iterrows():  # the printed numbers fall in the row's category
+        if row.difference != "—":
+            assert spread_category(float(row.difference), float(row.spread)) == spread_category(
+                c.loc[key, "difference"], c.loc[key, "spread"])
+    assert comparison_table(c.iloc[:0]).empty
 
 
 def test_verdict_summary_names_the_columns_without_a_verdict():
