@@ -365,7 +365,8 @@ def test_data_check_tells_fake_files_from_real_data(fake_root, tmp_path):
 
 
 def test_preparing_real_data_clears_the_fake_mark(tmp_path):
-    from mlic_lib.data.fake import fake_names, forget_fake
+    from mlic_lib.data.errors import repair_hint
+    from mlic_lib.data.fake import fake_commands, fake_names, forget_fake
 
     write_fake("mnist", tmp_path, n_train=20, n_test=20)
     write_fake("cifar10", tmp_path, n_train=20, n_test=20)
@@ -374,6 +375,12 @@ def test_preparing_real_data_clears_the_fake_mark(tmp_path):
     assert fake_names(tmp_path) == {"cifar10"}
     forget_fake(tmp_path, "cifar10")
     assert not (tmp_path / "MLIC_FAKE_DATA.txt").exists()
+    write_fake("voc_lt", tmp_path, n_train=20, n_test=12, image_size=32)  # its VOC files are voc_lt's to rewrite
+    assert fake_commands(tmp_path) == dict.fromkeys(
+        ("voc_lt", "voc2012", "voc2007"), "voc_lt --n-train 20 --n-test 12 --image-size 32")
+    (tmp_path / "MLIC_FAKE_DATA.txt").write_text("mnist\nvoc_lt\n")  # a stamp from older code: names only
+    assert fake_commands(tmp_path) == {"mnist": "", "voc_lt": ""} and "mlic data fake mnist --data-dir" in (
+        repair_hint("mnist", root=tmp_path))
 
 
 def test_write_fake_rejects_unknown(tmp_path):

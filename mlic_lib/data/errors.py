@@ -62,12 +62,13 @@ def repair_hint(key: str | None, damaged: bool | None = None, root: str | Path |
         return "Put the file back (or rebuild the file list without it)."
     if not entry.files:  # user-supplied data (NUS-WIDE): nothing to fetch
         return entry.notes
-    from .fake import fake_names
+    from .fake import fake_commands
 
     base = Path(root if root is not None else data_root())
-    if key in fake_names(base):  # a dry run's synthetic files: preparing the real dataset is not the fix
+    fake = fake_commands(base)
+    if key in fake:  # a dry run's synthetic files: preparing the real dataset is not the fix
         return (f"These are synthetic files from `mlic data fake`: write them again with "
-                f"`mlic data fake {key} --data-dir {base} --force`.")
+                f"`mlic data fake {fake[key] or key} --data-dir {base} --force`.")
     if damaged is None:
         damaged = (base / entry.marker).exists()
     if damaged:

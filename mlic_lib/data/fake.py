@@ -294,26 +294,38 @@ def write_fake(name: str, root: str | Path, n_train: int = 60, n_test: int = 40,
     else:
         write_cifar10(root, n_train, n_test, seed)
     written = {name, *{"voc_lt": ("voc2012", "voc2007"), "coco_lt": ("coco2017",)}.get(name, ())}
-    _write_fake_names(root, fake_names(root) | written)
+    # each name with the command that wrote it, so a repair hint can repeat it with the same sizes
+    command = f"{name} --n-train {n_train} --n-test {n_test} --image-size {image_size}"
+    _write_fake_commands(root, {**fake_commands(root), **dict.fromkeys(written, command)})
     return root
+
+
+def fake_commands(root: Path) -> dict[str, str]:
+    """The datasets whose files under ``root`` :func:`write_fake` wrote, each with the arguments of the ``mlic data
+    fake`` command that wrote them (``""`` in a stamp from older code, which kept names only)."""
+    stamp = Path(root) / FAKE_STAMP
+    if not stamp.is_file():
+        return {}
+    lines = (line.split("\t", 1) for line in stamp.read_text().splitlines() if line.strip())
+    return {p[0].strip(): (p[1].strip() if len(p) > 1 else "") for p in lines}
 
 
 def fake_names(root: Path) -> set[str]:
     """The datasets whose files under ``root`` :func:`write_fake` wrote (``mlic data check`` reports them as
     synthetic); ``mlic data prepare`` of real data removes its name."""
-    stamp = Path(root) / FAKE_STAMP
-    return set(stamp.read_text().split()) if stamp.is_file() else set()
+    return set(fake_commands(root))
 
 
-def _write_fake_names(root: Path, names: set[str]) -> None:
+def _write_fake_commands(root: Path, commands: dict[str, str]) -> None:
     stamp = Path(root) / FAKE_STAMP
-    if names:
-        stamp.write_text("\n".join(sorted(names)) + "\n")
+    if commands:
+        stamp.write_text("".join(f"{k}\t{v}\n" if v else f"{k}\n" for k, v in sorted(commands.items())))
     else:
         stamp.unlink(missing_ok=True)
 
 
 def forget_fake(root: Path, name: str) -> None:
     """Real files of ``name`` replaced the synthetic ones under ``root``."""
-    if name in (names := fake_names(root)):
-        _write_fake_names(root, names - {name})
+    commands = fake_commands(root)
+    if commands.pop(name, None) is not None:
+        _write_fake_commands(root, commands)
