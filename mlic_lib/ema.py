@@ -69,7 +69,8 @@ class WeightEMA(nn.Module):
         self._updates += 1
         self.n_averaged.fill_(self._updates)
 
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
-        out = super().load_state_dict(state_dict, strict=strict, assign=assign)
+    def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args, **kwargs) -> None:
+        # here rather than in load_state_dict, which a parent module's load_state_dict (a training script that
+        # saves its model and this average in one module) never calls: the counter must follow n_averaged then too
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._updates = int(self.n_averaged)  # once, when a checkpoint is loaded
-        return out

@@ -59,3 +59,32 @@ def test_weight_ema_refuses_a_bad_decay_and_another_model():
             WeightEMA(model, bad)
     with pytest.raises(ValueError, match="the model it was made from"):
         WeightEMA(model, 0.9).update_parameters(nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 2)))
+
+
+def test_the_average_survives_a_resume_through_a_parent_module():
+    """A training script that keeps its model and the EMA in one module loads them with the parent's
+    load_state_dict, which never calls WeightEMA.load_state_dict: the update counter stayed 0, and the next update
+    copied the model over the restored average."""
+    import io
+
+    class Trainer(nn.Module):
+        def __init__(self, model: nn.Module):
+            super().__init__()
+            self.model, self.ema = model, WeightEMA(model, decay=0.9)
+
+    torch.manual_seed(0)
+    t = Trainer(nn.Linear(3, 3))
+    for _ in range(5):
+        with torch.no_grad():
+            t.model.weight.add_(1.0)
+        t.ema.update_parameters(t.model)
+    buf = io.BytesIO()
+    torch.save(t.state_dict(), buf)
+    buf.seek(0)
+    t2 = Trainer(nn.Linear(3, 3))
+    t2.load_state_dict(torch.load(buf, weights_only=True))
+    assert t2.ema._updates == 5
+    avg = t2.ema.module.weight.detach().clone()
+    t2.ema.update_parameters(t2.model)
+    torch.testing.assert_close(t2.ema.module.weight, 0.9 * avg + 0.1 * t2.model.weight)
+    assert int(t2.ema.n_averaged) == 6
