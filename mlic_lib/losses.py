@@ -273,13 +273,15 @@ def asymmetric_loss(
     if gamma_pos or gamma_neg:
         # The weights from log-probabilities, (1 - p)^γ = exp(γ log σ(-z)): a 0 < γ < 1 has an infinite slope at
         # 0, so pow(1 - p, γ) on a saturated sigmoid (1 - p == 0 in float32 from z ≈ 17) gave a NaN gradient.
-        # Where the margin shifts p_m to exactly 0, clamp's backward already passes no gradient.
         with torch.set_grad_enabled(torch.is_grad_enabled() and not detach_focal_weight):
             w_pos = torch.exp(gamma_pos * F.logsigmoid(-logits)) if gamma_pos else None
             if not gamma_neg:
                 w_neg = None
             elif clip:
-                w_neg = torch.pow(prob_m, gamma_neg)
+                # p_m^γ- only where p_m > 0: at p_m == 0 (p exactly m, which a float32 sigmoid can give) pow's slope
+                # is infinite for γ- < 1, and clamp's backward passes the resulting NaN on (it keeps x == min)
+                shifted = prob_m > 0
+                w_neg = torch.where(shifted, torch.pow(torch.where(shifted, prob_m, 1.0), gamma_neg), 0.0)
             else:
                 w_neg = torch.exp(gamma_neg * F.logsigmoid(logits))
         if w_pos is not None:

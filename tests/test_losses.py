@@ -430,3 +430,17 @@ def test_asl_without_clip_keeps_the_negative_log_accurate_in_float32():
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=0.0)
     got = asymmetric_loss(z, y, gamma_pos=0.0, gamma_neg=2.0, clip=None, reduction="none")
     torch.testing.assert_close(got.double(), torch.sigmoid(z.double()) ** 2 * ref, rtol=1e-5, atol=0.0)
+
+
+def test_asl_gradient_is_finite_where_the_clip_shifts_p_to_exactly_zero():
+    """In float32 sigmoid(logit(0.05)) == 0.05, so p_m = p - clip is exactly 0; with 0 < gamma_neg < 1 pow's slope
+    there is infinite, and clamp's backward (which keeps x == min) passed the NaN on to the logits."""
+    z = torch.logit(torch.tensor([[0.05]])).float()
+    assert float(torch.sigmoid(z) - 0.05) == 0.0
+    z = torch.cat([z, torch.tensor([[3.0]])], 1).requires_grad_(True)
+    loss = asymmetric_loss(z, torch.zeros(1, 2), gamma_neg=0.5, clip=0.05)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(z.grad).all(), z.grad
+    assert z.grad[0, 1] > 0  # the ordinary entry still gets its gradient
+    ref = -(torch.sigmoid(torch.tensor(3.0)) - 0.05) ** 0.5 * torch.log(1 - (torch.sigmoid(torch.tensor(3.0)) - 0.05))
+    torch.testing.assert_close(loss, ref)  # the p_m == 0 entry adds nothing (its weight and log term are 0)
