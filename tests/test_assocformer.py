@@ -639,3 +639,19 @@ def test_mlgcn_adjacency_binarises_at_p_greater_or_equal_tau_written_out():
     adj = mlgcn_adjacency(cond, tau=tau, p=p)
     assert adj[0, 1] > 0 and adj[2, 3] > 0 and adj[4, 0] == 0
     np.testing.assert_allclose(adj, ref, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_model_cast_to_half_precision_runs_its_association_module_in_float32(dtype):
+    """model.half() / model.to(torch.bfloat16) made the AM's Conv1d weights half precision while the module
+    promotes L to float32 on purpose: the forward failed with "Input type (float) and bias type ... should be the
+    same". It now runs the AM in float32 with the weights cast, as under autocast."""
+    torch.manual_seed(0)
+    features = nn.Sequential(nn.Flatten(), nn.Linear(12, 16))
+    model = AssocFormer(features, embed_dim=16, num_classes=5).eval()
+    x = torch.randn(4, 3, 2, 2)
+    with torch.no_grad():
+        ref = model(x)
+        out = model.to(dtype)(x.to(dtype))
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), ref, atol=0.05, rtol=0.05)

@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mlic_lib.assoc_losses import REGULARIZERS, AssocFormerLoss
@@ -69,6 +70,13 @@ def check_kernel_size(kernel_size: object) -> None:
         raise ValueError(f"kernel_size (the chapter's model.kernel_size) must be an odd whole number >= 1 (so that K "
                          f"keeps d columns with 'same' padding); got {kernel_size!r}: use 1 for the book's reading "
                          "of Eq. 4, or 3, 5, ...")
+
+
+def _conv1d(conv: nn.Conv1d, x: Tensor) -> Tensor:
+    """``conv(x)`` computed in ``x``'s dtype: a module cast to bf16/fp16 (``model.half()``) still runs the AM in
+    float32, as under autocast, instead of failing on float32 inputs against half-precision weights."""
+    bias = None if conv.bias is None else conv.bias.to(x.dtype)
+    return F.conv1d(x, conv.weight.to(x.dtype), bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
 class AssociationModule(nn.Module):
@@ -104,7 +112,7 @@ class AssociationModule(nn.Module):
     def association_logits(self, L: Tensor) -> Tensor:
         """Eq. 5 before the sigmoid: ``scale * K K^T``, shape ``(B, C, C)``, with ``K`` of Eq. 4 (rank at most
         :attr:`logit_rank_bound`: 2 with kernel 1, where ``K = w L^T + b 1^T``; see the module docstring)."""
-        K = self.key(L.unsqueeze(1))  # (B, C, d)
+        K = _conv1d(self.key, L.unsqueeze(1))  # (B, C, d)
         return self.scale * (K @ K.transpose(1, 2))
 
     def association(self, L: Tensor) -> Tensor:
@@ -122,8 +130,8 @@ class AssociationModule(nn.Module):
         with no_autocast:
             L = L.to(torch.promote_types(self.key.weight.dtype, torch.float32))
             A = self.association(L)
-            M = self.value(L.unsqueeze(1))  # (B, C, d)
-            N1 = self.out(M.transpose(1, 2) @ A).squeeze(1)  # Eq. 6: (B, d, C) -> (B, C)
+            M = _conv1d(self.value, L.unsqueeze(1))  # (B, C, d)
+            N1 = _conv1d(self.out, M.transpose(1, 2) @ A).squeeze(1)  # Eq. 6: (B, d, C) -> (B, C)
         return N1, A
 
 
