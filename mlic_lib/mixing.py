@@ -492,9 +492,14 @@ class BatchAugmentation:
         sx = s * (torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0) if self.flip else 1.0)
         theta = torch.zeros(n, 2, 3)
         theta[:, 0, 0], theta[:, 1, 1], theta[:, :, 2] = sx, s, t
-        grid = F.affine_grid(host_to_device(theta, x.device).to(x.dtype), list(xs.shape), align_corners=False)
-        out = F.grid_sample(xs, grid, mode="bilinear", padding_mode="border", align_corners=False)
-        return MixResult(out, y.repeat(self.m, 1), None, {"m": self.m})
+        # sampled in float32 (float64 kept): torch's CPU grid_sample with a float16/bfloat16 grid reads outside the
+        # image (NaN and garbage pixels), and integer images have no bilinear kernel; cast back afterwards
+        work = x.dtype if x.dtype == torch.float64 else torch.float32
+        grid = F.affine_grid(host_to_device(theta, x.device).to(work), list(xs.shape), align_corners=False)
+        out = F.grid_sample(xs.to(work), grid, mode="bilinear", padding_mode="border", align_corners=False)
+        if not x.is_floating_point():
+            out = out.round()
+        return MixResult(out.to(x.dtype), y.repeat(self.m, 1), None, {"m": self.m})
 
 
 # ------------------------------------------------------------------- noisy label correlations

@@ -499,6 +499,23 @@ def test_batch_augmentation_shapes():
     assert res.x.shape == (10, 3, 24, 24) and torch.equal(res.y, y.repeat(2, 1))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.uint8])
+def test_batch_augmentation_of_half_precision_and_uint8_images_matches_float32(dtype):
+    """torch's CPU grid_sample with a float16/bfloat16 grid reads outside the image: such batches came back with
+    NaN and ~1e38 pixels, silently; uint8 batches (which the mixing transforms accept) failed. The warp is now
+    computed in float32 and cast back."""
+    x = torch.rand(4, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    y = torch.ones(4, 2)
+    ref = BatchAugmentation()(x, y, generator=torch.Generator().manual_seed(1)).x
+    scale = 255 if dtype == torch.uint8 else 1
+    xin = (x * 255).round().to(dtype) if dtype == torch.uint8 else x.to(dtype)
+    out = BatchAugmentation()(xin, y, generator=torch.Generator().manual_seed(1)).x
+    assert out.dtype == dtype
+    out = out.float() / scale
+    assert torch.isfinite(out).all() and (out >= 0).all() and (out <= 1).all()
+    assert float((out - ref).abs().max()) < 0.02
+
+
 def test_batch_augmentation_window_stays_inside_the_image():
     """Every copy is a crop (no replicated border): on a horizontal ramp the sampled values stay strictly
     increasing along each row, which a window reaching past the border would break."""
