@@ -40,7 +40,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prepare.py: error: {err}", file=sys.stderr)
         return 2
     if args.check or not args.names:
-        states = download.check()
+        try:
+            states = download.check()
+        except ValueError as err:  # MLIC_DATA is a file: a message and status 2, as `mlic data check`
+            print(f"prepare.py: error: {err}", file=sys.stderr)
+            return 2
         for key, state in states.items():
             if not args.names or key in args.names:
                 print(f"{key:9s} {state}")

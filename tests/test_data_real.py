@@ -177,6 +177,18 @@ def test_voc_csv_bad_header(tmp_path: Path) -> None:
         read_voc_csv(path)
 
 
+def test_voc_csv_with_a_byte_order_mark(voc_root: Path, tmp_path: Path) -> None:
+    """Excel and other Windows tools save CSVs with a UTF-8 byte-order mark: it was refused as a "bad VOC CSV
+    header" whose printed header looked right."""
+    ids, labels = read_voc_labels(voc_root, "2007", "trainval")
+    path = tmp_path / "cls.csv"
+    write_voc_csv(path, ids, labels)
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    ids2, labels2 = read_voc_csv(path)
+    assert ids2 == ids
+    np.testing.assert_array_equal(labels2, labels)
+
+
 def test_voc_csv_bad_value(tmp_path: Path) -> None:
     path = tmp_path / "bad.csv"
     path.write_text("name," + ",".join(VOC_CLASSES) + "\n000005" + ",-1" * 19 + ",2\n")

@@ -769,6 +769,10 @@ def test_prepare_script_matches_the_cli_options(tmp_path, monkeypatch, capsys):
     assert script.main(["--check", "bogus"]) == 2 and "known datasets" in capsys.readouterr().err
     assert script.main(["--check", "--force"]) == 2 and "--force only apply" in capsys.readouterr().err
     assert script.main(["--delete-archives"]) == 2 and "name them" in capsys.readouterr().err
+    not_a_folder = tmp_path / "a_file"
+    not_a_folder.write_text("")
+    monkeypatch.setenv("MLIC_DATA", str(not_a_folder))  # a message and status 2, as `mlic data check`; not 1, which
+    assert script.main(["--check"]) == 2 and capsys.readouterr().err.startswith("prepare.py: error: ")  # is "absent"
 
 
 def test_a_check_of_a_missing_named_dataset_exits_with_status_1(tmp_path, monkeypatch, capsys):

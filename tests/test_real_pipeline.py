@@ -591,6 +591,9 @@ def test_nuswide_list_variants_and_layout_errors(tmp_path):
     for missing in ("skip", "error"):  # a wrong layout, whichever the policy for a few lost images
         with pytest.raises(DatasetNotFoundError, match="none of the .* listed test images is under Flickr/"):
             nuswide_dataset(tmp_path, "test", missing=missing)
+    (lists / "ImageList" / "TestImagelist.txt").write_text("")  # cut short to nothing (an interrupted copy)
+    with pytest.raises(ValueError, match=r"TestImagelist\.txt lists no image: .* put the official TestImagelist\.txt"):
+        nuswide_dataset(tmp_path, "test")  # was numpy's "ufunc 'invert' not supported"
 
 
 def test_coco_annotation_file_errors(tmp_path):

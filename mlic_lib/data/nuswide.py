@@ -102,6 +102,9 @@ def read_nuswide_labels(root: str | os.PathLike | None = None, split: str = "tra
     name = f"{_SPLITS[split]}Imagelist.txt"
     image_list = _first_file(base / "ImageList" / name, base / "ImageList" / "ImageList" / name)
     paths = ["/".join(p.replace("\\", "/").split("/")[-2:]) for p in _lines(image_list)]
+    if not paths:
+        raise ValueError(f"{image_list} lists no image: the file is empty or was cut short; put the official "
+                         f"{name} back (from NUS-WIDE's ImageList.zip)")
     labels = np.zeros((len(paths), len(concepts)), dtype=np.uint8)
     for j, concept in enumerate(concepts):
         f = base / "Groundtruth" / "TrainTestLabels" / f"Labels_{concept}_{_SPLITS[split]}.txt"

@@ -170,7 +170,7 @@ def read_voc_csv(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
         fields, or a value is not one of ``1, 0, -1``.
     """
     path = Path(path)
-    with path.open(newline="") as fh:
+    with path.open(newline="", encoding="utf-8-sig") as fh:  # -sig: drop a byte-order mark (Excel's CSVs)
         reader = csv.reader(fh)
         header = next(reader, None)
         expected = ["name", *VOC_CLASSES]
