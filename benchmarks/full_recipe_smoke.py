@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     p.add_argument("--image-size", type=int, default=448, help="side of the synthetic JPEGs (VOC is ~500x375)")
     p.add_argument("--timeout", type=int, default=900, help="per-cell timeout in seconds")
     args = p.parse_args(argv)
-    out = Path(args.out)
+    out = Path(args.out).expanduser().resolve()  # the kernels run in notebooks/: MLIC_RESULTS must be absolute
     out.mkdir(parents=True, exist_ok=True)
     for chapter in args.chapters:  # every override key is valid before anything runs
         load_profile(chapter.split("_", 1)[1], "full", SHORT[chapter][1])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,21 @@ def test_full_recipe_smoke_overrides_are_valid_and_cover_every_paper_chapter():
         # the papers' models stay: no override touches a model section except to skip downloading weights
         assert {k for k in overrides if "model." in k or "image_size" in k} <= {"model.pretrained", "model.weights"}
         assert overrides.get("model.weights", None) is None and overrides.get("model.pretrained", False) is False
+
+
+def test_full_recipe_smoke_gives_the_kernels_an_absolute_results_folder(tmp_path, monkeypatch):
+    """The kernels run in notebooks/: with a relative --out, MLIC_RESULTS pointed into notebooks/ while smoke.json
+    went to ./DIR and said "ok"."""
+    smoke = _script("full_recipe_smoke")
+    seen = []
+    monkeypatch.setattr(smoke, "write_fake", lambda *a, **k: None)
+    monkeypatch.setattr(smoke, "execute_notebook", lambda *a, **k: seen.append(os.environ["MLIC_RESULTS"]))
+    for key in ("MLIC_DATA", "MLIC_CACHE", "MLIC_RESULTS", "TQDM_DISABLE"):  # main() sets them for its kernels
+        monkeypatch.setenv(key, "")
+    monkeypatch.chdir(tmp_path)
+    assert smoke.main(["--chapters", "05_ltml", "--out", "smoke"]) == 0
+    assert seen == [str(tmp_path / "smoke" / "results")]
+    assert json.loads((tmp_path / "smoke" / "smoke.json").read_text())["chapters"][0]["status"] == "ok"
 
 
 def test_train_throughput_runs_on_cpu_and_reports_the_median_window(tmp_path):
