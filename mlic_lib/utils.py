@@ -17,7 +17,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -96,6 +98,42 @@ class BlockingCopies(TorchDispatchMode):
         if (isinstance(src, torch.Tensor) and src.device.type == "cpu" and dst is not None
                 and torch.device(dst).type != "cpu" and not kwargs.get("non_blocking", False)):
             self.count += 1
+        elif src is None:  # a CPU operand (not a 0-d scalar) of a device op, e.g. an index: copied with .to(device)
+            tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+            on_cpu = [t.device.type == "cpu" for t in tensors]
+            if not all(on_cpu) and any(c and t.dim() for c, t in zip(on_cpu, tensors, strict=True)):
+                self.count += 1
+        return func(*args, **kwargs)
+
+    def __enter__(self):
+        self._python_data = _PythonDataToDevice(self)
+        self._python_data.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            self._python_data.__exit__(*exc)
+
+
+class _PythonDataToDevice(TorchFunctionMode):
+    """``torch.tensor`` / ``torch.as_tensor`` of Python data with a device, and ``Tensor.new_tensor``: they copy
+    host memory to the device below the dispatcher's Python key, where :class:`BlockingCopies` cannot see them."""
+
+    def __init__(self, copies: BlockingCopies):
+        super().__init__()
+        self.copies = copies
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.tensor, torch.as_tensor, torch.Tensor.new_tensor):
+            new = func is torch.Tensor.new_tensor
+            data = args[1] if new else (args[0] if args else kwargs.get("data"))
+            device = kwargs.get("device", args[0].device if new else None)
+            if (device is not None and torch.device(device).type != "cpu"
+                    and not isinstance(data, torch.Tensor | np.ndarray)):  # those two reach the dispatcher
+                self.copies.count += 1
         return func(*args, **kwargs)
 
 

@@ -91,3 +91,27 @@ def test_blocking_copies_counts_a_plain_copy_to_the_device_and_not_a_non_blockin
         torch.ones(3).to("cpu")
         host_to_device(torch.ones(3), META)
     assert copies.count == 1
+
+
+def test_blocking_copies_counts_python_data_sent_to_the_device_and_a_host_index():
+    """Copies that bypass ``_to_copy``/``copy_``: a tensor built from Python data on the device, ``new_tensor``,
+    and a device tensor indexed with a host index (which is copied to the device first). They were counted as
+    none, so the check could not catch such a copy added to a step."""
+    x = torch.ones(4, device=META)
+    host_index = torch.arange(4).flip(0)
+    cases = {
+        "torch.tensor": lambda: torch.tensor([0.5, 2.0], device=META),
+        "torch.as_tensor": lambda: torch.as_tensor([0.5, 2.0], device=META),
+        "new_tensor": lambda: x.new_tensor([2.0]),
+        "host index": lambda: x[host_index],
+    }
+    for name, make in cases.items():
+        with BlockingCopies() as copies:
+            make()
+        assert copies.count == 1, name
+    with BlockingCopies() as copies:  # none of these copies host memory to the device
+        torch.tensor([0.5, 2.0])
+        x * torch.tensor(2.0)  # a 0-d host tensor is a scalar argument, not a copy
+        x[torch.arange(4, device=META)]
+        torch.zeros(3, device=META)
+    assert copies.count == 0
