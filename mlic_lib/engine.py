@@ -552,8 +552,9 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
         if ema is not None:
             ema.update_parameters(model)
         total += loss.detach().float()
-        for k, v in logs.items():
-            sums[k] = sums.get(k, torch.zeros((), device=device)) + torch.as_tensor(v, device=device).detach().float()
+        for k, v in logs.items():  # a float stays on the host: copied to the device per step it would be a host sync
+            v = v.detach().float() if isinstance(v, torch.Tensor) else float(v)
+            sums[k] = sums[k] + v if k in sums else v
             counts[k] = counts.get(k, 0) + 1
         n += 1
         if progress is not None:
@@ -569,7 +570,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
         dist.all_gather_object(seen, names)
         names = sorted(set().union(*seen))
     zero = torch.zeros((), device=device)
-    sums_n = torch.stack([total] + [sums.get(k, zero) for k in names]).double()
+    sums_n = torch.stack([total] + [zero + sums[k] if k in sums else zero for k in names]).double()
     steps_n = torch.tensor([n] + [counts.get(k, 0) for k in names], dtype=torch.float64, device=device)
     both = torch.cat([sums_n, steps_n])
     if dist is not None:  # under DDP: sums and step counts over every process's shard, the same on every rank

@@ -115,3 +115,24 @@ def test_blocking_copies_counts_python_data_sent_to_the_device_and_a_host_index(
         x[torch.arange(4, device=META)]
         torch.zeros(3, device=META)
     assert copies.count == 0
+
+
+def test_a_float_log_is_not_sent_to_the_device_each_step():
+    """train_one_epoch summed every logged value with torch.as_tensor(v, device=device): for a step that logs a
+    Python float (which the step contract allows) that is a blocking copy, a host sync, at every step."""
+    import mlic_lib.engine as engine
+    from mlic_lib.engine import SupervisedStep, train_one_epoch
+
+    class FloatLogStep(SupervisedStep):
+        def __call__(self, model, batch, device):
+            loss, _ = super().__call__(model, batch, device)
+            return loss, {"scale": 0.5}
+
+    model = build_model("small_resnet", 5, widths=(4, 8, 8, 8)).to(META)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    batches = [[torch.randn(4, 3, 32, 32), torch.zeros(4, 5)] for _ in range(6)]
+    with pytest.MonkeyPatch.context() as mp, BlockingCopies() as copies:
+        mp.setattr(engine, "_finite_on_every_rank", lambda loss: True)  # the per-interval check reads the loss
+        with pytest.raises(NotImplementedError):  # the epoch's closing read of the sums: meta has no data
+            train_one_epoch(model, batches, opt, FloatLogStep(), META, log_every=1000)
+    assert copies.count <= 1, copies.count  # the epoch's step counts, once; not one per step
