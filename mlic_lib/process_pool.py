@@ -77,9 +77,14 @@ def _exit_with_parent(parent: int) -> None:
     A pool stops its workers when it raises or is interrupted (:func:`_stop`), but a process killed outright (the
     out-of-memory killer, ``kill -9``, a closed terminal) runs no clean-up: its spawned workers would go on training,
     then wait on the dead pool's pipe for ever, holding the cores and memory a rerun needs. A daemon thread checks
-    once a second that the worker's parent is still ``parent``."""
+    once a second that the worker's parent is still ``parent``. The worker ignores SIGINT: an interrupt (a notebook's
+    "interrupt kernel", Ctrl-C) reaches the whole process group, and the parent stops the pool itself (:func:`_stop`);
+    an idle worker would otherwise print its own KeyboardInterrupt traceback into the cell."""
+    import signal
     import threading
     import time
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     def watch() -> None:
         while os.getppid() == parent:

@@ -26,6 +26,14 @@ def test_a_failing_task_raises_its_own_error():
         map_in_processes(int, [("12",), ("twelve",)], max_workers=2)
 
 
+def test_workers_leave_an_interrupt_to_the_parent():
+    """A notebook's "interrupt kernel" (and Ctrl-C in a terminal) signals the whole process group: an idle worker
+    printed its own KeyboardInterrupt traceback into the cell. Workers ignore SIGINT; the parent stops them."""
+    import signal
+
+    assert map_in_processes(signal.getsignal, [(signal.SIGINT,)] * 2, max_workers=2) == [signal.SIG_IGN] * 2
+
+
 def test_bad_worker_count():
     with pytest.raises(ValueError, match="max_workers must be >= 1"):
         map_in_processes(pow, [(2, 2)], max_workers=0)
