@@ -711,7 +711,8 @@ def run_dir_for(name: str, config: Mapping[str, Any], code: Iterable[str] = ()) 
 @dataclass
 class FitResult:
     """What ``fit`` returns: the trained model (EMA weights if enabled), per-epoch history, the final
-    evaluation, where it lives, and whether it came from the cache."""
+    evaluation, where it lives, whether it came from the cache, and how many of its epochs an interrupted run's
+    ``last.pt`` had already trained (``resumed_epochs``; 0 for a run trained from its start or loaded)."""
 
     model: nn.Module
     history: list[dict[str, float]]
@@ -720,6 +721,7 @@ class FitResult:
     cached: bool
     seconds: float
     extras: dict[str, Any] = field(default_factory=dict)
+    resumed_epochs: int = 0
 
 
 def _strip_ddp(model: nn.Module) -> nn.Module:
@@ -1159,7 +1161,7 @@ def _fit(model: nn.Module, train_data: Dataset | Iterable, val_data: Dataset | I
     if world > 1:
         _broadcast_buffers(eval_model)  # every rank returns the model final.pt holds
     seconds = time.perf_counter() - start_time + sum(h.get("train_seconds", 0.0) for h in history[:start_epoch])
-    result = FitResult(eval_model, history, final, run_dir, False, seconds)
+    result = FitResult(eval_model, history, final, run_dir, False, seconds, resumed_epochs=start_epoch)
     if run_dir is not None and rank == 0:
         atomic_torch_save({"model": _strip_ddp(eval_model).state_dict()}, run_dir / "final.pt")
         atomic_write_json({"history": history, "final": final, "config": _saved_config(cfg, world), "seconds": seconds,

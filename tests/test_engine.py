@@ -84,7 +84,9 @@ def test_resume_after_interruption_matches_uninterrupted(small_scenes, tmp_path,
     assert (tmp_path / "cut" / "last.pt").is_file() and not (tmp_path / "cut" / "results.json").exists()
     resumed = fit(_model(seed=123), tr, te, TrainConfig.from_dict({**CFG, **extra}), run_dir=tmp_path / "cut",
                   progress=False)
-    assert not resumed.cached
+    assert not resumed.cached and resumed.resumed_epochs == 2 and full.resumed_epochs == 0  # epochs 0 and 1 were done
+    assert fit(_model(), tr, te, TrainConfig.from_dict({**CFG, **extra}), run_dir=tmp_path / "cut",
+               progress=False).resumed_epochs == 0  # loaded: nothing resumed
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
     assert resumed.final["mAP"] == full.final["mAP"]
     for (ka, a), (kb, b) in zip(resumed.model.state_dict().items(), full.model.state_dict().items(), strict=True):
