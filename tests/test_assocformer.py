@@ -655,3 +655,24 @@ def test_a_model_cast_to_half_precision_runs_its_association_module_in_float32(d
         out = model.to(dtype)(x.to(dtype))
     assert out.shape == ref.shape and torch.isfinite(out).all()
     torch.testing.assert_close(out.float(), ref, atol=0.05, rtol=0.05)
+
+
+# ------------------------------------------------------------------------------------- mutation follow-ups (round 2)
+def test_l1_regularizers_sum_the_absolute_entries():
+    """'l1' is sum_ij |A_ij| per image (negative entries count positively), averaged over the batch; 'l1+l2' adds
+    the Frobenius norm."""
+    A = torch.tensor([[[1.0, -2.0], [0.5, -0.5]], [[-1.0, 0.0], [0.0, 3.0]]])
+    assert association_regularizer(A, "l1").item() == pytest.approx(4.0)
+    fro = torch.linalg.matrix_norm(A).mean().item()
+    assert association_regularizer(A, "l1+l2").item() == pytest.approx(4.0 + fro)
+
+
+def test_loss_defaults_are_eq9_with_the_papers_values():
+    """AssocFormerLoss() is Eq. 9 with the paper's values: Frobenius R, theta 0.1, gamma+ 0, gamma- 2, no clip."""
+    torch.manual_seed(0)
+    logits, y, A = torch.randn(3, 4), (torch.rand(3, 4) > 0.5).float(), torch.randn(3, 4, 4)
+    loss, _ = AssocFormerLoss()(logits, y, A)
+    p = torch.sigmoid(logits)
+    eq8 = -(y * torch.log(p) + (1 - y) * p ** 2 * torch.log(1 - p)).mean()
+    fro = torch.stack([torch.linalg.norm(a) for a in A]).mean()
+    torch.testing.assert_close(loss, eq8 + 0.1 * fro, atol=1e-5, rtol=1e-5)

@@ -784,3 +784,18 @@ def test_the_full_profile_is_the_papers_ml_mnist_recipe():
     assert (c["model"]["name"], c["train"]["epochs"], c["train"]["lr"], c["train"]["scheduler"]) == (
         "vgg16", 300, 0.001, "cosine_restarts")
     assert c["data"]["augment"] == {"randaugment": True, "cutout": 16}
+
+
+# ------------------------------------------------------------------------------------- mutation follow-ups (round 2)
+def test_compose_canvases_draws_from_every_image_of_a_class():
+    """Each pasted image is drawn from all of its class's pool images, the last one of a class included."""
+    imgs = np.repeat(np.arange(1, 21, dtype=np.uint8), 16).reshape(20, 4, 4)  # pool image i is the constant i + 1
+    cs = indeed.compose_canvases(imgs, np.arange(20) % 10, 200, 3, seed=0)  # two pool images per class
+    assert set(np.unique(cs.images).tolist()) - {0} == set(range(1, 21))
+
+
+def test_downsample_rounds_each_block_mean_to_the_nearest_integer():
+    """downsample is the mean of each factor x factor block rounded to the nearest integer (not truncated)."""
+    x = np.random.default_rng(0).integers(0, 256, (3, 2, 6, 9), dtype=np.uint8)
+    ref = np.rint(x.reshape(3, 2, 2, 3, 3, 3).astype(np.float64).mean((3, 5))).astype(np.uint8)
+    np.testing.assert_array_equal(indeed.downsample(x, 3), ref)

@@ -760,3 +760,88 @@ def test_scaled_thresholds_round_voc_lts_to_the_nearest_image():
     assert longtail.scaled_thresholds(2284) == (200, 38)
     assert longtail.scaled_thresholds(40) == (4, 1)  # 3.5 -> 4, 0.67 -> 1
     assert longtail.scaled_thresholds(5) == (3, 1)  # floors: head >= 3 images, tail >= 1
+
+
+# ------------------------------------------------------------------------------------- mutation follow-ups (round 2)
+def test_uniform_sampler_draws_a_fresh_permutation_for_each_pass():
+    """A longer uniform epoch concatenates independent permutations, not one permutation repeated."""
+    idx = UniformSampler(10, 40, seed=2).indices(0)
+    assert len({tuple(idx[i:i + 10].tolist()) for i in range(0, 40, 10)}) == 4
+
+
+def test_class_aware_sampler_reshuffles_a_class_list_on_every_pass_the_first_included():
+    """Each pass through a class's images takes them in a fresh random order, the first pass too."""
+    t = np.ones((6, 1), dtype=np.float32)
+    passes = ClassAwareSampler(t, num_samples=60, seed=0).indices(0).reshape(10, 6)
+    assert len({tuple(p.tolist()) for p in passes}) > 5
+    firsts = {tuple(ClassAwareSampler(t, num_samples=6, seed=s).indices(0).tolist()) for s in range(10)}
+    assert len(firsts) > 5
+
+
+def test_two_stream_loader_shares_uneven_steps_between_ranks(monkeypatch):
+    """Under torchrun rank r takes steps // world of the epoch's batches r, r + world, ... (the rest is dropped)."""
+    t = _longtail_targets(n=80, k=4)
+    ds = TensorImageDataset(np.zeros((80, 3, 4, 4), dtype=np.uint8), t)
+    iu, ir = TwoStreamLoader(ds, t, batch_size=8, seed=0, steps=5).epoch_indices(0)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        loader = TwoStreamLoader(ds, t, batch_size=8, seed=0, steps=5)
+        assert len(loader) == 2
+        u, r = loader.epoch_indices(0)
+        np.testing.assert_array_equal(u, iu.reshape(5, 8)[[rank, rank + 2]].reshape(-1))
+        np.testing.assert_array_equal(r, ir.reshape(5, 8)[[rank, rank + 2]].reshape(-1))
+
+
+def test_scaled_thresholds_keep_the_tail_below_the_head_for_any_reference():
+    """tail_max stays below head_min (no class both head and tail) even for a reference whose thresholds meet."""
+    ref = {"n_train": 100, "head_min": 10, "tail_max": 10}
+    assert longtail.scaled_thresholds(100, ref) == (10, 9)
+    assert longtail.scaled_thresholds(1000, ref) == (100, 99)
+
+
+def test_head_to_tail_order_breaks_ties_by_class_index_on_long_inputs():
+    """Classes by decreasing count, ties by increasing index, at any length (an unstable sort reorders ties)."""
+    counts = np.random.default_rng(0).integers(0, 4, 80)
+    assert longtail.head_to_tail_order(counts).tolist() == sorted(range(80), key=lambda c: (-counts[c], c))
+
+
+_LT_LABELS = np.array([[1, 0, 0], [1, 1, 0], [0, 0, 1], [1, 0, 0]], dtype=np.uint8)
+
+
+def _write_lt_split(folder, class_freq=None, split=None):
+    """A split folder of four images and three classes, without neg_class_freq / condition_prob."""
+    import pickle
+
+    folder.mkdir()
+    (folder / "img_id.txt").write_text("".join(f"2008_{i:06d}\n" for i in range(len(_LT_LABELS))))
+    freq = {"gt_labels": list(_LT_LABELS), "class_freq": _LT_LABELS.sum(0) if class_freq is None else class_freq}
+    (folder / "class_freq.pkl").write_bytes(pickle.dumps(freq))
+    (folder / "class_split.pkl").write_bytes(pickle.dumps(split or {"head": {0}, "middle": {1}, "tail": {2}}))
+    return folder
+
+
+def test_read_lt_split_fills_missing_negative_counts_with_n_minus_positives(tmp_path):
+    """Without neg_class_freq in the file, the negatives per class are N - class_freq."""
+    split = longtail.read_lt_split(_write_lt_split(tmp_path / "s"))
+    assert split.neg_class_freq.tolist() == [1, 3, 3] and split.groups["medium"].tolist() == [1]
+
+
+def test_read_lt_split_refuses_class_freq_that_disagrees_with_the_labels(tmp_path):
+    """A class_freq that is not the column sums of gt_labels is an error."""
+    with pytest.raises(ValueError, match="class_freq does not equal the column sums"):
+        longtail.read_lt_split(_write_lt_split(tmp_path / "s", class_freq=np.array([3, 1, 2])))
+
+
+def test_read_lt_split_refuses_overlapping_groups(tmp_path):
+    """head / middle / tail must partition the classes: a class in two groups is an error."""
+    with pytest.raises(ValueError, match="do not partition"):
+        longtail.read_lt_split(_write_lt_split(tmp_path / "s", split={"head": {0, 1}, "middle": {1}, "tail": {2}}))
+
+
+def test_check_labels_is_the_fraction_of_agreeing_entries(tmp_path):
+    """check_labels gives the share of label entries equal to gt_labels (one of 12 differing -> 11/12)."""
+    split = longtail.read_lt_split(_write_lt_split(tmp_path / "s"))
+    other = _LT_LABELS.copy()
+    other[0, 0] = 0
+    assert longtail.check_labels(split, other) == pytest.approx(11 / 12)

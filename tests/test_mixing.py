@@ -890,3 +890,48 @@ def test_biased_pair_map_averages_over_the_pairs_it_can_score():
                           (co_t.astype(float), co_t))
     assert np.isnan(got["per_pair"]["exclusive"][1]) and got["exclusive_mAP"] == 1.0
     assert got["cooccur_mAP"] == 1.0
+
+
+# ------------------------------------------------------------------------------------- mutation follow-ups (round 2)
+def _tiny_model_and_batch():
+    torch.manual_seed(0)
+    model = build_model("small_resnet", 5, widths=(4, 8, 8, 8)).eval()
+    return model, torch.randn(16, 3, 32, 32), (torch.rand(16, 5) > 0.5).float()
+
+
+def test_splicemix_cl_weight_scales_the_cell_term():
+    """SpliceMixStep's loss is the plain SpliceMix BCE plus cl_weight times the logged cell term (Eq. 7, weighted)."""
+    model, x, y = _tiny_model_and_batch()
+    cpu = torch.device("cpu")
+    torch.manual_seed(3)
+    base, _ = SpliceMixStep(SpliceMix({"2x2": 1.0}, p_drop=0.0))(model, [x, y], cpu)
+    for w in (0.5, 2.0):
+        torch.manual_seed(3)
+        loss, logs = SpliceMixStep(SpliceMix({"2x2": 1.0}, p_drop=0.0), cl_weight=w)(model, [x, y], cpu)
+        torch.testing.assert_close(loss, base + w * logs["loss_cl"])
+
+
+def test_mix_steps_are_the_mean_bce_and_splicemix_logs_each_part():
+    """MixStep is the mean BCE over images and classes; SpliceMixStep logs the mean BCE of the regular and of the
+    mixed images separately, and its loss is the mean over both."""
+    model, x, y = _tiny_model_and_batch()
+    cpu = torch.device("cpu")
+    loss, _ = MixStep()(model, [x, y], cpu)
+    torch.testing.assert_close(loss, F.binary_cross_entropy_with_logits(model(x), y))
+    mixer = SpliceMix({"2x2": 1.0}, p_drop=0.0)
+    torch.manual_seed(3)
+    loss, logs = SpliceMixStep(mixer)(model, [x, y], cpu)
+    torch.manual_seed(3)
+    res = mixer(x, y)  # the same draw
+    parts = F.binary_cross_entropy_with_logits(model(res.x), res.y, reduction="none")
+    torch.testing.assert_close(logs["loss_regular"], F.binary_cross_entropy_with_logits(model(x), y))
+    torch.testing.assert_close(logs["loss_mixed"], parts[16:].mean())
+    torch.testing.assert_close(loss, parts.mean())
+
+
+def test_splicemix_cl_step_defaults_are_the_papers():
+    """make_step without options is the paper's SpliceMix-CL: p_drop 0.3, |B'| = B // 4, cl_weight 1, detached p̄."""
+    step = make_step("splicemix_cl", {})
+    assert (step.cl_weight, step.detach, step.cl_form, step.cl_norm) == (1.0, True, "bce", "paper")
+    assert step.splicemix.p_drop == 0.3
+    assert step.splicemix(torch.zeros(16, 3, 8, 8), torch.zeros(16, 5)).layout.n_mixed == 4

@@ -262,3 +262,23 @@ def test_cohesion_and_a_partition_that_misses_a_class():
     assert np.isnan(P.cohesion(S, [[0], [1], [2]]))
     with pytest.raises(ValueError, match=r"missing \[2\], repeated \[\]"):
         P.check_partition([[0], [1]], 3)
+
+
+# ------------------------------------------------------------------------------------- mutation follow-ups (round 2)
+def test_partitions_number_their_clusters_by_first_appearance():
+    """spectral_partition and random_partition relabel clusters 0, 1, 2, ... in order of their smallest class."""
+    t, _ = _block_labels(seed=2)
+    S = P.similarity_matrix(targets=t)
+    outs = [P.random_partition(20, 4, seed=s, sizes=sizes) for s in range(10) for sizes in P.RANDOM_SIZES]
+    outs += [P.spectral_partition(P.affinity(S, g), k, seed=s, laplacian=lap)
+             for g in ("cgp", "dgp") for k in (3, 4) for s in (0, 1) for lap in P.LAPLACIANS]
+    for labels in outs:
+        _, first = np.unique(labels, return_index=True)
+        assert labels[np.sort(first)].tolist() == list(range(labels.max() + 1))
+
+
+def test_load_authors_partition_orders_each_subset_by_local_index_not_by_file_order(tmp_path):
+    """Each subset comes back in its local-index order (the teacher's logit order), whatever the JSON key order."""
+    f = tmp_path / "p.json"
+    f.write_text('[{"0": 2, "5": 0, "3": 1}, {"4": 1, "1": 0, "2": 2}]')
+    assert [s.tolist() for s in P.load_authors_partition(f)] == [[5, 3, 0], [1, 4, 2]]
