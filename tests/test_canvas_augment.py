@@ -97,6 +97,19 @@ def test_bad_inputs():
         CellAugment()(torch.zeros(1, 3, 95, 96, dtype=torch.uint8))
     with pytest.raises(ValueError, match="channel"):
         CellAugment(fill=(1, 2, 3))(torch.zeros(1, 1, 96, 96, dtype=torch.uint8))
+    # a hole as large as a cell can erase the cell's labelled object (14-px cells of 2x downsampled ML-MNIST)
+    with pytest.raises(ValueError, match="cutout=14 px can hide a whole 14x14 cell"):
+        CellAugment(cutout=14)(torch.zeros(1, 1, 42, 42, dtype=torch.uint8))
+
+
+def test_the_indeed_profile_refuses_a_cutout_as_large_as_a_cell():
+    """-o data.augment={cutout: 16} on the default profile (28-px cells downsampled by 2) erased 30 % of the labelled
+    digits: refused when the profile loads, before any canvas is drawn."""
+    from mlic_lib.profiles import load_profile
+
+    with pytest.raises(ValueError, match=r"data.augment.cutout=16 px can hide a whole 14-pixel cell"):
+        load_profile("indeed", "default", {"data.augment": {"randaugment": False, "cutout": 16}})
+    load_profile("indeed", "default", {"data.augment": {"randaugment": False, "cutout": 8}})
 
 
 @pytest.mark.parametrize("name", ["Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness",

@@ -138,6 +138,23 @@ def test_scene_spec_validation():
     assert make_world(SceneSpec(colours=("red", "green", "blue"))).num_classes == 30
 
 
+def test_scene_spec_refuses_biased_pairs_it_cannot_plant():
+    """n_groups=1 planted none of the default 3 pairs (and the exclusive/cooccur modes then failed with numpy's
+    'high <= 0'), a negative count planted 10, and the greedy pairing could stop short without a word."""
+    with pytest.raises(ValueError, match="n_groups >= 2"):
+        SceneSpec(n_groups=1)
+    with pytest.raises(ValueError, match=r"n_biased_pairs must be 0\.\.10, got -1"):
+        SceneSpec(n_biased_pairs=-1)
+    with pytest.raises(ValueError, match="under 1 pixel"):
+        SceneSpec(scale_range=(0.01, 0.02))
+    assert make_world(SceneSpec(n_groups=1, n_biased_pairs=0)).biased_pairs == ()
+    for world_seed in range(20):  # the greedy draw used to come up short for some of these seeds
+        world = make_world(SceneSpec(n_groups=3, n_biased_pairs=10, world_seed=world_seed))
+        assert len(world.biased_pairs) == 10
+        assert all(world.groups[b] != world.groups[c] for b, c in world.biased_pairs)
+        assert len({k for pair in world.biased_pairs for k in pair}) == 20
+
+
 def test_stats_against_direct_loops():
     rng = np.random.default_rng(0)
     t = (rng.random((50, 6)) < 0.3).astype(np.float32)

@@ -145,6 +145,9 @@ class CellAugment:
         if height % g or width % g:
             raise ValueError(f"canvas size {height}x{width} is not divisible into a {g}x{g} grid")
         h, w = height // g, width // g
+        if self.cutout >= min(h, w):  # the hole could cover a whole cell, erasing a labelled object
+            raise ValueError(f"cutout={self.cutout} px can hide a whole {h}x{w} cell and the object it holds; "
+                             f"use a hole smaller than the cell (DeVries & Taylor: 16 px on 32 px images)")
         if self.fill is not None and len(self.fill) != c:
             raise ValueError(f"fill has {len(self.fill)} channel value(s) but the canvases have {c} channel(s)")
         cells = x.reshape(n, c, g, h, g, w).permute(0, 2, 4, 1, 3, 5).reshape(n * g * g, c, h, w).clone()

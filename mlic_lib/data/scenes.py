@@ -73,8 +73,13 @@ class SceneSpec:
         lo, hi = self.scale_range
         if not 0 < lo <= hi or round(28 * hi) > self.canvas:
             raise ValueError(f"scale_range {self.scale_range} must be positive and fit the {self.canvas}px canvas")
-        if 2 * self.n_biased_pairs > self.num_classes:
-            raise ValueError("too many biased pairs for the number of classes")
+        if not 0 <= 2 * self.n_biased_pairs <= self.num_classes:
+            raise ValueError(f"n_biased_pairs must be 0..{self.num_classes // 2}, got {self.n_biased_pairs}")
+        if self.n_biased_pairs and self.n_groups == 1:
+            raise ValueError("biased pairs join classes of different super-categories: n_biased_pairs > 0 needs "
+                             "n_groups >= 2")
+        if round(28 * lo) < 1:
+            raise ValueError(f"scale_range {self.scale_range} draws digits under 1 pixel (28 px x scale)")
         for name in ("p_in_group", "p_bias"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be a probability, got {getattr(self, name)}")
@@ -131,17 +136,23 @@ def make_world(spec: SceneSpec) -> SceneWorld:
     weights = (ranking + 1.0) ** -spec.long_tail_exponent
     weights = weights / weights.sum()
     # biased pairs: b and c in different super-categories, every class in at most one pair
-    pairs: list[tuple[int, int]] = []
-    used: set[int] = set()
-    for b in rng.permutation(C):
+    for _ in range(100):  # the greedy pairing can get stuck; the first try is kept whenever it succeeds
+        pairs: list[tuple[int, int]] = []
+        used: set[int] = set()
+        for b in rng.permutation(C):
+            if len(pairs) == spec.n_biased_pairs:
+                break
+            if b in used:
+                continue
+            options = [c for c in rng.permutation(C) if c not in used and c != b and groups[c] != groups[b]]
+            if options:
+                pairs.append((int(b), int(options[0])))
+                used.update((int(b), int(options[0])))
         if len(pairs) == spec.n_biased_pairs:
             break
-        if b in used:
-            continue
-        options = [c for c in rng.permutation(C) if c not in used and c != b and groups[c] != groups[b]]
-        if options:
-            pairs.append((int(b), int(options[0])))
-            used.update((int(b), int(options[0])))
+    else:
+        raise ValueError(f"could not plant {spec.n_biased_pairs} biased pairs across the super-categories of "
+                         f"world_seed={spec.world_seed}; lower n_biased_pairs or raise n_groups")
     return SceneWorld(spec, names, class_digit, class_colour, groups, tuple(pairs), weights)
 
 

@@ -165,6 +165,12 @@ def check_indeed_data(settings: Mapping[str, Any]) -> None:
             ok = [f for f in range(1, side + 1) if side % f == 0]
             raise ValueError(f"{where}.downsample={ds} does not divide the {side}-pixel cells of the {source} "
                              f"canvases (the pooled cells would mix neighbouring cells); give one of {ok}")
+        augment, cell = data.get("augment"), side // ds if isinstance(ds, int) and ds >= 1 else side
+        cutout = augment.get("cutout", 0) if isinstance(augment, Mapping) else 0
+        if isinstance(cutout, int | float) and not isinstance(cutout, bool) and cutout >= cell:
+            raise ValueError(f"{where}.augment.cutout={cutout} px can hide a whole {cell}-pixel cell (the "
+                             f"{side}-pixel cells, downsampled by {ds}) and the labelled object in it; give a hole "
+                             f"smaller than the cell (the paper's recipe: 16 px on 32-pixel cells)")
 
 
 LAMBDA_SWEEP_KEYS = ("lams", "n_labels", "seeds", "data_seed")  # INDeeD's lambda_sweep, as the chapter reads it
