@@ -494,7 +494,8 @@ class BatchAugmentation:
         theta[:, 0, 0], theta[:, 1, 1], theta[:, :, 2] = sx, s, t
         # sampled in float32 (float64 kept): torch's CPU grid_sample with a float16/bfloat16 grid reads outside the
         # image (NaN and garbage pixels), and integer images have no bilinear kernel; cast back afterwards
-        work = x.dtype if x.dtype == torch.float64 else torch.float32
+        # float64 also for 32/64-bit integers: float32 rounds values above 2**24, and 2**31 - 1 up to 2**31 (overflow)
+        work = torch.float64 if x.dtype in (torch.float64, torch.int32, torch.int64) else torch.float32
         grid = F.affine_grid(host_to_device(theta, x.device).to(work), list(xs.shape), align_corners=False)
         out = F.grid_sample(xs.to(work), grid, mode="bilinear", padding_mode="border", align_corners=False)
         if not x.is_floating_point():

@@ -308,15 +308,14 @@ def comparison_table(comparison, decimals: int = 2):
     def num(v: float, k: int) -> str:
         return f"{v:+.{k}f}" if np.isfinite(v) else "—"
 
-    rows = {}
-    for key, r in comparison.iterrows():
+    rows = []
+    for _, r in comparison.iterrows():
         k = _telling_decimals(r.difference, r.spread, decimals)
-        rows[key] = {"difference": num(r.difference, k),
+        rows.append({"difference": num(r.difference, k),
                      "spread": f"{r.spread:.{k}f}" if np.isfinite(r.spread) else "—",
-                     "verdict": r.verdict + (" (borderline)" if r.borderline else "")}
-    out = pd.DataFrame.from_dict(rows, orient="index", columns=["difference", "spread", "verdict"])
-    out.index.name = comparison.index.name
-    return out
+                     "verdict": r.verdict + (" (borderline)" if r.borderline else "")})
+    # the comparison's own index: a dict keyed by it merged repeated labels and dropped a MultiIndex's names
+    return pd.DataFrame(rows, index=comparison.index, columns=["difference", "spread", "verdict"])
 
 
 def correlation_signs(r, p, paper_sign: int = 1, alpha: float = 0.05) -> dict[str, Any]:

@@ -89,6 +89,9 @@ class BlockingCopies(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        # copy_ and _foreach_copy_ get non_blocking as a positional argument, _to_copy as a keyword
+        non_blocking = kwargs.get("non_blocking", False) or any(
+            a.name == "non_blocking" and i < len(args) and args[i] for i, a in enumerate(func._schema.arguments))
         if func is torch.ops.aten._to_copy.default:
             src, dst = args[0], kwargs.get("device")
         elif func is torch.ops.aten.copy_.default:
@@ -96,9 +99,9 @@ class BlockingCopies(TorchDispatchMode):
         else:
             src = dst = None
         if (isinstance(src, torch.Tensor) and src.device.type == "cpu" and dst is not None
-                and torch.device(dst).type != "cpu" and not kwargs.get("non_blocking", False)):
+                and torch.device(dst).type != "cpu" and not non_blocking):
             self.count += 1
-        elif src is None:  # a CPU operand (not a 0-d scalar) of a device op, e.g. an index: copied with .to(device)
+        elif src is None and not non_blocking:  # a CPU operand (not 0-d) of a device op, e.g. an index: copied to it
             tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
             on_cpu = [t.device.type == "cpu" for t in tensors]
             if not all(on_cpu) and any(c and t.dim() for c, t in zip(on_cpu, tensors, strict=True)):
@@ -129,8 +132,11 @@ class _PythonDataToDevice(TorchFunctionMode):
         kwargs = kwargs or {}
         if func in (torch.tensor, torch.as_tensor, torch.Tensor.new_tensor):
             new = func is torch.Tensor.new_tensor
-            data = args[1] if new else (args[0] if args else kwargs.get("data"))
-            device = kwargs.get("device", args[0].device if new else None)
+            rest = args[1:] if new else args  # the data, positional or data=...
+            data = rest[0] if rest else kwargs.get("data")
+            device = kwargs.get("device")  # None: the tensor's device (new_tensor) or the default device
+            if device is None:
+                device = args[0].device if new else torch.get_default_device()
             if (device is not None and torch.device(device).type != "cpu"
                     and not isinstance(data, torch.Tensor | np.ndarray)):  # those two reach the dispatcher
                 self.copies.count += 1

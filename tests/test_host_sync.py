@@ -136,3 +136,26 @@ def test_a_float_log_is_not_sent_to_the_device_each_step():
         with pytest.raises(NotImplementedError):  # the epoch's closing read of the sums: meta has no data
             train_one_epoch(model, batches, opt, FloatLogStep(), META, log_every=1000)
     assert copies.count <= 1, copies.count  # the epoch's step counts, once; not one per step
+
+
+def test_blocking_copies_reads_keyword_data_the_default_device_and_a_positional_non_blocking():
+    """new_tensor(data=...) raised IndexError inside the detector; Python data sent to the default device (or with
+    device=None to new_tensor's own) counted none; copy_ / _foreach_copy_ with non_blocking=True (positional under
+    the dispatcher) counted as blocking."""
+    x = torch.zeros(3, device=META)
+    with BlockingCopies() as copies:
+        torch.zeros(3).new_tensor(data=[1.0])
+    assert copies.count == 0
+    with BlockingCopies() as copies:
+        x.new_tensor([1.0, 2.0], device=None)
+    assert copies.count == 1
+    with torch.device(META), BlockingCopies() as copies:
+        torch.tensor([1.0, 2.0])
+    assert copies.count == 1
+    y, ys, src = torch.zeros(3, device=META), [torch.zeros(3, device=META)], torch.ones(3)
+    for call, expected in ((lambda: y.copy_(src, non_blocking=True), 0), (lambda: y.copy_(src), 1),
+                           (lambda: torch._foreach_copy_(ys, [src], non_blocking=True), 0),
+                           (lambda: torch._foreach_copy_(ys, [src]), 1)):
+        with BlockingCopies() as copies:
+            call()
+        assert copies.count == expected

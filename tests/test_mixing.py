@@ -516,6 +516,15 @@ def test_batch_augmentation_of_half_precision_and_uint8_images_matches_float32(d
     assert float((out - ref).abs().max()) < 0.02
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_batch_augmentation_keeps_large_integer_values(dtype):
+    """A float32 warp rounded values above 2**24 and took int32's 2**31 - 1 to 2**31, which wrapped to -2**31."""
+    top = torch.iinfo(torch.int32).max
+    x = torch.full((2, 1, 16, 16), top, dtype=dtype)
+    out = BatchAugmentation()(x, torch.ones(2, 1), generator=torch.Generator().manual_seed(0)).x
+    assert out.dtype == dtype and (out == top).all()
+
+
 def test_batch_augmentation_window_stays_inside_the_image():
     """Every copy is a crop (no replicated border): on a horizontal ramp the sampled values stay strictly
     increasing along each row, which a window reaching past the border would break."""

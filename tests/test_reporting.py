@@ -465,6 +465,13 @@ def test_comparison_table_prints_each_row_with_decimals_that_agree_with_its_verd
             assert spread_category(float(row.difference), float(row.spread)) == spread_category(
                 c.loc[key, "difference"], c.loc[key, "spread"])
     assert comparison_table(c.iloc[:0]).empty
+    stacked = pd.concat({"x": c, "y": c.assign(verdict="within the seed spread", borderline=False)}, names=["m"])
+    t = comparison_table(stacked)  # a dict keyed by the labels dropped the level names (and would merge repeats)
+    assert t.index.names == ["m", "N"] and len(t) == 2 * len(c)
+    assert t.loc[("x", 7), "verdict"] == "gain beyond the spread"
+    assert t.loc[("y", 7), "verdict"] == "within the seed spread"
+    repeated = comparison_table(pd.concat([c, c.assign(verdict="other", borderline=False)]))
+    assert len(repeated) == 2 * len(c) and list(repeated["verdict"][-len(c):]) == ["other"] * len(c)
 
 
 def test_verdict_summary_names_the_columns_without_a_verdict():
