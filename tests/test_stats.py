@@ -133,3 +133,32 @@ def test_conditional_probability_nums_override_the_diagonal():
         stats.conditional_probability(T, nums=nums)
     square = np.array([[1, 1, 0], [0, 1, 0], [0, 0, 1]])  # 3 images, 3 classes
     np.testing.assert_allclose(stats.conditional_probability(stats.cooccurrence(square))[1], [0.5, 1, 0])
+
+
+def test_box_coverage_against_a_direct_count():
+    """Each object's share of its box under the union of the other boxes of its image (not their sum)."""
+    from mlic_lib.data.stats import box_coverage
+
+    boxes = [np.array([[0, 0, 0, 4, 4], [1, 2, 0, 6, 4]]),  # half of each under the other
+             np.array([[0, 0, 0, 4, 4], [1, 0, 0, 2, 4], [2, 1, 0, 3, 4], [3, 6, 6, 8, 8]]),  # overlapping covers
+             np.array([[0, 1, 1, 3, 3]]),  # alone
+             np.zeros((0, 5), dtype=np.int64)]  # no object
+    cov = box_coverage(boxes, 8)
+    np.testing.assert_allclose(cov, [0.5, 0.5, 0.75, 1.0, 1.0, 0.0, 0.0])  # 3 of 4 columns of box 0 under the union
+    rng = np.random.default_rng(0)  # random boxes against a pixel-by-pixel loop
+    many = []
+    for _ in range(20):
+        xy = np.sort(rng.integers(0, 13, (rng.integers(1, 5), 2, 2)), axis=2)
+        many.append(np.column_stack([np.zeros(len(xy), int), xy[:, 0, 0], xy[:, 1, 0], xy[:, 0, 1] + 1,
+                                     xy[:, 1, 1] + 1]))
+    ref = []
+    for b in many:
+        for k, (_, x0, y0, x1, y1) in enumerate(b):
+            pixels = [(x, y) for x in range(x0, x1) for y in range(y0, y1)]
+            others = [o for j, o in enumerate(b) if j != k]
+            ref.append(np.mean([any(o[1] <= x < o[3] and o[2] <= y < o[4] for o in others) for x, y in pixels]))
+    np.testing.assert_allclose(box_coverage(many, 14), ref)
+    with pytest.raises(ValueError, match="outside the 8-px canvas"):
+        box_coverage([np.array([[0, 0, 0, 9, 4]])], 8)
+    with pytest.raises(ValueError, match="canvas must be a positive"):
+        box_coverage(boxes, 0)

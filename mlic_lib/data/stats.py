@@ -3,12 +3,13 @@
 These are the quantities behind the papers' analyses: the co-occurrence matrix (ML-GCN ``adj``
 format: ``e_ij`` = number of images with both i and j, ``n_i`` = images with i), the conditional
 probability ``P(j | i) = e_ij / n_i`` (CPSD Eq. 1, AssocFormer's target association), class
-frequencies and head/medium/tail groups (LTML).
+frequencies and head/medium/tail groups (LTML); and, for drawn scenes, how crowded their objects are
+(:func:`box_coverage`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -153,3 +154,30 @@ def head_medium_tail(counts, head_min: int, tail_max: int) -> dict[str, np.ndarr
         "tail": np.flatnonzero(counts <= tail_max),
     }
     return groups
+
+
+def box_coverage(boxes: Sequence[np.ndarray], canvas: int) -> np.ndarray:
+    """How crowded drawn scenes are: for every object of every image, the share of its box that lies inside the
+    union of the *other* objects' boxes of the same image (0: nothing over it, 1: its box wholly under others').
+
+    ``boxes``: one ``(k, 5)`` array per image with rows ``(class, x0, y0, x1, y1)`` in half-open pixels of a
+    ``canvas x canvas`` image (:class:`mlic_lib.data.scenes.SceneSet`'s ``boxes``). The boxes bound the objects'
+    ink, not the ink itself: a part of a box under other boxes is where other objects *may* cover this one (a
+    digit's strokes can show through the gaps of another's). Returns one float per object, images in order (NaN for
+    a box of no area)."""
+    if not isinstance(canvas, int | np.integer) or canvas < 1:
+        raise ValueError(f"canvas must be a positive whole number of pixels, got {canvas!r}")
+    out = []
+    for i, b in enumerate(boxes):
+        b = np.asarray(b).reshape(-1, 5)
+        xy = b[:, 1:].astype(np.int64)
+        if (xy < 0).any() or (xy > canvas).any() or (xy[:, 2] < xy[:, 0]).any() or (xy[:, 3] < xy[:, 1]).any():
+            raise ValueError(f"image {i} has a box outside the {canvas}-px canvas or with x1 < x0 / y1 < y0: "
+                             f"{b.tolist()}")
+        depth = np.zeros((canvas, canvas), dtype=np.int32)  # how many boxes cover each pixel
+        for x0, y0, x1, y1 in xy:
+            depth[y0:y1, x0:x1] += 1
+        for x0, y0, x1, y1 in xy:
+            region = depth[y0:y1, x0:x1]
+            out.append(float((region > 1).mean()) if region.size else np.nan)
+    return np.asarray(out, dtype=np.float64)
