@@ -81,7 +81,10 @@ def host_to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
 class BlockingCopies(TorchDispatchMode):
     """A context that counts the copies from the CPU to another device made without ``non_blocking`` (what
     :func:`host_to_device` avoids): ``with BlockingCopies() as copies: step(...)``, then ``copies.count``. On the
-    ``meta`` device, which stands in for a GPU in tests, each such copy would be a host sync on CUDA."""
+    ``meta`` device, which stands in for a GPU in tests, each such copy would be a host sync on CUDA. Counted: a
+    ``.to(device)`` / ``copy_`` from the CPU, a device op given a CPU operand that is not 0-d (an index, which is
+    copied to the device first), and Python data made on the device (``torch.tensor``, ``as_tensor``,
+    ``new_tensor``; :class:`_PythonDataToDevice`)."""
 
     def __init__(self):
         super().__init__()
