@@ -305,14 +305,13 @@ def comparison_table(comparison, decimals: int = 2):
     ``borderline`` column is folded into ``verdict``."""
     import pandas as pd
 
-    def num(v: float, k: int) -> str:
-        return f"{v:+.{k}f}" if np.isfinite(v) else "—"
+    def num(v: float, fmt: str) -> str:
+        return f"{v:{fmt}}" if np.isfinite(v) else "—"
 
     rows = []
     for _, r in comparison.iterrows():
         k = _telling_decimals(r.difference, r.spread, decimals)
-        rows.append({"difference": num(r.difference, k),
-                     "spread": f"{r.spread:.{k}f}" if np.isfinite(r.spread) else "—",
+        rows.append({"difference": num(r.difference, f"+.{k}f"), "spread": num(r.spread, f".{k}f"),
                      "verdict": r.verdict + (" (borderline)" if r.borderline else "")})
     # the comparison's own index: a dict keyed by it merged repeated labels and dropped a MultiIndex's names
     return pd.DataFrame(rows, index=comparison.index, columns=["difference", "spread", "verdict"])
