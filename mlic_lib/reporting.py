@@ -519,6 +519,44 @@ def paired_bootstrap(a, b, n_boot: int = 2000, level: float = 0.95, seed: int = 
     return float(d.mean()), float(lo), float(hi)
 
 
+class BootstrapDifference(NamedTuple):
+    """:func:`bootstrap_difference`'s result: mean of ``a - b``, its interval (NaN without one) and the item count."""
+
+    mean: float
+    lo: float
+    hi: float
+    n: int
+
+
+def bootstrap_difference(a, b, scale: float = 1.0, **kwargs) -> BootstrapDifference:
+    """:func:`paired_bootstrap` of ``scale * (a - b)`` over the items where neither ``a`` nor ``b`` is NaN (NaN marks
+    an item without a value, e.g. the CAM-in-box share of an all-zero map). With fewer than 2 such items there is
+    no interval (``lo = hi = nan``): the mean is that of the one item, or NaN with none. ``kwargs`` go to
+    :func:`paired_bootstrap` (``n_boot``, ``level``, ``seed``); an infinite value is refused there."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.ndim != 1 or a.shape != b.shape:
+        raise ValueError(f"a and b must be paired 1-d sequences of the same length (one value per item for each "
+                         f"model); got shapes {a.shape} and {b.shape}")
+    both = ~(np.isnan(a) | np.isnan(b))
+    a, b, n = scale * a[both], scale * b[both], int(both.sum())
+    if n < 2:
+        return BootstrapDifference(float(a[0] - b[0]) if n else np.nan, np.nan, np.nan, n)
+    return BootstrapDifference(*paired_bootstrap(a, b, **kwargs), n)
+
+
+def interval_sentence(diff: BootstrapDifference, above: str, below: str, neither: str, unit: str = "points",
+                      items: str = "images", defined: str = "with a value in both", level: float = 0.95) -> str:
+    """One sentence for a :func:`bootstrap_difference`: the mean with its interval and ``above`` (the interval is
+    above 0), ``below`` (below 0) or ``neither`` (it holds 0); "no interval" with the count of ``items``
+    ``defined`` when there are fewer than 2 (a plural ``items`` loses its "s" for 1)."""
+    m, lo, hi, n = diff
+    if np.isnan(lo):
+        noun = items[:-1] if n == 1 and items.endswith("s") else items  # "1 image"
+        return f"no interval: {n} {noun} {defined}" + ("" if np.isnan(m) else f" (mean {m:+.1f} {unit})")
+    return (f"{m:+.1f} {unit} ({100 * level:g}% interval over {n} {items} {lo:+.1f} to {hi:+.1f}): "
+            + (above if lo > 0 else below if hi < 0 else neither))
+
+
 def dash_missing(df, decimals: int = 1):
     """A table for display: every float written with ``decimals`` decimals (``2.0`` shows as ``2.00`` beside
     ``80.71``, so a column reads evenly), every missing value (NaN: not reported, or no spread with one seed) as

@@ -15,6 +15,7 @@ from mlic_lib.reporting import (
     AGREES,
     BORDERLINE_FACTOR,
     CONTRADICTS,
+    bootstrap_difference,
     borderline_note,
     check_units,
     checklist_text,
@@ -26,6 +27,7 @@ from mlic_lib.reporting import (
     dash_missing,
     flagged_verdict,
     flatten_numbers,
+    interval_sentence,
     paired_bootstrap,
     paired_differences,
     paper_verdict,
@@ -311,6 +313,38 @@ def test_results_json_keeps_the_units_in_order_with_their_meanings(tmp_path, mon
     read = dict(res["units"])
     assert unit_of("seconds", read) == "s" and unit_of("mAP", read) == "fraction"
     assert unit_of("mAP_std", read) == "points"  # the first pattern wins over the later "mAP*"
+
+
+def test_bootstrap_difference_drops_items_without_a_value_and_has_no_interval_below_two():
+    rng = np.random.default_rng(4)
+    a, b = rng.uniform(0, 1, 30), rng.uniform(0, 1, 30)
+    a[[2, 5]], b[[5, 9]] = np.nan, np.nan  # items 2, 5 and 9 have no value in one of the two
+    keep = np.setdiff1d(np.arange(30), [2, 5, 9])
+    got = bootstrap_difference(a, b, scale=100, n_boot=300, seed=2)
+    ref = paired_bootstrap(100 * a[keep], 100 * b[keep], n_boot=300, seed=2)
+    assert got.n == 27 and (got.mean, got.lo, got.hi) == pytest.approx(ref)
+    one = bootstrap_difference([0.5, np.nan, 0.1], [0.2, 0.3, np.nan], scale=100)  # one item in both
+    assert one.n == 1 and one.mean == pytest.approx(30.0) and math.isnan(one.lo) and math.isnan(one.hi)
+    none = bootstrap_difference([np.nan, 0.4], [0.1, np.nan])
+    assert none.n == 0 and all(math.isnan(v) for v in none[:3])
+    with pytest.raises(ValueError, match="paired 1-d sequences"):
+        bootstrap_difference(a, b[:-1])
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        bootstrap_difference(np.r_[a[:-1], np.inf], b)
+
+
+def test_interval_sentence_reads_the_side_of_zero_and_says_when_there_is_no_interval():
+    words = ("above", "below", "neither")
+    assert interval_sentence(bootstrap_difference([0.5, 0.6, 0.7], [0.0, 0.1, 0.0], scale=100), *words).endswith(
+        "above")
+    assert interval_sentence(bootstrap_difference([0.0, 0.1, 0.0], [0.5, 0.6, 0.7], scale=100), *words).endswith(
+        "below")
+    text = interval_sentence(bootstrap_difference([0.1, 0.5, 0.2, 0.6], [0.4, 0.1, 0.5, 0.2], scale=100), *words)
+    assert text.startswith("+5.0 points (95% interval over 4 images -") and text.endswith("neither")
+    assert interval_sentence(bootstrap_difference([0.5, np.nan], [0.2, 0.1], scale=100), *words,
+                             defined="with a map") == "no interval: 1 image with a map (mean +30.0 points)"
+    no_item = bootstrap_difference([np.nan], [0.2])
+    assert interval_sentence(no_item, *words) == "no interval: 0 images with a value in both"
 
 
 def test_paired_bootstrap_interval_covers_the_true_mean_at_about_its_level():
