@@ -32,6 +32,7 @@ from mlic_lib.analysis import (  # noqa: E402
     label_axes,
     overlay,
     paired_class_activation_maps,
+    show_scene,
     tsne_embed,
     use_style,
 )
@@ -277,6 +278,20 @@ def _reference_gradcam(model: InplaceCNN, img: torch.Tensor, cls: int) -> np.nda
     return cam / (cam.max() + 1e-7)
 
 
+def test_cam_warns_when_the_target_layer_has_a_1x1_grid():
+    """A 1x1 grid gives constant maps, which min-max normalisation turns into all-zero ("no evidence") maps."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4, 2))
+    x = torch.rand(3, 16, 16)
+    with pytest.warns(UserWarning, match="1x1 grid"):
+        maps = class_activation_maps(model, model[2], x, [0, 1])
+    assert maps.shape == (2, 16, 16) and not maps.any()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a layer with a grid: no warning
+        class_activation_maps(model, model[0], x, [0])
+
+
 def test_cam_of_a_layer_followed_by_an_inplace_op_matches_the_formula():
     """On the CPU pytorch-grad-cam kept the conv's output without a copy, so the in-place ReLU after it rewrote
     the kept activations: the map mixed rectified activations with the gradients of the unrectified ones (and
@@ -442,6 +457,28 @@ def test_overlay_colours_the_map_as_it_is_and_resizes_it_bilinearly():
     np.testing.assert_allclose(ramp[0], heat(np.array([0.0, 0.25, 0.75, 1.0]))[:, :3], atol=1e-6)
 
 
+def test_overlay_reads_a_uint8_tensor_as_0_to_255_like_a_uint8_array():
+    """torchvision.io.read_image and torch.from_numpy of the scenes' canvases give uint8 (3, H, W) tensors."""
+    arr = (np.random.default_rng(0).random((6, 9, 3)) * 255).astype(np.uint8)
+    cam = np.random.default_rng(1).random((3, 3))
+    from_tensor = overlay(torch.from_numpy(arr).permute(2, 0, 1), cam, alpha=0.3)
+    np.testing.assert_allclose(from_tensor, overlay(arr, cam, alpha=0.3))
+    np.testing.assert_allclose(overlay(torch.from_numpy(arr).permute(2, 0, 1), cam, alpha=0.0), arr / 255.0)
+
+
+def test_overlay_clips_negative_values_and_shows_nan_as_zero_as_documented():
+    from matplotlib import colormaps
+
+    from mlic_lib.analysis import CMAP_HEAT
+
+    heat = colormaps[CMAP_HEAT]
+    signed = np.array([[-0.5, 0.25], [1.5, np.nan]])  # a difference of two maps, with a NaN
+    out = overlay(np.zeros((2, 2, 3)), signed, alpha=1.0)
+    np.testing.assert_allclose(out.reshape(4, 3), heat(np.array([0.0, 0.25, 1.0, 0.0]))[:, :3])
+    resized = overlay(np.zeros((4, 4, 3)), np.array([[np.nan, 1.0], [1.0, 1.0]]), alpha=1.0)  # NaN does not spread
+    assert np.all(np.isfinite(resized)) and np.allclose(resized[3, 3], heat(1.0)[:3])
+
+
 def test_cam_colorbar_spans_unit_range_in_heat_map(styled):
     from mlic_lib.analysis import CMAP_HEAT
 
@@ -486,6 +523,26 @@ def test_class_bars_bad_input(styled):
 
 
 # ------------------------------------------------------------------------------------- heat maps
+
+
+def test_heatmap_refuses_a_matrix_that_does_not_match_its_labels(styled):
+    fig, ax = plt.subplots()
+    for bad in (np.zeros((4, 4)), np.zeros((3, 4)), np.zeros(9)):  # a class would be left out or misread
+        with pytest.raises(ValueError, match="C x C matrix with C = 3 labels"):
+            heatmap(ax, bad, ["a", "b", "c"])
+    plt.close(fig)
+
+
+def test_show_scene_labels_float_boxes_and_draws_grey_images_in_grey(styled):
+    img = (np.random.default_rng(0).random((3, 20, 30)) * 255).astype(np.uint8)
+    fig, ax = plt.subplots()
+    show_scene(ax, img, np.array([[1, 2, 3, 10, 12]]) * 1.5, ["cat", "dog"])  # rescaled boxes are float64
+    assert [t.get_text() for t in ax.texts] == ["dog"] and len(ax.patches) == 1
+    for grey in (img[0], img[:1], img[0][..., None]):
+        fig, ax = plt.subplots()
+        show_scene(ax, grey)
+        assert ax.images[0].get_cmap().name == "gray" and ax.images[0].get_array().ndim == 2
+    plt.close("all")
 
 
 def test_group_order_sorts_by_super_category_stably():
@@ -558,6 +615,9 @@ def test_tsne_perplexity_clamped_and_small_n():
         tsne_embed(x, perplexity=0.0)
     with pytest.raises(ValueError, match="needs at least 2 features, got 1"):
         tsne_embed(x[:, :1])
+    for same in (np.zeros((10, 64)), np.ones((6, 3))):  # e.g. all-zero features: scikit-learn's Barnes-Hut segfaults
+        with pytest.raises(ValueError, match=f"all {len(same)} points are identical"):
+            tsne_embed(same)
 
 
 def test_cluster_quality(blob_embedding):

@@ -27,6 +27,8 @@ semantic ones.
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -133,7 +135,8 @@ def class_activation_maps(
     numpy.ndarray
         ``float32`` array of shape ``(len(class_indices), H, W)``, each map min-max normalised to
         ``[0, 1]`` by pytorch-grad-cam (an all-zero map stays zero: the class gets no positive
-        evidence at that layer).
+        evidence at that layer; so does any spatially constant map, the only kind a target layer with a 1x1
+        grid gives: a :class:`UserWarning` says so).
 
     Raises
     ------
@@ -242,6 +245,11 @@ def _maps(model: nn.Module, target_layer, images: torch.Tensor, classes: list[in
             batch = part.detach().to(run_device, dtype=dtype).clone().requires_grad_(True)
             with torch.enable_grad():
                 maps.append(cam(input_tensor=batch, targets=[target_cls(c) for c in chunk]))
+            grids = [tuple(a.shape[2:]) for a in cam.activations_and_grads.activations]
+            if start == 0 and grids and all(math.prod(g) == 1 for g in grids):
+                warnings.warn(f"the target layer's output has a 1x1 grid {grids[0]}: each map is constant, and "
+                              "min-max normalisation makes it all zero whatever the class's evidence; pick an "
+                              "earlier layer or a larger image", UserWarning, stacklevel=3)
             n_out = int(cam.outputs.shape[-1])  # class-agnostic methods never call the targets
             if max(chunk) >= n_out:
                 raise ValueError(f"class index {max(chunk)} out of range for a model with {n_out} outputs")
@@ -275,7 +283,8 @@ def _as_boxes(boxes: np.ndarray | Sequence[Sequence[float]] | torch.Tensor) -> n
     return b
 
 
-def _as_map(cam: np.ndarray | torch.Tensor) -> np.ndarray:
+def _as_map(cam: np.ndarray | torch.Tensor, strict: bool = True) -> np.ndarray:
+    """The map as a float64 ``(H, W)`` array; ``strict``: also reject non-finite and negative values."""
     if isinstance(cam, torch.Tensor):
         cam = cam.detach().cpu().numpy()
     c = np.asarray(cam, dtype=np.float64)
@@ -283,6 +292,8 @@ def _as_map(cam: np.ndarray | torch.Tensor) -> np.ndarray:
         c = c[0]
     if c.ndim != 2:
         raise ValueError(f"cam must be a 2-D map (H, W), got shape {np.shape(cam)}")
+    if not strict:
+        return c
     if not np.all(np.isfinite(c)):
         raise ValueError("cam contains NaN or inf")
     if np.any(c < 0):
@@ -461,12 +472,14 @@ def cam_in_own_boxes(model: nn.Module, target_layer: nn.Module, dataset, boxes, 
 def _image_to_hwc(image: np.ndarray | torch.Tensor) -> np.ndarray:
     """Return a float64 ``(H, W, 3)`` array in ``[0, 1]``.
 
-    Tensors are read as ``(C, H, W)`` / ``(1, C, H, W)`` / ``(H, W)`` floats in ``[0, 1]``; arrays as
-    ``(H, W, C)`` / ``(H, W)``, ``uint8`` in ``[0, 255]`` or floats in ``[0, 1]``; ``C`` is 1 or 3.
+    Tensors are read as ``(C, H, W)`` / ``(1, C, H, W)`` / ``(H, W)``, arrays as ``(H, W, C)`` / ``(H, W)``; both
+    ``uint8`` in ``[0, 255]`` or floats in ``[0, 1]``; ``C`` is 1 or 3.
     """
     shape = tuple(image.shape)
     if isinstance(image, torch.Tensor):
         img = image.detach().cpu().double().numpy()
+        if not (image.is_floating_point() or image.dtype == torch.bool):  # uint8 (torchvision.io.read_image)
+            img = img / 255.0
         if img.ndim == 4 and img.shape[0] == 1:
             img = img[0]
         if img.ndim == 3:
@@ -499,11 +512,11 @@ def overlay(
     Parameters
     ----------
     image : torch.Tensor or numpy.ndarray
-        A ``(3, H, W)`` (or ``(1, 3, H, W)``) float tensor in ``[0, 1]``, or an ``(H, W, 3)`` /
-        ``(H, W)`` array: ``uint8`` in ``[0, 255]`` or float in ``[0, 1]``. Un-normalise images
+        A ``(3, H, W)`` (or ``(1, 3, H, W)``) tensor or an ``(H, W, 3)`` / ``(H, W)`` array:
+        ``uint8`` in ``[0, 255]`` or float in ``[0, 1]``. Un-normalise images
         that went through mean/std normalisation first; values are clipped to ``[0, 1]``.
     cam : array-like, shape (H', W')
-        Map in ``[0, 1]`` (values are clipped, not re-normalised). It is resized bilinearly to
+        Map in ``[0, 1]`` (values are clipped, not re-normalised; NaN shows as 0). It is resized bilinearly to
         the image size when the sizes differ.
     alpha : float, default 0.5
         Weight of the heat map: ``out = (1 - alpha) * image + alpha * colormap(cam)``.
@@ -522,13 +535,13 @@ def overlay(
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     img = _image_to_hwc(image)
-    c = _as_map(cam)
+    c = np.nan_to_num(_as_map(cam, strict=False), nan=0.0)  # before resizing, where a NaN would spread
     h, w = img.shape[:2]
     if c.shape != (h, w):
         t = torch.from_numpy(c)[None, None]
         c = torch.nn.functional.interpolate(t, size=(h, w), mode="bilinear", align_corners=False)[0, 0]
         c = c.numpy()
-    c = np.clip(np.nan_to_num(c, nan=0.0), 0.0, 1.0)
+    c = np.clip(c, 0.0, 1.0)
     heat = matplotlib.colormaps[cmap or CMAP_HEAT](c)[..., :3]
     return np.clip((1.0 - alpha) * img + alpha * heat, 0.0, 1.0)
 

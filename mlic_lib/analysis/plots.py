@@ -11,11 +11,16 @@ from mlic_lib.analysis.style import CMAP_SEQ, OKABE_ITO
 
 def show_scene(ax, image_u8: np.ndarray, boxes: np.ndarray | None = None,
                class_names: Sequence[str] | None = None, title: str | None = None) -> None:
-    """Draw a ``uint8 (3, H, W)`` canvas with its object boxes ``(class, x0, y0, x1, y1)`` and labels."""
+    """Draw a ``uint8 (3, H, W)`` canvas (or a ``(1, H, W)`` / ``(H, W)`` grey one) with its object boxes
+    ``(class, x0, y0, x1, y1)`` (int or float) and labels."""
     from matplotlib.patches import Rectangle
 
-    ax.imshow(np.transpose(image_u8, (1, 2, 0)) if image_u8.shape[0] in (1, 3) else image_u8,
-              cmap="gray" if image_u8.shape[0] == 1 else None, interpolation="nearest")
+    img = np.asarray(image_u8)
+    if img.ndim == 3 and img.shape[0] in (1, 3):
+        img = np.transpose(img, (1, 2, 0))
+    if img.ndim == 3 and img.shape[-1] == 1:
+        img = img[..., 0]
+    ax.imshow(img, cmap="gray" if img.ndim == 2 else None, interpolation="nearest")
     ax.grid(False)
     ax.set_xticks([])
     ax.set_yticks([])
@@ -23,7 +28,7 @@ def show_scene(ax, image_u8: np.ndarray, boxes: np.ndarray | None = None,
         for cls, x0, y0, x1, y1 in boxes:
             ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, lw=1.0, ec="white"))
             if class_names is not None:
-                ax.text(x0, y0 - 1, class_names[cls], color="white", fontsize=6, va="bottom",
+                ax.text(x0, y0 - 1, class_names[int(cls)], color="white", fontsize=6, va="bottom",
                         bbox={"facecolor": "black", "alpha": 0.6, "pad": 0.5, "lw": 0})
     if title:
         ax.set_title(title, fontsize=8)
@@ -43,8 +48,11 @@ def heatmap(ax, matrix: np.ndarray, labels: Sequence[str], order: np.ndarray | N
     ``tick_labels=False`` leaves the class names off (panels beside one that has them); ``colorbar=False`` leaves
     the colour bar off, for a figure whose panels share one (pass the returned image to ``fig.colorbar``; give
     the panels the same ``vmin`` / ``vmax``)."""
+    full = np.asarray(matrix)
+    if full.ndim != 2 or full.shape != (len(labels), len(labels)):
+        raise ValueError(f"heatmap needs a C x C matrix with C = {len(labels)} labels, got shape {full.shape}")
     order = np.arange(len(labels)) if order is None else np.asarray(order)
-    m = np.asarray(matrix)[np.ix_(order, order)]
+    m = full[np.ix_(order, order)]
     im = ax.imshow(m, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
     ax.grid(False)
     names = [labels[i] for i in order]

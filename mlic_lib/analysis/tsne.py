@@ -63,7 +63,8 @@ def tsne_embed(
     Raises
     ------
     ValueError
-        Fewer than 4 points, not 2-D input, ``D < 2``, non-finite values or ``perplexity <= 0``.
+        Fewer than 4 points, not 2-D input, ``D < 2``, non-finite values, all points identical or
+        ``perplexity <= 0``.
     """
     from sklearn.manifold import TSNE
 
@@ -77,6 +78,8 @@ def tsne_embed(
         raise ValueError(f"t-SNE with PCA initialisation needs at least 2 features, got {d}")
     if not np.all(np.isfinite(a)):
         raise ValueError("x contains NaN or inf")
+    if np.all(a == a[0]):  # scikit-learn's PCA initialisation divides by a zero spread: its Barnes-Hut step segfaults
+        raise ValueError(f"all {n} points are identical (e.g. all-zero features): t-SNE has no distances to embed")
     if not perplexity > 0:
         raise ValueError(f"perplexity must be > 0, got {perplexity}")
     max_perplexity = (n - 1) / 3.0
