@@ -212,6 +212,91 @@ def test_torchvision_imagenet_weights(monkeypatch):
         build_model("resnet18", 5, weights="imagenet")
 
 
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "timm/resnet10t"])
+def test_cam_layer_of_a_timm_backbone_outputs_the_feature_map(name):
+    """The timm wrapper calls the net's forward_features, so a hook on the inner net would never fire."""
+    from mlic_lib.analysis import class_activation_maps
+
+    torch.manual_seed(0)
+    model = build_model(name, 3).eval()
+    seen = []
+    handle = model.cam_layer.register_forward_hook(lambda mod, args, out: seen.append(out))
+    with torch.no_grad():
+        fmap = model.forward_features(torch.randn(1, 3, 64, 64))
+    handle.remove()
+    assert len(seen) == 1 and torch.equal(seen[0], fmap)
+    maps = class_activation_maps(model, model.cam_layer, torch.randn(3, 64, 64), [0, 2])
+    assert maps.shape == (2, 64, 64)
+
+
+def test_imagenet_weights_are_refused_for_other_timm_models():
+    """The offline ImageNet file is EfficientNet-Lite0's; it fitted timm's efficientnet_lite0 silently (other padding
+    and BatchNorm eps) and failed with a bare size mismatch elsewhere."""
+    from mlic_lib.profiles import check_model_weights
+
+    for name in ("timm/efficientnet_lite0", "timm/resnet10t"):
+        with pytest.raises(ValueError, match="weights='imagenet' is available for resnet18.*efficientnet_lite0, not"):
+            build_model(name, 3, weights="imagenet")
+        with pytest.raises(ValueError, match="model.weights=imagenet is available"):
+            check_model_weights({"model": {"backbone": name, "weights": "imagenet"}})
+    check_model_weights({"model": {"backbone": "efficientnet_lite0", "weights": "imagenet"}})
+
+
+def test_a_weights_file_that_is_not_a_state_dict_is_named_in_the_error(tmp_path):
+    import torchvision
+
+    html = tmp_path / "html.pth"  # a failed download saved under the weights' name
+    html.write_text("<html>404 Not Found</html>")
+    module = tmp_path / "module.pth"  # torch.save(model, path): loading it would need weights_only=False
+    torch.save(torchvision.models.resnet18(weights=None), module)
+    for path in (html, module):
+        with pytest.raises(ValueError, match=f"could not read {path} as a PyTorch state dict.*state_dict()"):
+            build_model("resnet18", 5, weights=path)
+
+
+def test_weights_file_of_another_label_set_or_of_a_run_loads_the_backbone(tmp_path):
+    """The classifier of the file is never used: a torchvision ResNet fine-tuned on 20 classes, and the library's own
+    final.pt ({"model": MultiLabelNet state}), load their backbones."""
+    import torchvision
+
+    torch.manual_seed(0)
+    tuned = torchvision.models.resnet18(weights=None)
+    tuned.fc = torch.nn.Linear(512, 20)
+    torch.save(tuned.state_dict(), tmp_path / "tuned.pth")
+    model = build_model("resnet18", 5, weights=tmp_path / "tuned.pth")
+    assert torch.equal(model.features[0].weight, tuned.conv1.weight)
+    assert torch.equal(model.features[7][1].bn2.running_var, tuned.layer4[1].bn2.running_var)
+    for name in ("resnet18", "efficientnet_lite0"):
+        run = build_model(name, 5, pool="avg")
+        torch.save({"model": run.state_dict()}, tmp_path / "final.pt")  # what engine.fit writes
+        again = build_model(name, 7, weights=tmp_path / "final.pt")
+        for (key, a), b in zip(again.features.state_dict().items(), run.features.state_dict().values(), strict=True):
+            assert torch.equal(a, b), key
+    small = torchvision.models.resnet18(weights=None).state_dict()
+    del small["layer4.1.conv2.weight"]
+    torch.save(small, tmp_path / "partial.pth")
+    with pytest.raises(RuntimeError, match=r"do not fit torchvision's resnet18: missing \['layer4.1.conv2.weight'\]"):
+        build_model("resnet18", 5, weights=tmp_path / "partial.pth")
+
+
+def test_a_cached_imagenet_file_is_checked_against_the_hash_in_its_name(tmp_path, monkeypatch):
+    """torch.hub checks the sha256 prefix only when it downloads: a file placed in the cache by hand is checked here."""
+    import os
+
+    import torchvision
+    from torchvision.models import _api
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(_api, "load_state_dict_from_url", lambda url, **kw: torchvision.models.resnet18().state_dict())
+    cached = tmp_path / "checkpoints" / os.path.basename(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url)
+    cached.parent.mkdir()
+    cached.write_bytes(b"PK\x03\x04 a truncated copy")
+    with pytest.raises(RuntimeError, match=f"the cached {cached} is not torchvision's file"):
+        build_model("resnet18", 5, weights="imagenet")
+    cached.unlink()  # no cached file: the hub loads (and checks) it
+    build_model("resnet18", 5, weights="imagenet")
+
+
 def test_bad_model_requests():
     with pytest.raises(ValueError, match="unknown backbone"):
         build_model("resnet7", 3)

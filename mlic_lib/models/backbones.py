@@ -76,7 +76,11 @@ class MultiLabelNet(nn.Module):
 
     @property
     def cam_layer(self) -> nn.Module:
-        """The last module of ``features``: the usual target layer for class activation maps."""
+        """The last module of ``features``: the usual target layer for class activation maps. A timm backbone's
+        wrapper (:class:`_NCHW`) is its own target: it calls the timm net's ``forward_features``, not its
+        ``forward``, so a hook on the inner net would never fire; the wrapper's output is the feature map."""
+        if isinstance(self.features, _NCHW):
+            return self.features
         return list(self.features.children())[-1]
 
 
@@ -145,25 +149,46 @@ def small_resnet_features(in_chans: int = 3, widths: tuple[int, ...] = (16, 32, 
     return nn.Sequential(*layers)
 
 
+#: torchvision ResNet parts in the order of :class:`MultiLabelNet`'s ``features``.
+_RESNET_PARTS = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+
+
 def _torchvision_resnet(name: str, weights: str | Path | None) -> tuple[nn.Sequential, int]:
     import torchvision
 
     net = getattr(torchvision.models, name)(weights=None)
-    if weights == "imagenet":
-        net.load_state_dict(torchvision_imagenet_weights(name))
-    elif weights is not None:
-        net.load_state_dict(load_weights_file(weights))
-    features = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3,
-                             net.layer4)
+    if weights is not None:
+        state = torchvision_imagenet_weights(name) if weights == "imagenet" else load_weights_file(weights)
+        if any(k.startswith("features.") for k in state):  # a MultiLabelNet's own file (e.g. a run's final.pt)
+            state = {f"{_RESNET_PARTS[int(k.split('.')[1])]}.{k.split('.', 2)[2]}": v for k, v in state.items()
+                     if k.startswith("features.")}
+        # the file's classifier (ImageNet's, or another label set's) is replaced by MultiLabelNet's own
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("fc.")]
+        if missing or unexpected:
+            raise RuntimeError(f"weights {weights} do not fit torchvision's {name}: missing {missing[:5]}, "
+                               f"unexpected {unexpected[:5]} (pass a {name} state dict)")
+    features = nn.Sequential(*(getattr(net, part) for part in _RESNET_PARTS))
     return features, net.fc.in_features
 
 
 def torchvision_imagenet_weights(name: str) -> dict:
     """torchvision's ``IMAGENET1K_V1`` state dict of ResNet ``name``, from the torch hub cache (downloaded on
-    first use; torchvision checks the file against the sha256 prefix in its name)."""
+    first use). The file is checked against the sha256 prefix in its name: by torch.hub when it downloads it, and
+    here when it is already in the cache (e.g. copied from another machine)."""
     from torchvision.models import _api, get_model_weights
 
     entry = get_model_weights(name).IMAGENET1K_V1
+    # torch.hub checks the hash only when it downloads: check a file already in the cache here
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(entry.url).name
+    prefix = torch.hub.HASH_REGEX.search(cached.name)
+    if cached.is_file() and prefix:
+        from mlic_lib.data.download import sha256_of
+
+        if not sha256_of(cached).startswith(prefix.group(1)):
+            raise RuntimeError(f"the cached {cached} is not torchvision's file (its sha256 does not start with "
+                               f"{prefix.group(1)}): delete it, or set model.weights to the path of a local .pth")
     try:
         return _api.load_state_dict_from_url(entry.url, progress=True, check_hash=True, weights_only=True)
     except (OSError, RuntimeError) as err:  # no network (URLError is an OSError), or a hash mismatch
@@ -179,7 +204,12 @@ def load_weights_file(path: str | Path) -> dict:
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist; pass the path of a local .pth state dict")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # not a torch file (HTML, text), truncated, or a pickled module rather than weights
+        raise ValueError(f"could not read {path} as a PyTorch state dict ({type(err).__name__}, see above): pass a "
+                         "file written with torch.save(model.state_dict(), path); a whole pickled model or a "
+                         "checkpoint holding arbitrary objects is not loaded (torch.load(weights_only=True))") from err
     for wrapper in ("state_dict", "model"):  # training checkpoints wrap the weights
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
@@ -213,6 +243,8 @@ def _timm_features(name: str, in_chans: int, weights) -> tuple[nn.Module, int]:
     net = timm.create_model(name, pretrained=False, num_classes=0, global_pool="", in_chans=in_chans)
     if weights is not None:
         state = efficientnet_lite0_weights() if weights == "imagenet" else load_weights_file(weights)
+        if any(k.startswith("features.net.") for k in state):  # a MultiLabelNet's own file (e.g. a run's final.pt)
+            state = {k.removeprefix("features.net."): v for k, v in state.items()}
         missing, unexpected = net.load_state_dict(state, strict=False)
         unexpected = [k for k in unexpected if not k.startswith(("classifier.", "fc.", "head."))]
         if unexpected or missing:
@@ -276,5 +308,9 @@ def build_model(name: str, num_classes: int, pool: str = "max", weights: str | P
     elif name == "efficientnet_lite0":
         features, dim = _timm_features("tf_efficientnet_lite0", in_chans, weights)
     else:  # timm/<model>
+        if weights == "imagenet":  # the offline ImageNet file is EfficientNet-Lite0's: it fits no other timm model
+            raise ValueError(f"weights='imagenet' is available for {', '.join(TORCHVISION_RESNETS)} and "
+                             f"efficientnet_lite0, not for {name!r}: pass the path of a local .pth state dict of "
+                             "that timm model, or weights=None")
         features, dim = _timm_features(name.removeprefix("timm/"), in_chans, weights)
     return MultiLabelNet(features, dim, num_classes, pool=pool, dropout=dropout)

@@ -127,6 +127,10 @@ def check_model_weights(settings: Mapping[str, Any]) -> None:
         raise ValueError(f"model.weights is {weights!r}, but small_resnet has no pretrained weights: give "
                          "-o model.weights=null (random init), or a backbone with weights (resnet18/34/50/101)")
     if weights == "imagenet":
+        if isinstance(backbone, str) and backbone.startswith("timm/"):  # the offline file is EfficientNet-Lite0's
+            raise ValueError(f"model.weights=imagenet is available for resnet18/34/50/101 and efficientnet_lite0, "
+                             f"not for {backbone}: give the path of a local .pth state dict of that timm model, "
+                             "or -o model.weights=null")
         return
     path = Path(weights).expanduser() if isinstance(weights, (str, Path)) else None
     # a relative path is read by the chapter's kernel, in notebooks/, not in the folder `mlic reproduce` runs in:
