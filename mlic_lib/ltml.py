@@ -116,9 +116,14 @@ def check_options(lt: Any) -> None:
     spc = number(lt.get("samples_per_class", 1), whole=True)
     if spc is None or spc < 1:
         raise ValueError(f"ltml.samples_per_class must be a whole number >= 1, got {lt['samples_per_class']!r}")
-    sweep = lt.get("lambda_sweep")
-    if sweep is not None and (not isinstance(sweep, (list, tuple)) or not all(at_least_0(v) for v in sweep)):
-        raise ValueError(f"ltml.lambda_sweep must be null or a list of numbers >= 0, got {sweep!r}")
+    sweep = lt.get("lambda_sweep")  # the chapter's Fig. 6 cell iterates it and takes the best of its values
+    if not isinstance(sweep, (list, tuple)) or not sweep or not all(at_least_0(v) for v in sweep):
+        raise ValueError(f"ltml.lambda_sweep must be a non-empty list of numbers >= 0 (the chapter's lambda sweep, "
+                         f"e.g. -o ltml.lambda_sweep=[0.1]), got {sweep!r}")
+    steps = lt.get("epoch_length")  # TwoStreamLoader's steps: null (N // batch), 'db' or a whole number >= 1
+    if steps is not None and steps != "db" and ((x := number(steps, whole=True)) is None or x < 1):
+        raise ValueError(f"ltml.epoch_length must be null (N // batch_size steps), 'db' (DistributionBalancedLoss's "
+                         f"class-aware epoch) or a whole number of steps >= 1, got {steps!r}")
 
 
 def ltml_class_weights(class_counts, n_images: int) -> tuple[Tensor, Tensor]:

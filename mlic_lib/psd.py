@@ -865,6 +865,14 @@ def check_options(p: Mapping[str, Any]) -> None:
     for key, (ok, what) in checks.items():
         if key in p and not ok(p[key]):
             raise ValueError(f"psd.{key} must be {what}, got {p[key]!r}")
+    if isinstance(p.get("asl"), Mapping):  # Eq. 4's parameters, as every teacher's and student's step takes them
+        try:
+            _asl(p["asl"])
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"psd.asl: {err}") from None
+    if "ks" in p and any(a >= b for a, b in zip(p["ks"][:-1], p["ks"][1:], strict=True)):
+        raise ValueError(f"psd.ks must be in ascending order without repeats (Fig. 3's x-axis: the chapter reads its "
+                         f"trends from the first k to the last), got {list(p['ks'])}; e.g. {sorted(set(p['ks']))}")
     if "ks" in p and int(p.get("cpsd_k", 5)) not in [int(k) for k in p["ks"]]:
         raise ValueError(f"psd.cpsd_k ({p.get('cpsd_k', 5)}) must be one of psd.ks ({list(p['ks'])}): Table 3 compares "
                          "the CPSD student with the CGPD and DGPD students of that k, which are trained for each k "

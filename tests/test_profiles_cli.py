@@ -596,7 +596,23 @@ def test_overrides_in_the_cli_form_are_accepted(overrides):
     ("ltml", {"model.frozen_stages": -1}, r"model.frozen_stages must be a whole number >= 0"),
     ("ltml", {"ltml.samples_per_class": 0}, r"ltml.samples_per_class must be a whole number >= 1, got 0"),
     ("ltml", {"ltml.lam": -0.1}, r"ltml.lam must be a number >= 0"),
-    ("ltml", {"ltml.lambda_sweep": [0.1, -1]}, r"ltml.lambda_sweep must be null or a list of numbers >= 0"),
+    ("ltml", {"ltml.lambda_sweep": [0.1, -1]}, r"ltml.lambda_sweep must be a non-empty list of numbers >= 0"),
+    # the Fig. 6 cell iterates the sweep and takes its best value: null or [] failed after Table 2 had trained
+    ("ltml", {"ltml.lambda_sweep": None}, r"ltml.lambda_sweep must be a non-empty list .*got None"),
+    ("ltml", {"ltml.lambda_sweep": []}, r"ltml.lambda_sweep must be a non-empty list .*got \[\]"),
+    ("ltml", {"ltml.epoch_length": 2.5}, r"ltml.epoch_length must be null .*'db' .*whole number of steps >= 1"),
+    ("ltml", {"ltml.epoch_length": "dbb"}, r"ltml.epoch_length must be null"),
+    ("ltml", {"ltml.epoch_length": 0}, r"ltml.epoch_length must be null"),
+    # Fig. 3's verdicts read ks from the smallest k to the largest ([1, 8, 5] divided by zero after the training)
+    ("psd", {"psd.ks": [1, 8, 5]}, r"psd.ks must be in ascending order without repeats.*e\.g\. \[1, 5, 8\]"),
+    ("psd", {"psd.ks": [1, 2, 2, 5]}, r"psd.ks must be in ascending order without repeats"),
+    # Eq. 4's ASL options failed only when the first teacher started (in a pool worker or a torchrun rank)
+    ("psd", {"psd.asl.clip": 2.0}, r"^psd.asl: clip"),
+    ("psd", {"psd.asl.gamma_neg": -1.0}, r"^psd.asl: "),
+    # the notebooks read these sections key by key: {} failed with a KeyError after the training
+    ("psd", {"analysis": {}}, r"analysis=\{\} would drop every setting of the section.*-o analysis\.cam_images="),
+    ("psd", {"psd": {}}, r"psd=\{\} would drop every setting"),
+    ("ltml", {"train": {}}, r"train=\{\} would drop every setting"),
     ("primer", {"model.pool": "foo"}, r"model.pool must be one of \('max', 'avg'\) .*got 'foo'"),
     ("splicemix", {"model.pool": "foo"}, r"model.pool must be one of"),
     ("indeed", {"n_labels": [10]}, r"n_labels must be a non-empty list of label counts N from 1 to 9"),
@@ -648,6 +664,9 @@ def test_override_values_are_checked_before_a_kernel_starts(chapter, overrides, 
     ("primer", "full", {"model.weights": "imagnet"}, r"model.weights must be null .*did you mean 'imagenet'"),
     ("splicemix", "full", {"model.weights": "none"}, r"model.weights must be null .*-o model.weights=null"),
     ("psd", "full", {"model.backbone": "small_resnet"}, r"small_resnet has no pretrained weights"),
+    # with data.n_train null the chapter takes the split file's groups, and printed these thresholds over them
+    ("ltml", "full", {"data.head_min": 50}, r"data.head_min=50: on the whole voc_lt training set .*data.n_train"),
+    ("ltml", "full", {"data.tail_max": 10}, r"data.tail_max=10: on the whole"),
     # scene options no profile sets had no reference type: raw strings and fractions reached SceneSpec
     ("primer", "smoke", {"data.scenes.world_seed": "abc"}, r"'data.scenes.world_seed' takes a number"),
     ("primer", "smoke", {"data.scenes.world_seed": -1}, r"'data.scenes.world_seed' takes a whole number >= 0"),
@@ -679,7 +698,15 @@ def test_the_new_checks_leave_legitimate_values_alone(tmp_path):
     weights.write_bytes(b"")
     for w in ("imagenet", None, str(weights)):
         assert load_profile("primer", "full", {"model.weights": w})["model"]["weights"] == w
-    assert load_profile("ltml", "smoke", {"budget_check.epochs": [2.0, 3]})["budget_check"]["epochs"] == [2.0, 3]
+    # a whole number written 2.0 is the int the profile has: the chapters name runs after it ("cgpd-2", not
+    # "cgpd-2.0", which missed psd.run_study's students after the training)
+    epochs = load_profile("ltml", "smoke", {"budget_check.epochs": [2.0, 3]})["budget_check"]["epochs"]
+    assert epochs == [2, 3] and all(type(e) is int for e in epochs)
+    psd = load_profile("psd", "smoke", ["psd.cpsd_k=2.0", "psd.ks=[1,2.0]", "seeds=[0.0]"])
+    assert [type(v) for v in (psd["psd"]["cpsd_k"], *psd["psd"]["ks"], *psd["seeds"])] == [int] * 4
+    assert type(load_profile("ltml", "smoke", {"ltml.samples_per_class": 2.0})["ltml"]["samples_per_class"]) is int
+    assert load_profile("psd", "smoke", {"psd.tau": 2})["psd"]["tau"] == 2.0  # a float setting stays a float
+    assert load_profile("psd", "smoke", {"teacher_train": {}})["teacher_train"] == {}  # every key has a default
     # a relative weights file is read by the kernel in notebooks/, not where `mlic reproduce` checks: not refused
     assert load_profile("primer", "full", {"model.weights": "r50.pth"})["model"]["weights"] == "r50.pth"
     # the full profile's ML-CIFAR-10 section given to a CPU profile restates its seed: not a seed override

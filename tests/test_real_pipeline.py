@@ -452,8 +452,7 @@ FULL_RUNS = {
                                          "cifar.train.batch_size": 32}),
     "05_ltml": (["voc_lt"], {**SMALL_CNN, "model.frozen_stages": 0, "data.image_size": 32, "train.epochs": 1,
                              "train.batch_size": 16, "train.milestones": [1], "train.warmup_steps": 0, "seeds": [0],
-                             "ltml.samples_per_class": 1, "ltml.lambda_sweep": [0.1], "data.head_min": 20,
-                             "data.tail_max": 5}),
+                             "ltml.samples_per_class": 1, "ltml.lambda_sweep": [0.1]}),
 }
 
 

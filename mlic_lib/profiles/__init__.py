@@ -10,9 +10,10 @@ it replaces: a number for a number (``"1e-3"``, which YAML 1.1 reads as text, be
 for a flag, a list for a list, ``null`` for a number or flag only where some profile has ``null`` (a name or
 a list may be null: ``model.weights=null``); a non-empty mapping given for a section is merged into it key by
 key (``{"train": {"epochs": 3}}`` is ``{"train.epochs": 3}``: the section's other settings stay), each key
-checked, and ``{}`` replaces it (its code's defaults). Sections with a validator are checked as a whole when an
-override touches them (:data:`VALUE_CHECKS`, :data:`SETTINGS_CHECKS`, and ``TrainConfig`` for the training
-sections), before anything runs.
+checked, and ``{}`` replaces it (its code's defaults) where every key has one (:data:`DEFAULTED_SECTIONS`, open
+mappings, optional sections); a whole number written ``2.0`` becomes the ``int`` the profile has. Sections with a
+validator are checked as a whole when an override touches them (:data:`VALUE_CHECKS`, :data:`SETTINGS_CHECKS`,
+and ``TrainConfig`` for the training sections), before anything runs.
 """
 
 from __future__ import annotations
@@ -72,6 +73,9 @@ MIXED_TYPE_KEYS = frozenset({"lam", "randaugment", "grids"})
 #: ``mixed_size``: 4 mixed images, or 0.25 of the batch): a whole number given there stays a whole number.
 COUNT_OR_FRACTION_KEYS = frozenset({"mixed_size"})
 TRAIN_SECTIONS = ("train", "teacher_train")  # sections that TrainConfig checks
+#: sections whose every key has a default in the code that reads them, so that ``{}`` may replace them: CPSD's
+#: teacher overrides (the students' recipe), SceneSpec's fields, the image presets' options, ASL's parameters
+DEFAULTED_SECTIONS = frozenset({"teacher_train", "scenes", "augment", "asl"})
 #: chapter -> {key: (module, function)} checking the value at that dotted key (a section or a list) when an
 #: override touches it (the method's own check, run now rather than hours into a run); imported only then, to keep
 #: the CLI light.
@@ -104,6 +108,7 @@ SETTINGS_CHECKS = {"splicemix": {"regime_check": ("mlic_lib.splicemix_cl", "chec
                                  "data": ("mlic_lib.splicemix_cl", "check_no_label_mask")}}
 SETTINGS_CHECKS["indeed"] = {"data": ("mlic_lib.profiles", "check_indeed_data"),
                               "cifar": ("mlic_lib.profiles", "check_indeed_data")}
+SETTINGS_CHECKS["ltml"] = {"data": ("mlic_lib.profiles", "check_ltml_groups")}
 _WEIGHTS = ("mlic_lib.profiles", "check_model_weights")
 for _chapter in ("primer", "psd", "splicemix", "ltml"):  # the chapters whose model goes to build_model(weights=...)
     SETTINGS_CHECKS.setdefault(_chapter, {})["model"] = _WEIGHTS
@@ -142,6 +147,22 @@ def check_model_weights(settings: Mapping[str, Any]) -> None:
                 if str(weights).lower() in ("none", "false", "no", "off", "scratch", "random") else "")
         raise ValueError(f"model.weights must be null (random init), imagenet or the path of an existing .pth "
                          f"file, got {weights!r}{hint}")
+
+
+def check_ltml_groups(settings: Mapping[str, Any]) -> None:
+    """LTML's ``data.head_min`` / ``data.tail_max`` on a whole real long-tailed set (``data.n_train`` null): the
+    chapter then takes the head/medium/tail groups from the split file (``class_split.pkl``: >= 100 / <= 19 images),
+    not from these thresholds, which it would print over those groups."""
+    data = settings.get("data")
+    if not isinstance(data, Mapping) or data.get("dataset", "scenes") == "scenes" or data.get("n_train") is not None:
+        return
+    asked = {k: data.get(k) for k in ("head_min", "tail_max")}
+    official = {"head_min": 100, "tail_max": 19}
+    changed = [f"data.{k}={v}" for k, v in asked.items() if v is not None and v != official[k]]
+    if changed:
+        raise ValueError(f"{', '.join(changed)}: on the whole {data.get('dataset')} training set (data.n_train null) "
+                         "the chapter uses the split file's head/medium/tail groups (>= 100 / <= 19 images); other "
+                         "thresholds apply to a subset only (set data.n_train as well)")
 
 
 #: INDeeD's canvas sources and the side of one of their 3x3 cells in pixels (MNIST digits 28, CIFAR-10 images 32).
@@ -302,6 +323,19 @@ def _lookup(d: Any, key: str) -> tuple[bool, Any]:
     return True, d
 
 
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _whole(key: str, value: Any, ref: Any) -> Any:
+    """``2.0`` as ``2`` where the value it replaces is a whole number (``psd.cpsd_k``, a seed): the chapters name
+    runs and index results by these values (``f"cpsd-{k}"``), so a float would miss the runs named after ``int(k)``."""
+    if (_is_int(ref) and isinstance(value, float) and value.is_integer()
+            and key.rsplit(".", 1)[-1] not in COUNT_OR_FRACTION_KEYS):
+        return int(value)
+    return value
+
+
 def _coerce(key: str, value: Any, ref: Any) -> Any:
     """``value`` made to fit ``ref``, the value it replaces, or a ``ValueError`` naming ``key``."""
     if key.rsplit(".", 1)[-1] in MIXED_TYPE_KEYS:
@@ -319,6 +353,9 @@ def _coerce(key: str, value: Any, ref: Any) -> Any:
             raise ValueError(f"parameter {key!r} takes a number (like {ref!r}), got {value!r}")
         if isinstance(ref, float) and isinstance(value, int) and key.rsplit(".", 1)[-1] not in COUNT_OR_FRACTION_KEYS:
             value = float(value)  # 4 for 4.0: the same setting, so the same run's cache key
+        value = _whole(key, value, ref)
+    elif isinstance(ref, list) and isinstance(value, list) and ref and all(_is_int(r) for r in ref):
+        value = [_whole(key, v, ref[0]) for v in value]  # seeds=[0.0], psd.ks=[1, 2.0]: whole numbers stay whole
     elif isinstance(ref, list) and not isinstance(value, list):
         raise ValueError(f"parameter {key!r} takes a list (like {ref!r}), got {value!r}; write it in brackets, "
                          f"e.g. -o {key}=[{value}]")
@@ -451,6 +488,12 @@ def load_profile(chapter: str, profile: str = "default",
             if value is None and isinstance(ref, Mapping) and ref and not optional:
                 raise ValueError(f"{key!r} is a section that no profile turns off: null is not accepted; override "
                                  f"one of its keys instead, e.g. -o {key}.{next(iter(ref))}=...")
+            if (isinstance(value, Mapping) and not value and isinstance(ref, Mapping) and ref and not optional
+                    and key not in open_maps and leaf not in DEFAULTED_SECTIONS):
+                # the notebooks read these sections key by key (psd's opts["cpsd_k"], analysis.cam_images after the
+                # training, ltml's train.epochs after Table 2): {} would fail there with a KeyError
+                raise ValueError(f"{key}={{}} would drop every setting of the section, which the chapter reads key by "
+                                 f"key; override its keys instead, e.g. -o {key}.{next(iter(ref))}=...")
             if value is None and isinstance(ref, (int, float)) and key not in nullable:
                 raise ValueError(f"parameter {key!r} cannot be null (no profile turns it off); give a value like "
                                  f"{ref!r}")  # names and lists may be null (model.weights=null: from scratch)
