@@ -1028,8 +1028,9 @@ def run_lock(run_dir: str | Path):
         if fd is not None:
             import socket
 
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}".encode(), 0)
+            with contextlib.suppress(OSError):  # the holder's name is a notice: a full disk still loads a run
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}".encode(), 0)
         yield
     finally:
         if fd is not None:

@@ -209,8 +209,10 @@ def atomic_open(path: str | os.PathLike, mode: str):
             os.fsync(fh.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None and e.errno is not None:  # ENOSPC, EDQUOT, EIO: say where
+            raise OSError(e.errno, f"{e.strerror}: could not write {path} (nothing was changed there)") from e
         raise
 
 
@@ -267,15 +269,73 @@ def _code_key(code, depth: int) -> dict[str, Any]:
     return {"bytecode": hashlib.sha256(code.co_code).hexdigest(), "names": list(code.co_names), "consts": consts}
 
 
+def _outside_key_code(module: str | None) -> bool:
+    """Whether code of ``module`` is keyed by its bytecode: not mlic_lib (its source is in every key through
+    :func:`library_digest`), torch or a built-in."""
+    top = (module or "").split(".")[0]
+    return top not in ("mlic_lib", "torch", "builtins")
+
+
+def _globals_read(code) -> set[str]:
+    """The module-level names a code object (and the code nested in it) reads."""
+    import dis
+
+    names = {i.argval for i in dis.get_instructions(code) if i.opname in ("LOAD_GLOBAL", "LOAD_NAME")}
+    for c in code.co_consts:
+        if hasattr(c, "co_code"):
+            names |= _globals_read(c)
+    return names
+
+
+def _globals_key(fn, depth: int) -> dict[str, Any]:
+    """The values of the module-level names a function outside mlic_lib reads (a notebook's constants, loss
+    objects, helper functions): its bytecode names them but does not change when they do."""
+    if not _outside_key_code(getattr(fn, "__module__", None)):
+        return {}
+    out: dict[str, Any] = {}
+    for name in sorted(_globals_read(fn.__code__)):
+        if name not in fn.__globals__:
+            continue  # a builtin
+        value = fn.__globals__[name]
+        if inspect.ismodule(value):
+            out[name] = f"module {value.__name__}"
+        elif value is fn:
+            out[name] = "itself"
+        else:
+            try:
+                out[name] = object_key(value, depth + 1)
+            except TypeError:  # nothing to look into, or a cycle of functions: its type at least
+                out[name] = f"{type(value).__module__}.{type(value).__qualname__}"
+    return out
+
+
+def _class_code(cls: type, depth: int) -> dict[str, Any]:
+    """The code of the methods (and the globals they read) of ``cls`` and its bases defined outside mlic_lib and
+    torch: a notebook's step or model class, whose name alone stays the same when its ``__call__`` or ``forward``
+    is edited."""
+    out: dict[str, Any] = {}
+    for c in cls.__mro__:
+        if not _outside_key_code(getattr(c, "__module__", None)):
+            continue
+        for attr, v in sorted(vars(c).items()):
+            f = v.fget if isinstance(v, property) else getattr(v, "__func__", v)  # static/class methods too
+            if inspect.isfunction(f):
+                out[f"{c.__qualname__}.{attr}"] = {"code": _code_key(f.__code__, depth + 1),
+                                                   "globals": _globals_key(f, depth + 1)}
+    return out
+
+
 def object_key(obj: Any, _depth: int = 0) -> Any:
     """A JSON-able description of what ``obj`` (e.g. a training step) computes with, for a run's cache key, the same
     in every process: plain values as they are; an array or tensor by a digest of its values; a module by its class,
     its options (public attributes, e.g. a loss's ``gamma_neg``), its submodules and a digest of its state; a
-    function by its name, code, defaults and closure (a bound method with its object); any other object by its
-    class and its public attributes or slots (those not starting with ``_``: caches such as a per-device copy stay
-    out), recursively. Two steps of one class with other options (``Mixup(alpha=0.2)`` and ``Mixup(alpha=4.0)``)
-    get other keys. An object it cannot look into (no attributes, and a ``repr`` holding a memory address) is a
-    ``TypeError``: key the run on its settings yourself (e.g. ``train_scene_model``'s ``extra_key``)."""
+    function by its name, code, defaults, closure and the module-level names it reads (a bound method with its
+    object); any other object by its class and its public attributes or slots (those not starting with ``_``:
+    caches such as a per-device copy stay out), recursively. A class defined outside mlic_lib and torch (a
+    notebook's step or model) counts by the code of its methods too, so editing it retrains. Two steps of one
+    class with other options (``Mixup(alpha=0.2)`` and ``Mixup(alpha=4.0)``) get other keys. An object it cannot
+    look into (no attributes, and a ``repr`` holding a memory address) is a ``TypeError``: key the run on its
+    settings yourself (e.g. ``train_scene_model``'s ``extra_key``)."""
     if obj is None or isinstance(obj, bool | int | float | str):
         return obj
     if _depth > 12:
@@ -299,7 +359,9 @@ def object_key(obj: Any, _depth: int = 0) -> Any:
     name = f"{type(obj).__module__}.{type(obj).__qualname__}"
     if isinstance(obj, torch.nn.Module):
         attrs = {k: object_key(v, d) for k, v in sorted(vars(obj).items()) if not k.startswith("_") and k != "training"}
-        return {"module": name, "options": attrs,
+        return {"module": name, "options": attrs, "code": _class_code(type(obj), d),
+                "buffers": {k: _tensor_digest(b) for k, b in obj._buffers.items()  # non-persistent ones too
+                            if b is not None and k in obj._non_persistent_buffers_set},
                 "children": {k: object_key(m, d) for k, m in obj.named_children()},  # each with its own state
                 "state": {k: _tensor_digest(v) for k, v in obj.state_dict().items() if "." not in k}}
     if isinstance(obj, functools.partial):
@@ -311,7 +373,9 @@ def object_key(obj: Any, _depth: int = 0) -> Any:
         cells = [c.cell_contents for c in (obj.__closure__ or ())]
         return {"function": f"{obj.__module__}.{obj.__qualname__}", "code": _code_key(obj.__code__, d),
                 "defaults": object_key(obj.__defaults__, d), "kwdefaults": object_key(obj.__kwdefaults__, d),
-                "closure": object_key(cells, d)}
+                "closure": object_key(cells, d), "globals": _globals_key(obj, d)}
+    if isinstance(obj, type) and _outside_key_code(obj.__module__):  # a user's class: its name and its code
+        return {"type": f"{obj.__module__}.{obj.__qualname__}", "code": _class_code(obj, d)}
     if isinstance(obj, type) or inspect.isbuiltin(obj):  # a class or a built-in function: its name says what it is
         return f"{getattr(obj, '__module__', '')}.{obj.__qualname__}"
     attrs = getattr(obj, "__dict__", None)
@@ -324,7 +388,8 @@ def object_key(obj: Any, _depth: int = 0) -> Any:
         return {"class": name, "repr": text}
     values = dict(attrs or {})
     values.update({s: getattr(obj, s) for s in slots if hasattr(obj, s)})
-    return {"class": name, **{k: object_key(v, d) for k, v in sorted(values.items()) if not k.startswith("_")}}
+    return {"class": name, "_code": _class_code(type(obj), d),
+            **{k: object_key(v, d) for k, v in sorted(values.items()) if not k.startswith("_")}}
 
 
 def atomic_write_json(obj: Any, path: str | os.PathLike) -> Path:

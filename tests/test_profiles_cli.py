@@ -1004,6 +1004,63 @@ def test_object_key_describes_what_an_object_computes_with():
     assert json.dumps(object_key(Step(np.ones(2), {"x": Path("/p")})))  # JSON-able
 
 
+def test_object_key_follows_a_users_globals_class_code_and_buffers():
+    """An edited notebook retrains: the globals a user's function reads, the code of a user's step or model class
+    and non-persistent buffers count (each loaded the run trained before the edit)."""
+    from mlic_lib.utils import object_key
+
+    def notebook(source):  # a notebook's cell: module __main__
+        ns = {"__name__": "__main__", "torch": torch}
+        exec(source, ns)
+        return ns
+
+    step = "def step(model, batch, device):\n    return SCALE * model(batch[0]).sum(), {}\n"
+    assert object_key(notebook("SCALE = 1.0\n" + step)["step"]) != object_key(notebook("SCALE = 0.0\n" + step)["step"])
+    assert object_key(notebook("SCALE = 1.0\n" + step)["step"]) == object_key(notebook("SCALE = 1.0\n" + step)["step"])
+    cls = ("class MyStep:\n    def __call__(self, model, batch, device):\n"
+           "        return {} * model(batch[0]).sum(), {{}}\n")
+    assert object_key(notebook(cls.format(1.0))["MyStep"]()) != object_key(notebook(cls.format(0.0))["MyStep"]())
+    net = ("class Net(torch.nn.Linear):\n    def forward(self, x):\n        return {} * super().forward(x)\n")
+    torch.manual_seed(0)
+    a = object_key(notebook(net.format(1.0))["Net"](2, 2))
+    torch.manual_seed(0)
+    assert object_key(notebook(net.format(2.0))["Net"](2, 2)) != a
+
+    class WeightedBCE(torch.nn.Module):
+        def __init__(self, w):
+            super().__init__()
+            self.register_buffer("w", torch.tensor(w), persistent=False)
+
+    assert object_key(WeightedBCE(1.0)) != object_key(WeightedBCE(5.0))
+    from mlic_lib.losses import AsymmetricLoss  # the library's own classes are keyed by its source, not here
+    from mlic_lib.psd import ASLStep
+
+    assert object_key(ASLStep({"gamma_neg": 4.0}))["_code"] == {} and object_key(AsymmetricLoss())["code"] == {}
+
+
+def test_a_full_disk_names_the_file_and_still_loads_a_finished_run(tmp_path, monkeypatch):
+    import errno
+
+    from mlic_lib.engine import run_lock
+    from mlic_lib.utils import atomic_write_json
+
+    target = tmp_path / "results.json"
+    atomic_write_json({"a": 1}, target)
+    real_fsync = os.fsync
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match=f"No space left on device: could not write {target} .nothing was changed"):
+        atomic_write_json({"a": 2}, target)
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert json.loads(target.read_text()) == {"a": 1} and [p.name for p in tmp_path.iterdir()] == ["results.json"]
+    monkeypatch.setattr(os, "pwrite", lambda *a: full(None))  # the lock's holder name cannot be written
+    with run_lock(tmp_path / "run"):
+        pass
+
+
 def test_cli_teachers_trains_with_the_chapters_seed(monkeypatch, tmp_path):
     """`mlic teachers` trains the teachers of the chapter's seed, the first of ``seeds``: others would be
     cached under keys the chapter never reads."""
