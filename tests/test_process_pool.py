@@ -34,6 +34,22 @@ def test_workers_leave_an_interrupt_to_the_parent():
     assert map_in_processes(signal.getsignal, [(signal.SIGINT,)] * 2, max_workers=2) == [signal.SIG_IGN] * 2
 
 
+def test_the_pool_is_kept_between_calls_and_restarted_when_the_environment_changes(monkeypatch):
+    """A chapter that trains in several pools pays a worker's start-up (about 3.5 s) once; a changed MLIC_CACHE
+    (which a worker reads) starts a new pool, and discard_kept_pool ends it."""
+    from mlic_lib import process_pool
+
+    first = map_in_processes(os.getpid, [(), ()], max_workers=2)
+    assert map_in_processes(os.getpid, [(), ()], max_workers=2) == first and os.getpid() not in first
+    monkeypatch.setenv("MLIC_CACHE", os.environ["MLIC_CACHE"] + "-other")
+    assert set(map_in_processes(os.getpid, [(), ()], max_workers=2)).isdisjoint(first)
+    process_pool.discard_kept_pool()
+    assert process_pool._KEPT is None
+    with pytest.raises(ValueError, match="invalid literal"):
+        map_in_processes(int, [("12",), ("twelve",)], max_workers=2)
+    assert process_pool._KEPT is None  # a pool stopped by an error is not kept
+
+
 def test_bad_worker_count():
     with pytest.raises(ValueError, match="max_workers must be >= 1"):
         map_in_processes(pow, [(2, 2)], max_workers=0)

@@ -257,6 +257,29 @@ def _teacher_task(small_scenes, n: int):
     return train.images[:n, :, ::2, ::2].copy(), train.targets[:n], [np.arange(0, 10), np.arange(10, 20)]
 
 
+def test_teacher_logits_are_computed_once_and_are_predict_logits(monkeypatch):
+    """Students sharing a teacher (CGPD-k, DGPD-k and CPSD-k, the student seeds) read its logits from the cache:
+    the same numbers as running it, for an ensemble too; other weights or images are run again."""
+    from mlic_lib.data.tensors import TensorImageDataset
+
+    g = torch.Generator().manual_seed(0)
+    ds = TensorImageDataset(torch.randint(0, 256, (10, 3, 16, 16), dtype=torch.uint8, generator=g),
+                            (torch.rand(10, 6, generator=g) > 0.5).float())
+    ens = psd.TeacherEnsemble([_tiny_model(len(s), i) for i, s in enumerate(SUBSETS)], SUBSETS, 6).eval()
+    want = psd.predict_logits(ens, ds)
+    calls = []
+    run = psd.predict_logits
+    monkeypatch.setattr(psd, "predict_logits", lambda *a, **k: calls.append(1) or run(*a, **k))
+    assert torch.equal(psd.teacher_logits(ens, ds), want) and len(calls) == 3  # one run per teacher
+    assert torch.equal(psd.teacher_logits(ens, ds), want) and len(calls) == 3  # read back
+    with torch.no_grad():
+        ens.teachers[0].classifier.bias.add_(1.0)  # another teacher: run again
+    assert not torch.equal(psd.teacher_logits(ens, ds), want) and len(calls) == 4
+    other = TensorImageDataset(ds.images.flip(0), ds.targets)  # other images: run again
+    psd.teacher_logits(ens.teachers[1], other)
+    assert len(calls) == 5
+
+
 def test_teachers_are_cached_and_deterministic(small_scenes):
     imgs, tg, subsets = _teacher_task(small_scenes, 40)
     ens_a, runs_a = psd.train_teachers(_settings(), imgs, tg, subsets, parallel="sequential")

@@ -67,7 +67,11 @@ class TensorImageDataset(Dataset):
         return (images_u8.float() / 255.0 - self.mean) / self.std
 
     def _images(self, index) -> torch.Tensor:
-        x = self.images[index]
+        if (isinstance(index, torch.Tensor) and index.ndim == 1 and index.dtype in (torch.int64, torch.int32)
+                and (len(index) == 0 or int(index.min()) >= 0)):  # index_select takes no negative index
+            x = self.images.index_select(0, index)  # a batch: self.images[index], about 20x faster on uint8 rows
+        else:
+            x = self.images[index]
         return x if self.transform is None else self.transform(x)
 
     def __getitem__(self, index: int):
