@@ -459,6 +459,7 @@ def teacher_logits(teacher: nn.Module, dataset: TensorImageDataset, data_digest:
     section 3) run it over the training set once. A :class:`TeacherEnsemble` is merged (``rho``) from its teachers'
     logits, each kept alone: the same numbers as ``predict_logits(ensemble, dataset)``."""
     import hashlib
+    import pickle
 
     from mlic_lib.engine import cache_root
     from mlic_lib.utils import atomic_torch_save
@@ -477,8 +478,8 @@ def teacher_logits(teacher: nn.Module, dataset: TensorImageDataset, data_digest:
         logits = torch.load(path, map_location="cpu", weights_only=True)
         if isinstance(logits, Tensor) and logits.dtype == torch.float32 and len(logits) == len(dataset):
             return logits
-    except (OSError, RuntimeError, EOFError, ValueError):  # not there yet, or unreadable: computed again
-        pass
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError):  # not there yet, or unreadable:
+        pass  # computed again
     logits = predict_logits(teacher, dataset, device=device)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
