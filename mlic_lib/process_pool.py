@@ -165,6 +165,9 @@ def map_in_processes(fn: Callable, tasks: Iterable[Sequence[Any]], *, max_worker
     kernel", Ctrl-C) stops the pool too: in both cases the workers are terminated at once, the tasks still
     running included, instead of training every remaining run first. A worker whose parent dies without that
     clean-up (killed outright) ends within a second or so.
+
+    The pool is kept for the next call with the same worker count and environment (each worker's start costs
+    seconds): its idle workers stay until this process exits, or :func:`discard_kept_pool` ends them.
     """
     global _KEPT
     from concurrent.futures import FIRST_EXCEPTION, wait
