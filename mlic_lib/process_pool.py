@@ -14,6 +14,7 @@ between machines; the seeds still make every run repeatable on the same machine 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -120,6 +121,25 @@ def _stop(pool) -> None:
 #: of students) pays a worker's start-up (interpreter, torch, the library and its source digest: about 3.5 s) once.
 #: A worker already trains many tasks one after another (each seeds itself), so a kept one changes no number.
 _KEPT: tuple[tuple, Any] | None = None
+#: Seconds a kept pool waits idle for the next call before its workers exit: each holds a few hundred MB (torch, the
+#: data its tasks read), which an interactive kernel would otherwise hold until it ends.
+KEEP_IDLE_S = 120.0
+_KEPT_LOCK = threading.RLock()
+_IDLE_GEN = 0  # a call's number: an idle timer ends the pool only if no call came after it
+
+
+def _expire(gen: int) -> None:
+    with _KEPT_LOCK:
+        if gen == _IDLE_GEN:
+            discard_kept_pool()
+
+
+def _release_later() -> None:
+    """Discard the kept pool after :data:`KEEP_IDLE_S` seconds unless another call takes it first."""
+    with _KEPT_LOCK:
+        timer = threading.Timer(KEEP_IDLE_S, _expire, (_IDLE_GEN,))
+    timer.daemon = True
+    timer.start()
 
 
 def _kept_pool(workers: int):
@@ -147,11 +167,10 @@ def _kept_pool(workers: int):
 def discard_kept_pool() -> None:
     """Shut down the pool :func:`map_in_processes` keeps between calls (its workers exit; the next call starts one)."""
     global _KEPT
-    if _KEPT is not None:
-        key, pool = _KEPT
-        _KEPT = None
-        if key[0] == os.getpid():
-            pool.shutdown(wait=True)
+    with _KEPT_LOCK:
+        kept, _KEPT = _KEPT, None
+    if kept is not None and kept[0][0] == os.getpid():
+        kept[1].shutdown(wait=True)
 
 
 def map_in_processes(fn: Callable, tasks: Iterable[Sequence[Any]], *, max_workers: int | None = None,
@@ -167,9 +186,10 @@ def map_in_processes(fn: Callable, tasks: Iterable[Sequence[Any]], *, max_worker
     clean-up (killed outright) ends within a second or so.
 
     The pool is kept for the next call with the same worker count and environment (each worker's start costs
-    seconds): its idle workers stay until this process exits, or :func:`discard_kept_pool` ends them.
+    seconds): its idle workers exit after :data:`KEEP_IDLE_S` seconds without a call, when this process exits, or
+    when :func:`discard_kept_pool` ends them.
     """
-    global _KEPT
+    global _KEPT, _IDLE_GEN
     from concurrent.futures import FIRST_EXCEPTION, wait
     from concurrent.futures.process import BrokenProcessPool
 
@@ -184,7 +204,9 @@ def map_in_processes(fn: Callable, tasks: Iterable[Sequence[Any]], *, max_worker
         raise ValueError(f"max_workers must be >= 1 (or None for one per CPU), got {max_workers}")
     workers = pool_size(len(tasks), max_workers)
     threads = max(1, available_cpus() // workers)
-    pool = _kept_pool(workers)
+    with _KEPT_LOCK:
+        _IDLE_GEN += 1  # no idle timer ends the pool from here on
+        pool = _kept_pool(workers)
     try:
         with tqdm(total=len(tasks), desc=desc, disable=bar_disabled(desc is not None), leave=False) as bar:
             futures = [pool.submit(_call_with_threads, threads, fn, args) for args in tasks]
@@ -202,7 +224,8 @@ def map_in_processes(fn: Callable, tasks: Iterable[Sequence[Any]], *, max_worker
         _KEPT = None  # a stopped pool is not kept
         _stop(pool)
         raise
-    return results  # the pool is kept for the next call (discard_kept_pool ends it)
+    _release_later()
+    return results  # the pool is kept for the next call (discard_kept_pool or KEEP_IDLE_S idle seconds end it)
 
 
 def run_missing(fn: Callable, jobs: Mapping[Hashable, Sequence[Any]], done: Callable[[Hashable], bool], *,

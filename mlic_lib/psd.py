@@ -462,14 +462,17 @@ def teacher_logits(teacher: nn.Module, dataset: TensorImageDataset, data_digest:
     import pickle
 
     from mlic_lib.engine import cache_root
-    from mlic_lib.utils import atomic_torch_save
+    from mlic_lib.utils import atomic_torch_save, library_digest
 
     data_digest = data_digest or _dataset_digest(dataset)
     if isinstance(teacher, TeacherEnsemble):
         cat = torch.cat([teacher_logits(t, dataset, data_digest) for t in teacher.teachers], dim=1)
         return _place(cat, teacher.merge_index.cpu(), teacher.num_classes)
     device = pick_device(None)
-    h = hashlib.sha256(f"{data_digest} {device} {torch.get_num_threads()} {type(teacher).__qualname__}".encode())
+    # the code that computes them (this module, the models, as the run keys name it) and torch's version too: an
+    # edited predict_logits or eval-mode forward would otherwise read the logits of the code before the edit
+    code = f"{library_digest((__name__,))} {torch.__version__}"
+    h = hashlib.sha256(f"{data_digest} {device} {torch.get_num_threads()} {type(teacher).__qualname__} {code}".encode())
     for name, t in teacher.state_dict().items():
         h.update(name.encode())
         _digest(h, t)

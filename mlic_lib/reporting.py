@@ -526,6 +526,7 @@ class BootstrapDifference(NamedTuple):
     lo: float
     hi: float
     n: int
+    level: float = 0.95  # the interval's coverage, as interval_sentence states it
 
 
 def bootstrap_difference(a, b, scale: float = 1.0, **kwargs) -> BootstrapDifference:
@@ -539,17 +540,19 @@ def bootstrap_difference(a, b, scale: float = 1.0, **kwargs) -> BootstrapDiffere
                          f"model); got shapes {a.shape} and {b.shape}")
     both = ~(np.isnan(a) | np.isnan(b))
     a, b, n = scale * a[both], scale * b[both], int(both.sum())
+    level = float(kwargs.get("level", 0.95))
     if n < 2:
-        return BootstrapDifference(float(a[0] - b[0]) if n else np.nan, np.nan, np.nan, n)
-    return BootstrapDifference(*paired_bootstrap(a, b, **kwargs), n)
+        return BootstrapDifference(float(a[0] - b[0]) if n else np.nan, np.nan, np.nan, n, level)
+    return BootstrapDifference(*paired_bootstrap(a, b, **kwargs), n, level)
 
 
 def interval_sentence(diff: BootstrapDifference, above: str, below: str, neither: str, unit: str = "points",
-                      items: str = "images", defined: str = "with a value in both", level: float = 0.95) -> str:
+                      items: str = "images", defined: str = "with a value in both", level: float | None = None) -> str:
     """One sentence for a :func:`bootstrap_difference`: the mean with its interval and ``above`` (the interval is
     above 0), ``below`` (below 0) or ``neither`` (it holds 0); "no interval" with the count of ``items``
     ``defined`` when there are fewer than 2 (a plural ``items`` loses its "s" for 1)."""
-    m, lo, hi, n = diff
+    m, lo, hi, n = diff[:4]
+    level = getattr(diff, "level", 0.95) if level is None else level  # the level the interval was drawn at
     if np.isnan(lo):
         noun = items[:-1] if n == 1 and items.endswith("s") else items  # "1 image"
         return f"no interval: {n} {noun} {defined}" + ("" if np.isnan(m) else f" (mean {m:+.1f} {unit})")

@@ -271,9 +271,37 @@ def _code_key(code, depth: int) -> dict[str, Any]:
 
 def _outside_key_code(module: str | None) -> bool:
     """Whether code of ``module`` is keyed by its bytecode: not mlic_lib (its source is in every key through
-    :func:`library_digest`), torch or a built-in."""
+    :func:`library_digest`), torch, a built-in or any other module of the Python installation (the standard
+    library, site-packages: pandas, PIL, timm, ... change with their version, not in a notebook, and following the
+    globals of their code reaches most of the package, minutes for a DataFrame)."""
     top = (module or "").split(".")[0]
-    return top not in ("mlic_lib", "torch", "builtins")
+    return top not in ("mlic_lib", "torch", "builtins") and not _installed_module(module or "")
+
+
+def _installed_module(module: str) -> bool:
+    """Whether ``module`` was imported from the Python installation (a built-in, the standard library or a
+    site-packages folder). A notebook's or script's ``__main__``, a module next to it (a test module, a user's
+    helpers) and a namespace that is no imported module (code run with ``exec``) are not."""
+    import sys
+
+    if module == "__main__":
+        return False
+    mod = sys.modules.get(module)
+    return False if mod is None else _installed_file(module, getattr(mod, "__file__", None))
+
+
+@functools.lru_cache(maxsize=1024)
+def _installed_file(module: str, file: str | None) -> bool:
+    import site
+    import sys
+    import sysconfig
+
+    if not file:
+        return module in sys.builtin_module_names or module.split(".")[0] in sys.stdlib_module_names
+    roots = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    roots.update(site.getsitepackages() if hasattr(site, "getsitepackages") else ())
+    path = os.path.realpath(file)
+    return any(os.path.commonpath([path, os.path.realpath(r)]) == os.path.realpath(r) for r in roots)
 
 
 def _globals_read(code) -> set[str]:

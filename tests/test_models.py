@@ -272,6 +272,9 @@ def test_weights_file_of_another_label_set_or_of_a_run_loads_the_backbone(tmp_pa
         again = build_model(name, 7, weights=tmp_path / "final.pt")
         for (key, a), b in zip(again.features.state_dict().items(), run.features.state_dict().values(), strict=True):
             assert torch.equal(a, b), key
+    torch.save({"model": build_model("efficientnet_lite0", 5).state_dict()}, tmp_path / "lite.pt")  # another backbone
+    with pytest.raises(RuntimeError, match=r"do not fit torchvision's resnet18: missing \['conv1.weight'"):
+        build_model("resnet18", 5, weights=tmp_path / "lite.pt")
     small = torchvision.models.resnet18(weights=None).state_dict()
     del small["layer4.1.conv2.weight"]
     torch.save(small, tmp_path / "partial.pth")

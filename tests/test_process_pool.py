@@ -50,6 +50,24 @@ def test_the_pool_is_kept_between_calls_and_restarted_when_the_environment_chang
     assert process_pool._KEPT is None  # a pool stopped by an error is not kept
 
 
+def test_an_idle_kept_pool_ends_after_keep_idle_s(monkeypatch):
+    """Each kept worker holds a few hundred MB: an interactive kernel does not hold them for its whole life."""
+    import time
+
+    from mlic_lib import process_pool
+
+    monkeypatch.setattr(process_pool, "KEEP_IDLE_S", 0.5)
+    map_in_processes(os.getpid, [(), ()], max_workers=2)
+    workers = list(process_pool._KEPT[1]._processes.values())
+    deadline = time.monotonic() + 30
+    while process_pool._KEPT is not None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert process_pool._KEPT is None
+    for proc in workers:  # shut down by the timer's thread
+        proc.join(timeout=30)
+    assert not any(proc.is_alive() for proc in workers)
+
+
 def test_bad_worker_count():
     with pytest.raises(ValueError, match="max_workers must be >= 1"):
         map_in_processes(pow, [(2, 2)], max_workers=0)

@@ -1032,6 +1032,14 @@ def test_object_key_follows_a_users_globals_class_code_and_buffers():
             self.register_buffer("w", torch.tensor(w), persistent=False)
 
     assert object_key(WeightedBCE(1.0)) != object_key(WeightedBCE(5.0))
+    import pandas as pd  # an installed package's code is not followed (a DataFrame's took minutes): its version is
+
+    from mlic_lib.utils import _class_code
+
+    assert _class_code(pd.DataFrame, 0) == {} and _class_code(WeightedBCE, 0) != {}
+    table = notebook("import pandas as pd\nTABLE = pd.DataFrame({'w': [1.0, 2.0]})\n"
+                     "def step(model, batch, device):\n    return float(TABLE.w.sum()) * model(batch[0]).sum(), {}\n")
+    assert "pandas" in json.dumps(object_key(table["step"]))
     from mlic_lib.losses import AsymmetricLoss  # the library's own classes are keyed by its source, not here
     from mlic_lib.psd import ASLStep
 

@@ -278,6 +278,11 @@ def test_teacher_logits_are_computed_once_and_are_predict_logits(monkeypatch):
     other = TensorImageDataset(ds.images.flip(0), ds.targets)  # other images: run again
     psd.teacher_logits(ens.teachers[1], other)
     assert len(calls) == 5
+    from mlic_lib import utils
+
+    monkeypatch.setattr(utils, "library_digest", lambda roots=(): "edited")  # other code: run again
+    psd.teacher_logits(ens.teachers[1], other)
+    assert len(calls) == 6
 
 
 def test_teachers_are_cached_and_deterministic(small_scenes):

@@ -343,6 +343,8 @@ def test_interval_sentence_reads_the_side_of_zero_and_says_when_there_is_no_inte
     assert text.startswith("+5.0 points (95% interval over 4 images -") and text.endswith("neither")
     assert interval_sentence(bootstrap_difference([0.5, np.nan], [0.2, 0.1], scale=100), *words,
                              defined="with a map") == "no interval: 1 image with a map (mean +30.0 points)"
+    wide = bootstrap_difference([0.1, 0.5, 0.2, 0.6], [0.4, 0.1, 0.5, 0.2], scale=100, level=0.8)
+    assert "(80% interval over 4 images" in interval_sentence(wide, *words)
     no_item = bootstrap_difference([np.nan], [0.2])
     assert interval_sentence(no_item, *words) == "no interval: 0 images with a value in both"
 

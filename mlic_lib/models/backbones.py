@@ -153,6 +153,16 @@ def small_resnet_features(in_chans: int = 3, widths: tuple[int, ...] = (16, 32, 
 _RESNET_PARTS = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
 
 
+def _resnet_key(key: str) -> str:
+    """A ResNet MultiLabelNet's ``features.<i>.<rest>`` as torchvision's ``<part>.<rest>``; a key of another
+    backbone's file (``features.net.*`` of timm, a small_resnet's later blocks) stays as it is, to be reported as
+    unexpected."""
+    _, index, rest = (key.split(".", 2) + ["", ""])[:3]
+    if index.isdigit() and int(index) < len(_RESNET_PARTS):
+        return f"{_RESNET_PARTS[int(index)]}.{rest}"
+    return key
+
+
 def _torchvision_resnet(name: str, weights: str | Path | None) -> tuple[nn.Sequential, int]:
     import torchvision
 
@@ -160,8 +170,7 @@ def _torchvision_resnet(name: str, weights: str | Path | None) -> tuple[nn.Seque
     if weights is not None:
         state = torchvision_imagenet_weights(name) if weights == "imagenet" else load_weights_file(weights)
         if any(k.startswith("features.") for k in state):  # a MultiLabelNet's own file (e.g. a run's final.pt)
-            state = {f"{_RESNET_PARTS[int(k.split('.')[1])]}.{k.split('.', 2)[2]}": v for k, v in state.items()
-                     if k.startswith("features.")}
+            state = {_resnet_key(k): v for k, v in state.items() if k.startswith("features.")}
         # the file's classifier (ImageNet's, or another label set's) is replaced by MultiLabelNet's own
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
         missing, unexpected = net.load_state_dict(state, strict=False)
