@@ -50,8 +50,7 @@ SHORT = {
                                          "cifar.train.epochs": 1}),
     "05_ltml": (["voc_lt"], {"model.weights": None, "train.epochs": 1, "train.milestones": [1],
                              "train.warmup_steps": 0, "seeds": [0],
-                             "ltml.samples_per_class": 1, "ltml.lambda_sweep": [0.1], "data.head_min": 20,
-                             "data.tail_max": 5}),
+                             "ltml.samples_per_class": 1, "ltml.lambda_sweep": [0.1]}),
 }
 # (train, test) images; the others 96 / 48. VOC-LT keeps the offline test's size, which its head/tail cuts fit.
 FAKE_SIZES = {"mnist": (3000, 600), "cifar10": (600, 300), "voc_lt": (48, 32)}
