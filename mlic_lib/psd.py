@@ -454,7 +454,8 @@ def _dataset_digest(dataset: TensorImageDataset) -> str:
 
 def teacher_logits(teacher: nn.Module, dataset: TensorImageDataset, data_digest: str | None = None) -> Tensor:
     """:func:`predict_logits` of ``teacher`` over ``dataset``, kept in the run cache (``teacher-logits/``) under a
-    hash of the teacher's weights, the images, their normalisation, the device and the torch thread count, so that
+    hash of the teacher's weights, the images, their normalisation, the device, the torch thread count, the library
+    code and torch's version, so that
     students sharing a teacher (CGPD-k, DGPD-k and CPSD-k; the student seeds and variants of the chapter's
     section 3) run it over the training set once. A :class:`TeacherEnsemble` is merged (``rho``) from its teachers'
     logits, each kept alone: the same numbers as ``predict_logits(ensemble, dataset)``."""
