@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mlic_lib.assoc_losses import REGULARIZERS, AssocFormerLoss
-from mlic_lib.models.backbones import load_weights_file
+from mlic_lib.models.backbones import load_weights_file, load_without_classifier
 from mlic_lib.utils import model_device
 
 __all__ = [
@@ -250,12 +250,7 @@ def transformer_backbone(name: str = "vit_tiny_patch16_224", pretrained: bool | 
             state = own
         elif convert is not None:
             state = convert(state, net)
-        state = {k: v for k, v in state.items() if not k.startswith("head.")}
-        missing, unexpected = net.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.startswith("head.")]
-        if missing or unexpected:
-            raise RuntimeError(f"weights {pretrained} do not fit {name}: missing {missing[:5]}, "
-                               f"unexpected {unexpected[:5]} (pass the backbone's own state dict)")
+        load_without_classifier(net, state, pretrained, name, ("head.",))
     return net, int(net.num_features)
 
 

@@ -163,6 +163,18 @@ def _resnet_key(key: str) -> str:
     return key
 
 
+def load_without_classifier(net: nn.Module, state: dict, source, name: str, classifier: tuple[str, ...]) -> None:
+    """Load the weights ``state`` (read from ``source``) into the backbone ``net``, leaving out the keys under the
+    ``classifier`` prefixes: the file's classifier (ImageNet's, or another label set's) is replaced by the
+    multi-label head. Any other missing or unexpected key is a ``RuntimeError`` naming them."""
+    state = {k: v for k, v in state.items() if not k.startswith(classifier)}
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith(classifier)]
+    if missing or unexpected:
+        raise RuntimeError(f"weights {source} do not fit {name}: missing {missing[:5]}, unexpected {unexpected[:5]} "
+                           f"(pass a state dict of {name})")
+
+
 def _torchvision_resnet(name: str, weights: str | Path | None) -> tuple[nn.Sequential, int]:
     import torchvision
 
@@ -171,13 +183,7 @@ def _torchvision_resnet(name: str, weights: str | Path | None) -> tuple[nn.Seque
         state = torchvision_imagenet_weights(name) if weights == "imagenet" else load_weights_file(weights)
         if any(k.startswith("features.") for k in state):  # a MultiLabelNet's own file (e.g. a run's final.pt)
             state = {_resnet_key(k): v for k, v in state.items() if k.startswith("features.")}
-        # the file's classifier (ImageNet's, or another label set's) is replaced by MultiLabelNet's own
-        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-        missing, unexpected = net.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.startswith("fc.")]
-        if missing or unexpected:
-            raise RuntimeError(f"weights {weights} do not fit torchvision's {name}: missing {missing[:5]}, "
-                               f"unexpected {unexpected[:5]} (pass a {name} state dict)")
+        load_without_classifier(net, state, weights, f"torchvision's {name}", ("fc.",))
     features = nn.Sequential(*(getattr(net, part) for part in _RESNET_PARTS))
     return features, net.fc.in_features
 
@@ -254,10 +260,7 @@ def _timm_features(name: str, in_chans: int, weights) -> tuple[nn.Module, int]:
         state = efficientnet_lite0_weights() if weights == "imagenet" else load_weights_file(weights)
         if any(k.startswith("features.net.") for k in state):  # a MultiLabelNet's own file (e.g. a run's final.pt)
             state = {k.removeprefix("features.net."): v for k, v in state.items()}
-        missing, unexpected = net.load_state_dict(state, strict=False)
-        unexpected = [k for k in unexpected if not k.startswith(("classifier.", "fc.", "head."))]
-        if unexpected or missing:
-            raise RuntimeError(f"weights do not fit {name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        load_without_classifier(net, state, weights, name, ("classifier.", "fc.", "head."))
     return _NCHW(net), net.num_features
 
 
