@@ -269,11 +269,11 @@ def _code_key(code, depth: int) -> dict[str, Any]:
     return {"bytecode": hashlib.sha256(code.co_code).hexdigest(), "names": list(code.co_names), "consts": consts}
 
 
-def _outside_key_code(module: str | None) -> bool:
-    """Whether code of ``module`` is keyed by its bytecode: not mlic_lib (its source is in every key through
-    :func:`library_digest`), torch, a built-in or any other module of the Python installation (the standard
-    library, site-packages: pandas, PIL, timm, ... change with their version, not in a notebook, and following the
-    globals of their code reaches most of the package, minutes for a DataFrame)."""
+def _user_code(module: str | None) -> bool:
+    """Whether ``module`` is a user's code, keyed by its bytecode: not mlic_lib (its source is in every key through
+    :func:`library_digest`) and not installed with Python (a built-in, the standard library, site-packages: pandas,
+    PIL, timm, ... change with their version, not in a notebook, and following the globals of their code reaches
+    most of the package, minutes for a DataFrame)."""
     top = (module or "").split(".")[0]
     return top not in ("mlic_lib", "torch", "builtins") and not _installed_module(module or "")
 
@@ -316,9 +316,9 @@ def _globals_read(code) -> set[str]:
 
 
 def _globals_key(fn, depth: int) -> dict[str, Any]:
-    """The values of the module-level names a function outside mlic_lib reads (a notebook's constants, loss
-    objects, helper functions): its bytecode names them but does not change when they do."""
-    if not _outside_key_code(getattr(fn, "__module__", None)):
+    """The values of the module-level names a user's function (:func:`_user_code`) reads (a notebook's constants,
+    loss objects, helper functions): its bytecode names them but does not change when they do."""
+    if not _user_code(getattr(fn, "__module__", None)):
         return {}
     out: dict[str, Any] = {}
     for name in sorted(_globals_read(fn.__code__)):
@@ -338,12 +338,12 @@ def _globals_key(fn, depth: int) -> dict[str, Any]:
 
 
 def _class_code(cls: type, depth: int) -> dict[str, Any]:
-    """The code of the methods (and the globals they read) of ``cls`` and its bases defined outside mlic_lib and
-    torch: a notebook's step or model class, whose name alone stays the same when its ``__call__`` or ``forward``
-    is edited."""
+    """The code of the methods (and the globals they read) of ``cls`` and its bases that are a user's code
+    (:func:`_user_code`): a notebook's step or model class, whose name alone stays the same when its ``__call__``
+    or ``forward`` is edited."""
     out: dict[str, Any] = {}
     for c in cls.__mro__:
-        if not _outside_key_code(getattr(c, "__module__", None)):
+        if not _user_code(getattr(c, "__module__", None)):
             continue
         for attr, v in sorted(vars(c).items()):
             f = v.fget if isinstance(v, property) else getattr(v, "__func__", v)  # static/class methods too
@@ -359,8 +359,8 @@ def object_key(obj: Any, _depth: int = 0) -> Any:
     its options (public attributes, e.g. a loss's ``gamma_neg``), its submodules and a digest of its state; a
     function by its name, code, defaults, closure and the module-level names it reads (a bound method with its
     object); any other object by its class and its public attributes or slots (those not starting with ``_``:
-    caches such as a per-device copy stay out), recursively. A class defined outside mlic_lib and torch (a
-    notebook's step or model) counts by the code of its methods too, so editing it retrains. Two steps of one
+    caches such as a per-device copy stay out), recursively. A user's class (a notebook's step or model; not
+    mlic_lib, not an installed package) counts by the code of its methods too, so editing it retrains. Two steps of one
     class with other options (``Mixup(alpha=0.2)`` and ``Mixup(alpha=4.0)``) get other keys. An object it cannot
     look into (no attributes, and a ``repr`` holding a memory address) is a ``TypeError``: key the run on its
     settings yourself (e.g. ``train_scene_model``'s ``extra_key``)."""
@@ -402,7 +402,7 @@ def object_key(obj: Any, _depth: int = 0) -> Any:
         return {"function": f"{obj.__module__}.{obj.__qualname__}", "code": _code_key(obj.__code__, d),
                 "defaults": object_key(obj.__defaults__, d), "kwdefaults": object_key(obj.__kwdefaults__, d),
                 "closure": object_key(cells, d), "globals": _globals_key(obj, d)}
-    if isinstance(obj, type) and _outside_key_code(obj.__module__):  # a user's class: its name and its code
+    if isinstance(obj, type) and _user_code(obj.__module__):  # a user's class: its name and its code
         return {"type": f"{obj.__module__}.{obj.__qualname__}", "code": _class_code(obj, d)}
     if isinstance(obj, type) or inspect.isbuiltin(obj):  # a class or a built-in function: its name says what it is
         return f"{getattr(obj, '__module__', '')}.{obj.__qualname__}"
