@@ -59,7 +59,7 @@ from mlic_lib.data.tensors import TensorImageDataset
 from mlic_lib.engine import FitResult, TrainConfig, fit, is_finished, run_dir_for
 from mlic_lib.experiments import build_scene_model
 from mlic_lib.losses import AsymmetricLoss
-from mlic_lib.utils import host_to_device, pick_device
+from mlic_lib.utils import host_to_device, object_key, pick_device
 
 __all__ = [
     "IMAGE_SELECTIONS",
@@ -438,9 +438,9 @@ def predict_logits(model: nn.Module, dataset: TensorImageDataset, batch_size: in
 
 
 def _digest(h, t: Tensor) -> None:
-    t = t.detach().cpu()
-    h.update(f"{t.dtype}{tuple(t.shape)}{t.stride()}".encode())  # the layout too (channels_last weights)
-    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    """Add the values, dtype and shape of ``t`` (:func:`mlic_lib.utils.object_key`'s digest) and its layout
+    (channels_last weights give other float sums) to the hash ``h``."""
+    h.update(f"{object_key(t)} {t.stride()}".encode())
 
 
 def _dataset_digest(dataset: TensorImageDataset) -> str:
