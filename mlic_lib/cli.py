@@ -122,7 +122,13 @@ def _cmd_teachers(args) -> int:
 
 
 def _cmd_profile(args) -> int:
-    print(yaml.safe_dump(load_profile(args.chapter, args.profile, parse_overrides(args.override)),
+    chapter = args.chapter
+    if chapter not in chapters():  # a part of a notebook's name, as `mlic reproduce` takes it (e.g. 02, ltml_)
+        if not (Path(args.root) / "notebooks").is_dir():
+            raise ValueError(f"no chapter {chapter!r}: name one of {', '.join(chapters())} (or, from the repository "
+                             "root, a part of a notebook's file name)")
+        chapter, _ = _chapter_notebook(Path(args.root).resolve(), chapter)
+    print(yaml.safe_dump(load_profile(chapter, args.profile, parse_overrides(args.override)),
                          sort_keys=False), end="")
     return 0
 
@@ -207,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_reproduce)
 
     p = sub.add_parser("profile", help="print a chapter's resolved settings")
-    p.add_argument("chapter", choices=chapters())
+    p.add_argument("chapter", help=f"one of {', '.join(chapters())} (or a part of one notebook's file name)")
     p.add_argument("--profile", default="default", choices=PROFILES, help="default: %(default)s")
     p.add_argument("-o", "--override", action="append", default=[], help="key=value, e.g. train.epochs=3")
     p.set_defaults(func=_cmd_profile)

@@ -212,6 +212,20 @@ def test_cli_profile_and_errors(capsys):
     assert "invalid choice" in err and "huge" in err and "smoke" in err and "full" in err
 
 
+def test_cli_profile_takes_a_chapter_as_reproduce_does(capsys):
+    """`mlic profile 02` used to be refused by argparse although `mlic reproduce 02` runs that chapter."""
+    root = str(Path(__file__).resolve().parents[1])
+    assert cli.main(["--root", root, "profile", "02", "--profile", "smoke"]) == 0
+    assert "chapter: psd" in capsys.readouterr().out
+    assert cli.main(["--root", root, "profile", "05_ltml", "--profile", "smoke"]) == 0
+    assert "chapter: ltml" in capsys.readouterr().out
+    assert cli.main(["--root", root, "profile", "0"]) == 2  # several notebooks: named, nothing printed
+    captured = capsys.readouterr()
+    assert "matches 6 chapters" in captured.err and captured.out == ""
+    assert cli.main(["--root", root + "/tests", "profile", "primr"]) == 2  # no notebooks there: the chapters named
+    assert "no chapter 'primr': name one of" in capsys.readouterr().err
+
+
 def test_cli_data_check(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("MLIC_DATA", str(tmp_path))
     (tmp_path / "VOCdevkit" / "VOC2007" / "ImageSets" / "Main").mkdir(parents=True)
