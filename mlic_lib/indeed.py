@@ -714,6 +714,7 @@ class VGG16Net(nn.Module):
         side = input_size // 32
         if side < 1:
             raise ValueError(f"VGG-16 needs inputs of at least 32x32, got input_size={input_size}")
+        self.input_size, self._side = input_size, side
         self.fc = nn.Sequential(nn.Flatten(), nn.Linear(cin * side * side, hidden), nn.ReLU(inplace=True),
                                 nn.Dropout(dropout), nn.Linear(hidden, hidden), nn.ReLU(inplace=True),
                                 nn.Dropout(dropout))
@@ -726,6 +727,9 @@ class VGG16Net(nn.Module):
         return self.features[self._cam_index]
 
     def forward_features(self, x: Tensor) -> Tensor:
+        from mlic_lib.models.simple_cnn import check_input_side
+
+        check_input_side(self, x, self._side, 32)
         return self.fc(self.features(x))
 
     def forward(self, x: Tensor) -> Tensor:

