@@ -203,6 +203,24 @@ def test_local_weights_file(tmp_path):
         build_model("resnet18", 5, weights=tmp_path / "missing.pth")
 
 
+def test_efficientnet_lite0_imagenet_weights_for_one_channel_see_grey_as_rgb(tmp_path):
+    """in_chans=1 with weights='imagenet' used to fail with torch's size mismatch on conv_stem: the stem is now
+    adapted as timm adapts its pretrained models (the sum of the RGB filters), so a grey image gives the features
+    the RGB model gives for that image replicated on three channels."""
+    grey = build_model("efficientnet_lite0", 5, weights="imagenet", in_chans=1).eval()
+    rgb = build_model("efficientnet_lite0", 5, weights="imagenet").eval()
+    torch.testing.assert_close(grey.features.net.conv_stem.weight[:, 0], rgb.features.net.conv_stem.weight.sum(1))
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(grey.features(x), rgb.features(x.expand(-1, 3, -1, -1)), atol=1e-4, rtol=1e-4)
+    path = tmp_path / "rgb.pth"  # a local file keeps its stem: another channel count is named, with the shapes
+    torch.save(rgb.state_dict(), path)
+    with pytest.raises(RuntimeError, match=r"rgb.pth do not fit tf_efficientnet_lite0: 1 tensor\(s\) of another "
+                                           r"shape, e.g. conv_stem.weight \(32, 3, 3, 3\) \(the model's is "
+                                           r"\(32, 1, 3, 3\)\)"):
+        build_model("efficientnet_lite0", 5, weights=path, in_chans=1)
+
+
 def test_torchvision_imagenet_weights(monkeypatch):
     """``weights="imagenet"`` loads torchvision's IMAGENET1K_V1 file through the hub cache, hash-checked."""
     import torchvision

