@@ -41,7 +41,7 @@ def nms_reference(boxes, scores, iou_threshold: float):
 
     if boxes.numel() == 0:
         return torch.empty(0, dtype=torch.long, device=boxes.device)
-    order = scores.argsort(descending=True)
+    order = scores.argsort(descending=True, stable=True)  # as torchvision: ties keep the lower index first
     x1, y1, x2, y2 = boxes.unbind(1)
     areas = (x2 - x1).clamp(min=0) * (y2 - y1).clamp(min=0)
     suppressed = torch.zeros(boxes.shape[0], dtype=torch.bool, device=boxes.device)

@@ -66,11 +66,14 @@ def test_fallback_registers_working_ops_when_real_ops_fail():
     assert out.splitlines() == ["fallback", "[0, 2]"]
 
 
-def test_nms_reference_matches_brute_force():
+@pytest.mark.parametrize("tied", [False, True])
+def test_nms_reference_matches_brute_force(tied):
+    """With tied scores (``tied``) the box of lower index comes first, as in torchvision's kernel (a stable sort):
+    the fallback's unstable sort used to keep other boxes."""
     g = torch.Generator().manual_seed(0)
     xy = torch.rand(60, 2, generator=g) * 50
     boxes = torch.cat([xy, xy + 5 + torch.rand(60, 2, generator=g) * 20], 1)
-    scores = torch.rand(60, generator=g)
+    scores = torch.randint(0, 3, (60,), generator=g).float() if tied else torch.rand(60, generator=g)
     keep = compat.nms_reference(boxes, scores, 0.4).tolist()
 
     def iou(a, b):
