@@ -181,6 +181,7 @@ def test_cam_batched_equals_single_and_accepts_4d(tiny):
     layer = tiny.features[3]
     maps = class_activation_maps(tiny, layer, img, [2, 0])
     single = class_activation_maps(tiny, layer, img[0], 0, device="cpu")
+    np.testing.assert_array_equal(class_activation_maps(tiny, layer, img, np.array([2.0, 0.0])), maps)  # float boxes
     assert single.shape == (1, 16, 16)
     np.testing.assert_allclose(maps[1], single[0], atol=1e-5)
     chunked = class_activation_maps(tiny, layer, img, [2, 0, 1], batch_size=2)
@@ -222,6 +223,8 @@ def test_cam_errors_release_hooks(tiny):
         class_activation_maps(tiny, layer, img, [5], method="eigencam")
     with pytest.raises(ValueError, match="class_indices is empty"):
         class_activation_maps(tiny, layer, img, [])
+    with pytest.raises(ValueError, match="whole numbers, got 1.5"):  # was truncated to class 1
+        class_activation_maps(tiny, layer, img, [0, 1.5])
     with pytest.raises(ValueError, match="one image"):
         class_activation_maps(tiny, layer, torch.rand(2, 3, 16, 16), [0])
     assert all(len(m._forward_hooks) == 0 for m in tiny.modules())

@@ -28,6 +28,7 @@ semantic ones.
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -201,8 +202,21 @@ def paired_class_activation_maps(
     return _maps(model, target_layer, images, classes, cam_cls, device, reshape_transform, batch_size)
 
 
+def _class_index(c) -> int:
+    """``c`` as an int: an integer, or a whole float (a class column of float boxes); 2.7 is refused, not truncated."""
+    try:
+        return operator.index(c)
+    except TypeError:
+        value = float(c)
+    if not value.is_integer():
+        raise ValueError(f"class indices must be whole numbers, got {c!r}")
+    return int(value)
+
+
 def _class_list(class_indices: int | Sequence[int]) -> list[int]:
-    classes = [int(class_indices)] if isinstance(class_indices, (int, np.integer)) else [int(c) for c in class_indices]
+    single = isinstance(class_indices, (int, float, np.number)) or (torch.is_tensor(class_indices)
+                                                                   and class_indices.dim() == 0)
+    classes = [_class_index(c) for c in ([class_indices] if single else class_indices)]
     if not classes:
         raise ValueError("class_indices is empty")
     if min(classes) < 0:
