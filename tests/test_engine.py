@@ -204,7 +204,7 @@ def test_a_second_process_waits_for_the_run_another_is_training_then_loads_it(tm
     assert result.cached  # loaded what the other process trained, not trained again
     err = capfd.readouterr().err
     assert re.search(r"run: process \d+ on .* holds this run \(training or loading it\); waiting for it, then "
-                     r"loading it", err)
+                     r"loading the run it finished \(or resuming it, if it stopped first\)", err)
     assert "process" in (run_dir / ".lock").read_text()
 
 
