@@ -17,6 +17,7 @@ def _torchrun(tmp_path: Path, mode: str) -> list[dict]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(worker), str(tmp_path / "run"), str(tmp_path), mode]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # CPU processes (gloo) on a GPU machine too: two ranks, one GPU
+    env["TMPDIR"] = str(tmp_path)  # torchrun's torchelastic_* folders, which it leaves behind, go with the test's
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                             env=env)
     try:
