@@ -793,6 +793,11 @@ def test_data_overrides_that_are_valid_pass_the_data_check():
     # valid VOC, but the mixing steps have no label mask: they would train the difficult labels as negatives
     ("splicemix", {"data.real.difficult_train": "ignore"}, r"^data.real: the SpliceMix chapter's steps .* no label "
                                                            r"mask.*use difficult_train: negative"),
+    # the augmentation's values: cutout true passed (a Cutout hiding half the image), min_crop 0 failed in the kernel
+    ("ltml", {"data.augment.cutout": True}, r"^data: data.augment.cutout must be a fraction .* got True"),
+    ("ltml", {"data.augment.min_crop": 0}, r"^data: data.augment: min_crop must lie in \(0, 1\], got 0"),
+    ("splicemix", {"data.real.augment.photometric": "no"}, r"^data.real: data.augment.photometric must be true or "
+                                                              r"false"),
 ])
 def test_real_data_options_are_checked_before_a_kernel_starts(chapter, overrides, message):
     with pytest.raises(ValueError, match=message):

@@ -137,6 +137,16 @@ def test_presets_accept_uda_and_unnormalised_and_reject_bad_values():
     assert 0 <= float(y.min()) and float(y.max()) <= 1 and float(eval_preset(32)(_photo()).min()) < 0
     with pytest.raises(ValueError, match="randaugment"):
         train_preset(32, {"randaugment": "strong"})
+    # values that used to pass: cutout true was a factor of 1.0 (half the image hidden on average), a string hflip
+    # was true, a resize_factor of 0 failed only at the first image, naming no setting
+    for augment, match in (({"cutout": True}, r"augment.cutout must be a fraction .* got True"),
+                           ({"cutout": 16}, "augment.cutout must be a fraction"),
+                           ({"resize_factor": 0}, r"augment.resize_factor must be a number > 0 .*got 0"),
+                           ({"resize_factor": None}, "augment.resize_factor must be a number"),
+                           ({"hflip": "no"}, "augment.hflip must be true or false, got 'no'"),
+                           ("strong", "augment must be a mapping of options")):
+        with pytest.raises(ValueError, match=match):
+            train_preset(32, augment)
     with pytest.raises(ValueError, match="normalize"):
         eval_preset(32, normalize="coco")
     with pytest.raises(ValueError, match="unknown operation"):

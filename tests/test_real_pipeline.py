@@ -115,6 +115,18 @@ def test_cv2_resize_is_opencvs_bilinear_without_antialiasing_in_both_presets():
     assert plain.shape == (3, 32, 32)
     steps = train_preset(32, {"crop": "random_patch"}, resize="cv2").transforms
     assert any(isinstance(t, CV2Resize) for t in steps)
+    # the multi-scale crop's resize to 32 x 32 follows resize="cv2" too (it was PIL's, whatever resize said)
+    big = _image(300, 400)
+    tf = train_preset(32, {"crop": "multiscale", "hflip": False, "scales": (1.0, 0.5), "resize_factor": 4},
+                      normalize="none", resize="cv2")
+    random.seed(5)
+    got = tf(big)
+    random.seed(5)
+    pre = Image.fromarray(cv2.resize(np.asarray(big), (128, 128), interpolation=cv2.INTER_LINEAR))
+    left, top, cw, ch = MultiScaleCrop(32, (1.0, 0.5)).params(128, 128, random)
+    crop = np.ascontiguousarray(np.asarray(pre)[top:top + ch, left:left + cw])
+    want = torch.from_numpy(cv2.resize(crop, (32, 32), interpolation=cv2.INTER_LINEAR)).permute(2, 0, 1) / 255
+    assert torch.allclose(got, want)
     with pytest.raises(ValueError, match="resize must be one of"):
         eval_preset(32, resize="lanczos")
 

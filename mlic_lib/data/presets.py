@@ -69,17 +69,21 @@ class MultiScaleCrop:
     snap : int, default 3
         A crop side closer than this many pixels to ``size`` is set to ``size`` (the authors' code), unless
         the image's short side is below ``size``.
+    resize : ``"pil"`` (default: PIL's bilinear, the authors' code) or ``"cv2"`` (:class:`CV2Resize`)
+        How the crop is resized to ``size x size``.
     """
 
     def __init__(self, size: int, scales: Sequence[float] = (1.0, 0.875, 0.75, 0.66, 0.5), max_distort: int = 2,
-                 fixed_offsets: bool = True, snap: int = 3):
+                 fixed_offsets: bool = True, snap: int = 3, resize: str = "pil"):
         if not scales or any(not 0 < s <= 1 for s in scales):
             raise ValueError(f"scales must be fractions in (0, 1], got {list(scales)}")
         if int(max_distort) != max_distort or max_distort < 0:
             raise ValueError(f"max_distort must be an integer >= 0, got {max_distort!r}")
         if int(snap) != snap or snap < 0:
             raise ValueError(f"snap must be an integer number of pixels >= 0, got {snap!r}")
-        self.size = int(size)
+        if resize not in RESIZES:
+            raise ValueError(f"resize must be one of {RESIZES}, got {resize!r}")
+        self.size, self.resize = int(size), resize
         self.scales = tuple(float(s) for s in scales)
         self.max_distort, self.fixed_offsets, self.snap = int(max_distort), bool(fixed_offsets), int(snap)
 
@@ -108,11 +112,14 @@ class MultiScaleCrop:
 
     def __call__(self, img: Image.Image) -> Image.Image:
         left, top, cw, ch = self.params(img.width, img.height, random)
-        return img.crop((left, top, left + cw, top + ch)).resize((self.size, self.size), Image.BILINEAR)
+        crop = img.crop((left, top, left + cw, top + ch))
+        if self.resize == "cv2":
+            return CV2Resize(self.size)(crop)
+        return crop.resize((self.size, self.size), Image.BILINEAR)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(size={self.size}, scales={self.scales}, max_distort={self.max_distort}, "
-                f"fixed_offsets={self.fixed_offsets}, snap={self.snap})")
+                f"fixed_offsets={self.fixed_offsets}, snap={self.snap}, resize={self.resize!r})")
 
 
 class Cutout:
@@ -254,6 +261,8 @@ class PhotoMetricDistortion:
 
 
 def _check(augment: Mapping[str, Any]) -> dict[str, Any]:
+    if not isinstance(augment, Mapping):
+        raise ValueError(f"augment must be a mapping of options ({', '.join(sorted(_KEYS))}), got {augment!r}")
     unknown = set(augment) - _KEYS
     if unknown:
         raise ValueError(f"unknown augment option(s) {sorted(unknown)}; valid: {sorted(_KEYS)}")
@@ -265,6 +274,19 @@ def _check(augment: Mapping[str, Any]) -> dict[str, Any]:
     if a["randaugment"] not in RANDAUGMENTS:
         raise ValueError(f"augment.randaugment must be one of {RANDAUGMENTS} (true = 'torchvision'), "
                          f"got {a['randaugment']!r}")
+    for key in ("hflip", "fixed_offsets", "photometric"):  # a string such as "no" would be true
+        if not isinstance(a[key], bool):
+            raise ValueError(f"augment.{key} must be true or false, got {a[key]!r}")
+    # numbers only: a bool would pass float() (cutout: true -> a Cutout as large as the image), and a bad
+    # resize_factor would only fail on the first image, naming no setting
+    number = (int, float)
+    cutout, factor = a["cutout"], a["resize_factor"]
+    if isinstance(cutout, bool) or not isinstance(cutout, number) or not 0 <= cutout <= 1:
+        raise ValueError(f"augment.cutout must be a fraction of the image side in [0, 1] (0 = off; the ASL recipe: "
+                         f"0.5), got {cutout!r}")
+    if isinstance(factor, bool) or not isinstance(factor, number) or not factor > 0:
+        raise ValueError(f"augment.resize_factor must be a number > 0 (the multi-scale crop's pre-resize, "
+                         f"default 512/448), got {factor!r}")
     return a
 
 
@@ -335,7 +357,8 @@ def train_preset(size: int, augment: Mapping[str, Any] | None = None, normalize:
     if a["crop"] == "multiscale":
         big = int(round(size * float(a["resize_factor"])))
         steps += [_resize(big, resize),
-                  MultiScaleCrop(size, a["scales"], max_distort=a["max_distort"], fixed_offsets=a["fixed_offsets"])]
+                  MultiScaleCrop(size, a["scales"], max_distort=a["max_distort"], fixed_offsets=a["fixed_offsets"],
+                                 resize=resize)]
     elif a["crop"] == "random_resized":
         steps.append(T.RandomResizedCrop(size))
     elif a["crop"] == "random_patch":

@@ -111,6 +111,11 @@ def check_options(data: Mapping[str, Any]) -> None:
         if key in data and data[key] not in allowed:  # null too: real_data would refuse it after a kernel started
             raise ValueError(f"{key} must be one of {allowed}, got {data[key]!r}"
                              + (" (leave the key out for its default)" if data[key] is None else ""))
+    if data.get("augment") is not None:  # the presets' own checks, now rather than in a kernel or at the first image
+        try:
+            train_preset(size, data["augment"], data.get("normalize", "imagenet"), data.get("resize", "pil"))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"data.{err}" if str(err).startswith("augment") else f"data.augment: {err}") from err
 
 
 def real_data(data: Mapping[str, Any]) -> RealData:
