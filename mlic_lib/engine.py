@@ -1023,7 +1023,8 @@ def run_lock(run_dir: str | Path):
                 if not bar_disabled(True):  # a progress notice: not in the book's executed notebooks
                     holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
                     print(f"{Path(run_dir).name}: {holder} holds this run (training or loading it); waiting for it, "
-                          "then loading the run it finished (or resuming it, if it stopped first)", file=sys.stderr, flush=True)
+                          "then loading the run it finished (or resuming it, if it stopped first)", file=sys.stderr,
+                          flush=True)
                 fcntl.flock(fd, fcntl.LOCK_EX)
             except OSError:  # no locks on this file system
                 os.close(fd)
