@@ -9,7 +9,10 @@ A chapter's notebook stays narrative + calls::
 
 from __future__ import annotations
 
+import functools
+import inspect
 import re
+import warnings
 import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -75,9 +78,13 @@ def cached_scenes(n_images: int, spec: SceneSpec, seed: int, split: str = "train
             set_aside_damaged(path, e, rank=0, then="generating the scenes again")
     scenes = make_scenes(n_images, spec, seed=seed, split=split, mode=mode)
     offsets = np.concatenate([[0], np.cumsum([len(b) for b in scenes.boxes])])
-    with atomic_open(path, "wb") as fh:
-        np.savez(fh, images=scenes.images, targets=scenes.targets, boxes=np.concatenate(scenes.boxes),
-                 box_offsets=offsets)
+    try:
+        with atomic_open(path, "wb") as fh:
+            np.savez(fh, images=scenes.images, targets=scenes.targets, boxes=np.concatenate(scenes.boxes),
+                     box_offsets=offsets)
+    except OSError as e:  # a read-only or full cache: the scenes are drawn all the same, only not stored
+        warnings.warn(f"could not store the scenes in {path} ({e}); using them without caching", RuntimeWarning,
+                      stacklevel=2)
     return scenes
 
 
@@ -95,6 +102,9 @@ def scene_data(settings: Mapping[str, Any], use_cache: bool = True) -> SceneData
 
     d = settings["data"]
     check_data_section(d)  # the profile loader's check, for settings built by hand too
+    if d.get("dataset", "scenes") != "scenes":
+        raise ValueError(f"data.dataset is {d['dataset']!r}, not the embedded scenes: load it with "
+                         "mlic_lib.data.real.real_data(settings['data'])")
     data_seed = d.get("data_seed", 0)
     spec = SceneSpec.from_dict(d.get("scenes", {}))
     train = cached_scenes(int(d["n_train"]), spec, 2 * data_seed + 1, "train", use_cache=use_cache)
@@ -140,8 +150,37 @@ def train_scene_model(settings: Mapping[str, Any], data: SceneData, seed: int = 
            "train": cfg.key_dict(), "step": object_key(step), "extra": dict(extra_key or {})}
     if own_model:  # a caller's model is not described by the profile's model section: key it by what it is
         key["own_model"] = object_key(model)  # its modules' classes and options, and its initial weights
-    # a caller's step (a class or a function) and model (its parts may come from several modules)
-    code = {getattr(step, "__module__", None) or type(step).__module__} if step is not None else set()
+    # a caller's step (a class or a function), what it holds (a library mixer or loss inside a user's step) and the
+    # model (its parts may come from several modules)
+    code = _modules_of(step) if step is not None else set()
     code |= {type(part).__module__ for part in model.modules()}
     run_dir = run_dir_for(f"{settings.get('chapter')}-{name}-s{seed}", key, code=code)
     return fit(model, data.train_ds, data.test_ds, cfg, step=step, run_dir=run_dir, progress=progress)
+
+
+def _modules_of(obj: Any, _depth: int = 0, _seen: set[int] | None = None) -> set[str]:
+    """The modules of ``obj`` (its class, or a function's or class's own module) and of what it holds (attributes,
+    items, a partial's function and arguments, a bound method's object, a module's parts), recursively: the code a
+    step computes with, for its run's key (``library_digest`` ignores names outside ``mlic_lib``)."""
+    seen = set() if _seen is None else _seen
+    if _depth > 12 or id(obj) in seen or obj is None or isinstance(obj, (bool, int, float, str, bytes)):
+        return set()
+    seen.add(id(obj))
+    out = {getattr(obj, "__module__", None) or type(obj).__module__}
+    if isinstance(obj, nn.Module):
+        out |= {type(part).__module__ for part in obj.modules()}
+    if isinstance(obj, Mapping):
+        children = list(obj.values())
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        children = list(obj)
+    elif isinstance(obj, functools.partial):
+        children = [obj.func, *obj.args, *obj.keywords.values()]
+    elif inspect.ismethod(obj):
+        children = [obj.__func__, obj.__self__]
+    elif isinstance(obj, type) or inspect.isroutine(obj):
+        children = []
+    else:
+        children = [v for k, v in vars(obj).items() if not k.startswith("_")] if hasattr(obj, "__dict__") else []
+    for child in children:
+        out |= _modules_of(child, _depth + 1, seen)
+    return {m for m in out if isinstance(m, str)}

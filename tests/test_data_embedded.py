@@ -157,6 +157,19 @@ def test_scene_spec_validation():
     with pytest.raises(ValueError, match="scale_range"):
         SceneSpec(canvas=32, scale_range=(1.0, 2.0))
     assert make_world(SceneSpec(colours=("red", "green", "blue"))).num_classes == 30
+    # a repeated colour made classes with one look and two labels ("red 3" twice); none got another error's message
+    for colours in (("red", "red"), ()):
+        with pytest.raises(ValueError, match="colours must name one colour or more, each once"):
+            SceneSpec(colours=colours)
+    # whole numbers for the counts (2.0 is 2, and keys as 2), finite numbers for the rates, a NumPy seed
+    assert SceneSpec(canvas=64.0, p_in_group=1).to_dict() == SceneSpec(canvas=64, p_in_group=1.0).to_dict()
+    assert isinstance(SceneSpec(canvas=np.int64(64)).canvas, int)
+    for bad, match in (({"min_objects": 1.5, "max_objects": 1.5}, "min_objects must be a whole number, got 1.5"),
+                       ({"long_tail_exponent": float("nan")}, "long_tail_exponent must be a finite number"),
+                       ({"n_groups": True}, "n_groups must be a whole number, got True"),
+                       ({"world_seed": -1}, r"world_seed must be >= 0 \(a NumPy seed\), got -1")):
+        with pytest.raises(ValueError, match=match):
+            SceneSpec(**bad)
 
 
 def test_scene_spec_refuses_biased_pairs_it_cannot_plant():

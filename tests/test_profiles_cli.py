@@ -953,6 +953,51 @@ def test_a_scene_runs_key_holds_the_normalised_settings_and_the_code_of_its_step
     assert {"mlic_lib.engine", "mlic_lib.models.backbones"} <= codes[0]
 
 
+class _UsersMixStep:  # a notebook's own step built on library objects (a mixer, and a loss in a partial)
+    def __init__(self):
+        import functools
+
+        from mlic_lib.assoc_losses import association_regularizer
+        from mlic_lib.mixing import Mixup
+
+        self.mix, self.loss = Mixup(alpha=0.4), functools.partial(association_regularizer, norm="l1")
+
+    def __call__(self, model, batch, device):
+        raise AssertionError("not trained here")
+
+
+def test_a_scene_runs_key_holds_the_code_of_library_objects_inside_a_users_step(monkeypatch, tmp_path):
+    """A user's step was keyed by its own module only: an edit of the library's Mixup (or of a loss it calls) kept
+    the run's folder, and the run trained with the old code was loaded."""
+    from mlic_lib import experiments
+
+    monkeypatch.setenv("MLIC_CACHE", str(tmp_path))
+    monkeypatch.setattr(experiments, "fit", lambda model, tr, te, cfg, **kw: None)
+    codes = []
+    monkeypatch.setattr(experiments, "run_dir_for", lambda name, key, code=(): codes.append(set(code)) or tmp_path)
+    settings = load_profile("primer", "smoke")
+    experiments.train_scene_model(settings, experiments.scene_data(settings), step=_UsersMixStep())
+    assert {"mlic_lib.mixing", "mlic_lib.assoc_losses", __name__, "mlic_lib.models.backbones"} <= codes[0]
+
+
+def test_scene_data_refuses_a_real_dataset_and_an_unstorable_cache_only_warns(monkeypatch, tmp_path):
+    """``scene_data`` of a real-data profile returned digit scenes (or failed with int(None)); a cache that cannot
+    be written (read-only, full) failed a draw that needs no cache."""
+    from mlic_lib import experiments
+
+    with pytest.raises(ValueError, match=r"data.dataset is 'coco2014', not the embedded scenes: load it with "
+                                         r"mlic_lib.data.real.real_data"):
+        experiments.scene_data(load_profile("psd", "full", {"data.n_train": 8, "data.n_test": 4}))
+
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(args[0]))
+
+    monkeypatch.setattr(experiments, "atomic_open", refused)
+    with pytest.warns(RuntimeWarning, match="could not store the scenes in .*Permission denied.*without caching"):
+        scenes = experiments.cached_scenes(4, SceneSpec(), seed=1)
+    np.testing.assert_array_equal(scenes.images, experiments.make_scenes(4, SceneSpec(), seed=1).images)
+
+
 def test_a_scene_runs_key_holds_its_steps_options(monkeypatch, tmp_path):
     """Two steps of one class with other options train two runs (Mixup's alpha 0.2 and 4.0 loaded one run); the
     same options, built again, load the same run."""

@@ -61,9 +61,22 @@ class SceneSpec:
     world_seed: int = 0
 
     def __post_init__(self) -> None:
+        for f in fields(self):  # whole numbers for the int fields (2.0 is 2), finite floats for the float ones: the
+            v = getattr(self, f.name)  # same scenes then have one cache key, and a bad kind fails here, by name
+            if f.type in ("int", "float"):
+                if isinstance(v, bool) or not isinstance(v, (int, float, np.number)) or not np.isfinite(v) or (
+                        f.type == "int" and v != int(v)):
+                    raise ValueError(f"{f.name} must be a {'whole' if f.type == 'int' else 'finite'} number, got {v!r}")
+                object.__setattr__(self, f.name, int(v) if f.type == "int" else float(v))
+        object.__setattr__(self, "colours", tuple(self.colours))
+        object.__setattr__(self, "scale_range", tuple(float(x) for x in self.scale_range))
+        if self.world_seed < 0:
+            raise ValueError(f"world_seed must be >= 0 (a NumPy seed), got {self.world_seed}")
         unknown = [c for c in self.colours if c not in COLOURS]
         if unknown:
             raise ValueError(f"unknown colour(s) {unknown}; choose from {sorted(COLOURS)}")
+        if not self.colours or len(set(self.colours)) != len(self.colours):  # a repeat: classes that look alike
+            raise ValueError(f"colours must name one colour or more, each once; got {self.colours}")
         if not 1 <= self.n_digits <= 10:
             raise ValueError(f"n_digits must be 1..10, got {self.n_digits}")
         if not 1 <= self.n_groups <= self.num_classes:
