@@ -533,13 +533,16 @@ def bootstrap_difference(a, b, scale: float = 1.0, **kwargs) -> BootstrapDiffere
     """:func:`paired_bootstrap` of ``scale * (a - b)`` over the items where neither ``a`` nor ``b`` is NaN (NaN marks
     an item without a value, e.g. the CAM-in-box share of an all-zero map). With fewer than 2 such items there is
     no interval (``lo = hi = nan``): the mean is that of the one item, or NaN with none. ``kwargs`` go to
-    :func:`paired_bootstrap` (``n_boot``, ``level``, ``seed``); an infinite value is refused there."""
+    :func:`paired_bootstrap` (``n_boot``, ``level``, ``seed``). An infinite value is refused (``ValueError``)."""
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if a.ndim != 1 or a.shape != b.shape:
         raise ValueError(f"a and b must be paired 1-d sequences of the same length (one value per item for each "
                          f"model); got shapes {a.shape} and {b.shape}")
     both = ~(np.isnan(a) | np.isnan(b))
     a, b, n = scale * a[both], scale * b[both], int(both.sum())
+    if np.isinf(a).any() or np.isinf(b).any():  # here, not only in paired_bootstrap: one item gets no interval
+        raise ValueError(f"a and b must be finite or NaN (no value); {int(np.isinf(a).sum() + np.isinf(b).sum())} "
+                         "infinite value(s)")
     level = float(kwargs.get("level", 0.95))
     if n < 2:
         return BootstrapDifference(float(a[0] - b[0]) if n else np.nan, np.nan, np.nan, n, level)

@@ -217,6 +217,20 @@ def test_the_run_lock_is_released_when_its_holder_fails(tmp_path):
         pass
 
 
+
+def test_the_run_lock_names_only_its_current_holder(tmp_path):
+    """A longer name left by an earlier holder is replaced, not overwritten in part (the waiting notice reads it)."""
+    import socket
+
+    from mlic_lib.engine import run_lock
+
+    lock = tmp_path / "run" / ".lock"
+    lock.parent.mkdir()
+    lock.write_text("process 4194304 on a-much-longer-host-name-of-an-earlier-holder.example.org")
+    with run_lock(tmp_path / "run"):
+        assert lock.read_text() == f"process {os.getpid()} on {socket.gethostname()}"
+
+
 class _Stop(Exception):
     pass
 

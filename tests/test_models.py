@@ -336,6 +336,46 @@ def test_a_cached_imagenet_file_is_checked_against_the_hash_in_its_name(tmp_path
     build_model("resnet18", 5, weights="imagenet")
 
 
+
+
+def test_a_weights_file_with_tensors_the_backbone_lacks_is_refused_and_a_timm_head_is_left_out(tmp_path):
+    """ResNet-34's file holds every tensor ResNet-18 has, and more: it loaded silently into a part of its blocks. A
+    timm model's own file keeps its classifier (``fc.`` or ``head.``), which the multi-label head replaces."""
+    import timm
+    import torchvision
+
+    torch.save(torchvision.models.resnet34(weights=None).state_dict(), tmp_path / "r34.pth")
+    with pytest.raises(RuntimeError, match=r"do not fit torchvision's resnet18: missing \[\], unexpected \['layer1.2"):
+        build_model("resnet18", 5, weights=tmp_path / "r34.pth")
+    torch.manual_seed(0)
+    tuned = timm.create_model("resnet10t", pretrained=False, num_classes=20)  # its classifier is fc.
+    torch.save(tuned.state_dict(), tmp_path / "r10t.pth")
+    model = build_model("timm/resnet10t", 5, weights=tmp_path / "r10t.pth")
+    assert torch.equal(model.features.net.conv1[0].weight, tuned.conv1[0].weight)
+
+
+def test_a_cached_imagenet_file_whose_hash_matches_its_name_is_loaded(tmp_path, monkeypatch):
+    """The check compares the file's sha256 with the prefix in its name: torchvision's own file passes it."""
+    import os
+
+    import torchvision
+    from torchvision.models import _api
+
+    from mlic_lib.data import download
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    ref = torchvision.models.resnet18().state_dict()
+    monkeypatch.setattr(_api, "load_state_dict_from_url", lambda url, **kw: ref)
+    name = os.path.basename(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url)  # resnet18-<sha256 prefix>.pth
+    prefix = torch.hub.HASH_REGEX.search(name).group(1)
+    cached = tmp_path / "checkpoints" / name
+    cached.parent.mkdir()
+    cached.write_bytes(b"torchvision's file")
+    monkeypatch.setattr(download, "sha256_of", lambda path: prefix + "0" * (64 - len(prefix)))
+    model = build_model("resnet18", 5, weights="imagenet")
+    assert torch.equal(model.features[0].weight, ref["conv1.weight"])
+
+
 def test_bad_model_requests():
     with pytest.raises(ValueError, match="unknown backbone"):
         build_model("resnet7", 3)

@@ -732,6 +732,15 @@ def test_the_new_checks_leave_legitimate_values_alone(tmp_path):
     assert load_profile("indeed", "default", {"cifar": cifar})["cifar"]["train"]["seed"] == cifar["train"]["seed"]
 
 
+
+def test_sections_with_defaults_may_be_emptied_and_a_subset_may_set_its_own_groups():
+    """{} keeps the code's defaults of a section whose every key has one (ASL's parameters); LTML's head/tail
+    thresholds are refused on the whole real set only, not on a subset (data.n_train)."""
+    assert load_profile("psd", "smoke", {"psd.asl": {}})["psd"]["asl"] == {}
+    subset = load_profile("ltml", "full", {"data.n_train": 500, "data.head_min": 50, "data.tail_max": 10})["data"]
+    assert (subset["n_train"], subset["head_min"], subset["tail_max"]) == (500, 50, 10)
+
+
 def test_a_mistyped_chapter_gets_a_close_match(capsys):
     assert cli.main(["reproduce", "psdd"]) == 2
     assert "'psdd' matches no chapter (did you mean 'psd'?)" in capsys.readouterr().err
@@ -1110,6 +1119,42 @@ def test_object_key_follows_a_users_globals_class_code_and_buffers():
     assert object_key(ASLStep({"gamma_neg": 4.0}))["_code"] == {} and object_key(AsymmetricLoss())["code"] == {}
 
 
+
+def test_object_key_follows_nested_code_base_classes_properties_and_classes_given_as_values():
+    """Each of these edits of a notebook changes what a step computes, and so the run's key: a global read in an inner
+    function, in a base class's method, in a property or in a method; a class passed as a value; a module imported
+    under another name."""
+    from mlic_lib.utils import object_key
+
+    def notebook(source):  # a notebook's cell: module __main__
+        ns = {"__name__": "__main__", "torch": torch}
+        exec(source, ns)
+        return ns
+
+    def differ(source, name, make=lambda v: v):
+        a, b = (object_key(make(notebook(source.replace("VALUE", v))[name])) for v in ("1.0", "2.0"))
+        return a != b
+
+    inner = ("SCALE = VALUE\ndef step(model, batch, device):\n    f = lambda z: SCALE * z\n"
+             "    return f(model(batch[0])), {}\n")
+    assert differ(inner, "step")
+    base = ("class Base:\n    def loss(self, x):\n        return VALUE * x\n"
+            "class MyStep(Base):\n    def __call__(self, model, batch, device):\n"
+            "        return self.loss(batch[0]), {}\n")
+    assert differ(base, "MyStep", lambda cls: cls())
+    prop = ("class MyStep:\n    @property\n    def weight(self):\n        return VALUE\n"
+            "    def __call__(self, model, batch, device):\n        return self.weight * batch[0], {}\n")
+    assert differ(prop, "MyStep", lambda cls: cls())
+    method = ("SCALE = VALUE\nclass MyStep:\n    def __call__(self, model, batch, device):\n"
+              "        return SCALE * batch[0], {}\n")
+    assert differ(method, "MyStep", lambda cls: cls())
+    assert differ("class Loss:\n    def __call__(self, x):\n        return VALUE * x\n", "Loss",
+                  lambda cls: {"loss_class": cls})  # the class itself, e.g. a step's option
+    imported = "import {} as m\ndef step(model, batch, device):\n    return m.sum(batch[0]), {{}}\n"
+    keys = [object_key(notebook(imported.format(module))["step"]) for module in ("torch", "numpy")]
+    assert keys[0] != keys[1]
+
+
 def test_a_full_disk_names_the_file_and_still_loads_a_finished_run(tmp_path, monkeypatch):
     import errno
 
@@ -1124,8 +1169,9 @@ def test_a_full_disk_names_the_file_and_still_loads_a_finished_run(tmp_path, mon
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", full)
-    with pytest.raises(OSError, match=f"No space left on device: could not write {target} .nothing was changed"):
+    with pytest.raises(OSError, match=f"No space left on device: could not write {target} .nothing was changed") as err:
         atomic_write_json({"a": 2}, target)
+    assert err.value.errno == errno.ENOSPC  # still the disk's error, for a caller that tells them apart
     monkeypatch.setattr(os, "fsync", real_fsync)
     assert json.loads(target.read_text()) == {"a": 1} and [p.name for p in tmp_path.iterdir()] == ["results.json"]
     monkeypatch.setattr(os, "pwrite", lambda *a: full(None))  # the lock's holder name cannot be written

@@ -285,6 +285,57 @@ def test_teacher_logits_are_computed_once_and_are_predict_logits(monkeypatch):
     assert len(calls) == 6
 
 
+
+def test_teacher_logits_key_every_input_and_recompute_a_cached_file_that_does_not_fit(monkeypatch):
+    """The teacher's logits depend on the images' normalisation, the weights' layout, the thread count and torch's
+    version as well: each reads no cached file of another; a cached file that is unreadable or of another length is
+    computed again, and a cache that cannot be written still gives the logits."""
+    from mlic_lib import utils
+    from mlic_lib.data.tensors import TensorImageDataset
+    from mlic_lib.engine import cache_root
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8, generator=g)
+    ds = TensorImageDataset(images, (torch.rand(6, 3, generator=g) > 0.5).float())
+    teacher = _tiny_model(3).eval()
+    calls = []
+    run = psd.predict_logits
+    monkeypatch.setattr(psd, "predict_logits", lambda *a, **k: calls.append(1) or run(*a, **k))
+    want = psd.teacher_logits(teacher, ds)
+    assert len(calls) == 1 and torch.equal(psd.teacher_logits(teacher, ds), want) and len(calls) == 1
+    other_norm = TensorImageDataset(images, ds.targets, mean=[0.4, 0.5, 0.6], std=[0.2, 0.3, 0.4])
+    assert not torch.equal(psd.teacher_logits(teacher, other_norm), want) and len(calls) == 2
+    psd.teacher_logits(teacher.to(memory_format=torch.channels_last), ds)  # other float sums
+    assert len(calls) == 3
+    teacher = teacher.to(memory_format=torch.contiguous_format)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads % 2 + 1)  # 1 <-> 2: other reduction orders
+        psd.teacher_logits(teacher, ds)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(calls) == 4
+    before = set((cache_root() / "teacher-logits").iterdir())
+    monkeypatch.setattr(torch, "__version__", "0.0.1-other")
+    psd.teacher_logits(teacher, ds)
+    assert len(calls) == 5
+    (path,) = set((cache_root() / "teacher-logits").iterdir()) - before  # the file of this key
+    for bad in (b"garbage, not a torch file", None):
+        if bad is None:
+            torch.save(want[:-1].clone(), path)  # a tensor of another length
+        else:
+            path.write_bytes(bad)
+        assert torch.equal(psd.teacher_logits(teacher, ds), want)
+    assert len(calls) == 7
+
+    def read_only(*a, **k):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(utils, "atomic_torch_save", read_only)
+    monkeypatch.setattr(torch, "__version__", "0.0.2-other")
+    assert torch.equal(psd.teacher_logits(teacher, ds), want) and len(calls) == 8
+
+
 def test_teachers_are_cached_and_deterministic(small_scenes):
     imgs, tg, subsets = _teacher_task(small_scenes, 40)
     ens_a, runs_a = psd.train_teachers(_settings(), imgs, tg, subsets, parallel="sequential")

@@ -15,6 +15,7 @@ from mlic_lib.reporting import (
     AGREES,
     BORDERLINE_FACTOR,
     CONTRADICTS,
+    BootstrapDifference,
     bootstrap_difference,
     borderline_note,
     check_units,
@@ -329,8 +330,10 @@ def test_bootstrap_difference_drops_items_without_a_value_and_has_no_interval_be
     assert none.n == 0 and all(math.isnan(v) for v in none[:3])
     with pytest.raises(ValueError, match="paired 1-d sequences"):
         bootstrap_difference(a, b[:-1])
-    with pytest.raises(ValueError, match="NaN or infinite"):
+    with pytest.raises(ValueError, match=r"finite or NaN \(no value\); 1 infinite value"):
         bootstrap_difference(np.r_[a[:-1], np.inf], b)
+    with pytest.raises(ValueError, match="1 infinite value"):  # one item: no interval, but no "+inf points" either
+        bootstrap_difference([np.inf, np.nan], [0.0, 0.0])
 
 
 def test_interval_sentence_reads_the_side_of_zero_and_says_when_there_is_no_interval():
@@ -347,6 +350,28 @@ def test_interval_sentence_reads_the_side_of_zero_and_says_when_there_is_no_inte
     assert "(80% interval over 4 images" in interval_sentence(wide, *words)
     no_item = bootstrap_difference([np.nan], [0.2])
     assert interval_sentence(no_item, *words) == "no interval: 0 images with a value in both"
+
+
+
+def test_bootstrap_difference_draws_its_interval_at_the_level_it_states():
+    """The interval a sentence labels "80%" is paired_bootstrap's at 0.8, not at the default 0.95."""
+    a, b = [0.1, 0.5, 0.2, 0.6, 0.9], [0.4, 0.1, 0.5, 0.2, 0.3]
+    wide = bootstrap_difference(a, b, scale=100, level=0.8, n_boot=500, seed=1)
+    ref = paired_bootstrap(100 * np.asarray(a), 100 * np.asarray(b), level=0.8, n_boot=500, seed=1)
+    assert (wide.mean, wide.lo, wide.hi) == pytest.approx(ref) and wide.level == 0.8
+    text = interval_sentence(wide, "above", "below", "neither", level=0.5)  # an explicit level is what is printed
+    assert "(50% interval over 5 images" in text
+    with pytest.raises(ValueError, match="paired 1-d sequences"):  # a table of values is not one value per item
+        bootstrap_difference(np.ones((2, 3)), np.zeros((2, 3)))
+
+
+def test_interval_sentence_counts_an_interval_touching_zero_as_holding_it():
+    """An interval with an end exactly at 0 holds 0: neither above nor below."""
+    words = ("above", "below", "neither")
+    touching = BootstrapDifference(2.0, 0.0, 5.0, 4)
+    assert interval_sentence(touching, *words).endswith("neither")
+    assert interval_sentence(BootstrapDifference(-2.0, -5.0, 0.0, 4), *words).endswith("neither")
+    assert interval_sentence(BootstrapDifference(2.0, 1e-9, 5.0, 4), *words).endswith("above")
 
 
 def test_paired_bootstrap_interval_covers_the_true_mean_at_about_its_level():
