@@ -799,3 +799,26 @@ def test_downsample_rounds_each_block_mean_to_the_nearest_integer():
     x = np.random.default_rng(0).integers(0, 256, (3, 2, 6, 9), dtype=np.uint8)
     ref = np.rint(x.reshape(3, 2, 2, 3, 3, 3).astype(np.float64).mean((3, 5))).astype(np.uint8)
     np.testing.assert_array_equal(indeed.downsample(x, 3), ref)
+
+
+def test_the_method_tables_name_the_norm_and_blocks_of_their_specs():
+    """Table 1's and Table 4's row names match the specs they train (a swapped spec would mislabel a row)."""
+    for name, spec in {**indeed.MAIN_METHODS, **indeed.ABLATION_METHODS}.items():
+        if spec["kind"] == "baseline":
+            assert name == "Baseline"
+            continue
+        assert ("min-max" in name) != ("L2" in name)
+        assert spec["norm"] == ("minmax" if "min-max" in name else "l2")
+        blocks = ("identical" if name.startswith("Identical") else "disparate" if name.startswith("Disparate")
+                  else "both")
+        assert spec["blocks"] == blocks
+    assert {(s["norm"], s["blocks"]) for s in indeed.ABLATION_METHODS.values()} == set(
+        itertools.product(("minmax", "l2"), ("identical", "disparate")))
+
+
+def test_a_method_spec_may_set_the_steps_lambda_pairing_and_detach_map():
+    step = indeed.method_step({"kind": "indeed", "lam": 0.3, "pairing": "each", "detach_map": True}, lam=0.7,
+                              pairing="disjoint")
+    assert (step.lam, step.pairing, step.detach_map) == (0.3, "each", True)
+    step = indeed.method_step({"kind": "indeed"}, lam=0.7, pairing="each")
+    assert (step.lam, step.pairing, step.detach_map) == (0.7, "each", False)

@@ -444,3 +444,34 @@ def test_asl_gradient_is_finite_where_the_clip_shifts_p_to_exactly_zero():
     assert z.grad[0, 1] > 0  # the ordinary entry still gets its gradient
     ref = -(torch.sigmoid(torch.tensor(3.0)) - 0.05) ** 0.5 * torch.log(1 - (torch.sigmoid(torch.tensor(3.0)) - 0.05))
     torch.testing.assert_close(loss, ref)  # the p_m == 0 entry adds nothing (its weight and log term are 0)
+
+
+@pytest.mark.parametrize("use_mask", [False, True])
+def test_soft_targets_follow_each_losss_formula_with_y_between_0_and_1(use_mask):
+    """Soft labels (Mixup / CutMix targets) enter every loss as the y of its formula, not rounded to 0/1."""
+    logits, _, mask = _data(seed=5)
+    mask = mask if use_mask else None
+    g = torch.Generator().manual_seed(5)
+    soft = torch.rand(logits.shape, generator=g, dtype=torch.float64)
+    w_pos = torch.rand(logits.shape[1], generator=g, dtype=torch.float64) * 3
+    w_neg = torch.rand(logits.shape[1], generator=g, dtype=torch.float64) * 3
+    cases = [
+        (bce_with_logits(logits, soft, mask=mask, reduction="none"), _naive_bce(logits, soft)),
+        (asymmetric_loss(logits, soft, gamma_pos=1.0, gamma_neg=4.0, clip=0.05, mask=mask, reduction="none"),
+         _naive_asl(logits, soft, 1.0, 4.0, 0.05)),
+        (weighted_bce(logits, soft, w_pos, w_neg, mask=mask, reduction="none"),
+         _naive_wbce(logits, soft, w_pos, w_neg)),
+    ]
+    for got, naive in cases:
+        torch.testing.assert_close(got, _reduce(naive, mask, "none"), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.05])
+def test_asl_a_custom_eps_clamps_both_logarithms(clip):
+    """eps is the clamp of both logs, log(max(p, eps)) and log(max(1 - p_m, eps)), not a fixed 1e-8."""
+    logits = torch.linspace(-12.0, 12.0, 25, dtype=torch.float64).repeat(2, 1)
+    targets = torch.stack([torch.ones(25), torch.zeros(25)]).to(torch.float64)
+    got = asymmetric_loss(logits, targets, 1.0, 2.0, clip, eps=1e-3, reduction="none")
+    torch.testing.assert_close(got, _naive_asl(logits, targets, 1.0, 2.0, clip, eps=1e-3), atol=ATOL, rtol=0)
+    module = AsymmetricLoss(1.0, 2.0, clip, eps=1e-3, reduction="none")
+    torch.testing.assert_close(module(logits, targets), got)

@@ -573,3 +573,32 @@ def test_group_map_of_the_report_skips_classes_without_test_positives():
     assert np.isnan(ap[5]) and np.isnan(rep["AP"][5])
     assert rep["mAP_tail"] == pytest.approx(ap[4], abs=1e-12)
     assert rep["mAP_head"] == pytest.approx((ap[0] + ap[1]) / 2, abs=1e-12)
+
+
+def test_multilabel_report_with_a_mask_and_a_threshold_is_the_functions_it_reports():
+    """With a mask, a threshold other than 0.5 and either masked mode, every number of the report is the one the
+    matching function gives with the same arguments: the top-3 metrics at that threshold and the example-based
+    metrics with the mask (not a 0.5 threshold nor an unmasked count)."""
+    scores, targets = _data(7, c=8)
+    mask = np.random.default_rng(3).random(scores.shape) < 0.85
+    mask[0] = True
+    for thr in (0.3, 0.7):
+        assert example_metrics(scores, targets, thr, mask=mask) != example_metrics(scores, targets, thr)
+        assert threshold_metrics(scores, targets, thr, top_k=3) != threshold_metrics(scores, targets, 0.5, top_k=3)
+        for masked in ("ignore", "negative"):
+            rep = multilabel_report(scores, targets, mask=mask, threshold=thr, masked=masked)
+            want = threshold_metrics(scores, targets, thr, mask=mask, masked=masked)
+            assert {k: rep[k] for k in THRESHOLD_KEYS} == pytest.approx(want)
+            top3 = threshold_metrics(scores, targets, thr, mask=mask, top_k=3, masked=masked)
+            assert {k: rep[f"{k}_top3"] for k in THRESHOLD_KEYS} == pytest.approx(top3)
+            example = example_metrics(scores, targets, thr, mask=mask)
+            assert {k: rep[k] for k in ("hamming_loss", "subset_accuracy")} == pytest.approx(example)
+
+
+def test_group_map_refuses_boolean_or_float_class_indices():
+    """A group of booleans would select classes as a mask (NumPy's boolean indexing), not by index: refused."""
+    ap = np.linspace(0, 1, 3)
+    with pytest.raises(ValueError, match="integer class indices"):
+        group_map(ap, {"head": [True, False, True]})
+    with pytest.raises(ValueError, match="integer class indices"):
+        group_map(ap, {"head": [0.0, 1.0]})

@@ -944,3 +944,51 @@ def test_splicemix_cl_step_defaults_are_the_papers():
     assert (step.cl_weight, step.detach, step.cl_form, step.cl_norm) == (1.0, True, "bce", "paper")
     assert step.splicemix.p_drop == 0.3
     assert step.splicemix(torch.zeros(16, 3, 8, 8), torch.zeros(16, 5)).layout.n_mixed == 4
+
+
+def test_mixed_label_of_soft_labels_is_the_max_over_the_kept_cells():
+    """Eq. 3's union of soft labels is their maximum over the kept cells (not a clipped sum)."""
+    y = torch.tensor([[0.2, 0.9], [0.7, 0.4], [0.5, 0.5], [0.1, 0.0]])
+    layout = GridLayout(1, 2, torch.tensor([[0, 1], [2, 3]]), torch.tensor([[True, True], [True, False]]), 4)
+    torch.testing.assert_close(SpliceMix.mix_labels_for(y, layout), torch.tensor([[0.7, 0.9], [0.5, 0.5]]))
+
+
+def test_cutmix_box_of_a_wide_image_scales_each_side_with_its_own_length(monkeypatch):
+    """On a 100 x 400 (H x W) image with lam0 = 0.75 an unclipped box is 50 rows by 200 columns."""
+    import mlic_lib.mixing as mixing
+
+    monkeypatch.setattr(mixing, "_beta", lambda alpha, generator: 0.75)
+    g = torch.Generator().manual_seed(0)
+    inside = 0
+    for _ in range(200):
+        x0, y0, x1, y1 = CutMix(0.5).sample(4, 100, 400, generator=g)["box"]
+        assert 0 <= y0 <= y1 <= 100 and 0 <= x0 <= x1 <= 400
+        if 0 < x0 and x1 < 400 and 0 < y0 and y1 < 100:
+            inside += 1
+            assert (y1 - y0, x1 - x0) == (50, 200)
+    assert inside > 20
+
+
+@pytest.mark.parametrize("size,batch,expected", [(0.25, 7, 1), (0.25, 6, 1), (0.29, 100, 29), (0.5, 5, 2)])
+def test_mixed_set_size_is_the_floor_of_the_fraction_of_the_batch(size, batch, expected):
+    assert SpliceMix(mixed_size=size).n_mixed(batch) == expected
+
+
+def test_noisy_ratios_drop_last_leaves_out_only_the_last_partial_batch():
+    labels = (torch.rand(10, 4, generator=torch.Generator().manual_seed(0)) < 0.5).float()
+    assert noisy_correlation_ratios(labels, None, batch_size=4)["n_samples"] == 10
+    assert noisy_correlation_ratios(labels, None, batch_size=4, drop_last=True)["n_samples"] == 8
+    assert noisy_correlation_ratios(labels[:8], None, batch_size=4, drop_last=True)["n_samples"] == 8
+    spliced = noisy_correlation_ratios(labels, SpliceMix({"2x2": 1.0}), batch_size=4, drop_last=True)
+    assert spliced["n_samples"] == 8 + 2  # two full batches of 4, each with 4 // 4 = 1 mixed image
+
+
+def test_noisy_ratios_pass_the_image_size_to_cutmix():
+    """On a 1-pixel image every CutMix box is empty (lam = 1), so its labels are the batch's own and the ratios are
+    the baseline's; on the default 448-px image the boxes mix single-label images into never-seen pairs."""
+    labels = torch.eye(4).repeat(8, 1)  # single-label images: no pair of classes co-occurs
+    base = noisy_correlation_ratios(labels, None, batch_size=8)
+    assert base["r_in"] == base["r_out"] == 0.0
+    tiny = noisy_correlation_ratios(labels, CutMix(), batch_size=8, image_size=(1, 1))
+    assert (tiny["r_in"], tiny["r_out"]) == (0.0, 0.0)
+    assert noisy_correlation_ratios(labels, CutMix(), batch_size=8)["r_out"] > 0
