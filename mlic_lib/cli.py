@@ -123,7 +123,7 @@ def _cmd_teachers(args) -> int:
 
 def _cmd_profile(args) -> int:
     chapter = args.chapter
-    if chapter not in chapters():  # a part of a notebook's name, as `mlic reproduce` takes it (e.g. 02, ltml_)
+    if chapter not in chapters():  # a part of a notebook's name, as `mlic reproduce` takes it (e.g. 02, 05_ltml)
         if not (Path(args.root) / "notebooks").is_dir():
             raise ValueError(f"no chapter {chapter!r}: name one of {', '.join(chapters())} (or, from the repository "
                              "root, a part of a notebook's file name)")

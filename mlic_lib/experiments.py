@@ -102,7 +102,7 @@ def scene_data(settings: Mapping[str, Any], use_cache: bool = True) -> SceneData
 
     d = settings["data"]
     check_data_section(d)  # the profile loader's check, for settings built by hand too
-    if d.get("dataset", "scenes") != "scenes":
+    if d.get("dataset") not in (None, "scenes"):  # as is_real: null is the scenes too
         raise ValueError(f"data.dataset is {d['dataset']!r}, not the embedded scenes: load it with "
                          "mlic_lib.data.real.real_data(settings['data'])")
     data_seed = d.get("data_seed", 0)
@@ -177,10 +177,18 @@ def _modules_of(obj: Any, _depth: int = 0, _seen: set[int] | None = None) -> set
         children = [obj.func, *obj.args, *obj.keywords.values()]
     elif inspect.ismethod(obj):
         children = [obj.__func__, obj.__self__]
+    elif inspect.isfunction(obj):  # what it reads, as object_key: its closure and the (non-module) globals it names
+        children = [getattr(c, "cell_contents", None) for c in (obj.__closure__ or ())]  # None: an empty cell
+        children += [v for n in obj.__code__.co_names if not inspect.ismodule(v := obj.__globals__.get(n))]
     elif isinstance(obj, type) or inspect.isroutine(obj):
         children = []
-    else:
-        children = [v for k, v in vars(obj).items() if not k.startswith("_")] if hasattr(obj, "__dict__") else []
+    else:  # public attributes and slots, as object_key
+        values = dict(vars(obj)) if hasattr(obj, "__dict__") else {}
+        for c in type(obj).__mro__:
+            slots = getattr(c, "__slots__", ())
+            values.update({n: getattr(obj, n) for n in ([slots] if isinstance(slots, str) else slots)
+                           if isinstance(n, str) and hasattr(obj, n)})
+        children = [v for k, v in values.items() if not k.startswith("_")]
     for child in children:
         out |= _modules_of(child, _depth + 1, seen)
     return {m for m in out if isinstance(m, str)}

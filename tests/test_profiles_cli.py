@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -803,9 +804,9 @@ def test_data_overrides_that_are_valid_pass_the_data_check():
     ("splicemix", {"data.real.difficult_train": "ignore"}, r"^data.real: the SpliceMix chapter's steps .* no label "
                                                            r"mask.*use difficult_train: negative"),
     # the augmentation's values: cutout true passed (a Cutout hiding half the image), min_crop 0 failed in the kernel
-    ("ltml", {"data.augment.cutout": True}, r"^data: data.augment.cutout must be a fraction .* got True"),
-    ("ltml", {"data.augment.min_crop": 0}, r"^data: data.augment: min_crop must lie in \(0, 1\], got 0"),
-    ("splicemix", {"data.real.augment.photometric": "no"}, r"^data.real: data.augment.photometric must be true or "
+    ("ltml", {"data.augment.cutout": True}, r"^data: augment.cutout must be a fraction .* got True"),
+    ("ltml", {"data.augment.min_crop": 0}, r"^data: augment: min_crop must lie in \(0, 1\], got 0"),
+    ("splicemix", {"data.real.augment.photometric": "no"}, r"^data.real: augment.photometric must be true or "
                                                               r"false"),
 ])
 def test_real_data_options_are_checked_before_a_kernel_starts(chapter, overrides, message):
@@ -989,6 +990,37 @@ def test_a_scene_runs_key_holds_the_code_of_library_objects_inside_a_users_step(
     assert {"mlic_lib.mixing", "mlic_lib.assoc_losses", __name__, "mlic_lib.models.backbones"} <= codes[0]
 
 
+@dataclasses.dataclass(slots=True)
+class _SlotsMixStep:  # a user's step without a __dict__
+    mixer: object
+
+    def __call__(self, model, batch, device):
+        raise AssertionError("not trained here")
+
+
+_GLOBAL_MIXER = None  # set by the test below: a library object a user's function step reads as a global
+
+
+def _global_mix_step(model, batch, device):
+    return _GLOBAL_MIXER(*batch)
+
+
+def test_the_modules_of_a_step_follow_slots_closures_and_globals(monkeypatch):
+    """A step made with slots, or a function whose closure or globals hold a Mixup, left mlic_lib.mixing out of the
+    run's key (only __dict__ was read)."""
+    from mlic_lib.experiments import _modules_of
+    from mlic_lib.mixing import Mixup
+
+    def closure_step(mixer):
+        def step(model, batch, device):
+            return mixer(*batch)
+        return step
+
+    monkeypatch.setitem(globals(), "_GLOBAL_MIXER", Mixup(alpha=0.2))
+    for step in (_SlotsMixStep(Mixup(alpha=0.2)), closure_step(Mixup(alpha=0.2)), _global_mix_step):
+        assert "mlic_lib.mixing" in _modules_of(step), step
+
+
 def test_scene_data_refuses_a_real_dataset_and_an_unstorable_cache_only_warns(monkeypatch, tmp_path):
     """``scene_data`` of a real-data profile returned digit scenes (or failed with int(None)); a cache that cannot
     be written (read-only, full) failed a draw that needs no cache."""
@@ -997,6 +1029,8 @@ def test_scene_data_refuses_a_real_dataset_and_an_unstorable_cache_only_warns(mo
     with pytest.raises(ValueError, match=r"data.dataset is 'coco2014', not the embedded scenes: load it with "
                                          r"mlic_lib.data.real.real_data"):
         experiments.scene_data(load_profile("psd", "full", {"data.n_train": 8, "data.n_test": 4}))
+    scenes = load_profile("assocformer", "smoke", {"data.dataset": None})  # null is the scenes, as is_real reads it
+    assert experiments.scene_data(scenes).num_classes == 20
 
     def refused(*args, **kwargs):
         raise PermissionError(13, "Permission denied", str(args[0]))

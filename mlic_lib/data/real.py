@@ -115,7 +115,7 @@ def check_options(data: Mapping[str, Any]) -> None:
         try:
             train_preset(size, data["augment"], data.get("normalize", "imagenet"), data.get("resize", "pil"))
         except (TypeError, ValueError) as err:
-            raise ValueError(f"data.{err}" if str(err).startswith("augment") else f"data.augment: {err}") from err
+            raise ValueError(str(err) if str(err).startswith("augment") else f"augment: {err}") from err
 
 
 def real_data(data: Mapping[str, Any]) -> RealData:

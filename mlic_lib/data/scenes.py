@@ -64,7 +64,8 @@ class SceneSpec:
         for f in fields(self):  # whole numbers for the int fields (2.0 is 2), finite floats for the float ones: the
             v = getattr(self, f.name)  # same scenes then have one cache key, and a bad kind fails here, by name
             if f.type in ("int", "float"):
-                if isinstance(v, bool) or not isinstance(v, (int, float, np.number)) or not np.isfinite(v) or (
+                if isinstance(v, bool) or not isinstance(v, (int, float, np.number)) or (
+                        not isinstance(v, (int, np.integer)) and not np.isfinite(v)) or (
                         f.type == "int" and v != int(v)):
                     raise ValueError(f"{f.name} must be a {'whole' if f.type == 'int' else 'finite'} number, got {v!r}")
                 object.__setattr__(self, f.name, int(v) if f.type == "int" else float(v))

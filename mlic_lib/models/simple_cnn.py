@@ -22,9 +22,10 @@ def check_input_side(model: nn.Module, x: torch.Tensor, side: int, stride: int) 
         raise ValueError(f"{name} takes a batch of images (B, C, H, W), got a tensor of shape {tuple(x.shape)}")
     h, w = x.shape[-2:]
     if h // stride != side or w // stride != side:
+        rebuild = f"build it with input_size={h} or " if h // stride == w // stride else ""  # square grids only
         raise ValueError(f"{name} was built for {model.input_size}x{model.input_size} inputs (its fc layer expects a "
-                         f"{side}x{side} grid after the /{stride} downsampling), got {h}x{w}: build it with "
-                         f"input_size={h} or resize the images to {model.input_size}x{model.input_size}")
+                         f"{side}x{side} grid after the /{stride} downsampling), got {h}x{w}: {rebuild}resize the "
+                         f"images to {model.input_size}x{model.input_size}")
 
 
 class SimpleCNN(nn.Module):
