@@ -676,3 +676,19 @@ def test_loss_defaults_are_eq9_with_the_papers_values():
     eq8 = -(y * torch.log(p) + (1 - y) * p ** 2 * torch.log(1 - p)).mean()
     fro = torch.stack([torch.linalg.norm(a) for a in A]).mean()
     torch.testing.assert_close(loss, eq8 + 0.1 * fro, atol=1e-5, rtol=1e-5)
+
+
+def test_step_passes_the_batchs_label_mask_to_the_loss():
+    """A batch (x, y, mask) (VOC difficult labels with difficult_train: ignore) trains AssocFormerLoss(O, y, A, mask):
+    the step's loss is unchanged by the labels the mask hides and differs from the unmasked loss."""
+    torch.manual_seed(0)
+    model = _head(8, 5)
+    x, y = torch.randn(6, 8), (torch.rand(6, 5) > 0.5).float()
+    mask = torch.rand(6, 5) > 0.3
+    loss_fn = AssocFormerLoss(theta=0.1)
+    loss, _ = AssocFormerStep(loss_fn)(model, [x, y, mask], "cpu")
+    O, A = model(x, return_assoc=True)
+    torch.testing.assert_close(loss, loss_fn(O, y, A, mask)[0])
+    flipped = torch.where(mask, y, 1 - y)  # other labels where the mask hides them
+    torch.testing.assert_close(AssocFormerStep(loss_fn)(model, [x, flipped, mask], "cpu")[0], loss)
+    assert not torch.allclose(loss, AssocFormerStep(loss_fn)(model, [x, y], "cpu")[0])

@@ -640,7 +640,6 @@ def test_lowres_predict_downsamples_the_input_by_the_factor():
         lowres_predict(0)
 
 
-
 def test_lowres_predict_keeps_the_aspect_and_antialiases():
     """Fig. 6's protocol on a non-square input: each side divided by the factor, bilinear with antialiasing (a
     square input and a shape check alone passed a width taken from the height, and no antialiasing)."""
@@ -992,3 +991,64 @@ def test_noisy_ratios_pass_the_image_size_to_cutmix():
     tiny = noisy_correlation_ratios(labels, CutMix(), batch_size=8, image_size=(1, 1))
     assert (tiny["r_in"], tiny["r_out"]) == (0.0, 0.0)
     assert noisy_correlation_ratios(labels, CutMix(), batch_size=8)["r_out"] > 0
+
+
+def test_cell_logits_split_a_non_square_map_by_its_rows_and_its_columns():
+    """On a wide 6 x 14 feature map a 2x3 grid's cells are rows 0-3-6 by columns 0-5-9-14 (the map's height split
+    into the grid's rows, its width into the columns): every cell written out."""
+    torch.manual_seed(0)
+    model = build_model("small_resnet", 5, widths=(4, 8, 8, 8)).eval()
+    lay = GridLayout(2, 3, torch.arange(12).view(2, 6), torch.ones(2, 6, dtype=torch.bool), 12)
+    fmap = torch.randn(2, 8, 6, 14)
+    out = cell_logits(model, fmap, lay)
+    rows, cols = [0, 3, 6], [0, 5, 9, 14]
+    for k in range(6):
+        i, j = divmod(k, 3)
+        ref = model.classifier(fmap[:, :, rows[i]:rows[i + 1], cols[j]:cols[j + 1]].amax(dim=(2, 3)))
+        torch.testing.assert_close(out[:, k], ref)
+
+
+def test_cl_kl_form_without_detach_is_the_kl_divergence_in_both_arguments():
+    """form='kl', detach=False: the loss is KL(p̄ || p') with p̄ trained too, so its gradient w.r.t. the regular
+    logits is that of the KL written out (the entropy term included), not of the BCE alone."""
+    torch.manual_seed(2)
+    lay = _layout(drop=(1, 2))
+    reg = torch.randn(12, 7, requires_grad=True)
+    cells = torch.randn(3, 4, 7, requires_grad=True)
+    consistency_loss(cells, reg, lay, detach=False, form="kl").backward()
+    reg2, cells2 = reg.detach().clone().requires_grad_(True), cells.detach().clone().requires_grad_(True)
+    p, q = torch.sigmoid(reg2[lay.sources]), torch.sigmoid(cells2)
+    keep = lay.keep[..., None].expand(3, 4, 7)
+    (p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log())[keep].mean().backward()
+    torch.testing.assert_close(reg.grad, reg2.grad)
+    torch.testing.assert_close(cells.grad, cells2.grad)
+
+
+def test_splicemix_cl_step_uses_its_cl_form():
+    """SpliceMixStep(cl_form='kl') trains Eq. 6 minus the target's entropy: with the same draw its cell term is the
+    BCE form's less the (positive) entropy of the regular predictions over the kept cells."""
+    model, x, y = _tiny_model_and_batch()
+    cpu = torch.device("cpu")
+    mixer = SpliceMix({"2x2": 1.0}, p_drop=0.0)
+    logs = {}
+    for form in ("bce", "kl"):
+        torch.manual_seed(3)
+        logs[form] = SpliceMixStep(mixer, cl_weight=1.0, cl_form=form)(model, [x, y], cpu)[1]["loss_cl"]
+    torch.manual_seed(3)
+    res = mixer(x, y)  # the same draw
+    with torch.no_grad():
+        logits = model(res.x)
+    p = torch.sigmoid(logits[:16][res.layout.sources])
+    entropy = -(p * p.log() + (1 - p) * (1 - p).log()).sum() / logits.numel()  # all cells kept (p_drop 0)
+    torch.testing.assert_close(logs["bce"] - logs["kl"], entropy, rtol=1e-4, atol=1e-6)
+
+
+def test_splicemix_from_empty_options_is_the_papers_splicemix():
+    """Without options the chapter's SpliceMix is the paper's / authors': p_drop 0.3, p_transpose 0.5, |B'| = B/4,
+    fill 0 (the defaults of SpliceMix itself)."""
+    from mlic_lib.splicemix_cl import splicemix_from_options
+
+    sm, ref = splicemix_from_options({}), SpliceMix()
+    assert (sm.p_drop, sm.p_transpose, sm.mixed_size, sm.fill) == (0.3, 0.5, 0.25, 0.0)
+    assert (sm.p_drop, sm.p_transpose, sm.mixed_size, sm.fill, sm.grids) == (ref.p_drop, ref.p_transpose,
+                                                                           ref.mixed_size, ref.fill, ref.grids)

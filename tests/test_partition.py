@@ -282,3 +282,43 @@ def test_load_authors_partition_orders_each_subset_by_local_index_not_by_file_or
     f = tmp_path / "p.json"
     f.write_text('[{"0": 2, "5": 0, "3": 1}, {"4": 1, "1": 0, "2": 2}]')
     assert [s.tolist() for s in P.load_authors_partition(f)] == [[5, 3, 0], [1, 4, 2]]
+
+
+def _uneven_S(seed=0):
+    rng = np.random.default_rng(seed)
+    rates = rng.uniform(0.02, 0.6, 12)
+    return P.similarity_matrix(targets=(rng.random((300, 12)) < rates).astype(int))
+
+
+def test_the_code_laplacian_is_scikit_learns_spectral_clustering_with_the_callers_seed_and_restarts():
+    """laplacian='code' is SpectralClustering(affinity='precomputed') with the caller's random_state and n_init
+    (with one k-means restart the seed decides the partition, so a dropped seed or n_init shows)."""
+    from sklearn.cluster import SpectralClustering
+
+    A = P.affinity(_uneven_S(), "cgp", tau=2.0)
+    outs = set()
+    for seed in range(4):
+        for n_init in (1, 10):
+            ref = SpectralClustering(n_clusters=4, affinity="precomputed", n_init=n_init,
+                                     random_state=seed).fit_predict(A)
+            got = P.spectral_partition(A, 4, seed=seed, n_init=n_init, laplacian="code")
+            assert P.partition_agreement(got, ref) == 1.0, (seed, n_init)
+            outs.add(tuple(got))
+    assert len(outs) > 2  # the seed and the restarts matter here
+
+
+def test_partition_labels_passes_its_seed_n_init_tau_and_complement_on():
+    """partition_labels(strategy, ...) is spectral_partition(affinity(S, strategy, tau, complement), k, seed, n_init,
+    laplacian), every option handed on; the printed DGP form I - R is refused through it too."""
+    S = _uneven_S()
+    outs = set()
+    for lap in P.LAPLACIANS:
+        for strategy in ("cgp", "dgp"):
+            for seed in range(4):
+                got = P.partition_labels(strategy, 4, S=S, tau=2.0, seed=seed, n_init=1, laplacian=lap)
+                ref = P.spectral_partition(P.affinity(S, strategy, tau=2.0), 4, seed=seed, n_init=1, laplacian=lap)
+                assert P.partition_agreement(got, ref) == 1.0, (lap, strategy, seed)
+                outs.add((lap, strategy, P.assignment_from_subsets(got).tobytes()))
+    assert len(outs) > 5  # seeds give different partitions here: a seed not handed on would show
+    with pytest.raises(ValueError, match="negative off-diagonal"):
+        P.partition_labels("dgp", 2, S=S, complement="identity")

@@ -285,7 +285,6 @@ def test_teacher_logits_are_computed_once_and_are_predict_logits(monkeypatch):
     assert len(calls) == 6
 
 
-
 def test_teacher_logits_key_every_input_and_recompute_a_cached_file_that_does_not_fit(monkeypatch):
     """The teacher's logits depend on the images' normalisation, the weights' layout, the thread count and torch's
     version as well: each reads no cached file of another; a cached file that is unreadable or of another length is
@@ -783,3 +782,70 @@ def test_matched_epochs_is_the_closest_step_count_written_out():
         winners = [e for e, g in gaps.items() if g == best]
         if len(winners) == 1:
             assert psd.matched_epochs(epochs, bs, n_img, n_all) == winners[0], (epochs, bs, n_img, n_all)
+
+
+def test_the_study_partitions_with_every_option_of_the_profile():
+    """The study's decompositions (psd._decompose) are partition_labels with the profile's tau, complement,
+    cluster_seed, n_init, laplacian and random_sizes (the random ones seeded by their own seed), and with the paper's
+    defaults where the profile is silent: a dropped option would repartition every chapter run without a word."""
+    from mlic_lib import partition as P
+
+    rng = np.random.default_rng(0)
+    S = P.similarity_matrix(targets=(rng.random((300, 12)) < rng.uniform(0.02, 0.6, 12)).astype(int))
+    for strategy in ("cgp", "dgp"):
+        assert all(np.array_equal(a, b) for a, b in zip(
+            psd._decompose({"psd": {}}, S, strategy, 4, 12),
+            P.partition_labels(strategy, 4, S=S, tau=3.0, complement="ones", seed=0, n_init=20, laplacian="eq2"),
+            strict=True))
+        seen = set()
+        for lap in P.LAPLACIANS:
+            for cseed in range(3):
+                p = {"tau": 2.0, "laplacian": lap, "cluster_seed": cseed, "n_init": 1}
+                got = psd._decompose({"psd": p}, S, strategy, 4, 12, rseed=7)
+                ref = P.partition_labels(strategy, 4, S=S, tau=2.0, seed=cseed, n_init=1, laplacian=lap)
+                assert all(np.array_equal(a, b) for a, b in zip(got, ref, strict=True)), (strategy, p)
+                seen.add(P.assignment_from_subsets(got).tobytes())
+        assert len(seen) > 2  # the options change the partition here, so each one's arrival is checked
+        with pytest.raises(ValueError, match="negative off-diagonal"):
+            psd._decompose({"psd": {"complement": "identity"}}, S, "dgp", 4, 12)
+    for rseed in (0, 1):  # random partitions: their own seed and the profile's random_sizes
+        got = psd._decompose({"psd": {"random_sizes": "random", "cluster_seed": 5}}, S, "random", 4, 12, rseed)
+        ref = P.partition_labels("random", 4, num_classes=12, seed=rseed, random_sizes="random")
+        assert all(np.array_equal(a, b) for a, b in zip(got, ref, strict=True))
+    assert not np.array_equal(P.random_partition(12, 4, 0, "random"), P.random_partition(12, 4, 0, "equal"))
+
+
+def test_a_soft_label_of_one_half_is_outside_the_subtask_as_in_the_kd_mask():
+    """'Present above 0.5': a soft label of exactly 0.5 puts an image neither in a teacher's images nor in its Eq. 5
+    KD domain (the two are the same X_{C_t})."""
+    targets = np.array([[0.5, 0.0, 0.0], [0.0, 0.5, 1.0], [0.51, 0.0, 0.0]], dtype=np.float32)
+    subsets = [[0], [1, 2]]
+    assert psd.subtask_indices(targets, [0]).tolist() == [2]
+    assert psd.subtask_indices(targets, [1]).tolist() == []
+    mask = psd.kd_domain_mask(torch.from_numpy(targets), subsets)
+    assert mask[:, 0].tolist() == [0.0, 0.0, 1.0] and mask[:, 1].tolist() == [0.0, 1.0, 0.0]
+
+
+def test_run_study_hands_each_student_the_teachers_of_its_own_decomposition(monkeypatch):
+    """Without training anything: every student of the study (SD, CGPD-k, DGPD-k, each random seed's, CPSD) is
+    handed the ensemble of its own decomposition, the random students that of their own random seed."""
+    from types import SimpleNamespace
+
+    from mlic_lib.partition import similarity_matrix
+
+    rng = np.random.default_rng(0)
+    targets = (rng.random((60, 8)) < 0.4).astype(np.float32)
+    data = SimpleNamespace(num_classes=8, train_targets=targets)
+    monkeypatch.setattr(psd, "decomposition_teachers",
+                        lambda settings, data, S, strategy, k, *, seed, rseed, subsets, parallel:
+                        (subsets, SimpleNamespace(tag=(strategy, k, rseed)), 0.5))
+    monkeypatch.setattr(psd, "train_runs", lambda requests, data, **kw:
+                        [SimpleNamespace(teachers=[t.tag for t in r.teachers]) for r in requests])
+    study = psd.run_study(_settings(ks=[1, 2, 3], cpsd_k=3, n_init=2, random_seeds=[0, 1, 4]), data,
+                          similarity_matrix(targets=targets))
+    got = {name: run.teachers for name, run in study.students.items()}
+    want = {"sd": [("cgp", 1, 0)], "cpsd-3": [("cgp", 3, 0), ("dgp", 3, 0)]}
+    for k in (2, 3):
+        want |= {f"cgpd-{k}": [("cgp", k, 0)], f"dgpd-{k}": [("dgp", k, 0)]}
+        want |= {f"random-{k}-s{rs}": [("random", k, rs)] for rs in (0, 1, 4)}
+    assert got == want and study.baseline.teachers == []
