@@ -9,8 +9,7 @@ A chapter's notebook stays narrative + calls::
 
 from __future__ import annotations
 
-import functools
-import inspect
+import json
 import re
 import warnings
 import zipfile
@@ -152,43 +151,23 @@ def train_scene_model(settings: Mapping[str, Any], data: SceneData, seed: int = 
         key["own_model"] = object_key(model)  # its modules' classes and options, and its initial weights
     # a caller's step (a class or a function), what it holds (a library mixer or loss inside a user's step) and the
     # model (its parts may come from several modules)
-    code = _modules_of(step) if step is not None else set()
+    code = _modules_of(step, key["step"]) if step is not None else set()
     code |= {type(part).__module__ for part in model.modules()}
     run_dir = run_dir_for(f"{settings.get('chapter')}-{name}-s{seed}", key, code=code)
     return fit(model, data.train_ds, data.test_ds, cfg, step=step, run_dir=run_dir, progress=progress)
 
 
-def _modules_of(obj: Any, _depth: int = 0, _seen: set[int] | None = None) -> set[str]:
-    """The modules of ``obj`` (its class, or a function's or class's own module) and of what it holds (attributes,
-    items, a partial's function and arguments, a bound method's object, a module's parts), recursively: the code a
-    step computes with, for its run's key (``library_digest`` ignores names outside ``mlic_lib``)."""
-    seen = set() if _seen is None else _seen
-    if _depth > 12 or id(obj) in seen or obj is None or isinstance(obj, (bool, int, float, str, bytes)):
-        return set()
-    seen.add(id(obj))
-    out = {getattr(obj, "__module__", None) or type(obj).__module__}
-    if isinstance(obj, nn.Module):
-        out |= {type(part).__module__ for part in obj.modules()}
-    if isinstance(obj, Mapping):
-        children = list(obj.values())
-    elif isinstance(obj, (list, tuple, set, frozenset)):
-        children = list(obj)
-    elif isinstance(obj, functools.partial):
-        children = [obj.func, *obj.args, *obj.keywords.values()]
-    elif inspect.ismethod(obj):
-        children = [obj.__func__, obj.__self__]
-    elif inspect.isfunction(obj):  # what it reads, as object_key: its closure and the (non-module) globals it names
-        children = [getattr(c, "cell_contents", None) for c in (obj.__closure__ or ())]  # None: an empty cell
-        children += [v for n in obj.__code__.co_names if not inspect.ismodule(v := obj.__globals__.get(n))]
-    elif isinstance(obj, type) or inspect.isroutine(obj):
-        children = []
-    else:  # public attributes and slots, as object_key
-        values = dict(vars(obj)) if hasattr(obj, "__dict__") else {}
-        for c in type(obj).__mro__:
-            slots = getattr(c, "__slots__", ())
-            values.update({n: getattr(obj, n) for n in ([slots] if isinstance(slots, str) else slots)
-                           if isinstance(n, str) and hasattr(obj, n)})
-        children = [v for k, v in values.items() if not k.startswith("_")]
-    for child in children:
-        out |= _modules_of(child, _depth + 1, seen)
-    return {m for m in out if isinstance(m, str)}
+def _modules_of(step: Any, step_key: Any = None) -> set[str]:
+    """The modules whose code ``step`` computes with, for its run's key: the step's own and every ``mlic_lib`` module
+    that :func:`object_key` finds in it (the classes, functions and modules it holds, in attributes, slots, items,
+    partials, closures and the globals a user's function reads), so that an edit of a library object held by a user's
+    step (a ``Mixup``, a loss) re-keys its runs (``library_digest`` ignores names outside ``mlic_lib``). ``step_key``:
+    ``object_key(step)`` when the caller has it already."""
+    import sys
+
+    out = {getattr(step, "__module__", None) or type(step).__module__}
+    for name in set(re.findall(r"mlic_lib(?:\.\w+)*", json.dumps(object_key(step) if step_key is None else step_key))):
+        while name not in sys.modules and "." in name:  # mlic_lib.mixing.Mixup -> mlic_lib.mixing
+            name = name.rsplit(".", 1)[0]
+        out.add(name)
+    return out
