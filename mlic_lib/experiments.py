@@ -21,6 +21,7 @@ import numpy as np
 from torch import nn
 
 from mlic_lib.data.scenes import SceneSet, SceneSpec, make_scenes, make_world
+from mlic_lib.data.section import data_key
 from mlic_lib.data.tensors import TensorImageDataset
 from mlic_lib.engine import (
     UNREADABLE,
@@ -145,7 +146,7 @@ def train_scene_model(settings: Mapping[str, Any], data: SceneData, seed: int = 
     own_model = model is not None
     if model is None:
         model = build_scene_model(m, data.num_classes, seed)
-    key = {"chapter": settings.get("chapter"), "name": name, "data": settings["data"], "model": m,
+    key = {"chapter": settings.get("chapter"), "name": name, "data": data_key(settings["data"]), "model": m,
            "train": cfg.key_dict(), "step": object_key(step), "extra": dict(extra_key or {})}
     if own_model:  # a caller's model is not described by the profile's model section: key it by what it is
         key["own_model"] = object_key(model)  # its modules' classes and options, and its initial weights

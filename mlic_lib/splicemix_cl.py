@@ -458,10 +458,11 @@ def _mixing_key(method: str, options: Mapping[str, Any]) -> Any:
 def method_run_dir(settings, method: str, seed: int = 0, tag: str = ""):
     """The cache folder of :func:`train_method`'s run (the key: chapter, method, data/model/train settings,
     the seed, the mixing options the method's step reads, and the library's version and source)."""
+    from mlic_lib.data.section import data_key
     from mlic_lib.engine import TrainConfig, run_dir_for
 
     cfg = TrainConfig.from_dict({**settings["train"], "seed": seed})
-    key = {"chapter": settings.get("chapter"), "name": method, "data": settings["data"], "model": settings["model"],
+    key = {"chapter": settings.get("chapter"), "name": method, "data": data_key(settings["data"]), "model": settings["model"],
            "train": cfg.key_dict(), "mixing": _mixing_key(method, settings["mixing"])}
     return run_dir_for(f"splicemix-{method}{tag}-s{seed}", key, code=(__name__,))
 

@@ -963,6 +963,31 @@ def test_a_scene_runs_key_holds_the_normalised_settings_and_the_code_of_its_step
     assert {"mlic_lib.engine", "mlic_lib.models.backbones"} <= codes[0]
 
 
+def test_a_scene_runs_key_writes_out_the_scene_defaults(monkeypatch, tmp_path):
+    """A data section that writes out a scene default (``data_seed: 0``, ``scenes: {canvas: 64}``, ``dataset:
+    scenes``) keys the same run as one that leaves it out; another scene option keys another run."""
+    from mlic_lib import experiments, splicemix_cl
+    from mlic_lib.data.scenes import SceneSpec
+    from mlic_lib.engine import SupervisedStep
+
+    monkeypatch.setenv("MLIC_CACHE", str(tmp_path))
+    seen = []
+    monkeypatch.setattr(experiments, "fit", lambda model, tr, te, cfg, **kw: seen.append(kw["run_dir"]))
+    settings = load_profile("primer", "smoke")
+    data = experiments.scene_data(settings)
+    assert "data_seed" not in settings["data"] and SceneSpec.from_dict(settings["data"].get("scenes", {})).canvas == 64
+    spelled = {**settings["data"], "data_seed": 0, "dataset": "scenes",
+               "scenes": {**settings["data"].get("scenes", {}), "canvas": 64.0}}
+    other = {**settings["data"], "scenes": {**settings["data"].get("scenes", {}), "p_bias": 0.5}}
+    for d in (settings["data"], spelled, other):
+        experiments.train_scene_model({**settings, "data": d}, data, step=SupervisedStep())
+    assert seen[0] == seen[1] != seen[2]
+    spl = load_profile("splicemix", "smoke")
+    dirs = [splicemix_cl.method_run_dir({**spl, "data": d}, "splicemix") for d in
+            (spl["data"], {**spl["data"], "data_seed": 0}, {**spl["data"], "data_seed": 1})]
+    assert dirs[0] == dirs[1] != dirs[2]
+
+
 class _UsersMixStep:  # a notebook's own step built on library objects (a mixer, and a loss in a partial)
     def __init__(self):
         import functools

@@ -1,4 +1,4 @@
-"""The check of a profile's ``data`` section, shared by the profile loader (:func:`mlic_lib.profiles.load_profile`,
+"""The check of a profile's ``data`` section (and its form in a run's cache key, :func:`data_key`), shared by the profile loader (:func:`mlic_lib.profiles.load_profile`,
 when an override touches the section) and :func:`mlic_lib.experiments.scene_data` (for settings built by hand).
 It lives with the data code, not in :mod:`mlic_lib.profiles`, so that a run's code key (which follows the imports of
 the data code) does not take in the profile loader and, through its checks, every method module."""
@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["check_data_section"]
+__all__ = ["check_data_section", "data_key"]
 
 _COUNTS = ("n_train", "n_test", "n_bias_test")  # numbers of images
 _SEEDS = ("data_seed", "subset_seed")
@@ -70,3 +70,19 @@ def check_data_section(data: Any) -> None:
             check_options(data["real"])
         except ValueError as err:
             raise ValueError(f"data.real: {err}") from None
+
+
+def data_key(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``data`` section as it enters a run's cache key: for the embedded scenes, the scene options with their
+    defaults written out (:meth:`~mlic_lib.data.scenes.SceneSpec.to_dict`), ``data_seed`` 0 when it is left out and
+    ``dataset: scenes`` for ``null``, as :func:`mlic_lib.experiments.scene_data` reads them. A profile that writes
+    out a default then shares the runs of one that leaves it out, instead of training them again. A real dataset's
+    section is keyed as it is."""
+    key = dict(data)
+    if key.get("dataset") in (None, "scenes"):
+        from mlic_lib.data.scenes import SceneSpec
+
+        key["dataset"] = "scenes"
+        key["data_seed"] = key.get("data_seed", 0)
+        key["scenes"] = SceneSpec.from_dict(dict(key.get("scenes") or {})).to_dict()
+    return key
