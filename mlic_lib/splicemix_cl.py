@@ -462,7 +462,8 @@ def method_run_dir(settings, method: str, seed: int = 0, tag: str = ""):
     from mlic_lib.engine import TrainConfig, run_dir_for
 
     cfg = TrainConfig.from_dict({**settings["train"], "seed": seed})
-    key = {"chapter": settings.get("chapter"), "name": method, "data": data_key(settings["data"]), "model": settings["model"],
+    key = {"chapter": settings.get("chapter"), "name": method, "data": data_key(settings["data"]),
+           "model": settings["model"],
            "train": cfg.key_dict(), "mixing": _mixing_key(method, settings["mixing"])}
     return run_dir_for(f"splicemix-{method}{tag}-s{seed}", key, code=(__name__,))
 

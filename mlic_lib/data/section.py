@@ -1,7 +1,8 @@
-"""The check of a profile's ``data`` section (and its form in a run's cache key, :func:`data_key`), shared by the profile loader (:func:`mlic_lib.profiles.load_profile`,
-when an override touches the section) and :func:`mlic_lib.experiments.scene_data` (for settings built by hand).
-It lives with the data code, not in :mod:`mlic_lib.profiles`, so that a run's code key (which follows the imports of
-the data code) does not take in the profile loader and, through its checks, every method module."""
+"""The check of a profile's ``data`` section (and its form in a run's cache key, :func:`data_key`), shared by the
+profile loader (:func:`mlic_lib.profiles.load_profile`, when an override touches the section) and
+:func:`mlic_lib.experiments.scene_data` (for settings built by hand). It lives with the data code, not in
+:mod:`mlic_lib.profiles`, so that a run's code key (which follows the imports of the data code) does not take in the
+profile loader and, through its checks, every method module."""
 
 from __future__ import annotations
 
