@@ -56,15 +56,22 @@ class SceneData:
         return self.train.targets
 
 
+#: The layout of :func:`cached_scenes`' files (their arrays and how the boxes are packed). It is part of their key,
+#: so a change to what is stored (bump it) reads no file of the old layout; the generator is keyed by its source.
+SCENES_FILE_FORMAT = 1
+
+
 def cached_scenes(n_images: int, spec: SceneSpec, seed: int, split: str = "train", mode: str = "natural",
                   use_cache: bool = True) -> SceneSet:
     """:func:`make_scenes`, stored once as ``$MLIC_CACHE/data/scenes-<hash>.npz`` and loaded afterwards.
 
-    The hash covers the arguments and the library source, so a change to the generator regenerates.
+    The hash covers the arguments, the generator's source (a change to it regenerates) and
+    :data:`SCENES_FILE_FORMAT`.
     """
     if not use_cache:
         return make_scenes(n_images, spec, seed=seed, split=split, mode=mode)
-    key = config_hash({"n": n_images, "spec": spec.to_dict(), "seed": seed, "split": split, "mode": mode},
+    key = config_hash({"n": n_images, "spec": spec.to_dict(), "seed": seed, "split": split, "mode": mode,
+                       "format": SCENES_FILE_FORMAT},
                       code=("mlic_lib.data.scenes",))
     path = cache_root() / "data" / f"scenes-{key}.npz"
     remove_stale_temp_files(path.parent, names=_SCENES_TEMP_NAME)  # left by a writer killed mid-write

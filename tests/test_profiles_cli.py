@@ -334,6 +334,16 @@ def test_scene_cache_roundtrip(tmp_path):
         np.testing.assert_array_equal(x, y)
 
 
+def test_a_new_scene_file_format_reads_no_file_of_the_old_one(monkeypatch, tmp_path):
+    """The file layout is part of the scene cache's key: after a bump, the old file is not read as the new layout."""
+    from mlic_lib import experiments
+
+    experiments.cached_scenes(4, SceneSpec(), seed=3)
+    monkeypatch.setattr(experiments, "SCENES_FILE_FORMAT", experiments.SCENES_FILE_FORMAT + 1)
+    assert "cache" not in experiments.cached_scenes(4, SceneSpec(), seed=3).meta  # drawn, not loaded
+    assert len(list((tmp_path / "cache" / "data").glob("scenes-*.npz"))) == 2
+
+
 def test_another_draw_of_the_scenes_is_part_of_the_runs_cache_key():
     """``scene_data`` took the draw as an argument, which no cache key saw: a run trained on draw 1 was stored
     under (and loaded for) draw 0's key. The draw is now the profile's ``data.data_seed``, inside every key."""
