@@ -394,6 +394,7 @@ def reproduction_page(results: Path, published: Path) -> str:
     where the chapter wrote one) next to the papers' values. A row whose unit does not fit the stored one says
     so in its cell instead of showing a number on the wrong scale."""
     import json
+    import math
 
     import yaml
 
@@ -420,7 +421,13 @@ def reproduction_page(results: Path, published: Path) -> str:
     if not files:
         lines.append("No chapter has written results in this build.")
     for f in files:
-        res = json.loads(f.read_text())
+        try:
+            res = json.loads(f.read_text())
+        except (OSError, ValueError) as e:
+            res = e
+        if not isinstance(res, dict) or not isinstance(res.get("numbers"), dict):  # not a chapter's results
+            lines += [f"`{f.name}` in the results folder is not a chapter's results file: skipped.", ""]
+            continue
         chapter = res.get("chapter", f.stem)
         info = pub.get(chapter, {})
         flat = dict(flatten_numbers(res.get("numbers", {})))  # dotted key -> number, once per chapter
@@ -447,9 +454,11 @@ def reproduction_page(results: Path, published: Path) -> str:
                 ours = "the results file declares no units (written by an older mlic_lib): rerun the chapter"
             elif misfit:
                 ours = f"{misfit[0]} is stored in unit {unit_of(misfit[0], units)!r}, not {unit!r}"
+            elif not math.isfinite(value):  # e.g. the primer's CAM share when every map is all zero
+                ours = "no value in this build (the chapter wrote NaN)" if value != value else f"{value} (not finite)"
             else:
                 ours = _fmt(scale[row["key"]] * value, unit)
-                if std is not None and std == std:  # NaN (one seed) shows no spread
+                if std is not None and math.isfinite(std):  # NaN (one seed) shows no spread
                     ours += f" ± {_fmt(scale[row['std']] * std, unit)}"
                 caveat = row.get("caveat") or {}  # {key, text}: a count the chapter flags, e.g. runs on a plateau
                 n_flagged = flat.get(caveat.get("key"))

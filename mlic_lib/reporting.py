@@ -109,7 +109,7 @@ def check_units(numbers: Mapping[str, Any], units: Mapping[str, str]) -> None:
     if missing:
         raise ValueError(f"no unit for {missing[:8]}{' ...' if len(missing) > 8 else ''}: add a pattern that matches "
                          "these keys to the chapter's units")
-    out = [(k, v, u) for k, v, u in flat if u in _UNIT_BOUND and np.isfinite(v) and abs(v) > _UNIT_BOUND[u]]
+    out = [(k, v, u) for k, v, u in flat if u in _UNIT_BOUND and not np.isnan(v) and abs(v) > _UNIT_BOUND[u]]
     if out:
         shown = ", ".join(f"{k} = {v:g} ({u})" for k, v, u in out[:8])
         raise ValueError(f"value(s) outside their unit's range: {shown}; is the unit right (a fraction in [0, 1] "

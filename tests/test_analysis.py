@@ -536,6 +536,17 @@ def test_heatmap_refuses_a_matrix_that_does_not_match_its_labels(styled):
     plt.close(fig)
 
 
+def test_heatmap_refuses_an_order_or_groups_that_do_not_cover_the_classes(styled):
+    """An order that drops or repeats a class would draw another matrix; groups of another length, wrong lines."""
+    fig, ax = plt.subplots()
+    for order in ([0, 1], [0, 0, 1], [0, 1, 3]):
+        with pytest.raises(ValueError, match="order must be a permutation of the 3 classes"):
+            heatmap(ax, np.zeros((3, 3)), ["a", "b", "c"], order=np.array(order))
+    with pytest.raises(ValueError, match="groups has 4 entries for 3 classes"):
+        heatmap(ax, np.zeros((3, 3)), ["a", "b", "c"], groups=np.array([0, 0, 1, 1]))
+    plt.close(fig)
+
+
 def test_show_scene_labels_float_boxes_and_draws_grey_images_in_grey(styled):
     img = (np.random.default_rng(0).random((3, 20, 30)) * 255).astype(np.uint8)
     fig, ax = plt.subplots()

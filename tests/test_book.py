@@ -61,6 +61,29 @@ def test_reproduction_page_puts_ours_next_to_published(tmp_path, monkeypatch):
     assert "| x | % | the results file declares no units" in reproduction_page(old, published)
 
 
+
+def test_reproduction_page_says_no_value_for_nan_and_skips_a_stray_json(tmp_path, monkeypatch):
+    """A headline the chapter wrote as NaN (the primer's CAM share when every map is zero) reads as no value, not
+    "nan", and an infinite spread is not shown; a JSON in the results folder that is not a chapter's results (a
+    list, or broken JSON) is named and skipped instead of stopping the build after every chapter has run."""
+    res = tmp_path / "res"
+    monkeypatch.setenv("MLIC_RESULTS", str(res))
+    write_chapter_results("demo", {"profile": "smoke", "chapter": "demo"},
+                          {"cam": float("nan"), "n": 3, "spread": float("inf")},
+                          units={"cam": "fraction", "n": "count", "spread": "count"})
+    (res / "notes.json").write_text('["not", "a", "chapter"]')
+    (res / "broken.json").write_text('{"chapter": ')
+    published = tmp_path / "published.yaml"
+    published.write_text("demo:\n  paper: Demo paper\n  rows:\n"
+                         "    - {label: CAM share, key: cam, unit: '%', published: 40.0}\n"
+                         "    - {label: runs, key: n, std: spread, unit: count}\n")
+    page = reproduction_page(res, published)
+    assert "| CAM share | % | no value in this build (the chapter wrote NaN) | 40.0 |" in page
+    assert "| runs | count | 3 | - |" in page  # an infinite spread is not shown as "± inf"
+    assert "`notes.json` in the results folder is not a chapter's results file: skipped." in page
+    assert "`broken.json` in the results folder" in page and "## Demo paper" in page
+
+
 def test_published_rows_name_keys_the_chapters_write():
     """Every row of book/published.yaml has a label, a key and a unit; published values are numbers."""
     import yaml

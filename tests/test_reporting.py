@@ -276,6 +276,7 @@ def test_unit_of_takes_the_first_matching_pattern():
     # values inside arrays and tensors used to escape both checks
     ({"mAP": np.array([50.0, 60.0])}, {"mAP*": "fraction"}, r"mAP.0 = 50 \(fraction\)"),
     ({"mAP": torch.tensor([0.5]), "gain": torch.tensor(7.0)}, {"mAP*": "fraction"}, r"no unit for \['gain'\]"),
+    ({"mAP": float("-inf")}, {"mAP": "points"}, r"mAP = -inf \(points\)"),  # NaN is "no value"; infinity is not
 ])
 def test_results_with_a_missing_unknown_or_implausible_unit_are_refused_before_writing(tmp_path, monkeypatch,
                                                                                        numbers, units, match):

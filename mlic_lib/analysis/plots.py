@@ -52,6 +52,11 @@ def heatmap(ax, matrix: np.ndarray, labels: Sequence[str], order: np.ndarray | N
     if full.ndim != 2 or full.shape != (len(labels), len(labels)):
         raise ValueError(f"heatmap needs a C x C matrix with C = {len(labels)} labels, got shape {full.shape}")
     order = np.arange(len(labels)) if order is None else np.asarray(order)
+    if sorted(order.tolist()) != list(range(len(labels))):
+        raise ValueError(f"heatmap: order must be a permutation of the {len(labels)} classes, got {order.tolist()}")
+    if groups is not None and len(groups) != len(labels):
+        raise ValueError(f"heatmap: groups has {len(groups)} entries for {len(labels)} classes; pass one "
+                         "super-category per class")
     m = full[np.ix_(order, order)]
     im = ax.imshow(m, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
     ax.grid(False)
