@@ -650,6 +650,74 @@ def test_a_damaged_archive_is_a_clear_error_and_nothing_is_unpacked(tmp_path):
     assert list((tmp_path / "dest").iterdir()) == []
 
 
+def test_a_damaged_deflate_stream_is_the_same_clear_error(tmp_path):
+    """A kept zip whose bytes went bad at the same size (only its size is checked on reuse) raised zlib.error, which
+    the CLI does not catch: a traceback instead of the message that says how to repair it."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("annotations/a.json", bytes(range(256)).hex() * 12)
+    bad = bytearray(buf.getvalue())
+    start = bytes(bad).index(b"a.json") + len("a.json")  # the local header's name ends here: the stream follows
+    for i in range(start + 20, start + 80):
+        bad[i] ^= 0xFF
+    archive = tmp_path / "annotations.zip"
+    archive.write_bytes(bytes(bad))
+    with pytest.raises(RuntimeError, match="could not unpack .*annotations.zip.*delete the archive and rerun"):
+        download.unpack(archive, tmp_path / "dest")
+    assert list((tmp_path / "dest").iterdir()) == []
+
+
+def test_an_interrupted_copy_to_another_file_system_leaves_no_half_folder(tmp_path, monkeypatch):
+    """``VOCdevkit`` linked to another disk: the unpacked folder is copied there. An interrupted copy used to leave a
+    half-filled ``VOC2012`` whose marker made the dataset look present; it now fills a hidden sibling that a rename
+    puts in place, and the next attempt starts that copy afresh."""
+    import errno
+    from pathlib import Path as P
+
+    big = tmp_path / "big" / "VOCdevkit"
+    big.mkdir(parents=True)
+    dest = tmp_path / "data"
+    dest.mkdir()
+    (dest / "VOCdevkit").symlink_to(big)
+    replace = P.replace
+
+    def cross(self, target):  # a rename from the extraction folder into the linked one crosses file systems
+        if str(P(target).resolve()).startswith(str(big)) and not str(self.resolve()).startswith(str(big)):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return replace(self, target)
+
+    monkeypatch.setattr(P, "replace", cross)
+    rename = os.rename
+
+    def os_cross(src, dst):  # what shutil.move tries before it copies
+        if str(P(dst).resolve()).startswith(str(big)) and not str(P(src).resolve()).startswith(str(big)):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", os_cross)
+    names = ["VOCdevkit/VOC2012/ImageSets/Main/trainval.txt"] + [f"VOCdevkit/VOC2012/JPEGImages/{i}.jpg"
+                                                                 for i in range(5)]
+    archive = tmp_path / "voc.tar"
+    archive.write_bytes(_tar({n: b"x" for n in names}))
+    copy, copied = shutil.copyfile, []
+
+    def interrupted(src, dst, **kw):  # Ctrl-C part-way through the copy
+        if len(copied) == 3:
+            raise KeyboardInterrupt
+        copied.append(dst)
+        return copy(src, dst, **kw)
+
+    monkeypatch.setattr(shutil, "copyfile", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        download.unpack(archive, dest)
+    assert len(copied) == 3
+    assert not (big / "VOC2012").exists()  # not a half-filled folder with its marker in place
+    monkeypatch.setattr(shutil, "copyfile", copy)
+    download.unpack(archive, dest)
+    assert sorted(str(p.relative_to(big.parent)) for p in (big / "VOC2012").rglob("*.*")) == sorted(names)
+    assert [p.name for p in big.iterdir()] == ["VOC2012"]  # the interrupted copy's folder is gone too
+
+
 def test_registry_is_well_formed():
     for key, entry in registry.DATASETS.items():
         assert entry.key == key and not Path(entry.marker).is_absolute()

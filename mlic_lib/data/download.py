@@ -26,6 +26,7 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from pathlib import Path
 
 from mlic_lib.data.paths import data_root
@@ -325,7 +326,8 @@ def _merge(src: Path, dst: Path) -> None:
     """Move ``src`` to ``dst`` by renames: a folder both have is merged entry by entry, anything else replaced.
 
     A ``dst`` that is a link to a folder (``VOCdevkit`` linked to a larger disk, say) is merged into and kept; a move
-    into it from another file system is a copy (``shutil.move``)."""
+    into it from another file system is a copy (``shutil.move``) into a hidden sibling (``.<name>.moving``) that a
+    rename then puts in place, so an interrupted copy never leaves a half-filled ``dst``."""
     if src.is_dir() and not src.is_symlink() and dst.is_dir():
         for item in src.iterdir():
             _merge(item, dst / item.name)
@@ -340,7 +342,15 @@ def _merge(src: Path, dst: Path) -> None:
     except OSError as err:
         if err.errno != errno.EXDEV:
             raise
-        shutil.move(src, dst)
+        # a copy across file systems takes long: copy next to dst first, then rename it into place, so that an
+        # interrupted copy never leaves a half-filled dst (whose marker would make the dataset look present)
+        moving = dst.with_name(f".{dst.name}.moving")
+        if moving.is_dir() and not moving.is_symlink():
+            shutil.rmtree(moving)  # what an interrupted copy left
+        elif moving.exists() or moving.is_symlink():
+            moving.unlink()
+        shutil.move(src, moving)
+        os.replace(moving, dst)  # within one folder of the other file system: a plain rename
 
 
 def unpack(archive: Path, dest: Path) -> Path | None:
@@ -377,7 +387,7 @@ def unpack(archive: Path, dest: Path) -> Path | None:
         for item in tmp.iterdir():
             _merge(item, dest / item.name)
         return dest / first if first is not None else None
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError) as err:
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error) as err:  # zlib: a damaged deflate stream
         if isinstance(err, getattr(tarfile, "FilterError", ())):  # the data filter refused a member: not a cut file
             raise RuntimeError(f"refusing to extract {archive}: {err}. Nothing was written to {dest}") from err
         raise RuntimeError(f"could not unpack {archive}: {err!r}. Nothing was written to {dest}; delete the archive "
