@@ -494,6 +494,16 @@ def _set_rng_state(state: Mapping, loader_generators: list[torch.Generator] | No
             torch.cuda.set_rng_state(s, i)
 
 
+@contextlib.contextmanager
+def _global_rng_kept():
+    """Restore the global random-number states (torch, CUDA, NumPy, Python) on exit."""
+    state = _rng_state()
+    try:
+        yield
+    finally:
+        _set_rng_state(state)
+
+
 # ------------------------------------------------------------------------------- train / eval
 @contextlib.contextmanager
 def _skipped_steps_count():
@@ -963,7 +973,8 @@ def fit(model: nn.Module, train_data: Dataset | Iterable, val_data: Dataset | It
 
     Parameters
     ----------
-    model : the network; moved to the device.
+    model : the network; moved to the device. With ``cfg.ema_decay`` it ends holding the averaged weights (those
+        ``final.pt`` keeps and a loaded run holds), the model ``FitResult.model`` returns.
     train_data : a ``Dataset`` (a seeded loader is built) or any iterable of batches ``(x, y[, mask])``.
     val_data : evaluated after every ``cfg.eval_every``-th epoch and after the last one (mAP etc. recorded in
         that epoch's history entry); ``None`` to skip.
@@ -980,8 +991,11 @@ def fit(model: nn.Module, train_data: Dataset | Iterable, val_data: Dataset | It
         Only ``cfg`` is checked against the folder: the data, ``step``, ``val_data``, ``predict_fn`` and ``groups``
         must be in the key the folder's name comes from (:func:`run_dir_for`), as the library's trainers put them,
         or a loaded run returns the metrics they had when it was trained.
-    on_epoch_end : ``callback(epoch, logs)`` after each epoch's checkpoint is written.
-    steps_per_epoch : needed for the LR schedule when ``train_data`` is an iterable without ``len``.
+    on_epoch_end : ``callback(epoch, logs)`` after each epoch's checkpoint is written. The global random states are
+        restored after it (and after each evaluation), so what it draws does not change the training.
+    steps_per_epoch : needed for the LR schedule when ``train_data`` is an iterable without ``len``: the number of
+        batches it yields per epoch. An epoch that takes another number of steps is a ``ValueError`` (the schedule
+        would end early or late).
 
     With a ``run_dir`` (outside ``torchrun``) the run is trained or loaded under :func:`run_lock`: a second process
     asking for the same run (another kernel, ``make lab`` beside ``make book``) waits, then loads it.
@@ -1120,15 +1134,17 @@ def _fit(model: nn.Module, train_data: Dataset | Iterable, val_data: Dataset | I
 
     def validate() -> dict[str, Any]:  # in fp32 whatever cfg.amp: bf16 logits (8-bit mantissa) tie scores and
         # shift the AP, and the run's metrics then match a later evaluate() of the same model
-        if world > 1:
-            _broadcast_buffers(eval_model)  # rank 0's BatchNorm statistics, which final.pt keeps, on every rank
-        if world > 1 and isinstance(val_data, Dataset):  # each rank scores its share; all ranks get every score
-            scores, targets, mask = predict_sharded(eval_model, val_data, device, cfg.eval_batch_size, predict_fn,
-                                                    channels_last, cfg.num_workers)
-            return M.multilabel_report(scores, targets, mask=mask, groups=groups)
-        loader = make_loader(val_data, cfg.eval_batch_size, False, num_workers=cfg.num_workers, device=device)
-        return evaluate(eval_model, loader, device, predict_fn=predict_fn, groups=groups,
-                        channels_last=channels_last).metrics
+        with _global_rng_kept():  # a caller's loader or predict_fn may draw from the global streams; evaluating must
+            # leave the training's draws as they are (eval_every says what is evaluated, not what is trained)
+            if world > 1:
+                _broadcast_buffers(eval_model)  # rank 0's BatchNorm statistics, which final.pt keeps, on every rank
+            if world > 1 and isinstance(val_data, Dataset):  # each rank scores its share; all ranks get every score
+                scores, targets, mask = predict_sharded(eval_model, val_data, device, cfg.eval_batch_size, predict_fn,
+                                                        channels_last, cfg.num_workers)
+                return M.multilabel_report(scores, targets, mask=mask, groups=groups)
+            loader = make_loader(val_data, cfg.eval_batch_size, False, num_workers=cfg.num_workers, device=device)
+            return evaluate(eval_model, loader, device, predict_fn=predict_fn, groups=groups,
+                            channels_last=channels_last).metrics
 
     bar = tqdm(total=cfg.epochs * n_steps, initial=start_epoch * n_steps, desc="train", unit="step",
                disable=bar_disabled(progress and rank == 0), leave=False, mininterval=1.0)
@@ -1140,6 +1156,10 @@ def _fit(model: nn.Module, train_data: Dataset | Iterable, val_data: Dataset | I
             logs = train_one_epoch(train_model, loader, optimizer, step, device, scheduler=scheduler,
                                    scaler=scaler, autocast=autocast, ema=ema, grad_clip=cfg.grad_clip,
                                    channels_last=channels_last, progress=bar, log_every=cfg.log_every)
+            if cfg.scheduler != "none" and scheduler.last_epoch != (epoch + 1) * n_steps:
+                raise ValueError(f"epoch {epoch} took {scheduler.last_epoch - epoch * n_steps} steps, but the LR "
+                                 f"schedule was built for {n_steps} per epoch (steps_per_epoch or len(train_data)): "
+                                 "pass the number of batches the training loader yields per epoch")
             logs = {"epoch": epoch, "train_seconds": time.perf_counter() - t0, **logs}
             last = epoch == cfg.epochs - 1
             if val_data is not None and (last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
@@ -1158,9 +1178,13 @@ def _fit(model: nn.Module, train_data: Dataset | Iterable, val_data: Dataset | I
                     ckpt["scaler"] = scaler.state_dict()
                 atomic_torch_save(ckpt, run_dir / "last.pt")
             if on_epoch_end is not None:
-                on_epoch_end(epoch, logs)
+                with _global_rng_kept():  # after the checkpoint took the RNG states: a resumed run must go on
+                    on_epoch_end(epoch, logs)  # from the same ones, whatever the callback draws
     finally:
         bar.close()
+    if ema is not None:  # the model passed in ends with the weights final.pt keeps, as it does when a run is loaded
+        model.load_state_dict(ema.module.state_dict())
+        eval_model = model
     if not final and val_data is not None and start_epoch >= cfg.epochs:
         final = validate()  # resumed from the last epoch's checkpoint (stopped before final.pt was written)
     if world > 1:

@@ -1412,3 +1412,89 @@ def test_make_loader_sets_the_epoch_of_a_chapters_own_loader():
 
     own = Own()
     assert make_loader(own, 8, True, seed=0, epoch=5) is own and own.epoch == 5
+
+
+# ------------------------------------------------- a caller's loaders and callbacks (schedule length, RNG, EMA)
+def _tiny_set(n: int, seed: int = 0):
+    from torch.utils.data import TensorDataset
+
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.randn(n, 3, 4, 4, generator=g), (torch.rand(n, 5, generator=g) < 0.4).float())
+
+
+def _tiny_net(dropout: float = 0.0):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(48, 5))
+
+
+@pytest.mark.parametrize("scheduler", ["cosine", "onecycle"])
+def test_a_steps_per_epoch_that_is_not_the_loaders_is_refused_after_the_first_epoch(scheduler):
+    """A wrong ``steps_per_epoch`` built the schedule for another run length: cosine ended at lr 0 early, onecycle
+    failed with torch's bare error in the last epoch, after every other epoch had been trained."""
+    ds = _tiny_set(64)
+
+    class Batches:  # a caller's loader without len(): 4 batches per pass
+        def __iter__(self):
+            return (ds[i:i + 16] for i in range(0, 64, 16))
+
+    done = []
+    cfg = TrainConfig(epochs=3, batch_size=16, scheduler=scheduler, device="cpu")
+    with pytest.raises(ValueError, match="epoch 0 took 4 steps, but the LR schedule was built for 3 per epoch"):
+        fit(_tiny_net(), Batches(), None, cfg, steps_per_epoch=3, progress=False,
+            on_epoch_end=lambda e, logs: done.append(e))
+    assert done == []
+    assert len(fit(_tiny_net(), Batches(), None, cfg, steps_per_epoch=4, progress=False).history) == 3
+
+
+def test_with_ema_the_model_passed_in_holds_the_same_weights_fresh_or_loaded(tmp_path):
+    """A fresh run left the raw weights in the model passed to fit, a loaded run the averaged ones: a notebook that
+    evaluated that model reported other numbers on a cached rebuild."""
+    train, val = _tiny_set(64), _tiny_set(40, seed=1)
+    cfg = TrainConfig(epochs=2, batch_size=16, lr=1e-2, ema_decay=0.5, device="cpu")
+    first, again = _tiny_net(), _tiny_net()
+    r1 = fit(first, train, val, cfg, run_dir=tmp_path, progress=False)
+    r2 = fit(again, train, val, cfg, run_dir=tmp_path, progress=False)
+    assert r2.cached and r1.model is first
+    for a, b in zip(first.state_dict().values(), again.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert evaluate(first, val).metrics["mAP"] == r1.final["mAP"]
+
+
+def test_evaluating_with_a_callers_loader_or_a_callback_that_draws_leaves_the_training_as_it_is(tmp_path):
+    """A caller's ``DataLoader`` (it seeds each pass from the global RNG) and an ``on_epoch_end`` that draws shifted
+    the dropout of every later step: the training depended on ``eval_every``, and a resumed run differed from an
+    uninterrupted one."""
+    from torch.utils.data import DataLoader
+
+    train, val_loader = _tiny_set(64), DataLoader(_tiny_set(40, seed=1), batch_size=16)
+
+    def losses(every, **kw):
+        cfg = TrainConfig(epochs=3, batch_size=16, eval_every=every, device="cpu")
+        return [h["loss"] for h in fit(_tiny_net(0.5), train, val_loader, cfg, progress=False, **kw).history]
+
+    plain = losses(0)
+    assert losses(1) == plain
+    assert losses(0, on_epoch_end=lambda e, logs: torch.rand(3)) == plain
+
+    class Stop(Exception):
+        pass
+
+    class Step:  # stops in the middle of epoch 1, as a killed kernel would
+        def __init__(self, stop_at=None):
+            self.n, self.stop_at = 0, stop_at
+
+        def __call__(self, model, batch, device):
+            self.n += 1
+            if self.n == self.stop_at:
+                raise Stop
+            return nn.functional.binary_cross_entropy_with_logits(model(batch[0]), batch[1]), {}
+
+    cfg = TrainConfig(epochs=3, batch_size=16, device="cpu")
+    draw = lambda e, logs: torch.randint(64, ())  # noqa: E731 - a callback that picks an image at random
+    full = fit(_tiny_net(0.5), train, None, cfg, step=Step(), run_dir=tmp_path / "a", progress=False, on_epoch_end=draw)
+    with pytest.raises(Stop):
+        fit(_tiny_net(0.5), train, None, cfg, step=Step(stop_at=6), run_dir=tmp_path / "b", progress=False,
+            on_epoch_end=draw)
+    resumed = fit(_tiny_net(0.5), train, None, cfg, step=Step(), run_dir=tmp_path / "b", progress=False,
+                  on_epoch_end=draw)
+    assert resumed.resumed_epochs and [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
