@@ -9,6 +9,7 @@ A chapter's notebook stays narrative + calls::
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import warnings
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from mlic_lib.data.fingerprint import data_fingerprint
 from mlic_lib.data.scenes import SceneSet, SceneSpec, make_scenes, make_world
 from mlic_lib.data.section import data_key
 from mlic_lib.data.tensors import TensorImageDataset
@@ -54,6 +56,12 @@ class SceneData:
     def train_targets(self) -> np.ndarray:
         """Training labels ``(N, C)`` (the interface shared with :class:`~mlic_lib.data.real.RealData`)."""
         return self.train.targets
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """:func:`~mlic_lib.data.fingerprint.data_fingerprint` of the training scenes (computed once): part of
+        :func:`train_scene_model`'s key, so that scenes not drawn from the settings never load another's run."""
+        return data_fingerprint(self.train_ds, self.train.targets)
 
 
 #: The layout of :func:`cached_scenes`' files (their arrays and how the boxes are packed). It is part of their key,
@@ -143,7 +151,8 @@ def train_scene_model(settings: Mapping[str, Any], data: SceneData, seed: int = 
                       progress: bool = True) -> FitResult:
     """Train (or load from the cache) a model on ``data`` with the profile's ``model``/``train`` settings.
 
-    The cache key is the chapter, ``name``, the data/model/train settings, ``seed``, ``step`` (its class and
+    The cache key is the chapter, ``name``, the data/model/train settings, the training scenes
+    (:attr:`SceneData.fingerprint`), ``seed``, ``step`` (its class and
     options, :func:`mlic_lib.utils.object_key`), a caller's ``model`` (its modules' options and initial weights, by
     the same function) and ``extra_key`` (anything else the run depends on), plus the
     library version and source (see :func:`engine.run_dir_for`).
@@ -154,7 +163,8 @@ def train_scene_model(settings: Mapping[str, Any], data: SceneData, seed: int = 
     if model is None:
         model = build_scene_model(m, data.num_classes, seed)
     key = {"chapter": settings.get("chapter"), "name": name, "data": data_key(settings["data"]), "model": m,
-           "train": cfg.key_dict(), "step": object_key(step), "extra": dict(extra_key or {})}
+           "train": cfg.key_dict(), "step": object_key(step), "extra": dict(extra_key or {}),
+           "train_data": data.fingerprint}  # scenes drawn otherwise than the settings say never load this run
     if own_model:  # a caller's model is not described by the profile's model section: key it by what it is
         key["own_model"] = object_key(model)  # its modules' classes and options, and its initial weights
     # a caller's step (a class or a function), what it holds (a library mixer or loss inside a user's step) and the

@@ -342,6 +342,7 @@ def train_ltml(settings, train_ds, train_targets, test_ds, num_classes: int, see
     DistributionBalancedLoss's class-aware epoch) to the :class:`~mlic_lib.data.samplers.TwoStreamLoader`. No
     evaluation runs during training (``val_data=None``); evaluate the returned model with :func:`evaluate_rows`.
     """
+    from mlic_lib.data.fingerprint import data_fingerprint
     from mlic_lib.data.stats import class_counts
     from mlic_lib.engine import TrainConfig, fit, run_dir_for
     from mlic_lib.models.ltml import build_two_branch
@@ -363,7 +364,8 @@ def train_ltml(settings, train_ds, train_targets, test_ds, num_classes: int, see
     loader = two_stream_loader(settings, train_ds, targets, seed=seed)
     data_key = {k: v for k, v in settings["data"].items() if k not in EVAL_ONLY_DATA}  # trained without test data
     key = {"chapter": settings.get("chapter"), "data": data_key, "model": m, "train": cfg.key_dict(),
-           "ltml": {**opts, "samples_per_class": lt.get("samples_per_class", 1), "epoch_length": loader.steps}}
+           "ltml": {**opts, "samples_per_class": lt.get("samples_per_class", 1), "epoch_length": loader.steps},
+           "train_data": data_fingerprint(train_ds, targets)}  # other images or labels never load this run
     run_dir = run_dir_for(f"{settings.get('chapter')}-{name}-lam{opts['lam']}-s{seed}", key, code=(__name__,))
     return fit(model, loader, None, cfg, step=step, run_dir=run_dir, progress=progress,
                steps_per_epoch=len(loader))
@@ -427,7 +429,18 @@ def stream_coverage(loader, epochs: int, marked) -> dict[str, dict[str, float]]:
     if int(epochs) < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     marked = np.asarray(marked)
-    marked_idx = np.flatnonzero(marked) if marked.dtype == bool else marked.astype(np.int64).ravel()
+    n = getattr(getattr(loader, "uniform", None), "n", None)  # the training images (a TwoStreamLoader)
+    if marked.dtype == bool:
+        if n is not None and marked.shape != (n,):
+            raise ValueError(f"marked as a boolean mask must have one entry per training image ({n}), got shape "
+                             f"{marked.shape}")
+        marked_idx = np.flatnonzero(marked)
+    else:
+        marked_idx = marked.astype(np.int64).ravel()
+        if len(np.unique(marked_idx)) != len(marked_idx) or (marked_idx < 0).any() or (
+                n is not None and (marked_idx >= n).any()):
+            raise ValueError("marked must be a boolean mask over the training images or their distinct indices in "
+                             "[0, n); got repeated or out-of-range indices (a 0/1 mask? pass it as marked > 0)")
     seen: dict[str, list[np.ndarray]] = {"uniform": [], "re-balanced": []}
     for e in range(int(epochs)):
         for stream, idx in zip(seen, loader.epoch_indices(e), strict=True):

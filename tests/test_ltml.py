@@ -476,6 +476,11 @@ def test_a_runs_key_leaves_out_the_test_set_settings(monkeypatch, tmp_path):
     for over in ({}, {"data.n_test": 50, "data.head_min": 30, "data.tail_max": 5}, {"data.n_train": 100}):
         ltml.train_ltml(load_profile("ltml", "smoke", over), ds, t, ds, 4)
     assert dirs[0] == dirs[1] != dirs[2]
+    settings = load_profile("ltml", "smoke")  # the same settings with other training labels or images: other runs
+    other_images = TensorImageDataset(np.ones((64, 3, 16, 16), np.uint8), t)
+    for data, labels in ((ds, np.roll(t, 1, axis=0)), (other_images, t), (ds, t)):
+        ltml.train_ltml(settings, data, labels, ds, 4)
+    assert len({*dirs[3:5], dirs[0]}) == 3 and dirs[5] == dirs[0]
 
 
 def test_train_ltml_trains_each_table_2_row_with_its_components_the_eq4_weights_and_the_profiles_model(
@@ -625,6 +630,9 @@ def test_stream_coverage_against_the_index_sequences():
     assert cov["re-balanced"][share] > cov["uniform"][share]
     with pytest.raises(ValueError, match="epochs must be >= 1"):
         ltml.stream_coverage(loader, 0, marked)
+    for bad in (targets[:, 1], marked[:10], [0, 0, 1], [-1], [40]):  # a 0/1 mask was read as the indices {0, 1}
+        with pytest.raises(ValueError, match="marked"):
+            ltml.stream_coverage(loader, 2, np.asarray(bad))
     draws = ltml.positive_draws(loader, 2, targets)
     for k, stream in enumerate(("uniform", "re-balanced")):  # a label count over the drawn images, written out
         want = [sum(int(targets[i, c]) for e in range(2) for i in loader.epoch_indices(e)[k]) for c in range(3)]

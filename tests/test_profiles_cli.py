@@ -334,6 +334,36 @@ def test_scene_cache_roundtrip(tmp_path):
         np.testing.assert_array_equal(x, y)
 
 
+def test_a_scene_run_is_keyed_by_its_training_scenes_and_a_fingerprint_by_images_labels_or_names(monkeypatch):
+    """Scenes drawn otherwise than the settings say (another seed, by hand) train their own run instead of loading
+    the one of the settings' scenes; the fingerprint follows pixels, labels or image names, never the container."""
+    from mlic_lib import experiments
+    from mlic_lib.data.fingerprint import data_fingerprint
+    from mlic_lib.data.images import ImageListDataset
+    from mlic_lib.data.tensors import TensorImageDataset
+    from mlic_lib.engine import SupervisedStep
+
+    seen = []
+    monkeypatch.setattr(experiments, "fit", lambda model, tr, te, cfg, **kw: seen.append(kw["run_dir"]))
+    settings = load_profile("primer", "smoke")
+    data = experiments.scene_data(settings)
+    spec = SceneSpec.from_dict(settings["data"].get("scenes", {}))
+    other = experiments.cached_scenes(len(data.train.targets), spec, seed=99)
+    redrawn = experiments.SceneData(other, data.test, TensorImageDataset(other.images, other.targets), data.test_ds)
+    for d in (data, redrawn, experiments.scene_data(settings)):
+        experiments.train_scene_model(settings, d, step=SupervisedStep())
+    assert seen[0] != seen[1] and seen[2] == seen[0]
+    img, t = np.zeros((4, 1, 2, 2), np.uint8), np.eye(4, 3, dtype=np.float32)
+    base = data_fingerprint(TensorImageDataset(img, t))
+    assert data_fingerprint(TensorImageDataset(torch.from_numpy(img), torch.from_numpy(t))) == base
+    assert base != data_fingerprint(TensorImageDataset(img + 1, t))
+    assert base != data_fingerprint(TensorImageDataset(img, t[::-1].copy()))
+    paths = [f"/x/{i}.jpg" for i in range(4)]
+    assert data_fingerprint(ImageListDataset(paths, t)) != data_fingerprint(ImageListDataset(paths[::-1], t))
+    with pytest.raises(ValueError, match="no .targets: pass the training labels"):
+        data_fingerprint([1, 2, 3])
+
+
 def test_a_new_scene_file_format_reads_no_file_of_the_old_one(monkeypatch, tmp_path):
     """The file layout is part of the scene cache's key: after a bump, the old file is not read as the new layout."""
     from mlic_lib import experiments

@@ -25,6 +25,7 @@ Missing files raise :class:`~mlic_lib.data.errors.DatasetNotFoundError` naming `
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from .fingerprint import data_fingerprint
 from .images import ImageListDataset
 from .presets import eval_preset, train_preset
 
@@ -62,6 +64,12 @@ class RealData:
     def train_targets(self) -> np.ndarray:
         """Training labels ``(N, C)`` as ``uint8`` (label statistics, partitions, samplers)."""
         return self.train_ds.targets.numpy().astype(np.uint8)
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """:func:`~mlic_lib.data.fingerprint.data_fingerprint` of the training set (its labels and image ids or
+        paths; no file is read), as :attr:`mlic_lib.experiments.SceneData.fingerprint`."""
+        return data_fingerprint(self.train_ds)
 
     def describe(self) -> str:
         """One line for figure provenance, e.g. ``"voc2007 (5011 train / 4952 test images, 448 px)"``."""
