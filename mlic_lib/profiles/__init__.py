@@ -176,6 +176,12 @@ def check_indeed_data(settings: Mapping[str, Any]) -> None:
     the chapter's first cell with a bare error. Kept here, not in :mod:`mlic_lib.indeed`, whose source is part of
     its runs' cache keys."""
     cifar = settings.get("cifar")
+    if cifar and isinstance(cifar, Mapping) and not {"data", "model", "train"} <= set(cifar):
+        # a cifar.* override on a profile without the section (smoke, default) made a partial one, which the
+        # chapter's Table 2 cell trains on after every other run: it failed there with a KeyError
+        missing = sorted({"data", "model", "train"} - set(cifar))
+        raise ValueError(f"cifar (ML-CIFAR-10, Table 2) needs its data, model and train sections (missing {missing}): "
+                         "it runs with the full profile (--profile full -o cifar....), or give it whole")
     sections = {"data": settings.get("data"), "cifar.data": cifar.get("data") if isinstance(cifar, Mapping) else None}
     for where, data in sections.items():  # the full profile's ML-CIFAR-10 section builds its canvases the same way
         if not isinstance(data, Mapping):
@@ -305,6 +311,27 @@ def _scene_default(parent: str, leaf: str) -> Any:
 
     f = next((f for f in fields(SceneSpec) if f.name == leaf), None)
     return None if f is None or f.default is MISSING else f.default
+
+
+def _refuse_another_profiles_key(chapter: str, profile: str, data: Mapping[str, Any], settings: Mapping[str, Any],
+                                 key: str) -> None:
+    """A ``ValueError`` when ``key``, which another profile of the chapter has, falls under a section of this
+    profile whose validator does not take it: a real dataset's option (``data.image_size``, ``data.augment.*``) on
+    a profile whose ``data`` is the embedded scenes, which never read it (but its runs' cache keys would change).
+    ``data.dataset`` is left to :func:`load_profile`'s own message."""
+    parts = key.split(".")
+    for i in range(len(parts) - 1, 0, -1):  # the nearest section of this profile above the key
+        section = ".".join(parts[:i])
+        found, node = _lookup(settings, section)
+        if not found:
+            continue
+        allowed = _validator_keys(chapter, section, node) if isinstance(node, Mapping) else None
+        if allowed is not None and parts[i] not in allowed and f"{section}.{parts[i]}" != "data.dataset":
+            others = [p for p, prof in data.items() if _lookup(prof, key)[0]]
+            raise ValueError(f"parameter {key!r} is not read with profile {profile!r} of chapter {chapter!r}: its "
+                             f"{section!r} section takes {sorted(allowed)} ({key!r} is a setting of profile "
+                             f"{' / '.join(others)}; choose that profile to use it)")
+        return
 
 
 def _is_number(text: str) -> bool:
@@ -452,6 +479,8 @@ def load_profile(chapter: str, profile: str = "default",
             raise ValueError(f"override keys are dotted names like 'train.epochs', got {key!r}")
         parent, _, leaf = key.rpartition(".")
         known = key in valid or any(k.startswith(key + ".") for k in valid)
+        if known and parent:
+            _refuse_another_profiles_key(chapter, profile, data, settings, key)
         if not known and parent:
             found, node = _lookup(settings, parent)
             allowed = _validator_keys(chapter, parent, node if found else None)
