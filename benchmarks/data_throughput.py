@@ -27,6 +27,7 @@ import torch
 from mlic_lib.data.fake import write_fake
 from mlic_lib.data.real import real_data
 from mlic_lib.profiles import load_profile
+from mlic_lib.utils import atomic_open
 
 PRESETS = ("splicemix", "psd", "assocformer", "ltml", "indeed_cifar")  # the full profiles' train pipelines
 
@@ -93,7 +94,7 @@ def main() -> None:
             rows.append({"workers": w, "images_per_second": rate})
             print(f"{w:7d} {rate:8.1f}")
     if args.out:
-        with open(args.out, "w") as fh:
+        with atomic_open(args.out, "w") as fh:
             json.dump({"args": vars(args), "cpus": os.cpu_count(), "rows": rows}, fh, indent=2)
 
 

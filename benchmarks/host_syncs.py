@@ -7,8 +7,9 @@ engine's own loop reads the loss every ``log_every`` steps only; the steps thems
 - On CUDA (the default where one is present) it counts the synchronising CUDA calls that PyTorch reports under
   ``torch.cuda.set_sync_debug_mode("warn")``, under bf16 autocast as the engine trains.
 - On ``--device meta`` (the default on a machine without a GPU) it runs the steps on PyTorch's ``meta`` device,
-  which stands in for a GPU: it counts the blocking host-to-device copies, and a data-dependent operation
-  (``.item()``, ``nonzero``) fails there and is reported as such.
+  which stands in for a GPU: it counts the blocking host-to-device copies and the operators that sync on CUDA by
+  design (an SVD, :data:`CUDA_SYNCING_OPS`), and a data-dependent operation (``.item()``, ``nonzero``) fails there
+  and is reported as such.
 
 Small models of the chapters' kinds: the number of syncs does not depend on the model's size.
 
@@ -25,6 +26,7 @@ import warnings
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mlic_lib import psd
 from mlic_lib.assoc_losses import AssocFormerLoss
@@ -36,9 +38,12 @@ from mlic_lib.models import build_model
 from mlic_lib.models.assocformer import AssocFormerStep, build_assocformer
 from mlic_lib.models.ltml import build_two_branch
 from mlic_lib.splicemix_cl import MosaicStep, make_step
-from mlic_lib.utils import BlockingCopies
+from mlic_lib.utils import BlockingCopies, atomic_open
 
 C, B, SIDE = 20, 8, 32
+#: operators whose CUDA kernels wait for the host (PyTorch's documentation: "synchronizes that device with the CPU");
+#: on meta they run without data, so they are counted by name
+CUDA_SYNCING_OPS = frozenset({"_linalg_svd", "_linalg_eigh", "linalg_eig"})
 WIDTHS = (4, 8, 8, 8)
 
 
@@ -85,6 +90,18 @@ def cases() -> dict:
     return out
 
 
+class _SyncingOps(TorchDispatchMode):
+    """Counts the operators of :data:`CUDA_SYNCING_OPS` run under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func._overloadpacket.__name__ in CUDA_SYNCING_OPS
+        return func(*args, **(kwargs or {}))
+
+
 def _moved(step, model, batch, device):
     model = model.to(device)
     for t in getattr(step, "teachers", None) or []:
@@ -117,10 +134,10 @@ def count(name: str, step, model, batch, device: torch.device, steps: int) -> di
                     torch.cuda.set_sync_debug_mode("default")
             n = sum("synchroniz" in str(w.message) for w in caught)
         else:
-            with BlockingCopies() as mode:
+            with BlockingCopies() as mode, _SyncingOps() as ops:
                 for _ in range(steps):
                     one()
-            n = mode.count
+            n = mode.count + ops.count
     except (NotImplementedError, RuntimeError) as err:  # on meta: a data-dependent op (.item(), nonzero)
         return {"step": name, "per_step": None, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"}
     return {"step": name, "per_step": n / steps}
@@ -138,7 +155,8 @@ def main(argv=None) -> int:
     if device.type not in ("cuda", "meta"):
         p.error("--device must be cuda or meta: a CPU step has no host sync to count")
     torch.manual_seed(0)
-    what = "synchronising CUDA calls" if device.type == "cuda" else "blocking host-to-device copies (meta device)"
+    what = "synchronising CUDA calls" if device.type == "cuda" else ("blocking host-to-device copies and "
+                                                                 "operators that sync on CUDA (meta device)")
     rows = [count(name, *case, device, args.steps) for name, case in cases().items()
             if not args.only or any(o in name for o in args.only)]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "meta (no data)"
@@ -146,7 +164,7 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"  {r['step']:45s} {r['per_step'] if r['per_step'] is not None else r['error']}")
     if args.out:
-        with open(args.out, "w") as fh:
+        with atomic_open(args.out, "w") as fh:
             json.dump({"device": name, "counted": what, "rows": rows}, fh, indent=2)
     return 0
 

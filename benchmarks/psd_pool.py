@@ -29,6 +29,7 @@ import torch
 from mlic_lib import psd
 from mlic_lib.process_pool import available_cpus, pool_size
 from mlic_lib.profiles import load_profile, parse_overrides
+from mlic_lib.utils import atomic_open
 
 
 def run_mode(settings: dict, mode: str, study: bool, max_workers: int | None) -> dict:
@@ -68,7 +69,7 @@ def main(argv=None) -> int:
         print(f"  {mode:10s} ({row['workers']} worker(s)): {row['teachers']} teachers in {row['teachers_s']:.1f} s"
               f"{study}", flush=True)
     if args.out:
-        with open(args.out, "w") as f:
+        with atomic_open(args.out, "w") as f:
             json.dump({"profile": args.profile, "device": device, "cpus": available_cpus(), "rows": rows}, f, indent=1)
     return 0
 

@@ -37,6 +37,7 @@ from mlic_lib.engine import SupervisedStep
 from mlic_lib.mixing import SpliceMix
 from mlic_lib.models import build_model
 from mlic_lib.splicemix_cl import SpliceMixStep
+from mlic_lib.utils import atomic_open
 
 UPDATE_BYTES_PER_PARAM = 6 + 6 + 20  # bf16 cast of the weight, fp32 cast of its gradient, SGD with momentum
 
@@ -128,7 +129,7 @@ def main(argv=None) -> int:
         print(f"floor {name:18s} {s * 1e3:7.1f} ms/step  {args.batch / s:7.0f} img/s  "
               f"MFU at most {r['flops'] / s / (args.peak * 1e12):.1%}")
     if args.out:
-        with open(args.out, "w") as fh:
+        with atomic_open(args.out, "w") as fh:
             json.dump({"args": vars(args), **r, "n_params": n_params}, fh, indent=2)
     return 0
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import re
 import statistics
 import time
 
@@ -28,16 +29,21 @@ from mlic_lib.engine import SupervisedStep
 from mlic_lib.mixing import SpliceMix
 from mlic_lib.models import build_model
 from mlic_lib.splicemix_cl import SpliceMixStep
+from mlic_lib.utils import atomic_open
 
 # dense bf16 tensor-core peaks in TFLOP/s (vendor data sheets), matched against the device name in this order: the
 # PCIe and NVL parts before the SXM parts, whose names (e.g. "NVIDIA H100 80GB HBM3") carry no form factor
 BF16_PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H200 NVL": 835.0, "H100": 989.0, "H200": 989.0,
-                    "A100": 312.0}
+                    "GH200": 989.0, "A100": 312.0}
 
 
 def peak_tflops(name: str) -> float | None:
-    """The dense bf16 peak of the GPU called ``name`` (``torch.cuda.get_device_name``), or ``None`` (unknown)."""
-    return next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
+    """The dense bf16 peak of the GPU called ``name`` (``torch.cuda.get_device_name``), or ``None`` (unknown). A MIG
+    slice ("NVIDIA H100 80GB HBM3 MIG 1g.10gb") has a fraction of the SMs, so the whole GPU's peak does not apply:
+    ``None``. A model matches as a whole word ("RTX A1000" is no A100)."""
+    if "MIG" in name.split():
+        return None
+    return next((v for k, v in BF16_PEAK_TFLOPS.items() if re.search(rf"(?<![A-Za-z0-9]){k}(?![0-9])", name)), None)
 
 
 def _peak(device: torch.device) -> float | None:
@@ -139,10 +145,12 @@ def main(argv=None) -> int:
                  / (base["step_seconds"] / base["images_through_network"]) - 1)
     print(f"SpliceMix step time vs baseline: {overhead:+.1%} (target: within +5%; it also trains "
           f"{args.batch // 4} extra mixed images per step); per image through the network: {per_image:+.1%}")
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump({"device": name, "args": vars(args), "rows": rows, "splicemix_overhead": overhead,
-                       "splicemix_overhead_per_image": per_image}, fh, indent=2)
+    if args.out:  # written whole, then renamed into place: an interrupted write leaves no truncated file
+        cuda = device.type == "cuda"
+        with atomic_open(args.out, "w") as fh:
+            json.dump({"device": name, "torch": torch.__version__, "precision": "bf16 autocast" if cuda else "fp32",
+                       "channels_last": cuda, "peak_tflops": _peak(device), "args": vars(args), "rows": rows,
+                       "splicemix_overhead": overhead, "splicemix_overhead_per_image": per_image}, fh, indent=2)
     return 0
 
 

@@ -97,6 +97,9 @@ def test_train_throughput_runs_on_cpu_and_reports_the_median_window(tmp_path):
         assert len(r["window_step_seconds"]) == 3 and r["step_seconds"] == sorted(r["window_step_seconds"])[1]
         assert r["images_per_second"] == 4 / r["step_seconds"] and "mfu" not in r  # no peak known on a CPU
     assert rows[1]["tflops_per_step"] > rows[0]["tflops_per_step"]  # the B/4 mixed images cost FLOPs
+    report = json.loads(out.read_text())  # what it ran under, for the book's table
+    assert report["torch"] == torch.__version__ and report["precision"] == "fp32" and report["peak_tflops"] is None
+    assert report["channels_last"] is False and not list(tmp_path.glob("*.tmp"))
 
 
 def test_train_throughput_peak_tells_the_h100_parts_apart():
@@ -105,6 +108,8 @@ def test_train_throughput_peak_tells_the_h100_parts_apart():
     assert peak("NVIDIA H100 80GB HBM3") == 989.0 and peak("NVIDIA H200") == 989.0
     assert peak("NVIDIA H100 PCIe") == 756.0 and peak("NVIDIA H100 NVL") == 835.0
     assert peak("NVIDIA A100-SXM4-80GB") == 312.0 and peak("NVIDIA GeForce RTX 4090") is None
+    assert peak("NVIDIA GH200 480GB") == 989.0 and peak("NVIDIA RTX A1000") is None  # whole model names only
+    assert peak("NVIDIA H100 80GB HBM3 MIG 1g.10gb") is None  # a slice has a fraction of the SMs: no MFU
 
 
 def test_indeed_step_times_each_method_and_counts_ops_per_step(tmp_path, monkeypatch):
@@ -204,4 +209,6 @@ def test_host_syncs_counts_no_blocking_copy_in_any_chapters_step_on_meta(tmp_pat
     assert bench.main(["--device", "meta", "--steps", "1", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == len(bench.cases()) >= 18
-    assert {r["step"]: r["per_step"] for r in rows} == {r["step"]: 0.0 for r in rows}
+    # the nuclear norm's SVD syncs on CUDA by design (assoc_losses): on meta it is counted by name, not missed
+    assert {r["step"]: r["per_step"] for r in rows} == {r["step"]: float(r["step"] == "assocformer nuclear")
+                                                        for r in rows}
