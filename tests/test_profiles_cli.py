@@ -743,6 +743,28 @@ def test_override_values_are_checked_before_a_kernel_starts(chapter, overrides, 
     # cifar.* on a profile without ML-CIFAR-10 made a partial section: Table 2's cell failed after all other runs
     ("indeed", "default", {"cifar.train.epochs": 5}, r"cifar .* needs its data, model and train sections \(missing "
                                                      r"\['data', 'model'\]\).*--profile full"),
+    # NaN passed the methods' own checks (alpha <= 0, cl_weight < 0): NaN losses, or a failed t-SNE after training
+    ("splicemix", "smoke", ["mixing.alpha=nan"], r"mixing.alpha must be a finite number > 0 .*got nan"),
+    ("splicemix", "smoke", ["mixing.cl_weight=nan"], r"mixing.cl_weight must be a finite number >= 0 .*got nan"),
+    ("splicemix", "smoke", ["mixing.fill=nan"], r"mixing.fill must be a finite number \(the pixel value"),
+    ("splicemix", "smoke", ["analysis.tsne_perplexity=-1"], r"analysis.tsne_perplexity must be a finite number > 0 "
+                                                            r".*got -1"),
+    ("splicemix", "smoke", ["analysis.tsne_perplexity=nan"], r"analysis.tsne_perplexity must be a finite number > 0"),
+    ("splicemix", "smoke", ["analysis.ratio_min_frac=nan"], r"ratio_min_frac must be a finite number >= 0 and <= 1"),
+    ("splicemix", "smoke", ["analysis.ratio_min_frac=1.5"], r"ratio_min_frac must be a finite number >= 0 and <= 1"),
+    # channels and hidden units failed only when the model was built
+    ("splicemix", "smoke", ["model.widths=[8,16.5,32,64]"], r"'model.widths' is a list of counts: give whole numbers "
+                                                            r">= 1.*got \[8, 16.5, 32, 64\]"),
+    ("psd", "smoke", ["model.widths=[8,0,32,64]"], r"'model.widths' is a list of counts"),
+    ("indeed", "smoke", ["model.widths=[8,16.5,16]"], r"'model.widths' is a list of counts"),
+    ("indeed", "smoke", ["model.hidden=2.5"], r"'model.hidden' is a count: give a whole number >= 1 .*got 2.5"),
+    ("indeed", "full", ["cifar.model.hidden=0"], r"'cifar.model.hidden' is a count"),
+    # AssocFormer's loss (Eqs. 8-9) checked its clip and reduction when the first run started
+    ("assocformer", "smoke", ["loss.clip=5"], r"^loss: clip \(probability margin m\) must be in \[0, 1\).*got 5"),
+    ("assocformer", "smoke", ["loss.reduction=no"], r"^loss: reduction must be 'mean' \(Eq. 8\) or 'sum'.*got False"),
+    ("assocformer", "smoke", ["loss.reduction=none"], r"^loss: reduction must be 'mean'"),
+    ("assocformer", "smoke", ["loss.gamma_neg=-1"], r"^loss: gamma_neg must be a finite number >= 0"),
+    ("assocformer", "smoke", ["loss.theta=nan"], r"^loss: theta \(regulariser weight\) must be a finite number"),
 ])
 def test_overrides_that_were_ignored_or_failed_after_training_are_refused(chapter, profile, overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -783,6 +805,31 @@ def test_the_new_checks_leave_legitimate_values_alone(tmp_path):
 
     cifar = copy.deepcopy(_read("indeed")["full"]["cifar"])
     assert load_profile("indeed", "default", {"cifar": cifar})["cifar"]["train"]["seed"] == cifar["train"]["seed"]
+    mixing = load_profile("splicemix", "smoke", ["mixing.alpha=1e-1", "mixing.cl_weight=0", "mixing.fill=0"])["mixing"]
+    assert (mixing["alpha"], mixing["cl_weight"], mixing["fill"]) == (0.1, 0.0, 0.0)
+    assert load_profile("splicemix", "smoke", ["analysis.tsne_perplexity=30"])["analysis"]["tsne_perplexity"] == 30.0
+    assert load_profile("psd", "smoke", ["model.widths=null"])["model"]["widths"] is None  # build_model's default
+    assert load_profile("indeed", "smoke", ["model.widths=[8,16,16.0]", "model.hidden=64"])["model"] == {
+        "name": "simple_cnn", "widths": [8, 16, 16], "hidden": 64}
+    loss = load_profile("assocformer", "smoke", ["loss.clip=0.05", "loss.reduction=sum", "loss.gamma_neg=4"])["loss"]
+    assert (loss["clip"], loss["reduction"], loss["gamma_neg"]) == (0.05, "sum", 4.0)
+
+
+def test_numbers_written_as_text_inside_lists_and_mappings_are_numbers():
+    """YAML 1.1 reads 1e-1 as text: a value given alone became a number, but one inside a list or mapping stayed a
+    string, which the sections' checks refused (or a mapping like mixing.grids kept). Other text stays text."""
+    assert load_profile("ltml", "smoke", ["ltml.lambda_sweep=[1e-1,1]"])["ltml"]["lambda_sweep"] == [0.1, 1]
+    ks = load_profile("psd", "smoke", ["psd.ks=[1,2e0,5]"])["psd"]["ks"]
+    assert ks == [1, 2, 5] and all(type(k) is int for k in ks)  # whole numbers stay whole (run names)
+    assert load_profile("indeed", "smoke", ["indeed.lam={minmax: 3e-1, l2: 1}"])["indeed"]["lam"] == {
+        "minmax": 0.3, "l2": 1}
+    sweep = load_profile("indeed", "smoke", ["lambda_sweep={lams: [1e-1, 1], n_labels: [2], seeds: [0], "
+                                             "data_seed: 1}"])["lambda_sweep"]
+    assert sweep["lams"] == [0.1, 1]
+    assert load_profile("splicemix", "smoke", ["mixing.grids={1x2: 5e-1, 2x2: 5e-1}"])["mixing"]["grids"] == {
+        "1x2": 0.5, "2x2": 0.5}
+    assert load_profile("splicemix", "smoke", ["methods=[baseline, splicemix]"])["methods"] == ["baseline",
+                                                                                                "splicemix"]
 
 
 

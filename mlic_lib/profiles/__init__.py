@@ -5,15 +5,15 @@ dotted keys (``{"train.epochs": 3}``); a key is valid when some profile of the c
 parent is a section with a validator that knows the name (``train`` / ``teacher_train``:
 ``TrainConfig`` fields; ``scenes``: ``SceneSpec`` fields; ``augment``: the image presets' options; a real
 dataset's ``data`` / ``real``: :func:`mlic_lib.data.real.real_data`'s keys), or when its parent is an open
-mapping that is empty in some profile (``model.backbone_kwargs``). A value must fit the type of the value
-it replaces: a number for a number (``"1e-3"``, which YAML 1.1 reads as text, becomes 0.001), true/false
-for a flag, a list for a list, ``null`` for a number or flag only where some profile has ``null`` (a name or
-a list may be null: ``model.weights=null``); a non-empty mapping given for a section is merged into it key by
-key (``{"train": {"epochs": 3}}`` is ``{"train.epochs": 3}``: the section's other settings stay), each key
+mapping that is empty in some profile (``model.backbone_kwargs``). A value must fit the type of the value it
+replaces: a number for a number (``"1e-3"``, which YAML 1.1 reads as text, becomes 0.001, in a list or a mapping
+too), true/false for a flag, a list for a list, ``null`` for a number or flag only where some profile has ``null``
+(a name or a list may be null: ``model.weights=null``); a non-empty mapping given for a section is merged into it
+key by key (``{"train": {"epochs": 3}}`` is ``{"train.epochs": 3}``: the section's other settings stay), each key
 checked, and ``{}`` replaces it (its code's defaults) where every key has one (:data:`DEFAULTED_SECTIONS`, open
 mappings, optional sections); a whole number written ``2.0`` becomes the ``int`` the profile has. Sections with a
-validator are checked as a whole when an override touches them (:data:`VALUE_CHECKS`, :data:`SETTINGS_CHECKS`,
-and ``TrainConfig`` for the training sections), before anything runs.
+validator are checked as a whole when an override touches them (:data:`VALUE_CHECKS`, :data:`SETTINGS_CHECKS`, and
+``TrainConfig`` for the training sections), before anything runs.
 """
 
 from __future__ import annotations
@@ -86,7 +86,8 @@ VALUE_CHECKS = {
     "psd": {"psd": ("mlic_lib.psd", "check_options"), "model.backbone": _BACKBONE, "model.pool": _POOL},
     "assocformer": {"model.backbone": ("mlic_lib.models.assocformer", "check_transformer_name"),
                     "model.kernel_size": ("mlic_lib.models.assocformer", "check_kernel_size"),
-                    "analysis.regularizers": ("mlic_lib.models.assocformer", "check_regularizers")},
+                    "analysis.regularizers": ("mlic_lib.models.assocformer", "check_regularizers"),
+                    "loss": ("mlic_lib.profiles", "check_assocformer_loss")},
     "indeed": {"indeed": ("mlic_lib.indeed", "check_options"), "model.name": ("mlic_lib.indeed", "check_model_name"),
                "n_labels": ("mlic_lib.indeed", "check_n_labels"),
                "ablation_n_labels": ("mlic_lib.indeed", "check_ablation_n_labels"),
@@ -105,7 +106,9 @@ for _checks in VALUE_CHECKS.values():
 #: (SpliceMix: the regime check compares methods that section 3 trained too; its steps have no label mask).
 SETTINGS_CHECKS = {"splicemix": {"regime_check": ("mlic_lib.splicemix_cl", "check_regime_methods"),
                                  "methods": ("mlic_lib.splicemix_cl", "check_regime_methods"),
-                                 "data": ("mlic_lib.splicemix_cl", "check_no_label_mask")}}
+                                 "data": ("mlic_lib.splicemix_cl", "check_no_label_mask"),
+                                 "mixing": ("mlic_lib.profiles", "check_splicemix_numbers"),
+                                 "analysis": ("mlic_lib.profiles", "check_splicemix_numbers")}}
 SETTINGS_CHECKS["indeed"] = {"data": ("mlic_lib.profiles", "check_indeed_data"),
                               "cifar": ("mlic_lib.profiles", "check_indeed_data")}
 SETTINGS_CHECKS["ltml"] = {"data": ("mlic_lib.profiles", "check_ltml_groups")}
@@ -147,6 +150,54 @@ def check_model_weights(settings: Mapping[str, Any]) -> None:
                 if str(weights).lower() in ("none", "false", "no", "off", "scratch", "random") else "")
         raise ValueError(f"model.weights must be null (random init), imagenet or the path of an existing .pth "
                          f"file, got {weights!r}{hint}")
+
+
+def check_splicemix_numbers(settings: Mapping[str, Any]) -> None:
+    """SpliceMix's ``mixing.alpha`` (Beta(alpha, alpha) of Mixup/CutMix: a finite number > 0), ``mixing.cl_weight``
+    (the weight of Eq. 6 in Eq. 7: finite, >= 0), ``mixing.fill`` (a pixel value: finite),
+    ``analysis.tsne_perplexity`` (finite, > 0) and ``analysis.ratio_min_frac`` (a share in [0, 1]). The methods' own
+    checks (``alpha <= 0``, ``cl_weight < 0``) let NaN through, which trained on NaN losses or failed in the t-SNE
+    cell after the training. Kept here, not in :mod:`mlic_lib.mixing` / :mod:`mlic_lib.splicemix_cl`, whose source
+    is part of the chapter's cache keys."""
+    from mlic_lib.checks import number
+
+    checks = {  # (section, key): (lowest value, whether that value is excluded, highest value, what the option is)
+        ("mixing", "alpha"): (0.0, True, math.inf, "Beta(alpha, alpha) of Mixup and CutMix; the paper's 0.5"),
+        ("mixing", "cl_weight"): (0.0, False, math.inf,
+                                  "the weight of Eq. 6 in Eq. 7; 0 is plain SpliceMix, 1 SpliceMix-CL"),
+        ("mixing", "fill"): (-math.inf, False, math.inf, "the pixel value of a dropped cell; -1 is the scenes' blank"),
+        ("analysis", "tsne_perplexity"): (0.0, True, math.inf, "t-SNE's perplexity; the profiles' 5"),
+        ("analysis", "ratio_min_frac"): (0.0, False, 1.0,
+                                         "the share of the training images a class needs for Table VII's ratios"),
+    }
+    for (section, key), (low, strict, high, what) in checks.items():
+        options = settings.get(section)
+        if not isinstance(options, Mapping) or key not in options:
+            continue
+        x = number(options[key])
+        if x is None or x < low or (strict and x == low) or x > high:
+            bound = ("" if low == -math.inf else f" {'>' if strict else '>='} {low:g}") + (
+                "" if high == math.inf else f" and <= {high:g}")
+            raise ValueError(f"{section}.{key} must be a finite number{bound} ({what}), got {options[key]!r}")
+
+
+def check_assocformer_loss(loss: Any) -> None:
+    """AssocFormer's ``loss`` section (Eqs. 8-9: ``theta``, ``gamma_pos``, ``gamma_neg``, ``clip``, ``reduction``),
+    checked by building the loss and taking it on a dummy batch, so that ASL's own checks run now: a ``clip`` outside
+    [0, 1) or a ``reduction`` other than mean/sum failed when the first run started. Kept here, not in
+    :mod:`mlic_lib.assoc_losses`, whose source is part of the chapter's cache keys."""
+    if not isinstance(loss, Mapping):
+        raise ValueError(f"loss must be a mapping of Eqs. 8-9's options (theta, gamma_pos, gamma_neg, clip, "
+                         f"reduction), got {loss!r}")
+    import torch
+
+    from mlic_lib.assoc_losses import AssocFormerLoss
+
+    try:
+        AssocFormerLoss(**loss)(torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(1, 2, 2))
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"loss: {err} (the profiles give {{theta: 0.1, gamma_pos: 0.0, gamma_neg: 2.0, clip: 0.0, "
+                         "reduction: mean})") from None
 
 
 def check_ltml_groups(settings: Mapping[str, Any]) -> None:
@@ -363,8 +414,20 @@ def _whole(key: str, value: Any, ref: Any) -> Any:
     return value
 
 
+def _numbers_in(value: Any) -> Any:
+    """``value`` with the numbers written as text inside its lists and mappings made numbers (``[1e-1, 1]`` is
+    ``[0.1, 1]``: YAML 1.1 reads an exponent without a dot as text), as :func:`_coerce` does for a value given
+    alone (``psd.ks=[1, 2e0]`` then becomes ``[1, 2]`` there, as ``[1, 2.0]`` does); other text is left alone."""
+    if isinstance(value, list):
+        return [float(v) if isinstance(v, str) and _is_number(v) else _numbers_in(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: float(v) if isinstance(v, str) and _is_number(v) else _numbers_in(v) for k, v in value.items()}
+    return value
+
+
 def _coerce(key: str, value: Any, ref: Any) -> Any:
     """``value`` made to fit ``ref``, the value it replaces, or a ``ValueError`` naming ``key``."""
+    value = _numbers_in(value)
     if key.rsplit(".", 1)[-1] in MIXED_TYPE_KEYS:
         ref = 0.0 if isinstance(value, str) and _is_number(value) else None
     if ref is None or value is None:
@@ -398,9 +461,10 @@ def _is_seed_list(key: str) -> bool:
 
 
 def _is_count(key: str) -> bool:
-    """A number of images, epochs, repeats or inits (``cam_images``, ``ratio_epochs``, ``n_init``, ...)."""
+    """A number of images, epochs, repeats, inits or channels (``cam_images``, ``ratio_epochs``, ``n_init``, a model's
+    ``widths`` and ``hidden`` units, ...)."""
     leaf = key.rsplit(".", 1)[-1]
-    return leaf in ("epochs", "lowres") or leaf.startswith("n_") or leaf.endswith((
+    return leaf in ("epochs", "lowres", "widths", "hidden") or leaf.startswith("n_") or leaf.endswith((
         "_images", "_epochs", "_batch", "_batch_size", "_repeats", "_dim", "_classes"))
 
 
@@ -412,7 +476,8 @@ def _check_general(key: str, value: Any, in_profiles: list[tuple[bool, Any]]) ->
     ``key`` in each of the chapter's profiles."""
     from mlic_lib.checks import whole_list
 
-    nullable = any(found and v is None for found, v in in_profiles)
+    # null widths are build_model's default ones (ltml's model check says so too)
+    nullable = any(found and v is None for found, v in in_profiles) or key.rsplit(".", 1)[-1] == "widths"
     if _is_seed_list(key) and (value is not None or not nullable):
         if not isinstance(value, list) or (not value and key.rsplit(".", 1)[-1] == "seeds"):
             raise ValueError(f"{key!r} must be a non-empty list of seeds, e.g. -o {key}=[0,1]; got {value!r}")
