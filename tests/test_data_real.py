@@ -257,6 +257,31 @@ def test_voc_missing_split_and_annotation(voc_root: Path) -> None:
         read_voc_labels(voc_root, "2007", "trainval")
 
 
+def test_a_blank_difficult_tag_is_an_ordinary_object(tmp_path: Path) -> None:
+    """A ``<difficult>`` tag left empty or holding only whitespace (pretty-printed by an annotation tool) counts as
+    not difficult: a positive."""
+    voc = tmp_path / "VOCdevkit" / "VOC2007"
+    (voc / "Annotations").mkdir(parents=True)
+    (voc / "ImageSets" / "Main").mkdir(parents=True)
+    (voc / "Annotations" / "000001.xml").write_text(
+        "<annotation><object><name>cat</name><difficult></difficult></object>"
+        "<object><name>bird</name><difficult>\n    </difficult></object>"
+        "<object><name>dog</name><difficult> 1 </difficult></object></annotation>")
+    (voc / "ImageSets" / "Main" / "val.txt").write_text("000001\n")
+    _, labels = read_voc_labels(tmp_path, "2007", "val")
+    assert labels[0, _idx("cat")] == 1 and labels[0, _idx("bird")] == 1 and labels[0, _idx("dog")] == 0
+
+
+def test_write_voc_csv_refuses_labels_of_the_wrong_shape(tmp_path: Path) -> None:
+    """A label matrix without 20 columns (or one row per id) is refused, and no unreadable CSV is written."""
+    path = tmp_path / "cls.csv"
+    with pytest.raises(ValueError, match=r"shape \(2, 20\)"):
+        write_voc_csv(path, ["000001", "000002"], np.ones((2, 19), dtype=np.int8))
+    with pytest.raises(ValueError, match=r"shape \(2, 20\)"):
+        write_voc_csv(path, ["000001", "000002"], np.ones((3, 20), dtype=np.int8))
+    assert not path.exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # ImageListDataset
 # ---------------------------------------------------------------------------------------------
@@ -511,6 +536,20 @@ def test_coco_missing(tmp_path: Path, coco_root: Path) -> None:
         coco_dataset(coco_root, "2014", "train")
     with pytest.raises(ValueError, match="split"):
         coco_dataset(coco_root, "2014", "test")
+
+
+def test_coco_dataset_orders_classes_by_name_by_default(tmp_path: Path) -> None:
+    """``coco_dataset``'s default column order is ML-GCN's (category names ascending), not the category ids'."""
+    base = tmp_path / "coco"
+    (base / "annotations").mkdir(parents=True)
+    payload = {"images": [{"id": 1, "file_name": "1.jpg"}],
+               "categories": [{"id": 2, "name": "zebra"}, {"id": 5, "name": "apple"}],
+               "annotations": [{"image_id": 1, "category_id": 2}]}
+    (base / "annotations" / "instances_val2014.json").write_text(json.dumps(payload))
+    _jpeg(base / "val2014" / "1.jpg", (0, 0, 0))
+    ds = coco_dataset(tmp_path, "2014", "val")
+    assert ds.class_names == ["apple", "zebra"] and ds.targets.tolist() == [[0.0, 1.0]]
+    assert coco_dataset(tmp_path, "2014", "val", class_order="coco").class_names == ["zebra", "apple"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     piece: dict[str, int] = {}  # path -> the most bytes one answer to a Range request holds (a legal short 206)
     chunked_whole: set[str] = set()  # paths answered with status 200 and the whole body chunked (no length)
     status: dict[str, int] = {}  # path -> the error status it answers with (503: busy)
+    star_total: set[str] = set()  # paths whose 206 answers give the total length as * (unknown)
 
     def do_GET(self):  # noqa: N802
         body = self.files.get(self.path)
@@ -69,7 +70,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             start = 0 if self.path in self.wrong_start else int(re.match(r"bytes=(\d+)-", rng).group(1))
             end = min(len(body), start + self.piece.get(self.path, len(body)))
             self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(body)}")
+            total = "*" if self.path in self.star_total else len(body)
+            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{total}")
             body = body[start:end]
         else:
             self.send_response(200)
@@ -85,7 +87,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 def server():
     _Handler.files, _Handler.log, _Handler.cut, _Handler.no_range, _Handler.chunked_cut = {}, [], {}, set(), {}
     _Handler.wrong_start, _Handler.no_satisfy, _Handler.piece, _Handler.chunked_whole = set(), set(), {}, set()
-    _Handler.status = {}
+    _Handler.status, _Handler.star_total = {}, set()
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -1034,6 +1036,37 @@ def test_a_part_file_that_is_already_whole_is_not_requested_again(server, tmp_pa
     (downloads / "fake.tar.part").write_bytes(VOC_TAR)
     assert download.download(entry.files[0], downloads, progress=False).read_bytes() == VOC_TAR
     assert handler.log == []
+
+
+def test_a_resume_answer_of_unknown_total_length_continues_the_part(server, tmp_path, monkeypatch):
+    """``Content-Range: bytes 1000-N/*`` (a server that does not say the file's length) is a valid answer to the
+    resume request: the kept bytes are continued, not discarded for a download from the start."""
+    url, handler = server
+    handler.files["/fake.tar"] = VOC_TAR
+    handler.star_total.add("/fake.tar")
+    entry = _entry(monkeypatch, url, VOC_TAR)
+    downloads = tmp_path / "downloads" / "fake"
+    downloads.mkdir(parents=True)
+    (downloads / "fake.tar.part").write_bytes(VOC_TAR[:1000])
+    assert download.download(entry.files[0], downloads, progress=False).read_bytes() == VOC_TAR
+    assert handler.log == [("/fake.tar", "bytes=1000-")]
+
+
+def test_a_resumed_download_needs_room_for_the_rest_of_the_file_only(server, tmp_path, monkeypatch):
+    """The free-space check before a download counts the bytes still to come: a partial file that fills most of the
+    disk is resumed, not refused for want of room for the whole file again."""
+    import collections
+
+    url, handler = server
+    handler.files["/fake.tar"] = VOC_TAR
+    entry = _entry(monkeypatch, url, VOC_TAR)
+    downloads = tmp_path / "downloads" / "fake"
+    downloads.mkdir(parents=True)
+    (downloads / "fake.tar.part").write_bytes(VOC_TAR[:1000])
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(download.shutil, "disk_usage", lambda path: usage(10**9, 0, len(VOC_TAR) - 1000 + 10))
+    assert download.download(entry.files[0], downloads, progress=False).read_bytes() == VOC_TAR
+    assert handler.log == [("/fake.tar", "bytes=1000-")]
 
 
 def test_a_marker_deleted_by_hand_is_restored_when_it_is_not_the_archives_first_file(server, tmp_path, monkeypatch):

@@ -640,6 +640,22 @@ def _lr_trace(cfg: TrainConfig, steps_per_epoch: int) -> list[float]:
     return lrs
 
 
+def test_cosine_stays_at_zero_past_the_end_of_the_run():
+    """``'cosine'`` anneals to 0 at the last step and stays there if more steps come than the schedule was built
+    for (an iterable yielding more batches than its ``steps_per_epoch``), instead of climbing back up the cosine."""
+    from mlic_lib.engine import build_scheduler
+
+    opt = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.2)
+    sched = build_scheduler(opt, TrainConfig(epochs=2, lr=0.2, optimizer="sgd", scheduler="cosine"), 4)
+    lrs = []
+    for _ in range(16):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:8] == pytest.approx([0.1 * (1 + math.cos(math.pi * s / 8)) for s in range(8)])
+    assert lrs[8:] == pytest.approx([0.0] * 8, abs=1e-12)
+
+
 def test_cosine_restarts_is_sgdr():
     """``cosine_restarts``: cosine cycles of T_0, T_0 * T_mult, ... epochs, each back at the full lr (SGDR's Eq. 5)."""
     cfg = TrainConfig(epochs=7, lr=0.2, optimizer="sgd", scheduler="cosine_restarts", restart_epochs=1, restart_mult=2)
@@ -1186,6 +1202,29 @@ def test_a_run_stopped_after_its_last_checkpoint_keeps_the_final_metrics_it_comp
         fit(_linear(), tr, _NoisyEval(32), cfg, run_dir=tmp_path / "cut", progress=False, on_epoch_end=interrupt)
     resumed = fit(_linear(), tr, _NoisyEval(32), cfg, run_dir=tmp_path / "cut", progress=False)
     assert resumed.final["mAP"] == full.final["mAP"] == resumed.history[-1]["mAP"]
+
+
+def test_a_last_epoch_checkpoint_without_final_metrics_is_evaluated_on_resume(tmp_path):
+    """A ``last.pt`` of the last epoch written before checkpoints kept ``final`` (older code): the resume has no
+    epoch left to train and evaluates the model, rather than caching an empty ``final``."""
+    from mlic_lib.utils import atomic_torch_save
+
+    cfg = TrainConfig(epochs=2, batch_size=8, scheduler="none", device="cpu")
+
+    def interrupt(epoch, logs):
+        if epoch == cfg.epochs - 1:
+            raise KeyboardInterrupt
+
+    tr = _tiny_loader_data()
+    full = fit(_linear(), tr, tr, cfg, run_dir=tmp_path / "full", progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        fit(_linear(), tr, tr, cfg, run_dir=tmp_path / "cut", progress=False, on_epoch_end=interrupt)
+    ckpt = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
+    del ckpt["final"]
+    atomic_torch_save(ckpt, tmp_path / "cut" / "last.pt")
+    resumed = fit(_linear(), tr, tr, cfg, run_dir=tmp_path / "cut", progress=False)
+    assert resumed.final["mAP"] == full.final["mAP"]
+    assert json.loads((tmp_path / "cut" / "results.json").read_text())["final"]["mAP"] == full.final["mAP"]
 
 
 def test_evaluate_scores_in_eval_mode_and_restores_the_models_mode(small_scenes):

@@ -801,6 +801,19 @@ def test_two_stream_loader_shares_uneven_steps_between_ranks(monkeypatch):
         np.testing.assert_array_equal(r, ir.reshape(5, 8)[[rank, rank + 2]].reshape(-1))
 
 
+def test_two_stream_loader_refuses_more_processes_than_steps(monkeypatch):
+    """With more torchrun processes than steps per epoch some rank would get no batch at all: an error, even when
+    there is only one process too many (as many processes as steps is fine: one step each)."""
+    t = _longtail_targets(n=80, k=4)
+    ds = TensorImageDataset(np.zeros((80, 3, 4, 4), dtype=np.uint8), t)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ValueError, match="3 processes but only 2 steps per epoch"):
+        len(TwoStreamLoader(ds, t, batch_size=8, seed=0, steps=2))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert len(TwoStreamLoader(ds, t, batch_size=8, seed=0, steps=2)) == 1
+
+
 def test_scaled_thresholds_keep_the_tail_below_the_head_for_any_reference():
     """tail_max stays below head_min (no class both head and tail) even for a reference whose thresholds meet."""
     ref = {"n_train": 100, "head_min": 10, "tail_max": 10}

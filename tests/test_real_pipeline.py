@@ -575,6 +575,33 @@ def test_nuswide_concepts_in_conceptslist_folder(tmp_path):
     assert len(read_nuswide_labels(tmp_path, "test")[2]) == 81
 
 
+def test_nuswide_prefers_the_top_level_files_over_the_nested_copies(tmp_path):
+    """Where both exist, ``Concepts81.txt`` and ``ImageList/<Split>Imagelist.txt`` are read, not the nested
+    ``ConceptsList/`` or ``ImageList/ImageList/`` copies (here stale ones that would be refused or shorter)."""
+    from mlic_lib.data.nuswide import NUSWIDE_CONCEPTS, read_nuswide_labels
+
+    write_fake("nuswide", tmp_path, n_train=12, n_test=10)
+    base = tmp_path / "nuswide"
+    (base / "ConceptsList").mkdir()
+    (base / "ConceptsList" / "Concepts81.txt").write_text("\n".join(reversed(NUSWIDE_CONCEPTS)))
+    (base / "ImageList" / "ImageList").mkdir()
+    (base / "ImageList" / "ImageList" / "TestImagelist.txt").write_text("a\\1.jpg\n")
+    paths, labels, names = read_nuswide_labels(tmp_path, "test")
+    assert tuple(names) == NUSWIDE_CONCEPTS and len(paths) == 10 == labels.shape[0]
+
+
+def test_nuswide_label_values_other_than_0_and_1_are_refused(tmp_path):
+    """A label file with a value outside {0, 1} (a damaged or foreign file) is an error, not a label of 2 or 255."""
+    from mlic_lib.data.nuswide import read_nuswide_labels
+
+    write_fake("nuswide", tmp_path, n_train=12, n_test=10)
+    lab = tmp_path / "nuswide" / "Groundtruth" / "TrainTestLabels" / "Labels_bear_Test.txt"
+    for bad in ("2", "-1"):
+        lab.write_text("\n".join(["0"] * 9 + [bad]) + "\n")
+        with pytest.raises(ValueError, match=r"Labels_bear_Test\.txt: labels must be 0 or 1"):
+            read_nuswide_labels(tmp_path, "test")
+
+
 def test_nuswide_list_variants_and_layout_errors(tmp_path):
     """A byte-order mark, the image lists nested as ImageList.zip unpacks, a re-ordered or foreign concepts file,
     and a Flickr/ folder where no listed image is found."""
