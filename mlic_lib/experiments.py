@@ -136,6 +136,15 @@ def build_scene_model(model_settings: Mapping[str, Any], num_classes: int, seed:
     return build_model(m["backbone"], num_classes, pool=m.get("pool", "max"), weights=m.get("weights"), widths=widths)
 
 
+def model_key(model_settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``model`` section as :func:`build_scene_model` reads it, for a run's cache key: ``pool`` (default
+    ``max``), ``weights`` (default ``null``) and ``widths`` (``null`` or empty: the backbone's own) written out, so a
+    profile that spells out a default (``-o model.weights=null``) shares the runs of one that leaves it out."""
+    m = dict(model_settings)
+    return {**m, "pool": m.get("pool", "max"), "weights": m.get("weights"),
+            "widths": list(m["widths"]) if m.get("widths") else None}
+
+
 def pretraining_note(model_settings: Mapping[str, Any]) -> str:
     """A warning for real-data runs whose torchvision ResNet has no ``weights`` (trained from scratch, unlike the
     papers, which fine-tune ImageNet weights); an empty string otherwise."""
@@ -162,7 +171,7 @@ def train_scene_model(settings: Mapping[str, Any], data: SceneData, seed: int = 
     own_model = model is not None
     if model is None:
         model = build_scene_model(m, data.num_classes, seed)
-    key = {"chapter": settings.get("chapter"), "name": name, "data": data_key(settings["data"]), "model": m,
+    key = {"chapter": settings.get("chapter"), "name": name, "data": data_key(settings["data"]), "model": model_key(m),
            "train": cfg.key_dict(), "step": object_key(step), "extra": dict(extra_key or {}),
            "train_data": data.fingerprint}  # scenes drawn otherwise than the settings say never load this run
     if own_model:  # a caller's model is not described by the profile's model section: key it by what it is

@@ -1064,7 +1064,8 @@ def test_a_scene_runs_key_holds_the_normalised_settings_and_the_code_of_its_step
 
 def test_a_scene_runs_key_writes_out_the_scene_defaults(monkeypatch, tmp_path):
     """A data section that writes out a scene default (``data_seed: 0``, ``scenes: {canvas: 64}``, ``dataset:
-    scenes``) keys the same run as one that leaves it out; another scene option keys another run."""
+    scenes``) keys the same run as one that leaves it out, and so does a model section (``weights: null``); another
+    scene or model option keys another run."""
     from mlic_lib import experiments, splicemix_cl
     from mlic_lib.data.scenes import SceneSpec
     from mlic_lib.engine import SupervisedStep
@@ -1081,6 +1082,9 @@ def test_a_scene_runs_key_writes_out_the_scene_defaults(monkeypatch, tmp_path):
     for d in (settings["data"], spelled, other):
         experiments.train_scene_model({**settings, "data": d}, data, step=SupervisedStep())
     assert seen[0] == seen[1] != seen[2]
+    for over in ({"model.weights": None}, {"model.pool": settings["model"].get("pool", "max")}, {"model.pool": "avg"}):
+        experiments.train_scene_model(load_profile("primer", "smoke", over), data, step=SupervisedStep())
+    assert seen[3] == seen[4] == seen[0] != seen[5]  # a model default written out is the same model
     spl = load_profile("splicemix", "smoke")
     dirs = [splicemix_cl.method_run_dir({**spl, "data": d}, "splicemix") for d in
             (spl["data"], {**spl["data"], "data_seed": 0}, {**spl["data"], "data_seed": 1})]
