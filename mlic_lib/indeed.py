@@ -255,8 +255,10 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 def _flat_features(model: nn.Module, x: Tensor) -> Tensor:
     f = model.forward_features(x)
-    if f.ndim == 4 and hasattr(model, "pool"):  # MultiLabelNet: feature map -> pooled vector
-        f = model.pool(f)
+    if f.ndim == 4 and hasattr(model, "pool"):  # MultiLabelNet: feature map -> pooled vector (-> its dropout head,
+        f = model.pool(f)                       # as forward_head does, so that classifier(f) are the model's logits)
+        if isinstance(getattr(model, "dropout", None), nn.Module):
+            f = model.dropout(f)
     if f.ndim != 2:
         raise ValueError(f"forward_features must give (B, D) vectors for INDeeD, got shape {tuple(f.shape)}")
     return f

@@ -309,6 +309,21 @@ def test_lambda_zero_is_the_pairwise_baseline():
     torch.testing.assert_close(loss, ref)
 
 
+def test_a_multilabelnets_features_go_through_its_dropout_as_its_own_head_does():
+    """INDeeD's logits are the model's (Eq. 7): on a MultiLabelNet with dropout they skipped the dropout, so at
+    lambda 0 INDeeD trained another network than the baseline it is compared with."""
+    from mlic_lib.models.backbones import MultiLabelNet
+
+    torch.manual_seed(0)
+    model = MultiLabelNet(torch.nn.Conv2d(3, 8, 3), 8, 5, dropout=0.5).train()
+    x = torch.randn(4, 3, 6, 6)
+    torch.manual_seed(1)
+    ours = model.classifier(indeed._flat_features(model, x))
+    torch.manual_seed(1)
+    torch.testing.assert_close(ours, model(x))
+    assert not torch.allclose(ours, model.eval()(x))  # the dropout was on
+
+
 def test_step_with_simple_cnn_and_engine_is_deterministic(tmp_path, monkeypatch):
     from mlic_lib.profiles import load_profile
 
