@@ -376,6 +376,17 @@ def test_data_check_tells_fake_files_from_real_data(fake_root, tmp_path):
         "present (synthetic files from `mlic data fake`, not the real dataset; needs voc2012: missing)"), states
 
 
+def test_a_fake_voc_lt_alone_passes_its_own_check(tmp_path):
+    """VOC-LT's fake wrote only VOC2007's test split, so `mlic data check voc_lt` called the folder incomplete (and a
+    dry run warned that VOC2007's parts would fail); a folder's own fake voc2007 is left as it is."""
+    from mlic_lib.data import download
+
+    write_fake("voc_lt", tmp_path, n_train=20, n_test=10, image_size=16)
+    assert download.check(tmp_path)["voc_lt"] == "present (synthetic files from `mlic data fake`, not the real dataset)"
+    main = tmp_path / "VOCdevkit" / "VOC2007" / "ImageSets" / "Main"
+    assert len((main / "test.txt").read_text().split()) == 10 and (main / "trainval.txt").is_file()
+
+
 def test_preparing_real_data_clears_the_fake_mark(tmp_path):
     from mlic_lib.data.errors import repair_hint
     from mlic_lib.data.fake import fake_commands, fake_names, forget_fake

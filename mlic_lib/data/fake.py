@@ -274,7 +274,12 @@ def write_fake(name: str, root: str | Path, n_train: int = 60, n_test: int = 40,
         write_coco(root, name[-4:], {"train": n_train, "val": n_test}, image_size=image_size, seed=seed)
     elif name == "voc_lt":
         ids = write_voc(root, "2012", {"trainval": n_train}, image_size, seed, tail=1.5)["trainval"]
-        write_voc(root, "2007", {"test": n_test}, image_size, seed + 7)
+        # VOC-LT tests on VOC2007 test; a VOC2007 without trainval is "incomplete" to `mlic data check`, which
+        # then failed `mlic data check voc_lt` on this very folder: a small trainval after the test images
+        splits07 = {"test": n_test}
+        if not (root / "VOCdevkit" / "VOC2007" / "ImageSets" / "Main" / "trainval.txt").is_file():
+            splits07["trainval"] = n_test
+        write_voc(root, "2007", splits07, image_size, seed + 7)
         from .voc import read_voc_labels
 
         all_ids, labels = read_voc_labels(root, "2012", "trainval")  # difficult-only counts as present
