@@ -3,7 +3,8 @@
 A small network (INDeeD's simple CNN, CPSD's teachers on a many-core machine) keeps only part of a CPU
 busy with intra-op threads: on 2 cores, two one-thread processes train INDeeD's 42x42 CNN about 1.6x
 faster than one two-thread process. :func:`map_in_processes` runs ``fn(*args)`` for each task in
-``workers`` spawned processes with ``cpus // workers`` torch threads each.
+``workers`` spawned processes with ``cpus // workers`` torch threads each; :func:`run_missing` gives every run the
+threads of a pool over all its jobs, however many of them are missing.
 
 The tasks are meant to write their results to the run cache (``engine.fit`` with a ``run_dir``), so a
 pool and a sequential loop end with the same files and the caller loads them the same way. A run's
@@ -174,13 +175,13 @@ def discard_kept_pool() -> None:
 
 
 def map_in_processes(fn: Callable, tasks: Iterable[Sequence[Any]], *, max_workers: int | None = None,
-                     desc: str | None = None) -> list[Any]:
+                     desc: str | None = None, threads: int | None = None) -> list[Any]:
     """``[fn(*args) for args in tasks]``, computed in a spawn-based ``ProcessPoolExecutor``.
 
     ``fn`` must be a module-level function (spawned workers import it) and ``args`` picklable.
     ``max_workers`` (default: one per available CPU) is capped by the number of tasks; each worker
-    uses ``available_cpus() // workers`` torch threads. ``desc`` shows a progress bar over finished
-    tasks. The first exception raised by a task is re-raised here, and an interrupt (a notebook's "interrupt
+    uses ``threads`` torch threads (default ``available_cpus() // workers``). ``desc`` shows a progress bar over
+    finished tasks. The first exception raised by a task is re-raised here, and an interrupt (a notebook's "interrupt
     kernel", Ctrl-C) stops the pool too: in both cases the workers are terminated at once, the tasks still
     running included, instead of training every remaining run first. A worker whose parent dies without that
     clean-up (killed outright) ends within a second or so.
@@ -203,7 +204,7 @@ def map_in_processes(fn: Callable, tasks: Iterable[Sequence[Any]], *, max_worker
     if max_workers is not None and max_workers < 1:
         raise ValueError(f"max_workers must be >= 1 (or None for one per CPU), got {max_workers}")
     workers = pool_size(len(tasks), max_workers)
-    threads = max(1, available_cpus() // workers)
+    threads = max(1, available_cpus() // workers if threads is None else int(threads))
     with _KEPT_LOCK:
         _IDLE_GEN += 1  # no idle timer ends the pool from here on
         pool = _kept_pool(workers)
@@ -233,9 +234,18 @@ def run_missing(fn: Callable, jobs: Mapping[Hashable, Sequence[Any]], done: Call
     """:func:`map_in_processes` over the ``jobs`` (``{key: args}``) for which ``done(key)`` is false;
     returns ``{key: fn(*args)}`` for those (in this library ``(run folder, cached)``: the caller loads the
     folder each worker wrote and reports the run as cached only if the worker found it so). A single missing job
-    runs in this process: a pool of one worker would only add its start-up."""
+    runs in this process: a pool of one worker would only add its start-up.
+
+    Every run gets the torch threads a pool over *all* the jobs gives its workers (``available_cpus() //
+    pool_size(len(jobs))``), however many are missing: a run's numbers depend on its thread count, so a rerun that
+    finds all runs but one cached trains that one as the first call would have."""
     todo = [k for k in jobs if not done(k)]
+    threads = max(1, available_cpus() // pool_size(len(jobs), max_workers))
     if len(todo) == 1:
-        return {todo[0]: fn(*jobs[todo[0]])}
-    out = map_in_processes(fn, [jobs[k] for k in todo], max_workers=max_workers, desc=desc)
+        before = torch.get_num_threads()
+        try:
+            return {todo[0]: _call_with_threads(threads, fn, jobs[todo[0]])}
+        finally:
+            torch.set_num_threads(before)
+    out = map_in_processes(fn, [jobs[k] for k in todo], max_workers=max_workers, desc=desc, threads=threads)
     return dict(zip(todo, out, strict=True))

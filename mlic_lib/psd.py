@@ -463,7 +463,7 @@ def teacher_logits(teacher: nn.Module, dataset: TensorImageDataset, data_digest:
     import pickle
 
     from mlic_lib.engine import cache_root
-    from mlic_lib.utils import atomic_torch_save, library_digest
+    from mlic_lib.utils import atomic_torch_save, library_digest, load_checkpoint
 
     data_digest = data_digest or _dataset_digest(dataset)
     if isinstance(teacher, TeacherEnsemble):
@@ -479,7 +479,7 @@ def teacher_logits(teacher: nn.Module, dataset: TensorImageDataset, data_digest:
         _digest(h, t)
     path = cache_root() / "teacher-logits" / f"{h.hexdigest()[:32]}.pt"
     try:
-        logits = torch.load(path, map_location="cpu", weights_only=True)
+        logits = load_checkpoint(path)  # checked against its CRC-32s: a flipped bit is computed again, not distilled
         if isinstance(logits, Tensor) and logits.dtype == torch.float32 and len(logits) == len(dataset):
             return logits
     except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError):  # not there yet, or unreadable:

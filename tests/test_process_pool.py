@@ -21,6 +21,24 @@ def test_workers_share_the_cpus_between_their_threads():
     assert threads == [max(1, available_cpus() // 2)] * 2
 
 
+def test_a_run_gets_the_threads_of_a_pool_over_all_jobs_however_many_are_missing(monkeypatch):
+    """A run's numbers depend on its thread count: a rerun that found all runs but one cached trained that one in
+    this process with its own threads (other numbers than the pool's); the pool's threads followed the missing count."""
+    from mlic_lib import process_pool
+
+    monkeypatch.setattr(process_pool, "available_cpus", lambda: 4)
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        jobs = {"a": (), "b": ()}  # a pool over both: 2 workers of 4 // 2 = 2 threads each
+        assert process_pool.run_missing(torch.get_num_threads, jobs, done=lambda k: k == "a") == {"b": 2}
+        assert torch.get_num_threads() == 3  # this process's own count is restored
+        assert process_pool.run_missing(torch.get_num_threads, {**jobs, "c": (), "d": ()}, done=lambda k: k in "ab",
+                                        max_workers=4) == {"c": 1, "d": 1}  # 4 jobs: 4 // 4, not 4 // 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_a_failing_task_raises_its_own_error():
     with pytest.raises(ValueError, match="invalid literal"):
         map_in_processes(int, [("12",), ("twelve",)], max_workers=2)

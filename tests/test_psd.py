@@ -287,8 +287,9 @@ def test_teacher_logits_are_computed_once_and_are_predict_logits(monkeypatch):
 
 def test_teacher_logits_key_every_input_and_recompute_a_cached_file_that_does_not_fit(monkeypatch):
     """The teacher's logits depend on the images' normalisation, the weights' layout, the thread count and torch's
-    version as well: each reads no cached file of another; a cached file that is unreadable or of another length is
-    computed again, and a cache that cannot be written still gives the logits."""
+    version as well: each reads no cached file of another; a cached file that is unreadable, of another length or
+    damaged (checked against its CRC-32s) is computed again, and a cache that cannot be written still gives the
+    logits."""
     from mlic_lib import utils
     from mlic_lib.data.tensors import TensorImageDataset
     from mlic_lib.engine import cache_root
@@ -326,13 +327,18 @@ def test_teacher_logits_key_every_input_and_recompute_a_cached_file_that_does_no
             path.write_bytes(bad)
         assert torch.equal(psd.teacher_logits(teacher, ds), want)
     assert len(calls) == 7
+    raw = bytearray(path.read_bytes())  # the logits written again; one flipped bit in their stored floats
+    at = bytes(raw).find(want.numpy().tobytes()[:16])
+    raw[at + 3] ^= 0x40
+    path.write_bytes(bytes(raw))
+    assert torch.equal(psd.teacher_logits(teacher, ds), want) and len(calls) == 8  # checked, not distilled
 
     def read_only(*a, **k):
         raise OSError(30, "Read-only file system")
 
     monkeypatch.setattr(utils, "atomic_torch_save", read_only)
     monkeypatch.setattr(torch, "__version__", "0.0.2-other")
-    assert torch.equal(psd.teacher_logits(teacher, ds), want) and len(calls) == 8
+    assert torch.equal(psd.teacher_logits(teacher, ds), want) and len(calls) == 9
 
 
 def test_teachers_are_cached_and_deterministic(small_scenes):
@@ -369,7 +375,7 @@ def _inline_pools(monkeypatch) -> list[int]:
 
     started = []
 
-    def inline(fn, tasks, *, max_workers=None, desc=None):
+    def inline(fn, tasks, *, max_workers=None, desc=None, threads=None):
         tasks = [tuple(t) for t in tasks]
         if tasks:
             started.append(len(tasks))
