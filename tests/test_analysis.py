@@ -735,3 +735,94 @@ def test_cluster_quality_is_the_euclidean_silhouette_of_a_loop():
         b = min(d[i, lab == g].mean() for g in set(lab.tolist()) - {lab[i]})
         s.append((b - a) / max(a, b))
     assert cluster_quality(e, lab) == pytest.approx(np.mean(s))
+
+
+# ------------------------------------------------------------------------------------- mutation follow-ups
+
+
+def test_cam_refuses_a_negative_class_and_the_first_index_past_the_outputs(tiny):
+    """Class -1 would silently explain the last logit, class n_classes nothing: both are errors for every method,
+    eigencam (which never calls the targets) included."""
+    img = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(6))
+    layer = tiny.features[3]
+    with pytest.raises(ValueError, match="non-negative"):
+        class_activation_maps(tiny, layer, img, [0, -1])
+    with pytest.raises(ValueError, match="non-negative"):
+        paired_class_activation_maps(tiny, layer, img[None], [-1])
+    for method in sorted(CAM_METHODS):  # tiny has 3 outputs: class 3 is the first past them
+        with pytest.raises(ValueError, match="class index 3 out of range for a model with 3 outputs"):
+            class_activation_maps(tiny, layer, img, [3], method=method)
+    assert all(len(m._forward_hooks) == 0 for m in tiny.modules())
+
+
+def test_cam_in_box_refuses_a_map_with_nan_or_inf():
+    """A NaN or infinite map is an error, not a NaN share that reads like an all-zero map's "no evidence"."""
+    for bad in (np.nan, np.inf):
+        cam = np.ones((5, 5))
+        cam[2, 3] = bad
+        with pytest.raises(ValueError, match="NaN or inf"):
+            cam_in_box(cam, (0, 0, 2, 2))
+        with pytest.raises(ValueError, match="NaN or inf"):
+            cam_reading(cam, np.array([[0, 0, 0, 2, 2]]), 0)
+
+
+def test_cam_warns_about_a_1x1_grid_only_when_every_target_layer_has_one():
+    """With a layer that has a grid beside a 1x1 one, the averaged maps are not constant: no warning."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 2))
+    x = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(7))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        maps = class_activation_maps(model, [model[1], model[2]], x, [0, 1])
+    assert maps.shape == (2, 16, 16)
+    with pytest.warns(UserWarning, match="1x1 grid"):
+        class_activation_maps(model, [model[2]], x, [0])
+
+
+def test_overlay_shows_a_grey_image_as_grey():
+    """An (H, W) grey array or tensor is repeated into three equal channels, not tinted."""
+    grey = np.random.default_rng(5).random((6, 7))
+    cam = np.random.default_rng(6).random((6, 7))
+    want = np.repeat(grey[..., None], 3, axis=-1)
+    np.testing.assert_allclose(overlay(grey, cam, alpha=0.0), want)
+    np.testing.assert_allclose(overlay(torch.from_numpy(grey), cam, alpha=0.0), want)
+    u8 = (grey * 255).astype(np.uint8)
+    np.testing.assert_allclose(overlay(u8[..., None], cam, alpha=0.0), np.repeat(u8[..., None], 3, -1) / 255.0)
+    heat = overlay(np.zeros((6, 7, 3)), cam, alpha=1.0)
+    np.testing.assert_allclose(overlay(grey, cam, alpha=0.25), 0.75 * want + 0.25 * heat)
+
+
+def test_group_order_is_stable_on_many_classes():
+    """Within a super-category the classes keep their index order also for 80 classes (COCO), where an unstable
+    sort reshuffles them."""
+    groups = np.random.default_rng(0).integers(0, 4, size=80)
+    want = sorted(range(80), key=lambda i: (groups[i], i))
+    np.testing.assert_array_equal(group_order(groups), want)
+
+
+def test_show_scene_draws_each_box_on_the_edges_of_its_pixels(styled):
+    """A half-open box (x0, y0, x1, y1) covers pixels x0 .. x1-1, whose centres imshow puts at integers: the
+    rectangle runs from x0 - 0.5 to x1 - 0.5."""
+    img = np.zeros((3, 20, 30), dtype=np.uint8)
+    fig, ax = plt.subplots()
+    show_scene(ax, img, np.array([[0, 2, 3, 10, 12], [1, 5.5, 1.5, 8.5, 4.5]]))
+    got = [(p.get_x(), p.get_y(), p.get_width(), p.get_height()) for p in ax.patches]
+    assert got == [(1.5, 2.5, 8, 9), (5.0, 1.0, 3.0, 3.0)]
+    plt.close(fig)
+
+
+def test_cam_in_own_boxes_uniform_reference_on_a_wide_image():
+    """The chance reference is the box's share of the (H, W) image: on a non-square image a box near the right
+    edge keeps its area (H and W are not swapped)."""
+    from mlic_lib.analysis import cam_in_own_boxes
+
+    model = PlantedCNN().eval()
+    img = 0.03 * torch.rand(3, 24, 40, generator=torch.Generator().manual_seed(8))
+    img[:, 2:10, 30:38] = 1.0
+    boxes = [np.array([[0, 30, 2, 38, 10], [1, 0, 0, 40, 6]])]
+    got = cam_in_own_boxes(model, model.act, [(img, None)], boxes)
+    np.testing.assert_allclose(got.uniform, [8 * 8 / (24 * 40), 40 * 6 / (24 * 40)])
+    maps = class_activation_maps(model, model.act, img, [0, 1])
+    np.testing.assert_allclose(got.inside, [cam_in_box(maps[0], (30, 2, 38, 10)), cam_in_box(maps[1], (0, 0, 40, 6))],
+                               rtol=1e-5)

@@ -627,3 +627,133 @@ def test_preflight_names_the_missing_datasets_and_gpu_of_a_full_run(tmp_path, mo
     assert preflight("splicemix", "default") == [] and preflight("ltml", "smoke") == []  # embedded data, a CPU book
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert preflight("splicemix", "full") == []
+
+
+# ------------------------------------------------------------------------------------- mutation follow-ups
+
+
+def test_row_scale_converts_only_between_units_that_fit_and_fmt_prints_an_index_with_two_decimals():
+    """A dimensionless number (unit "1") goes under a named index as is, never into a % or points row; the
+    papers' precision of two decimals holds for %, points and ARI, four significant digits elsewhere."""
+    from mlic_lib.book import _fmt, row_scale
+
+    assert row_scale("%", "%") == 1.0 and row_scale("fraction", "%") == 100.0 == row_scale("fraction", "points")
+    assert row_scale("1", "ARI") == 1.0
+    for stored, shown in (("1", "%"), ("1", "points"), ("%", "fraction"), ("s", "%"), (None, "%")):
+        with pytest.raises(ValueError, match="cannot be shown"):
+            row_scale(stored, shown)
+    assert [_fmt(0.123456, u) for u in ("%", "points", "ARI", "1", "count")] == [
+        "0.12", "0.12", "0.12", "0.1235", "0.1235"]
+
+
+def test_reproduction_page_follows_the_book_order_and_flags_only_a_positive_count(tmp_path, monkeypatch):
+    """Chapters appear in the order of published.yaml (unlisted ones last), not alphabetically; a caveat whose
+    count is 0 adds nothing to the row."""
+    res = tmp_path / "res"
+    monkeypatch.setenv("MLIC_RESULTS", str(res))
+    for chapter in ("alpha", "zeta", "extra"):
+        write_chapter_results(chapter, {"profile": "smoke", "chapter": chapter}, {"ari": 0.5, "n0": 0, "n2": 2},
+                              units={"*": "1"})
+    published = tmp_path / "published.yaml"
+    published.write_text(
+        "zeta:\n  paper: Zeta paper\n  rows:\n"
+        "    - {label: none flagged, key: ari, unit: ARI, caveat: {key: n0, text: run(s) on a plateau}}\n"
+        "    - {label: two flagged, key: ari, unit: ARI, caveat: {key: n2, text: run(s) on a plateau}}\n"
+        "alpha:\n  paper: Alpha paper\n  rows:\n    - {label: index, key: ari, unit: ARI}\n")
+    page = reproduction_page(res, published)
+    assert page.index("## Zeta paper") < page.index("## Alpha paper") < page.index("## extra")
+    assert "| none flagged | ARI | 0.50 | - |" in page
+    assert "| two flagged | ARI | 0.50 (2 run(s) on a plateau) | - |" in page
+
+
+def test_executed_profiles_skips_failed_and_running_copies(tmp_path):
+    """Only complete copies are shown in the book: a failed or still running one names no profile of the book."""
+    from mlic_lib.book import executed_profiles
+
+    def nb(profile):
+        meta = {} if profile is None else {"papermill": {"parameters": {"profile": profile}}}
+        return json.dumps({**_notebook(["parameters"]), "metadata": meta})
+
+    (tmp_path / "00_first.ipynb").write_text(nb("smoke"))
+    (tmp_path / "01_second.ipynb").write_text(nb(None))
+    (tmp_path / "01_second.failed.ipynb").write_text(nb("full"))
+    (tmp_path / "02_third.running.ipynb").write_text(nb("full"))
+    assert executed_profiles(tmp_path) == {"00_first.ipynb": "smoke", "01_second.ipynb": None}
+
+
+def _keep_env(monkeypatch, *names):
+    """Record ``names`` with monkeypatch, so that what env_defaults / build_book set is undone after the test."""
+    for name in names:
+        if name in os.environ:
+            monkeypatch.setenv(name, os.environ[name])
+        else:  # recorded as unset
+            monkeypatch.setenv(name, "")
+            monkeypatch.delenv(name)
+
+
+def test_env_defaults_treats_an_empty_variable_as_unset(tmp_path, monkeypatch):
+    """An empty MLIC_RESULTS / MLIC_CACHE gets the build's folder: the kernels would otherwise write their results
+    to ~/.cache while the reproduction page reads _build/results."""
+    from mlic_lib.book import env_defaults
+
+    _keep_env(monkeypatch, "MLIC_DATA", "MLIC_REFERENCE_DATA", "TQDM_DISABLE")
+    monkeypatch.setenv("MLIC_RESULTS", "")
+    monkeypatch.setenv("MLIC_CACHE", "")
+    build = tmp_path / "_build"
+    env_defaults(build)
+    assert os.environ["MLIC_RESULTS"] == str((build / "results").resolve())
+    assert os.environ["MLIC_CACHE"] == str((build / "cache").resolve())
+
+
+def test_check_folders_refuses_a_cache_or_results_folder_that_is_a_file(tmp_path, monkeypatch):
+    """A file where the run cache should be is an error before any kernel starts, not a note and a failure when
+    the first run is saved."""
+    from mlic_lib.book import check_folders
+
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    monkeypatch.setenv("MLIC_RESULTS", str(tmp_path / "res"))
+    monkeypatch.setenv("MLIC_CACHE", str(afile))
+    with pytest.raises(ValueError, match="MLIC_CACHE=.* is a file, not a folder"):
+        check_folders()
+    monkeypatch.setenv("MLIC_CACHE", str(tmp_path / "cache"))
+    check_folders()
+    monkeypatch.setenv("MLIC_RESULTS", str(afile))
+    with pytest.raises(ValueError, match=r"MLIC_RESULTS=.* cannot be written \(it is a file, not a folder\)"):
+        check_folders()
+
+
+def test_record_timings_totals_the_merged_record(tmp_path):
+    """A partial build's total is that of every chapter in the merged record, not of the chapters it ran."""
+    from mlic_lib.book import _record_timings
+
+    path = tmp_path / "timings.json"
+    _record_timings(path, "smoke", {"00_first": 1.5, "01_second": 2.0})
+    _record_timings(path, "smoke", {"01_second": 3.0})
+    assert json.loads(path.read_text()) == {"profile": "smoke", "seconds": {"00_first": 1.5, "01_second": 3.0},
+                                            "total_seconds": 4.5}
+
+
+def test_build_book_prints_each_chapters_preflight_notes_before_running_it(tmp_path, monkeypatch, capsys):
+    """The notes on missing data are printed before the chapter's kernel starts, for the chapter's name."""
+    import mlic_lib.book
+    from mlic_lib.book import build_book
+
+    root = _book_root(tmp_path.resolve() / "repo")
+    _keep_env(monkeypatch, "MLIC_RESULTS", "MLIC_CACHE", "MLIC_DATA", "MLIC_REFERENCE_DATA", "TQDM_DISABLE")
+    monkeypatch.delenv("MLIC_RESULTS", raising=False)  # unset: the book's defaults apply
+    monkeypatch.delenv("MLIC_CACHE", raising=False)
+    _fake_execute_and_html(monkeypatch, [], [])
+    monkeypatch.setattr(mlic_lib.book, "chapter_of", lambda nb: nb.stem.split("_", 1)[1])  # 00_first: "first"
+    calls = []
+
+    def preflight(chapter, profile, settings=None, run_dir=None):
+        calls.append((chapter, profile, run_dir))
+        return [f"{chapter} lacks its data"]
+
+    monkeypatch.setattr(mlic_lib.book, "preflight", preflight)
+    build_book(root, "smoke")
+    assert calls == [("first", "smoke", root / "notebooks"), ("second", "smoke", root / "notebooks")]
+    out = capsys.readouterr().out
+    assert out.index("[book] note: first lacks its data") < out.index("[book] executing 00_first.ipynb")
+    assert out.index("[book] note: second lacks its data") < out.index("[book] executing 01_second.ipynb")

@@ -1052,3 +1052,14 @@ def test_splicemix_from_empty_options_is_the_papers_splicemix():
     assert (sm.p_drop, sm.p_transpose, sm.mixed_size, sm.fill) == (0.3, 0.5, 0.25, 0.0)
     assert (sm.p_drop, sm.p_transpose, sm.mixed_size, sm.fill, sm.grids) == (ref.p_drop, ref.p_transpose,
                                                                            ref.mixed_size, ref.fill, ref.grids)
+
+
+@pytest.mark.filterwarnings("ignore:Mean of empty slice:RuntimeWarning")  # every pair NaN: the means too
+
+def test_biased_pair_map_has_no_ap_without_natural_images_lacking_the_biased_class():
+    """With every natural image holding b there is no negative to rank against: NaN, not an AP of 1."""
+    nat_t = np.array([[1, 0, 1], [1, 1, 0]])  # both natural images hold b = 0
+    exc_t, co_t = np.array([[1, 0, 0]]), np.array([[1, 1, 0]])
+    got = biased_pair_map([(0, 1)], (nat_t.astype(float), nat_t), (exc_t.astype(float), exc_t),
+                          (co_t.astype(float), co_t))
+    assert np.isnan(got["per_pair"]["exclusive"][0]) and np.isnan(got["per_pair"]["cooccur"][0])

@@ -549,3 +549,27 @@ def test_verdict_summary_names_the_columns_without_a_verdict():
     assert verdict_summary(compare_rows(mean_all, sd_gap, "m", "base")) == (
         "gain beyond the spread at N=3; within the seed spread at N=2; loss beyond the spread at none; no verdict at "
         "N=5")
+
+
+# ------------------------------------------------------------------------------------- mutation follow-ups
+
+
+def test_paired_differences_judge_the_mean_against_the_sd_of_the_differences_itself():
+    """The paired noise scale is the sd of the per-seed differences, not the root-sum-square of two such sds:
+    a mean of 2 against an sd of 1 is beyond 1.5 times it, a mean of 1.2 borderline."""
+    d = np.array([[1.0, 0.2], [2.0, 1.2], [3.0, 2.2]])  # seeds x columns: means 2.0 and 1.2, sds 1.0 and 1.0
+    pc = paired_differences(d, np.zeros_like(d))
+    np.testing.assert_allclose(pc.sd, d.std(0, ddof=1))
+    assert pc.verdicts == ["higher", "higher, borderline"]
+    assert paired_differences(-d, np.zeros_like(d), "gain", "loss").verdicts == ["loss", "loss, borderline"]
+
+
+def test_seed_sd_of_one_seed_is_nan_without_a_numpy_warning():
+    """The smoke profiles train one seed: its NaN sd is the documented "no spread", not a degrees-of-freedom
+    RuntimeWarning in every chapter."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert math.isnan(seed_sd([3.0]))
+        assert np.isnan(seed_sd(np.ones((1, 4)))).all()
