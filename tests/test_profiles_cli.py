@@ -1369,3 +1369,121 @@ def test_cli_data_check_of_one_dataset_reports_only_that_one(capsys, tmp_path):
     assert cli.main(["data", "check", "coco2014", "--data-dir", str(tmp_path)]) == 1  # missing: status 1
     lines = capsys.readouterr().out.splitlines()
     assert lines[1:] == ["  coco2014  missing"]
+
+
+def test_a_flag_takes_only_true_or_false():
+    """A text or number for a true/false setting is refused (the string 'false' would be truthy in the chapter)."""
+    for chapter, key, value in (("splicemix", "analysis.voc_ratios", "false"), ("indeed", "lambda_swap", 0),
+                                ("psd", "psd.matched_steps_check", "no thanks")):
+        with pytest.raises(ValueError, match=rf"parameter '{key}' takes true or false"):
+            load_profile(chapter, "smoke", {key: value})
+    assert load_profile("splicemix", "smoke", {"analysis.voc_ratios": True})["analysis"]["voc_ratios"] is True
+
+
+def test_the_checks_bounds_are_exact():
+    """The edges of the shared checks: t-SNE's perplexity must be > 0 (0 refused), an ML-CIFAR-10 cutout as wide as
+    a 32-pixel cell is refused but one pixel less passes, a lambda sweep may include lambda 0 (the baseline), a
+    relative .pt weights file is taken like a .pth, and an empty list of seeds or counts is refused."""
+    with pytest.raises(ValueError, match=r"analysis.tsne_perplexity must be a finite number > 0"):
+        load_profile("splicemix", "smoke", {"analysis.tsne_perplexity": 0})
+    assert load_profile("splicemix", "smoke", {"analysis.tsne_perplexity": 0.5})["analysis"]["tsne_perplexity"] == 0.5
+    with pytest.raises(ValueError, match=r"cifar.data.augment.cutout=32 px can hide a whole 32-pixel cell"):
+        load_profile("indeed", "full", {"cifar.data.augment.cutout": 32})
+    assert load_profile("indeed", "full", {"cifar.data.augment.cutout": 31})["cifar"]["data"]["augment"]["cutout"] == 31
+    assert load_profile("indeed", "smoke", {"lambda_sweep.lams": [0.0, 0.3]})["lambda_sweep"]["lams"] == [0.0, 0.3]
+    assert load_profile("primer", "full", {"model.weights": "r50.pt"})["model"]["weights"] == "r50.pt"
+    with pytest.raises(ValueError, match=r"psd.random_seeds must be a non-empty list"):
+        load_profile("psd", "smoke", {"psd.random_seeds": []})
+    from mlic_lib.checks import number, whole_list
+
+    assert not whole_list([], 0) and whole_list([0, 2.0], 0) and not whole_list([0], 1)
+    assert number(True) is None and number(float("nan")) is None and number(2.5, whole=True) is None
+
+
+def test_seed_everything_returns_a_generator_seeded_with_the_seed():
+    """The returned generator is seeded with ``seed`` (callers draw shuffles and masks from it)."""
+    g = seed_everything(5)
+    assert g.initial_seed() == 5
+    assert torch.equal(torch.rand(3, generator=g), torch.rand(3, generator=torch.Generator().manual_seed(5)))
+
+
+def test_config_hash_covers_the_named_code():
+    """``code`` enters the hash (cached_scenes names the generator's module: an edit of it must regenerate)."""
+    assert config_hash({"a": 1}, code=("mlic_lib.metrics",)) != config_hash({"a": 1})
+    assert config_hash({"a": 1}, code=("mlic_lib.metrics",)) == config_hash({"a": 1}, code=("mlic_lib.metrics",))
+
+
+def test_object_key_ignores_train_or_eval_mode_and_the_order_of_a_set():
+    """A caller's model in eval mode is the same model (the same run), and a set keys the same whatever order it
+    was built in (1 and 9 collide in a small set's table, so their iteration order follows insertion)."""
+    import copy
+
+    from mlic_lib.utils import object_key
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.1))
+    assert object_key(model) == object_key(copy.deepcopy(model).eval())
+    assert list(set([1, 9])) != list(set([9, 1]))  # the premise: two iteration orders
+    assert object_key(set([1, 9])) == object_key(set([9, 1])) == object_key(frozenset([9, 1]))
+
+
+def test_the_scene_cache_keeps_each_split_apart_and_test_scenes_are_another_draw(tmp_path):
+    """The scenes' cache key holds the split (a cached training draw is never returned for the test split of the
+    same seed), and scene_data's test scenes are not the training scenes' layouts."""
+    from mlic_lib.data.scenes import make_scenes
+    from mlic_lib.experiments import cached_scenes, scene_data
+
+    spec = SceneSpec()
+    cached_scenes(8, spec, seed=3, split="train")
+    got = cached_scenes(8, spec, seed=3, split="test")
+    np.testing.assert_array_equal(got.images, make_scenes(8, spec, seed=3, split="test").images)
+    assert len(list((tmp_path / "cache" / "data").glob("scenes-*.npz"))) == 2
+    d = scene_data(load_profile("primer", "smoke", {"data.n_train": 16, "data.n_test": 16}))
+    assert not np.array_equal(d.train.targets, d.test.targets)
+
+
+def test_a_scene_runs_model_key_writes_out_the_pool_and_widths_defaults():
+    """A model section without ``pool`` is the max-pooled model build_scene_model builds, and empty ``widths`` are
+    the backbone's own (null): both share the runs of a section that spells them out."""
+    from mlic_lib.experiments import model_key
+
+    bare = {"backbone": "small_resnet"}
+    assert model_key(bare) == model_key({**bare, "pool": "max", "weights": None, "widths": None})
+    assert model_key({**bare, "widths": []}) == model_key(bare) != model_key({**bare, "pool": "avg"})
+    assert model_key({**bare, "widths": (8, 16)}) == model_key({**bare, "widths": [8, 16]})
+
+
+def test_the_data_checks_cover_null_counts_on_the_scenes_and_splicemixs_real_section():
+    """Null (all images) is a real dataset's only: a hand-built scenes section with n_train null is refused by
+    name; SpliceMix's data.real counts and seeds are checked as the main data section's are."""
+    from mlic_lib.data.section import check_data_section
+
+    with pytest.raises(ValueError, match=r"data.n_train must be a whole number of images >= 1, got None"):
+        check_data_section({"n_train": None, "n_test": 8})
+    for key, value in (("n_train", 0), ("subset_seed", -1), ("n_train", True)):
+        with pytest.raises(ValueError, match=rf"data.real.{key} must be a whole number"):
+            load_profile("splicemix", "full", {f"data.real.{key}": value})
+
+
+def test_a_fingerprint_follows_the_labels_values_not_their_dtype():
+    """The same labels stored as uint8 or bool (a cache) or float32 (freshly drawn) are the same training set."""
+    from mlic_lib.data.fingerprint import data_fingerprint
+    from mlic_lib.data.tensors import TensorImageDataset
+
+    img, t = np.zeros((4, 1, 2, 2), np.uint8), np.eye(4, 3, dtype=np.float32)
+    ds = TensorImageDataset(img, t)
+    assert data_fingerprint(ds, t.astype(np.uint8)) == data_fingerprint(ds, t.astype(bool)) == data_fingerprint(ds, t)
+
+
+def test_cli_reproduce_refuses_an_out_path_that_is_no_notebook(tmp_path, monkeypatch, capsys):
+    """``--out`` must name a .ipynb file outside notebooks/: a .txt (or a folder's name) is refused, and so is a path
+    in notebooks/ (it would overwrite a chapter), before a kernel starts."""
+    import mlic_lib.book as book
+
+    root = Path(__file__).resolve().parents[1]
+    started = []
+    monkeypatch.setattr(book, "execute_notebook", lambda *a, **k: started.append(a) or 0.0)
+    for out in (tmp_path / "x.txt", tmp_path / "x", root / "notebooks" / "00_multilabel_primer.ipynb"):
+        assert cli.main(["--root", str(root), "reproduce", "primer", "--profile", "smoke", "--out", str(out)]) == 2
+        assert "give a .ipynb path outside notebooks/" in capsys.readouterr().err
+    assert not started
