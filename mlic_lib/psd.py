@@ -44,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -452,6 +453,10 @@ def _dataset_digest(dataset: TensorImageDataset) -> str:
     return h.hexdigest()
 
 
+#: The temporary files of :func:`teacher_logits`' atomic writes (``.<32 hex digits>.pt.XXXXXXXX.tmp``).
+_LOGITS_TEMP_NAME = re.compile(r"\.[0-9a-f]{32}\.pt\.[a-z0-9_]{8}\.tmp")
+
+
 def teacher_logits(teacher: nn.Module, dataset: TensorImageDataset, data_digest: str | None = None) -> Tensor:
     """:func:`predict_logits` of ``teacher`` over ``dataset``, kept in the run cache (``teacher-logits/``) under a
     hash of the teacher's weights, the images, their normalisation, the device, the torch thread count, the library
@@ -462,7 +467,7 @@ def teacher_logits(teacher: nn.Module, dataset: TensorImageDataset, data_digest:
     import hashlib
     import pickle
 
-    from mlic_lib.engine import cache_root
+    from mlic_lib.engine import cache_root, remove_stale_temp_files
     from mlic_lib.utils import atomic_torch_save, library_digest, load_checkpoint
 
     data_digest = data_digest or _dataset_digest(dataset)
@@ -478,6 +483,7 @@ def teacher_logits(teacher: nn.Module, dataset: TensorImageDataset, data_digest:
         h.update(name.encode())
         _digest(h, t)
     path = cache_root() / "teacher-logits" / f"{h.hexdigest()[:32]}.pt"
+    remove_stale_temp_files(path.parent, names=_LOGITS_TEMP_NAME)  # left by a writer killed mid-write
     try:
         logits = load_checkpoint(path)  # checked against its CRC-32s: a flipped bit is computed again, not distilled
         if isinstance(logits, Tensor) and logits.dtype == torch.float32 and len(logits) == len(dataset):

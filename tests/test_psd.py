@@ -332,6 +332,12 @@ def test_teacher_logits_key_every_input_and_recompute_a_cached_file_that_does_no
     raw[at + 3] ^= 0x40
     path.write_bytes(bytes(raw))
     assert torch.equal(psd.teacher_logits(teacher, ds), want) and len(calls) == 8  # checked, not distilled
+    stale, other = path.parent / f".{path.name}.abcd1234.tmp", path.parent / "notes.txt"  # a killed writer's leftover
+    for f in (stale, other):
+        f.write_bytes(b"x")
+        os.utime(f, (0, 0))
+    psd.teacher_logits(teacher, ds)
+    assert not stale.exists() and other.exists()
 
     def read_only(*a, **k):
         raise OSError(30, "Read-only file system")
