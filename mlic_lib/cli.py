@@ -145,6 +145,12 @@ def _cmd_data(args) -> int:
 
         if not args.name or not args.root_dir:
             raise ValueError("`mlic data fake` needs a NAME and --data-dir DIR (kept apart from real data)")
+        ignored = [f"--{k.replace('_', '-')}" for k in ("check", "allow_unverified", "delete_archives")
+                   if getattr(args, k)]
+        if ignored:  # they were ignored: a user who asked for a check got files written
+            raise ValueError(f"{', '.join(ignored)} only apply to the real datasets (`mlic data check` / "
+                             "`prepare`); `mlic data fake` writes synthetic files (check them with `mlic data check "
+                             "--data-dir DIR`)")
         sizes = {k: v for k, v in (("n_train", args.n_train), ("n_test", args.n_test),
                                    ("image_size", args.image_size)) if v is not None}
         out = write_fake(args.name, args.root_dir, force=args.force, **sizes)

@@ -420,6 +420,9 @@ def test_cli_data_fake(tmp_path):
     d = real_data({"dataset": "coco2017", "image_size": 16, "root": str(tmp_path)})
     assert (len(d.train_ds), len(d.test_ds)) == (12, 10)
     assert main(["data", "fake", "coco2017"]) == 2  # no --data-dir: a clear error, nothing written
+    for flag in ("--check", "--allow-unverified", "--delete-archives"):  # ignored before: a check wrote files
+        other = tmp_path / flag.strip("-")
+        assert main(["data", "fake", "mnist", "--data-dir", str(other), flag]) == 2 and not other.exists()
 
 
 # --------------------------------------------------------------------------------- PSD on images
