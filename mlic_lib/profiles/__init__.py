@@ -418,10 +418,13 @@ def _numbers_in(value: Any) -> Any:
     """``value`` with the numbers written as text inside its lists and mappings made numbers (``[1e-1, 1]`` is
     ``[0.1, 1]``: YAML 1.1 reads an exponent without a dot as text), as :func:`_coerce` does for a value given
     alone (``psd.ks=[1, 2e0]`` then becomes ``[1, 2]`` there, as ``[1, 2.0]`` does); other text is left alone."""
+    def item(v: Any) -> Any:
+        return float(v) if isinstance(v, str) and _is_number(v) else _numbers_in(v)
+
     if isinstance(value, list):
-        return [float(v) if isinstance(v, str) and _is_number(v) else _numbers_in(v) for v in value]
+        return [item(v) for v in value]
     if isinstance(value, Mapping):
-        return {k: float(v) if isinstance(v, str) and _is_number(v) else _numbers_in(v) for k, v in value.items()}
+        return {k: item(v) for k, v in value.items()}
     return value
 
 
